@@ -1,0 +1,1 @@
+//! Conveyor: ordered, non-blocking delivery to a slow external service.
