@@ -33,6 +33,59 @@ pub(crate) enum Command {
     Send(Box<SendArgs>),
     /// Run a local demo: an embedded 50 ms HTTP service receives generated items in order.
     Demo(DemoArgs),
+    /// Show what a journal holds: pending lines per lane, paused lanes, dead letters, size.
+    Status(JournalOpts),
+    /// List, retry or discard lines that failed for good (dead letters, kept in the journal).
+    #[command(subcommand)]
+    Dead(DeadCommand),
+    /// Resume a paused lane, then rerun the `send` command to deliver what it holds.
+    Resume(ResumeArgs),
+}
+
+/// Which journal an operating command works on.
+#[derive(Debug, Args)]
+pub(crate) struct JournalOpts {
+    /// The journal file (default: the only journal under ./.conveyor/).
+    #[arg(long, value_name = "PATH")]
+    pub(crate) journal: Option<PathBuf>,
+
+    /// Print JSON (one object per line for lists) instead of text.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum DeadCommand {
+    /// List dead letters, oldest first (`--json` gives JSON lines with the original body).
+    List(JournalOpts),
+    /// Put dead letters back at the end of their lane; the next `send` run delivers them.
+    Retry(DeadTarget),
+    /// Delete dead letters for good.
+    Discard(DeadTarget),
+}
+
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("which").required(true).args(["seq", "all"]))]
+pub(crate) struct DeadTarget {
+    /// The dead letter's SEQ, as `conveyor dead list` shows it.
+    pub(crate) seq: Option<u64>,
+
+    /// Every dead letter.
+    #[arg(long)]
+    pub(crate) all: bool,
+
+    #[command(flatten)]
+    pub(crate) journal: JournalOpts,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ResumeArgs {
+    /// The paused lane: the key in keyed mode; omit it for strict and pipelined (one lane).
+    #[arg(default_value = "")]
+    pub(crate) key: String,
+
+    #[command(flatten)]
+    pub(crate) journal: JournalOpts,
 }
 
 /// How items are ordered, as given on the command line.

@@ -7,6 +7,7 @@ use clap::Parser;
 mod args;
 mod demo;
 mod input;
+mod ops;
 mod report;
 mod send;
 mod sink;
@@ -47,6 +48,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         args::Command::Send(send_args) => run_send(*send_args),
         args::Command::Demo(demo_args) => demo::run(demo_args),
+        args::Command::Status(opts) => ops::status(&opts),
+        args::Command::Dead(command) => ops::dead(&command),
+        args::Command::Resume(resume) => ops::resume(&resume),
     };
     match result {
         Ok(code) => ExitCode::from(code),

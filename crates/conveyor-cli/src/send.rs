@@ -16,7 +16,7 @@ use crate::args::{FailurePolicy, OrderingArg, OutputArgs, SendArgs};
 use crate::input::{KeySpec, Line, LineReader, Parsed};
 use crate::report::{millis, print_out, Progress, Summary};
 use crate::sink::{sink_fn, ExecSink, Latencies, Target};
-use crate::{exit, CliError};
+use crate::{exit, ops, CliError};
 
 /// The longest wait between two retries, whatever `--backoff` doubles up to.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -228,7 +228,7 @@ fn default_journal_path(input: &Input, to: &Option<String>, exec: &[String]) -> 
     })
     .take(40)
     .collect();
-    Path::new(".conveyor").join(format!("{stem}-{hash:016x}.journal"))
+    Path::new(ops::JOURNAL_DIR).join(format!("{stem}-{hash:016x}.journal"))
 }
 
 /// Messages from the reader thread and the signal handler to the main thread.
@@ -279,19 +279,25 @@ pub(crate) fn run(
         Some(rate) => builder.rate_limit(rate),
         None => builder,
     };
-    if let Some(path) = &plan.journal {
-        return Err(CliError::usage(format!(
-            "the journal ({}) is not available in this build yet: run with --no-journal",
-            path.display()
-        )));
-    }
+    let builder = match &plan.journal {
+        Some(path) => {
+            ops::ensure_dir(path)?;
+            builder.journal(path)
+        }
+        None => builder,
+    };
     let conveyor = Arc::new(
         builder
             .build(sink_fn(plan.target, Arc::clone(&latencies)))
             .map_err(|e| CliError::usage(format!("cannot start: {e}")))?,
     );
-    // With a journal this is where a rerun picks up; without one every run starts at line 0.
-    let resume_after: u64 = 0;
+    // Where a rerun picks up: the position stored with the last items a previous run accepted.
+    // Only a file reads the same lines again; on stdin the journal still replays what was
+    // pending, but the new stream is read from its start.
+    let resume_after = match conveyor.cursor() {
+        Some(cursor) if input.is_replayable() => cursor,
+        _ => 0,
+    };
 
     let mut reader = LineReader::new(input.open()?, plan.key.clone());
     if resume_after > 0 && input.is_replayable() {
@@ -319,14 +325,22 @@ pub(crate) fn run(
     let counters = Arc::new(ReadCounters::default());
     {
         let conveyor = Arc::clone(&conveyor);
+        let journaled = plan.journal.is_some();
         let stop = Arc::clone(&stop);
         let counters = Arc::clone(&counters);
         let progress = progress.clone();
         thread::Builder::new()
             .name("conveyor-reader".into())
             .spawn(move || {
-                let outcome =
-                    read_and_submit(&mut reader, &conveyor, &stop, &counters, rejects, &progress);
+                let outcome = read_and_submit(
+                    &mut reader,
+                    &conveyor,
+                    journaled,
+                    &stop,
+                    &counters,
+                    rejects,
+                    &progress,
+                );
                 let _ = events_tx.send(Event::InputDone(outcome));
             })
             .map_err(|e| CliError::usage(format!("cannot start the reader thread: {e}")))?;
@@ -453,6 +467,7 @@ pub(crate) fn run(
 fn read_and_submit(
     reader: &mut LineReader<Box<dyn BufRead + Send>>,
     conveyor: &Conveyor<Line>,
+    journaled: bool,
     stop: &AtomicBool,
     counters: &ReadCounters,
     mut rejects: Option<BufWriter<File>>,
@@ -510,6 +525,10 @@ fn read_and_submit(
                     }
                 }
             }
+        }
+        if journaled {
+            // Committed with the items accepted before it: a rerun starts after this line.
+            conveyor.set_cursor(reader.position());
         }
     }
     if let Some(file) = &mut rejects {
