@@ -21,7 +21,7 @@ fn demo_strict_and_keyed_report_in_order() {
             ])
             .output()
             .unwrap();
-        assert_eq!(output.status.code(), Some(0), "{:?}", texts(&output));
+        expect_exit(&output, 0);
         let report = summary(&output);
         assert_eq!(report["in_order"], true, "{report}");
         assert_eq!(report["received"], 32, "{report}");

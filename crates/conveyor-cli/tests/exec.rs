@@ -40,8 +40,7 @@ fn exit_codes_0_75_and_1() {
         .args(["--exec", "sh", script.to_str().unwrap(), "two words $HOME"])
         .output()
         .unwrap();
-    let (_, stderr) = texts(&output);
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let (_, stderr) = expect_exit(&output, 1);
     assert!(
         stderr.contains("line 3: failed after 1 attempt(s)")
             && stderr.contains("exited with 1")
@@ -85,8 +84,7 @@ fn a_missing_program_is_a_usage_error() {
         ])
         .output()
         .unwrap();
-    let (_, stderr) = texts(&output);
-    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    let (_, stderr) = expect_exit(&output, 2);
     assert!(
         stderr.contains("no-such-program-xyz") && stderr.contains("PATH"),
         "{stderr}"

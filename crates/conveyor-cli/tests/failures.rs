@@ -23,19 +23,13 @@ fn a_503_with_retry_after_is_retried_in_place() {
     })
     .unwrap();
     let input = write_lines(dir.path(), "in.jsonl", &items(8, 1));
-    let output = conveyor(dir.path())
-        .args([
-            "send",
-            input.to_str().unwrap(),
-            "--to",
-            &server.url(),
-            "--no-journal",
-            "--json",
-        ])
-        .args(["--retries", "3", "--backoff", "10ms"])
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(0), "{:?}", texts(&output));
+    let output = send_in_memory(
+        dir.path(),
+        &input,
+        &server.url(),
+        &["--retries", "3", "--backoff", "10ms"],
+    );
+    expect_exit(&output, 0);
     let arrivals = server.arrivals();
     // Line 4 (id 3) arrives twice, back to back: nothing overtakes a retried item.
     assert_eq!(ids(&arrivals), [0, 1, 2, 3, 3, 4, 5, 6, 7]);
@@ -70,20 +64,13 @@ fn a_4xx_fails_the_line_at_once_and_the_rest_go_on() {
     })
     .unwrap();
     let input = write_lines(dir.path(), "in.jsonl", &items(6, 1));
-    let output = conveyor(dir.path())
-        .args([
-            "send",
-            input.to_str().unwrap(),
-            "--to",
-            &server.url(),
-            "--no-journal",
-            "--json",
-        ])
-        .args(["--retries", "3", "--backoff", "10ms"])
-        .output()
-        .unwrap();
-    let (_, stderr) = texts(&output);
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let output = send_in_memory(
+        dir.path(),
+        &input,
+        &server.url(),
+        &["--retries", "3", "--backoff", "10ms"],
+    );
+    let (_, stderr) = expect_exit(&output, 1);
     assert_eq!(
         ids(&server.arrivals()),
         [0, 1, 2, 3, 4, 5],
@@ -126,8 +113,7 @@ fn a_dead_server_is_retried_then_reported() {
         ])
         .output()
         .unwrap();
-    let (_, stderr) = texts(&output);
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let (_, stderr) = expect_exit(&output, 1);
     assert!(
         stderr.contains("line 1: failed after 3 attempt"),
         "{stderr}"
@@ -167,8 +153,7 @@ fn header_values_never_appear_in_any_output() {
             .args(extra)
             .output()
             .unwrap();
-        let (stdout, stderr) = texts(&output);
-        assert_eq!(output.status.code(), Some(1), "{stderr}");
+        let (stdout, stderr) = expect_exit(&output, 1);
         assert!(stderr.contains("401"), "{stderr}");
         assert!(
             !stdout.contains(SECRET) && !stderr.contains(SECRET),

@@ -3,7 +3,6 @@
 mod common;
 
 use std::io::Write;
-use std::process::{Command, Stdio};
 
 use common::*;
 
@@ -21,20 +20,13 @@ fn bad_lines_are_reported_copied_and_never_stop_the_rest() {
     ];
     let input = write_lines(dir.path(), "in.jsonl", &lines);
     let rejects = dir.path().join("rejects.jsonl");
-    let output = conveyor(dir.path())
-        .args([
-            "send",
-            input.to_str().unwrap(),
-            "--to",
-            &server.url(),
-            "--no-journal",
-            "--json",
-        ])
-        .args(["--rejects", rejects.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let (_, stderr) = texts(&output);
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let output = send_in_memory(
+        dir.path(),
+        &input,
+        &server.url(),
+        &["--rejects", rejects.to_str().unwrap()],
+    );
+    let (_, stderr) = expect_exit(&output, 1);
     assert!(
         stderr.contains("line 2: rejected: not valid JSON"),
         "{stderr}"
@@ -69,19 +61,13 @@ fn lines_without_the_key_field_are_rejected_in_keyed_mode() {
         r#"{"id":2,"user":"b"}"#.into(),
     ];
     let input = write_lines(dir.path(), "in.jsonl", &lines);
-    let output = conveyor(dir.path())
-        .args([
-            "send",
-            input.to_str().unwrap(),
-            "--to",
-            &server.url(),
-            "--no-journal",
-        ])
-        .args(["--ordering", "keyed:2", "--key", "user"])
-        .output()
-        .unwrap();
-    let (_, stderr) = texts(&output);
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let output = send_in_memory(
+        dir.path(),
+        &input,
+        &server.url(),
+        &["--ordering", "keyed:2", "--key", "user"],
+    );
+    let (_, stderr) = expect_exit(&output, 1);
     assert!(
         stderr.contains("line 2: rejected: no key field `user`"),
         "{stderr}"
@@ -95,14 +81,11 @@ fn lines_without_the_key_field_are_rejected_in_keyed_mode() {
 fn stdin_is_streamed_delivery_starts_before_input_ends() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(|_| Reply::ok()).unwrap();
-    let mut child = Command::new(conveyor_path())
-        .current_dir(dir.path())
-        .args(["send", "-", "--to", &server.url(), "--no-journal", "--json"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let url = server.url();
+    let mut child = spawn(
+        dir.path(),
+        &["send", "-", "--to", &url, "--no-journal", "--json"],
+    );
     let mut stdin = child.stdin.take().unwrap();
     writeln!(stdin, r#"{{"id":0}}"#).unwrap();
     stdin.flush().unwrap();
@@ -113,7 +96,7 @@ fn stdin_is_streamed_delivery_starts_before_input_ends() {
     }
     drop(stdin);
     let output = child.wait_with_output().unwrap();
-    assert_eq!(output.status.code(), Some(0), "{:?}", texts(&output));
+    expect_exit(&output, 0);
     assert_eq!(ids(&server.arrivals()), (0..50).collect::<Vec<_>>());
     assert_eq!(summary(&output)["delivered"], 50);
 }
@@ -123,23 +106,18 @@ fn a_closed_stdout_is_not_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(|_| Reply::ok()).unwrap();
     let input = write_lines(dir.path(), "in.jsonl", &items(5, 1));
-    let mut child = Command::new(conveyor_path())
-        .current_dir(dir.path())
-        .args([
-            "send",
-            input.to_str().unwrap(),
-            "--to",
-            &server.url(),
-            "--no-journal",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let url = server.url();
+    let args = [
+        "send",
+        input.to_str().unwrap(),
+        "--to",
+        &url,
+        "--no-journal",
+    ];
+    let mut child = spawn(dir.path(), &args);
     drop(child.stdout.take());
     let output = child.wait_with_output().unwrap();
-    let (_, stderr) = texts(&output);
-    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    let (_, stderr) = expect_exit(&output, 0);
     assert!(
         !stderr.contains("panicked") && !stderr.contains("Broken pipe"),
         "{stderr}"

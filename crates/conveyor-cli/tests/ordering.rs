@@ -12,18 +12,8 @@ fn strict_delivers_every_line_in_input_order() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(|_| Reply::ok()).unwrap();
     let input = write_lines(dir.path(), "in.jsonl", &items(200, 1));
-    let output = conveyor(dir.path())
-        .args([
-            "send",
-            input.to_str().unwrap(),
-            "--to",
-            &server.url(),
-            "--no-journal",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(0), "{:?}", texts(&output));
+    let output = send_in_memory(dir.path(), &input, &server.url(), &[]);
+    expect_exit(&output, 0);
     let arrivals = server.arrivals();
     assert_eq!(ids(&arrivals), (0..200).collect::<Vec<_>>());
     // Seq headers increase with input order, and every request has an idempotency key.
@@ -49,18 +39,13 @@ fn pipelined_starts_in_order_and_delivers_each_line_once() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(|_| Reply::ok().delay(Duration::from_millis(5))).unwrap();
     let input = write_lines(dir.path(), "in.jsonl", &items(100, 1));
-    let output = conveyor(dir.path())
-        .args([
-            "send",
-            input.to_str().unwrap(),
-            "--to",
-            &server.url(),
-            "--no-journal",
-        ])
-        .args(["--ordering", "pipelined:4", "--method", "PUT"])
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(0), "{:?}", texts(&output));
+    let output = send_in_memory(
+        dir.path(),
+        &input,
+        &server.url(),
+        &["--ordering", "pipelined:4", "--method", "PUT"],
+    );
+    expect_exit(&output, 0);
     let arrivals = server.arrivals();
     let mut got = ids(&arrivals);
     got.sort_unstable();
@@ -73,18 +58,13 @@ fn keyed_keeps_order_within_each_key() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(|_| Reply::ok().delay(Duration::from_millis(2))).unwrap();
     let input = write_lines(dir.path(), "in.jsonl", &items(160, 8));
-    let output = conveyor(dir.path())
-        .args([
-            "send",
-            input.to_str().unwrap(),
-            "--to",
-            &server.url(),
-            "--no-journal",
-        ])
-        .args(["--ordering", "keyed:8", "--key", "user"])
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(0), "{:?}", texts(&output));
+    let output = send_in_memory(
+        dir.path(),
+        &input,
+        &server.url(),
+        &["--ordering", "keyed:8", "--key", "user"],
+    );
+    expect_exit(&output, 0);
     let arrivals = server.arrivals();
     assert_eq!(arrivals.len(), 160);
     let mut per_user: HashMap<String, Vec<u64>> = HashMap::new();
@@ -117,18 +97,13 @@ fn keyed_accepts_a_json_pointer_key() {
         .map(|i| format!(r#"{{"id":{i},"who":{{"team":{}}}}}"#, i % 3))
         .collect();
     let input = write_lines(dir.path(), "in.jsonl", &lines);
-    let output = conveyor(dir.path())
-        .args([
-            "send",
-            input.to_str().unwrap(),
-            "--to",
-            &server.url(),
-            "--no-journal",
-        ])
-        .args(["--ordering", "keyed:3", "--key", "/who/team"])
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(0), "{:?}", texts(&output));
+    let output = send_in_memory(
+        dir.path(),
+        &input,
+        &server.url(),
+        &["--ordering", "keyed:3", "--key", "/who/team"],
+    );
+    expect_exit(&output, 0);
     let arrivals = server.arrivals();
     assert_eq!(arrivals.len(), 20);
     let mut keys: Vec<&str> = arrivals

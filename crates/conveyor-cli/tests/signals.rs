@@ -2,28 +2,26 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use common::*;
 
 fn spawn_send(dir: &std::path::Path, server: &Server, lines: u64, drain: &str) -> Child {
     let input = write_lines(dir, "in.jsonl", &items(lines, 1));
-    Command::new(conveyor_path())
-        .current_dir(dir)
-        .args([
-            "send",
-            input.to_str().unwrap(),
-            "--to",
-            &server.url(),
-            "--no-journal",
-            "--json",
-        ])
-        .args(["--drain-timeout", drain])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+    let input = input.to_str().unwrap();
+    let url = server.url();
+    let args = [
+        "send",
+        input,
+        "--to",
+        &url,
+        "--no-journal",
+        "--json",
+        "--drain-timeout",
+        drain,
+    ];
+    spawn(dir, &args)
 }
 
 fn signal(child: &Child, name: &str) {
@@ -42,8 +40,7 @@ fn interrupted_run(signal_name: &str) {
     let arrived_at_signal = server.count() as u64;
     signal(&child, signal_name);
     let output = child.wait_with_output().unwrap();
-    let (_, stderr) = texts(&output);
-    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    let (_, stderr) = expect_exit(&output, 3);
     assert!(stderr.contains("interrupted"), "{stderr}");
     let summary = summary(&output);
     assert_eq!(summary["interrupted"], true);
@@ -87,6 +84,6 @@ fn a_second_ctrl_c_exits_at_once_with_130() {
     std::thread::sleep(Duration::from_millis(100));
     signal(&child, "INT");
     let output = child.wait_with_output().unwrap();
-    assert_eq!(output.status.code(), Some(130), "{:?}", texts(&output));
+    expect_exit(&output, 130);
     assert!(server.count() < 20);
 }

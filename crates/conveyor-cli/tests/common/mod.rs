@@ -74,3 +74,43 @@ pub fn summary(output: &Output) -> serde_json::Value {
     });
     serde_json::from_str(last).unwrap_or_else(|e| panic!("summary is not JSON ({e}): {last}"))
 }
+
+/// `conveyor send INPUT --to URL --no-journal --json EXTRA...`, run to completion.
+pub fn send_in_memory(dir: &Path, input: &Path, url: &str, extra: &[&str]) -> Output {
+    conveyor(dir)
+        .args([
+            "send",
+            input.to_str().unwrap(),
+            "--to",
+            url,
+            "--no-journal",
+            "--json",
+        ])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// Asserts the exit code (showing both outputs if it differs) and returns (stdout, stderr).
+pub fn expect_exit(output: &Output, code: i32) -> (String, String) {
+    let (stdout, stderr) = texts(output);
+    assert_eq!(
+        output.status.code(),
+        Some(code),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    (stdout, stderr)
+}
+
+/// Starts `conveyor ARGS...` in `dir` with stdin, stdout and stderr piped, for tests that signal
+/// it, feed it, or close its output while it runs.
+pub fn spawn(dir: &Path, args: &[&str]) -> std::process::Child {
+    std::process::Command::new(conveyor_path())
+        .current_dir(dir)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
