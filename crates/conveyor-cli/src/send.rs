@@ -305,12 +305,10 @@ pub(crate) fn run(
             .skip(resume_after)
             .map_err(|e| CliError::usage(format!("cannot read input: {e}")))?;
     }
-    let progress = Progress::new(
-        !output.quiet,
-        input
-            .count_lines()
-            .map(|n| n.saturating_sub(reader.position())),
-    );
+    let skipped = reader.position();
+    let progress = Progress::new(!output.quiet, || {
+        input.count_lines().map(|n| n.saturating_sub(skipped))
+    });
     let rejects = match &plan.rejects {
         Some(path) => Some(BufWriter::new(File::create(path).map_err(|e| {
             CliError::usage(format!(
