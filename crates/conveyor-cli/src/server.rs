@@ -279,7 +279,11 @@ async fn handle(
         reply
     };
     if !reply.delay.is_zero() {
-        tokio::time::sleep(reply.delay).await;
+        // Tokio's timer rounds up to whole milliseconds (a 50 ms delay takes ~51 ms), which
+        // would blur the demo's comparison with N × latency; a thread sleep is exact to tens of
+        // microseconds, and the blocking pool grows with the concurrency the demo asks for.
+        let delay = reply.delay;
+        let _ = tokio::task::spawn_blocking(move || std::thread::sleep(delay)).await;
     }
     let mut response = Response::builder().status(reply.status);
     for (name, value) in &reply.headers {
