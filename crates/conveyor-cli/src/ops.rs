@@ -257,15 +257,21 @@ fn journal_close(journal: Journal) -> Result<u8, CliError> {
     Ok(exit::OK)
 }
 
-/// The default journal directory, created on demand by `send` (kept here with its readers).
+/// Creates the journal's directory if needed, owner-only like the journal itself: it holds the
+/// lines' bodies, which may be personal data.
 pub(crate) fn ensure_dir(path: &Path) -> Result<(), CliError> {
+    use std::os::unix::fs::DirBuilderExt;
     match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => std::fs::create_dir_all(dir).map_err(|e| {
-            CliError::usage(format!(
-                "cannot create the journal directory {}: {e}",
-                dir.display()
-            ))
-        }),
+        Some(dir) if !dir.as_os_str().is_empty() && !dir.exists() => std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| {
+                CliError::usage(format!(
+                    "cannot create the journal directory {}: {e}",
+                    dir.display()
+                ))
+            }),
         _ => Ok(()),
     }
 }
