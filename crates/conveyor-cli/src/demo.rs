@@ -226,3 +226,41 @@ fn describe(report: &DemoReport, arrivals: &[Arrival], ordering: OrderingArg) ->
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn arrivals(items: &[(u64, &str)]) -> Vec<Arrival> {
+        items
+            .iter()
+            .enumerate()
+            .map(|(index, (id, user))| Arrival {
+                index,
+                at: Instant::now(),
+                method: "POST".into(),
+                path: "/".into(),
+                headers: Vec::new(),
+                body: format!(r#"{{"id":{id},"user":"{user}"}}"#),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn strict_order_check_catches_a_swap_and_allows_a_retry() {
+        let good = arrivals(&[(0, "a"), (1, "b"), (1, "b"), (2, "a")]);
+        assert!(check_order(&good, OrderingArg::Strict));
+        let swapped = arrivals(&[(0, "a"), (2, "a"), (1, "b")]);
+        assert!(!check_order(&swapped, OrderingArg::Strict));
+    }
+
+    #[test]
+    fn keyed_order_check_is_per_user() {
+        let interleaved = arrivals(&[(1, "b"), (0, "a"), (3, "b"), (2, "a")]);
+        assert!(check_order(&interleaved, OrderingArg::Keyed(2)));
+        assert!(!check_order(&interleaved, OrderingArg::Strict));
+        let swapped_in_lane = arrivals(&[(2, "a"), (0, "a")]);
+        assert!(!check_order(&swapped_in_lane, OrderingArg::Keyed(2)));
+    }
+}
