@@ -4,7 +4,7 @@
 //! runs on it; while one does, the journal's lock makes them fail with a message naming the
 //! process holding it.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use conveyor::{DeadLetter, Journal};
 use serde::Serialize;
@@ -12,11 +12,9 @@ use serde_json::json;
 
 use crate::args::{DeadCommand, DeadTarget, JournalOpts, ResumeArgs};
 use crate::input::Line;
+use crate::journal::JOURNAL_DIR;
 use crate::report::print_out;
 use crate::{exit, CliError};
-
-/// Where `send` keeps its journals by default.
-pub(crate) const JOURNAL_DIR: &str = ".conveyor";
 
 /// The journal named by `--journal`, or the only one under `./.conveyor/`.
 fn find_journal(given: &Option<PathBuf>) -> Result<PathBuf, CliError> {
@@ -255,25 +253,6 @@ pub(crate) fn resume(args: &ResumeArgs) -> Result<u8, CliError> {
 fn journal_close(journal: Journal) -> Result<u8, CliError> {
     journal.close().map_err(journal_error)?;
     Ok(exit::OK)
-}
-
-/// Creates the journal's directory if needed, owner-only like the journal itself: it holds the
-/// lines' bodies, which may be personal data.
-pub(crate) fn ensure_dir(path: &Path) -> Result<(), CliError> {
-    use std::os::unix::fs::DirBuilderExt;
-    match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() && !dir.exists() => std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| {
-                CliError::usage(format!(
-                    "cannot create the journal directory {}: {e}",
-                    dir.display()
-                ))
-            }),
-        _ => Ok(()),
-    }
 }
 
 #[cfg(test)]

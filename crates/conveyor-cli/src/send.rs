@@ -16,7 +16,7 @@ use crate::args::{FailurePolicy, OrderingArg, OutputArgs, SendArgs};
 use crate::input::{KeySpec, Line, LineReader, Parsed};
 use crate::report::{millis, print_out, Progress, Summary};
 use crate::sink::{sink_fn, ExecSink, Latencies, Target};
-use crate::{exit, ops, CliError};
+use crate::{exit, journal, CliError};
 
 /// The longest wait between two retries, whatever `--backoff` doubles up to.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -228,7 +228,7 @@ fn default_journal_path(input: &Input, to: &Option<String>, exec: &[String]) -> 
     })
     .take(40)
     .collect();
-    Path::new(ops::JOURNAL_DIR).join(format!("{stem}-{hash:016x}.journal"))
+    Path::new(journal::JOURNAL_DIR).join(format!("{stem}-{hash:016x}.journal"))
 }
 
 /// Messages from the reader thread and the signal handler to the main thread.
@@ -280,10 +280,7 @@ pub(crate) fn run(
         None => builder,
     };
     let builder = match &plan.journal {
-        Some(path) => {
-            ops::ensure_dir(path)?;
-            builder.journal(path)
-        }
+        Some(path) => journal::attach(builder, path)?,
         None => builder,
     };
     let conveyor = Arc::new(
@@ -294,7 +291,7 @@ pub(crate) fn run(
     // Where a rerun picks up: the position stored with the last items a previous run accepted.
     // Only a file reads the same lines again; on stdin the journal still replays what was
     // pending, but the new stream is read from its start.
-    let resume_after = match conveyor.cursor() {
+    let resume_after = match journal::cursor(&conveyor) {
         Some(cursor) if input.is_replayable() => cursor,
         _ => 0,
     };
@@ -526,7 +523,7 @@ fn read_and_submit(
         }
         if journaled {
             // Committed with the items accepted before it: a rerun starts after this line.
-            conveyor.set_cursor(reader.position());
+            journal::set_cursor(conveyor, reader.position());
         }
     }
     if let Some(file) = &mut rejects {
