@@ -213,8 +213,8 @@ pub(crate) struct SendArgs {
     #[arg(long, default_value_t = 5)]
     pub(crate) retries: u32,
 
-    /// First wait before a retry; doubles each time (at most 30 s). A server's Retry-After wins
-    /// when longer.
+    /// First wait before a retry; doubles each time (at most 30 s), each wait jittered between
+    /// half and all of it. A server's Retry-After wins when longer.
     #[arg(long, default_value = "200ms", value_parser = parse_duration)]
     pub(crate) backoff: Duration,
 
