@@ -128,7 +128,7 @@ fn dropping_receipts_does_not_cancel_delivery() {
         })
         .unwrap();
     for i in 0..50 {
-        let _ = c.send(i).unwrap();
+        drop(c.send(i).unwrap());
     }
     assert!(c.close_timeout(GENEROUS).drained);
     assert_eq!(count.load(AtomicOrdering::SeqCst), 50);
