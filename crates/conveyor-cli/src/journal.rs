@@ -24,14 +24,16 @@ pub(crate) fn attach(builder: Builder<Line>, path: &Path) -> Result<Builder<Line
 
 /// The input position the journal holds: lines a previous run already took.
 #[cfg(conveyor_journal)]
-pub(crate) fn cursor(conveyor: &Conveyor<Line>) -> Option<u64> {
-    conveyor.cursor()
+pub(crate) fn cursor(conveyor: &Conveyor<Line>) -> Result<Option<u64>, CliError> {
+    conveyor
+        .cursor()
+        .map_err(|e| CliError::usage(format!("cannot read the journal's input position: {e}")))
 }
 
 /// Records the input position, committed with the items accepted before it.
 #[cfg(conveyor_journal)]
-pub(crate) fn set_cursor(conveyor: &Conveyor<Line>, position: u64) {
-    conveyor.set_cursor(position);
+pub(crate) fn set_cursor(conveyor: &Conveyor<Line>, position: u64) -> Result<(), String> {
+    conveyor.set_cursor(position).map_err(|e| e.to_string())
 }
 
 #[cfg(not(conveyor_journal))]
@@ -43,12 +45,14 @@ pub(crate) fn attach(_: Builder<Line>, path: &Path) -> Result<Builder<Line>, Cli
 }
 
 #[cfg(not(conveyor_journal))]
-pub(crate) fn cursor(_: &Conveyor<Line>) -> Option<u64> {
-    None
+pub(crate) fn cursor(_: &Conveyor<Line>) -> Result<Option<u64>, CliError> {
+    Ok(None)
 }
 
 #[cfg(not(conveyor_journal))]
-pub(crate) fn set_cursor(_: &Conveyor<Line>, _: u64) {}
+pub(crate) fn set_cursor(_: &Conveyor<Line>, _: u64) -> Result<(), String> {
+    Ok(())
+}
 
 /// The error of the operating commands in a build without the journal.
 #[cfg(not(conveyor_journal))]

@@ -291,7 +291,7 @@ pub(crate) fn run(
     // Where a rerun picks up: the position stored with the last items a previous run accepted.
     // Only a file reads the same lines again; on stdin the journal still replays what was
     // pending, but the new stream is read from its start.
-    let resume_after = match journal::cursor(&conveyor) {
+    let resume_after = match journal::cursor(&conveyor)? {
         Some(cursor) if input.is_replayable() => cursor,
         _ => 0,
     };
@@ -515,15 +515,24 @@ fn read_and_submit(
                     // Closed: the run is shutting down; what was not accepted is not lost, it
                     // is simply not read (the journal's position says where to resume).
                     Err(SendError::Closed(_)) => break,
-                    Err(other) => {
-                        progress.note(&format!("line {number}: not accepted: {other}"));
+                    // Anything else (the journal cannot store the line): stop before the input
+                    // position moves past it, so a rerun starts with this very line.
+                    Err(refused) => {
+                        error = Some(format!(
+                            "line {number} was not accepted ({refused}); stopped reading: \
+                             rerun the same command to go on from this line"
+                        ));
+                        break;
                     }
                 }
             }
         }
         if journaled {
             // Committed with the items accepted before it: a rerun starts after this line.
-            journal::set_cursor(conveyor, reader.position());
+            if let Err(e) = journal::set_cursor(conveyor, reader.position()) {
+                error = Some(format!("cannot record the input position: {e}"));
+                break;
+            }
         }
     }
     if let Some(file) = &mut rejects {
