@@ -291,8 +291,8 @@ pub(crate) fn run(
     // Where a rerun picks up: the position stored with the last items a previous run accepted.
     // Only a file reads the same lines again; on stdin the journal still replays what was
     // pending, but the new stream is read from its start.
-    let resume_after = match journal::cursor(&conveyor)? {
-        Some(cursor) if input.is_replayable() => cursor,
+    let resume_after = match &plan.journal {
+        Some(_) if input.is_replayable() => journal::cursor(&conveyor)?.unwrap_or(0),
         _ => 0,
     };
 
