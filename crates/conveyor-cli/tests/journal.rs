@@ -199,6 +199,99 @@ fn a_paused_lane_waits_for_resume() {
 }
 
 #[test]
+fn ctrl_c_keeps_the_rest_in_the_journal_for_the_rerun() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(|_| Reply::ok().delay(Duration::from_millis(100))).unwrap();
+    let input = write_lines(dir.path(), "in.jsonl", &items(30, 1));
+    let input = input.to_str().unwrap();
+    let url = server.url();
+    let args = [
+        "send",
+        input,
+        "--to",
+        &url,
+        "--json",
+        "--drain-timeout",
+        "150ms",
+    ];
+    let child = spawn(dir.path(), &args);
+    wait_for("deliveries to start", || server.count() >= 3);
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let first = child.wait_with_output().unwrap();
+    expect_exit(&first, 3);
+    let first_summary = summary(&first);
+    assert!(
+        first_summary["left"].as_u64().unwrap() > 0,
+        "{first_summary}"
+    );
+    assert!(first_summary["journal"]
+        .as_str()
+        .unwrap()
+        .contains(".conveyor"));
+    let first_run = server.count();
+
+    let second = conveyor(dir.path()).args(args).output().unwrap();
+    expect_exit(&second, 0);
+    let all = ids(&server.arrivals());
+    // Everything arrived, in order, with at most the request cut off by the drain deadline sent
+    // twice.
+    let mut unique = all.clone();
+    unique.dedup();
+    assert_eq!(unique, (0..30).collect::<Vec<_>>(), "{all:?}");
+    assert!(all.len() <= 31, "{all:?}");
+    assert!(first_run < 30);
+}
+
+#[test]
+fn dead_discard_drops_a_dead_letter_for_good() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(|a| {
+        if a.json().unwrap()["id"] == 1 {
+            Reply::status(400)
+        } else {
+            Reply::ok()
+        }
+    })
+    .unwrap();
+    let input = write_lines(dir.path(), "in.jsonl", &items(3, 1));
+    let send = || {
+        conveyor(dir.path())
+            .args(["send", input.to_str().unwrap(), "--to", &server.url()])
+            .output()
+            .unwrap()
+    };
+    expect_exit(&send(), 1);
+    let listed = conveyor(dir.path())
+        .args(["dead", "list"])
+        .output()
+        .unwrap();
+    let (text, _) = expect_exit(&listed, 0);
+    assert!(text.contains("line 2") && text.contains("400"), "{text}");
+    let seq = text.split_whitespace().nth(1).unwrap().to_owned();
+    let discard = conveyor(dir.path())
+        .args(["dead", "discard", &seq])
+        .output()
+        .unwrap();
+    expect_exit(&discard, 0);
+    let (status, _) = expect_exit(&conveyor(dir.path()).args(["status"]).output().unwrap(), 0);
+    assert!(
+        status.contains("dead letters: 0") && status.contains("pending: 0"),
+        "{status}"
+    );
+    expect_exit(&send(), 0);
+    assert_eq!(ids(&server.arrivals()), [0, 1, 2], "nothing was sent again");
+    let missing = conveyor(dir.path())
+        .args(["dead", "discard", &seq])
+        .output()
+        .unwrap();
+    expect_exit(&missing, 2);
+}
+
+#[test]
 fn operating_commands_explain_a_missing_journal() {
     let dir = tempfile::tempdir().unwrap();
     for args in [&["status"][..], &["dead", "list"], &["resume", "k"]] {
