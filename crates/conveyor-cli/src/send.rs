@@ -303,8 +303,15 @@ pub(crate) fn run(
             .map_err(|e| CliError::usage(format!("cannot read input: {e}")))?;
     }
     let skipped = reader.position();
+    // Lines a previous run left pending in the journal are delivered first; count them in.
+    let backlog = {
+        let stats = conveyor.stats();
+        stats.queued + stats.in_flight
+    };
     let progress = Progress::new(!output.quiet, || {
-        input.count_lines().map(|n| n.saturating_sub(skipped))
+        input
+            .count_lines()
+            .map(|n| n.saturating_sub(skipped) + backlog)
     });
     let rejects = match &plan.rejects {
         Some(path) => Some(BufWriter::new(File::create(path).map_err(|e| {
@@ -372,7 +379,7 @@ pub(crate) fn run(
                 break;
             }
             Some(Event::InputDone(outcome)) => {
-                progress.set_total(counters.accepted.load(AtomicOrdering::Relaxed));
+                progress.set_total(counters.accepted.load(AtomicOrdering::Relaxed) + backlog);
                 read_outcome = Some(outcome);
             }
             None => {}
