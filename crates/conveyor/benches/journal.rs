@@ -1,36 +1,56 @@
-//! Journal storage benchmarks: append throughput in batches against a plain "one SQLite
-//! transaction per item" baseline, and reopening a journal that holds 1,000,000 pending items.
+//! Journal benchmarks, side by side in one run:
+//! - storage: append throughput in batches against a plain "one SQLite transaction per item"
+//!   baseline, and reopening a journal that holds 1,000,000 pending items;
+//! - engine: items accepted per second by `send` with `Durability::Batched` (default) against
+//!   the in-memory engine, `Durability::Sync` with 1 and 8 producers, and building a conveyor on
+//!   a journal holding 1,000,000 pending items until its first delivery.
 //!
 //! Run: `cargo bench -p conveyor --bench journal`. Set `JOURNAL_BENCH_DIR` to put the files on a
 //! particular disk (default: the system temp dir).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use serde::{Deserialize, Serialize};
+
+use conveyor::{Conveyor, Durability};
 
 // The storage layer's engine operations are crate-private; the bench compiles the module itself
 // rather than widening the public API for it.
-#[allow(unreachable_pub)]
+#[allow(dead_code, unreachable_pub)]
 #[path = "../src/journal.rs"]
 mod journal;
 
 use journal::{Journal, Record, Settlement, WriteBatch};
 
-/// A payload of the size of a small JSON event.
+/// A small JSON event, as a conveyor of `Event`s journals it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Event {
+    id: u64,
+    kind: String,
+    customer: String,
+    amount_cents: u64,
+}
+
+fn event(seq: u64) -> Event {
+    Event {
+        id: seq,
+        kind: "order.created".to_owned(),
+        customer: format!("c-{}", seq % 977),
+        amount_cents: seq * 7,
+    }
+}
+
 fn payload(seq: u64) -> Vec<u8> {
-    format!(
-        r#"{{"id":{seq},"kind":"order.created","customer":"c-{}","amount_cents":{}}}"#,
-        seq % 977,
-        seq * 7
-    )
-    .into_bytes()
+    serde_json::to_vec(&event(seq)).unwrap()
 }
 
 fn record(seq: u64) -> Record {
     Record {
         seq,
-        lane: String::new(),
+        lane: Arc::from(""),
         key: None,
         payload: payload(seq),
     }
@@ -65,7 +85,15 @@ fn append(c: &mut Criterion) {
                     seq += batch as u64;
                     (records, seq)
                 },
-                |(records, cursor)| j.append(&records, Some(cursor)).unwrap(),
+                |(appends, cursor)| {
+                    j.write(&WriteBatch {
+                        appends,
+                        settlements: Vec::new(),
+                        cursor: Some(cursor),
+                        ..WriteBatch::default()
+                    })
+                    .unwrap()
+                },
                 BatchSize::SmallInput,
             );
         });
@@ -125,8 +153,12 @@ fn filled_journal(dir: &Path) -> PathBuf {
     let mut j = Journal::open(&path).unwrap();
     let started = Instant::now();
     for start in (1..=RECOVERY_ITEMS).step_by(10_000) {
-        let records: Vec<Record> = (start..start + 10_000).map(record).collect();
-        j.append(&records, None).unwrap();
+        let appends: Vec<Record> = (start..start + 10_000).map(record).collect();
+        j.write(&WriteBatch {
+            appends,
+            ..WriteBatch::default()
+        })
+        .unwrap();
     }
     let status = j.status().unwrap();
     eprintln!(
@@ -174,5 +206,136 @@ fn reopen(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, append, reopen);
+/// A conveyor whose sink holds its first item until the returned sender is dropped: every
+/// accepted item stays pending, so the journal must write each one. The sink reports the seq
+/// of the first item it sees on `first`.
+fn stalled_conveyor(
+    builder: conveyor::Builder<Event>,
+    first: Option<std::sync::mpsc::SyncSender<u64>>,
+) -> (Conveyor<Event>, std::sync::mpsc::Sender<()>) {
+    let (gate_tx, gate) = std::sync::mpsc::channel::<()>();
+    let gate = std::sync::Mutex::new(gate);
+    let first = std::sync::Mutex::new(first);
+    let c = builder
+        .drain_timeout(Duration::from_millis(10))
+        .build(move |d| {
+            if let Some(tx) = first.lock().unwrap().take() {
+                let _ = tx.send(d.seq());
+            }
+            let _ = gate.lock().unwrap().recv();
+            Ok(())
+        })
+        .unwrap();
+    (c, gate_tx)
+}
+
+const SENDS: u64 = 20_000;
+
+/// Accepted items per second. Each sample sends `SENDS` items to a fresh conveyor and, with a
+/// journal, waits until they are committed (`cursor()` commits what was queued), so the cost of
+/// durability is inside the measurement, not deferred.
+fn send(c: &mut Criterion) {
+    let mut group = c.benchmark_group("journal_send");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(5))
+        .warm_up_time(Duration::from_secs(1));
+    group.throughput(Throughput::Elements(SENDS));
+    let run = |journal: Option<Durability>, producers: u64, stalled: bool| {
+        move |b: &mut criterion::Bencher| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let dir = bench_dir();
+                    let mut builder = Conveyor::<Event>::builder().capacity(SENDS as usize * 2);
+                    if let Some(durability) = journal {
+                        builder = builder
+                            .journal(dir.path().join("send.journal"))
+                            .durability(durability);
+                    }
+                    let (conveyor, gate) = if stalled {
+                        stalled_conveyor(builder, None)
+                    } else {
+                        (
+                            builder.build(|_d| Ok(())).unwrap(),
+                            std::sync::mpsc::channel().0,
+                        )
+                    };
+                    let events: Vec<Vec<Event>> = (0..producers)
+                        .map(|p| {
+                            (0..SENDS / producers)
+                                .map(|i| event(p * SENDS + i))
+                                .collect()
+                        })
+                        .collect();
+                    let started = Instant::now();
+                    std::thread::scope(|s| {
+                        for batch in events {
+                            let conveyor = &conveyor;
+                            s.spawn(move || {
+                                for e in batch {
+                                    drop(conveyor.send(e).unwrap());
+                                }
+                            });
+                        }
+                    });
+                    if journal.is_some() {
+                        conveyor.cursor().unwrap();
+                    }
+                    total += started.elapsed();
+                    drop(conveyor);
+                    drop(gate);
+                }
+                total
+            });
+        }
+    };
+    group.bench_function("in_memory/instant_sink", run(None, 1, false));
+    group.bench_function(
+        "batched_5ms/instant_sink",
+        run(Some(Durability::default()), 1, false),
+    );
+    group.bench_function("in_memory/stalled_sink", run(None, 1, true));
+    group.bench_function(
+        "batched_5ms/stalled_sink",
+        run(Some(Durability::default()), 1, true),
+    );
+    group.bench_function(
+        "sync/1_producer/stalled_sink",
+        run(Some(Durability::Sync), 1, true),
+    );
+    group.bench_function(
+        "sync/8_producers/stalled_sink",
+        run(Some(Durability::Sync), 8, true),
+    );
+    group.finish();
+}
+
+/// A conveyor built on a journal with 1,000,000 pending items, until the first item reaches the
+/// sink. Replay streams pages, so memory stays at the capacity (default 10,000). The item is
+/// held and the conveyor abandoned, so the journal keeps its items for the next sample.
+fn engine_reopen(c: &mut Criterion) {
+    let dir = bench_dir();
+    let path = filled_journal(dir.path());
+    let mut group = c.benchmark_group("journal_reopen_1m");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(5))
+        .warm_up_time(Duration::from_secs(1));
+    group.bench_function("conveyor_build_to_first_delivery", |b| {
+        b.iter(|| {
+            let (first_tx, first) = std::sync::mpsc::sync_channel::<u64>(1);
+            let (conveyor, gate) =
+                stalled_conveyor(Conveyor::builder().journal(&path), Some(first_tx));
+            let seq = first.recv().unwrap();
+            assert_eq!(seq, 1);
+            drop(conveyor);
+            drop(gate);
+            seq
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(benches, append, reopen, send, engine_reopen);
 criterion_main!(benches);

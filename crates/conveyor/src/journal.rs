@@ -14,15 +14,13 @@
 //! The database header carries [`APPLICATION_ID`] and the schema version in `user_version`, so a
 //! foreign or newer file is recognised before anything is written to it.
 
-// The engine operations are used once the journal is wired into the engine (issue 3, phase 2).
-#![allow(dead_code)]
-
 use std::collections::HashSet;
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
@@ -43,6 +41,8 @@ const COMPACT_MIN_FREE_PAGES: i64 = 1024;
 /// …and this fraction (1/n) of the file.
 const COMPACT_FREE_FRACTION: i64 = 4;
 
+const DEAD_COLUMNS: &str = "SELECT seq, lane, key, payload, error, attempts, failed_at FROM dead";
+
 const SCHEMA: &str = "
 CREATE TABLE meta (name TEXT PRIMARY KEY NOT NULL, value) WITHOUT ROWID;
 CREATE TABLE items (
@@ -51,8 +51,7 @@ CREATE TABLE items (
     key TEXT,
     payload BLOB NOT NULL
 );
--- Lets recovery page through one lane without scanning the others (a paused lane's backlog
--- must not be loaded just to reach the items behind it in other lanes).
+-- Pending counts per lane (status) without reading the payloads.
 CREATE INDEX items_by_lane ON items (lane, seq);
 CREATE TABLE dead (
     seq INTEGER PRIMARY KEY,
@@ -161,6 +160,27 @@ pub enum JournalError {
         /// The seq asked for.
         seq: u64,
     },
+    /// An item could not be encoded for the journal (its `Serialize` implementation failed).
+    #[error(
+        "an item could not be encoded for journal {} ({reason}); it was not accepted: check the \
+         item's Serialize implementation",
+        path.display()
+    )]
+    Encode {
+        /// The journal file.
+        path: PathBuf,
+        /// The encoder's error.
+        reason: String,
+    },
+    /// The conveyor was built without a journal.
+    #[error("this conveyor has no journal: build it with Builder::journal(path) to keep dead letters and a cursor")]
+    NoJournal,
+    /// The conveyor that used this journal was closed, and released the file.
+    #[error("the conveyor using journal {} was closed and released the file: open it with Journal::open", path.display())]
+    Closed {
+        /// The journal file.
+        path: PathBuf,
+    },
     /// Any other error reported by SQLite.
     #[error("journal {}: {source}", path.display())]
     Sqlite {
@@ -268,8 +288,9 @@ pub struct DeadLetter {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Record {
     pub(crate) seq: u64,
-    pub(crate) lane: String,
-    pub(crate) key: Option<String>,
+    /// Shared with the engine's lane and node (no copy per item).
+    pub(crate) lane: Arc<str>,
+    pub(crate) key: Option<Arc<str>>,
     pub(crate) payload: Vec<u8>,
 }
 
@@ -288,6 +309,9 @@ pub(crate) enum Settlement {
     Paused { lane: String, error: String },
     /// The lane was resumed.
     Resumed(String),
+    /// A dead letter was re-enqueued (its new append comes earlier in the same or an earlier
+    /// batch) or discarded.
+    DiscardDead(u64),
 }
 
 /// One write transaction: appends first, then settlements (which may refer to those appends),
@@ -297,17 +321,24 @@ pub(crate) struct WriteBatch {
     pub(crate) appends: Vec<Record>,
     pub(crate) settlements: Vec<Settlement>,
     pub(crate) cursor: Option<u64>,
+    /// Raises the seq high-water mark: seqs up to here may be handed out before their items are
+    /// committed, and a restart continues after it, so no seq is ever given to two items.
+    pub(crate) reserve: Option<u64>,
 }
 
 impl WriteBatch {
     pub(crate) fn is_empty(&self) -> bool {
-        self.appends.is_empty() && self.settlements.is_empty() && self.cursor.is_none()
+        self.appends.is_empty()
+            && self.settlements.is_empty()
+            && self.cursor.is_none()
+            && self.reserve.is_none()
     }
 
     pub(crate) fn clear(&mut self) {
         self.appends.clear();
         self.settlements.clear();
         self.cursor = None;
+        self.reserve = None;
     }
 }
 
@@ -563,15 +594,24 @@ impl Journal {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, JournalError> {
+        self.read_dead(&format!("{DEAD_COLUMNS} ORDER BY seq"), [])
+    }
+
+    /// One dead letter, if there is one with this seq.
+    pub(crate) fn dead_letter(&self, seq: u64) -> Result<Option<DeadLetter>, JournalError> {
+        self.read_dead(&format!("{DEAD_COLUMNS} WHERE seq = ?1"), [seq as i64])
+            .map(|mut found| found.pop())
+    }
+
+    fn read_dead(
+        &self,
+        query: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<DeadLetter>, JournalError> {
         let sql = |e| JournalError::sqlite(&self.path, e);
-        let mut stmt = self
-            .conn
-            .prepare(
-                "SELECT seq, lane, key, payload, error, attempts, failed_at FROM dead ORDER BY seq",
-            )
-            .map_err(sql)?;
+        let mut stmt = self.conn.prepare(query).map_err(sql)?;
         let rows = stmt
-            .query_map([], |r| {
+            .query_map(params, |r| {
                 Ok(DeadLetter {
                     seq: r.get::<_, i64>(0)? as u64,
                     lane: r.get(1)?,
@@ -716,14 +756,17 @@ impl Journal {
         }
         let path = &self.path;
         let sql = |e| JournalError::sqlite(path, e);
-        let settled_now: HashSet<u64> = if batch.appends.is_empty() {
+        // Delivered items whose append is in this same batch: neither inserted nor deleted.
+        let settled_now: HashSet<u64> = if batch.appends.is_empty() || batch.settlements.is_empty()
+        {
             HashSet::new()
         } else {
+            let appended: HashSet<u64> = batch.appends.iter().map(|r| r.seq).collect();
             batch
                 .settlements
                 .iter()
                 .filter_map(|s| match s {
-                    Settlement::Delivered(seq) => Some(*seq),
+                    Settlement::Delivered(seq) if appended.contains(seq) => Some(*seq),
                     _ => None,
                 })
                 .collect()
@@ -743,7 +786,7 @@ impl Journal {
                 last = last.max(r.seq);
                 if !settled_now.contains(&r.seq) {
                     insert
-                        .execute(params![r.seq as i64, r.lane, r.key, r.payload])
+                        .execute(params![r.seq as i64, &*r.lane, r.key.as_deref(), r.payload])
                         .map_err(sql)?;
                 }
             }
@@ -793,7 +836,19 @@ impl Journal {
                         .execute([lane])
                         .map_err(sql)?;
                 }
+                Settlement::DiscardDead(seq) => {
+                    tx.prepare_cached("DELETE FROM dead WHERE seq = ?1")
+                        .map_err(sql)?
+                        .execute([*seq as i64])
+                        .map_err(sql)?;
+                }
             }
+        }
+        if let Some(upto) = batch.reserve {
+            tx.prepare_cached("UPDATE meta SET value = max(value, ?1) WHERE name = 'last_seq'")
+                .map_err(sql)?
+                .execute([upto as i64])
+                .map_err(sql)?;
         }
         if let Some(cursor) = batch.cursor {
             tx.prepare_cached("INSERT OR REPLACE INTO meta (name, value) VALUES ('cursor', ?1)")
@@ -811,6 +866,7 @@ impl Journal {
     }
 
     /// Appends accepted items, and optionally the cursor, in one transaction.
+    #[cfg(test)]
     pub(crate) fn append(
         &mut self,
         records: &[Record],
@@ -820,15 +876,18 @@ impl Journal {
             appends: records.to_vec(),
             settlements: Vec::new(),
             cursor,
+            ..WriteBatch::default()
         })
     }
 
     /// Records settlements in one transaction.
+    #[cfg(test)]
     pub(crate) fn settle(&mut self, settlements: &[Settlement]) -> Result<(), JournalError> {
         self.write(&WriteBatch {
             appends: Vec::new(),
             settlements: settlements.to_vec(),
             cursor: None,
+            ..WriteBatch::default()
         })
     }
 
@@ -845,19 +904,6 @@ impl Journal {
         )
     }
 
-    /// Like [`pending_after`](Journal::pending_after), for one lane.
-    pub(crate) fn lane_pending_after(
-        &self,
-        lane: &str,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<Record>, JournalError> {
-        self.read_page(
-            "SELECT seq, lane, key, payload FROM items WHERE lane = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
-            params![lane, after as i64, limit as i64],
-        )
-    }
-
     fn read_page(
         &self,
         query: &str,
@@ -867,10 +913,19 @@ impl Journal {
         let mut stmt = self.conn.prepare_cached(query).map_err(sql)?;
         let rows = stmt
             .query_map(params, |r| {
+                let lane: Arc<str> = Arc::from(r.get::<_, String>(1)?);
+                // In keyed mode the lane is the key: share one allocation.
+                let key = r.get::<_, Option<String>>(2)?.map(|k| {
+                    if *k == *lane {
+                        lane.clone()
+                    } else {
+                        Arc::from(k)
+                    }
+                });
                 Ok(Record {
                     seq: r.get::<_, i64>(0)? as u64,
-                    lane: r.get(1)?,
-                    key: r.get(2)?,
+                    lane,
+                    key,
                     payload: r.get(3)?,
                 })
             })
@@ -1071,8 +1126,8 @@ mod tests {
     fn rec(seq: u64, lane: &str) -> Record {
         Record {
             seq,
-            lane: lane.to_owned(),
-            key: Some(lane.to_owned()),
+            lane: Arc::from(lane),
+            key: Some(Arc::from(lane)),
             payload: format!("item {seq}").into_bytes(),
         }
     }
@@ -1116,12 +1171,6 @@ mod tests {
         let expected: Vec<u64> = (1..=20).filter(|s| *s != 3 && *s != 4).collect();
         assert_eq!(seqs(&pending), expected);
         assert_eq!(pending[0], rec(1, "b"));
-        let lane_a: Vec<u64> = seqs(&j.lane_pending_after("a", 0, 100).unwrap());
-        assert_eq!(lane_a, vec![2, 6, 8, 10, 12, 14, 16, 18, 20]);
-        assert_eq!(
-            seqs(&j.lane_pending_after("a", 12, 2).unwrap()),
-            vec![14, 16]
-        );
         assert_eq!(j.cursor().unwrap(), Some(99));
         assert_eq!(j.max_seq().unwrap(), 20);
         let status = j.status().unwrap();
@@ -1164,10 +1213,20 @@ mod tests {
             appends: vec![rec(1, ""), rec(2, ""), rec(3, "")],
             settlements: vec![Settlement::Delivered(1), Settlement::Delivered(3)],
             cursor: None,
+            ..WriteBatch::default()
         })
         .unwrap();
         assert_eq!(seqs(&all_pending(&j)), vec![2]);
         assert_eq!(j.max_seq().unwrap(), 3);
+        // A delivery of an item appended in an earlier batch still deletes it.
+        j.write(&WriteBatch {
+            appends: vec![rec(4, "")],
+            settlements: vec![Settlement::Delivered(2)],
+            cursor: None,
+            ..WriteBatch::default()
+        })
+        .unwrap();
+        assert_eq!(seqs(&all_pending(&j)), vec![4]);
     }
 
     #[test]
@@ -1184,6 +1243,7 @@ mod tests {
                     attempts: 5,
                 }],
                 cursor: None,
+                ..WriteBatch::default()
             })
             .unwrap();
             j.settle(&[Settlement::Failed {
@@ -1325,7 +1385,17 @@ mod tests {
         const CHILD: &str = "CONVEYOR_JOURNAL_TEST_HOLDER";
         // In the child: open, say so, and hold the journal until killed.
         if let Some(path) = std::env::var_os(CHILD) {
-            let _j = Journal::open(PathBuf::from(path)).unwrap();
+            // The parent's test process may fork other children (other tests) while it held
+            // the journal; such a fork keeps the lock until it execs, so allow a moment.
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            let _j = loop {
+                match Journal::open(PathBuf::from(&path)) {
+                    Err(JournalError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    other => break other.unwrap(),
+                }
+            };
             println!("holding");
             let _ = io::stdin().read(&mut [0u8; 1]);
             return;

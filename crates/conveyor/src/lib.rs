@@ -47,6 +47,7 @@
 
 mod builder;
 mod conveyor;
+mod durable;
 mod error;
 mod journal;
 mod queue;
@@ -58,6 +59,7 @@ mod worker;
 pub use crate::{
     builder::{Backpressure, Builder, OnFailure, Ordering},
     conveyor::Conveyor,
+    durable::Durability,
     error::{BuildError, DeliveryError, SendError, SinkError},
     journal::{DeadLetter, Journal, JournalError, JournalStatus, LaneStatus},
     receipt::{Delivery, Receipt},
