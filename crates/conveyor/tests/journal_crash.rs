@@ -305,7 +305,7 @@ fn batched_journal_survives_sigkill() {
     crash_and_check(
         "batched_journal_survives_sigkill",
         Durability::default(),
-        30,
+        40,
         300,
         200,
     );
@@ -316,7 +316,7 @@ fn sync_journal_loses_nothing_whose_send_returned() {
     crash_and_check(
         "sync_journal_loses_nothing_whose_send_returned",
         Durability::Sync,
-        30,
+        40,
         0,
         200,
     );

@@ -145,6 +145,86 @@ fn replay_of_a_backlog_larger_than_the_capacity_keeps_order() {
 }
 
 #[test]
+fn replay_holds_no_more_than_the_capacity_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    let (c, gate) = stalled(&path, Ordering::Strict);
+    for i in 0..2_000u64 {
+        c.send(i).unwrap();
+    }
+    c.close_timeout(Duration::from_millis(50));
+    drop(c);
+    drop(gate);
+    let (gate_tx, gate) = mpsc::channel::<()>();
+    let gate = Mutex::new(gate);
+    let c: Conveyor<u64> = Conveyor::builder()
+        .journal(&path)
+        .capacity(16)
+        .drain_timeout(Duration::from_millis(50))
+        .build(move |_d: Delivery<u64>| {
+            let _ = gate.lock().unwrap().recv();
+            Ok(())
+        })
+        .unwrap();
+    // Wait until replay filled the queue, then give it time to overfill: it must not.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while c.stats().accepted < 17 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let stats = c.stats();
+    assert_eq!(stats.queued, 16, "{stats:?}");
+    assert_eq!(stats.in_flight, 1, "{stats:?}");
+    assert_eq!(stats.accepted, 17, "{stats:?}");
+    assert!(
+        c.try_send(99).unwrap_err().is_full(),
+        "new items wait behind the replay"
+    );
+    drop(c);
+    drop(gate_tx);
+    assert_eq!(
+        Journal::open(&path).unwrap().status().unwrap().pending,
+        2_000
+    );
+}
+
+#[test]
+fn items_that_no_longer_decode_become_dead_letters_instead_of_blocking() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    let (c, gate) = stalled(&path, Ordering::Strict);
+    for i in 0..3u64 {
+        c.send(i).unwrap();
+    }
+    c.close_timeout(Duration::from_millis(50));
+    drop(c);
+    drop(gate);
+    // Reopened with another item type: the old payloads (JSON numbers) are not strings.
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let c: Conveyor<String> = Conveyor::builder()
+        .journal(&path)
+        .build(move |d: Delivery<String>| {
+            log.lock().unwrap().push(d.item().clone());
+            Ok(())
+        })
+        .unwrap();
+    c.send("new".to_owned()).unwrap();
+    c.flush();
+    assert_eq!(*seen.lock().unwrap(), vec!["new".to_owned()]);
+    let dead = c.dead_letters().unwrap();
+    assert_eq!(
+        dead.iter().map(|d| d.payload.clone()).collect::<Vec<_>>(),
+        vec![b"0".to_vec(), b"1".to_vec(), b"2".to_vec()]
+    );
+    assert!(
+        dead[0].error.contains("cannot be decoded"),
+        "{}",
+        dead[0].error
+    );
+}
+
+#[test]
 fn dead_letters_are_kept_across_restarts_and_can_be_retried_or_discarded() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("j");
