@@ -940,7 +940,7 @@ fn start_replay<T: Send + Sync + 'static, R: Send + 'static>(
                         break 'pages;
                     }
                     if st.accept_replayed(node, attempt_limit) {
-                        shared.wake_worker(&st);
+                        shared.wake_worker(&mut st);
                     }
                 }
                 page = match durable.with_journal(|j| j.pending_after(last, PAGE)) {
