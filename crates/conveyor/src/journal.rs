@@ -18,7 +18,6 @@ use std::collections::HashSet;
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -243,7 +242,7 @@ pub struct JournalStatus {
     pub pending: u64,
     /// Dead letters held.
     pub dead_letters: u64,
-    /// The highest seq the journal has handed out; the next item gets a greater one.
+    /// The highest seq the journal has handed out or reserved; the next item gets a greater one.
     pub last_seq: u64,
     /// The input cursor last stored with [`Journal::set_cursor`] or with an append.
     pub cursor: Option<u64>,
@@ -416,12 +415,7 @@ impl Journal {
         // SQLite would create the file with the umask's permissions (usually 0644); the journal
         // holds user data, so create it first, owner-only. An existing file keeps its mode, and is
         // never truncated. SQLite gives its `-wal` file the database file's mode.
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
+        owner_only()
             .open(&path)
             .map_err(|source| JournalError::Io {
                 path: path.clone(),
@@ -1062,6 +1056,16 @@ fn now_millis() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// Options that open a file read-write, creating it owner-only (0600 on Unix) and never
+/// truncating an existing one.
+fn owner_only() -> OpenOptions {
+    let mut options = OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options
+}
+
 /// `PATH` + `suffix`, e.g. `events.journal-lock`.
 fn sidecar(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
@@ -1089,12 +1093,7 @@ impl LockFile {
             action,
             source,
         };
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
+        let mut file = owner_only()
             .open(&lock_path)
             .map_err(|e| io_err("create", e))?;
         match fs4::FileExt::try_lock(&file) {
