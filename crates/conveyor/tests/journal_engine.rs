@@ -447,14 +447,18 @@ impl Drop for TinyDisk {
 
 #[test]
 fn a_full_disk_makes_send_fail_with_the_item_and_keeps_what_was_accepted() {
-    let disk = TinyDisk::new("512k");
+    let disk = TinyDisk::new("1m");
+    // Ballast, removed later to play the operator who frees space.
+    let ballast = disk.dir.path().join("ballast");
+    std::fs::write(&ballast, vec![0u8; 512 * 1024]).unwrap();
     let path = disk.dir.path().join("j");
     let (c, gate) = stalled(&path, Ordering::Strict);
-    let big = |i: u64| i * 1_000_000_007; // JSON payloads of ~12 bytes; many items fill 512k
+    let big = |i: u64| i * 1_000_000_007; // small JSON payloads; a few thousand fill the disk
+    let mut accepted = 0u64;
     let mut refused = None;
     for i in 0..200_000u64 {
         match c.send(big(i)) {
-            Ok(_) => {}
+            Ok(_) => accepted += 1,
             Err(SendError::Journal(item)) => {
                 refused = Some((i, item));
                 break;
@@ -470,10 +474,24 @@ fn a_full_disk_makes_send_fail_with_the_item_and_keeps_what_was_accepted() {
     let cause = c.journal_error().expect("the cause is available");
     assert!(matches!(*cause, JournalError::DiskFull { .. }), "{cause}");
     assert!(cause.to_string().contains("disk is full"), "{cause}");
+
+    // Space comes back: the writer's retry commits what was accepted, sends work again.
+    std::fs::remove_file(&ballast).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while c.journal_error().is_some() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        c.journal_error().is_none(),
+        "the journal did not recover once space was freed"
+    );
+    c.send(item).unwrap();
+    accepted += 1;
     drop(c);
     drop(gate);
-    // Whatever was committed is intact and readable: a contiguous run of the items sent.
-    let j = Journal::open(&path).unwrap();
-    let status = j.status().unwrap();
-    assert!(status.pending > 0 && status.pending <= i, "{status:?}");
+    let status = Journal::open(&path).unwrap().status().unwrap();
+    assert_eq!(
+        status.pending, accepted,
+        "every accepted item is in the journal: {status:?}"
+    );
 }
