@@ -147,8 +147,10 @@ const SEQ_BLOCK: u64 = 1 << 16;
 
 /// How long the writer waits before retrying a failed commit (disk full, I/O error).
 const RETRY_AFTER_ERROR: Duration = Duration::from_millis(100);
-/// A cap on one transaction, so a writer that fell behind does not build a huge one.
+/// A cap on one group, so a writer that fell behind does not gather without end.
 const MAX_GROUP: usize = 64 * 1024;
+/// Appends per transaction when a group is large (see `commit`).
+const CHUNK: usize = 8 * 1024;
 
 fn lock<X>(m: &Mutex<X>) -> MutexGuard<'_, X> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -373,7 +375,7 @@ impl Writer {
                 batch.reserve = Some(last + SEQ_BLOCK);
             }
             let result = match lock(&self.journal).as_mut() {
-                Some(journal) => journal.write(&batch).map_err(Arc::new),
+                Some(journal) => commit(journal, &mut batch).map_err(Arc::new),
                 None => Ok(()),
             };
             let extended = match (&result, batch.reserve) {
@@ -425,6 +427,27 @@ impl Writer {
     }
 }
 
+/// Commits a group. A large one (the writer fell behind, or the group grew while the disk was
+/// full) goes in transactions of at most `CHUNK` appends, in order, then one with the rest, so
+/// it can be committed as space comes back. On error, what was committed has left `batch`.
+fn commit(journal: &mut Journal, batch: &mut WriteBatch) -> Result<(), JournalError> {
+    while batch.appends.len() > CHUNK {
+        let rest = batch.appends.split_off(CHUNK);
+        let chunk = WriteBatch {
+            appends: std::mem::replace(&mut batch.appends, rest),
+            reserve: batch.reserve,
+            ..WriteBatch::default()
+        };
+        if let Err(e) = journal.write(&chunk) {
+            let mut appends = chunk.appends;
+            appends.append(&mut batch.appends);
+            batch.appends = appends;
+            return Err(e);
+        }
+    }
+    journal.write(batch)
+}
+
 /// Adds `op` to the group; returns whether it asks the writer to stop.
 fn take(
     op: Op,
@@ -439,4 +462,71 @@ fn take(
         Op::Stop => return true,
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(seq: u64) -> Record {
+        Record {
+            seq,
+            lane: Arc::from(""),
+            key: None,
+            payload: vec![7; 100],
+        }
+    }
+
+    fn pending(journal: &Journal) -> Vec<u64> {
+        let (mut seqs, mut after) = (Vec::new(), 0);
+        loop {
+            let page = journal.pending_after(after, 4096).unwrap();
+            match page.last() {
+                Some(last) => after = last.seq,
+                None => return seqs,
+            }
+            seqs.extend(page.iter().map(|r| r.seq));
+        }
+    }
+
+    #[test]
+    fn a_large_group_commits_in_chunks_and_keeps_what_failed_for_the_retry() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::open(dir.path().join("j")).unwrap();
+        let total = 3 * CHUNK as u64 + 10;
+        let mut batch = WriteBatch {
+            appends: (1..=total).map(record).collect(),
+            settlements: vec![Settlement::Delivered(1)],
+            ..WriteBatch::default()
+        };
+        // Room for about one chunk: the first goes in, the second fails as on a full disk.
+        let pages = 2 * (CHUNK as i64 * 130 / 4096) + 16;
+        journal.limit_pages(pages);
+        let err = commit(&mut journal, &mut batch).unwrap_err();
+        assert!(matches!(err, JournalError::DiskFull { .. }), "{err:?}");
+        // Whole chunks went in, in order; the rest stays in the group.
+        let committed = pending(&journal);
+        let n = committed.len() as u64;
+        assert!(
+            n >= CHUNK as u64 && n < total && n % CHUNK as u64 == 0,
+            "{n} committed"
+        );
+        assert!(committed.iter().copied().eq(1..=n), "a prefix, in order");
+        assert_eq!(batch.appends.first().map(|r| r.seq), Some(n + 1));
+        assert_eq!(batch.appends.len() as u64, total - n);
+        assert_eq!(
+            batch.settlements,
+            vec![Settlement::Delivered(1)],
+            "kept for the retry"
+        );
+
+        journal.limit_pages(1 << 30); // space comes back
+        commit(&mut journal, &mut batch).unwrap();
+        let all = pending(&journal);
+        assert!(
+            all.iter().copied().eq(2..=total),
+            "{} pending after the retry",
+            all.len()
+        );
+    }
 }

@@ -1022,8 +1022,10 @@ impl Journal {
             .map_err(sql)
     }
 
+    /// Caps the file's size, so that writes fail as on a full disk (SQLite reports both as
+    /// `SQLITE_FULL`).
     #[cfg(test)]
-    fn limit_pages(&self, pages: i64) {
+    pub(crate) fn limit_pages(&self, pages: i64) {
         self.conn
             .pragma_update(None, "max_page_count", pages)
             .unwrap();
