@@ -35,11 +35,14 @@ struct Baseline {
     drain: Box<dyn FnMut()>,
 }
 
-fn std_mpsc() -> Baseline {
-    let (tx, rx) = mpsc::sync_channel::<u64>(CAPACITY);
+/// A consumer thread over `items`; `u64::MAX` is the drain marker.
+fn thread_baseline(
+    send: impl Fn(u64) + Clone + 'static,
+    items: impl Iterator<Item = u64> + Send + 'static,
+) -> Baseline {
     let (done_tx, done_rx) = mpsc::channel::<()>();
     std::thread::spawn(move || {
-        for item in rx {
+        for item in items {
             if item == u64::MAX {
                 let _ = done_tx.send(());
             } else {
@@ -47,36 +50,24 @@ fn std_mpsc() -> Baseline {
             }
         }
     });
-    let marker = tx.clone();
+    let marker = send.clone();
     Baseline {
-        send: Box::new(move |i| tx.send(i).unwrap()),
+        send: Box::new(send),
         drain: Box::new(move || {
-            marker.send(u64::MAX).unwrap();
+            marker(u64::MAX);
             done_rx.recv().unwrap();
         }),
     }
 }
 
+fn std_mpsc() -> Baseline {
+    let (tx, rx) = mpsc::sync_channel::<u64>(CAPACITY);
+    thread_baseline(move |i| tx.send(i).unwrap(), rx.into_iter())
+}
+
 fn crossbeam() -> Baseline {
     let (tx, rx) = crossbeam_channel::bounded::<u64>(CAPACITY);
-    let (done_tx, done_rx) = crossbeam_channel::unbounded::<()>();
-    std::thread::spawn(move || {
-        for item in rx {
-            if item == u64::MAX {
-                let _ = done_tx.send(());
-            } else {
-                black_box(item);
-            }
-        }
-    });
-    let marker = tx.clone();
-    Baseline {
-        send: Box::new(move |i| tx.send(i).unwrap()),
-        drain: Box::new(move || {
-            marker.send(u64::MAX).unwrap();
-            done_rx.recv().unwrap();
-        }),
-    }
+    thread_baseline(move |i| tx.send(i).unwrap(), rx.into_iter())
 }
 
 fn tokio_mpsc() -> Baseline {
