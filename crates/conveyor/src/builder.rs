@@ -351,9 +351,13 @@ where
     /// group is committed, and its seq must never be reused), so after a restart they continue
     /// past the reservation and may jump by up to 65,536: they only ever increase. While the
     /// journal's old items are loaded, new sends wait as for a full queue (`try_send` and
-    /// `Backpressure::Reject` refuse them). If the journal cannot be written (disk full), sends
-    /// are refused with [`SendError::Journal`](crate::SendError::Journal) until a retried
-    /// commit succeeds; items accepted before stay intact.
+    /// `Backpressure::Reject` refuse them, the drop policies drop them). If the journal cannot
+    /// be written (disk full), sends are refused with
+    /// [`SendError::Journal`](crate::SendError::Journal) until a retried commit succeeds;
+    /// items accepted before stay intact.
+    ///
+    /// Known limit: the backlog of a lane paused before the restart is loaded into memory
+    /// whole (only unpaused items count against the capacity during the replay).
     ///
     /// # Examples
     ///

@@ -201,7 +201,13 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             first_seq = last_seq + 1;
             id_prefix = j.id().to_owned();
             paused = j.paused_lanes()?;
-            opened = Some(Durable::start(j, settings, config.durability, last_seq)?);
+            opened = Some(Durable::start(
+                j,
+                settings,
+                config.durability,
+                last_seq,
+                config.capacity,
+            )?);
         }
         let mut state = State::new(
             config.ordering,

@@ -139,8 +139,9 @@ pub(crate) struct Durable<T> {
     on_extend: Arc<OnceLock<Box<dyn Fn() + Send + Sync>>>,
 }
 
-/// Ops the engine may queue ahead of the writer.
-const OPS_BOUND: usize = 64 * 1024;
+/// Ops the engine may queue ahead of the writer: the conveyor's capacity, within these bounds,
+/// so encoded copies waiting for the disk stay in proportion to the queue.
+const OPS_BOUND: (usize, usize) = (1024, 64 * 1024);
 
 /// Seqs reserved at a time; the writer reserves more once half of a block is used.
 const SEQ_BLOCK: u64 = 1 << 16;
@@ -163,6 +164,7 @@ impl<T> Durable<T> {
         settings: &JournalSettings<T>,
         durability: Durability,
         last_seq: u64,
+        capacity: usize,
     ) -> Result<Durable<T>, BuildError> {
         let reserved = last_seq + SEQ_BLOCK;
         journal.write(&WriteBatch {
@@ -174,7 +176,7 @@ impl<T> Durable<T> {
         // Bounded: if the disk cannot keep up, the engine waits for the writer (the ops are
         // pushed under the state lock, so producers and workers slow down together) instead of
         // growing a backlog without limit. The writer never takes the state lock.
-        let (ops, rx) = mpsc::sync_channel(OPS_BOUND);
+        let (ops, rx) = mpsc::sync_channel(capacity.clamp(OPS_BOUND.0, OPS_BOUND.1));
         let journal = Arc::new(Mutex::new(Some(journal)));
         let progress = Arc::new((
             Mutex::new(Progress {
