@@ -5,6 +5,14 @@
 //! appends in seq order and every settlement after the append it settles. The writer blocks
 //! for the first op, gathers the rest of its commit window, and commits them in one
 //! transaction (one fsync for the group).
+//!
+//! Seqs are reserved in the journal ahead of use (`Durable::seq_limit`): under `Batched` an
+//! item may reach the sink before its group is committed, and after a crash its seq must not be
+//! handed to another item, or receivers that drop seqs they have seen would drop new items.
+//!
+//! If the engine ever accepts items outside its state lock (e.g. a producer-side injection
+//! queue), the `Append` push must move to the place where seqs are assigned, keeping both
+//! orders above.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};

@@ -9,10 +9,14 @@
 //! - `items(seq, lane, key, payload)`: accepted, not yet settled. A settled item is deleted.
 //! - `dead(seq, lane, key, payload, error, attempts, failed_at)`: items that failed permanently.
 //! - `paused(lane, error, since)`: lanes stopped by `OnFailure::Pause`.
-//! - `meta(name, value)`: the journal id, the highest seq ever handed out, the input cursor.
+//! - `meta(name, value)`: the journal id, the highest seq handed out or reserved (`last_seq`),
+//!   the input cursor.
 //!
 //! The database header carries [`APPLICATION_ID`] and the schema version in `user_version`, so a
 //! foreign or newer file is recognised before anything is written to it.
+//!
+//! Durability: WAL with `synchronous = FULL`, so a commit is on disk when it returns (power cut
+//! included); the engine batches commits to pay one fsync per group.
 
 use std::collections::HashSet;
 use std::fmt;
