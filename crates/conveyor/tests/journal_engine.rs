@@ -355,6 +355,30 @@ fn a_second_conveyor_on_the_same_journal_is_refused_with_the_holder() {
 }
 
 #[test]
+fn a_damaged_journal_fails_the_build_with_its_name_and_is_left_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.journal");
+    let garbage = b"\x00\x01 not a database, maybe half a disk block \xff".repeat(100);
+    std::fs::write(&path, &garbage).unwrap();
+    let (_seen, sink) = recorder();
+    let err = Conveyor::builder().journal(&path).build(sink).unwrap_err();
+    assert!(
+        matches!(err, BuildError::Journal(JournalError::Corrupt { .. })),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&path.display().to_string()) && msg.contains("move it aside"),
+        "{msg}"
+    );
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        garbage,
+        "never truncated or reset"
+    );
+}
+
+#[test]
 fn the_cursor_is_kept_with_the_items_sent_before_it() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("j");
