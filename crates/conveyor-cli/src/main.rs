@@ -8,7 +8,6 @@ mod args;
 mod demo;
 mod input;
 mod journal;
-#[cfg(conveyor_journal)]
 mod ops;
 mod report;
 mod send;
@@ -50,16 +49,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         args::Command::Send(send_args) => run_send(*send_args),
         args::Command::Demo(demo_args) => demo::run(demo_args),
-        #[cfg(conveyor_journal)]
         args::Command::Status(opts) => ops::status(&opts),
-        #[cfg(conveyor_journal)]
         args::Command::Dead(command) => ops::dead(&command),
-        #[cfg(conveyor_journal)]
         args::Command::Resume(resume) => ops::resume(&resume),
-        #[cfg(not(conveyor_journal))]
-        args::Command::Status(_) | args::Command::Dead(_) | args::Command::Resume(_) => {
-            Err(journal::unavailable())
-        }
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -1,7 +1,5 @@
 //! The journal from the command line: resume after `kill -9`, dead letters, paused lanes.
 
-#![cfg(conveyor_journal)]
-
 mod common;
 
 use std::collections::HashMap;

@@ -47,9 +47,11 @@
 
 mod builder;
 mod conveyor;
+mod durable;
 mod error;
 #[cfg(feature = "http")]
 mod http;
+mod journal;
 mod queue;
 mod receipt;
 mod retry;
@@ -61,7 +63,9 @@ pub use crate::http::{HttpBuildError, HttpReply, HttpSink, HttpSinkBuilder};
 pub use crate::{
     builder::{Backpressure, Builder, OnFailure, Ordering},
     conveyor::Conveyor,
+    durable::Durability,
     error::{BuildError, DeliveryError, SendError, SinkError},
+    journal::{DeadLetter, Journal, JournalError, JournalStatus, LaneStatus},
     receipt::{Delivery, Receipt},
     retry::Retry,
     stats::{CloseReport, Stats},
