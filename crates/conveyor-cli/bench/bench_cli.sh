@@ -52,6 +52,11 @@ t0=$(now); "$CONVEYOR" send "$WORK/lines.jsonl" --to "$URL" --no-journal --quiet
 STRICT=$(rate "$LINES" "$t0" "$t1")
 t0=$(now); "$CONVEYOR" send "$WORK/lines.jsonl" --to "$URL" --no-journal --quiet --ordering keyed:16 --key user; t1=$(now)
 KEYED=$(rate "$LINES" "$t0" "$t1")
+# The default: every line journaled (SQLite, 5 ms commit window) before and after delivery.
+t0=$(now); "$CONVEYOR" send "$WORK/lines.jsonl" --to "$URL" --quiet --journal "$WORK/strict.journal"; t1=$(now)
+STRICT_J=$(rate "$LINES" "$t0" "$t1")
+t0=$(now); "$CONVEYOR" send "$WORK/lines.jsonl" --to "$URL" --quiet --journal "$WORK/keyed.journal" --ordering keyed:16 --key user; t1=$(now)
+KEYED_J=$(rate "$LINES" "$t0" "$t1")
 t0=$(now)
 while IFS= read -r line; do
   curl -sS -o /dev/null -X POST -H 'Content-Type: application/json' --data-binary "$line" "$URL"
@@ -72,7 +77,9 @@ PYTHON=$(rate "$BASELINE_LINES" "$t0" "$t1")
 ratio() { python3 -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]):.1f}x')" "$1" "$2"; }
 echo "| sender | items/s | vs curl loop | vs Python requests |"
 echo "|---|---:|---:|---:|"
-echo "| conveyor send (strict, $LINES lines) | $STRICT | $(ratio "$STRICT" "$CURL") | $(ratio "$STRICT" "$PYTHON") |"
-echo "| conveyor send (keyed:16, $LINES lines) | $KEYED | $(ratio "$KEYED" "$CURL") | $(ratio "$KEYED" "$PYTHON") |"
+echo "| conveyor send (strict, --no-journal, $LINES lines) | $STRICT | $(ratio "$STRICT" "$CURL") | $(ratio "$STRICT" "$PYTHON") |"
+echo "| conveyor send (keyed:16, --no-journal, $LINES lines) | $KEYED | $(ratio "$KEYED" "$CURL") | $(ratio "$KEYED" "$PYTHON") |"
+echo "| conveyor send (strict, journal, $LINES lines) | $STRICT_J | $(ratio "$STRICT_J" "$CURL") | $(ratio "$STRICT_J" "$PYTHON") |"
+echo "| conveyor send (keyed:16, journal, $LINES lines) | $KEYED_J | $(ratio "$KEYED_J" "$CURL") | $(ratio "$KEYED_J" "$PYTHON") |"
 echo "| shell loop of curl ($BASELINE_LINES lines) | $CURL | 1.0x | $(ratio "$CURL" "$PYTHON") |"
 echo "| Python requests.Session loop ($BASELINE_LINES lines) | $PYTHON | $(ratio "$PYTHON" "$CURL") | 1.0x |"
