@@ -214,11 +214,7 @@ fn ctrl_c_keeps_the_rest_in_the_journal_for_the_rerun() {
     ];
     let child = spawn(dir.path(), &args);
     wait_for("deliveries to start", || server.count() >= 3);
-    let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    signal(&child, "INT");
     let first = child.wait_with_output().unwrap();
     expect_exit(&first, 3);
     let first_summary = summary(&first);

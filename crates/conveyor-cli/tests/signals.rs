@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::Duration;
 
 use common::*;
@@ -22,14 +22,6 @@ fn spawn_send(dir: &std::path::Path, server: &Server, lines: u64, drain: &str) -
         drain,
     ];
     spawn(dir, &args)
-}
-
-fn signal(child: &Child, name: &str) {
-    let status = Command::new("kill")
-        .args([&format!("-{name}"), &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill -{name} failed");
 }
 
 fn interrupted_run(signal_name: &str) {
