@@ -191,7 +191,9 @@ impl Server {
                         });
                     }
                 });
-                // Dropping the runtime here ends the connection tasks still open.
+                // Stop without waiting for replies still sleeping in the blocking pool (a plain
+                // drop would wait for them), so dropping a server is immediate.
+                runtime.shutdown_background();
             })?;
         Ok(Self {
             addr,

@@ -92,6 +92,35 @@ fn a_4xx_fails_the_line_at_once_and_the_rest_go_on() {
 }
 
 #[test]
+fn a_request_over_timeout_is_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let slow_once = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&slow_once);
+    let server = Server::start(move |_| {
+        if seen.fetch_add(1, Ordering::SeqCst) == 0 {
+            Reply::ok().delay(Duration::from_secs(3))
+        } else {
+            Reply::ok()
+        }
+    })
+    .unwrap();
+    let input = write_lines(dir.path(), "in.jsonl", &items(2, 1));
+    let output = send_in_memory(
+        dir.path(),
+        &input,
+        &server.url(),
+        &["--timeout", "300ms", "--retries", "1", "--backoff", "10ms"],
+    );
+    expect_exit(&output, 0);
+    assert_eq!(ids(&server.arrivals()), [0, 0, 1]);
+    let summary = summary(&output);
+    assert_eq!(
+        (summary["delivered"].as_u64(), summary["retried"].as_u64()),
+        (Some(2), Some(1))
+    );
+}
+
+#[test]
 fn a_dead_server_is_retried_then_reported() {
     let dir = tempfile::tempdir().unwrap();
     // Bind and drop a listener: the port is then (almost certainly) closed.

@@ -241,6 +241,28 @@ fn ctrl_c_keeps_the_rest_in_the_journal_for_the_rerun() {
 }
 
 #[test]
+fn a_second_ctrl_c_exits_at_once_and_the_rerun_finishes_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(|_| Reply::ok().delay(Duration::from_millis(150))).unwrap();
+    let input = write_lines(dir.path(), "in.jsonl", &items(20, 1));
+    let input = input.to_str().unwrap();
+    let url = server.url();
+    let args = ["send", input, "--to", &url, "--drain-timeout", "60s"];
+    let child = spawn(dir.path(), &args);
+    wait_for("deliveries to start", || server.count() >= 2);
+    signal(&child, "INT");
+    std::thread::sleep(Duration::from_millis(50));
+    signal(&child, "INT");
+    let first = child.wait_with_output().unwrap();
+    expect_exit(&first, 130);
+    let second = conveyor(dir.path()).args(args).output().unwrap();
+    expect_exit(&second, 0);
+    let mut unique = ids(&server.arrivals());
+    unique.dedup();
+    assert_eq!(unique, (0..20).collect::<Vec<_>>());
+}
+
+#[test]
 fn dead_discard_drops_a_dead_letter_for_good() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(|a| {
