@@ -251,6 +251,12 @@ pub(crate) struct JournalArgs {
     /// Keep everything in memory: nothing to resume after a crash or Ctrl-C.
     #[arg(long)]
     pub(crate) no_journal: bool,
+
+    /// Commit each line to the journal before reading the next (slower). By default lines are
+    /// committed in groups every 5 ms: after a crash a file input reads those lines again, but
+    /// lines from stdin in that last window are lost.
+    #[arg(long, conflicts_with = "no_journal")]
+    pub(crate) sync: bool,
 }
 
 #[derive(Debug, Clone, Args)]

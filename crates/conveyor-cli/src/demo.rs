@@ -83,6 +83,7 @@ pub(crate) fn run(args: DemoArgs) -> Result<u8, CliError> {
         capacity: 10_000,
         rejects: None,
         journal: None,
+        sync: false,
         output: inner_output,
     };
     let (tx, rx) = send::events()?;

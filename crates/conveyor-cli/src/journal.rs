@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use conveyor::{Builder, Conveyor};
+use conveyor::{Builder, Conveyor, Durability};
 
 use crate::input::Line;
 use crate::CliError;
@@ -13,10 +13,20 @@ use crate::CliError;
 /// Where `send` keeps its journals by default, relative to the working directory.
 pub(crate) const JOURNAL_DIR: &str = ".conveyor";
 
-/// Opens (or creates) the journal at `path` for this run.
-pub(crate) fn attach(builder: Builder<Line>, path: &Path) -> Result<Builder<Line>, CliError> {
+/// Opens (or creates) the journal at `path` for this run; `sync` commits every line before
+/// `send` returns instead of in groups.
+pub(crate) fn attach(
+    builder: Builder<Line>,
+    path: &Path,
+    sync: bool,
+) -> Result<Builder<Line>, CliError> {
     ensure_dir(path)?;
-    Ok(builder.journal(path))
+    let builder = builder.journal(path);
+    Ok(if sync {
+        builder.durability(Durability::Sync)
+    } else {
+        builder
+    })
 }
 
 /// The input position the journal holds: lines a previous run already took.

@@ -110,6 +110,8 @@ pub(crate) struct SendPlan {
     pub(crate) capacity: usize,
     pub(crate) rejects: Option<PathBuf>,
     pub(crate) journal: Option<PathBuf>,
+    /// Commit every line before the next (`--sync`).
+    pub(crate) sync: bool,
     pub(crate) output: OutputArgs,
 }
 
@@ -174,6 +176,7 @@ impl SendPlan {
             capacity: args.capacity,
             rejects: args.rejects,
             journal,
+            sync: args.journal.sync,
             output: args.output,
         })
     }
@@ -280,7 +283,7 @@ pub(crate) fn run(
         None => builder,
     };
     let builder = match &plan.journal {
-        Some(path) => journal::attach(builder, path)?,
+        Some(path) => journal::attach(builder, path, plan.sync)?,
         None => builder,
     };
     let conveyor = Arc::new(

@@ -12,19 +12,24 @@ use common::*;
 
 #[test]
 fn kill_9_mid_run_then_rerun_resumes_without_resending_delivered_lines() {
+    kill_9_then_rerun(&[]);
+}
+
+#[test]
+fn kill_9_then_rerun_with_sync_commits() {
+    kill_9_then_rerun(&["--sync"]);
+}
+
+fn kill_9_then_rerun(extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(|_| Reply::ok().delay(Duration::from_millis(10))).unwrap();
     let input = write_lines(dir.path(), "in.jsonl", &items(120, 1));
-    let args = [
-        "send",
-        input.to_str().unwrap(),
-        "--to",
-        &server.url(),
-        "--json",
-    ];
+    let url = server.url();
+    let mut args = vec!["send", input.to_str().unwrap(), "--to", &url, "--json"];
+    args.extend_from_slice(extra);
     let mut child = Command::new(conveyor_path())
         .current_dir(dir.path())
-        .args(args)
+        .args(&args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -35,7 +40,7 @@ fn kill_9_mid_run_then_rerun_resumes_without_resending_delivered_lines() {
     let first_run = server.count();
     assert!(first_run < 120, "the run finished before it was killed");
 
-    let output = conveyor(dir.path()).args(args).output().unwrap();
+    let output = conveyor(dir.path()).args(&args).output().unwrap();
     expect_exit(&output, 0);
     let arrivals = server.arrivals();
     let all = ids(&arrivals);
