@@ -25,6 +25,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const PAUSED_STALL: Duration = Duration::from_secs(2);
 /// How often the main thread refreshes progress and looks at signals.
 const TICK: Duration = Duration::from_millis(100);
+/// How often the end of a close is checked; short, since the run ends right after it.
+const CLOSE_POLL: Duration = Duration::from_millis(10);
 
 /// Where the lines come from.
 #[derive(Debug)]
@@ -375,8 +377,14 @@ pub(crate) fn run(
                 stop.store(true, AtomicOrdering::SeqCst);
                 if !output.quiet {
                     progress.note(&format!(
-                        "interrupted: finishing deliveries under way (at most {}); Ctrl-C again to exit now",
-                        humantime::format_duration(output.drain_timeout)
+                        "interrupted: stopped reading; delivering what is queued for at most {}, \
+                         then the rest {}; Ctrl-C again to exit now",
+                        humantime::format_duration(output.drain_timeout),
+                        if plan.journal.is_some() {
+                            "stays in the journal for the rerun"
+                        } else {
+                            "is lost (--no-journal)"
+                        }
                     ));
                 }
                 break;
@@ -387,14 +395,7 @@ pub(crate) fn run(
             }
             None => {}
         }
-        let stats = conveyor.stats();
-        let settled = stats.delivered + stats.failed + stats.dropped;
-        progress.update(
-            settled,
-            stats.failed,
-            stats.retried,
-            counters.rejected.load(AtomicOrdering::Relaxed),
-        );
+        let (stats, settled) = show_progress(&conveyor, &progress, &counters);
         if read_outcome.is_some() {
             if conveyor.flush_timeout(TICK) {
                 break;
@@ -419,7 +420,16 @@ pub(crate) fn run(
         // Everything that can settle has; don't wait on paused lanes.
         TICK
     };
-    let report = conveyor.close_timeout(close_within);
+    // Close on a helper thread so the bar keeps moving while an interrupted run drains.
+    let report = thread::scope(|scope| {
+        let closing = scope.spawn(|| conveyor.close_timeout(close_within));
+        while !closing.is_finished() {
+            show_progress(&conveyor, &progress, &counters);
+            thread::sleep(CLOSE_POLL);
+        }
+        closing.join()
+    })
+    .map_err(|_| CliError::usage("closing the conveyor panicked; please report this bug"))?;
     progress.finish();
     let read_outcome = read_outcome.unwrap_or_default();
     if let Some(error) = &read_outcome.error {
@@ -465,6 +475,23 @@ pub(crate) fn run(
         print_out(&summary.human()).map_err(CliError::io)?;
     }
     Ok(summary)
+}
+
+/// Refreshes the bar from the engine's counters; returns them and the settled count.
+fn show_progress(
+    conveyor: &Conveyor<Line>,
+    progress: &Progress,
+    counters: &ReadCounters,
+) -> (conveyor::Stats, u64) {
+    let stats = conveyor.stats();
+    let settled = stats.delivered + stats.failed + stats.dropped;
+    progress.update(
+        settled,
+        stats.failed,
+        stats.retried,
+        counters.rejected.load(AtomicOrdering::Relaxed),
+    );
+    (stats, settled)
 }
 
 /// The reader thread: every line is submitted, rejected or skipped; nothing stops the loop but
