@@ -32,7 +32,8 @@ const ERROR_BODY_CHARS: usize = 200;
 ///
 /// The item's bytes (`T: AsRef<[u8]>`) are the request body. Every request carries
 /// `Idempotency-Key` ([`Delivery::idempotency_key`]), `Conveyor-Seq` ([`Delivery::seq`]) and
-/// `Conveyor-Attempt` ([`Delivery::attempt`]) so receivers can drop duplicates.
+/// `Conveyor-Attempt` ([`Delivery::attempt`]) so receivers can drop duplicates, and
+/// `Conveyor-Key` ([`Delivery::key`]) for items sent with a key.
 ///
 /// | outcome | result |
 /// |---|---|
