@@ -261,9 +261,9 @@ pub(crate) struct JournalArgs {
 
 #[derive(Debug, Clone, Args)]
 pub(crate) struct OutputArgs {
-    /// On Ctrl-C or SIGTERM: stop reading, keep delivering what is already queued for at most
-    /// this long, then exit; what is left stays in the journal for the rerun. A second Ctrl-C
-    /// exits at once.
+    /// On Ctrl-C or SIGTERM: stop reading and starting sends, let the sends in flight finish
+    /// for at most this long, then exit; what is left stays in the journal for the rerun. A
+    /// second Ctrl-C exits at once.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub(crate) drain_timeout: Duration,
 

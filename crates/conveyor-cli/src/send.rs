@@ -377,8 +377,8 @@ pub(crate) fn run(
                 stop.store(true, AtomicOrdering::SeqCst);
                 if !output.quiet {
                     progress.note(&format!(
-                        "interrupted: stopped reading; delivering what is queued for at most {}, \
-                         then the rest {}; Ctrl-C again to exit now",
+                        "interrupted: stopped reading; letting the sends in flight finish (at most {}); \
+                         the rest {}; Ctrl-C again to exit now",
                         humantime::format_duration(output.drain_timeout),
                         if plan.journal.is_some() {
                             "stays in the journal for the rerun"
@@ -422,7 +422,14 @@ pub(crate) fn run(
     };
     // Close on a helper thread so the bar keeps moving while an interrupted run drains.
     let report = thread::scope(|scope| {
-        let closing = scope.spawn(|| conveyor.close_timeout(close_within));
+        let closing = scope.spawn(|| {
+            if interrupted {
+                // Ctrl-C: finish what is in flight, start nothing more.
+                conveyor.stop_timeout(close_within)
+            } else {
+                conveyor.close_timeout(close_within)
+            }
+        });
         while !closing.is_finished() {
             show_progress(&conveyor, &progress, &counters);
             thread::sleep(CLOSE_POLL);

@@ -49,6 +49,13 @@ fn interrupted_run(signal_name: &str) {
     );
     // At most one request was cut off by the drain deadline.
     assert!(server.count() as u64 <= delivered + 1, "{summary}");
+    // Nothing queued was started after the signal: only the request in flight then (or the
+    // next one, if it began between the count above and the signal) arrived.
+    assert!(
+        server.count() as u64 <= arrived_at_signal + 1,
+        "{} arrived, {arrived_at_signal} before the signal",
+        server.count()
+    );
     // What arrived is a prefix of the input, in order.
     assert_eq!(
         ids(&server.arrivals()),

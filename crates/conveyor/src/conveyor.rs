@@ -117,7 +117,7 @@ impl<T, R> Shared<T, R> {
     }
 
     pub(crate) fn wake_flushers(&self, st: &State<T, R>) {
-        if st.waiters.flushers > 0 && st.quiescent() {
+        if st.waiters.flushers > 0 && st.shutdown_ready() {
             self.settled.notify_all();
             self.settled_async.notify_waiters();
         }
@@ -677,11 +677,50 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// [`DeliveryError::Closed`]. A sink call still running at the deadline is left
     /// to finish on its own thread; it never makes `close` wait longer.
     pub fn close_timeout(&self, timeout: Duration) -> CloseReport {
+        self.shut_down(timeout, true)
+    }
+
+    /// Stops at once: accepts nothing more, starts no queued item, lets the sink calls in
+    /// progress (with their retries) finish for at most `timeout`, and leaves the rest queued.
+    ///
+    /// This is the Ctrl-C of a conveyor: with a journal, everything not delivered stays
+    /// there for the next start; without one, the [`CloseReport`] says how many items were
+    /// left, and their receipts report [`DeliveryError::Closed`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::Conveyor;
+    /// use std::time::Duration;
+    ///
+    /// let c: Conveyor<u32> = Conveyor::builder().build(|_d| {
+    ///     std::thread::sleep(Duration::from_millis(100));
+    ///     Ok(())
+    /// })?;
+    /// for i in 0..10 {
+    ///     c.send(i).unwrap();
+    /// }
+    /// let report = c.stop_timeout(Duration::from_secs(5));
+    /// // The call in progress finished; the queued items were not started.
+    /// assert!(report.stats.delivered <= 2);
+    /// assert_eq!(report.left, 10 - report.stats.delivered);
+    /// # Ok::<(), conveyor::BuildError>(())
+    /// ```
+    pub fn stop_timeout(&self, timeout: Duration) -> CloseReport {
+        self.shut_down(timeout, false)
+    }
+
+    /// `close_timeout` (`drain`: deliver what is queued) and `stop_timeout` (only finish what
+    /// is in flight).
+    fn shut_down(&self, timeout: Duration, drain: bool) -> CloseReport {
         let deadline = Instant::now().checked_add(timeout);
         blocking_section(|| {
             let shared = &*self.shared;
             let mut st = shared.lock();
             st.closed = true;
+            if !drain {
+                st.stopping = true;
+            }
             shared.wake_all();
             st.waiters.flushers += 1;
             // A second close (or the drop after a close) reports at once: the first one
@@ -690,7 +729,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             // Idle workers need not have exited: on a single-threaded runtime they
             // could not until this call returns. What matters is that nothing
             // deliverable is left (or that no worker is left to deliver it).
-            while !st.quiescent() && st.live_workers > 0 && !timed_out {
+            while !st.shutdown_ready() && st.live_workers > 0 && !timed_out {
                 (st, timed_out) = shared.wait_until(&shared.settled, st, deadline);
             }
             st.waiters.flushers -= 1;

@@ -132,6 +132,8 @@ pub(crate) struct State<T, R> {
     pub(crate) waiters: Waiters,
     /// No more items are accepted; workers exit once nothing is runnable.
     pub(crate) closed: bool,
+    /// `stop_timeout`: workers finish their current item and take no other.
+    pub(crate) stopping: bool,
     /// The drain deadline passed: workers exit after their current call.
     pub(crate) abandoned: bool,
     pub(crate) live_workers: usize,
@@ -168,6 +170,7 @@ impl<T, R> State<T, R> {
             next_seq: first_seq,
             waiters: Waiters::default(),
             closed: false,
+            stopping: false,
             abandoned: false,
             live_workers: workers,
             settling: 0,
@@ -214,6 +217,16 @@ impl<T, R> State<T, R> {
     /// paused lanes) and every receipt told.
     pub(crate) fn quiescent(&self) -> bool {
         self.unsettled_unpaused() == 0 && self.settling == 0
+    }
+
+    /// What a shutdown waits for: `quiescent`, or under `stop_timeout` only the items in
+    /// flight (a `flush` woken by it for nothing waits again).
+    pub(crate) fn shutdown_ready(&self) -> bool {
+        if self.stopping {
+            self.counters.in_flight == 0 && self.settling == 0
+        } else {
+            self.quiescent()
+        }
     }
 
     /// `flush` cannot make progress any more: shutdown abandoned the workers, or all left.

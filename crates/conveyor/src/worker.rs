@@ -64,7 +64,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
             }
             self.wake_flushers(st);
         }
-        if st.abandoned {
+        if st.abandoned || st.stopping {
             return Step::Exit;
         }
         if let Some(job) = st.next_job(worker) {

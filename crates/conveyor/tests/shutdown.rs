@@ -198,3 +198,41 @@ fn flush_returns_only_after_receipts_and_callbacks_settled() {
         "the receipt of item 1 is not settled after flush"
     );
 }
+
+#[test]
+fn stop_finishes_the_call_in_flight_and_starts_nothing_queued() {
+    let gate = Gate::new();
+    let started = Arc::new(AtomicU64::new(0));
+    let (g, n) = (gate.clone(), started.clone());
+    let c: Conveyor<u64> = Conveyor::builder()
+        .build(move |_d: Delivery<u64>| {
+            n.fetch_add(1, AtomicOrdering::SeqCst);
+            g.pass();
+            Ok(())
+        })
+        .unwrap();
+    let receipts: Vec<_> = (0..5).map(|i| c.send(i).unwrap()).collect();
+    gate.wait_for_callers(1);
+    let stopper = std::thread::spawn({
+        let gate = gate.clone();
+        move || {
+            std::thread::sleep(Duration::from_millis(20));
+            gate.open(); // the call in flight finishes while stop waits for it
+        }
+    });
+    let report = c.stop_timeout(GENEROUS);
+    stopper.join().unwrap();
+    assert_eq!(
+        started.load(AtomicOrdering::SeqCst),
+        1,
+        "no queued item was started"
+    );
+    assert_eq!((report.stats.delivered, report.left), (1, 4));
+    assert!(!report.drained);
+    let outcomes: Vec<_> = receipts.into_iter().map(|r| r.wait()).collect();
+    assert!(outcomes[0].is_ok());
+    assert!(outcomes[1..]
+        .iter()
+        .all(|o| matches!(o, Err(DeliveryError::Closed))));
+    assert!(matches!(c.send(9), Err(SendError::Closed(9))));
+}
