@@ -1,0 +1,133 @@
+//! The engine's sink for a Python callable: a blocking function called on the conveyor's
+//! threads, or an `async def` function run on the conveyor's own event-loop thread.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex};
+
+use conveyor::{Delivery, SinkError};
+use pyo3::prelude::*;
+use tokio::sync::oneshot;
+
+use crate::errors;
+
+pub(crate) type Item = Py<PyAny>;
+pub(crate) type Reply = Py<PyAny>;
+
+/// What one call of the async sink returns to the engine.
+pub(crate) type SinkFuture =
+    std::pin::Pin<Box<dyn Future<Output = Result<Reply, SinkError>> + Send>>;
+
+thread_local! {
+    /// Id of the conveyor whose sink is running on this thread (0: none). Lets `send`, `flush`
+    /// and `close` notice that they are called from inside their own sink, where waiting would
+    /// mean waiting for ourselves forever.
+    static IN_SINK: Cell<u64> = const { Cell::new(0) };
+}
+
+/// True if the current thread is running the sink of conveyor `id`.
+pub(crate) fn inside_sink_of(id: u64) -> bool {
+    IN_SINK.with(|current| current.get() == id)
+}
+
+/// Marks the current thread as one that runs conveyor `id`'s sink (the async sink's loop thread).
+pub(crate) fn mark_sink_thread(id: u64) {
+    IN_SINK.with(|current| current.set(id));
+}
+
+/// State shared by a conveyor and its sink closure.
+#[derive(Debug)]
+pub(crate) struct SinkState {
+    /// Identifies the conveyor for [`inside_sink_of`].
+    pub(crate) id: u64,
+    /// Set once the conveyor was given up on at interpreter exit: from then on the sink fails
+    /// items without touching Python, because taking the GIL while the interpreter finalizes
+    /// can kill or hang the thread.
+    pub(crate) abandoned: AtomicBool,
+}
+
+fn abandoned_error() -> SinkError {
+    SinkError::permanent("the Python interpreter is exiting; the conveyor was closed at exit")
+}
+
+/// The sink for a blocking Python callable: takes the GIL only for the call itself.
+pub(crate) fn blocking(
+    state: Arc<SinkState>,
+    sink: Py<PyAny>,
+) -> impl Fn(Delivery<Item>) -> Result<Reply, SinkError> + Send + Sync + 'static {
+    move |delivery| {
+        if state.abandoned.load(AtomicOrdering::Acquire) {
+            return Err(abandoned_error());
+        }
+        Python::with_gil(|py| {
+            let previous = IN_SINK.with(|current| current.replace(state.id));
+            let result = sink.call1(py, (delivery.item().bind(py),));
+            IN_SINK.with(|current| current.set(previous));
+            result.map_err(|err| errors::sink_error(py, err))
+        })
+    }
+}
+
+/// The sink for an `async def` callable.
+///
+/// Each delivery starts the coroutine on the conveyor's event-loop thread (`runner`, a
+/// `conveyor._support.LoopThread`) and completes when the coroutine does. The engine's own
+/// async machinery waits on a oneshot channel, so no engine thread is held while the coroutine
+/// runs, and pipelined or keyed conveyors run several coroutines concurrently on that one loop.
+pub(crate) fn asynchronous(
+    state: Arc<SinkState>,
+    sink: Py<PyAny>,
+    runner: Py<PyAny>,
+) -> impl Fn(Delivery<Item>) -> SinkFuture + Send + Sync + 'static {
+    move |delivery| {
+        if state.abandoned.load(AtomicOrdering::Acquire) {
+            return Box::pin(std::future::ready(Err(abandoned_error())));
+        }
+        let (tx, rx) = oneshot::channel();
+        let started = Python::with_gil(|py| -> Result<(), SinkError> {
+            let start = || -> PyResult<()> {
+                let future =
+                    runner.call_method1(py, "submit", (sink.bind(py), delivery.item().bind(py)))?;
+                let done = Py::new(
+                    py,
+                    CoroutineDone {
+                        tx: Mutex::new(Some(tx)),
+                    },
+                )?;
+                future.call_method1(py, "add_done_callback", (done,))?;
+                Ok(())
+            };
+            start().map_err(|err| errors::sink_error(py, err))
+        });
+        Box::pin(async move {
+            started?;
+            rx.await.unwrap_or_else(|_| {
+                Err(SinkError::retryable(
+                    "the conveyor's event loop stopped before the coroutine finished",
+                ))
+            })
+        })
+    }
+}
+
+/// `add_done_callback` target that hands a finished coroutine's outcome to the engine.
+#[pyclass(frozen)]
+struct CoroutineDone {
+    /// `Option` because a callback must fire at most once; the `Mutex` makes the class `Sync`.
+    tx: Mutex<Option<oneshot::Sender<Result<Reply, SinkError>>>>,
+}
+
+#[pymethods]
+impl CoroutineDone {
+    fn __call__(&self, py: Python<'_>, future: &Bound<'_, PyAny>) {
+        let outcome = future
+            .call_method0("result")
+            .map(Bound::unbind)
+            .map_err(|err| errors::sink_error(py, err));
+        if let Some(tx) = self.tx.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            // The receiver is gone only if the engine gave up on this delivery: nothing to do.
+            let _ = tx.send(outcome);
+        }
+    }
+}
