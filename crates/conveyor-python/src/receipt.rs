@@ -99,7 +99,7 @@ fn complete_future(py: Python<'_>, future: &Bound<'_, PyAny>, seq: u64, outcome:
 /// (`result`, `exception`, `done`, `add_done_callback`) and can be awaited from asyncio.
 ///
 /// Dropping a receipt never cancels the delivery.
-#[pyclass(frozen, module = "conveyor", name = "Receipt")]
+#[pyclass(frozen, freelist = 1024, module = "conveyor", name = "Receipt")]
 pub(crate) struct PyReceipt {
     seq: u64,
     /// The process generation at `send` time: a receipt inherited through `os.fork()` belongs to
