@@ -112,6 +112,7 @@ pub(crate) fn asynchronous(
             return Box::pin(std::future::ready(Err(abandoned_error())));
         }
         let (tx, rx) = oneshot::channel();
+        keep_thread_state();
         let started = Python::with_gil(|py| -> Result<(), SinkError> {
             let start = || -> PyResult<()> {
                 let future =

@@ -175,3 +175,14 @@ def test_close_twice_is_harmless(make):
     second = c.close()
     assert first.drained and second.drained and second.left == 0
     assert first.stats.delivered == 1
+
+
+def test_rate_limit_spaces_out_sink_calls(make):
+    # 20 calls per second: 11 calls cannot all start within less than about half a second.
+    starts = []
+    c = make(lambda item: starts.append(time.monotonic()), rate_limit=20)
+    for n in range(11):
+        c.send(n)
+    assert c.flush(timeout=30)
+    assert len(starts) == 11
+    assert starts[-1] - starts[0] >= 0.4, starts[-1] - starts[0]
