@@ -662,6 +662,13 @@ impl PyConveyor {
     }
 
     fn __repr__(&self) -> String {
+        if !same_process(self.shared.fork_gen) {
+            // The engine's lock may have been held by a parent thread at fork time: don't touch it.
+            return format!(
+                "<conveyor.Conveyor {}, inherited through fork: unusable>",
+                self.options.describe
+            );
+        }
         let stats = self.shared.engine.stats();
         format!(
             "<conveyor.Conveyor {}, queued={}, in_flight={}{}>",

@@ -127,6 +127,7 @@ def test_inherited_conveyor_raises_closed_in_the_child_and_a_new_one_works(make)
                 lines.append("receipt: no error")
             except conveyor.Closed:
                 lines.append("receipt: Closed")
+            lines.append("repr: " + ("unusable" in repr(c)) * "unusable")
             got = []
             fresh = conveyor.Conveyor(got.append)
             fresh.send("child item")
@@ -145,6 +146,7 @@ def test_inherited_conveyor_raises_closed_in_the_child_and_a_new_one_works(make)
         "send: Closed mentions fork",
         "flush: Closed",
         "receipt: Closed",
+        "repr: unusable",
         "fresh: ['child item']",
     ]
     # The parent's conveyor is unaffected.
