@@ -187,3 +187,28 @@ def test_async_sink_exceptions_are_retried_and_reported(make):
         bad.result(timeout=10)
     assert info.value.attempts == 1
     assert attempts == ["good", "good", "bad"]
+
+
+def test_aclose_returns_the_report_and_keyed_asend(make):
+    seen = []
+    c = make(lambda item: seen.append(item), ordering="keyed", concurrency=2)
+
+    async def main():
+        for n in range(6):
+            await c.asend(n, key=f"k{n % 2}")
+        return await c.aclose(timeout=10)
+
+    report = asyncio.run(main())
+    assert report.drained and report.left == 0
+    assert report.stats.delivered == 6
+    assert [n for n in seen if n % 2 == 0] == [0, 2, 4]
+    assert [n for n in seen if n % 2 == 1] == [1, 3, 5]
+    with pytest.raises(conveyor.Closed):
+        c.send(7)
+
+
+def test_receipt_future_is_made_once(make):
+    c = make(lambda x: x)
+    r = c.send(1)
+    assert r.future() is r.future()
+    assert r.future().result(timeout=10) == 1
