@@ -141,3 +141,16 @@ def test_serial_executor_capacity_bounds_the_queue():
     assert finished.wait(10)
     t.join()
     ex.shutdown()
+
+
+def test_serial_executor_task_submitting_to_its_full_executor_gets_queue_full():
+    ex = conveyor.SerialExecutor(capacity=1)
+
+    def task():
+        ex.submit(lambda: None)  # fills the queue
+        with pytest.raises(conveyor.QueueFull):
+            ex.submit(lambda: None)  # would wait for this very task to finish
+        return "ok"
+
+    assert ex.submit(task).result(timeout=10) == "ok"
+    ex.shutdown()

@@ -8,6 +8,7 @@ import threading
 from typing import Any, Callable, Dict, Tuple, TypeVar
 
 from ._conveyor import Conveyor
+from ._errors import Closed
 
 T = TypeVar("T")
 
@@ -76,9 +77,12 @@ class SerialExecutor(concurrent.futures.Executor):
             # The queue is full: wait for room outside the lock so shutdown() is not held up.
             try:
                 self._conveyor.send((future, fn, args, kwargs))
-            except Exception as exc:  # closed meanwhile by shutdown()
+            except Closed as exc:  # closed meanwhile by shutdown()
                 self._pending.pop(id(future), None)
                 raise RuntimeError("cannot schedule new futures after shutdown") from exc
+            except BaseException:  # QueueFull from inside a task, KeyboardInterrupt while waiting
+                self._pending.pop(id(future), None)
+                raise
         return future
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
