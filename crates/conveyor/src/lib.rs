@@ -1,1 +1,64 @@
-//! Conveyor: ordered, non-blocking delivery to a slow external service.
+//! Conveyor delivers items to a slow, blocking external service strictly in order,
+//! without making the code that produces them wait.
+//!
+//! [`Conveyor::send`] accepts an item and returns at once with a [`Receipt`]; workers
+//! the conveyor owns hand items to your *sink* (a blocking function or an async one)
+//! in order:
+//!
+//! - [`Ordering::Strict`]: item n+1 starts only after item n settled (the default);
+//! - [`Ordering::Pipelined`]: calls start in order, up to N at once;
+//! - [`Ordering::Keyed`]: strict per key, keys in parallel.
+//!
+//! Failures are retried in place with backoff ([`Retry`]); after the last attempt an
+//! item is skipped or pauses its lane ([`OnFailure`]). Every accepted item ends in one
+//! visible state: delivered, failed, dropped by an explicit [`Backpressure`] policy,
+//! or reported as left at shutdown ([`CloseReport`]). Nothing is lost silently.
+//!
+//! # Example
+//!
+//! ```
+//! use conveyor::{Conveyor, Delivery, Retry, SinkError};
+//! use std::time::{Duration, Instant};
+//!
+//! fn send_to_space(item: &str) -> Result<(), SinkError> {
+//!     std::thread::sleep(Duration::from_millis(5)); // the slow network call
+//!     if item.is_empty() {
+//!         return Err(SinkError::permanent("empty item"));
+//!     }
+//!     Ok(())
+//! }
+//!
+//! let c: Conveyor<String> = Conveyor::builder()
+//!     .retry(Retry::exponential(Duration::from_millis(10)).max_attempts(3))
+//!     .build(|d: Delivery<String>| send_to_space(d.item()))?;
+//!
+//! let started = Instant::now();
+//! for item in ["alpha", "beta", "gamma"] {
+//!     c.send(item.to_owned()).unwrap(); // returns at once
+//! }
+//! assert!(started.elapsed() < Duration::from_millis(15), "the loop did not wait");
+//!
+//! let report = c.close_timeout(Duration::from_secs(10));
+//! assert!(report.drained);
+//! assert_eq!(report.stats.delivered, 3);
+//! # Ok::<(), conveyor::BuildError>(())
+//! ```
+#![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
+
+mod builder;
+mod conveyor;
+mod error;
+mod queue;
+mod receipt;
+mod retry;
+mod stats;
+mod worker;
+
+pub use crate::{
+    builder::{Backpressure, Builder, OnFailure, Ordering},
+    conveyor::Conveyor,
+    error::{BuildError, DeliveryError, SendError, SinkError},
+    receipt::{Delivery, Receipt},
+    retry::Retry,
+    stats::{CloseReport, Stats},
+};

@@ -1,0 +1,353 @@
+//! Configuration: the builder, its policies and their defaults.
+
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::conveyor::Conveyor;
+use crate::error::{BuildError, SinkError};
+use crate::receipt::Delivery;
+use crate::retry::Retry;
+use crate::worker::Sink;
+
+/// How items are ordered on their way to the sink.
+///
+/// # Examples
+///
+/// ```
+/// use conveyor::Ordering;
+///
+/// assert_eq!(Ordering::default(), Ordering::Strict);
+/// let _pipelined = Ordering::Pipelined { in_flight: 8 };
+/// let _keyed = Ordering::Keyed { concurrency: 64 };
+/// ```
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Ordering {
+    /// Item n+1 is handed to the sink only after item n is settled: one call at a
+    /// time. The default.
+    #[default]
+    Strict,
+    /// Calls start in submission order, with at most `in_flight` at once. Later
+    /// calls may finish before earlier ones; a retried or paused item can therefore
+    /// be passed by items that were already in flight.
+    Pipelined {
+        /// The most calls in progress at once (at least 1).
+        in_flight: usize,
+    },
+    /// Strict within a key (see [`Conveyor::send_keyed`]), with up to `concurrency`
+    /// keys in flight at once. Items sent without a key share the lane `""`.
+    Keyed {
+        /// The most keys in flight at once (at least 1).
+        concurrency: usize,
+    },
+}
+
+impl Ordering {
+    /// How many sink calls may run at once under this mode.
+    pub(crate) fn workers(self) -> usize {
+        match self {
+            Ordering::Strict => 1,
+            Ordering::Pipelined { in_flight } => in_flight,
+            Ordering::Keyed { concurrency } => concurrency,
+        }
+    }
+
+    pub(crate) fn is_keyed(self) -> bool {
+        matches!(self, Ordering::Keyed { .. })
+    }
+}
+
+/// What `send` does when the queue is at capacity.
+///
+/// Every policy is visible: [`Reject`](Backpressure::Reject) hands the item back,
+/// the drop policies settle the dropped item's receipt as
+/// [`DeliveryError::Dropped`](crate::DeliveryError::Dropped) and count it in
+/// [`Stats::dropped`](crate::Stats::dropped).
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backpressure {
+    /// Wait for room (the default). `try_send` still never waits.
+    #[default]
+    Block,
+    /// Return [`SendError::Full`](crate::SendError::Full) with the item.
+    Reject,
+    /// Accept the new item and drop it at once.
+    DropNewest,
+    /// Drop the oldest queued item (not one in flight, nor one held in a paused lane)
+    /// to make room; if there is none, drop the new item.
+    DropOldest,
+}
+
+/// What happens to an item whose last attempt failed.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnFailure {
+    /// Settle it as failed (its receipt reports the last error) and move on to the
+    /// next item. The default.
+    #[default]
+    Skip,
+    /// Keep it at the head of its lane and stop that lane (other lanes go on) until
+    /// [`Conveyor::resume`] is called; [`Conveyor::paused`] lists paused lanes.
+    Pause,
+}
+
+/// Settings shared by every kind of sink, validated by [`Config::validate`].
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) ordering: Ordering,
+    pub(crate) capacity: usize,
+    pub(crate) backpressure: Backpressure,
+    pub(crate) retry: Retry,
+    pub(crate) on_failure: OnFailure,
+    pub(crate) rate_limit: Option<u32>,
+    pub(crate) drain_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            ordering: Ordering::Strict,
+            capacity: 10_000,
+            backpressure: Backpressure::Block,
+            retry: Retry::none(),
+            on_failure: OnFailure::Skip,
+            rate_limit: None,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Config {
+    fn validate(&self) -> Result<(), BuildError> {
+        let invalid = |msg: &str| Err(BuildError::InvalidConfig(msg.to_owned()));
+        match self.ordering {
+            Ordering::Pipelined { in_flight: 0 } => {
+                return invalid("Ordering::Pipelined needs in_flight >= 1 (1 behaves like Strict)")
+            }
+            Ordering::Keyed { concurrency: 0 } => {
+                return invalid(
+                    "Ordering::Keyed needs concurrency >= 1 (1 keeps a single key in flight)",
+                )
+            }
+            _ => {}
+        }
+        if self.capacity == 0 {
+            return invalid("capacity must be at least 1 queued item (default 10000)");
+        }
+        if self.rate_limit == Some(0) {
+            return invalid(
+                "rate_limit must be at least 1 call per second; leave it unset for no limit",
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Configures and starts a [`Conveyor`]. Obtain one with [`Conveyor::builder`].
+///
+/// | setting | default | meaning |
+/// |---|---|---|
+/// | [`ordering`](Builder::ordering) | [`Ordering::Strict`] | strict, pipelined or keyed |
+/// | [`capacity`](Builder::capacity) | 10 000 | queued items (in-flight ones not counted) |
+/// | [`backpressure`](Builder::backpressure) | [`Backpressure::Block`] | what a send does when full |
+/// | [`retry`](Builder::retry) | [`Retry::none`] | attempts and backoff per item |
+/// | [`on_failure`](Builder::on_failure) | [`OnFailure::Skip`] | after the last attempt |
+/// | [`rate_limit`](Builder::rate_limit) | none | sink calls started per second |
+/// | [`drain_timeout`](Builder::drain_timeout) | 30 s | how long dropping the conveyor drains |
+///
+/// # Examples
+///
+/// ```
+/// use conveyor::{Backpressure, Conveyor, OnFailure, Ordering, Retry, SinkError};
+/// use std::time::Duration;
+///
+/// let c: Conveyor<String> = Conveyor::builder()
+///     .ordering(Ordering::Keyed { concurrency: 4 })
+///     .capacity(1_000)
+///     .backpressure(Backpressure::Block)
+///     .retry(Retry::exponential(Duration::from_millis(10)).max_attempts(3))
+///     .on_failure(OnFailure::Skip)
+///     .drain_timeout(Duration::from_secs(5))
+///     .build(|d: conveyor::Delivery<String>| {
+///         if d.item().is_empty() {
+///             return Err(SinkError::permanent("empty message"));
+///         }
+///         Ok(())
+///     })?;
+/// c.send_keyed("chat-1", "hello".to_owned()).unwrap();
+/// c.flush();
+/// assert_eq!(c.stats().delivered, 1);
+/// # Ok::<(), conveyor::BuildError>(())
+/// ```
+#[must_use = "a builder does nothing until `build` or `build_async` is called"]
+pub struct Builder<T, R = ()> {
+    pub(crate) config: Config,
+    _types: PhantomData<fn(T) -> R>,
+}
+
+impl<T, R> fmt::Debug for Builder<T, R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Builder")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl<T, R> Clone for Builder<T, R> {
+    fn clone(&self) -> Self {
+        Self {
+            config: self.config.clone(),
+            _types: PhantomData,
+        }
+    }
+}
+
+impl<T, R> Default for Builder<T, R> {
+    fn default() -> Self {
+        Self {
+            config: Config::default(),
+            _types: PhantomData,
+        }
+    }
+}
+
+impl<T: Send + Sync + 'static, R: Send + 'static> Builder<T, R> {
+    /// Sets the ordering mode.
+    pub fn ordering(mut self, ordering: Ordering) -> Self {
+        self.config.ordering = ordering;
+        self
+    }
+
+    /// Sets how many items may wait in the queue (items being delivered are not
+    /// counted). Memory stays bounded by this number when the sink stalls.
+    pub fn capacity(mut self, capacity: usize) -> Self {
+        self.config.capacity = capacity;
+        self
+    }
+
+    /// Sets what `send` does when the queue is full.
+    pub fn backpressure(mut self, policy: Backpressure) -> Self {
+        self.config.backpressure = policy;
+        self
+    }
+
+    /// Sets the retry policy for retryable sink errors.
+    pub fn retry(mut self, retry: Retry) -> Self {
+        self.config.retry = retry;
+        self
+    }
+
+    /// Sets what happens to an item after its last failed attempt.
+    pub fn on_failure(mut self, policy: OnFailure) -> Self {
+        self.config.on_failure = policy;
+        self
+    }
+
+    /// Starts at most `calls_per_second` sink calls per second (retries included),
+    /// evenly spaced.
+    pub fn rate_limit(mut self, calls_per_second: u32) -> Self {
+        self.config.rate_limit = Some(calls_per_second);
+        self
+    }
+
+    /// Sets how long dropping the conveyor waits for pending items before it reports
+    /// them as closed (default 30 s). [`Conveyor::close_timeout`] takes its own.
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.config.drain_timeout = timeout;
+        self
+    }
+
+    /// Starts the conveyor with a blocking sink, called on threads the conveyor owns
+    /// (never on the caller's thread or a Tokio worker).
+    ///
+    /// # Errors
+    ///
+    /// [`BuildError::InvalidConfig`] for an out-of-range setting, [`BuildError::Spawn`]
+    /// if a worker thread cannot be started.
+    pub fn build<F>(self, sink: F) -> Result<Conveyor<T, R>, BuildError>
+    where
+        F: Fn(Delivery<T>) -> Result<R, SinkError> + Send + Sync + 'static,
+    {
+        self.config.validate()?;
+        Conveyor::start(self.config, Sink::Blocking(Arc::new(sink)))
+    }
+
+    /// Starts the conveyor with an async sink. It runs on the Tokio runtime this is
+    /// called from, or on a small runtime the conveyor owns when called outside one.
+    ///
+    /// # Errors
+    ///
+    /// As for [`Builder::build`]; also [`BuildError::Spawn`] if the conveyor's own
+    /// runtime cannot be started.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::Conveyor;
+    ///
+    /// let c: Conveyor<u32, u32> = Conveyor::builder().build_async(|d| async move {
+    ///     tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    ///     Ok(*d.item() + 1)
+    /// })?;
+    /// assert_eq!(c.send(1).unwrap().wait().unwrap(), 2);
+    /// # Ok::<(), conveyor::BuildError>(())
+    /// ```
+    pub fn build_async<F, Fut>(self, sink: F) -> Result<Conveyor<T, R>, BuildError>
+    where
+        F: Fn(Delivery<T>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<R, SinkError>> + Send + 'static,
+    {
+        self.config.validate()?;
+        Conveyor::start(
+            self.config,
+            Sink::Async(Arc::new(move |d| Box::pin(sink(d)))),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_settings_are_rejected_with_a_named_reason() {
+        let base = Config::default;
+        let cases = [
+            (
+                Config {
+                    capacity: 0,
+                    ..base()
+                },
+                "capacity",
+            ),
+            (
+                Config {
+                    ordering: Ordering::Pipelined { in_flight: 0 },
+                    ..base()
+                },
+                "in_flight",
+            ),
+            (
+                Config {
+                    ordering: Ordering::Keyed { concurrency: 0 },
+                    ..base()
+                },
+                "concurrency",
+            ),
+            (
+                Config {
+                    rate_limit: Some(0),
+                    ..base()
+                },
+                "rate_limit",
+            ),
+        ];
+        for (config, name) in cases {
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(name), "{err}");
+        }
+    }
+}

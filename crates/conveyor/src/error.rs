@@ -1,0 +1,249 @@
+//! Errors: one type per failing operation, each handing back what the caller needs.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The boxed error a sink reports, shared so that [`SinkError`] and
+/// [`DeliveryError`] can be cloned into every receipt and log line.
+type Source = Arc<dyn StdError + Send + Sync + 'static>;
+
+/// What a sink returns when a delivery attempt fails.
+///
+/// A sink decides whether a failure is worth another attempt:
+/// [`SinkError::retryable`] failures are retried according to the conveyor's
+/// [`Retry`](crate::Retry) policy, [`SinkError::permanent`] failures settle the
+/// item at once (as failed, or by pausing its lane under
+/// [`OnFailure::Pause`](crate::OnFailure::Pause)).
+///
+/// # Examples
+///
+/// ```
+/// use conveyor::SinkError;
+/// use std::time::Duration;
+///
+/// let busy = SinkError::retryable("503 Service Unavailable")
+///     .with_retry_after(Duration::from_secs(2));
+/// assert!(busy.is_retryable());
+/// assert_eq!(busy.retry_after(), Some(Duration::from_secs(2)));
+///
+/// let bad = SinkError::permanent(format!("400 Bad Request: {}", "missing field"));
+/// assert!(!bad.is_retryable());
+/// assert_eq!(bad.to_string(), "400 Bad Request: missing field");
+/// ```
+#[derive(Clone)]
+pub struct SinkError {
+    source: Source,
+    retryable: bool,
+    retry_after: Option<Duration>,
+}
+
+impl SinkError {
+    /// A failure that may succeed if tried again (a timeout, a 503, a dropped connection).
+    pub fn retryable(error: impl Into<Box<dyn StdError + Send + Sync + 'static>>) -> Self {
+        Self {
+            source: Arc::from(error.into()),
+            retryable: true,
+            retry_after: None,
+        }
+    }
+
+    /// A failure that will not go away by retrying (a 400, a rejected payload).
+    pub fn permanent(error: impl Into<Box<dyn StdError + Send + Sync + 'static>>) -> Self {
+        Self {
+            source: Arc::from(error.into()),
+            retryable: false,
+            retry_after: None,
+        }
+    }
+
+    /// Asks the conveyor to wait at least `delay` before the next attempt, for example
+    /// the value of an HTTP `Retry-After` header. The conveyor waits for the longer of
+    /// this hint and its own backoff.
+    #[must_use]
+    pub fn with_retry_after(mut self, delay: Duration) -> Self {
+        self.retry_after = Some(delay);
+        self
+    }
+
+    /// Whether another attempt may succeed.
+    pub fn is_retryable(&self) -> bool {
+        self.retryable
+    }
+
+    /// The delay the sink asked for before the next attempt, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
+    /// Turns a panic payload into a permanent error: a panicking sink fails its item,
+    /// it does not take the worker down.
+    pub(crate) fn from_panic(payload: &(dyn std::any::Any + Send)) -> Self {
+        let message = if let Some(s) = payload.downcast_ref::<&str>() {
+            (*s).to_owned()
+        } else if let Some(s) = payload.downcast_ref::<String>() {
+            s.clone()
+        } else {
+            "non-string panic payload".to_owned()
+        };
+        Self::permanent(format!("sink panicked: {message}"))
+    }
+}
+
+impl fmt::Debug for SinkError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SinkError")
+            .field("error", &self.source.to_string())
+            .field("retryable", &self.retryable)
+            .field("retry_after", &self.retry_after)
+            .finish()
+    }
+}
+
+impl fmt::Display for SinkError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.source, f)
+    }
+}
+
+impl StdError for SinkError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source.source()
+    }
+}
+
+/// Why [`Conveyor::send`](crate::Conveyor::send) (or one of its variants) did not
+/// accept an item. The item is handed back: nothing is lost on a refused send.
+///
+/// # Examples
+///
+/// ```
+/// use conveyor::{Backpressure, Conveyor, SendError};
+///
+/// let c: Conveyor<u32> = Conveyor::builder()
+///     .capacity(1)
+///     .backpressure(Backpressure::Reject)
+///     .build(|_d| {
+///         std::thread::sleep(std::time::Duration::from_millis(50));
+///         Ok(())
+///     })?;
+/// c.close();
+/// match c.send(7) {
+///     Err(SendError::Closed(item)) => assert_eq!(item, 7),
+///     other => panic!("unexpected {other:?}"),
+/// }
+/// # Ok::<(), conveyor::BuildError>(())
+/// ```
+#[non_exhaustive]
+#[derive(PartialEq, Eq, Clone, Copy)]
+pub enum SendError<T> {
+    /// The queue is at capacity and the call may not wait: the policy is
+    /// [`Backpressure::Reject`](crate::Backpressure::Reject), or the call was a `try_send`.
+    /// Try again later, raise the capacity, or use a waiting `send`.
+    Full(T),
+    /// The conveyor was closed; it accepts nothing more.
+    Closed(T),
+}
+
+impl<T> SendError<T> {
+    /// Gives the refused item back.
+    pub fn into_inner(self) -> T {
+        match self {
+            SendError::Full(item) | SendError::Closed(item) => item,
+        }
+    }
+
+    /// Whether the queue was full (as opposed to the conveyor being closed).
+    pub fn is_full(&self) -> bool {
+        matches!(self, SendError::Full(_))
+    }
+
+    /// Whether the conveyor was closed.
+    pub fn is_closed(&self) -> bool {
+        matches!(self, SendError::Closed(_))
+    }
+}
+
+impl<T> fmt::Debug for SendError<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SendError::Full(_) => f.write_str("Full(..)"),
+            SendError::Closed(_) => f.write_str("Closed(..)"),
+        }
+    }
+}
+
+impl<T> fmt::Display for SendError<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SendError::Full(_) => f.write_str(
+                "the conveyor's queue is full: retry later, raise `capacity`, or use a blocking send",
+            ),
+            SendError::Closed(_) => {
+                f.write_str("the conveyor is closed and accepts no more items")
+            }
+        }
+    }
+}
+
+impl<T> StdError for SendError<T> {}
+
+/// How an accepted item ended when it was not delivered, as reported by its
+/// [`Receipt`](crate::Receipt).
+#[non_exhaustive]
+#[derive(Debug, Clone)]
+pub enum DeliveryError {
+    /// The sink failed on every attempt (or failed permanently); `error` is the last
+    /// failure.
+    Failed {
+        /// How many times the sink was called for this item.
+        attempts: u32,
+        /// The sink's last error.
+        error: SinkError,
+    },
+    /// The item was dropped by the [`Backpressure`](crate::Backpressure) policy
+    /// (`DropNewest` or `DropOldest`) because the queue was full.
+    Dropped,
+    /// The item was still pending when the conveyor shut down and its drain deadline
+    /// passed. It was not delivered by this conveyor.
+    Closed,
+}
+
+impl fmt::Display for DeliveryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeliveryError::Failed { attempts, error } => {
+                write!(f, "delivery failed after {attempts} attempt(s): {error}")
+            }
+            DeliveryError::Dropped => {
+                f.write_str("dropped by the backpressure policy because the queue was full")
+            }
+            DeliveryError::Closed => {
+                f.write_str("still pending when the conveyor shut down; not delivered")
+            }
+        }
+    }
+}
+
+impl StdError for DeliveryError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        match self {
+            DeliveryError::Failed { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+}
+
+/// A configuration the [`Builder`](crate::Builder) refuses, or a resource it could not
+/// set up.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// A setting is out of range; the message names it and the accepted values.
+    #[error("invalid conveyor configuration: {0}")]
+    InvalidConfig(String),
+    /// A worker thread or async runtime could not be started.
+    #[error("could not start the conveyor's workers: {0}")]
+    Spawn(#[from] std::io::Error),
+}

@@ -1,0 +1,596 @@
+//! The scheduling state: lanes of queued items, what may start next, and the counters.
+//!
+//! Everything here runs under the engine's one state lock and never blocks or calls
+//! user code: receipts to settle are handed back to the caller, who settles them
+//! after releasing the lock (a receipt callback may take other locks, the GIL...).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::builder::{OnFailure, Ordering};
+use crate::error::{DeliveryError, SinkError};
+use crate::receipt::Node;
+use crate::retry::RateLimiter;
+use crate::stats::Stats;
+
+/// A receipt to settle once the state lock is released.
+pub(crate) type Settlement<T, R> = (Arc<Node<T, R>>, Result<R, DeliveryError>);
+
+/// An item on its way through a lane, with its attempt budget.
+pub(crate) struct Job<T, R> {
+    pub(crate) node: Arc<Node<T, R>>,
+    /// Attempts made so far (kept across a pause, so `Delivery::attempt` keeps counting).
+    pub(crate) attempts: u32,
+    /// Attempts allowed in total; a `resume` grants a fresh retry budget.
+    pub(crate) attempt_limit: u32,
+    /// The rate limiter's start slot for the next attempt, if a limit is set.
+    pub(crate) start_at: Option<Instant>,
+}
+
+/// How a job left the worker.
+pub(crate) enum Outcome<R> {
+    Delivered(R),
+    Failed(SinkError),
+    /// The conveyor was abandoned at its drain deadline between attempts: the item
+    /// goes back to its lane unsettled.
+    Interrupted,
+}
+
+struct Lane<T, R> {
+    /// In sequence order: new items at the back, items put back are inserted by seq.
+    queue: VecDeque<Job<T, R>>,
+    in_flight: usize,
+    paused: bool,
+    /// Whether this lane has an entry in `State::ready` (keyed mode only).
+    in_ready: bool,
+}
+
+impl<T, R> Lane<T, R> {
+    fn new() -> Self {
+        Self {
+            queue: VecDeque::new(),
+            in_flight: 0,
+            paused: false,
+            in_ready: false,
+        }
+    }
+
+    /// Keyed lanes are strict: one item in flight per lane.
+    fn runnable_keyed(&self) -> bool {
+        !self.paused && self.in_flight == 0 && !self.queue.is_empty()
+    }
+
+    fn put_back(&mut self, job: Job<T, R>) {
+        let seq = job.node.seq();
+        let at = self.queue.partition_point(|j| j.node.seq() < seq);
+        self.queue.insert(at, job);
+    }
+}
+
+/// Counters that satisfy `accepted = delivered + failed + dropped + queued + in_flight`
+/// whenever the lock is released.
+#[derive(Debug, Default, Clone, Copy)]
+struct Counters {
+    accepted: u64,
+    delivered: u64,
+    failed: u64,
+    retried: u64,
+    dropped: u64,
+    queued: u64,
+    in_flight: u64,
+    paused_lanes: u64,
+    /// Queued items that sit in paused lanes: `flush` does not wait for them.
+    paused_items: u64,
+}
+
+/// Who is waiting for what, so that a state change only pays for a wake-up (a
+/// syscall) when somebody is actually waiting.
+#[derive(Debug, Default)]
+pub(crate) struct Waiters {
+    pub(crate) idle_threads: usize,
+    pub(crate) idle_tasks: usize,
+    pub(crate) blocked_senders: usize,
+    pub(crate) async_senders: usize,
+    pub(crate) flushers: usize,
+}
+
+pub(crate) struct State<T, R> {
+    keyed: bool,
+    capacity: u64,
+    on_failure: OnFailure,
+    /// The only lane in strict and pipelined mode (named `""`).
+    main: Lane<T, R>,
+    /// Keyed mode: one lane per key, removed when empty so memory follows the queue.
+    lanes: HashMap<Arc<str>, Lane<T, R>>,
+    /// Keyed mode: lanes that may have a runnable item, oldest first (entries may be
+    /// stale; `next_job` re-checks each one).
+    ready: VecDeque<Arc<str>>,
+    /// The lane of keyless items in keyed mode, allocated once.
+    empty_key: Arc<str>,
+    /// What each worker is delivering, so shutdown can settle those receipts too.
+    in_flight_nodes: Vec<Option<Arc<Node<T, R>>>>,
+    limiter: Option<RateLimiter>,
+    counters: Counters,
+    next_seq: u64,
+    pub(crate) waiters: Waiters,
+    /// No more items are accepted; workers exit once nothing is runnable.
+    pub(crate) closed: bool,
+    /// The drain deadline passed: workers exit after their current call.
+    pub(crate) abandoned: bool,
+    pub(crate) live_workers: usize,
+}
+
+impl<T, R> State<T, R> {
+    pub(crate) fn new(
+        ordering: Ordering,
+        capacity: usize,
+        on_failure: OnFailure,
+        rate_limit: Option<u32>,
+        first_seq: u64,
+    ) -> Self {
+        let workers = ordering.workers();
+        Self {
+            keyed: ordering.is_keyed(),
+            capacity: capacity as u64,
+            on_failure,
+            main: Lane::new(),
+            lanes: HashMap::new(),
+            ready: VecDeque::new(),
+            empty_key: Arc::from(""),
+            in_flight_nodes: (0..workers).map(|_| None).collect(),
+            limiter: rate_limit.map(RateLimiter::per_second),
+            counters: Counters::default(),
+            next_seq: first_seq,
+            waiters: Waiters::default(),
+            closed: false,
+            abandoned: false,
+            live_workers: workers,
+        }
+    }
+
+    pub(crate) fn is_full(&self) -> bool {
+        self.counters.queued >= self.capacity
+    }
+
+    /// Items not yet settled that `flush` waits for (not those held in paused lanes).
+    pub(crate) fn unsettled_unpaused(&self) -> u64 {
+        self.counters.queued + self.counters.in_flight - self.counters.paused_items
+    }
+
+    pub(crate) fn unsettled(&self) -> u64 {
+        self.counters.queued + self.counters.in_flight
+    }
+
+    pub(crate) fn stats(&self) -> Stats {
+        let c = &self.counters;
+        Stats {
+            accepted: c.accepted,
+            delivered: c.delivered,
+            failed: c.failed,
+            retried: c.retried,
+            dropped: c.dropped,
+            queued: c.queued,
+            in_flight: c.in_flight,
+            paused: c.paused_lanes,
+        }
+    }
+
+    fn assign_seq(&mut self, node: &Node<T, R>) {
+        node.set_seq(self.next_seq);
+        self.next_seq += 1;
+        self.counters.accepted += 1;
+    }
+
+    /// Accepts an item into its lane. Returns whether a worker may now have work.
+    pub(crate) fn accept(&mut self, node: Arc<Node<T, R>>, attempt_limit: u32) -> bool {
+        self.assign_seq(&node);
+        self.counters.queued += 1;
+        let job = Job {
+            node,
+            attempts: 0,
+            attempt_limit,
+            start_at: None,
+        };
+        if !self.keyed {
+            if self.main.paused {
+                self.counters.paused_items += 1;
+            }
+            self.main.queue.push_back(job);
+            return !self.main.paused;
+        }
+        let id = job
+            .node
+            .key()
+            .cloned()
+            .unwrap_or_else(|| self.empty_key.clone());
+        let lane = self.lanes.entry(id.clone()).or_insert_with(Lane::new);
+        lane.queue.push_back(job);
+        if lane.paused {
+            self.counters.paused_items += 1;
+        }
+        if lane.runnable_keyed() && !lane.in_ready {
+            lane.in_ready = true;
+            self.ready.push_back(id);
+            return true;
+        }
+        false
+    }
+
+    /// Accepts an item and settles it as dropped at once (the drop policies): it gets
+    /// a sequence number and a receipt like any other item, so the loss is visible.
+    pub(crate) fn accept_dropped(&mut self, node: &Node<T, R>) {
+        self.assign_seq(node);
+        self.counters.dropped += 1;
+    }
+
+    /// Removes the oldest queued item that is not held in a paused lane, counting it
+    /// as dropped.
+    pub(crate) fn drop_oldest(&mut self) -> Option<Arc<Node<T, R>>> {
+        let job = if !self.keyed {
+            if self.main.paused {
+                return None;
+            }
+            self.main.queue.pop_front()?
+        } else {
+            // Only reached when full under DropOldest, so a scan over lane heads is fine.
+            let oldest = self
+                .lanes
+                .iter()
+                .filter(|(_, l)| !l.paused)
+                .filter_map(|(id, l)| l.queue.front().map(|j| (j.node.seq(), id.clone())))
+                .min_by_key(|(seq, _)| *seq)?
+                .1;
+            let lane = self.lanes.get_mut(&oldest)?;
+            let job = lane.queue.pop_front()?;
+            if lane.queue.is_empty() && lane.in_flight == 0 {
+                self.lanes.remove(&oldest);
+            }
+            job
+        };
+        self.counters.queued -= 1;
+        self.counters.dropped += 1;
+        Some(job.node)
+    }
+
+    /// Takes the next item that may start, for `worker`, and marks it in flight.
+    pub(crate) fn next_job(&mut self, worker: usize) -> Option<Job<T, R>> {
+        let mut job = if !self.keyed {
+            if self.main.paused {
+                return None;
+            }
+            let job = self.main.queue.pop_front()?;
+            self.main.in_flight += 1;
+            job
+        } else {
+            loop {
+                let id = self.ready.pop_front()?;
+                let Some(lane) = self.lanes.get_mut(&id) else {
+                    continue;
+                };
+                lane.in_ready = false;
+                if lane.runnable_keyed() {
+                    lane.in_flight += 1;
+                    break lane
+                        .queue
+                        .pop_front()
+                        .expect("runnable lanes are not empty");
+                }
+            }
+        };
+        self.counters.queued -= 1;
+        self.counters.in_flight += 1;
+        if let Some(limiter) = &mut self.limiter {
+            job.start_at = Some(limiter.reserve(Instant::now()));
+        }
+        self.in_flight_nodes[worker] = Some(job.node.clone());
+        Some(job)
+    }
+
+    /// Records that a retry is due no earlier than `earliest` and returns when it may
+    /// start under the rate limit.
+    pub(crate) fn schedule_retry(&mut self, earliest: Instant) -> Instant {
+        self.counters.retried += 1;
+        match &mut self.limiter {
+            Some(limiter) => limiter.reserve(earliest),
+            None => earliest,
+        }
+    }
+
+    fn lane_of(&mut self, node: &Node<T, R>) -> Option<(&mut Lane<T, R>, Arc<str>)> {
+        if !self.keyed {
+            return Some((&mut self.main, self.empty_key.clone()));
+        }
+        let id = node
+            .key()
+            .cloned()
+            .unwrap_or_else(|| self.empty_key.clone());
+        self.lanes.get_mut(&id).map(|lane| (lane, id))
+    }
+
+    /// Records how a job ended; returns the receipt to settle, if it settled.
+    pub(crate) fn finish(
+        &mut self,
+        worker: usize,
+        mut job: Job<T, R>,
+        outcome: Outcome<R>,
+    ) -> Option<Settlement<T, R>> {
+        self.in_flight_nodes[worker] = None;
+        self.counters.in_flight -= 1;
+        let pause = matches!(outcome, Outcome::Failed(_)) && self.on_failure == OnFailure::Pause;
+        let settlement = match outcome {
+            Outcome::Delivered(reply) => {
+                self.counters.delivered += 1;
+                Some((job.node.clone(), Ok(reply)))
+            }
+            Outcome::Failed(error) if !pause => {
+                self.counters.failed += 1;
+                Some((
+                    job.node.clone(),
+                    Err(DeliveryError::Failed {
+                        attempts: job.attempts,
+                        error,
+                    }),
+                ))
+            }
+            Outcome::Failed(_) | Outcome::Interrupted => None,
+        };
+        let keyed = self.keyed;
+        let node = job.node.clone();
+        let Some((lane, id)) = self.lane_of(&node) else {
+            unreachable!("a lane with an item in flight is never removed");
+        };
+        lane.in_flight -= 1;
+        let mut newly_held = 0;
+        let requeued = settlement.is_none();
+        if requeued {
+            // Back at the head of its lane, unsettled: paused, or interrupted by shutdown.
+            job.start_at = None;
+            lane.put_back(job);
+            if pause && !lane.paused {
+                lane.paused = true;
+                newly_held = lane.queue.len() as u64;
+            } else if lane.paused {
+                newly_held = 1;
+            }
+        }
+        let (mut make_ready, mut remove) = (false, false);
+        if keyed && lane.in_flight == 0 {
+            if lane.runnable_keyed() && !lane.in_ready {
+                lane.in_ready = true;
+                make_ready = true;
+            } else if lane.queue.is_empty() && !lane.paused {
+                remove = true;
+            }
+        }
+        if make_ready {
+            self.ready.push_back(id);
+        } else if remove {
+            self.lanes.remove(&id);
+        }
+        if requeued {
+            self.counters.queued += 1;
+        }
+        self.counters.paused_items += newly_held;
+        if pause {
+            self.counters.paused_lanes = self.count_paused();
+        }
+        settlement
+    }
+
+    fn count_paused(&self) -> u64 {
+        if self.keyed {
+            self.lanes.values().filter(|l| l.paused).count() as u64
+        } else {
+            u64::from(self.main.paused)
+        }
+    }
+
+    /// Unpauses `lane` and gives its head item a fresh retry budget of `attempts`.
+    /// Returns whether the lane was paused.
+    pub(crate) fn resume(&mut self, lane: &str, attempts: u32) -> bool {
+        let (target, id) = if !self.keyed {
+            if !lane.is_empty() {
+                return false;
+            }
+            (&mut self.main, self.empty_key.clone())
+        } else {
+            match self.lanes.get_key_value(lane) {
+                Some((id, _)) => {
+                    let id = id.clone();
+                    (self.lanes.get_mut(&id).expect("just found"), id)
+                }
+                None => return false,
+            }
+        };
+        if !target.paused {
+            return false;
+        }
+        target.paused = false;
+        let held = target.queue.len() as u64;
+        if let Some(head) = target.queue.front_mut() {
+            head.attempt_limit = head.attempts.saturating_add(attempts);
+        }
+        if self.keyed && target.runnable_keyed() && !target.in_ready {
+            target.in_ready = true;
+            self.ready.push_back(id);
+        }
+        self.counters.paused_items -= held;
+        self.counters.paused_lanes -= 1;
+        true
+    }
+
+    pub(crate) fn paused_lanes(&self) -> Vec<String> {
+        if !self.keyed {
+            return if self.main.paused {
+                vec![String::new()]
+            } else {
+                Vec::new()
+            };
+        }
+        let mut names: Vec<String> = self
+            .lanes
+            .iter()
+            .filter(|(_, l)| l.paused)
+            .map(|(id, _)| id.to_string())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Every item not settled yet (queued, held, or in flight), for shutdown to report
+    /// as closed. The items stay where they are.
+    pub(crate) fn unsettled_nodes(&self) -> Vec<Arc<Node<T, R>>> {
+        let queued = self
+            .lanes
+            .values()
+            .chain(std::iter::once(&self.main))
+            .flat_map(|l| l.queue.iter().map(|j| j.node.clone()));
+        let in_flight = self.in_flight_nodes.iter().flatten().cloned();
+        queued.chain(in_flight).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type S = State<u32, ()>;
+
+    fn node(key: Option<&str>, item: u32) -> Arc<Node<u32, ()>> {
+        Arc::new(Node::new(key.map(Arc::from), item))
+    }
+
+    fn check_invariant(s: &S) {
+        let st = s.stats();
+        assert_eq!(
+            st.accepted,
+            st.delivered + st.failed + st.dropped + st.queued + st.in_flight,
+            "{st:?}"
+        );
+    }
+
+    #[test]
+    fn strict_lane_is_fifo_with_seqs_from_one() {
+        let mut s = S::new(Ordering::Strict, 10, OnFailure::Skip, None, 1);
+        for i in 0..3 {
+            s.accept(node(None, i), 1);
+        }
+        let mut seqs = Vec::new();
+        while let Some(job) = s.next_job(0) {
+            seqs.push(job.node.seq());
+            assert!(s.finish(0, job, Outcome::Delivered(())).is_some());
+            check_invariant(&s);
+        }
+        assert_eq!(seqs, vec![1, 2, 3]);
+        assert_eq!(s.stats().delivered, 3);
+    }
+
+    #[test]
+    fn keyed_lane_runs_one_at_a_time_and_lanes_interleave() {
+        let mut s = S::new(
+            Ordering::Keyed { concurrency: 4 },
+            10,
+            OnFailure::Skip,
+            None,
+            1,
+        );
+        s.accept(node(Some("a"), 1), 1);
+        s.accept(node(Some("a"), 2), 1);
+        s.accept(node(Some("b"), 3), 1);
+        let a1 = s.next_job(0).unwrap();
+        let b1 = s.next_job(1).unwrap();
+        assert_eq!(
+            (&**a1.node.key().unwrap(), &**b1.node.key().unwrap()),
+            ("a", "b")
+        );
+        // a's second item waits for the first.
+        assert!(s.next_job(2).is_none());
+        s.finish(0, a1, Outcome::Delivered(()));
+        let a2 = s.next_job(0).unwrap();
+        assert_eq!(a2.node.seq(), 2);
+        check_invariant(&s);
+        s.finish(0, a2, Outcome::Delivered(()));
+        s.finish(1, b1, Outcome::Delivered(()));
+        assert!(s.lanes.is_empty(), "empty lanes are removed");
+        check_invariant(&s);
+    }
+
+    #[test]
+    fn pause_holds_the_lane_and_resume_releases_it_in_order() {
+        let mut s = S::new(
+            Ordering::Keyed { concurrency: 2 },
+            10,
+            OnFailure::Pause,
+            None,
+            1,
+        );
+        s.accept(node(Some("a"), 1), 1);
+        s.accept(node(Some("a"), 2), 1);
+        let mut job = s.next_job(0).unwrap();
+        job.attempts = 1; // as the worker counts them
+        assert!(s
+            .finish(0, job, Outcome::Failed(SinkError::permanent("no")))
+            .is_none());
+        assert_eq!(s.paused_lanes(), vec!["a".to_owned()]);
+        assert_eq!(s.unsettled_unpaused(), 0);
+        assert_eq!(s.stats().paused, 1);
+        assert!(s.next_job(0).is_none());
+        // Items sent to a paused lane are held too.
+        s.accept(node(Some("a"), 3), 1);
+        assert_eq!(s.unsettled_unpaused(), 0);
+        assert!(s.resume("a", 3));
+        assert!(!s.resume("a", 3));
+        let again = s.next_job(0).unwrap();
+        assert_eq!(
+            (again.node.seq(), again.attempts, again.attempt_limit),
+            (1, 1, 4)
+        );
+        assert_eq!(s.unsettled_unpaused(), 3);
+        check_invariant(&s);
+    }
+
+    #[test]
+    fn drop_oldest_skips_paused_lanes_and_counts() {
+        let mut s = S::new(
+            Ordering::Keyed { concurrency: 2 },
+            10,
+            OnFailure::Pause,
+            None,
+            1,
+        );
+        s.accept(node(Some("p"), 1), 1);
+        let job = s.next_job(0).unwrap();
+        s.finish(0, job, Outcome::Failed(SinkError::permanent("no")));
+        s.accept(node(Some("q"), 2), 1);
+        s.accept(node(Some("r"), 3), 1);
+        let dropped = s.drop_oldest().unwrap();
+        assert_eq!(dropped.seq(), 2);
+        assert_eq!(s.stats().dropped, 1);
+        check_invariant(&s);
+    }
+
+    #[test]
+    fn put_back_keeps_sequence_order() {
+        let mut s = S::new(
+            Ordering::Pipelined { in_flight: 3 },
+            10,
+            OnFailure::Pause,
+            None,
+            1,
+        );
+        for i in 0..4 {
+            s.accept(node(None, i), 1);
+        }
+        let j1 = s.next_job(0).unwrap();
+        let j2 = s.next_job(1).unwrap();
+        let j3 = s.next_job(2).unwrap();
+        s.finish(2, j3, Outcome::Failed(SinkError::permanent("x")));
+        s.finish(0, j1, Outcome::Failed(SinkError::permanent("x")));
+        s.finish(1, j2, Outcome::Delivered(()));
+        let order: Vec<u64> = s.main.queue.iter().map(|j| j.node.seq()).collect();
+        assert_eq!(order, vec![1, 3, 4]);
+        assert_eq!(s.unsettled_unpaused(), 0);
+        check_invariant(&s);
+    }
+}

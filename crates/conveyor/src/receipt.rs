@@ -1,0 +1,414 @@
+//! One allocation per accepted item: the item, its identity, and the slot its result
+//! settles into. [`Delivery`] and [`Receipt`] are two typed views of that allocation.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use crate::error::DeliveryError;
+
+type Callback<R> = Box<dyn FnOnce(Result<R, DeliveryError>) + Send + 'static>;
+
+/// An accepted item: what the sink sees and what the receipt waits on.
+///
+/// The item and its result share one allocation so that a send costs one `Arc`, not
+/// an item box plus a channel (a fresh channel per item costs microseconds).
+pub(crate) struct Node<T, R> {
+    /// Assigned under the engine's state lock, after the node was allocated outside
+    /// it; the lock's release/acquire makes the store visible to every later reader.
+    seq: AtomicU64,
+    key: Option<Arc<str>>,
+    item: T,
+    slot: Slot<R>,
+}
+
+impl<T, R> Node<T, R> {
+    pub(crate) fn new(key: Option<Arc<str>>, item: T) -> Self {
+        Self {
+            seq: AtomicU64::new(0),
+            key,
+            item,
+            slot: Slot::new(),
+        }
+    }
+
+    pub(crate) fn set_seq(&self, seq: u64) {
+        self.seq.store(seq, AtomicOrdering::Relaxed);
+    }
+
+    pub(crate) fn seq(&self) -> u64 {
+        self.seq.load(AtomicOrdering::Relaxed)
+    }
+
+    pub(crate) fn into_item(self) -> T {
+        self.item
+    }
+
+    pub(crate) fn key(&self) -> Option<&Arc<str>> {
+        self.key.as_ref()
+    }
+
+    pub(crate) fn settle(&self, result: Result<R, DeliveryError>) {
+        self.slot.settle(result);
+    }
+}
+
+/// Type-erased access to the item, so [`Delivery<T>`] does not name the reply type.
+trait ItemView<T>: Send + Sync {
+    fn item(&self) -> &T;
+    fn seq(&self) -> u64;
+    fn key(&self) -> Option<&str>;
+}
+
+impl<T: Send + Sync, R: Send> ItemView<T> for Node<T, R> {
+    fn item(&self) -> &T {
+        &self.item
+    }
+    fn seq(&self) -> u64 {
+        Node::seq(self)
+    }
+    fn key(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+}
+
+/// Type-erased access to the result slot, so [`Receipt<R>`] does not name the item type.
+trait SlotView<R>: Send + Sync {
+    fn slot(&self) -> &Slot<R>;
+    fn seq(&self) -> u64;
+}
+
+impl<T: Send + Sync, R: Send> SlotView<R> for Node<T, R> {
+    fn slot(&self) -> &Slot<R> {
+        &self.slot
+    }
+    fn seq(&self) -> u64 {
+        Node::seq(self)
+    }
+}
+
+enum SlotState<R> {
+    Pending {
+        waker: Option<Waker>,
+        callback: Option<Callback<R>>,
+        /// Lets `settle` skip the condvar syscall when no thread is blocked in `wait`.
+        thread_waiting: bool,
+    },
+    Ready(Result<R, DeliveryError>),
+    Taken,
+}
+
+/// Settles exactly once; later settlements (a late sink result after a shutdown
+/// deadline already reported the item as closed) are ignored.
+struct Slot<R> {
+    state: Mutex<SlotState<R>>,
+    ready: Condvar,
+}
+
+impl<R> Slot<R> {
+    fn new() -> Self {
+        Self {
+            state: Mutex::new(SlotState::Pending {
+                waker: None,
+                callback: None,
+                thread_waiting: false,
+            }),
+            ready: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SlotState<R>> {
+        // A panic while holding this lock cannot leave the state half-written (every
+        // transition is a single assignment), so a poisoned lock is still consistent.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn settle(&self, result: Result<R, DeliveryError>) {
+        let mut state = self.lock();
+        let SlotState::Pending { .. } = &*state else {
+            return;
+        };
+        let SlotState::Pending {
+            waker,
+            callback,
+            thread_waiting,
+        } = std::mem::replace(&mut *state, SlotState::Taken)
+        else {
+            unreachable!("checked above");
+        };
+        match callback {
+            Some(callback) => {
+                drop(state);
+                callback(result);
+            }
+            None => {
+                *state = SlotState::Ready(result);
+                drop(state);
+                if thread_waiting {
+                    self.ready.notify_all();
+                }
+                if let Some(waker) = waker {
+                    waker.wake();
+                }
+            }
+        }
+    }
+}
+
+/// One item as handed to the sink, with its identity.
+///
+/// A `Delivery` is owned and `'static`, so an async sink can move it into its future.
+/// Each attempt gets a fresh `Delivery` for the same item; [`Delivery::attempt`] tells
+/// which one this is.
+///
+/// # Examples
+///
+/// ```
+/// use conveyor::{Conveyor, Delivery};
+///
+/// let c: Conveyor<&'static str, String> = Conveyor::builder().build(|d: Delivery<&'static str>| {
+///     Ok(format!("#{} {} (attempt {}, key {:?})", d.seq(), d.item(), d.attempt(), d.key()))
+/// })?;
+/// let receipt = c.send_keyed("user-42", "hello").unwrap();
+/// assert_eq!(receipt.wait().unwrap(), "#1 hello (attempt 1, key Some(\"user-42\"))");
+/// # Ok::<(), conveyor::BuildError>(())
+/// ```
+pub struct Delivery<T> {
+    node: Arc<dyn ItemView<T>>,
+    attempt: u32,
+    /// Per-conveyor prefix of the idempotency key: shared, not copied per delivery.
+    id_prefix: Arc<str>,
+}
+
+impl<T: Send + Sync + 'static> Delivery<T> {
+    pub(crate) fn new<R: Send + 'static>(
+        node: Arc<Node<T, R>>,
+        attempt: u32,
+        id_prefix: Arc<str>,
+    ) -> Self {
+        Self {
+            node,
+            attempt,
+            id_prefix,
+        }
+    }
+}
+
+impl<T> Delivery<T> {
+    /// The item to deliver.
+    pub fn item(&self) -> &T {
+        self.node.item()
+    }
+
+    /// The item's sequence number: assigned when the item was accepted, increasing in
+    /// submission order, starting at 1.
+    pub fn seq(&self) -> u64 {
+        self.node.seq()
+    }
+
+    /// The key the item was sent with ([`Conveyor::send_keyed`](crate::Conveyor::send_keyed)),
+    /// if any.
+    pub fn key(&self) -> Option<&str> {
+        self.node.key()
+    }
+
+    /// Which attempt this is: 1 on the first try.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// A key that is the same on every attempt of this item and differs between items
+    /// (and between conveyors), for receivers that drop duplicates: send it as an
+    /// `Idempotency-Key` header, for example.
+    pub fn idempotency_key(&self) -> String {
+        format!("{}-{}", self.id_prefix, self.seq())
+    }
+}
+
+impl<T: fmt::Debug> fmt::Debug for Delivery<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("seq", &self.seq())
+            .field("key", &self.key())
+            .field("attempt", &self.attempt)
+            .field("item", self.item())
+            .finish()
+    }
+}
+
+/// The outcome of one sent item: delivered with the sink's reply, or why not.
+///
+/// Wait for it with [`Receipt::wait`], poll it with [`Receipt::wait_timeout`], get a
+/// callback with [`Receipt::on_settled`], or `.await` it. Dropping a receipt never
+/// cancels the delivery.
+///
+/// # Examples
+///
+/// ```
+/// use conveyor::Conveyor;
+///
+/// let c: Conveyor<u32, u32> = Conveyor::builder().build(|d| Ok(d.item() * 2))?;
+/// let receipt = c.send(21).unwrap();
+/// assert_eq!(receipt.seq(), 1);
+/// assert_eq!(receipt.wait().unwrap(), 42);
+/// # Ok::<(), conveyor::BuildError>(())
+/// ```
+#[must_use = "a receipt can be dropped safely, but then the outcome is only visible in stats"]
+pub struct Receipt<R> {
+    node: Arc<dyn SlotView<R>>,
+}
+
+impl<R: Send + 'static> Receipt<R> {
+    pub(crate) fn new<T: Send + Sync + 'static>(node: Arc<Node<T, R>>) -> Self {
+        Self { node }
+    }
+}
+
+impl<R> Receipt<R> {
+    /// The item's sequence number (see [`Delivery::seq`]).
+    pub fn seq(&self) -> u64 {
+        self.node.seq()
+    }
+
+    /// Whether the item has settled (delivered, failed, dropped or closed).
+    pub fn is_settled(&self) -> bool {
+        !matches!(*self.node.slot().lock(), SlotState::Pending { .. })
+    }
+
+    /// Blocks until the item settles and returns its outcome.
+    ///
+    /// Waiting ends when the item is delivered, fails for good, is dropped, or is
+    /// reported as closed by a conveyor shutdown, so it does not outlive the
+    /// conveyor's drain deadline.
+    ///
+    /// # Errors
+    ///
+    /// The [`DeliveryError`] that says how the item ended if it was not delivered.
+    pub fn wait(mut self) -> Result<R, DeliveryError> {
+        self.wait_until(None)
+            .expect("waiting without a deadline always yields a result")
+    }
+
+    /// Blocks for at most `timeout`; `None` if the item has not settled by then.
+    ///
+    /// # Panics
+    ///
+    /// If the result was already taken by an earlier call that returned `Some`, or by
+    /// polling the receipt as a future to completion.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<Result<R, DeliveryError>> {
+        self.wait_until(Some(Instant::now() + timeout))
+    }
+
+    fn wait_until(&mut self, deadline: Option<Instant>) -> Option<Result<R, DeliveryError>> {
+        let slot = self.node.slot();
+        let mut state = slot.lock();
+        loop {
+            match &mut *state {
+                SlotState::Ready(_) => {
+                    let SlotState::Ready(result) = std::mem::replace(&mut *state, SlotState::Taken)
+                    else {
+                        unreachable!("matched Ready");
+                    };
+                    return Some(result);
+                }
+                SlotState::Taken => panic!("the receipt's result was already taken"),
+                SlotState::Pending { thread_waiting, .. } => {
+                    *thread_waiting = true;
+                    state = match deadline {
+                        None => slot
+                            .ready
+                            .wait(state)
+                            .unwrap_or_else(PoisonError::into_inner),
+                        Some(deadline) => {
+                            let now = Instant::now();
+                            if now >= deadline {
+                                return None;
+                            }
+                            slot.ready
+                                .wait_timeout(state, deadline - now)
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .0
+                        }
+                    };
+                }
+            }
+        }
+    }
+
+    /// Calls `callback` with the outcome once the item settles: on the thread that
+    /// settles it, or right away on this thread if it already has. Keep the callback
+    /// short; it runs on a delivery worker.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::Conveyor;
+    /// use std::sync::mpsc;
+    ///
+    /// let c: Conveyor<u32> = Conveyor::builder().build(|_d| Ok(()))?;
+    /// let (tx, rx) = mpsc::channel();
+    /// c.send(1).unwrap().on_settled(move |outcome| tx.send(outcome.is_ok()).unwrap());
+    /// assert!(rx.recv().unwrap());
+    /// # Ok::<(), conveyor::BuildError>(())
+    /// ```
+    pub fn on_settled(self, callback: impl FnOnce(Result<R, DeliveryError>) + Send + 'static) {
+        let slot = self.node.slot();
+        let mut state = slot.lock();
+        match std::mem::replace(&mut *state, SlotState::Taken) {
+            SlotState::Ready(result) => {
+                drop(state);
+                callback(result);
+            }
+            SlotState::Pending {
+                waker,
+                thread_waiting,
+                ..
+            } => {
+                *state = SlotState::Pending {
+                    waker,
+                    callback: Some(Box::new(callback)),
+                    thread_waiting,
+                };
+            }
+            SlotState::Taken => panic!("the receipt's result was already taken"),
+        }
+    }
+}
+
+impl<R> Future for Receipt<R> {
+    type Output = Result<R, DeliveryError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut state = self.node.slot().lock();
+        match &mut *state {
+            SlotState::Ready(_) => {
+                let SlotState::Ready(result) = std::mem::replace(&mut *state, SlotState::Taken)
+                else {
+                    unreachable!("matched Ready");
+                };
+                Poll::Ready(result)
+            }
+            SlotState::Pending { waker, .. } => {
+                match waker {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    _ => *waker = Some(cx.waker().clone()),
+                }
+                Poll::Pending
+            }
+            SlotState::Taken => panic!("the receipt was polled after it completed"),
+        }
+    }
+}
+
+impl<R> fmt::Debug for Receipt<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Receipt")
+            .field("seq", &self.seq())
+            .field("settled", &self.is_settled())
+            .finish()
+    }
+}

@@ -1,0 +1,232 @@
+//! Delivery workers: one loop per allowed concurrent sink call, as an OS thread for a
+//! blocking sink or a Tokio task for an async one.
+//!
+//! A worker settles the job it just finished and takes the next one under a single
+//! acquisition of the state lock, so in steady state a strict conveyor costs one lock
+//! round trip per item and no context switch between items.
+
+use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use crate::conveyor::Shared;
+use crate::error::SinkError;
+use crate::queue::{Job, Outcome, Settlement, State};
+use crate::receipt::Delivery;
+
+type BlockingFn<T, R> = dyn Fn(Delivery<T>) -> Result<R, SinkError> + Send + Sync;
+pub(crate) type BoxFuture<R> = Pin<Box<dyn Future<Output = Result<R, SinkError>> + Send>>;
+type AsyncFn<T, R> = dyn Fn(Delivery<T>) -> BoxFuture<R> + Send + Sync;
+
+/// The user's sink, in one of its two shapes.
+pub(crate) enum Sink<T, R> {
+    Blocking(Arc<BlockingFn<T, R>>),
+    Async(Arc<AsyncFn<T, R>>),
+}
+
+/// What a worker does next.
+pub(crate) enum Step<T, R> {
+    Run(Job<T, R>),
+    Wait,
+    Exit,
+}
+
+/// After a failed attempt: try again at this instant, or stop with this outcome.
+enum Next<R> {
+    RetryAt(Instant),
+    Done(Outcome<R>),
+}
+
+impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
+    /// Records the finished job (if any) and picks the next step, under the lock.
+    fn step(
+        &self,
+        st: &mut State<T, R>,
+        worker: usize,
+        finished: Option<(Job<T, R>, Outcome<R>)>,
+        settle: &mut Vec<Settlement<T, R>>,
+    ) -> Step<T, R> {
+        if let Some((job, outcome)) = finished {
+            settle.extend(st.finish(worker, job, outcome));
+            self.wake_flushers(st);
+        }
+        if st.abandoned {
+            return Step::Exit;
+        }
+        if let Some(job) = st.next_job(worker) {
+            self.wake_one_sender(st);
+            return Step::Run(job);
+        }
+        if st.closed {
+            return Step::Exit;
+        }
+        Step::Wait
+    }
+
+    /// Bookkeeping for a worker that leaves; `close` waits for the last one.
+    fn exit(&self, st: &mut State<T, R>) {
+        st.live_workers -= 1;
+        self.settled.notify_all();
+        self.settled_async.notify_waiters();
+    }
+
+    /// Turns a failed attempt into a retry time or a final outcome.
+    fn after_failure(&self, job: &Job<T, R>, error: SinkError) -> Next<R> {
+        if !error.is_retryable() || job.attempts >= job.attempt_limit {
+            return Next::Done(Outcome::Failed(error));
+        }
+        let delay = self.config.retry.backoff(job.attempts, error.retry_after());
+        let mut st = self.lock();
+        if st.abandoned {
+            return Next::Done(Outcome::Interrupted);
+        }
+        tracing::debug!(seq = job.node.seq(), attempt = job.attempts, ?delay, %error, "retrying");
+        Next::RetryAt(st.schedule_retry(Instant::now() + delay))
+    }
+
+    fn delivery(&self, job: &mut Job<T, R>) -> Delivery<T> {
+        job.attempts += 1;
+        Delivery::new(job.node.clone(), job.attempts, self.id_prefix.clone())
+    }
+
+    fn run_blocking(&self, sink: &BlockingFn<T, R>, job: &mut Job<T, R>) -> Outcome<R> {
+        loop {
+            if let Some(at) = job.start_at.take() {
+                std::thread::sleep(at.saturating_duration_since(Instant::now()));
+            }
+            let delivery = self.delivery(job);
+            let result = catch_unwind(AssertUnwindSafe(|| sink(delivery)))
+                .unwrap_or_else(|panic| Err(SinkError::from_panic(&*panic)));
+            match result {
+                Ok(reply) => return Outcome::Delivered(reply),
+                Err(error) => match self.after_failure(job, error) {
+                    Next::RetryAt(at) => job.start_at = Some(at),
+                    Next::Done(outcome) => return outcome,
+                },
+            }
+        }
+    }
+
+    async fn run_async(&self, sink: &AsyncFn<T, R>, job: &mut Job<T, R>) -> Outcome<R> {
+        loop {
+            if let Some(at) = job.start_at.take() {
+                tokio::time::sleep_until(at.into()).await;
+            }
+            let delivery = self.delivery(job);
+            let result = match catch_unwind(AssertUnwindSafe(|| sink(delivery))) {
+                Ok(future) => CatchUnwind(future).await,
+                Err(panic) => Err(SinkError::from_panic(&*panic)),
+            };
+            match result {
+                Ok(reply) => return Outcome::Delivered(reply),
+                Err(error) => match self.after_failure(job, error) {
+                    Next::RetryAt(at) => job.start_at = Some(at),
+                    Next::Done(outcome) => return outcome,
+                },
+            }
+        }
+    }
+}
+
+/// The loop of a blocking-sink worker thread.
+pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
+    shared: Arc<Shared<T, R>>,
+    sink: Arc<BlockingFn<T, R>>,
+    worker: usize,
+) {
+    let mut finished = None;
+    let mut settle = Vec::new();
+    loop {
+        let step = {
+            let mut st = shared.lock();
+            let mut step = shared.step(&mut st, worker, finished.take(), &mut settle);
+            // Settle what just finished before sleeping: its receipt must not wait
+            // for the next item to arrive.
+            while matches!(step, Step::Wait) && settle.is_empty() {
+                st.waiters.idle_threads += 1;
+                st = shared.wait(&shared.work, st);
+                st.waiters.idle_threads -= 1;
+                step = shared.step(&mut st, worker, None, &mut settle);
+            }
+            if let Step::Exit = step {
+                shared.exit(&mut st);
+            }
+            step
+        };
+        // Settle outside the lock: receipt callbacks are user code.
+        for (node, result) in settle.drain(..) {
+            node.settle(result);
+        }
+        match step {
+            Step::Run(mut job) => {
+                let outcome = shared.run_blocking(&*sink, &mut job);
+                finished = Some((job, outcome));
+            }
+            Step::Wait => {}
+            Step::Exit => return,
+        }
+    }
+}
+
+/// The loop of an async-sink worker task.
+pub(crate) async fn async_worker<T: Send + Sync + 'static, R: Send + 'static>(
+    shared: Arc<Shared<T, R>>,
+    sink: Arc<AsyncFn<T, R>>,
+    worker: usize,
+) {
+    let mut finished = None;
+    let mut settle = Vec::new();
+    let mut registered_idle = false;
+    loop {
+        // Enabled before the state is checked, so a wake-up between the check and
+        // the await is not lost.
+        let notified = shared.work_async.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let step = {
+            let mut st = shared.lock();
+            if registered_idle {
+                st.waiters.idle_tasks -= 1;
+                registered_idle = false;
+            }
+            let step = shared.step(&mut st, worker, finished.take(), &mut settle);
+            match step {
+                Step::Wait => {
+                    st.waiters.idle_tasks += 1;
+                    registered_idle = true;
+                }
+                Step::Exit => shared.exit(&mut st),
+                Step::Run(_) => {}
+            }
+            step
+        };
+        for (node, result) in settle.drain(..) {
+            node.settle(result);
+        }
+        match step {
+            Step::Run(mut job) => {
+                let outcome = shared.run_async(&*sink, &mut job).await;
+                finished = Some((job, outcome));
+            }
+            Step::Wait => notified.await,
+            Step::Exit => return,
+        }
+    }
+}
+
+/// Turns a panic inside an async sink's future into a permanent failure of that item,
+/// as `catch_unwind` does for blocking sinks.
+struct CatchUnwind<R>(crate::worker::BoxFuture<R>);
+
+impl<R> Future for CatchUnwind<R> {
+    type Output = Result<R, SinkError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = self.0.as_mut();
+        catch_unwind(AssertUnwindSafe(|| inner.poll(cx)))
+            .unwrap_or_else(|panic| Poll::Ready(Err(SinkError::from_panic(&*panic))))
+    }
+}
