@@ -69,9 +69,11 @@ fn _conveyor(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<receipt::PyReceipt>()?;
     m.add_class::<stats::PyStats>()?;
     m.add_class::<stats::PyCloseReport>()?;
+    m.add_class::<sink::PyDelivery>()?;
     m.add_function(wrap_pyfunction!(pyconveyor::_shutdown_at_exit, m)?)?;
     m.add_function(wrap_pyfunction!(pyconveyor::_after_fork_in_child, m)?)?;
     m.add_function(wrap_pyfunction!(pyconveyor::_mark_sink_thread, m)?)?;
+    m.add_function(wrap_pyfunction!(sink::_current_delivery, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

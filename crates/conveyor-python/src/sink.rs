@@ -52,6 +52,57 @@ fn keep_thread_state() {
     });
 }
 
+thread_local! {
+    /// The delivery whose blocking sink call is running on this thread (null: none). Only a
+    /// pointer, so a sink that never asks pays nothing; it is valid exactly while the call runs,
+    /// because the delivery lives in the frame that set it and clears it after the call.
+    static CURRENT: Cell<*const Delivery<Item>> = const { Cell::new(std::ptr::null()) };
+}
+
+/// `conveyor.Delivery`: which item a sink is delivering, for idempotent receivers.
+#[pyclass(frozen, get_all, module = "conveyor", name = "Delivery")]
+pub(crate) struct PyDelivery {
+    /// The item's sequence number (1 for the first item sent to the conveyor).
+    seq: u64,
+    /// Which attempt this is: 1 on the first try.
+    attempt: u32,
+    /// The lane key given to `send(..., key=...)`, or `None`.
+    key: Option<String>,
+    /// Same on every attempt of this item, different for every other item (and conveyor):
+    /// send it as an `Idempotency-Key` header so the receiver can drop duplicates.
+    idempotency_key: String,
+}
+
+impl PyDelivery {
+    fn new(delivery: &Delivery<Item>) -> Self {
+        PyDelivery {
+            seq: delivery.seq(),
+            attempt: delivery.attempt(),
+            key: delivery.key().map(str::to_owned),
+            idempotency_key: delivery.idempotency_key(),
+        }
+    }
+}
+
+#[pymethods]
+impl PyDelivery {
+    fn __repr__(&self) -> String {
+        format!(
+            "Delivery(seq={}, attempt={}, key={:?}, idempotency_key={:?})",
+            self.seq, self.attempt, self.key, self.idempotency_key
+        )
+    }
+}
+
+/// The delivery a blocking sink is running on this thread, if any (see `conveyor.current_delivery`).
+#[pyfunction]
+pub(crate) fn _current_delivery() -> Option<PyDelivery> {
+    let current = CURRENT.with(Cell::get);
+    // SAFETY: non-null only while `blocking`'s closure is inside the sink call on this thread,
+    // and that frame owns the delivery the pointer refers to.
+    unsafe { current.as_ref() }.map(PyDelivery::new)
+}
+
 /// True if the current thread is running the sink of conveyor `id`.
 pub(crate) fn inside_sink_of(id: u64) -> bool {
     IN_SINK.with(|current| current.get() == id)
@@ -89,7 +140,10 @@ pub(crate) fn blocking(
         keep_thread_state();
         Python::with_gil(|py| {
             let previous = IN_SINK.with(|current| current.replace(state.id));
+            // Saved and restored, not cleared: a sink may itself run another conveyor's sink.
+            let outer = CURRENT.with(|current| current.replace(&delivery));
             let result = sink.call1(py, (delivery.item().bind(py),));
+            CURRENT.with(|current| current.set(outer));
             IN_SINK.with(|current| current.set(previous));
             result.map_err(|err| errors::sink_error(py, err))
         })
@@ -115,8 +169,12 @@ pub(crate) fn asynchronous(
         keep_thread_state();
         let started = Python::with_gil(|py| -> Result<(), SinkError> {
             let start = || -> PyResult<()> {
-                let future =
-                    runner.call_method1(py, "submit", (sink.bind(py), delivery.item().bind(py)))?;
+                let info = Py::new(py, PyDelivery::new(&delivery))?;
+                let future = runner.call_method1(
+                    py,
+                    "submit",
+                    (sink.bind(py), delivery.item().bind(py), info),
+                )?;
                 let done = Py::new(
                     py,
                     CoroutineDone {

@@ -49,3 +49,8 @@ def errors() -> None:
     except conveyor.ConveyorError as exc:
         assert isinstance(exc, conveyor.DeliveryFailed)
         print(exc.attempts, exc.last_exception)
+
+
+def delivery_usage(item: str) -> str:
+    d = conveyor.current_delivery()
+    return "" if d is None else f"{d.seq}/{d.attempt}/{d.key}/{d.idempotency_key}"

@@ -39,8 +39,10 @@ from __future__ import annotations
 import atexit as _atexit
 import os as _os
 
-from . import _conveyor
-from ._conveyor import CloseReport, Conveyor, Receipt, Stats, __version__
+from typing import Optional
+
+from . import _conveyor, _support
+from ._conveyor import CloseReport, Conveyor, Delivery, Receipt, Stats, __version__
 from ._errors import (
     Closed,
     ConveyorError,
@@ -57,6 +59,7 @@ __all__ = [
     "Closed",
     "Conveyor",
     "ConveyorError",
+    "Delivery",
     "DeliveryFailed",
     "Dropped",
     "PermanentError",
@@ -66,7 +69,21 @@ __all__ = [
     "SerialExecutor",
     "Stats",
     "__version__",
+    "current_delivery",
 ]
+
+
+def current_delivery() -> Optional[Delivery]:
+    """The item the calling sink is delivering: ``seq``, ``attempt``, ``key``, ``idempotency_key``.
+
+    Call it from inside a sink (blocking or ``async def``); returns ``None`` anywhere else. Send
+    ``idempotency_key`` along (e.g. as an ``Idempotency-Key`` header) so the receiver can drop
+    the duplicate a retry after a lost answer produces.
+    """
+    delivery = _conveyor._current_delivery()
+    if delivery is None:
+        delivery = _support.CURRENT_DELIVERY.get(None)
+    return delivery
 
 # Drain live conveyors at interpreter exit within their drain_timeout, and report what is left.
 _atexit.register(_conveyor._shutdown_at_exit)

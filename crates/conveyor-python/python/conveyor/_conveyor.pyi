@@ -14,10 +14,12 @@ _R = TypeVar("_R")
 __all__ = [
     "CloseReport",
     "Conveyor",
+    "Delivery",
     "Receipt",
     "Stats",
     "__version__",
     "_after_fork_in_child",
+    "_current_delivery",
     "_mark_sink_thread",
     "_shutdown_at_exit",
 ]
@@ -52,6 +54,17 @@ class CloseReport:
     def drained(self) -> bool: ...
     @property
     def stats(self) -> Stats: ...
+
+@final
+class Delivery:
+    @property
+    def seq(self) -> int: ...
+    @property
+    def attempt(self) -> int: ...
+    @property
+    def key(self) -> str | None: ...
+    @property
+    def idempotency_key(self) -> str: ...
 
 @final
 class Receipt(Generic[_R]):
@@ -146,3 +159,4 @@ class Conveyor(Generic[_T, _R]):
 def _shutdown_at_exit() -> None: ...
 def _after_fork_in_child() -> None: ...
 def _mark_sink_thread(id: int) -> None: ...
+def _current_delivery() -> Delivery | None: ...

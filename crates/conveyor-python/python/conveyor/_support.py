@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import inspect
 import threading
 from typing import Any, Callable, Optional, TypeVar
 
 T = TypeVar("T")
+
+# The delivery an `async def` sink is running, per task (each coroutine runs in its own task, so
+# concurrent deliveries of a pipelined or keyed conveyor each see their own).
+CURRENT_DELIVERY: "contextvars.ContextVar[Any]" = contextvars.ContextVar("conveyor_delivery")
 
 # How long a background waiter blocks in Rust before it checks whether its awaiting task was
 # cancelled. Short enough that a cancelled ``asend`` stops trying within a blink.
@@ -65,7 +70,7 @@ class LoopThread:
             self._loop.run_until_complete(self._loop.shutdown_asyncgens())
             self._loop.close()
 
-    def submit(self, fn: Callable[[Any], Any], item: Any) -> "concurrent.futures.Future[Any]":
+    def submit(self, fn: Callable[[Any], Any], item: Any, delivery: Any) -> "concurrent.futures.Future[Any]":
         """Start ``fn(item)`` on the loop; the returned future settles with its outcome."""
         coro = fn(item)
         if not inspect.isawaitable(coro):
@@ -73,7 +78,7 @@ class LoopThread:
                 f"the async sink {fn!r} returned {type(coro).__name__}, not an awaitable; "
                 "pass an `async def` function, or a plain function for a blocking sink"
             )
-        return asyncio.run_coroutine_threadsafe(_as_coroutine(coro), self._loop)
+        return asyncio.run_coroutine_threadsafe(_as_coroutine(coro, delivery), self._loop)
 
     def stop(self, timeout: Optional[float] = None) -> None:
         """Stop the loop and wait (at most ``timeout`` s) for its thread; idempotent."""
@@ -89,7 +94,8 @@ class LoopThread:
             self._thread.join(timeout)
 
 
-async def _as_coroutine(awaitable: Any) -> Any:
+async def _as_coroutine(awaitable: Any, delivery: Any) -> Any:
+    CURRENT_DELIVERY.set(delivery)  # in this task's own context: no reset needed
     return await awaitable
 
 
