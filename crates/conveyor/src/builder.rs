@@ -313,6 +313,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn defaults_are_valid_and_documented_values() {
+        let c = Config::default();
+        assert_eq!(c.capacity, 10_000);
+        assert_eq!(c.ordering, Ordering::Strict);
+        assert_eq!(c.backpressure, Backpressure::Block);
+        assert_eq!(c.on_failure, OnFailure::Skip);
+        assert_eq!(c.drain_timeout, Duration::from_secs(30));
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
     fn zero_settings_are_rejected_with_a_named_reason() {
         let base = Config::default;
         let cases = [

@@ -257,7 +257,6 @@ impl<T: fmt::Debug> fmt::Debug for Delivery<T> {
 /// assert_eq!(receipt.wait().unwrap(), 42);
 /// # Ok::<(), conveyor::BuildError>(())
 /// ```
-#[must_use = "a receipt can be dropped safely, but then the outcome is only visible in stats"]
 pub struct Receipt<R> {
     node: Arc<dyn SlotView<R>>,
 }

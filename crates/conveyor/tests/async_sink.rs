@@ -1,0 +1,84 @@
+//! Async sinks, async senders and awaitable receipts.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::GENEROUS;
+use conveyor::{Backpressure, Conveyor, Delivery, DeliveryError, Ordering, SinkError};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_sink_on_the_ambient_runtime_keeps_order() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let c: Conveyor<u64, u64> = Conveyor::builder()
+        .build_async(move |d: Delivery<u64>| {
+            let s = s.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                s.lock().unwrap().push(*d.item());
+                Ok(*d.item() * 2)
+            }
+        })
+        .unwrap();
+    let mut receipts = Vec::new();
+    for i in 0..50 {
+        receipts.push(c.send_async(i).await.unwrap());
+    }
+    for (i, r) in receipts.into_iter().enumerate() {
+        assert_eq!(r.await.unwrap(), i as u64 * 2);
+    }
+    c.flush_async().await;
+    assert_eq!(*seen.lock().unwrap(), (0..50).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn send_async_awaits_room_without_blocking_the_runtime() {
+    let c: Conveyor<u64> = Conveyor::builder()
+        .capacity(2)
+        .backpressure(Backpressure::Block)
+        .ordering(Ordering::Keyed { concurrency: 2 })
+        .build_async(|_d: Delivery<u64>| async {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            Ok(())
+        })
+        .unwrap();
+    // On a single-threaded runtime, a blocking wait here would deadlock the sink.
+    for i in 0..40 {
+        c.send_keyed_async(format!("{}", i % 3), i).await.unwrap();
+        assert!(c.stats().queued <= 2);
+    }
+    tokio::time::timeout(GENEROUS, c.flush_async())
+        .await
+        .unwrap();
+    assert_eq!(c.stats().delivered, 40);
+}
+
+#[test]
+fn async_sink_outside_a_runtime_uses_its_own_and_handles_failures() {
+    let c: Conveyor<u64> = Conveyor::builder()
+        .ordering(Ordering::Pipelined { in_flight: 4 })
+        .build_async(|d: Delivery<u64>| async move {
+            match *d.item() {
+                3 => Err(SinkError::permanent("three is rejected")),
+                5 => panic!("five panics"),
+                _ => Ok(()),
+            }
+        })
+        .unwrap();
+    let receipts: Vec<_> = (0..8).map(|i| c.send(i).unwrap()).collect();
+    let failed: Vec<usize> = receipts
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, r)| match r.wait() {
+            Ok(()) => None,
+            Err(DeliveryError::Failed { .. }) => Some(i),
+            Err(other) => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(failed, vec![3, 5]);
+    let report = c.close_timeout(GENEROUS);
+    assert!(report.drained);
+    assert_eq!((report.stats.delivered, report.stats.failed), (6, 2));
+}

@@ -1,0 +1,131 @@
+//! What a send does when the queue is full, and the bound on memory.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Gate, GENEROUS};
+use conveyor::{Backpressure, Conveyor, Delivery, DeliveryError, SendError};
+
+fn gated(capacity: usize, policy: Backpressure, gate: &Arc<Gate>) -> Conveyor<u64> {
+    let g = gate.clone();
+    Conveyor::builder()
+        .capacity(capacity)
+        .backpressure(policy)
+        .build(move |_d: Delivery<u64>| {
+            g.pass();
+            Ok(())
+        })
+        .unwrap()
+}
+
+#[test]
+fn reject_hands_the_item_back_when_full() {
+    let gate = Gate::new();
+    let c = gated(2, Backpressure::Reject, &gate);
+    c.send(0).unwrap();
+    gate.wait_for_callers(1); // item 0 in flight, not counted against capacity
+    c.send(1).unwrap();
+    c.send(2).unwrap();
+    match c.send(3) {
+        Err(e @ SendError::Full(_)) => {
+            assert!(e.to_string().contains("full"));
+            assert_eq!(e.into_inner(), 3);
+        }
+        other => panic!("{other:?}"),
+    }
+    let s = c.stats();
+    assert_eq!((s.accepted, s.queued, s.in_flight), (3, 2, 1));
+    gate.open();
+    assert!(c.flush_timeout(GENEROUS));
+    assert_eq!(c.stats().delivered, 3);
+}
+
+#[test]
+fn drop_newest_settles_the_new_item_as_dropped() {
+    let gate = Gate::new();
+    let c = gated(1, Backpressure::DropNewest, &gate);
+    let r0 = c.send(0).unwrap();
+    gate.wait_for_callers(1);
+    let r1 = c.send(1).unwrap();
+    let r2 = c.send(2).unwrap();
+    assert!(matches!(r2.wait(), Err(DeliveryError::Dropped)));
+    gate.open();
+    r0.wait().unwrap();
+    r1.wait().unwrap();
+    let s = c.stats();
+    assert_eq!((s.accepted, s.delivered, s.dropped), (3, 2, 1));
+}
+
+#[test]
+fn drop_oldest_evicts_the_oldest_queued_item() {
+    let gate = Gate::new();
+    let c = gated(2, Backpressure::DropOldest, &gate);
+    let r0 = c.send(0).unwrap();
+    gate.wait_for_callers(1);
+    let r1 = c.send(1).unwrap();
+    let r2 = c.send(2).unwrap();
+    let r3 = c.send(3).unwrap();
+    assert!(matches!(r1.wait(), Err(DeliveryError::Dropped)));
+    gate.open();
+    for r in [r0, r2, r3] {
+        r.wait().unwrap();
+    }
+    let s = c.stats();
+    assert_eq!((s.accepted, s.delivered, s.dropped), (4, 3, 1));
+}
+
+#[test]
+fn block_waits_for_room_and_try_send_never_waits() {
+    let gate = Gate::new();
+    let c = Arc::new(gated(2, Backpressure::Block, &gate));
+    c.send(0).unwrap();
+    gate.wait_for_callers(1);
+    c.send(1).unwrap();
+    c.send(2).unwrap();
+    assert!(matches!(c.try_send(9), Err(SendError::Full(9))));
+    let producer = {
+        let c = c.clone();
+        std::thread::spawn(move || {
+            for i in 3..20 {
+                c.send(i).unwrap();
+                let s = c.stats();
+                assert!(s.queued <= 2, "queue exceeded its capacity: {s:?}");
+            }
+        })
+    };
+    // The producer is blocked: nothing beyond capacity was accepted.
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(c.stats().accepted, 3);
+    gate.open();
+    producer.join().unwrap();
+    assert!(c.flush_timeout(GENEROUS));
+    let s = c.stats();
+    assert_eq!((s.accepted, s.delivered), (20, 20));
+}
+
+#[test]
+fn a_blocked_sender_is_released_by_close_with_its_item() {
+    let gate = Gate::new();
+    let c = Arc::new(gated(1, Backpressure::Block, &gate));
+    c.send(0).unwrap();
+    gate.wait_for_callers(1);
+    c.send(1).unwrap();
+    let blocked = {
+        let c = c.clone();
+        std::thread::spawn(move || c.send(2))
+    };
+    std::thread::sleep(Duration::from_millis(20));
+    let closer = {
+        let c = c.clone();
+        std::thread::spawn(move || c.close_timeout(Duration::from_millis(100)))
+    };
+    match blocked.join().unwrap() {
+        Err(SendError::Closed(2)) => {}
+        other => panic!("{other:?}"),
+    }
+    let report = closer.join().unwrap();
+    assert_eq!(report.left, 2);
+    gate.open();
+}

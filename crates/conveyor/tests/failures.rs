@@ -1,0 +1,211 @@
+//! Retries in place, permanent failures, panics, pause and resume.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{Recorder, GENEROUS};
+use conveyor::{Conveyor, Delivery, DeliveryError, OnFailure, Ordering, Retry, SinkError};
+
+fn fast_retry(attempts: u32) -> Retry {
+    Retry::exponential(Duration::from_millis(1))
+        .max_delay(Duration::from_millis(5))
+        .max_attempts(attempts)
+}
+
+#[test]
+fn retries_happen_in_place_and_nothing_overtakes() {
+    let rec = Recorder::new();
+    let r = rec.clone();
+    // Item 3 fails twice before succeeding.
+    let c: Conveyor<u64> = Conveyor::builder()
+        .retry(fast_retry(5))
+        .build(move |d: Delivery<u64>| {
+            let call = r.enter(&d);
+            r.leave(call);
+            if *d.item() == 3 && d.attempt() < 3 {
+                return Err(SinkError::retryable("flaky"));
+            }
+            Ok(())
+        })
+        .unwrap();
+    let receipts: Vec<_> = (0..10).map(|i| c.send(i).unwrap()).collect();
+    for r in receipts {
+        r.wait().unwrap();
+    }
+    let started = rec.items_started();
+    assert_eq!(started, vec![0, 1, 2, 3, 3, 3, 4, 5, 6, 7, 8, 9]);
+    let attempts: Vec<u32> = rec.starts.lock().unwrap()[3..6]
+        .iter()
+        .map(|c| c.attempt)
+        .collect();
+    assert_eq!(attempts, vec![1, 2, 3]);
+    let s = c.stats();
+    assert_eq!((s.delivered, s.retried, s.failed), (10, 2, 0));
+}
+
+#[test]
+fn exhausted_retries_fail_the_item_with_the_last_error_and_move_on() {
+    let c: Conveyor<u64> = Conveyor::builder()
+        .retry(fast_retry(3))
+        .build(|d: Delivery<u64>| {
+            if *d.item() == 1 {
+                Err(SinkError::retryable(format!(
+                    "attempt {} failed",
+                    d.attempt()
+                )))
+            } else {
+                Ok(())
+            }
+        })
+        .unwrap();
+    let r0 = c.send(0).unwrap();
+    let r1 = c.send(1).unwrap();
+    let r2 = c.send(2).unwrap();
+    r0.wait().unwrap();
+    match r1.wait() {
+        Err(DeliveryError::Failed { attempts, error }) => {
+            assert_eq!(attempts, 3);
+            assert_eq!(error.to_string(), "attempt 3 failed");
+        }
+        other => panic!("expected Failed, got {other:?}"),
+    }
+    r2.wait().unwrap();
+    let s = c.stats();
+    assert_eq!((s.delivered, s.failed, s.retried), (2, 1, 2));
+}
+
+#[test]
+fn permanent_errors_are_not_retried() {
+    let c: Conveyor<u64> = Conveyor::builder()
+        .retry(fast_retry(5))
+        .build(|_d: Delivery<u64>| Err(SinkError::permanent("400 bad request")))
+        .unwrap();
+    match c.send(1).unwrap().wait() {
+        Err(DeliveryError::Failed { attempts: 1, error }) => assert!(!error.is_retryable()),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(c.stats().retried, 0);
+}
+
+#[test]
+fn a_panicking_sink_fails_that_item_and_the_worker_keeps_going() {
+    let c: Conveyor<u64> = Conveyor::builder()
+        .retry(fast_retry(5))
+        .build(|d: Delivery<u64>| {
+            if *d.item() == 2 {
+                panic!("boom on {}", d.item());
+            }
+            Ok(())
+        })
+        .unwrap();
+    let receipts: Vec<_> = (0..5).map(|i| c.send(i).unwrap()).collect();
+    let outcomes: Vec<_> = receipts.into_iter().map(|r| r.wait()).collect();
+    for (i, o) in outcomes.iter().enumerate() {
+        if i == 2 {
+            match o {
+                Err(DeliveryError::Failed { attempts: 1, error }) => {
+                    assert!(error.to_string().contains("boom on 2"), "{error}")
+                }
+                other => panic!("{other:?}"),
+            }
+        } else {
+            assert!(o.is_ok());
+        }
+    }
+    assert_eq!(c.stats().failed, 1);
+}
+
+#[test]
+fn retry_after_hint_is_honoured() {
+    let times = Arc::new(Mutex::new(Vec::new()));
+    let t = times.clone();
+    let c: Conveyor<u64> = Conveyor::builder()
+        .retry(Retry::fixed(Duration::from_millis(1)).max_attempts(2))
+        .build(move |d: Delivery<u64>| {
+            t.lock().unwrap().push(Instant::now());
+            if d.attempt() == 1 {
+                Err(SinkError::retryable("429").with_retry_after(Duration::from_millis(150)))
+            } else {
+                Ok(())
+            }
+        })
+        .unwrap();
+    c.send(1).unwrap().wait().unwrap();
+    let times = times.lock().unwrap();
+    assert!(times[1] - times[0] >= Duration::from_millis(150));
+}
+
+#[test]
+fn pause_holds_a_lane_other_lanes_continue_and_resume_delivers_in_order() {
+    let broken = Arc::new(Mutex::new(true));
+    let delivered = Arc::new(Mutex::new(HashMap::<String, Vec<u64>>::new()));
+    let (b, dl) = (broken.clone(), delivered.clone());
+    let c: Conveyor<u64> = Conveyor::builder()
+        .ordering(Ordering::Keyed { concurrency: 4 })
+        .on_failure(OnFailure::Pause)
+        .retry(fast_retry(2))
+        .build(move |d: Delivery<u64>| {
+            if d.key() == Some("poison") && *d.item() == 1 && *b.lock().unwrap() {
+                return Err(SinkError::retryable("service rejects item 1"));
+            }
+            dl.lock()
+                .unwrap()
+                .entry(d.key().unwrap().to_owned())
+                .or_default()
+                .push(*d.item());
+            Ok(())
+        })
+        .unwrap();
+    for i in 0..5 {
+        c.send_keyed("poison", i).unwrap();
+        c.send_keyed("healthy", i).unwrap();
+    }
+    assert!(
+        c.flush_timeout(GENEROUS),
+        "flush skips items held by a paused lane"
+    );
+    assert_eq!(c.paused(), vec!["poison".to_owned()]);
+    let s = c.stats();
+    assert_eq!((s.paused, s.queued, s.failed), (1, 4, 0));
+    assert_eq!(delivered.lock().unwrap()["healthy"], vec![0, 1, 2, 3, 4]);
+    assert_eq!(delivered.lock().unwrap()["poison"], vec![0]);
+
+    *broken.lock().unwrap() = false;
+    assert!(c.resume("poison"));
+    assert!(!c.resume("healthy"), "an unpaused lane is not resumed");
+    assert!(c.flush_timeout(GENEROUS));
+    assert_eq!(delivered.lock().unwrap()["poison"], vec![0, 1, 2, 3, 4]);
+    assert!(c.paused().is_empty());
+    let s = c.stats();
+    assert_eq!((s.delivered, s.failed, s.paused, s.queued), (10, 0, 0, 0));
+}
+
+#[test]
+fn strict_pause_stops_everything_under_the_empty_lane_name() {
+    let ok = Arc::new(AtomicBool::new(false));
+    let o = ok.clone();
+    let c: Conveyor<u64> = Conveyor::builder()
+        .on_failure(OnFailure::Pause)
+        .build(move |d: Delivery<u64>| {
+            if *d.item() == 0 && !o.load(AtomicOrdering::SeqCst) {
+                Err(SinkError::permanent("nope"))
+            } else {
+                Ok(())
+            }
+        })
+        .unwrap();
+    let receipts: Vec<_> = (0..3).map(|i| c.send(i).unwrap()).collect();
+    assert!(c.flush_timeout(GENEROUS));
+    assert_eq!(c.paused(), vec![String::new()]);
+    assert_eq!(c.stats().delivered, 0);
+    ok.store(true, AtomicOrdering::SeqCst);
+    assert!(c.resume(""));
+    for r in receipts {
+        r.wait().unwrap();
+    }
+    assert_eq!(c.stats().delivered, 3);
+}

@@ -1,0 +1,162 @@
+//! Order and concurrency bounds under each ordering mode.
+
+mod common;
+
+use std::sync::atomic::Ordering as AtomicOrdering;
+use std::sync::Arc;
+
+use common::{sleep_ms, Recorder, GENEROUS};
+use conveyor::{Conveyor, Delivery, Ordering};
+
+fn recording(ordering: Ordering, rec: &Arc<Recorder>, sleep: u64) -> Conveyor<u64> {
+    let rec = rec.clone();
+    Conveyor::builder()
+        .ordering(ordering)
+        .build(move |d: Delivery<u64>| {
+            let call = rec.enter(&d);
+            sleep_ms(sleep);
+            rec.leave(call);
+            Ok(())
+        })
+        .unwrap()
+}
+
+#[test]
+fn strict_delivers_in_submission_order_one_at_a_time() {
+    let rec = Recorder::new();
+    let c = recording(Ordering::Strict, &rec, 0);
+    for i in 0..2_000 {
+        c.send(i).unwrap();
+    }
+    assert!(c.flush_timeout(GENEROUS));
+    assert_eq!(rec.items_ended(), (0..2_000).collect::<Vec<_>>());
+    assert_eq!(rec.max_running.load(AtomicOrdering::SeqCst), 1);
+    let seqs: Vec<u64> = rec.starts.lock().unwrap().iter().map(|c| c.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=2_000).collect::<Vec<_>>(),
+        "seqs start at 1 and increase"
+    );
+}
+
+#[test]
+fn strict_keeps_each_producers_order_and_seq_order_across_threads() {
+    let rec = Recorder::new();
+    let c = Arc::new(recording(Ordering::Strict, &rec, 0));
+    let producers: Vec<_> = (0..4u64)
+        .map(|p| {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                for i in 0..500u64 {
+                    c.send(p * 1_000_000 + i).unwrap();
+                }
+            })
+        })
+        .collect();
+    for p in producers {
+        p.join().unwrap();
+    }
+    assert!(c.flush_timeout(GENEROUS));
+    let calls = rec.ends.lock().unwrap().clone();
+    assert_eq!(calls.len(), 2_000);
+    // Delivery order is seq order, and each producer's items keep their order.
+    assert!(calls.windows(2).all(|w| w[0].seq < w[1].seq));
+    for p in 0..4u64 {
+        let mine: Vec<u64> = calls
+            .iter()
+            .filter(|c| c.item / 1_000_000 == p)
+            .map(|c| c.item % 1_000_000)
+            .collect();
+        assert_eq!(mine, (0..500).collect::<Vec<_>>());
+    }
+}
+
+#[test]
+fn pipelined_starts_in_order_with_bounded_parallelism() {
+    let rec = Recorder::new();
+    let c = recording(Ordering::Pipelined { in_flight: 4 }, &rec, 5);
+    for i in 0..200 {
+        c.send(i).unwrap();
+    }
+    assert!(c.flush_timeout(GENEROUS));
+    let max = rec.max_running.load(AtomicOrdering::SeqCst);
+    assert!(max <= 4, "at most 4 in flight, saw {max}");
+    assert!(max >= 2, "pipelining overlapped calls, saw {max}");
+    let starts = rec.items_started();
+    let mut sorted = starts.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (0..200).collect::<Vec<_>>());
+    // Items are taken in order with at most 4 in flight: item n can only start once
+    // n - 3 earlier calls have ended.
+    for (item, ended) in rec.ended_before_start.lock().unwrap().iter() {
+        assert!(
+            *ended as u64 + 3 >= *item,
+            "item {item} started after only {ended} ends"
+        );
+    }
+}
+
+#[test]
+fn keyed_is_strict_per_key_and_parallel_across_keys() {
+    let rec = Recorder::new();
+    let c = recording(Ordering::Keyed { concurrency: 3 }, &rec, 2);
+    for i in 0..300u64 {
+        c.send_keyed(format!("k{}", i % 7), i).unwrap();
+    }
+    // Keyless items share the "" lane.
+    for i in 300..310u64 {
+        c.send(i).unwrap();
+    }
+    assert!(c.flush_timeout(GENEROUS));
+    assert_eq!(rec.max_per_key.load(AtomicOrdering::SeqCst), 1);
+    let max = rec.max_running.load(AtomicOrdering::SeqCst);
+    assert!((2..=3).contains(&max), "1 < keys in flight <= 3, saw {max}");
+    let by_key = rec.ended_by_key();
+    for k in 0..7u64 {
+        let expected: Vec<u64> = (0..300).filter(|i| i % 7 == k).collect();
+        assert_eq!(by_key[&format!("k{k}")], expected);
+    }
+    assert_eq!(by_key[""], (300..310).collect::<Vec<_>>());
+    let s = c.stats();
+    assert_eq!((s.accepted, s.delivered), (310, 310));
+}
+
+#[test]
+fn receipts_carry_replies_and_seqs() {
+    let c: Conveyor<u64, u64> = Conveyor::builder()
+        .ordering(Ordering::Pipelined { in_flight: 3 })
+        .build(|d: Delivery<u64>| Ok(d.item() * 10 + d.seq()))
+        .unwrap();
+    let receipts: Vec<_> = (0..50).map(|i| c.send(i).unwrap()).collect();
+    for (i, r) in receipts.into_iter().enumerate() {
+        let seq = r.seq();
+        assert_eq!(seq, i as u64 + 1);
+        assert_eq!(r.wait().unwrap(), i as u64 * 10 + seq);
+    }
+}
+
+#[test]
+fn delivery_idempotency_keys_are_stable_per_item_and_distinct() {
+    use conveyor::{Retry, SinkError};
+    use std::sync::Mutex;
+    let keys = Arc::new(Mutex::new(Vec::new()));
+    let k = keys.clone();
+    let c: Conveyor<u64> = Conveyor::builder()
+        .retry(Retry::fixed(std::time::Duration::from_millis(1)).max_attempts(2))
+        .build(move |d: Delivery<u64>| {
+            k.lock().unwrap().push((d.seq(), d.idempotency_key()));
+            if d.attempt() == 1 {
+                Err(SinkError::retryable("first attempt fails"))
+            } else {
+                Ok(())
+            }
+        })
+        .unwrap();
+    c.send(1).unwrap();
+    c.send(2).unwrap();
+    assert!(c.flush_timeout(GENEROUS));
+    let keys = keys.lock().unwrap();
+    assert_eq!(keys.len(), 4);
+    assert_eq!(keys[0], keys[1], "same item, same key on retry");
+    assert_ne!(keys[1].1, keys[2].1, "different items, different keys");
+}

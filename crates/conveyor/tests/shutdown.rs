@@ -1,0 +1,135 @@
+//! Flush and close are bounded and report what is left.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{sleep_ms, Gate, GENEROUS};
+use conveyor::{Conveyor, Delivery, DeliveryError, Ordering, SendError};
+
+#[test]
+fn close_drains_everything_and_refuses_later_sends() {
+    let count = Arc::new(AtomicU64::new(0));
+    let n = count.clone();
+    let c: Conveyor<u64> = Conveyor::builder()
+        .ordering(Ordering::Keyed { concurrency: 4 })
+        .build(move |_d: Delivery<u64>| {
+            sleep_ms(1);
+            n.fetch_add(1, AtomicOrdering::SeqCst);
+            Ok(())
+        })
+        .unwrap();
+    for i in 0..100 {
+        c.send_keyed(format!("{}", i % 10), i).unwrap();
+    }
+    let report = c.close_timeout(GENEROUS);
+    assert!(report.drained);
+    assert_eq!(report.left, 0);
+    assert_eq!(count.load(AtomicOrdering::SeqCst), 100);
+    assert_eq!(report.stats.delivered, 100);
+    assert!(matches!(c.send(7), Err(SendError::Closed(7))));
+    assert!(matches!(c.try_send(8), Err(SendError::Closed(8))));
+}
+
+#[test]
+fn close_with_a_stuck_sink_returns_at_the_deadline_and_reports_what_is_left() {
+    let gate = Gate::new();
+    let g = gate.clone();
+    let c: Conveyor<u64> = Conveyor::builder()
+        .build(move |_d: Delivery<u64>| {
+            g.pass();
+            Ok(())
+        })
+        .unwrap();
+    let receipts: Vec<_> = (0..5).map(|i| c.send(i).unwrap()).collect();
+    gate.wait_for_callers(1);
+    let started = Instant::now();
+    let report = c.close_timeout(Duration::from_millis(100));
+    assert!(started.elapsed() < GENEROUS);
+    assert!(!report.drained);
+    assert_eq!(report.left, 5, "one in flight and four queued");
+    assert_eq!(report.stats.queued + report.stats.in_flight, 5);
+    for r in receipts {
+        assert!(matches!(r.wait(), Err(DeliveryError::Closed)));
+    }
+    gate.open();
+}
+
+#[test]
+fn drop_is_bounded_by_the_drain_timeout() {
+    let gate = Gate::new();
+    let g = gate.clone();
+    let c: Conveyor<u64> = Conveyor::builder()
+        .drain_timeout(Duration::from_millis(100))
+        .build(move |_d: Delivery<u64>| {
+            g.pass();
+            Ok(())
+        })
+        .unwrap();
+    let r = c.send(1).unwrap();
+    gate.wait_for_callers(1);
+    let started = Instant::now();
+    drop(c);
+    assert!(started.elapsed() < GENEROUS);
+    assert!(matches!(r.wait(), Err(DeliveryError::Closed)));
+    gate.open();
+}
+
+#[test]
+fn flush_timeout_reports_whether_everything_settled() {
+    let gate = Gate::new();
+    let g = gate.clone();
+    let c: Conveyor<u64> = Conveyor::builder()
+        .build(move |_d: Delivery<u64>| {
+            g.pass();
+            Ok(())
+        })
+        .unwrap();
+    c.send(1).unwrap();
+    assert!(!c.flush_timeout(Duration::from_millis(20)));
+    gate.open();
+    assert!(c.flush_timeout(GENEROUS));
+    // Flushing an idle conveyor returns at once.
+    c.flush();
+}
+
+#[test]
+fn receipt_wait_timeout_and_callbacks() {
+    let gate = Gate::new();
+    let g = gate.clone();
+    let c: Conveyor<u64, u64> = Conveyor::builder()
+        .build(move |d: Delivery<u64>| {
+            g.pass();
+            Ok(*d.item() + 1)
+        })
+        .unwrap();
+    let mut r = c.send(1).unwrap();
+    assert!(r.wait_timeout(Duration::from_millis(10)).is_none());
+    assert!(!r.is_settled());
+    let (tx, rx) = std::sync::mpsc::channel();
+    c.send(41)
+        .unwrap()
+        .on_settled(move |res| tx.send(res.unwrap()).unwrap());
+    gate.open();
+    assert_eq!(r.wait_timeout(GENEROUS).unwrap().unwrap(), 2);
+    assert_eq!(rx.recv_timeout(GENEROUS).unwrap(), 42);
+}
+
+#[test]
+fn dropping_receipts_does_not_cancel_delivery() {
+    let count = Arc::new(AtomicU64::new(0));
+    let n = count.clone();
+    let c: Conveyor<u64> = Conveyor::builder()
+        .build(move |_d: Delivery<u64>| {
+            n.fetch_add(1, AtomicOrdering::SeqCst);
+            Ok(())
+        })
+        .unwrap();
+    for i in 0..50 {
+        drop(c.send(i).unwrap());
+    }
+    assert!(c.close_timeout(GENEROUS).drained);
+    assert_eq!(count.load(AtomicOrdering::SeqCst), 50);
+}
