@@ -1,1 +1,269 @@
-fn main() {}
+//! Conveyor against the channels and threads a user would otherwise wire up, side by
+//! side in one run. Ratios, not absolute times, are what `BENCHMARKS.md` reports.
+//!
+//! `cargo bench -p conveyor --bench engine`
+
+use std::hint::black_box;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+
+use conveyor::{Conveyor, Delivery, Ordering};
+
+/// Large enough that the producer never waits for room within one measured batch.
+const CAPACITY: usize = 1 << 20;
+
+fn conveyor_with(ordering: Ordering, sink_sleep: Option<Duration>) -> Conveyor<u64> {
+    Conveyor::builder()
+        .ordering(ordering)
+        .capacity(CAPACITY)
+        .build(move |d: Delivery<u64>| {
+            if let Some(pause) = sink_sleep {
+                std::thread::sleep(pause);
+            }
+            black_box(d.item());
+            Ok(())
+        })
+        .expect("valid configuration")
+}
+
+/// The instant-sink baselines: a bounded channel with one consumer thread.
+struct Baseline {
+    send: Box<dyn FnMut(u64)>,
+    /// Blocks until the consumer has seen every item sent so far.
+    drain: Box<dyn FnMut()>,
+}
+
+/// A consumer thread over `items`; `u64::MAX` is the drain marker.
+fn thread_baseline(
+    send: impl Fn(u64) + Clone + 'static,
+    items: impl Iterator<Item = u64> + Send + 'static,
+) -> Baseline {
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        for item in items {
+            if item == u64::MAX {
+                let _ = done_tx.send(());
+            } else {
+                black_box(item);
+            }
+        }
+    });
+    let marker = send.clone();
+    Baseline {
+        send: Box::new(send),
+        drain: Box::new(move || {
+            marker(u64::MAX);
+            done_rx.recv().unwrap();
+        }),
+    }
+}
+
+fn std_mpsc() -> Baseline {
+    let (tx, rx) = mpsc::sync_channel::<u64>(CAPACITY);
+    thread_baseline(move |i| tx.send(i).unwrap(), rx.into_iter())
+}
+
+fn crossbeam() -> Baseline {
+    let (tx, rx) = crossbeam_channel::bounded::<u64>(CAPACITY);
+    thread_baseline(move |i| tx.send(i).unwrap(), rx.into_iter())
+}
+
+fn tokio_mpsc() -> Baseline {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .build()
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<u64>(CAPACITY);
+    let (done_tx, done_rx) = crossbeam_channel::unbounded::<()>();
+    rt.spawn(async move {
+        while let Some(item) = rx.recv().await {
+            if item == u64::MAX {
+                let _ = done_tx.send(());
+            } else {
+                black_box(item);
+            }
+        }
+    });
+    let marker = tx.clone();
+    Baseline {
+        send: Box::new(move |i| {
+            let _keep_runtime = &rt;
+            tx.blocking_send(i).unwrap()
+        }),
+        drain: Box::new(move || {
+            marker.blocking_send(u64::MAX).unwrap();
+            done_rx.recv().unwrap();
+        }),
+    }
+}
+
+/// Producer-side cost of one send, with a consumer draining concurrently.
+fn send_cost(c: &mut Criterion) {
+    let mut g = c.benchmark_group("send_cost");
+    g.throughput(Throughput::Elements(1));
+    for (name, ordering) in [
+        ("conveyor_strict", Ordering::Strict),
+        (
+            "conveyor_pipelined_16",
+            Ordering::Pipelined { in_flight: 16 },
+        ),
+        ("conveyor_keyed_16", Ordering::Keyed { concurrency: 16 }),
+    ] {
+        let conveyor = conveyor_with(ordering, None);
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                for i in 0..iters {
+                    black_box(conveyor.send(i).unwrap());
+                }
+                let elapsed = start.elapsed();
+                conveyor.flush();
+                elapsed
+            })
+        });
+    }
+    for (name, make) in [
+        ("std_mpsc_sync_channel", std_mpsc as fn() -> Baseline),
+        ("crossbeam_bounded", crossbeam),
+        ("tokio_mpsc_blocking_send", tokio_mpsc),
+    ] {
+        let mut base = make();
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                for i in 0..iters {
+                    (base.send)(i);
+                }
+                let elapsed = start.elapsed();
+                (base.drain)();
+                elapsed
+            })
+        });
+    }
+    // What a receipt would cost if it were a fresh channel per item.
+    let mut base = crossbeam();
+    g.bench_function("crossbeam_plus_sync_channel_per_item", |b| {
+        b.iter_custom(|iters| {
+            let start = Instant::now();
+            for i in 0..iters {
+                let (reply_tx, reply_rx) = mpsc::sync_channel::<()>(1);
+                black_box((reply_tx, reply_rx));
+                (base.send)(i);
+            }
+            let elapsed = start.elapsed();
+            (base.drain)();
+            elapsed
+        })
+    });
+    g.finish();
+}
+
+/// Items per second from first send to last delivery, with an instant sink.
+fn end_to_end(c: &mut Criterion) {
+    const N: u64 = 100_000;
+    let mut g = c.benchmark_group("end_to_end_100k");
+    g.throughput(Throughput::Elements(N));
+    g.sample_size(10);
+    for (name, ordering) in [
+        ("conveyor_strict", Ordering::Strict),
+        (
+            "conveyor_pipelined_16",
+            Ordering::Pipelined { in_flight: 16 },
+        ),
+        ("conveyor_keyed_16", Ordering::Keyed { concurrency: 16 }),
+    ] {
+        let conveyor = conveyor_with(ordering, None);
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                for i in 0..N {
+                    conveyor.send(i).unwrap();
+                }
+                conveyor.flush();
+            })
+        });
+    }
+    for (name, make) in [
+        ("std_mpsc_sync_channel", std_mpsc as fn() -> Baseline),
+        ("crossbeam_bounded", crossbeam),
+        ("tokio_mpsc_blocking_send", tokio_mpsc),
+    ] {
+        let mut base = make();
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                for i in 0..N {
+                    (base.send)(i);
+                }
+                (base.drain)();
+            })
+        });
+    }
+    g.finish();
+
+    // Awaiting spawn_blocking per item is ordered but pays a thread hand-off per item.
+    const M: u64 = 10_000;
+    let mut g = c.benchmark_group("end_to_end_10k_spawn_blocking");
+    g.throughput(Throughput::Elements(M));
+    g.sample_size(10);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .build()
+        .unwrap();
+    g.bench_function("tokio_await_spawn_blocking_per_item", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                for i in 0..M {
+                    tokio::task::spawn_blocking(move || black_box(i))
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+    });
+    let conveyor = conveyor_with(Ordering::Strict, None);
+    g.bench_function("conveyor_strict", |b| {
+        b.iter(|| {
+            for i in 0..M {
+                conveyor.send(i).unwrap();
+            }
+            conveyor.flush();
+        })
+    });
+    g.finish();
+}
+
+/// Total time with a 1 ms sink: strict against its floor of N x 1 ms, and 16-way
+/// keyed and pipelined against N x 1 ms / 16.
+fn latency_bound(c: &mut Criterion) {
+    const N: u64 = 320;
+    let mut g = c.benchmark_group("sleep_1ms_sink_320_items");
+    g.sample_size(10);
+    for (name, ordering) in [
+        ("strict", Ordering::Strict),
+        ("keyed_16", Ordering::Keyed { concurrency: 16 }),
+        ("pipelined_16", Ordering::Pipelined { in_flight: 16 }),
+    ] {
+        let conveyor = conveyor_with(ordering, Some(Duration::from_millis(1)));
+        g.bench_with_input(BenchmarkId::new("conveyor", name), &ordering, |b, _| {
+            b.iter(|| {
+                for i in 0..N {
+                    conveyor.send_keyed(format!("k{}", i % 16), i).unwrap();
+                }
+                conveyor.flush();
+            })
+        });
+    }
+    // The floor itself: N sleeps of 1 ms in a loop, as the plain blocking loop does.
+    g.bench_function("floor_plain_loop", |b| {
+        b.iter(|| {
+            for _ in 0..N {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, send_cost, end_to_end, latency_bound);
+criterion_main!(benches);

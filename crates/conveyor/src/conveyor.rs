@@ -73,11 +73,18 @@ impl<T, R> Shared<T, R> {
         }
     }
 
-    fn wake_worker(&self, st: &State<T, R>) {
-        if st.waiters.idle_threads > 0 {
+    /// Wakes an idle worker for new work, unless enough workers were already woken
+    /// for what is queued: an awake worker takes every runnable item before it
+    /// sleeps again, so a burst of sends costs one wake-up, not one per item.
+    fn wake_worker(&self, st: &mut State<T, R>) {
+        let runnable = st.runnable();
+        let w = &mut st.waiters;
+        if w.idle_threads > w.woken_threads && runnable > w.woken_threads as u64 {
+            w.woken_threads += 1;
             self.work.notify_one();
         }
-        if st.waiters.idle_tasks > 0 {
+        if w.idle_tasks > w.woken_tasks && runnable > w.woken_tasks as u64 {
+            w.woken_tasks += 1;
             self.work_async.notify_one();
         }
     }
@@ -282,7 +289,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         }
         let receipt = Receipt::new(node.clone());
         if st.accept(node, self.attempt_limit()) {
-            shared.wake_worker(&st);
+            shared.wake_worker(&mut st);
         }
         drop(st);
         if let Some(old) = evicted {

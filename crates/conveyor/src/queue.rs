@@ -90,6 +90,9 @@ struct Counters {
 pub(crate) struct Waiters {
     pub(crate) idle_threads: usize,
     pub(crate) idle_tasks: usize,
+    /// Idle workers notified that have not run yet.
+    pub(crate) woken_threads: usize,
+    pub(crate) woken_tasks: usize,
     pub(crate) blocked_senders: usize,
     pub(crate) async_senders: usize,
     pub(crate) flushers: usize,
@@ -156,6 +159,11 @@ impl<T, R> State<T, R> {
     /// Items not yet settled that `flush` waits for (not those held in paused lanes).
     pub(crate) fn unsettled_unpaused(&self) -> u64 {
         self.counters.queued + self.counters.in_flight - self.counters.paused_items
+    }
+
+    /// Queued items not held in paused lanes (an upper bound on what may start now).
+    pub(crate) fn runnable(&self) -> u64 {
+        self.counters.queued - self.counters.paused_items
     }
 
     pub(crate) fn unsettled(&self) -> u64 {

@@ -149,6 +149,8 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
                 st.waiters.idle_threads += 1;
                 st = shared.wait(&shared.work, st);
                 st.waiters.idle_threads -= 1;
+                // Spurious wake-ups make this an estimate; an extra notify is harmless.
+                st.waiters.woken_threads = st.waiters.woken_threads.saturating_sub(1);
                 step = shared.step(&mut st, worker, None, &mut settle);
             }
             if let Step::Exit = step {
@@ -190,6 +192,7 @@ pub(crate) async fn async_worker<T: Send + Sync + 'static, R: Send + 'static>(
             let mut st = shared.lock();
             if registered_idle {
                 st.waiters.idle_tasks -= 1;
+                st.waiters.woken_tasks = st.waiters.woken_tasks.saturating_sub(1);
                 registered_idle = false;
             }
             let step = shared.step(&mut st, worker, finished.take(), &mut settle);

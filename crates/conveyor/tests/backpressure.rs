@@ -6,18 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Gate, GENEROUS};
-use conveyor::{Backpressure, Conveyor, Delivery, DeliveryError, SendError};
+use conveyor::{Backpressure, Conveyor, DeliveryError, SendError};
 
 fn gated(capacity: usize, policy: Backpressure, gate: &Arc<Gate>) -> Conveyor<u64> {
-    let g = gate.clone();
-    Conveyor::builder()
-        .capacity(capacity)
-        .backpressure(policy)
-        .build(move |_d: Delivery<u64>| {
-            g.pass();
-            Ok(())
-        })
-        .unwrap()
+    common::gated(
+        Conveyor::builder().capacity(capacity).backpressure(policy),
+        gate,
+    )
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{sleep_ms, Gate, GENEROUS};
+use common::{gated, sleep_ms, Gate, GENEROUS};
 use conveyor::{Conveyor, Delivery, DeliveryError, Ordering, SendError};
 
 #[test]
@@ -36,13 +36,7 @@ fn close_drains_everything_and_refuses_later_sends() {
 #[test]
 fn close_with_a_stuck_sink_returns_at_the_deadline_and_reports_what_is_left() {
     let gate = Gate::new();
-    let g = gate.clone();
-    let c: Conveyor<u64> = Conveyor::builder()
-        .build(move |_d: Delivery<u64>| {
-            g.pass();
-            Ok(())
-        })
-        .unwrap();
+    let c = gated(Conveyor::builder(), &gate);
     let receipts: Vec<_> = (0..5).map(|i| c.send(i).unwrap()).collect();
     gate.wait_for_callers(1);
     let started = Instant::now();
@@ -60,14 +54,10 @@ fn close_with_a_stuck_sink_returns_at_the_deadline_and_reports_what_is_left() {
 #[test]
 fn drop_is_bounded_by_the_drain_timeout() {
     let gate = Gate::new();
-    let g = gate.clone();
-    let c: Conveyor<u64> = Conveyor::builder()
-        .drain_timeout(Duration::from_millis(100))
-        .build(move |_d: Delivery<u64>| {
-            g.pass();
-            Ok(())
-        })
-        .unwrap();
+    let c = gated(
+        Conveyor::builder().drain_timeout(Duration::from_millis(100)),
+        &gate,
+    );
     let r = c.send(1).unwrap();
     gate.wait_for_callers(1);
     let started = Instant::now();
@@ -80,13 +70,7 @@ fn drop_is_bounded_by_the_drain_timeout() {
 #[test]
 fn flush_timeout_reports_whether_everything_settled() {
     let gate = Gate::new();
-    let g = gate.clone();
-    let c: Conveyor<u64> = Conveyor::builder()
-        .build(move |_d: Delivery<u64>| {
-            g.pass();
-            Ok(())
-        })
-        .unwrap();
+    let c = gated(Conveyor::builder(), &gate);
     c.send(1).unwrap();
     assert!(!c.flush_timeout(Duration::from_millis(20)));
     gate.open();

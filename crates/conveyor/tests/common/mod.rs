@@ -136,3 +136,14 @@ impl Gate {
         }
     }
 }
+
+/// A conveyor whose sink blocks in `gate` until it opens.
+pub fn gated(builder: conveyor::Builder<u64>, gate: &Arc<Gate>) -> conveyor::Conveyor<u64> {
+    let g = gate.clone();
+    builder
+        .build(move |_d: Delivery<u64>| {
+            g.pass();
+            Ok(())
+        })
+        .unwrap()
+}
