@@ -3,10 +3,15 @@
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
 use crate::conveyor::Conveyor;
+use crate::durable::{Codec, Durability, JournalSettings};
 use crate::error::{BuildError, SinkError};
 use crate::receipt::Delivery;
 use crate::retry::Retry;
@@ -104,6 +109,7 @@ pub(crate) struct Config {
     pub(crate) on_failure: OnFailure,
     pub(crate) rate_limit: Option<u32>,
     pub(crate) drain_timeout: Duration,
+    pub(crate) durability: Durability,
 }
 
 impl Default for Config {
@@ -116,6 +122,7 @@ impl Default for Config {
             on_failure: OnFailure::Skip,
             rate_limit: None,
             drain_timeout: Duration::from_secs(30),
+            durability: Durability::default(),
         }
     }
 }
@@ -157,6 +164,8 @@ impl Config {
 /// | [`on_failure`](Builder::on_failure) | [`OnFailure::Skip`] | after the last attempt |
 /// | [`rate_limit`](Builder::rate_limit) | none | sink calls started per second |
 /// | [`drain_timeout`](Builder::drain_timeout) | 30 s | how long dropping the conveyor drains |
+/// | [`journal`](Builder::journal) | none (in memory) | a file that keeps accepted items across crashes |
+/// | [`durability`](Builder::durability) | `Batched(5 ms)` | when a journaled item is on disk |
 ///
 /// # Examples
 ///
@@ -185,6 +194,8 @@ impl Config {
 #[must_use = "a builder does nothing until `build` or `build_async` is called"]
 pub struct Builder<T, R = ()> {
     pub(crate) config: Config,
+    /// Set by [`Builder::journal`], the only place that knows `T` is serde-capable.
+    journal: Option<JournalSettings<T>>,
     _types: PhantomData<fn(T) -> R>,
 }
 
@@ -192,6 +203,7 @@ impl<T, R> fmt::Debug for Builder<T, R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Builder")
             .field("config", &self.config)
+            .field("journal", &self.journal.as_ref().map(|j| &j.path))
             .finish()
     }
 }
@@ -200,6 +212,7 @@ impl<T, R> Clone for Builder<T, R> {
     fn clone(&self) -> Self {
         Self {
             config: self.config.clone(),
+            journal: self.journal.clone(),
             _types: PhantomData,
         }
     }
@@ -209,6 +222,7 @@ impl<T, R> Default for Builder<T, R> {
     fn default() -> Self {
         Self {
             config: Config::default(),
+            journal: None,
             _types: PhantomData,
         }
     }
@@ -260,6 +274,13 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Builder<T, R> {
         self
     }
 
+    /// Sets when a journaled item is on disk (default `Durability::Batched(5 ms)`); see
+    /// [`Durability`]. Without a [`journal`](Builder::journal) it has no effect.
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.config.durability = durability;
+        self
+    }
+
     /// Starts the conveyor with a blocking sink, called on threads the conveyor owns
     /// (never on the caller's thread or a Tokio worker).
     ///
@@ -272,7 +293,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Builder<T, R> {
         F: Fn(Delivery<T>) -> Result<R, SinkError> + Send + Sync + 'static,
     {
         self.config.validate()?;
-        Conveyor::start(self.config, Sink::Blocking(Arc::new(sink)))
+        Conveyor::start(self.config, Sink::Blocking(Arc::new(sink)), self.journal)
     }
 
     /// Starts the conveyor with an async sink. It runs on the Tokio runtime this is
@@ -304,7 +325,61 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Builder<T, R> {
         Conveyor::start(
             self.config,
             Sink::Async(Arc::new(move |d| Box::pin(sink(d)))),
+            self.journal,
         )
+    }
+}
+
+impl<T, R> Builder<T, R>
+where
+    T: Serialize + DeserializeOwned + Send + Sync + 'static,
+    R: Send + 'static,
+{
+    /// Keeps accepted items in a journal file (SQLite), so that they survive a crash, a
+    /// `kill -9` or a power cut, and are delivered after a restart, in order. Items are stored
+    /// as JSON.
+    ///
+    /// On build, items the journal still holds are delivered first, in their original order
+    /// per lane, before anything sent later; lanes paused before stay paused. Delivery becomes
+    /// at-least-once: items delivered just before a crash may be delivered again, in order,
+    /// with the same [`Delivery::seq`] and [`Delivery::idempotency_key`]. Items that fail for
+    /// good under [`OnFailure::Skip`] are kept as dead letters
+    /// ([`Conveyor::dead_letters`]). The file is created owner-only (0600) and one process at
+    /// a time may use it; see [`Journal`](crate::Journal) to inspect it offline.
+    ///
+    /// Seqs are reserved in the journal ahead of use (an item may reach the sink before its
+    /// group is committed, and its seq must never be reused), so after a restart they continue
+    /// past the reservation and may jump by up to 65,536: they only ever increase. While the
+    /// journal's old items are loaded, new sends wait as for a full queue (`try_send` and
+    /// `Backpressure::Reject` refuse them, the drop policies drop them). If the journal cannot
+    /// be written (disk full), sends are refused with
+    /// [`SendError::Journal`](crate::SendError::Journal) until a retried commit succeeds;
+    /// items accepted before stay intact.
+    ///
+    /// Known limit: the backlog of a lane paused before the restart is loaded into memory
+    /// whole (only unpaused items count against the capacity during the replay).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::Conveyor;
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("events.journal");
+    /// let c: Conveyor<String> = Conveyor::builder()
+    ///     .journal(&path)
+    ///     .build(|d| { println!("{}: {}", d.idempotency_key(), d.item()); Ok(()) })?;
+    /// c.send("hello".to_owned()).unwrap();
+    /// c.close();
+    /// assert_eq!(conveyor::Journal::open(&path)?.status()?.pending, 0);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn journal(mut self, path: impl Into<PathBuf>) -> Self {
+        self.journal = Some(JournalSettings {
+            path: path.into(),
+            codec: Codec::json(),
+        });
+        self
     }
 }
 

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use crate::builder::{Backpressure, Builder, Config};
+use crate::durable::{Durable, JournalSettings, Op};
 use crate::error::{BuildError, DeliveryError, SendError};
+use crate::journal::{DeadLetter, Journal, JournalError, Record, Settlement as Settled};
 use crate::queue::State;
 use crate::receipt::{Node, Receipt};
 use crate::retry::random_u64;
@@ -33,8 +35,11 @@ pub(crate) struct Shared<T, R> {
     pub(crate) settled: Condvar,
     pub(crate) settled_async: Notify,
     pub(crate) config: Config,
-    /// Prefix of every `Delivery::idempotency_key`, unique per conveyor.
+    /// Prefix of every `Delivery::idempotency_key`: the journal's id with a journal (stable
+    /// across restarts), else random per conveyor.
     pub(crate) id_prefix: Arc<str>,
+    /// The journal and its writer, if one was configured. `None` costs the hot path one branch.
+    pub(crate) durable: Option<Durable<T>>,
 }
 
 impl<T, R> Shared<T, R> {
@@ -99,7 +104,11 @@ impl<T, R> Shared<T, R> {
     }
 
     pub(crate) fn wake_one_sender(&self, st: &State<T, R>) {
-        if st.waiters.blocked_senders > 0 {
+        if st.replaying {
+            // The replay thread waits on `space` too, next to senders that cannot proceed
+            // until it is done: a single wake-up could pick one of them and be lost.
+            self.space.notify_all();
+        } else if st.waiters.blocked_senders > 0 {
             self.space.notify_one();
         }
         if st.waiters.async_senders > 0 {
@@ -175,15 +184,42 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         Builder::default()
     }
 
-    pub(crate) fn start(config: Config, sink: Sink<T, R>) -> Result<Self, BuildError> {
+    pub(crate) fn start(
+        config: Config,
+        sink: Sink<T, R>,
+        journal: Option<JournalSettings<T>>,
+    ) -> Result<Self, BuildError> {
         let workers = config.ordering.workers();
-        let state = State::new(
+        // With a journal: seqs continue after the highest one it ever handed out, idempotency
+        // keys use its id, and the lanes it remembers as paused start paused.
+        let mut opened = None;
+        let (mut first_seq, mut id_prefix) = (1, format!("{:016x}", random_u64()));
+        let mut paused = Vec::new();
+        if let Some(settings) = &journal {
+            let j = Journal::open(&settings.path)?;
+            let last_seq = j.max_seq()?;
+            first_seq = last_seq + 1;
+            id_prefix = j.id().to_owned();
+            paused = j.paused_lanes()?;
+            opened = Some(Durable::start(
+                j,
+                settings,
+                config.durability,
+                last_seq,
+                config.capacity,
+            )?);
+        }
+        let mut state = State::new(
             config.ordering,
             config.capacity,
             config.on_failure,
             config.rate_limit,
-            1,
+            first_seq,
         );
+        for lane in &paused {
+            state.restore_pause(lane);
+        }
+        state.seq_limit = opened.as_ref().map(|d| d.seq_limit.clone());
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
             work: Condvar::new(),
@@ -193,7 +229,8 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             settled: Condvar::new(),
             settled_async: Notify::new(),
             config,
-            id_prefix: Arc::from(format!("{:016x}", random_u64())),
+            id_prefix: Arc::from(id_prefix),
+            durable: opened,
         });
         let mut conveyor = Conveyor {
             shared: shared.clone(),
@@ -235,6 +272,16 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
                 }
             }
         }
+        if let Some(durable) = &shared.durable {
+            let weak = Arc::downgrade(&shared);
+            durable.on_extend(Box::new(move || {
+                if let Some(shared) = weak.upgrade() {
+                    shared.space.notify_all();
+                    shared.space_async.notify_waiters();
+                }
+            }));
+            start_replay(&shared)?;
+        }
         Ok(conveyor)
     }
 
@@ -247,6 +294,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     fn submit(
         &self,
         node: Arc<Node<T, R>>,
+        payload: &mut Option<Vec<u8>>,
         wait: Wait,
         was_waiting: bool,
     ) -> Result<Receipt<R>, Refused<T, R>> {
@@ -288,8 +336,25 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             }
         }
         let receipt = Receipt::new(node.clone());
+        // Journal ops are queued under the lock, so the writer sees appends in seq order and
+        // before any settlement of the same item.
+        let journal = shared.durable.as_ref().zip(payload.take());
+        let record = journal
+            .as_ref()
+            .map(|_| (node.key().cloned(), st.lane_id(node.key())));
         if st.accept(node, self.attempt_limit()) {
             shared.wake_worker(&mut st);
+        }
+        if let (Some((durable, payload)), Some((key, lane))) = (journal, record) {
+            durable.push(Op::Append(Record {
+                seq: receipt.seq(),
+                lane,
+                key,
+                payload,
+            }));
+            if let Some(old) = &evicted {
+                durable.push(Op::Settle(Settled::Delivered(old.seq())));
+            }
         }
         drop(st);
         if let Some(old) = evicted {
@@ -310,14 +375,46 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         Receipt::new(node)
     }
 
+    /// With a journal: refuses the item while the journal cannot be written, else encodes it
+    /// (outside the state lock).
+    fn journal_payload(&self, item: T) -> Result<(T, Option<Vec<u8>>), SendError<T>> {
+        let Some(durable) = &self.shared.durable else {
+            return Ok((item, None));
+        };
+        if durable.failure().is_some() {
+            return Err(SendError::Journal(item));
+        }
+        match durable.encode(&item) {
+            Ok(payload) => Ok((item, Some(payload))),
+            Err(e) => {
+                tracing::warn!(error = %e, "item refused");
+                Err(SendError::Journal(item))
+            }
+        }
+    }
+
+    /// Under `Durability::Sync`, waits until the accepted item is committed. An item already
+    /// settled (dropped by policy, or delivered meanwhile) has nothing left to lose.
+    fn wait_durable(&self, receipt: &Receipt<R>) {
+        if let Some(durable) = self.shared.durable.as_ref().filter(|d| d.sync) {
+            if !receipt.is_settled() {
+                blocking_section(|| durable.wait_committed(receipt.seq()));
+            }
+        }
+    }
+
     fn send_with(
         &self,
         key: Option<Arc<str>>,
         item: T,
         wait: Wait,
     ) -> Result<Receipt<R>, SendError<T>> {
-        match self.submit(Arc::new(Node::new(key, item)), wait, false) {
-            Ok(receipt) => Ok(receipt),
+        let (item, mut payload) = self.journal_payload(item)?;
+        match self.submit(Arc::new(Node::new(key, item)), &mut payload, wait, false) {
+            Ok(receipt) => {
+                self.wait_durable(&receipt);
+                Ok(receipt)
+            }
             Err(Refused::Send(e)) => Err(give_back(e)),
             Err(Refused::MustWait(_)) => unreachable!("only async sends are told to wait"),
         }
@@ -411,14 +508,18 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         key: Option<Arc<str>>,
         item: T,
     ) -> Result<Receipt<R>, SendError<T>> {
+        let (item, mut payload) = self.journal_payload(item)?;
         let mut node = Arc::new(Node::new(key, item));
         let mut was_waiting = false;
         loop {
             let notified = self.shared.space_async.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            match self.submit(node, Wait::Task, was_waiting) {
-                Ok(receipt) => return Ok(receipt),
+            match self.submit(node, &mut payload, Wait::Task, was_waiting) {
+                Ok(receipt) => {
+                    self.wait_durable(&receipt);
+                    return Ok(receipt);
+                }
                 Err(Refused::Send(e)) => return Err(give_back(e)),
                 Err(Refused::MustWait(back)) => {
                     node = back;
@@ -487,6 +588,16 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// some moment; use [`Conveyor::flush_timeout`] to bound the wait.
     pub fn flush(&self) {
         self.flush_until(None);
+        self.sync_journal(None);
+    }
+
+    /// With a journal, commits what was accepted and settled so far; returns whether that
+    /// worked in time.
+    fn sync_journal(&self, deadline: Option<Instant>) -> bool {
+        match &self.shared.durable {
+            Some(durable) => blocking_section(|| durable.sync(deadline)).is_ok(),
+            None => true,
+        }
     }
 
     /// [`Conveyor::flush`] for at most `timeout`; returns whether everything settled.
@@ -507,7 +618,8 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// # Ok::<(), conveyor::BuildError>(())
     /// ```
     pub fn flush_timeout(&self, timeout: Duration) -> bool {
-        self.flush_until(Some(Instant::now() + timeout))
+        let deadline = Instant::now().checked_add(timeout);
+        self.flush_until(deadline) && self.sync_journal(deadline)
     }
 
     /// Awaits what [`Conveyor::flush`] waits for, without blocking the runtime.
@@ -520,6 +632,8 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             {
                 let mut st = shared.lock();
                 if st.unsettled_unpaused() == 0 {
+                    drop(st);
+                    self.sync_journal(None);
                     return;
                 }
                 st.waiters.flushers += 1;
@@ -569,6 +683,10 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
                 drained: st.unsettled() == 0,
             };
             drop(st);
+            // What was accepted and not settled stays in the journal for the next start.
+            if let Some(durable) = &shared.durable {
+                durable.shut_down(deadline.map(|d| d.max(Instant::now() + JOURNAL_CLOSE_GRACE)));
+            }
             for node in left {
                 node.settle(Err(DeliveryError::Closed));
             }
@@ -608,6 +726,9 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         let shared = &*self.shared;
         let mut st = shared.lock();
         let resumed = st.resume(lane, self.attempt_limit());
+        if let Some(durable) = shared.durable.as_ref().filter(|_| resumed) {
+            durable.push(Op::Settle(Settled::Resumed(lane.to_owned())));
+        }
         if resumed {
             // A pipelined lane may now run several items: wake every idle worker.
             shared.work.notify_all();
@@ -625,6 +746,227 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     pub fn stats(&self) -> Stats {
         self.shared.lock().stats()
     }
+
+    fn durable(&self) -> Result<&Durable<T>, JournalError> {
+        self.shared.durable.as_ref().ok_or(JournalError::NoJournal)
+    }
+
+    /// The items that failed for good under [`OnFailure::Skip`](crate::OnFailure::Skip) and
+    /// were kept in the journal, oldest first. Their payloads are the items as JSON.
+    ///
+    /// # Errors
+    ///
+    /// [`JournalError::NoJournal`] without a journal; a [`JournalError`] if it cannot be read
+    /// or after `close`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::{Conveyor, SinkError};
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let c: Conveyor<u32> = Conveyor::builder()
+    ///     .journal(dir.path().join("j"))
+    ///     .build(|d| if *d.item() == 13 { Err(SinkError::permanent("unlucky")) } else { Ok(()) })?;
+    /// for i in 10..15 {
+    ///     c.send(i).unwrap();
+    /// }
+    /// c.flush();
+    /// let dead = c.dead_letters()?;
+    /// assert_eq!(dead.len(), 1);
+    /// assert_eq!((dead[0].payload.as_slice(), dead[0].error.as_str()), (&b"13"[..], "unlucky"));
+    /// c.discard_dead(dead[0].seq)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, JournalError> {
+        let durable = self.durable()?;
+        self.sync_journal(None);
+        durable.with_journal(|j| j.dead_letters())
+    }
+
+    /// Sends dead letter `seq` again: it is enqueued at the end of its lane with a new seq
+    /// (like a `send`, waiting for room if the queue is full) and leaves the dead letters in
+    /// the same commit. Returns the new item's receipt.
+    ///
+    /// # Errors
+    ///
+    /// [`JournalError::NoSuchDeadLetter`] if there is none with this seq,
+    /// [`JournalError::NoJournal`] without a journal, [`JournalError::Closed`] after close, a
+    /// decoding error if the payload no longer matches the item type.
+    pub fn retry_dead(&self, seq: u64) -> Result<Receipt<R>, JournalError> {
+        let durable = self.durable()?;
+        self.sync_journal(None);
+        let dead = durable
+            .with_journal(|j| j.dead_letter(seq))?
+            .ok_or_else(|| JournalError::NoSuchDeadLetter {
+                path: durable.path.clone(),
+                seq,
+            })?;
+        let item =
+            (durable.codec.decode)(&dead.payload).map_err(|reason| JournalError::Encode {
+                path: durable.path.clone(),
+                reason: format!(
+                    "dead letter {seq} cannot be decoded as this conveyor's item type: {reason}"
+                ),
+            })?;
+        let key = dead.key.map(Arc::from);
+        let mut payload = Some(dead.payload);
+        let receipt = match self.submit(
+            Arc::new(Node::new(key, item)),
+            &mut payload,
+            Wait::Thread,
+            false,
+        ) {
+            Ok(receipt) => receipt,
+            Err(_) => {
+                return Err(JournalError::Closed {
+                    path: durable.path.clone(),
+                })
+            }
+        };
+        // After the append in the writer's order: both land in one commit, or the removal later.
+        durable.push(Op::Settle(Settled::DiscardDead(seq)));
+        self.wait_durable(&receipt);
+        Ok(receipt)
+    }
+
+    /// Deletes dead letter `seq` for good.
+    ///
+    /// # Errors
+    ///
+    /// [`JournalError::NoSuchDeadLetter`] if there is none with this seq; see
+    /// [`Conveyor::dead_letters`] for the others.
+    pub fn discard_dead(&self, seq: u64) -> Result<(), JournalError> {
+        let durable = self.durable()?;
+        self.sync_journal(None);
+        durable.with_journal(|j| j.discard_dead(seq))
+    }
+
+    /// Stores an opaque input position (e.g. the last input line sent) in the journal. It is
+    /// committed together with the items sent before it, so after a crash
+    /// [`cursor`](Conveyor::cursor) never points past an item that was lost.
+    ///
+    /// # Errors
+    ///
+    /// [`JournalError::NoJournal`] without a journal.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::Conveyor;
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("j");
+    /// let c: Conveyor<String> = Conveyor::builder().journal(&path).build(|_d| Ok(()))?;
+    /// let start = c.cursor()?.unwrap_or(0); // resume after the last line stored
+    /// for (n, line) in ["a", "b", "c"].iter().enumerate().skip(start as usize) {
+    ///     c.send(line.to_string()).unwrap();
+    ///     c.set_cursor(n as u64 + 1)?;
+    /// }
+    /// c.close();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn set_cursor(&self, cursor: u64) -> Result<(), JournalError> {
+        let durable = self.durable()?;
+        // Under the state lock like appends, so it follows every item accepted before it.
+        let st = self.shared.lock();
+        durable.push(Op::Cursor(cursor));
+        drop(st);
+        Ok(())
+    }
+
+    /// The input position last stored with [`set_cursor`](Conveyor::set_cursor) and committed.
+    ///
+    /// # Errors
+    ///
+    /// [`JournalError::NoJournal`] without a journal; see [`Conveyor::dead_letters`].
+    pub fn cursor(&self) -> Result<Option<u64>, JournalError> {
+        let durable = self.durable()?;
+        self.sync_journal(None);
+        durable.with_journal(|j| j.cursor())
+    }
+
+    /// Why sends fail with [`SendError::Journal`] right now: the journal's last write error,
+    /// until a write succeeds again. `None` without a journal or when it is healthy.
+    pub fn journal_error(&self) -> Option<Arc<JournalError>> {
+        self.shared.durable.as_ref().and_then(|d| d.failure())
+    }
+}
+
+/// How long `close` gives the journal's last commit even when its own deadline has passed:
+/// settlements recorded then save the next start from delivering those items again.
+const JOURNAL_CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Loads the items a journal holds into the lanes, in seq order, on a thread of its own, as
+/// room frees up: memory stays bounded by the capacity whatever the journal holds. New sends
+/// wait until it is done (they count as a full queue), so they come after the old items.
+fn start_replay<T: Send + Sync + 'static, R: Send + 'static>(
+    shared: &Arc<Shared<T, R>>,
+) -> Result<(), BuildError> {
+    const PAGE: usize = 1024;
+    let durable = shared.durable.as_ref().expect("replay needs a journal");
+    let first = durable.with_journal(|j| j.pending_after(0, PAGE))?;
+    if first.is_empty() {
+        return Ok(());
+    }
+    shared.lock().replaying = true;
+    let feeder = shared.clone();
+    let spawned = std::thread::Builder::new()
+        .name("conveyor-replay".to_owned())
+        .spawn(move || {
+            let shared = feeder;
+            let durable = shared.durable.as_ref().expect("replay needs a journal");
+            let attempt_limit = shared.config.retry.attempts();
+            let mut page = first;
+            'pages: while let Some(last) = page.last().map(|r| r.seq) {
+                for record in page {
+                    let item = match (durable.codec.decode)(&record.payload) {
+                        Ok(item) => item,
+                        Err(reason) => {
+                            // Never silently lost, never blocking the rest: a dead letter.
+                            tracing::error!(seq = record.seq, %reason, "journaled item cannot be decoded");
+                            durable.push(Op::Settle(Settled::Failed {
+                                seq: record.seq,
+                                error: format!("cannot be decoded as this conveyor's item type: {reason}"),
+                                attempts: 0,
+                            }));
+                            continue;
+                        }
+                    };
+                    let node = Arc::new(Node::new(record.key, item));
+                    node.set_seq(record.seq);
+                    let mut st = shared.lock();
+                    // `close` drains the replay too; only its deadline stops it.
+                    while !st.room_for_replay() && !st.abandoned {
+                        st.waiters.blocked_senders += 1;
+                        st = shared.wait(&shared.space, st);
+                        st.waiters.blocked_senders -= 1;
+                    }
+                    if st.abandoned {
+                        break 'pages;
+                    }
+                    if st.accept_replayed(node, attempt_limit) {
+                        shared.wake_worker(&mut st);
+                    }
+                }
+                page = match durable.with_journal(|j| j.pending_after(last, PAGE)) {
+                    Ok(page) => page,
+                    Err(e) => {
+                        tracing::error!(error = %e, "replay stopped: the journal cannot be read");
+                        break;
+                    }
+                };
+            }
+            shared.lock().replaying = false;
+            // Senders wait for the end of replay, idle workers of a closed conveyor may now
+            // exit, and flush/close waited for it.
+            shared.wake_all();
+        });
+    if let Err(e) = spawned {
+        shared.lock().replaying = false;
+        return Err(BuildError::Spawn(e));
+    }
+    Ok(())
 }
 
 fn give_back<T, R>(e: SendError<Arc<Node<T, R>>>) -> SendError<T> {
@@ -636,6 +978,7 @@ fn give_back<T, R>(e: SendError<Arc<Node<T, R>>>) -> SendError<T> {
     match e {
         SendError::Full(node) => SendError::Full(unwrap(node)),
         SendError::Closed(node) => SendError::Closed(unwrap(node)),
+        SendError::Journal(node) => SendError::Journal(unwrap(node)),
     }
 }
 

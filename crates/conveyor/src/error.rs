@@ -144,13 +144,18 @@ pub enum SendError<T> {
     Full(T),
     /// The conveyor was closed; it accepts nothing more.
     Closed(T),
+    /// The conveyor's journal could not store the item (disk full, file unwritable, or the item
+    /// could not be encoded), so it was not accepted. Items accepted before stay intact; the
+    /// writer keeps retrying, and sends succeed again once the journal can be written.
+    /// [`Conveyor::journal_error`](crate::Conveyor::journal_error) tells why.
+    Journal(T),
 }
 
 impl<T> SendError<T> {
     /// Gives the refused item back.
     pub fn into_inner(self) -> T {
         match self {
-            SendError::Full(item) | SendError::Closed(item) => item,
+            SendError::Full(item) | SendError::Closed(item) | SendError::Journal(item) => item,
         }
     }
 
@@ -170,6 +175,7 @@ impl<T> fmt::Debug for SendError<T> {
         match self {
             SendError::Full(_) => f.write_str("Full(..)"),
             SendError::Closed(_) => f.write_str("Closed(..)"),
+            SendError::Journal(_) => f.write_str("Journal(..)"),
         }
     }
 }
@@ -183,6 +189,10 @@ impl<T> fmt::Display for SendError<T> {
             SendError::Closed(_) => {
                 f.write_str("the conveyor is closed and accepts no more items")
             }
+            SendError::Journal(_) => f.write_str(
+                "the conveyor's journal could not store the item, so it was not accepted: \
+                 see Conveyor::journal_error() for the cause (e.g. free disk space), then retry",
+            ),
         }
     }
 }
@@ -246,4 +256,8 @@ pub enum BuildError {
     /// A worker thread or async runtime could not be started.
     #[error("could not start the conveyor's workers: {0}")]
     Spawn(#[from] std::io::Error),
+    /// The journal could not be opened: in use by another process, damaged, not a journal,
+    /// or not writable. The message names the file and what to do.
+    #[error(transparent)]
+    Journal(#[from] crate::journal::JournalError),
 }

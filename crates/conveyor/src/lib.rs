@@ -47,7 +47,9 @@
 
 mod builder;
 mod conveyor;
+mod durable;
 mod error;
+mod journal;
 mod queue;
 mod receipt;
 mod retry;
@@ -57,7 +59,9 @@ mod worker;
 pub use crate::{
     builder::{Backpressure, Builder, OnFailure, Ordering},
     conveyor::Conveyor,
+    durable::Durability,
     error::{BuildError, DeliveryError, SendError, SinkError},
+    journal::{DeadLetter, Journal, JournalError, JournalStatus, LaneStatus},
     receipt::{Delivery, Receipt},
     retry::Retry,
     stats::{CloseReport, Stats},

@@ -5,6 +5,7 @@
 //! after releasing the lock (a receipt callback may take other locks, the GIL...).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -122,6 +123,12 @@ pub(crate) struct State<T, R> {
     /// The drain deadline passed: workers exit after their current call.
     pub(crate) abandoned: bool,
     pub(crate) live_workers: usize,
+    /// A journal's unsettled items are being loaded (in seq order, as room frees up): new
+    /// items wait, so that nothing new overtakes an old item of its lane.
+    pub(crate) replaying: bool,
+    /// With a journal: the highest seq reserved in it (see `Durable::seq_limit`); accepting
+    /// beyond it waits as if the queue were full.
+    pub(crate) seq_limit: Option<Arc<AtomicU64>>,
 }
 
 impl<T, R> State<T, R> {
@@ -149,16 +156,32 @@ impl<T, R> State<T, R> {
             closed: false,
             abandoned: false,
             live_workers: workers,
+            replaying: false,
+            seq_limit: None,
         }
     }
 
     pub(crate) fn is_full(&self) -> bool {
-        self.counters.queued >= self.capacity
+        self.replaying
+            || self.counters.queued >= self.capacity
+            || self
+                .seq_limit
+                .as_ref()
+                .is_some_and(|limit| self.next_seq > limit.load(AtomicOrdering::Acquire))
+    }
+
+    /// Whether replay may load another item: items held in paused lanes do not count, or a
+    /// paused lane's backlog would stop every other lane from being replayed.
+    pub(crate) fn room_for_replay(&self) -> bool {
+        self.counters.queued - self.counters.paused_items < self.capacity
     }
 
     /// Items not yet settled that `flush` waits for (not those held in paused lanes).
+    /// While a journal is replayed, items not loaded yet count as one, so `flush` and `close`
+    /// wait for the replay too.
     pub(crate) fn unsettled_unpaused(&self) -> u64 {
         self.counters.queued + self.counters.in_flight - self.counters.paused_items
+            + u64::from(self.replaying)
     }
 
     /// Queued items not held in paused lanes (an upper bound on what may start now).
@@ -167,7 +190,7 @@ impl<T, R> State<T, R> {
     }
 
     pub(crate) fn unsettled(&self) -> u64 {
-        self.counters.queued + self.counters.in_flight
+        self.counters.queued + self.counters.in_flight + u64::from(self.replaying)
     }
 
     pub(crate) fn stats(&self) -> Stats {
@@ -193,6 +216,40 @@ impl<T, R> State<T, R> {
     /// Accepts an item into its lane. Returns whether a worker may now have work.
     pub(crate) fn accept(&mut self, node: Arc<Node<T, R>>, attempt_limit: u32) -> bool {
         self.assign_seq(&node);
+        self.enqueue(node, attempt_limit)
+    }
+
+    /// Accepts an item replayed from the journal, which keeps the seq it was first given.
+    pub(crate) fn accept_replayed(&mut self, node: Arc<Node<T, R>>, attempt_limit: u32) -> bool {
+        self.counters.accepted += 1;
+        self.enqueue(node, attempt_limit)
+    }
+
+    /// The lane an item goes to: its key in keyed mode, `""` otherwise.
+    pub(crate) fn lane_id(&self, key: Option<&Arc<str>>) -> Arc<str> {
+        match key {
+            Some(key) if self.keyed => key.clone(),
+            _ => self.empty_key.clone(),
+        }
+    }
+
+    /// Marks a lane paused before anything is accepted (a pause the journal remembers).
+    pub(crate) fn restore_pause(&mut self, lane: &str) {
+        let target = if !self.keyed {
+            if !lane.is_empty() {
+                return; // a keyed journal reopened in another mode: no such lane here
+            }
+            &mut self.main
+        } else {
+            self.lanes.entry(Arc::from(lane)).or_insert_with(Lane::new)
+        };
+        if !target.paused {
+            target.paused = true;
+            self.counters.paused_lanes += 1;
+        }
+    }
+
+    fn enqueue(&mut self, node: Arc<Node<T, R>>, attempt_limit: u32) -> bool {
         self.counters.queued += 1;
         let job = Job {
             node,

@@ -12,8 +12,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use crate::builder::OnFailure;
 use crate::conveyor::Shared;
+use crate::durable::{Durable, Op};
 use crate::error::SinkError;
+use crate::journal::Settlement as Settled;
 use crate::queue::{Job, Outcome, Settlement, State};
 use crate::receipt::Delivery;
 
@@ -50,6 +53,9 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         settle: &mut Vec<Settlement<T, R>>,
     ) -> Step<T, R> {
         if let Some((job, outcome)) = finished {
+            if let Some(durable) = &self.durable {
+                self.journal_outcome(durable, st, &job, &outcome);
+            }
             settle.extend(st.finish(worker, job, outcome));
             self.wake_flushers(st);
         }
@@ -60,10 +66,39 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
             self.wake_one_sender(st);
             return Step::Run(job);
         }
-        if st.closed {
+        // A journal replay still loading items keeps the workers for them, even after close.
+        if st.closed && !st.replaying {
             return Step::Exit;
         }
         Step::Wait
+    }
+
+    /// Tells the journal how a job ended, under the state lock so it follows the job's append.
+    fn journal_outcome(
+        &self,
+        durable: &Durable<T>,
+        st: &State<T, R>,
+        job: &Job<T, R>,
+        outcome: &Outcome<R>,
+    ) {
+        let seq = job.node.seq();
+        let mark = match outcome {
+            Outcome::Delivered(_) => Settled::Delivered(seq),
+            Outcome::Failed(error) if self.config.on_failure == OnFailure::Skip => {
+                Settled::Failed {
+                    seq,
+                    error: error.to_string(),
+                    attempts: job.attempts,
+                }
+            }
+            // Under Pause the item stays pending at the head of its lane.
+            Outcome::Failed(error) => Settled::Paused {
+                lane: st.lane_id(job.node.key()).to_string(),
+                error: error.to_string(),
+            },
+            Outcome::Interrupted => return,
+        };
+        durable.push(Op::Settle(mark));
     }
 
     /// Bookkeeping for a worker that leaves; `close` waits for the last one.

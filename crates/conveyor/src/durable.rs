@@ -1,0 +1,542 @@
+//! The engine's side of the journal: encoding items, the writer thread that group-commits
+//! what the engine accepts and settles, and the wait of [`Durability::Sync`].
+//!
+//! The engine pushes one [`Op`] per event while it holds its state lock, so the writer sees
+//! appends in seq order and every settlement after the append it settles. The writer blocks
+//! for the first op, gathers the rest of its commit window, and commits them in one
+//! transaction (one fsync for the group).
+//!
+//! Seqs are reserved in the journal ahead of use (`Durable::seq_limit`): under `Batched` an
+//! item may reach the sink before its group is committed, and after a crash its seq must not be
+//! handed to another item, or receivers that drop seqs they have seen would drop new items.
+//!
+//! If the engine ever accepts items outside its state lock (e.g. a producer-side injection
+//! queue), the `Append` push must move to the place where seqs are assigned, keeping both
+//! orders above.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
+use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::error::BuildError;
+use crate::journal::{Journal, JournalError, Record, Settlement, WriteBatch};
+
+/// When an item accepted by `send` is on disk. Only used with a journal
+/// ([`Builder::journal`](crate::Builder::journal)).
+///
+/// # Examples
+///
+/// ```
+/// use conveyor::{Conveyor, Durability};
+/// use std::time::Duration;
+///
+/// let dir = tempfile::tempdir()?;
+/// let c: Conveyor<String> = Conveyor::builder()
+///     .journal(dir.path().join("events.journal"))
+///     .durability(Durability::Batched(Duration::from_millis(20)))
+///     .build(|d| { println!("{}", d.item()); Ok(()) })?;
+/// c.send("kept across a crash".to_owned()).unwrap();
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Durability {
+    /// `send` returns at once; a writer thread commits accepted items in groups, at most this
+    /// long after they were accepted. A crash loses at most the items accepted in the last
+    /// window. The default, with 5 ms.
+    Batched(Duration),
+    /// `send` returns once the item is committed. Concurrent sends share one commit, so many
+    /// producers still reach a high rate. If that commit fails (disk full), the send waits
+    /// while the writer retries, like a send blocked on a full queue, until the commit succeeds
+    /// or the conveyor closes; other sends are refused meanwhile.
+    Sync,
+}
+
+impl Default for Durability {
+    fn default() -> Self {
+        Durability::Batched(Duration::from_millis(5))
+    }
+}
+
+/// How items become journal payloads and back: serde_json, instantiated for `T` where the
+/// builder still knows `T: Serialize + DeserializeOwned` (the engine itself does not).
+pub(crate) struct Codec<T> {
+    pub(crate) encode: fn(&T) -> Result<Vec<u8>, String>,
+    pub(crate) decode: fn(&[u8]) -> Result<T, String>,
+}
+
+impl<T> Clone for Codec<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for Codec<T> {}
+
+impl<T: Serialize + DeserializeOwned> Codec<T> {
+    pub(crate) fn json() -> Self {
+        Codec {
+            encode: |item| serde_json::to_vec(item).map_err(|e| e.to_string()),
+            decode: |bytes| serde_json::from_slice(bytes).map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// What the builder collects for a journal.
+pub(crate) struct JournalSettings<T> {
+    pub(crate) path: PathBuf,
+    pub(crate) codec: Codec<T>,
+}
+
+impl<T> Clone for JournalSettings<T> {
+    fn clone(&self) -> Self {
+        JournalSettings {
+            path: self.path.clone(),
+            codec: self.codec,
+        }
+    }
+}
+
+/// One event for the writer, in the order the engine produced them.
+pub(crate) enum Op {
+    Append(Record),
+    Settle(Settlement),
+    Cursor(u64),
+    /// Commit everything before this op, then answer.
+    Barrier(mpsc::SyncSender<Result<(), Arc<JournalError>>>),
+    /// Commit everything before this op, then exit.
+    Stop,
+}
+
+/// What the writer has achieved, for `Sync` senders and for `send`'s error check.
+struct Progress {
+    /// The highest seq whose append is committed. Appends arrive in seq order, so every lower
+    /// seq is committed too.
+    committed: u64,
+    /// The last commit's error, until a commit succeeds again.
+    error: Option<Arc<JournalError>>,
+    /// The writer has exited: nobody waits for it any more.
+    stopped: bool,
+}
+
+/// A journal attached to a running conveyor.
+pub(crate) struct Durable<T> {
+    pub(crate) codec: Codec<T>,
+    pub(crate) sync: bool,
+    pub(crate) path: PathBuf,
+    /// Mutex-wrapped so it can be moved out and closed on `close`, releasing the file lock while
+    /// abandoned workers may still hold the engine's state. Shared with the writer thread;
+    /// operator calls (dead letters, cursor) take it between commits.
+    journal: Arc<Mutex<Option<Journal>>>,
+    ops: mpsc::SyncSender<Op>,
+    progress: Arc<(Mutex<Progress>, Condvar)>,
+    /// Set while commits fail, so `send` refuses new items with one atomic load.
+    failed: Arc<AtomicBool>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    /// The highest seq the engine may hand out: reserved in the journal ahead of use, because an
+    /// item may be delivered before its append is committed, and its seq must not be given to
+    /// another item after a crash.
+    pub(crate) seq_limit: Arc<AtomicU64>,
+    /// Called after the writer raised `seq_limit`, to wake senders that waited for it.
+    on_extend: Arc<OnceLock<Box<dyn Fn() + Send + Sync>>>,
+}
+
+/// Ops the engine may queue ahead of the writer: the conveyor's capacity, within these bounds,
+/// so encoded copies waiting for the disk stay in proportion to the queue.
+const OPS_BOUND: (usize, usize) = (1024, 64 * 1024);
+
+/// Seqs reserved at a time; the writer reserves more once half of a block is used.
+const SEQ_BLOCK: u64 = 1 << 16;
+
+/// How long the writer waits before retrying a failed commit (disk full, I/O error).
+const RETRY_AFTER_ERROR: Duration = Duration::from_millis(100);
+/// A cap on one group, so a writer that fell behind does not gather without end.
+const MAX_GROUP: usize = 64 * 1024;
+/// Appends per transaction when a group is large (see `commit`).
+const CHUNK: usize = 8 * 1024;
+
+fn lock<X>(m: &Mutex<X>) -> MutexGuard<'_, X> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl<T> Durable<T> {
+    /// Starts the writer for an opened journal whose items have seqs up to `last_seq`.
+    pub(crate) fn start(
+        mut journal: Journal,
+        settings: &JournalSettings<T>,
+        durability: Durability,
+        last_seq: u64,
+        capacity: usize,
+    ) -> Result<Durable<T>, BuildError> {
+        let reserved = last_seq + SEQ_BLOCK;
+        journal.write(&WriteBatch {
+            reserve: Some(reserved),
+            ..WriteBatch::default()
+        })?;
+        let seq_limit = Arc::new(AtomicU64::new(reserved));
+        let on_extend: Arc<OnceLock<Box<dyn Fn() + Send + Sync>>> = Arc::default();
+        // Bounded: if the disk cannot keep up, the engine waits for the writer (the ops are
+        // pushed under the state lock, so producers and workers slow down together) instead of
+        // growing a backlog without limit. The writer never takes the state lock.
+        let (ops, rx) = mpsc::sync_channel(capacity.clamp(OPS_BOUND.0, OPS_BOUND.1));
+        let journal = Arc::new(Mutex::new(Some(journal)));
+        let progress = Arc::new((
+            Mutex::new(Progress {
+                committed: 0,
+                error: None,
+                stopped: false,
+            }),
+            Condvar::new(),
+        ));
+        let failed = Arc::new(AtomicBool::new(false));
+        let window = match durability {
+            Durability::Batched(window) => Some(window),
+            Durability::Sync => None,
+        };
+        let writer = Writer {
+            rx,
+            journal: journal.clone(),
+            progress: progress.clone(),
+            failed: failed.clone(),
+            window,
+            reserved,
+            seq_limit: seq_limit.clone(),
+            on_extend: on_extend.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("conveyor-journal".to_owned())
+            .spawn(move || writer.run())?;
+        Ok(Durable {
+            codec: settings.codec,
+            sync: durability == Durability::Sync,
+            path: settings.path.clone(),
+            journal,
+            ops,
+            progress,
+            failed,
+            writer: Mutex::new(Some(handle)),
+            seq_limit,
+            on_extend,
+        })
+    }
+
+    /// Sets what the writer calls after raising the seq limit (once, at start).
+    pub(crate) fn on_extend(&self, wake: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.on_extend.set(wake);
+    }
+
+    pub(crate) fn encode(&self, item: &T) -> Result<Vec<u8>, JournalError> {
+        (self.codec.encode)(item).map_err(|reason| JournalError::Encode {
+            path: self.path.clone(),
+            reason,
+        })
+    }
+
+    /// The error that makes `send` refuse items, while commits fail.
+    pub(crate) fn failure(&self) -> Option<Arc<JournalError>> {
+        if !self.failed.load(AtomicOrdering::Acquire) {
+            return None;
+        }
+        lock(&self.progress.0).error.clone()
+    }
+
+    /// Queues an op for the writer. Called under the engine's state lock (see the module doc).
+    /// A stopped writer (after `close`) drops it: what it would have settled stays pending in
+    /// the journal and is delivered again after a restart, which at-least-once allows.
+    pub(crate) fn push(&self, op: Op) {
+        let _ = self.ops.send(op);
+    }
+
+    /// Blocks until the append of `seq` is committed (`Durability::Sync`). While commits fail
+    /// the writer keeps retrying and this keeps waiting, like a send blocked on a full queue;
+    /// it returns at once if the writer stopped.
+    pub(crate) fn wait_committed(&self, seq: u64) {
+        let (m, cv) = &*self.progress;
+        let mut p = lock(m);
+        while p.committed < seq && !p.stopped {
+            p = cv.wait(p).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Commits everything pushed so far and waits for it, at most until `deadline`.
+    /// Returns the commit's error, if it failed; `Ok` if the writer is gone or time ran out.
+    pub(crate) fn sync(&self, deadline: Option<Instant>) -> Result<(), Arc<JournalError>> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        if self.ops.send(Op::Barrier(tx)).is_err() {
+            return Ok(());
+        }
+        let answer = match deadline {
+            None => rx.recv().ok(),
+            Some(d) => rx
+                .recv_timeout(d.saturating_duration_since(Instant::now()))
+                .ok(),
+        };
+        answer.unwrap_or(Ok(()))
+    }
+
+    /// Commits what is queued, stops the writer and closes the journal file (releasing its
+    /// lock for the next process). Waits at most until `deadline` for the last commit.
+    pub(crate) fn shut_down(&self, deadline: Option<Instant>) {
+        let _ = self.ops.send(Op::Stop);
+        if let Some(handle) = lock(&self.writer).take() {
+            let (m, cv) = &*self.progress;
+            let mut p = lock(m);
+            while !p.stopped {
+                let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+                if left == Some(Duration::ZERO) {
+                    break;
+                }
+                p = match left {
+                    None => cv.wait(p).unwrap_or_else(PoisonError::into_inner),
+                    Some(left) => {
+                        cv.wait_timeout(p, left)
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .0
+                    }
+                };
+            }
+            let stopped = p.stopped;
+            drop(p);
+            if stopped {
+                let _ = handle.join();
+            } else {
+                tracing::warn!(journal = %self.path.display(), "journal writer did not finish its last commit in time");
+            }
+        }
+        if let Some(journal) = lock(&self.journal).take() {
+            if let Err(e) = journal.close() {
+                tracing::warn!(error = %e, "closing the journal failed; its content is intact");
+            }
+        }
+    }
+
+    /// Runs `f` on the open journal, between two commits of the writer.
+    pub(crate) fn with_journal<O>(
+        &self,
+        f: impl FnOnce(&mut Journal) -> Result<O, JournalError>,
+    ) -> Result<O, JournalError> {
+        match lock(&self.journal).as_mut() {
+            Some(journal) => f(journal),
+            None => Err(JournalError::Closed {
+                path: self.path.clone(),
+            }),
+        }
+    }
+}
+
+/// The writer thread's state.
+struct Writer {
+    rx: mpsc::Receiver<Op>,
+    journal: Arc<Mutex<Option<Journal>>>,
+    progress: Arc<(Mutex<Progress>, Condvar)>,
+    failed: Arc<AtomicBool>,
+    /// `Batched`: how long to gather after the first op. `Sync`: `None`, commit what is there.
+    window: Option<Duration>,
+    /// The committed seq reservation (see `Durable::seq_limit`).
+    reserved: u64,
+    seq_limit: Arc<AtomicU64>,
+    on_extend: Arc<OnceLock<Box<dyn Fn() + Send + Sync>>>,
+}
+
+impl Writer {
+    fn run(mut self) {
+        let mut batch = WriteBatch::default();
+        let mut barriers = Vec::new();
+        let mut stop = false;
+        let mut retry_at: Option<Instant> = None;
+        while !stop {
+            // Block for the first op (unless a failed group is waiting to be retried).
+            if batch.is_empty() && barriers.is_empty() {
+                match self.rx.recv() {
+                    Ok(op) => stop |= take(op, &mut batch, &mut barriers),
+                    Err(_) => break,
+                }
+            }
+            // Gather the rest: until the window closes (Batched), or what is already queued
+            // (Sync, or a flush/close waiting). A failed group waits for its retry time.
+            let deadline = retry_at.or_else(|| self.window.map(|w| Instant::now() + w));
+            while !stop && batch.appends.len() < MAX_GROUP {
+                let urgent = !barriers.is_empty() && retry_at.is_none();
+                let next = match deadline {
+                    Some(d) if !urgent => self
+                        .rx
+                        .recv_timeout(d.saturating_duration_since(Instant::now())),
+                    _ => self.rx.try_recv().map_err(|e| match e {
+                        TryRecvError::Empty => RecvTimeoutError::Timeout,
+                        TryRecvError::Disconnected => RecvTimeoutError::Disconnected,
+                    }),
+                };
+                match next {
+                    Ok(op) => stop |= take(op, &mut batch, &mut barriers),
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        stop = true;
+                    }
+                }
+            }
+            let last_append = batch.appends.iter().map(|r| r.seq).max();
+            if let Some(last) = last_append.filter(|last| last + SEQ_BLOCK / 2 > self.reserved) {
+                batch.reserve = Some(last + SEQ_BLOCK);
+            }
+            let result = match lock(&self.journal).as_mut() {
+                Some(journal) => commit(journal, &mut batch).map_err(Arc::new),
+                None => Ok(()),
+            };
+            let extended = match (&result, batch.reserve) {
+                (Ok(()), Some(reserved)) => {
+                    self.reserved = reserved;
+                    self.seq_limit.store(reserved, AtomicOrdering::Release);
+                    true
+                }
+                _ => false,
+            };
+            let (m, cv) = &*self.progress;
+            let mut p = lock(m);
+            match &result {
+                Ok(()) => {
+                    if let Some(seq) = last_append {
+                        p.committed = p.committed.max(seq);
+                    }
+                    if p.error.take().is_some() {
+                        tracing::info!("journal writes succeed again");
+                    }
+                    self.failed.store(false, AtomicOrdering::Release);
+                    batch.clear();
+                    retry_at = None;
+                }
+                Err(e) => {
+                    if p.error.is_none() {
+                        tracing::error!(error = %e, "journal write failed; retrying, new items are refused meanwhile");
+                    }
+                    p.error = Some(e.clone());
+                    self.failed.store(true, AtomicOrdering::Release);
+                    retry_at = Some(Instant::now() + RETRY_AFTER_ERROR);
+                    // Keep the group (it holds accepted items): it is retried with what comes next.
+                    // A stop still exits: what was not committed stays in memory only and is
+                    // reported as left by `close`.
+                }
+            }
+            cv.notify_all();
+            drop(p);
+            for barrier in barriers.drain(..) {
+                let _ = barrier.send(result.clone());
+            }
+            if let Some(wake) = self.on_extend.get().filter(|_| extended) {
+                wake();
+            }
+        }
+        let (m, cv) = &*self.progress;
+        lock(m).stopped = true;
+        cv.notify_all();
+    }
+}
+
+/// Commits a group. A large one (the writer fell behind, or the group grew while the disk was
+/// full) goes in transactions of at most `CHUNK` appends, in order, then one with the rest, so
+/// it can be committed as space comes back. On error, what was committed has left `batch`.
+fn commit(journal: &mut Journal, batch: &mut WriteBatch) -> Result<(), JournalError> {
+    while batch.appends.len() > CHUNK {
+        let rest = batch.appends.split_off(CHUNK);
+        let chunk = WriteBatch {
+            appends: std::mem::replace(&mut batch.appends, rest),
+            reserve: batch.reserve,
+            ..WriteBatch::default()
+        };
+        if let Err(e) = journal.write(&chunk) {
+            let mut appends = chunk.appends;
+            appends.append(&mut batch.appends);
+            batch.appends = appends;
+            return Err(e);
+        }
+    }
+    journal.write(batch)
+}
+
+/// Adds `op` to the group; returns whether it asks the writer to stop.
+fn take(
+    op: Op,
+    batch: &mut WriteBatch,
+    barriers: &mut Vec<mpsc::SyncSender<Result<(), Arc<JournalError>>>>,
+) -> bool {
+    match op {
+        Op::Append(record) => batch.appends.push(record),
+        Op::Settle(settlement) => batch.settlements.push(settlement),
+        Op::Cursor(cursor) => batch.cursor = Some(cursor),
+        Op::Barrier(tx) => barriers.push(tx),
+        Op::Stop => return true,
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(seq: u64) -> Record {
+        Record {
+            seq,
+            lane: Arc::from(""),
+            key: None,
+            payload: vec![7; 100],
+        }
+    }
+
+    fn pending(journal: &Journal) -> Vec<u64> {
+        let (mut seqs, mut after) = (Vec::new(), 0);
+        loop {
+            let page = journal.pending_after(after, 4096).unwrap();
+            match page.last() {
+                Some(last) => after = last.seq,
+                None => return seqs,
+            }
+            seqs.extend(page.iter().map(|r| r.seq));
+        }
+    }
+
+    #[test]
+    fn a_large_group_commits_in_chunks_and_keeps_what_failed_for_the_retry() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::open(dir.path().join("j")).unwrap();
+        let total = 3 * CHUNK as u64 + 10;
+        let mut batch = WriteBatch {
+            appends: (1..=total).map(record).collect(),
+            settlements: vec![Settlement::Delivered(1)],
+            ..WriteBatch::default()
+        };
+        // Room for about one chunk: the first goes in, the second fails as on a full disk.
+        let pages = 2 * (CHUNK as i64 * 130 / 4096) + 16;
+        journal.limit_pages(pages);
+        let err = commit(&mut journal, &mut batch).unwrap_err();
+        assert!(matches!(err, JournalError::DiskFull { .. }), "{err:?}");
+        // Whole chunks went in, in order; the rest stays in the group.
+        let committed = pending(&journal);
+        let n = committed.len() as u64;
+        assert!(
+            n >= CHUNK as u64 && n < total && n % CHUNK as u64 == 0,
+            "{n} committed"
+        );
+        assert!(committed.iter().copied().eq(1..=n), "a prefix, in order");
+        assert_eq!(batch.appends.first().map(|r| r.seq), Some(n + 1));
+        assert_eq!(batch.appends.len() as u64, total - n);
+        assert_eq!(
+            batch.settlements,
+            vec![Settlement::Delivered(1)],
+            "kept for the retry"
+        );
+
+        journal.limit_pages(1 << 30); // space comes back
+        commit(&mut journal, &mut batch).unwrap();
+        let all = pending(&journal);
+        assert!(
+            all.iter().copied().eq(2..=total),
+            "{} pending after the retry",
+            all.len()
+        );
+    }
+}

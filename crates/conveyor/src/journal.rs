@@ -1,0 +1,1728 @@
+//! The durable journal: a SQLite file (WAL mode) holding every accepted item until it is settled,
+//! the dead letters, the paused lanes and an opaque input cursor.
+//!
+//! The engine talks to it through a handful of crate-private operations (append a batch, record a
+//! batch of settlements, page through what is pending); operators use the public [`Journal`] type
+//! offline, while no conveyor has the file open.
+//!
+//! # File layout
+//! - `items(seq, lane, key, payload)`: accepted, not yet settled. A settled item is deleted.
+//! - `dead(seq, lane, key, payload, error, attempts, failed_at)`: items that failed permanently.
+//! - `paused(lane, error, since)`: lanes stopped by `OnFailure::Pause`.
+//! - `meta(name, value)`: the journal id, the highest seq handed out or reserved (`last_seq`),
+//!   the input cursor.
+//!
+//! The database header carries [`APPLICATION_ID`] and the schema version in `user_version`, so a
+//! foreign or newer file is recognised before anything is written to it.
+//!
+//! Durability: WAL with `synchronous = FULL`, so a commit is on disk when it returns (power cut
+//! included); the engine batches commits to pay one fsync per group.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
+
+/// Written into the SQLite header (`PRAGMA application_id`): ASCII "Conv".
+const APPLICATION_ID: i32 = 0x436f_6e76;
+/// Schema version in `PRAGMA user_version`. Bump it with a migration when the layout changes.
+const SCHEMA_VERSION: i32 = 1;
+/// Suffix of the lock file next to the journal, in the style of SQLite's own `-wal` sidecar.
+const LOCK_SUFFIX: &str = "-lock";
+/// The WAL is cut back to this size after each checkpoint, so a burst does not leave a large
+/// `-wal` file behind for the rest of the run.
+const WAL_SIZE_LIMIT: i64 = 8 * 1024 * 1024;
+/// How many write transactions pass between two looks at the free-page count.
+const COMPACT_EVERY: u32 = 256;
+/// Compact when free pages exceed this many…
+const COMPACT_MIN_FREE_PAGES: i64 = 1024;
+/// …and this fraction (1/n) of the file.
+const COMPACT_FREE_FRACTION: i64 = 4;
+
+const DEAD_COLUMNS: &str = "SELECT seq, lane, key, payload, error, attempts, failed_at FROM dead";
+
+const SCHEMA: &str = "
+CREATE TABLE meta (name TEXT PRIMARY KEY NOT NULL, value) WITHOUT ROWID;
+CREATE TABLE items (
+    seq INTEGER PRIMARY KEY,
+    lane TEXT NOT NULL,
+    key TEXT,
+    payload BLOB NOT NULL
+);
+-- Pending counts per lane (status) without reading the payloads.
+CREATE INDEX items_by_lane ON items (lane, seq);
+CREATE TABLE dead (
+    seq INTEGER PRIMARY KEY,
+    lane TEXT NOT NULL,
+    key TEXT,
+    payload BLOB NOT NULL,
+    error TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    failed_at INTEGER NOT NULL
+);
+CREATE TABLE paused (
+    lane TEXT PRIMARY KEY NOT NULL,
+    error TEXT,
+    since INTEGER NOT NULL
+) WITHOUT ROWID;
+INSERT INTO meta (name, value) VALUES ('id', lower(hex(randomblob(8)))), ('last_seq', 0);
+";
+
+/// An error from opening, reading or writing a [`Journal`].
+///
+/// Every message names the journal file and says what to do. A journal that could not be written
+/// keeps what it held before the failing operation: SQLite rolls the transaction back.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum JournalError {
+    /// Another process (or another `Journal` in this process) has the journal open.
+    #[error(
+        "journal {} is in use by {}: stop that process first, or give this one another journal file",
+        path.display(), holder(*pid)
+    )]
+    Locked {
+        /// The journal file.
+        path: PathBuf,
+        /// The process holding it, when the lock file names one.
+        pid: Option<u32>,
+    },
+    /// The file is not a readable SQLite database, or its content is damaged.
+    #[error(
+        "journal {} is damaged ({reason}); it was left untouched: move it aside to start an empty \
+         journal, or restore it from a backup",
+        path.display()
+    )]
+    Corrupt {
+        /// The journal file.
+        path: PathBuf,
+        /// What SQLite reported.
+        reason: String,
+    },
+    /// The file is a SQLite database, but not a Conveyor journal.
+    #[error(
+        "{} is a SQLite database but not a Conveyor journal; it was left untouched: pass the path \
+         of a Conveyor journal or of a file that does not exist yet",
+        path.display()
+    )]
+    Foreign {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The journal was written by a newer Conveyor with a schema this build does not know.
+    #[error(
+        "journal {} has format version {found}, newer than version {supported} that this build \
+         reads: use a newer Conveyor",
+        path.display()
+    )]
+    UnsupportedVersion {
+        /// The journal file.
+        path: PathBuf,
+        /// The version in the file.
+        found: i64,
+        /// The newest version this build reads.
+        supported: i64,
+    },
+    /// The disk (or the file system's quota) is full.
+    #[error(
+        "journal {} could not be written: the disk is full; nothing from this write was kept and \
+         the journal's earlier content is intact: free some space and try again",
+        path.display()
+    )]
+    DiskFull {
+        /// The journal file.
+        path: PathBuf,
+    },
+    /// A file could not be created, opened or written: read-only directory, missing directory,
+    /// permissions, I/O failure.
+    #[error(
+        "journal {}: cannot {action} {} ({source}): check that the directory exists and is \
+         writable by this user",
+        path.display(), file.display()
+    )]
+    Io {
+        /// The journal file.
+        path: PathBuf,
+        /// The file the operation was on: the journal, or its lock file.
+        file: PathBuf,
+        /// What was being done, e.g. "create".
+        action: &'static str,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+    /// No dead letter has this seq (it was retried, discarded, or never failed).
+    #[error("journal {} holds no dead letter with seq {seq}: list them with dead_letters()", path.display())]
+    NoSuchDeadLetter {
+        /// The journal file.
+        path: PathBuf,
+        /// The seq asked for.
+        seq: u64,
+    },
+    /// An item could not be encoded for the journal (its `Serialize` implementation failed).
+    #[error(
+        "an item could not be encoded for journal {} ({reason}); it was not accepted: check the \
+         item's Serialize implementation",
+        path.display()
+    )]
+    Encode {
+        /// The journal file.
+        path: PathBuf,
+        /// The encoder's error.
+        reason: String,
+    },
+    /// The conveyor was built without a journal.
+    #[error("this conveyor has no journal: build it with Builder::journal(path) to keep dead letters and a cursor")]
+    NoJournal,
+    /// The conveyor that used this journal was closed, and released the file.
+    #[error("the conveyor using journal {} was closed and released the file: open it with Journal::open", path.display())]
+    Closed {
+        /// The journal file.
+        path: PathBuf,
+    },
+    /// Any other error reported by SQLite.
+    #[error("journal {}: {source}", path.display())]
+    Sqlite {
+        /// The journal file.
+        path: PathBuf,
+        /// SQLite's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+fn holder(pid: Option<u32>) -> String {
+    match pid {
+        Some(pid) => format!("process {pid}"),
+        None => "another process".to_owned(),
+    }
+}
+
+impl JournalError {
+    /// Sorts a SQLite error into the variant that tells the user what to do.
+    fn sqlite(path: &Path, err: rusqlite::Error) -> Self {
+        let path = path.to_path_buf();
+        match err.sqlite_error_code() {
+            Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => JournalError::Corrupt {
+                path,
+                reason: err.to_string(),
+            },
+            Some(ErrorCode::DiskFull) => JournalError::DiskFull { path },
+            // With `locking_mode=EXCLUSIVE` a busy database means some other SQLite client (not a
+            // conveyor, which would have been stopped by the lock file) holds it.
+            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
+                JournalError::Locked { path, pid: None }
+            }
+            Some(ErrorCode::ReadOnly | ErrorCode::CannotOpen | ErrorCode::PermissionDenied) => {
+                JournalError::Io {
+                    file: path.clone(),
+                    path,
+                    action: "write",
+                    source: io::Error::new(io::ErrorKind::PermissionDenied, err.to_string()),
+                }
+            }
+            _ => JournalError::Sqlite {
+                path,
+                source: Box::new(err),
+            },
+        }
+    }
+}
+
+/// What a journal holds, from [`Journal::status`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct JournalStatus {
+    /// The journal's id, the prefix of every delivery's idempotency key.
+    pub id: String,
+    /// Lanes with pending items or a pause, sorted by name. In `Strict` and `Pipelined` mode
+    /// there is one lane, named `""`.
+    pub lanes: Vec<LaneStatus>,
+    /// Items accepted and not settled, all lanes together.
+    pub pending: u64,
+    /// Dead letters held.
+    pub dead_letters: u64,
+    /// The highest seq the journal has handed out or reserved; the next item gets a greater one.
+    pub last_seq: u64,
+    /// The input cursor last stored with [`Journal::set_cursor`] or with an append.
+    pub cursor: Option<u64>,
+    /// Bytes on disk: the database plus its write-ahead log.
+    pub file_bytes: u64,
+}
+
+/// One lane in a [`JournalStatus`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LaneStatus {
+    /// The lane's name: the key in `Keyed` mode, `""` otherwise.
+    pub lane: String,
+    /// Items accepted and not settled in this lane.
+    pub pending: u64,
+    /// `Some(error)` when the lane is paused; the error of the item that paused it (empty if
+    /// none was recorded).
+    pub paused: Option<String>,
+}
+
+/// An item that failed permanently and was kept, from [`Journal::dead_letters`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeadLetter {
+    /// The item's seq when it was accepted.
+    pub seq: u64,
+    /// Its lane (`""` outside `Keyed` mode).
+    pub lane: String,
+    /// The key it was sent with, if any.
+    pub key: Option<String>,
+    /// The encoded item, as the conveyor stored it (JSON for the serde codec).
+    pub payload: Vec<u8>,
+    /// The sink's last error, as text.
+    pub error: String,
+    /// How many attempts were made.
+    pub attempts: u32,
+    /// When it failed.
+    pub failed_at: SystemTime,
+}
+
+/// An accepted item as the engine hands it to the journal, and as recovery reads it back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Record {
+    pub(crate) seq: u64,
+    /// Shared with the engine's lane and node (no copy per item).
+    pub(crate) lane: Arc<str>,
+    pub(crate) key: Option<Arc<str>>,
+    pub(crate) payload: Vec<u8>,
+}
+
+/// How an item, or a lane, ended up; recorded in the same transaction as the appends around it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Settlement {
+    /// Delivered (or dropped): the item leaves the journal.
+    Delivered(u64),
+    /// Failed permanently under `Skip`: the item becomes a dead letter.
+    Failed {
+        seq: u64,
+        error: String,
+        attempts: u32,
+    },
+    /// The lane stopped under `Pause`; its head item stays pending.
+    Paused { lane: String, error: String },
+    /// The lane was resumed.
+    Resumed(String),
+    /// A dead letter was re-enqueued (its new append comes earlier in the same or an earlier
+    /// batch) or discarded.
+    DiscardDead(u64),
+}
+
+/// One write transaction: appends first, then settlements (which may refer to those appends),
+/// then the cursor.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct WriteBatch {
+    pub(crate) appends: Vec<Record>,
+    pub(crate) settlements: Vec<Settlement>,
+    pub(crate) cursor: Option<u64>,
+    /// Raises the seq high-water mark: seqs up to here may be handed out before their items are
+    /// committed, and a restart continues after it, so no seq is ever given to two items.
+    pub(crate) reserve: Option<u64>,
+}
+
+impl WriteBatch {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.appends.is_empty()
+            && self.settlements.is_empty()
+            && self.cursor.is_none()
+            && self.reserve.is_none()
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.appends.clear();
+        self.settlements.clear();
+        self.cursor = None;
+        self.reserve = None;
+    }
+}
+
+/// A durable journal file, opened by one process at a time.
+///
+/// A conveyor opens its journal itself (`Builder::journal`); open a `Journal` directly to inspect
+/// or repair one while no conveyor uses it: see what is pending, list, retry or discard dead
+/// letters, resume paused lanes.
+///
+/// # Locking
+/// Opening takes an OS lock (`flock`) on `PATH-lock`, a small file next to the journal that holds
+/// the owner's PID. The kernel releases the lock when the owner exits, however it exits, so a
+/// `kill -9` never leaves a stale lock. The lock file is never deleted: deleting it would let two
+/// processes lock two different files of the same name. SQLite itself runs in exclusive locking
+/// mode, so other SQLite clients are kept out too.
+///
+/// # Examples
+/// ```
+/// use conveyor::Journal;
+///
+/// let dir = tempfile::tempdir()?;
+/// let journal = Journal::open(dir.path().join("events.journal"))?;
+/// let status = journal.status()?;
+/// assert_eq!(status.pending, 0);
+/// assert!(journal.dead_letters()?.is_empty());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct Journal {
+    // Field order matters: the connection closes (and checkpoints) before the lock is released,
+    // so the next owner never sees a half-closed database.
+    conn: Connection,
+    /// Held for the journal's lifetime; dropping it releases the `flock`.
+    _lock: LockFile,
+    path: PathBuf,
+    id: String,
+    /// Write transactions since the last look at the free-page count.
+    writes_since_compact: u32,
+}
+
+impl fmt::Debug for Journal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Journal")
+            .field("path", &self.path)
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Journal {
+    /// Opens the journal at `path`, creating it (owner-only, 0600) if it does not exist.
+    ///
+    /// # Errors
+    /// - [`JournalError::Locked`] if another process has it open (naming that process);
+    /// - [`JournalError::Corrupt`] / [`JournalError::Foreign`] / [`JournalError::UnsupportedVersion`]
+    ///   if the file is damaged, not a journal, or from a newer version: the file is left untouched;
+    /// - [`JournalError::Io`] if it cannot be created or written (read-only or missing directory).
+    ///
+    /// # Examples
+    /// ```
+    /// use conveyor::{Journal, JournalError};
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("events.journal");
+    /// let first = Journal::open(&path)?;
+    /// // One process at a time: a second open fails and says who holds the file.
+    /// assert!(matches!(Journal::open(&path), Err(JournalError::Locked { .. })));
+    /// drop(first);
+    /// let again = Journal::open(&path)?;
+    /// assert_eq!(again.path(), path);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn open(path: impl AsRef<Path>) -> Result<Journal, JournalError> {
+        let path = path.as_ref().to_path_buf();
+        let lock = LockFile::acquire(&path)?;
+        // SQLite would create the file with the umask's permissions (usually 0644); the journal
+        // holds user data, so create it first, owner-only. An existing file keeps its mode, and is
+        // never truncated. SQLite gives its `-wal` file the database file's mode.
+        owner_only()
+            .open(&path)
+            .map_err(|source| JournalError::Io {
+                path: path.clone(),
+                file: path.clone(),
+                action: "create",
+                source,
+            })?;
+        let sql = |e| JournalError::sqlite(&path, e);
+        let conn = Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(sql)?;
+        // Exclusive locking before WAL: SQLite then keeps the WAL index in memory (no `-shm`
+        // file) and holds its file lock until close, a second line of defence behind the lock file.
+        conn.pragma_update(None, "locking_mode", "EXCLUSIVE")
+            .map_err(sql)?;
+        // The first read of the header: a file that is not SQLite fails here, unmodified.
+        let app_id: i32 = conn
+            .pragma_query_value(None, "application_id", |r| r.get(0))
+            .map_err(sql)?;
+        if app_id == APPLICATION_ID {
+            let version: i64 = conn
+                .pragma_query_value(None, "user_version", |r| r.get(0))
+                .map_err(sql)?;
+            if version > i64::from(SCHEMA_VERSION) {
+                return Err(JournalError::UnsupportedVersion {
+                    path,
+                    found: version,
+                    supported: i64::from(SCHEMA_VERSION),
+                });
+            }
+            set_wal(&conn, &path)?;
+        } else {
+            let tables: i64 = conn
+                .query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))
+                .map_err(sql)?;
+            if app_id != 0 || tables != 0 {
+                return Err(JournalError::Foreign { path });
+            }
+            // An empty database (a new file, or one whose creation was interrupted): set it up in
+            // one transaction, so a crash leaves either nothing or a complete journal.
+            // auto_vacuum only takes effect before the first table exists.
+            conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")
+                .map_err(sql)?;
+            set_wal(&conn, &path)?;
+            conn.execute_batch(&format!(
+                "BEGIN IMMEDIATE; {SCHEMA} PRAGMA application_id = {APPLICATION_ID}; \
+                 PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+            ))
+            .map_err(sql)?;
+        }
+        let id: String = conn
+            .query_row("SELECT value FROM meta WHERE name = 'id'", [], |r| r.get(0))
+            .map_err(|e| match e {
+                rusqlite::Error::QueryReturnedNoRows => JournalError::Corrupt {
+                    path: path.clone(),
+                    reason: "the journal id is missing".to_owned(),
+                },
+                e => JournalError::sqlite(&path, e),
+            })?;
+        Ok(Journal {
+            conn,
+            _lock: lock,
+            path,
+            id,
+            writes_since_compact: 0,
+        })
+    }
+
+    /// The journal file's path, as given to [`open`](Journal::open).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The journal's id: random, fixed when the file was created. Idempotency keys are
+    /// `"{id}-{seq}"`, so they stay unique across journals and stable across restarts.
+    ///
+    /// # Examples
+    /// ```
+    /// let dir = tempfile::tempdir()?;
+    /// let journal = conveyor::Journal::open(dir.path().join("j"))?;
+    /// assert_eq!(journal.id().len(), 16);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// What the journal holds: pending items per lane, paused lanes, dead letters, size on disk.
+    ///
+    /// # Errors
+    /// A [`JournalError`] if the file cannot be read.
+    ///
+    /// # Examples
+    /// ```
+    /// let dir = tempfile::tempdir()?;
+    /// let journal = conveyor::Journal::open(dir.path().join("j"))?;
+    /// let status = journal.status()?;
+    /// println!("{} pending, {} dead, {} bytes", status.pending, status.dead_letters, status.file_bytes);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn status(&self) -> Result<JournalStatus, JournalError> {
+        let sql = |e| JournalError::sqlite(&self.path, e);
+        let mut lanes: Vec<LaneStatus> = Vec::new();
+        {
+            // Both sides of the union are read in lane order, so one ordered merge lists each
+            // lane once with its count and its pause.
+            let mut stmt = self
+                .conn
+                .prepare(
+                    "SELECT lane, sum(n), max(paused), max(error) FROM (
+                         SELECT lane, count(*) AS n, 0 AS paused, NULL AS error FROM items GROUP BY lane
+                         UNION ALL
+                         SELECT lane, 0, 1, coalesce(error, '') FROM paused
+                     ) GROUP BY lane ORDER BY lane",
+                )
+                .map_err(sql)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    let paused: i64 = r.get(2)?;
+                    Ok(LaneStatus {
+                        lane: r.get(0)?,
+                        pending: r.get::<_, i64>(1)? as u64,
+                        paused: if paused == 1 {
+                            Some(r.get::<_, Option<String>>(3)?.unwrap_or_default())
+                        } else {
+                            None
+                        },
+                    })
+                })
+                .map_err(sql)?;
+            for lane in rows {
+                lanes.push(lane.map_err(sql)?);
+            }
+        }
+        let pending = lanes.iter().map(|l| l.pending).sum();
+        let dead_letters: i64 = self
+            .conn
+            .query_row("SELECT count(*) FROM dead", [], |r| r.get(0))
+            .map_err(sql)?;
+        let file_bytes = [self.path.clone(), sidecar(&self.path, "-wal")]
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum();
+        Ok(JournalStatus {
+            id: self.id.clone(),
+            lanes,
+            pending,
+            dead_letters: dead_letters as u64,
+            last_seq: self.max_seq()?,
+            cursor: self.cursor()?,
+            file_bytes,
+        })
+    }
+
+    /// Every dead letter, oldest seq first.
+    ///
+    /// # Errors
+    /// A [`JournalError`] if the file cannot be read.
+    ///
+    /// # Examples
+    /// ```
+    /// let dir = tempfile::tempdir()?;
+    /// let journal = conveyor::Journal::open(dir.path().join("j"))?;
+    /// for dead in journal.dead_letters()? {
+    ///     println!("#{} after {} attempts: {}", dead.seq, dead.attempts, dead.error);
+    /// }
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, JournalError> {
+        self.read_dead(&format!("{DEAD_COLUMNS} ORDER BY seq"), [])
+    }
+
+    /// One dead letter, if there is one with this seq.
+    pub(crate) fn dead_letter(&self, seq: u64) -> Result<Option<DeadLetter>, JournalError> {
+        self.read_dead(&format!("{DEAD_COLUMNS} WHERE seq = ?1"), [seq as i64])
+            .map(|mut found| found.pop())
+    }
+
+    fn read_dead(
+        &self,
+        query: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<DeadLetter>, JournalError> {
+        let sql = |e| JournalError::sqlite(&self.path, e);
+        let mut stmt = self.conn.prepare(query).map_err(sql)?;
+        let rows = stmt
+            .query_map(params, |r| {
+                Ok(DeadLetter {
+                    seq: r.get::<_, i64>(0)? as u64,
+                    lane: r.get(1)?,
+                    key: r.get(2)?,
+                    payload: r.get(3)?,
+                    error: r.get(4)?,
+                    attempts: r.get::<_, i64>(5)?.clamp(0, i64::from(u32::MAX)) as u32,
+                    failed_at: UNIX_EPOCH
+                        + Duration::from_millis(r.get::<_, i64>(6)?.max(0) as u64),
+                })
+            })
+            .map_err(sql)?;
+        rows.collect::<Result<_, _>>().map_err(sql)
+    }
+
+    /// Puts dead letter `seq` back at the end of its lane, with a new seq, and returns that seq.
+    /// The next conveyor opened on this journal delivers it after what is already pending.
+    ///
+    /// # Errors
+    /// [`JournalError::NoSuchDeadLetter`] if there is none with this seq; another
+    /// [`JournalError`] if the file cannot be written (then nothing changed).
+    ///
+    /// # Examples
+    /// ```no_run
+    /// let mut journal = conveyor::Journal::open("events.journal")?;
+    /// for dead in journal.dead_letters()? {
+    ///     let new_seq = journal.retry_dead(dead.seq)?;
+    ///     println!("#{} will be delivered again as #{new_seq}", dead.seq);
+    /// }
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn retry_dead(&mut self, seq: u64) -> Result<u64, JournalError> {
+        let new_seq = self.max_seq()? + 1;
+        self.retry_dead_as(seq, new_seq)?;
+        Ok(new_seq)
+    }
+
+    /// Deletes dead letter `seq` for good.
+    ///
+    /// # Errors
+    /// [`JournalError::NoSuchDeadLetter`] if there is none with this seq; another
+    /// [`JournalError`] if the file cannot be written.
+    ///
+    /// # Examples
+    /// ```no_run
+    /// let mut journal = conveyor::Journal::open("events.journal")?;
+    /// journal.discard_dead(42)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn discard_dead(&mut self, seq: u64) -> Result<(), JournalError> {
+        let n = self
+            .conn
+            .execute("DELETE FROM dead WHERE seq = ?1", [seq as i64])
+            .map_err(|e| JournalError::sqlite(&self.path, e))?;
+        if n == 0 {
+            return Err(JournalError::NoSuchDeadLetter {
+                path: self.path.clone(),
+                seq,
+            });
+        }
+        Ok(())
+    }
+
+    /// Clears the pause on `lane`; returns whether it was paused. The next conveyor opened on
+    /// this journal delivers that lane again, starting with the item that paused it.
+    ///
+    /// # Errors
+    /// A [`JournalError`] if the file cannot be written.
+    ///
+    /// # Examples
+    /// ```
+    /// let dir = tempfile::tempdir()?;
+    /// let mut journal = conveyor::Journal::open(dir.path().join("j"))?;
+    /// assert!(!journal.resume("customer-7")?); // it was not paused
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn resume(&mut self, lane: &str) -> Result<bool, JournalError> {
+        let n = self
+            .conn
+            .execute("DELETE FROM paused WHERE lane = ?1", [lane])
+            .map_err(|e| JournalError::sqlite(&self.path, e))?;
+        Ok(n > 0)
+    }
+
+    /// The input cursor: an opaque position the producer stored (the CLI stores the last input
+    /// line it accepted), or `None` if none was stored.
+    ///
+    /// # Errors
+    /// A [`JournalError`] if the file cannot be read.
+    ///
+    /// # Examples
+    /// ```
+    /// let dir = tempfile::tempdir()?;
+    /// let mut journal = conveyor::Journal::open(dir.path().join("j"))?;
+    /// assert_eq!(journal.cursor()?, None);
+    /// journal.set_cursor(1200)?;
+    /// assert_eq!(journal.cursor()?, Some(1200));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn cursor(&self) -> Result<Option<u64>, JournalError> {
+        self.conn
+            .query_row("SELECT value FROM meta WHERE name = 'cursor'", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .optional()
+            .map(|c| c.map(|c| c as u64))
+            .map_err(|e| JournalError::sqlite(&self.path, e))
+    }
+
+    /// Stores the input cursor (see [`cursor`](Journal::cursor)).
+    ///
+    /// # Errors
+    /// A [`JournalError`] if the file cannot be written; the old cursor then stays.
+    pub fn set_cursor(&mut self, cursor: u64) -> Result<(), JournalError> {
+        self.write(&WriteBatch {
+            cursor: Some(cursor),
+            ..WriteBatch::default()
+        })
+    }
+
+    /// Closes the journal, reporting any error (dropping it closes too, silently).
+    ///
+    /// # Errors
+    /// A [`JournalError`] if SQLite fails to close the file cleanly; the content stays intact.
+    pub fn close(self) -> Result<(), JournalError> {
+        let Journal {
+            conn, _lock, path, ..
+        } = self;
+        conn.close()
+            .map_err(|(_, e)| JournalError::sqlite(&path, e))
+    }
+
+    // ---- engine operations ------------------------------------------------------------------
+
+    /// Commits one batch in one transaction: appends, then settlements, then the cursor.
+    ///
+    /// An item delivered before its append reached the disk (a fast sink within one commit
+    /// window) is neither inserted nor deleted: it never needed to be durable.
+    pub(crate) fn write(&mut self, batch: &WriteBatch) -> Result<(), JournalError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let path = &self.path;
+        let sql = |e| JournalError::sqlite(path, e);
+        // Delivered items whose append is in this same batch: neither inserted nor deleted.
+        let settled_now: HashSet<u64> = if batch.appends.is_empty() || batch.settlements.is_empty()
+        {
+            HashSet::new()
+        } else {
+            let appended: HashSet<u64> = batch.appends.iter().map(|r| r.seq).collect();
+            batch
+                .settlements
+                .iter()
+                .filter_map(|s| match s {
+                    Settlement::Delivered(seq) if appended.contains(seq) => Some(*seq),
+                    _ => None,
+                })
+                .collect()
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql)?;
+        if !batch.appends.is_empty() {
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT INTO items (seq, lane, key, payload) VALUES (?1, ?2, ?3, ?4)",
+                )
+                .map_err(sql)?;
+            let mut last = 0;
+            for r in &batch.appends {
+                last = last.max(r.seq);
+                if !settled_now.contains(&r.seq) {
+                    insert
+                        .execute(params![r.seq as i64, &*r.lane, r.key.as_deref(), r.payload])
+                        .map_err(sql)?;
+                }
+            }
+            tx.prepare_cached("UPDATE meta SET value = max(value, ?1) WHERE name = 'last_seq'")
+                .map_err(sql)?
+                .execute([last as i64])
+                .map_err(sql)?;
+        }
+        for s in &batch.settlements {
+            match s {
+                Settlement::Delivered(seq) => {
+                    if !settled_now.contains(seq) {
+                        tx.prepare_cached("DELETE FROM items WHERE seq = ?1")
+                            .map_err(sql)?
+                            .execute([*seq as i64])
+                            .map_err(sql)?;
+                    }
+                }
+                Settlement::Failed {
+                    seq,
+                    error,
+                    attempts,
+                } => {
+                    tx.prepare_cached(
+                        "INSERT OR REPLACE INTO dead (seq, lane, key, payload, error, attempts, failed_at)
+                         SELECT seq, lane, key, payload, ?2, ?3, ?4 FROM items WHERE seq = ?1",
+                    )
+                    .map_err(sql)?
+                    .execute(params![*seq as i64, error, attempts, now_millis()])
+                    .map_err(sql)?;
+                    tx.prepare_cached("DELETE FROM items WHERE seq = ?1")
+                        .map_err(sql)?
+                        .execute([*seq as i64])
+                        .map_err(sql)?;
+                }
+                Settlement::Paused { lane, error } => {
+                    tx.prepare_cached(
+                        "INSERT OR REPLACE INTO paused (lane, error, since) VALUES (?1, ?2, ?3)",
+                    )
+                    .map_err(sql)?
+                    .execute(params![lane, error, now_millis()])
+                    .map_err(sql)?;
+                }
+                Settlement::Resumed(lane) => {
+                    tx.prepare_cached("DELETE FROM paused WHERE lane = ?1")
+                        .map_err(sql)?
+                        .execute([lane])
+                        .map_err(sql)?;
+                }
+                Settlement::DiscardDead(seq) => {
+                    tx.prepare_cached("DELETE FROM dead WHERE seq = ?1")
+                        .map_err(sql)?
+                        .execute([*seq as i64])
+                        .map_err(sql)?;
+                }
+            }
+        }
+        if let Some(upto) = batch.reserve {
+            tx.prepare_cached("UPDATE meta SET value = max(value, ?1) WHERE name = 'last_seq'")
+                .map_err(sql)?
+                .execute([upto as i64])
+                .map_err(sql)?;
+        }
+        if let Some(cursor) = batch.cursor {
+            tx.prepare_cached("INSERT OR REPLACE INTO meta (name, value) VALUES ('cursor', ?1)")
+                .map_err(sql)?
+                .execute([cursor as i64])
+                .map_err(sql)?;
+        }
+        tx.commit().map_err(sql)?;
+        self.writes_since_compact += 1;
+        if self.writes_since_compact >= COMPACT_EVERY {
+            self.writes_since_compact = 0;
+            self.compact_if_sparse()?;
+        }
+        Ok(())
+    }
+
+    /// Appends accepted items, and optionally the cursor, in one transaction.
+    #[cfg(test)]
+    pub(crate) fn append(
+        &mut self,
+        records: &[Record],
+        cursor: Option<u64>,
+    ) -> Result<(), JournalError> {
+        self.write(&WriteBatch {
+            appends: records.to_vec(),
+            settlements: Vec::new(),
+            cursor,
+            ..WriteBatch::default()
+        })
+    }
+
+    /// Records settlements in one transaction.
+    #[cfg(test)]
+    pub(crate) fn settle(&mut self, settlements: &[Settlement]) -> Result<(), JournalError> {
+        self.write(&WriteBatch {
+            appends: Vec::new(),
+            settlements: settlements.to_vec(),
+            cursor: None,
+            ..WriteBatch::default()
+        })
+    }
+
+    /// Up to `limit` pending items with seq greater than `after`, in seq order, all lanes. Page
+    /// with the last seq returned, so recovery never holds more than a page.
+    pub(crate) fn pending_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Record>, JournalError> {
+        self.read_page(
+            "SELECT seq, lane, key, payload FROM items WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            params![after as i64, limit as i64],
+        )
+    }
+
+    fn read_page(
+        &self,
+        query: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<Record>, JournalError> {
+        let sql = |e| JournalError::sqlite(&self.path, e);
+        let mut stmt = self.conn.prepare_cached(query).map_err(sql)?;
+        let rows = stmt
+            .query_map(params, |r| {
+                let lane: Arc<str> = Arc::from(r.get::<_, String>(1)?);
+                // In keyed mode the lane is the key: share one allocation.
+                let key = r.get::<_, Option<String>>(2)?.map(|k| {
+                    if *k == *lane {
+                        lane.clone()
+                    } else {
+                        Arc::from(k)
+                    }
+                });
+                Ok(Record {
+                    seq: r.get::<_, i64>(0)? as u64,
+                    lane,
+                    key,
+                    payload: r.get(3)?,
+                })
+            })
+            .map_err(sql)?;
+        rows.collect::<Result<_, _>>().map_err(sql)
+    }
+
+    /// Lanes paused when the journal was last written, so they stay paused after a restart.
+    pub(crate) fn paused_lanes(&self) -> Result<Vec<String>, JournalError> {
+        let sql = |e| JournalError::sqlite(&self.path, e);
+        let mut stmt = self
+            .conn
+            .prepare("SELECT lane FROM paused ORDER BY lane")
+            .map_err(sql)?;
+        let rows = stmt.query_map([], |r| r.get(0)).map_err(sql)?;
+        rows.collect::<Result<_, _>>().map_err(sql)
+    }
+
+    /// The highest seq ever handed out (pending, dead or already settled), so seqs, and with them
+    /// idempotency keys, never repeat after a restart.
+    pub(crate) fn max_seq(&self) -> Result<u64, JournalError> {
+        self.conn
+            .query_row(
+                "SELECT max(
+                     (SELECT value FROM meta WHERE name = 'last_seq'),
+                     coalesce((SELECT max(seq) FROM items), 0),
+                     coalesce((SELECT max(seq) FROM dead), 0))",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|s| s as u64)
+            .map_err(|e| JournalError::sqlite(&self.path, e))
+    }
+
+    /// Moves dead letter `seq` to the end of its lane as `new_seq` (the engine picks the seq
+    /// from its own counter; [`Journal::retry_dead`] from the journal's).
+    pub(crate) fn retry_dead_as(&mut self, seq: u64, new_seq: u64) -> Result<(), JournalError> {
+        let path = &self.path;
+        let sql = |e| JournalError::sqlite(path, e);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql)?;
+        let moved = tx
+            .execute(
+                "INSERT INTO items (seq, lane, key, payload) SELECT ?2, lane, key, payload FROM dead WHERE seq = ?1",
+                [seq as i64, new_seq as i64],
+            )
+            .map_err(sql)?;
+        if moved == 0 {
+            return Err(JournalError::NoSuchDeadLetter {
+                path: path.clone(),
+                seq,
+            });
+        }
+        tx.execute("DELETE FROM dead WHERE seq = ?1", [seq as i64])
+            .map_err(sql)?;
+        tx.execute(
+            "UPDATE meta SET value = max(value, ?1) WHERE name = 'last_seq'",
+            [new_seq as i64],
+        )
+        .map_err(sql)?;
+        tx.commit().map_err(sql)
+    }
+
+    /// Returns free pages to the file system when they make up a large part of the file, and
+    /// empties the WAL. Settled items leave free pages behind; SQLite reuses them, but after a
+    /// backlog drains they would otherwise stay allocated for the rest of the file's life.
+    pub(crate) fn compact_if_sparse(&mut self) -> Result<bool, JournalError> {
+        let sql = |e| JournalError::sqlite(&self.path, e);
+        let free: i64 = self
+            .conn
+            .pragma_query_value(None, "freelist_count", |r| r.get(0))
+            .map_err(sql)?;
+        let total: i64 = self
+            .conn
+            .pragma_query_value(None, "page_count", |r| r.get(0))
+            .map_err(sql)?;
+        if free < COMPACT_MIN_FREE_PAGES || free * COMPACT_FREE_FRACTION < total {
+            return Ok(false);
+        }
+        self.compact()?;
+        Ok(true)
+    }
+
+    /// Unconditional compaction: incremental vacuum, then a truncating checkpoint.
+    pub(crate) fn compact(&mut self) -> Result<(), JournalError> {
+        let sql = |e| JournalError::sqlite(&self.path, e);
+        // incremental_vacuum does its work as its rows are stepped through, so drain them all.
+        let mut stmt = self
+            .conn
+            .prepare("PRAGMA incremental_vacuum")
+            .map_err(sql)?;
+        let mut rows = stmt.query([]).map_err(sql)?;
+        while rows.next().map_err(sql)?.is_some() {}
+        drop(rows);
+        drop(stmt);
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .map_err(sql)
+    }
+
+    /// Caps the file's size, so that writes fail as on a full disk (SQLite reports both as
+    /// `SQLITE_FULL`).
+    #[cfg(test)]
+    pub(crate) fn limit_pages(&self, pages: i64) {
+        self.conn
+            .pragma_update(None, "max_page_count", pages)
+            .unwrap();
+    }
+}
+
+/// WAL mode with a commit that is on disk when it returns (`synchronous = FULL` fsyncs the WAL on
+/// every commit; batching commits is what makes that affordable).
+fn set_wal(conn: &Connection, path: &Path) -> Result<(), JournalError> {
+    let sql = |e| JournalError::sqlite(path, e);
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+        .map_err(sql)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(JournalError::Sqlite {
+            path: path.to_path_buf(),
+            source: format!("SQLite refused WAL mode (it runs in {mode} mode)").into(),
+        });
+    }
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(sql)?;
+    conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)
+        .map_err(sql)?;
+    Ok(())
+}
+
+fn now_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Options that open a file read-write, creating it owner-only (0600 on Unix) and never
+/// truncating an existing one.
+fn owner_only() -> OpenOptions {
+    let mut options = OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options
+}
+
+/// `PATH` + `suffix`, e.g. `events.journal-lock`.
+fn sidecar(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// An exclusive `flock` on `PATH-lock`, holding the owner's PID for the error message others get.
+///
+/// Why `flock` on a side file rather than SQLite's own locking alone: SQLite's busy error cannot
+/// say who holds the file, and the kernel drops an `flock` when its owner dies, so a crashed
+/// owner never blocks the next start. `fs4` wraps the call (and the Windows equivalent) without
+/// unsafe code here; `std::fs::File::try_lock` would do the same but needs Rust 1.89, above the
+/// workspace's MSRV.
+struct LockFile {
+    _file: File,
+}
+
+impl LockFile {
+    fn acquire(journal: &Path) -> Result<LockFile, JournalError> {
+        let lock_path = sidecar(journal, LOCK_SUFFIX);
+        let io_err = |action, source| JournalError::Io {
+            path: journal.to_path_buf(),
+            file: lock_path.clone(),
+            action,
+            source,
+        };
+        let mut file = owner_only()
+            .open(&lock_path)
+            .map_err(|e| io_err("create", e))?;
+        match fs4::FileExt::try_lock(&file) {
+            Ok(()) => {}
+            Err(fs4::TryLockError::WouldBlock) => {
+                let mut text = String::new();
+                // The holder may be between taking the lock and writing its PID: then no PID.
+                let _ = file.read_to_string(&mut text);
+                return Err(JournalError::Locked {
+                    path: journal.to_path_buf(),
+                    pid: text.trim().parse().ok(),
+                });
+            }
+            Err(fs4::TryLockError::Error(e)) => return Err(io_err("lock", e)),
+        }
+        file.set_len(0).map_err(|e| io_err("write", e))?;
+        file.rewind().map_err(|e| io_err("write", e))?;
+        writeln!(file, "{}", std::process::id()).map_err(|e| io_err("write", e))?;
+        Ok(LockFile { _file: file })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::{Command, Stdio};
+
+    fn rec(seq: u64, lane: &str) -> Record {
+        Record {
+            seq,
+            lane: Arc::from(lane),
+            key: Some(Arc::from(lane)),
+            payload: format!("item {seq}").into_bytes(),
+        }
+    }
+
+    fn all_pending(j: &Journal) -> Vec<Record> {
+        let mut out = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = j.pending_after(after, 7).unwrap();
+            let Some(last) = page.last() else { return out };
+            after = last.seq;
+            out.extend(page);
+        }
+    }
+
+    fn seqs(records: &[Record]) -> Vec<u64> {
+        records.iter().map(|r| r.seq).collect()
+    }
+
+    #[test]
+    fn appended_items_survive_reopen_in_seq_order_with_payloads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let id;
+        {
+            let mut j = Journal::open(&path).unwrap();
+            id = j.id().to_owned();
+            j.append(
+                &(1..=20)
+                    .map(|s| rec(s, if s % 2 == 0 { "a" } else { "b" }))
+                    .collect::<Vec<_>>(),
+                Some(99),
+            )
+            .unwrap();
+            j.settle(&[Settlement::Delivered(3), Settlement::Delivered(4)])
+                .unwrap();
+        }
+        let j = Journal::open(&path).unwrap();
+        assert_eq!(j.id(), id, "the id is fixed when the file is created");
+        let pending = all_pending(&j);
+        let expected: Vec<u64> = (1..=20).filter(|s| *s != 3 && *s != 4).collect();
+        assert_eq!(seqs(&pending), expected);
+        assert_eq!(pending[0], rec(1, "b"));
+        assert_eq!(j.cursor().unwrap(), Some(99));
+        assert_eq!(j.max_seq().unwrap(), 20);
+        let status = j.status().unwrap();
+        assert_eq!(status.pending, 18);
+        assert_eq!(
+            status
+                .lanes
+                .iter()
+                .map(|l| (l.lane.as_str(), l.pending))
+                .collect::<Vec<_>>(),
+            vec![("a", 9), ("b", 9)]
+        );
+        assert!(status.file_bytes > 0);
+    }
+
+    #[test]
+    fn max_seq_survives_when_everything_was_settled() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        {
+            let mut j = Journal::open(&path).unwrap();
+            j.append(&[rec(1, ""), rec(2, "")], None).unwrap();
+            j.settle(&[Settlement::Delivered(1), Settlement::Delivered(2)])
+                .unwrap();
+        }
+        let j = Journal::open(&path).unwrap();
+        assert!(all_pending(&j).is_empty());
+        assert_eq!(
+            j.max_seq().unwrap(),
+            2,
+            "seqs must not restart at 1, or idempotency keys repeat"
+        );
+    }
+
+    #[test]
+    fn items_delivered_in_the_same_batch_never_touch_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path().join("j")).unwrap();
+        j.write(&WriteBatch {
+            appends: vec![rec(1, ""), rec(2, ""), rec(3, "")],
+            settlements: vec![Settlement::Delivered(1), Settlement::Delivered(3)],
+            cursor: None,
+            ..WriteBatch::default()
+        })
+        .unwrap();
+        assert_eq!(seqs(&all_pending(&j)), vec![2]);
+        assert_eq!(j.max_seq().unwrap(), 3);
+        // A delivery of an item appended in an earlier batch still deletes it.
+        j.write(&WriteBatch {
+            appends: vec![rec(4, "")],
+            settlements: vec![Settlement::Delivered(2)],
+            cursor: None,
+            ..WriteBatch::default()
+        })
+        .unwrap();
+        assert_eq!(seqs(&all_pending(&j)), vec![4]);
+    }
+
+    #[test]
+    fn failed_items_become_dead_letters_that_can_be_retried_or_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        {
+            let mut j = Journal::open(&path).unwrap();
+            j.write(&WriteBatch {
+                appends: vec![rec(1, "k"), rec(2, "k"), rec(3, "k")],
+                settlements: vec![Settlement::Failed {
+                    seq: 1,
+                    error: "HTTP 400: bad item".into(),
+                    attempts: 5,
+                }],
+                cursor: None,
+                ..WriteBatch::default()
+            })
+            .unwrap();
+            j.settle(&[Settlement::Failed {
+                seq: 2,
+                error: "gone".into(),
+                attempts: 1,
+            }])
+            .unwrap();
+        }
+        let mut j = Journal::open(&path).unwrap();
+        let dead = j.dead_letters().unwrap();
+        assert_eq!(dead.iter().map(|d| d.seq).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(
+            (dead[0].error.as_str(), dead[0].attempts),
+            ("HTTP 400: bad item", 5)
+        );
+        assert_eq!(
+            (dead[0].lane.as_str(), dead[0].key.as_deref()),
+            ("k", Some("k"))
+        );
+        assert_eq!(dead[0].payload, b"item 1");
+        assert!(dead[0].failed_at > UNIX_EPOCH + Duration::from_secs(1_600_000_000));
+        assert_eq!(j.status().unwrap().dead_letters, 2);
+
+        let new_seq = j.retry_dead(1).unwrap();
+        assert_eq!(
+            new_seq, 4,
+            "re-enqueued behind everything handed out so far"
+        );
+        let pending = all_pending(&j);
+        assert_eq!(seqs(&pending), vec![3, 4]);
+        assert_eq!(pending[1].payload, b"item 1");
+        j.discard_dead(2).unwrap();
+        assert!(j.dead_letters().unwrap().is_empty());
+        assert!(matches!(
+            j.discard_dead(2),
+            Err(JournalError::NoSuchDeadLetter { seq: 2, .. })
+        ));
+        let err = j.retry_dead(1).unwrap_err();
+        assert!(
+            matches!(err, JournalError::NoSuchDeadLetter { seq: 1, .. }),
+            "{err}"
+        );
+        assert_eq!(j.max_seq().unwrap(), 4, "a failed retry hands out no seq");
+    }
+
+    #[test]
+    fn paused_lanes_are_remembered_until_resumed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        {
+            let mut j = Journal::open(&path).unwrap();
+            j.append(&[rec(1, "x"), rec(2, "y")], None).unwrap();
+            j.settle(&[
+                Settlement::Paused {
+                    lane: "x".into(),
+                    error: "503".into(),
+                },
+                Settlement::Paused {
+                    lane: "z".into(),
+                    error: "timeout".into(),
+                },
+                Settlement::Resumed("z".into()),
+            ])
+            .unwrap();
+        }
+        let mut j = Journal::open(&path).unwrap();
+        assert_eq!(j.paused_lanes().unwrap(), vec!["x".to_owned()]);
+        let lanes = j.status().unwrap().lanes;
+        assert_eq!(
+            lanes[0],
+            LaneStatus {
+                lane: "x".into(),
+                pending: 1,
+                paused: Some("503".into())
+            }
+        );
+        assert_eq!(
+            lanes[1],
+            LaneStatus {
+                lane: "y".into(),
+                pending: 1,
+                paused: None
+            }
+        );
+        assert!(j.resume("x").unwrap());
+        assert!(!j.resume("x").unwrap());
+        assert!(j.paused_lanes().unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_file_is_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let mut j = Journal::open(&path).unwrap();
+        j.append(&[rec(1, "")], None).unwrap();
+        for file in [
+            path.clone(),
+            sidecar(&path, "-wal"),
+            sidecar(&path, LOCK_SUFFIX),
+        ] {
+            let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{} has mode {mode:o}", file.display());
+        }
+    }
+
+    #[test]
+    fn a_second_open_in_this_process_is_refused_and_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let _first = Journal::open(&path).unwrap();
+        let err = Journal::open(&path).unwrap_err();
+        assert!(
+            matches!(&err, JournalError::Locked { pid: Some(pid), .. } if *pid == std::process::id()),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&path.display().to_string())
+                && msg.contains(&std::process::id().to_string()),
+            "{msg}"
+        );
+    }
+
+    /// Runs this test binary again as a child executing only `test`, with `env` set; see
+    /// [`a_second_process_is_refused_and_a_killed_holder_does_not_block`].
+    fn spawn_self(test: &str, env: (&str, &Path)) -> std::process::Child {
+        Command::new(std::env::current_exe().unwrap())
+            .args([test, "--exact", "--nocapture", "--test-threads=1"])
+            .env(env.0, env.1)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_second_process_is_refused_and_a_killed_holder_does_not_block() {
+        const CHILD: &str = "CONVEYOR_JOURNAL_TEST_HOLDER";
+        // In the child: open, say so, and hold the journal until killed.
+        if let Some(path) = std::env::var_os(CHILD) {
+            // The parent's test process may fork other children (other tests) while it held
+            // the journal; such a fork keeps the lock until it execs, so allow a moment.
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            let _j = loop {
+                match Journal::open(PathBuf::from(&path)) {
+                    Err(JournalError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    other => break other.unwrap(),
+                }
+            };
+            println!("holding");
+            let _ = io::stdin().read(&mut [0u8; 1]);
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        Journal::open(&path)
+            .unwrap()
+            .append(&[rec(1, "")], None)
+            .unwrap();
+        let mut child = spawn_self(
+            "journal::tests::a_second_process_is_refused_and_a_killed_holder_does_not_block",
+            (CHILD, &path),
+        );
+        let mut out = io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        while !line.contains("holding") {
+            line.clear();
+            assert!(
+                io::BufRead::read_line(&mut out, &mut line).unwrap() > 0,
+                "the child exited before holding the journal"
+            );
+        }
+        let err = Journal::open(&path).unwrap_err();
+        assert!(
+            matches!(&err, JournalError::Locked { pid: Some(pid), .. } if *pid == child.id()),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains(&format!("process {}", child.id())),
+            "{err}"
+        );
+
+        child.kill().unwrap(); // SIGKILL: no destructor runs, the lock file stays behind
+        child.wait().unwrap();
+        assert!(sidecar(&path, LOCK_SUFFIX).exists());
+        let j = Journal::open(&path).expect("a lock left by a killed process must not block");
+        assert_eq!(seqs(&all_pending(&j)), vec![1]);
+    }
+
+    #[test]
+    fn a_stale_lock_file_naming_a_dead_pid_does_not_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        std::fs::write(sidecar(&path, LOCK_SUFFIX), "4000000\n").unwrap();
+        Journal::open(&path).unwrap();
+        let pid = std::fs::read_to_string(sidecar(&path, LOCK_SUFFIX)).unwrap();
+        assert_eq!(pid.trim(), std::process::id().to_string());
+    }
+
+    fn assert_untouched(path: &Path, content: &[u8], err: &JournalError) {
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "the error must name the file: {err}"
+        );
+        assert_eq!(
+            std::fs::read(path).unwrap(),
+            content,
+            "the file must not be modified"
+        );
+    }
+
+    #[test]
+    fn a_file_that_is_not_sqlite_is_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notes.txt");
+        let content = b"these are my notes, not a journal\n".repeat(200);
+        std::fs::write(&path, &content).unwrap();
+        let err = Journal::open(&path).unwrap_err();
+        assert!(matches!(err, JournalError::Corrupt { .. }), "{err:?}");
+        assert_untouched(&path, &content, &err);
+    }
+
+    #[test]
+    fn a_foreign_sqlite_database_is_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("app.db");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("CREATE TABLE users (name TEXT); INSERT INTO users VALUES ('ann');")
+            .unwrap();
+        let content = std::fs::read(&path).unwrap();
+        let err = Journal::open(&path).unwrap_err();
+        assert!(matches!(err, JournalError::Foreign { .. }), "{err:?}");
+        assert_untouched(&path, &content, &err);
+    }
+
+    #[test]
+    fn a_journal_from_a_newer_version_is_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        Journal::open(&path).unwrap();
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        let content = std::fs::read(&path).unwrap();
+        let err = Journal::open(&path).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                JournalError::UnsupportedVersion {
+                    found: 2,
+                    supported: 1,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_untouched(&path, &content, &err);
+    }
+
+    #[test]
+    fn a_damaged_journal_is_reported_and_not_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        {
+            let mut j = Journal::open(&path).unwrap();
+            let big: Vec<Record> = (1..=2000)
+                .map(|s| Record {
+                    payload: vec![7; 200],
+                    ..rec(s, "")
+                })
+                .collect();
+            j.append(&big, None).unwrap();
+        }
+        // Overwrite pages in the middle of the file (b-tree pages of the items table).
+        let mut content = std::fs::read(&path).unwrap();
+        assert!(
+            content.len() > 64 * 1024,
+            "the journal should span many pages"
+        );
+        for b in &mut content[8192..40960] {
+            *b = 0xA5;
+        }
+        std::fs::write(&path, &content).unwrap();
+        let result =
+            Journal::open(&path).and_then(|j| j.pending_after(0, 10_000).map(|_| j.status()));
+        let err = match result {
+            Err(e) => e,
+            Ok(status) => panic!("damage went unnoticed: {status:?}"),
+        };
+        assert!(matches!(err, JournalError::Corrupt { .. }), "{err:?}");
+        assert_untouched(&path, &content, &err);
+    }
+
+    #[test]
+    fn a_full_disk_fails_the_write_and_keeps_what_was_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let mut j = Journal::open(&path).unwrap();
+        j.append(&(1..=10).map(|s| rec(s, "")).collect::<Vec<_>>(), Some(10))
+            .unwrap();
+        // SQLite reports a page limit exactly as a full disk (SQLITE_FULL), down the same paths.
+        let pages: i64 = j
+            .conn
+            .pragma_query_value(None, "page_count", |r| r.get(0))
+            .unwrap();
+        j.limit_pages(pages);
+        let big: Vec<Record> = (11..=5000)
+            .map(|s| Record {
+                payload: vec![1; 500],
+                ..rec(s, "")
+            })
+            .collect();
+        let err = j.append(&big, Some(5000)).unwrap_err();
+        assert!(matches!(err, JournalError::DiskFull { .. }), "{err:?}");
+        assert!(err.to_string().contains("disk is full"), "{err}");
+        // The journal stays usable and holds exactly what was committed before.
+        assert_eq!(seqs(&all_pending(&j)), (1..=10).collect::<Vec<_>>());
+        assert_eq!(
+            j.cursor().unwrap(),
+            Some(10),
+            "the cursor is committed with its items, or not at all"
+        );
+        j.settle(&[Settlement::Delivered(1)]).unwrap();
+        drop(j);
+        let j = Journal::open(&path).unwrap();
+        assert_eq!(seqs(&all_pending(&j)), (2..=10).collect::<Vec<_>>());
+        assert_eq!(j.max_seq().unwrap(), 10);
+    }
+
+    /// Makes `dir` read-only for this process until dropped: a read-only bind mount when running as
+    /// root (root ignores permission bits), `chmod 555` otherwise.
+    struct ReadOnlyDir {
+        dir: PathBuf,
+        mounted: bool,
+    }
+
+    impl ReadOnlyDir {
+        fn new(dir: &Path) -> ReadOnlyDir {
+            let is_root = Command::new("id")
+                .arg("-u")
+                .output()
+                .map(|o| o.stdout == b"0\n")
+                .unwrap_or(false);
+            if is_root {
+                let run = |args: &[&str]| {
+                    let status = Command::new("mount").args(args).status().unwrap();
+                    assert!(
+                        status.success(),
+                        "mount {args:?} failed; running as root, this test needs mount"
+                    );
+                };
+                let d = dir.to_str().unwrap();
+                run(&["--bind", d, d]);
+                run(&["-o", "remount,bind,ro", d]);
+            } else {
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o555)).unwrap();
+            }
+            ReadOnlyDir {
+                dir: dir.to_path_buf(),
+                mounted: is_root,
+            }
+        }
+    }
+
+    impl Drop for ReadOnlyDir {
+        fn drop(&mut self) {
+            if self.mounted {
+                let _ = Command::new("umount").arg(&self.dir).status();
+            } else {
+                let _ = std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o755));
+            }
+        }
+    }
+
+    #[test]
+    fn a_read_only_directory_gives_an_error_naming_the_file_and_keeps_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        {
+            let mut j = Journal::open(&path).unwrap();
+            j.append(&[rec(1, ""), rec(2, "")], None).unwrap();
+        }
+        {
+            let _ro = ReadOnlyDir::new(dir.path());
+            let err = Journal::open(&path).unwrap_err();
+            assert!(matches!(err, JournalError::Io { .. }), "{err:?}");
+            let msg = err.to_string();
+            assert!(
+                msg.contains(&path.display().to_string()) && msg.contains("writable"),
+                "{msg}"
+            );
+            let fresh = dir.path().join("new.journal");
+            let err = Journal::open(&fresh).unwrap_err();
+            assert!(
+                err.to_string().contains(&fresh.display().to_string()),
+                "{err}"
+            );
+        }
+        let j = Journal::open(&path).unwrap();
+        assert_eq!(seqs(&all_pending(&j)), vec![1, 2]);
+    }
+
+    #[test]
+    fn settled_items_are_compacted_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let mut j = Journal::open(&path).unwrap();
+        // A backlog of 20k items of 400 bytes (~9 MB), then all delivered.
+        for chunk in (1..=20_000u64).collect::<Vec<_>>().chunks(1000) {
+            let batch: Vec<Record> = chunk
+                .iter()
+                .map(|s| Record {
+                    payload: vec![3; 400],
+                    ..rec(*s, "")
+                })
+                .collect();
+            j.append(&batch, None).unwrap();
+        }
+        let peak = std::fs::metadata(&path).unwrap().len();
+        assert!(peak > 8_000_000, "peak {peak}");
+        for chunk in (1..=20_000u64).collect::<Vec<_>>().chunks(100) {
+            j.settle(
+                &chunk
+                    .iter()
+                    .map(|s| Settlement::Delivered(*s))
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap();
+        }
+        // 200 settle transactions: the periodic check has not necessarily fired yet; a long run
+        // keeps writing, which is what makes it fire.
+        for s in 20_001..=20_000 + u64::from(COMPACT_EVERY) {
+            j.append(&[rec(s, "")], None).unwrap();
+            j.settle(&[Settlement::Delivered(s)]).unwrap();
+        }
+        let db = std::fs::metadata(&path).unwrap().len();
+        let wal = std::fs::metadata(sidecar(&path, "-wal")).unwrap().len();
+        assert!(
+            db < peak / 10,
+            "the database should shrink once the backlog is settled: {peak} -> {db}"
+        );
+        // The WAL is reused from its start after each checkpoint and cut back to the size limit.
+        assert!(
+            wal <= WAL_SIZE_LIMIT as u64,
+            "the WAL should stay bounded: {wal}"
+        );
+        drop(j);
+        assert!(Journal::open(&path)
+            .unwrap()
+            .pending_after(0, 10)
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn the_cursor_is_committed_with_the_items_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        {
+            let mut j = Journal::open(&path).unwrap();
+            j.append(&[rec(1, "")], Some(1)).unwrap();
+            j.append(&[rec(2, "")], None).unwrap();
+            assert_eq!(
+                j.cursor().unwrap(),
+                Some(1),
+                "an append without a cursor keeps the old one"
+            );
+            j.set_cursor(7).unwrap();
+        }
+        assert_eq!(Journal::open(&path).unwrap().cursor().unwrap(), Some(7));
+    }
+}

@@ -1,0 +1,523 @@
+//! A conveyor with a journal: restart replays what was not settled, in order and before new
+//! items; dead letters, pauses and the cursor survive restarts; one process per file; a full
+//! disk makes `send` fail without harming what was accepted.
+
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use conveyor::{
+    BuildError, Conveyor, Delivery, Durability, Journal, JournalError, OnFailure, Ordering,
+    SendError, SinkError,
+};
+
+/// What a sink saw: (seq, key, item, idempotency key).
+type Seen = Arc<Mutex<Vec<(u64, Option<String>, u64, String)>>>;
+
+fn recorder() -> (
+    Seen,
+    impl Fn(Delivery<u64>) -> Result<(), SinkError> + Send + Sync + 'static,
+) {
+    let seen: Seen = Arc::default();
+    let log = seen.clone();
+    let sink = move |d: Delivery<u64>| {
+        log.lock().unwrap().push((
+            d.seq(),
+            d.key().map(str::to_owned),
+            *d.item(),
+            d.idempotency_key(),
+        ));
+        Ok(())
+    };
+    (seen, sink)
+}
+
+/// A conveyor on `path` whose sink records what it sees.
+fn recording(path: &Path, ordering: Ordering) -> (Seen, Conveyor<u64>) {
+    let (seen, sink) = recorder();
+    let c = Conveyor::builder()
+        .journal(path)
+        .ordering(ordering)
+        .build(sink)
+        .unwrap();
+    (seen, c)
+}
+
+/// A conveyor whose sink never finishes until the returned sender is dropped: everything sent
+/// stays unsettled, as in a crash.
+fn stalled(path: &Path, ordering: Ordering) -> (Conveyor<u64>, mpsc::Sender<()>) {
+    let (gate_tx, gate) = mpsc::channel::<()>();
+    let gate = Mutex::new(gate);
+    let c = Conveyor::builder()
+        .journal(path)
+        .ordering(ordering)
+        .capacity(1_000_000)
+        .drain_timeout(Duration::from_millis(50))
+        .build(move |_d: Delivery<u64>| {
+            let _ = gate.lock().unwrap().recv();
+            Err(SinkError::permanent("stopped"))
+        })
+        .unwrap();
+    (c, gate_tx)
+}
+
+#[test]
+fn unsettled_items_are_delivered_after_a_restart_in_order_and_before_new_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.journal");
+    let keyed = Ordering::Keyed { concurrency: 4 };
+    let (c, gate) = stalled(&path, keyed);
+    for i in 0..90u64 {
+        c.send_keyed(format!("k{}", i % 3), i).unwrap();
+    }
+    let report = c.close_timeout(Duration::from_millis(50));
+    assert_eq!(report.left, 90, "nothing settled: {report:?}");
+    drop(c);
+    drop(gate);
+
+    let (seen, c) = recording(&path, keyed);
+    for i in 90..99u64 {
+        c.send_keyed(format!("k{}", i % 3), i).unwrap();
+    }
+    c.flush();
+    assert!(c.close().drained);
+    let id = Journal::open(&path).unwrap().id().to_owned();
+    let seen = seen.lock().unwrap();
+    assert_eq!(
+        seen.len(),
+        99,
+        "each item exactly once: none was settled before"
+    );
+    for lane in ["k0", "k1", "k2"] {
+        let items: Vec<u64> = seen
+            .iter()
+            .filter(|s| s.1.as_deref() == Some(lane))
+            .map(|s| s.2)
+            .collect();
+        let expected: Vec<u64> = (0..99).filter(|i| format!("k{}", i % 3) == lane).collect();
+        assert_eq!(
+            items, expected,
+            "lane {lane}: old items first, in order, then new ones"
+        );
+    }
+    for (seq, _, item, key) in seen.iter() {
+        if *item < 90 {
+            assert_eq!(*seq, item + 1, "replayed items keep their seqs");
+        } else {
+            assert!(
+                *seq > 90,
+                "new items get seqs after every seq handed out before"
+            );
+        }
+        assert_eq!(
+            *key,
+            format!("{id}-{seq}"),
+            "idempotency keys are the journal id and seq"
+        );
+    }
+    assert_eq!(Journal::open(&path).unwrap().status().unwrap().pending, 0);
+}
+
+#[test]
+fn replay_of_a_backlog_larger_than_the_capacity_keeps_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    let (c, gate) = stalled(&path, Ordering::Strict);
+    for i in 0..500u64 {
+        c.send(i).unwrap();
+    }
+    c.close_timeout(Duration::from_millis(50));
+    drop(c);
+    drop(gate);
+    let (seen, sink) = recorder();
+    let c = Conveyor::builder()
+        .journal(&path)
+        .capacity(16)
+        .build(sink)
+        .unwrap();
+    for i in 500..520u64 {
+        c.send(i).unwrap(); // waits while the backlog is loaded, then goes after it
+    }
+    c.flush();
+    let items: Vec<u64> = seen.lock().unwrap().iter().map(|s| s.2).collect();
+    assert_eq!(items, (0..520).collect::<Vec<_>>());
+}
+
+#[test]
+fn replay_holds_no_more_than_the_capacity_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    let (c, gate) = stalled(&path, Ordering::Strict);
+    for i in 0..2_000u64 {
+        c.send(i).unwrap();
+    }
+    c.close_timeout(Duration::from_millis(50));
+    drop(c);
+    drop(gate);
+    let (gate_tx, gate) = mpsc::channel::<()>();
+    let gate = Mutex::new(gate);
+    let c: Conveyor<u64> = Conveyor::builder()
+        .journal(&path)
+        .capacity(16)
+        .drain_timeout(Duration::from_millis(50))
+        .build(move |_d: Delivery<u64>| {
+            let _ = gate.lock().unwrap().recv();
+            Ok(())
+        })
+        .unwrap();
+    // Wait until replay filled the queue, then give it time to overfill: it must not.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while c.stats().accepted < 17 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let stats = c.stats();
+    assert_eq!(stats.queued, 16, "{stats:?}");
+    assert_eq!(stats.in_flight, 1, "{stats:?}");
+    assert_eq!(stats.accepted, 17, "{stats:?}");
+    assert!(
+        c.try_send(99).unwrap_err().is_full(),
+        "new items wait behind the replay"
+    );
+    drop(c);
+    drop(gate_tx);
+    assert_eq!(
+        Journal::open(&path).unwrap().status().unwrap().pending,
+        2_000
+    );
+}
+
+#[test]
+fn items_that_no_longer_decode_become_dead_letters_instead_of_blocking() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    let (c, gate) = stalled(&path, Ordering::Strict);
+    for i in 0..3u64 {
+        c.send(i).unwrap();
+    }
+    c.close_timeout(Duration::from_millis(50));
+    drop(c);
+    drop(gate);
+    // Reopened with another item type: the old payloads (JSON numbers) are not strings.
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let c: Conveyor<String> = Conveyor::builder()
+        .journal(&path)
+        .build(move |d: Delivery<String>| {
+            log.lock().unwrap().push(d.item().clone());
+            Ok(())
+        })
+        .unwrap();
+    c.send("new".to_owned()).unwrap();
+    c.flush();
+    assert_eq!(*seen.lock().unwrap(), vec!["new".to_owned()]);
+    let dead = c.dead_letters().unwrap();
+    assert_eq!(
+        dead.iter().map(|d| d.payload.clone()).collect::<Vec<_>>(),
+        vec![b"0".to_vec(), b"1".to_vec(), b"2".to_vec()]
+    );
+    assert!(
+        dead[0].error.contains("cannot be decoded"),
+        "{}",
+        dead[0].error
+    );
+}
+
+#[test]
+fn dead_letters_are_kept_across_restarts_and_can_be_retried_or_discarded() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    {
+        let c: Conveyor<u64> = Conveyor::builder()
+            .journal(&path)
+            .on_failure(OnFailure::Skip)
+            .build(|d| match *d.item() {
+                13 | 14 => Err(SinkError::permanent(format!("item {} refused", d.item()))),
+                _ => Ok(()),
+            })
+            .unwrap();
+        for i in 10..20 {
+            c.send(i).unwrap();
+        }
+        c.flush();
+        let dead = c.dead_letters().unwrap();
+        assert_eq!(
+            dead.iter().map(|d| d.payload.clone()).collect::<Vec<_>>(),
+            vec![b"13".to_vec(), b"14".to_vec()]
+        );
+        assert_eq!(dead[0].error, "item 13 refused");
+        assert_eq!(dead[0].attempts, 1);
+    }
+    let (seen, sink) = recorder();
+    let c = Conveyor::builder().journal(&path).build(sink).unwrap();
+    let dead = c.dead_letters().unwrap();
+    assert_eq!(dead.len(), 2, "dead letters survive a restart");
+    let receipt = c.retry_dead(dead[0].seq).unwrap();
+    receipt.wait().unwrap();
+    c.discard_dead(dead[1].seq).unwrap();
+    assert!(matches!(
+        c.discard_dead(dead[1].seq),
+        Err(JournalError::NoSuchDeadLetter { .. })
+    ));
+    assert!(c.dead_letters().unwrap().is_empty());
+    assert_eq!(
+        seen.lock().unwrap().iter().map(|s| s.2).collect::<Vec<_>>(),
+        vec![13]
+    );
+    assert!(
+        seen.lock().unwrap()[0].0 > 10,
+        "a retried dead letter gets a new seq"
+    );
+    drop(c);
+    let status = Journal::open(&path).unwrap().status().unwrap();
+    assert_eq!((status.pending, status.dead_letters), (0, 0));
+}
+
+#[test]
+fn paused_lanes_stay_paused_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    let keyed = Ordering::Keyed { concurrency: 2 };
+    {
+        let c: Conveyor<u64> = Conveyor::builder()
+            .journal(&path)
+            .ordering(keyed)
+            .on_failure(OnFailure::Pause)
+            .build(|d| {
+                if d.key() == Some("bad") {
+                    Err(SinkError::permanent("503"))
+                } else {
+                    Ok(())
+                }
+            })
+            .unwrap();
+        c.send_keyed("bad", 1).unwrap();
+        c.send_keyed("bad", 2).unwrap();
+        c.send_keyed("good", 3).unwrap();
+        c.flush();
+        assert_eq!(c.paused(), vec!["bad".to_owned()]);
+    }
+    let status = Journal::open(&path).unwrap().status().unwrap();
+    let bad = status.lanes.iter().find(|l| l.lane == "bad").unwrap();
+    assert_eq!((bad.pending, bad.paused.as_deref()), (2, Some("503")));
+
+    let (seen, c) = recording(&path, keyed);
+    c.send_keyed("good", 4).unwrap();
+    c.flush();
+    assert_eq!(
+        c.paused(),
+        vec!["bad".to_owned()],
+        "the pause is remembered"
+    );
+    assert_eq!(
+        seen.lock().unwrap().iter().map(|s| s.2).collect::<Vec<_>>(),
+        vec![4]
+    );
+    assert!(c.resume("bad"));
+    c.flush();
+    assert_eq!(
+        seen.lock().unwrap().iter().map(|s| s.2).collect::<Vec<_>>(),
+        vec![4, 1, 2]
+    );
+    drop(c);
+    let status = Journal::open(&path).unwrap().status().unwrap();
+    assert_eq!(status.pending, 0);
+    assert!(status.lanes.is_empty(), "{status:?}");
+}
+
+#[test]
+fn a_second_conveyor_on_the_same_journal_is_refused_with_the_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    let (_seen, sink) = recorder();
+    let first = Conveyor::builder().journal(&path).build(sink).unwrap();
+    let (_seen, sink) = recorder();
+    let err = Conveyor::builder().journal(&path).build(sink).unwrap_err();
+    match &err {
+        BuildError::Journal(JournalError::Locked { pid: Some(pid), .. }) => {
+            assert_eq!(*pid, std::process::id())
+        }
+        other => panic!("expected a lock error, got {other:?}"),
+    }
+    assert!(
+        err.to_string().contains(&path.display().to_string()),
+        "{err}"
+    );
+    drop(first);
+    let (_seen, sink) = recorder();
+    let again = Conveyor::builder().journal(&path).build(sink);
+    assert!(
+        again.is_ok(),
+        "free again once the first is dropped: {:?}",
+        again.err()
+    );
+}
+
+#[test]
+fn a_damaged_journal_fails_the_build_with_its_name_and_is_left_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.journal");
+    let garbage = b"\x00\x01 not a database, maybe half a disk block \xff".repeat(100);
+    std::fs::write(&path, &garbage).unwrap();
+    let (_seen, sink) = recorder();
+    let err = Conveyor::builder().journal(&path).build(sink).unwrap_err();
+    assert!(
+        matches!(err, BuildError::Journal(JournalError::Corrupt { .. })),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&path.display().to_string()) && msg.contains("move it aside"),
+        "{msg}"
+    );
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        garbage,
+        "never truncated or reset"
+    );
+}
+
+#[test]
+fn the_cursor_is_kept_with_the_items_sent_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    {
+        let (_seen, sink) = recorder();
+        let c = Conveyor::builder().journal(&path).build(sink).unwrap();
+        assert_eq!(c.cursor().unwrap(), None);
+        c.send(1).unwrap();
+        c.set_cursor(1).unwrap();
+        c.send(2).unwrap();
+        c.set_cursor(2).unwrap();
+        assert_eq!(c.cursor().unwrap(), Some(2));
+    }
+    let (_seen, sink) = recorder();
+    let c = Conveyor::builder().journal(&path).build(sink).unwrap();
+    assert_eq!(c.cursor().unwrap(), Some(2));
+    let (_seen, sink) = recorder();
+    let plain = Conveyor::builder().build(sink).unwrap();
+    assert!(matches!(plain.cursor(), Err(JournalError::NoJournal)));
+}
+
+#[test]
+fn sync_durability_with_many_producers_delivers_everything_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    let (seen, sink) = recorder();
+    let c = Arc::new(
+        Conveyor::builder()
+            .journal(&path)
+            .durability(Durability::Sync)
+            .ordering(Ordering::Keyed { concurrency: 8 })
+            .build(sink)
+            .unwrap(),
+    );
+    let producers: Vec<_> = (0..8u64)
+        .map(|p| {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                for i in 0..200u64 {
+                    c.send_keyed(format!("p{p}"), p * 1000 + i).unwrap();
+                }
+            })
+        })
+        .collect();
+    for p in producers {
+        p.join().unwrap();
+    }
+    c.flush();
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 1600);
+    for p in 0..8u64 {
+        let items: Vec<u64> = seen
+            .iter()
+            .filter(|s| s.1.as_deref() == Some(&format!("p{p}")))
+            .map(|s| s.2)
+            .collect();
+        assert_eq!(items, (0..200).map(|i| p * 1000 + i).collect::<Vec<_>>());
+    }
+}
+
+/// A tmpfs of `size` mounted on a fresh directory for the test's duration (the test runs as
+/// root, like CI here: a real "disk full" needs a small file system).
+struct TinyDisk {
+    dir: tempfile::TempDir,
+}
+
+impl TinyDisk {
+    fn new(size: &str) -> TinyDisk {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "mounting a tmpfs failed: this test needs root (as CI has)"
+        );
+        TinyDisk { dir }
+    }
+}
+
+impl Drop for TinyDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_makes_send_fail_with_the_item_and_keeps_what_was_accepted() {
+    let disk = TinyDisk::new("1m");
+    // Ballast, removed later to play the operator who frees space.
+    let ballast = disk.dir.path().join("ballast");
+    std::fs::write(&ballast, vec![0u8; 512 * 1024]).unwrap();
+    let path = disk.dir.path().join("j");
+    let (c, gate) = stalled(&path, Ordering::Strict);
+    let big = |i: u64| i * 1_000_000_007; // small JSON payloads; a few thousand fill the disk
+    let mut accepted = 0u64;
+    let mut refused = None;
+    for i in 0..200_000u64 {
+        match c.send(big(i)) {
+            Ok(_) => accepted += 1,
+            Err(SendError::Journal(item)) => {
+                refused = Some((i, item));
+                break;
+            }
+            Err(other) => panic!("unexpected {other}"),
+        }
+        if i % 100 == 99 {
+            // Let the writer catch up (reading the cursor commits what is queued), so what is
+            // accepted but not yet committed when the disk fills stays small enough to fit
+            // once space is freed.
+            let _ = c.cursor();
+        }
+    }
+    let (i, item) = refused.expect("the journal never reported the full disk");
+    assert_eq!(item, big(i), "the refused item is handed back");
+    let cause = c.journal_error().expect("the cause is available");
+    assert!(matches!(*cause, JournalError::DiskFull { .. }), "{cause}");
+    assert!(cause.to_string().contains("disk is full"), "{cause}");
+
+    // Space comes back: the writer's retry commits what was accepted, sends work again.
+    std::fs::remove_file(&ballast).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while c.journal_error().is_some() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if let Some(e) = c.journal_error() {
+        panic!("the journal did not recover once space was freed: {e}");
+    }
+    c.send(item).unwrap();
+    accepted += 1;
+    drop(c);
+    drop(gate);
+    let status = Journal::open(&path).unwrap().status().unwrap();
+    assert_eq!(
+        status.pending, accepted,
+        "every accepted item is in the journal: {status:?}"
+    );
+}
