@@ -67,7 +67,7 @@ pub(crate) fn warn(py: Python<'_>, message: &str) -> PyResult<()> {
 /// A Python exception raised by the sink, carried through the engine inside a [`SinkError`] so
 /// the receipt can hand the very same exception object back to the caller.
 pub(crate) struct PyFailure {
-    exception: Py<PyAny>,
+    exception: crate::fork::Held,
     /// `"ValueError: bad payload"`, rendered once with the GIL so `Display` never needs it.
     message: String,
 }
@@ -130,7 +130,7 @@ pub(crate) fn sink_error(py: Python<'_>, err: PyErr) -> SinkError {
     let retry_after = retry_after(bound, retry_after_class(py).ok());
     let message = describe(bound);
     let failure = FromPythonSink(PyFailure {
-        exception: value,
+        exception: crate::fork::Held::new(value),
         message,
     });
     let error = if permanent {

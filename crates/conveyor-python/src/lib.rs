@@ -14,6 +14,8 @@
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
 mod errors;
+mod fork;
+mod journal;
 mod pyconveyor;
 mod receipt;
 mod sink;
@@ -70,6 +72,7 @@ fn _conveyor(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<stats::PyStats>()?;
     m.add_class::<stats::PyCloseReport>()?;
     m.add_class::<sink::PyDelivery>()?;
+    m.add_class::<journal::PyDeadLetter>()?;
     m.add_function(wrap_pyfunction!(pyconveyor::_shutdown_at_exit, m)?)?;
     m.add_function(wrap_pyfunction!(pyconveyor::_after_fork_in_child, m)?)?;
     m.add_function(wrap_pyfunction!(pyconveyor::_mark_sink_thread, m)?)?;

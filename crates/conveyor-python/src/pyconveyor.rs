@@ -11,6 +11,7 @@ use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 use crate::errors;
+use crate::fork::Held;
 use crate::receipt::{support, PyReceipt, Ready};
 use crate::sink::{self, Item, Reply, SinkState};
 use crate::stats::{PyCloseReport, PyStats};
@@ -44,7 +45,7 @@ struct Shared {
     fork_gen: u64,
     drain_timeout: Duration,
     /// The event-loop thread of an `async def` sink (`conveyor._support.LoopThread`).
-    runner: Option<Py<PyAny>>,
+    runner: Option<Held>,
     /// `close()` started: `send` refuses new items from here on. Kept here rather than relying
     /// on the engine's own flag because the engine's `close_timeout` gives up on everything left
     /// when its deadline passes, so it cannot be called in short interruptible slices.
@@ -119,6 +120,8 @@ impl Shared {
 struct Options {
     block: bool,
     keyed: bool,
+    /// Items are journaled: `send` turns them into JSON text (`Item::Json`).
+    journaled: bool,
     describe: String,
 }
 
@@ -228,6 +231,17 @@ impl PyConveyor {
         }
     }
 
+    /// The engine's form of a sent object: the object itself, or for a journaled conveyor its
+    /// JSON text, made now while we hold the GIL.
+    #[inline]
+    fn item(&self, py: Python<'_>, object: Py<PyAny>) -> PyResult<Item> {
+        if self.options.journaled {
+            crate::journal::dumps(object.bind(py)).map(Item::Json)
+        } else {
+            Ok(Item::Object(Held::new(object)))
+        }
+    }
+
     fn check_key(&self, key: &Option<String>) -> PyResult<()> {
         if key.is_some() && !self.options.keyed {
             return Err(PyValueError::new_err(
@@ -259,6 +273,7 @@ impl PyConveyor {
         if shared.closing.load(AtomicOrdering::Acquire) {
             return Err(self.closed_error(py, shared));
         }
+        crate::fork::release_pending(py);
         let attempt = match key {
             None => shared.engine.try_send(item),
             Some(key) => shared.engine.try_send_keyed(key, item),
@@ -275,6 +290,7 @@ impl PyConveyor {
                 ),
             )),
             Err(SendError::Closed(_)) => Err(self.closed_error(py, shared)),
+            Err(SendError::Journal(_)) => Err(crate::journal::refused(py, &shared.engine)),
             Err(other) => Err(errors::closed(py, other.to_string())),
         }
     }
@@ -323,6 +339,9 @@ impl PyConveyor {
             match sent {
                 Some(Ok(receipt)) => return Ok(Some(PyReceipt::new(receipt, shared.fork_gen))),
                 Some(Err(SendError::Closed(_))) => return Err(self.closed_error(py, shared)),
+                Some(Err(SendError::Journal(_))) => {
+                    return Err(crate::journal::refused(py, &shared.engine))
+                }
                 Some(Err(_)) | None => {}
             }
             if deadline.passed() {
@@ -351,6 +370,8 @@ impl PyConveyor {
         rate_limit = None,
         drain_timeout = 30.0,
         name = None,
+        journal = None,
+        durability = None,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -368,6 +389,8 @@ impl PyConveyor {
         rate_limit: Option<u32>,
         drain_timeout: f64,
         name: Option<String>,
+        journal: Option<std::path::PathBuf>,
+        durability: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         if !sink.bind(py).is_callable() {
             return Err(PyTypeError::new_err(format!(
@@ -388,6 +411,18 @@ impl PyConveyor {
         if let Some(rate) = rate_limit {
             builder = builder.rate_limit(rate);
         }
+        if let Some(durability) = durability {
+            if journal.is_none() {
+                return Err(PyValueError::new_err(
+                    "durability= applies to a journaled conveyor: give journal=\"PATH\" too",
+                ));
+            }
+            builder = builder.durability(crate::journal::parse_durability(durability)?);
+        }
+        let journaled = journal.is_some();
+        if let Some(path) = journal {
+            builder = builder.journal(path);
+        }
 
         let id = NEXT_ID.fetch_add(1, AtomicOrdering::Relaxed);
         let state = Arc::new(SinkState {
@@ -407,22 +442,22 @@ impl PyConveyor {
             let runner = support(py)?
                 .call_method1("LoopThread", (thread_name, id))?
                 .unbind();
-            let built = builder.build_async(sink::asynchronous(
-                state.clone(),
-                sink,
-                runner.clone_ref(py),
-            ));
+            let sink = sink::asynchronous(state.clone(), sink, runner.clone_ref(py));
+            // Without the GIL: opening a journal reads the disk.
+            let built = py.allow_threads(|| builder.build_async(sink));
             (built, Some(runner))
         } else {
-            (builder.build(sink::blocking(state.clone(), sink)), None)
+            let sink = sink::blocking(state.clone(), sink);
+            (py.allow_threads(|| builder.build(sink)), None)
         };
+        let runner = runner.map(Held::new);
         let engine = match built {
             Ok(engine) => engine,
             Err(err) => {
                 if let Some(runner) = &runner {
                     runner.call_method1(py, "stop", (1.0,))?;
                 }
-                return Err(PyValueError::new_err(err.to_string()));
+                return Err(crate::journal::build_error(py, err));
             }
         };
 
@@ -459,6 +494,7 @@ impl PyConveyor {
             options: Options {
                 block: matches!(parsed_backpressure, Backpressure::Block),
                 keyed: matches!(parsed_ordering, Ordering::Keyed { .. }),
+                journaled,
                 describe,
             },
         })
@@ -472,8 +508,9 @@ impl PyConveyor {
     ///
     /// Raises `Closed` after `close()`.
     #[pyo3(signature = (item, *, key = None))]
-    fn send(&self, py: Python<'_>, item: Item, key: Option<String>) -> PyResult<PyReceipt> {
+    fn send(&self, py: Python<'_>, item: Py<PyAny>, key: Option<String>) -> PyResult<PyReceipt> {
         let shared = self.live(py)?;
+        let item = self.item(py, item)?;
         if key.is_some() {
             self.check_key(&key)?;
         }
@@ -487,8 +524,14 @@ impl PyConveyor {
 
     /// Like `send`, but never waits: raises `QueueFull` when the queue is full.
     #[pyo3(signature = (item, *, key = None))]
-    fn try_send(&self, py: Python<'_>, item: Item, key: Option<String>) -> PyResult<PyReceipt> {
+    fn try_send(
+        &self,
+        py: Python<'_>,
+        item: Py<PyAny>,
+        key: Option<String>,
+    ) -> PyResult<PyReceipt> {
         let shared = self.live(py)?;
+        let item = self.item(py, item)?;
         self.check_key(&key)?;
         match self.try_once(py, shared, item, key.as_deref())? {
             Ok(receipt) => Ok(receipt),
@@ -505,16 +548,18 @@ impl PyConveyor {
     /// `send` for asyncio code: `await c.asend(item)` waits for queue room only (on another
     /// thread, never blocking the event loop), never for delivery. Returns the `Receipt`.
     #[pyo3(signature = (item, *, key = None))]
-    fn asend(slf: &Bound<'_, Self>, item: Item, key: Option<String>) -> PyResult<Py<PyAny>> {
+    fn asend(slf: &Bound<'_, Self>, item: Py<PyAny>, key: Option<String>) -> PyResult<Py<PyAny>> {
         let py = slf.py();
         let this = slf.get();
         let shared = this.live(py)?;
         this.check_key(&key)?;
-        match this.try_once(py, shared, item, key.as_deref())? {
+        let attempt = this.item(py, item.clone_ref(py))?;
+        match this.try_once(py, shared, attempt, key.as_deref())? {
             Ok(receipt) => {
                 Ok(Py::new(py, Ready::new(Py::new(py, receipt)?.into_any()))?.into_any())
             }
-            Err(item) => Ok(support(py)?
+            // The slow path gets the object as sent, and converts it again.
+            Err(_) => Ok(support(py)?
                 .call_method1("asend_slow", (slf, item, key))?
                 .unbind()),
         }
@@ -525,13 +570,14 @@ impl PyConveyor {
     fn _send_wait(
         &self,
         py: Python<'_>,
-        item: Item,
+        item: Py<PyAny>,
         key: Option<String>,
         timeout: f64,
     ) -> PyResult<Option<PyReceipt>> {
         let shared = self.live(py)?;
         self.check_key(&key)?;
         let timeout = timeout_arg("timeout", Some(timeout))?;
+        let item = self.item(py, item)?;
         match self.try_once(py, shared, item, key.as_deref())? {
             Ok(receipt) => Ok(Some(receipt)),
             Err(_) if timeout == Some(Duration::ZERO) => Ok(None),
@@ -623,6 +669,38 @@ impl PyConveyor {
     #[pyo3(signature = (key = ""))]
     fn resume(&self, py: Python<'_>, key: &str) -> PyResult<bool> {
         Ok(self.live(py)?.engine.resume(key))
+    }
+
+    /// Items that failed for good and were kept by the journal (`journal=` with
+    /// `on_failure="skip"`), oldest first, as `DeadLetter` objects.
+    ///
+    /// Raises `JournalError` without a journal.
+    fn dead_letters(&self, py: Python<'_>) -> PyResult<Vec<crate::journal::PyDeadLetter>> {
+        let engine = &self.live(py)?.engine;
+        let dead = py
+            .allow_threads(|| engine.dead_letters())
+            .map_err(|err| crate::journal::error(py, &err))?;
+        dead.into_iter()
+            .map(|letter| crate::journal::PyDeadLetter::new(py, letter))
+            .collect()
+    }
+
+    /// Sends dead letter `seq` again, at the end of its lane with a new seq; returns its
+    /// `Receipt`. Raises `JournalError` if there is no such dead letter.
+    fn retry_dead(&self, py: Python<'_>, seq: u64) -> PyResult<PyReceipt> {
+        let shared = self.live(py)?;
+        let engine = &shared.engine;
+        let receipt = py
+            .allow_threads(|| engine.retry_dead(seq))
+            .map_err(|err| crate::journal::error(py, &err))?;
+        Ok(PyReceipt::new(receipt, shared.fork_gen))
+    }
+
+    /// Deletes dead letter `seq` for good. Raises `JournalError` if there is none.
+    fn discard_dead(&self, py: Python<'_>, seq: u64) -> PyResult<()> {
+        let engine = &self.live(py)?.engine;
+        py.allow_threads(|| engine.discard_dead(seq))
+            .map_err(|err| crate::journal::error(py, &err))
     }
 
     /// `Conveyor[Item, Reply]` in annotations evaluated at run time.

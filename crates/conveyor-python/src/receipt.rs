@@ -13,6 +13,7 @@ use pyo3::prelude::*;
 use pyo3::sync::GILOnceCell;
 
 use crate::errors;
+use crate::fork::Held;
 use crate::sink::Reply;
 use crate::wait::{timeout_arg, wait_interruptibly};
 
@@ -48,7 +49,7 @@ struct SlotInner {
     outcome: Option<Outcome>,
     /// The `concurrent.futures.Future` handed out by `Receipt.future()`, if any; the settling
     /// thread completes it.
-    future: Option<Py<PyAny>>,
+    future: Option<Held>,
 }
 
 impl Slot {
@@ -199,9 +200,9 @@ impl PyReceipt {
     /// `TimeoutError` if it is still pending after `timeout` seconds. Releases the GIL while
     /// waiting; Ctrl-C interrupts the wait.
     #[pyo3(signature = (timeout = None))]
-    fn result(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Reply> {
+    fn result(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
         match self.wait(py, timeout)? {
-            Ok(value) => Ok(value),
+            Ok(value) => Ok((*value).clone_ref(py)),
             Err(err) => Err(errors::delivery_error(py, self.seq, &err)),
         }
     }
@@ -262,12 +263,12 @@ impl PyReceipt {
         let (future, settled) = {
             let mut inner = lock(&slot.inner);
             if let Some(future) = &inner.future {
-                return Ok(future.clone_ref(py));
+                return Ok((**future).clone_ref(py));
             }
             let future = support(py)?.call_method0("new_future")?.unbind();
             // Not settled yet: the settling thread will complete it (it takes the future out).
             // Settled already: we complete it below.
-            inner.future = Some(future.clone_ref(py));
+            inner.future = Some(Held::new(future.clone_ref(py)));
             (future, inner.outcome.as_ref().map(|o| clone_outcome(py, o)))
         };
         if let Some(outcome) = settled {

@@ -8,12 +8,60 @@ use std::sync::{Arc, Mutex};
 
 use conveyor::{Delivery, SinkError};
 use pyo3::prelude::*;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 
 use crate::errors;
+use crate::fork::Held;
 
-pub(crate) type Item = Py<PyAny>;
-pub(crate) type Reply = Py<PyAny>;
+/// What a Python sink returned.
+pub(crate) type Reply = Held;
+
+/// One item as the engine carries it.
+pub(crate) enum Item {
+    /// Any Python object, handed to the sink as it is.
+    Object(Held),
+    /// An item of a journaled conveyor: the JSON text `json.dumps` made of it at `send` time
+    /// (with the GIL), which the journal stores as it is and the sink gets back through
+    /// `json.loads`, the same way before and after a restart.
+    Json(Box<RawValue>),
+}
+
+impl Item {
+    pub(crate) fn clone_ref(&self, py: Python<'_>) -> Item {
+        match self {
+            Item::Object(object) => Item::Object(object.clone_ref(py)),
+            Item::Json(json) => Item::Json(json.clone()),
+        }
+    }
+
+    /// The object the sink is called with.
+    pub(crate) fn to_py(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        match self {
+            Item::Object(object) => Ok((**object).clone_ref(py)),
+            Item::Json(json) => crate::journal::loads(py, json.get()),
+        }
+    }
+}
+
+/// Only journaled conveyors serialise items, and their `send` only makes `Json` items.
+impl Serialize for Item {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Item::Json(json) => json.serialize(serializer),
+            Item::Object(_) => Err(serde::ser::Error::custom(
+                "a Python object can only be journaled as JSON (conveyor created without journal=)",
+            )),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Item {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Box::<RawValue>::deserialize(deserializer).map(Item::Json)
+    }
+}
 
 /// What one call of the async sink returns to the engine.
 pub(crate) type SinkFuture =
@@ -133,19 +181,27 @@ pub(crate) fn blocking(
     state: Arc<SinkState>,
     sink: Py<PyAny>,
 ) -> impl Fn(Delivery<Item>) -> Result<Reply, SinkError> + Send + Sync + 'static {
+    // The engine's threads drop the closure, and so this reference: keep it fork-safe.
+    let sink = Held::new(sink);
     move |delivery| {
         if state.abandoned.load(AtomicOrdering::Acquire) {
             return Err(abandoned_error());
         }
         keep_thread_state();
         Python::with_gil(|py| {
+            crate::fork::release_pending(py);
             let previous = IN_SINK.with(|current| current.replace(state.id));
             // Saved and restored, not cleared: a sink may itself run another conveyor's sink.
             let outer = CURRENT.with(|current| current.replace(&delivery));
-            let result = sink.call1(py, (delivery.item().bind(py),));
+            let result = delivery
+                .item()
+                .to_py(py)
+                .and_then(|item| sink.call1(py, (item,)));
             CURRENT.with(|current| current.set(outer));
             IN_SINK.with(|current| current.set(previous));
-            result.map_err(|err| errors::sink_error(py, err))
+            result
+                .map(Held::new)
+                .map_err(|err| errors::sink_error(py, err))
         })
     }
 }
@@ -161,6 +217,7 @@ pub(crate) fn asynchronous(
     sink: Py<PyAny>,
     runner: Py<PyAny>,
 ) -> impl Fn(Delivery<Item>) -> SinkFuture + Send + Sync + 'static {
+    let (sink, runner) = (Held::new(sink), Held::new(runner));
     move |delivery| {
         if state.abandoned.load(AtomicOrdering::Acquire) {
             return Box::pin(std::future::ready(Err(abandoned_error())));
@@ -173,7 +230,7 @@ pub(crate) fn asynchronous(
                 let future = runner.call_method1(
                     py,
                     "submit",
-                    (sink.bind(py), delivery.item().bind(py), info),
+                    (sink.bind(py), delivery.item().to_py(py)?, info),
                 )?;
                 let done = Py::new(
                     py,
@@ -209,7 +266,7 @@ impl CoroutineDone {
     fn __call__(&self, py: Python<'_>, future: &Bound<'_, PyAny>) {
         let outcome = future
             .call_method0("result")
-            .map(Bound::unbind)
+            .map(|value| Held::new(value.unbind()))
             .map_err(|err| errors::sink_error(py, err));
         if let Some(tx) = self.tx.lock().unwrap_or_else(|e| e.into_inner()).take() {
             // The receiver is gone only if the engine gave up on this delivery: nothing to do.

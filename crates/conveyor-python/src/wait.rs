@@ -75,6 +75,7 @@ where
         if let Some(value) = py.allow_threads(|| step(slice)) {
             return Ok(Some(value));
         }
+        crate::fork::release_pending(py);
         if deadline.passed() {
             return Ok(None);
         }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -152,3 +153,44 @@ def test_inherited_conveyor_raises_closed_in_the_child_and_a_new_one_works(make)
     # The parent's conveyor is unaffected.
     c.send("after fork").result(timeout=10)
     assert parent_sink.items == ["before fork", "after fork"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX-only")
+def test_fork_while_delivering_never_hangs_the_child(make):
+    # Delivery threads release Python references all the time; a fork in the middle of that
+    # must not leave the child with a lock nobody will release.
+    c = make(lambda item: None, capacity=100_000)
+    stop = threading.Event()
+
+    def produce():
+        while not stop.is_set():
+            c.send(object())
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    try:
+        for _ in range(30):
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    fresh = conveyor.Conveyor(lambda item: None)
+                    fresh.send(1).result(timeout=10)
+                    fresh.close(timeout=10)
+                    code = 0
+                finally:
+                    os._exit(code)
+            deadline = time.monotonic() + 20
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    assert os.waitstatus_to_exitcode(status) == 0
+                    break
+                if time.monotonic() > deadline:
+                    os.kill(pid, 9)
+                    os.waitpid(pid, 0)
+                    pytest.fail("a child forked during delivery hung")
+                time.sleep(0.005)
+    finally:
+        stop.set()
+        producer.join()

@@ -29,6 +29,9 @@ option             default       meaning
 ``drain_timeout``  30.0          seconds that interpreter exit / ``with`` exit / garbage
                                  collection wait for accepted items before warning about them
 ``name``           None          shown in ``repr`` and in warnings
+``journal``        None          path of a journal file (SQLite): accepted items survive a crash
+                                 and are delivered after a restart; items must be JSON-serialisable
+``durability``     5 ms window   with a journal: commit window in seconds, or ``"sync"``
 =================  ============  =================================================================
 
 A sink may be an ``async def`` function: it then runs on an event loop owned by the conveyor.
@@ -42,12 +45,13 @@ import os as _os
 from typing import Optional
 
 from . import _conveyor, _support
-from ._conveyor import CloseReport, Conveyor, Delivery, Receipt, Stats, __version__
+from ._conveyor import CloseReport, Conveyor, DeadLetter, Delivery, Receipt, Stats, __version__
 from ._errors import (
     Closed,
     ConveyorError,
     DeliveryFailed,
     Dropped,
+    JournalError,
     PermanentError,
     QueueFull,
     RetryAfter,
@@ -59,9 +63,11 @@ __all__ = [
     "Closed",
     "Conveyor",
     "ConveyorError",
+    "DeadLetter",
     "Delivery",
     "DeliveryFailed",
     "Dropped",
+    "JournalError",
     "PermanentError",
     "QueueFull",
     "Receipt",

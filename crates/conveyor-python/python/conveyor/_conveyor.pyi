@@ -1,6 +1,7 @@
 """Type stubs for the Rust extension module ``conveyor._conveyor``."""
 
 import concurrent.futures
+import os
 import types
 from collections.abc import Awaitable, Callable, Generator
 from types import TracebackType
@@ -14,6 +15,7 @@ _R = TypeVar("_R")
 __all__ = [
     "CloseReport",
     "Conveyor",
+    "DeadLetter",
     "Delivery",
     "Receipt",
     "Stats",
@@ -54,6 +56,23 @@ class CloseReport:
     def drained(self) -> bool: ...
     @property
     def stats(self) -> Stats: ...
+
+@final
+class DeadLetter:
+    @property
+    def seq(self) -> int: ...
+    @property
+    def lane(self) -> str: ...
+    @property
+    def key(self) -> str | None: ...
+    @property
+    def item(self) -> Any: ...
+    @property
+    def error(self) -> str: ...
+    @property
+    def attempts(self) -> int: ...
+    @property
+    def failed_at(self) -> float: ...
 
 @final
 class Delivery:
@@ -101,6 +120,8 @@ class Conveyor(Generic[_T, _R]):
         rate_limit: int | None = None,
         drain_timeout: float = 30.0,
         name: str | None = None,
+        journal: str | os.PathLike[str] | None = None,
+        durability: float | Literal["sync"] | None = None,
     ) -> Conveyor[_T, _R]: ...
     @overload
     def __new__(
@@ -119,6 +140,8 @@ class Conveyor(Generic[_T, _R]):
         rate_limit: int | None = None,
         drain_timeout: float = 30.0,
         name: str | None = None,
+        journal: str | os.PathLike[str] | None = None,
+        durability: float | Literal["sync"] | None = None,
     ) -> Conveyor[_T, _R]: ...
     @classmethod
     def __class_getitem__(cls, item: Any) -> types.GenericAlias: ...
@@ -139,6 +162,9 @@ class Conveyor(Generic[_T, _R]):
     def name(self) -> str: ...
     def paused(self) -> list[str]: ...
     def resume(self, key: str = "") -> bool: ...
+    def dead_letters(self) -> list[DeadLetter]: ...
+    def retry_dead(self, seq: int) -> Receipt[_R]: ...
+    def discard_dead(self, seq: int) -> None: ...
     def __enter__(self) -> Self: ...
     def __exit__(
         self,

@@ -14,6 +14,7 @@ __all__ = [
     "Closed",
     "DeliveryFailed",
     "Dropped",
+    "JournalError",
     "PermanentError",
     "RetryAfter",
 ]
@@ -39,6 +40,12 @@ class Closed(ConveyorError):
 
 class Dropped(ConveyorError):
     """The item was dropped by the ``"drop_newest"`` / ``"drop_oldest"`` backpressure policy."""
+
+
+class JournalError(ConveyorError):
+    """The journal cannot be used: it is open in another process, damaged, not a journal, or
+    cannot be written (disk full: the item was not accepted, and sends succeed again once the
+    journal can be written). The message names the file and what to do."""
 
 
 class DeliveryFailed(ConveyorError):
