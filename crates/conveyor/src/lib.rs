@@ -49,6 +49,8 @@ mod builder;
 mod conveyor;
 mod durable;
 mod error;
+#[cfg(feature = "http")]
+mod http;
 mod journal;
 mod queue;
 mod receipt;
@@ -56,6 +58,8 @@ mod retry;
 mod stats;
 mod worker;
 
+#[cfg(feature = "http")]
+pub use crate::http::{HttpBuildError, HttpReply, HttpSink, HttpSinkBuilder};
 pub use crate::{
     builder::{Backpressure, Builder, OnFailure, Ordering},
     conveyor::Conveyor,

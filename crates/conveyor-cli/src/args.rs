@@ -1,0 +1,354 @@
+//! Command-line arguments. The doc comments are the `--help` text.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Exit codes, shown at the end of `conveyor --help`.
+pub(crate) const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0    every line was delivered
+  1    some lines failed (see `conveyor dead list` with a journal) or were rejected as bad input
+  2    usage or configuration error, or the input could not be read
+  3    stopped with work left: interrupted (Ctrl-C, SIGTERM) or a lane paused; rerun the same
+       command to resume from the journal, or `conveyor resume KEY` for a paused lane
+  130  a second Ctrl-C: exited at once, the journal intact";
+
+/// Deliver JSON lines in order to an HTTP endpoint or a program, resumably, with progress.
+///
+/// Start with `conveyor demo`, then e.g.
+/// `conveyor send events.jsonl --to https://api.example.com/events --header 'Authorization: Bearer …'`.
+#[derive(Debug, Parser)]
+#[command(name = "conveyor", version, after_help = EXIT_CODES_HELP)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Send JSON lines from a file or stdin, one HTTP request (or program run) per line.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Send(Box<SendArgs>),
+    /// Run a local demo: an embedded 50 ms HTTP service receives generated items in order.
+    Demo(DemoArgs),
+    /// Show what a journal holds: pending lines per lane, paused lanes, dead letters, size.
+    Status(JournalOpts),
+    /// List, retry or discard lines that failed for good (dead letters, kept in the journal).
+    #[command(subcommand)]
+    Dead(DeadCommand),
+    /// Resume a paused lane, then rerun the `send` command to deliver what it holds.
+    Resume(ResumeArgs),
+}
+
+/// Which journal an operating command works on.
+#[derive(Debug, Args)]
+pub(crate) struct JournalOpts {
+    /// The journal file (default: the only journal under ./.conveyor/).
+    #[arg(long, value_name = "PATH")]
+    pub(crate) journal: Option<PathBuf>,
+
+    /// Print JSON (one object per line for lists) instead of text.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum DeadCommand {
+    /// List dead letters, oldest first (`--json` gives JSON lines with the original body).
+    List(JournalOpts),
+    /// Put dead letters back at the end of their lane; the next `send` run delivers them.
+    Retry(DeadTarget),
+    /// Delete dead letters for good.
+    Discard(DeadTarget),
+}
+
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("which").required(true).args(["seq", "all"]))]
+pub(crate) struct DeadTarget {
+    /// The dead letter's SEQ, as `conveyor dead list` shows it.
+    pub(crate) seq: Option<u64>,
+
+    /// Every dead letter.
+    #[arg(long)]
+    pub(crate) all: bool,
+
+    #[command(flatten)]
+    pub(crate) journal: JournalOpts,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ResumeArgs {
+    /// The paused lane: the key in keyed mode; omit it for strict and pipelined (one lane).
+    #[arg(default_value = "")]
+    pub(crate) key: String,
+
+    #[command(flatten)]
+    pub(crate) journal: JournalOpts,
+}
+
+/// How items are ordered, as given on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OrderingArg {
+    /// One at a time, in input order.
+    Strict,
+    /// Started in input order, up to N at once.
+    Pipelined(usize),
+    /// In order within a key, up to N keys at once.
+    Keyed(usize),
+}
+
+impl std::fmt::Display for OrderingArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Strict => f.write_str("strict"),
+            Self::Pipelined(n) => write!(f, "pipelined:{n}"),
+            Self::Keyed(n) => write!(f, "keyed:{n}"),
+        }
+    }
+}
+
+/// Parses `strict`, `pipelined:N` or `keyed:N`.
+pub(crate) fn parse_ordering(text: &str) -> Result<OrderingArg, String> {
+    let usage = "expected `strict`, `pipelined:N` or `keyed:N` (N at least 1)";
+    let (mode, n) = match text.split_once(':') {
+        Some((mode, n)) => (
+            mode,
+            Some(
+                n.parse::<usize>()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| format!("`{n}` is not a positive number: {usage}"))?,
+            ),
+        ),
+        None => (text, None),
+    };
+    match (mode, n) {
+        ("strict", None) => Ok(OrderingArg::Strict),
+        ("pipelined", Some(n)) => Ok(OrderingArg::Pipelined(n)),
+        ("keyed", Some(n)) => Ok(OrderingArg::Keyed(n)),
+        ("pipelined" | "keyed", None) => Err(format!("`{text}` needs a number: {usage}")),
+        _ => Err(usage.to_owned()),
+    }
+}
+
+/// Parses `20/s` or `20` into calls per second.
+pub(crate) fn parse_rate(text: &str) -> Result<u32, String> {
+    let number = text.strip_suffix("/s").unwrap_or(text);
+    number
+        .trim()
+        .parse::<u32>()
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("`{text}` is not a rate: expected requests per second like `20/s`"))
+}
+
+/// Parses `100ms`, `2s`, `1m 30s`.
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|e| format!("`{text}` is not a duration ({e}): expected e.g. `250ms`, `2s`, `1m`"))
+}
+
+/// Parses `Name: value`. The value is a secret: never echo it in errors.
+pub(crate) fn parse_header(text: &str) -> Result<(String, String), String> {
+    match text.split_once(':') {
+        Some((name, value)) if !name.trim().is_empty() => {
+            Ok((name.trim().to_owned(), value.trim().to_owned()))
+        }
+        _ => Err("a header must look like `Name: value`".to_owned()),
+    }
+}
+
+/// What to do with an item that failed all its attempts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum FailurePolicy {
+    /// Record the failure (a dead letter with a journal) and go on with the next line.
+    Skip,
+    /// Stop the item's lane until `conveyor resume KEY`; needs the journal.
+    Pause,
+}
+
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("target").required(true).args(["to", "exec"]))]
+pub(crate) struct SendArgs {
+    /// JSON-lines input: a file, or `-` for stdin (streamed: delivery starts before input ends).
+    #[arg(default_value = "-")]
+    pub(crate) input: String,
+
+    /// Send each line as the body of an HTTP request to this URL.
+    #[arg(long, value_name = "URL")]
+    pub(crate) to: Option<String>,
+
+    /// Run PROGRAM [ARGS...] per line (no shell), the line on its stdin. Exit 0 is success,
+    /// 75 (EX_TEMPFAIL) is retried, anything else fails the line. Must come last: everything after
+    /// it belongs to the program. The program also gets CONVEYOR_SEQ, CONVEYOR_LINE,
+    /// CONVEYOR_ATTEMPT and CONVEYOR_IDEMPOTENCY_KEY in its environment.
+    #[arg(long, value_name = "PROGRAM", num_args = 1.., allow_hyphen_values = true, conflicts_with = "to")]
+    pub(crate) exec: Vec<String>,
+
+    /// An HTTP header for every request, `Name: value` (repeatable). Values are never printed.
+    #[arg(long = "header", short = 'H', value_name = "NAME: VALUE", value_parser = parse_header)]
+    pub(crate) headers: Vec<(String, String)>,
+
+    /// The HTTP method.
+    #[arg(long, default_value = "POST")]
+    pub(crate) method: String,
+
+    /// Time limit for one request (or one program run); running out is retried.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub(crate) timeout: Duration,
+
+    /// `strict` (one at a time, in order), `pipelined:N` (started in order, N at once) or
+    /// `keyed:N` (in order per `--key`, N keys at once).
+    #[arg(long, default_value = "strict", value_parser = parse_ordering)]
+    pub(crate) ordering: OrderingArg,
+
+    /// The field that names a line's lane for `--ordering keyed:N`: a top-level field name
+    /// (`user`) or a JSON pointer (`/user/id`). Lines without it are rejected.
+    #[arg(long, value_name = "FIELD")]
+    pub(crate) key: Option<String>,
+
+    /// Retries after the first attempt of a line.
+    #[arg(long, default_value_t = 5)]
+    pub(crate) retries: u32,
+
+    /// First wait before a retry; doubles each time (at most 30 s), each wait jittered between
+    /// half and all of it. A server's Retry-After wins when longer.
+    #[arg(long, default_value = "200ms", value_parser = parse_duration)]
+    pub(crate) backoff: Duration,
+
+    /// At most N requests started per second, e.g. `20/s`.
+    #[arg(long, value_name = "N/s", value_parser = parse_rate)]
+    pub(crate) rate: Option<u32>,
+
+    /// What to do with a line that failed all its attempts.
+    #[arg(long, value_enum, default_value = "skip")]
+    pub(crate) on_failure: FailurePolicy,
+
+    /// How many lines may wait in memory; reading pauses while it is full.
+    #[arg(long, default_value_t = 10_000)]
+    pub(crate) capacity: usize,
+
+    /// Copy lines rejected as bad input (not JSON, no key field) to this file.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) rejects: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub(crate) journal: JournalArgs,
+
+    #[command(flatten)]
+    pub(crate) output: OutputArgs,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct JournalArgs {
+    /// The journal file that makes a rerun resume where this one stopped (default: a file under
+    /// ./.conveyor/ named after the input and the target).
+    #[arg(long, value_name = "PATH", conflicts_with = "no_journal")]
+    pub(crate) journal: Option<PathBuf>,
+
+    /// Keep everything in memory: nothing to resume after a crash or Ctrl-C.
+    #[arg(long)]
+    pub(crate) no_journal: bool,
+
+    /// Commit each line to the journal before reading the next (slower). By default lines are
+    /// committed in groups every 5 ms: after a crash a file input reads those lines again, but
+    /// lines from stdin in that last window are lost.
+    #[arg(long, conflicts_with = "no_journal")]
+    pub(crate) sync: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub(crate) struct OutputArgs {
+    /// On Ctrl-C or SIGTERM: stop reading, keep delivering what is already queued for at most
+    /// this long, then exit; what is left stays in the journal for the rerun. A second Ctrl-C
+    /// exits at once.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub(crate) drain_timeout: Duration,
+
+    /// Print the summary as one JSON object on stdout.
+    #[arg(long)]
+    pub(crate) json: bool,
+
+    /// No progress bar and no summary (errors are still printed; `--json` still prints).
+    #[arg(long, short = 'q')]
+    pub(crate) quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct DemoArgs {
+    /// How many items to send.
+    #[arg(long, default_value_t = 100)]
+    pub(crate) items: u64,
+
+    /// `strict`, `pipelined:N` or `keyed:N` (items are keyed by their `user` field, 16 users).
+    #[arg(long, default_value = "strict", value_parser = parse_ordering)]
+    pub(crate) ordering: OrderingArg,
+
+    /// How long the embedded service takes per request.
+    #[arg(long, default_value = "50ms", value_parser = parse_duration)]
+    pub(crate) latency: Duration,
+
+    #[command(flatten)]
+    pub(crate) output: OutputArgs,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn orderings_parse() {
+        assert_eq!(parse_ordering("strict"), Ok(OrderingArg::Strict));
+        assert_eq!(parse_ordering("pipelined:8"), Ok(OrderingArg::Pipelined(8)));
+        assert_eq!(parse_ordering("keyed:16"), Ok(OrderingArg::Keyed(16)));
+        for bad in ["keyed", "keyed:0", "keyed:x", "fifo", "strict:2", ""] {
+            assert!(parse_ordering(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn rates_durations_headers_parse() {
+        assert_eq!(parse_rate("20/s"), Ok(20));
+        assert_eq!(parse_rate("7"), Ok(7));
+        assert!(parse_rate("0/s").is_err());
+        assert!(parse_rate("fast").is_err());
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("soon").is_err());
+        assert_eq!(
+            parse_header("Authorization: Bearer a:b"),
+            Ok(("Authorization".into(), "Bearer a:b".into()))
+        );
+        let err = parse_header("no-colon-secret").unwrap_err();
+        assert!(!err.contains("secret"));
+    }
+
+    #[test]
+    fn exec_takes_the_rest_of_the_line() {
+        let cli = Cli::try_parse_from([
+            "conveyor",
+            "send",
+            "in.jsonl",
+            "--retries",
+            "2",
+            "--exec",
+            "prog",
+            "-x",
+            "--flag",
+        ])
+        .unwrap();
+        let Command::Send(send) = cli.command else {
+            panic!("not send")
+        };
+        assert_eq!(send.exec, ["prog", "-x", "--flag"]);
+        assert_eq!(send.retries, 2);
+        assert_eq!(send.input, "in.jsonl");
+    }
+}

@@ -1,0 +1,71 @@
+//! `conveyor`: JSON lines in, ordered HTTP or program delivery out.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+mod args;
+mod demo;
+mod input;
+mod journal;
+mod ops;
+mod report;
+mod send;
+mod sink;
+
+/// Exit codes; `args::EXIT_CODES_HELP` documents them for `--help`.
+mod exit {
+    pub(crate) const OK: u8 = 0;
+    pub(crate) const SOME_FAILED: u8 = 1;
+    pub(crate) const USAGE: u8 = 2;
+    pub(crate) const INTERRUPTED: u8 = 3;
+    pub(crate) const ABORTED: u8 = 130;
+}
+
+/// An error that ends the command, with the exit code it maps to.
+#[derive(Debug)]
+pub(crate) struct CliError {
+    message: String,
+    code: u8,
+}
+
+impl CliError {
+    /// Bad arguments, configuration or input: exit code 2.
+    pub(crate) fn usage(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            code: exit::USAGE,
+        }
+    }
+
+    /// Output could not be written.
+    pub(crate) fn io(e: std::io::Error) -> Self {
+        Self::usage(format!("cannot write output: {e}"))
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = args::Cli::parse();
+    let result = match cli.command {
+        args::Command::Send(send_args) => run_send(*send_args),
+        args::Command::Demo(demo_args) => demo::run(demo_args),
+        args::Command::Status(opts) => ops::status(&opts),
+        args::Command::Dead(command) => ops::dead(&command),
+        args::Command::Resume(resume) => ops::resume(&resume),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("conveyor: {}", e.message);
+            ExitCode::from(e.code)
+        }
+    }
+}
+
+fn run_send(args: args::SendArgs) -> Result<u8, CliError> {
+    let input = send::Input::from_arg(&args.input);
+    let plan = send::SendPlan::from_args(args, &input)?;
+    let (tx, rx) = send::events()?;
+    let summary = send::run(plan, input, tx, &rx)?;
+    Ok(summary.exit_code)
+}

@@ -1,0 +1,269 @@
+//! Operating a journal offline: `status`, `dead list|retry|discard`, `resume`.
+//!
+//! These open the journal file directly ([`conveyor::Journal`]), so they work while no `send`
+//! runs on it; while one does, the journal's lock makes them fail with a message naming the
+//! process holding it.
+
+use std::path::PathBuf;
+
+use conveyor::{DeadLetter, Journal};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::args::{DeadCommand, DeadTarget, JournalOpts, ResumeArgs};
+use crate::input::Line;
+use crate::journal::JOURNAL_DIR;
+use crate::report::print_out;
+use crate::{exit, CliError};
+
+/// The journal named by `--journal`, or the only one under `./.conveyor/`.
+fn find_journal(given: &Option<PathBuf>) -> Result<PathBuf, CliError> {
+    if let Some(path) = given {
+        if !path.exists() {
+            return Err(CliError::usage(format!(
+                "no journal at {}: pass the --journal PATH that `conveyor send` used",
+                path.display()
+            )));
+        }
+        return Ok(path.clone());
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir(JOURNAL_DIR)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|ext| ext == "journal"))
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => Err(CliError::usage(format!(
+            "no journal under ./{JOURNAL_DIR}/: run this where `conveyor send` ran, or pass --journal PATH"
+        ))),
+        _ => Err(CliError::usage(format!(
+            "several journals under ./{JOURNAL_DIR}/, pass one with --journal PATH: {}",
+            found
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+fn open(opts: &JournalOpts) -> Result<Journal, CliError> {
+    let path = find_journal(&opts.journal)?;
+    Journal::open(&path).map_err(|e| CliError::usage(e.to_string()))
+}
+
+fn journal_error(e: conveyor::JournalError) -> CliError {
+    CliError::usage(e.to_string())
+}
+
+pub(crate) fn status(opts: &JournalOpts) -> Result<u8, CliError> {
+    let journal = open(opts)?;
+    let status = journal.status().map_err(journal_error)?;
+    let path = journal.path().display().to_string();
+    if opts.json {
+        let lanes: Vec<_> = status
+            .lanes
+            .iter()
+            .map(|l| json!({"lane": l.lane, "pending": l.pending, "paused": l.paused}))
+            .collect();
+        let value = json!({
+            "journal": path,
+            "id": status.id,
+            "pending": status.pending,
+            "dead_letters": status.dead_letters,
+            "lanes": lanes,
+            "input_position": status.cursor,
+            "file_bytes": status.file_bytes,
+        });
+        print_out(&value.to_string()).map_err(CliError::io)?;
+        return Ok(exit::OK);
+    }
+    let mut text = format!(
+        "journal {path} ({} bytes on disk)\npending: {}",
+        status.file_bytes, status.pending
+    );
+    if let Some(cursor) = status.cursor {
+        text.push_str(&format!(" (input read up to line {cursor})"));
+    }
+    for lane in &status.lanes {
+        let name = if lane.lane.is_empty() {
+            "(single lane)".to_owned()
+        } else {
+            format!("{:?}", lane.lane)
+        };
+        text.push_str(&format!("\n  {name}: {} pending", lane.pending));
+        if let Some(error) = &lane.paused {
+            text.push_str(&format!(
+                ", PAUSED by: {error} (fix it, then `conveyor resume {}`)",
+                shell_word(&lane.lane)
+            ));
+        }
+    }
+    text.push_str(&format!("\ndead letters: {}", status.dead_letters));
+    if status.dead_letters > 0 {
+        text.push_str(" (`conveyor dead list`)");
+    }
+    print_out(&text).map_err(CliError::io)?;
+    Ok(exit::OK)
+}
+
+/// A lane name as the user would type it.
+fn shell_word(lane: &str) -> String {
+    if lane.is_empty() {
+        String::new()
+    } else if lane
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_.:/@".contains(c))
+    {
+        lane.to_owned()
+    } else {
+        format!("'{}'", lane.replace('\'', r"'\''"))
+    }
+}
+
+/// A dead letter as `dead list --json` prints it: the original line is recoverable.
+#[derive(Debug, Serialize)]
+struct DeadView {
+    seq: u64,
+    line: Option<u64>,
+    lane: String,
+    key: Option<String>,
+    attempts: u32,
+    failed_at: String,
+    error: String,
+    body: String,
+}
+
+impl From<DeadLetter> for DeadView {
+    fn from(dead: DeadLetter) -> Self {
+        // The CLI stores `Line`s; a journal written by another program may hold anything.
+        let (line, body) = match serde_json::from_slice::<Line>(&dead.payload) {
+            Ok(l) => (Some(l.line), l.body),
+            Err(_) => (None, String::from_utf8_lossy(&dead.payload).into_owned()),
+        };
+        Self {
+            seq: dead.seq,
+            line,
+            lane: dead.lane,
+            key: dead.key,
+            attempts: dead.attempts,
+            failed_at: humantime::format_rfc3339_seconds(dead.failed_at).to_string(),
+            error: dead.error,
+            body,
+        }
+    }
+}
+
+pub(crate) fn dead(command: &DeadCommand) -> Result<u8, CliError> {
+    match command {
+        DeadCommand::List(opts) => dead_list(opts),
+        DeadCommand::Retry(target) => dead_each(target, "retried", |j, seq| {
+            j.retry_dead(seq)
+                .map(|new| format!("dead letter {seq} queued again as {new}"))
+        }),
+        DeadCommand::Discard(target) => dead_each(target, "discarded", |j, seq| {
+            j.discard_dead(seq)
+                .map(|()| format!("dead letter {seq} discarded"))
+        }),
+    }
+}
+
+fn dead_list(opts: &JournalOpts) -> Result<u8, CliError> {
+    let journal = open(opts)?;
+    let dead = journal.dead_letters().map_err(journal_error)?;
+    if !opts.json && dead.is_empty() {
+        print_out("no dead letters").map_err(CliError::io)?;
+    }
+    for view in dead.into_iter().map(DeadView::from) {
+        let text = if opts.json {
+            serde_json::to_string(&view).expect("a dead letter serializes")
+        } else {
+            format!(
+                "seq {} line {} lane {:?}: {} attempt(s), {} — {}\n    {}",
+                view.seq,
+                view.line.map_or("?".into(), |l| l.to_string()),
+                view.lane,
+                view.attempts,
+                view.failed_at,
+                view.error,
+                view.body
+            )
+        };
+        print_out(&text).map_err(CliError::io)?;
+    }
+    Ok(exit::OK)
+}
+
+fn dead_each(
+    target: &DeadTarget,
+    verb: &str,
+    mut act: impl FnMut(&mut Journal, u64) -> Result<String, conveyor::JournalError>,
+) -> Result<u8, CliError> {
+    let mut journal = open(&target.journal)?;
+    let seqs: Vec<u64> = match target.seq {
+        Some(seq) => vec![seq],
+        None => journal
+            .dead_letters()
+            .map_err(journal_error)?
+            .iter()
+            .map(|d| d.seq)
+            .collect(),
+    };
+    for &seq in &seqs {
+        let message = act(&mut journal, seq).map_err(journal_error)?;
+        if !target.journal.json {
+            print_out(&message).map_err(CliError::io)?;
+        }
+    }
+    if target.journal.json {
+        print_out(&json!({ verb: seqs }).to_string()).map_err(CliError::io)?;
+    } else if target.all {
+        print_out(&format!("{} dead letter(s) {verb}", seqs.len())).map_err(CliError::io)?;
+    }
+    journal_close(journal)
+}
+
+pub(crate) fn resume(args: &ResumeArgs) -> Result<u8, CliError> {
+    let mut journal = open(&args.journal)?;
+    let resumed = journal.resume(&args.key).map_err(journal_error)?;
+    let lane = if args.key.is_empty() {
+        "the lane".to_owned()
+    } else {
+        format!("lane {:?}", args.key)
+    };
+    if !resumed {
+        return Err(CliError::usage(format!(
+            "{lane} is not paused in {}: `conveyor status` lists paused lanes",
+            journal.path().display()
+        )));
+    }
+    print_out(&format!(
+        "{lane} resumed: rerun the `conveyor send` command to deliver what it holds"
+    ))
+    .map_err(CliError::io)?;
+    journal_close(journal)
+}
+
+fn journal_close(journal: Journal) -> Result<u8, CliError> {
+    journal.close().map_err(journal_error)?;
+    Ok(exit::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lane_names_are_quoted_for_the_shell() {
+        assert_eq!(shell_word("user-3"), "user-3");
+        assert_eq!(shell_word("a b"), "'a b'");
+        assert_eq!(shell_word("it's"), r"'it'\''s'");
+        assert_eq!(shell_word(""), "");
+    }
+}

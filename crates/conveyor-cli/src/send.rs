@@ -1,0 +1,640 @@
+//! `conveyor send`: read lines on one thread, deliver through the engine, watch signals and
+//! progress on the main thread, and summarise.
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use conveyor::{Conveyor, DeliveryError, OnFailure, Ordering, Retry, SendError};
+
+use crate::args::{FailurePolicy, OrderingArg, OutputArgs, SendArgs};
+use crate::input::{KeySpec, Line, LineReader, Parsed};
+use crate::report::{millis, print_out, Progress, Summary};
+use crate::sink::{sink_fn, ExecSink, Latencies, Target};
+use crate::{exit, journal, CliError};
+
+/// The longest wait between two retries, whatever `--backoff` doubles up to.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How long nothing may move, with a lane paused and nothing in flight, before the run stops
+/// waiting and leaves the paused lane to `conveyor resume`.
+const PAUSED_STALL: Duration = Duration::from_secs(2);
+/// How often the main thread refreshes progress and looks at signals.
+const TICK: Duration = Duration::from_millis(100);
+/// How often the end of a close is checked; short, since the run ends right after it.
+const CLOSE_POLL: Duration = Duration::from_millis(10);
+
+/// Where the lines come from.
+#[derive(Debug)]
+pub(crate) enum Input {
+    Stdin,
+    File(PathBuf),
+    /// Generated lines (the demo).
+    Memory(Vec<u8>),
+}
+
+impl Input {
+    pub(crate) fn from_arg(arg: &str) -> Self {
+        if arg == "-" {
+            Self::Stdin
+        } else {
+            Self::File(PathBuf::from(arg))
+        }
+    }
+
+    fn open(&self) -> Result<Box<dyn BufRead + Send>, CliError> {
+        Ok(match self {
+            Self::Stdin => Box::new(BufReader::with_capacity(64 * 1024, io::stdin())),
+            Self::File(path) => Box::new(BufReader::with_capacity(
+                64 * 1024,
+                File::open(path).map_err(|e| {
+                    CliError::usage(format!("cannot open input {}: {e}", path.display()))
+                })?,
+            )),
+            Self::Memory(bytes) => Box::new(io::Cursor::new(bytes.clone())),
+        })
+    }
+
+    /// Line count for the progress bar, when it can be known up front.
+    fn count_lines(&self) -> Option<u64> {
+        let count = |r: &mut dyn BufRead| -> io::Result<u64> {
+            let mut lines = 0;
+            loop {
+                let buf = r.fill_buf()?;
+                if buf.is_empty() {
+                    return Ok(lines);
+                }
+                lines += buf.iter().filter(|&&b| b == b'\n').count() as u64;
+                let n = buf.len();
+                r.consume(n);
+            }
+        };
+        match self {
+            Self::Stdin => None,
+            Self::File(path) => File::open(path)
+                .ok()
+                .and_then(|f| count(&mut BufReader::new(f)).ok()),
+            Self::Memory(bytes) => count(&mut bytes.as_slice()).ok(),
+        }
+    }
+
+    /// Resuming by line position only makes sense when a rerun reads the same bytes again.
+    fn is_replayable(&self) -> bool {
+        !matches!(self, Self::Stdin)
+    }
+
+    fn identity(&self) -> String {
+        match self {
+            Self::Stdin => "stdin".into(),
+            Self::File(path) => std::fs::canonicalize(path)
+                .unwrap_or_else(|_| path.clone())
+                .display()
+                .to_string(),
+            Self::Memory(_) => "memory".into(),
+        }
+    }
+}
+
+/// Everything `send` needs, whether it came from the command line or the demo.
+#[derive(Debug)]
+pub(crate) struct SendPlan {
+    pub(crate) target: Target,
+    pub(crate) ordering: OrderingArg,
+    pub(crate) key: Option<KeySpec>,
+    pub(crate) retries: u32,
+    pub(crate) backoff: Duration,
+    pub(crate) rate: Option<u32>,
+    pub(crate) on_failure: FailurePolicy,
+    pub(crate) capacity: usize,
+    pub(crate) rejects: Option<PathBuf>,
+    pub(crate) journal: Option<PathBuf>,
+    /// Commit every line before the next (`--sync`).
+    pub(crate) sync: bool,
+    pub(crate) output: OutputArgs,
+}
+
+impl SendPlan {
+    /// Checks the arguments together and sets up the target.
+    pub(crate) fn from_args(args: SendArgs, input: &Input) -> Result<Self, CliError> {
+        let key =
+            match (args.ordering, &args.key) {
+                (OrderingArg::Keyed(_), Some(field)) => Some(KeySpec::parse(field)),
+                (OrderingArg::Keyed(_), None) => return Err(CliError::usage(
+                    "--ordering keyed:N needs --key FIELD to say which field names a line's lane",
+                )),
+                (_, Some(_)) => return Err(CliError::usage(
+                    "--key only applies to --ordering keyed:N (strict and pipelined have one lane)",
+                )),
+                (_, None) => None,
+            };
+        if args.capacity == 0 {
+            return Err(CliError::usage("--capacity must be at least 1"));
+        }
+        let target = if let Some(url) = &args.to {
+            let mut builder = conveyor::HttpSink::builder(url.as_str())
+                .method(args.method.as_str())
+                .timeout(args.timeout);
+            for (name, value) in &args.headers {
+                builder = builder.header(name.as_str(), value.as_str());
+            }
+            Target::Http(
+                builder
+                    .build()
+                    .map_err(|e| CliError::usage(e.to_string()))?,
+            )
+        } else {
+            if !args.headers.is_empty() {
+                return Err(CliError::usage(
+                    "--header only applies to --to URL, not --exec",
+                ));
+            }
+            Target::Exec(ExecSink::new(&args.exec, args.timeout).map_err(CliError::usage)?)
+        };
+        let journal = if args.journal.no_journal {
+            None
+        } else {
+            Some(match args.journal.journal {
+                Some(path) => path,
+                None => default_journal_path(input, &args.to, &args.exec),
+            })
+        };
+        if args.on_failure == FailurePolicy::Pause && journal.is_none() {
+            return Err(CliError::usage(
+                "--on-failure pause needs the journal (a paused lane is resumed from it): drop --no-journal",
+            ));
+        }
+        Ok(Self {
+            target,
+            ordering: args.ordering,
+            key,
+            retries: args.retries,
+            backoff: args.backoff,
+            rate: args.rate,
+            on_failure: args.on_failure,
+            capacity: args.capacity,
+            rejects: args.rejects,
+            journal,
+            sync: args.journal.sync,
+            output: args.output,
+        })
+    }
+
+    fn retry(&self) -> Retry {
+        if self.retries == 0 {
+            Retry::none()
+        } else {
+            Retry::exponential(self.backoff)
+                .max_delay(MAX_BACKOFF.max(self.backoff))
+                .max_attempts(self.retries.saturating_add(1))
+        }
+    }
+
+    fn engine_ordering(&self) -> Ordering {
+        match self.ordering {
+            OrderingArg::Strict => Ordering::Strict,
+            OrderingArg::Pipelined(n) => Ordering::Pipelined { in_flight: n },
+            OrderingArg::Keyed(n) => Ordering::Keyed { concurrency: n },
+        }
+    }
+}
+
+/// `.conveyor/<input name>-<hash of input and target>.journal`: the same command finds the same
+/// journal, a different input or target gets its own.
+fn default_journal_path(input: &Input, to: &Option<String>, exec: &[String]) -> PathBuf {
+    let identity = format!(
+        "{}\n{}\n{}",
+        input.identity(),
+        to.as_deref().unwrap_or(""),
+        exec.join("\0")
+    );
+    // FNV-1a: stable across Rust releases, unlike std's DefaultHasher, so an upgraded binary
+    // still finds yesterday's journal.
+    let hash = identity.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    let stem: String = match input {
+        Input::File(path) => path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        _ => "stdin".into(),
+    }
+    .chars()
+    .map(|c| {
+        if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+            c
+        } else {
+            '_'
+        }
+    })
+    .take(40)
+    .collect();
+    Path::new(journal::JOURNAL_DIR).join(format!("{stem}-{hash:016x}.journal"))
+}
+
+/// Messages from the reader thread and the signal handler to the main thread.
+#[derive(Debug)]
+pub(crate) enum Event {
+    /// First Ctrl-C or SIGTERM.
+    Interrupt,
+    /// The input is exhausted (or unreadable, or the conveyor closed).
+    InputDone(ReadOutcome),
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct ReadOutcome {
+    error: Option<String>,
+    submit_elapsed: Duration,
+}
+
+/// Counters the reader thread updates and the main thread shows.
+#[derive(Debug, Default)]
+struct ReadCounters {
+    accepted: AtomicU64,
+    rejected: AtomicU64,
+}
+
+/// Runs a whole `send`, returning its summary (already printed unless quiet).
+pub(crate) fn run(
+    plan: SendPlan,
+    input: Input,
+    events_tx: Sender<Event>,
+    events: &Receiver<Event>,
+) -> Result<Summary, CliError> {
+    let started = Instant::now();
+    let output = plan.output.clone();
+    let target_name = plan.target.describe();
+    let ordering_name = plan.ordering.to_string();
+    let latencies = Arc::new(Latencies::new());
+
+    let builder = Conveyor::<Line>::builder()
+        .ordering(plan.engine_ordering())
+        .capacity(plan.capacity)
+        .retry(plan.retry())
+        .on_failure(match plan.on_failure {
+            FailurePolicy::Skip => OnFailure::Skip,
+            FailurePolicy::Pause => OnFailure::Pause,
+        })
+        .drain_timeout(output.drain_timeout);
+    let builder = match plan.rate {
+        Some(rate) => builder.rate_limit(rate),
+        None => builder,
+    };
+    let builder = match &plan.journal {
+        Some(path) => journal::attach(builder, path, plan.sync)?,
+        None => builder,
+    };
+    let conveyor = Arc::new(
+        builder
+            .build(sink_fn(plan.target, Arc::clone(&latencies)))
+            .map_err(|e| CliError::usage(format!("cannot start: {e}")))?,
+    );
+    // Where a rerun picks up: the position stored with the last items a previous run accepted.
+    // Only a file reads the same lines again; on stdin the journal still replays what was
+    // pending, but the new stream is read from its start.
+    let resume_after = match &plan.journal {
+        Some(_) if input.is_replayable() => journal::cursor(&conveyor)?.unwrap_or(0),
+        _ => 0,
+    };
+
+    let mut reader = LineReader::new(input.open()?, plan.key.clone());
+    if resume_after > 0 && input.is_replayable() {
+        reader
+            .skip(resume_after)
+            .map_err(|e| CliError::usage(format!("cannot read input: {e}")))?;
+    }
+    let skipped = reader.position();
+    // Lines a previous run left pending in the journal are delivered first; count them in.
+    let backlog = {
+        let stats = conveyor.stats();
+        stats.queued + stats.in_flight
+    };
+    let progress = Progress::new(!output.quiet, || {
+        input
+            .count_lines()
+            .map(|n| n.saturating_sub(skipped) + backlog)
+    });
+    let rejects = match &plan.rejects {
+        Some(path) => Some(BufWriter::new(File::create(path).map_err(|e| {
+            CliError::usage(format!(
+                "cannot create the rejects file {}: {e}",
+                path.display()
+            ))
+        })?)),
+        None => None,
+    };
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let counters = Arc::new(ReadCounters::default());
+    {
+        let conveyor = Arc::clone(&conveyor);
+        let journaled = plan.journal.is_some();
+        let stop = Arc::clone(&stop);
+        let counters = Arc::clone(&counters);
+        let progress = progress.clone();
+        thread::Builder::new()
+            .name("conveyor-reader".into())
+            .spawn(move || {
+                let outcome = read_and_submit(
+                    &mut reader,
+                    &conveyor,
+                    journaled,
+                    &stop,
+                    &counters,
+                    rejects,
+                    &progress,
+                );
+                let _ = events_tx.send(Event::InputDone(outcome));
+            })
+            .map_err(|e| CliError::usage(format!("cannot start the reader thread: {e}")))?;
+    }
+
+    let mut read_outcome: Option<ReadOutcome> = None;
+    let mut interrupted = false;
+    let mut last_settled = u64::MAX;
+    let mut still_since = Instant::now();
+    loop {
+        let event = if read_outcome.is_some() {
+            events.try_recv().ok()
+        } else {
+            match events.recv_timeout(TICK) {
+                Ok(event) => Some(event),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => {
+                    // The signal sender lives in main; its loss is a bug, not a reason to spin.
+                    read_outcome.get_or_insert_with(ReadOutcome::default);
+                    None
+                }
+            }
+        };
+        match event {
+            Some(Event::Interrupt) => {
+                interrupted = true;
+                stop.store(true, AtomicOrdering::SeqCst);
+                if !output.quiet {
+                    progress.note(&format!(
+                        "interrupted: stopped reading; delivering what is queued for at most {}, \
+                         then the rest {}; Ctrl-C again to exit now",
+                        humantime::format_duration(output.drain_timeout),
+                        if plan.journal.is_some() {
+                            "stays in the journal for the rerun"
+                        } else {
+                            "is lost (--no-journal)"
+                        }
+                    ));
+                }
+                break;
+            }
+            Some(Event::InputDone(outcome)) => {
+                progress.set_total(counters.accepted.load(AtomicOrdering::Relaxed) + backlog);
+                read_outcome = Some(outcome);
+            }
+            None => {}
+        }
+        let (stats, settled) = show_progress(&conveyor, &progress, &counters);
+        if read_outcome.is_some() {
+            if conveyor.flush_timeout(TICK) {
+                break;
+            }
+            // A paused lane never drains by itself: once nothing else moves, stop waiting.
+            if settled != last_settled {
+                last_settled = settled;
+                still_since = Instant::now();
+            } else if stats.paused > 0
+                && stats.in_flight == 0
+                && still_since.elapsed() >= PAUSED_STALL
+            {
+                break;
+            }
+        }
+    }
+
+    let paused_lanes = conveyor.paused();
+    let close_within = if interrupted {
+        output.drain_timeout
+    } else {
+        // Everything that can settle has; don't wait on paused lanes.
+        TICK
+    };
+    // Close on a helper thread so the bar keeps moving while an interrupted run drains.
+    let report = thread::scope(|scope| {
+        let closing = scope.spawn(|| conveyor.close_timeout(close_within));
+        while !closing.is_finished() {
+            show_progress(&conveyor, &progress, &counters);
+            thread::sleep(CLOSE_POLL);
+        }
+        closing.join()
+    })
+    .map_err(|_| CliError::usage("closing the conveyor panicked; please report this bug"))?;
+    progress.finish();
+    let read_outcome = read_outcome.unwrap_or_default();
+    if let Some(error) = &read_outcome.error {
+        progress.note(&format!("error: {error}"));
+    }
+
+    let stats = report.stats;
+    let rejected = counters.rejected.load(AtomicOrdering::Relaxed);
+    let elapsed = started.elapsed();
+    let exit_code = if interrupted || !paused_lanes.is_empty() || report.left > 0 {
+        exit::INTERRUPTED
+    } else if read_outcome.error.is_some() {
+        exit::USAGE
+    } else if stats.failed > 0 || stats.dropped > 0 || rejected > 0 {
+        exit::SOME_FAILED
+    } else {
+        exit::OK
+    };
+    let percentiles = latencies.percentiles();
+    let summary = Summary {
+        target: target_name,
+        ordering: ordering_name,
+        accepted: counters.accepted.load(AtomicOrdering::Relaxed),
+        delivered: stats.delivered,
+        failed: stats.failed,
+        retried: stats.retried,
+        rejected,
+        left: report.left,
+        resumed_after_line: resume_after,
+        elapsed_secs: elapsed.as_secs_f64(),
+        items_per_sec: stats.delivered as f64 / elapsed.as_secs_f64().max(1e-9),
+        submit_secs: read_outcome.submit_elapsed.as_secs_f64(),
+        latency_p50_ms: percentiles.map(|(p50, _)| millis(p50)),
+        latency_p99_ms: percentiles.map(|(_, p99)| millis(p99)),
+        interrupted,
+        paused_lanes,
+        journal: plan.journal.as_ref().map(|p| p.display().to_string()),
+        exit_code,
+    };
+    if output.json {
+        print_out(&summary.json()).map_err(CliError::io)?;
+    } else if !output.quiet {
+        print_out(&summary.human()).map_err(CliError::io)?;
+    }
+    Ok(summary)
+}
+
+/// Refreshes the bar from the engine's counters; returns them and the settled count.
+fn show_progress(
+    conveyor: &Conveyor<Line>,
+    progress: &Progress,
+    counters: &ReadCounters,
+) -> (conveyor::Stats, u64) {
+    let stats = conveyor.stats();
+    let settled = stats.delivered + stats.failed + stats.dropped;
+    progress.update(
+        settled,
+        stats.failed,
+        stats.retried,
+        counters.rejected.load(AtomicOrdering::Relaxed),
+    );
+    (stats, settled)
+}
+
+/// The reader thread: every line is submitted, rejected or skipped; nothing stops the loop but
+/// the end of input, an unreadable input, an interrupt, or a closed conveyor.
+fn read_and_submit(
+    reader: &mut LineReader<Box<dyn BufRead + Send>>,
+    conveyor: &Conveyor<Line>,
+    journaled: bool,
+    stop: &AtomicBool,
+    counters: &ReadCounters,
+    mut rejects: Option<BufWriter<File>>,
+    progress: &Progress,
+) -> ReadOutcome {
+    let started = Instant::now();
+    let mut error = None;
+    while !stop.load(AtomicOrdering::Relaxed) {
+        let parsed = match reader.next_line() {
+            Ok(Some(parsed)) => parsed,
+            Ok(None) => break,
+            Err(e) => {
+                error = Some(format!(
+                    "cannot read input after line {}: {e}",
+                    reader.position()
+                ));
+                break;
+            }
+        };
+        match parsed {
+            Parsed::Blank => {}
+            Parsed::Rejected { line, raw, reason } => {
+                counters.rejected.fetch_add(1, AtomicOrdering::Relaxed);
+                progress.note(&format!("line {line}: rejected: {reason}"));
+                if let Some(file) = &mut rejects {
+                    if let Err(e) = file.write_all(&raw).and_then(|()| file.write_all(b"\n")) {
+                        progress.note(&format!("cannot write to the rejects file: {e}"));
+                        rejects = None;
+                    }
+                }
+            }
+            Parsed::Item { line, key } => {
+                let number = line.line;
+                let sent = match key {
+                    Some(key) => conveyor.send_keyed(key, line),
+                    None => conveyor.send(line),
+                };
+                match sent {
+                    Ok(receipt) => {
+                        counters.accepted.fetch_add(1, AtomicOrdering::Relaxed);
+                        let progress = progress.clone();
+                        receipt.on_settled(move |result| {
+                            if let Err(DeliveryError::Failed { attempts, error }) = result {
+                                progress.note(&format!(
+                                    "line {number}: failed after {attempts} attempt(s): {error}"
+                                ));
+                            }
+                        });
+                    }
+                    // Closed: the run is shutting down; what was not accepted is not lost, it
+                    // is simply not read (the journal's position says where to resume).
+                    Err(SendError::Closed(_)) => break,
+                    // Anything else (the journal cannot store the line): stop before the input
+                    // position moves past it, so a rerun starts with this very line.
+                    Err(refused) => {
+                        error = Some(format!(
+                            "line {number} was not accepted ({refused}); stopped reading: \
+                             rerun the same command to go on from this line"
+                        ));
+                        break;
+                    }
+                }
+            }
+        }
+        if journaled {
+            // Committed with the items accepted before it: a rerun starts after this line.
+            if let Err(e) = journal::set_cursor(conveyor, reader.position()) {
+                error = Some(format!("cannot record the input position: {e}"));
+                break;
+            }
+        }
+    }
+    if let Some(file) = &mut rejects {
+        if let Err(e) = file.flush() {
+            progress.note(&format!("cannot write to the rejects file: {e}"));
+        }
+    }
+    ReadOutcome {
+        error,
+        submit_elapsed: started.elapsed(),
+    }
+}
+
+/// Installs the Ctrl-C / SIGTERM handler: the first signal becomes an [`Event::Interrupt`], the
+/// second exits at once (the journal is crash-safe, so nothing accepted is lost).
+pub(crate) fn install_signals(events: Sender<Event>) -> Result<(), CliError> {
+    let count = AtomicU64::new(0);
+    ctrlc::set_handler(move || {
+        if count.fetch_add(1, AtomicOrdering::SeqCst) == 0 {
+            let _ = events.send(Event::Interrupt);
+        } else {
+            let _ = writeln!(io::stderr(), "interrupted again: exiting now");
+            std::process::exit(i32::from(exit::ABORTED));
+        }
+    })
+    .map_err(|e| CliError::usage(format!("cannot install the Ctrl-C handler: {e}")))
+}
+
+/// A channel for [`Event`]s with the signal handler attached.
+pub(crate) fn events() -> Result<(Sender<Event>, Receiver<Event>), CliError> {
+    let (tx, rx) = mpsc::channel();
+    install_signals(tx.clone())?;
+    Ok((tx, rx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_journal_depends_on_input_and_target() {
+        let a = default_journal_path(
+            &Input::File("in.jsonl".into()),
+            &Some("http://a/".into()),
+            &[],
+        );
+        let b = default_journal_path(
+            &Input::File("in.jsonl".into()),
+            &Some("http://b/".into()),
+            &[],
+        );
+        let a_again = default_journal_path(
+            &Input::File("in.jsonl".into()),
+            &Some("http://a/".into()),
+            &[],
+        );
+        assert_ne!(a, b);
+        assert_eq!(a, a_again);
+        assert!(a.starts_with(".conveyor"));
+        assert!(a.to_string_lossy().contains("in-"), "{}", a.display());
+    }
+
+    #[test]
+    fn lines_are_counted_for_progress() {
+        assert_eq!(Input::Memory(b"{}\n{}\n".to_vec()).count_lines(), Some(2));
+        assert_eq!(Input::Stdin.count_lines(), None);
+    }
+}

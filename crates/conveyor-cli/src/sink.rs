@@ -1,0 +1,258 @@
+//! Where lines go: an HTTP endpoint (the library's `HttpSink`) or a program run per line.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use conveyor::{Delivery, HttpSink, SinkError};
+use hdrhistogram::Histogram;
+use wait_timeout::ChildExt;
+
+use crate::input::Line;
+
+/// Exit status that asks for a retry (EX_TEMPFAIL from sysexits.h).
+const EX_TEMPFAIL: i32 = 75;
+/// How much of a failing program's stderr goes into the error.
+const STDERR_TAIL: usize = 300;
+
+/// The target of `conveyor send`.
+#[derive(Debug)]
+pub(crate) enum Target {
+    Http(HttpSink),
+    Exec(ExecSink),
+}
+
+impl Target {
+    /// What to show as the destination (no secrets).
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            Self::Http(sink) => sink.display_url(),
+            Self::Exec(exec) => exec.program.display().to_string(),
+        }
+    }
+
+    fn deliver(&self, d: &Delivery<Line>) -> Result<(), SinkError> {
+        match self {
+            Self::Http(sink) => sink.send(d).map(drop),
+            Self::Exec(exec) => exec.run(d),
+        }
+    }
+}
+
+/// Runs a program per line, without a shell.
+#[derive(Debug)]
+pub(crate) struct ExecSink {
+    program: PathBuf,
+    args: Vec<String>,
+    timeout: Duration,
+}
+
+impl ExecSink {
+    /// Checks that the program can be found now, so a typo fails once, not once per line.
+    pub(crate) fn new(argv: &[String], timeout: Duration) -> Result<Self, String> {
+        let (name, args) = argv.split_first().ok_or("--exec needs a program to run")?;
+        let program = find_program(name).ok_or_else(|| {
+            format!("cannot find program `{name}` for --exec: give a path or put it on PATH")
+        })?;
+        Ok(Self {
+            program,
+            args: args.to_vec(),
+            timeout,
+        })
+    }
+
+    fn run(&self, d: &Delivery<Line>) -> Result<(), SinkError> {
+        let line = d.item();
+        let mut command = Command::new(&self.program);
+        command
+            .args(&self.args)
+            .env("CONVEYOR_SEQ", d.seq().to_string())
+            .env("CONVEYOR_LINE", line.line.to_string())
+            .env("CONVEYOR_ATTEMPT", d.attempt().to_string())
+            .env("CONVEYOR_IDEMPOTENCY_KEY", d.idempotency_key())
+            .stdin(Stdio::piped())
+            // The program's own output is data: it goes where ours does. Its stderr explains failures.
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::piped());
+        if let Some(key) = d.key() {
+            command.env("CONVEYOR_KEY", key);
+        }
+        let mut child = command.spawn().map_err(|e| {
+            SinkError::permanent(format!("cannot run `{}`: {e}", self.program.display()))
+        })?;
+        if let Some(mut stdin) = child.stdin.take() {
+            let mut body = line.body.clone().into_bytes();
+            body.push(b'\n');
+            // A program that exits without reading its stdin is allowed to: its status decides.
+            let _ = stdin.write_all(&body);
+        }
+        // Read stderr on the side so a chatty program cannot block on a full pipe while we wait.
+        let stderr = child.stderr.take().map(|mut pipe| {
+            std::thread::spawn(move || {
+                let mut text = Vec::new();
+                let _ = pipe.read_to_end(&mut text);
+                text
+            })
+        });
+        let status = match child.wait_timeout(self.timeout) {
+            Ok(Some(status)) => status,
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(SinkError::retryable(format!(
+                    "`{}` did not finish within {}",
+                    self.program.display(),
+                    humantime::format_duration(self.timeout)
+                )));
+            }
+            Err(e) => {
+                return Err(SinkError::retryable(format!(
+                    "waiting for the program: {e}"
+                )))
+            }
+        };
+        let stderr = stderr
+            .and_then(|t| t.join().ok())
+            .map(|text| tail(&String::from_utf8_lossy(&text)))
+            .unwrap_or_default();
+        let describe = |what: String| {
+            if stderr.is_empty() {
+                what
+            } else {
+                format!("{what}: {stderr}")
+            }
+        };
+        match status.code() {
+            Some(0) => Ok(()),
+            Some(EX_TEMPFAIL) => Err(SinkError::retryable(describe(format!(
+                "`{}` exited with 75 (temporary failure)",
+                self.program.display()
+            )))),
+            Some(code) => Err(SinkError::permanent(describe(format!(
+                "`{}` exited with {code}",
+                self.program.display()
+            )))),
+            None => Err(SinkError::permanent(describe(format!(
+                "`{}` was killed by a signal",
+                self.program.display()
+            )))),
+        }
+    }
+}
+
+/// The last line(s) of a program's stderr, short enough for one message.
+fn tail(text: &str) -> String {
+    let text = text.trim();
+    let start = text
+        .char_indices()
+        .rev()
+        .nth(STDERR_TAIL)
+        .map_or(0, |(i, _)| i);
+    text[start..].replace('\n', " | ")
+}
+
+/// Like a shell's lookup: a name with a `/` is a path, anything else is searched on PATH.
+fn find_program(name: &str) -> Option<PathBuf> {
+    let is_runnable = |p: &Path| p.is_file();
+    if name.contains('/') {
+        let path = PathBuf::from(name);
+        return is_runnable(&path).then_some(path);
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(name))
+        .find(|p| is_runnable(p))
+}
+
+/// Send latencies (each sink call, retries included), for the summary's p50/p99.
+#[derive(Debug)]
+pub(crate) struct Latencies {
+    /// Microseconds, 3 significant digits. A mutex is enough: one short lock per request, next to
+    /// a request that takes far longer.
+    histogram: Mutex<Histogram<u64>>,
+}
+
+impl Latencies {
+    pub(crate) fn new() -> Self {
+        Self {
+            // 1 µs to an hour: anything longer is recorded as an hour.
+            histogram: Mutex::new(
+                Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds"),
+            ),
+        }
+    }
+
+    fn record(&self, elapsed: Duration) {
+        let micros = u64::try_from(elapsed.as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        if let Ok(mut h) = self.histogram.lock() {
+            h.saturating_record(micros);
+        }
+    }
+
+    /// (p50, p99), or `None` before any call.
+    pub(crate) fn percentiles(&self) -> Option<(Duration, Duration)> {
+        let h = self.histogram.lock().ok()?;
+        (!h.is_empty()).then(|| {
+            (
+                Duration::from_micros(h.value_at_quantile(0.5)),
+                Duration::from_micros(h.value_at_quantile(0.99)),
+            )
+        })
+    }
+}
+
+/// The sink closure: delivers and times each call.
+pub(crate) fn sink_fn(
+    target: Target,
+    latencies: std::sync::Arc<Latencies>,
+) -> impl Fn(Delivery<Line>) -> Result<(), SinkError> + Send + Sync + 'static {
+    move |d| {
+        let started = Instant::now();
+        let result = target.deliver(&d);
+        latencies.record(started.elapsed());
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn programs_are_found_on_path_or_by_path() {
+        assert!(find_program("sh").is_some());
+        assert!(find_program("/bin/sh").is_some());
+        assert!(find_program("no-such-program-conveyor").is_none());
+        let err = ExecSink::new(&["no-such-program-conveyor".into()], Duration::from_secs(1))
+            .unwrap_err();
+        assert!(err.contains("PATH"), "{err}");
+    }
+
+    #[test]
+    fn stderr_tail_is_short_and_one_line() {
+        assert_eq!(tail("a\nb\n"), "a | b");
+        let long = "x".repeat(1000);
+        assert_eq!(tail(&long).len(), STDERR_TAIL + 1);
+    }
+
+    #[test]
+    fn latency_percentiles() {
+        let l = Latencies::new();
+        assert!(l.percentiles().is_none());
+        for ms in 1..=100 {
+            l.record(Duration::from_millis(ms));
+        }
+        let (p50, p99) = l.percentiles().unwrap();
+        assert!(
+            p50 >= Duration::from_millis(49) && p50 <= Duration::from_millis(51),
+            "{p50:?}"
+        );
+        assert!(
+            p99 >= Duration::from_millis(98) && p99 <= Duration::from_millis(100),
+            "{p99:?}"
+        );
+    }
+}

@@ -1,0 +1,92 @@
+//! `--exec PROGRAM ARGS...`: the line on stdin, no shell; exit 0 ok, 75 retried, else failed.
+
+mod common;
+
+use common::*;
+
+const SCRIPT: &str = r#"line=$(cat)
+echo "$CONVEYOR_LINE $CONVEYOR_ATTEMPT [$1] $line" >> "$CONVEYOR_TEST_LOG"
+case "$line" in
+  *fail*) echo "cannot handle line $CONVEYOR_LINE" >&2; exit 1 ;;
+  *flaky*) if [ "$CONVEYOR_ATTEMPT" = 1 ]; then exit 75; fi ;;
+esac
+exit 0
+"#;
+
+#[test]
+fn exit_codes_0_75_and_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("handler.sh");
+    std::fs::write(&script, SCRIPT).unwrap();
+    let log = dir.path().join("log.txt");
+    let lines: Vec<String> = vec![
+        r#"{"id":0}"#.into(),
+        r#"{"id":1,"flaky":true}"#.into(),
+        r#"{"id":2,"fail":true}"#.into(),
+        r#"{"id":3}"#.into(),
+    ];
+    let input = write_lines(dir.path(), "in.jsonl", &lines);
+    let output = conveyor(dir.path())
+        .env("CONVEYOR_TEST_LOG", &log)
+        .args([
+            "send",
+            input.to_str().unwrap(),
+            "--no-journal",
+            "--json",
+            "--backoff",
+            "10ms",
+        ])
+        // One argument with a space and a `$`: no shell touches it.
+        .args(["--exec", "sh", script.to_str().unwrap(), "two words $HOME"])
+        .output()
+        .unwrap();
+    let (_, stderr) = expect_exit(&output, 1);
+    assert!(
+        stderr.contains("line 3: failed after 1 attempt(s)")
+            && stderr.contains("exited with 1")
+            && stderr.contains("cannot handle line 3"),
+        "{stderr}"
+    );
+    let log = std::fs::read_to_string(&log).unwrap();
+    let runs: Vec<&str> = log.lines().collect();
+    assert_eq!(
+        runs,
+        [
+            r#"1 1 [two words $HOME] {"id":0}"#,
+            r#"2 1 [two words $HOME] {"id":1,"flaky":true}"#,
+            r#"2 2 [two words $HOME] {"id":1,"flaky":true}"#,
+            r#"3 1 [two words $HOME] {"id":2,"fail":true}"#,
+            r#"4 1 [two words $HOME] {"id":3}"#,
+        ]
+    );
+    let summary = summary(&output);
+    assert_eq!(
+        (
+            summary["delivered"].as_u64(),
+            summary["failed"].as_u64(),
+            summary["retried"].as_u64()
+        ),
+        (Some(3), Some(1), Some(1))
+    );
+}
+
+#[test]
+fn a_missing_program_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_lines(dir.path(), "in.jsonl", &items(1, 1));
+    let output = conveyor(dir.path())
+        .args([
+            "send",
+            input.to_str().unwrap(),
+            "--no-journal",
+            "--exec",
+            "no-such-program-xyz",
+        ])
+        .output()
+        .unwrap();
+    let (_, stderr) = expect_exit(&output, 2);
+    assert!(
+        stderr.contains("no-such-program-xyz") && stderr.contains("PATH"),
+        "{stderr}"
+    );
+}

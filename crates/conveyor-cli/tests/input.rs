@@ -1,0 +1,126 @@
+//! Bad input lines, rejects, and streaming from stdin.
+
+mod common;
+
+use std::io::Write;
+
+use common::*;
+
+#[test]
+fn bad_lines_are_reported_copied_and_never_stop_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(|_| Reply::ok()).unwrap();
+    let lines: Vec<String> = vec![
+        r#"{"id":0}"#.into(),
+        "{not json".into(),
+        r#"{"id":1}"#.into(),
+        String::new(),
+        "[1, 2".into(),
+        r#"{"id":2}"#.into(),
+    ];
+    let input = write_lines(dir.path(), "in.jsonl", &lines);
+    let rejects = dir.path().join("rejects.jsonl");
+    let output = send_in_memory(
+        dir.path(),
+        &input,
+        &server.url(),
+        &["--rejects", rejects.to_str().unwrap()],
+    );
+    let (_, stderr) = expect_exit(&output, 1);
+    assert!(
+        stderr.contains("line 2: rejected: not valid JSON"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("line 5: rejected: not valid JSON"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("line 4"),
+        "a blank line is not an error: {stderr}"
+    );
+    assert_eq!(ids(&server.arrivals()), [0, 1, 2]);
+    assert_eq!(
+        std::fs::read_to_string(&rejects).unwrap(),
+        "{not json\n[1, 2\n"
+    );
+    let summary = summary(&output);
+    assert_eq!(
+        (summary["delivered"].as_u64(), summary["rejected"].as_u64()),
+        (Some(3), Some(2))
+    );
+}
+
+#[test]
+fn lines_without_the_key_field_are_rejected_in_keyed_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(|_| Reply::ok()).unwrap();
+    let lines: Vec<String> = vec![
+        r#"{"id":0,"user":"a"}"#.into(),
+        r#"{"id":1}"#.into(),
+        r#"{"id":2,"user":"b"}"#.into(),
+    ];
+    let input = write_lines(dir.path(), "in.jsonl", &lines);
+    let output = send_in_memory(
+        dir.path(),
+        &input,
+        &server.url(),
+        &["--ordering", "keyed:2", "--key", "user"],
+    );
+    let (_, stderr) = expect_exit(&output, 1);
+    assert!(
+        stderr.contains("line 2: rejected: no key field `user`"),
+        "{stderr}"
+    );
+    let mut got = ids(&server.arrivals());
+    got.sort_unstable();
+    assert_eq!(got, [0, 2]);
+}
+
+#[test]
+fn stdin_is_streamed_delivery_starts_before_input_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(|_| Reply::ok()).unwrap();
+    let url = server.url();
+    let mut child = spawn(
+        dir.path(),
+        &["send", "-", "--to", &url, "--no-journal", "--json"],
+    );
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, r#"{{"id":0}}"#).unwrap();
+    stdin.flush().unwrap();
+    // The first line arrives while stdin is still open.
+    wait_for("the first line to arrive", || server.count() == 1);
+    for id in 1..50 {
+        writeln!(stdin, r#"{{"id":{id}}}"#).unwrap();
+    }
+    drop(stdin);
+    let output = child.wait_with_output().unwrap();
+    expect_exit(&output, 0);
+    assert_eq!(ids(&server.arrivals()), (0..50).collect::<Vec<_>>());
+    assert_eq!(summary(&output)["delivered"], 50);
+}
+
+#[test]
+fn a_closed_stdout_is_not_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(|_| Reply::ok()).unwrap();
+    let input = write_lines(dir.path(), "in.jsonl", &items(5, 1));
+    let url = server.url();
+    let args = [
+        "send",
+        input.to_str().unwrap(),
+        "--to",
+        &url,
+        "--no-journal",
+    ];
+    let mut child = spawn(dir.path(), &args);
+    drop(child.stdout.take());
+    let output = child.wait_with_output().unwrap();
+    let (_, stderr) = expect_exit(&output, 0);
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("Broken pipe"),
+        "{stderr}"
+    );
+    assert_eq!(server.count(), 5);
+}

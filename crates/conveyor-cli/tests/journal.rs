@@ -1,0 +1,324 @@
+//! The journal from the command line: resume after `kill -9`, dead letters, paused lanes.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn kill_9_mid_run_then_rerun_resumes_without_resending_delivered_lines() {
+    kill_9_then_rerun(&[]);
+}
+
+#[test]
+fn kill_9_then_rerun_with_sync_commits() {
+    kill_9_then_rerun(&["--sync"]);
+}
+
+fn kill_9_then_rerun(extra: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(|_| Reply::ok().delay(Duration::from_millis(10))).unwrap();
+    let input = write_lines(dir.path(), "in.jsonl", &items(120, 1));
+    let url = server.url();
+    let mut args = vec!["send", input.to_str().unwrap(), "--to", &url, "--json"];
+    args.extend_from_slice(extra);
+    let mut child = Command::new(conveyor_path())
+        .current_dir(dir.path())
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("some deliveries", || server.count() >= 30);
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let first_run = server.count();
+    assert!(first_run < 120, "the run finished before it was killed");
+
+    let output = conveyor(dir.path()).args(&args).output().unwrap();
+    expect_exit(&output, 0);
+    let arrivals = server.arrivals();
+    let all = ids(&arrivals);
+    let (before, after) = all.split_at(first_run);
+    // Each run delivered in order; the rerun started at most a few lines back (the line in
+    // flight at the kill, or the last commit window), not from the beginning.
+    assert_eq!(before, (0..first_run as u64).collect::<Vec<_>>());
+    let restart = after[0];
+    assert!(
+        restart + 3 >= first_run as u64,
+        "rerun restarted at {restart} after {first_run} arrived"
+    );
+    assert_eq!(after, (restart..120).collect::<Vec<_>>());
+    // A resent line carries the same idempotency key as the first time.
+    let keys: HashMap<u64, &str> = arrivals[..first_run]
+        .iter()
+        .map(|a| {
+            (
+                a.json().unwrap()["id"].as_u64().unwrap(),
+                a.header("idempotency-key").unwrap(),
+            )
+        })
+        .collect();
+    for a in &arrivals[first_run..] {
+        let id = a.json().unwrap()["id"].as_u64().unwrap();
+        if let Some(key) = keys.get(&id) {
+            assert_eq!(
+                Some(*key),
+                a.header("idempotency-key"),
+                "line {id} resent under a new key"
+            );
+        }
+    }
+    let journals: Vec<_> = std::fs::read_dir(dir.path().join(".conveyor"))
+        .unwrap()
+        .collect();
+    assert!(
+        !journals.is_empty(),
+        "the default journal lives under ./.conveyor/"
+    );
+}
+
+#[test]
+fn failed_lines_become_dead_letters_and_dead_retry_delivers_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let broken = Arc::new(AtomicBool::new(true));
+    let flag = Arc::clone(&broken);
+    let server = Server::start(move |a| {
+        if a.json().unwrap()["id"] == 2 && flag.load(Ordering::SeqCst) {
+            Reply::status(422).body("not today")
+        } else {
+            Reply::ok()
+        }
+    })
+    .unwrap();
+    let input = write_lines(dir.path(), "in.jsonl", &items(5, 1));
+    let journal = dir.path().join("j.journal");
+    let send = |dir: &std::path::Path| {
+        conveyor(dir)
+            .args(["send", input.to_str().unwrap(), "--to", &server.url()])
+            .args(["--journal", journal.to_str().unwrap(), "--json"])
+            .output()
+            .unwrap()
+    };
+    let first = send(dir.path());
+    expect_exit(&first, 1);
+    assert_eq!(summary(&first)["failed"], 1);
+
+    let list = conveyor(dir.path())
+        .args([
+            "dead",
+            "list",
+            "--json",
+            "--journal",
+            journal.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    expect_exit(&list, 0);
+    let dead: Vec<serde_json::Value> = texts(&list)
+        .0
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0]["line"], 3);
+    assert_eq!(dead[0]["body"], r#"{"id":2,"user":"u0"}"#);
+    assert!(dead[0]["error"].as_str().unwrap().contains("422"));
+
+    broken.store(false, Ordering::SeqCst);
+    // The default journal is found when it is the only one under ./.conveyor/; here it is named.
+    let retry = conveyor(dir.path())
+        .args([
+            "dead",
+            "retry",
+            "--all",
+            "--journal",
+            journal.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    expect_exit(&retry, 0);
+
+    let second = send(dir.path());
+    expect_exit(&second, 0);
+    // Only the retried line was sent again: the input position kept the rest from repeating.
+    assert_eq!(ids(&server.arrivals()), [0, 1, 2, 3, 4, 2]);
+
+    let status = conveyor(dir.path())
+        .args(["status", "--json", "--journal", journal.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_str(texts(&status).0.trim()).unwrap();
+    assert_eq!(
+        (status["pending"].as_u64(), status["dead_letters"].as_u64()),
+        (Some(0), Some(0))
+    );
+}
+
+#[test]
+fn a_paused_lane_waits_for_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let broken = Arc::new(AtomicBool::new(true));
+    let flag = Arc::clone(&broken);
+    let server = Server::start(move |a| {
+        if a.json().unwrap()["id"] == 2 && flag.load(Ordering::SeqCst) {
+            Reply::status(500)
+        } else {
+            Reply::ok()
+        }
+    })
+    .unwrap();
+    let input = write_lines(dir.path(), "in.jsonl", &items(6, 1));
+    let send = || {
+        conveyor(dir.path())
+            .args(["send", input.to_str().unwrap(), "--to", &server.url()])
+            .args(["--on-failure", "pause", "--retries", "0", "--json"])
+            .output()
+            .unwrap()
+    };
+    let first = send();
+    expect_exit(&first, 3);
+    assert_eq!(summary(&first)["paused_lanes"], serde_json::json!([""]));
+    assert_eq!(ids(&server.arrivals()), [0, 1, 2]);
+
+    let status = conveyor(dir.path()).args(["status"]).output().unwrap();
+    let (text, _) = texts(&status);
+    assert!(
+        text.contains("PAUSED") && text.contains("4 pending"),
+        "{text}"
+    );
+
+    broken.store(false, Ordering::SeqCst);
+    let resume = conveyor(dir.path()).args(["resume"]).output().unwrap();
+    expect_exit(&resume, 0);
+    let second = send();
+    expect_exit(&second, 0);
+    assert_eq!(ids(&server.arrivals()), [0, 1, 2, 2, 3, 4, 5]);
+}
+
+#[test]
+fn ctrl_c_keeps_the_rest_in_the_journal_for_the_rerun() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(|_| Reply::ok().delay(Duration::from_millis(100))).unwrap();
+    let input = write_lines(dir.path(), "in.jsonl", &items(30, 1));
+    let input = input.to_str().unwrap();
+    let url = server.url();
+    let args = [
+        "send",
+        input,
+        "--to",
+        &url,
+        "--json",
+        "--drain-timeout",
+        "150ms",
+    ];
+    let child = spawn(dir.path(), &args);
+    wait_for("deliveries to start", || server.count() >= 3);
+    signal(&child, "INT");
+    let first = child.wait_with_output().unwrap();
+    expect_exit(&first, 3);
+    let first_summary = summary(&first);
+    assert!(
+        first_summary["left"].as_u64().unwrap() > 0,
+        "{first_summary}"
+    );
+    assert!(first_summary["journal"]
+        .as_str()
+        .unwrap()
+        .contains(".conveyor"));
+    let first_run = server.count();
+
+    let second = conveyor(dir.path()).args(args).output().unwrap();
+    expect_exit(&second, 0);
+    let all = ids(&server.arrivals());
+    // Everything arrived, in order, with at most the request cut off by the drain deadline sent
+    // twice.
+    let mut unique = all.clone();
+    unique.dedup();
+    assert_eq!(unique, (0..30).collect::<Vec<_>>(), "{all:?}");
+    assert!(all.len() <= 31, "{all:?}");
+    assert!(first_run < 30);
+}
+
+#[test]
+fn a_second_ctrl_c_exits_at_once_and_the_rerun_finishes_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(|_| Reply::ok().delay(Duration::from_millis(150))).unwrap();
+    let input = write_lines(dir.path(), "in.jsonl", &items(20, 1));
+    let input = input.to_str().unwrap();
+    let url = server.url();
+    let args = ["send", input, "--to", &url, "--drain-timeout", "60s"];
+    let child = spawn(dir.path(), &args);
+    wait_for("deliveries to start", || server.count() >= 2);
+    signal(&child, "INT");
+    std::thread::sleep(Duration::from_millis(50));
+    signal(&child, "INT");
+    let first = child.wait_with_output().unwrap();
+    expect_exit(&first, 130);
+    let second = conveyor(dir.path()).args(args).output().unwrap();
+    expect_exit(&second, 0);
+    let mut unique = ids(&server.arrivals());
+    unique.dedup();
+    assert_eq!(unique, (0..20).collect::<Vec<_>>());
+}
+
+#[test]
+fn dead_discard_drops_a_dead_letter_for_good() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(|a| {
+        if a.json().unwrap()["id"] == 1 {
+            Reply::status(400)
+        } else {
+            Reply::ok()
+        }
+    })
+    .unwrap();
+    let input = write_lines(dir.path(), "in.jsonl", &items(3, 1));
+    let send = || {
+        conveyor(dir.path())
+            .args(["send", input.to_str().unwrap(), "--to", &server.url()])
+            .output()
+            .unwrap()
+    };
+    expect_exit(&send(), 1);
+    let listed = conveyor(dir.path())
+        .args(["dead", "list"])
+        .output()
+        .unwrap();
+    let (text, _) = expect_exit(&listed, 0);
+    assert!(text.contains("line 2") && text.contains("400"), "{text}");
+    let seq = text.split_whitespace().nth(1).unwrap().to_owned();
+    let discard = conveyor(dir.path())
+        .args(["dead", "discard", &seq])
+        .output()
+        .unwrap();
+    expect_exit(&discard, 0);
+    let (status, _) = expect_exit(&conveyor(dir.path()).args(["status"]).output().unwrap(), 0);
+    assert!(
+        status.contains("dead letters: 0") && status.contains("pending: 0"),
+        "{status}"
+    );
+    expect_exit(&send(), 0);
+    assert_eq!(ids(&server.arrivals()), [0, 1, 2], "nothing was sent again");
+    let missing = conveyor(dir.path())
+        .args(["dead", "discard", &seq])
+        .output()
+        .unwrap();
+    expect_exit(&missing, 2);
+}
+
+#[test]
+fn operating_commands_explain_a_missing_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [&["status"][..], &["dead", "list"], &["resume", "k"]] {
+        let output = conveyor(dir.path()).args(args).output().unwrap();
+        let (_, stderr) = texts(&output);
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        assert!(stderr.contains("--journal"), "{stderr}");
+    }
+}

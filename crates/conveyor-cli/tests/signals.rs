@@ -1,0 +1,81 @@
+//! Ctrl-C / SIGTERM: stop reading, drain within --drain-timeout, summarise, documented exit codes.
+
+mod common;
+
+use std::process::Child;
+use std::time::Duration;
+
+use common::*;
+
+fn spawn_send(dir: &std::path::Path, server: &Server, lines: u64, drain: &str) -> Child {
+    let input = write_lines(dir, "in.jsonl", &items(lines, 1));
+    let input = input.to_str().unwrap();
+    let url = server.url();
+    let args = [
+        "send",
+        input,
+        "--to",
+        &url,
+        "--no-journal",
+        "--json",
+        "--drain-timeout",
+        drain,
+    ];
+    spawn(dir, &args)
+}
+
+fn interrupted_run(signal_name: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(|_| Reply::ok().delay(Duration::from_millis(200))).unwrap();
+    let child = spawn_send(dir.path(), &server, 40, "700ms");
+    wait_for("deliveries to start", || server.count() >= 2);
+    let arrived_at_signal = server.count() as u64;
+    signal(&child, signal_name);
+    let output = child.wait_with_output().unwrap();
+    let (_, stderr) = expect_exit(&output, 3);
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    let summary = summary(&output);
+    assert_eq!(summary["interrupted"], true);
+    let delivered = summary["delivered"].as_u64().unwrap();
+    let left = summary["left"].as_u64().unwrap();
+    let accepted = summary["accepted"].as_u64().unwrap();
+    // The request under way at the signal was let finish; not everything was sent.
+    assert!(delivered >= arrived_at_signal - 1, "{summary}");
+    assert!(delivered < 40 && left > 0, "{summary}");
+    assert_eq!(
+        delivered + summary["failed"].as_u64().unwrap() + left,
+        accepted,
+        "{summary}"
+    );
+    // At most one request was cut off by the drain deadline.
+    assert!(server.count() as u64 <= delivered + 1, "{summary}");
+    // What arrived is a prefix of the input, in order.
+    assert_eq!(
+        ids(&server.arrivals()),
+        (0..server.count() as u64).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn sigint_drains_then_exits_3_with_a_summary() {
+    interrupted_run("INT");
+}
+
+#[test]
+fn sigterm_is_handled_like_ctrl_c() {
+    interrupted_run("TERM");
+}
+
+#[test]
+fn a_second_ctrl_c_exits_at_once_with_130() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(|_| Reply::ok().delay(Duration::from_millis(400))).unwrap();
+    let child = spawn_send(dir.path(), &server, 20, "60s");
+    wait_for("deliveries to start", || server.count() >= 1);
+    signal(&child, "INT");
+    std::thread::sleep(Duration::from_millis(100));
+    signal(&child, "INT");
+    let output = child.wait_with_output().unwrap();
+    expect_exit(&output, 130);
+    assert!(server.count() < 20);
+}

@@ -1,0 +1,502 @@
+//! The blocking HTTP sink (cargo feature `http`).
+//!
+//! One [`HttpSink`] owns one `reqwest` blocking client, so every delivery reuses the same pool of
+//! keep-alive connections whatever thread the conveyor runs it on. The sink classifies each outcome
+//! for the engine's retry policy: 2xx succeeds; connection errors, timeouts, 408, 429 and 5xx are
+//! retryable (honouring `Retry-After`); every other status is permanent.
+//!
+//! Header values are treated as secrets (they usually carry tokens): they are marked sensitive for
+//! `reqwest`, never appear in `Debug` output, and are scrubbed from error messages that echo a
+//! response body.
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use reqwest::blocking::{Client, Response};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::{Method, StatusCode, Url};
+
+use crate::{Delivery, SinkError};
+
+/// Header carrying [`Delivery::idempotency_key`], stable across retries (and restarts with a journal).
+pub(crate) const IDEMPOTENCY_KEY_HEADER: &str = "Idempotency-Key";
+/// Header carrying [`Delivery::seq`], so a receiver can drop anything at or below the last seq seen.
+pub(crate) const SEQ_HEADER: &str = "Conveyor-Seq";
+/// Header carrying [`Delivery::attempt`] (1 on the first try).
+pub(crate) const ATTEMPT_HEADER: &str = "Conveyor-Attempt";
+
+/// How much of an error response's body goes into the error message.
+const ERROR_BODY_CHARS: usize = 200;
+
+/// Delivers items as HTTP requests, one request per delivery.
+///
+/// The item's bytes (`T: AsRef<[u8]>`) are the request body. Every request carries
+/// `Idempotency-Key` ([`Delivery::idempotency_key`]), `Conveyor-Seq` ([`Delivery::seq`]) and
+/// `Conveyor-Attempt` ([`Delivery::attempt`]) so receivers can drop duplicates, and
+/// `Conveyor-Key` ([`Delivery::key`]) for items sent with a key.
+///
+/// | outcome | result |
+/// |---|---|
+/// | 2xx | `Ok(HttpReply)` |
+/// | connect error, timeout, broken connection | retryable [`SinkError`] |
+/// | 408, 429, 5xx | retryable, with `Retry-After` as [`SinkError::with_retry_after`] |
+/// | any other status (3xx: redirects are not followed) | permanent |
+///
+/// The sink uses a blocking client: build it and drop it outside an async runtime, and run it
+/// with [`Builder::build`](crate::Builder::build), not `build_async`.
+///
+/// # Examples
+///
+/// ```no_run
+/// use conveyor::{Conveyor, HttpSink};
+///
+/// let sink = HttpSink::builder("https://example.com/events")
+///     .header("Authorization", "Bearer s3cret")
+///     .build()?;
+/// let c: Conveyor<String, conveyor::HttpReply> = Conveyor::builder().build(sink.into_sink())?;
+/// c.send(r#"{"n":1}"#.to_string())?;
+/// c.flush();
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct HttpSink {
+    client: Client,
+    url: Url,
+    method: Method,
+    /// User headers, marked sensitive. Kept whole so each request clones one map.
+    headers: HeaderMap,
+    /// The raw header values, to scrub them out of response bodies quoted in errors.
+    secrets: Vec<String>,
+}
+
+impl fmt::Debug for HttpSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpSink")
+            .field("method", &self.method)
+            .field("url", &redact_url(&self.url))
+            .field("headers", &RedactedHeaders(&self.headers))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Shows header names only.
+struct RedactedHeaders<'a>(&'a HeaderMap);
+
+impl fmt::Debug for RedactedHeaders<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.0.keys().map(|k| (k.as_str(), "<redacted>")))
+            .finish()
+    }
+}
+
+/// A URL for display: any password in it replaced.
+fn redact_url(url: &Url) -> String {
+    let mut shown = url.clone();
+    if shown.password().is_some() {
+        // Only fails for URLs that cannot have credentials, which this one has.
+        let _ = shown.set_password(Some("redacted"));
+    }
+    shown.to_string()
+}
+
+/// The successful response of an [`HttpSink`] delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HttpReply {
+    /// The HTTP status code (2xx).
+    pub status: u16,
+    /// The response body. It is read in full so the connection can be reused.
+    pub body: Vec<u8>,
+}
+
+/// Builds an [`HttpSink`]; see [`HttpSink::builder`].
+///
+/// | setting | default |
+/// |---|---|
+/// | method | `POST` |
+/// | `Content-Type` | `application/json` (override with [`header`](Self::header)) |
+/// | timeout per request | 30 s |
+/// | redirects | not followed (a 3xx is a permanent failure) |
+#[must_use = "call .build() to get the sink"]
+pub struct HttpSinkBuilder {
+    url: String,
+    method: String,
+    headers: Vec<(String, String)>,
+    timeout: Duration,
+}
+
+impl fmt::Debug for HttpSinkBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpSinkBuilder")
+            .field("method", &self.method)
+            .field(
+                "headers",
+                &self
+                    .headers
+                    .iter()
+                    .map(|(name, _)| (name.as_str(), "<redacted>"))
+                    .collect::<Vec<_>>(),
+            )
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HttpSinkBuilder {
+    /// Adds a header sent with every request (repeatable). Its value is treated as a secret.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// Sets the HTTP method (default `POST`).
+    pub fn method(mut self, method: impl Into<String>) -> Self {
+        self.method = method.into();
+        self
+    }
+
+    /// Sets the timeout of one request, from connecting to reading the whole response (default 30 s).
+    /// A timeout is a retryable failure.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Builds the sink and its connection pool.
+    ///
+    /// # Errors
+    ///
+    /// [`HttpBuildError`] if the URL, the method or a header is invalid, or the HTTP client (TLS)
+    /// cannot be set up.
+    ///
+    /// # Panics
+    ///
+    /// If called inside an async runtime (a limitation of reqwest's blocking client).
+    pub fn build(self) -> Result<HttpSink, HttpBuildError> {
+        let url = Url::parse(&self.url).map_err(|e| HttpBuildError::InvalidUrl {
+            url: self.url.clone(),
+            reason: e.to_string(),
+        })?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(HttpBuildError::InvalidUrl {
+                url: redact_url(&url),
+                reason: format!("scheme `{}` is not http or https", url.scheme()),
+            });
+        }
+        let method = Method::from_bytes(self.method.to_ascii_uppercase().as_bytes())
+            .map_err(|_| HttpBuildError::InvalidMethod(self.method.clone()))?;
+
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let mut secrets = Vec::with_capacity(self.headers.len());
+        let mut user_set = Vec::new();
+        for (name, value) in &self.headers {
+            let header_name = HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| {
+                HttpBuildError::InvalidHeader {
+                    name: name.clone(),
+                    reason: "not a valid header name".into(),
+                }
+            })?;
+            let mut header_value =
+                HeaderValue::from_str(value.trim()).map_err(|_| HttpBuildError::InvalidHeader {
+                    name: name.clone(),
+                    reason: "the value has characters not allowed in a header".into(),
+                })?;
+            header_value.set_sensitive(true);
+            // A repeated name adds a value; the first user value replaces a default.
+            if user_set.contains(&header_name) {
+                headers.append(header_name, header_value);
+            } else {
+                headers.insert(header_name.clone(), header_value);
+                user_set.push(header_name);
+            }
+            if !value.trim().is_empty() {
+                secrets.push(value.trim().to_owned());
+            }
+        }
+
+        let client = Client::builder()
+            .timeout(self.timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| HttpBuildError::Client(error_chain(&e.without_url())))?;
+        Ok(HttpSink {
+            client,
+            url,
+            method,
+            headers,
+            secrets,
+        })
+    }
+}
+
+/// Why an [`HttpSink`] could not be built. Header values are never part of the message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HttpBuildError {
+    /// The URL does not parse or is not http(s).
+    InvalidUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A header name or value is not valid HTTP.
+    InvalidHeader {
+        /// The header's name as given (its value is never shown).
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The method is not a valid HTTP method token.
+    InvalidMethod(String),
+    /// The HTTP client could not be created (for example TLS setup failed).
+    Client(String),
+}
+
+impl fmt::Display for HttpBuildError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::InvalidUrl { url, reason } => write!(
+                f,
+                "invalid URL `{url}`: {reason} (expected something like http://host:port/path)"
+            ),
+            Self::InvalidHeader { name, reason } => write!(
+                f,
+                "invalid header `{name}`: {reason} (expected `Name: value`)"
+            ),
+            Self::InvalidMethod(m) => {
+                write!(f, "invalid HTTP method `{m}` (expected e.g. POST or PUT)")
+            }
+            Self::Client(e) => write!(f, "cannot create the HTTP client: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for HttpBuildError {}
+
+impl HttpSink {
+    /// Starts building a sink that sends to `url`.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// let sink = conveyor::HttpSink::builder("http://127.0.0.1:8080/ingest")
+    ///     .method("PUT")
+    ///     .header("X-Api-Key", "k")
+    ///     .timeout(Duration::from_secs(5))
+    ///     .build()?;
+    /// # Ok::<(), conveyor::HttpBuildError>(())
+    /// ```
+    pub fn builder(url: impl Into<String>) -> HttpSinkBuilder {
+        HttpSinkBuilder {
+            url: url.into(),
+            method: "POST".into(),
+            headers: Vec::new(),
+            timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// The target URL, with any password in it replaced, for display.
+    pub fn display_url(&self) -> String {
+        redact_url(&self.url)
+    }
+
+    /// Sends one delivery and classifies the outcome (see the table on [`HttpSink`]).
+    ///
+    /// # Errors
+    ///
+    /// A retryable [`SinkError`] for connection errors, timeouts, 408, 429 and 5xx (with the
+    /// `Retry-After` hint when the server gave one), a permanent one for any other non-2xx status.
+    pub fn send<T: AsRef<[u8]>>(&self, d: &Delivery<T>) -> Result<HttpReply, SinkError> {
+        let mut request = self
+            .client
+            .request(self.method.clone(), self.url.clone())
+            .headers(self.headers.clone())
+            .header(IDEMPOTENCY_KEY_HEADER, d.idempotency_key())
+            .header(SEQ_HEADER, d.seq())
+            .header(ATTEMPT_HEADER, d.attempt());
+        if let Some(key) = d.key().and_then(|k| HeaderValue::from_str(k).ok()) {
+            request = request.header("Conveyor-Key", key);
+        }
+        let response = request
+            .body(d.item().as_ref().to_vec())
+            .send()
+            // Connect errors, timeouts and connections cut mid-request: the request may or may
+            // not have arrived, which is what the idempotency key is for.
+            .map_err(|e| SinkError::retryable(self.scrub(&error_chain(&e.without_url()))))?;
+        self.classify(response)
+    }
+
+    /// Turns the sink into the closure [`Builder::build`](crate::Builder::build) takes.
+    pub fn into_sink<T: AsRef<[u8]>>(
+        self,
+    ) -> impl Fn(Delivery<T>) -> Result<HttpReply, SinkError> + Send + Sync + 'static {
+        move |d| self.send(&d)
+    }
+
+    fn classify(&self, response: Response) -> Result<HttpReply, SinkError> {
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        // Read the body even on errors: it frees the connection for reuse and explains the error.
+        let body = match response.bytes() {
+            Ok(b) => b.to_vec(),
+            Err(e) if status.is_success() => {
+                return Err(SinkError::retryable(self.scrub(&format!(
+                    "HTTP {status}, but reading the response failed: {}",
+                    error_chain(&e.without_url())
+                ))))
+            }
+            Err(_) => Vec::new(),
+        };
+        if status.is_success() {
+            return Ok(HttpReply {
+                status: status.as_u16(),
+                body,
+            });
+        }
+        let message = self.scrub(&status_message(status, &body));
+        if is_retryable_status(status) {
+            let error = SinkError::retryable(message);
+            Err(match retry_after {
+                Some(wait) => error.with_retry_after(wait),
+                None => error,
+            })
+        } else {
+            Err(SinkError::permanent(message))
+        }
+    }
+
+    /// Replaces header values that a server echoed back in an error body.
+    fn scrub(&self, text: &str) -> String {
+        self.secrets
+            .iter()
+            .fold(text.to_owned(), |t, secret| t.replace(secret, "<redacted>"))
+    }
+}
+
+fn is_retryable_status(status: StatusCode) -> bool {
+    status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || status.is_server_error()
+}
+
+fn status_message(status: StatusCode, body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    if text.is_empty() {
+        return format!("HTTP {status}");
+    }
+    let mut snippet: String = text.chars().take(ERROR_BODY_CHARS).collect();
+    if snippet.len() < text.len() {
+        snippet.push('…');
+    }
+    format!("HTTP {status}: {snippet}")
+}
+
+/// `Retry-After` is either delay-seconds or an HTTP date (RFC 9110 §10.2.3).
+fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// reqwest's Display is terse ("error sending request"); the cause is in the source chain.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_seconds_and_dates() {
+        assert_eq!(parse_retry_after("3"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_retry_after(" 0 "), Some(Duration::ZERO));
+        let later = SystemTime::now() + Duration::from_secs(120);
+        let wait = parse_retry_after(&httpdate::fmt_http_date(later)).unwrap();
+        assert!(wait > Duration::from_secs(100) && wait <= Duration::from_secs(120));
+        let past = httpdate::fmt_http_date(SystemTime::UNIX_EPOCH + Duration::from_secs(1));
+        assert_eq!(parse_retry_after(&past), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[test]
+    fn statuses_are_classified() {
+        for code in [408, 429, 500, 502, 503, 599] {
+            assert!(
+                is_retryable_status(StatusCode::from_u16(code).unwrap()),
+                "{code}"
+            );
+        }
+        for code in [301, 400, 401, 403, 404, 409, 422] {
+            assert!(
+                !is_retryable_status(StatusCode::from_u16(code).unwrap()),
+                "{code}"
+            );
+        }
+    }
+
+    #[test]
+    fn header_values_never_shown() {
+        let builder = HttpSink::builder("http://user:pw@127.0.0.1:9/x")
+            .header("Authorization", "Bearer top-secret-token");
+        assert!(!format!("{builder:?}").contains("top-secret-token"));
+        let sink = builder.build().unwrap();
+        let shown = format!("{sink:?}");
+        assert!(shown.contains("authorization"), "{shown}");
+        assert!(!shown.contains("top-secret-token"), "{shown}");
+        assert!(!shown.contains(":pw@"), "{shown}");
+        assert_eq!(
+            sink.scrub("echo: Bearer top-secret-token"),
+            "echo: <redacted>"
+        );
+
+        let bad = HttpSink::builder("http://127.0.0.1:9/")
+            .header("X-Key", "line\nbreak-secret")
+            .build()
+            .unwrap_err();
+        assert!(!bad.to_string().contains("break-secret"), "{bad}");
+        assert!(bad.to_string().contains("X-Key"), "{bad}");
+    }
+
+    #[test]
+    fn bad_configuration_is_rejected() {
+        assert!(matches!(
+            HttpSink::builder("not a url").build(),
+            Err(HttpBuildError::InvalidUrl { .. })
+        ));
+        assert!(matches!(
+            HttpSink::builder("ftp://127.0.0.1/").build(),
+            Err(HttpBuildError::InvalidUrl { .. })
+        ));
+        assert!(matches!(
+            HttpSink::builder("http://127.0.0.1/")
+                .method("GE T")
+                .build(),
+            Err(HttpBuildError::InvalidMethod(_))
+        ));
+    }
+}
