@@ -15,6 +15,7 @@
 
 mod errors;
 mod fork;
+mod http;
 mod journal;
 mod pyconveyor;
 mod receipt;
@@ -73,6 +74,7 @@ fn _conveyor(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<stats::PyCloseReport>()?;
     m.add_class::<sink::PyDelivery>()?;
     m.add_class::<journal::PyDeadLetter>()?;
+    m.add_class::<http::PyHttpReply>()?;
     m.add_function(wrap_pyfunction!(pyconveyor::_shutdown_at_exit, m)?)?;
     m.add_function(wrap_pyfunction!(pyconveyor::_after_fork_in_child, m)?)?;
     m.add_function(wrap_pyfunction!(pyconveyor::_mark_sink_thread, m)?)?;

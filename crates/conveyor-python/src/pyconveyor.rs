@@ -122,6 +122,8 @@ struct Options {
     keyed: bool,
     /// Items are journaled: `send` turns them into JSON text (`Item::Json`).
     journaled: bool,
+    /// Items become HTTP request bodies at `send` time (`Conveyor.http`).
+    http: bool,
     describe: String,
 }
 
@@ -235,7 +237,9 @@ impl PyConveyor {
     /// JSON text, made now while we hold the GIL.
     #[inline]
     fn item(&self, py: Python<'_>, object: Py<PyAny>) -> PyResult<Item> {
-        if self.options.journaled {
+        if self.options.http {
+            crate::http::body(object.bind(py)).map(Item::Body)
+        } else if self.options.journaled {
             crate::journal::dumps(object.bind(py)).map(Item::Json)
         } else {
             Ok(Item::Object(Held::new(object)))
@@ -392,7 +396,11 @@ impl PyConveyor {
         journal: Option<std::path::PathBuf>,
         durability: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
-        if !sink.bind(py).is_callable() {
+        let http_sink = match sink.bind(py).downcast::<crate::http::PyHttpSink>() {
+            Ok(handle) => Some(handle.get().take()?),
+            Err(_) => None,
+        };
+        if http_sink.is_none() && !sink.bind(py).is_callable() {
             return Err(PyTypeError::new_err(format!(
                 "sink must be a callable that takes one item, got {}",
                 sink.bind(py).repr()?
@@ -420,6 +428,12 @@ impl PyConveyor {
             builder = builder.durability(crate::journal::parse_durability(durability)?);
         }
         let journaled = journal.is_some();
+        if journaled && http_sink.is_some() {
+            return Err(PyValueError::new_err(
+                "journal= is not supported with Conveyor.http yet: use a Python sink that posts, \
+                 or drop journal=",
+            ));
+        }
         if let Some(path) = journal {
             builder = builder.journal(path);
         }
@@ -430,10 +444,15 @@ impl PyConveyor {
             abandoned: AtomicBool::new(false),
         });
         let name = name.unwrap_or_default();
-        let is_async: bool = support(py)?
-            .call_method1("is_async_callable", (sink.bind(py),))?
-            .extract()?;
-        let (built, runner) = if is_async {
+        let is_async: bool = http_sink.is_none()
+            && support(py)?
+                .call_method1("is_async_callable", (sink.bind(py),))?
+                .extract()?;
+        let http = http_sink.is_some();
+        let (built, runner) = if let Some(http_sink) = http_sink {
+            let sink = crate::http::sink(http_sink);
+            (py.allow_threads(|| builder.build(sink)), None)
+        } else if is_async {
             let thread_name = if name.is_empty() {
                 "conveyor-loop".to_owned()
             } else {
@@ -495,9 +514,37 @@ impl PyConveyor {
                 block: matches!(parsed_backpressure, Backpressure::Block),
                 keyed: matches!(parsed_ordering, Ordering::Keyed { .. }),
                 journaled,
+                http,
                 describe,
             },
         })
+    }
+
+    /// A conveyor whose sink is an HTTP request per item, made entirely in Rust without the GIL.
+    ///
+    /// Each item becomes a request body when it is sent: `bytes`-like objects as they are, `str`
+    /// as UTF-8, anything else as JSON (`json.dumps`). 2xx is delivered (the receipt's result is
+    /// a `conveyor.HttpReply`); connection errors, timeouts, 408, 429 and 5xx are retried when
+    /// `retries` is set, honouring `Retry-After`; any other status fails the item at once.
+    /// `headers` values are treated as secrets and never shown. Every other keyword is a
+    /// `Conveyor` option.
+    #[staticmethod]
+    #[pyo3(signature = (url, *, headers = None, method = "POST", timeout = 30.0, **options))]
+    fn http(
+        py: Python<'_>,
+        url: &str,
+        headers: Option<std::collections::BTreeMap<String, String>>,
+        method: &str,
+        timeout: f64,
+        options: Option<&Bound<'_, pyo3::types::PyDict>>,
+    ) -> PyResult<Py<PyAny>> {
+        let timeout = timeout_arg("timeout", Some(timeout))?.unwrap_or_default();
+        let handle =
+            crate::http::PyHttpSink::new(url, headers.unwrap_or_default(), method, timeout)?;
+        Ok(py
+            .get_type::<PyConveyor>()
+            .call((Py::new(py, handle)?,), options)?
+            .unbind())
     }
 
     /// Accepts `item` for delivery and returns its `Receipt` at once; never waits for the sink.

@@ -84,7 +84,9 @@ fn clone_outcome(py: Python<'_>, outcome: &Outcome) -> Outcome {
 
 fn complete_future(py: Python<'_>, future: &Bound<'_, PyAny>, seq: u64, outcome: &Outcome) {
     let result = match outcome {
-        Ok(value) => future.call_method1("set_result", (value.bind(py),)),
+        Ok(reply) => reply
+            .to_py(py)
+            .and_then(|value| future.call_method1("set_result", (value,))),
         Err(err) => future.call_method1(
             "set_exception",
             (errors::delivery_error(py, seq, err).into_value(py),),
@@ -202,7 +204,7 @@ impl PyReceipt {
     #[pyo3(signature = (timeout = None))]
     fn result(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
         match self.wait(py, timeout)? {
-            Ok(value) => Ok((*value).clone_ref(py)),
+            Ok(reply) => reply.to_py(py),
             Err(err) => Err(errors::delivery_error(py, self.seq, &err)),
         }
     }

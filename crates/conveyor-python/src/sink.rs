@@ -15,8 +15,34 @@ use tokio::sync::oneshot;
 use crate::errors;
 use crate::fork::Held;
 
-/// What a Python sink returned.
-pub(crate) type Reply = Held;
+/// What the sink returned for one item.
+pub(crate) enum Reply {
+    /// A Python sink's return value.
+    Object(Held),
+    /// An HTTP sink's response, turned into a `conveyor.HttpReply` when Python reads it.
+    Http { status: u16, body: Vec<u8> },
+}
+
+impl Reply {
+    pub(crate) fn clone_ref(&self, py: Python<'_>) -> Reply {
+        match self {
+            Reply::Object(object) => Reply::Object(object.clone_ref(py)),
+            Reply::Http { status, body } => Reply::Http {
+                status: *status,
+                body: body.clone(),
+            },
+        }
+    }
+
+    pub(crate) fn to_py(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        match self {
+            Reply::Object(object) => Ok((**object).clone_ref(py)),
+            Reply::Http { status, body } => {
+                Ok(Py::new(py, crate::http::PyHttpReply::new(py, *status, body))?.into_any())
+            }
+        }
+    }
+}
 
 /// One item as the engine carries it.
 pub(crate) enum Item {
@@ -26,6 +52,20 @@ pub(crate) enum Item {
     /// (with the GIL), which the journal stores as it is and the sink gets back through
     /// `json.loads`, the same way before and after a restart.
     Json(Box<RawValue>),
+    /// The request body of an HTTP conveyor, made from the sent object at `send` time (with the
+    /// GIL) so that the HTTP sink never needs the GIL.
+    Body(Vec<u8>),
+}
+
+/// The HTTP sink reads the body through this. Only HTTP conveyors use that sink, and their
+/// `send` only makes `Body` items, so the empty slice for the others is never sent.
+impl AsRef<[u8]> for Item {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            Item::Body(body) => body,
+            Item::Object(_) | Item::Json(_) => &[],
+        }
+    }
 }
 
 impl Item {
@@ -33,6 +73,7 @@ impl Item {
         match self {
             Item::Object(object) => Item::Object(object.clone_ref(py)),
             Item::Json(json) => Item::Json(json.clone()),
+            Item::Body(body) => Item::Body(body.clone()),
         }
     }
 
@@ -41,6 +82,7 @@ impl Item {
         match self {
             Item::Object(object) => Ok((**object).clone_ref(py)),
             Item::Json(json) => crate::journal::loads(py, json.get()),
+            Item::Body(body) => Ok(pyo3::types::PyBytes::new(py, body).into_any().unbind()),
         }
     }
 }
@@ -50,7 +92,7 @@ impl Serialize for Item {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         match self {
             Item::Json(json) => json.serialize(serializer),
-            Item::Object(_) => Err(serde::ser::Error::custom(
+            Item::Object(_) | Item::Body(_) => Err(serde::ser::Error::custom(
                 "a Python object can only be journaled as JSON (conveyor created without journal=)",
             )),
         }
@@ -200,7 +242,7 @@ pub(crate) fn blocking(
             CURRENT.with(|current| current.set(outer));
             IN_SINK.with(|current| current.set(previous));
             result
-                .map(Held::new)
+                .map(|value| Reply::Object(Held::new(value)))
                 .map_err(|err| errors::sink_error(py, err))
         })
     }
@@ -266,7 +308,7 @@ impl CoroutineDone {
     fn __call__(&self, py: Python<'_>, future: &Bound<'_, PyAny>) {
         let outcome = future
             .call_method0("result")
-            .map(|value| Held::new(value.unbind()))
+            .map(|value| Reply::Object(Held::new(value.unbind())))
             .map_err(|err| errors::sink_error(py, err));
         if let Some(tx) = self.tx.lock().unwrap_or_else(|e| e.into_inner()).take() {
             // The receiver is gone only if the engine gave up on this delivery: nothing to do.

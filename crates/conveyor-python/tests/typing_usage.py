@@ -54,3 +54,9 @@ def errors() -> None:
 def delivery_usage(item: str) -> str:
     d = conveyor.current_delivery()
     return "" if d is None else f"{d.seq}/{d.attempt}/{d.key}/{d.idempotency_key}"
+
+
+def http_usage() -> int:
+    with conveyor.Conveyor.http("http://127.0.0.1:9/x", headers={"X-Token": "t"}, retries=3) as c:
+        reply: conveyor.HttpReply = c.send({"n": 1}).result()
+        return reply.status + len(reply.body)

@@ -45,7 +45,16 @@ import os as _os
 from typing import Optional
 
 from . import _conveyor, _support
-from ._conveyor import CloseReport, Conveyor, DeadLetter, Delivery, Receipt, Stats, __version__
+from ._conveyor import (
+    CloseReport,
+    Conveyor,
+    DeadLetter,
+    Delivery,
+    HttpReply,
+    Receipt,
+    Stats,
+    __version__,
+)
 from ._errors import (
     Closed,
     ConveyorError,
@@ -67,6 +76,7 @@ __all__ = [
     "Delivery",
     "DeliveryFailed",
     "Dropped",
+    "HttpReply",
     "JournalError",
     "PermanentError",
     "QueueFull",

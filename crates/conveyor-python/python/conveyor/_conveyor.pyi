@@ -3,7 +3,7 @@
 import concurrent.futures
 import os
 import types
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Generator, Mapping
 from types import TracebackType
 from typing import Any, Generic, Literal, TypeVar, final, overload
 
@@ -17,6 +17,7 @@ __all__ = [
     "Conveyor",
     "DeadLetter",
     "Delivery",
+    "HttpReply",
     "Receipt",
     "Stats",
     "__version__",
@@ -86,6 +87,15 @@ class Delivery:
     def idempotency_key(self) -> str: ...
 
 @final
+class HttpReply:
+    @property
+    def status(self) -> int: ...
+    @property
+    def body(self) -> bytes: ...
+    def text(self) -> str: ...
+    def json(self) -> Any: ...
+
+@final
 class Receipt(Generic[_R]):
     @property
     def seq(self) -> int: ...
@@ -145,6 +155,26 @@ class Conveyor(Generic[_T, _R]):
     ) -> Conveyor[_T, _R]: ...
     @classmethod
     def __class_getitem__(cls, item: Any) -> types.GenericAlias: ...
+    @staticmethod
+    def http(
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        method: str = "POST",
+        timeout: float = 30.0,
+        ordering: Literal["strict", "pipelined", "keyed"] = "strict",
+        in_flight: int | None = None,
+        concurrency: int | None = None,
+        capacity: int = 10_000,
+        backpressure: Literal["block", "reject", "drop_newest", "drop_oldest"] = "block",
+        retries: int = 0,
+        backoff: float = 0.1,
+        max_backoff: float | None = None,
+        on_failure: Literal["skip", "pause"] = "skip",
+        rate_limit: int | None = None,
+        drain_timeout: float = 30.0,
+        name: str | None = None,
+    ) -> Conveyor[Any, HttpReply]: ...
     def send(self, item: _T, *, key: str | None = None) -> Receipt[_R]: ...
     def try_send(self, item: _T, *, key: str | None = None) -> Receipt[_R]: ...
     def asend(self, item: _T, *, key: str | None = None) -> Awaitable[Receipt[_R]]: ...
