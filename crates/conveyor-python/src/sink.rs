@@ -267,6 +267,7 @@ pub(crate) fn asynchronous(
         let (tx, rx) = oneshot::channel();
         keep_thread_state();
         let started = Python::with_gil(|py| -> Result<(), SinkError> {
+            crate::fork::release_pending(py);
             let start = || -> PyResult<()> {
                 let info = Py::new(py, PyDelivery::new(&delivery))?;
                 let future = runner.call_method1(
