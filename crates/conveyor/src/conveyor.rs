@@ -10,7 +10,7 @@ use crate::builder::{Backpressure, Builder, Config};
 use crate::durable::{Durable, JournalSettings, Op};
 use crate::error::{BuildError, DeliveryError, SendError};
 use crate::journal::{DeadLetter, Journal, JournalError, Record, Settlement as Settled};
-use crate::queue::State;
+use crate::queue::{Room, State};
 use crate::receipt::{Node, Receipt};
 use crate::retry::random_u64;
 use crate::stats::{CloseReport, Stats};
@@ -117,7 +117,7 @@ impl<T, R> Shared<T, R> {
     }
 
     pub(crate) fn wake_flushers(&self, st: &State<T, R>) {
-        if st.waiters.flushers > 0 && st.unsettled_unpaused() == 0 {
+        if st.waiters.flushers > 0 && st.quiescent() {
             self.settled.notify_all();
             self.settled_async.notify_waiters();
         }
@@ -133,6 +133,9 @@ enum Wait {
     Task,
     /// Never wait (`try_send`).
     Never,
+    /// Block the thread whatever the policy: a dead letter sent again must not be
+    /// refused or dropped on its way back into the queue.
+    ThreadAlways,
 }
 
 /// Why a send did not complete now.
@@ -176,6 +179,8 @@ pub struct Conveyor<T: Send + Sync + 'static, R: Send + 'static = ()> {
     /// The runtime for async sinks when built outside one; shut down in the
     /// background on drop so that dropping never blocks or panics inside async code.
     runtime: Option<tokio::runtime::Runtime>,
+    /// Blocking-sink worker threads, joined by `close` once they have exited.
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
@@ -235,6 +240,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         let mut conveyor = Conveyor {
             shared: shared.clone(),
             runtime: None,
+            threads: Mutex::new(Vec::new()),
         };
         match sink {
             Sink::Blocking(f) => {
@@ -243,13 +249,20 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
                     let spawned = std::thread::Builder::new()
                         .name(format!("conveyor-{worker}"))
                         .spawn(move || thread_worker(shared, f, worker));
-                    if let Err(e) = spawned {
-                        // Workers not started will never exit: account for them so the
-                        // close below does not wait for them.
-                        let mut st = conveyor.shared.lock();
-                        st.live_workers -= workers - worker;
-                        drop(st);
-                        return Err(BuildError::Spawn(e));
+                    match spawned {
+                        Ok(handle) => conveyor
+                            .threads
+                            .get_mut()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .push(handle),
+                        Err(e) => {
+                            // Workers not started will never exit: account for them so
+                            // the close on drop does not wait for them.
+                            let mut st = conveyor.shared.lock();
+                            st.live_workers -= workers - worker;
+                            drop(st);
+                            return Err(BuildError::Spawn(e));
+                        }
                     }
                 }
             }
@@ -308,11 +321,12 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             if st.closed {
                 return Err(Refused::Send(SendError::Closed(node)));
             }
-            if !st.is_full() {
+            let room = st.room();
+            if room == Room::Free {
                 break;
             }
             match (shared.config.backpressure, wait) {
-                (Backpressure::Block, Wait::Thread) => {
+                (Backpressure::Block, Wait::Thread) | (_, Wait::ThreadAlways) => {
                     st.waiters.blocked_senders += 1;
                     st = shared.wait(&shared.space, st);
                     st.waiters.blocked_senders -= 1;
@@ -324,11 +338,14 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
                 (Backpressure::Block | Backpressure::Reject, _) => {
                     return Err(Refused::Send(SendError::Full(node)));
                 }
-                (Backpressure::DropOldest, _) if evicted.is_none() => {
+                (Backpressure::DropOldest, _) if room == Room::Full => {
+                    // Evicting makes room for exactly this item: accept it right away, so
+                    // the eviction is always journaled and its receipt always settled.
                     evicted = st.drop_oldest();
-                    if evicted.is_none() {
-                        return Ok(self.accept_dropped(st, node));
+                    if evicted.is_some() {
+                        break;
                     }
+                    return Ok(self.accept_dropped(st, node));
                 }
                 (Backpressure::DropNewest | Backpressure::DropOldest, _) => {
                     return Ok(self.accept_dropped(st, node));
@@ -369,6 +386,9 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         node: Arc<Node<T, R>>,
     ) -> Receipt<R> {
         st.accept_dropped(&node);
+        if let Some(durable) = &self.shared.durable {
+            durable.used_without_append(node.seq());
+        }
         drop(st);
         tracing::debug!(seq = node.seq(), "queue full: item dropped by policy");
         node.settle(Err(DeliveryError::Dropped));
@@ -575,11 +595,11 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             let mut st = shared.lock();
             st.waiters.flushers += 1;
             let mut timed_out = false;
-            while st.unsettled_unpaused() > 0 && !timed_out {
+            while !st.quiescent() && !st.stalled() && !timed_out {
                 (st, timed_out) = shared.wait_until(&shared.settled, st, deadline);
             }
             st.waiters.flushers -= 1;
-            st.unsettled_unpaused() == 0
+            st.quiescent()
         })
     }
 
@@ -631,7 +651,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             notified.as_mut().enable();
             {
                 let mut st = shared.lock();
-                if st.unsettled_unpaused() == 0 {
+                if st.quiescent() || st.stalled() {
                     drop(st);
                     self.sync_journal(None);
                     return;
@@ -664,11 +684,13 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             st.closed = true;
             shared.wake_all();
             st.waiters.flushers += 1;
-            let mut timed_out = false;
+            // A second close (or the drop after a close) reports at once: the first one
+            // already waited its deadline, and the workers were told to leave.
+            let mut timed_out = st.abandoned;
             // Idle workers need not have exited: on a single-threaded runtime they
             // could not until this call returns. What matters is that nothing
             // deliverable is left (or that no worker is left to deliver it).
-            while st.unsettled_unpaused() > 0 && st.live_workers > 0 && !timed_out {
+            while !st.quiescent() && st.live_workers > 0 && !timed_out {
                 (st, timed_out) = shared.wait_until(&shared.settled, st, deadline);
             }
             st.waiters.flushers -= 1;
@@ -682,7 +704,16 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
                 left: st.unsettled(),
                 drained: st.unsettled() == 0,
             };
+            // Join the worker threads that can finish in time: after this, no sink call
+            // or receipt callback of this conveyor is still running (unless one is stuck).
+            while st.live_workers > 0 && !timed_out && !self.threads_are_empty() {
+                (st, timed_out) = shared.wait_until(&shared.settled, st, deadline);
+            }
+            let all_exited = st.live_workers == 0;
             drop(st);
+            if all_exited {
+                self.join_threads();
+            }
             // What was accepted and not settled stays in the journal for the next start.
             if let Some(durable) = &shared.durable {
                 durable.shut_down(deadline.map(|d| d.max(Instant::now() + JOURNAL_CLOSE_GRACE)));
@@ -692,6 +723,26 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             }
             report
         })
+    }
+
+    fn threads_are_empty(&self) -> bool {
+        self.threads
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty()
+    }
+
+    fn join_threads(&self) {
+        let handles =
+            std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
+        let me = std::thread::current().id();
+        for handle in handles {
+            // A receipt callback that closes its own conveyor runs on a worker thread,
+            // which cannot join itself.
+            if handle.thread().id() != me {
+                let _ = handle.join();
+            }
+        }
     }
 
     /// Restarts a lane paused by [`OnFailure::Pause`](crate::OnFailure::Pause): its
@@ -814,7 +865,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         let receipt = match self.submit(
             Arc::new(Node::new(key, item)),
             &mut payload,
-            Wait::Thread,
+            Wait::ThreadAlways,
             false,
         ) {
             Ok(receipt) => receipt,

@@ -108,6 +108,9 @@ pub(crate) enum Op {
     Append(Record),
     Settle(Settlement),
     Cursor(u64),
+    /// A seq handed out without an append (an item dropped by policy): the reservation must
+    /// still grow past it, or senders would wait for a reservation no append ever extends.
+    Used(u64),
     /// Commit everything before this op, then answer.
     Barrier(mpsc::SyncSender<Result<(), Arc<JournalError>>>),
     /// Commit everything before this op, then exit.
@@ -253,6 +256,14 @@ impl<T> Durable<T> {
         let _ = self.ops.send(op);
     }
 
+    /// Records that `seq` was handed out without an append (a dropped item), asking for a
+    /// larger reservation once half of the current one is used.
+    pub(crate) fn used_without_append(&self, seq: u64) {
+        if seq + SEQ_BLOCK / 2 > self.seq_limit.load(AtomicOrdering::Acquire) {
+            self.push(Op::Used(seq));
+        }
+    }
+
     /// Blocks until the append of `seq` is committed (`Durability::Sync`). While commits fail
     /// the writer keeps retrying and this keeps waiting, like a send blocked on a full queue;
     /// it returns at once if the writer stopped.
@@ -382,8 +393,9 @@ impl Writer {
             }
             let last_append = batch.appends.iter().map(|r| r.seq).max();
             if let Some(last) = last_append.filter(|last| last + SEQ_BLOCK / 2 > self.reserved) {
-                batch.reserve = Some(last + SEQ_BLOCK);
+                batch.reserve = batch.reserve.max(Some(last + SEQ_BLOCK));
             }
+            batch.reserve = batch.reserve.filter(|r| *r > self.reserved);
             let result = match lock(&self.journal).as_mut() {
                 Some(journal) => commit(journal, &mut batch).map_err(Arc::new),
                 None => Ok(()),
@@ -468,6 +480,7 @@ fn take(
         Op::Append(record) => batch.appends.push(record),
         Op::Settle(settlement) => batch.settlements.push(settlement),
         Op::Cursor(cursor) => batch.cursor = Some(cursor),
+        Op::Used(seq) => batch.reserve = batch.reserve.max(Some(seq + SEQ_BLOCK)),
         Op::Barrier(tx) => barriers.push(tx),
         Op::Stop => return true,
     }

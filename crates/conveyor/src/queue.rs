@@ -15,6 +15,18 @@ use crate::receipt::Node;
 use crate::retry::RateLimiter;
 use crate::stats::Stats;
 
+/// Whether [`State::room`] lets a new item in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Room {
+    Free,
+    /// The queue holds `capacity` items: the backpressure policy decides.
+    Full,
+    /// The journal is being replayed, or its seq reservation is being extended: new items
+    /// wait (or are refused or dropped when they may not wait), but nothing queued is
+    /// evicted for them.
+    Later,
+}
+
 /// A receipt to settle once the state lock is released.
 pub(crate) type Settlement<T, R> = (Arc<Node<T, R>>, Result<R, DeliveryError>);
 
@@ -123,6 +135,8 @@ pub(crate) struct State<T, R> {
     /// The drain deadline passed: workers exit after their current call.
     pub(crate) abandoned: bool,
     pub(crate) live_workers: usize,
+    /// Settlements taken out of the state whose receipts are not settled yet.
+    pub(crate) settling: u64,
     /// A journal's unsettled items are being loaded (in seq order, as room frees up): new
     /// items wait, so that nothing new overtakes an old item of its lane.
     pub(crate) replaying: bool,
@@ -156,18 +170,25 @@ impl<T, R> State<T, R> {
             closed: false,
             abandoned: false,
             live_workers: workers,
+            settling: 0,
             replaying: false,
             seq_limit: None,
         }
     }
 
-    pub(crate) fn is_full(&self) -> bool {
-        self.replaying
-            || self.counters.queued >= self.capacity
-            || self
-                .seq_limit
-                .as_ref()
-                .is_some_and(|limit| self.next_seq > limit.load(AtomicOrdering::Acquire))
+    /// Whether a new item can be accepted now, and if not, why.
+    pub(crate) fn room(&self) -> Room {
+        let reservation_used_up = self
+            .seq_limit
+            .as_ref()
+            .is_some_and(|limit| self.next_seq > limit.load(AtomicOrdering::Acquire));
+        if self.replaying || reservation_used_up {
+            Room::Later
+        } else if self.counters.queued >= self.capacity {
+            Room::Full
+        } else {
+            Room::Free
+        }
     }
 
     /// Whether replay may load another item: items held in paused lanes do not count, or a
@@ -187,6 +208,17 @@ impl<T, R> State<T, R> {
     /// Queued items not held in paused lanes (an upper bound on what may start now).
     pub(crate) fn runnable(&self) -> u64 {
         self.counters.queued - self.counters.paused_items
+    }
+
+    /// Nothing left for `flush` to wait for: every item settled (but those held in
+    /// paused lanes) and every receipt told.
+    pub(crate) fn quiescent(&self) -> bool {
+        self.unsettled_unpaused() == 0 && self.settling == 0
+    }
+
+    /// `flush` cannot make progress any more: shutdown abandoned the workers, or all left.
+    pub(crate) fn stalled(&self) -> bool {
+        self.abandoned || self.live_workers == 0
     }
 
     pub(crate) fn unsettled(&self) -> u64 {

@@ -299,7 +299,7 @@ impl<R> Receipt<R> {
     /// If the result was already taken by an earlier call that returned `Some`, or by
     /// polling the receipt as a future to completion.
     pub fn wait_timeout(&mut self, timeout: Duration) -> Option<Result<R, DeliveryError>> {
-        self.wait_until(Some(Instant::now() + timeout))
+        self.wait_until(Instant::now().checked_add(timeout))
     }
 
     fn wait_until(&mut self, deadline: Option<Instant>) -> Option<Result<R, DeliveryError>> {

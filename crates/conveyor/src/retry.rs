@@ -124,8 +124,11 @@ impl Retry {
             let half = delay / 2;
             delay = half + half.mul_f64(unit_random());
         }
+        // A hint is honoured beyond `max_delay`, but not without bound: a server asking
+        // for days (or `Duration::MAX`) gets at most the larger of `max_delay` and an hour.
+        let hint_cap = self.max_delay.max(Duration::from_secs(3600));
         match hint {
-            Some(h) => delay.max(h),
+            Some(h) => delay.max(h.min(hint_cap)),
             None => delay,
         }
     }
@@ -239,6 +242,17 @@ mod tests {
             Duration::from_secs(3)
         );
         assert!(r.backoff(1, Some(Duration::from_millis(1))) <= Duration::from_millis(10));
+    }
+
+    #[test]
+    fn huge_hints_are_capped_at_an_hour_or_max_delay() {
+        let r = Retry::fixed(Duration::from_millis(10));
+        assert_eq!(r.backoff(1, Some(Duration::MAX)), Duration::from_secs(3600));
+        let long = r.max_delay(Duration::from_secs(7200));
+        assert_eq!(
+            long.backoff(1, Some(Duration::MAX)),
+            Duration::from_secs(7200)
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::builder::OnFailure;
 use crate::conveyor::Shared;
@@ -56,7 +56,12 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
             if let Some(durable) = &self.durable {
                 self.journal_outcome(durable, st, &job, &outcome);
             }
-            settle.extend(st.finish(worker, job, outcome));
+            if let Some(settlement) = st.finish(worker, job, outcome) {
+                // Counted until its receipt is settled outside the lock, so `flush`
+                // returns only after receipts and their callbacks are done.
+                st.settling += 1;
+                settle.push(settlement);
+            }
             self.wake_flushers(st);
         }
         if st.abandoned {
@@ -101,6 +106,14 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         durable.push(Op::Settle(mark));
     }
 
+    /// Records receipts this worker settled since it last held the lock.
+    fn settled_outside(&self, st: &mut State<T, R>, done: u64) {
+        if done > 0 {
+            st.settling -= done;
+            self.wake_flushers(st);
+        }
+    }
+
     /// Bookkeeping for a worker that leaves; `close` waits for the last one.
     fn exit(&self, st: &mut State<T, R>) {
         st.live_workers -= 1;
@@ -119,7 +132,13 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
             return Next::Done(Outcome::Interrupted);
         }
         tracing::debug!(seq = job.node.seq(), attempt = job.attempts, ?delay, %error, "retrying");
-        Next::RetryAt(st.schedule_retry(Instant::now() + delay))
+        Next::RetryAt(st.schedule_retry(later(delay)))
+    }
+
+    /// After waiting for a rate-limit slot or a backoff: a conveyor abandoned at its drain
+    /// deadline meanwhile already reported the item as closed, so it must not start.
+    fn abandoned(&self) -> bool {
+        self.lock().abandoned
     }
 
     fn delivery(&self, job: &mut Job<T, R>) -> Delivery<T> {
@@ -131,6 +150,9 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         loop {
             if let Some(at) = job.start_at.take() {
                 std::thread::sleep(at.saturating_duration_since(Instant::now()));
+                if self.abandoned() {
+                    return Outcome::Interrupted;
+                }
             }
             let delivery = self.delivery(job);
             let result = catch_unwind(AssertUnwindSafe(|| sink(delivery)))
@@ -149,6 +171,9 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         loop {
             if let Some(at) = job.start_at.take() {
                 tokio::time::sleep_until(at.into()).await;
+                if self.abandoned() {
+                    return Outcome::Interrupted;
+                }
             }
             let delivery = self.delivery(job);
             let result = match catch_unwind(AssertUnwindSafe(|| sink(delivery))) {
@@ -174,9 +199,11 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
 ) {
     let mut finished = None;
     let mut settle = Vec::new();
+    let mut done = 0;
     loop {
         let step = {
             let mut st = shared.lock();
+            shared.settled_outside(&mut st, std::mem::take(&mut done));
             let mut step = shared.step(&mut st, worker, finished.take(), &mut settle);
             // Settle what just finished before sleeping: its receipt must not wait
             // for the next item to arrive.
@@ -193,17 +220,14 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
             }
             step
         };
-        // Settle outside the lock: receipt callbacks are user code.
-        for (node, result) in settle.drain(..) {
-            node.settle(result);
-        }
+        done = settle_all(&mut settle);
         match step {
             Step::Run(mut job) => {
                 let outcome = shared.run_blocking(&*sink, &mut job);
                 finished = Some((job, outcome));
             }
             Step::Wait => {}
-            Step::Exit => return,
+            Step::Exit => return shared.settled_outside(&mut shared.lock(), done),
         }
     }
 }
@@ -216,6 +240,7 @@ pub(crate) async fn async_worker<T: Send + Sync + 'static, R: Send + 'static>(
 ) {
     let mut finished = None;
     let mut settle = Vec::new();
+    let mut done = 0;
     let mut registered_idle = false;
     loop {
         // Enabled before the state is checked, so a wake-up between the check and
@@ -230,6 +255,7 @@ pub(crate) async fn async_worker<T: Send + Sync + 'static, R: Send + 'static>(
                 st.waiters.woken_tasks = st.waiters.woken_tasks.saturating_sub(1);
                 registered_idle = false;
             }
+            shared.settled_outside(&mut st, std::mem::take(&mut done));
             let step = shared.step(&mut st, worker, finished.take(), &mut settle);
             match step {
                 Step::Wait => {
@@ -241,18 +267,35 @@ pub(crate) async fn async_worker<T: Send + Sync + 'static, R: Send + 'static>(
             }
             step
         };
-        for (node, result) in settle.drain(..) {
-            node.settle(result);
-        }
+        done = settle_all(&mut settle);
         match step {
             Step::Run(mut job) => {
                 let outcome = shared.run_async(&*sink, &mut job).await;
                 finished = Some((job, outcome));
             }
+            // Report fresh settlements before sleeping: a flush may be waiting for them.
+            Step::Wait if done > 0 => {}
             Step::Wait => notified.await,
-            Step::Exit => return,
+            Step::Exit => return shared.settled_outside(&mut shared.lock(), done),
         }
     }
+}
+
+/// Settles receipts outside the state lock (their callbacks are user code); returns how
+/// many, for `Shared::settled_outside`.
+fn settle_all<T, R>(settle: &mut Vec<Settlement<T, R>>) -> u64 {
+    let n = settle.len() as u64;
+    for (node, result) in settle.drain(..) {
+        node.settle(result);
+    }
+    n
+}
+
+/// `now + delay`, saturating far in the future instead of overflowing.
+pub(crate) fn later(delay: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(delay)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400))
 }
 
 /// Turns a panic inside an async sink's future into a permanent failure of that item,
@@ -266,5 +309,18 @@ impl<R> Future for CatchUnwind<R> {
         let inner = self.0.as_mut();
         catch_unwind(AssertUnwindSafe(|| inner.poll(cx)))
             .unwrap_or_else(|panic| Poll::Ready(Err(SinkError::from_panic(&*panic))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn later_saturates_instead_of_overflowing() {
+        let far = later(Duration::MAX);
+        assert!(far > Instant::now() + Duration::from_secs(365 * 86_400));
+        let soon = later(Duration::from_millis(5));
+        assert!(soon <= Instant::now() + Duration::from_millis(5));
     }
 }

@@ -209,3 +209,27 @@ fn strict_pause_stops_everything_under_the_empty_lane_name() {
     }
     assert_eq!(c.stats().delivered, 3);
 }
+
+/// A `retry_after` hint of `Duration::MAX` used to overflow `Instant + Duration` in the
+/// worker, killing it with the item in flight. Now the hint is capped, the worker waits, and a
+/// close reports the item instead of hanging.
+#[test]
+fn a_huge_retry_after_hint_neither_kills_the_worker_nor_blocks_close() {
+    let c: Conveyor<u32> = Conveyor::builder()
+        .retry(Retry::fixed(Duration::from_millis(1)).max_attempts(2))
+        .build(|_d| Err(SinkError::retryable("busy").with_retry_after(Duration::MAX)))
+        .unwrap();
+    let r = c.send(1).unwrap();
+    let deadline = Instant::now() + GENEROUS;
+    while c.stats().retried == 0 {
+        assert!(Instant::now() < deadline, "the retry was never scheduled");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        !c.flush_timeout(Duration::from_millis(50)),
+        "the retry waits (an hour at most)"
+    );
+    let report = c.close_timeout(Duration::from_millis(100));
+    assert_eq!((report.left, report.stats.in_flight), (1, 1));
+    assert!(matches!(r.wait(), Err(DeliveryError::Closed)));
+}

@@ -521,3 +521,113 @@ fn a_full_disk_makes_send_fail_with_the_item_and_keeps_what_was_accepted() {
         "every accepted item is in the journal: {status:?}"
     );
 }
+
+/// With a journal and `DropNewest`, dropped items use up seqs that are never appended, so the
+/// writer never extends the reserved seq range: once 65,536 seqs were dropped, `is_full` stays
+/// true forever and every later item is dropped even with an empty queue.
+#[test]
+fn drop_newest_with_a_journal_keeps_accepting_after_many_drops() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gate_tx, gate) = std::sync::mpsc::channel::<()>();
+    let gate = std::sync::Mutex::new(gate);
+    let c: Conveyor<u64> = Conveyor::builder()
+        .journal(dir.path().join("j"))
+        .capacity(1)
+        .backpressure(conveyor::Backpressure::DropNewest)
+        .build(move |d: Delivery<u64>| {
+            if *d.item() == 0 {
+                let _ = gate.lock().unwrap().recv();
+            }
+            Ok(())
+        })
+        .unwrap();
+    c.send(0).unwrap(); // in flight, stalls
+    while c.stats().in_flight == 0 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    for i in 1..70_000u64 {
+        let _ = c.send(i); // queue full: 1 queued, the rest dropped
+    }
+    drop(gate_tx); // the sink recovers
+    c.flush();
+    assert_eq!(c.stats().queued, 0);
+    let r = c.send(1_000_000).unwrap();
+    assert!(
+        r.wait().is_ok(),
+        "the queue is empty, yet the item was dropped: {:?}",
+        c.stats()
+    );
+}
+
+/// A send under `DropOldest` while the journal is replayed evicts an old (replayed) item
+/// and then drops the new one as well (`is_full` stays true while replaying); nobody wakes the
+/// replay thread for the room the eviction made, so it stalls and `flush` hangs; and the evicted
+/// item's settlement is never journaled, so the next start delivers it again, after later items
+/// of its lane.
+#[test]
+fn drop_oldest_during_replay_never_evicts_replayed_items() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    {
+        let (gate_tx, gate) = std::sync::mpsc::channel::<()>();
+        let gate = std::sync::Mutex::new(gate);
+        let c: Conveyor<u64> = Conveyor::builder()
+            .journal(&path)
+            .drain_timeout(Duration::from_millis(50))
+            .build(move |_d| {
+                let _ = gate.lock().unwrap().recv();
+                Err(SinkError::permanent("stopped"))
+            })
+            .unwrap();
+        for i in 1..=5 {
+            c.send(i).unwrap();
+        }
+        c.flush_timeout(Duration::from_millis(50));
+        drop(c); // 5 items stay pending in the journal
+        drop(gate_tx);
+    }
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (flushed_during_replay, dropped);
+    {
+        let log = seen.clone();
+        let c: Conveyor<u64> = Conveyor::builder()
+            .journal(&path)
+            .capacity(1)
+            .backpressure(conveyor::Backpressure::DropOldest)
+            .build(move |d| {
+                std::thread::sleep(Duration::from_millis(150));
+                log.lock().unwrap().push(*d.item());
+                Ok(())
+            })
+            .unwrap();
+        // Item 1 in flight, item 2 queued, the replay waits for room.
+        std::thread::sleep(Duration::from_millis(50));
+        let _ = c.send(100); // during replay
+        flushed_during_replay = c.flush_timeout(Duration::from_secs(5));
+        dropped = c.stats().dropped;
+        drop(c);
+    }
+    let first: Vec<u64> = seen.lock().unwrap().clone();
+    seen.lock().unwrap().clear();
+    {
+        let log = seen.clone();
+        let c: Conveyor<u64> = Conveyor::builder()
+            .journal(&path)
+            .build(move |d| {
+                log.lock().unwrap().push(*d.item());
+                Ok(())
+            })
+            .unwrap();
+        c.flush();
+    }
+    let second: Vec<u64> = seen.lock().unwrap().clone();
+    assert!(
+        flushed_during_replay && dropped <= 1,
+        "the eviction woke nobody: the replay stalls and flush hangs ({dropped} dropped for one send)"
+    );
+    assert!(
+        second.is_empty(),
+        "first restart delivered {first:?}, the next one delivers {second:?} again, \
+         after later items of the same lane"
+    );
+}

@@ -117,3 +117,84 @@ fn dropping_receipts_does_not_cancel_delivery() {
     assert!(c.close_timeout(GENEROUS).drained);
     assert_eq!(count.load(AtomicOrdering::SeqCst), 50);
 }
+
+/// After `close_timeout` gave up, the workers are gone but the items stay counted as queued, so
+/// a later `flush()` waits forever.
+#[test]
+fn flush_after_a_timed_out_close_returns_at_once() {
+    let c: Conveyor<u32> = Conveyor::builder()
+        .build(|_d| {
+            std::thread::sleep(Duration::from_millis(200));
+            Ok(())
+        })
+        .unwrap();
+    c.send(1).unwrap();
+    c.send(2).unwrap();
+    let report = c.close_timeout(Duration::from_millis(20));
+    assert!(!report.drained);
+    let started = Instant::now();
+    assert!(
+        !c.flush_timeout(GENEROUS),
+        "items left by the close are not settled"
+    );
+    assert!(
+        started.elapsed() < GENEROUS,
+        "flush returned at once, not at its timeout"
+    );
+    c.flush(); // and an unbounded flush returns too
+}
+
+/// An item whose start waits for the rate limiter (or a retry backoff) is reported as
+/// `Closed` by `close`, but the worker still calls the sink with it after `close` returned.
+#[test]
+fn an_item_reported_closed_is_never_handed_to_the_sink() {
+    let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let after_close = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (n, late) = (calls.clone(), after_close.clone());
+    let c: Conveyor<u32> = Conveyor::builder()
+        .rate_limit(2)
+        .build(move |_d| {
+            n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if late.load(std::sync::atomic::Ordering::SeqCst) {
+                eprintln!("sink called after close returned");
+            }
+            Ok(())
+        })
+        .unwrap();
+    c.send(1).unwrap();
+    let r2 = c.send(2).unwrap();
+    c.flush_timeout(Duration::from_millis(100)); // item 1 done, item 2 waits for its slot
+    let report = c.close_timeout(Duration::from_millis(10));
+    after_close.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(report.left, 1);
+    assert!(matches!(r2.wait(), Err(DeliveryError::Closed)));
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(
+        calls.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "item 2 was reported Closed, then handed to the sink anyway"
+    );
+}
+
+/// `flush` returns once the counters say settled, before the receipts are settled (that
+/// happens after the worker releases the lock): a callback has not run yet.
+#[test]
+fn flush_returns_only_after_receipts_and_callbacks_settled() {
+    let c: Conveyor<u32> = Conveyor::builder()
+        .build(|_d| {
+            std::thread::sleep(Duration::from_millis(50));
+            Ok(())
+        })
+        .unwrap();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let d = done.clone();
+    c.send(1).unwrap().on_settled(move |_| {
+        std::thread::sleep(Duration::from_millis(300));
+        d.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    c.flush();
+    assert!(
+        done.load(std::sync::atomic::Ordering::SeqCst),
+        "the receipt of item 1 is not settled after flush"
+    );
+}
