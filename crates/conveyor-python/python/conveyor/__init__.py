@@ -1,0 +1,110 @@
+"""Deliver items to a slow external service strictly in order, without blocking the producer.
+
+>>> import conveyor
+>>> delivered = []
+>>> with conveyor.Conveyor(delivered.append) as c:   # any callable; blocking is fine
+...     for item in ["a", "b", "c"]:
+...         receipt = c.send(item)                   # returns at once
+>>> delivered
+['a', 'b', 'c']
+
+``Conveyor(sink, ...)`` options (all keyword-only):
+
+=================  ============  =================================================================
+option             default       meaning
+=================  ============  =================================================================
+``ordering``       ``"strict"``  ``"strict"``: one item at a time, in order. ``"pipelined"``: start
+                                 in order, up to ``in_flight`` (8) at once. ``"keyed"``: strict per
+                                 ``key``, up to ``concurrency`` (64) keys at once.
+``capacity``       10_000        queued items (in-flight ones not counted)
+``backpressure``   ``"block"``   on a full queue: ``"block"`` (wait for room), ``"reject"`` (raise
+                                 ``QueueFull``), ``"drop_newest"``, ``"drop_oldest"``
+``retries``        0             extra attempts after a sink exception (``PermanentError`` is
+                                 never retried)
+``backoff``        0.1           first retry delay in seconds, doubling each time
+``max_backoff``    None          cap on the retry delay (seconds)
+``on_failure``     ``"skip"``    after the last attempt: ``"skip"`` to the next item, or
+                                 ``"pause"`` the lane until ``resume(key)``
+``rate_limit``     None          at most this many sink calls started per second
+``drain_timeout``  30.0          seconds that interpreter exit / ``with`` exit / garbage
+                                 collection wait for accepted items before warning about them
+``name``           None          shown in ``repr`` and in warnings
+``journal``        None          path of a journal file (SQLite): accepted items survive a crash
+                                 and are delivered after a restart; items must be JSON-serialisable
+``durability``     5 ms window   with a journal: commit window in seconds, or ``"sync"``
+=================  ============  =================================================================
+
+A sink may be an ``async def`` function: it then runs on an event loop owned by the conveyor.
+"""
+
+from __future__ import annotations
+
+import atexit as _atexit
+import os as _os
+
+from typing import Optional
+
+from . import _conveyor, _support
+from ._conveyor import (
+    CloseReport,
+    Conveyor,
+    DeadLetter,
+    Delivery,
+    HttpReply,
+    Receipt,
+    Stats,
+    __version__,
+)
+from ._errors import (
+    Closed,
+    ConveyorError,
+    DeliveryFailed,
+    Dropped,
+    JournalError,
+    PermanentError,
+    QueueFull,
+    RetryAfter,
+)
+from ._executor import SerialExecutor
+
+__all__ = [
+    "CloseReport",
+    "Closed",
+    "Conveyor",
+    "ConveyorError",
+    "DeadLetter",
+    "Delivery",
+    "DeliveryFailed",
+    "Dropped",
+    "HttpReply",
+    "JournalError",
+    "PermanentError",
+    "QueueFull",
+    "Receipt",
+    "RetryAfter",
+    "SerialExecutor",
+    "Stats",
+    "__version__",
+    "current_delivery",
+]
+
+
+def current_delivery() -> Optional[Delivery]:
+    """The item the calling sink is delivering: ``seq``, ``attempt``, ``key``, ``idempotency_key``.
+
+    Call it from inside a sink (blocking or ``async def``); returns ``None`` anywhere else. Send
+    ``idempotency_key`` along (e.g. as an ``Idempotency-Key`` header) so the receiver can drop
+    the duplicate a retry after a lost answer produces.
+    """
+    delivery = _conveyor._current_delivery()
+    if delivery is None:
+        delivery = _support.CURRENT_DELIVERY.get(None)
+    return delivery
+
+# Drain live conveyors at interpreter exit within their drain_timeout, and report what is left.
+_atexit.register(_conveyor._shutdown_at_exit)
+
+# After os.fork() the child has none of the parent's delivery threads: mark inherited conveyors
+# so that using them raises Closed instead of hanging.
+if hasattr(_os, "register_at_fork"):
+    _os.register_at_fork(after_in_child=_conveyor._after_fork_in_child)

@@ -1,0 +1,102 @@
+"""``SerialExecutor``: a drop-in for ``ThreadPoolExecutor(max_workers=1)`` built on a conveyor."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import threading
+from typing import Any, Callable, Dict, Tuple, TypeVar
+
+from ._conveyor import Conveyor
+from ._errors import Closed
+
+T = TypeVar("T")
+
+_Call = Tuple["concurrent.futures.Future[Any]", Callable[..., Any], Tuple[Any, ...], Dict[str, Any]]
+
+
+def _run_call(pending: Dict[int, "concurrent.futures.Future[Any]"], call: _Call) -> None:
+    future, fn, args, kwargs = call
+    pending.pop(id(future), None)
+    # Same protocol as ThreadPoolExecutor's worker: a future cancelled while queued is skipped,
+    # and whatever fn raises goes to its future, never to the conveyor (so it is never retried).
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        result = fn(*args, **kwargs)
+    except BaseException as exc:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
+class SerialExecutor(concurrent.futures.Executor):
+    """Runs submitted calls one at a time, in submission order, on a thread the executor owns.
+
+    A drop-in replacement for ``ThreadPoolExecutor(max_workers=1)`` (``submit``, ``map``,
+    ``shutdown(wait, cancel_futures=...)``, ``with``), with what that class lacks:
+
+    * bounded memory: at most ``capacity`` calls wait; ``submit`` then waits for room (and stays
+      interruptible with Ctrl-C) instead of growing an unbounded queue;
+    * a bounded exit: at interpreter exit, queued calls get ``drain_timeout`` seconds to run and
+      whatever is left is reported in a ``RuntimeWarning`` instead of hanging the exit.
+
+    Args:
+        capacity: how many submitted calls may wait to run (the running one not counted).
+        drain_timeout: seconds the interpreter-exit drain waits before reporting what is left.
+    """
+
+    def __init__(self, capacity: int = 10_000, *, drain_timeout: float = 30.0) -> None:
+        # Futures not started yet, so shutdown(cancel_futures=True) can cancel them at once, as
+        # ThreadPoolExecutor does. Dict operations are atomic under the GIL.
+        self._pending: Dict[int, "concurrent.futures.Future[Any]"] = {}
+        self._conveyor = Conveyor(
+            functools.partial(_run_call, self._pending),
+            capacity=capacity,
+            drain_timeout=drain_timeout,
+            name="SerialExecutor",
+        )
+        self._shutdown_lock = threading.Lock()
+        self._shutdown = False
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> "concurrent.futures.Future[T]":
+        """Schedule ``fn(*args, **kwargs)``; returns a ``concurrent.futures.Future``.
+
+        Raises:
+            RuntimeError: after ``shutdown()``, like ``ThreadPoolExecutor``.
+        """
+        with self._shutdown_lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            future: "concurrent.futures.Future[T]" = concurrent.futures.Future()
+            # Sent under the lock so shutdown() cannot close the conveyor between the check and
+            # the send (which would turn a valid submit into a conveyor.Closed error).
+            self._pending[id(future)] = future
+            receipt = self._conveyor._send_wait((future, fn, args, kwargs), None, 0.0)
+        if receipt is None:
+            # The queue is full: wait for room outside the lock so shutdown() is not held up.
+            try:
+                self._conveyor.send((future, fn, args, kwargs))
+            except Closed as exc:  # closed meanwhile by shutdown()
+                self._pending.pop(id(future), None)
+                raise RuntimeError("cannot schedule new futures after shutdown") from exc
+            except BaseException:  # QueueFull from inside a task, KeyboardInterrupt while waiting
+                self._pending.pop(id(future), None)
+                raise
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting calls; with ``wait``, return once every accepted call has run.
+
+        ``cancel_futures=True`` cancels the calls that have not started yet.
+        """
+        with self._shutdown_lock:
+            self._shutdown = True
+            if cancel_futures:
+                for future in list(self._pending.values()):
+                    future.cancel()
+        if wait:
+            self._conveyor.close()
+        else:
+            # Like ThreadPoolExecutor: return now, let the accepted calls run to the end.
+            threading.Thread(target=self._conveyor.close, name="SerialExecutor-shutdown", daemon=True).start()

@@ -1,0 +1,194 @@
+"""Python-side helpers the Rust extension calls into.
+
+Everything here is off the hot path: ``send`` is pure Rust. What lives here is what is clearer in
+Python: the event-loop thread that runs ``async def`` sinks, and the thread-backed awaitables that
+let asyncio code wait for capacity, ``flush`` or ``close`` without blocking its event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import inspect
+import threading
+from typing import Any, Callable, Optional, TypeVar
+
+T = TypeVar("T")
+
+# The delivery an `async def` sink is running, per task (each coroutine runs in its own task, so
+# concurrent deliveries of a pipelined or keyed conveyor each see their own).
+CURRENT_DELIVERY: "contextvars.ContextVar[Any]" = contextvars.ContextVar("conveyor_delivery")
+
+# How long a background waiter blocks in Rust before it checks whether its awaiting task was
+# cancelled. Short enough that a cancelled ``asend`` stops trying within a blink.
+_CANCEL_POLL_S = 0.05
+
+
+def is_async_callable(fn: Any) -> bool:
+    """True for ``async def`` functions, partials of them and objects with an async ``__call__``."""
+    if inspect.iscoroutinefunction(fn):
+        return True
+    call = getattr(fn, "__call__", None)  # noqa: B004 - we want the bound method, not callable()
+    return call is not None and inspect.iscoroutinefunction(call)
+
+
+class LoopThread:
+    """An event loop on a daemon thread, owned by one conveyor, that runs its ``async def`` sink.
+
+    One loop per conveyor keeps coroutines of one conveyor together (so a sink can keep loop-bound
+    state such as an ``aiohttp`` session in a closure) and away from the caller's event loop, which
+    may block, stop or be a different loop from one ``asyncio.run`` to the next. The thread is a
+    daemon so that a stuck coroutine can never keep the interpreter from exiting; the conveyor stops
+    it when it closes.
+    """
+
+    def __init__(self, name: str, conveyor_id: int) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._conveyor_id = conveyor_id
+        self._stopped = False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from . import _conveyor
+
+        asyncio.set_event_loop(self._loop)
+        # Lets the conveyor notice a coroutine that waits on its own conveyor (would never end).
+        _conveyor._mark_sink_thread(self._conveyor_id)
+        try:
+            self._loop.run_forever()
+        finally:
+            # Cancel what is still running (the conveyor has given up on it) and close the loop
+            # here, on its own thread, so no "unclosed event loop" warning is ever left behind.
+            pending = asyncio.all_tasks(self._loop)
+            for task in pending:
+                task.cancel()
+            if pending:
+                self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            self._loop.close()
+
+    def submit(self, fn: Callable[[Any], Any], item: Any, delivery: Any) -> "concurrent.futures.Future[Any]":
+        """Start ``fn(item)`` on the loop; the returned future settles with its outcome."""
+        coro = fn(item)
+        if not inspect.isawaitable(coro):
+            raise TypeError(
+                f"the async sink {fn!r} returned {type(coro).__name__}, not an awaitable; "
+                "pass an `async def` function, or a plain function for a blocking sink"
+            )
+        return asyncio.run_coroutine_threadsafe(_as_coroutine(coro, delivery), self._loop)
+
+    def stop(self, timeout: Optional[float] = None) -> None:
+        """Stop the loop and wait (at most ``timeout`` s) for its thread; idempotent."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        try:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        except RuntimeError:  # already closed
+            return
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+
+async def _as_coroutine(awaitable: Any, delivery: Any) -> Any:
+    CURRENT_DELIVERY.set(delivery)  # in this task's own context: no reset needed
+    return await awaitable
+
+
+def _settle(loop: asyncio.AbstractEventLoop, fut: "asyncio.Future[Any]", ok: bool, value: Any) -> None:
+    def set_outcome() -> None:
+        if fut.done():  # cancelled while we were waiting
+            return
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+
+    try:
+        loop.call_soon_threadsafe(set_outcome)
+    except RuntimeError:
+        # The event loop was closed (asyncio.run returned) before the wait ended: nobody is
+        # left to tell, and the outcome is still visible through receipts and stats.
+        pass
+
+
+def run_in_thread(fn: Callable[..., T], *args: Any) -> "asyncio.Future[T]":
+    """Run a blocking call on a fresh daemon thread and await its outcome from asyncio.
+
+    A dedicated thread rather than the loop's default executor: these waits can last long
+    (``flush`` on a slow sink) and must not starve the executor's few threads or make
+    ``asyncio.run`` wait for them on exit.
+    """
+    loop = asyncio.get_running_loop()
+    fut: "asyncio.Future[T]" = loop.create_future()
+
+    def run() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # handed to the awaiting task, never lost in the thread
+            _settle(loop, fut, False, exc)
+        else:
+            _settle(loop, fut, True, result)
+
+    threading.Thread(target=run, name="conveyor-wait", daemon=True).start()
+    return fut
+
+
+async def asend_slow(conveyor: Any, item: Any, key: Optional[str]) -> Any:
+    """``asend`` once the queue was found full: wait for room on a thread, not on the loop.
+
+    The thread tries in short slices and gives up as soon as the awaiting task is cancelled, so a
+    cancelled ``asend`` does not go on to send its item later.
+    """
+    cancelled = threading.Event()
+
+    def wait_for_room() -> Any:
+        while not cancelled.is_set():
+            receipt = conveyor._send_wait(item, key, _CANCEL_POLL_S)
+            if receipt is not None:
+                return receipt
+        return None
+
+    try:
+        return await run_in_thread(wait_for_room)
+    except asyncio.CancelledError:
+        cancelled.set()
+        raise
+
+
+async def aflush(conveyor: Any, timeout: Optional[float]) -> bool:
+    return await run_in_thread(conveyor.flush, timeout)
+
+
+async def aclose(conveyor: Any, timeout: Optional[float]) -> Any:
+    return await run_in_thread(conveyor.close, timeout)
+
+
+async def aexit(conveyor: Any) -> None:
+    await run_in_thread(conveyor._close_on_exit)
+
+
+async def aenter(conveyor: T) -> T:
+    return conveyor
+
+
+def new_future() -> "concurrent.futures.Future[Any]":
+    return concurrent.futures.Future()
+
+
+def receipt_await(receipt: Any) -> Any:
+    """``await receipt``: the receipt's lazily made ``concurrent.futures.Future`` wrapped for asyncio."""
+    return asyncio.wrap_future(receipt.future()).__await__()
+
+
+def call_done_callback(fn: Callable[[Any], Any], receipt: Any) -> Callable[[Any], None]:
+    """Adapt a user callback to ``Future.add_done_callback``: it gets the receipt, not our future."""
+
+    def callback(_future: Any) -> None:
+        fn(receipt)
+
+    return callback

@@ -1,0 +1,125 @@
+//! `Conveyor.http(url, ...)`: the engine's HTTP sink, so the whole delivery path runs in Rust
+//! and never takes the GIL.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use conveyor::{Delivery, HttpSink, SinkError};
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::sync::GILOnceCell;
+use pyo3::types::{PyByteArray, PyBytes, PyString};
+
+use crate::sink::{Item, Reply};
+
+/// A built HTTP sink on its way into `Conveyor(...)`; only `Conveyor.http` makes one.
+#[pyclass(frozen, module = "conveyor._conveyor")]
+pub(crate) struct PyHttpSink {
+    /// Taken by the conveyor that uses it: one sink, one conveyor.
+    sink: Mutex<Option<HttpSink>>,
+}
+
+impl PyHttpSink {
+    pub(crate) fn new(
+        url: &str,
+        headers: BTreeMap<String, String>,
+        method: &str,
+        timeout: Duration,
+    ) -> PyResult<Self> {
+        let mut builder = HttpSink::builder(url).method(method).timeout(timeout);
+        for (name, value) in headers {
+            builder = builder.header(name, value);
+        }
+        let sink = builder
+            .build()
+            .map_err(|err| PyValueError::new_err(err.to_string()))?;
+        Ok(PyHttpSink {
+            sink: Mutex::new(Some(sink)),
+        })
+    }
+
+    pub(crate) fn take(&self) -> PyResult<HttpSink> {
+        self.sink
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| PyRuntimeError::new_err("this HTTP sink already belongs to a conveyor"))
+    }
+}
+
+/// The engine sink: one request per item, no Python involved.
+pub(crate) fn sink(
+    http: HttpSink,
+) -> impl Fn(Delivery<Item>) -> Result<Reply, SinkError> + Send + Sync + 'static {
+    move |delivery| {
+        http.send(&delivery).map(|reply| Reply::Http {
+            status: reply.status,
+            body: reply.body,
+        })
+    }
+}
+
+/// The request body for a sent object: bytes-like as is, `str` as UTF-8, else JSON.
+pub(crate) fn body(object: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
+    if let Ok(bytes) = object.downcast::<PyBytes>() {
+        return Ok(bytes.as_bytes().to_vec());
+    }
+    if let Ok(text) = object.downcast::<PyString>() {
+        return Ok(text.to_string().into_bytes());
+    }
+    if let Ok(array) = object.downcast::<PyByteArray>() {
+        return Ok(array.to_vec());
+    }
+    static DUMPS: GILOnceCell<Py<PyAny>> = GILOnceCell::new();
+    let dumps = DUMPS.import(object.py(), "json", "dumps")?;
+    let text = dumps.call1((object,)).map_err(|err| {
+        let message = format!(
+            "Conveyor.http sends bytes, str, or JSON-serialisable objects; this {} is none of them: {err}",
+            object.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+        );
+        PyValueError::new_err(message)
+    })?;
+    Ok(text.downcast_into::<PyString>()?.to_string().into_bytes())
+}
+
+/// The response to an item sent by `Conveyor.http`: `status` (2xx) and `body` (bytes).
+#[pyclass(frozen, get_all, module = "conveyor", name = "HttpReply")]
+pub(crate) struct PyHttpReply {
+    status: u16,
+    body: Py<PyBytes>,
+}
+
+impl PyHttpReply {
+    pub(crate) fn new(py: Python<'_>, status: u16, body: &[u8]) -> Self {
+        PyHttpReply {
+            status,
+            body: PyBytes::new(py, body).unbind(),
+        }
+    }
+}
+
+#[pymethods]
+impl PyHttpReply {
+    /// The body decoded as UTF-8 (invalid bytes replaced).
+    fn text(&self, py: Python<'_>) -> String {
+        String::from_utf8_lossy(self.body.as_bytes(py)).into_owned()
+    }
+
+    /// The body parsed as JSON.
+    fn json(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        static LOADS: GILOnceCell<Py<PyAny>> = GILOnceCell::new();
+        Ok(LOADS
+            .import(py, "json", "loads")?
+            .call1((self.body.bind(py),))?
+            .unbind())
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> String {
+        format!(
+            "HttpReply(status={}, body=<{} bytes>)",
+            self.status,
+            self.body.as_bytes(py).len()
+        )
+    }
+}

@@ -1,0 +1,160 @@
+//! The durable journal from Python: items kept as JSON text, dead letters, journal errors.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use conveyor::{BuildError, DeadLetter, Durability, JournalError};
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::sync::GILOnceCell;
+use pyo3::types::{PyString, PyType};
+use serde_json::value::RawValue;
+
+use crate::sink::{Item, Reply};
+
+fn journal_error_class(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
+    static CLASS: GILOnceCell<Py<PyType>> = GILOnceCell::new();
+    CLASS.import(py, "conveyor._errors", "JournalError")
+}
+
+/// `conveyor.JournalError` with the engine's message (which names the file and what to do).
+pub(crate) fn error(py: Python<'_>, err: &JournalError) -> PyErr {
+    match journal_error_class(py) {
+        Ok(class) => PyErr::from_type(class.clone(), err.to_string()),
+        Err(import_failed) => import_failed,
+    }
+}
+
+/// The Python exception for a conveyor that could not be built.
+pub(crate) fn build_error(py: Python<'_>, err: BuildError) -> PyErr {
+    match err {
+        BuildError::Journal(err) => error(py, &err),
+        BuildError::InvalidConfig(_) => PyValueError::new_err(err.to_string()),
+        other => PyRuntimeError::new_err(other.to_string()),
+    }
+}
+
+/// The error for a send the journal refused (it cannot be written, e.g. the disk is full).
+pub(crate) fn refused(py: Python<'_>, engine: &conveyor::Conveyor<Item, Reply>) -> PyErr {
+    let why = engine
+        .journal_error()
+        .map(|err| err.to_string())
+        .unwrap_or_else(|| "the journal cannot be written".to_owned());
+    let message = format!(
+        "the item was not accepted: {why}; items accepted before are intact, and sends succeed \
+         again once the journal can be written"
+    );
+    match journal_error_class(py) {
+        Ok(class) => PyErr::from_type(class.clone(), message),
+        Err(import_failed) => import_failed,
+    }
+}
+
+/// `durability=`: a commit window in seconds (group commit), or `"sync"` (each send waits
+/// for its own commit).
+pub(crate) fn parse_durability(value: &Bound<'_, PyAny>) -> PyResult<Durability> {
+    if let Ok(text) = value.extract::<String>() {
+        if text == "sync" {
+            return Ok(Durability::Sync);
+        }
+    } else if let Ok(seconds) = value.extract::<f64>() {
+        if let Ok(window) = Duration::try_from_secs_f64(seconds) {
+            return Ok(Durability::Batched(window));
+        }
+    }
+    Err(PyValueError::new_err(format!(
+        "durability={}: expected a commit window in seconds (e.g. 0.005) or \"sync\"",
+        value.repr()?
+    )))
+}
+
+/// `json.dumps(object)` as the journal's item.
+///
+/// # Errors
+/// `ValueError` naming the type when the object is not JSON-serialisable.
+pub(crate) fn dumps(object: &Bound<'_, PyAny>) -> PyResult<Box<RawValue>> {
+    static DUMPS: GILOnceCell<Py<PyAny>> = GILOnceCell::new();
+    let py = object.py();
+    let not_json = |why: String| {
+        PyValueError::new_err(format!(
+            "a journaled conveyor stores items as JSON, and this {} cannot be: {why}",
+            object
+                .get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_default()
+        ))
+    };
+    let text = DUMPS
+        .import(py, "json", "dumps")?
+        .call1((object,))
+        .map_err(|err| not_json(err.to_string()))?;
+    let text = text.downcast_into::<PyString>()?.to_string();
+    // json.dumps writes NaN and Infinity, which JSON (and so the journal) does not allow.
+    RawValue::from_string(text).map_err(|err| not_json(err.to_string()))
+}
+
+/// `json.loads(text)`: a journaled item as the sink receives it.
+pub(crate) fn loads(py: Python<'_>, text: &str) -> PyResult<Py<PyAny>> {
+    static LOADS: GILOnceCell<Py<PyAny>> = GILOnceCell::new();
+    Ok(LOADS.import(py, "json", "loads")?.call1((text,))?.unbind())
+}
+
+/// An item that failed for good, kept by the journal (`Conveyor.dead_letters()`).
+#[pyclass(frozen, get_all, module = "conveyor", name = "DeadLetter")]
+pub(crate) struct PyDeadLetter {
+    /// The item's seq when it was accepted: pass it to `retry_dead` or `discard_dead`.
+    seq: u64,
+    /// Its lane (`""` outside keyed mode).
+    lane: String,
+    /// The key it was sent with, if any.
+    key: Option<String>,
+    /// The item, as the sink would receive it (`json.loads` of what was stored).
+    item: Py<PyAny>,
+    /// The sink's last error, as text.
+    error: String,
+    /// How many attempts were made.
+    attempts: u32,
+    /// When it failed, in seconds since the epoch (as `time.time()`).
+    failed_at: f64,
+}
+
+impl PyDeadLetter {
+    pub(crate) fn new(py: Python<'_>, letter: DeadLetter) -> PyResult<Self> {
+        let item = match std::str::from_utf8(&letter.payload) {
+            Ok(text) => loads(py, text)?,
+            // Not ours to interpret: hand over the stored bytes.
+            Err(_) => pyo3::types::PyBytes::new(py, &letter.payload)
+                .into_any()
+                .unbind(),
+        };
+        Ok(PyDeadLetter {
+            seq: letter.seq,
+            lane: letter.lane,
+            key: letter.key,
+            item,
+            error: letter.error,
+            attempts: letter.attempts,
+            failed_at: letter
+                .failed_at
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64(),
+        })
+    }
+}
+
+#[pymethods]
+impl PyDeadLetter {
+    fn __repr__(&self, py: Python<'_>) -> String {
+        let item = self
+            .item
+            .bind(py)
+            .repr()
+            .map(|r| r.to_string())
+            .unwrap_or_default();
+        format!(
+            "DeadLetter(seq={}, key={:?}, item={item}, attempts={}, error={:?})",
+            self.seq, self.key, self.attempts, self.error
+        )
+    }
+}

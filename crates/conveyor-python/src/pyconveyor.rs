@@ -1,0 +1,872 @@
+//! `conveyor.Conveyor`: the engine with a Python sink, plus what Python needs around it
+//! (interruptible waits, interpreter-exit drain, fork safety, asyncio entry points).
+
+use std::mem::ManuallyDrop;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use conveyor::{Backpressure, Builder, OnFailure, Ordering, Retry, SendError};
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+
+use crate::errors;
+use crate::fork::Held;
+use crate::receipt::{support, PyReceipt, Ready};
+use crate::sink::{self, Item, Reply, SinkState};
+use crate::stats::{PyCloseReport, PyStats};
+use crate::wait::{timeout_arg, wait_interruptibly, Deadline};
+
+type Engine = conveyor::Conveyor<Item, Reply>;
+
+/// Source of conveyor ids (for [`sink::inside_sink_of`]); 0 means "no conveyor".
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Bumped in the child after every `os.fork()`. A conveyor remembers the value it was made
+/// with: a mismatch means it was inherited from the parent, whose delivery threads the child
+/// does not have. One atomic load per call, where `os.getpid()` would be a system call.
+static FORK_GEN: AtomicU64 = AtomicU64::new(0);
+
+/// Set when the interpreter-exit hook starts: after it, dropping a conveyor never waits.
+static EXITING: AtomicBool = AtomicBool::new(false);
+
+/// Live conveyors, for the interpreter-exit drain. Weak so the registry never keeps one alive.
+/// Only touched with the GIL held, so `os.fork()` (which holds the GIL) never sees it locked.
+static LIVE: Mutex<Vec<Weak<Shared>>> = Mutex::new(Vec::new());
+
+pub(crate) fn same_process(fork_gen: u64) -> bool {
+    FORK_GEN.load(AtomicOrdering::Relaxed) == fork_gen
+}
+
+/// The engine and what the exit hook needs to close it.
+struct Shared {
+    engine: Engine,
+    sink: Arc<SinkState>,
+    fork_gen: u64,
+    drain_timeout: Duration,
+    /// The event-loop thread of an `async def` sink (`conveyor._support.LoopThread`).
+    runner: Option<Held>,
+    /// `close()` started: `send` refuses new items from here on. Kept here rather than relying
+    /// on the engine's own flag because the engine's `close_timeout` gives up on everything left
+    /// when its deadline passes, so it cannot be called in short interruptible slices.
+    closing: AtomicBool,
+    /// The engine was closed (by `close()`, a `with` block, or the exit hook), and whoever did it
+    /// got or printed the report: the exit hook and `Drop` leave this conveyor alone.
+    closed: AtomicBool,
+    name: String,
+}
+
+impl Shared {
+    fn label(&self) -> String {
+        if self.name.is_empty() {
+            "conveyor".to_owned()
+        } else {
+            format!("conveyor {:?}", self.name)
+        }
+    }
+
+    /// Closes the engine, waiting at most `timeout` (forever for `None`) for accepted items.
+    fn close(&self, py: Python<'_>, timeout: Option<Duration>) -> PyResult<conveyor::CloseReport> {
+        self.closing.store(true, AtomicOrdering::Release);
+        let engine = &self.engine;
+        let deadline = Deadline::after(timeout);
+        // The long wait, in interruptible slices: Ctrl-C here leaves the conveyor refusing new
+        // items but still delivering, and close() can be called again.
+        wait_interruptibly(py, timeout, |slice| {
+            engine.flush_timeout(slice).then_some(())
+        })?;
+        // Everything deliverable is settled (or the deadline passed): stopping the workers is
+        // quick now. Items in paused lanes, or still pending at the deadline, are what is left.
+        let rest = deadline.remaining().unwrap_or(self.drain_timeout);
+        let report = py.allow_threads(|| engine.close_timeout(rest));
+        self.closed.store(true, AtomicOrdering::Release);
+        if !report.drained {
+            // What is left is reported; the sink must not start on it afterwards.
+            self.sink.abandoned.store(true, AtomicOrdering::Release);
+        }
+        self.stop_runner(py);
+        Ok(report)
+    }
+
+    fn stop_runner(&self, py: Python<'_>) {
+        if let Some(runner) = &self.runner {
+            if let Err(err) = runner.call_method1(py, "stop", (1.0,)) {
+                err.write_unraisable(py, Some(runner.bind(py)));
+            }
+        }
+    }
+
+    /// Close with the configured drain deadline; warn about anything left, since nobody reads
+    /// the report (interpreter exit, `with` block exit, garbage collection).
+    fn close_and_report(&self, py: Python<'_>, when: &str) -> PyResult<PyCloseReport> {
+        let report: PyCloseReport = self.close(py, Some(self.drain_timeout))?.into();
+        if report.left() > 0 {
+            errors::warn(
+                py,
+                &format!(
+                    "{} {when} left {} item(s) undelivered after waiting drain_timeout={} s; \
+                     raise drain_timeout, or call flush()/close() earlier to wait for them",
+                    self.label(),
+                    report.left(),
+                    self.drain_timeout.as_secs_f64()
+                ),
+            )?;
+        }
+        Ok(report)
+    }
+}
+
+/// Parsed constructor options that matter after construction.
+struct Options {
+    block: bool,
+    keyed: bool,
+    /// Items are journaled: `send` turns them into JSON text (`Item::Json`).
+    journaled: bool,
+    /// Items become HTTP request bodies at `send` time (`Conveyor.http`).
+    http: bool,
+    describe: String,
+}
+
+/// Delivers items to `sink` in order, on threads the conveyor owns, without blocking `send`.
+///
+/// See the package documentation (`help(conveyor)`) for every option.
+#[pyclass(frozen, weakref, module = "conveyor", name = "Conveyor")]
+pub(crate) struct PyConveyor {
+    /// `ManuallyDrop` so `Drop` can choose between draining (normal) and leaking (a forked
+    /// child, or a conveyor given up on at exit, whose threads must not be waited for).
+    shared: ManuallyDrop<Arc<Shared>>,
+    options: Options,
+}
+
+fn parse_ordering(
+    ordering: &str,
+    in_flight: Option<usize>,
+    concurrency: Option<usize>,
+) -> PyResult<Ordering> {
+    let misplaced = |arg: &str, needs: &str| {
+        PyValueError::new_err(format!(
+            "{arg}= applies to ordering={needs:?}, not ordering={ordering:?}"
+        ))
+    };
+    match ordering {
+        "strict" => {
+            if in_flight.is_some() {
+                return Err(misplaced("in_flight", "pipelined"));
+            }
+            if concurrency.is_some() {
+                return Err(misplaced("concurrency", "keyed"));
+            }
+            Ok(Ordering::Strict)
+        }
+        "pipelined" => {
+            if concurrency.is_some() {
+                return Err(misplaced("concurrency", "keyed"));
+            }
+            Ok(Ordering::Pipelined {
+                in_flight: in_flight.unwrap_or(8),
+            })
+        }
+        "keyed" => {
+            if in_flight.is_some() {
+                return Err(misplaced("in_flight", "pipelined"));
+            }
+            Ok(Ordering::Keyed {
+                concurrency: concurrency.unwrap_or(64),
+            })
+        }
+        other => Err(PyValueError::new_err(format!(
+            "ordering={other:?}: expected \"strict\", \"pipelined\" or \"keyed\""
+        ))),
+    }
+}
+
+fn parse_backpressure(backpressure: &str) -> PyResult<Backpressure> {
+    match backpressure {
+        "block" => Ok(Backpressure::Block),
+        "reject" => Ok(Backpressure::Reject),
+        "drop_newest" => Ok(Backpressure::DropNewest),
+        "drop_oldest" => Ok(Backpressure::DropOldest),
+        other => Err(PyValueError::new_err(format!(
+            "backpressure={other:?}: expected \"block\", \"reject\", \"drop_newest\" or \"drop_oldest\""
+        ))),
+    }
+}
+
+fn parse_on_failure(on_failure: &str) -> PyResult<OnFailure> {
+    match on_failure {
+        "skip" => Ok(OnFailure::Skip),
+        "pause" => Ok(OnFailure::Pause),
+        other => Err(PyValueError::new_err(format!(
+            "on_failure={other:?}: expected \"skip\" or \"pause\""
+        ))),
+    }
+}
+
+fn parse_retry(retries: u32, backoff: f64, max_backoff: Option<f64>) -> PyResult<Retry> {
+    if retries == 0 {
+        return Ok(Retry::none());
+    }
+    let backoff = timeout_arg("backoff", Some(backoff))?.unwrap_or_default();
+    let mut retry = Retry::exponential(backoff).max_attempts(retries.saturating_add(1));
+    if let Some(max) = timeout_arg("max_backoff", max_backoff)? {
+        retry = retry.max_delay(max);
+    }
+    Ok(retry)
+}
+
+impl PyConveyor {
+    /// The shared state, unless this object was inherited through `os.fork()`.
+    #[inline]
+    fn live(&self, py: Python<'_>) -> PyResult<&Shared> {
+        let shared: &Shared = &self.shared;
+        if same_process(shared.fork_gen) {
+            Ok(shared)
+        } else {
+            Err(errors::closed(
+                py,
+                format!(
+                    "{} was created before os.fork(): its delivery threads live in the parent process \
+                     and items sent here would never be delivered; create a new Conveyor in the child",
+                    shared.label()
+                ),
+            ))
+        }
+    }
+
+    /// The engine's form of a sent object: the object itself, or for a journaled conveyor its
+    /// JSON text, made now while we hold the GIL.
+    #[inline]
+    fn item(&self, py: Python<'_>, object: Py<PyAny>) -> PyResult<Item> {
+        if self.options.http {
+            crate::http::body(object.bind(py)).map(Item::Body)
+        } else if self.options.journaled {
+            crate::journal::dumps(object.bind(py)).map(Item::Json)
+        } else {
+            Ok(Item::Object(Held::new(object)))
+        }
+    }
+
+    fn check_key(&self, key: &Option<String>) -> PyResult<()> {
+        if key.is_some() && !self.options.keyed {
+            return Err(PyValueError::new_err(
+                "key= needs a keyed conveyor: create it with ordering=\"keyed\" (strict and pipelined conveyors have one lane)",
+            ));
+        }
+        Ok(())
+    }
+
+    fn not_from_own_sink(&self, shared: &Shared, what: &str) -> PyResult<()> {
+        if sink::inside_sink_of(shared.sink.id) {
+            return Err(PyRuntimeError::new_err(format!(
+                "{what}() was called from inside this conveyor's own sink: it would wait for the item \
+                 the sink is delivering, which cannot finish until the sink returns"
+            )));
+        }
+        Ok(())
+    }
+
+    /// One non-waiting attempt. `Ok(Err(item))` hands the item back when the queue is full and
+    /// the policy is to block, so the caller can decide how to wait.
+    fn try_once(
+        &self,
+        py: Python<'_>,
+        shared: &Shared,
+        item: Item,
+        key: Option<&str>,
+    ) -> PyResult<Result<PyReceipt, Item>> {
+        if shared.closing.load(AtomicOrdering::Acquire) {
+            return Err(self.closed_error(py, shared));
+        }
+        crate::fork::release_pending(py);
+        let attempt = match key {
+            None => shared.engine.try_send(item),
+            Some(key) => shared.engine.try_send_keyed(key, item),
+        };
+        match attempt {
+            Ok(receipt) => Ok(Ok(PyReceipt::new(receipt, shared.fork_gen))),
+            Err(SendError::Full(item)) if self.options.block => Ok(Err(item)),
+            Err(SendError::Full(_)) => Err(errors::queue_full(
+                py,
+                format!(
+                    "{} is full (capacity reached) and backpressure is \"reject\"; retry later, \
+                     raise capacity, or use backpressure=\"block\"",
+                    shared.label()
+                ),
+            )),
+            Err(SendError::Closed(_)) => Err(self.closed_error(py, shared)),
+            Err(SendError::Journal(_)) => Err(crate::journal::refused(py, &shared.engine)),
+            Err(other) => Err(errors::closed(py, other.to_string())),
+        }
+    }
+
+    fn closed_error(&self, py: Python<'_>, shared: &Shared) -> PyErr {
+        errors::closed(
+            py,
+            format!("{} is closed and accepts no more items", shared.label()),
+        )
+    }
+
+    /// Waits for room (at most `timeout`), interruptibly and without the GIL.
+    fn send_waiting(
+        &self,
+        py: Python<'_>,
+        shared: &Shared,
+        item: Item,
+        key: Option<&str>,
+        timeout: Option<Duration>,
+    ) -> PyResult<Option<PyReceipt>> {
+        if sink::inside_sink_of(shared.sink.id) {
+            return Err(errors::queue_full(
+                py,
+                format!(
+                    "{} is full and send() was called from inside its own sink: waiting for room \
+                     would wait for this very sink to return; raise capacity, or use try_send() and \
+                     handle QueueFull",
+                    shared.label()
+                ),
+            ));
+        }
+        let deadline = Deadline::after(timeout);
+        loop {
+            // A fresh reference per slice: a slice that times out drops its copy with the future.
+            let attempt = item.clone_ref(py);
+            let slice = deadline.slice();
+            let engine = &shared.engine;
+            let sent = py.allow_threads(|| {
+                crate::block_on_timeout(slice, async move {
+                    match key {
+                        None => engine.send_async(attempt).await,
+                        Some(key) => engine.send_keyed_async(key, attempt).await,
+                    }
+                })
+            });
+            match sent {
+                Some(Ok(receipt)) => return Ok(Some(PyReceipt::new(receipt, shared.fork_gen))),
+                Some(Err(SendError::Closed(_))) => return Err(self.closed_error(py, shared)),
+                Some(Err(SendError::Journal(_))) => {
+                    return Err(crate::journal::refused(py, &shared.engine))
+                }
+                Some(Err(_)) | None => {}
+            }
+            if deadline.passed() {
+                return Ok(None);
+            }
+            py.check_signals()?;
+        }
+    }
+}
+
+#[pymethods]
+impl PyConveyor {
+    #[new]
+    #[pyo3(signature = (
+        sink,
+        *,
+        ordering = "strict",
+        in_flight = None,
+        concurrency = None,
+        capacity = 10_000,
+        backpressure = "block",
+        retries = 0,
+        backoff = 0.1,
+        max_backoff = None,
+        on_failure = "skip",
+        rate_limit = None,
+        drain_timeout = 30.0,
+        name = None,
+        journal = None,
+        durability = None,
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        sink: Py<PyAny>,
+        ordering: &str,
+        in_flight: Option<usize>,
+        concurrency: Option<usize>,
+        capacity: usize,
+        backpressure: &str,
+        retries: u32,
+        backoff: f64,
+        max_backoff: Option<f64>,
+        on_failure: &str,
+        rate_limit: Option<u32>,
+        drain_timeout: f64,
+        name: Option<String>,
+        journal: Option<std::path::PathBuf>,
+        durability: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        let http_sink = match sink.bind(py).downcast::<crate::http::PyHttpSink>() {
+            Ok(handle) => Some(handle.get().take()?),
+            Err(_) => None,
+        };
+        if http_sink.is_none() && !sink.bind(py).is_callable() {
+            return Err(PyTypeError::new_err(format!(
+                "sink must be a callable that takes one item, got {}",
+                sink.bind(py).repr()?
+            )));
+        }
+        let parsed_ordering = parse_ordering(ordering, in_flight, concurrency)?;
+        let parsed_backpressure = parse_backpressure(backpressure)?;
+        let drain = timeout_arg("drain_timeout", Some(drain_timeout))?.unwrap_or_default();
+        let mut builder: Builder<Item, Reply> = Engine::builder()
+            .ordering(parsed_ordering)
+            .capacity(capacity)
+            .backpressure(parsed_backpressure)
+            .retry(parse_retry(retries, backoff, max_backoff)?)
+            .on_failure(parse_on_failure(on_failure)?)
+            .drain_timeout(drain);
+        if let Some(rate) = rate_limit {
+            builder = builder.rate_limit(rate);
+        }
+        if let Some(durability) = durability {
+            if journal.is_none() {
+                return Err(PyValueError::new_err(
+                    "durability= applies to a journaled conveyor: give journal=\"PATH\" too",
+                ));
+            }
+            builder = builder.durability(crate::journal::parse_durability(durability)?);
+        }
+        let journaled = journal.is_some();
+        if journaled && http_sink.is_some() {
+            return Err(PyValueError::new_err(
+                "journal= is not supported with Conveyor.http yet: use a Python sink that posts, \
+                 or drop journal=",
+            ));
+        }
+        if let Some(path) = journal {
+            builder = builder.journal(path);
+        }
+
+        let id = NEXT_ID.fetch_add(1, AtomicOrdering::Relaxed);
+        let state = Arc::new(SinkState {
+            id,
+            abandoned: AtomicBool::new(false),
+        });
+        let name = name.unwrap_or_default();
+        let is_async: bool = http_sink.is_none()
+            && support(py)?
+                .call_method1("is_async_callable", (sink.bind(py),))?
+                .extract()?;
+        let http = http_sink.is_some();
+        let (built, runner) = if let Some(http_sink) = http_sink {
+            let sink = crate::http::sink(http_sink);
+            (py.allow_threads(|| builder.build(sink)), None)
+        } else if is_async {
+            let thread_name = if name.is_empty() {
+                "conveyor-loop".to_owned()
+            } else {
+                format!("conveyor-loop-{name}")
+            };
+            let runner = support(py)?
+                .call_method1("LoopThread", (thread_name, id))?
+                .unbind();
+            let sink = sink::asynchronous(state.clone(), sink, runner.clone_ref(py));
+            // Without the GIL: opening a journal reads the disk.
+            let built = py.allow_threads(|| builder.build_async(sink));
+            (built, Some(runner))
+        } else {
+            let sink = sink::blocking(state.clone(), sink);
+            (py.allow_threads(|| builder.build(sink)), None)
+        };
+        let runner = runner.map(Held::new);
+        let engine = match built {
+            Ok(engine) => engine,
+            Err(err) => {
+                if let Some(runner) = &runner {
+                    runner.call_method1(py, "stop", (1.0,))?;
+                }
+                return Err(crate::journal::build_error(py, err));
+            }
+        };
+
+        let shared = Arc::new(Shared {
+            engine,
+            sink: state,
+            fork_gen: FORK_GEN.load(AtomicOrdering::Relaxed),
+            drain_timeout: drain,
+            runner,
+            closing: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            name: name.clone(),
+        });
+        {
+            let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+            live.retain(|weak| weak.strong_count() > 0);
+            live.push(Arc::downgrade(&shared));
+        }
+        let mut describe = format!("ordering={ordering:?}");
+        match parsed_ordering {
+            Ordering::Pipelined { in_flight } => {
+                describe.push_str(&format!(", in_flight={in_flight}"))
+            }
+            Ordering::Keyed { concurrency } => {
+                describe.push_str(&format!(", concurrency={concurrency}"))
+            }
+            _ => {}
+        }
+        if !name.is_empty() {
+            describe = format!("name={name:?}, {describe}");
+        }
+        Ok(PyConveyor {
+            shared: ManuallyDrop::new(shared),
+            options: Options {
+                block: matches!(parsed_backpressure, Backpressure::Block),
+                keyed: matches!(parsed_ordering, Ordering::Keyed { .. }),
+                journaled,
+                http,
+                describe,
+            },
+        })
+    }
+
+    /// A conveyor whose sink is an HTTP request per item, made entirely in Rust without the GIL.
+    ///
+    /// Each item becomes a request body when it is sent: `bytes`-like objects as they are, `str`
+    /// as UTF-8, anything else as JSON (`json.dumps`). 2xx is delivered (the receipt's result is
+    /// a `conveyor.HttpReply`); connection errors, timeouts, 408, 429 and 5xx are retried when
+    /// `retries` is set, honouring `Retry-After`; any other status fails the item at once.
+    /// `headers` values are treated as secrets and never shown. Every other keyword is a
+    /// `Conveyor` option.
+    #[staticmethod]
+    #[pyo3(signature = (url, *, headers = None, method = "POST", timeout = 30.0, **options))]
+    fn http(
+        py: Python<'_>,
+        url: &str,
+        headers: Option<std::collections::BTreeMap<String, String>>,
+        method: &str,
+        timeout: f64,
+        options: Option<&Bound<'_, pyo3::types::PyDict>>,
+    ) -> PyResult<Py<PyAny>> {
+        let timeout = timeout_arg("timeout", Some(timeout))?.unwrap_or_default();
+        let handle =
+            crate::http::PyHttpSink::new(url, headers.unwrap_or_default(), method, timeout)?;
+        Ok(py
+            .get_type::<PyConveyor>()
+            .call((Py::new(py, handle)?,), options)?
+            .unbind())
+    }
+
+    /// Accepts `item` for delivery and returns its `Receipt` at once; never waits for the sink.
+    ///
+    /// On a full queue it waits for room with `backpressure="block"` (the default; without the
+    /// GIL, interruptible with Ctrl-C), raises `QueueFull` with `"reject"`, and drops an item
+    /// with `"drop_newest"` / `"drop_oldest"`. `key` picks the lane of a keyed conveyor.
+    ///
+    /// Raises `Closed` after `close()`.
+    #[pyo3(signature = (item, *, key = None))]
+    fn send(&self, py: Python<'_>, item: Py<PyAny>, key: Option<String>) -> PyResult<PyReceipt> {
+        let shared = self.live(py)?;
+        let item = self.item(py, item)?;
+        if key.is_some() {
+            self.check_key(&key)?;
+        }
+        match self.try_once(py, shared, item, key.as_deref())? {
+            Ok(receipt) => Ok(receipt),
+            Err(item) => Ok(self
+                .send_waiting(py, shared, item, key.as_deref(), None)?
+                .expect("waiting without a deadline only ends with a receipt or an error")),
+        }
+    }
+
+    /// Like `send`, but never waits: raises `QueueFull` when the queue is full.
+    #[pyo3(signature = (item, *, key = None))]
+    fn try_send(
+        &self,
+        py: Python<'_>,
+        item: Py<PyAny>,
+        key: Option<String>,
+    ) -> PyResult<PyReceipt> {
+        let shared = self.live(py)?;
+        let item = self.item(py, item)?;
+        self.check_key(&key)?;
+        match self.try_once(py, shared, item, key.as_deref())? {
+            Ok(receipt) => Ok(receipt),
+            Err(_) => Err(errors::queue_full(
+                py,
+                format!(
+                    "{} is full (capacity reached); try again later or use send() to wait for room",
+                    shared.label()
+                ),
+            )),
+        }
+    }
+
+    /// `send` for asyncio code: `await c.asend(item)` waits for queue room only (on another
+    /// thread, never blocking the event loop), never for delivery. Returns the `Receipt`.
+    #[pyo3(signature = (item, *, key = None))]
+    fn asend(slf: &Bound<'_, Self>, item: Py<PyAny>, key: Option<String>) -> PyResult<Py<PyAny>> {
+        let py = slf.py();
+        let this = slf.get();
+        let shared = this.live(py)?;
+        this.check_key(&key)?;
+        let attempt = this.item(py, item.clone_ref(py))?;
+        match this.try_once(py, shared, attempt, key.as_deref())? {
+            Ok(receipt) => {
+                Ok(Py::new(py, Ready::new(Py::new(py, receipt)?.into_any()))?.into_any())
+            }
+            // The slow path gets the object as sent, and converts it again.
+            Err(_) => Ok(support(py)?
+                .call_method1("asend_slow", (slf, item, key))?
+                .unbind()),
+        }
+    }
+
+    /// Internal: send, waiting at most `timeout` s for room; `None` if there was none.
+    #[pyo3(signature = (item, key, timeout))]
+    fn _send_wait(
+        &self,
+        py: Python<'_>,
+        item: Py<PyAny>,
+        key: Option<String>,
+        timeout: f64,
+    ) -> PyResult<Option<PyReceipt>> {
+        let shared = self.live(py)?;
+        self.check_key(&key)?;
+        let timeout = timeout_arg("timeout", Some(timeout))?;
+        let item = self.item(py, item)?;
+        match self.try_once(py, shared, item, key.as_deref())? {
+            Ok(receipt) => Ok(Some(receipt)),
+            Err(_) if timeout == Some(Duration::ZERO) => Ok(None),
+            Err(item) => self.send_waiting(py, shared, item, key.as_deref(), timeout),
+        }
+    }
+
+    /// Waits until every item accepted so far is settled (delivered, failed or dropped).
+    ///
+    /// Returns `True` when they are, `False` if `timeout` seconds passed first. Releases the GIL
+    /// while waiting; Ctrl-C raises `KeyboardInterrupt`.
+    #[pyo3(signature = (timeout = None))]
+    fn flush(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+        let timeout = timeout_arg("timeout", timeout)?;
+        let shared = self.live(py)?;
+        self.not_from_own_sink(shared, "flush")?;
+        let engine = &shared.engine;
+        Ok(wait_interruptibly(py, timeout, |slice| {
+            engine.flush_timeout(slice).then_some(())
+        })?
+        .is_some())
+    }
+
+    /// `flush` for asyncio code: waits on another thread, never blocking the event loop.
+    #[pyo3(signature = (timeout = None))]
+    fn aflush(slf: &Bound<'_, Self>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
+        timeout_arg("timeout", timeout)?;
+        slf.get().live(slf.py())?;
+        Ok(support(slf.py())?
+            .call_method1("aflush", (slf, timeout))?
+            .unbind())
+    }
+
+    /// Stops accepting items and waits (at most `timeout` s; `None` = until done) for the
+    /// accepted ones to settle. Returns a `CloseReport` saying how many were left.
+    ///
+    /// Calling it again is harmless. Ctrl-C interrupts the wait.
+    #[pyo3(signature = (timeout = None))]
+    fn close(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<PyCloseReport> {
+        let timeout = timeout_arg("timeout", timeout)?;
+        let shared = self.live(py)?;
+        self.not_from_own_sink(shared, "close")?;
+        Ok(shared.close(py, timeout)?.into())
+    }
+
+    /// `close` for asyncio code: waits on another thread, never blocking the event loop.
+    #[pyo3(signature = (timeout = None))]
+    fn aclose(slf: &Bound<'_, Self>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
+        timeout_arg("timeout", timeout)?;
+        slf.get().live(slf.py())?;
+        Ok(support(slf.py())?
+            .call_method1("aclose", (slf, timeout))?
+            .unbind())
+    }
+
+    /// Internal: the `with`-block exit: close within `drain_timeout`, warn about what is left.
+    fn _close_on_exit(&self, py: Python<'_>) -> PyResult<PyCloseReport> {
+        let shared = self.live(py)?;
+        self.not_from_own_sink(shared, "close")?;
+        shared.close_and_report(py, "closing at the end of its `with` block")
+    }
+
+    /// Current counters (a `Stats` snapshot).
+    #[getter]
+    fn stats(&self, py: Python<'_>) -> PyResult<PyStats> {
+        Ok(self.live(py)?.engine.stats().into())
+    }
+
+    /// True once `close()` was called (or the conveyor was closed at interpreter exit): it
+    /// accepts no more items.
+    #[getter]
+    fn closed(&self) -> bool {
+        self.shared.closing.load(AtomicOrdering::Acquire)
+    }
+
+    /// The `name` given at construction (`""` if none).
+    #[getter]
+    fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// Keys of the lanes paused by a failed item (`on_failure="pause"`); `""` is the single lane
+    /// of a strict or pipelined conveyor.
+    fn paused(&self, py: Python<'_>) -> PyResult<Vec<String>> {
+        Ok(self.live(py)?.engine.paused())
+    }
+
+    /// Resumes a paused lane; returns `False` if it was not paused.
+    #[pyo3(signature = (key = ""))]
+    fn resume(&self, py: Python<'_>, key: &str) -> PyResult<bool> {
+        Ok(self.live(py)?.engine.resume(key))
+    }
+
+    /// Items that failed for good and were kept by the journal (`journal=` with
+    /// `on_failure="skip"`), oldest first, as `DeadLetter` objects.
+    ///
+    /// Raises `JournalError` without a journal.
+    fn dead_letters(&self, py: Python<'_>) -> PyResult<Vec<crate::journal::PyDeadLetter>> {
+        let engine = &self.live(py)?.engine;
+        let dead = py
+            .allow_threads(|| engine.dead_letters())
+            .map_err(|err| crate::journal::error(py, &err))?;
+        dead.into_iter()
+            .map(|letter| crate::journal::PyDeadLetter::new(py, letter))
+            .collect()
+    }
+
+    /// Sends dead letter `seq` again, at the end of its lane with a new seq; returns its
+    /// `Receipt`. Raises `JournalError` if there is no such dead letter.
+    fn retry_dead(&self, py: Python<'_>, seq: u64) -> PyResult<PyReceipt> {
+        let shared = self.live(py)?;
+        let engine = &shared.engine;
+        let receipt = py
+            .allow_threads(|| engine.retry_dead(seq))
+            .map_err(|err| crate::journal::error(py, &err))?;
+        Ok(PyReceipt::new(receipt, shared.fork_gen))
+    }
+
+    /// Deletes dead letter `seq` for good. Raises `JournalError` if there is none.
+    fn discard_dead(&self, py: Python<'_>, seq: u64) -> PyResult<()> {
+        let engine = &self.live(py)?.engine;
+        py.allow_threads(|| engine.discard_dead(seq))
+            .map_err(|err| crate::journal::error(py, &err))
+    }
+
+    /// `Conveyor[Item, Reply]` in annotations evaluated at run time.
+    #[classmethod]
+    fn __class_getitem__(
+        cls: &Bound<'_, pyo3::types::PyType>,
+        item: &Bound<'_, PyAny>,
+    ) -> PyResult<Py<PyAny>> {
+        crate::generic_alias(cls, item)
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_exc_info))]
+    fn __exit__(
+        &self,
+        py: Python<'_>,
+        _exc_info: &Bound<'_, pyo3::types::PyTuple>,
+    ) -> PyResult<bool> {
+        self._close_on_exit(py)?;
+        Ok(false)
+    }
+
+    fn __aenter__(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {
+        Ok(support(slf.py())?.call_method1("aenter", (slf,))?.unbind())
+    }
+
+    #[pyo3(signature = (*_exc_info))]
+    fn __aexit__(
+        slf: &Bound<'_, Self>,
+        _exc_info: &Bound<'_, pyo3::types::PyTuple>,
+    ) -> PyResult<Py<PyAny>> {
+        slf.get().live(slf.py())?;
+        Ok(support(slf.py())?.call_method1("aexit", (slf,))?.unbind())
+    }
+
+    fn __repr__(&self) -> String {
+        if !same_process(self.shared.fork_gen) {
+            // The engine's lock may have been held by a parent thread at fork time: don't touch it.
+            return format!(
+                "<conveyor.Conveyor {}, inherited through fork: unusable>",
+                self.options.describe
+            );
+        }
+        let stats = self.shared.engine.stats();
+        format!(
+            "<conveyor.Conveyor {}, queued={}, in_flight={}{}>",
+            self.options.describe,
+            stats.queued,
+            stats.in_flight,
+            if self.closed() { ", closed" } else { "" }
+        )
+    }
+}
+
+impl Drop for PyConveyor {
+    fn drop(&mut self) {
+        // SAFETY: `shared` is not used again after this line.
+        let shared = unsafe { ManuallyDrop::take(&mut self.shared) };
+        let leak = !same_process(shared.fork_gen)
+            || EXITING.load(AtomicOrdering::Acquire)
+            || shared.sink.abandoned.load(AtomicOrdering::Acquire)
+            || sink::inside_sink_of(shared.sink.id);
+        if leak {
+            // Never wait for threads that do not exist (fork), were given up on (exit) or are
+            // this very thread (dropped from inside the sink).
+            std::mem::forget(shared);
+            return;
+        }
+        Python::with_gil(|py| {
+            if !shared.closed.load(AtomicOrdering::Acquire) {
+                if let Err(err) =
+                    shared.close_and_report(py, "was garbage-collected without close() and")
+                {
+                    err.write_unraisable(py, None);
+                }
+            }
+            shared.stop_runner(py);
+            if shared.sink.abandoned.load(AtomicOrdering::Acquire) {
+                std::mem::forget(shared);
+            } else {
+                py.allow_threads(move || drop(shared));
+            }
+        });
+    }
+}
+
+/// Interpreter-exit hook (registered with `atexit` by `conveyor/__init__.py`): closes every
+/// live conveyor within its `drain_timeout` and warns about what was left.
+#[pyfunction]
+pub(crate) fn _shutdown_at_exit(py: Python<'_>) -> PyResult<()> {
+    EXITING.store(true, AtomicOrdering::Release);
+    let live = std::mem::take(&mut *LIVE.lock().unwrap_or_else(|e| e.into_inner()));
+    let mut first_error = None;
+    for weak in live {
+        let Some(shared) = weak.upgrade() else {
+            continue;
+        };
+        if same_process(shared.fork_gen) && !shared.closed.load(AtomicOrdering::Acquire) {
+            if let Err(err) = shared.close_and_report(py, "at interpreter exit") {
+                first_error.get_or_insert(err);
+            }
+        }
+        // Never let the exit hook run a conveyor's last drop: it must not wait again.
+        std::mem::forget(shared);
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// `os.register_at_fork(after_in_child=...)` hook: marks every existing conveyor as inherited.
+#[pyfunction]
+pub(crate) fn _after_fork_in_child() {
+    FORK_GEN.fetch_add(1, AtomicOrdering::Relaxed);
+}
+
+/// Called by an async sink's loop thread on start (see `conveyor._support.LoopThread`).
+#[pyfunction]
+pub(crate) fn _mark_sink_thread(id: u64) {
+    sink::mark_sink_thread(id);
+}

@@ -1,0 +1,319 @@
+//! The engine's sink for a Python callable: a blocking function called on the conveyor's
+//! threads, or an `async def` function run on the conveyor's own event-loop thread.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex};
+
+use conveyor::{Delivery, SinkError};
+use pyo3::prelude::*;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::value::RawValue;
+use tokio::sync::oneshot;
+
+use crate::errors;
+use crate::fork::Held;
+
+/// What the sink returned for one item.
+pub(crate) enum Reply {
+    /// A Python sink's return value.
+    Object(Held),
+    /// An HTTP sink's response, turned into a `conveyor.HttpReply` when Python reads it.
+    Http { status: u16, body: Vec<u8> },
+}
+
+impl Reply {
+    pub(crate) fn clone_ref(&self, py: Python<'_>) -> Reply {
+        match self {
+            Reply::Object(object) => Reply::Object(object.clone_ref(py)),
+            Reply::Http { status, body } => Reply::Http {
+                status: *status,
+                body: body.clone(),
+            },
+        }
+    }
+
+    pub(crate) fn to_py(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        match self {
+            Reply::Object(object) => Ok((**object).clone_ref(py)),
+            Reply::Http { status, body } => {
+                Ok(Py::new(py, crate::http::PyHttpReply::new(py, *status, body))?.into_any())
+            }
+        }
+    }
+}
+
+/// One item as the engine carries it.
+pub(crate) enum Item {
+    /// Any Python object, handed to the sink as it is.
+    Object(Held),
+    /// An item of a journaled conveyor: the JSON text `json.dumps` made of it at `send` time
+    /// (with the GIL), which the journal stores as it is and the sink gets back through
+    /// `json.loads`, the same way before and after a restart.
+    Json(Box<RawValue>),
+    /// The request body of an HTTP conveyor, made from the sent object at `send` time (with the
+    /// GIL) so that the HTTP sink never needs the GIL.
+    Body(Vec<u8>),
+}
+
+/// The HTTP sink reads the body through this. Only HTTP conveyors use that sink, and their
+/// `send` only makes `Body` items, so the empty slice for the others is never sent.
+impl AsRef<[u8]> for Item {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            Item::Body(body) => body,
+            Item::Object(_) | Item::Json(_) => &[],
+        }
+    }
+}
+
+impl Item {
+    pub(crate) fn clone_ref(&self, py: Python<'_>) -> Item {
+        match self {
+            Item::Object(object) => Item::Object(object.clone_ref(py)),
+            Item::Json(json) => Item::Json(json.clone()),
+            Item::Body(body) => Item::Body(body.clone()),
+        }
+    }
+
+    /// The object the sink is called with.
+    pub(crate) fn to_py(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        match self {
+            Item::Object(object) => Ok((**object).clone_ref(py)),
+            Item::Json(json) => crate::journal::loads(py, json.get()),
+            Item::Body(body) => Ok(pyo3::types::PyBytes::new(py, body).into_any().unbind()),
+        }
+    }
+}
+
+/// Only journaled conveyors serialise items, and their `send` only makes `Json` items.
+impl Serialize for Item {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Item::Json(json) => json.serialize(serializer),
+            Item::Object(_) | Item::Body(_) => Err(serde::ser::Error::custom(
+                "a Python object can only be journaled as JSON (conveyor created without journal=)",
+            )),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Item {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Box::<RawValue>::deserialize(deserializer).map(Item::Json)
+    }
+}
+
+/// What one call of the async sink returns to the engine.
+pub(crate) type SinkFuture =
+    std::pin::Pin<Box<dyn Future<Output = Result<Reply, SinkError>> + Send>>;
+
+thread_local! {
+    /// Id of the conveyor whose sink is running on this thread (0: none). Lets `send`, `flush`
+    /// and `close` notice that they are called from inside their own sink, where waiting would
+    /// mean waiting for ourselves forever.
+    static IN_SINK: Cell<u64> = const { Cell::new(0) };
+}
+
+thread_local! {
+    /// Whether this engine thread already holds a permanent Python thread state.
+    static HAS_THREAD_STATE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Gives the current (engine-owned) thread a Python thread state that outlives each call.
+///
+/// `Python::with_gil` on a thread Python does not know creates a thread state and destroys it
+/// again when the GIL is released: a few microseconds per item, more than everything else on the
+/// delivery path together. Taking one `PyGILState_Ensure` that is never released keeps the state
+/// alive, so each later `with_gil` only takes and drops the GIL.
+fn keep_thread_state() {
+    HAS_THREAD_STATE.with(|has| {
+        if !has.get() {
+            // SAFETY: called without the GIL (the engine's threads never hold it between calls).
+            // Ensure takes the GIL and creates the thread state; SaveThread releases the GIL but
+            // keeps the state, whose gilstate counter stays at 1 for the life of the thread.
+            unsafe {
+                pyo3::ffi::PyGILState_Ensure();
+                pyo3::ffi::PyEval_SaveThread();
+            }
+            has.set(true);
+        }
+    });
+}
+
+thread_local! {
+    /// The delivery whose blocking sink call is running on this thread (null: none). Only a
+    /// pointer, so a sink that never asks pays nothing; it is valid exactly while the call runs,
+    /// because the delivery lives in the frame that set it and clears it after the call.
+    static CURRENT: Cell<*const Delivery<Item>> = const { Cell::new(std::ptr::null()) };
+}
+
+/// `conveyor.Delivery`: which item a sink is delivering, for idempotent receivers.
+#[pyclass(frozen, get_all, module = "conveyor", name = "Delivery")]
+pub(crate) struct PyDelivery {
+    /// The item's sequence number (1 for the first item sent to the conveyor).
+    seq: u64,
+    /// Which attempt this is: 1 on the first try.
+    attempt: u32,
+    /// The lane key given to `send(..., key=...)`, or `None`.
+    key: Option<String>,
+    /// Same on every attempt of this item, different for every other item (and conveyor):
+    /// send it as an `Idempotency-Key` header so the receiver can drop duplicates.
+    idempotency_key: String,
+}
+
+impl PyDelivery {
+    fn new(delivery: &Delivery<Item>) -> Self {
+        PyDelivery {
+            seq: delivery.seq(),
+            attempt: delivery.attempt(),
+            key: delivery.key().map(str::to_owned),
+            idempotency_key: delivery.idempotency_key(),
+        }
+    }
+}
+
+#[pymethods]
+impl PyDelivery {
+    fn __repr__(&self) -> String {
+        format!(
+            "Delivery(seq={}, attempt={}, key={:?}, idempotency_key={:?})",
+            self.seq, self.attempt, self.key, self.idempotency_key
+        )
+    }
+}
+
+/// The delivery a blocking sink is running on this thread, if any (see `conveyor.current_delivery`).
+#[pyfunction]
+pub(crate) fn _current_delivery() -> Option<PyDelivery> {
+    let current = CURRENT.with(Cell::get);
+    // SAFETY: non-null only while `blocking`'s closure is inside the sink call on this thread,
+    // and that frame owns the delivery the pointer refers to.
+    unsafe { current.as_ref() }.map(PyDelivery::new)
+}
+
+/// True if the current thread is running the sink of conveyor `id`.
+pub(crate) fn inside_sink_of(id: u64) -> bool {
+    IN_SINK.with(|current| current.get() == id)
+}
+
+/// Marks the current thread as one that runs conveyor `id`'s sink (the async sink's loop thread).
+pub(crate) fn mark_sink_thread(id: u64) {
+    IN_SINK.with(|current| current.set(id));
+}
+
+/// State shared by a conveyor and its sink closure.
+#[derive(Debug)]
+pub(crate) struct SinkState {
+    /// Identifies the conveyor for [`inside_sink_of`].
+    pub(crate) id: u64,
+    /// Set once the conveyor was given up on at interpreter exit: from then on the sink fails
+    /// items without touching Python, because taking the GIL while the interpreter finalizes
+    /// can kill or hang the thread.
+    pub(crate) abandoned: AtomicBool,
+}
+
+fn abandoned_error() -> SinkError {
+    SinkError::permanent("the Python interpreter is exiting; the conveyor was closed at exit")
+}
+
+/// The sink for a blocking Python callable: takes the GIL only for the call itself.
+pub(crate) fn blocking(
+    state: Arc<SinkState>,
+    sink: Py<PyAny>,
+) -> impl Fn(Delivery<Item>) -> Result<Reply, SinkError> + Send + Sync + 'static {
+    // The engine's threads drop the closure, and so this reference: keep it fork-safe.
+    let sink = Held::new(sink);
+    move |delivery| {
+        if state.abandoned.load(AtomicOrdering::Acquire) {
+            return Err(abandoned_error());
+        }
+        keep_thread_state();
+        Python::with_gil(|py| {
+            crate::fork::release_pending(py);
+            let previous = IN_SINK.with(|current| current.replace(state.id));
+            // Saved and restored, not cleared: a sink may itself run another conveyor's sink.
+            let outer = CURRENT.with(|current| current.replace(&delivery));
+            let result = delivery
+                .item()
+                .to_py(py)
+                .and_then(|item| sink.call1(py, (item,)));
+            CURRENT.with(|current| current.set(outer));
+            IN_SINK.with(|current| current.set(previous));
+            result
+                .map(|value| Reply::Object(Held::new(value)))
+                .map_err(|err| errors::sink_error(py, err))
+        })
+    }
+}
+
+/// The sink for an `async def` callable.
+///
+/// Each delivery starts the coroutine on the conveyor's event-loop thread (`runner`, a
+/// `conveyor._support.LoopThread`) and completes when the coroutine does. The engine's own
+/// async machinery waits on a oneshot channel, so no engine thread is held while the coroutine
+/// runs, and pipelined or keyed conveyors run several coroutines concurrently on that one loop.
+pub(crate) fn asynchronous(
+    state: Arc<SinkState>,
+    sink: Py<PyAny>,
+    runner: Py<PyAny>,
+) -> impl Fn(Delivery<Item>) -> SinkFuture + Send + Sync + 'static {
+    let (sink, runner) = (Held::new(sink), Held::new(runner));
+    move |delivery| {
+        if state.abandoned.load(AtomicOrdering::Acquire) {
+            return Box::pin(std::future::ready(Err(abandoned_error())));
+        }
+        let (tx, rx) = oneshot::channel();
+        keep_thread_state();
+        let started = Python::with_gil(|py| -> Result<(), SinkError> {
+            crate::fork::release_pending(py);
+            let start = || -> PyResult<()> {
+                let info = Py::new(py, PyDelivery::new(&delivery))?;
+                let future = runner.call_method1(
+                    py,
+                    "submit",
+                    (sink.bind(py), delivery.item().to_py(py)?, info),
+                )?;
+                let done = Py::new(
+                    py,
+                    CoroutineDone {
+                        tx: Mutex::new(Some(tx)),
+                    },
+                )?;
+                future.call_method1(py, "add_done_callback", (done,))?;
+                Ok(())
+            };
+            start().map_err(|err| errors::sink_error(py, err))
+        });
+        Box::pin(async move {
+            started?;
+            rx.await.unwrap_or_else(|_| {
+                Err(SinkError::retryable(
+                    "the conveyor's event loop stopped before the coroutine finished",
+                ))
+            })
+        })
+    }
+}
+
+/// `add_done_callback` target that hands a finished coroutine's outcome to the engine.
+#[pyclass(frozen)]
+struct CoroutineDone {
+    /// `Option` because a callback must fire at most once; the `Mutex` makes the class `Sync`.
+    tx: Mutex<Option<oneshot::Sender<Result<Reply, SinkError>>>>,
+}
+
+#[pymethods]
+impl CoroutineDone {
+    fn __call__(&self, py: Python<'_>, future: &Bound<'_, PyAny>) {
+        let outcome = future
+            .call_method0("result")
+            .map(|value| Reply::Object(Held::new(value.unbind())))
+            .map_err(|err| errors::sink_error(py, err));
+        if let Some(tx) = self.tx.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            // The receiver is gone only if the engine gave up on this delivery: nothing to do.
+            let _ = tx.send(outcome);
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! Waiting without the GIL, in slices, so that other threads run while we wait and Ctrl-C
+//! interrupts the wait promptly.
+
+use std::time::{Duration, Instant};
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+/// How long one slice of a wait lasts before we take the GIL back to check for signals. Python
+/// runs signal handlers (and so raises `KeyboardInterrupt`) only when some thread checks; 50 ms
+/// keeps Ctrl-C prompt at no measurable cost.
+pub(crate) const SLICE: Duration = Duration::from_millis(50);
+
+/// Converts a timeout in seconds from Python (`None` = wait forever).
+///
+/// # Errors
+/// `ValueError` for a negative or non-finite number, naming the argument.
+pub(crate) fn timeout_arg(name: &str, seconds: Option<f64>) -> PyResult<Option<Duration>> {
+    seconds
+        .map(|s| {
+            Duration::try_from_secs_f64(s).map_err(|_| {
+                PyValueError::new_err(format!(
+                    "{name}={s}: expected a number of seconds >= 0, or None to wait forever"
+                ))
+            })
+        })
+        .transpose()
+}
+
+/// A deadline that may be "never".
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Deadline(Option<Instant>);
+
+impl Deadline {
+    pub(crate) fn after(timeout: Option<Duration>) -> Self {
+        Deadline(timeout.map(|t| Instant::now() + t))
+    }
+
+    /// The next slice to wait: [`SLICE`], or less when the deadline is closer.
+    pub(crate) fn slice(&self) -> Duration {
+        match self.0 {
+            None => SLICE,
+            Some(at) => SLICE.min(at.saturating_duration_since(Instant::now())),
+        }
+    }
+
+    /// Time left until the deadline; `None` for "never".
+    pub(crate) fn remaining(&self) -> Option<Duration> {
+        self.0
+            .map(|at| at.saturating_duration_since(Instant::now()))
+    }
+
+    pub(crate) fn passed(&self) -> bool {
+        self.0.is_some_and(|at| Instant::now() >= at)
+    }
+}
+
+/// Calls `step(slice)` with the GIL released until it returns `Some`, or the timeout passes
+/// (`Ok(None)`), checking for signals between slices.
+///
+/// # Errors
+/// Whatever a signal handler raises, usually `KeyboardInterrupt`.
+pub(crate) fn wait_interruptibly<T, F>(
+    py: Python<'_>,
+    timeout: Option<Duration>,
+    mut step: F,
+) -> PyResult<Option<T>>
+where
+    T: Send,
+    F: FnMut(Duration) -> Option<T> + Send,
+{
+    let deadline = Deadline::after(timeout);
+    loop {
+        let slice = deadline.slice();
+        if let Some(value) = py.allow_threads(|| step(slice)) {
+            return Ok(Some(value));
+        }
+        crate::fork::release_pending(py);
+        if deadline.passed() {
+            return Ok(None);
+        }
+        py.check_signals()?;
+    }
+}

@@ -1,0 +1,75 @@
+"""Shared helpers for the conveyor test suite."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable, Iterator, List
+
+import pytest
+
+import conveyor
+
+
+class Recorder:
+    """A sink that records what it was given, optionally slowly, failing on demand."""
+
+    def __init__(self, delay: float = 0.0, fail: Callable[[Any, int], bool] | None = None) -> None:
+        self.delay = delay
+        self.fail = fail
+        self.items: List[Any] = []
+        self.calls: List[Any] = []
+        self.attempts: dict = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, item: Any) -> Any:
+        with self.lock:
+            self.calls.append(item)
+            attempt = self.attempts.get(item, 0) + 1
+            self.attempts[item] = attempt
+        if self.delay:
+            time.sleep(self.delay)
+        if self.fail is not None and self.fail(item, attempt):
+            raise ValueError(f"sink failed on {item!r} (attempt {attempt})")
+        with self.lock:
+            self.items.append(item)
+        return ("ok", item)
+
+
+@pytest.fixture
+def make() -> Iterator[Callable[..., conveyor.Conveyor]]:
+    """Creates conveyors and closes them when the test ends, so none is left to the GC."""
+    made: List[conveyor.Conveyor] = []
+
+    def factory(sink: Callable[..., Any], **options: Any) -> conveyor.Conveyor:
+        c = conveyor.Conveyor(sink, **options)
+        made.append(c)
+        return c
+
+    yield factory
+    for c in made:
+        if not c.closed:
+            report = c.close(timeout=10)
+            assert report.left == 0, f"test left {report.left} item(s) in {c!r}"
+
+
+def interrupt_main_after(seconds: float) -> threading.Timer:
+    """Sends a real SIGINT to this process after `seconds`, as Ctrl-C would."""
+    timer = threading.Timer(seconds, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def run_python(code: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Runs `code` in a fresh interpreter with warnings shown (not turned into errors)."""
+    return subprocess.run(
+        [sys.executable, "-W", "default", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -1,0 +1,214 @@
+"""asyncio use: async with, asend, aflush, awaitable receipts, async def sinks, loop lag."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+import conveyor
+
+from conftest import Recorder
+
+
+def test_async_with_asend_and_aflush():
+    sink = Recorder(delay=0.01)
+
+    async def main():
+        async with conveyor.Conveyor(sink) as c:
+            receipts = [await c.asend(n) for n in range(10)]
+            assert await c.aflush(timeout=10) is True
+            assert sink.items == list(range(10))
+            values = [await r for r in receipts]
+            c.send(99)
+        return c, values
+
+    c, values = asyncio.run(main())
+    assert values == [("ok", n) for n in range(10)]
+    assert sink.items == list(range(10)) + [99]
+    assert c.closed
+
+
+def test_awaiting_a_failed_receipt_raises(make):
+    def sink(item):
+        raise ValueError("nope")
+
+    c = make(sink)
+
+    async def main():
+        with pytest.raises(conveyor.DeliveryFailed):
+            await c.send(1)
+
+    asyncio.run(main())
+
+
+def test_asend_waits_for_room_without_blocking_the_loop(make):
+    gate = threading.Event()
+    sink = Recorder()
+
+    def held(item):
+        gate.wait(30)
+        return sink(item)
+
+    c = make(held, capacity=1)
+
+    async def main():
+        await c.asend(0)
+        while c.stats.in_flight == 0:
+            await asyncio.sleep(0.001)
+        await c.asend(1)  # fills the queue
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+                if ticks == 5:
+                    gate.set()
+
+        t = asyncio.ensure_future(ticker())
+        await c.asend(2)  # must wait for room, while the ticker keeps running
+        t.cancel()
+        assert ticks >= 5
+        await c.aflush(timeout=10)
+
+    asyncio.run(main())
+    assert sink.items == [0, 1, 2]
+
+
+def test_cancelled_asend_does_not_send_later(make):
+    gate = threading.Event()
+    c = make(lambda x: gate.wait(30), capacity=1)
+
+    async def main():
+        await c.asend(0)
+        while c.stats.in_flight == 0:
+            await asyncio.sleep(0.001)
+        await c.asend(1)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(c.asend(2), timeout=0.1)
+
+    asyncio.run(main())
+    time.sleep(0.2)  # longer than the waiter's slice: a late send would have happened by now
+    gate.set()
+    assert c.flush(timeout=10)
+    assert c.stats.accepted == 2
+
+
+def test_event_loop_keeps_running_while_a_slow_sink_delivers(make):
+    # A blocking 200 ms sink must not stall the event loop that produces items: the loop's lag
+    # (how late a 10 ms sleep wakes up) stays far below one delivery.
+    sink = Recorder(delay=0.2)
+    c = make(sink)
+
+    async def main():
+        lags = []
+
+        async def monitor():
+            while True:
+                start = time.perf_counter()
+                await asyncio.sleep(0.01)
+                lags.append(time.perf_counter() - start - 0.01)
+
+        m = asyncio.ensure_future(monitor())
+        for n in range(5):
+            await c.asend(n)
+            await asyncio.sleep(0.05)
+        await c.aflush(timeout=30)
+        m.cancel()
+        return lags
+
+    lags = asyncio.run(main())
+    assert sink.items == list(range(5))
+    assert len(lags) > 20
+    assert max(lags) < 0.15, f"event loop stalled for {max(lags):.3f} s"
+
+
+def test_async_def_sink_runs_on_the_conveyors_loop_in_order(make):
+    seen = []
+    loops = set()
+
+    async def sink(item):
+        loops.add(id(asyncio.get_running_loop()))
+        await asyncio.sleep(0.001)
+        seen.append(item)
+        return item * 2
+
+    c = make(sink)
+    receipts = [c.send(n) for n in range(30)]
+    assert [r.result(timeout=30) for r in receipts] == [n * 2 for n in range(30)]
+    assert seen == list(range(30))
+    assert len(loops) == 1
+
+
+def test_async_sink_runs_concurrently_when_pipelined(make):
+    active = 0
+    peak = 0
+    started = []
+
+    async def sink(item):
+        nonlocal active, peak
+        started.append(item)
+        active += 1
+        peak = max(peak, active)
+        await asyncio.sleep(0.02)
+        active -= 1
+
+    c = make(sink, ordering="pipelined", in_flight=8)
+    start = time.perf_counter()
+    for n in range(40):
+        c.send(n)
+    assert c.flush(timeout=30)
+    assert sorted(started) == list(range(40))
+    assert all(abs(pos - n) < 3 * 8 for pos, n in enumerate(started)), started
+    assert 1 < peak <= 8
+    assert time.perf_counter() - start < 40 * 0.02  # faster than one at a time
+
+
+def test_async_sink_exceptions_are_retried_and_reported(make):
+    attempts = []
+
+    async def sink(item):
+        attempts.append(item)
+        if item == "bad":
+            raise conveyor.PermanentError("rejected")
+        if attempts.count(item) == 1:
+            raise ConnectionError("flaky")
+        return item
+
+    c = make(sink, retries=2, backoff=0.001)
+    ok = c.send("good")
+    bad = c.send("bad")
+    assert ok.result(timeout=10) == "good"
+    with pytest.raises(conveyor.DeliveryFailed) as info:
+        bad.result(timeout=10)
+    assert info.value.attempts == 1
+    assert attempts == ["good", "good", "bad"]
+
+
+def test_aclose_returns_the_report_and_keyed_asend(make):
+    seen = []
+    c = make(lambda item: seen.append(item), ordering="keyed", concurrency=2)
+
+    async def main():
+        for n in range(6):
+            await c.asend(n, key=f"k{n % 2}")
+        return await c.aclose(timeout=10)
+
+    report = asyncio.run(main())
+    assert report.drained and report.left == 0
+    assert report.stats.delivered == 6
+    assert [n for n in seen if n % 2 == 0] == [0, 2, 4]
+    assert [n for n in seen if n % 2 == 1] == [1, 3, 5]
+    with pytest.raises(conveyor.Closed):
+        c.send(7)
+
+
+def test_receipt_future_is_made_once(make):
+    c = make(lambda x: x)
+    r = c.send(1)
+    assert r.future() is r.future()
+    assert r.future().result(timeout=10) == 1

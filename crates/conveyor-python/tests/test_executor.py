@@ -1,0 +1,156 @@
+"""SerialExecutor passes the same checks as ThreadPoolExecutor(max_workers=1)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+
+import pytest
+
+import conveyor
+
+
+def thread_pool():
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1)
+
+
+@pytest.fixture(params=[thread_pool, conveyor.SerialExecutor], ids=["ThreadPoolExecutor(1)", "SerialExecutor"])
+def executor_factory(request):
+    return request.param
+
+
+def test_is_an_executor(executor_factory):
+    with executor_factory() as ex:
+        assert isinstance(ex, concurrent.futures.Executor)
+
+
+def test_submit_returns_futures_with_results(executor_factory):
+    with executor_factory() as ex:
+        futures = [ex.submit(pow, 2, n) for n in range(10)]
+        assert [f.result(timeout=10) for f in futures] == [2**n for n in range(10)]
+        assert all(isinstance(f, concurrent.futures.Future) for f in futures)
+
+
+def test_runs_calls_one_at_a_time_in_order(executor_factory):
+    order = []
+    active = []
+
+    def task(n):
+        active.append(n)
+        assert len(active) == 1
+        time.sleep(0.001)
+        order.append(n)
+        active.remove(n)
+
+    with executor_factory() as ex:
+        futures = [ex.submit(task, n) for n in range(50)]
+    assert order == list(range(50))
+    assert all(f.exception() is None for f in futures)
+
+
+def test_exceptions_go_to_the_future_and_later_calls_still_run(executor_factory):
+    def boom():
+        raise ValueError("boom")
+
+    with executor_factory() as ex:
+        bad = ex.submit(boom)
+        good = ex.submit(lambda: "fine")
+        with pytest.raises(ValueError, match="boom"):
+            bad.result(timeout=10)
+        assert good.result(timeout=10) == "fine"
+
+
+def test_kwargs_are_passed(executor_factory):
+    with executor_factory() as ex:
+        assert ex.submit(dict, a=1, b=2).result(timeout=10) == {"a": 1, "b": 2}
+
+
+def test_map_keeps_order(executor_factory):
+    with executor_factory() as ex:
+        assert list(ex.map(lambda x, y: x * y, range(20), range(20), timeout=10)) == [n * n for n in range(20)]
+
+
+def test_shutdown_wait_runs_everything(executor_factory):
+    done = []
+    ex = executor_factory()
+    for n in range(20):
+        ex.submit(lambda n=n: (time.sleep(0.001), done.append(n)))
+    ex.shutdown(wait=True)
+    assert done == list(range(20))
+
+
+def test_submit_after_shutdown_raises_runtime_error(executor_factory):
+    ex = executor_factory()
+    ex.shutdown()
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        ex.submit(print)
+
+
+def test_shutdown_cancel_futures_cancels_pending_calls(executor_factory):
+    gate = threading.Event()
+    ex = executor_factory()
+    first = ex.submit(gate.wait, 10)
+    time.sleep(0.05)  # let the first call start
+    pending = [ex.submit(lambda: None) for _ in range(5)]
+    ex.shutdown(wait=False, cancel_futures=True)
+    assert all(f.cancelled() for f in pending)
+    gate.set()
+    assert first.result(timeout=10) is True
+    ex.shutdown(wait=True)
+
+
+def test_cancel_a_queued_future(executor_factory):
+    gate = threading.Event()
+    ran = []
+    with executor_factory() as ex:
+        ex.submit(gate.wait, 10)
+        queued = ex.submit(ran.append, "should not run")
+        assert queued.cancel()
+        gate.set()
+    assert ran == []
+    assert queued.cancelled()
+
+
+def test_as_completed_and_wait_accept_its_futures(executor_factory):
+    with executor_factory() as ex:
+        futures = [ex.submit(lambda n=n: n) for n in range(5)]
+        assert sorted(f.result() for f in concurrent.futures.as_completed(futures, timeout=10)) == list(range(5))
+
+
+def test_serial_executor_capacity_bounds_the_queue():
+    gate = threading.Event()
+    ex = conveyor.SerialExecutor(capacity=2)
+    ex.submit(gate.wait, 10)
+    time.sleep(0.05)
+    ex.submit(lambda: None)
+    ex.submit(lambda: None)
+    blocked = threading.Event()
+    finished = threading.Event()
+
+    def fourth():
+        blocked.set()
+        ex.submit(lambda: None)  # waits for room: the queue holds 2
+        finished.set()
+
+    t = threading.Thread(target=fourth)
+    t.start()
+    assert blocked.wait(10)
+    assert not finished.wait(0.2)
+    gate.set()
+    assert finished.wait(10)
+    t.join()
+    ex.shutdown()
+
+
+def test_serial_executor_task_submitting_to_its_full_executor_gets_queue_full():
+    ex = conveyor.SerialExecutor(capacity=1)
+
+    def task():
+        ex.submit(lambda: None)  # fills the queue
+        with pytest.raises(conveyor.QueueFull):
+            ex.submit(lambda: None)  # would wait for this very task to finish
+        return "ok"
+
+    assert ex.submit(task).result(timeout=10) == "ok"
+    ex.shutdown()

@@ -1,0 +1,196 @@
+"""Interpreter exit drains within a bounded deadline and reports leftovers; fork is safe."""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+import conveyor
+
+from conftest import Recorder, run_python
+
+
+def test_exit_right_after_sending_delivers_everything():
+    proc = run_python(
+        textwrap.dedent(
+            """
+            import time, conveyor
+            def send_to_space(item):
+                time.sleep(0.05)
+                print("sent", item, flush=True)
+            c = conveyor.Conveyor(send_to_space)
+            for n in range(3):
+                c.send(n)
+            print("loop done", flush=True)
+            """
+        )
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["loop done", "sent 0", "sent 1", "sent 2"]
+    assert "Warning" not in proc.stderr, proc.stderr
+
+
+def test_exit_with_a_stuck_sink_is_bounded_and_reports_the_count():
+    start = time.monotonic()
+    proc = run_python(
+        textwrap.dedent(
+            """
+            import time, conveyor
+            def stuck(item):
+                time.sleep(3600)
+            c = conveyor.Conveyor(stuck, drain_timeout=0.5, name="events")
+            for n in range(5):
+                c.send(n)
+            print("exiting", flush=True)
+            """
+        )
+    )
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "exiting"
+    assert "RuntimeWarning" in proc.stderr, proc.stderr
+    assert "left 5 item(s) undelivered" in proc.stderr, proc.stderr
+    assert '"events"' in proc.stderr
+    assert elapsed < 20, elapsed
+
+
+def test_exit_after_asyncio_run_delivers_from_an_async_sink():
+    proc = run_python(
+        textwrap.dedent(
+            """
+            import asyncio, conveyor
+            async def send(item):
+                await asyncio.sleep(0.01)
+                print("sent", item, flush=True)
+            c = conveyor.Conveyor(send)
+            async def main():
+                for n in range(3):
+                    await c.asend(n)
+            asyncio.run(main())
+            """
+        )
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["sent 0", "sent 1", "sent 2"]
+    assert proc.stderr == ""
+
+
+def test_garbage_collected_conveyor_drains_first():
+    proc = run_python(
+        textwrap.dedent(
+            """
+            import conveyor, gc
+            out = []
+            c = conveyor.Conveyor(out.append)
+            for n in range(100):
+                c.send(n)
+            del c
+            gc.collect()
+            assert out == list(range(100)), out
+            print("ok")
+            """
+        )
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
+    assert proc.stderr == ""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX-only")
+def test_inherited_conveyor_raises_closed_in_the_child_and_a_new_one_works(make):
+    parent_sink = Recorder()
+    c = make(parent_sink)
+    r = c.send("before fork")
+    r.result(timeout=10)
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: report through the pipe, never return into pytest
+        code = 1
+        try:
+            lines = []
+            try:
+                c.send("from child")
+                lines.append("send: no error")
+            except conveyor.Closed as exc:
+                lines.append("send: Closed " + ("fork" in str(exc)) * "mentions fork")
+            try:
+                c.flush(timeout=1)
+                lines.append("flush: no error")
+            except conveyor.Closed:
+                lines.append("flush: Closed")
+            try:
+                r.result(timeout=1)
+                lines.append("receipt: no error")
+            except conveyor.Closed:
+                lines.append("receipt: Closed")
+            lines.append("repr: " + ("unusable" in repr(c)) * "unusable")
+            got = []
+            fresh = conveyor.Conveyor(got.append)
+            fresh.send("child item")
+            fresh.close(timeout=10)
+            lines.append(f"fresh: {got}")
+            os.write(write_fd, "\n".join(lines).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd) as pipe:
+        report = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 if sys.version_info >= (3, 9) else True
+    assert report.splitlines() == [
+        "send: Closed mentions fork",
+        "flush: Closed",
+        "receipt: Closed",
+        "repr: unusable",
+        "fresh: ['child item']",
+    ]
+    # The parent's conveyor is unaffected.
+    c.send("after fork").result(timeout=10)
+    assert parent_sink.items == ["before fork", "after fork"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX-only")
+def test_fork_while_delivering_never_hangs_the_child(make):
+    # Delivery threads release Python references all the time; a fork in the middle of that
+    # must not leave the child with a lock nobody will release.
+    c = make(lambda item: None, capacity=100_000)
+    stop = threading.Event()
+
+    def produce():
+        while not stop.is_set():
+            c.send(object())
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    try:
+        for _ in range(30):
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    fresh = conveyor.Conveyor(lambda item: None)
+                    fresh.send(1).result(timeout=10)
+                    fresh.close(timeout=10)
+                    code = 0
+                finally:
+                    os._exit(code)
+            deadline = time.monotonic() + 20
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    assert os.waitstatus_to_exitcode(status) == 0
+                    break
+                if time.monotonic() > deadline:
+                    os.kill(pid, 9)
+                    os.waitpid(pid, 0)
+                    pytest.fail("a child forked during delivery hung")
+                time.sleep(0.005)
+    finally:
+        stop.set()
+        producer.join()

@@ -1,0 +1,105 @@
+"""Conveyor.http: the engine's HTTP sink, against a local server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Iterator, List, Tuple
+
+import pytest
+
+import conveyor
+
+
+class Server:
+    """Records request bodies; answers with the next scripted status (200 when none is left)."""
+
+    def __init__(self) -> None:
+        self.bodies: List[bytes] = []
+        self.authorization: List[object] = []
+        self.script: List[Tuple[int, dict]] = []
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with server.lock:
+                    status, extra = server.script.pop(0) if server.script else (200, {})
+                    if status == 200:
+                        server.bodies.append(body)
+                    server.authorization.append(self.headers.get("Authorization"))
+                reply = json.dumps({"got": len(body)}).encode()
+                self.send_response(status)
+                for name, value in extra.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/events"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    s = Server()
+    yield s
+    s.close()
+
+
+def test_items_are_posted_in_order_as_bodies(server):
+    with conveyor.Conveyor.http(server.url, headers={"Authorization": "Bearer s3cret"}) as c:
+        receipts = [c.send(b"raw"), c.send("text \u00e9"), c.send({"n": 1}), c.send([1, 2])]
+        replies = [r.result(timeout=10) for r in receipts]
+    assert server.bodies == [b"raw", "text \u00e9".encode(), b'{"n": 1}', b"[1, 2]"]
+    assert all(isinstance(r, conveyor.HttpReply) and r.status == 200 for r in replies)
+    assert replies[0].json() == {"got": 3}
+    assert replies[0].text() == '{"got": 3}'
+    assert server.authorization == ["Bearer s3cret"] * 4
+
+
+def test_server_errors_are_retried_in_order(server):
+    server.script = [(503, {}), (429, {"Retry-After": "0"}), (200, {})]
+    with conveyor.Conveyor.http(server.url, retries=3, backoff=0.01) as c:
+        first = c.send("first")
+        second = c.send("second")
+        assert first.result(timeout=10).status == 200
+        assert second.result(timeout=10).status == 200
+    assert server.bodies == [b"first", b"second"]
+    assert c.stats.retried == 2
+
+
+def test_client_errors_fail_at_once(server):
+    server.script = [(400, {})]
+    with conveyor.Conveyor.http(server.url, retries=5, backoff=0.01) as c:
+        bad = c.send("bad")
+        good = c.send("good")
+        with pytest.raises(conveyor.DeliveryFailed) as info:
+            bad.result(timeout=10)
+        assert good.result(timeout=10).status == 200
+    assert info.value.attempts == 1
+    assert "400" in str(info.value)
+    assert server.bodies == [b"good"]
+
+
+def test_unserialisable_items_are_refused_at_send(server):
+    with conveyor.Conveyor.http(server.url) as c:
+        with pytest.raises(ValueError, match="JSON"):
+            c.send(object())
+    assert c.stats.accepted == 0
+
+
+def test_bad_url_is_a_clear_error():
+    with pytest.raises(ValueError, match="not-a-url"):
+        conveyor.Conveyor.http("not-a-url")

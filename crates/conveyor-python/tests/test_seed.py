@@ -1,0 +1,50 @@
+"""The seed scenario from the project vision: a loop over a slow, blocking send_to_space."""
+
+from __future__ import annotations
+
+import time
+
+import conveyor
+
+from conftest import Recorder
+
+
+def test_three_items_arrive_in_order_while_the_loop_runs_on(make):
+    send_to_space = Recorder(delay=0.05)
+    items = [{"sub_item": n} for n in range(3)]
+    c = make(send_to_space)
+
+    start = time.perf_counter()
+    for item in items:
+        c.send(item["sub_item"])
+    loop_time = time.perf_counter() - start
+    assert c.flush(timeout=10)
+    total = time.perf_counter() - start
+
+    assert send_to_space.items == [0, 1, 2]
+    # The loop does not wait for a single 50 ms send (it takes microseconds; see BENCHMARKS.md).
+    assert loop_time < 0.05, loop_time
+    # Strictly one after another: three sends cannot take less than 3 x 50 ms.
+    assert total >= 0.15, total
+    assert total < 5.0, total
+
+
+def test_send_never_waits_for_a_slow_sink(make):
+    sink = Recorder(delay=0.3)
+    c = make(sink)
+    start = time.perf_counter()
+    receipts = [c.send(n) for n in range(20)]
+    elapsed = time.perf_counter() - start
+    assert elapsed < 0.3, f"20 sends took {elapsed:.3f} s: send waited for the sink"
+    assert not receipts[-1].done()
+    c.close(timeout=30)
+
+
+def test_with_block_drains_on_exit():
+    sink = Recorder(delay=0.01)
+    with conveyor.Conveyor(sink) as c:
+        for n in range(10):
+            c.send(n)
+    assert sink.items == list(range(10))
+    assert c.closed
+    assert c.stats.delivered == 10
