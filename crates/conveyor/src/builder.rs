@@ -35,9 +35,11 @@ pub enum Ordering {
     /// time. The default.
     #[default]
     Strict,
-    /// Calls start in submission order, with at most `in_flight` at once. Later
-    /// calls may finish before earlier ones; a retried or paused item can therefore
-    /// be passed by items that were already in flight.
+    /// Items are handed to the sink in submission order, with at most `in_flight`
+    /// calls at once. Each call runs on its own worker, so two calls handed out a
+    /// moment apart may begin in either order (item n+`in_flight` never begins before
+    /// item n was handed out); later calls may finish before earlier ones, and a retried
+    /// or paused item can be passed by items that were already in flight.
     Pipelined {
         /// The most calls in progress at once (at least 1).
         in_flight: usize,
