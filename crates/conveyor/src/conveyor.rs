@@ -10,7 +10,7 @@ use crate::builder::{Backpressure, Builder, Config};
 use crate::durable::{Durable, JournalSettings, Op};
 use crate::error::{BuildError, DeliveryError, SendError};
 use crate::journal::{DeadLetter, Journal, JournalError, Record, Settlement as Settled};
-use crate::queue::{Room, State};
+use crate::queue::{Room, State, Waiters};
 use crate::receipt::{Node, Receipt};
 use crate::retry::random_u64;
 use crate::stats::{CloseReport, Stats};
@@ -120,6 +120,32 @@ impl<T, R> Shared<T, R> {
         if st.waiters.flushers > 0 && st.shutdown_ready() {
             self.settled.notify_all();
             self.settled_async.notify_waiters();
+        }
+    }
+}
+
+/// A task registered in one of the `Waiters` counts while it awaits; if the future is
+/// dropped (cancelled) there, the registration is undone so no wake-up is spent on it.
+struct AsyncWaiter<'a, T, R> {
+    shared: &'a Shared<T, R>,
+    count: fn(&mut Waiters) -> &mut usize,
+    registered: bool,
+}
+
+impl<'a, T, R> AsyncWaiter<'a, T, R> {
+    fn new(shared: &'a Shared<T, R>, count: fn(&mut Waiters) -> &mut usize) -> Self {
+        Self {
+            shared,
+            count,
+            registered: false,
+        }
+    }
+}
+
+impl<T, R> Drop for AsyncWaiter<'_, T, R> {
+    fn drop(&mut self) {
+        if self.registered {
+            *(self.count)(&mut self.shared.lock().waiters) -= 1;
         }
     }
 }
@@ -530,11 +556,13 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     ) -> Result<Receipt<R>, SendError<T>> {
         let (item, mut payload) = self.journal_payload(item)?;
         let mut node = Arc::new(Node::new(key, item));
-        let mut was_waiting = false;
+        let mut waiter = AsyncWaiter::new(&self.shared, |w| &mut w.async_senders);
         loop {
             let notified = self.shared.space_async.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            // `submit` itself undoes a registration from the previous round.
+            let was_waiting = std::mem::take(&mut waiter.registered);
             match self.submit(node, &mut payload, Wait::Task, was_waiting) {
                 Ok(receipt) => {
                     self.wait_durable(&receipt);
@@ -543,7 +571,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
                 Err(Refused::Send(e)) => return Err(give_back(e)),
                 Err(Refused::MustWait(back)) => {
                     node = back;
-                    was_waiting = true;
+                    waiter.registered = true;
                     notified.await;
                 }
             }
@@ -645,21 +673,25 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// Awaits what [`Conveyor::flush`] waits for, without blocking the runtime.
     pub async fn flush_async(&self) {
         let shared = &*self.shared;
+        let mut waiter = AsyncWaiter::new(shared, |w| &mut w.flushers);
         loop {
             let notified = shared.settled_async.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             {
                 let mut st = shared.lock();
+                if std::mem::take(&mut waiter.registered) {
+                    st.waiters.flushers -= 1;
+                }
                 if st.quiescent() || st.stalled() {
                     drop(st);
                     self.sync_journal(None);
                     return;
                 }
                 st.waiters.flushers += 1;
+                waiter.registered = true;
             }
             notified.await;
-            shared.lock().waiters.flushers -= 1;
         }
     }
 
@@ -1106,5 +1138,35 @@ impl<T: Send + Sync + 'static, R: Send + 'static> fmt::Debug for Conveyor<T, R> 
             .field("config", &self.shared.config)
             .field("stats", &self.stats())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cancelled_async_waiters_unregister() {
+        let (release, gate) = mpsc::channel::<()>();
+        let gate = Mutex::new(gate);
+        let c: Conveyor<u32> = Conveyor::builder()
+            .capacity(1)
+            .build(move |_d| {
+                let _ = gate.lock().unwrap().recv();
+                Ok(())
+            })
+            .unwrap();
+        c.send_async(0).await.unwrap(); // in flight, stalls
+        while c.stats().in_flight == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        c.send_async(1).await.unwrap(); // fills the queue
+        let short = Duration::from_millis(20);
+        assert!(tokio::time::timeout(short, c.send_async(2)).await.is_err());
+        assert!(tokio::time::timeout(short, c.flush_async()).await.is_err());
+        let w = &c.shared.lock().waiters;
+        assert_eq!((w.async_senders, w.flushers), (0, 0));
+        drop(release);
     }
 }
