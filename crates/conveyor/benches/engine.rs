@@ -11,6 +11,16 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 
 use conveyor::{Conveyor, Delivery, Ordering};
 
+/// The ordering modes compared against the channel baselines.
+const MODES: [(&str, Ordering); 3] = [
+    ("conveyor_strict", Ordering::Strict),
+    (
+        "conveyor_pipelined_16",
+        Ordering::Pipelined { in_flight: 16 },
+    ),
+    ("conveyor_keyed_16", Ordering::Keyed { concurrency: 16 }),
+];
+
 /// Large enough that the producer never waits for room within one measured batch.
 const CAPACITY: usize = 1 << 20;
 
@@ -122,14 +132,7 @@ fn timed_sends(iters: u64, mut send: impl FnMut(u64), mut drain: impl FnMut()) -
 fn send_cost(c: &mut Criterion) {
     let mut g = c.benchmark_group("send_cost");
     g.throughput(Throughput::Elements(1));
-    for (name, ordering) in [
-        ("conveyor_strict", Ordering::Strict),
-        (
-            "conveyor_pipelined_16",
-            Ordering::Pipelined { in_flight: 16 },
-        ),
-        ("conveyor_keyed_16", Ordering::Keyed { concurrency: 16 }),
-    ] {
+    for (name, ordering) in MODES {
         let conveyor = conveyor_with(ordering, None);
         g.bench_function(name, |b| {
             b.iter_custom(|iters| {
@@ -181,14 +184,7 @@ fn end_to_end(c: &mut Criterion) {
     let mut g = c.benchmark_group("end_to_end_100k");
     g.throughput(Throughput::Elements(N));
     g.sample_size(10);
-    for (name, ordering) in [
-        ("conveyor_strict", Ordering::Strict),
-        (
-            "conveyor_pipelined_16",
-            Ordering::Pipelined { in_flight: 16 },
-        ),
-        ("conveyor_keyed_16", Ordering::Keyed { concurrency: 16 }),
-    ] {
+    for (name, ordering) in MODES {
         let conveyor = conveyor_with(ordering, None);
         g.bench_function(name, |b| {
             b.iter(|| {
