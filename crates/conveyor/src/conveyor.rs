@@ -9,6 +9,7 @@ use tokio::sync::Notify;
 use crate::builder::{Backpressure, Builder, Config};
 use crate::durable::{Durable, JournalSettings, Op};
 use crate::error::{BuildError, DeliveryError, SendError};
+use crate::intake::{CachePadded, Intake, Wake};
 use crate::journal::{DeadLetter, Journal, JournalError, Record, Settlement as Settled};
 use crate::queue::{Room, State, Waiters};
 use crate::receipt::{Node, Receipt};
@@ -19,11 +20,15 @@ use crate::worker::{async_worker, thread_worker, Sink};
 /// State shared by the handle and its workers.
 ///
 /// One mutex guards all scheduling state: every operation touches the lanes and the
-/// counters together, and one lock keeps `stats()` an exact snapshot. Each kind of
-/// waiting has a condvar for threads and a `Notify` for tasks; the `Waiters` counts
-/// in the state let a change skip the wake-up syscall when nobody waits.
+/// counters together, and one lock keeps `stats()` an exact snapshot. Sends that need no
+/// scheduling decision only append to the intake, under a lock of its own (see
+/// `intake.rs`); whoever needs the exact state moves the intake into the lanes first.
+/// Each kind of waiting has a condvar for threads and a `Notify` for tasks; the waiter
+/// counts let a change skip the wake-up syscall when nobody waits.
 pub(crate) struct Shared<T, R> {
     state: Mutex<State<T, R>>,
+    /// On cache lines of its own: producers write it on every send.
+    intake: CachePadded<Mutex<Intake<T, R>>>,
     /// Idle worker threads wait here for items.
     pub(crate) work: Condvar,
     /// Idle worker tasks wait here for items.
@@ -47,6 +52,89 @@ impl<T, R> Shared<T, R> {
         // State transitions never call user code under the lock, so a panic cannot
         // leave it half-updated; recover the guard instead of cascading the panic.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The intake; take it after the state lock, never before (see `intake.rs`).
+    pub(crate) fn intake(&self) -> MutexGuard<'_, Intake<T, R>> {
+        self.intake.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Moves what sends left in the intake into the lanes, in seq order, so that `st` is
+    /// exact. Returns whether it moved anything.
+    pub(crate) fn drain(&self, st: &mut State<T, R>) -> bool {
+        let mut batch = std::mem::take(&mut st.drained);
+        // The intake counts the batch as queued before it is released, and the state lock
+        // keeps every other accept out until the batch is in its lanes.
+        self.intake().take(&mut batch, st.queued());
+        self.enqueue_drained(st, batch)
+    }
+
+    /// [`Shared::drain`] for a caller that holds the intake lock already.
+    fn drain_locked(&self, st: &mut State<T, R>, ik: &mut Intake<T, R>) -> bool {
+        let mut batch = std::mem::take(&mut st.drained);
+        ik.take(&mut batch, st.queued());
+        self.enqueue_drained(st, batch)
+    }
+
+    fn enqueue_drained(&self, st: &mut State<T, R>, mut batch: Vec<Arc<Node<T, R>>>) -> bool {
+        let moved = !batch.is_empty();
+        let attempt_limit = self.config.retry.attempts();
+        for node in batch.drain(..) {
+            st.accept(node, attempt_limit);
+        }
+        // Kept for the next drain: the intake and this buffer trade allocations.
+        st.drained = batch;
+        moved
+    }
+
+    /// Whether `flush` is done: the intake drained, every item settled but those held in
+    /// paused lanes, and every receipt told.
+    fn all_settled(&self, st: &mut State<T, R>) -> bool {
+        self.drain(st);
+        st.quiescent()
+    }
+
+    /// Registers the calling worker as idle before it waits (under the state lock), unless
+    /// the intake has items for it. Returns whether it registered.
+    pub(crate) fn register_idle(&self, thread: bool) -> bool {
+        let mut ik = self.intake();
+        if !ik.is_empty() {
+            return false;
+        }
+        if thread {
+            ik.idle_threads += 1;
+        } else {
+            ik.idle_tasks += 1;
+        }
+        true
+    }
+
+    /// Undoes [`Shared::register_idle`] once the worker runs again.
+    pub(crate) fn unregister_idle(&self, thread: bool) {
+        let mut ik = self.intake();
+        // Spurious wake-ups make `woken` an estimate; an extra notify is harmless.
+        if thread {
+            ik.idle_threads -= 1;
+            ik.woken_threads = ik.woken_threads.saturating_sub(1);
+        } else {
+            ik.idle_tasks -= 1;
+            ik.woken_tasks = ik.woken_tasks.saturating_sub(1);
+        }
+    }
+
+    /// Wakes the workers a fast-path send asked for, after it released the intake lock.
+    fn wake_after_send(&self, wake: Wake) {
+        if wake.thread {
+            // An idle thread registered itself and waits on `work` under the state lock:
+            // taking that lock here means it is already waiting, so the notify is not lost.
+            let _st = self.lock();
+            self.work.notify_one();
+        }
+        if wake.task {
+            // A task enables its `Notified` before it registers, and a `Notify` keeps one
+            // permit: no lock needed.
+            self.work_async.notify_one();
+        }
     }
 
     pub(crate) fn wait<'a>(
@@ -78,18 +166,15 @@ impl<T, R> Shared<T, R> {
         }
     }
 
-    /// Wakes an idle worker for new work, unless enough workers were already woken
-    /// for what is queued: an awake worker takes every runnable item before it
-    /// sleeps again, so a burst of sends costs one wake-up, not one per item.
-    fn wake_worker(&self, st: &mut State<T, R>) {
-        let runnable = st.runnable();
-        let w = &mut st.waiters;
-        if w.idle_threads > w.woken_threads && runnable > w.woken_threads as u64 {
-            w.woken_threads += 1;
+    /// Wakes an idle worker for new work (the caller holds the state lock), unless enough
+    /// workers were already woken for what is queued: an awake worker takes every runnable
+    /// item before it sleeps again, so a burst of sends costs one wake-up, not one per item.
+    fn wake_worker(&self, st: &State<T, R>, ik: &mut Intake<T, R>) {
+        let wake = ik.wake_for(st.runnable());
+        if wake.thread {
             self.work.notify_one();
         }
-        if w.idle_tasks > w.woken_tasks && runnable > w.woken_tasks as u64 {
-            w.woken_tasks += 1;
+        if wake.task {
             self.work_async.notify_one();
         }
     }
@@ -245,14 +330,16 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             config.capacity,
             config.on_failure,
             config.rate_limit,
-            first_seq,
         );
         for lane in &paused {
             state.restore_pause(lane);
         }
         state.seq_limit = opened.as_ref().map(|d| d.seq_limit.clone());
+        // A journal's appends are queued under the state lock in seq order: no fast path.
+        let intake = Intake::new(first_seq, config.capacity, opened.is_none());
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
+            intake: CachePadded(Mutex::new(intake)),
             work: Condvar::new(),
             work_async: Notify::new(),
             space: Condvar::new(),
@@ -332,27 +419,47 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// registered itself as waiting on its previous try.
     fn submit(
         &self,
-        node: Arc<Node<T, R>>,
+        mut node: Arc<Node<T, R>>,
         payload: &mut Option<Vec<u8>>,
         wait: Wait,
         was_waiting: bool,
     ) -> Result<Receipt<R>, Refused<T, R>> {
         let shared = &*self.shared;
+        if !was_waiting {
+            let receipt = Receipt::new(node.clone());
+            // Bound first: the intake guard must be gone before `wake_after_send` locks the state.
+            let pushed = shared.intake().try_push(node);
+            match pushed {
+                Ok(wake) => {
+                    shared.wake_after_send(wake);
+                    return Ok(receipt);
+                }
+                Err(back) => {
+                    drop(receipt); // a refused node goes back to the caller unshared
+                    node = back;
+                }
+            }
+        }
         let mut st = shared.lock();
         if was_waiting {
             st.waiters.async_senders -= 1;
         }
         let mut evicted = None;
-        loop {
+        // The intake stays locked from its drain to this item's accept, so no item sent
+        // meanwhile by the fast path can get a lower seq and land behind it.
+        let mut ik = loop {
             if st.closed {
                 return Err(Refused::Send(SendError::Closed(node)));
             }
-            let room = st.room();
+            let mut ik = shared.intake();
+            shared.drain_locked(&mut st, &mut ik);
+            let room = st.room(ik.next_seq());
             if room == Room::Free {
-                break;
+                break ik;
             }
             match (shared.config.backpressure, wait) {
                 (Backpressure::Block, Wait::Thread) | (_, Wait::ThreadAlways) => {
+                    drop(ik);
                     st.waiters.blocked_senders += 1;
                     st = shared.wait(&shared.space, st);
                     st.waiters.blocked_senders -= 1;
@@ -369,15 +476,16 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
                     // the eviction is always journaled and its receipt always settled.
                     evicted = st.drop_oldest();
                     if evicted.is_some() {
-                        break;
+                        break ik;
                     }
-                    return Ok(self.accept_dropped(st, node));
+                    return Ok(self.accept_dropped(st, ik, node));
                 }
                 (Backpressure::DropNewest | Backpressure::DropOldest, _) => {
-                    return Ok(self.accept_dropped(st, node));
+                    return Ok(self.accept_dropped(st, ik, node));
                 }
             }
-        }
+        };
+        ik.number(&node);
         let receipt = Receipt::new(node.clone());
         // Journal ops are queued under the lock, so the writer sees appends in seq order and
         // before any settlement of the same item.
@@ -386,8 +494,10 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             .as_ref()
             .map(|_| (node.key().cloned(), st.lane_id(node.key())));
         if st.accept(node, self.attempt_limit()) {
-            shared.wake_worker(&mut st);
+            shared.wake_worker(&st, &mut ik);
         }
+        ik.set_lanes_queued(st.queued());
+        drop(ik);
         if let (Some((durable, payload)), Some((key, lane))) = (journal, record) {
             durable.push(Op::Append(Record {
                 seq: receipt.seq(),
@@ -409,9 +519,12 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     fn accept_dropped(
         &self,
         mut st: MutexGuard<'_, State<T, R>>,
+        mut ik: MutexGuard<'_, Intake<T, R>>,
         node: Arc<Node<T, R>>,
     ) -> Receipt<R> {
-        st.accept_dropped(&node);
+        ik.number(&node);
+        drop(ik);
+        st.accept_dropped();
         if let Some(durable) = &self.shared.durable {
             durable.used_without_append(node.seq());
         }
@@ -623,7 +736,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             let mut st = shared.lock();
             st.waiters.flushers += 1;
             let mut timed_out = false;
-            while !st.quiescent() && !st.stalled() && !timed_out {
+            while !shared.all_settled(&mut st) && !st.stalled() && !timed_out {
                 (st, timed_out) = shared.wait_until(&shared.settled, st, deadline);
             }
             st.waiters.flushers -= 1;
@@ -683,7 +796,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
                 if std::mem::take(&mut waiter.registered) {
                     st.waiters.flushers -= 1;
                 }
-                if st.quiescent() || st.stalled() {
+                if shared.all_settled(&mut st) || st.stalled() {
                     drop(st);
                     self.sync_journal(None);
                     return;
@@ -750,6 +863,13 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             let shared = &*self.shared;
             let mut st = shared.lock();
             st.closed = true;
+            {
+                // Every later send takes the state lock and sees `closed`; what was sent
+                // before joins the lanes, to be drained or reported like the rest.
+                let mut ik = shared.intake();
+                ik.shut();
+                shared.drain_locked(&mut st, &mut ik);
+            }
             if !drain {
                 st.stopping = true;
             }
@@ -866,7 +986,9 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
 
     /// A consistent snapshot of the counters.
     pub fn stats(&self) -> Stats {
-        self.shared.lock().stats()
+        let mut st = self.shared.lock();
+        self.shared.drain(&mut st);
+        st.stats()
     }
 
     fn durable(&self) -> Result<&Durable<T>, JournalError> {
@@ -1067,8 +1189,8 @@ fn start_replay<T: Send + Sync + 'static, R: Send + 'static>(
                     if st.abandoned {
                         break 'pages;
                     }
-                    if st.accept_replayed(node, attempt_limit) {
-                        shared.wake_worker(&mut st);
+                    if st.accept(node, attempt_limit) {
+                        shared.wake_worker(&st, &mut shared.intake());
                     }
                 }
                 page = match durable.with_journal(|j| j.pending_after(last, PAGE)) {

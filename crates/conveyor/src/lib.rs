@@ -51,6 +51,7 @@ mod durable;
 mod error;
 #[cfg(feature = "http")]
 mod http;
+mod intake;
 mod journal;
 mod queue;
 mod receipt;

@@ -99,13 +99,9 @@ struct Counters {
 
 /// Who is waiting for what, so that a state change only pays for a wake-up (a
 /// syscall) when somebody is actually waiting.
+/// (Idle workers are counted in the intake, where sends look for them.)
 #[derive(Debug, Default)]
 pub(crate) struct Waiters {
-    pub(crate) idle_threads: usize,
-    pub(crate) idle_tasks: usize,
-    /// Idle workers notified that have not run yet.
-    pub(crate) woken_threads: usize,
-    pub(crate) woken_tasks: usize,
     pub(crate) blocked_senders: usize,
     pub(crate) async_senders: usize,
     pub(crate) flushers: usize,
@@ -128,7 +124,6 @@ pub(crate) struct State<T, R> {
     in_flight_nodes: Vec<Option<Arc<Node<T, R>>>>,
     limiter: Option<RateLimiter>,
     counters: Counters,
-    next_seq: u64,
     pub(crate) waiters: Waiters,
     /// No more items are accepted; workers exit once nothing is runnable.
     pub(crate) closed: bool,
@@ -145,6 +140,8 @@ pub(crate) struct State<T, R> {
     /// With a journal: the highest seq reserved in it (see `Durable::seq_limit`); accepting
     /// beyond it waits as if the queue were full.
     pub(crate) seq_limit: Option<Arc<AtomicU64>>,
+    /// The buffer `Shared::drain` moves the intake's items through, kept between drains.
+    pub(crate) drained: Vec<Arc<Node<T, R>>>,
 }
 
 impl<T, R> State<T, R> {
@@ -153,7 +150,6 @@ impl<T, R> State<T, R> {
         capacity: usize,
         on_failure: OnFailure,
         rate_limit: Option<u32>,
-        first_seq: u64,
     ) -> Self {
         let workers = ordering.workers();
         Self {
@@ -167,7 +163,6 @@ impl<T, R> State<T, R> {
             in_flight_nodes: (0..workers).map(|_| None).collect(),
             limiter: rate_limit.map(RateLimiter::per_second),
             counters: Counters::default(),
-            next_seq: first_seq,
             waiters: Waiters::default(),
             closed: false,
             stopping: false,
@@ -176,15 +171,17 @@ impl<T, R> State<T, R> {
             settling: 0,
             replaying: false,
             seq_limit: None,
+            drained: Vec::new(),
         }
     }
 
-    /// Whether a new item can be accepted now, and if not, why.
-    pub(crate) fn room(&self) -> Room {
+    /// Whether a new item, which would get seq `next_seq`, can be accepted now, and if
+    /// not, why.
+    pub(crate) fn room(&self, next_seq: u64) -> Room {
         let reservation_used_up = self
             .seq_limit
             .as_ref()
-            .is_some_and(|limit| self.next_seq > limit.load(AtomicOrdering::Acquire));
+            .is_some_and(|limit| next_seq > limit.load(AtomicOrdering::Acquire));
         if self.replaying || reservation_used_up {
             Room::Later
         } else if self.counters.queued >= self.capacity {
@@ -252,20 +249,14 @@ impl<T, R> State<T, R> {
         }
     }
 
-    fn assign_seq(&mut self, node: &Node<T, R>) {
-        node.set_seq(self.next_seq);
-        self.next_seq += 1;
-        self.counters.accepted += 1;
+    /// Items in the lanes (the fast path's capacity check keeps a copy, see `Intake`).
+    pub(crate) fn queued(&self) -> u64 {
+        self.counters.queued
     }
 
-    /// Accepts an item into its lane. Returns whether a worker may now have work.
+    /// Accepts an item, numbered already (by the intake, or by the journal for a replayed
+    /// one), into its lane. Returns whether a worker may now have work.
     pub(crate) fn accept(&mut self, node: Arc<Node<T, R>>, attempt_limit: u32) -> bool {
-        self.assign_seq(&node);
-        self.enqueue(node, attempt_limit)
-    }
-
-    /// Accepts an item replayed from the journal, which keeps the seq it was first given.
-    pub(crate) fn accept_replayed(&mut self, node: Arc<Node<T, R>>, attempt_limit: u32) -> bool {
         self.counters.accepted += 1;
         self.enqueue(node, attempt_limit)
     }
@@ -327,10 +318,10 @@ impl<T, R> State<T, R> {
         false
     }
 
-    /// Accepts an item and settles it as dropped at once (the drop policies): it gets
+    /// Counts a numbered item as accepted and dropped at once (the drop policies): it has
     /// a sequence number and a receipt like any other item, so the loss is visible.
-    pub(crate) fn accept_dropped(&mut self, node: &Node<T, R>) {
-        self.assign_seq(node);
+    pub(crate) fn accept_dropped(&mut self) {
+        self.counters.accepted += 1;
         self.counters.dropped += 1;
     }
 
@@ -567,8 +558,11 @@ mod tests {
 
     type S = State<u32, ()>;
 
-    fn node(key: Option<&str>, item: u32) -> Arc<Node<u32, ()>> {
-        Arc::new(Node::new(key.map(Arc::from), item))
+    /// An item numbered as the intake would: the tests send 1, 2, 3... in order.
+    fn node(key: Option<&str>, seq: u32) -> Arc<Node<u32, ()>> {
+        let node = Node::new(key.map(Arc::from), seq);
+        node.set_seq(u64::from(seq));
+        Arc::new(node)
     }
 
     fn check_invariant(s: &S) {
@@ -582,9 +576,9 @@ mod tests {
 
     #[test]
     fn strict_lane_is_fifo_with_seqs_from_one() {
-        let mut s = S::new(Ordering::Strict, 10, OnFailure::Skip, None, 1);
+        let mut s = S::new(Ordering::Strict, 10, OnFailure::Skip, None);
         for i in 0..3 {
-            s.accept(node(None, i), 1);
+            s.accept(node(None, i + 1), 1);
         }
         let mut seqs = Vec::new();
         while let Some(job) = s.next_job(0) {
@@ -603,7 +597,6 @@ mod tests {
             10,
             OnFailure::Skip,
             None,
-            1,
         );
         s.accept(node(Some("a"), 1), 1);
         s.accept(node(Some("a"), 2), 1);
@@ -633,7 +626,6 @@ mod tests {
             10,
             OnFailure::Pause,
             None,
-            1,
         );
         s.accept(node(Some("a"), 1), 1);
         s.accept(node(Some("a"), 2), 1);
@@ -667,7 +659,6 @@ mod tests {
             10,
             OnFailure::Pause,
             None,
-            1,
         );
         s.accept(node(Some("p"), 1), 1);
         let job = s.next_job(0).unwrap();
@@ -687,10 +678,9 @@ mod tests {
             10,
             OnFailure::Pause,
             None,
-            1,
         );
         for i in 0..4 {
-            s.accept(node(None, i), 1);
+            s.accept(node(None, i + 1), 1);
         }
         let j1 = s.next_job(0).unwrap();
         let j2 = s.next_job(1).unwrap();

@@ -3,7 +3,8 @@
 //!
 //! A worker settles the job it just finished and takes the next one under a single
 //! acquisition of the state lock, so in steady state a strict conveyor costs one lock
-//! round trip per item and no context switch between items.
+//! round trip per item and no context switch between items. When the lanes have nothing
+//! for it, it moves every item the producers left in the intake into the lanes at once.
 
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -56,18 +57,29 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
             if let Some(durable) = &self.durable {
                 self.journal_outcome(durable, st, &job, &outcome);
             }
-            if let Some(settlement) = st.finish(worker, job, outcome) {
-                // Counted until its receipt is settled outside the lock, so `flush`
-                // returns only after receipts and their callbacks are done.
-                st.settling += 1;
-                settle.push(settlement);
+            match st.finish(worker, job, outcome) {
+                Some(settlement) => {
+                    // Counted until its receipt is settled outside the lock, so `flush`
+                    // returns only after receipts and their callbacks are done.
+                    st.settling += 1;
+                    settle.push(settlement);
+                }
+                // Back in its lane: the intake's copy of the lanes' count is now low.
+                None => {
+                    self.drain(st);
+                }
             }
             self.wake_flushers(st);
         }
         if st.abandoned || st.stopping {
             return Step::Exit;
         }
-        if let Some(job) = st.next_job(worker) {
+        let next = match st.next_job(worker) {
+            Some(job) => Some(job),
+            None if self.drain(st) => st.next_job(worker),
+            None => None,
+        };
+        if let Some(job) = next {
             self.wake_one_sender(st);
             return Step::Run(job);
         }
@@ -208,11 +220,12 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
             // Settle what just finished before sleeping: its receipt must not wait
             // for the next item to arrive.
             while matches!(step, Step::Wait) && settle.is_empty() {
-                st.waiters.idle_threads += 1;
-                st = shared.wait(&shared.work, st);
-                st.waiters.idle_threads -= 1;
-                // Spurious wake-ups make this an estimate; an extra notify is harmless.
-                st.waiters.woken_threads = st.waiters.woken_threads.saturating_sub(1);
+                // Registered under the state lock, which this thread holds until `wait`
+                // releases it: a send that sees the registration cannot notify too early.
+                if shared.register_idle(true) {
+                    st = shared.wait(&shared.work, st);
+                    shared.unregister_idle(true);
+                }
                 step = shared.step(&mut st, worker, None, &mut settle);
             }
             if let Step::Exit = step {
@@ -250,20 +263,20 @@ pub(crate) async fn async_worker<T: Send + Sync + 'static, R: Send + 'static>(
         notified.as_mut().enable();
         let step = {
             let mut st = shared.lock();
-            if registered_idle {
-                st.waiters.idle_tasks -= 1;
-                st.waiters.woken_tasks = st.waiters.woken_tasks.saturating_sub(1);
-                registered_idle = false;
+            if std::mem::take(&mut registered_idle) {
+                shared.unregister_idle(false);
             }
             shared.settled_outside(&mut st, std::mem::take(&mut done));
-            let step = shared.step(&mut st, worker, finished.take(), &mut settle);
-            match step {
-                Step::Wait => {
-                    st.waiters.idle_tasks += 1;
-                    registered_idle = true;
+            let mut step = shared.step(&mut st, worker, finished.take(), &mut settle);
+            while matches!(step, Step::Wait) && !registered_idle {
+                registered_idle = shared.register_idle(false);
+                if !registered_idle {
+                    // Items arrived since the step looked: take them.
+                    step = shared.step(&mut st, worker, None, &mut settle);
                 }
-                Step::Exit => shared.exit(&mut st),
-                Step::Run(_) => {}
+            }
+            if let Step::Exit = step {
+                shared.exit(&mut st);
             }
             step
         };

@@ -38,6 +38,47 @@ fn reject_hands_the_item_back_when_full() {
 }
 
 #[test]
+fn concurrent_try_sends_never_exceed_the_capacity() {
+    let gate = Gate::new();
+    let c = Arc::new(gated(64, Backpressure::Reject, &gate));
+    c.send(u64::MAX).unwrap();
+    gate.wait_for_callers(1); // in flight: the 64 places are all for the producers
+    let producers: Vec<_> = (0..4u64)
+        .map(|p| {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                let (mut taken, mut refused) = (Vec::new(), 0);
+                for i in 0..100u64 {
+                    match c.try_send(p * 1_000 + i) {
+                        Ok(receipt) => taken.push((i, receipt)),
+                        Err(SendError::Full(item)) => {
+                            assert_eq!(item, p * 1_000 + i, "the refused item comes back");
+                            refused += 1;
+                        }
+                        Err(e) => panic!("{e:?}"),
+                    }
+                }
+                (taken, refused)
+            })
+        })
+        .collect();
+    let results: Vec<_> = producers.into_iter().map(|p| p.join().unwrap()).collect();
+    let accepted: usize = results.iter().map(|(t, _)| t.len()).sum();
+    let refused: usize = results.iter().map(|(_, r)| r).sum();
+    assert_eq!((accepted, refused), (64, 400 - 64));
+    let s = c.stats();
+    assert_eq!((s.accepted, s.queued, s.in_flight), (65, 64, 1));
+    gate.open();
+    for (taken, _) in results {
+        for (_, receipt) in taken {
+            receipt.wait().unwrap();
+        }
+    }
+    assert!(c.flush_timeout(GENEROUS));
+    assert_eq!(c.stats().delivered, 65);
+}
+
+#[test]
 fn drop_newest_settles_the_new_item_as_dropped() {
     let gate = Gate::new();
     let c = gated(1, Backpressure::DropNewest, &gate);

@@ -39,10 +39,10 @@ fn strict_delivers_in_submission_order_one_at_a_time() {
     );
 }
 
-#[test]
-fn strict_keeps_each_producers_order_and_seq_order_across_threads() {
-    let rec = Recorder::new();
-    let c = Arc::new(recording(Ordering::Strict, &rec, 0));
+/// Four producers send 500 items each; delivery must follow seq order and keep each
+/// producer's order.
+fn four_producers_keep_order(c: Conveyor<u64>, rec: &Recorder) {
+    let c = Arc::new(c);
     let producers: Vec<_> = (0..4u64)
         .map(|p| {
             let c = c.clone();
@@ -69,6 +69,30 @@ fn strict_keeps_each_producers_order_and_seq_order_across_threads() {
             .collect();
         assert_eq!(mine, (0..500).collect::<Vec<_>>());
     }
+    let s = c.stats();
+    assert_eq!((s.accepted, s.delivered, s.queued), (2_000, 2_000, 0));
+}
+
+#[test]
+fn strict_keeps_each_producers_order_and_seq_order_across_threads() {
+    let rec = Recorder::new();
+    four_producers_keep_order(recording(Ordering::Strict, &rec, 0), &rec);
+}
+
+#[test]
+fn order_holds_when_sends_keep_filling_a_small_queue() {
+    // A capacity of 4 sends most items down the full-queue path, between sends that
+    // find room: both paths must hand out seqs in the order items reach the lanes.
+    let rec = Recorder::new();
+    let r = rec.clone();
+    let c = Conveyor::builder()
+        .capacity(4)
+        .build(move |d: Delivery<u64>| {
+            r.leave(r.enter(&d));
+            Ok(())
+        })
+        .unwrap();
+    four_producers_keep_order(c, &rec);
 }
 
 #[test]

@@ -1,0 +1,169 @@
+//! The producers' side of the engine: items accepted (with their seqs) that the workers
+//! have not moved into the lanes yet.
+//!
+//! A send that needs nothing special (the conveyor is open, without a journal, and not
+//! full) only takes this small lock: it numbers the item and appends it. The workers
+//! take the whole batch under the state lock when they run out of work ("block for the
+//! first, drain the rest"), so producers and workers meet once per batch instead of once
+//! per item. Every other send (full queue, closed, journaled) takes the state lock, drains
+//! this buffer first and proceeds as before, so the lanes always hold the older items.
+//!
+//! Lock order: the state lock, then this one; never the other way round.
+
+use std::sync::Arc;
+
+use crate::receipt::Node;
+
+/// Keeps a value on cache lines of its own, so that threads writing it do not slow down
+/// threads using its neighbours (two lines: adjacent-line prefetching pairs them).
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct CachePadded<X>(pub(crate) X);
+
+/// Which idle workers a send should wake once it has released the intake lock.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Wake {
+    pub(crate) thread: bool,
+    pub(crate) task: bool,
+}
+
+pub(crate) struct Intake<T, R> {
+    /// Accepted items in seq order, not yet in their lanes.
+    items: Vec<Arc<Node<T, R>>>,
+    /// The seq the next accepted item gets.
+    next_seq: u64,
+    /// Whether a send may take the fast path at all: not after close, never with a journal
+    /// (whose appends must be queued in seq order under the state lock).
+    open: bool,
+    /// Items in the lanes, as of the last time a holder of the state lock looked. Lanes
+    /// only shrink without the state lock, so this never undercounts: the fast path can
+    /// trust it to stay within the capacity, and a send that finds it full re-checks
+    /// under the state lock.
+    lanes_queued: u64,
+    capacity: u64,
+    /// Workers waiting for items, and how many of them were woken and have not run yet
+    /// (so a burst of sends costs one wake-up per worker, not one per item).
+    pub(crate) idle_threads: usize,
+    pub(crate) woken_threads: usize,
+    pub(crate) idle_tasks: usize,
+    pub(crate) woken_tasks: usize,
+}
+
+impl<T, R> Intake<T, R> {
+    pub(crate) fn new(first_seq: u64, capacity: usize, open: bool) -> Self {
+        Self {
+            items: Vec::new(),
+            next_seq: first_seq,
+            open,
+            lanes_queued: 0,
+            capacity: capacity as u64,
+            idle_threads: 0,
+            woken_threads: 0,
+            idle_tasks: 0,
+            woken_tasks: 0,
+        }
+    }
+
+    /// The fast path: accepts `node` if that needs no decision of the state lock's holder.
+    /// Gives the node back otherwise.
+    pub(crate) fn try_push(&mut self, node: Arc<Node<T, R>>) -> Result<Wake, Arc<Node<T, R>>> {
+        if !self.open || self.lanes_queued + self.items.len() as u64 >= self.capacity {
+            return Err(node);
+        }
+        self.number(&node);
+        self.items.push(node);
+        Ok(self.wake_for(self.items.len() as u64))
+    }
+
+    /// Gives `node` the next seq.
+    pub(crate) fn number(&mut self, node: &Node<T, R>) {
+        node.set_seq(self.next_seq);
+        self.next_seq += 1;
+    }
+
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Moves the buffered items into `into` (emptied first) and records that the lanes
+    /// will hold `lanes_queued` items once they are enqueued.
+    pub(crate) fn take(&mut self, into: &mut Vec<Arc<Node<T, R>>>, lanes_queued: u64) {
+        into.clear();
+        std::mem::swap(&mut self.items, into);
+        self.lanes_queued = lanes_queued + into.len() as u64;
+    }
+
+    /// Refreshes the lanes' count (by a holder of the state lock, with the intake empty).
+    pub(crate) fn set_lanes_queued(&mut self, queued: u64) {
+        self.lanes_queued = queued;
+    }
+
+    /// From now on every send takes the state lock (close).
+    pub(crate) fn shut(&mut self) {
+        self.open = false;
+    }
+
+    /// Idle workers to wake when `runnable` items may be waiting for them: one more per
+    /// item, up to the number idle.
+    pub(crate) fn wake_for(&mut self, runnable: u64) -> Wake {
+        let mut wake = Wake::default();
+        if self.idle_threads > self.woken_threads && runnable > self.woken_threads as u64 {
+            self.woken_threads += 1;
+            wake.thread = true;
+        }
+        if self.idle_tasks > self.woken_tasks && runnable > self.woken_tasks as u64 {
+            self.woken_tasks += 1;
+            wake.task = true;
+        }
+        wake
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(item: u32) -> Arc<Node<u32, ()>> {
+        Arc::new(Node::new(None, item))
+    }
+
+    #[test]
+    fn numbers_in_order_and_refuses_past_capacity() {
+        let mut ik = Intake::<u32, ()>::new(7, 3, true);
+        for i in 0..3 {
+            assert!(ik.try_push(node(i)).is_ok());
+        }
+        assert!(ik.try_push(node(3)).is_err(), "capacity 3 reached");
+        let mut taken = Vec::new();
+        ik.take(&mut taken, 0);
+        let seqs: Vec<u64> = taken.iter().map(|n| n.seq()).collect();
+        assert_eq!(seqs, vec![7, 8, 9]);
+        // The three now sit in the lanes: still no room until the lanes shrink.
+        assert!(ik.try_push(node(3)).is_err());
+        ik.set_lanes_queued(2);
+        assert_eq!(ik.try_push(node(3)).map(|_| ()).ok(), Some(()));
+        assert_eq!(ik.next_seq(), 11);
+    }
+
+    #[test]
+    fn closed_intake_sends_everything_to_the_slow_path() {
+        let mut ik = Intake::<u32, ()>::new(1, 10, true);
+        ik.shut();
+        assert!(ik.try_push(node(0)).is_err());
+        assert!(ik.is_empty());
+    }
+
+    #[test]
+    fn a_burst_wakes_each_idle_worker_once() {
+        let mut ik = Intake::<u32, ()>::new(1, 100, true);
+        ik.idle_threads = 2;
+        let wakes: Vec<bool> = (0..5)
+            .map(|i| ik.try_push(node(i)).ok().unwrap().thread)
+            .collect();
+        assert_eq!(wakes, vec![true, true, false, false, false]);
+    }
+}
