@@ -81,6 +81,9 @@ impl<T, R> Lane<T, R> {
     }
 }
 
+/// A lane found by `State::lane_of`, with its id in keyed mode.
+type LaneOf<'a, T, R> = (&'a mut Lane<T, R>, Option<Arc<str>>);
+
 /// Counters that satisfy `accepted = delivered + failed + dropped + queued + in_flight`
 /// whenever the lock is released.
 #[derive(Debug, Default, Clone, Copy)]
@@ -398,15 +401,16 @@ impl<T, R> State<T, R> {
         }
     }
 
-    fn lane_of(&mut self, node: &Node<T, R>) -> Option<(&mut Lane<T, R>, Arc<str>)> {
+    /// The lane of `node`, with its id in keyed mode (the only lane needs none).
+    fn lane_of(&mut self, node: &Node<T, R>) -> Option<LaneOf<'_, T, R>> {
         if !self.keyed {
-            return Some((&mut self.main, self.empty_key.clone()));
+            return Some((&mut self.main, None));
         }
         let id = node
             .key()
             .cloned()
             .unwrap_or_else(|| self.empty_key.clone());
-        self.lanes.get_mut(&id).map(|lane| (lane, id))
+        self.lanes.get_mut(&id).map(|lane| (lane, Some(id)))
     }
 
     /// Records how a job ended; returns the receipt to settle, if it settled.
@@ -416,34 +420,34 @@ impl<T, R> State<T, R> {
         mut job: Job<T, R>,
         outcome: Outcome<R>,
     ) -> Option<Settlement<T, R>> {
-        self.in_flight_nodes[worker] = None;
+        // The job's own node, put here by `next_job`: taking it back (rather than cloning
+        // `job.node`) saves atomic operations on a cache line the producer may still use.
+        let node = self.in_flight_nodes[worker]
+            .take()
+            .expect("a finished job is in flight");
         self.counters.in_flight -= 1;
         let pause = matches!(outcome, Outcome::Failed(_)) && self.on_failure == OnFailure::Pause;
-        let settlement = match outcome {
+        let result = match outcome {
             Outcome::Delivered(reply) => {
                 self.counters.delivered += 1;
-                Some((job.node.clone(), Ok(reply)))
+                Some(Ok(reply))
             }
             Outcome::Failed(error) if !pause => {
                 self.counters.failed += 1;
-                Some((
-                    job.node.clone(),
-                    Err(DeliveryError::Failed {
-                        attempts: job.attempts,
-                        error,
-                    }),
-                ))
+                Some(Err(DeliveryError::Failed {
+                    attempts: job.attempts,
+                    error,
+                }))
             }
             Outcome::Failed(_) | Outcome::Interrupted => None,
         };
         let keyed = self.keyed;
-        let node = job.node.clone();
         let Some((lane, id)) = self.lane_of(&node) else {
             unreachable!("a lane with an item in flight is never removed");
         };
         lane.in_flight -= 1;
         let mut newly_held = 0;
-        let requeued = settlement.is_none();
+        let requeued = result.is_none();
         if requeued {
             // Back at the head of its lane, unsettled: paused, or interrupted by shutdown.
             job.start_at = None;
@@ -464,10 +468,12 @@ impl<T, R> State<T, R> {
                 remove = true;
             }
         }
-        if make_ready {
-            self.ready.push_back(id);
-        } else if remove {
-            self.lanes.remove(&id);
+        if let Some(id) = id {
+            if make_ready {
+                self.ready.push_back(id);
+            } else if remove {
+                self.lanes.remove(&id);
+            }
         }
         if requeued {
             self.counters.queued += 1;
@@ -476,7 +482,7 @@ impl<T, R> State<T, R> {
         if pause {
             self.counters.paused_lanes = self.count_paused();
         }
-        settlement
+        result.map(|result| (node, result))
     }
 
     fn count_paused(&self) -> u64 {
