@@ -96,7 +96,7 @@ impl<T, R> Shared<T, R> {
 
     /// Registers the calling worker as idle before it waits (under the state lock), unless
     /// the intake has items for it. Returns whether it registered.
-    pub(crate) fn register_idle(&self, thread: bool) -> bool {
+    pub(crate) fn register_idle(&self, st: &mut State<T, R>, thread: bool) -> bool {
         let mut ik = self.intake();
         if !ik.is_empty() {
             return false;
@@ -106,11 +106,13 @@ impl<T, R> Shared<T, R> {
         } else {
             ik.idle_tasks += 1;
         }
+        st.idle_workers += 1;
         true
     }
 
     /// Undoes [`Shared::register_idle`] once the worker runs again.
-    pub(crate) fn unregister_idle(&self, thread: bool) {
+    pub(crate) fn unregister_idle(&self, st: &mut State<T, R>, thread: bool) {
+        st.idle_workers -= 1;
         let mut ik = self.intake();
         // Spurious wake-ups make `woken` an estimate; an extra notify is harmless.
         if thread {
@@ -119,6 +121,26 @@ impl<T, R> Shared<T, R> {
         } else {
             ik.idle_tasks -= 1;
             ik.woken_tasks = ik.woken_tasks.saturating_sub(1);
+        }
+    }
+
+    /// A worker that just took a job wakes one more idle worker while work is left that
+    /// it cannot take itself (sends wake only one, see `Intake::push`): wake-ups spread
+    /// as far as there is work to run in parallel, and no further.
+    pub(crate) fn pass_work_on(&self, st: &State<T, R>) {
+        if st.idle_workers > 0 && st.startable() {
+            let wake = self.intake().wake_another();
+            self.notify_workers(wake);
+        }
+    }
+
+    /// Notifies idle workers (the caller holds the state lock).
+    fn notify_workers(&self, wake: Wake) {
+        if wake.thread {
+            self.work.notify_one();
+        }
+        if wake.task {
+            self.work_async.notify_one();
         }
     }
 
@@ -170,13 +192,7 @@ impl<T, R> Shared<T, R> {
     /// workers were already woken for what is queued: an awake worker takes every runnable
     /// item before it sleeps again, so a burst of sends costs one wake-up, not one per item.
     fn wake_worker(&self, st: &State<T, R>, ik: &mut Intake<T, R>) {
-        let wake = ik.wake_for(st.runnable());
-        if wake.thread {
-            self.work.notify_one();
-        }
-        if wake.task {
-            self.work_async.notify_one();
-        }
+        self.notify_workers(ik.wake_for(st.runnable()));
     }
 
     fn wake_all(&self) {

@@ -135,6 +135,9 @@ pub(crate) struct State<T, R> {
     /// The drain deadline passed: workers exit after their current call.
     pub(crate) abandoned: bool,
     pub(crate) live_workers: usize,
+    /// Workers registered idle in the intake (a copy, so that a worker holding this lock
+    /// knows whether to look there).
+    pub(crate) idle_workers: usize,
     /// Settlements taken out of the state whose receipts are not settled yet.
     pub(crate) settling: u64,
     /// A journal's unsettled items are being loaded (in seq order, as room frees up): new
@@ -171,6 +174,7 @@ impl<T, R> State<T, R> {
             stopping: false,
             abandoned: false,
             live_workers: workers,
+            idle_workers: 0,
             settling: 0,
             replaying: false,
             seq_limit: None,
@@ -206,6 +210,16 @@ impl<T, R> State<T, R> {
     pub(crate) fn unsettled_unpaused(&self) -> u64 {
         self.counters.queued + self.counters.in_flight - self.counters.paused_items
             + u64::from(self.replaying)
+    }
+
+    /// Whether an item may start now (for another worker than the one asking).
+    pub(crate) fn startable(&self) -> bool {
+        if self.keyed {
+            // Entries may be stale: at worst an idle worker wakes for nothing.
+            !self.ready.is_empty()
+        } else {
+            !self.main.paused && !self.main.queue.is_empty()
+        }
     }
 
     /// Queued items not held in paused lanes (an upper bound on what may start now).

@@ -81,6 +81,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         };
         if let Some(job) = next {
             self.wake_one_sender(st);
+            self.pass_work_on(st);
             return Step::Run(job);
         }
         // A journal replay still loading items keeps the workers for them, even after close.
@@ -222,9 +223,9 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
             while matches!(step, Step::Wait) && settle.is_empty() {
                 // Registered under the state lock, which this thread holds until `wait`
                 // releases it: a send that sees the registration cannot notify too early.
-                if shared.register_idle(true) {
+                if shared.register_idle(&mut st, true) {
                     st = shared.wait(&shared.work, st);
-                    shared.unregister_idle(true);
+                    shared.unregister_idle(&mut st, true);
                 }
                 step = shared.step(&mut st, worker, None, &mut settle);
             }
@@ -264,12 +265,12 @@ pub(crate) async fn async_worker<T: Send + Sync + 'static, R: Send + 'static>(
         let step = {
             let mut st = shared.lock();
             if std::mem::take(&mut registered_idle) {
-                shared.unregister_idle(false);
+                shared.unregister_idle(&mut st, false);
             }
             shared.settled_outside(&mut st, std::mem::take(&mut done));
             let mut step = shared.step(&mut st, worker, finished.take(), &mut settle);
             while matches!(step, Step::Wait) && !registered_idle {
-                registered_idle = shared.register_idle(false);
+                registered_idle = shared.register_idle(&mut st, false);
                 if !registered_idle {
                     // Items arrived since the step looked: take them.
                     step = shared.step(&mut st, worker, None, &mut settle);
