@@ -1055,6 +1055,8 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// decoding error if the payload no longer matches the item type.
     pub fn retry_dead(&self, seq: u64) -> Result<Receipt<R>, JournalError> {
         let durable = self.durable()?;
+        // Until the removal below is queued; the next operator call's sync commits it first.
+        let operator = durable.operator();
         self.sync_journal(None);
         let dead = durable
             .with_journal(|j| j.dead_letter(seq))?
@@ -1086,6 +1088,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         };
         // After the append in the writer's order: both land in one commit, or the removal later.
         durable.push(Op::Settle(Settled::DiscardDead(seq)));
+        drop(operator);
         self.wait_durable(&receipt);
         Ok(receipt)
     }
@@ -1098,6 +1101,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// [`Conveyor::dead_letters`] for the others.
     pub fn discard_dead(&self, seq: u64) -> Result<(), JournalError> {
         let durable = self.durable()?;
+        let _operator = durable.operator();
         self.sync_journal(None);
         durable.with_journal(|j| j.discard_dead(seq))
     }

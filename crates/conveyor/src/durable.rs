@@ -148,6 +148,9 @@ pub(crate) struct Durable<T> {
     pub(crate) seq_limit: Arc<AtomicU64>,
     /// Called after the writer raised `seq_limit`, to wake senders that waited for it.
     on_extend: Arc<OnceLock<Box<dyn Fn() + Send + Sync>>>,
+    /// Held by an operator call on a dead letter from reading it until its removal is queued,
+    /// so two calls on the same one (two retries, a retry and a discard) cannot both act.
+    operator: Mutex<()>,
 }
 
 /// Ops the engine may queue ahead of the writer: the conveyor's capacity, within these bounds,
@@ -226,7 +229,13 @@ impl<T> Durable<T> {
             writer: Mutex::new(Some(handle)),
             seq_limit,
             on_extend,
+            operator: Mutex::new(()),
         })
+    }
+
+    /// Serialises operator calls on dead letters (see `operator`).
+    pub(crate) fn operator(&self) -> MutexGuard<'_, ()> {
+        lock(&self.operator)
     }
 
     /// Sets what the writer calls after raising the seq limit (once, at start).

@@ -275,6 +275,58 @@ fn dead_letters_are_kept_across_restarts_and_can_be_retried_or_discarded() {
 }
 
 #[test]
+fn concurrent_operator_calls_on_one_dead_letter_act_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (seen, sink) = recorder();
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let f = failing.clone();
+    let c = Arc::new(
+        Conveyor::builder()
+            .journal(dir.path().join("j"))
+            .build(move |d: Delivery<u64>| {
+                if f.load(std::sync::atomic::Ordering::SeqCst) {
+                    return Err(SinkError::permanent("down"));
+                }
+                sink(d)
+            })
+            .unwrap(),
+    );
+    for round in 0..20u64 {
+        failing.store(true, std::sync::atomic::Ordering::SeqCst);
+        c.send(round).unwrap().wait().unwrap_err();
+        failing.store(false, std::sync::atomic::Ordering::SeqCst);
+        let seq = c.dead_letters().unwrap()[0].seq;
+        // Four operators act on the same dead letter at once: two retry, two discard.
+        let start = Arc::new(std::sync::Barrier::new(4));
+        let calls: Vec<_> = (0..4)
+            .map(|i| {
+                let (c, start) = (c.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    if i % 2 == 0 {
+                        c.retry_dead(seq).map(|r| r.wait().unwrap())
+                    } else {
+                        c.discard_dead(seq)
+                    }
+                })
+            })
+            .collect();
+        let results: Vec<_> = calls.into_iter().map(|t| t.join().unwrap()).collect();
+        let acted = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(acted, 1, "round {round}: {results:?}");
+        assert!(results
+            .iter()
+            .all(|r| matches!(r, Ok(()) | Err(JournalError::NoSuchDeadLetter { .. }))));
+        assert!(c.dead_letters().unwrap().is_empty());
+    }
+    c.flush();
+    let delivered: Vec<u64> = seen.lock().unwrap().iter().map(|s| s.2).collect();
+    let mut unique = delivered.clone();
+    unique.dedup();
+    assert_eq!(delivered, unique, "a dead letter was sent again twice");
+}
+
+#[test]
 fn paused_lanes_stay_paused_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("j");
