@@ -88,36 +88,12 @@ impl fmt::Display for PyFailure {
 
 impl Error for PyFailure {}
 
-/// The error handed to [`SinkError`]: its `source()` is the [`PyFailure`]. `SinkError` shows its
-/// boxed error's text but exposes only that error's *source*, so the failure sits one level down
-/// where [`python_exception`] can find it.
-#[derive(Debug)]
-struct FromPythonSink(PyFailure);
-
-impl fmt::Display for FromPythonSink {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&self.0, f)
-    }
-}
-
-impl Error for FromPythonSink {
-    fn source(&self) -> Option<&(dyn Error + 'static)> {
-        Some(&self.0)
-    }
-}
-
 /// The Python exception inside a sink error, if the failure came from Python code.
 pub(crate) fn python_exception(error: &SinkError) -> Option<&Py<PyAny>> {
-    let mut source: Option<&(dyn Error + 'static)> = Some(error);
-    // Walk the chain rather than assume how deep the engine keeps our error.
-    for _ in 0..16 {
-        let Some(err) = source else { break };
-        if let Some(failure) = err.downcast_ref::<PyFailure>() {
-            return Some(&failure.exception);
-        }
-        source = err.source();
-    }
-    None
+    error
+        .get_ref()
+        .downcast_ref::<PyFailure>()
+        .map(|failure| &*failure.exception)
 }
 
 /// Turns an exception raised by a Python sink into the engine's error: permanent when it is, or
@@ -129,10 +105,10 @@ pub(crate) fn sink_error(py: Python<'_>, err: PyErr) -> SinkError {
     let permanent = caused_by(bound, permanent_class(py).ok());
     let retry_after = retry_after(bound, retry_after_class(py).ok());
     let message = describe(bound);
-    let failure = FromPythonSink(PyFailure {
+    let failure = PyFailure {
         exception: crate::fork::Held::new(value),
         message,
-    });
+    };
     let error = if permanent {
         SinkError::permanent(failure)
     } else {

@@ -77,6 +77,31 @@ impl SinkError {
         self.retry_after
     }
 
+    /// The error the sink gave, to inspect or downcast: `Display` and
+    /// [`source`](StdError::source) pass through to it, so this is the way to reach the error
+    /// itself (as with [`std::io::Error::get_ref`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::SinkError;
+    ///
+    /// #[derive(Debug)]
+    /// struct Status(u16);
+    /// impl std::fmt::Display for Status {
+    ///     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+    ///         write!(f, "HTTP {}", self.0)
+    ///     }
+    /// }
+    /// impl std::error::Error for Status {}
+    ///
+    /// let e = SinkError::permanent(Status(410));
+    /// assert_eq!(e.get_ref().downcast_ref::<Status>().map(|s| s.0), Some(410));
+    /// ```
+    pub fn get_ref(&self) -> &(dyn StdError + Send + Sync + 'static) {
+        &*self.source
+    }
+
     /// Turns a panic payload into a permanent error: a panicking sink fails its item,
     /// it does not take the worker down.
     pub(crate) fn from_panic(payload: &(dyn std::any::Any + Send)) -> Self {
