@@ -42,8 +42,9 @@ const ERROR_BODY_CHARS: usize = 200;
 /// | 408, 429, 5xx | retryable, with `Retry-After` as [`SinkError::with_retry_after`] |
 /// | any other status (3xx: redirects are not followed) | permanent |
 ///
-/// The sink uses a blocking client: build it and drop it outside an async runtime, and run it
-/// with [`Builder::build`](crate::Builder::build), not `build_async`.
+/// The sink uses a blocking client, so run it with [`Builder::build`](crate::Builder::build),
+/// not `build_async`: the conveyor's own threads make the calls. It may be built and dropped
+/// anywhere, inside an async runtime too.
 ///
 /// # Examples
 ///
@@ -169,9 +170,7 @@ impl HttpSinkBuilder {
     /// [`HttpBuildError`] if the URL, the method or a header is invalid, or the HTTP client (TLS)
     /// cannot be set up.
     ///
-    /// # Panics
-    ///
-    /// If called inside an async runtime (a limitation of reqwest's blocking client).
+    /// Works inside an async runtime too: the client is started on a thread of its own.
     pub fn build(self) -> Result<HttpSink, HttpBuildError> {
         let url = Url::parse(&self.url).map_err(|e| HttpBuildError::InvalidUrl {
             url: self.url.clone(),
@@ -215,11 +214,21 @@ impl HttpSinkBuilder {
             }
         }
 
-        let client = Client::builder()
-            .timeout(self.timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| HttpBuildError::Client(error_chain(&e.without_url())))?;
+        // On a thread of its own: reqwest's blocking client waits for its runtime thread as it
+        // starts, which panics on a thread that runs async code (a Tokio worker).
+        let timeout = self.timeout;
+        let client = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    Client::builder()
+                        .timeout(timeout)
+                        .redirect(reqwest::redirect::Policy::none())
+                        .build()
+                })
+                .join()
+        })
+        .map_err(|_| HttpBuildError::Client("the HTTP client panicked while starting".into()))?
+        .map_err(|e| HttpBuildError::Client(error_chain(&e.without_url())))?;
         Ok(HttpSink {
             client,
             url,
@@ -498,5 +507,45 @@ mod tests {
                 .build(),
             Err(HttpBuildError::InvalidMethod(_))
         ));
+    }
+}
+
+#[cfg(test)]
+mod runtime_tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// A server that answers every request on one connection with 200 and an empty body.
+    fn ok_server() -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = stream.read(&mut buf) {
+                        if n == 0 {
+                            return;
+                        }
+                        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+                    }
+                });
+            }
+        });
+        format!("http://{addr}/")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_sink_can_be_built_used_and_dropped_inside_a_runtime() {
+        let sink = HttpSink::builder(ok_server()).build().unwrap();
+        let c: crate::Conveyor<String, HttpReply> =
+            crate::Conveyor::builder().build(sink.into_sink()).unwrap();
+        let receipt = c.send("{}".to_owned()).unwrap();
+        assert_eq!(receipt.await.unwrap().status, 200);
+        c.flush_async().await;
+        drop(c);
+        // A sink never used is dropped here, on the runtime's thread.
+        drop(HttpSink::builder(ok_server()).build().unwrap());
     }
 }
