@@ -257,11 +257,11 @@ pub(crate) async fn async_worker<T: Send + Sync + 'static, R: Send + 'static>(
     let mut done = 0;
     let mut registered_idle = false;
     loop {
-        // Enabled before the state is checked, so a wake-up between the check and
-        // the await is not lost.
+        // Enabled only right before the worker registers idle (under the state lock): a
+        // Notified left enabled while running a job would be first in line for
+        // `notify_one` and swallow a wake-up meant for an idle worker.
         let notified = shared.work_async.notified();
         tokio::pin!(notified);
-        notified.as_mut().enable();
         let step = {
             let mut st = shared.lock();
             if std::mem::take(&mut registered_idle) {
@@ -270,6 +270,7 @@ pub(crate) async fn async_worker<T: Send + Sync + 'static, R: Send + 'static>(
             shared.settled_outside(&mut st, std::mem::take(&mut done));
             let mut step = shared.step(&mut st, worker, finished.take(), &mut settle);
             while matches!(step, Step::Wait) && !registered_idle {
+                notified.as_mut().enable();
                 registered_idle = shared.register_idle(&mut st, false);
                 if !registered_idle {
                     // Items arrived since the step looked: take them.
@@ -281,6 +282,10 @@ pub(crate) async fn async_worker<T: Send + Sync + 'static, R: Send + 'static>(
             }
             step
         };
+        if matches!(step, Step::Run(_)) {
+            // Not waiting: a notification it got goes on to another waiter.
+            notified.set(shared.work_async.notified());
+        }
         done = settle_all(&mut settle);
         match step {
             Step::Run(mut job) => {

@@ -82,3 +82,42 @@ fn async_sink_outside_a_runtime_uses_its_own_and_handles_failures() {
     assert!(report.drained);
     assert_eq!((report.stats.delivered, report.stats.failed), (6, 2));
 }
+
+#[test]
+fn an_async_lane_held_up_does_not_hold_up_the_others() {
+    // Lane "a" is held until the round ends; every other key must still be delivered
+    // meanwhile, whether its send finds the second worker idle or just back from a call.
+    for round in 0..8 {
+        let release = Arc::new(tokio::sync::Notify::new());
+        let r = release.clone();
+        let c: Conveyor<u64> = Conveyor::builder()
+            .ordering(Ordering::Keyed { concurrency: 2 })
+            .build_async(move |d: Delivery<u64>| {
+                let (r, held) = (r.clone(), d.key() == Some("a"));
+                async move {
+                    if held {
+                        r.notified().await;
+                    }
+                    Ok(())
+                }
+            })
+            .unwrap();
+        if round % 2 == 1 {
+            std::thread::sleep(Duration::from_millis(20)); // both workers idle first
+        }
+        let a = c.send_keyed("a", 0).unwrap();
+        while c.stats().in_flight == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for (i, key) in ["c", "b", "d"].into_iter().enumerate() {
+            let mut receipt = c.send_keyed(key, i as u64 + 1).unwrap();
+            assert!(
+                matches!(receipt.wait_timeout(GENEROUS), Some(Ok(()))),
+                "round {round}: {key} waited for lane a"
+            );
+        }
+        assert!(!a.is_settled(), "lane a is still held");
+        release.notify_one(); // keeps a permit if the held call is not waiting yet
+        a.wait().unwrap();
+    }
+}
