@@ -125,17 +125,20 @@ impl<T, R> Shared<T, R> {
     }
 
     /// A worker that just took a job wakes one more idle worker while work is left that
-    /// it cannot take itself (sends wake only one, see `Intake::push`): wake-ups spread
-    /// as far as there is work to run in parallel, and no further.
-    pub(crate) fn pass_work_on(&self, st: &State<T, R>) {
+    /// it cannot take itself (sends wake only one, see `Intake::try_push`): wake-ups spread
+    /// as far as there is work to run in parallel, and no further. Returns whom to notify,
+    /// which the worker does after releasing the state lock: the idle worker registered
+    /// under that lock and released it only by waiting, so the notify cannot be early.
+    pub(crate) fn pass_work_on(&self, st: &State<T, R>) -> Wake {
         if st.idle_workers > 0 && st.startable() {
-            let wake = self.intake().wake_another();
-            self.notify_workers(wake);
+            self.intake().wake_another()
+        } else {
+            Wake::default()
         }
     }
 
-    /// Notifies idle workers (the caller holds the state lock).
-    fn notify_workers(&self, wake: Wake) {
+    /// Notifies idle workers. A thread must be known to wait already (see the callers).
+    pub(crate) fn notify_workers(&self, wake: Wake) {
         if wake.thread {
             self.work.notify_one();
         }

@@ -17,6 +17,7 @@ use crate::builder::OnFailure;
 use crate::conveyor::Shared;
 use crate::durable::{Durable, Op};
 use crate::error::SinkError;
+use crate::intake::Wake;
 use crate::journal::Settlement as Settled;
 use crate::queue::{Job, Outcome, Settlement, State};
 use crate::receipt::Delivery;
@@ -33,7 +34,8 @@ pub(crate) enum Sink<T, R> {
 
 /// What a worker does next.
 pub(crate) enum Step<T, R> {
-    Run(Job<T, R>),
+    /// Run this job, after waking the idle workers named (outside the state lock).
+    Run(Job<T, R>, Wake),
     Wait,
     Exit,
 }
@@ -81,8 +83,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         };
         if let Some(job) = next {
             self.wake_one_sender(st);
-            self.pass_work_on(st);
-            return Step::Run(job);
+            return Step::Run(job, self.pass_work_on(st));
         }
         // A journal replay still loading items keeps the workers for them, even after close.
         if st.closed && !st.replaying {
@@ -236,7 +237,8 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
         };
         done = settle_all(&mut settle);
         match step {
-            Step::Run(mut job) => {
+            Step::Run(mut job, wake) => {
+                shared.notify_workers(wake);
                 let outcome = shared.run_blocking(&*sink, &mut job);
                 finished = Some((job, outcome));
             }
@@ -282,13 +284,14 @@ pub(crate) async fn async_worker<T: Send + Sync + 'static, R: Send + 'static>(
             }
             step
         };
-        if matches!(step, Step::Run(_)) {
+        if matches!(step, Step::Run(..)) {
             // Not waiting: a notification it got goes on to another waiter.
             notified.set(shared.work_async.notified());
         }
         done = settle_all(&mut settle);
         match step {
-            Step::Run(mut job) => {
+            Step::Run(mut job, wake) => {
+                shared.notify_workers(wake);
                 let outcome = shared.run_async(&*sink, &mut job).await;
                 finished = Some((job, outcome));
             }
