@@ -311,6 +311,9 @@ pub struct Conveyor<T: Send + Sync + 'static, R: Send + 'static = ()> {
     runtime: Option<tokio::runtime::Runtime>,
     /// Blocking-sink worker threads, joined by `close` once they have exited.
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// The thread of the current-thread Tokio runtime the async workers run on, if they run on
+    /// one: a blocking wait there would stop the very runtime that must make progress.
+    runtime_thread: Option<std::thread::ThreadId>,
 }
 
 impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
@@ -373,6 +376,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             shared: shared.clone(),
             runtime: None,
             threads: Mutex::new(Vec::new()),
+            runtime_thread: None,
         };
         match sink {
             Sink::Blocking(f) => {
@@ -400,7 +404,12 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             }
             Sink::Async(f) => {
                 let handle = match tokio::runtime::Handle::try_current() {
-                    Ok(handle) => handle,
+                    Ok(handle) => {
+                        if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread {
+                            conveyor.runtime_thread = Some(std::thread::current().id());
+                        }
+                        handle
+                    }
                     Err(_) => {
                         let rt = tokio::runtime::Builder::new_multi_thread()
                             .worker_threads(2)
@@ -479,6 +488,10 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             match (shared.config.backpressure, wait) {
                 (Backpressure::Block, Wait::Thread) | (_, Wait::ThreadAlways) => {
                     drop(ik);
+                    if self.waiting_would_hang() {
+                        drop(st); // not poisoned by the panic
+                        hang_refused("send");
+                    }
                     st.waiters.blocked_senders += 1;
                     st = shared.wait(&shared.space, st);
                     st.waiters.blocked_senders -= 1;
@@ -609,6 +622,11 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     ///
     /// [`SendError::Closed`] after [`close`](Conveyor::close); [`SendError::Full`]
     /// when full under [`Backpressure::Reject`]. The item is handed back in both.
+    ///
+    /// # Panics
+    ///
+    /// If it would have to wait for room on the thread of a current-thread Tokio runtime that runs
+    /// this conveyor's async sink: that runtime could not deliver anything meanwhile.
     ///
     /// # Examples
     ///
@@ -749,7 +767,23 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         self.submit_async(Some(Arc::from(key.into())), item).await
     }
 
+    /// Whether a blocking wait here would never end: this thread drives the current-thread
+    /// runtime the async sink runs on, and cannot while it waits.
+    fn waiting_would_hang(&self) -> bool {
+        self.runtime_thread == Some(std::thread::current().id())
+            && tokio::runtime::Handle::try_current().is_ok()
+    }
+
+    /// Refuses a blocking wait that could never end (see `waiting_would_hang`), as Tokio
+    /// refuses `block_on` inside a runtime: loudly, instead of hanging.
+    fn refuse_to_hang(&self, what: &str) {
+        if self.waiting_would_hang() {
+            hang_refused(what);
+        }
+    }
+
     fn flush_until(&self, deadline: Option<Instant>) -> bool {
+        self.refuse_to_hang("flush");
         blocking_section(|| {
             let shared = &*self.shared;
             let mut st = shared.lock();
@@ -765,7 +799,13 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
 
     /// Blocks until every accepted item has settled, except items held in paused
     /// lanes. With producers still sending, it waits until the queue is empty at
-    /// some moment; use [`Conveyor::flush_timeout`] to bound the wait.
+    /// some moment; use [`Conveyor::flush_timeout`] to bound the wait. In async code,
+    /// await [`Conveyor::flush_async`].
+    ///
+    /// # Panics
+    ///
+    /// If it would have to wait on the thread of a current-thread Tokio runtime that runs
+    /// this conveyor's async sink: that runtime could not deliver anything meanwhile.
     pub fn flush(&self) {
         self.flush_until(None);
         self.sync_journal(None);
@@ -781,6 +821,11 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     }
 
     /// [`Conveyor::flush`] for at most `timeout`; returns whether everything settled.
+    ///
+    /// # Panics
+    ///
+    /// If it would have to wait on the thread of a current-thread Tokio runtime that runs
+    /// this conveyor's async sink: that runtime could not deliver anything meanwhile.
     ///
     /// # Examples
     ///
@@ -840,6 +885,10 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// reported in the [`CloseReport`] and their receipts settle as
     /// [`DeliveryError::Closed`]. A sink call still running at the deadline is left
     /// to finish on its own thread; it never makes `close` wait longer.
+    ///
+    /// Called (or dropped) on the thread of a current-thread Tokio runtime that runs this
+    /// conveyor's async sink, it cannot wait (the runtime could not run the sink meanwhile):
+    /// it closes at once and reports what is left. Await [`Conveyor::flush_async`] first.
     pub fn close_timeout(&self, timeout: Duration) -> CloseReport {
         self.shut_down(timeout, true)
     }
@@ -877,6 +926,13 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// `close_timeout` (`drain`: deliver what is queued) and `stop_timeout` (only finish what
     /// is in flight).
     fn shut_down(&self, timeout: Duration, drain: bool) -> CloseReport {
+        // The workers cannot run while this thread waits for them: close at once, reporting
+        // what is left (after a `flush_async`, nothing).
+        let timeout = if self.waiting_would_hang() {
+            Duration::ZERO
+        } else {
+            timeout
+        };
         let deadline = Instant::now().checked_add(timeout);
         blocking_section(|| {
             let shared = &*self.shared;
@@ -1247,6 +1303,15 @@ fn give_back<T, R>(e: SendError<Arc<Node<T, R>>>) -> SendError<T> {
         SendError::Closed(node) => SendError::Closed(unwrap(node)),
         SendError::Journal(node) => SendError::Journal(unwrap(node)),
     }
+}
+
+/// See `Conveyor::refuse_to_hang`.
+fn hang_refused(what: &str) -> ! {
+    panic!(
+        "Conveyor::{what} would wait forever: this conveyor's async sink runs on the \
+         current-thread Tokio runtime of this very thread, which cannot run it while {what} \
+         blocks; await send_async/flush_async instead, or use a multi-threaded runtime"
+    )
 }
 
 /// Runs a blocking wait; inside a multi-threaded Tokio runtime it tells the runtime

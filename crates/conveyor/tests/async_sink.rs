@@ -121,3 +121,52 @@ fn an_async_lane_held_up_does_not_hold_up_the_others() {
         a.wait().unwrap();
     }
 }
+
+/// An async sink on the ambient current-thread runtime, built inside it.
+fn on_this_runtime(capacity: usize) -> Conveyor<u64> {
+    Conveyor::builder()
+        .capacity(capacity)
+        .drain_timeout(GENEROUS)
+        .build_async(|_d: Delivery<u64>| async { Ok(()) })
+        .unwrap()
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn blocking_waits_on_the_sinks_own_runtime_thread_fail_loudly_instead_of_hanging() {
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    let c = on_this_runtime(1);
+    // Finds room, so it never waits; and fills the queue (capacity 1), as nothing runs
+    // until this task awaits.
+    c.send(1).unwrap();
+    let flush = catch_unwind(AssertUnwindSafe(|| c.flush())).unwrap_err();
+    assert!(panic_message(flush).contains("flush_async"));
+    let send = catch_unwind(AssertUnwindSafe(|| c.send(2))).unwrap_err();
+    assert!(panic_message(send).contains("send_async"));
+    c.flush_async().await;
+    assert_eq!(c.stats().delivered, 1);
+    // Nothing left after the async flush: close returns at once, drained.
+    assert!(c.close().drained);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn dropping_on_the_sinks_own_runtime_thread_reports_at_once() {
+    let c = on_this_runtime(100);
+    let receipts: Vec<_> = (0..5).map(|i| c.send(i).unwrap()).collect();
+    let started = std::time::Instant::now();
+    let report = c.close_timeout(GENEROUS);
+    assert!(
+        started.elapsed() < GENEROUS,
+        "close did not wait for workers that cannot run"
+    );
+    assert_eq!((report.drained, report.left), (false, 5));
+    for r in receipts {
+        assert!(matches!(r.await, Err(DeliveryError::Closed)));
+    }
+}
