@@ -11,6 +11,8 @@ use pyo3::prelude::*;
 use pyo3::sync::GILOnceCell;
 use pyo3::types::{PyByteArray, PyBytes, PyString};
 
+use serde_json::value::RawValue;
+
 use crate::sink::{Item, Reply};
 
 /// A built HTTP sink on its way into `Conveyor(...)`; only `Conveyor.http` makes one.
@@ -81,6 +83,21 @@ pub(crate) fn body(object: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
         PyValueError::new_err(message)
     })?;
     Ok(text.downcast_into::<PyString>()?.to_string().into_bytes())
+}
+
+/// The body of an item for a journaled `Conveyor.http`: the same bytes [`body`] makes, kept as
+/// JSON text, which is what the journal stores. A body that is not JSON (raw text or bytes) is
+/// refused rather than posted differently after a restart.
+pub(crate) fn json_body(object: &Bound<'_, PyAny>) -> PyResult<Box<RawValue>> {
+    let body = body(object)?;
+    let not_json = |why: String| {
+        PyValueError::new_err(format!(
+            "a journaled Conveyor.http stores each request body as JSON, and this body is not \
+             JSON ({why}): send a JSON-serialisable object, or str/bytes holding JSON text"
+        ))
+    };
+    let text = String::from_utf8(body).map_err(|e| not_json(e.to_string()))?;
+    RawValue::from_string(text).map_err(|e| not_json(e.to_string()))
 }
 
 /// The response to an item sent by `Conveyor.http`: `status` (2xx) and `body` (bytes).

@@ -237,7 +237,9 @@ impl PyConveyor {
     /// JSON text, made now while we hold the GIL.
     #[inline]
     fn item(&self, py: Python<'_>, object: Py<PyAny>) -> PyResult<Item> {
-        if self.options.http {
+        if self.options.http && self.options.journaled {
+            crate::http::json_body(object.bind(py)).map(Item::Json)
+        } else if self.options.http {
             crate::http::body(object.bind(py)).map(Item::Body)
         } else if self.options.journaled {
             crate::journal::dumps(object.bind(py)).map(Item::Json)
@@ -428,12 +430,6 @@ impl PyConveyor {
             builder = builder.durability(crate::journal::parse_durability(durability)?);
         }
         let journaled = journal.is_some();
-        if journaled && http_sink.is_some() {
-            return Err(PyValueError::new_err(
-                "journal= is not supported with Conveyor.http yet: use a Python sink that posts, \
-                 or drop journal=",
-            ));
-        }
         if let Some(path) = journal {
             builder = builder.journal(path);
         }

@@ -57,13 +57,15 @@ pub(crate) enum Item {
     Body(Vec<u8>),
 }
 
-/// The HTTP sink reads the body through this. Only HTTP conveyors use that sink, and their
-/// `send` only makes `Body` items, so the empty slice for the others is never sent.
+/// The HTTP sink reads the body through this. Only HTTP conveyors use that sink: their `send`
+/// makes `Body` items, or `Json` ones (the body's text) with a journal, which also replays them
+/// as `Json`. So the empty slice for `Object` is never sent.
 impl AsRef<[u8]> for Item {
     fn as_ref(&self) -> &[u8] {
         match self {
             Item::Body(body) => body,
-            Item::Object(_) | Item::Json(_) => &[],
+            Item::Json(json) => json.get().as_bytes(),
+            Item::Object(_) => &[],
         }
     }
 }

@@ -103,3 +103,31 @@ def test_unserialisable_items_are_refused_at_send(server):
 def test_bad_url_is_a_clear_error():
     with pytest.raises(ValueError, match="not-a-url"):
         conveyor.Conveyor.http("not-a-url")
+
+
+def test_a_journal_keeps_request_bodies_until_delivered_across_a_restart(server, tmp_path):
+    path = tmp_path / "events.journal"
+    with server.lock:
+        server.script = [(503, {})] * 10_000  # down: nothing gets through
+    c = conveyor.Conveyor.http(server.url, journal=path, retries=10_000, backoff=0.01)
+    for body in ({"n": 1}, "[2]", b'{"n": 3}'):
+        c.send(body)
+    report = c.close(timeout=0.3)
+    assert report.left == 3 and server.bodies == []
+    with server.lock:
+        server.script = []  # back up
+    with conveyor.Conveyor.http(server.url, journal=path) as again:
+        assert again.flush(timeout=10)
+    # The bytes posted after the restart are the bytes the first process would have posted.
+    assert server.bodies == [b'{"n": 1}', b"[2]", b'{"n": 3}']
+
+
+def test_a_journaled_http_conveyor_refuses_bodies_that_are_not_json(server, tmp_path):
+    with conveyor.Conveyor.http(server.url, journal=tmp_path / "events.journal") as c:
+        with pytest.raises(ValueError, match="not JSON"):
+            c.send("plain text")
+        with pytest.raises(ValueError, match="not JSON"):
+            c.send(b"\xff")
+        assert c.send("[1]").result(timeout=10).status == 200
+    assert c.stats.accepted == 1
+    assert server.bodies == [b"[1]"]
