@@ -121,3 +121,77 @@ proptest! {
         prop_assert_eq!(report.left, s.queued);
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    /// Several producers into a small queue: sends switch between the intake and the
+    /// full-queue path all the time, and seqs, lane order and counts must still hold.
+    #[test]
+    fn concurrent_producers_into_a_small_queue_keep_order_and_counts(
+        ordering in ordering(),
+        capacity in 1usize..8,
+        producers in 1usize..4,
+        per_producer in 1usize..150,
+        faults in proptest::collection::vec(fault(), 64),
+    ) {
+        // (lane, seq, producer, index) of every delivered item, in delivery order.
+        let seen = Arc::new(Mutex::new(Vec::<(String, u64, u64, u64)>::new()));
+        let s = seen.clone();
+        let c = Arc::new(Conveyor::<u64>::builder()
+            .ordering(ordering)
+            .capacity(capacity)
+            .retry(Retry::fixed(Duration::ZERO).max_attempts(2))
+            .build(move |d: Delivery<u64>| {
+                let (producer, index) = (*d.item() / 1_000, *d.item() % 1_000);
+                match faults[(d.item() % 64) as usize] {
+                    Fault::RetryableOnce if d.attempt() == 1 => {
+                        return Err(SinkError::retryable("once"))
+                    }
+                    Fault::AlwaysRetryable => return Err(SinkError::retryable("always")),
+                    Fault::Permanent => return Err(SinkError::permanent("never")),
+                    Fault::Panic => panic!("sink panic"),
+                    _ => {}
+                }
+                let lane = d.key().unwrap_or("").to_owned();
+                s.lock().unwrap().push((lane, d.seq(), producer, index));
+                Ok(())
+            })
+            .unwrap());
+        let threads: Vec<_> = (0..producers as u64)
+            .map(|p| {
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    for i in 0..per_producer as u64 {
+                        c.send_keyed(format!("k{}", i % 3), p * 1_000 + i).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        prop_assert!(c.flush_timeout(Duration::from_secs(30)));
+        let st = c.stats();
+        let total = (producers * per_producer) as u64;
+        prop_assert_eq!(st.accepted, total);
+        prop_assert_eq!((st.queued, st.in_flight, st.dropped), (0, 0, 0));
+        prop_assert_eq!(st.delivered + st.failed, total);
+        let seen = seen.lock().unwrap().clone();
+        prop_assert_eq!(seen.len() as u64, st.delivered);
+        if !matches!(ordering, Ordering::Pipelined { .. }) {
+            let keyed = matches!(ordering, Ordering::Keyed { .. });
+            let mut last_seq = BTreeMap::<String, u64>::new();
+            let mut last_index = BTreeMap::<(String, u64), u64>::new();
+            for (lane, seq, producer, index) in &seen {
+                let lane = if keyed { lane.clone() } else { String::new() };
+                if let Some(prev) = last_seq.insert(lane.clone(), *seq) {
+                    prop_assert!(prev < *seq, "lane {:?}: seq {} after {}", lane, seq, prev);
+                }
+                if let Some(prev) = last_index.insert((lane.clone(), *producer), *index) {
+                    prop_assert!(prev < *index, "producer {} out of order in lane {:?}", producer, lane);
+                }
+            }
+        }
+    }
+}
