@@ -27,6 +27,7 @@ pub(crate) struct Wake {
     pub(crate) task: bool,
 }
 
+/// What the intake lock guards (see the module doc).
 pub(crate) struct Intake<T, R> {
     /// Accepted items in seq order, not yet in their lanes.
     items: Vec<Arc<Node<T, R>>>,
@@ -42,7 +43,7 @@ pub(crate) struct Intake<T, R> {
     lanes_queued: u64,
     capacity: u64,
     /// Workers waiting for items, and how many of them were woken and have not run yet
-    /// (so a burst of sends costs one wake-up per worker, not one per item).
+    /// (so that a burst of sends costs one wake-up, not one per item).
     pub(crate) idle_threads: usize,
     pub(crate) woken_threads: usize,
     pub(crate) idle_tasks: usize,
@@ -92,8 +93,9 @@ impl<T, R> Intake<T, R> {
         self.items.is_empty()
     }
 
-    /// Moves the buffered items into `into` (emptied first) and records that the lanes
-    /// will hold `lanes_queued` items once they are enqueued.
+    /// Moves the buffered items into `into` (emptied first). `lanes_queued` is what the
+    /// lanes hold now; the count kept for the fast path adds the items taken, which the
+    /// caller enqueues before it releases the state lock.
     pub(crate) fn take(&mut self, into: &mut Vec<Arc<Node<T, R>>>, lanes_queued: u64) {
         into.clear();
         std::mem::swap(&mut self.items, into);
