@@ -10,9 +10,9 @@
 //! item may reach the sink before its group is committed, and after a crash its seq must not be
 //! handed to another item, or receivers that drop seqs they have seen would drop new items.
 //!
-//! If the engine ever accepts items outside its state lock (e.g. a producer-side injection
-//! queue), the `Append` push must move to the place where seqs are assigned, keeping both
-//! orders above.
+//! This is why a journaled conveyor has no fast path: sends that skip the state lock (the
+//! intake, `intake.rs`) are turned off with a journal. Turning them on would mean moving the
+//! `Append` push to where the intake assigns seqs, keeping both orders above.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
