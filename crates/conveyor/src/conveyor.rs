@@ -1099,8 +1099,12 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// ```
     pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, JournalError> {
         let durable = self.durable()?;
+        let removed = durable.operator();
         self.sync_journal(None);
-        durable.with_journal(|j| j.dead_letters())
+        let mut dead = durable.with_journal(|j| j.dead_letters())?;
+        // Removals not committed yet (the disk is full) are gone all the same.
+        dead.retain(|d| !removed.contains(&d.seq));
+        Ok(dead)
     }
 
     /// Sends dead letter `seq` again: it is enqueued at the end of its lane with a new seq
@@ -1114,15 +1118,19 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// decoding error if the payload no longer matches the item type.
     pub fn retry_dead(&self, seq: u64) -> Result<Receipt<R>, JournalError> {
         let durable = self.durable()?;
-        // Until the removal below is queued; the next operator call's sync commits it first.
-        let operator = durable.operator();
+        // Until the removal below is queued and recorded.
+        let mut removed = durable.operator();
+        let gone = || JournalError::NoSuchDeadLetter {
+            path: durable.path.clone(),
+            seq,
+        };
+        if removed.contains(&seq) {
+            return Err(gone());
+        }
         self.sync_journal(None);
         let dead = durable
             .with_journal(|j| j.dead_letter(seq))?
-            .ok_or_else(|| JournalError::NoSuchDeadLetter {
-                path: durable.path.clone(),
-                seq,
-            })?;
+            .ok_or_else(gone)?;
         let item =
             (durable.codec.decode)(&dead.payload).map_err(|reason| JournalError::Encode {
                 path: durable.path.clone(),
@@ -1147,7 +1155,8 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         };
         // After the append in the writer's order: both land in one commit, or the removal later.
         durable.push(Op::Settle(Settled::DiscardDead(seq)));
-        drop(operator);
+        removed.insert(seq);
+        drop(removed);
         self.wait_durable(&receipt);
         Ok(receipt)
     }
@@ -1160,9 +1169,17 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// [`Conveyor::dead_letters`] for the others.
     pub fn discard_dead(&self, seq: u64) -> Result<(), JournalError> {
         let durable = self.durable()?;
-        let _operator = durable.operator();
+        let mut removed = durable.operator();
+        if removed.contains(&seq) {
+            return Err(JournalError::NoSuchDeadLetter {
+                path: durable.path.clone(),
+                seq,
+            });
+        }
         self.sync_journal(None);
-        durable.with_journal(|j| j.discard_dead(seq))
+        durable.with_journal(|j| j.discard_dead(seq))?;
+        removed.insert(seq);
+        Ok(())
     }
 
     /// Stores an opaque input position (e.g. the last input line sent) in the journal. It is
@@ -1355,6 +1372,60 @@ impl<T: Send + Sync + 'static, R: Send + 'static> fmt::Debug for Conveyor<T, R> 
 mod tests {
     use super::*;
     use std::sync::mpsc;
+
+    #[test]
+    fn a_dead_letter_is_retried_once_while_its_removal_cannot_be_committed() {
+        use crate::SinkError;
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering as O};
+        let dir = tempfile::tempdir().unwrap();
+        let failing = Arc::new(AtomicBool::new(true));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (f, n) = (failing.clone(), calls.clone());
+        // The retried item stays in flight until released, so its append (200 KB) cannot be
+        // settled away in the writer's group: the commit must write it, and fails.
+        let (release, gate) = mpsc::channel::<()>();
+        let gate = Mutex::new(gate);
+        let c: Conveyor<String> = Conveyor::builder()
+            .journal(dir.path().join("j"))
+            .build(move |_d: crate::Delivery<String>| {
+                if f.load(O::SeqCst) {
+                    return Err(SinkError::permanent("down"));
+                }
+                n.fetch_add(1, O::SeqCst);
+                let _ = gate.lock().unwrap().recv();
+                Ok(())
+            })
+            .unwrap();
+        c.send("x".repeat(200_000)).unwrap().wait().unwrap_err();
+        failing.store(false, O::SeqCst);
+        let seq = c.dead_letters().unwrap()[0].seq;
+        // From now on the file may not grow: commits fail as on a full disk.
+        let durable = c.shared.durable.as_ref().unwrap();
+        durable
+            .with_journal(|j| {
+                j.compact()?;
+                j.limit_pages(1);
+                Ok(())
+            })
+            .unwrap();
+        let first = c.retry_dead(seq).unwrap();
+        let gone =
+            |r: Result<_, JournalError>| matches!(r, Err(JournalError::NoSuchDeadLetter { .. }));
+        assert!(gone(c.retry_dead(seq).map(|_| ())), "retried twice");
+        assert!(gone(c.discard_dead(seq)), "discarded after its retry");
+        assert!(c.dead_letters().unwrap().is_empty());
+        assert!(c.journal_error().is_some(), "the commits did fail meanwhile");
+        drop(release);
+        first.wait().unwrap();
+        durable
+            .with_journal(|j| {
+                j.limit_pages(1 << 30);
+                Ok(())
+            })
+            .unwrap();
+        c.flush();
+        assert_eq!(calls.load(O::SeqCst), 1);
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn cancelled_async_waiters_unregister() {

@@ -14,6 +14,7 @@
 //! intake, `intake.rs`) are turned off with a journal. Turning them on would mean moving the
 //! `Append` push to where the intake assigns seqs, keeping both orders above.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
 use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError};
@@ -148,9 +149,11 @@ pub(crate) struct Durable<T> {
     pub(crate) seq_limit: Arc<AtomicU64>,
     /// Called after the writer raised `seq_limit`, to wake senders that waited for it.
     on_extend: Arc<OnceLock<Box<dyn Fn() + Send + Sync>>>,
-    /// Held by an operator call on a dead letter from reading it until its removal is queued,
-    /// so two calls on the same one (two retries, a retry and a discard) cannot both act.
-    operator: Mutex<()>,
+    /// The dead letters operator calls have retried or discarded. Held by such a call from
+    /// reading the dead letter until its removal is queued, so two calls on the same one (two
+    /// retries, a retry and a discard) cannot both act. The set, not the file, says what is
+    /// gone: a removal may wait for a commit (a full disk), and seqs are never reused.
+    operator: Mutex<HashSet<u64>>,
 }
 
 /// Ops the engine may queue ahead of the writer: the conveyor's capacity, within these bounds,
@@ -229,12 +232,13 @@ impl<T> Durable<T> {
             writer: Mutex::new(Some(handle)),
             seq_limit,
             on_extend,
-            operator: Mutex::new(()),
+            operator: Mutex::new(HashSet::new()),
         })
     }
 
-    /// Serialises operator calls on dead letters (see `operator`).
-    pub(crate) fn operator(&self) -> MutexGuard<'_, ()> {
+    /// Serialises operator calls on dead letters and says which ones they removed (see
+    /// `operator`).
+    pub(crate) fn operator(&self) -> MutexGuard<'_, HashSet<u64>> {
         lock(&self.operator)
     }
 
