@@ -488,7 +488,15 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             match (shared.config.backpressure, wait) {
                 (Backpressure::Block, Wait::Thread) | (_, Wait::ThreadAlways) => {
                     drop(ik);
-                    if self.waiting_would_hang() {
+                    // Only the workers free room in a full queue, or for a replay that is waiting
+                    // for room; a replay still loading, or the journal's seq reservation being
+                    // extended, runs on a thread of its own.
+                    let needs_workers = match room {
+                        Room::Full => true,
+                        Room::Later => st.replaying && !st.room_for_replay(),
+                        Room::Free => false,
+                    };
+                    if needs_workers && self.waiting_would_hang() {
                         drop(st); // not poisoned by the panic
                         hang_refused("send");
                     }
@@ -625,8 +633,9 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     ///
     /// # Panics
     ///
-    /// If it would have to wait for room on the thread of a current-thread Tokio runtime that runs
-    /// this conveyor's async sink: that runtime could not deliver anything meanwhile.
+    /// If the queue is full and it would have to wait for room on the thread of a
+    /// current-thread Tokio runtime that runs this conveyor's async sink: that runtime could
+    /// not deliver anything meanwhile.
     ///
     /// # Examples
     ///
@@ -774,16 +783,14 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             && tokio::runtime::Handle::try_current().is_ok()
     }
 
-    /// Refuses a blocking wait that could never end (see `waiting_would_hang`), as Tokio
-    /// refuses `block_on` inside a runtime: loudly, instead of hanging.
-    fn refuse_to_hang(&self, what: &str) {
+    fn flush_until(&self, mut deadline: Option<Instant>) -> bool {
         if self.waiting_would_hang() {
-            hang_refused(what);
+            // The workers cannot run while this thread waits: only say how things stand.
+            match deadline {
+                None => hang_refused("flush"),
+                Some(_) => deadline = Some(Instant::now()),
+            }
         }
-    }
-
-    fn flush_until(&self, deadline: Option<Instant>) -> bool {
-        self.refuse_to_hang("flush");
         blocking_section(|| {
             let shared = &*self.shared;
             let mut st = shared.lock();
@@ -822,10 +829,9 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
 
     /// [`Conveyor::flush`] for at most `timeout`; returns whether everything settled.
     ///
-    /// # Panics
-    ///
-    /// If it would have to wait on the thread of a current-thread Tokio runtime that runs
-    /// this conveyor's async sink: that runtime could not deliver anything meanwhile.
+    /// On the thread of a current-thread Tokio runtime that runs this conveyor's async sink,
+    /// it does not wait (that runtime could not deliver anything meanwhile): it says whether
+    /// everything has settled already.
     ///
     /// # Examples
     ///
@@ -1278,6 +1284,9 @@ fn start_replay<T: Send + Sync + 'static, R: Send + 'static>(
                     let mut st = shared.lock();
                     // `close` drains the replay too; only its deadline stops it.
                     while !st.room_for_replay() && !st.abandoned {
+                        // Senders waiting behind the replay look again: one on the async sink's
+                        // own runtime thread must not wait for a replay that waits for workers.
+                        shared.space.notify_all();
                         st.waiters.blocked_senders += 1;
                         st = shared.wait(&shared.space, st);
                         st.waiters.blocked_senders -= 1;
@@ -1322,7 +1331,8 @@ fn give_back<T, R>(e: SendError<Arc<Node<T, R>>>) -> SendError<T> {
     }
 }
 
-/// See `Conveyor::refuse_to_hang`.
+/// Refuses a blocking wait that could never end (see `Conveyor::waiting_would_hang`), as
+/// Tokio refuses `block_on` inside a runtime: loudly, instead of hanging.
 fn hang_refused(what: &str) -> ! {
     panic!(
         "Conveyor::{what} would wait forever: this conveyor's async sink runs on the \
@@ -1414,7 +1424,10 @@ mod tests {
         assert!(gone(c.retry_dead(seq).map(|_| ())), "retried twice");
         assert!(gone(c.discard_dead(seq)), "discarded after its retry");
         assert!(c.dead_letters().unwrap().is_empty());
-        assert!(c.journal_error().is_some(), "the commits did fail meanwhile");
+        assert!(
+            c.journal_error().is_some(),
+            "the commits did fail meanwhile"
+        );
         drop(release);
         first.wait().unwrap();
         durable

@@ -256,8 +256,12 @@ pub(crate) async fn async_worker<T: Send + Sync + 'static, R: Send + 'static>(
 ) {
     let mut finished = None;
     let mut settle = Vec::new();
-    let mut done = 0;
-    let mut registered_idle = false;
+    let mut task = TaskPresence {
+        shared: &shared,
+        idle: false,
+        done: 0,
+        exited: false,
+    };
     loop {
         // Enabled only right before the worker registers idle (under the state lock): a
         // Notified left enabled while running a job would be first in line for
@@ -266,20 +270,18 @@ pub(crate) async fn async_worker<T: Send + Sync + 'static, R: Send + 'static>(
         tokio::pin!(notified);
         let step = {
             let mut st = shared.lock();
-            if std::mem::take(&mut registered_idle) {
-                shared.unregister_idle(&mut st, false);
-            }
-            shared.settled_outside(&mut st, std::mem::take(&mut done));
+            task.report(&mut st);
             let mut step = shared.step(&mut st, worker, finished.take(), &mut settle);
-            while matches!(step, Step::Wait) && !registered_idle {
+            while matches!(step, Step::Wait) && !task.idle {
                 notified.as_mut().enable();
-                registered_idle = shared.register_idle(&mut st, false);
-                if !registered_idle {
+                task.idle = shared.register_idle(&mut st, false);
+                if !task.idle {
                     // Items arrived since the step looked: take them.
                     step = shared.step(&mut st, worker, None, &mut settle);
                 }
             }
             if let Step::Exit = step {
+                task.exited = true;
                 shared.exit(&mut st);
             }
             step
@@ -288,7 +290,7 @@ pub(crate) async fn async_worker<T: Send + Sync + 'static, R: Send + 'static>(
             // Not waiting: a notification it got goes on to another waiter.
             notified.set(shared.work_async.notified());
         }
-        done = settle_all(&mut settle);
+        task.done = settle_all(&mut settle);
         match step {
             Step::Run(mut job, wake) => {
                 shared.notify_workers(wake);
@@ -296,9 +298,43 @@ pub(crate) async fn async_worker<T: Send + Sync + 'static, R: Send + 'static>(
                 finished = Some((job, outcome));
             }
             // Report fresh settlements before sleeping: a flush may be waiting for them.
-            Step::Wait if done > 0 => {}
+            Step::Wait if task.done > 0 => {}
             Step::Wait => notified.await,
-            Step::Exit => return shared.settled_outside(&mut shared.lock(), done),
+            Step::Exit => return task.report(&mut shared.lock()),
+        }
+    }
+}
+
+/// An async worker's standing in the state. Its task can be dropped at any `.await` when its
+/// runtime shuts down; the drop then leaves as `exit` would, so that `flush` and `close` see
+/// no worker is left instead of waiting for one that will never run again.
+struct TaskPresence<'a, T: Send + Sync + 'static, R: Send + 'static> {
+    shared: &'a Shared<T, R>,
+    /// Registered idle in the intake.
+    idle: bool,
+    /// Receipts settled since the state lock was last held.
+    done: u64,
+    exited: bool,
+}
+
+impl<T: Send + Sync + 'static, R: Send + 'static> TaskPresence<'_, T, R> {
+    /// Back at the state lock: no longer idle, and the settlements made outside reported.
+    fn report(&mut self, st: &mut State<T, R>) {
+        if std::mem::take(&mut self.idle) {
+            self.shared.unregister_idle(st, false);
+        }
+        self.shared
+            .settled_outside(st, std::mem::take(&mut self.done));
+    }
+}
+
+impl<T: Send + Sync + 'static, R: Send + 'static> Drop for TaskPresence<'_, T, R> {
+    fn drop(&mut self) {
+        if !self.exited {
+            // Its job, if one was running, stays in flight: `close` reports it as left.
+            let mut st = self.shared.lock();
+            self.report(&mut st);
+            self.shared.exit(&mut st);
         }
     }
 }

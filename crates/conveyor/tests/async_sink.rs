@@ -147,6 +147,8 @@ async fn blocking_waits_on_the_sinks_own_runtime_thread_fail_loudly_instead_of_h
     c.send(1).unwrap();
     let flush = catch_unwind(AssertUnwindSafe(|| c.flush())).unwrap_err();
     assert!(panic_message(flush).contains("flush_async"));
+    // A bounded flush only says how things stand.
+    assert!(!c.flush_timeout(GENEROUS));
     let send = catch_unwind(AssertUnwindSafe(|| c.send(2))).unwrap_err();
     assert!(panic_message(send).contains("send_async"));
     c.flush_async().await;
@@ -169,4 +171,31 @@ async fn dropping_on_the_sinks_own_runtime_thread_reports_at_once() {
     for r in receipts {
         assert!(matches!(r.await, Err(DeliveryError::Closed)));
     }
+}
+
+#[test]
+fn a_runtime_shut_down_under_the_workers_leaves_nothing_to_wait_for() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let c: Conveyor<u64> = rt.block_on(async {
+        let c = Conveyor::builder()
+            .drain_timeout(GENEROUS)
+            .build_async(|_d: Delivery<u64>| std::future::pending())
+            .unwrap();
+        c.send_async(1).await.unwrap();
+        c.send_async(2).await.unwrap();
+        tokio::task::yield_now().await; // a worker takes item 1 and waits in the sink
+        c
+    });
+    drop(rt); // drops the worker tasks where they wait
+    let started = std::time::Instant::now();
+    assert!(!c.flush_timeout(GENEROUS), "no worker is left to deliver");
+    let report = c.close_timeout(GENEROUS);
+    assert!(
+        started.elapsed() < GENEROUS,
+        "waited for workers that are gone"
+    );
+    assert_eq!((report.drained, report.left), (false, 2));
 }
