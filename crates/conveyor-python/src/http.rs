@@ -97,7 +97,15 @@ pub(crate) fn json_body(object: &Bound<'_, PyAny>) -> PyResult<Box<RawValue>> {
         ))
     };
     let text = String::from_utf8(body).map_err(|e| not_json(e.to_string()))?;
-    RawValue::from_string(text).map_err(|e| not_json(e.to_string()))
+    let length = text.len();
+    let json = RawValue::from_string(text).map_err(|e| not_json(e.to_string()))?;
+    // The journal keeps the JSON value, not whitespace around it.
+    if json.get().len() != length {
+        return Err(not_json(
+            "it has whitespace around the JSON value".to_owned(),
+        ));
+    }
+    Ok(json)
 }
 
 /// The response to an item sent by `Conveyor.http`: `status` (2xx) and `body` (bytes).

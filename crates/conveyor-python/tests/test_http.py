@@ -128,6 +128,8 @@ def test_a_journaled_http_conveyor_refuses_bodies_that_are_not_json(server, tmp_
             c.send("plain text")
         with pytest.raises(ValueError, match="not JSON"):
             c.send(b"\xff")
+        with pytest.raises(ValueError, match="whitespace"):
+            c.send(b'{"a": 1}\r\n')  # would be posted without its line end after a restart
         assert c.send("[1]").result(timeout=10).status == 200
     assert c.stats.accepted == 1
     assert server.bodies == [b"[1]"]
