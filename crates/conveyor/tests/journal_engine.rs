@@ -684,33 +684,30 @@ fn drop_oldest_during_replay_never_evicts_replayed_items() {
     );
 }
 
-/// A journal left with `n` pending items.
-fn journal_with_pending(path: &Path, n: u64) {
-    let (c, release) = stalled(path, Ordering::Strict);
-    for i in 0..n {
+/// An async-sink conveyor built inside the current-thread runtime that runs it, on a journal
+/// left with `pending` items (so it starts by replaying them).
+fn replaying_on_this_runtime(pending: u64, capacity: usize) -> (tempfile::TempDir, Conveyor<u64>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    let (c, release) = stalled(&path, Ordering::Strict);
+    for i in 0..pending {
         c.send(i).unwrap();
     }
     drop(c); // the drain deadline passes: everything stays pending
     drop(release);
-}
-
-/// An async-sink conveyor on `path`, built inside the current-thread runtime that runs it.
-fn async_on_this_runtime(path: &Path, capacity: usize) -> Conveyor<u64> {
-    Conveyor::builder()
-        .journal(path)
+    let c = Conveyor::builder()
+        .journal(&path)
         .capacity(capacity)
         .build_async(|_d: Delivery<u64>| async { Ok(()) })
-        .unwrap()
+        .unwrap();
+    (dir, c)
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_send_waiting_for_a_replay_that_needs_no_worker_waits() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("j");
-    journal_with_pending(&path, 20_000);
     // The whole backlog fits in the capacity: the replay finishes on its own thread, so a
     // blocking send on the sink's own runtime thread may wait for it.
-    let c = async_on_this_runtime(&path, 100_000);
+    let (_dir, c) = replaying_on_this_runtime(20_000, 100_000);
     let receipt = c.send(1).unwrap();
     c.flush_async().await;
     assert_eq!(c.stats().delivered, 20_001);
@@ -720,11 +717,8 @@ async fn a_send_waiting_for_a_replay_that_needs_no_worker_waits() {
 #[tokio::test(flavor = "current_thread")]
 async fn a_send_waiting_for_a_replay_that_needs_the_workers_fails_loudly() {
     use std::panic::{catch_unwind, AssertUnwindSafe};
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("j");
-    journal_with_pending(&path, 5_000);
     // The replay stops at the capacity until workers make room; they run on this thread.
-    let c = async_on_this_runtime(&path, 100);
+    let (_dir, c) = replaying_on_this_runtime(5_000, 100);
     let send = catch_unwind(AssertUnwindSafe(|| c.send(1))).unwrap_err();
     let message = send.downcast_ref::<String>().cloned().unwrap_or_default();
     assert!(message.contains("send_async"), "{message}");
