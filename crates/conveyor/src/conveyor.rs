@@ -1124,45 +1124,46 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// decoding error if the payload no longer matches the item type.
     pub fn retry_dead(&self, seq: u64) -> Result<Receipt<R>, JournalError> {
         let durable = self.durable()?;
-        // Until the removal below is queued and recorded.
-        let mut removed = durable.operator();
         let gone = || JournalError::NoSuchDeadLetter {
             path: durable.path.clone(),
             seq,
         };
-        if removed.contains(&seq) {
-            return Err(gone());
-        }
-        self.sync_journal(None);
-        let dead = durable
-            .with_journal(|j| j.dead_letter(seq))?
-            .ok_or_else(gone)?;
-        let item =
-            (durable.codec.decode)(&dead.payload).map_err(|reason| JournalError::Encode {
+        let dead = {
+            let mut removed = durable.operator();
+            if removed.contains(&seq) {
+                return Err(gone());
+            }
+            self.sync_journal(None);
+            let dead = durable
+                .with_journal(|j| j.dead_letter(seq))?
+                .ok_or_else(gone)?;
+            // Claimed: other operator calls see it gone from now on, and none of them waits
+            // while the send below waits for room.
+            removed.insert(seq);
+            dead
+        };
+        let unclaim = |error: JournalError| {
+            durable.operator().remove(&seq);
+            error
+        };
+        let item = (durable.codec.decode)(&dead.payload).map_err(|reason| {
+            unclaim(JournalError::Encode {
                 path: durable.path.clone(),
                 reason: format!(
                     "dead letter {seq} cannot be decoded as this conveyor's item type: {reason}"
                 ),
-            })?;
+            })
+        })?;
         let key = dead.key.map(Arc::from);
         let mut payload = Some(dead.payload);
-        let receipt = match self.submit(
-            Arc::new(Node::new(key, item)),
-            &mut payload,
-            Wait::ThreadAlways,
-            false,
-        ) {
-            Ok(receipt) => receipt,
-            Err(_) => {
-                return Err(JournalError::Closed {
-                    path: durable.path.clone(),
-                })
-            }
+        let node = Arc::new(Node::new(key, item));
+        let Ok(receipt) = self.submit(node, &mut payload, Wait::ThreadAlways, false) else {
+            return Err(unclaim(JournalError::Closed {
+                path: durable.path.clone(),
+            }));
         };
         // After the append in the writer's order: both land in one commit, or the removal later.
         durable.push(Op::Settle(Settled::DiscardDead(seq)));
-        removed.insert(seq);
-        drop(removed);
         self.wait_durable(&receipt);
         Ok(receipt)
     }

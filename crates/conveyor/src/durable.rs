@@ -150,7 +150,7 @@ pub(crate) struct Durable<T> {
     /// Called after the writer raised `seq_limit`, to wake senders that waited for it.
     on_extend: Arc<OnceLock<Box<dyn Fn() + Send + Sync>>>,
     /// The dead letters operator calls have retried or discarded. Held by such a call from
-    /// reading the dead letter until its removal is queued, so two calls on the same one (two
+    /// reading the dead letter until it is recorded here, so two calls on the same one (two
     /// retries, a retry and a discard) cannot both act. The set, not the file, says what is
     /// gone: a removal may wait for a commit (a full disk), and seqs are never reused.
     operator: Mutex<HashSet<u64>>,

@@ -725,3 +725,58 @@ async fn a_send_waiting_for_a_replay_that_needs_the_workers_fails_loudly() {
     c.flush_async().await;
     assert_eq!(c.stats().delivered, 5_000);
 }
+
+#[test]
+fn a_retry_waiting_for_room_does_not_hold_up_other_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    let (release, gate) = mpsc::channel::<()>();
+    let gate = Mutex::new(gate);
+    let c = Arc::new(
+        Conveyor::builder()
+            .journal(dir.path().join("j"))
+            .capacity(1)
+            .build(move |d: Delivery<u64>| {
+                if *d.item() < 2 {
+                    return Err(SinkError::permanent("refused"));
+                }
+                let _ = gate.lock().unwrap().recv(); // stuck until released
+                Ok(())
+            })
+            .unwrap(),
+    );
+    for i in 0..2 {
+        c.send(i).unwrap().wait().unwrap_err();
+    }
+    let dead: Vec<u64> = c.dead_letters().unwrap().iter().map(|d| d.seq).collect();
+    c.send(2).unwrap(); // in flight, stuck
+    while c.stats().in_flight == 0 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    c.send(3).unwrap(); // the queue is full
+    let retry = {
+        let c = c.clone();
+        let seq = dead[0];
+        std::thread::spawn(move || c.retry_dead(seq).map(|r| r.seq()))
+    };
+    // The retry has claimed its dead letter and now waits for room.
+    while c.dead_letters().unwrap().len() == 2 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let (done_tx, done) = mpsc::channel();
+    let discard = {
+        let (c, seq) = (c.clone(), dead[1]);
+        std::thread::spawn(move || done_tx.send(c.discard_dead(seq)).unwrap())
+    };
+    let discarded = done.recv_timeout(Duration::from_secs(30));
+    drop(release);
+    discard.join().unwrap();
+    assert!(
+        matches!(discarded, Ok(Ok(()))),
+        "the discard waited for the retry's room: {discarded:?}"
+    );
+    let retried = retry.join().unwrap().unwrap();
+    c.flush();
+    // The retried item failed again (the sink refuses it): a new dead letter, under its new seq.
+    let left: Vec<u64> = c.dead_letters().unwrap().iter().map(|d| d.seq).collect();
+    assert_eq!(left, vec![retried]);
+}
