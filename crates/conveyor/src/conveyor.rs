@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
@@ -45,6 +46,9 @@ pub(crate) struct Shared<T, R> {
     pub(crate) id_prefix: Arc<str>,
     /// The journal and its writer, if one was configured. `None` costs the hot path one branch.
     pub(crate) durable: Option<Durable<T>>,
+    /// The thread of the current-thread Tokio runtime the async workers run on, if they run on
+    /// one: a blocking wait there would stop the very runtime that must make progress.
+    runtime_thread: Option<ThreadId>,
 }
 
 impl<T, R> Shared<T, R> {
@@ -52,6 +56,11 @@ impl<T, R> Shared<T, R> {
         // State transitions never call user code under the lock, so a panic cannot
         // leave it half-updated; recover the guard instead of cascading the panic.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A node for a new item, whose receipt knows where waiting for it would hang.
+    pub(crate) fn node(&self, key: Option<Arc<str>>, item: T) -> Arc<Node<T, R>> {
+        Arc::new(Node::new(key, item).on_runtime_thread(self.runtime_thread))
     }
 
     /// The intake; take it after the state lock, never before (see `intake.rs`).
@@ -311,9 +320,6 @@ pub struct Conveyor<T: Send + Sync + 'static, R: Send + 'static = ()> {
     runtime: Option<tokio::runtime::Runtime>,
     /// Blocking-sink worker threads, joined by `close` once they have exited.
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
-    /// The thread of the current-thread Tokio runtime the async workers run on, if they run on
-    /// one: a blocking wait there would stop the very runtime that must make progress.
-    runtime_thread: Option<std::thread::ThreadId>,
 }
 
 impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
@@ -359,6 +365,15 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         state.seq_limit = opened.as_ref().map(|d| d.seq_limit.clone());
         // A journal's appends are queued under the state lock in seq order: no fast path.
         let intake = Intake::new(first_seq, config.capacity, opened.is_none());
+        let ambient = tokio::runtime::Handle::try_current().ok();
+        let runtime_thread = match (&sink, &ambient) {
+            (Sink::Async(_), Some(handle))
+                if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread =>
+            {
+                Some(std::thread::current().id())
+            }
+            _ => None,
+        };
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
             intake: CachePadded(Mutex::new(intake)),
@@ -371,12 +386,12 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             config,
             id_prefix: Arc::from(id_prefix),
             durable: opened,
+            runtime_thread,
         });
         let mut conveyor = Conveyor {
             shared: shared.clone(),
             runtime: None,
             threads: Mutex::new(Vec::new()),
-            runtime_thread: None,
         };
         match sink {
             Sink::Blocking(f) => {
@@ -403,14 +418,9 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
                 }
             }
             Sink::Async(f) => {
-                let handle = match tokio::runtime::Handle::try_current() {
-                    Ok(handle) => {
-                        if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread {
-                            conveyor.runtime_thread = Some(std::thread::current().id());
-                        }
-                        handle
-                    }
-                    Err(_) => {
+                let handle = match ambient {
+                    Some(handle) => handle,
+                    None => {
                         let rt = tokio::runtime::Builder::new_multi_thread()
                             .worker_threads(2)
                             .thread_name("conveyor-async")
@@ -609,7 +619,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         wait: Wait,
     ) -> Result<Receipt<R>, SendError<T>> {
         let (item, mut payload) = self.journal_payload(item)?;
-        match self.submit(Arc::new(Node::new(key, item)), &mut payload, wait, false) {
+        match self.submit(self.shared.node(key, item), &mut payload, wait, false) {
             Ok(receipt) => {
                 self.wait_durable(&receipt);
                 Ok(receipt)
@@ -714,7 +724,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         item: T,
     ) -> Result<Receipt<R>, SendError<T>> {
         let (item, mut payload) = self.journal_payload(item)?;
-        let mut node = Arc::new(Node::new(key, item));
+        let mut node = self.shared.node(key, item);
         let mut waiter = AsyncWaiter::new(&self.shared, |w| &mut w.async_senders);
         loop {
             let notified = self.shared.space_async.notified();
@@ -779,7 +789,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// Whether a blocking wait here would never end: this thread drives the current-thread
     /// runtime the async sink runs on, and cannot while it waits.
     fn waiting_would_hang(&self) -> bool {
-        self.runtime_thread == Some(std::thread::current().id())
+        self.shared.runtime_thread == Some(std::thread::current().id())
             && tokio::runtime::Handle::try_current().is_ok()
     }
 
@@ -1156,7 +1166,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         })?;
         let key = dead.key.map(Arc::from);
         let mut payload = Some(dead.payload);
-        let node = Arc::new(Node::new(key, item));
+        let node = self.shared.node(key, item);
         let Ok(receipt) = self.submit(node, &mut payload, Wait::ThreadAlways, false) else {
             return Err(unclaim(JournalError::Closed {
                 path: durable.path.clone(),
@@ -1280,7 +1290,7 @@ fn start_replay<T: Send + Sync + 'static, R: Send + 'static>(
                             continue;
                         }
                     };
-                    let node = Arc::new(Node::new(record.key, item));
+                    let node = shared.node(record.key, item);
                     node.set_seq(record.seq);
                     let mut st = shared.lock();
                     // `close` drains the replay too; only its deadline stops it.

@@ -7,6 +7,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use crate::error::DeliveryError;
@@ -24,6 +25,9 @@ pub(crate) struct Node<T, R> {
     key: Option<Arc<str>>,
     item: T,
     slot: Slot<R>,
+    /// The thread of the current-thread runtime its async sink runs on, if any: blocking
+    /// there until it settles would never end.
+    runtime_thread: Option<ThreadId>,
 }
 
 impl<T, R> Node<T, R> {
@@ -33,7 +37,13 @@ impl<T, R> Node<T, R> {
             key,
             item,
             slot: Slot::new(),
+            runtime_thread: None,
         }
+    }
+
+    pub(crate) fn on_runtime_thread(mut self, thread: Option<ThreadId>) -> Self {
+        self.runtime_thread = thread;
+        self
     }
 
     pub(crate) fn set_seq(&self, seq: u64) {
@@ -80,6 +90,7 @@ impl<T: Send + Sync, R: Send> ItemView<T> for Node<T, R> {
 trait SlotView<R>: Send + Sync {
     fn slot(&self) -> &Slot<R>;
     fn seq(&self) -> u64;
+    fn runtime_thread(&self) -> Option<ThreadId>;
 }
 
 impl<T: Send + Sync, R: Send> SlotView<R> for Node<T, R> {
@@ -88,6 +99,9 @@ impl<T: Send + Sync, R: Send> SlotView<R> for Node<T, R> {
     }
     fn seq(&self) -> u64 {
         Node::seq(self)
+    }
+    fn runtime_thread(&self) -> Option<ThreadId> {
+        self.runtime_thread
     }
 }
 
@@ -287,12 +301,20 @@ impl<R> Receipt<R> {
     /// # Errors
     ///
     /// The [`DeliveryError`] that says how the item ended if it was not delivered.
+    ///
+    /// # Panics
+    ///
+    /// If the item has not settled and this is the thread of a current-thread Tokio runtime
+    /// that runs the conveyor's async sink, which could not settle it meanwhile: `.await` the
+    /// receipt there.
     pub fn wait(mut self) -> Result<R, DeliveryError> {
         self.wait_until(None)
             .expect("waiting without a deadline always yields a result")
     }
 
-    /// Blocks for at most `timeout`; `None` if the item has not settled by then.
+    /// Blocks for at most `timeout`; `None` if the item has not settled by then. On the thread
+    /// of a current-thread Tokio runtime that runs the conveyor's async sink, it does not
+    /// block (nothing could settle the item meanwhile).
     ///
     /// # Panics
     ///
@@ -300,6 +322,12 @@ impl<R> Receipt<R> {
     /// polling the receipt as a future to completion.
     pub fn wait_timeout(&mut self, timeout: Duration) -> Option<Result<R, DeliveryError>> {
         self.wait_until(Instant::now().checked_add(timeout))
+    }
+
+    /// See `Conveyor::waiting_would_hang`.
+    fn waiting_would_hang(&self) -> bool {
+        self.node.runtime_thread() == Some(std::thread::current().id())
+            && tokio::runtime::Handle::try_current().is_ok()
     }
 
     fn wait_until(&mut self, deadline: Option<Instant>) -> Option<Result<R, DeliveryError>> {
@@ -315,6 +343,18 @@ impl<R> Receipt<R> {
                     return Some(result);
                 }
                 SlotState::Taken => panic!("the receipt's result was already taken"),
+                SlotState::Pending { .. } if self.waiting_would_hang() => {
+                    // Only the runtime this thread drives could settle it.
+                    if deadline.is_none() {
+                        drop(state);
+                        panic!(
+                            "Receipt::wait would wait forever: the conveyor's async sink runs \
+                             on the current-thread Tokio runtime of this very thread, which \
+                             cannot run it while the thread waits; .await the receipt instead"
+                        );
+                    }
+                    return None;
+                }
                 SlotState::Pending { thread_waiting, .. } => {
                     *thread_waiting = true;
                     state = match deadline {

@@ -132,10 +132,13 @@ fn on_this_runtime(capacity: usize) -> Conveyor<u64> {
 }
 
 fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
-    payload
-        .downcast_ref::<String>()
-        .cloned()
-        .unwrap_or_default()
+    match payload.downcast_ref::<&str>() {
+        Some(text) => (*text).to_owned(),
+        None => payload
+            .downcast_ref::<String>()
+            .cloned()
+            .unwrap_or_default(),
+    }
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -144,13 +147,17 @@ async fn blocking_waits_on_the_sinks_own_runtime_thread_fail_loudly_instead_of_h
     let c = on_this_runtime(1);
     // Finds room, so it never waits; and fills the queue (capacity 1), as nothing runs
     // until this task awaits.
-    c.send(1).unwrap();
+    let mut receipt = c.send(1).unwrap();
     let flush = catch_unwind(AssertUnwindSafe(|| c.flush())).unwrap_err();
     assert!(panic_message(flush).contains("flush_async"));
     // A bounded flush only says how things stand.
     assert!(!c.flush_timeout(GENEROUS));
     let send = catch_unwind(AssertUnwindSafe(|| c.send(2))).unwrap_err();
     assert!(panic_message(send).contains("send_async"));
+    // Nor can a receipt be waited for here: only this thread's runtime could settle it.
+    assert!(receipt.wait_timeout(GENEROUS).is_none());
+    let wait = catch_unwind(AssertUnwindSafe(move || receipt.wait())).unwrap_err();
+    assert!(panic_message(wait).contains(".await the receipt"));
     c.flush_async().await;
     assert_eq!(c.stats().delivered, 1);
     // Nothing left after the async flush: close returns at once, drained.
