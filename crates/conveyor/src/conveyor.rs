@@ -789,8 +789,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// Whether a blocking wait here would never end: this thread drives the current-thread
     /// runtime the async sink runs on, and cannot while it waits.
     fn waiting_would_hang(&self) -> bool {
-        self.shared.runtime_thread == Some(std::thread::current().id())
-            && tokio::runtime::Handle::try_current().is_ok()
+        crate::receipt::waiting_would_hang(self.shared.runtime_thread)
     }
 
     fn flush_until(&self, mut deadline: Option<Instant>) -> bool {

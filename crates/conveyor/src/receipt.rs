@@ -173,6 +173,14 @@ impl<R> Slot<R> {
     }
 }
 
+/// Whether blocking this thread would stop the current-thread runtime that runs a conveyor's
+/// async sink (`runtime_thread`, if it runs on one): this thread built the conveyor inside that
+/// runtime and is inside a runtime context again.
+pub(crate) fn waiting_would_hang(runtime_thread: Option<ThreadId>) -> bool {
+    runtime_thread == Some(std::thread::current().id())
+        && tokio::runtime::Handle::try_current().is_ok()
+}
+
 /// One item as handed to the sink, with its identity.
 ///
 /// A `Delivery` is owned and `'static`, so an async sink can move it into its future.
@@ -324,10 +332,8 @@ impl<R> Receipt<R> {
         self.wait_until(Instant::now().checked_add(timeout))
     }
 
-    /// See `Conveyor::waiting_would_hang`.
     fn waiting_would_hang(&self) -> bool {
-        self.node.runtime_thread() == Some(std::thread::current().id())
-            && tokio::runtime::Handle::try_current().is_ok()
+        waiting_would_hang(self.node.runtime_thread())
     }
 
     fn wait_until(&mut self, deadline: Option<Instant>) -> Option<Result<R, DeliveryError>> {
