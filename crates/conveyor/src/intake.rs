@@ -102,7 +102,8 @@ impl<T, R> Intake<T, R> {
         self.lanes_queued = lanes_queued + into.len() as u64;
     }
 
-    /// Refreshes the lanes' count (by a holder of the state lock, with the intake empty).
+    /// Refreshes the lanes' count (by a holder of the state lock; the intake's own items are
+    /// counted apart).
     pub(crate) fn set_lanes_queued(&mut self, queued: u64) {
         self.lanes_queued = queued;
     }

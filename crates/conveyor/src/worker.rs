@@ -67,9 +67,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
                     settle.push(settlement);
                 }
                 // Back in its lane: the intake's copy of the lanes' count is now low.
-                None => {
-                    self.drain(st);
-                }
+                None => self.intake().set_lanes_queued(st.queued()),
             }
             self.wake_flushers(st);
         }

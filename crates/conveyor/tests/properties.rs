@@ -17,6 +17,19 @@ enum Fault {
     Panic,
 }
 
+impl Fault {
+    /// What the sink does on this attempt of an item with this fault: fail, panic, or go on.
+    fn strike(self, attempt: u32) -> Result<(), SinkError> {
+        match self {
+            Fault::RetryableOnce if attempt == 1 => Err(SinkError::retryable("once")),
+            Fault::AlwaysRetryable => Err(SinkError::retryable("always")),
+            Fault::Permanent => Err(SinkError::permanent("never")),
+            Fault::Panic => panic!("sink panic"),
+            Fault::None | Fault::RetryableOnce => Ok(()),
+        }
+    }
+}
+
 fn fault() -> impl Strategy<Value = Fault> {
     prop_oneof![
         6 => Just(Fault::None),
@@ -53,15 +66,7 @@ proptest! {
             .on_failure(if pause { OnFailure::Pause } else { OnFailure::Skip })
             .build(move |d: Delivery<u64>| {
                 let i = *d.item() as usize;
-                match faults[i] {
-                    Fault::RetryableOnce if d.attempt() == 1 => {
-                        return Err(SinkError::retryable("once"))
-                    }
-                    Fault::AlwaysRetryable => return Err(SinkError::retryable("always")),
-                    Fault::Permanent => return Err(SinkError::permanent("never")),
-                    Fault::Panic => panic!("sink panic"),
-                    _ => {}
-                }
+                faults[i].strike(d.attempt())?;
                 dl.lock().unwrap().entry(d.key().unwrap_or("").to_owned()).or_default().push(i as u64);
                 Ok(())
             })
@@ -144,15 +149,7 @@ proptest! {
             .retry(Retry::fixed(Duration::ZERO).max_attempts(2))
             .build(move |d: Delivery<u64>| {
                 let (producer, index) = (*d.item() / 1_000, *d.item() % 1_000);
-                match faults[(d.item() % 64) as usize] {
-                    Fault::RetryableOnce if d.attempt() == 1 => {
-                        return Err(SinkError::retryable("once"))
-                    }
-                    Fault::AlwaysRetryable => return Err(SinkError::retryable("always")),
-                    Fault::Permanent => return Err(SinkError::permanent("never")),
-                    Fault::Panic => panic!("sink panic"),
-                    _ => {}
-                }
+                faults[(d.item() % 64) as usize].strike(d.attempt())?;
                 let lane = d.key().unwrap_or("").to_owned();
                 s.lock().unwrap().push((lane, d.seq(), producer, index));
                 Ok(())
