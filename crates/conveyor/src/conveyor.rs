@@ -13,7 +13,7 @@ use crate::error::{BuildError, DeliveryError, SendError};
 use crate::intake::{CachePadded, Intake, Wake};
 use crate::journal::{DeadLetter, Journal, JournalError, Record, Settlement as Settled};
 use crate::queue::{Room, State, Waiters};
-use crate::receipt::{Node, Receipt};
+use crate::receipt::{NodeRef, Receipt};
 use crate::retry::random_u64;
 use crate::stats::{CloseReport, Stats};
 use crate::worker::{async_worker, thread_worker, Sink};
@@ -59,8 +59,22 @@ impl<T, R> Shared<T, R> {
     }
 
     /// A node for a new item, whose receipt knows where waiting for it would hang.
-    pub(crate) fn node(&self, key: Option<Arc<str>>, item: T) -> Arc<Node<T, R>> {
-        Arc::new(Node::new(key, item).on_runtime_thread(self.runtime_thread))
+    pub(crate) fn node(&self, key: Option<Arc<str>>, item: T) -> NodeRef<T, R> {
+        self.intake().alloc(key, item, self.runtime_thread)
+    }
+
+    /// The fast path of a send (see `Intake::try_accept`): its receipt, or the item's node
+    /// for the path under the state lock.
+    fn try_accept(&self, key: Option<Arc<str>>, item: T) -> Result<Receipt<R>, NodeRef<T, R>>
+    where
+        T: Send + Sync + 'static,
+        R: Send + 'static,
+    {
+        // Bound first: the intake guard must be gone before `wake_after_send` locks the state.
+        let accepted = self.intake().try_accept(key, item, self.runtime_thread);
+        let (node, wake) = accepted?;
+        self.wake_after_send(wake);
+        Ok(Receipt::new(node))
     }
 
     /// The intake; take it after the state lock, never before (see `intake.rs`).
@@ -85,7 +99,7 @@ impl<T, R> Shared<T, R> {
         self.enqueue_drained(st, batch)
     }
 
-    fn enqueue_drained(&self, st: &mut State<T, R>, mut batch: Vec<Arc<Node<T, R>>>) -> bool {
+    fn enqueue_drained(&self, st: &mut State<T, R>, mut batch: Vec<NodeRef<T, R>>) -> bool {
         let moved = !batch.is_empty();
         let attempt_limit = self.config.retry.attempts();
         for node in batch.drain(..) {
@@ -279,9 +293,9 @@ enum Wait {
 
 /// Why a send did not complete now.
 enum Refused<T, R> {
-    Send(SendError<Arc<Node<T, R>>>),
+    Send(SendError<NodeRef<T, R>>),
     /// `send_async` must await room; it is registered as an async sender.
-    MustWait(Arc<Node<T, R>>),
+    MustWait(NodeRef<T, R>),
 }
 
 /// Delivers items to a sink strictly in order, on workers it owns, without making
@@ -457,27 +471,12 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// registered itself as waiting on its previous try.
     fn submit(
         &self,
-        mut node: Arc<Node<T, R>>,
+        node: NodeRef<T, R>,
         payload: &mut Option<Vec<u8>>,
         wait: Wait,
         was_waiting: bool,
     ) -> Result<Receipt<R>, Refused<T, R>> {
         let shared = &*self.shared;
-        if !was_waiting {
-            let receipt = Receipt::new(node.clone());
-            // Bound first: the intake guard must be gone before `wake_after_send` locks the state.
-            let pushed = shared.intake().try_push(node);
-            match pushed {
-                Ok(wake) => {
-                    shared.wake_after_send(wake);
-                    return Ok(receipt);
-                }
-                Err(back) => {
-                    drop(receipt); // a refused node goes back to the caller unshared
-                    node = back;
-                }
-            }
-        }
         let mut st = shared.lock();
         if was_waiting {
             st.waiters.async_senders -= 1;
@@ -570,7 +569,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         &self,
         mut st: MutexGuard<'_, State<T, R>>,
         mut ik: MutexGuard<'_, Intake<T, R>>,
-        node: Arc<Node<T, R>>,
+        node: NodeRef<T, R>,
     ) -> Receipt<R> {
         ik.number(&node);
         drop(ik);
@@ -619,7 +618,11 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         wait: Wait,
     ) -> Result<Receipt<R>, SendError<T>> {
         let (item, mut payload) = self.journal_payload(item)?;
-        match self.submit(self.shared.node(key, item), &mut payload, wait, false) {
+        let node = match self.shared.try_accept(key, item) {
+            Ok(receipt) => return Ok(receipt),
+            Err(node) => node,
+        };
+        match self.submit(node, &mut payload, wait, false) {
             Ok(receipt) => {
                 self.wait_durable(&receipt);
                 Ok(receipt)
@@ -724,7 +727,10 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         item: T,
     ) -> Result<Receipt<R>, SendError<T>> {
         let (item, mut payload) = self.journal_payload(item)?;
-        let mut node = self.shared.node(key, item);
+        let mut node = match self.shared.try_accept(key, item) {
+            Ok(receipt) => return Ok(receipt),
+            Err(node) => node,
+        };
         let mut waiter = AsyncWaiter::new(&self.shared, |w| &mut w.async_senders);
         loop {
             let notified = self.shared.space_async.notified();
@@ -1328,9 +1334,9 @@ fn start_replay<T: Send + Sync + 'static, R: Send + 'static>(
     Ok(())
 }
 
-fn give_back<T, R>(e: SendError<Arc<Node<T, R>>>) -> SendError<T> {
+fn give_back<T, R>(e: SendError<NodeRef<T, R>>) -> SendError<T> {
     // The node never left this call, so this is its only reference.
-    let unwrap = |node: Arc<Node<T, R>>| match Arc::try_unwrap(node) {
+    let unwrap = |node: NodeRef<T, R>| match node.try_unwrap() {
         Ok(node) => node.into_item(),
         Err(_) => unreachable!("a refused node is not shared"),
     };

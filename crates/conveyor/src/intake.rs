@@ -11,8 +11,10 @@
 //! Lock order: the state lock, then this one; never the other way round.
 
 use std::sync::Arc;
+use std::thread::ThreadId;
 
-use crate::receipt::Node;
+use crate::receipt::{Node, NodeRef};
+use crate::slab::Slab;
 
 /// Keeps a value on cache lines of its own, so that threads writing it do not slow down
 /// threads using its neighbours (two lines: adjacent-line prefetching pairs them).
@@ -30,7 +32,9 @@ pub(crate) struct Wake {
 /// What the intake lock guards (see the module doc).
 pub(crate) struct Intake<T, R> {
     /// Accepted items in seq order, not yet in their lanes.
-    items: Vec<Arc<Node<T, R>>>,
+    items: Vec<NodeRef<T, R>>,
+    /// Where every node is made, under this lock (see `slab.rs`).
+    slab: Slab<Node<T, R>>,
     /// The seq the next accepted item gets.
     next_seq: u64,
     /// Whether a send may take the fast path at all: not after close, never with a journal
@@ -54,6 +58,7 @@ impl<T, R> Intake<T, R> {
     pub(crate) fn new(first_seq: u64, capacity: usize, open: bool) -> Self {
         Self {
             items: Vec::new(),
+            slab: Slab::default(),
             next_seq: first_seq,
             open,
             lanes_queued: 0,
@@ -65,18 +70,41 @@ impl<T, R> Intake<T, R> {
         }
     }
 
-    /// The fast path: accepts `node` if that needs no decision of the state lock's holder.
-    /// Gives the node back otherwise.
-    pub(crate) fn try_push(&mut self, node: Arc<Node<T, R>>) -> Result<Wake, Arc<Node<T, R>>> {
+    /// A node for a new item, not numbered yet.
+    pub(crate) fn alloc(
+        &mut self,
+        key: Option<Arc<str>>,
+        item: T,
+        runtime_thread: Option<ThreadId>,
+    ) -> NodeRef<T, R> {
+        self.slab
+            .alloc(|head| Node::new(head, key, item, runtime_thread))
+    }
+
+    /// The fast path: makes a node for the item and accepts it if that needs no decision of
+    /// the state lock's holder; returns a second reference to it, for the receipt. Gives the
+    /// node back unshared otherwise.
+    pub(crate) fn try_accept(
+        &mut self,
+        key: Option<Arc<str>>,
+        item: T,
+        runtime_thread: Option<ThreadId>,
+    ) -> Result<(NodeRef<T, R>, Wake), NodeRef<T, R>> {
+        let node = self.alloc(key, item, runtime_thread);
+        self.try_push(node)
+    }
+
+    fn try_push(&mut self, node: NodeRef<T, R>) -> Result<(NodeRef<T, R>, Wake), NodeRef<T, R>> {
         if !self.open || self.lanes_queued + self.items.len() as u64 >= self.capacity {
             return Err(node);
         }
         self.number(&node);
+        let receipt = node.clone();
         self.items.push(node);
         // One wake-up, unless one is pending already: a woken worker drains every item and
         // wakes others if it cannot run them all (`Shared::pass_work_on`). So a burst of
         // sends costs one wake-up, and items for a single busy lane wake nobody else.
-        Ok(self.wake_for(1))
+        Ok((receipt, self.wake_for(1)))
     }
 
     /// Gives `node` the next seq.
@@ -96,7 +124,7 @@ impl<T, R> Intake<T, R> {
     /// Moves the buffered items into `into` (emptied first). `lanes_queued` is what the
     /// lanes hold now; the count kept for the fast path adds the items taken, which the
     /// caller enqueues before it releases the state lock.
-    pub(crate) fn take(&mut self, into: &mut Vec<Arc<Node<T, R>>>, lanes_queued: u64) {
+    pub(crate) fn take(&mut self, into: &mut Vec<NodeRef<T, R>>, lanes_queued: u64) {
         into.clear();
         std::mem::swap(&mut self.items, into);
         self.lanes_queued = lanes_queued + into.len() as u64;
@@ -138,25 +166,25 @@ impl<T, R> Intake<T, R> {
 mod tests {
     use super::*;
 
-    fn node(item: u32) -> Arc<Node<u32, ()>> {
-        Arc::new(Node::new(None, item))
+    fn push(ik: &mut Intake<u32, ()>, item: u32) -> Result<Wake, NodeRef<u32, ()>> {
+        ik.try_accept(None, item, None).map(|(_, wake)| wake)
     }
 
     #[test]
     fn numbers_in_order_and_refuses_past_capacity() {
         let mut ik = Intake::<u32, ()>::new(7, 3, true);
         for i in 0..3 {
-            assert!(ik.try_push(node(i)).is_ok());
+            assert!(push(&mut ik, i).is_ok());
         }
-        assert!(ik.try_push(node(3)).is_err(), "capacity 3 reached");
+        assert!(push(&mut ik, 3).is_err(), "capacity 3 reached");
         let mut taken = Vec::new();
         ik.take(&mut taken, 0);
         let seqs: Vec<u64> = taken.iter().map(|n| n.seq()).collect();
         assert_eq!(seqs, vec![7, 8, 9]);
         // The three now sit in the lanes: still no room until the lanes shrink.
-        assert!(ik.try_push(node(3)).is_err());
+        assert!(push(&mut ik, 3).is_err());
         ik.set_lanes_queued(2);
-        assert_eq!(ik.try_push(node(3)).map(|_| ()).ok(), Some(()));
+        assert_eq!(push(&mut ik, 3).map(|_| ()).ok(), Some(()));
         assert_eq!(ik.next_seq(), 11);
     }
 
@@ -164,7 +192,7 @@ mod tests {
     fn closed_intake_sends_everything_to_the_slow_path() {
         let mut ik = Intake::<u32, ()>::new(1, 10, true);
         ik.shut();
-        assert!(ik.try_push(node(0)).is_err());
+        assert!(push(&mut ik, 0).is_err());
         assert!(ik.is_empty());
     }
 
@@ -173,7 +201,7 @@ mod tests {
         let mut ik = Intake::<u32, ()>::new(1, 100, true);
         ik.idle_threads = 2;
         let wakes: Vec<bool> = (0..3)
-            .map(|i| ik.try_push(node(i)).ok().unwrap().thread)
+            .map(|i| push(&mut ik, i).ok().unwrap().thread)
             .collect();
         assert_eq!(wakes, vec![true, false, false], "one wake-up until it runs");
         assert!(ik.wake_another().thread, "a running worker passes work on");

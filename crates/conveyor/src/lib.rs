@@ -56,6 +56,7 @@ mod journal;
 mod queue;
 mod receipt;
 mod retry;
+mod slab;
 mod stats;
 mod worker;
 

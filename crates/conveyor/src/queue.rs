@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use crate::builder::{OnFailure, Ordering};
 use crate::error::{DeliveryError, SinkError};
-use crate::receipt::Node;
+use crate::receipt::{Node, NodeRef};
 use crate::retry::RateLimiter;
 use crate::stats::Stats;
 
@@ -28,11 +28,11 @@ pub(crate) enum Room {
 }
 
 /// A receipt to settle once the state lock is released.
-pub(crate) type Settlement<T, R> = (Arc<Node<T, R>>, Result<R, DeliveryError>);
+pub(crate) type Settlement<T, R> = (NodeRef<T, R>, Result<R, DeliveryError>);
 
 /// An item on its way through a lane, with its attempt budget.
 pub(crate) struct Job<T, R> {
-    pub(crate) node: Arc<Node<T, R>>,
+    pub(crate) node: NodeRef<T, R>,
     /// Attempts made so far (kept across a pause, so `Delivery::attempt` keeps counting).
     pub(crate) attempts: u32,
     /// Attempts allowed in total; a `resume` grants a fresh retry budget.
@@ -124,7 +124,7 @@ pub(crate) struct State<T, R> {
     /// The lane of keyless items in keyed mode, allocated once.
     empty_key: Arc<str>,
     /// What each worker is delivering, so shutdown can settle those receipts too.
-    in_flight_nodes: Vec<Option<Arc<Node<T, R>>>>,
+    in_flight_nodes: Vec<Option<NodeRef<T, R>>>,
     limiter: Option<RateLimiter>,
     counters: Counters,
     pub(crate) waiters: Waiters,
@@ -147,7 +147,7 @@ pub(crate) struct State<T, R> {
     /// beyond it waits as if the queue were full.
     pub(crate) seq_limit: Option<Arc<AtomicU64>>,
     /// The buffer `Shared::drain` moves the intake's items through, kept between drains.
-    pub(crate) drained: Vec<Arc<Node<T, R>>>,
+    pub(crate) drained: Vec<NodeRef<T, R>>,
 }
 
 impl<T, R> State<T, R> {
@@ -273,7 +273,7 @@ impl<T, R> State<T, R> {
 
     /// Accepts an item, numbered already (by the intake, or by the journal for a replayed
     /// one), into its lane. Returns whether a worker may now have work.
-    pub(crate) fn accept(&mut self, node: Arc<Node<T, R>>, attempt_limit: u32) -> bool {
+    pub(crate) fn accept(&mut self, node: NodeRef<T, R>, attempt_limit: u32) -> bool {
         self.counters.accepted += 1;
         self.enqueue(node, attempt_limit)
     }
@@ -302,7 +302,7 @@ impl<T, R> State<T, R> {
         }
     }
 
-    fn enqueue(&mut self, node: Arc<Node<T, R>>, attempt_limit: u32) -> bool {
+    fn enqueue(&mut self, node: NodeRef<T, R>, attempt_limit: u32) -> bool {
         self.counters.queued += 1;
         let job = Job {
             node,
@@ -344,7 +344,7 @@ impl<T, R> State<T, R> {
 
     /// Removes the oldest queued item that is not held in a paused lane, counting it
     /// as dropped.
-    pub(crate) fn drop_oldest(&mut self) -> Option<Arc<Node<T, R>>> {
+    pub(crate) fn drop_oldest(&mut self) -> Option<NodeRef<T, R>> {
         let job = if !self.keyed {
             if self.main.paused {
                 return None;
@@ -561,7 +561,7 @@ impl<T, R> State<T, R> {
 
     /// Every item not settled yet (queued, held, or in flight), for shutdown to report
     /// as closed. The items stay where they are.
-    pub(crate) fn unsettled_nodes(&self) -> Vec<Arc<Node<T, R>>> {
+    pub(crate) fn unsettled_nodes(&self) -> Vec<NodeRef<T, R>> {
         let queued = self
             .lanes
             .values()
@@ -579,10 +579,11 @@ mod tests {
     type S = State<u32, ()>;
 
     /// An item numbered as the intake would: the tests send 1, 2, 3... in order.
-    fn node(key: Option<&str>, seq: u32) -> Arc<Node<u32, ()>> {
-        let node = Node::new(key.map(Arc::from), seq);
+    fn node(key: Option<&str>, seq: u32) -> NodeRef<u32, ()> {
+        let node = crate::slab::Slab::default()
+            .alloc(|head| Node::new(head, key.map(Arc::from), seq, None));
         node.set_seq(u64::from(seq));
-        Arc::new(node)
+        node
     }
 
     fn check_invariant(s: &S) {

@@ -1,9 +1,12 @@
-//! One allocation per accepted item: the item, its identity, and the slot its result
-//! settles into. [`Delivery`] and [`Receipt`] are two typed views of that allocation.
+//! One node per accepted item: the item, its identity, and the slot its result settles
+//! into. [`Delivery`] and [`Receipt`] are two typed views of that node, each naming only
+//! its own half of the node's type; the node lives in a chunk of the intake's slab
+//! (`slab.rs`).
 
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
@@ -11,47 +14,79 @@ use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use crate::error::DeliveryError;
+use crate::slab::{Counted, Erased, Head, Headed};
 
 type Callback<R> = Box<dyn FnOnce(Result<R, DeliveryError>) + Send + 'static>;
 
 /// An accepted item: what the sink sees and what the receipt waits on.
 ///
-/// The item and its result share one allocation so that a send costs one `Arc`, not
+/// The item and its result share one node so that a send costs one slot of a chunk, not
 /// an item box plus a channel (a fresh channel per item costs microseconds).
+///
+/// `#[repr(C)]` with [`About`] first: a [`Delivery`] (which does not name `R`) and a
+/// [`Receipt`] (which does not name `T`) reach the identity through the node's start.
+#[repr(C)]
 pub(crate) struct Node<T, R> {
-    /// Assigned under the engine's state lock, after the node was allocated outside
-    /// it; the lock's release/acquire makes the store visible to every later reader.
+    about: About,
+    slot: Slot<R>,
+    item: T,
+}
+
+/// What every node starts with, whatever its item and reply types.
+#[repr(C)]
+struct About {
+    /// First: see [`Headed`].
+    head: Head,
+    /// Assigned under the intake lock, after the node was made; the lock's release/acquire
+    /// (or the state lock's, for replayed items) makes the store visible to every reader.
     seq: AtomicU64,
     key: Option<Arc<str>>,
-    item: T,
-    slot: Slot<R>,
     /// The thread of the current-thread runtime its async sink runs on, if any: blocking
     /// there until it settles would never end.
     runtime_thread: Option<ThreadId>,
 }
 
+// SAFETY: `#[repr(C)]`, and `About`, itself `#[repr(C)]` with its `Head` first, comes first.
+unsafe impl<T, R> Headed for Node<T, R> {}
+
+/// A counted reference to a node.
+pub(crate) type NodeRef<T, R> = Counted<Node<T, R>>;
+
+/// The identity of the node that starts at `node`.
+///
+/// # Safety
+///
+/// `node` starts a live [`Node`] (of any item and reply types).
+unsafe fn about<'a>(node: NonNull<Head>) -> &'a About {
+    node.cast::<About>().as_ref()
+}
+
 impl<T, R> Node<T, R> {
-    pub(crate) fn new(key: Option<Arc<str>>, item: T) -> Self {
+    /// A node made by the slab from `head` (see `Intake::alloc`).
+    pub(crate) fn new(
+        head: Head,
+        key: Option<Arc<str>>,
+        item: T,
+        runtime_thread: Option<ThreadId>,
+    ) -> Self {
         Self {
-            seq: AtomicU64::new(0),
-            key,
-            item,
+            about: About {
+                head,
+                seq: AtomicU64::new(0),
+                key,
+                runtime_thread,
+            },
             slot: Slot::new(),
-            runtime_thread: None,
+            item,
         }
     }
 
-    pub(crate) fn on_runtime_thread(mut self, thread: Option<ThreadId>) -> Self {
-        self.runtime_thread = thread;
-        self
-    }
-
     pub(crate) fn set_seq(&self, seq: u64) {
-        self.seq.store(seq, AtomicOrdering::Relaxed);
+        self.about.seq.store(seq, AtomicOrdering::Relaxed);
     }
 
     pub(crate) fn seq(&self) -> u64 {
-        self.seq.load(AtomicOrdering::Relaxed)
+        self.about.seq.load(AtomicOrdering::Relaxed)
     }
 
     pub(crate) fn into_item(self) -> T {
@@ -59,49 +94,11 @@ impl<T, R> Node<T, R> {
     }
 
     pub(crate) fn key(&self) -> Option<&Arc<str>> {
-        self.key.as_ref()
+        self.about.key.as_ref()
     }
 
     pub(crate) fn settle(&self, result: Result<R, DeliveryError>) {
         self.slot.settle(result);
-    }
-}
-
-/// Type-erased access to the item, so [`Delivery<T>`] does not name the reply type.
-trait ItemView<T>: Send + Sync {
-    fn item(&self) -> &T;
-    fn seq(&self) -> u64;
-    fn key(&self) -> Option<&str>;
-}
-
-impl<T: Send + Sync, R: Send> ItemView<T> for Node<T, R> {
-    fn item(&self) -> &T {
-        &self.item
-    }
-    fn seq(&self) -> u64 {
-        Node::seq(self)
-    }
-    fn key(&self) -> Option<&str> {
-        self.key.as_deref()
-    }
-}
-
-/// Type-erased access to the result slot, so [`Receipt<R>`] does not name the item type.
-trait SlotView<R>: Send + Sync {
-    fn slot(&self) -> &Slot<R>;
-    fn seq(&self) -> u64;
-    fn runtime_thread(&self) -> Option<ThreadId>;
-}
-
-impl<T: Send + Sync, R: Send> SlotView<R> for Node<T, R> {
-    fn slot(&self) -> &Slot<R> {
-        &self.slot
-    }
-    fn seq(&self) -> u64 {
-        Node::seq(self)
-    }
-    fn runtime_thread(&self) -> Option<ThreadId> {
-        self.runtime_thread
     }
 }
 
@@ -200,20 +197,29 @@ pub(crate) fn waiting_would_hang(runtime_thread: Option<ThreadId>) -> bool {
 /// # Ok::<(), conveyor::BuildError>(())
 /// ```
 pub struct Delivery<T> {
-    node: Arc<dyn ItemView<T>>,
+    node: Erased,
+    /// The item inside `node`, which `node` keeps alive.
+    item: NonNull<T>,
     attempt: u32,
     /// Per-conveyor prefix of the idempotency key: shared, not copied per delivery.
     id_prefix: Arc<str>,
 }
 
+// SAFETY: a delivery shares its item (`T: Sync`) and may drop the node on another thread.
+// It is made only of nodes whose item is `Send + Sync` and whose reply is `Send` (`new`).
+unsafe impl<T: Send + Sync> Send for Delivery<T> {}
+unsafe impl<T: Send + Sync> Sync for Delivery<T> {}
+
 impl<T: Send + Sync + 'static> Delivery<T> {
     pub(crate) fn new<R: Send + 'static>(
-        node: Arc<Node<T, R>>,
+        node: &NodeRef<T, R>,
         attempt: u32,
         id_prefix: Arc<str>,
     ) -> Self {
         Self {
-            node,
+            // Stays put while the node lives, which `node` (a clone) keeps it doing.
+            item: NonNull::from(&node.item),
+            node: node.clone().erase(),
             attempt,
             id_prefix,
         }
@@ -221,21 +227,28 @@ impl<T: Send + Sync + 'static> Delivery<T> {
 }
 
 impl<T> Delivery<T> {
+    fn about(&self) -> &About {
+        // SAFETY: `node` is a live node, kept alive by this delivery.
+        unsafe { about(self.node.as_ptr()) }
+    }
+
     /// The item to deliver.
     pub fn item(&self) -> &T {
-        self.node.item()
+        // SAFETY: the item lives as long as the node, which this delivery keeps alive, and
+        // nobody mutates an accepted item.
+        unsafe { self.item.as_ref() }
     }
 
     /// The item's sequence number: assigned when the item was accepted, increasing in
     /// submission order, starting at 1.
     pub fn seq(&self) -> u64 {
-        self.node.seq()
+        self.about().seq.load(AtomicOrdering::Relaxed)
     }
 
     /// The key the item was sent with ([`Conveyor::send_keyed`](crate::Conveyor::send_keyed)),
     /// if any.
     pub fn key(&self) -> Option<&str> {
-        self.node.key()
+        self.about().key.as_deref()
     }
 
     /// Which attempt this is: 1 on the first try.
@@ -280,24 +293,45 @@ impl<T: fmt::Debug> fmt::Debug for Delivery<T> {
 /// # Ok::<(), conveyor::BuildError>(())
 /// ```
 pub struct Receipt<R> {
-    node: Arc<dyn SlotView<R>>,
+    node: Erased,
+    /// The result slot inside `node`, which `node` keeps alive.
+    slot: NonNull<Slot<R>>,
 }
 
+// SAFETY: a receipt takes the reply out on its own thread (`R: Send`) and may drop the node
+// there; it is made only of nodes whose item is `Send + Sync` (`new`).
+unsafe impl<R: Send> Send for Receipt<R> {}
+unsafe impl<R: Send> Sync for Receipt<R> {}
+
 impl<R: Send + 'static> Receipt<R> {
-    pub(crate) fn new<T: Send + Sync + 'static>(node: Arc<Node<T, R>>) -> Self {
-        Self { node }
+    pub(crate) fn new<T: Send + Sync + 'static>(node: NodeRef<T, R>) -> Self {
+        Self {
+            // Stays put while the node lives, which `node` keeps it doing.
+            slot: NonNull::from(&node.slot),
+            node: node.erase(),
+        }
     }
 }
 
 impl<R> Receipt<R> {
+    fn about(&self) -> &About {
+        // SAFETY: `node` is a live node, kept alive by this receipt.
+        unsafe { about(self.node.as_ptr()) }
+    }
+
+    fn slot(&self) -> &Slot<R> {
+        // SAFETY: the slot lives as long as the node, which this receipt keeps alive.
+        unsafe { self.slot.as_ref() }
+    }
+
     /// The item's sequence number (see [`Delivery::seq`]).
     pub fn seq(&self) -> u64 {
-        self.node.seq()
+        self.about().seq.load(AtomicOrdering::Relaxed)
     }
 
     /// Whether the item has settled (delivered, failed, dropped or closed).
     pub fn is_settled(&self) -> bool {
-        !matches!(*self.node.slot().lock(), SlotState::Pending { .. })
+        !matches!(*self.slot().lock(), SlotState::Pending { .. })
     }
 
     /// Blocks until the item settles and returns its outcome.
@@ -333,11 +367,11 @@ impl<R> Receipt<R> {
     }
 
     fn waiting_would_hang(&self) -> bool {
-        waiting_would_hang(self.node.runtime_thread())
+        waiting_would_hang(self.about().runtime_thread)
     }
 
     fn wait_until(&mut self, deadline: Option<Instant>) -> Option<Result<R, DeliveryError>> {
-        let slot = self.node.slot();
+        let slot = self.slot();
         let mut state = slot.lock();
         loop {
             match &mut *state {
@@ -401,7 +435,7 @@ impl<R> Receipt<R> {
     /// # Ok::<(), conveyor::BuildError>(())
     /// ```
     pub fn on_settled(self, callback: impl FnOnce(Result<R, DeliveryError>) + Send + 'static) {
-        let slot = self.node.slot();
+        let slot = self.slot();
         let mut state = slot.lock();
         match std::mem::replace(&mut *state, SlotState::Taken) {
             SlotState::Ready(result) => {
@@ -428,7 +462,7 @@ impl<R> Future for Receipt<R> {
     type Output = Result<R, DeliveryError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut state = self.node.slot().lock();
+        let mut state = self.slot().lock();
         match &mut *state {
             SlotState::Ready(_) => {
                 let SlotState::Ready(result) = std::mem::replace(&mut *state, SlotState::Taken)

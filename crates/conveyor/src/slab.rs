@@ -1,0 +1,366 @@
+//! Where accepted items live: reference-counted nodes carved in order out of chunks, so that
+//! a send does not call the allocator.
+//!
+//! Every accepted item has one node, shared by its lane, its receipt and the sink's
+//! `Delivery`. With one `Arc` per node, `malloc` took about half of a send: the last
+//! reference usually dies on a worker thread, and glibc is slow when memory is freed on
+//! another thread than the one that allocated it. Here the intake (under its lock) hands
+//! out nodes one after another from a chunk of a few KiB; a chunk goes back to the
+//! allocator once every node in it has died. One allocation serves dozens of items, and
+//! consecutive items sit side by side, in the order the worker reads them.
+//!
+//! The price: one long-lived node (a receipt kept for hours, an item held in a paused
+//! lane) keeps its whole chunk allocated. A chunk is at most [`CHUNK_BYTES`] plus one node.
+
+use std::alloc::{alloc, dealloc, handle_alloc_error, Layout};
+use std::marker::PhantomData;
+use std::ops::Deref;
+use std::ptr::NonNull;
+use std::sync::atomic::{fence, AtomicUsize, Ordering};
+
+/// About how many bytes of nodes a chunk holds (at least one node, at most [`MAX_NODES`]).
+const CHUNK_BYTES: usize = 8 * 1024;
+/// Beyond this a bigger chunk saves nothing measurable, and pins more memory.
+const MAX_NODES: usize = 64;
+
+/// At the start of every chunk.
+struct ChunkHead {
+    /// Nodes of this chunk not dropped yet, counting those not handed out, plus one while
+    /// the slab may still hand out nodes from it. Whoever takes it to zero frees the chunk.
+    live: AtomicUsize,
+    layout: Layout,
+}
+
+/// Gives up `n` of a chunk's `live` counts, freeing it with the last one.
+///
+/// # Safety
+///
+/// `chunk` is a live chunk and the caller owns `n` of its counts.
+unsafe fn release_chunk(chunk: NonNull<ChunkHead>, n: usize) {
+    // Release: the node drops before this happen before the free (Acquire below).
+    if chunk.as_ref().live.fetch_sub(n, Ordering::Release) == n {
+        fence(Ordering::Acquire);
+        let layout = chunk.as_ref().layout;
+        dealloc(chunk.as_ptr().cast(), layout);
+    }
+}
+
+/// The first field of every node: its reference count and how to drop it without its type
+/// (receipts and deliveries name only half of a node's type parameters).
+#[repr(C)]
+pub(crate) struct Head {
+    refs: AtomicUsize,
+    chunk: NonNull<ChunkHead>,
+    /// Drops the node that starts with this head and gives its count back to the chunk.
+    destroy: unsafe fn(NonNull<Head>),
+}
+
+// The chunk pointer is only used through its atomic count.
+unsafe impl Send for Head {}
+unsafe impl Sync for Head {}
+
+/// A node type whose first field, at offset 0, is its [`Head`].
+///
+/// # Safety
+///
+/// The implementor is `#[repr(C)]` with a `Head` as its first field, so that a pointer to
+/// the node is a pointer to its head.
+pub(crate) unsafe trait Headed: Sized {}
+
+/// Drops the node of type `N` that starts at `head`, then its chunk count.
+///
+/// # Safety
+///
+/// `head` starts a live `N` whose last reference is gone.
+unsafe fn destroy<N: Headed>(head: NonNull<Head>) {
+    let chunk = head.as_ref().chunk;
+    std::ptr::drop_in_place(head.cast::<N>().as_ptr());
+    release_chunk(chunk, 1);
+}
+
+/// Drops one reference to the node at `head`, destroying it with the last one.
+///
+/// # Safety
+///
+/// The caller owns one of the node's references.
+unsafe fn release(head: NonNull<Head>) {
+    // As `Arc`: Release so that every use through this reference happens before the drop.
+    if head.as_ref().refs.fetch_sub(1, Ordering::Release) == 1 {
+        fence(Ordering::Acquire);
+        (head.as_ref().destroy)(head);
+    }
+}
+
+/// Hands out nodes of type `N` in order from its current chunk.
+pub(crate) struct Slab<N> {
+    /// The chunk nodes come from, with the slab's own count on it.
+    chunk: Option<NonNull<ChunkHead>>,
+    /// The chunk's first node.
+    nodes: NonNull<N>,
+    next: usize,
+    len: usize,
+    _owns: PhantomData<N>,
+}
+
+// The slab owns its chunk's count; the nodes it makes are `Node`s, `Send` on their own terms.
+unsafe impl<N: Send> Send for Slab<N> {}
+
+impl<N> Default for Slab<N> {
+    fn default() -> Self {
+        Self {
+            chunk: None,
+            nodes: NonNull::dangling(),
+            next: 0,
+            len: 0,
+            _owns: PhantomData,
+        }
+    }
+}
+
+impl<N: Headed> Slab<N> {
+    /// The layout of a chunk of `len` nodes, and where its first node starts.
+    fn layout() -> (Layout, usize, usize) {
+        let len = (CHUNK_BYTES / std::mem::size_of::<N>().max(1)).clamp(1, MAX_NODES);
+        let nodes = Layout::array::<N>(len).expect("a chunk of nodes fits in memory");
+        let (layout, offset) = Layout::new::<ChunkHead>()
+            .extend(nodes)
+            .expect("a chunk of nodes fits in memory");
+        (layout.pad_to_align(), offset, len)
+    }
+
+    /// Moves on to a fresh chunk, letting go of the current one.
+    fn refill(&mut self) {
+        self.retire();
+        let (layout, offset, len) = Self::layout();
+        // SAFETY: the layout has a non-zero size (a `ChunkHead` at least).
+        let raw = unsafe { alloc(layout) };
+        let Some(chunk) = NonNull::new(raw.cast::<ChunkHead>()) else {
+            handle_alloc_error(layout);
+        };
+        // SAFETY: fresh memory laid out for a head followed by `len` nodes.
+        unsafe {
+            chunk.as_ptr().write(ChunkHead {
+                live: AtomicUsize::new(len + 1),
+                layout,
+            });
+            self.nodes = NonNull::new_unchecked(raw.add(offset).cast::<N>());
+        }
+        self.chunk = Some(chunk);
+        self.next = 0;
+        self.len = len;
+    }
+
+    /// A new node, made by `make` from its head, with one reference: the one returned.
+    pub(crate) fn alloc(&mut self, make: impl FnOnce(Head) -> N) -> Counted<N> {
+        if self.next == self.len {
+            self.refill();
+        }
+        let chunk = self.chunk.expect("refilled above");
+        let head = Head {
+            refs: AtomicUsize::new(1),
+            chunk,
+            destroy: destroy::<N>,
+        };
+        // SAFETY: `next < len`, so this slot is in the chunk and was never handed out.
+        let node = unsafe {
+            let slot = self.nodes.add(self.next);
+            slot.as_ptr().write(make(head));
+            slot
+        };
+        self.next += 1;
+        Counted {
+            node,
+            _owns: PhantomData,
+        }
+    }
+}
+
+impl<N> Slab<N> {
+    /// Gives up the slab's hold on its chunk, and the counts of the nodes never handed out.
+    fn retire(&mut self) {
+        if let Some(chunk) = self.chunk.take() {
+            // SAFETY: the slab owns one count plus one per node not handed out.
+            unsafe { release_chunk(chunk, self.len - self.next + 1) };
+        }
+    }
+}
+
+impl<N> Drop for Slab<N> {
+    fn drop(&mut self) {
+        self.retire();
+    }
+}
+
+/// One counted reference to a node, as `Arc<N>` is to its value.
+pub(crate) struct Counted<N: Headed> {
+    node: NonNull<N>,
+    _owns: PhantomData<N>,
+}
+
+// As `Arc<N>`: sharing the node across threads needs `N: Send + Sync`.
+unsafe impl<N: Headed + Send + Sync> Send for Counted<N> {}
+unsafe impl<N: Headed + Send + Sync> Sync for Counted<N> {}
+
+impl<N: Headed> Counted<N> {
+    fn head(&self) -> &Head {
+        // SAFETY: `Headed` puts the head at the start of the node, which is alive while
+        // this reference is.
+        unsafe { self.node.cast::<Head>().as_ref() }
+    }
+
+    /// The node itself, if this is its only reference (as `Arc::try_unwrap`).
+    pub(crate) fn try_unwrap(self) -> Result<N, Self> {
+        if self
+            .head()
+            .refs
+            .compare_exchange(1, 0, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            return Err(self);
+        }
+        let this = std::mem::ManuallyDrop::new(self);
+        let chunk = this.head().chunk;
+        // SAFETY: no other reference exists, so the node is moved out exactly once and its
+        // memory is then given back to the chunk.
+        unsafe {
+            let node = this.node.as_ptr().read();
+            release_chunk(chunk, 1);
+            Ok(node)
+        }
+    }
+
+    /// Turns this reference into one that does not name the node's type.
+    pub(crate) fn erase(self) -> Erased {
+        let this = std::mem::ManuallyDrop::new(self);
+        Erased {
+            head: this.node.cast(),
+        }
+    }
+}
+
+impl<N: Headed> Clone for Counted<N> {
+    fn clone(&self) -> Self {
+        // Relaxed as in `Arc::clone`: a new reference comes from an existing one.
+        self.head().refs.fetch_add(1, Ordering::Relaxed);
+        Self {
+            node: self.node,
+            _owns: PhantomData,
+        }
+    }
+}
+
+impl<N: Headed> Deref for Counted<N> {
+    type Target = N;
+
+    fn deref(&self) -> &N {
+        // SAFETY: the node lives at least as long as this reference.
+        unsafe { self.node.as_ref() }
+    }
+}
+
+impl<N: Headed> Drop for Counted<N> {
+    fn drop(&mut self) {
+        // SAFETY: this reference is owned and given up once.
+        unsafe { release(self.node.cast()) }
+    }
+}
+
+/// A counted reference to a node whose type it does not name.
+///
+/// Whoever makes one from a [`Counted`] decides where it may go: it is `Send` and `Sync`
+/// because the only ones made are of nodes that are (see `receipt.rs`).
+pub(crate) struct Erased {
+    head: NonNull<Head>,
+}
+
+// See the type's doc: the constructors of its users require `Send + Sync` nodes.
+unsafe impl Send for Erased {}
+unsafe impl Sync for Erased {}
+
+impl Erased {
+    /// The start of the node, to be cast back by one who knows a prefix of its layout.
+    pub(crate) fn as_ptr(&self) -> NonNull<Head> {
+        self.head
+    }
+}
+
+impl Clone for Erased {
+    fn clone(&self) -> Self {
+        // SAFETY: the head is alive while this reference is.
+        unsafe { self.head.as_ref() }
+            .refs
+            .fetch_add(1, Ordering::Relaxed);
+        Self { head: self.head }
+    }
+}
+
+impl Drop for Erased {
+    fn drop(&mut self) {
+        // SAFETY: this reference is owned and given up once.
+        unsafe { release(self.head) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize as Count;
+    use std::sync::Arc;
+
+    /// A node that counts its drops.
+    #[repr(C)]
+    struct Probe {
+        head: Head,
+        value: u64,
+        drops: Arc<Count>,
+    }
+    unsafe impl Headed for Probe {}
+
+    impl Drop for Probe {
+        fn drop(&mut self) {
+            self.drops.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn probe(slab: &mut Slab<Probe>, value: u64, drops: &Arc<Count>) -> Counted<Probe> {
+        slab.alloc(|head| Probe {
+            head,
+            value,
+            drops: drops.clone(),
+        })
+    }
+
+    #[test]
+    fn every_node_drops_once_across_chunks_and_threads() {
+        let drops = Arc::new(Count::new(0));
+        let mut slab = Slab::default();
+        let n = 3 * MAX_NODES as u64 + 5;
+        let nodes: Vec<_> = (0..n).map(|i| probe(&mut slab, i, &drops)).collect();
+        assert!(nodes.iter().enumerate().all(|(i, r)| r.value == i as u64));
+        let erased: Vec<_> = nodes.iter().map(|r| r.clone().erase()).collect();
+        drop(slab);
+        let handle = std::thread::spawn(move || drop(nodes));
+        handle.join().unwrap();
+        assert_eq!(drops.load(Ordering::SeqCst), 0, "erased copies keep them");
+        let copies: Vec<_> = erased.to_vec();
+        drop(erased);
+        assert_eq!(drops.load(Ordering::SeqCst), 0);
+        drop(copies);
+        assert_eq!(drops.load(Ordering::SeqCst), n as usize);
+    }
+
+    #[test]
+    fn try_unwrap_moves_a_node_out_only_when_unshared() {
+        let drops = Arc::new(Count::new(0));
+        let mut slab = Slab::default();
+        let node = probe(&mut slab, 7, &drops);
+        let copy = node.clone();
+        let node = node.try_unwrap().err().expect("shared");
+        drop(copy);
+        let probe = node.try_unwrap().ok().expect("unshared");
+        assert_eq!(probe.value, 7);
+        assert_eq!(drops.load(Ordering::SeqCst), 0, "moved out, not dropped");
+        drop(probe);
+        assert_eq!(drops.load(Ordering::SeqCst), 1);
+    }
+}
