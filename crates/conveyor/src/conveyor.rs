@@ -1,6 +1,7 @@
 //! The conveyor handle: accepting items, waiting for them, shutting down.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::ThreadId;
 use std::time::{Duration, Instant};
@@ -10,7 +11,9 @@ use tokio::sync::Notify;
 use crate::builder::{Backpressure, Builder, Config};
 use crate::durable::{Durable, JournalSettings, Op};
 use crate::error::{BuildError, DeliveryError, SendError};
-use crate::intake::{CachePadded, Intake, Wake};
+use crossbeam_utils::{Backoff, CachePadded};
+
+use crate::intake::{Intake, Wake};
 use crate::journal::{DeadLetter, Journal, JournalError, Record, Settlement as Settled};
 use crate::queue::{Room, State, Waiters};
 use crate::receipt::{NodeRef, Receipt};
@@ -27,9 +30,14 @@ use crate::worker::{async_worker, thread_worker, Sink};
 /// Each kind of waiting has a condvar for threads and a `Notify` for tasks; the waiter
 /// counts let a change skip the wake-up syscall when nobody waits.
 pub(crate) struct Shared<T, R> {
-    state: Mutex<State<T, R>>,
+    /// On cache lines of its own: workers write it for every item, and sends read the
+    /// settings beside it (sharing a line cost a cache miss per send).
+    state: CachePadded<Mutex<State<T, R>>>,
     /// On cache lines of its own: producers write it on every send.
-    intake: CachePadded<Mutex<Intake<T, R>>>,
+    intake: CachePadded<IntakeLine<T, R>>,
+    /// A worker thread is spinning for items instead of sleeping (at most one at a time:
+    /// more would only take CPU from the producers and the busy workers).
+    spinning: AtomicBool,
     /// Idle worker threads wait here for items.
     pub(crate) work: Condvar,
     /// Idle worker tasks wait here for items.
@@ -51,6 +59,14 @@ pub(crate) struct Shared<T, R> {
     runtime_thread: Option<ThreadId>,
 }
 
+/// The intake, and a hint about it that needs no lock.
+struct IntakeLine<T, R> {
+    items: Mutex<Intake<T, R>>,
+    /// Set by a send that used the fast path, cleared when the intake is drained: a
+    /// spinning worker watches it without taking the lock. Only a hint; the lock decides.
+    filled: AtomicBool,
+}
+
 impl<T, R> Shared<T, R> {
     pub(crate) fn lock(&self) -> MutexGuard<'_, State<T, R>> {
         // State transitions never call user code under the lock, so a panic cannot
@@ -70,8 +86,13 @@ impl<T, R> Shared<T, R> {
         T: Send + Sync + 'static,
         R: Send + 'static,
     {
-        // Bound first: the intake guard must be gone before `wake_after_send` locks the state.
-        let accepted = self.intake().try_accept(key, item, self.runtime_thread);
+        let mut ik = self.intake();
+        let accepted = ik.try_accept(key, item, self.runtime_thread);
+        if accepted.is_ok() && !self.intake.filled.load(AtomicOrdering::Relaxed) {
+            self.intake.filled.store(true, AtomicOrdering::Relaxed);
+        }
+        // The intake guard must be gone before `wake_after_send` locks the state.
+        drop(ik);
         let (node, wake) = accepted?;
         self.wake_after_send(wake);
         Ok(Receipt::new(node))
@@ -79,23 +100,25 @@ impl<T, R> Shared<T, R> {
 
     /// The intake; take it after the state lock, never before (see `intake.rs`).
     pub(crate) fn intake(&self) -> MutexGuard<'_, Intake<T, R>> {
-        self.intake.0.lock().unwrap_or_else(PoisonError::into_inner)
+        self.intake
+            .items
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Moves what sends left in the intake into the lanes, in seq order, so that `st` is
     /// exact. Returns whether it moved anything.
     pub(crate) fn drain(&self, st: &mut State<T, R>) -> bool {
-        let mut batch = std::mem::take(&mut st.drained);
         // The intake counts the batch as queued before it is released, and the state lock
         // keeps every other accept out until the batch is in its lanes.
-        self.intake().take(&mut batch, st.queued());
-        self.enqueue_drained(st, batch)
+        self.drain_locked(st, &mut self.intake())
     }
 
     /// [`Shared::drain`] for a caller that holds the intake lock already.
     fn drain_locked(&self, st: &mut State<T, R>, ik: &mut Intake<T, R>) -> bool {
         let mut batch = std::mem::take(&mut st.drained);
         ik.take(&mut batch, st.queued());
+        self.intake.filled.store(false, AtomicOrdering::Relaxed);
         self.enqueue_drained(st, batch)
     }
 
@@ -131,6 +154,20 @@ impl<T, R> Shared<T, R> {
         }
         st.idle_workers += 1;
         true
+    }
+
+    /// Before a worker thread sleeps: waits a few microseconds for a send, spinning, then
+    /// yielding. A worker about as fast as its producer would otherwise fall asleep between
+    /// items and make every send pay for a wake-up (a syscall). At most one worker spins.
+    pub(crate) fn spin_for_items(&self) {
+        if self.spinning.swap(true, AtomicOrdering::Acquire) {
+            return;
+        }
+        let backoff = Backoff::new();
+        while !self.intake.filled.load(AtomicOrdering::Relaxed) && !backoff.is_completed() {
+            backoff.snooze();
+        }
+        self.spinning.store(false, AtomicOrdering::Release);
     }
 
     /// Undoes [`Shared::register_idle`] once the worker runs again.
@@ -389,8 +426,12 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             _ => None,
         };
         let shared = Arc::new(Shared {
-            state: Mutex::new(state),
-            intake: CachePadded(Mutex::new(intake)),
+            state: CachePadded::new(Mutex::new(state)),
+            intake: CachePadded::new(IntakeLine {
+                items: Mutex::new(intake),
+                filled: AtomicBool::new(false),
+            }),
+            spinning: AtomicBool::new(false),
             work: Condvar::new(),
             work_async: Notify::new(),
             space: Condvar::new(),

@@ -16,12 +16,6 @@ use std::thread::ThreadId;
 use crate::receipt::{Node, NodeRef};
 use crate::slab::Slab;
 
-/// Keeps a value on cache lines of its own, so that threads writing it do not slow down
-/// threads using its neighbours (two lines: adjacent-line prefetching pairs them).
-#[derive(Debug, Default)]
-#[repr(align(128))]
-pub(crate) struct CachePadded<X>(pub(crate) X);
-
 /// Which idle workers a send should wake once it has released the intake lock.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Wake {
@@ -58,7 +52,7 @@ impl<T, R> Intake<T, R> {
     pub(crate) fn new(first_seq: u64, capacity: usize, open: bool) -> Self {
         Self {
             items: Vec::new(),
-            slab: Slab::default(),
+            slab: Slab::new(),
             next_seq: first_seq,
             open,
             lanes_queued: 0,

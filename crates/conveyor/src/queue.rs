@@ -580,8 +580,8 @@ mod tests {
 
     /// An item numbered as the intake would: the tests send 1, 2, 3... in order.
     fn node(key: Option<&str>, seq: u32) -> NodeRef<u32, ()> {
-        let node = crate::slab::Slab::default()
-            .alloc(|head| Node::new(head, key.map(Arc::from), seq, None));
+        let node =
+            crate::slab::Slab::new().alloc(|head| Node::new(head, key.map(Arc::from), seq, None));
         node.set_seq(u64::from(seq));
         node
     }

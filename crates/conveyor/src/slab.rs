@@ -9,39 +9,97 @@
 //! allocator once every node in it has died. One allocation serves dozens of items, and
 //! consecutive items sit side by side, in the order the worker reads them.
 //!
+//! A chunk whose nodes all died goes back to its slab's spares rather than to the
+//! allocator: freeing it on the worker while the producer allocates the next one made the
+//! two threads fight over glibc's arena lock, a syscall every few dozen items.
+//!
 //! The price: one long-lived node (a receipt kept for hours, an item held in a paused
-//! lane) keeps its whole chunk allocated. A chunk is at most [`CHUNK_BYTES`] plus one node.
+//! lane) keeps its whole chunk allocated. A chunk is at most [`CHUNK_BYTES`] plus one node,
+//! and a slab keeps at most [`MAX_SPARES`] spare chunks.
 
 use std::alloc::{alloc, dealloc, handle_alloc_error, Layout};
 use std::marker::PhantomData;
+use std::mem::ManuallyDrop;
 use std::ops::Deref;
 use std::ptr::NonNull;
 use std::sync::atomic::{fence, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 /// About how many bytes of nodes a chunk holds (at least one node, at most [`MAX_NODES`]).
 const CHUNK_BYTES: usize = 8 * 1024;
 /// Beyond this a bigger chunk saves nothing measurable, and pins more memory.
 const MAX_NODES: usize = 64;
+/// Enough for a producer running a few chunks ahead of its workers.
+const MAX_SPARES: usize = 8;
 
 /// At the start of every chunk.
 struct ChunkHead {
     /// Nodes of this chunk not dropped yet, counting those not handed out, plus one while
-    /// the slab may still hand out nodes from it. Whoever takes it to zero frees the chunk.
+    /// the slab may still hand out nodes from it. Whoever takes it to zero retires the chunk.
     live: AtomicUsize,
+    /// Where the chunk goes when it is empty. Taken out then, so that spare chunks do not
+    /// keep their own list alive.
+    home: ManuallyDrop<Arc<Spares>>,
+}
+
+/// Empty chunks of one layout, kept for their slab to reuse.
+struct Spares {
+    chunks: Mutex<Vec<NonNull<ChunkHead>>>,
     layout: Layout,
 }
 
-/// Gives up `n` of a chunk's `live` counts, freeing it with the last one.
+// The chunks listed are empty memory, owned by the list.
+unsafe impl Send for Spares {}
+unsafe impl Sync for Spares {}
+
+impl Spares {
+    /// Keeps an empty chunk for reuse, or frees it if enough are kept.
+    ///
+    /// # Safety
+    ///
+    /// `chunk` has this layout, holds no live node, and nobody else uses it.
+    unsafe fn put(&self, chunk: NonNull<ChunkHead>) {
+        let mut chunks = self.chunks.lock().unwrap_or_else(PoisonError::into_inner);
+        if chunks.len() < MAX_SPARES {
+            chunks.push(chunk);
+        } else {
+            drop(chunks);
+            dealloc(chunk.as_ptr().cast(), self.layout);
+        }
+    }
+
+    fn take(&self) -> Option<NonNull<ChunkHead>> {
+        self.chunks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop()
+    }
+}
+
+impl Drop for Spares {
+    fn drop(&mut self) {
+        let chunks = self
+            .chunks
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
+        for chunk in chunks.drain(..) {
+            // SAFETY: listed chunks are empty and owned by the list.
+            unsafe { dealloc(chunk.as_ptr().cast(), self.layout) };
+        }
+    }
+}
+
+/// Gives up `n` of a chunk's `live` counts, retiring it with the last one.
 ///
 /// # Safety
 ///
 /// `chunk` is a live chunk and the caller owns `n` of its counts.
 unsafe fn release_chunk(chunk: NonNull<ChunkHead>, n: usize) {
-    // Release: the node drops before this happen before the free (Acquire below).
+    // Release: the node drops before this happen before the reuse (Acquire below).
     if chunk.as_ref().live.fetch_sub(n, Ordering::Release) == n {
         fence(Ordering::Acquire);
-        let layout = chunk.as_ref().layout;
-        dealloc(chunk.as_ptr().cast(), layout);
+        let home = ManuallyDrop::take(&mut (*chunk.as_ptr()).home);
+        home.put(chunk);
     }
 }
 
@@ -95,6 +153,8 @@ unsafe fn release(head: NonNull<Head>) {
 pub(crate) struct Slab<N> {
     /// The chunk nodes come from, with the slab's own count on it.
     chunk: Option<NonNull<ChunkHead>>,
+    /// Empty chunks to reuse before allocating.
+    spares: Arc<Spares>,
     /// The chunk's first node.
     nodes: NonNull<N>,
     next: usize,
@@ -105,19 +165,21 @@ pub(crate) struct Slab<N> {
 // The slab owns its chunk's count; the nodes it makes are `Node`s, `Send` on their own terms.
 unsafe impl<N: Send> Send for Slab<N> {}
 
-impl<N> Default for Slab<N> {
-    fn default() -> Self {
+impl<N: Headed> Slab<N> {
+    pub(crate) fn new() -> Self {
         Self {
             chunk: None,
+            spares: Arc::new(Spares {
+                chunks: Mutex::new(Vec::new()),
+                layout: Self::layout().0,
+            }),
             nodes: NonNull::dangling(),
             next: 0,
             len: 0,
             _owns: PhantomData,
         }
     }
-}
 
-impl<N: Headed> Slab<N> {
     /// The layout of a chunk of `len` nodes, and where its first node starts.
     fn layout() -> (Layout, usize, usize) {
         let len = (CHUNK_BYTES / std::mem::size_of::<N>().max(1)).clamp(1, MAX_NODES);
@@ -132,18 +194,20 @@ impl<N: Headed> Slab<N> {
     fn refill(&mut self) {
         self.retire();
         let (layout, offset, len) = Self::layout();
-        // SAFETY: the layout has a non-zero size (a `ChunkHead` at least).
-        let raw = unsafe { alloc(layout) };
-        let Some(chunk) = NonNull::new(raw.cast::<ChunkHead>()) else {
-            handle_alloc_error(layout);
-        };
-        // SAFETY: fresh memory laid out for a head followed by `len` nodes.
+        let chunk = self.spares.take().unwrap_or_else(|| {
+            // SAFETY: the layout has a non-zero size (a `ChunkHead` at least).
+            let raw = unsafe { alloc(layout) };
+            NonNull::new(raw.cast::<ChunkHead>()).unwrap_or_else(|| handle_alloc_error(layout))
+        });
+        // SAFETY: memory of this layout (fresh, or a spare nobody else holds) for a head
+        // followed by `len` nodes; a spare's old head was moved out when it emptied.
         unsafe {
             chunk.as_ptr().write(ChunkHead {
                 live: AtomicUsize::new(len + 1),
-                layout,
+                home: ManuallyDrop::new(self.spares.clone()),
             });
-            self.nodes = NonNull::new_unchecked(raw.add(offset).cast::<N>());
+            self.nodes =
+                NonNull::new_unchecked(chunk.as_ptr().cast::<u8>().add(offset).cast::<N>());
         }
         self.chunk = Some(chunk);
         self.next = 0;
@@ -333,7 +397,7 @@ mod tests {
     #[test]
     fn every_node_drops_once_across_chunks_and_threads() {
         let drops = Arc::new(Count::new(0));
-        let mut slab = Slab::default();
+        let mut slab = Slab::new();
         let n = 3 * MAX_NODES as u64 + 5;
         let nodes: Vec<_> = (0..n).map(|i| probe(&mut slab, i, &drops)).collect();
         assert!(nodes.iter().enumerate().all(|(i, r)| r.value == i as u64));
@@ -350,9 +414,27 @@ mod tests {
     }
 
     #[test]
+    fn an_emptied_chunk_is_reused_instead_of_freed() {
+        let drops = Arc::new(Count::new(0));
+        let mut slab = Slab::new();
+        let len = Slab::<Probe>::layout().2;
+        let first: Vec<_> = (0..len as u64)
+            .map(|i| probe(&mut slab, i, &drops))
+            .collect();
+        let address = |r: &Counted<Probe>| &**r as *const Probe as usize;
+        let start = address(&first[0]);
+        drop(first);
+        // The full chunk is retired by the next allocation and, empty, taken right back.
+        let again = probe(&mut slab, 99, &drops);
+        assert_eq!(address(&again), start);
+        assert_eq!(again.value, 99);
+        assert_eq!(drops.load(Ordering::SeqCst), len);
+    }
+
+    #[test]
     fn try_unwrap_moves_a_node_out_only_when_unshared() {
         let drops = Arc::new(Count::new(0));
-        let mut slab = Slab::default();
+        let mut slab = Slab::new();
         let node = probe(&mut slab, 7, &drops);
         let copy = node.clone();
         let node = node.try_unwrap().err().expect("shared");

@@ -217,9 +217,17 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
             let mut st = shared.lock();
             shared.settled_outside(&mut st, std::mem::take(&mut done));
             let mut step = shared.step(&mut st, worker, finished.take(), &mut settle);
+            let mut spun = false;
             // Settle what just finished before sleeping: its receipt must not wait
             // for the next item to arrive.
             while matches!(step, Step::Wait) && settle.is_empty() {
+                if !std::mem::replace(&mut spun, true) {
+                    drop(st);
+                    shared.spin_for_items();
+                    st = shared.lock();
+                    step = shared.step(&mut st, worker, None, &mut settle);
+                    continue;
+                }
                 // Registered under the state lock, which this thread holds until `wait`
                 // releases it: a send that sees the registration cannot notify too early.
                 if shared.register_idle(&mut st, true) {
