@@ -16,7 +16,7 @@ use crossbeam_utils::{Backoff, CachePadded};
 use crate::intake::{Intake, Wake};
 use crate::journal::{DeadLetter, Journal, JournalError, Record, Settlement as Settled};
 use crate::queue::{Room, State, Waiters};
-use crate::receipt::{NodeRef, Receipt};
+use crate::receipt::{NodeContext, NodeRef, Receipt};
 use crate::retry::random_u64;
 use crate::stats::{CloseReport, Stats};
 use crate::worker::{async_worker, thread_worker, Sink};
@@ -49,9 +49,6 @@ pub(crate) struct Shared<T, R> {
     pub(crate) settled: Condvar,
     pub(crate) settled_async: Notify,
     pub(crate) config: Config,
-    /// Prefix of every `Delivery::idempotency_key`: the journal's id with a journal (stable
-    /// across restarts), else random per conveyor.
-    pub(crate) id_prefix: Arc<str>,
     /// The journal and its writer, if one was configured. `None` costs the hot path one branch.
     pub(crate) durable: Option<Durable<T>>,
     /// The thread of the current-thread Tokio runtime the async workers run on, if they run on
@@ -76,7 +73,7 @@ impl<T, R> Shared<T, R> {
 
     /// A node for a new item, whose receipt knows where waiting for it would hang.
     pub(crate) fn node(&self, key: Option<Arc<str>>, item: T) -> NodeRef<T, R> {
-        self.intake().alloc(key, item, self.runtime_thread)
+        self.intake().alloc(key, item)
     }
 
     /// The fast path of a send (see `Intake::try_accept`): its receipt, or the item's node
@@ -87,7 +84,7 @@ impl<T, R> Shared<T, R> {
         R: Send + 'static,
     {
         let mut ik = self.intake();
-        let accepted = ik.try_accept(key, item, self.runtime_thread);
+        let accepted = ik.try_accept(key, item);
         if accepted.is_ok() && !self.intake.filled.load(AtomicOrdering::Relaxed) {
             self.intake.filled.store(true, AtomicOrdering::Relaxed);
         }
@@ -414,8 +411,6 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             state.restore_pause(lane);
         }
         state.seq_limit = opened.as_ref().map(|d| d.seq_limit.clone());
-        // A journal's appends are queued under the state lock in seq order: no fast path.
-        let intake = Intake::new(first_seq, config.capacity, opened.is_none());
         let ambient = tokio::runtime::Handle::try_current().ok();
         let runtime_thread = match (&sink, &ambient) {
             (Sink::Async(_), Some(handle))
@@ -425,6 +420,14 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             }
             _ => None,
         };
+        // Prefix of every `Delivery::idempotency_key`: the journal's id with a journal (stable
+        // across restarts), else random per conveyor.
+        let context = NodeContext {
+            id_prefix: Arc::from(id_prefix),
+            runtime_thread,
+        };
+        // A journal's appends are queued under the state lock in seq order: no fast path.
+        let intake = Intake::new(first_seq, config.capacity, opened.is_none(), context);
         let shared = Arc::new(Shared {
             state: CachePadded::new(Mutex::new(state)),
             intake: CachePadded::new(IntakeLine {
@@ -439,7 +442,6 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             settled: Condvar::new(),
             settled_async: Notify::new(),
             config,
-            id_prefix: Arc::from(id_prefix),
             durable: opened,
             runtime_thread,
         });

@@ -11,9 +11,8 @@
 //! Lock order: the state lock, then this one; never the other way round.
 
 use std::sync::Arc;
-use std::thread::ThreadId;
 
-use crate::receipt::{Node, NodeRef};
+use crate::receipt::{Node, NodeContext, NodeRef};
 use crate::slab::Slab;
 
 /// Which idle workers a send should wake once it has released the intake lock.
@@ -49,10 +48,10 @@ pub(crate) struct Intake<T, R> {
 }
 
 impl<T, R> Intake<T, R> {
-    pub(crate) fn new(first_seq: u64, capacity: usize, open: bool) -> Self {
+    pub(crate) fn new(first_seq: u64, capacity: usize, open: bool, context: NodeContext) -> Self {
         Self {
             items: Vec::new(),
-            slab: Slab::new(),
+            slab: Slab::new(context),
             next_seq: first_seq,
             open,
             lanes_queued: 0,
@@ -65,14 +64,8 @@ impl<T, R> Intake<T, R> {
     }
 
     /// A node for a new item, not numbered yet.
-    pub(crate) fn alloc(
-        &mut self,
-        key: Option<Arc<str>>,
-        item: T,
-        runtime_thread: Option<ThreadId>,
-    ) -> NodeRef<T, R> {
-        self.slab
-            .alloc(|head| Node::new(head, key, item, runtime_thread))
+    pub(crate) fn alloc(&mut self, key: Option<Arc<str>>, item: T) -> NodeRef<T, R> {
+        self.slab.alloc(|head| Node::new(head, key, item))
     }
 
     /// The fast path: makes a node for the item and accepts it if that needs no decision of
@@ -82,9 +75,8 @@ impl<T, R> Intake<T, R> {
         &mut self,
         key: Option<Arc<str>>,
         item: T,
-        runtime_thread: Option<ThreadId>,
     ) -> Result<(NodeRef<T, R>, Wake), NodeRef<T, R>> {
-        let node = self.alloc(key, item, runtime_thread);
+        let node = self.alloc(key, item);
         self.try_push(node)
     }
 
@@ -160,13 +152,20 @@ impl<T, R> Intake<T, R> {
 mod tests {
     use super::*;
 
+    fn context() -> NodeContext {
+        NodeContext {
+            id_prefix: Arc::from("test"),
+            runtime_thread: None,
+        }
+    }
+
     fn push(ik: &mut Intake<u32, ()>, item: u32) -> Result<Wake, NodeRef<u32, ()>> {
-        ik.try_accept(None, item, None).map(|(_, wake)| wake)
+        ik.try_accept(None, item).map(|(_, wake)| wake)
     }
 
     #[test]
     fn numbers_in_order_and_refuses_past_capacity() {
-        let mut ik = Intake::<u32, ()>::new(7, 3, true);
+        let mut ik = Intake::<u32, ()>::new(7, 3, true, context());
         for i in 0..3 {
             assert!(push(&mut ik, i).is_ok());
         }
@@ -184,7 +183,7 @@ mod tests {
 
     #[test]
     fn closed_intake_sends_everything_to_the_slow_path() {
-        let mut ik = Intake::<u32, ()>::new(1, 10, true);
+        let mut ik = Intake::<u32, ()>::new(1, 10, true, context());
         ik.shut();
         assert!(push(&mut ik, 0).is_err());
         assert!(ik.is_empty());
@@ -192,7 +191,7 @@ mod tests {
 
     #[test]
     fn a_burst_wakes_one_worker_and_workers_wake_the_rest() {
-        let mut ik = Intake::<u32, ()>::new(1, 100, true);
+        let mut ik = Intake::<u32, ()>::new(1, 100, true, context());
         ik.idle_threads = 2;
         let wakes: Vec<bool> = (0..3)
             .map(|i| push(&mut ik, i).ok().unwrap().thread)

@@ -41,13 +41,21 @@ struct About {
     /// (or the state lock's, for replayed items) makes the store visible to every reader.
     seq: AtomicU64,
     key: Option<Arc<str>>,
+}
+
+/// What every node of a conveyor can reach, shared rather than copied into each node.
+pub(crate) struct NodeContext {
+    /// Prefix of every `Delivery::idempotency_key`.
+    pub(crate) id_prefix: Arc<str>,
     /// The thread of the current-thread runtime its async sink runs on, if any: blocking
-    /// there until it settles would never end.
-    runtime_thread: Option<ThreadId>,
+    /// there until an item settles would never end.
+    pub(crate) runtime_thread: Option<ThreadId>,
 }
 
 // SAFETY: `#[repr(C)]`, and `About`, itself `#[repr(C)]` with its `Head` first, comes first.
-unsafe impl<T, R> Headed for Node<T, R> {}
+unsafe impl<T, R> Headed for Node<T, R> {
+    type Context = NodeContext;
+}
 
 /// A counted reference to a node.
 pub(crate) type NodeRef<T, R> = Counted<Node<T, R>>;
@@ -61,20 +69,23 @@ unsafe fn about<'a>(node: NonNull<Head>) -> &'a About {
     node.cast::<About>().as_ref()
 }
 
+/// The context of the node that starts at `node`.
+///
+/// # Safety
+///
+/// As for [`about`].
+unsafe fn context<'a>(node: NonNull<Head>) -> &'a NodeContext {
+    about(node).head.context::<NodeContext>()
+}
+
 impl<T, R> Node<T, R> {
     /// A node made by the slab from `head` (see `Intake::alloc`).
-    pub(crate) fn new(
-        head: Head,
-        key: Option<Arc<str>>,
-        item: T,
-        runtime_thread: Option<ThreadId>,
-    ) -> Self {
+    pub(crate) fn new(head: Head, key: Option<Arc<str>>, item: T) -> Self {
         Self {
             about: About {
                 head,
                 seq: AtomicU64::new(0),
                 key,
-                runtime_thread,
             },
             slot: Slot::new(),
             item,
@@ -201,8 +212,6 @@ pub struct Delivery<T> {
     /// The item inside `node`, which `node` keeps alive.
     item: NonNull<T>,
     attempt: u32,
-    /// Per-conveyor prefix of the idempotency key: shared, not copied per delivery.
-    id_prefix: Arc<str>,
 }
 
 // SAFETY: a delivery shares its item (`T: Sync`) and may drop the node on another thread.
@@ -211,17 +220,12 @@ unsafe impl<T: Send + Sync> Send for Delivery<T> {}
 unsafe impl<T: Send + Sync> Sync for Delivery<T> {}
 
 impl<T: Send + Sync + 'static> Delivery<T> {
-    pub(crate) fn new<R: Send + 'static>(
-        node: &NodeRef<T, R>,
-        attempt: u32,
-        id_prefix: Arc<str>,
-    ) -> Self {
+    pub(crate) fn new<R: Send + 'static>(node: &NodeRef<T, R>, attempt: u32) -> Self {
         Self {
             // Stays put while the node lives, which `node` (a clone) keeps it doing.
             item: NonNull::from(&node.item),
             node: node.clone().erase(),
             attempt,
-            id_prefix,
         }
     }
 }
@@ -260,7 +264,9 @@ impl<T> Delivery<T> {
     /// (and between conveyors), for receivers that drop duplicates: send it as an
     /// `Idempotency-Key` header, for example.
     pub fn idempotency_key(&self) -> String {
-        format!("{}-{}", self.id_prefix, self.seq())
+        // SAFETY: `node` is a live node, kept alive by this delivery.
+        let context = unsafe { context(self.node.as_ptr()) };
+        format!("{}-{}", context.id_prefix, self.seq())
     }
 }
 
@@ -367,7 +373,8 @@ impl<R> Receipt<R> {
     }
 
     fn waiting_would_hang(&self) -> bool {
-        waiting_would_hang(self.about().runtime_thread)
+        // SAFETY: `node` is a live node, kept alive by this receipt.
+        waiting_would_hang(unsafe { context(self.node.as_ptr()) }.runtime_thread)
     }
 
     fn wait_until(&mut self, deadline: Option<Instant>) -> Option<Result<R, DeliveryError>> {

@@ -13,6 +13,9 @@
 //! allocator: freeing it on the worker while the producer allocates the next one made the
 //! two threads fight over glibc's arena lock, a syscall every few dozen items.
 //!
+//! Every node can also reach its slab's *context*, a value shared by all its nodes (the
+//! conveyor's settings a receipt or a delivery needs), without a copy or a count per node.
+//!
 //! The price: one long-lived node (a receipt kept for hours, an item held in a paused
 //! lane) keeps its whole chunk allocated. A chunk is at most [`CHUNK_BYTES`] plus one node,
 //! and a slab keeps at most [`MAX_SPARES`] spare chunks.
@@ -32,33 +35,38 @@ const MAX_NODES: usize = 64;
 /// Enough for a producer running a few chunks ahead of its workers.
 const MAX_SPARES: usize = 8;
 
-/// At the start of every chunk.
-struct ChunkHead {
+/// At the start of every chunk; `C` is its slab's context type.
+#[repr(C)]
+struct ChunkHead<C> {
+    /// Drops a node of this chunk and gives its count back. First, so that a reference that
+    /// does not know the node's type can find it.
+    destroy: unsafe fn(NonNull<Head>),
     /// Nodes of this chunk not dropped yet, counting those not handed out, plus one while
     /// the slab may still hand out nodes from it. Whoever takes it to zero retires the chunk.
     live: AtomicUsize,
     /// Where the chunk goes when it is empty. Taken out then, so that spare chunks do not
     /// keep their own list alive.
-    home: ManuallyDrop<Arc<Spares>>,
+    home: ManuallyDrop<Arc<Spares<C>>>,
 }
 
-/// Empty chunks of one layout, kept for their slab to reuse.
-struct Spares {
-    chunks: Mutex<Vec<NonNull<ChunkHead>>>,
+/// Empty chunks of one layout, kept for their slab to reuse, and the slab's context.
+struct Spares<C> {
+    chunks: Mutex<Vec<NonNull<ChunkHead<C>>>>,
     layout: Layout,
+    context: C,
 }
 
 // The chunks listed are empty memory, owned by the list.
-unsafe impl Send for Spares {}
-unsafe impl Sync for Spares {}
+unsafe impl<C: Send> Send for Spares<C> {}
+unsafe impl<C: Sync> Sync for Spares<C> {}
 
-impl Spares {
+impl<C> Spares<C> {
     /// Keeps an empty chunk for reuse, or frees it if enough are kept.
     ///
     /// # Safety
     ///
     /// `chunk` has this layout, holds no live node, and nobody else uses it.
-    unsafe fn put(&self, chunk: NonNull<ChunkHead>) {
+    unsafe fn put(&self, chunk: NonNull<ChunkHead<C>>) {
         let mut chunks = self.chunks.lock().unwrap_or_else(PoisonError::into_inner);
         if chunks.len() < MAX_SPARES {
             chunks.push(chunk);
@@ -68,7 +76,7 @@ impl Spares {
         }
     }
 
-    fn take(&self) -> Option<NonNull<ChunkHead>> {
+    fn take(&self) -> Option<NonNull<ChunkHead<C>>> {
         self.chunks
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -76,7 +84,7 @@ impl Spares {
     }
 }
 
-impl Drop for Spares {
+impl<C> Drop for Spares<C> {
     fn drop(&mut self) {
         let chunks = self
             .chunks
@@ -94,7 +102,7 @@ impl Drop for Spares {
 /// # Safety
 ///
 /// `chunk` is a live chunk and the caller owns `n` of its counts.
-unsafe fn release_chunk(chunk: NonNull<ChunkHead>, n: usize) {
+unsafe fn release_chunk<C>(chunk: NonNull<ChunkHead<C>>, n: usize) {
     // Release: the node drops before this happen before the reuse (Acquire below).
     if chunk.as_ref().live.fetch_sub(n, Ordering::Release) == n {
         fence(Ordering::Acquire);
@@ -103,19 +111,30 @@ unsafe fn release_chunk(chunk: NonNull<ChunkHead>, n: usize) {
     }
 }
 
-/// The first field of every node: its reference count and how to drop it without its type
-/// (receipts and deliveries name only half of a node's type parameters).
+/// The first field of every node: its reference count and its chunk, through which it is
+/// dropped without its type (receipts and deliveries name only half of a node's type
+/// parameters) and reaches its slab's context.
 #[repr(C)]
 pub(crate) struct Head {
     refs: AtomicUsize,
-    chunk: NonNull<ChunkHead>,
-    /// Drops the node that starts with this head and gives its count back to the chunk.
-    destroy: unsafe fn(NonNull<Head>),
+    /// A `ChunkHead<C>` of the node's context type `C`.
+    chunk: NonNull<u8>,
 }
 
-// The chunk pointer is only used through its atomic count.
+// The chunk is only used through its atomic count and its shared, `Sync` context.
 unsafe impl Send for Head {}
 unsafe impl Sync for Head {}
+
+impl Head {
+    /// The context of the slab this node came from.
+    ///
+    /// # Safety
+    ///
+    /// `C` is that slab's context type, and the node is alive.
+    pub(crate) unsafe fn context<C>(&self) -> &C {
+        &self.chunk.cast::<ChunkHead<C>>().as_ref().home.context
+    }
+}
 
 /// A node type whose first field, at offset 0, is its [`Head`].
 ///
@@ -123,7 +142,10 @@ unsafe impl Sync for Head {}
 ///
 /// The implementor is `#[repr(C)]` with a `Head` as its first field, so that a pointer to
 /// the node is a pointer to its head.
-pub(crate) unsafe trait Headed: Sized {}
+pub(crate) unsafe trait Headed: Sized {
+    /// What every node of a slab can reach (see [`Head::context`]).
+    type Context: Send + Sync;
+}
 
 /// Drops the node of type `N` that starts at `head`, then its chunk count.
 ///
@@ -131,7 +153,7 @@ pub(crate) unsafe trait Headed: Sized {}
 ///
 /// `head` starts a live `N` whose last reference is gone.
 unsafe fn destroy<N: Headed>(head: NonNull<Head>) {
-    let chunk = head.as_ref().chunk;
+    let chunk = head.as_ref().chunk.cast::<ChunkHead<N::Context>>();
     std::ptr::drop_in_place(head.cast::<N>().as_ptr());
     release_chunk(chunk, 1);
 }
@@ -145,16 +167,22 @@ unsafe fn release(head: NonNull<Head>) {
     // As `Arc`: Release so that every use through this reference happens before the drop.
     if head.as_ref().refs.fetch_sub(1, Ordering::Release) == 1 {
         fence(Ordering::Acquire);
-        (head.as_ref().destroy)(head);
+        // `ChunkHead::destroy` comes first in every chunk.
+        let destroy = head
+            .as_ref()
+            .chunk
+            .cast::<unsafe fn(NonNull<Head>)>()
+            .read();
+        destroy(head);
     }
 }
 
 /// Hands out nodes of type `N` in order from its current chunk.
-pub(crate) struct Slab<N> {
+pub(crate) struct Slab<N: Headed> {
     /// The chunk nodes come from, with the slab's own count on it.
-    chunk: Option<NonNull<ChunkHead>>,
-    /// Empty chunks to reuse before allocating.
-    spares: Arc<Spares>,
+    chunk: Option<NonNull<ChunkHead<N::Context>>>,
+    /// Empty chunks to reuse before allocating, and the context.
+    spares: Arc<Spares<N::Context>>,
     /// The chunk's first node.
     nodes: NonNull<N>,
     next: usize,
@@ -163,15 +191,16 @@ pub(crate) struct Slab<N> {
 }
 
 // The slab owns its chunk's count; the nodes it makes are `Node`s, `Send` on their own terms.
-unsafe impl<N: Send> Send for Slab<N> {}
+unsafe impl<N: Headed + Send> Send for Slab<N> {}
 
 impl<N: Headed> Slab<N> {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(context: N::Context) -> Self {
         Self {
             chunk: None,
             spares: Arc::new(Spares {
                 chunks: Mutex::new(Vec::new()),
                 layout: Self::layout().0,
+                context,
             }),
             nodes: NonNull::dangling(),
             next: 0,
@@ -184,7 +213,7 @@ impl<N: Headed> Slab<N> {
     fn layout() -> (Layout, usize, usize) {
         let len = (CHUNK_BYTES / std::mem::size_of::<N>().max(1)).clamp(1, MAX_NODES);
         let nodes = Layout::array::<N>(len).expect("a chunk of nodes fits in memory");
-        let (layout, offset) = Layout::new::<ChunkHead>()
+        let (layout, offset) = Layout::new::<ChunkHead<N::Context>>()
             .extend(nodes)
             .expect("a chunk of nodes fits in memory");
         (layout.pad_to_align(), offset, len)
@@ -197,12 +226,13 @@ impl<N: Headed> Slab<N> {
         let chunk = self.spares.take().unwrap_or_else(|| {
             // SAFETY: the layout has a non-zero size (a `ChunkHead` at least).
             let raw = unsafe { alloc(layout) };
-            NonNull::new(raw.cast::<ChunkHead>()).unwrap_or_else(|| handle_alloc_error(layout))
+            NonNull::new(raw.cast()).unwrap_or_else(|| handle_alloc_error(layout))
         });
         // SAFETY: memory of this layout (fresh, or a spare nobody else holds) for a head
         // followed by `len` nodes; a spare's old head was moved out when it emptied.
         unsafe {
             chunk.as_ptr().write(ChunkHead {
+                destroy: destroy::<N>,
                 live: AtomicUsize::new(len + 1),
                 home: ManuallyDrop::new(self.spares.clone()),
             });
@@ -222,8 +252,7 @@ impl<N: Headed> Slab<N> {
         let chunk = self.chunk.expect("refilled above");
         let head = Head {
             refs: AtomicUsize::new(1),
-            chunk,
-            destroy: destroy::<N>,
+            chunk: chunk.cast(),
         };
         // SAFETY: `next < len`, so this slot is in the chunk and was never handed out.
         let node = unsafe {
@@ -239,7 +268,7 @@ impl<N: Headed> Slab<N> {
     }
 }
 
-impl<N> Slab<N> {
+impl<N: Headed> Slab<N> {
     /// Gives up the slab's hold on its chunk, and the counts of the nodes never handed out.
     fn retire(&mut self) {
         if let Some(chunk) = self.chunk.take() {
@@ -249,7 +278,7 @@ impl<N> Slab<N> {
     }
 }
 
-impl<N> Drop for Slab<N> {
+impl<N: Headed> Drop for Slab<N> {
     fn drop(&mut self) {
         self.retire();
     }
@@ -283,7 +312,7 @@ impl<N: Headed> Counted<N> {
             return Err(self);
         }
         let this = std::mem::ManuallyDrop::new(self);
-        let chunk = this.head().chunk;
+        let chunk = this.head().chunk.cast::<ChunkHead<N::Context>>();
         // SAFETY: no other reference exists, so the node is moved out exactly once and its
         // memory is then given back to the chunk.
         unsafe {
@@ -378,7 +407,9 @@ mod tests {
         value: u64,
         drops: Arc<Count>,
     }
-    unsafe impl Headed for Probe {}
+    unsafe impl Headed for Probe {
+        type Context = &'static str;
+    }
 
     impl Drop for Probe {
         fn drop(&mut self) {
@@ -397,10 +428,15 @@ mod tests {
     #[test]
     fn every_node_drops_once_across_chunks_and_threads() {
         let drops = Arc::new(Count::new(0));
-        let mut slab = Slab::new();
+        let mut slab = Slab::new("probes");
         let n = 3 * MAX_NODES as u64 + 5;
         let nodes: Vec<_> = (0..n).map(|i| probe(&mut slab, i, &drops)).collect();
         assert!(nodes.iter().enumerate().all(|(i, r)| r.value == i as u64));
+        // SAFETY: the probes' context is a `&str`.
+        assert_eq!(
+            unsafe { *nodes[n as usize - 1].head.context::<&str>() },
+            "probes"
+        );
         let erased: Vec<_> = nodes.iter().map(|r| r.clone().erase()).collect();
         drop(slab);
         let handle = std::thread::spawn(move || drop(nodes));
@@ -416,7 +452,7 @@ mod tests {
     #[test]
     fn an_emptied_chunk_is_reused_instead_of_freed() {
         let drops = Arc::new(Count::new(0));
-        let mut slab = Slab::new();
+        let mut slab = Slab::new("probes");
         let len = Slab::<Probe>::layout().2;
         let first: Vec<_> = (0..len as u64)
             .map(|i| probe(&mut slab, i, &drops))
@@ -434,7 +470,7 @@ mod tests {
     #[test]
     fn try_unwrap_moves_a_node_out_only_when_unshared() {
         let drops = Arc::new(Count::new(0));
-        let mut slab = Slab::new();
+        let mut slab = Slab::new("probes");
         let node = probe(&mut slab, 7, &drops);
         let copy = node.clone();
         let node = node.try_unwrap().err().expect("shared");

@@ -155,7 +155,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
 
     fn delivery(&self, job: &mut Job<T, R>) -> Delivery<T> {
         job.attempts += 1;
-        Delivery::new(&job.node, job.attempts, self.id_prefix.clone())
+        Delivery::new(&job.node, job.attempts)
     }
 
     fn run_blocking(&self, sink: &BlockingFn<T, R>, job: &mut Job<T, R>) -> Outcome<R> {
