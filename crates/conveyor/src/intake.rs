@@ -76,16 +76,11 @@ impl<T, R> Intake<T, R> {
         key: Option<Arc<str>>,
         item: T,
     ) -> Result<(NodeRef<T, R>, Wake), NodeRef<T, R>> {
-        let node = self.alloc(key, item);
-        self.try_push(node)
-    }
-
-    fn try_push(&mut self, node: NodeRef<T, R>) -> Result<(NodeRef<T, R>, Wake), NodeRef<T, R>> {
         if !self.open || self.lanes_queued + self.items.len() as u64 >= self.capacity {
-            return Err(node);
+            return Err(self.alloc(key, item));
         }
+        let (node, receipt) = self.slab.alloc_pair(|head| Node::new(head, key, item));
         self.number(&node);
-        let receipt = node.clone();
         self.items.push(node);
         // One wake-up, unless one is pending already: a woken worker drains every item and
         // wakes others if it cannot run them all (`Shared::pass_work_on`). So a burst of

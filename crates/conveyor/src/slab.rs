@@ -246,12 +246,27 @@ impl<N: Headed> Slab<N> {
 
     /// A new node, made by `make` from its head, with one reference: the one returned.
     pub(crate) fn alloc(&mut self, make: impl FnOnce(Head) -> N) -> Counted<N> {
+        self.alloc_counted(1, make)
+    }
+
+    /// A new node with two references, both returned: one atomic operation fewer than
+    /// cloning the first.
+    pub(crate) fn alloc_pair(&mut self, make: impl FnOnce(Head) -> N) -> (Counted<N>, Counted<N>) {
+        let node = self.alloc_counted(2, make);
+        let twin = Counted {
+            node: node.node,
+            _owns: PhantomData,
+        };
+        (node, twin)
+    }
+
+    fn alloc_counted(&mut self, refs: usize, make: impl FnOnce(Head) -> N) -> Counted<N> {
         if self.next == self.len {
             self.refill();
         }
         let chunk = self.chunk.expect("refilled above");
         let head = Head {
-            refs: AtomicUsize::new(1),
+            refs: AtomicUsize::new(refs),
             chunk: chunk.cast(),
         };
         // SAFETY: `next < len`, so this slot is in the chunk and was never handed out.
@@ -471,8 +486,11 @@ mod tests {
     fn try_unwrap_moves_a_node_out_only_when_unshared() {
         let drops = Arc::new(Count::new(0));
         let mut slab = Slab::new("probes");
-        let node = probe(&mut slab, 7, &drops);
-        let copy = node.clone();
+        let (node, copy) = slab.alloc_pair(|head| Probe {
+            head,
+            value: 7,
+            drops: drops.clone(),
+        });
         let node = node.try_unwrap().err().expect("shared");
         drop(copy);
         let probe = node.try_unwrap().ok().expect("unshared");
