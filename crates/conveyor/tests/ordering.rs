@@ -5,7 +5,7 @@ mod common;
 use std::sync::atomic::Ordering as AtomicOrdering;
 use std::sync::Arc;
 
-use common::{sleep_ms, Recorder, GENEROUS};
+use common::{sleep_ms, Gate, Recorder, GENEROUS};
 use conveyor::{Conveyor, Delivery, Ordering};
 
 fn recording(ordering: Ordering, rec: &Arc<Recorder>, sleep: u64) -> Conveyor<u64> {
@@ -183,4 +183,41 @@ fn delivery_idempotency_keys_are_stable_per_item_and_distinct() {
     assert_eq!(keys.len(), 4);
     assert_eq!(keys[0], keys[1], "same item, same key on retry");
     assert_ne!(keys[1].1, keys[2].1, "different items, different keys");
+}
+
+#[test]
+fn a_held_lane_never_holds_up_the_others_however_the_second_worker_waits() {
+    // Lane "a" is held until the round ends. Every other key must be delivered meanwhile,
+    // whether the second worker is asleep, spinning for items, or just back from a call,
+    // and whether "a" arrives alone or in one batch with the others.
+    for round in 0..40 {
+        let gate = Gate::new();
+        let g = gate.clone();
+        let c: Conveyor<u64> = Conveyor::builder()
+            .ordering(Ordering::Keyed { concurrency: 2 })
+            .build(move |d: Delivery<u64>| {
+                if d.key() == Some("a") {
+                    g.pass();
+                }
+                Ok(())
+            })
+            .unwrap();
+        if round % 4 == 1 {
+            sleep_ms(20); // both workers asleep first
+        }
+        let a = c.send_keyed("a", 0).unwrap();
+        if round % 2 == 0 {
+            gate.wait_for_callers(1);
+        }
+        for (i, key) in ["c", "b", "d", "c"].into_iter().enumerate() {
+            let mut receipt = c.send_keyed(key, i as u64 + 1).unwrap();
+            assert!(
+                matches!(receipt.wait_timeout(GENEROUS), Some(Ok(()))),
+                "round {round}: {key} waited for lane a"
+            );
+        }
+        assert!(!a.is_settled(), "lane a is still held");
+        gate.open();
+        a.wait().unwrap();
+    }
 }
