@@ -178,6 +178,81 @@ fn send_cost(c: &mut Criterion) {
     g.finish();
 }
 
+/// Busy work standing in for what a real producer does between sends (no syscalls, no
+/// memory traffic), `units` rounds of it.
+fn busy(units: u64) -> u64 {
+    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+    for _ in 0..units {
+        x = black_box(x.rotate_left(5).wrapping_mul(0x2545_f491_4f6c_dd1d));
+    }
+    x
+}
+
+/// How many rounds of [`busy`] take about `target`, measured on this machine now.
+fn busy_units_for(target: Duration) -> u64 {
+    let probe = 1_000_000;
+    let start = Instant::now();
+    busy(probe);
+    let per_unit = start.elapsed().as_secs_f64() / probe as f64;
+    ((target.as_secs_f64() / per_unit) as u64).max(1)
+}
+
+/// Producer-side cost of one send when the producer does ~2 µs of its own work between
+/// sends, as real producers do: the consumer is usually idle when an item arrives, so this
+/// includes waking it. Each measurement times the same loop with and without the sends and
+/// takes the difference.
+fn send_cost_paced(c: &mut Criterion) {
+    const ITEMS: u64 = 2_000;
+    let units = busy_units_for(Duration::from_micros(2));
+    let mut g = c.benchmark_group("send_cost_paced_2us");
+    g.throughput(Throughput::Elements(1));
+    g.sample_size(20);
+    let paced = |iters: u64, send: &mut dyn FnMut(u64), drain: &mut dyn FnMut()| {
+        let mut cost = Duration::ZERO;
+        let mut done = 0;
+        while done < iters {
+            let n = ITEMS.min(iters - done);
+            let start = Instant::now();
+            for _ in 0..n {
+                black_box(busy(units));
+            }
+            let alone = start.elapsed();
+            let start = Instant::now();
+            for i in 0..n {
+                black_box(busy(units));
+                send(i);
+            }
+            cost += start.elapsed().saturating_sub(alone);
+            drain();
+            done += n;
+        }
+        cost
+    };
+    for (name, ordering) in MODES {
+        let conveyor = conveyor_with(ordering, None);
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                paced(
+                    iters,
+                    &mut |i| drop(black_box(conveyor.send(i).unwrap())),
+                    &mut || conveyor.flush(),
+                )
+            })
+        });
+    }
+    for (name, make) in [
+        ("std_mpsc_sync_channel", std_mpsc as fn() -> Baseline),
+        ("crossbeam_bounded", crossbeam),
+        ("tokio_mpsc_blocking_send", tokio_mpsc),
+    ] {
+        let mut base = make();
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| paced(iters, &mut base.send, &mut base.drain))
+        });
+    }
+    g.finish();
+}
+
 /// Items per second from first send to last delivery, with an instant sink.
 fn end_to_end(c: &mut Criterion) {
     const N: u64 = 100_000;
@@ -276,5 +351,11 @@ fn latency_bound(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, send_cost, end_to_end, latency_bound);
+criterion_group!(
+    benches,
+    send_cost,
+    send_cost_paced,
+    end_to_end,
+    latency_bound
+);
 criterion_main!(benches);
