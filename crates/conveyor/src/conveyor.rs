@@ -84,7 +84,9 @@ impl<T, R> Shared<T, R> {
         R: Send + 'static,
     {
         let mut ik = self.intake();
-        let accepted = ik.try_accept(key, item);
+        // A spinning worker will see the item (see `spin_for_items`): no wake-up syscall.
+        let spinner = self.spinning.load(AtomicOrdering::Relaxed);
+        let accepted = ik.try_accept(key, item, !spinner);
         if accepted.is_ok() && !self.intake.filled.load(AtomicOrdering::Relaxed) {
             self.intake.filled.store(true, AtomicOrdering::Relaxed);
         }
@@ -164,7 +166,11 @@ impl<T, R> Shared<T, R> {
         while !self.intake.filled.load(AtomicOrdering::Relaxed) && !backoff.is_completed() {
             backoff.snooze();
         }
-        self.spinning.store(false, AtomicOrdering::Release);
+        // Under the intake lock: a send that saw this worker spinning, and so woke nobody,
+        // has pushed its item before this, and this worker looks at the intake next (its
+        // step drains it, or passes the work on if it takes a job from the lanes instead).
+        let _intake = self.intake();
+        self.spinning.store(false, AtomicOrdering::Relaxed);
     }
 
     /// Undoes [`Shared::register_idle`] once the worker runs again.
@@ -187,7 +193,10 @@ impl<T, R> Shared<T, R> {
     /// which the worker does after releasing the state lock: the idle worker registered
     /// under that lock and released it only by waiting, so the notify cannot be early.
     pub(crate) fn pass_work_on(&self, st: &State<T, R>) -> Wake {
-        if st.idle_workers > 0 && st.startable() {
+        // Items a send left without a wake-up for a spinning worker count too. The hint is
+        // read last: it sits on the producers' cache line.
+        let waiting = || st.startable() || self.intake.filled.load(AtomicOrdering::Relaxed);
+        if st.idle_workers > 0 && waiting() {
             self.intake().wake_another()
         } else {
             Wake::default()

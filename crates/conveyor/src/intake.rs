@@ -69,12 +69,13 @@ impl<T, R> Intake<T, R> {
     }
 
     /// The fast path: makes a node for the item and accepts it if that needs no decision of
-    /// the state lock's holder; returns a second reference to it, for the receipt. Gives the
-    /// node back unshared otherwise.
+    /// the state lock's holder; returns a second reference to it, for the receipt, and whom
+    /// to wake (nobody unless `wake`). Gives the node back unshared otherwise.
     pub(crate) fn try_accept(
         &mut self,
         key: Option<Arc<str>>,
         item: T,
+        wake: bool,
     ) -> Result<(NodeRef<T, R>, Wake), NodeRef<T, R>> {
         if !self.open || self.lanes_queued + self.items.len() as u64 >= self.capacity {
             return Err(self.alloc(key, item));
@@ -85,7 +86,12 @@ impl<T, R> Intake<T, R> {
         // One wake-up, unless one is pending already: a woken worker drains every item and
         // wakes others if it cannot run them all (`Shared::pass_work_on`). So a burst of
         // sends costs one wake-up, and items for a single busy lane wake nobody else.
-        Ok((receipt, self.wake_for(1)))
+        let wake = if wake {
+            self.wake_for(1)
+        } else {
+            Wake::default()
+        };
+        Ok((receipt, wake))
     }
 
     /// Gives `node` the next seq.
@@ -155,7 +161,7 @@ mod tests {
     }
 
     fn push(ik: &mut Intake<u32, ()>, item: u32) -> Result<Wake, NodeRef<u32, ()>> {
-        ik.try_accept(None, item).map(|(_, wake)| wake)
+        ik.try_accept(None, item, true).map(|(_, wake)| wake)
     }
 
     #[test]
@@ -194,5 +200,15 @@ mod tests {
         assert_eq!(wakes, vec![true, false, false], "one wake-up until it runs");
         assert!(ik.wake_another().thread, "a running worker passes work on");
         assert!(!ik.wake_another().thread, "both idle workers are woken");
+    }
+
+    #[test]
+    fn a_send_for_a_spinning_worker_wakes_nobody() {
+        let mut ik = Intake::<u32, ()>::new(1, 100, true, context());
+        ik.idle_threads = 3;
+        let (_, wake) = ik.try_accept(None, 0, false).ok().unwrap();
+        assert_eq!(wake, Wake::default());
+        assert_eq!(ik.woken_threads, 0, "no wake-up is counted as pending");
+        assert!(push(&mut ik, 1).ok().unwrap().thread, "the next send wakes one");
     }
 }
