@@ -153,20 +153,13 @@ impl<T, R> Intake<T, R> {
 mod tests {
     use super::*;
 
-    fn context() -> NodeContext {
-        NodeContext {
-            id_prefix: Arc::from("test"),
-            runtime_thread: None,
-        }
-    }
-
     fn push(ik: &mut Intake<u32, ()>, item: u32) -> Result<Wake, NodeRef<u32, ()>> {
         ik.try_accept(None, item, true).map(|(_, wake)| wake)
     }
 
     #[test]
     fn numbers_in_order_and_refuses_past_capacity() {
-        let mut ik = Intake::<u32, ()>::new(7, 3, true, context());
+        let mut ik = Intake::<u32, ()>::new(7, 3, true, NodeContext::for_tests());
         for i in 0..3 {
             assert!(push(&mut ik, i).is_ok());
         }
@@ -184,7 +177,7 @@ mod tests {
 
     #[test]
     fn closed_intake_sends_everything_to_the_slow_path() {
-        let mut ik = Intake::<u32, ()>::new(1, 10, true, context());
+        let mut ik = Intake::<u32, ()>::new(1, 10, true, NodeContext::for_tests());
         ik.shut();
         assert!(push(&mut ik, 0).is_err());
         assert!(ik.is_empty());
@@ -192,7 +185,7 @@ mod tests {
 
     #[test]
     fn a_burst_wakes_one_worker_and_workers_wake_the_rest() {
-        let mut ik = Intake::<u32, ()>::new(1, 100, true, context());
+        let mut ik = Intake::<u32, ()>::new(1, 100, true, NodeContext::for_tests());
         ik.idle_threads = 2;
         let wakes: Vec<bool> = (0..3)
             .map(|i| push(&mut ik, i).ok().unwrap().thread)
@@ -204,11 +197,14 @@ mod tests {
 
     #[test]
     fn a_send_for_a_spinning_worker_wakes_nobody() {
-        let mut ik = Intake::<u32, ()>::new(1, 100, true, context());
+        let mut ik = Intake::<u32, ()>::new(1, 100, true, NodeContext::for_tests());
         ik.idle_threads = 3;
         let (_, wake) = ik.try_accept(None, 0, false).ok().unwrap();
         assert_eq!(wake, Wake::default());
         assert_eq!(ik.woken_threads, 0, "no wake-up is counted as pending");
-        assert!(push(&mut ik, 1).ok().unwrap().thread, "the next send wakes one");
+        assert!(
+            push(&mut ik, 1).ok().unwrap().thread,
+            "the next send wakes one"
+        );
     }
 }

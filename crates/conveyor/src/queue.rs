@@ -580,12 +580,8 @@ mod tests {
 
     /// An item numbered as the intake would: the tests send 1, 2, 3... in order.
     fn node(key: Option<&str>, seq: u32) -> NodeRef<u32, ()> {
-        let context = crate::receipt::NodeContext {
-            id_prefix: Arc::from("test"),
-            runtime_thread: None,
-        };
-        let node =
-            crate::slab::Slab::new(context).alloc(|head| Node::new(head, key.map(Arc::from), seq));
+        let node = crate::slab::Slab::new(crate::receipt::NodeContext::for_tests())
+            .alloc(|head| Node::new(head, key.map(Arc::from), seq));
         node.set_seq(u64::from(seq));
         node
     }

@@ -52,6 +52,17 @@ pub(crate) struct NodeContext {
     pub(crate) runtime_thread: Option<ThreadId>,
 }
 
+#[cfg(test)]
+impl NodeContext {
+    /// A context for nodes made by unit tests.
+    pub(crate) fn for_tests() -> Self {
+        Self {
+            id_prefix: Arc::from("test"),
+            runtime_thread: None,
+        }
+    }
+}
+
 // SAFETY: `#[repr(C)]`, and `About`, itself `#[repr(C)]` with its `Head` first, comes first.
 unsafe impl<T, R> Headed for Node<T, R> {
     type Context = NodeContext;
