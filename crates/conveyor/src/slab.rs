@@ -18,7 +18,7 @@
 //!
 //! The price: one long-lived node (a receipt kept for hours, an item held in a paused
 //! lane) keeps its whole chunk allocated. A chunk is at most [`CHUNK_BYTES`] plus one node,
-//! and a slab keeps at most [`MAX_SPARES`] spare chunks.
+//! and a slab keeps spare chunks of at most [`SPARE_BYTES`] in all (one at least).
 
 use std::alloc::{alloc, dealloc, handle_alloc_error, Layout};
 use std::marker::PhantomData;
@@ -33,7 +33,7 @@ const CHUNK_BYTES: usize = 8 * 1024;
 /// Beyond this a bigger chunk saves nothing measurable, and pins more memory.
 const MAX_NODES: usize = 64;
 /// Enough for a producer running a few chunks ahead of its workers.
-const MAX_SPARES: usize = 8;
+const SPARE_BYTES: usize = 64 * 1024;
 
 /// At the start of every chunk; `C` is its slab's context type.
 #[repr(C)]
@@ -53,6 +53,8 @@ struct ChunkHead<C> {
 struct Spares<C> {
     chunks: Mutex<Vec<NonNull<ChunkHead<C>>>>,
     layout: Layout,
+    /// How many chunks fit in [`SPARE_BYTES`] (one at least, for huge nodes).
+    max: usize,
     context: C,
 }
 
@@ -68,7 +70,7 @@ impl<C> Spares<C> {
     /// `chunk` has this layout, holds no live node, and nobody else uses it.
     unsafe fn put(&self, chunk: NonNull<ChunkHead<C>>) {
         let mut chunks = self.chunks.lock().unwrap_or_else(PoisonError::into_inner);
-        if chunks.len() < MAX_SPARES {
+        if chunks.len() < self.max {
             chunks.push(chunk);
         } else {
             drop(chunks);
@@ -153,9 +155,18 @@ pub(crate) unsafe trait Headed: Sized {
 ///
 /// `head` starts a live `N` whose last reference is gone.
 unsafe fn destroy<N: Headed>(head: NonNull<Head>) {
-    let chunk = head.as_ref().chunk.cast::<ChunkHead<N::Context>>();
+    /// Gives the node's chunk count back even if the node's drop panics: the drop glue has
+    /// dropped every field by the time the unwind leaves `drop_in_place`. Without it one
+    /// panicking item would leak its chunk, and through it the spares and the context.
+    struct GiveBack<C>(NonNull<ChunkHead<C>>);
+    impl<C> Drop for GiveBack<C> {
+        fn drop(&mut self) {
+            // SAFETY: the node owned one count of this live chunk, and is gone.
+            unsafe { release_chunk(self.0, 1) }
+        }
+    }
+    let _give_back = GiveBack(head.as_ref().chunk.cast::<ChunkHead<N::Context>>());
     std::ptr::drop_in_place(head.cast::<N>().as_ptr());
-    release_chunk(chunk, 1);
 }
 
 /// Drops one reference to the node at `head`, destroying it with the last one.
@@ -195,11 +206,13 @@ unsafe impl<N: Headed + Send> Send for Slab<N> {}
 
 impl<N: Headed> Slab<N> {
     pub(crate) fn new(context: N::Context) -> Self {
+        let layout = Self::layout().0;
         Self {
             chunk: None,
             spares: Arc::new(Spares {
                 chunks: Mutex::new(Vec::new()),
-                layout: Self::layout().0,
+                layout,
+                max: (SPARE_BYTES / layout.size()).max(1),
                 context,
             }),
             nodes: NonNull::dangling(),
@@ -338,7 +351,10 @@ impl<N: Headed> Counted<N> {
     }
 
     /// Turns this reference into one that does not name the node's type.
-    pub(crate) fn erase(self) -> Erased {
+    pub(crate) fn erase(self) -> Erased
+    where
+        N: Send + Sync,
+    {
         let this = std::mem::ManuallyDrop::new(self);
         Erased {
             head: this.node.cast(),
@@ -498,5 +514,145 @@ mod tests {
         assert_eq!(drops.load(Ordering::SeqCst), 0, "moved out, not dropped");
         drop(probe);
         assert_eq!(drops.load(Ordering::SeqCst), 1);
+    }
+
+    /// An over-aligned node with a payload that checks itself.
+    #[repr(C)]
+    struct Wide {
+        head: Head,
+        payload: Aligned,
+        drops: Arc<Count>,
+    }
+    #[repr(C, align(256))]
+    struct Aligned([u64; 40]);
+    unsafe impl Headed for Wide {
+        type Context = String;
+    }
+    impl Drop for Wide {
+        fn drop(&mut self) {
+            let first = self.payload.0[0];
+            assert!(self.payload.0.iter().all(|&x| x == first), "torn node");
+            self.payload.0 = [u64::MAX; 40];
+            self.drops.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn reused_chunks_under_cross_thread_drops_keep_every_node_intact() {
+        use std::sync::mpsc;
+        let drops = Arc::new(Count::new(0));
+        let n: u64 = if std::env::var_os("VALGRIND").is_some() {
+            3_000
+        } else {
+            100_000
+        };
+        let mut slab = Slab::<Wide>::new("wide".to_owned());
+        let (txs, handles): (Vec<_>, Vec<_>) = (0..3)
+            .map(|t| {
+                let (tx, rx) = mpsc::channel::<(Counted<Wide>, Erased)>();
+                let handle = std::thread::spawn(move || {
+                    let mut held = std::collections::VecDeque::new();
+                    let mut state = 0x2545_f491_u64 + t;
+                    for (node, erased) in rx {
+                        assert_eq!(node.payload.0[0], node.payload.0[39]);
+                        assert_eq!(node.payload.0.as_ptr() as usize % 256, 0);
+                        // SAFETY: the context of these nodes is a `String`.
+                        assert_eq!(
+                            unsafe { erased.as_ptr().as_ref().context::<String>() },
+                            "wide"
+                        );
+                        held.push_back((node, erased));
+                        state ^= state << 13;
+                        state ^= state >> 7;
+                        state ^= state << 17;
+                        // Hold a random number of nodes; drop the two references in a random order.
+                        while held.len() > (state % 200) as usize {
+                            let (node, erased) = held.pop_front().unwrap();
+                            if state & 1 == 0 {
+                                drop(node);
+                                drop(erased);
+                            } else {
+                                drop(erased);
+                                drop(node);
+                            }
+                        }
+                    }
+                });
+                (tx, handle)
+            })
+            .unzip();
+        for i in 0..n {
+            let (node, twin) = slab.alloc_pair(|head| Wide {
+                head,
+                payload: Aligned([i; 40]),
+                drops: drops.clone(),
+            });
+            let erased = twin.erase();
+            if i % 11 == 0 {
+                // Some never leave this thread, some are unwrapped here.
+                drop(erased);
+                match node.try_unwrap() {
+                    Ok(wide) => assert_eq!(wide.payload.0[7], i),
+                    Err(_) => unreachable!("unshared"),
+                }
+                continue;
+            }
+            txs[(i % 3) as usize].send((node, erased)).unwrap();
+            if i == n / 2 {
+                // A new slab mid-way: the old one's spares and context must live on.
+                slab = Slab::new("wide".to_owned());
+            }
+        }
+        drop(slab);
+        drop(txs);
+        for h in handles {
+            h.join().unwrap();
+        }
+        assert_eq!(drops.load(Ordering::SeqCst), n as usize);
+    }
+
+    /// A context that says when its slab's spares list is gone.
+    struct Flagged(Arc<Count>);
+    impl Drop for Flagged {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[repr(C)]
+    struct Grenade {
+        head: Head,
+        live: bool,
+    }
+    unsafe impl Headed for Grenade {
+        type Context = Flagged;
+    }
+    impl Drop for Grenade {
+        fn drop(&mut self) {
+            if self.live {
+                panic!("grenade");
+            }
+        }
+    }
+
+    #[test]
+    fn a_node_whose_drop_panics_still_gives_its_chunk_back() {
+        let gone = Arc::new(Count::new(0));
+        let mut slab = Slab::new(Flagged(gone.clone()));
+        let calm = slab.alloc(|head| Grenade { head, live: false });
+        let live = slab.alloc(|head| Grenade { head, live: true });
+        let erased = live.erase();
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(erased)));
+        assert!(unwound.is_err(), "the drop panicked");
+        drop(slab);
+        assert_eq!(gone.load(Ordering::SeqCst), 0, "a node is still alive");
+        drop(calm);
+        // Every node died: the chunk went back to its spares, and the spares (with the
+        // context) went away with the last reference to them.
+        assert_eq!(
+            gone.load(Ordering::SeqCst),
+            1,
+            "the panicking node leaked its chunk"
+        );
     }
 }
