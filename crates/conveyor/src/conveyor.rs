@@ -109,16 +109,23 @@ impl<T, R> Shared<T, R> {
     /// exact. Returns whether it moved anything.
     pub(crate) fn drain(&self, st: &mut State<T, R>) -> bool {
         // The intake counts the batch as queued before it is released, and the state lock
-        // keeps every other accept out until the batch is in its lanes.
-        self.drain_locked(st, &mut self.intake())
+        // keeps every other accept out until the batch is in its lanes: sends need not wait
+        // while the batch is sorted into lanes.
+        let mut batch = std::mem::take(&mut st.drained);
+        self.take_intake(st, &mut self.intake(), &mut batch);
+        self.enqueue_drained(st, batch)
     }
 
-    /// [`Shared::drain`] for a caller that holds the intake lock already.
+    /// [`Shared::drain`] for a caller that holds the intake lock already (and keeps it).
     fn drain_locked(&self, st: &mut State<T, R>, ik: &mut Intake<T, R>) -> bool {
         let mut batch = std::mem::take(&mut st.drained);
-        ik.take(&mut batch, st.queued());
-        self.intake.filled.store(false, AtomicOrdering::Relaxed);
+        self.take_intake(st, ik, &mut batch);
         self.enqueue_drained(st, batch)
+    }
+
+    fn take_intake(&self, st: &State<T, R>, ik: &mut Intake<T, R>, batch: &mut Vec<NodeRef<T, R>>) {
+        ik.take(batch, st.queued());
+        self.intake.filled.store(false, AtomicOrdering::Relaxed);
     }
 
     fn enqueue_drained(&self, st: &mut State<T, R>, mut batch: Vec<NodeRef<T, R>>) -> bool {
@@ -159,7 +166,8 @@ impl<T, R> Shared<T, R> {
     /// yielding. A worker about as fast as its producer would otherwise fall asleep between
     /// items and make every send pay for a wake-up (a syscall). At most one worker spins.
     pub(crate) fn spin_for_items(&self) {
-        if self.spinning.swap(true, AtomicOrdering::Acquire) {
+        // With a journal every send takes the state lock and nothing sets the hint.
+        if self.durable.is_some() || self.spinning.swap(true, AtomicOrdering::Acquire) {
             return;
         }
         let backoff = Backoff::new();
@@ -188,7 +196,7 @@ impl<T, R> Shared<T, R> {
     }
 
     /// A worker that just took a job wakes one more idle worker while work is left that
-    /// it cannot take itself (sends wake only one, see `Intake::try_push`): wake-ups spread
+    /// it cannot take itself (sends wake only one, see `Intake::try_accept`): wake-ups spread
     /// as far as there is work to run in parallel, and no further. Returns whom to notify,
     /// which the worker does after releasing the state lock: the idle worker registered
     /// under that lock and released it only by waiting, so the notify cannot be early.
