@@ -5,6 +5,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::marker::PhantomData;
 use std::pin::Pin;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
@@ -223,12 +224,16 @@ pub struct Delivery<T> {
     /// The item inside `node`, which `node` keeps alive.
     item: NonNull<T>,
     attempt: u32,
+    /// Invariant in `T`, as the trait object it replaced was: no promise made by accident.
+    _item: PhantomData<fn(T) -> T>,
 }
 
-// SAFETY: a delivery shares its item (`T: Sync`) and may drop the node on another thread.
-// It is made only of nodes whose item is `Send + Sync` and whose reply is `Send` (`new`).
-unsafe impl<T: Send + Sync> Send for Delivery<T> {}
-unsafe impl<T: Send + Sync> Sync for Delivery<T> {}
+// SAFETY: a delivery shares its item and may drop the node on another thread. Its only
+// constructor (`new`) requires an item that is `Send + Sync` and a reply that is `Send`, so
+// every delivery that exists may go anywhere, as with the `Arc<dyn .. + Send + Sync>` it
+// replaced (which kept these impls unconditional).
+unsafe impl<T> Send for Delivery<T> {}
+unsafe impl<T> Sync for Delivery<T> {}
 
 impl<T: Send + Sync + 'static> Delivery<T> {
     pub(crate) fn new<R: Send + 'static>(node: &NodeRef<T, R>, attempt: u32) -> Self {
@@ -237,6 +242,7 @@ impl<T: Send + Sync + 'static> Delivery<T> {
             item: NonNull::from(&node.item),
             node: node.clone().erase(),
             attempt,
+            _item: PhantomData,
         }
     }
 }
@@ -298,6 +304,10 @@ impl<T: fmt::Debug> fmt::Debug for Delivery<T> {
 /// callback with [`Receipt::on_settled`], or `.await` it. Dropping a receipt never
 /// cancels the delivery.
 ///
+/// Items are stored in blocks of a few KiB, and a block is reused once none of its items is
+/// referenced any more: keeping one receipt (or one [`Delivery`]) for a long time keeps its
+/// block allocated, so keep outcomes rather than receipts when you need them for long.
+///
 /// # Examples
 ///
 /// ```
@@ -315,10 +325,12 @@ pub struct Receipt<R> {
     slot: NonNull<Slot<R>>,
 }
 
-// SAFETY: a receipt takes the reply out on its own thread (`R: Send`) and may drop the node
-// there; it is made only of nodes whose item is `Send + Sync` (`new`).
-unsafe impl<R: Send> Send for Receipt<R> {}
-unsafe impl<R: Send> Sync for Receipt<R> {}
+// SAFETY: a receipt takes the reply out on its own thread and may drop the node there. Its
+// only constructor (`new`) requires a reply that is `Send` and an item that is `Send + Sync`,
+// so every receipt that exists may go anywhere, as with the `Arc<dyn .. + Send + Sync>` it
+// replaced.
+unsafe impl<R> Send for Receipt<R> {}
+unsafe impl<R> Sync for Receipt<R> {}
 
 impl<R: Send + 'static> Receipt<R> {
     pub(crate) fn new<T: Send + Sync + 'static>(node: NodeRef<T, R>) -> Self {
