@@ -53,6 +53,7 @@ fn record(seq: u64) -> Record {
         lane: Arc::from(""),
         key: None,
         payload: payload(seq),
+        cursor: None,
     }
 }
 

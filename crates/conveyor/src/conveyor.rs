@@ -342,6 +342,12 @@ enum Wait {
     ThreadAlways,
 }
 
+/// What a journaled send appends: the encoded item, and an input position to store with it.
+struct Entry {
+    payload: Vec<u8>,
+    cursor: Option<u64>,
+}
+
 /// Why a send did not complete now.
 enum Refused<T, R> {
     Send(SendError<NodeRef<T, R>>),
@@ -532,7 +538,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     fn submit(
         &self,
         node: NodeRef<T, R>,
-        payload: &mut Option<Vec<u8>>,
+        entry: &mut Option<Entry>,
         wait: Wait,
         was_waiting: bool,
     ) -> Result<Receipt<R>, Refused<T, R>> {
@@ -598,7 +604,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         let receipt = Receipt::new(node.clone());
         // Journal ops are queued under the lock, so the writer sees appends in seq order and
         // before any settlement of the same item.
-        let journal = shared.durable.as_ref().zip(payload.take());
+        let journal = shared.durable.as_ref().zip(entry.take());
         let record = journal
             .as_ref()
             .map(|_| (node.key().cloned(), st.lane_id(node.key())));
@@ -607,12 +613,13 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         }
         ik.set_lanes_queued(st.queued());
         drop(ik);
-        if let (Some((durable, payload)), Some((key, lane))) = (journal, record) {
+        if let (Some((durable, entry)), Some((key, lane))) = (journal, record) {
             durable.push(Op::Append(Record {
                 seq: receipt.seq(),
                 lane,
                 key,
-                payload,
+                payload: entry.payload,
+                cursor: entry.cursor,
             }));
             if let Some(old) = &evicted {
                 durable.push(Op::Settle(Settled::Delivered(old.seq())));
@@ -644,8 +651,12 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     }
 
     /// With a journal: refuses the item while the journal cannot be written, else encodes it
-    /// (outside the state lock).
-    fn journal_payload(&self, item: T) -> Result<(T, Option<Vec<u8>>), SendError<T>> {
+    /// (outside the state lock), with the input position to store with it.
+    fn journal_entry(
+        &self,
+        item: T,
+        cursor: Option<u64>,
+    ) -> Result<(T, Option<Entry>), SendError<T>> {
         let Some(durable) = &self.shared.durable else {
             return Ok((item, None));
         };
@@ -653,7 +664,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             return Err(SendError::Journal(item));
         }
         match durable.encode(&item) {
-            Ok(payload) => Ok((item, Some(payload))),
+            Ok(payload) => Ok((item, Some(Entry { payload, cursor }))),
             Err(e) => {
                 tracing::warn!(error = %e, "item refused");
                 Err(SendError::Journal(item))
@@ -677,12 +688,22 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         item: T,
         wait: Wait,
     ) -> Result<Receipt<R>, SendError<T>> {
-        let (item, mut payload) = self.journal_payload(item)?;
+        self.send_entry(key, item, wait, None)
+    }
+
+    fn send_entry(
+        &self,
+        key: Option<Arc<str>>,
+        item: T,
+        wait: Wait,
+        cursor: Option<u64>,
+    ) -> Result<Receipt<R>, SendError<T>> {
+        let (item, mut entry) = self.journal_entry(item, cursor)?;
         let node = match self.shared.try_accept(key, item) {
             Ok(receipt) => return Ok(receipt),
             Err(node) => node,
         };
-        match self.submit(node, &mut payload, wait, false) {
+        match self.submit(node, &mut entry, wait, false) {
             Ok(receipt) => {
                 self.wait_durable(&receipt);
                 Ok(receipt)
@@ -786,7 +807,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         key: Option<Arc<str>>,
         item: T,
     ) -> Result<Receipt<R>, SendError<T>> {
-        let (item, mut payload) = self.journal_payload(item)?;
+        let (item, mut entry) = self.journal_entry(item, None)?;
         let mut node = match self.shared.try_accept(key, item) {
             Ok(receipt) => return Ok(receipt),
             Err(node) => node,
@@ -798,7 +819,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             notified.as_mut().enable();
             // `submit` itself undoes a registration from the previous round.
             let was_waiting = std::mem::take(&mut waiter.registered);
-            match self.submit(node, &mut payload, Wait::Task, was_waiting) {
+            match self.submit(node, &mut entry, Wait::Task, was_waiting) {
                 Ok(receipt) => {
                     self.wait_durable(&receipt);
                     return Ok(receipt);
@@ -1230,9 +1251,12 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             })
         })?;
         let key = dead.key.map(Arc::from);
-        let mut payload = Some(dead.payload);
+        let mut entry = Some(Entry {
+            payload: dead.payload,
+            cursor: None,
+        });
         let node = self.shared.node(key, item);
-        let Ok(receipt) = self.submit(node, &mut payload, Wait::ThreadAlways, false) else {
+        let Ok(receipt) = self.submit(node, &mut entry, Wait::ThreadAlways, false) else {
             return Err(unclaim(JournalError::Closed {
                 path: durable.path.clone(),
             }));
@@ -1295,6 +1319,60 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         durable.push(Op::Cursor(cursor));
         drop(st);
         Ok(())
+    }
+
+    /// [`Conveyor::send`], and with a journal also [`set_cursor`](Conveyor::set_cursor) in
+    /// the same commit as the item.
+    ///
+    /// With `send` then `set_cursor`, a crash can fall between the two commits (under
+    /// [`Durability::Sync`](crate::Durability::Sync) it always can: `send` returns once the
+    /// item is committed). The journal then holds the item while the cursor still points before
+    /// it, and a rerun that resumes from the cursor sends the item again, as a new item with a
+    /// new idempotency key, next to the replayed one. Here both are committed or neither is.
+    /// Without a journal the position is not stored anywhere.
+    ///
+    /// # Errors
+    ///
+    /// As for [`Conveyor::send`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::Conveyor;
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("j");
+    /// let c: Conveyor<String> = Conveyor::builder().journal(&path).build(|_d| Ok(()))?;
+    /// let start = c.cursor()?.unwrap_or(0); // resume after the last line stored
+    /// for (n, line) in ["a", "b", "c"].iter().enumerate().skip(start as usize) {
+    ///     c.send_and_set_cursor(line.to_string(), n as u64 + 1).unwrap();
+    /// }
+    /// assert_eq!(c.cursor()?, Some(3));
+    /// c.close();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn send_and_set_cursor(&self, item: T, cursor: u64) -> Result<Receipt<R>, SendError<T>> {
+        self.send_entry(None, item, Wait::Thread, Some(cursor))
+    }
+
+    /// [`Conveyor::send_keyed`], with the cursor stored as by
+    /// [`send_and_set_cursor`](Conveyor::send_and_set_cursor).
+    ///
+    /// # Errors
+    ///
+    /// As for [`Conveyor::send`].
+    pub fn send_keyed_and_set_cursor(
+        &self,
+        key: impl Into<String>,
+        item: T,
+        cursor: u64,
+    ) -> Result<Receipt<R>, SendError<T>> {
+        self.send_entry(
+            Some(Arc::from(key.into())),
+            item,
+            Wait::Thread,
+            Some(cursor),
+        )
     }
 
     /// The input position last stored with [`set_cursor`](Conveyor::set_cursor) and committed.

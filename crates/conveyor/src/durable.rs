@@ -468,9 +468,14 @@ impl Writer {
 fn commit(journal: &mut Journal, batch: &mut WriteBatch) -> Result<(), JournalError> {
     while batch.appends.len() > CHUNK {
         let rest = batch.appends.split_off(CHUNK);
+        let appends = std::mem::replace(&mut batch.appends, rest);
+        // A cursor sent with an item is committed with that item, never in a later chunk: a
+        // crash between the two would leave the item journaled and the cursor before it.
+        let cursor = appends.iter().rev().find_map(|r| r.cursor);
         let chunk = WriteBatch {
-            appends: std::mem::replace(&mut batch.appends, rest),
+            appends,
             reserve: batch.reserve,
+            cursor,
             ..WriteBatch::default()
         };
         if let Err(e) = journal.write(&chunk) {
@@ -490,7 +495,13 @@ fn take(
     barriers: &mut Vec<mpsc::SyncSender<Result<(), Arc<JournalError>>>>,
 ) -> bool {
     match op {
-        Op::Append(record) => batch.appends.push(record),
+        Op::Append(record) => {
+            // In op order with `Op::Cursor`: the later one wins.
+            if record.cursor.is_some() {
+                batch.cursor = record.cursor;
+            }
+            batch.appends.push(record);
+        }
         Op::Settle(settlement) => batch.settlements.push(settlement),
         Op::Cursor(cursor) => batch.cursor = Some(cursor),
         Op::Used(seq) => batch.reserve = batch.reserve.max(Some(seq + SEQ_BLOCK)),
@@ -510,6 +521,7 @@ mod tests {
             lane: Arc::from(""),
             key: None,
             payload: vec![7; 100],
+            cursor: None,
         }
     }
 
@@ -530,11 +542,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut journal = Journal::open(dir.path().join("j")).unwrap();
         let total = 3 * CHUNK as u64 + 10;
-        let mut batch = WriteBatch {
-            appends: (1..=total).map(record).collect(),
-            settlements: vec![Settlement::Delivered(1)],
-            ..WriteBatch::default()
-        };
+        // Each item carries the input position after it, as `send_and_set_cursor` does.
+        let mut batch = WriteBatch::default();
+        let mut barriers = Vec::new();
+        for seq in 1..=total {
+            let with_cursor = Record {
+                cursor: Some(seq),
+                ..record(seq)
+            };
+            take(Op::Append(with_cursor), &mut batch, &mut barriers);
+        }
+        take(
+            Op::Settle(Settlement::Delivered(1)),
+            &mut batch,
+            &mut barriers,
+        );
         // Room for about one chunk: the first goes in, the second fails as on a full disk.
         let pages = 2 * (CHUNK as i64 * 130 / 4096) + 16;
         journal.limit_pages(pages);
@@ -548,6 +570,11 @@ mod tests {
             "{n} committed"
         );
         assert!(committed.iter().copied().eq(1..=n), "a prefix, in order");
+        assert_eq!(
+            journal.cursor().unwrap(),
+            Some(n),
+            "each chunk commits the cursor its items carried, never one past them"
+        );
         assert_eq!(batch.appends.first().map(|r| r.seq), Some(n + 1));
         assert_eq!(batch.appends.len() as u64, total - n);
         assert_eq!(
@@ -564,5 +591,6 @@ mod tests {
             "{} pending after the retry",
             all.len()
         );
+        assert_eq!(journal.cursor().unwrap(), Some(total));
     }
 }

@@ -295,6 +295,9 @@ pub(crate) struct Record {
     pub(crate) lane: Arc<str>,
     pub(crate) key: Option<Arc<str>>,
     pub(crate) payload: Vec<u8>,
+    /// An input position to store as the cursor in the same transaction as this item
+    /// (`Conveyor::send_and_set_cursor`); never read back.
+    pub(crate) cursor: Option<u64>,
 }
 
 /// How an item, or a lane, ended up; recorded in the same transaction as the appends around it.
@@ -925,6 +928,7 @@ impl Journal {
                     lane,
                     key,
                     payload: r.get(3)?,
+                    cursor: None,
                 })
             })
             .map_err(sql)?;
@@ -1134,6 +1138,7 @@ mod tests {
             lane: Arc::from(lane),
             key: Some(Arc::from(lane)),
             payload: format!("item {seq}").into_bytes(),
+            cursor: None,
         }
     }
 

@@ -65,7 +65,11 @@ fn child(dir: &Path, durability: Durability) {
     }
     for n in start.. {
         log_line(&log, format!("t {n}\n"));
-        let _receipt = c.send_keyed(format!("k{}", n % LANES), n).unwrap();
+        // The input position after this item, stored with it: the parent checks it after
+        // every kill.
+        let _receipt = c
+            .send_keyed_and_set_cursor(format!("k{}", n % LANES), n, n + 1)
+            .unwrap();
         log_line(&log, format!("s {n}\n"));
     }
 }
@@ -155,6 +159,32 @@ fn read_log(dir: &Path) -> (Vec<Trial>, Vec<Delivered>) {
     (trials, delivered)
 }
 
+/// After a kill, the stored input position never points past an item the journal lost (it is
+/// at most one past the last item tried), and under `Sync` never before one it kept (at least
+/// one past the last item whose send returned): a rerun resuming from it neither skips nor
+/// repeats an item.
+fn check_cursor(dir: &Path, logged: &[Trial], durability: Durability, ctx: &str) {
+    let cursor = Journal::open(dir.join("journal"))
+        .unwrap()
+        .cursor()
+        .unwrap()
+        .unwrap_or(0);
+    let last = logged.last().expect("a trial was logged");
+    let tried = logged.iter().flat_map(|t| t.tried.iter()).max();
+    assert!(
+        cursor <= tried.map_or(0, |n| n + 1),
+        "cursor {cursor} points past every item tried ({tried:?}); {ctx}"
+    );
+    if durability == Durability::Sync {
+        if let Some(sent) = last.sent.last() {
+            assert!(
+                cursor > *sent,
+                "item {sent} was committed but the cursor ({cursor}) is still before it; {ctx}"
+            );
+        }
+    }
+}
+
 /// Kills a sending child `trials` times, drains, and checks the log.
 /// `max_lost_tail`: how many of a trial's last sent items may be lost (`Batched`: those accepted
 /// in the last commit window; `Sync`: none). `max_duplicates`: redeliveries allowed per crash.
@@ -184,6 +214,7 @@ fn crash_and_check(
         c.kill().unwrap(); // SIGKILL
         c.wait().unwrap();
         let (logged, _) = read_log(dir.path());
+        check_cursor(dir.path(), &logged, durability, &format!("seed {seed}"));
         next = logged
             .iter()
             .flat_map(|t| t.tried.iter())
