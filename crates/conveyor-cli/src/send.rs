@@ -526,6 +526,7 @@ fn read_and_submit(
                 break;
             }
         };
+        let is_item = matches!(parsed, Parsed::Item { .. });
         match parsed {
             Parsed::Blank => {}
             Parsed::Rejected { line, raw, reason } => {
@@ -540,9 +541,15 @@ fn read_and_submit(
             }
             Parsed::Item { line, key } => {
                 let number = line.line;
-                let sent = match key {
-                    Some(key) => conveyor.send_keyed(key, line),
-                    None => conveyor.send(line),
+                // With a journal the position after this line is committed with the line
+                // itself: a crash never leaves the line journaled and the position before it
+                // (a rerun would send it twice, under two idempotency keys).
+                let after = reader.position();
+                let sent = match (key, journaled) {
+                    (Some(key), true) => conveyor.send_keyed_and_set_cursor(key, line, after),
+                    (None, true) => conveyor.send_and_set_cursor(line, after),
+                    (Some(key), false) => conveyor.send_keyed(key, line),
+                    (None, false) => conveyor.send(line),
                 };
                 match sent {
                     Ok(receipt) => {
@@ -571,7 +578,7 @@ fn read_and_submit(
                 }
             }
         }
-        if journaled {
+        if journaled && !is_item {
             // Committed with the items accepted before it: a rerun starts after this line.
             if let Err(e) = journal::set_cursor(conveyor, reader.position()) {
                 error = Some(format!("cannot record the input position: {e}"));
