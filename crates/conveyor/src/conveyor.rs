@@ -35,9 +35,6 @@ pub(crate) struct Shared<T, R> {
     state: CachePadded<Mutex<State<T, R>>>,
     /// On cache lines of its own: producers write it on every send.
     intake: CachePadded<IntakeLine<T, R>>,
-    /// A worker thread is spinning for items instead of sleeping (at most one at a time:
-    /// more would only take CPU from the producers and the busy workers).
-    spinning: AtomicBool,
     /// Idle worker threads wait here for items.
     pub(crate) work: Condvar,
     /// Idle worker tasks wait here for items.
@@ -56,12 +53,17 @@ pub(crate) struct Shared<T, R> {
     runtime_thread: Option<ThreadId>,
 }
 
-/// The intake, and a hint about it that needs no lock.
+/// The intake, and two flags that sends and a spinning worker share, on the same lines.
 struct IntakeLine<T, R> {
     items: Mutex<Intake<T, R>>,
-    /// Set by a send that used the fast path, cleared when the intake is drained: a
-    /// spinning worker watches it without taking the lock. Only a hint; the lock decides.
+    /// Whether the intake holds items: exact under the intake lock (set by every fast-path
+    /// accept, cleared by every take). Read without the lock by the spinning worker, and by
+    /// `pass_work_on` on a spinner's behalf once that spinner has taken the lock.
     filled: AtomicBool,
+    /// A worker thread is spinning for items instead of sleeping (at most one at a time:
+    /// more would only take CPU from the producers and the busy workers). Cleared under the
+    /// intake lock (see `spin_for_items`).
+    spinning: AtomicBool,
 }
 
 impl<T, R> Shared<T, R> {
@@ -85,7 +87,7 @@ impl<T, R> Shared<T, R> {
     {
         let mut ik = self.intake();
         // A spinning worker will see the item (see `spin_for_items`): no wake-up syscall.
-        let spinner = self.spinning.load(AtomicOrdering::Relaxed);
+        let spinner = self.intake.spinning.load(AtomicOrdering::Relaxed);
         let accepted = ik.try_accept(key, item, !spinner);
         if accepted.is_ok() && !self.intake.filled.load(AtomicOrdering::Relaxed) {
             self.intake.filled.store(true, AtomicOrdering::Relaxed);
@@ -162,12 +164,19 @@ impl<T, R> Shared<T, R> {
         true
     }
 
+    /// Whether a worker thread about to sleep should spin first (checked before it lets go
+    /// of the state lock for that). Not with a journal: every send then takes the state lock
+    /// and nothing sets the hint. Not if another worker spins already.
+    pub(crate) fn may_spin(&self) -> bool {
+        self.durable.is_none() && !self.intake.spinning.load(AtomicOrdering::Relaxed)
+    }
+
     /// Before a worker thread sleeps: waits a few microseconds for a send, spinning, then
     /// yielding. A worker about as fast as its producer would otherwise fall asleep between
     /// items and make every send pay for a wake-up (a syscall). At most one worker spins.
     pub(crate) fn spin_for_items(&self) {
-        // With a journal every send takes the state lock and nothing sets the hint.
-        if self.durable.is_some() || self.spinning.swap(true, AtomicOrdering::Acquire) {
+        // Relaxed: what a send pushed is seen through the intake lock, taken below.
+        if self.intake.spinning.swap(true, AtomicOrdering::Relaxed) {
             return;
         }
         let backoff = Backoff::new();
@@ -175,10 +184,12 @@ impl<T, R> Shared<T, R> {
             backoff.snooze();
         }
         // Under the intake lock: a send that saw this worker spinning, and so woke nobody,
-        // has pushed its item before this, and this worker looks at the intake next (its
-        // step drains it, or passes the work on if it takes a job from the lanes instead).
+        // has pushed its item before this, and this worker steps next. Its step drains the
+        // intake, or takes a job from the lanes and then wakes a worker registered idle for
+        // the item (`pass_work_on`); if none is registered, every other worker is busy or
+        // about to step, and the first back drains the intake.
         let _intake = self.intake();
-        self.spinning.store(false, AtomicOrdering::Relaxed);
+        self.intake.spinning.store(false, AtomicOrdering::Relaxed);
     }
 
     /// Undoes [`Shared::register_idle`] once the worker runs again.
@@ -456,8 +467,8 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             intake: CachePadded::new(IntakeLine {
                 items: Mutex::new(intake),
                 filled: AtomicBool::new(false),
+                spinning: AtomicBool::new(false),
             }),
-            spinning: AtomicBool::new(false),
             work: Condvar::new(),
             work_async: Notify::new(),
             space: Condvar::new(),

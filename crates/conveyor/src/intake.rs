@@ -33,10 +33,10 @@ pub(crate) struct Intake<T, R> {
     /// Whether a send may take the fast path at all: not after close, never with a journal
     /// (whose appends must be queued in seq order under the state lock).
     open: bool,
-    /// Items in the lanes, as of the last time a holder of the state lock looked. Lanes
-    /// only shrink without the state lock, so this never undercounts: the fast path can
-    /// trust it to stay within the capacity, and a send that finds it full re-checks
-    /// under the state lock.
+    /// Items in the lanes, as of the last time a holder of the state lock looked. Between
+    /// such looks the lanes only shrink (`next_job`, `drop_oldest`) without this copy being
+    /// updated, so it never undercounts: the fast path can trust it to stay within the
+    /// capacity, and a send that finds it full re-checks under the state lock.
     lanes_queued: u64,
     capacity: u64,
     /// Workers waiting for items, and how many of them were woken and have not run yet

@@ -221,7 +221,7 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
             // Settle what just finished before sleeping: its receipt must not wait
             // for the next item to arrive.
             while matches!(step, Step::Wait) && settle.is_empty() {
-                if !std::mem::replace(&mut spun, true) {
+                if !std::mem::replace(&mut spun, true) && shared.may_spin() {
                     drop(st);
                     shared.spin_for_items();
                     st = shared.lock();

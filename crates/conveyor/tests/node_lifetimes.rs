@@ -9,19 +9,8 @@ use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::GENEROUS;
+use common::{Rng, GENEROUS};
 use conveyor::{Conveyor, Delivery, Ordering, Receipt, SendError};
-
-/// A tiny xorshift, so the tests need no dependency.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 /// Counts live values of a type, to check that every item and reply drops exactly once.
 #[derive(Debug)]

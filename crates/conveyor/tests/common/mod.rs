@@ -147,3 +147,20 @@ pub fn gated(builder: conveyor::Builder<u64>, gate: &Arc<Gate>) -> conveyor::Con
         })
         .unwrap()
 }
+
+/// A tiny xorshift generator, so the tests need no dependency; seed it with a non-zero value.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
