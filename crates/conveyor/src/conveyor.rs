@@ -1299,9 +1299,15 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         Ok(())
     }
 
-    /// Stores an opaque input position (e.g. the last input line sent) in the journal. It is
+    /// Stores an opaque input position (e.g. the last input line read) in the journal. It is
     /// committed together with the items sent before it, so after a crash
     /// [`cursor`](Conveyor::cursor) never points past an item that was lost.
+    ///
+    /// For the position right after an item you send, use
+    /// [`send_and_set_cursor`](Conveyor::send_and_set_cursor) instead: with `send` then
+    /// `set_cursor` a crash between the two commits leaves the item journaled and the position
+    /// before it, so a rerun would send it again. `set_cursor` is for input that sends nothing
+    /// (a blank or rejected line).
     ///
     /// # Errors
     ///
@@ -1316,9 +1322,12 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// let path = dir.path().join("j");
     /// let c: Conveyor<String> = Conveyor::builder().journal(&path).build(|_d| Ok(()))?;
     /// let start = c.cursor()?.unwrap_or(0); // resume after the last line stored
-    /// for (n, line) in ["a", "b", "c"].iter().enumerate().skip(start as usize) {
-    ///     c.send(line.to_string()).unwrap();
-    ///     c.set_cursor(n as u64 + 1)?;
+    /// for (n, line) in ["a", "", "c"].iter().enumerate().skip(start as usize) {
+    ///     if line.is_empty() {
+    ///         c.set_cursor(n as u64 + 1)?; // nothing to send, but read
+    ///     } else {
+    ///         c.send_and_set_cursor(line.to_string(), n as u64 + 1).unwrap();
+    ///     }
     /// }
     /// c.close();
     /// # Ok::<(), Box<dyn std::error::Error>>(())
