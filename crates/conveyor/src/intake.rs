@@ -2,7 +2,8 @@
 //! have not moved into the lanes yet.
 //!
 //! A send that needs nothing special (the conveyor is open, without a journal, and not
-//! full) only takes this small lock: it numbers the item and appends it. The workers
+//! full) only takes this small lock: it takes the item's node from the slab every node
+//! comes from (`slab.rs`), numbers it and appends it. The workers
 //! take the whole batch under the state lock when they run out of work ("block for the
 //! first, drain the rest"), so producers and workers meet once per batch instead of once
 //! per item. Every other send (full queue, closed, journaled) takes the state lock, drains
