@@ -109,6 +109,16 @@ fn tokio_mpsc() -> Baseline {
     }
 }
 
+/// Builds a fresh baseline (its consumer thread included).
+type MakeBaseline = fn() -> Baseline;
+
+/// The channel-and-thread baselines every instant-sink group compares against.
+const BASELINES: [(&str, MakeBaseline); 3] = [
+    ("std_mpsc_sync_channel", std_mpsc),
+    ("crossbeam_bounded", crossbeam),
+    ("tokio_mpsc_blocking_send", tokio_mpsc),
+];
+
 /// Times `iters` calls of `send` in chunks far below the capacity, draining (untimed)
 /// between chunks: the producer's cost when there is room, never backpressure.
 fn timed_sends(iters: u64, mut send: impl FnMut(u64), mut drain: impl FnMut()) -> Duration {
@@ -144,11 +154,7 @@ fn send_cost(c: &mut Criterion) {
             })
         });
     }
-    for (name, make) in [
-        ("std_mpsc_sync_channel", std_mpsc as fn() -> Baseline),
-        ("crossbeam_bounded", crossbeam),
-        ("tokio_mpsc_blocking_send", tokio_mpsc),
-    ] {
+    for (name, make) in BASELINES {
         let base = std::cell::RefCell::new(make());
         g.bench_function(name, |b| {
             b.iter_custom(|iters| {
@@ -240,11 +246,7 @@ fn send_cost_paced(c: &mut Criterion) {
             })
         });
     }
-    for (name, make) in [
-        ("std_mpsc_sync_channel", std_mpsc as fn() -> Baseline),
-        ("crossbeam_bounded", crossbeam),
-        ("tokio_mpsc_blocking_send", tokio_mpsc),
-    ] {
+    for (name, make) in BASELINES {
         let mut base = make();
         g.bench_function(name, |b| {
             b.iter_custom(|iters| paced(iters, &mut base.send, &mut base.drain))
@@ -270,11 +272,7 @@ fn end_to_end(c: &mut Criterion) {
             })
         });
     }
-    for (name, make) in [
-        ("std_mpsc_sync_channel", std_mpsc as fn() -> Baseline),
-        ("crossbeam_bounded", crossbeam),
-        ("tokio_mpsc_blocking_send", tokio_mpsc),
-    ] {
+    for (name, make) in BASELINES {
         let mut base = make();
         g.bench_function(name, |b| {
             b.iter(|| {
