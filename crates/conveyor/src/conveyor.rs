@@ -3,7 +3,6 @@
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
@@ -48,9 +47,6 @@ pub(crate) struct Shared<T, R> {
     pub(crate) config: Config,
     /// The journal and its writer, if one was configured. `None` costs the hot path one branch.
     pub(crate) durable: Option<Durable<T>>,
-    /// The thread of the current-thread Tokio runtime the async workers run on, if they run on
-    /// one: a blocking wait there would stop the very runtime that must make progress.
-    runtime_thread: Option<ThreadId>,
 }
 
 /// The intake, and two flags that sends and a spinning worker share, on the same lines.
@@ -477,7 +473,6 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             settled_async: Notify::new(),
             config,
             durable: opened,
-            runtime_thread,
         });
         let mut conveyor = Conveyor {
             shared: shared.clone(),
@@ -693,16 +688,9 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         }
     }
 
+    /// The blocking send variants; `cursor` is stored with the item (see
+    /// [`Conveyor::send_and_set_cursor`]).
     fn send_with(
-        &self,
-        key: Option<Arc<str>>,
-        item: T,
-        wait: Wait,
-    ) -> Result<Receipt<R>, SendError<T>> {
-        self.send_entry(key, item, wait, None)
-    }
-
-    fn send_entry(
         &self,
         key: Option<Arc<str>>,
         item: T,
@@ -756,7 +744,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// # Ok::<(), conveyor::BuildError>(())
     /// ```
     pub fn send(&self, item: T) -> Result<Receipt<R>, SendError<T>> {
-        self.send_with(None, item, Wait::Thread)
+        self.send_with(None, item, Wait::Thread, None)
     }
 
     /// Like [`Conveyor::send`], with a key: under [`Ordering::Keyed`](crate::Ordering::Keyed)
@@ -767,7 +755,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     ///
     /// As for [`Conveyor::send`].
     pub fn send_keyed(&self, key: impl Into<String>, item: T) -> Result<Receipt<R>, SendError<T>> {
-        self.send_with(Some(Arc::from(key.into())), item, Wait::Thread)
+        self.send_with(Some(Arc::from(key.into())), item, Wait::Thread, None)
     }
 
     /// Accepts an item only if that needs no waiting, whatever the policy.
@@ -797,7 +785,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// # Ok::<(), conveyor::BuildError>(())
     /// ```
     pub fn try_send(&self, item: T) -> Result<Receipt<R>, SendError<T>> {
-        self.send_with(None, item, Wait::Never)
+        self.send_with(None, item, Wait::Never, None)
     }
 
     /// [`Conveyor::try_send`] with a key.
@@ -810,7 +798,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         key: impl Into<String>,
         item: T,
     ) -> Result<Receipt<R>, SendError<T>> {
-        self.send_with(Some(Arc::from(key.into())), item, Wait::Never)
+        self.send_with(Some(Arc::from(key.into())), item, Wait::Never, None)
     }
 
     async fn submit_async(
@@ -887,7 +875,9 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// Whether a blocking wait here would never end: this thread drives the current-thread
     /// runtime the async sink runs on, and cannot while it waits.
     fn waiting_would_hang(&self) -> bool {
-        crate::receipt::waiting_would_hang(self.shared.runtime_thread)
+        // The receipts' context says it (never on the hot path: this takes the intake lock).
+        let runtime_thread = self.shared.intake().context().runtime_thread;
+        crate::receipt::waiting_would_hang(runtime_thread)
     }
 
     fn flush_until(&self, mut deadline: Option<Instant>) -> bool {
@@ -1372,7 +1362,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn send_and_set_cursor(&self, item: T, cursor: u64) -> Result<Receipt<R>, SendError<T>> {
-        self.send_entry(None, item, Wait::Thread, Some(cursor))
+        self.send_with(None, item, Wait::Thread, Some(cursor))
     }
 
     /// [`Conveyor::send_keyed`], with the cursor stored as by
@@ -1387,7 +1377,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         item: T,
         cursor: u64,
     ) -> Result<Receipt<R>, SendError<T>> {
-        self.send_entry(
+        self.send_with(
             Some(Arc::from(key.into())),
             item,
             Wait::Thread,
