@@ -49,17 +49,20 @@ pub(crate) struct Shared<T, R> {
     pub(crate) durable: Option<Durable<T>>,
 }
 
-/// The intake, and two flags that sends and a spinning worker share, on the same lines.
+/// The intake, and two flags that sends and the lookout worker share, on the same lines.
 struct IntakeLine<T, R> {
     items: Mutex<Intake<T, R>>,
     /// Whether the intake holds items: exact under the intake lock (set by every fast-path
-    /// accept, cleared by every take). Read without the lock by the spinning worker, and by
-    /// `pass_work_on` on a spinner's behalf once that spinner has taken the lock.
+    /// accept, cleared by every take). Read without the lock by the spinning lookout.
     filled: AtomicBool,
-    /// A worker thread is spinning for items instead of sleeping (at most one at a time:
-    /// more would only take CPU from the producers and the busy workers). Cleared under the
-    /// intake lock (see `spin_for_items`).
-    spinning: AtomicBool,
+    /// The lookout: a worker thread is awake, not in a sink call, and will look at the
+    /// intake before it runs one or sleeps, so a send need not wake anybody. At most one
+    /// holds it: more would only take CPU from the producers and the busy workers. Taken by
+    /// a worker that runs out of work (it spins for items, see `spin_for_items`), and again
+    /// after the job it found while holding it if other workers sleep meanwhile (see
+    /// `worker::Lookout`). Given up under the intake lock (see `release_lookout`), so that
+    /// a send sees either the flag or the worker's release.
+    lookout: AtomicBool,
 }
 
 impl<T, R> Shared<T, R> {
@@ -82,9 +85,9 @@ impl<T, R> Shared<T, R> {
         R: Send + 'static,
     {
         let mut ik = self.intake();
-        // A spinning worker will see the item (see `spin_for_items`): no wake-up syscall.
-        let spinner = self.intake.spinning.load(AtomicOrdering::Relaxed);
-        let accepted = ik.try_accept(key, item, !spinner);
+        // The lookout will see the item (see `IntakeLine::lookout`): no wake-up syscall.
+        let lookout = self.intake.lookout.load(AtomicOrdering::Relaxed);
+        let accepted = ik.try_accept(key, item, !lookout);
         if accepted.is_ok() && !self.intake.filled.load(AtomicOrdering::Relaxed) {
             self.intake.filled.store(true, AtomicOrdering::Relaxed);
         }
@@ -145,11 +148,20 @@ impl<T, R> Shared<T, R> {
     }
 
     /// Registers the calling worker as idle before it waits (under the state lock), unless
-    /// the intake has items for it. Returns whether it registered.
-    pub(crate) fn register_idle(&self, st: &mut State<T, R>, thread: bool) -> bool {
+    /// the intake has items for it; a worker thread gives up the lookout (`lookout`) as it
+    /// registers. Returns whether it registered.
+    pub(crate) fn register_idle(
+        &self,
+        st: &mut State<T, R>,
+        thread: bool,
+        lookout: &mut bool,
+    ) -> bool {
         let mut ik = self.intake();
         if !ik.is_empty() {
             return false;
+        }
+        if std::mem::take(lookout) {
+            self.intake.lookout.store(false, AtomicOrdering::Relaxed);
         }
         if thread {
             ik.idle_threads += 1;
@@ -160,32 +172,55 @@ impl<T, R> Shared<T, R> {
         true
     }
 
-    /// Whether a worker thread about to sleep should spin first (checked before it lets go
-    /// of the state lock for that). Not with a journal: every send then takes the state lock
-    /// and nothing sets the hint. Not if another worker spins already.
-    pub(crate) fn may_spin(&self) -> bool {
-        self.durable.is_none() && !self.intake.spinning.load(AtomicOrdering::Relaxed)
+    /// Takes the lookout for the calling worker thread if nobody holds it. Not with a
+    /// journal: every send then takes the state lock and nobody reads the flag.
+    pub(crate) fn claim_lookout(&self) -> bool {
+        let flag = &self.intake.lookout;
+        // Read first: an atomic write would pull the producers' cache line over for nothing.
+        self.durable.is_none()
+            && !flag.load(AtomicOrdering::Relaxed)
+            && !flag.swap(true, AtomicOrdering::Relaxed)
     }
 
-    /// Before a worker thread sleeps: waits a few microseconds for a send, spinning, then
-    /// yielding. A worker about as fast as its producer would otherwise fall asleep between
-    /// items and make every send pay for a wake-up (a syscall). At most one worker spins.
+    /// For the lookout, before it sleeps: waits a few microseconds for a send, spinning,
+    /// then yielding. A worker about as fast as its producer would otherwise fall asleep
+    /// between items and make every send pay for a wake-up (a syscall).
     pub(crate) fn spin_for_items(&self) {
-        // Relaxed: what a send pushed is seen through the intake lock, taken below.
-        if self.intake.spinning.swap(true, AtomicOrdering::Relaxed) {
-            return;
-        }
+        // Relaxed: what a send pushed is seen through the intake lock, which the
+        // lookout's next step takes.
         let backoff = Backoff::new();
         while !self.intake.filled.load(AtomicOrdering::Relaxed) && !backoff.is_completed() {
             backoff.snooze();
         }
-        // Under the intake lock: a send that saw this worker spinning, and so woke nobody,
-        // has pushed its item before this, and this worker steps next. Its step drains the
-        // intake, or takes a job from the lanes and then wakes a worker registered idle for
-        // the item (`pass_work_on`); if none is registered, every other worker is busy or
-        // about to step, and the first back drains the intake.
-        let _intake = self.intake();
-        self.intake.spinning.store(false, AtomicOrdering::Relaxed);
+    }
+
+    /// Gives up the lookout, which the caller holds, under the intake lock, after moving what
+    /// the intake holds into the lanes: a send that saw the flag, and so woke nobody, pushed
+    /// its item before this, and the caller's `pass_work_on` (next, under the same state
+    /// lock) wakes a worker for it if it can run in parallel. A send after this wakes one
+    /// itself.
+    pub(crate) fn release_lookout(&self, st: &mut State<T, R>) {
+        let mut ik = self.intake();
+        if !ik.is_empty() {
+            self.drain_locked(st, &mut ik);
+        }
+        self.intake.lookout.store(false, AtomicOrdering::Relaxed);
+    }
+
+    /// Gives up the lookout, which the caller holds, without the state lock: the caller is
+    /// about to run user code. Items a send left there trusting the lookout get the wake-up
+    /// their send skipped.
+    pub(crate) fn hand_off_lookout(&self) {
+        let wake = {
+            let mut ik = self.intake();
+            self.intake.lookout.store(false, AtomicOrdering::Relaxed);
+            if ik.is_empty() {
+                Wake::default()
+            } else {
+                ik.wake_for(1)
+            }
+        };
+        self.wake_after_send(wake);
     }
 
     /// Undoes [`Shared::register_idle`] once the worker runs again.
@@ -208,10 +243,9 @@ impl<T, R> Shared<T, R> {
     /// which the worker does after releasing the state lock: the idle worker registered
     /// under that lock and released it only by waiting, so the notify cannot be early.
     pub(crate) fn pass_work_on(&self, st: &State<T, R>) -> Wake {
-        // Items a send left without a wake-up for a spinning worker count too. The hint is
-        // read last: it sits on the producers' cache line.
-        let waiting = || st.startable() || self.intake.filled.load(AtomicOrdering::Relaxed);
-        if st.idle_workers > 0 && waiting() {
+        // Items in the intake are not counted: either their send woke a worker, or the
+        // lookout has them (see `release_lookout`).
+        if st.idle_workers > 0 && st.startable() {
             self.intake().wake_another()
         } else {
             Wake::default()
@@ -228,7 +262,8 @@ impl<T, R> Shared<T, R> {
         }
     }
 
-    /// Wakes the workers a fast-path send asked for, after it released the intake lock.
+    /// Wakes the workers a fast-path send (or `hand_off_lookout`) asked for, after it
+    /// released the intake lock.
     fn wake_after_send(&self, wake: Wake) {
         if wake.thread {
             // An idle thread registered itself and waits on `work` under the state lock:
@@ -463,7 +498,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             intake: CachePadded::new(IntakeLine {
                 items: Mutex::new(intake),
                 filled: AtomicBool::new(false),
-                spinning: AtomicBool::new(false),
+                lookout: AtomicBool::new(false),
             }),
             work: Condvar::new(),
             work_async: Notify::new(),

@@ -202,7 +202,7 @@ mod tests {
     }
 
     #[test]
-    fn a_send_for_a_spinning_worker_wakes_nobody() {
+    fn a_send_the_lookout_will_see_wakes_nobody() {
         let mut ik = Intake::<u32, ()>::new(1, 100, true, NodeContext::for_tests());
         ik.idle_threads = 3;
         let (_, wake) = ik.try_accept(None, 0, false).ok().unwrap();

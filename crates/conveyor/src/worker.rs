@@ -40,6 +40,19 @@ pub(crate) enum Step<T, R> {
     Exit,
 }
 
+/// A worker thread's part in the lookout (see `IntakeLine::lookout` in `conveyor.rs`).
+#[derive(Default)]
+pub(crate) struct Lookout {
+    /// This thread holds the lookout.
+    pub(crate) held: bool,
+    /// It held the lookout since it last took a job (and may have slept since, woken by a
+    /// send that found it asleep).
+    looked: bool,
+    /// It found the job it runs while looking out, and other workers sleep: it takes the
+    /// lookout back once that job is done (if nobody else holds it).
+    retake: bool,
+}
+
 /// After a failed attempt: try again at this instant, or stop with this outcome.
 enum Next<R> {
     RetryAt(Instant),
@@ -47,13 +60,15 @@ enum Next<R> {
 }
 
 impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
-    /// Records the finished job (if any) and picks the next step, under the lock.
+    /// Records the finished job (if any) and picks the next step, under the lock. A worker
+    /// holding the lookout gives it up before it runs a job.
     fn step(
         &self,
         st: &mut State<T, R>,
         worker: usize,
         finished: Option<(Job<T, R>, Outcome<R>)>,
         settle: &mut Vec<Settlement<T, R>>,
+        lookout: &mut Lookout,
     ) -> Step<T, R> {
         if let Some((job, outcome)) = finished {
             if let Some(durable) = &self.durable {
@@ -80,6 +95,12 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
             None => None,
         };
         if let Some(job) = next {
+            if std::mem::take(&mut lookout.held) {
+                self.release_lookout(st);
+            }
+            // A worker that was looking out goes on looking out after this job, while other
+            // workers sleep: sends during its sink call then need not wake one of them.
+            lookout.retake = std::mem::take(&mut lookout.looked) && st.idle_workers > 0;
             self.wake_one_sender(st);
             return Step::Run(job, self.pass_work_on(st));
         }
@@ -212,41 +233,56 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
     let mut finished = None;
     let mut settle = Vec::new();
     let mut done = 0;
+    let mut lookout = Lookout::default();
     loop {
         let step = {
             let mut st = shared.lock();
             shared.settled_outside(&mut st, std::mem::take(&mut done));
-            let mut step = shared.step(&mut st, worker, finished.take(), &mut settle);
+            let mut step = shared.step(&mut st, worker, finished.take(), &mut settle, &mut lookout);
             let mut spun = false;
             // Settle what just finished before sleeping: its receipt must not wait
             // for the next item to arrive.
             while matches!(step, Step::Wait) && settle.is_empty() {
-                if !std::mem::replace(&mut spun, true) && shared.may_spin() {
+                if !std::mem::replace(&mut spun, true) && (lookout.held || shared.claim_lookout()) {
+                    lookout.held = true;
+                    lookout.looked = true;
                     drop(st);
                     shared.spin_for_items();
                     st = shared.lock();
-                    step = shared.step(&mut st, worker, None, &mut settle);
+                    step = shared.step(&mut st, worker, None, &mut settle, &mut lookout);
                     continue;
                 }
                 // Registered under the state lock, which this thread holds until `wait`
                 // releases it: a send that sees the registration cannot notify too early.
-                if shared.register_idle(&mut st, true) {
+                if shared.register_idle(&mut st, true, &mut lookout.held) {
                     st = shared.wait(&shared.work, st);
                     shared.unregister_idle(&mut st, true);
                 }
-                step = shared.step(&mut st, worker, None, &mut settle);
+                step = shared.step(&mut st, worker, None, &mut settle, &mut lookout);
             }
             if let Step::Exit = step {
+                if std::mem::take(&mut lookout.held) {
+                    shared.release_lookout(&mut st);
+                }
                 shared.exit(&mut st);
             }
             step
         };
-        done = settle_all(&mut settle);
+        // A receipt's callback may take long: sends meanwhile must wake another worker.
+        done = settle_all(&mut settle, || {
+            if std::mem::take(&mut lookout.held) {
+                shared.hand_off_lookout();
+            }
+        });
         match step {
             Step::Run(mut job, wake) => {
                 shared.notify_workers(wake);
                 let outcome = shared.run_blocking(&*sink, &mut job);
                 finished = Some((job, outcome));
+                if std::mem::take(&mut lookout.retake) {
+                    lookout.held = shared.claim_lookout();
+                    lookout.looked = lookout.held;
+                }
             }
             Step::Wait => {}
             Step::Exit => return shared.settled_outside(&mut shared.lock(), done),
@@ -277,13 +313,15 @@ pub(crate) async fn async_worker<T: Send + Sync + 'static, R: Send + 'static>(
         let step = {
             let mut st = shared.lock();
             task.report(&mut st);
-            let mut step = shared.step(&mut st, worker, finished.take(), &mut settle);
+            // Tasks never hold the lookout: they do not spin.
+            let lookout = &mut Lookout::default();
+            let mut step = shared.step(&mut st, worker, finished.take(), &mut settle, lookout);
             while matches!(step, Step::Wait) && !task.idle {
                 notified.as_mut().enable();
-                task.idle = shared.register_idle(&mut st, false);
+                task.idle = shared.register_idle(&mut st, false, &mut lookout.held);
                 if !task.idle {
                     // Items arrived since the step looked: take them.
-                    step = shared.step(&mut st, worker, None, &mut settle);
+                    step = shared.step(&mut st, worker, None, &mut settle, lookout);
                 }
             }
             if let Step::Exit = step {
@@ -296,7 +334,7 @@ pub(crate) async fn async_worker<T: Send + Sync + 'static, R: Send + 'static>(
             // Not waiting: a notification it got goes on to another waiter.
             notified.set(shared.work_async.notified());
         }
-        task.done = settle_all(&mut settle);
+        task.done = settle_all(&mut settle, || {});
         match step {
             Step::Run(mut job, wake) => {
                 shared.notify_workers(wake);
@@ -345,12 +383,16 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Drop for TaskPresence<'_, T, R
     }
 }
 
-/// Settles receipts outside the state lock (their callbacks are user code); returns how
-/// many, for `Shared::settled_outside`.
-fn settle_all<T, R>(settle: &mut Vec<Settlement<T, R>>) -> u64 {
+/// Settles receipts outside the state lock (their callbacks are user code), calling
+/// `before_callback` before a receipt's callback runs; returns how many, for
+/// `Shared::settled_outside`.
+fn settle_all<T, R>(settle: &mut Vec<Settlement<T, R>>, mut before_callback: impl FnMut()) -> u64 {
     let n = settle.len() as u64;
     for (node, result) in settle.drain(..) {
-        node.settle(result);
+        if let Some(callback) = node.settle_but_callback(result) {
+            before_callback();
+            callback.run();
+        }
     }
     n
 }

@@ -259,3 +259,63 @@ fn async_trickling_sends_always_settle() {
         }
     }
 }
+
+/// A receipt callback is user code and may wait long, here for another key's item: the
+/// worker running it must not keep sends from waking an idle worker meanwhile. The item
+/// whose callback waits is sent while a worker spins for items, so that worker goes back
+/// to looking out for sends as soon as its sink call returns.
+#[test]
+fn a_waiting_receipt_callback_does_not_hold_up_other_keys() {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::mpsc;
+
+    for round in 0..10 * rounds() {
+        let gate = Arc::new(AtomicBool::new(false));
+        let (delivered_tx, delivered_rx) = mpsc::channel::<u64>();
+        let c: Conveyor<u64> = Conveyor::builder()
+            .ordering(Ordering::Keyed { concurrency: 2 })
+            .build({
+                let gate = gate.clone();
+                move |d: Delivery<u64>| {
+                    if *d.item() == 1 {
+                        // Held until its callback is registered.
+                        let deadline = Instant::now() + SETTLE;
+                        while !gate.load(AtomicOrdering::Acquire) && Instant::now() < deadline {
+                            std::hint::spin_loop();
+                        }
+                    } else {
+                        let _ = delivered_tx.send(*d.item());
+                    }
+                    Ok(())
+                }
+            })
+            .unwrap();
+        // Both workers spin for a few microseconds, then sleep. A warm-up item wakes one;
+        // once it settles, that worker looks out for the next send.
+        std::thread::sleep(Duration::from_millis(20));
+        let warm = c.send_keyed("a", 0).unwrap();
+        while !warm.is_settled() {
+            std::hint::spin_loop();
+        }
+        assert_eq!(delivered_rx.recv_timeout(SETTLE), Ok(0));
+        let first = c.send_keyed("a", 1).unwrap();
+        let (other_tx, other_rx) = mpsc::channel::<Result<u64, mpsc::RecvTimeoutError>>();
+        let (started_tx, started_rx) = mpsc::channel::<()>();
+        first.on_settled(move |outcome| {
+            outcome.unwrap();
+            let _ = started_tx.send(());
+            // Waits for the other key's item, which only another worker can deliver now.
+            let _ = other_tx.send(delivered_rx.recv_timeout(SETTLE));
+        });
+        gate.store(true, AtomicOrdering::Release);
+        started_rx.recv_timeout(SETTLE).expect("the callback runs");
+        let second = c.send_keyed("b", 2).unwrap();
+        assert_eq!(
+            other_rx.recv_timeout(SETTLE * 2).unwrap(),
+            Ok(2),
+            "round {round}: key b waited for key a's callback"
+        );
+        must_settle("keyed:2", round, second);
+        assert!(c.close().drained);
+    }
+}
