@@ -59,9 +59,10 @@ struct IntakeLine<T, R> {
     /// intake before it runs one or sleeps, so a send need not wake anybody. At most one
     /// holds it: more would only take CPU from the producers and the busy workers. Taken by
     /// a worker that runs out of work (it spins for items, see `spin_for_items`), and again
-    /// after the job it found while holding it if other workers sleep meanwhile (see
-    /// `worker::Lookout`). Given up under the intake lock (see `release_lookout`), so that
-    /// a send sees either the flag or the worker's release.
+    /// after the job it found while holding it if other workers slept when it took that job
+    /// (see `worker::Lookout`). Given up under the intake lock (see `release_lookout`), so
+    /// that a send sees either the flag or the worker's release; never held while user code
+    /// runs (a sink call, or a receipt's settling: callbacks, wakers, drops).
     lookout: AtomicBool,
 }
 
@@ -207,26 +208,16 @@ impl<T, R> Shared<T, R> {
         self.intake.lookout.store(false, AtomicOrdering::Relaxed);
     }
 
-    /// Gives up the lookout, which the caller holds, without the state lock: the caller is
-    /// about to run user code. Items a send left there trusting the lookout get the wake-up
-    /// their send skipped.
-    pub(crate) fn hand_off_lookout(&self) {
-        let wake = {
-            let mut ik = self.intake();
-            self.intake.lookout.store(false, AtomicOrdering::Relaxed);
-            if ik.is_empty() {
-                Wake::default()
-            } else {
-                ik.wake_for(1)
-            }
-        };
-        self.wake_after_send(wake);
-    }
-
     /// Undoes [`Shared::register_idle`] once the worker runs again.
     pub(crate) fn unregister_idle(&self, st: &mut State<T, R>, thread: bool) {
         st.idle_workers -= 1;
         let mut ik = self.intake();
+        // Sends that found this worker's wake-up pending woke nobody for their items: move
+        // them into the lanes, where this worker's `pass_work_on` sees them. (The worker may
+        // take a job from the lanes without ever looking at the intake.)
+        if !ik.is_empty() {
+            self.drain_locked(st, &mut ik);
+        }
         // Spurious wake-ups make `woken` an estimate; an extra notify is harmless.
         if thread {
             ik.idle_threads -= 1;
@@ -243,8 +234,8 @@ impl<T, R> Shared<T, R> {
     /// which the worker does after releasing the state lock: the idle worker registered
     /// under that lock and released it only by waiting, so the notify cannot be early.
     pub(crate) fn pass_work_on(&self, st: &State<T, R>) -> Wake {
-        // Items in the intake are not counted: either their send woke a worker, or the
-        // lookout has them (see `release_lookout`).
+        // Items in the intake are not counted: their send woke a worker, which drains them
+        // as it wakes (`unregister_idle`), or the lookout has them (`release_lookout`).
         if st.idle_workers > 0 && st.startable() {
             self.intake().wake_another()
         } else {
@@ -262,8 +253,7 @@ impl<T, R> Shared<T, R> {
         }
     }
 
-    /// Wakes the workers a fast-path send (or `hand_off_lookout`) asked for, after it
-    /// released the intake lock.
+    /// Wakes the workers a fast-path send asked for, after it released the intake lock.
     fn wake_after_send(&self, wake: Wake) {
         if wake.thread {
             // An idle thread registered itself and waits on `work` under the state lock:

@@ -121,27 +121,7 @@ impl<T, R> Node<T, R> {
     }
 
     pub(crate) fn settle(&self, result: Result<R, DeliveryError>) {
-        if let Some(callback) = self.settle_but_callback(result) {
-            callback.run();
-        }
-    }
-
-    /// Settles the item, except that a callback registered by [`Receipt::on_settled`] is
-    /// handed back to run rather than run: it is user code, which may take long.
-    pub(crate) fn settle_but_callback(
-        &self,
-        result: Result<R, DeliveryError>,
-    ) -> Option<DueCallback<R>> {
-        self.slot.settle(result)
-    }
-}
-
-/// A receipt's callback and the outcome to call it with (see [`Node::settle_but_callback`]).
-pub(crate) struct DueCallback<R>(Callback<R>, Result<R, DeliveryError>);
-
-impl<R> DueCallback<R> {
-    pub(crate) fn run(self) {
-        (self.0)(self.1);
+        self.slot.settle(result);
     }
 }
 
@@ -181,11 +161,10 @@ impl<R> Slot<R> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Settles the slot, or hands back its callback to run with the outcome.
-    fn settle(&self, result: Result<R, DeliveryError>) -> Option<DueCallback<R>> {
+    fn settle(&self, result: Result<R, DeliveryError>) {
         let mut state = self.lock();
         let SlotState::Pending { .. } = &*state else {
-            return None;
+            return;
         };
         let SlotState::Pending {
             waker,
@@ -195,18 +174,22 @@ impl<R> Slot<R> {
         else {
             unreachable!("checked above");
         };
-        if let Some(callback) = callback {
-            return Some(DueCallback(callback, result));
+        match callback {
+            Some(callback) => {
+                drop(state);
+                callback(result);
+            }
+            None => {
+                *state = SlotState::Ready(result);
+                drop(state);
+                if thread_waiting {
+                    self.ready.notify_all();
+                }
+                if let Some(waker) = waker {
+                    waker.wake();
+                }
+            }
         }
-        *state = SlotState::Ready(result);
-        drop(state);
-        if thread_waiting {
-            self.ready.notify_all();
-        }
-        if let Some(waker) = waker {
-            waker.wake();
-        }
-        None
     }
 }
 

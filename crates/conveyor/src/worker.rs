@@ -234,6 +234,8 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
     let mut settle = Vec::new();
     let mut done = 0;
     let mut lookout = Lookout::default();
+    // Idle workers to wake once the state lock is released.
+    let mut pass_on = Wake::default();
     loop {
         let step = {
             let mut st = shared.lock();
@@ -265,15 +267,17 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
                     shared.release_lookout(&mut st);
                 }
                 shared.exit(&mut st);
+            } else if !settle.is_empty() && std::mem::take(&mut lookout.held) {
+                // Settling runs user code (callbacks, wakers, the item's and the reply's
+                // drops), which may take long or panic: give the lookout up first, and wake a
+                // worker for what it had.
+                shared.release_lookout(&mut st);
+                pass_on = shared.pass_work_on(&st);
             }
             step
         };
-        // A receipt's callback may take long: sends meanwhile must wake another worker.
-        done = settle_all(&mut settle, || {
-            if std::mem::take(&mut lookout.held) {
-                shared.hand_off_lookout();
-            }
-        });
+        shared.notify_workers(std::mem::take(&mut pass_on));
+        done = settle_all(&mut settle);
         match step {
             Step::Run(mut job, wake) => {
                 shared.notify_workers(wake);
@@ -334,7 +338,7 @@ pub(crate) async fn async_worker<T: Send + Sync + 'static, R: Send + 'static>(
             // Not waiting: a notification it got goes on to another waiter.
             notified.set(shared.work_async.notified());
         }
-        task.done = settle_all(&mut settle, || {});
+        task.done = settle_all(&mut settle);
         match step {
             Step::Run(mut job, wake) => {
                 shared.notify_workers(wake);
@@ -383,16 +387,12 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Drop for TaskPresence<'_, T, R
     }
 }
 
-/// Settles receipts outside the state lock (their callbacks are user code), calling
-/// `before_callback` before a receipt's callback runs; returns how many, for
-/// `Shared::settled_outside`.
-fn settle_all<T, R>(settle: &mut Vec<Settlement<T, R>>, mut before_callback: impl FnMut()) -> u64 {
+/// Settles receipts outside the state lock (their callbacks are user code); returns how
+/// many, for `Shared::settled_outside`.
+fn settle_all<T, R>(settle: &mut Vec<Settlement<T, R>>) -> u64 {
     let n = settle.len() as u64;
     for (node, result) in settle.drain(..) {
-        if let Some(callback) = node.settle_but_callback(result) {
-            before_callback();
-            callback.run();
-        }
+        node.settle(result);
     }
     n
 }

@@ -4,8 +4,8 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use common::Rng;
@@ -260,62 +260,264 @@ fn async_trickling_sends_always_settle() {
     }
 }
 
-/// A receipt callback is user code and may wait long, here for another key's item: the
-/// worker running it must not keep sends from waking an idle worker meanwhile. The item
-/// whose callback waits is sent while a worker spins for items, so that worker goes back
-/// to looking out for sends as soon as its sink call returns.
-#[test]
-fn a_waiting_receipt_callback_does_not_hold_up_other_keys() {
-    use std::sync::atomic::AtomicBool;
-    use std::sync::mpsc;
+/// A one-shot event the sinks can wait on (with a timeout, so that a failing round ends).
+#[derive(Default)]
+struct Event(Mutex<bool>, Condvar);
 
-    for round in 0..10 * rounds() {
-        let gate = Arc::new(AtomicBool::new(false));
-        let (delivered_tx, delivered_rx) = mpsc::channel::<u64>();
-        let c: Conveyor<u64> = Conveyor::builder()
-            .ordering(Ordering::Keyed { concurrency: 2 })
+impl Event {
+    fn set(&self) {
+        *self.0.lock().unwrap() = true;
+        self.1.notify_all();
+    }
+    fn wait(&self, timeout: Duration) -> bool {
+        let g = self.0.lock().unwrap();
+        let (g, _) = self.1.wait_timeout_while(g, timeout, |set| !*set).unwrap();
+        *g
+    }
+}
+
+/// Three idle workers. A and B are sent back to back: the first send wakes W1, which drains
+/// both, takes A and passes B on to W2 (counted as woken, not running yet). C is sent while
+/// W2 is on its way: the send sees a wake-up pending and wakes nobody. W2 takes B from the
+/// lanes without looking at the intake, and `pass_work_on` no longer counts the intake, so
+/// W3 stays asleep and C waits for A's or B's sink call to end. Here A and B wait for C.
+fn woken_worker_passes_on_intake_items(ordering: Ordering, keyed: bool) {
+    let mut slow_rounds = 0;
+    for round in 0..5 * rounds() {
+        let c_done = Arc::new(Event::default());
+        let a_started = Arc::new(AtomicBool::new(false));
+        let conveyor: Conveyor<u64> = Conveyor::builder()
+            .ordering(ordering)
             .build({
-                let gate = gate.clone();
+                let (c_done, a_started) = (c_done.clone(), a_started.clone());
                 move |d: Delivery<u64>| {
-                    if *d.item() == 1 {
-                        // Held until its callback is registered.
-                        let deadline = Instant::now() + SETTLE;
-                        while !gate.load(AtomicOrdering::Acquire) && Instant::now() < deadline {
-                            std::hint::spin_loop();
+                    match *d.item() {
+                        1 => {
+                            a_started.store(true, AtomicOrdering::Release);
+                            c_done.wait(Duration::from_secs(2));
                         }
-                    } else {
-                        let _ = delivered_tx.send(*d.item());
+                        2 => {
+                            c_done.wait(Duration::from_secs(2));
+                        }
+                        _ => c_done.set(),
                     }
                     Ok(())
                 }
             })
             .unwrap();
-        // Both workers spin for a few microseconds, then sleep. A warm-up item wakes one;
-        // once it settles, that worker looks out for the next send.
+        let send = |key: &str, item: u64| {
+            if keyed {
+                conveyor.send_keyed(key, item).unwrap()
+            } else {
+                conveyor.send(item).unwrap()
+            }
+        };
+        // Every worker spins a little, then sleeps.
         std::thread::sleep(Duration::from_millis(20));
-        let warm = c.send_keyed("a", 0).unwrap();
+        let _a = send("a", 1);
+        let _b = send("b", 2);
+        while !a_started.load(AtomicOrdering::Acquire) {
+            std::hint::spin_loop();
+        }
+        let start = Instant::now();
+        let mut c = send("c", 3);
+        let settled = c.wait_timeout(Duration::from_secs(1)).is_some();
+        let took = start.elapsed();
+        if !settled {
+            slow_rounds += 1;
+            eprintln!("round {round}: item 3 waited {took:?} while a worker was idle");
+        }
+        assert!(conveyor.close().drained);
+    }
+    assert_eq!(
+        slow_rounds,
+        0,
+        "{slow_rounds} of {} rounds held item 3 up",
+        5 * rounds()
+    );
+}
+
+#[test]
+fn keyed_woken_worker_passes_on_intake_items() {
+    woken_worker_passes_on_intake_items(Ordering::Keyed { concurrency: 3 }, true);
+}
+
+#[test]
+fn pipelined_woken_worker_passes_on_intake_items() {
+    woken_worker_passes_on_intake_items(Ordering::Pipelined { in_flight: 3 }, false);
+}
+
+/// Makes one worker the lookout and has it take item 1 (key "a") while the other worker
+/// sleeps, so that it takes the lookout back once item 1's sink call returns. Returns the
+/// conveyor, the gate that holds item 1's sink call, item 1's receipt, and the event item 2
+/// (key "b") sets when delivered.
+fn retaking_lookout() -> (
+    Conveyor<u64>,
+    Arc<AtomicBool>,
+    conveyor::Receipt<()>,
+    Arc<Event>,
+) {
+    let gate = Arc::new(AtomicBool::new(false));
+    let b_done = Arc::new(Event::default());
+    let c: Conveyor<u64> = Conveyor::builder()
+        .ordering(Ordering::Keyed { concurrency: 2 })
+        .build({
+            let (gate, b_done) = (gate.clone(), b_done.clone());
+            move |d: Delivery<u64>| {
+                match *d.item() {
+                    1 => {
+                        let deadline = Instant::now() + Duration::from_secs(5);
+                        while !gate.load(AtomicOrdering::Acquire) && Instant::now() < deadline {
+                            std::hint::spin_loop();
+                        }
+                    }
+                    2 => b_done.set(),
+                    _ => {}
+                }
+                Ok(())
+            }
+        })
+        .unwrap();
+    // As in `a_waiting_receipt_callback_does_not_hold_up_other_keys`.
+    std::thread::sleep(Duration::from_millis(20));
+    let warm = c.send_keyed("a", 0).unwrap();
+    while !warm.is_settled() {
+        std::hint::spin_loop();
+    }
+    let first = c.send_keyed("a", 1).unwrap();
+    (c, gate, first, b_done)
+}
+
+/// Sends key b's item while key a's settling waits for it (see `retaking_lookout`), then
+/// closes the conveyor; returns whether the item was delivered meanwhile.
+fn other_key_runs(c: Conveyor<u64>, round: u64, waiting: &str) -> bool {
+    let mut second = c.send_keyed("b", 2).unwrap();
+    let ran = second.wait_timeout(Duration::from_secs(1)).is_some();
+    if !ran {
+        eprintln!("round {round}: key b waited for key a's {waiting}");
+    }
+    assert!(c.close().drained);
+    ran
+}
+
+/// A waker that blocks (here: until the other key's item is delivered, at most 2 s).
+struct BlockingWaker {
+    started: AtomicBool,
+    b_done: Arc<Event>,
+}
+
+impl std::task::Wake for BlockingWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.started.store(true, AtomicOrdering::Release);
+        self.b_done.wait(Duration::from_secs(2));
+    }
+}
+
+/// `waker.wake()` runs on the worker inside `settle_all` while it still holds the lookout
+/// (only callbacks get `hand_off_lookout`): a send meanwhile wakes nobody.
+#[test]
+fn a_slow_waker_does_not_hold_up_other_keys() {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::{Context, Waker};
+    let mut slow_rounds = 0;
+    for round in 0..5 * rounds() {
+        let (c, gate, mut first, b_done) = retaking_lookout();
+        let state = Arc::new(BlockingWaker {
+            started: AtomicBool::new(false),
+            b_done,
+        });
+        let waker = Waker::from(state.clone());
+        assert!(Pin::new(&mut first)
+            .poll(&mut Context::from_waker(&waker))
+            .is_pending());
+        gate.store(true, AtomicOrdering::Release);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !state.started.load(AtomicOrdering::Acquire) && Instant::now() < deadline {
+            std::hint::spin_loop();
+        }
+        if !other_key_runs(c, round, "waker") {
+            slow_rounds += 1;
+        }
+    }
+    assert_eq!(slow_rounds, 0, "{slow_rounds} of {} rounds", 5 * rounds());
+}
+
+/// An item whose drop panics (as in `node_lifetimes.rs`).
+struct Bomb(u64);
+
+impl Drop for Bomb {
+    fn drop(&mut self) {
+        if self.0 == 1 && !std::thread::panicking() {
+            panic!("grenade");
+        }
+    }
+}
+
+/// Item 1's receipt is dropped at once, so the worker's settlement holds the last reference
+/// and the item drops while the worker settles it, after taking the lookout back following
+/// the sink call. Had it kept the lookout while settling, the panic would leave the flag set
+/// for good: from then on no send would wake anybody, and the idle worker never run item 2.
+#[test]
+fn a_panicking_item_drop_while_settling_does_not_silence_every_send() {
+    let mut stuck_rounds = 0;
+    for round in 0..5 * rounds() {
+        let gate = Arc::new(AtomicBool::new(false));
+        let c: Conveyor<Bomb> = Conveyor::builder()
+            .ordering(Ordering::Keyed { concurrency: 2 })
+            .drain_timeout(Duration::from_millis(100))
+            .build({
+                let gate = gate.clone();
+                move |d: Delivery<Bomb>| {
+                    if d.item().0 == 1 {
+                        let deadline = Instant::now() + Duration::from_secs(5);
+                        while !gate.load(AtomicOrdering::Acquire) && Instant::now() < deadline {
+                            std::hint::spin_loop();
+                        }
+                    }
+                    Ok(())
+                }
+            })
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let warm = c.send_keyed("a", Bomb(0)).unwrap();
         while !warm.is_settled() {
             std::hint::spin_loop();
         }
-        assert_eq!(delivered_rx.recv_timeout(SETTLE), Ok(0));
-        let first = c.send_keyed("a", 1).unwrap();
-        let (other_tx, other_rx) = mpsc::channel::<Result<u64, mpsc::RecvTimeoutError>>();
-        let (started_tx, started_rx) = mpsc::channel::<()>();
-        first.on_settled(move |outcome| {
-            outcome.unwrap();
+        drop(c.send_keyed("a", Bomb(1)).unwrap());
+        gate.store(true, AtomicOrdering::Release);
+        // Let the worker finish item 1 and die on its drop.
+        std::thread::sleep(Duration::from_millis(50));
+        let mut second = c.send_keyed("b", Bomb(2)).unwrap();
+        if second.wait_timeout(Duration::from_secs(1)).is_none() {
+            stuck_rounds += 1;
+            eprintln!("round {round}: item 2 never ran");
+        }
+        let _ = c.close();
+    }
+    assert_eq!(stuck_rounds, 0, "{stuck_rounds} of {} rounds", 5 * rounds());
+}
+
+/// A receipt callback is user code and may wait long, here for another key's item: the
+/// worker running it must not keep sends from waking an idle worker meanwhile.
+#[test]
+fn a_waiting_receipt_callback_does_not_hold_up_other_keys() {
+    let mut slow_rounds = 0;
+    for round in 0..5 * rounds() {
+        let (c, gate, first, b_done) = retaking_lookout();
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+        first.on_settled(move |_| {
             let _ = started_tx.send(());
-            // Waits for the other key's item, which only another worker can deliver now.
-            let _ = other_tx.send(delivered_rx.recv_timeout(SETTLE));
+            b_done.wait(Duration::from_secs(2));
         });
         gate.store(true, AtomicOrdering::Release);
         started_rx.recv_timeout(SETTLE).expect("the callback runs");
-        let second = c.send_keyed("b", 2).unwrap();
-        assert_eq!(
-            other_rx.recv_timeout(SETTLE * 2).unwrap(),
-            Ok(2),
-            "round {round}: key b waited for key a's callback"
-        );
-        must_settle("keyed:2", round, second);
-        assert!(c.close().drained);
+        if !other_key_runs(c, round, "callback") {
+            slow_rounds += 1;
+        }
     }
+    assert_eq!(slow_rounds, 0, "{slow_rounds} of {} rounds", 5 * rounds());
 }
