@@ -105,14 +105,18 @@ impl SinkError {
     /// Turns a panic payload into a permanent error: a panicking sink fails its item,
     /// it does not take the worker down.
     pub(crate) fn from_panic(payload: &(dyn std::any::Any + Send)) -> Self {
-        let message = if let Some(s) = payload.downcast_ref::<&str>() {
-            (*s).to_owned()
-        } else if let Some(s) = payload.downcast_ref::<String>() {
-            s.clone()
-        } else {
-            "non-string panic payload".to_owned()
-        };
-        Self::permanent(format!("sink panicked: {message}"))
+        Self::permanent(format!("sink panicked: {}", panic_message(payload)))
+    }
+}
+
+/// The message a panic was raised with, if it has one.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_owned()
     }
 }
 

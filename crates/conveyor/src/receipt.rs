@@ -450,7 +450,7 @@ impl<R> Receipt<R> {
 
     /// Calls `callback` with the outcome once the item settles: on the thread that
     /// settles it, or right away on this thread if it already has. Keep the callback
-    /// short; it runs on a delivery worker.
+    /// short; it runs on a delivery worker (a panic there is logged, and the worker goes on).
     ///
     /// # Examples
     ///

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use crate::builder::OnFailure;
 use crate::conveyor::Shared;
 use crate::durable::{Durable, Op};
-use crate::error::SinkError;
+use crate::error::{panic_message, SinkError};
 use crate::intake::Wake;
 use crate::journal::Settlement as Settled;
 use crate::queue::{Job, Outcome, Settlement, State};
@@ -392,7 +392,19 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Drop for TaskPresence<'_, T, R
 fn settle_all<T, R>(settle: &mut Vec<Settlement<T, R>>) -> u64 {
     let n = settle.len() as u64;
     for (node, result) in settle.drain(..) {
-        node.settle(result);
+        // A receipt's callback or waker, and the item's and the reply's drops (the worker may
+        // hold the last reference), are user code: a panic there must not end the worker, or
+        // its conveyor would stall.
+        let settled = catch_unwind(AssertUnwindSafe(move || {
+            node.settle(result);
+            drop(node);
+        }));
+        if let Err(panic) = settled {
+            tracing::error!(
+                panic = %panic_message(&*panic),
+                "a receipt callback or an item's drop panicked while settling; the worker goes on"
+            );
+        }
     }
     n
 }

@@ -119,6 +119,58 @@ fn a_panicking_sink_fails_that_item_and_the_worker_keeps_going() {
     assert_eq!(c.stats().failed, 1);
 }
 
+/// An item whose drop panics.
+struct Grenade(u64);
+
+impl Drop for Grenade {
+    fn drop(&mut self) {
+        if self.0 == 1 && !std::thread::panicking() {
+            panic!("grenade {}", self.0);
+        }
+    }
+}
+
+/// What settling runs is user code too: a receipt callback, or the drop of an item whose
+/// receipt is gone (the worker then holds its last reference). A panic there must not end
+/// the only worker of a strict conveyor.
+#[test]
+fn a_panic_while_settling_does_not_end_the_worker() {
+    let c: Conveyor<Grenade> = Conveyor::builder()
+        .build(|_d: Delivery<Grenade>| Ok(()))
+        .unwrap();
+    // Dropped at once: the item dies on the worker, after delivery.
+    drop(c.send(Grenade(1)).unwrap());
+    let mut after_drop = c.send(Grenade(2)).unwrap();
+    assert!(
+        matches!(after_drop.wait_timeout(GENEROUS), Some(Ok(()))),
+        "the worker died with the panicking item drop"
+    );
+
+    let gate = Arc::new(AtomicBool::new(false));
+    let open = gate.clone();
+    let c: Conveyor<u64> = Conveyor::builder()
+        .build(move |d: Delivery<u64>| {
+            // Held until the callback below is registered.
+            let deadline = Instant::now() + GENEROUS;
+            while *d.item() == 1 && !open.load(AtomicOrdering::Acquire) && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Ok(())
+        })
+        .unwrap();
+    c.send(1)
+        .unwrap()
+        .on_settled(|_| panic!("a callback that panics"));
+    gate.store(true, AtomicOrdering::Release);
+    let mut after_callback = c.send(2).unwrap();
+    assert!(
+        matches!(after_callback.wait_timeout(GENEROUS), Some(Ok(()))),
+        "the worker died with the panicking callback"
+    );
+    assert!(c.close().drained);
+}
+
 #[test]
 fn retry_after_hint_is_honoured() {
     let times = Arc::new(Mutex::new(Vec::new()));
