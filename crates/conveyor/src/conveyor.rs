@@ -183,6 +183,13 @@ impl<T, R> Shared<T, R> {
             && !flag.swap(true, AtomicOrdering::Relaxed)
     }
 
+    /// Takes the lookout back after a job found while holding it (see `worker::Lookout`),
+    /// unless items wait in the intake: the producers then outpace this worker, which would
+    /// pay an intake lock per item to give the lookout up again before each job.
+    pub(crate) fn retake_lookout(&self) -> bool {
+        !self.intake.filled.load(AtomicOrdering::Relaxed) && self.claim_lookout()
+    }
+
     /// For the lookout, before it sleeps: waits a few microseconds for a send, spinning,
     /// then yielding. A worker about as fast as its producer would otherwise fall asleep
     /// between items and make every send pay for a wake-up (a syscall).

@@ -49,7 +49,8 @@ pub(crate) struct Lookout {
     /// send that found it asleep).
     looked: bool,
     /// It found the job it runs while looking out, and other workers sleep: it takes the
-    /// lookout back once that job is done (if nobody else holds it).
+    /// lookout back once that job is done, if nobody else holds it and no items wait in the
+    /// intake (see `Shared::retake_lookout`).
     retake: bool,
 }
 
@@ -284,7 +285,7 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
                 let outcome = shared.run_blocking(&*sink, &mut job);
                 finished = Some((job, outcome));
                 if std::mem::take(&mut lookout.retake) {
-                    lookout.held = shared.claim_lookout();
+                    lookout.held = shared.retake_lookout();
                     lookout.looked = lookout.held;
                 }
             }
