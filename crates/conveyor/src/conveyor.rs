@@ -59,8 +59,9 @@ struct IntakeLine<T, R> {
     /// intake before it runs one or sleeps, so a send need not wake anybody. At most one
     /// holds it: more would only take CPU from the producers and the busy workers. Taken by
     /// a worker that runs out of work (it spins for items, see `spin_for_items`), and again
-    /// after the job it found while holding it if other workers slept when it took that job
-    /// (see `worker::Lookout`). Given up under the intake lock (see `release_lookout`), so
+    /// after the job it found while holding it, if other workers slept when it took that job
+    /// and no items wait (see `worker::Lookout`). Given up under the intake lock (see
+    /// `release_lookout`), so
     /// that a send sees either the flag or the worker's release; never held while user code
     /// runs (a sink call, or a receipt's settling: callbacks, wakers, drops).
     lookout: AtomicBool,

@@ -450,7 +450,8 @@ impl<R> Receipt<R> {
 
     /// Calls `callback` with the outcome once the item settles: on the thread that
     /// settles it, or right away on this thread if it already has. Keep the callback
-    /// short; it runs on a delivery worker (a panic there is logged, and the worker goes on).
+    /// short: it usually runs on a delivery worker (where a panic is logged, and the worker
+    /// goes on), or on the thread that drops or closes out the item.
     ///
     /// # Examples
     ///

@@ -277,11 +277,16 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
             }
             step
         };
+        // Whom this step passed work on to is woken before settling, which runs user code:
+        // meanwhile the wake-up counts as pending, and sends wake nobody.
+        if let Step::Run(_, wake) = &step {
+            pass_on.thread |= wake.thread;
+            pass_on.task |= wake.task;
+        }
         shared.notify_workers(std::mem::take(&mut pass_on));
         done = settle_all(&mut settle);
         match step {
-            Step::Run(mut job, wake) => {
-                shared.notify_workers(wake);
+            Step::Run(mut job, _) => {
                 let outcome = shared.run_blocking(&*sink, &mut job);
                 finished = Some((job, outcome));
                 if std::mem::take(&mut lookout.retake) {
@@ -339,10 +344,13 @@ pub(crate) async fn async_worker<T: Send + Sync + 'static, R: Send + 'static>(
             // Not waiting: a notification it got goes on to another waiter.
             notified.set(shared.work_async.notified());
         }
+        // As in `thread_worker`: wake whom this step passed work on to before settling.
+        if let Step::Run(_, wake) = &step {
+            shared.notify_workers(*wake);
+        }
         task.done = settle_all(&mut settle);
         match step {
-            Step::Run(mut job, wake) => {
-                shared.notify_workers(wake);
+            Step::Run(mut job, _) => {
                 let outcome = shared.run_async(&*sink, &mut job).await;
                 finished = Some((job, outcome));
             }
@@ -396,11 +404,10 @@ fn settle_all<T, R>(settle: &mut Vec<Settlement<T, R>>) -> u64 {
         // A receipt's callback or waker, and the item's and the reply's drops (the worker may
         // hold the last reference), are user code: a panic there must not end the worker, or
         // its conveyor would stall.
-        let settled = catch_unwind(AssertUnwindSafe(move || {
-            node.settle(result);
-            drop(node);
-        }));
-        if let Err(panic) = settled {
+        // Caught apart: a drop that panics while a callback's panic unwinds would abort.
+        let settled = catch_unwind(AssertUnwindSafe(|| node.settle(result)));
+        let dropped = catch_unwind(AssertUnwindSafe(move || drop(node)));
+        for panic in [settled.err(), dropped.err()].into_iter().flatten() {
             tracing::error!(
                 panic = %panic_message(&*panic),
                 "a receipt callback or an item's drop panicked while settling; the worker goes on"
