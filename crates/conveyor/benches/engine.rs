@@ -7,7 +7,10 @@ use std::hint::black_box;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{
+    criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, Throughput,
+};
 
 use conveyor::{Conveyor, Delivery, Ordering};
 
@@ -119,34 +122,19 @@ const BASELINES: [(&str, MakeBaseline); 3] = [
     ("tokio_mpsc_blocking_send", tokio_mpsc),
 ];
 
-/// Times `iters` calls of `send` in chunks far below the capacity, draining (untimed)
-/// between chunks: the producer's cost when there is room, never backpressure.
-fn timed_sends(iters: u64, mut send: impl FnMut(u64), mut drain: impl FnMut()) -> Duration {
-    const CHUNK: u64 = 1 << 16;
-    let mut elapsed = Duration::ZERO;
-    let mut done = 0;
-    while done < iters {
-        let n = CHUNK.min(iters - done);
-        let start = Instant::now();
-        for i in done..done + n {
-            send(i);
-        }
-        elapsed += start.elapsed();
-        drain();
-        done += n;
-    }
-    elapsed
+/// How a send-cost group times `iters` sends, given how to send item `i` and how to wait
+/// (untimed) until the consumer has seen every item sent.
+trait TimeSends {
+    fn time(&self, iters: u64, send: impl FnMut(u64), drain: impl FnMut()) -> Duration;
 }
 
-/// Producer-side cost of one send, with a consumer draining concurrently.
-fn send_cost(c: &mut Criterion) {
-    let mut g = c.benchmark_group("send_cost");
-    g.throughput(Throughput::Elements(1));
+/// One row per conveyor mode, then one per channel baseline, each timed by `timing`.
+fn send_rows(g: &mut BenchmarkGroup<'_, WallTime>, timing: &impl TimeSends) {
     for (name, ordering) in MODES {
         let conveyor = conveyor_with(ordering, None);
         g.bench_function(name, |b| {
             b.iter_custom(|iters| {
-                timed_sends(
+                timing.time(
                     iters,
                     |i| drop(black_box(conveyor.send(i).unwrap())),
                     || conveyor.flush(),
@@ -155,29 +143,53 @@ fn send_cost(c: &mut Criterion) {
         });
     }
     for (name, make) in BASELINES {
-        let base = std::cell::RefCell::new(make());
+        let mut base = make();
         g.bench_function(name, |b| {
-            b.iter_custom(|iters| {
-                timed_sends(
-                    iters,
-                    |i| (base.borrow_mut().send)(i),
-                    || (base.borrow_mut().drain)(),
-                )
-            })
+            b.iter_custom(|iters| timing.time(iters, |i| (base.send)(i), || (base.drain)()))
         });
     }
+}
+
+/// Sends back to back, in chunks far below the capacity, draining (untimed) between
+/// chunks: the producer's cost when there is room, never backpressure.
+struct BackToBack;
+
+impl TimeSends for BackToBack {
+    fn time(&self, iters: u64, mut send: impl FnMut(u64), mut drain: impl FnMut()) -> Duration {
+        const CHUNK: u64 = 1 << 16;
+        let mut elapsed = Duration::ZERO;
+        let mut done = 0;
+        while done < iters {
+            let n = CHUNK.min(iters - done);
+            let start = Instant::now();
+            for i in done..done + n {
+                send(i);
+            }
+            elapsed += start.elapsed();
+            drain();
+            done += n;
+        }
+        elapsed
+    }
+}
+
+/// Producer-side cost of one send, with a consumer draining concurrently.
+fn send_cost(c: &mut Criterion) {
+    let mut g = c.benchmark_group("send_cost");
+    g.throughput(Throughput::Elements(1));
+    send_rows(&mut g, &BackToBack);
     // What a receipt would cost if it were a fresh channel per item.
-    let base = std::cell::RefCell::new(crossbeam());
+    let mut base = crossbeam();
     g.bench_function("crossbeam_plus_sync_channel_per_item", |b| {
         b.iter_custom(|iters| {
-            timed_sends(
+            BackToBack.time(
                 iters,
                 |i| {
                     let (reply_tx, reply_rx) = mpsc::sync_channel::<()>(1);
                     black_box((reply_tx, reply_rx));
-                    (base.borrow_mut().send)(i);
+                    (base.send)(i);
                 },
-                || (base.borrow_mut().drain)(),
+                || (base.drain)(),
             )
         })
     });
@@ -203,29 +215,27 @@ fn busy_units_for(target: Duration) -> u64 {
     ((target.as_secs_f64() / per_unit) as u64).max(1)
 }
 
-/// Producer-side cost of one send when the producer does ~2 µs of its own work between
-/// sends, as real producers do: the consumer is usually idle when an item arrives, so this
-/// includes waking it. Each measurement times the same loop with and without the sends and
-/// takes the difference.
-fn send_cost_paced(c: &mut Criterion) {
-    const ITEMS: u64 = 2_000;
-    let units = busy_units_for(Duration::from_micros(2));
-    let mut g = c.benchmark_group("send_cost_paced_2us");
-    g.throughput(Throughput::Elements(1));
-    g.sample_size(20);
-    let paced = |iters: u64, send: &mut dyn FnMut(u64), drain: &mut dyn FnMut()| {
+/// `units` rounds of [`busy`] before each send; each chunk times the same loop with and
+/// without the sends and counts the difference.
+struct Paced {
+    units: u64,
+}
+
+impl TimeSends for Paced {
+    fn time(&self, iters: u64, mut send: impl FnMut(u64), mut drain: impl FnMut()) -> Duration {
+        const ITEMS: u64 = 2_000;
         let mut cost = Duration::ZERO;
         let mut done = 0;
         while done < iters {
             let n = ITEMS.min(iters - done);
             let start = Instant::now();
             for _ in 0..n {
-                black_box(busy(units));
+                black_box(busy(self.units));
             }
             let alone = start.elapsed();
             let start = Instant::now();
             for i in 0..n {
-                black_box(busy(units));
+                black_box(busy(self.units));
                 send(i);
             }
             cost += start.elapsed().saturating_sub(alone);
@@ -233,25 +243,18 @@ fn send_cost_paced(c: &mut Criterion) {
             done += n;
         }
         cost
-    };
-    for (name, ordering) in MODES {
-        let conveyor = conveyor_with(ordering, None);
-        g.bench_function(name, |b| {
-            b.iter_custom(|iters| {
-                paced(
-                    iters,
-                    &mut |i| drop(black_box(conveyor.send(i).unwrap())),
-                    &mut || conveyor.flush(),
-                )
-            })
-        });
     }
-    for (name, make) in BASELINES {
-        let mut base = make();
-        g.bench_function(name, |b| {
-            b.iter_custom(|iters| paced(iters, &mut base.send, &mut base.drain))
-        });
-    }
+}
+
+/// Producer-side cost of one send when the producer does ~2 µs of its own work between
+/// sends, as real producers do: the consumer is usually idle when an item arrives, so this
+/// includes waking it.
+fn send_cost_paced(c: &mut Criterion) {
+    let units = busy_units_for(Duration::from_micros(2));
+    let mut g = c.benchmark_group("send_cost_paced_2us");
+    g.throughput(Throughput::Elements(1));
+    g.sample_size(20);
+    send_rows(&mut g, &Paced { units });
     g.finish();
 }
 
