@@ -3,9 +3,11 @@
 //! its own half of the node's type; the node lives in a chunk of the intake's slab
 //! (`slab.rs`).
 
+use std::any::Any;
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
@@ -125,6 +127,32 @@ impl<T, R> Node<T, R> {
     }
 }
 
+/// A panic caught in user code.
+pub(crate) type Panic = Box<dyn Any + Send>;
+
+/// Settles the receipt of `node` with `result` and gives up this reference to it.
+///
+/// Both steps run user code (the receipt's callback or waker; the item's and the reply's
+/// drops), so each one's panic is caught and returned, apart: a drop that panicked while a
+/// callback's panic unwound would abort the process.
+pub(crate) fn settle_and_release<T, R>(
+    node: NodeRef<T, R>,
+    result: Result<R, DeliveryError>,
+) -> [Result<(), Panic>; 2] {
+    match node.try_unwrap() {
+        // The last reference, as for a receipt its sender dropped: nobody can look at the
+        // slot any more, so it settles without its lock.
+        Ok(Node { about, slot, item }) => [
+            catch_unwind(AssertUnwindSafe(|| slot.settle_unshared(result))),
+            catch_unwind(AssertUnwindSafe(move || drop((about, item)))),
+        ],
+        Err(node) => [
+            catch_unwind(AssertUnwindSafe(|| node.settle(result))),
+            catch_unwind(AssertUnwindSafe(move || drop(node))),
+        ],
+    }
+}
+
 enum SlotState<R> {
     Pending {
         waker: Option<Waker>,
@@ -189,6 +217,30 @@ impl<R> Slot<R> {
                     waker.wake();
                 }
             }
+        }
+    }
+
+    /// As `settle`, for a slot nobody else can reach: no lock, and no waiting thread to tell.
+    fn settle_unshared(self, result: Result<R, DeliveryError>) {
+        match self
+            .state
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner)
+        {
+            SlotState::Pending {
+                callback: Some(callback),
+                ..
+            } => callback(result),
+            SlotState::Pending { waker, .. } => {
+                // A future that polled the receipt and was dropped since: waking it is
+                // harmless, and what `settle` does.
+                drop(result);
+                if let Some(waker) = waker {
+                    waker.wake();
+                }
+            }
+            // Settled already: a late result is ignored, as in `settle`.
+            SlotState::Ready(_) | SlotState::Taken => {}
         }
     }
 }
@@ -520,5 +572,72 @@ impl<R> fmt::Debug for Receipt<R> {
             .field("seq", &self.seq())
             .field("settled", &self.is_settled())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::slab::Slab;
+    use std::sync::mpsc;
+
+    /// Panics when dropped, as a user's item may.
+    struct Explosive;
+
+    impl Drop for Explosive {
+        fn drop(&mut self) {
+            panic!("item drop");
+        }
+    }
+
+    fn node<T>(slab: &mut Slab<Node<T, u32>>, item: T) -> NodeRef<T, u32> {
+        slab.alloc(|head| Node::new(head, None, item))
+    }
+
+    #[test]
+    fn a_receipt_still_held_gets_the_result() {
+        let mut slab = Slab::new(NodeContext::for_tests());
+        let node = node(&mut slab, 1_u8);
+        let receipt = Receipt::new(node.clone());
+        let [settled, dropped] = settle_and_release(node, Ok(7));
+        assert!(settled.is_ok() && dropped.is_ok());
+        assert_eq!(receipt.wait().unwrap(), 7);
+    }
+
+    #[test]
+    fn the_last_reference_runs_the_callback_of_a_dropped_receipt() {
+        let mut slab = Slab::new(NodeContext::for_tests());
+        let node = node(&mut slab, 1_u8);
+        let (tx, rx) = mpsc::channel();
+        Receipt::new(node.clone()).on_settled(move |result| tx.send(result).unwrap());
+        let [settled, dropped] = settle_and_release(node, Ok(7));
+        assert!(settled.is_ok() && dropped.is_ok());
+        assert_eq!(rx.try_recv().unwrap().unwrap(), 7);
+    }
+
+    #[test]
+    fn panics_of_the_callback_and_of_the_drop_come_back_apart() {
+        let mut slab = Slab::new(NodeContext::for_tests());
+        for shared in [false, true] {
+            let node = node(&mut slab, Explosive);
+            let receipt = Receipt::new(node.clone());
+            let kept = shared.then(|| node.clone());
+            receipt.on_settled(|_| panic!("callback"));
+            let [settled, dropped] = settle_and_release(node, Ok(7));
+            assert_eq!(panic_text(settled), Some("callback"), "shared: {shared}");
+            match kept {
+                // The last reference is elsewhere: this one's drop does not drop the item.
+                Some(kept) => {
+                    assert!(dropped.is_ok());
+                    let late = std::panic::catch_unwind(AssertUnwindSafe(move || drop(kept)));
+                    assert_eq!(panic_text(late), Some("item drop"));
+                }
+                None => assert_eq!(panic_text(dropped), Some("item drop")),
+            }
+        }
+    }
+
+    fn panic_text(caught: Result<(), Panic>) -> Option<&'static str> {
+        caught.err().map(|p| *p.downcast::<&'static str>().unwrap())
     }
 }

@@ -336,12 +336,9 @@ impl<N: Headed> Counted<N> {
 
     /// The node itself, if this is its only reference (as `Arc::try_unwrap`).
     pub(crate) fn try_unwrap(self) -> Result<N, Self> {
-        if self
-            .head()
-            .refs
-            .compare_exchange(1, 0, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
+        // A load is enough: with the only reference held here, nobody can make another.
+        // Acquire, so that every use through the references dropped before happens first.
+        if self.head().refs.load(Ordering::Acquire) != 1 {
             return Err(self);
         }
         let this = std::mem::ManuallyDrop::new(self);

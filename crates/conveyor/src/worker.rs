@@ -20,7 +20,7 @@ use crate::error::{panic_message, SinkError};
 use crate::intake::Wake;
 use crate::journal::Settlement as Settled;
 use crate::queue::{Job, Outcome, Settlement, State};
-use crate::receipt::Delivery;
+use crate::receipt::{settle_and_release, Delivery, Panic};
 
 type BlockingFn<T, R> = dyn Fn(Delivery<T>) -> Result<R, SinkError> + Send + Sync;
 pub(crate) type BoxFuture<R> = Pin<Box<dyn Future<Output = Result<R, SinkError>> + Send>>;
@@ -401,20 +401,22 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Drop for TaskPresence<'_, T, R
 fn settle_all<T, R>(settle: &mut Vec<Settlement<T, R>>) -> u64 {
     let n = settle.len() as u64;
     for (node, result) in settle.drain(..) {
-        // A receipt's callback or waker, and the item's and the reply's drops (the worker may
-        // hold the last reference), are user code: a panic there must not end the worker, or
-        // its conveyor would stall.
-        // Caught apart: a drop that panics while a callback's panic unwinds would abort.
-        let settled = catch_unwind(AssertUnwindSafe(|| node.settle(result)));
-        let dropped = catch_unwind(AssertUnwindSafe(move || drop(node)));
-        for panic in [settled.err(), dropped.err()].into_iter().flatten() {
-            tracing::error!(
-                panic = %panic_message(&*panic),
-                "a receipt callback or an item's drop panicked while settling; the worker goes on"
-            );
-        }
+        // A panic in the receipt's callback or waker, or in the item's or the reply's drop
+        // (the worker may hold the last reference), must not end the worker, or its conveyor
+        // would stall.
+        let [settled, dropped] = settle_and_release(node, result);
+        settled.unwrap_or_else(log_settling_panic);
+        dropped.unwrap_or_else(log_settling_panic);
     }
     n
+}
+
+#[cold]
+fn log_settling_panic(panic: Panic) {
+    tracing::error!(
+        panic = %panic_message(&*panic),
+        "a receipt callback or an item's drop panicked while settling; the worker goes on"
+    );
 }
 
 /// `now + delay`, saturating far in the future instead of overflowing.
