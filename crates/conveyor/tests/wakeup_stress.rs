@@ -466,3 +466,91 @@ fn a_waiting_receipt_callback_does_not_hold_up_other_keys() {
     }
     assert_eq!(slow_rounds, 0, "{slow_rounds} of {} rounds", 5 * rounds());
 }
+
+/// A worker that finishes an item whose receipt has a callback settles it before taking
+/// another job: here key b's item waits in the lanes as key a's item ends, and its callback
+/// waits for key b. Had the finishing worker taken b's item first, b would wait for the
+/// callback, while the other worker, freed meanwhile, found nothing to do.
+fn a_queued_item_does_not_wait_for_a_callback(async_sink: bool) {
+    let (a_gate, c_gate, b_done) = (
+        Arc::new(Event::default()),
+        Arc::new(Event::default()),
+        Arc::new(Event::default()),
+    );
+    let (started_tx, started_rx) = std::sync::mpsc::channel::<u64>();
+    // What each item does in the sink: items 1 (key a) and 3 (key c) wait for their gate.
+    let gate_of = {
+        let (a_gate, c_gate, b_done) = (a_gate.clone(), c_gate.clone(), b_done.clone());
+        let started_tx = Mutex::new(started_tx);
+        move |item: u64| {
+            let _ = started_tx.lock().unwrap().send(item);
+            match item {
+                1 => Some(a_gate.clone()),
+                3 => Some(c_gate.clone()),
+                _ => {
+                    b_done.set();
+                    None
+                }
+            }
+        }
+    };
+    let builder = Conveyor::builder().ordering(Ordering::Keyed { concurrency: 2 });
+    let c: Conveyor<u64> = if async_sink {
+        // On the conveyor's own runtime (two threads): the callback blocks one of them.
+        builder.build_async(move |d: Delivery<u64>| {
+            let gate = gate_of(*d.item());
+            async move {
+                let deadline = Instant::now() + SETTLE;
+                while gate.as_ref().is_some_and(|g| !g.wait(Duration::ZERO)) {
+                    assert!(Instant::now() < deadline, "the gate opens");
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Ok(())
+            }
+        })
+    } else {
+        builder.build(move |d: Delivery<u64>| {
+            if let Some(gate) = gate_of(*d.item()) {
+                assert!(gate.wait(SETTLE), "the gate opens");
+            }
+            Ok(())
+        })
+    }
+    .unwrap();
+    let (callback_tx, callback_rx) = std::sync::mpsc::channel::<bool>();
+    c.send_keyed("a", 1).unwrap().on_settled({
+        let b_done = b_done.clone();
+        move |_| {
+            let _ = callback_tx.send(b_done.wait(SETTLE));
+        }
+    });
+    c.send_keyed("c", 3).unwrap();
+    let mut running = [
+        started_rx.recv_timeout(SETTLE).unwrap(),
+        started_rx.recv_timeout(SETTLE).unwrap(),
+    ];
+    running.sort_unstable();
+    assert_eq!(running, [1, 3], "both workers are busy");
+    let mut b = c.send_keyed("b", 2).unwrap();
+    a_gate.set();
+    // Only then is the other worker freed. (Had it been freed first, it would take b's item
+    // and the test would pass whatever the order of settling: it cannot fail by chance.)
+    std::thread::sleep(Duration::from_millis(50));
+    c_gate.set();
+    assert!(
+        callback_rx.recv_timeout(SETTLE * 2).unwrap(),
+        "key b's item waited for key a's receipt callback"
+    );
+    assert!(b.wait_timeout(SETTLE).is_some_and(|r| r.is_ok()));
+    assert!(c.close().drained);
+}
+
+#[test]
+fn a_queued_item_does_not_wait_for_a_callback_blocking_sink() {
+    a_queued_item_does_not_wait_for_a_callback(false);
+}
+
+#[test]
+fn a_queued_item_does_not_wait_for_a_callback_async_sink() {
+    a_queued_item_does_not_wait_for_a_callback(true);
+}
