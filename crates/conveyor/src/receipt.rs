@@ -145,12 +145,12 @@ pub(crate) fn settle_and_release<T, R>(
     node: NodeRef<T, R>,
     result: Result<R, DeliveryError>,
 ) -> [Result<(), Panic>; 2] {
-    match node.try_unwrap() {
+    match node.into_unique() {
         // The last reference, as for a receipt its sender dropped: nobody can look at the
         // slot any more, so it settles without its lock.
-        Ok(Node { about, slot, item }) => [
-            catch_unwind(AssertUnwindSafe(|| slot.settle_unshared(result))),
-            catch_unwind(AssertUnwindSafe(move || drop((about, item)))),
+        Ok(mut node) => [
+            catch_unwind(AssertUnwindSafe(|| node.slot.settle_unshared(result))),
+            catch_unwind(AssertUnwindSafe(move || drop(node))),
         ],
         Err(node) => [
             catch_unwind(AssertUnwindSafe(|| node.settle(result))),
@@ -230,26 +230,25 @@ impl<R> Slot<R> {
     }
 
     /// As `settle`, for a slot nobody else can reach: no lock, and no waiting thread to tell.
-    fn settle_unshared(self, result: Result<R, DeliveryError>) {
-        match self
-            .state
-            .into_inner()
-            .unwrap_or_else(PoisonError::into_inner)
+    fn settle_unshared(&mut self, result: Result<R, DeliveryError>) {
+        let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
+        // Settled already (a shutdown reported it closed): a late result is ignored, as in
+        // `settle`. What is left in the slot drops with the node.
+        if let SlotState::Pending {
+            waker, callback, ..
+        } = state
         {
-            SlotState::Pending {
-                callback: Some(callback),
-                ..
-            } => callback(result),
-            SlotState::Pending { waker, .. } => {
-                // A future that polled the receipt and was dropped since: waking it is
-                // harmless, and what `settle` does.
-                drop(result);
-                if let Some(waker) = waker {
-                    waker.wake();
+            match callback.take() {
+                Some(callback) => callback(result),
+                None => {
+                    // A future that polled the receipt and was dropped since: waking it is
+                    // harmless, and what `settle` does.
+                    drop(result);
+                    if let Some(waker) = waker.take() {
+                        waker.wake();
+                    }
                 }
             }
-            // Settled already: a late result is ignored, as in `settle`.
-            SlotState::Ready(_) | SlotState::Taken => {}
         }
     }
 }

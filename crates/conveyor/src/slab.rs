@@ -23,7 +23,7 @@
 use std::alloc::{alloc, dealloc, handle_alloc_error, Layout};
 use std::marker::PhantomData;
 use std::mem::ManuallyDrop;
-use std::ops::Deref;
+use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 use std::sync::atomic::{fence, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -336,20 +336,19 @@ impl<N: Headed> Counted<N> {
 
     /// The node itself, if this is its only reference (as `Arc::try_unwrap`).
     pub(crate) fn try_unwrap(self) -> Result<N, Self> {
+        self.into_unique().map(Unique::into_inner)
+    }
+
+    /// This reference as the node's owner, if it is the only one: the node can then be used
+    /// mutably and dropped in place without an atomic operation on its count.
+    pub(crate) fn into_unique(self) -> Result<Unique<N>, Self> {
         // A load is enough: with the only reference held here, nobody can make another.
         // Acquire, so that every use through the references dropped before happens first.
         if self.head().refs.load(Ordering::Acquire) != 1 {
             return Err(self);
         }
-        let this = std::mem::ManuallyDrop::new(self);
-        let chunk = this.head().chunk.cast::<ChunkHead<N::Context>>();
-        // SAFETY: no other reference exists, so the node is moved out exactly once and its
-        // memory is then given back to the chunk.
-        unsafe {
-            let node = this.node.as_ptr().read();
-            release_chunk(chunk, 1);
-            Ok(node)
-        }
+        let this = ManuallyDrop::new(self);
+        Ok(Unique { node: this.node })
     }
 
     /// Turns this reference into one that does not name the node's type.
@@ -388,6 +387,56 @@ impl<N: Headed> Drop for Counted<N> {
     fn drop(&mut self) {
         // SAFETY: this reference is owned and given up once.
         unsafe { release(self.node.cast()) }
+    }
+}
+
+/// The only reference to a node, which it owns as a `Box` owns its value (see
+/// [`Counted::into_unique`]).
+pub(crate) struct Unique<N: Headed> {
+    node: NonNull<N>,
+}
+
+impl<N: Headed> Unique<N> {
+    /// Moves the node out, giving its memory back to its chunk.
+    pub(crate) fn into_inner(self) -> N {
+        let this = ManuallyDrop::new(self);
+        // SAFETY: the node is live and owned here alone; it is moved out exactly once, then
+        // its memory is given back.
+        unsafe {
+            let chunk = this
+                .node
+                .cast::<Head>()
+                .as_ref()
+                .chunk
+                .cast::<ChunkHead<N::Context>>();
+            let node = this.node.as_ptr().read();
+            release_chunk(chunk, 1);
+            node
+        }
+    }
+}
+
+impl<N: Headed> Deref for Unique<N> {
+    type Target = N;
+
+    fn deref(&self) -> &N {
+        // SAFETY: the node lives as long as this owner.
+        unsafe { self.node.as_ref() }
+    }
+}
+
+impl<N: Headed> DerefMut for Unique<N> {
+    fn deref_mut(&mut self) -> &mut N {
+        // SAFETY: as in `deref`, and no other reference exists.
+        unsafe { self.node.as_mut() }
+    }
+}
+
+impl<N: Headed> Drop for Unique<N> {
+    fn drop(&mut self) {
+        // SAFETY: the last reference, given up once. Dropped in place: moving the node out
+        // first made the worker copy the whole node for nothing.
+        unsafe { destroy::<N>(self.node.cast()) }
     }
 }
 
@@ -516,6 +565,34 @@ mod tests {
         assert_eq!(drops.load(Ordering::SeqCst), 0, "moved out, not dropped");
         drop(probe);
         assert_eq!(drops.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_unique_owner_changes_the_node_in_place_and_drops_it_once() {
+        let drops = Arc::new(Count::new(0));
+        let mut slab = Slab::new("probes");
+        let len = Slab::<Probe>::layout().2;
+        let mut nodes: Vec<_> = (0..len as u64)
+            .map(|i| probe(&mut slab, i, &drops))
+            .collect();
+        let start = &*nodes[0] as *const Probe as usize;
+        let copy = nodes[0].clone();
+        let first = nodes.remove(0).into_unique().err().expect("shared");
+        drop(copy);
+        let mut first = first.into_unique().ok().expect("unshared");
+        first.value = 42;
+        assert_eq!((&*first as *const Probe as usize, first.value), (start, 42));
+        drop(first);
+        assert_eq!(drops.load(Ordering::SeqCst), 1, "dropped in place");
+        let uniques: Vec<_> = nodes
+            .into_iter()
+            .map(|n| n.into_unique().ok().unwrap())
+            .collect();
+        drop(uniques);
+        assert_eq!(drops.load(Ordering::SeqCst), len);
+        // Every node gave its chunk count back: the chunk is taken back for the next node.
+        let again = probe(&mut slab, 7, &drops);
+        assert_eq!(&*again as *const Probe as usize, start);
     }
 
     /// An over-aligned node with a payload that checks itself.

@@ -95,9 +95,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         }
         // A receipt callback is user code and may take long. Where another worker could take
         // the next job, this one settles first rather than hold that job up meanwhile.
-        if self.config.ordering.workers() > 1
-            && settle.last().is_some_and(|(node, _)| node.has_callback())
-        {
+        if st.workers() > 1 && settle.last().is_some_and(|(node, _)| node.has_callback()) {
             // Given up here, as before a job, so that one `pass_work_on` sees what it had.
             if std::mem::take(&mut lookout.held) {
                 self.release_lookout(st);
