@@ -57,6 +57,15 @@ pub(crate) struct Lookout {
     retake: bool,
 }
 
+/// A job back from the sink, on its way to `step`.
+struct Finished<T, R> {
+    job: Job<T, R>,
+    outcome: Outcome<R>,
+    /// The failure's text for the journal, made before taking the state lock: an error's
+    /// `Display` is user code, which may take long or even ask the conveyor for its stats.
+    journal_error: Option<String>,
+}
+
 /// After a failed attempt: try again at this instant, or stop with this outcome.
 enum Next<R> {
     RetryAt(Instant),
@@ -70,13 +79,18 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         &self,
         st: &mut State<T, R>,
         worker: usize,
-        finished: Option<(Job<T, R>, Outcome<R>)>,
+        finished: Option<Finished<T, R>>,
         settle: &mut Vec<Settlement<T, R>>,
         lookout: &mut Lookout,
     ) -> Step<T, R> {
-        if let Some((job, outcome)) = finished {
+        if let Some(Finished {
+            job,
+            outcome,
+            journal_error,
+        }) = finished
+        {
             if let Some(durable) = &self.durable {
-                self.journal_outcome(durable, st, &job, &outcome);
+                self.journal_outcome(durable, st, &job, &outcome, journal_error);
             }
             match st.finish(worker, job, outcome) {
                 Some(settlement) => {
@@ -131,25 +145,38 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         st: &State<T, R>,
         job: &Job<T, R>,
         outcome: &Outcome<R>,
+        error: Option<String>,
     ) {
         let seq = job.node.seq();
+        let error = || error.expect("made for every failure (see `Shared::finished`)");
         let mark = match outcome {
             Outcome::Delivered(_) => Settled::Delivered(seq),
-            Outcome::Failed(error) if self.config.on_failure == OnFailure::Skip => {
-                Settled::Failed {
-                    seq,
-                    error: error.to_string(),
-                    attempts: job.attempts,
-                }
-            }
+            Outcome::Failed(_) if self.config.on_failure == OnFailure::Skip => Settled::Failed {
+                seq,
+                error: error(),
+                attempts: job.attempts,
+            },
             // Under Pause the item stays pending at the head of its lane.
-            Outcome::Failed(error) => Settled::Paused {
+            Outcome::Failed(_) => Settled::Paused {
                 lane: st.lane_id(job.node.key()).to_string(),
-                error: error.to_string(),
+                error: error(),
             },
             Outcome::Interrupted => return,
         };
         durable.push(Op::Settle(mark));
+    }
+
+    /// A job back from the sink, with what `step` needs made outside the state lock.
+    fn finished(&self, job: Job<T, R>, outcome: Outcome<R>) -> Finished<T, R> {
+        let journal_error = match &outcome {
+            Outcome::Failed(error) if self.durable.is_some() => Some(error.to_string()),
+            _ => None,
+        };
+        Finished {
+            job,
+            outcome,
+            journal_error,
+        }
     }
 
     /// Records receipts this worker settled since it last held the lock.
@@ -173,11 +200,13 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
             return Next::Done(Outcome::Failed(error));
         }
         let delay = self.config.retry.backoff(job.attempts, error.retry_after());
+        // Before the state lock: the subscriber's writing and the error's `Display` (user
+        // code) would hold up every worker and sender that needs the lock.
+        tracing::debug!(seq = job.node.seq(), attempt = job.attempts, ?delay, %error, "retrying");
         let mut st = self.lock();
         if st.abandoned {
             return Next::Done(Outcome::Interrupted);
         }
-        tracing::debug!(seq = job.node.seq(), attempt = job.attempts, ?delay, %error, "retrying");
         Next::RetryAt(st.schedule_retry(later(delay)))
     }
 
@@ -300,7 +329,7 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
         match step {
             Step::Run(mut job, _) => {
                 let outcome = shared.run_blocking(&*sink, &mut job);
-                finished = Some((job, outcome));
+                finished = Some(shared.finished(job, outcome));
                 if std::mem::take(&mut lookout.retake) {
                     lookout.held = shared.retake_lookout();
                     lookout.looked = lookout.held;
@@ -364,7 +393,7 @@ pub(crate) async fn async_worker<T: Send + Sync + 'static, R: Send + 'static>(
         match step {
             Step::Run(mut job, _) => {
                 let outcome = shared.run_async(&*sink, &mut job).await;
-                finished = Some((job, outcome));
+                finished = Some(shared.finished(job, outcome));
             }
             Step::Settle(_) => {}
             // Report fresh settlements before sleeping: a flush may be waiting for them.
