@@ -266,11 +266,6 @@ impl<T, R> State<T, R> {
         }
     }
 
-    /// How many workers deliver (one per allowed concurrent sink call).
-    pub(crate) fn workers(&self) -> usize {
-        self.in_flight_nodes.len()
-    }
-
     /// Items in the lanes (the fast path's capacity check keeps a copy, see `Intake`).
     pub(crate) fn queued(&self) -> u64 {
         self.counters.queued

@@ -10,7 +10,7 @@ use std::marker::PhantomData;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::thread::ThreadId;
@@ -125,12 +125,6 @@ impl<T, R> Node<T, R> {
     pub(crate) fn settle(&self, result: Result<R, DeliveryError>) {
         self.slot.settle(result);
     }
-
-    /// Whether settling will run a receipt callback (one registered later is missed: the
-    /// answer only decides when to settle, not whether).
-    pub(crate) fn has_callback(&self) -> bool {
-        self.slot.has_callback.load(AtomicOrdering::Relaxed)
-    }
 }
 
 /// A panic caught in user code.
@@ -175,8 +169,6 @@ enum SlotState<R> {
 struct Slot<R> {
     state: Mutex<SlotState<R>>,
     ready: Condvar,
-    /// Set with the callback, so a worker can tell without the lock (see `has_callback`).
-    has_callback: AtomicBool,
 }
 
 impl<R> Slot<R> {
@@ -188,7 +180,6 @@ impl<R> Slot<R> {
                 thread_waiting: false,
             }),
             ready: Condvar::new(),
-            has_callback: AtomicBool::new(false),
         }
     }
 
@@ -510,10 +501,9 @@ impl<R> Receipt<R> {
 
     /// Calls `callback` with the outcome once the item settles: on the thread that
     /// settles it, or right away on this thread if it already has. Keep the callback
-    /// short: it usually runs on a delivery worker (where a panic is logged, and the worker
-    /// goes on), or on the thread that drops or closes out the item. A worker runs it before
-    /// it takes another item, so under [`Ordering::Strict`](crate::Ordering::Strict) a slow
-    /// callback delays the next delivery; with more workers, the others go on meanwhile.
+    /// short: it usually runs on a delivery worker, before that worker's next sink call
+    /// (a panic there is logged, and the worker goes on), or on the thread that drops or
+    /// closes out the item.
     ///
     /// # Examples
     ///
@@ -545,7 +535,6 @@ impl<R> Receipt<R> {
                     callback: Some(Box::new(callback)),
                     thread_waiting,
                 };
-                slot.has_callback.store(true, AtomicOrdering::Relaxed);
             }
             SlotState::Taken => panic!("the receipt's result was already taken"),
         }

@@ -36,9 +36,6 @@ pub(crate) enum Sink<T, R> {
 pub(crate) enum Step<T, R> {
     /// Run this job, after waking the idle workers named (outside the state lock).
     Run(Job<T, R>, Wake),
-    /// Settle the receipts first (a callback waits), after waking the idle workers named,
-    /// then step again.
-    Settle(Wake),
     Wait,
     Exit,
 }
@@ -106,15 +103,6 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         }
         if st.abandoned || st.stopping {
             return Step::Exit;
-        }
-        // A receipt callback is user code and may take long. Where another worker could take
-        // the next job, this one settles first rather than hold that job up meanwhile.
-        if st.workers() > 1 && settle.last().is_some_and(|(node, _)| node.has_callback()) {
-            // Given up here, as before a job, so that one `pass_work_on` sees what it had.
-            if std::mem::take(&mut lookout.held) {
-                self.release_lookout(st);
-            }
-            return Step::Settle(self.pass_work_on(st));
         }
         let next = match st.next_job(worker) {
             Some(job) => Some(job),
@@ -320,7 +308,7 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
         };
         // Whom this step passed work on to is woken before settling, which runs user code:
         // meanwhile the wake-up counts as pending, and sends wake nobody.
-        if let Step::Run(_, wake) | Step::Settle(wake) = &step {
+        if let Step::Run(_, wake) = &step {
             pass_on.thread |= wake.thread;
             pass_on.task |= wake.task;
         }
@@ -335,7 +323,7 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
                     lookout.looked = lookout.held;
                 }
             }
-            Step::Settle(_) | Step::Wait => {}
+            Step::Wait => {}
             Step::Exit => return shared.settled_outside(&mut shared.lock(), done),
         }
     }
@@ -381,12 +369,12 @@ pub(crate) async fn async_worker<T: Send + Sync + 'static, R: Send + 'static>(
             }
             step
         };
-        if matches!(step, Step::Run(..) | Step::Settle(_)) {
+        if matches!(step, Step::Run(..)) {
             // Not waiting: a notification it got goes on to another waiter.
             notified.set(shared.work_async.notified());
         }
         // As in `thread_worker`: wake whom this step passed work on to before settling.
-        if let Step::Run(_, wake) | Step::Settle(wake) = &step {
+        if let Step::Run(_, wake) = &step {
             shared.notify_workers(*wake);
         }
         task.done = settle_all(&mut settle);
@@ -395,7 +383,6 @@ pub(crate) async fn async_worker<T: Send + Sync + 'static, R: Send + 'static>(
                 let outcome = shared.run_async(&*sink, &mut job).await;
                 finished = Some(shared.finished(job, outcome));
             }
-            Step::Settle(_) => {}
             // Report fresh settlements before sleeping: a flush may be waiting for them.
             Step::Wait if task.done > 0 => {}
             Step::Wait => notified.await,

@@ -165,3 +165,56 @@ fn a_blocked_sender_is_released_by_close_with_its_item() {
     assert_eq!(report.left, 2);
     gate.open();
 }
+
+/// Receipt callbacks that send a follow-up item into their own conveyor, full and blocking:
+/// each worker takes its next job, which frees a place, before it runs the callback of the
+/// item it finished. A worker that ran the callback first would wait for room that only a
+/// worker taking a job makes, and with every worker in such a callback, nothing would move.
+fn follow_ups_from_callbacks_into_a_full_conveyor(ordering: conveyor::Ordering) {
+    use std::time::Instant;
+    let c: Arc<Conveyor<u64>> = Arc::new(
+        Conveyor::builder()
+            .ordering(ordering)
+            .capacity(2)
+            .drain_timeout(Duration::from_secs(1))
+            .build(|d: conveyor::Delivery<u64>| {
+                if *d.item() < 3 {
+                    // Long enough for the test to fill the queue with items 3 and 4.
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Ok(())
+            })
+            .unwrap(),
+    );
+    for i in 1..=2u64 {
+        let me = c.clone();
+        c.send_keyed(format!("k{i}"), i)
+            .unwrap()
+            .on_settled(move |_| {
+                // Refused only once the conveyor is closed, when the test has failed.
+                let _ = me.send_keyed(format!("k{i}"), 10 + i);
+            });
+    }
+    c.send_keyed("k3", 3).unwrap();
+    c.send_keyed("k4", 4).unwrap();
+    let start = Instant::now();
+    let flushed = c.flush_timeout(GENEROUS);
+    let stats = c.stats();
+    let report = c.close();
+    assert!(
+        flushed,
+        "stuck after {:?}: {stats:?} (close: {report:?})",
+        start.elapsed()
+    );
+    assert_eq!(stats.delivered, 6, "{stats:?}");
+}
+
+#[test]
+fn follow_ups_from_callbacks_into_a_full_pipelined_conveyor() {
+    follow_ups_from_callbacks_into_a_full_conveyor(conveyor::Ordering::Pipelined { in_flight: 2 });
+}
+
+#[test]
+fn follow_ups_from_callbacks_into_a_full_keyed_conveyor() {
+    follow_ups_from_callbacks_into_a_full_conveyor(conveyor::Ordering::Keyed { concurrency: 2 });
+}
