@@ -838,8 +838,9 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         &self,
         key: Option<Arc<str>>,
         item: T,
+        cursor: Option<u64>,
     ) -> Result<Receipt<R>, SendError<T>> {
-        let (item, mut entry) = self.journal_entry(item, None)?;
+        let (item, mut entry) = self.journal_entry(item, cursor)?;
         let mut node = match self.shared.try_accept(key, item) {
             Ok(receipt) => return Ok(receipt),
             Err(node) => node,
@@ -889,7 +890,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// # }
     /// ```
     pub async fn send_async(&self, item: T) -> Result<Receipt<R>, SendError<T>> {
-        self.submit_async(None, item).await
+        self.submit_async(None, item, None).await
     }
 
     /// [`Conveyor::send_async`] with a key (see [`Conveyor::send_keyed`]).
@@ -902,7 +903,8 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         key: impl Into<String>,
         item: T,
     ) -> Result<Receipt<R>, SendError<T>> {
-        self.submit_async(Some(Arc::from(key.into())), item).await
+        self.submit_async(Some(Arc::from(key.into())), item, None)
+            .await
     }
 
     /// Whether a blocking wait here would never end: this thread drives the current-thread
@@ -1416,6 +1418,65 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             Wait::Thread,
             Some(cursor),
         )
+    }
+
+    /// [`Conveyor::try_send`], with the cursor stored as by
+    /// [`send_and_set_cursor`](Conveyor::send_and_set_cursor).
+    ///
+    /// # Errors
+    ///
+    /// As for [`Conveyor::try_send`].
+    pub fn try_send_and_set_cursor(
+        &self,
+        item: T,
+        cursor: u64,
+    ) -> Result<Receipt<R>, SendError<T>> {
+        self.send_with(None, item, Wait::Never, Some(cursor))
+    }
+
+    /// [`Conveyor::try_send_keyed`], with the cursor stored as by
+    /// [`send_and_set_cursor`](Conveyor::send_and_set_cursor).
+    ///
+    /// # Errors
+    ///
+    /// As for [`Conveyor::try_send`].
+    pub fn try_send_keyed_and_set_cursor(
+        &self,
+        key: impl Into<String>,
+        item: T,
+        cursor: u64,
+    ) -> Result<Receipt<R>, SendError<T>> {
+        self.send_with(Some(Arc::from(key.into())), item, Wait::Never, Some(cursor))
+    }
+
+    /// [`Conveyor::send_async`], with the cursor stored as by
+    /// [`send_and_set_cursor`](Conveyor::send_and_set_cursor).
+    ///
+    /// # Errors
+    ///
+    /// As for [`Conveyor::send`].
+    pub async fn send_async_and_set_cursor(
+        &self,
+        item: T,
+        cursor: u64,
+    ) -> Result<Receipt<R>, SendError<T>> {
+        self.submit_async(None, item, Some(cursor)).await
+    }
+
+    /// [`Conveyor::send_keyed_async`], with the cursor stored as by
+    /// [`send_and_set_cursor`](Conveyor::send_and_set_cursor).
+    ///
+    /// # Errors
+    ///
+    /// As for [`Conveyor::send`].
+    pub async fn send_keyed_async_and_set_cursor(
+        &self,
+        key: impl Into<String>,
+        item: T,
+        cursor: u64,
+    ) -> Result<Receipt<R>, SendError<T>> {
+        self.submit_async(Some(Arc::from(key.into())), item, Some(cursor))
+            .await
     }
 
     /// The input position last stored with [`set_cursor`](Conveyor::set_cursor) and committed.

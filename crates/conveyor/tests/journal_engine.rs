@@ -453,6 +453,46 @@ fn the_cursor_is_kept_with_the_items_sent_before_it() {
 }
 
 #[test]
+fn every_send_variant_stores_its_cursor_with_the_item() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    {
+        let (c, gate) = stalled(&path, Ordering::Keyed { concurrency: 2 });
+        let mut cursors = Vec::new();
+        let mut check = |sent: Result<conveyor::Receipt<()>, SendError<u64>>, cursor| {
+            let receipt = sent.unwrap();
+            assert_eq!(c.cursor().unwrap(), Some(cursor));
+            cursors.push((receipt.seq(), cursor));
+        };
+        check(c.send_and_set_cursor(1, 10), 10);
+        check(c.send_keyed_and_set_cursor("k", 2, 20), 20);
+        check(c.try_send_and_set_cursor(3, 30), 30);
+        check(c.try_send_keyed_and_set_cursor("k", 4, 40), 40);
+        check(rt.block_on(c.send_async_and_set_cursor(5, 50)), 50);
+        check(
+            rt.block_on(c.send_keyed_async_and_set_cursor("k", 6, 60)),
+            60,
+        );
+        assert_eq!(
+            cursors.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
+            [1, 2, 3, 4, 5, 6]
+        );
+        // Closed while its sink calls still wait: every item stays pending.
+        drop(c);
+        drop(gate);
+    }
+    let (seen, c) = recording(&path, Ordering::Keyed { concurrency: 2 });
+    assert_eq!(c.cursor().unwrap(), Some(60));
+    c.flush();
+    let mut items: Vec<u64> = seen.lock().unwrap().iter().map(|s| s.2).collect();
+    items.sort_unstable();
+    assert_eq!(items, [1, 2, 3, 4, 5, 6]);
+}
+
+#[test]
 fn sync_durability_with_many_producers_delivers_everything_once() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("j");
