@@ -16,13 +16,21 @@ fn journal_error_class(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
     CLASS.import(py, "conveyor._errors", "JournalError")
 }
 
-/// `conveyor.JournalError` with the engine's message (which names the file and what to do).
+/// `conveyor.JournalError` with the engine's message (which names the file and what to do),
+/// in Python's terms where the engine's would name its Rust API.
 pub(crate) fn error(py: Python<'_>, err: &JournalError) -> PyErr {
+    let message = match err {
+        JournalError::NoJournal => NO_JOURNAL.to_owned(),
+        other => other.to_string(),
+    };
     match journal_error_class(py) {
-        Ok(class) => PyErr::from_type(class.clone(), err.to_string()),
+        Ok(class) => PyErr::from_type(class.clone(), message),
         Err(import_failed) => import_failed,
     }
 }
+
+const NO_JOURNAL: &str = "this conveyor has no journal: create it with journal=\"PATH\" to keep \
+                          dead letters and a cursor";
 
 /// The Python exception for a conveyor that could not be built.
 pub(crate) fn build_error(py: Python<'_>, err: BuildError) -> PyErr {

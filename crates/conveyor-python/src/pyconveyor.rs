@@ -248,10 +248,23 @@ impl PyConveyor {
         }
     }
 
-    fn check_key(&self, key: &Option<String>) -> PyResult<()> {
+    /// Whether a send's `key=` and `cursor=` fit this conveyor.
+    #[inline]
+    fn check_send_options(
+        &self,
+        py: Python<'_>,
+        key: &Option<String>,
+        cursor: Option<u64>,
+    ) -> PyResult<()> {
         if key.is_some() && !self.options.keyed {
             return Err(PyValueError::new_err(
                 "key= needs a keyed conveyor: create it with ordering=\"keyed\" (strict and pipelined conveyors have one lane)",
+            ));
+        }
+        if cursor.is_some() && !self.options.journaled {
+            return Err(crate::journal::error(
+                py,
+                &conveyor::JournalError::NoJournal,
             ));
         }
         Ok(())
@@ -275,14 +288,18 @@ impl PyConveyor {
         shared: &Shared,
         item: Item,
         key: Option<&str>,
+        cursor: Option<u64>,
     ) -> PyResult<Result<PyReceipt, Item>> {
         if shared.closing.load(AtomicOrdering::Acquire) {
             return Err(self.closed_error(py, shared));
         }
         crate::fork::release_pending(py);
-        let attempt = match key {
-            None => shared.engine.try_send(item),
-            Some(key) => shared.engine.try_send_keyed(key, item),
+        let engine = &shared.engine;
+        let attempt = match (key, cursor) {
+            (None, None) => engine.try_send(item),
+            (Some(key), None) => engine.try_send_keyed(key, item),
+            (None, Some(cursor)) => engine.try_send_and_set_cursor(item, cursor),
+            (Some(key), Some(cursor)) => engine.try_send_keyed_and_set_cursor(key, item, cursor),
         };
         match attempt {
             Ok(receipt) => Ok(Ok(PyReceipt::new(receipt, shared.fork_gen))),
@@ -315,6 +332,7 @@ impl PyConveyor {
         shared: &Shared,
         item: Item,
         key: Option<&str>,
+        cursor: Option<u64>,
         timeout: Option<Duration>,
     ) -> PyResult<Option<PyReceipt>> {
         if sink::inside_sink_of(shared.sink.id) {
@@ -336,9 +354,17 @@ impl PyConveyor {
             let engine = &shared.engine;
             let sent = py.allow_threads(|| {
                 crate::block_on_timeout(slice, async move {
-                    match key {
-                        None => engine.send_async(attempt).await,
-                        Some(key) => engine.send_keyed_async(key, attempt).await,
+                    match (key, cursor) {
+                        (None, None) => engine.send_async(attempt).await,
+                        (Some(key), None) => engine.send_keyed_async(key, attempt).await,
+                        (None, Some(cursor)) => {
+                            engine.send_async_and_set_cursor(attempt, cursor).await
+                        }
+                        (Some(key), Some(cursor)) => {
+                            engine
+                                .send_keyed_async_and_set_cursor(key, attempt, cursor)
+                                .await
+                        }
                     }
                 })
             });
@@ -548,35 +574,43 @@ impl PyConveyor {
     /// On a full queue it waits for room with `backpressure="block"` (the default; without the
     /// GIL, interruptible with Ctrl-C), raises `QueueFull` with `"reject"`, and drops an item
     /// with `"drop_newest"` / `"drop_oldest"`. `key` picks the lane of a keyed conveyor.
+    /// With a journal, `cursor=N` stores N (your input position after this item, such as a
+    /// line number or an offset) in the same commit as the item: after a crash, `cursor()`
+    /// says where to resume reading, and nothing before it is lost or sent twice.
     ///
-    /// Raises `Closed` after `close()`.
-    #[pyo3(signature = (item, *, key = None))]
-    fn send(&self, py: Python<'_>, item: Py<PyAny>, key: Option<String>) -> PyResult<PyReceipt> {
+    /// Raises `Closed` after `close()`, `JournalError` for `cursor=` without a journal.
+    #[pyo3(signature = (item, *, key = None, cursor = None))]
+    fn send(
+        &self,
+        py: Python<'_>,
+        item: Py<PyAny>,
+        key: Option<String>,
+        cursor: Option<u64>,
+    ) -> PyResult<PyReceipt> {
         let shared = self.live(py)?;
         let item = self.item(py, item)?;
-        if key.is_some() {
-            self.check_key(&key)?;
-        }
-        match self.try_once(py, shared, item, key.as_deref())? {
+        self.check_send_options(py, &key, cursor)?;
+        match self.try_once(py, shared, item, key.as_deref(), cursor)? {
             Ok(receipt) => Ok(receipt),
             Err(item) => Ok(self
-                .send_waiting(py, shared, item, key.as_deref(), None)?
+                .send_waiting(py, shared, item, key.as_deref(), cursor, None)?
                 .expect("waiting without a deadline only ends with a receipt or an error")),
         }
     }
 
     /// Like `send`, but never waits: raises `QueueFull` when the queue is full.
-    #[pyo3(signature = (item, *, key = None))]
+    #[pyo3(signature = (item, *, key = None, cursor = None))]
     fn try_send(
         &self,
         py: Python<'_>,
         item: Py<PyAny>,
         key: Option<String>,
+        cursor: Option<u64>,
     ) -> PyResult<PyReceipt> {
         let shared = self.live(py)?;
         let item = self.item(py, item)?;
-        self.check_key(&key)?;
-        match self.try_once(py, shared, item, key.as_deref())? {
+        self.check_send_options(py, &key, cursor)?;
+        match self.try_once(py, shared, item, key.as_deref(), cursor)? {
             Ok(receipt) => Ok(receipt),
             Err(_) => Err(errors::queue_full(
                 py,
@@ -590,41 +624,47 @@ impl PyConveyor {
 
     /// `send` for asyncio code: `await c.asend(item)` waits for queue room only (on another
     /// thread, never blocking the event loop), never for delivery. Returns the `Receipt`.
-    #[pyo3(signature = (item, *, key = None))]
-    fn asend(slf: &Bound<'_, Self>, item: Py<PyAny>, key: Option<String>) -> PyResult<Py<PyAny>> {
+    #[pyo3(signature = (item, *, key = None, cursor = None))]
+    fn asend(
+        slf: &Bound<'_, Self>,
+        item: Py<PyAny>,
+        key: Option<String>,
+        cursor: Option<u64>,
+    ) -> PyResult<Py<PyAny>> {
         let py = slf.py();
         let this = slf.get();
         let shared = this.live(py)?;
-        this.check_key(&key)?;
+        this.check_send_options(py, &key, cursor)?;
         let attempt = this.item(py, item.clone_ref(py))?;
-        match this.try_once(py, shared, attempt, key.as_deref())? {
+        match this.try_once(py, shared, attempt, key.as_deref(), cursor)? {
             Ok(receipt) => {
                 Ok(Py::new(py, Ready::new(Py::new(py, receipt)?.into_any()))?.into_any())
             }
             // The slow path gets the object as sent, and converts it again.
             Err(_) => Ok(support(py)?
-                .call_method1("asend_slow", (slf, item, key))?
+                .call_method1("asend_slow", (slf, item, key, cursor))?
                 .unbind()),
         }
     }
 
     /// Internal: send, waiting at most `timeout` s for room; `None` if there was none.
-    #[pyo3(signature = (item, key, timeout))]
+    #[pyo3(signature = (item, key, cursor, timeout))]
     fn _send_wait(
         &self,
         py: Python<'_>,
         item: Py<PyAny>,
         key: Option<String>,
+        cursor: Option<u64>,
         timeout: f64,
     ) -> PyResult<Option<PyReceipt>> {
         let shared = self.live(py)?;
-        self.check_key(&key)?;
+        self.check_send_options(py, &key, cursor)?;
         let timeout = timeout_arg("timeout", Some(timeout))?;
         let item = self.item(py, item)?;
-        match self.try_once(py, shared, item, key.as_deref())? {
+        match self.try_once(py, shared, item, key.as_deref(), cursor)? {
             Ok(receipt) => Ok(Some(receipt)),
             Err(_) if timeout == Some(Duration::ZERO) => Ok(None),
-            Err(item) => self.send_waiting(py, shared, item, key.as_deref(), timeout),
+            Err(item) => self.send_waiting(py, shared, item, key.as_deref(), cursor, timeout),
         }
     }
 
@@ -743,6 +783,27 @@ impl PyConveyor {
     fn discard_dead(&self, py: Python<'_>, seq: u64) -> PyResult<()> {
         let engine = &self.live(py)?.engine;
         py.allow_threads(|| engine.discard_dead(seq))
+            .map_err(|err| crate::journal::error(py, &err))
+    }
+
+    /// The input position last stored in the journal (by `send(..., cursor=N)` or
+    /// `set_cursor(N)`), or `None` if none was: where a rerun resumes reading its input.
+    ///
+    /// Raises `JournalError` without a journal.
+    fn cursor(&self, py: Python<'_>) -> PyResult<Option<u64>> {
+        let engine = &self.live(py)?.engine;
+        py.allow_threads(|| engine.cursor())
+            .map_err(|err| crate::journal::error(py, &err))
+    }
+
+    /// Stores an input position that sends nothing (a blank or skipped record). To store the
+    /// position of an item, pass `cursor=` to `send`: the item and the position are then
+    /// committed together, so a crash cannot keep one without the other.
+    ///
+    /// Raises `JournalError` without a journal.
+    fn set_cursor(&self, py: Python<'_>, cursor: u64) -> PyResult<()> {
+        let engine = &self.live(py)?.engine;
+        py.allow_threads(|| engine.set_cursor(cursor))
             .map_err(|err| crate::journal::error(py, &err))
     }
 

@@ -72,7 +72,7 @@ class SerialExecutor(concurrent.futures.Executor):
             # Sent under the lock so shutdown() cannot close the conveyor between the check and
             # the send (which would turn a valid submit into a conveyor.Closed error).
             self._pending[id(future)] = future
-            receipt = self._conveyor._send_wait((future, fn, args, kwargs), None, 0.0)
+            receipt = self._conveyor._send_wait((future, fn, args, kwargs), None, None, 0.0)
         if receipt is None:
             # The queue is full: wait for room outside the lock so shutdown() is not held up.
             try:

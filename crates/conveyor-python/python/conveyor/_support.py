@@ -138,7 +138,7 @@ def run_in_thread(fn: Callable[..., T], *args: Any) -> "asyncio.Future[T]":
     return fut
 
 
-async def asend_slow(conveyor: Any, item: Any, key: Optional[str]) -> Any:
+async def asend_slow(conveyor: Any, item: Any, key: Optional[str], cursor: Optional[int]) -> Any:
     """``asend`` once the queue was found full: wait for room on a thread, not on the loop.
 
     The thread tries in short slices and gives up as soon as the awaiting task is cancelled, so a
@@ -148,7 +148,7 @@ async def asend_slow(conveyor: Any, item: Any, key: Optional[str]) -> Any:
 
     def wait_for_room() -> Any:
         while not cancelled.is_set():
-            receipt = conveyor._send_wait(item, key, _CANCEL_POLL_S)
+            receipt = conveyor._send_wait(item, key, cursor, _CANCEL_POLL_S)
             if receipt is not None:
                 return receipt
         return None
