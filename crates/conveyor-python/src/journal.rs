@@ -17,10 +17,15 @@ fn journal_error_class(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
 }
 
 /// `conveyor.JournalError` with the engine's message (which names the file and what to do),
-/// in Python's terms where the engine's would name its Rust API.
+/// in Python's terms where the engine's names its Rust API.
 pub(crate) fn error(py: Python<'_>, err: &JournalError) -> PyErr {
     let message = match err {
         JournalError::NoJournal => NO_JOURNAL.to_owned(),
+        JournalError::Closed { path } => format!(
+            "the conveyor using journal {} was closed and released the file: create a new \
+             Conveyor(..., journal=PATH) to read or resume it",
+            path.display()
+        ),
         other => other.to_string(),
     };
     match journal_error_class(py) {

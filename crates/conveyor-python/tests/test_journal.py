@@ -214,3 +214,16 @@ def test_a_rerun_resumes_its_input_at_the_cursor_after_a_crash(tmp_path):
     again = seen[4:]
     first = int(again[0].split()[1])
     assert first <= 3 and again == [f"line {n}" for n in range(first, 10)], seen
+
+
+def test_journal_errors_speak_python(make, tmp_path):
+    c = make(Recorder(), journal=tmp_path / "events.journal")
+    c.close(timeout=10)
+    for closed_out in (c.cursor, c.dead_letters):
+        with pytest.raises(conveyor.JournalError, match=r"Conveyor\(\.\.\., journal=PATH\)") as caught:
+            closed_out()
+        assert "::" not in str(caught.value), "no Rust API in a Python message"
+    plain = make(Recorder())
+    with pytest.raises(conveyor.JournalError) as caught:
+        plain.dead_letters()
+    assert "::" not in str(caught.value) and 'journal="PATH"' in str(caught.value)
