@@ -632,10 +632,10 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
                     if evicted.is_some() {
                         break ik;
                     }
-                    return Ok(self.accept_dropped(st, ik, node));
+                    return Ok(self.accept_dropped(st, ik, node, entry));
                 }
                 (Backpressure::DropNewest | Backpressure::DropOldest, _) => {
-                    return Ok(self.accept_dropped(st, ik, node));
+                    return Ok(self.accept_dropped(st, ik, node, entry));
                 }
             }
         };
@@ -676,12 +676,18 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         mut st: MutexGuard<'_, State<T, R>>,
         mut ik: MutexGuard<'_, Intake<T, R>>,
         node: NodeRef<T, R>,
+        entry: &Option<Entry>,
     ) -> Receipt<R> {
         ik.number(&node);
         drop(ik);
         st.accept_dropped();
         if let Some(durable) = &self.shared.durable {
             durable.used_without_append(node.seq());
+            // The item's fate is settled (dropped, and counted): a rerun resuming from the
+            // cursor must not send it again, so its input position is stored all the same.
+            if let Some(cursor) = entry.as_ref().and_then(|e| e.cursor) {
+                durable.push(Op::Cursor(cursor));
+            }
         }
         drop(st);
         tracing::debug!(seq = node.seq(), "queue full: item dropped by policy");
@@ -1336,7 +1342,8 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     ///
     /// # Errors
     ///
-    /// [`JournalError::NoJournal`] without a journal.
+    /// [`JournalError::NoJournal`] without a journal; [`JournalError::Closed`] once the
+    /// conveyor is closed (its writer stored nothing more).
     ///
     /// # Examples
     ///
@@ -1361,6 +1368,12 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         let durable = self.durable()?;
         // Under the state lock like appends, so it follows every item accepted before it.
         let st = self.shared.lock();
+        if st.closed {
+            // Like a send after close: the writer may be gone, and would drop it unseen.
+            return Err(JournalError::Closed {
+                path: durable.path.clone(),
+            });
+        }
         durable.push(Op::Cursor(cursor));
         drop(st);
         Ok(())
@@ -1374,7 +1387,8 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// item is committed). The journal then holds the item while the cursor still points before
     /// it, and a rerun that resumes from the cursor sends the item again, as a new item with a
     /// new idempotency key, next to the replayed one. Here both are committed or neither is.
-    /// Without a journal the position is not stored anywhere.
+    /// An item a drop policy drops at once stores its position too: its fate is settled, and a
+    /// rerun must not send it again. Without a journal the position is not stored anywhere.
     ///
     /// # Errors
     ///

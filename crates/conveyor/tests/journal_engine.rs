@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use conveyor::{
-    BuildError, Conveyor, Delivery, Durability, Journal, JournalError, OnFailure, Ordering,
-    SendError, SinkError,
+    Backpressure, BuildError, Conveyor, Delivery, DeliveryError, Durability, Journal, JournalError,
+    OnFailure, Ordering, SendError, SinkError,
 };
 
 /// What a sink saw: (seq, key, item, idempotency key).
@@ -490,6 +490,50 @@ fn every_send_variant_stores_its_cursor_with_the_item() {
     let mut items: Vec<u64> = seen.lock().unwrap().iter().map(|s| s.2).collect();
     items.sort_unstable();
     assert_eq!(items, [1, 2, 3, 4, 5, 6]);
+}
+
+#[test]
+fn set_cursor_after_close_is_refused_rather_than_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    let (_seen, c) = recording(&path, Ordering::Strict);
+    c.send_and_set_cursor(1, 1).unwrap();
+    c.close();
+    assert!(matches!(c.set_cursor(2), Err(JournalError::Closed { .. })));
+    drop(c);
+    let (_seen, reopened) = recording(&path, Ordering::Strict);
+    assert_eq!(reopened.cursor().unwrap(), Some(1));
+}
+
+/// An item a drop policy drops has a settled fate (dropped, counted): a rerun that resumes at
+/// the cursor must not send it again.
+#[test]
+fn an_item_dropped_by_policy_still_moves_the_cursor() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    let (gate_tx, gate) = mpsc::channel::<()>();
+    let (started_tx, started) = mpsc::channel::<()>();
+    let (gate, started_tx) = (Mutex::new(gate), Mutex::new(started_tx));
+    let c = Conveyor::builder()
+        .journal(&path)
+        .capacity(1)
+        .backpressure(Backpressure::DropNewest)
+        .build(move |_d: Delivery<u64>| {
+            let _ = started_tx.lock().unwrap().send(());
+            let _ = gate.lock().unwrap().recv();
+            Ok(())
+        })
+        .unwrap();
+    c.send_and_set_cursor(1, 1).unwrap();
+    started.recv().unwrap(); // item 1 is in its sink call
+    c.send_and_set_cursor(2, 2).unwrap(); // queued: the queue is full
+    let mut dropped = c.send_and_set_cursor(3, 3).unwrap();
+    assert!(matches!(
+        dropped.wait_timeout(Duration::ZERO),
+        Some(Err(DeliveryError::Dropped))
+    ));
+    assert_eq!(c.cursor().unwrap(), Some(3));
+    drop(gate_tx);
 }
 
 #[test]
