@@ -3,10 +3,10 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use conveyor::{BuildError, DeadLetter, Durability, JournalError};
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::GILOnceCell;
-use pyo3::types::{PyString, PyType};
+use pyo3::types::{PyInt, PyString, PyType};
 use serde_json::value::RawValue;
 
 use crate::sink::{Item, Reply};
@@ -60,6 +60,21 @@ pub(crate) fn refused(py: Python<'_>, engine: &conveyor::Conveyor<Item, Reply>) 
         Ok(class) => PyErr::from_type(class.clone(), message),
         Err(import_failed) => import_failed,
     }
+}
+
+/// `cursor=`: an input position, an int from 0 to 2**64 - 1.
+pub(crate) fn cursor_arg(value: &Bound<'_, PyAny>) -> PyResult<u64> {
+    if !value.is_instance_of::<PyInt>() {
+        return Err(PyTypeError::new_err(format!(
+            "cursor= must be an int, an input position such as a line number or an offset; got {}",
+            value.get_type().name()?
+        )));
+    }
+    value.extract::<u64>().map_err(|_| {
+        PyValueError::new_err(format!(
+            "cursor={value}: an input position must be from 0 to 2**64 - 1"
+        ))
+    })
 }
 
 /// `durability=`: a commit window in seconds (group commit), or `"sync"` (each send waits

@@ -576,7 +576,8 @@ impl PyConveyor {
     /// with `"drop_newest"` / `"drop_oldest"`. `key` picks the lane of a keyed conveyor.
     /// With a journal, `cursor=N` stores N (your input position after this item, such as a
     /// line number or an offset) in the same commit as the item: after a crash, `cursor()`
-    /// says where to resume reading, and nothing before it is lost or sent twice.
+    /// says where to resume reading, and nothing before it is lost or sent twice (an item a drop
+    /// policy dropped counts as handled).
     ///
     /// Raises `Closed` after `close()`, `JournalError` for `cursor=` without a journal.
     #[pyo3(signature = (item, *, key = None, cursor = None))]
@@ -585,8 +586,9 @@ impl PyConveyor {
         py: Python<'_>,
         item: Py<PyAny>,
         key: Option<String>,
-        cursor: Option<u64>,
+        cursor: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<PyReceipt> {
+        let cursor = cursor.map(crate::journal::cursor_arg).transpose()?;
         let shared = self.live(py)?;
         let item = self.item(py, item)?;
         self.check_send_options(py, &key, cursor)?;
@@ -605,8 +607,9 @@ impl PyConveyor {
         py: Python<'_>,
         item: Py<PyAny>,
         key: Option<String>,
-        cursor: Option<u64>,
+        cursor: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<PyReceipt> {
+        let cursor = cursor.map(crate::journal::cursor_arg).transpose()?;
         let shared = self.live(py)?;
         let item = self.item(py, item)?;
         self.check_send_options(py, &key, cursor)?;
@@ -629,8 +632,9 @@ impl PyConveyor {
         slf: &Bound<'_, Self>,
         item: Py<PyAny>,
         key: Option<String>,
-        cursor: Option<u64>,
+        cursor: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Py<PyAny>> {
+        let cursor = cursor.map(crate::journal::cursor_arg).transpose()?;
         let py = slf.py();
         let this = slf.get();
         let shared = this.live(py)?;
@@ -654,9 +658,10 @@ impl PyConveyor {
         py: Python<'_>,
         item: Py<PyAny>,
         key: Option<String>,
-        cursor: Option<u64>,
+        cursor: Option<&Bound<'_, PyAny>>,
         timeout: f64,
     ) -> PyResult<Option<PyReceipt>> {
+        let cursor = cursor.map(crate::journal::cursor_arg).transpose()?;
         let shared = self.live(py)?;
         self.check_send_options(py, &key, cursor)?;
         let timeout = timeout_arg("timeout", Some(timeout))?;
@@ -800,8 +805,9 @@ impl PyConveyor {
     /// position of an item, pass `cursor=` to `send`: the item and the position are then
     /// committed together, so a crash cannot keep one without the other.
     ///
-    /// Raises `JournalError` without a journal.
-    fn set_cursor(&self, py: Python<'_>, cursor: u64) -> PyResult<()> {
+    /// Raises `JournalError` without a journal or after `close()`.
+    fn set_cursor(&self, py: Python<'_>, cursor: &Bound<'_, PyAny>) -> PyResult<()> {
+        let cursor = crate::journal::cursor_arg(cursor)?;
         let engine = &self.live(py)?.engine;
         py.allow_threads(|| engine.set_cursor(cursor))
             .map_err(|err| crate::journal::error(py, &err))

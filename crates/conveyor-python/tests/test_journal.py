@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import textwrap
+import threading
 
 import pytest
 
@@ -220,10 +221,59 @@ def test_journal_errors_speak_python(make, tmp_path):
     c = make(Recorder(), journal=tmp_path / "events.journal")
     c.close(timeout=10)
     for closed_out in (c.cursor, c.dead_letters):
-        with pytest.raises(conveyor.JournalError, match=r"Conveyor\(\.\.\., journal=PATH\)") as caught:
+        with pytest.raises(
+            conveyor.JournalError, match=r"Conveyor\(\.\.\., journal=PATH\)"
+        ) as caught:
             closed_out()
         assert "::" not in str(caught.value), "no Rust API in a Python message"
     plain = make(Recorder())
     with pytest.raises(conveyor.JournalError) as caught:
         plain.dead_letters()
     assert "::" not in str(caught.value) and 'journal="PATH"' in str(caught.value)
+
+
+def test_set_cursor_after_close_raises_instead_of_losing_it(make, tmp_path):
+    path = tmp_path / "events.journal"
+    c = make(Recorder(), journal=path)
+    c.send("a", cursor=1)
+    c.close(timeout=10)
+    with pytest.raises(conveyor.JournalError, match="closed"):
+        c.set_cursor(2)
+    assert make(Recorder(), journal=path).cursor() == 1
+
+
+def test_an_item_dropped_by_policy_still_moves_the_cursor(make, tmp_path):
+    gate, started = threading.Event(), threading.Event()
+
+    def sink(item):
+        started.set()
+        gate.wait(10)
+
+    c = make(sink, journal=tmp_path / "events.journal", capacity=1, backpressure="drop_newest")
+    try:
+        c.send(1, cursor=1)
+        assert started.wait(10), "item 1 reached the sink"
+        c.send(2, cursor=2)  # queued: the queue is full
+        dropped = c.send(3, cursor=3)
+        assert isinstance(dropped.exception(timeout=10), conveyor.Dropped)
+        assert c.cursor() == 3
+    finally:
+        gate.set()
+
+
+@pytest.mark.parametrize(
+    "cursor, error, message",
+    [
+        (-1, ValueError, "from 0 to 2\\*\\*64 - 1"),
+        (2**64, ValueError, "cursor="),
+        ("7", TypeError, "must be an int"),
+    ],
+)
+def test_a_cursor_out_of_range_or_of_the_wrong_type_names_the_argument(
+    make, tmp_path, cursor, error, message
+):
+    c = make(Recorder(), journal=tmp_path / "events.journal")
+    for attempt in (lambda: c.send("a", cursor=cursor), lambda: c.set_cursor(cursor)):
+        with pytest.raises(error, match=message):
+            attempt()
+    assert c.stats.accepted == 0 and c.cursor() is None
