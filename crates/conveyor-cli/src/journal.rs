@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use conveyor::{Builder, Conveyor, Durability};
+use conveyor::{Builder, Conveyor, Durability, JournalError};
 
 use crate::input::Line;
 use crate::CliError;
@@ -36,9 +36,15 @@ pub(crate) fn cursor(conveyor: &Conveyor<Line>) -> Result<Option<u64>, CliError>
         .map_err(|e| CliError::usage(format!("cannot read the journal's input position: {e}")))
 }
 
-/// Records the input position, committed with the items accepted before it.
-pub(crate) fn set_cursor(conveyor: &Conveyor<Line>, position: u64) -> Result<(), String> {
-    conveyor.set_cursor(position).map_err(|e| e.to_string())
+/// Records the input position, committed with the items accepted before it. `Ok(false)` once
+/// the run is shutting down: like a send refused then, the position stays where it was, and a
+/// rerun reads the line again.
+pub(crate) fn set_cursor(conveyor: &Conveyor<Line>, position: u64) -> Result<bool, String> {
+    match conveyor.set_cursor(position) {
+        Ok(()) => Ok(true),
+        Err(JournalError::Closed { .. }) => Ok(false),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// Creates the journal's directory if needed, owner-only like the journal itself: it holds the

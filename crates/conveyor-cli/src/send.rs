@@ -580,9 +580,14 @@ fn read_and_submit(
         }
         if journaled && !is_item {
             // Committed with the items accepted before it: a rerun starts after this line.
-            if let Err(e) = journal::set_cursor(conveyor, reader.position()) {
-                error = Some(format!("cannot record the input position: {e}"));
-                break;
+            match journal::set_cursor(conveyor, reader.position()) {
+                Ok(true) => {}
+                // Shutting down, as for `SendError::Closed` above.
+                Ok(false) => break,
+                Err(e) => {
+                    error = Some(format!("cannot record the input position: {e}"));
+                    break;
+                }
             }
         }
     }
