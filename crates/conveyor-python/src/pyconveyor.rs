@@ -794,7 +794,7 @@ impl PyConveyor {
     /// The input position last stored in the journal (by `send(..., cursor=N)` or
     /// `set_cursor(N)`), or `None` if none was: where a rerun resumes reading its input.
     ///
-    /// Raises `JournalError` without a journal.
+    /// Raises `JournalError` without a journal or after `close()`.
     fn cursor(&self, py: Python<'_>) -> PyResult<Option<u64>> {
         let engine = &self.live(py)?.engine;
         py.allow_threads(|| engine.cursor())
