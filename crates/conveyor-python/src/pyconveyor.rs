@@ -248,14 +248,15 @@ impl PyConveyor {
         }
     }
 
-    /// Whether a send's `key=` and `cursor=` fit this conveyor.
+    /// Checks that a send's `key=` and `cursor=` fit this conveyor; returns the cursor.
     #[inline]
     fn check_send_options(
         &self,
         py: Python<'_>,
         key: &Option<String>,
-        cursor: Option<u64>,
-    ) -> PyResult<()> {
+        cursor: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Option<u64>> {
+        let cursor = cursor.map(crate::journal::cursor_arg).transpose()?;
         if key.is_some() && !self.options.keyed {
             return Err(PyValueError::new_err(
                 "key= needs a keyed conveyor: create it with ordering=\"keyed\" (strict and pipelined conveyors have one lane)",
@@ -267,7 +268,7 @@ impl PyConveyor {
                 &conveyor::JournalError::NoJournal,
             ));
         }
-        Ok(())
+        Ok(cursor)
     }
 
     fn not_from_own_sink(&self, shared: &Shared, what: &str) -> PyResult<()> {
@@ -588,10 +589,9 @@ impl PyConveyor {
         key: Option<String>,
         cursor: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<PyReceipt> {
-        let cursor = cursor.map(crate::journal::cursor_arg).transpose()?;
         let shared = self.live(py)?;
+        let cursor = self.check_send_options(py, &key, cursor)?;
         let item = self.item(py, item)?;
-        self.check_send_options(py, &key, cursor)?;
         match self.try_once(py, shared, item, key.as_deref(), cursor)? {
             Ok(receipt) => Ok(receipt),
             Err(item) => Ok(self
@@ -609,10 +609,9 @@ impl PyConveyor {
         key: Option<String>,
         cursor: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<PyReceipt> {
-        let cursor = cursor.map(crate::journal::cursor_arg).transpose()?;
         let shared = self.live(py)?;
+        let cursor = self.check_send_options(py, &key, cursor)?;
         let item = self.item(py, item)?;
-        self.check_send_options(py, &key, cursor)?;
         match self.try_once(py, shared, item, key.as_deref(), cursor)? {
             Ok(receipt) => Ok(receipt),
             Err(_) => Err(errors::queue_full(
@@ -634,11 +633,10 @@ impl PyConveyor {
         key: Option<String>,
         cursor: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Py<PyAny>> {
-        let cursor = cursor.map(crate::journal::cursor_arg).transpose()?;
         let py = slf.py();
         let this = slf.get();
         let shared = this.live(py)?;
-        this.check_send_options(py, &key, cursor)?;
+        let cursor = this.check_send_options(py, &key, cursor)?;
         let attempt = this.item(py, item.clone_ref(py))?;
         match this.try_once(py, shared, attempt, key.as_deref(), cursor)? {
             Ok(receipt) => {
@@ -661,9 +659,8 @@ impl PyConveyor {
         cursor: Option<&Bound<'_, PyAny>>,
         timeout: f64,
     ) -> PyResult<Option<PyReceipt>> {
-        let cursor = cursor.map(crate::journal::cursor_arg).transpose()?;
         let shared = self.live(py)?;
-        self.check_send_options(py, &key, cursor)?;
+        let cursor = self.check_send_options(py, &key, cursor)?;
         let timeout = timeout_arg("timeout", Some(timeout))?;
         let item = self.item(py, item)?;
         match self.try_once(py, shared, item, key.as_deref(), cursor)? {

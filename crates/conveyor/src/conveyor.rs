@@ -727,8 +727,8 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         }
     }
 
-    /// The blocking send variants; `cursor` is stored with the item (see
-    /// [`Conveyor::send_and_set_cursor`]).
+    /// The synchronous send variants (`wait` says whether they may block); `cursor` is
+    /// stored with the item (see [`Conveyor::send_and_set_cursor`]).
     fn send_with(
         &self,
         key: Option<Arc<str>>,

@@ -6,8 +6,9 @@
 //! comes from (`slab.rs`), numbers it and appends it. The workers
 //! take the whole batch under the state lock when they run out of work ("block for the
 //! first, drain the rest"), when they wake, and when they give up the lookout (see
-//! `conveyor.rs`), so producers and workers meet once per batch instead of once per item. Every other send (full queue, closed, journaled) takes the state lock, drains
-//! this buffer first and proceeds as before, so the lanes always hold the older items.
+//! `conveyor.rs`), so producers and workers meet once per batch instead of once per item.
+//! Every other send (full queue, closed, journaled) takes the state lock, drains this buffer
+//! first and proceeds as before, so the lanes always hold the older items.
 //!
 //! Lock order: the state lock, then this one; never the other way round.
 

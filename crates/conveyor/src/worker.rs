@@ -264,10 +264,9 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
     let mut settle = Vec::new();
     let mut done = 0;
     let mut lookout = Lookout::default();
-    // Idle workers to wake once the state lock is released.
-    let mut pass_on = Wake::default();
     loop {
-        let step = {
+        // With the idle workers to wake once the state lock is released.
+        let (step, wake) = {
             let mut st = shared.lock();
             shared.settled_outside(&mut st, std::mem::take(&mut done));
             let mut step = shared.step(&mut st, worker, finished.take(), &mut settle, &mut lookout);
@@ -292,27 +291,30 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
                 }
                 step = shared.step(&mut st, worker, None, &mut settle, &mut lookout);
             }
-            if let Step::Exit = step {
-                if std::mem::take(&mut lookout.held) {
-                    shared.release_lookout(&mut st);
+            // A job was taken with the lookout already given up (see `step`).
+            let wake = match &step {
+                Step::Run(_, wake) => *wake,
+                Step::Exit => {
+                    if std::mem::take(&mut lookout.held) {
+                        shared.release_lookout(&mut st);
+                    }
+                    shared.exit(&mut st);
+                    Wake::default()
                 }
-                shared.exit(&mut st);
-            } else if !settle.is_empty() && std::mem::take(&mut lookout.held) {
                 // Settling runs user code (callbacks, wakers, the item's and the reply's
                 // drops), which may take long or panic: give the lookout up first, and wake a
                 // worker for what it had.
-                shared.release_lookout(&mut st);
-                pass_on = shared.pass_work_on(&st);
-            }
-            step
+                Step::Wait if !settle.is_empty() && std::mem::take(&mut lookout.held) => {
+                    shared.release_lookout(&mut st);
+                    shared.pass_work_on(&st)
+                }
+                Step::Wait => Wake::default(),
+            };
+            (step, wake)
         };
         // Whom this step passed work on to is woken before settling, which runs user code:
         // meanwhile the wake-up counts as pending, and sends wake nobody.
-        if let Step::Run(_, wake) = &step {
-            pass_on.thread |= wake.thread;
-            pass_on.task |= wake.task;
-        }
-        shared.notify_workers(std::mem::take(&mut pass_on));
+        shared.notify_workers(wake);
         done = settle_all(&mut settle);
         match step {
             Step::Run(mut job, _) => {
