@@ -54,6 +54,9 @@ struct Lane<T, R> {
     /// In sequence order: new items at the back, items put back are inserted by seq.
     queue: VecDeque<Job<T, R>>,
     in_flight: usize,
+    /// Items of this lane waiting out a retry's backoff. Nothing behind them may start
+    /// meanwhile; only the main lane counts them (a keyed lane has its one item in flight).
+    retrying: usize,
     paused: bool,
     /// Whether this lane has an entry in `State::ready` (keyed mode only).
     in_ready: bool,
@@ -64,6 +67,7 @@ impl<T, R> Lane<T, R> {
         Self {
             queue: VecDeque::new(),
             in_flight: 0,
+            retrying: 0,
             paused: false,
             in_ready: false,
         }
@@ -218,8 +222,18 @@ impl<T, R> State<T, R> {
             // Entries may be stale: at worst an idle worker wakes for nothing.
             !self.ready.is_empty()
         } else {
-            !self.main.paused && !self.main.queue.is_empty()
+            self.main_runnable() && !self.main.queue.is_empty()
         }
+    }
+
+    /// Whether the main lane may hand out its head item: not paused, no retry pending.
+    fn main_runnable(&self) -> bool {
+        !self.main.paused && self.main.retrying == 0
+    }
+
+    /// A retry's backoff holds items behind it that a worker could otherwise start.
+    pub(crate) fn retry_pending(&self) -> bool {
+        self.main.retrying > 0
     }
 
     /// Queued items not held in paused lanes (an upper bound on what may start now).
@@ -315,7 +329,7 @@ impl<T, R> State<T, R> {
                 self.counters.paused_items += 1;
             }
             self.main.queue.push_back(job);
-            return !self.main.paused;
+            return self.main_runnable();
         }
         let id = job
             .node
@@ -374,7 +388,7 @@ impl<T, R> State<T, R> {
     /// Takes the next item that may start, for `worker`, and marks it in flight.
     pub(crate) fn next_job(&mut self, worker: usize) -> Option<Job<T, R>> {
         let mut job = if !self.keyed {
-            if self.main.paused {
+            if !self.main_runnable() {
                 return None;
             }
             let job = self.main.queue.pop_front()?;
@@ -406,12 +420,23 @@ impl<T, R> State<T, R> {
     }
 
     /// Records that a retry is due no earlier than `earliest` and returns when it may
-    /// start under the rate limit.
+    /// start under the rate limit. Until `retry_begins`, no item behind it starts: in
+    /// pipelined mode other workers would otherwise overtake it.
     pub(crate) fn schedule_retry(&mut self, earliest: Instant) -> Instant {
         self.counters.retried += 1;
+        if !self.keyed {
+            self.main.retrying += 1;
+        }
         match &mut self.limiter {
             Some(limiter) => limiter.reserve(earliest),
             None => earliest,
+        }
+    }
+
+    /// A retry scheduled by `schedule_retry` is about to start (or will not, on shutdown).
+    pub(crate) fn retry_begins(&mut self) {
+        if !self.keyed {
+            self.main.retrying -= 1;
         }
     }
 

@@ -119,8 +119,9 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
             self.wake_one_sender(st);
             return Step::Run(job, self.pass_work_on(st));
         }
-        // A journal replay still loading items keeps the workers for them, even after close.
-        if st.closed && !st.replaying {
+        // A journal replay still loading items keeps the workers for them, even after close,
+        // as do items held behind a retry.
+        if st.closed && !st.replaying && !st.retry_pending() {
             return Step::Exit;
         }
         Step::Wait
@@ -199,9 +200,19 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
     }
 
     /// After waiting for a rate-limit slot or a backoff: a conveyor abandoned at its drain
-    /// deadline meanwhile already reported the item as closed, so it must not start.
-    fn abandoned(&self) -> bool {
-        self.lock().abandoned
+    /// deadline meanwhile already reported the item as closed, so it must not start. A
+    /// retry lets the items behind it start again, on idle workers too.
+    fn abandoned(&self, retry: bool) -> bool {
+        let mut st = self.lock();
+        if !retry {
+            return st.abandoned;
+        }
+        st.retry_begins();
+        let wake = self.pass_work_on(&st);
+        let abandoned = st.abandoned;
+        drop(st);
+        self.notify_workers(wake);
+        abandoned
     }
 
     fn delivery(&self, job: &mut Job<T, R>) -> Delivery<T> {
@@ -210,10 +221,12 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
     }
 
     fn run_blocking(&self, sink: &BlockingFn<T, R>, job: &mut Job<T, R>) -> Outcome<R> {
+        // A retry is scheduled (see `State::schedule_retry`), not a rate-limit slot.
+        let mut retry = false;
         loop {
             if let Some(at) = job.start_at.take() {
                 std::thread::sleep(at.saturating_duration_since(Instant::now()));
-                if self.abandoned() {
+                if self.abandoned(std::mem::take(&mut retry)) {
                     return Outcome::Interrupted;
                 }
             }
@@ -223,7 +236,10 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
             match result {
                 Ok(reply) => return Outcome::Delivered(reply),
                 Err(error) => match self.after_failure(job, error) {
-                    Next::RetryAt(at) => job.start_at = Some(at),
+                    Next::RetryAt(at) => {
+                        job.start_at = Some(at);
+                        retry = true;
+                    }
                     Next::Done(outcome) => return outcome,
                 },
             }
@@ -231,10 +247,11 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
     }
 
     async fn run_async(&self, sink: &AsyncFn<T, R>, job: &mut Job<T, R>) -> Outcome<R> {
+        let mut retry = false;
         loop {
             if let Some(at) = job.start_at.take() {
                 tokio::time::sleep_until(at.into()).await;
-                if self.abandoned() {
+                if self.abandoned(std::mem::take(&mut retry)) {
                     return Outcome::Interrupted;
                 }
             }
@@ -246,7 +263,10 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
             match result {
                 Ok(reply) => return Outcome::Delivered(reply),
                 Err(error) => match self.after_failure(job, error) {
-                    Next::RetryAt(at) => job.start_at = Some(at),
+                    Next::RetryAt(at) => {
+                        job.start_at = Some(at);
+                        retry = true;
+                    }
                     Next::Done(outcome) => return outcome,
                 },
             }

@@ -47,6 +47,68 @@ fn retries_happen_in_place_and_nothing_overtakes() {
     assert_eq!((s.delivered, s.retried, s.failed), (10, 2, 0));
 }
 
+/// Pipelined: while item 0 waits out its backoff, nothing behind it starts, though the other
+/// worker is free; only a call that was already taken when it failed may still begin.
+fn a_pipelined_retry_is_not_overtaken_during_its_backoff(asynchronous: bool) {
+    #[derive(Debug, PartialEq)]
+    enum Event {
+        Start(u64, u32),
+        Failed,
+    }
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let l = log.clone();
+    let sink = move |d: Delivery<u64>| {
+        l.lock().unwrap().push(Event::Start(*d.item(), d.attempt()));
+        if *d.item() == 0 && d.attempt() == 1 {
+            l.lock().unwrap().push(Event::Failed);
+            return Err(SinkError::retryable("try again"));
+        }
+        Ok(())
+    };
+    let builder = Conveyor::builder()
+        .ordering(Ordering::Pipelined { in_flight: 2 })
+        // Long enough for the free worker to run every other item, were it allowed to.
+        .retry(
+            Retry::fixed(Duration::from_millis(300))
+                .jitter(false)
+                .max_attempts(2),
+        );
+    let c: Conveyor<u64> = if asynchronous {
+        let sink = Arc::new(sink);
+        builder.build_async(move |d| {
+            let sink = sink.clone();
+            async move { sink(d) }
+        })
+    } else {
+        builder.build(sink)
+    }
+    .unwrap();
+    for i in 0..20 {
+        c.send(i).unwrap();
+    }
+    assert!(c.flush_timeout(GENEROUS));
+    let log = log.lock().unwrap();
+    let failed = log.iter().position(|e| *e == Event::Failed).unwrap();
+    let retried = log.iter().position(|e| *e == Event::Start(0, 2)).unwrap();
+    let between = &log[failed + 1..retried];
+    assert!(
+        between.len() <= 1,
+        "items started during item 0's backoff: {between:?}"
+    );
+    let s = c.stats();
+    assert_eq!((s.delivered, s.retried, s.failed), (20, 1, 0));
+}
+
+#[test]
+fn a_pipelined_retry_is_not_overtaken_during_its_backoff_blocking_sink() {
+    a_pipelined_retry_is_not_overtaken_during_its_backoff(false);
+}
+
+#[test]
+fn a_pipelined_retry_is_not_overtaken_during_its_backoff_async_sink() {
+    a_pipelined_retry_is_not_overtaken_during_its_backoff(true);
+}
+
 #[test]
 fn exhausted_retries_fail_the_item_with_the_last_error_and_move_on() {
     let c: Conveyor<u64> = Conveyor::builder()
