@@ -24,6 +24,16 @@ pub(crate) const IDEMPOTENCY_KEY_HEADER: &str = "Idempotency-Key";
 pub(crate) const SEQ_HEADER: &str = "Conveyor-Seq";
 /// Header carrying [`Delivery::attempt`] (1 on the first try).
 pub(crate) const ATTEMPT_HEADER: &str = "Conveyor-Attempt";
+/// Header carrying [`Delivery::key`], for items sent with a key.
+const KEY_HEADER: &str = "Conveyor-Key";
+/// Set per delivery: a user value would be sent next to it, and a receiver reading the first
+/// value (a fixed `Idempotency-Key`, say) would take every item for a duplicate.
+const PER_DELIVERY_HEADERS: [&str; 4] = [
+    IDEMPOTENCY_KEY_HEADER,
+    SEQ_HEADER,
+    ATTEMPT_HEADER,
+    KEY_HEADER,
+];
 
 /// How much of an error response's body goes into the error message.
 const ERROR_BODY_CHARS: usize = 200;
@@ -33,7 +43,8 @@ const ERROR_BODY_CHARS: usize = 200;
 /// The item's bytes (`T: AsRef<[u8]>`) are the request body. Every request carries
 /// `Idempotency-Key` ([`Delivery::idempotency_key`]), `Conveyor-Seq` ([`Delivery::seq`]) and
 /// `Conveyor-Attempt` ([`Delivery::attempt`]) so receivers can drop duplicates, and
-/// `Conveyor-Key` ([`Delivery::key`]) for items sent with a key.
+/// `Conveyor-Key` ([`Delivery::key`]) for items sent with a key. These four are the
+/// conveyor's: [`HttpSinkBuilder::build`] refuses a user header with one of their names.
 ///
 /// | outcome | result |
 /// |---|---|
@@ -145,6 +156,9 @@ impl fmt::Debug for HttpSinkBuilder {
 
 impl HttpSinkBuilder {
     /// Adds a header sent with every request (repeatable). Its value is treated as a secret.
+    /// A `Content-Type` replaces the default `application/json`; the headers the conveyor
+    /// sets per item (`Idempotency-Key`, `Conveyor-Seq`, `Conveyor-Attempt`, `Conveyor-Key`)
+    /// are refused by [`build`](HttpSinkBuilder::build).
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.headers.push((name.into(), value.into()));
         self
@@ -196,6 +210,15 @@ impl HttpSinkBuilder {
                     reason: "not a valid header name".into(),
                 }
             })?;
+            if let Some(own) = PER_DELIVERY_HEADERS
+                .iter()
+                .find(|own| header_name.as_str().eq_ignore_ascii_case(own))
+            {
+                return Err(HttpBuildError::InvalidHeader {
+                    name: name.clone(),
+                    reason: format!("conveyor sets `{own}` itself, per item; remove this header"),
+                });
+            }
             let mut header_value =
                 HeaderValue::from_str(value.trim()).map_err(|_| HttpBuildError::InvalidHeader {
                     name: name.clone(),
@@ -327,7 +350,7 @@ impl HttpSink {
             .header(SEQ_HEADER, d.seq())
             .header(ATTEMPT_HEADER, d.attempt());
         if let Some(key) = d.key().and_then(|k| HeaderValue::from_str(k).ok()) {
-            request = request.header("Conveyor-Key", key);
+            request = request.header(KEY_HEADER, key);
         }
         let response = request
             .body(d.item().as_ref().to_vec())
@@ -507,6 +530,26 @@ mod tests {
                 .build(),
             Err(HttpBuildError::InvalidMethod(_))
         ));
+    }
+
+    #[test]
+    fn headers_set_per_delivery_are_refused() {
+        for name in [
+            "Idempotency-Key",
+            "idempotency-key",
+            "Conveyor-Seq",
+            "CONVEYOR-KEY",
+        ] {
+            let err = HttpSink::builder("http://127.0.0.1/")
+                .header(name, "mine")
+                .build()
+                .unwrap_err();
+            assert!(
+                matches!(&err, HttpBuildError::InvalidHeader { name: n, .. } if n == name),
+                "{err}"
+            );
+            assert!(err.to_string().contains("remove this header"), "{err}");
+        }
     }
 }
 
