@@ -59,7 +59,11 @@ fn open(opts: &JournalOpts) -> Result<Journal, CliError> {
 }
 
 fn journal_error(e: conveyor::JournalError) -> CliError {
-    CliError::usage(e.to_string())
+    let hint = match e {
+        conveyor::JournalError::NoSuchDeadLetter { .. } => ": `conveyor dead list` shows them",
+        _ => "",
+    };
+    CliError::usage(format!("{e}{hint}"))
 }
 
 pub(crate) fn status(opts: &JournalOpts) -> Result<u8, CliError> {

@@ -159,6 +159,16 @@ fn failed_lines_become_dead_letters_and_dead_retry_delivers_them() {
         .output()
         .unwrap();
     expect_exit(&retry, 0);
+    let again = conveyor(dir.path())
+        .args(["dead", "retry", &dead[0]["seq"].to_string()])
+        .args(["--journal", journal.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let (_, err) = expect_exit(&again, 2);
+    assert!(
+        err.contains("no dead letter with seq") && err.contains("`conveyor dead list`"),
+        "{err}"
+    );
 
     let second = send(dir.path());
     expect_exit(&second, 0);

@@ -156,7 +156,7 @@ pub enum JournalError {
         source: io::Error,
     },
     /// No dead letter has this seq (it was retried, discarded, or never failed).
-    #[error("journal {} holds no dead letter with seq {seq}: list them with dead_letters()", path.display())]
+    #[error("journal {} holds no dead letter with seq {seq} (it was retried, discarded, or never failed)", path.display())]
     NoSuchDeadLetter {
         /// The journal file.
         path: PathBuf,
