@@ -214,10 +214,7 @@ impl HttpSinkBuilder {
                 .iter()
                 .find(|own| header_name.as_str().eq_ignore_ascii_case(own))
             {
-                return Err(HttpBuildError::InvalidHeader {
-                    name: name.clone(),
-                    reason: format!("conveyor sets `{own}` itself, per item; remove this header"),
-                });
+                return Err(HttpBuildError::ReservedHeader((*own).to_owned()));
             }
             let mut header_value =
                 HeaderValue::from_str(value.trim()).map_err(|_| HttpBuildError::InvalidHeader {
@@ -280,6 +277,9 @@ pub enum HttpBuildError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A header the conveyor sets on every request itself, with a value per item
+    /// (`Idempotency-Key`, `Conveyor-Seq`, `Conveyor-Attempt`, `Conveyor-Key`).
+    ReservedHeader(String),
     /// The method is not a valid HTTP method token.
     InvalidMethod(String),
     /// The HTTP client could not be created (for example TLS setup failed).
@@ -296,6 +296,10 @@ impl fmt::Display for HttpBuildError {
             Self::InvalidHeader { name, reason } => write!(
                 f,
                 "invalid header `{name}`: {reason} (expected `Name: value`)"
+            ),
+            Self::ReservedHeader(name) => write!(
+                f,
+                "header `{name}` is set by conveyor itself, with a value per item; remove it"
             ),
             Self::InvalidMethod(m) => {
                 write!(f, "invalid HTTP method `{m}` (expected e.g. POST or PUT)")
@@ -545,10 +549,10 @@ mod tests {
                 .build()
                 .unwrap_err();
             assert!(
-                matches!(&err, HttpBuildError::InvalidHeader { name: n, .. } if n == name),
+                matches!(&err, HttpBuildError::ReservedHeader(n) if n.eq_ignore_ascii_case(name)),
                 "{err}"
             );
-            assert!(err.to_string().contains("remove this header"), "{err}");
+            assert!(err.to_string().contains("remove it"), "{err}");
         }
     }
 }
