@@ -1028,7 +1028,9 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// Items still unsettled at the deadline, and items held in paused lanes, are
     /// reported in the [`CloseReport`] and their receipts settle as
     /// [`DeliveryError::Closed`]. A sink call still running at the deadline is left
-    /// to finish on its own thread; it never makes `close` wait longer.
+    /// to finish on its own thread; it never makes `close` wait longer. Its receipt
+    /// settles as [`DeliveryError::Unconfirmed`], and [`Conveyor::stats`] count the call's
+    /// outcome once it ends.
     ///
     /// Called (or dropped) on the thread of a current-thread Tokio runtime that runs this
     /// conveyor's async sink, it cannot wait (the runtime could not run the sink meanwhile):
@@ -1128,8 +1130,12 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             if let Some(durable) = &shared.durable {
                 durable.shut_down(deadline.map(|d| d.max(Instant::now() + JOURNAL_CLOSE_GRACE)));
             }
-            for node in left {
-                node.settle(Err(DeliveryError::Closed));
+            for (node, called) in left {
+                node.settle(Err(if called {
+                    DeliveryError::Unconfirmed
+                } else {
+                    DeliveryError::Closed
+                }));
             }
             report
         })

@@ -247,6 +247,12 @@ pub enum DeliveryError {
     /// The item was still pending when the conveyor shut down and its drain deadline
     /// passed. It was not delivered by this conveyor.
     Closed,
+    /// The conveyor shut down while this item's sink call was still running, and its drain
+    /// deadline passed. The call was left to finish on its own, so whether the item arrived
+    /// is unknown here; [`Conveyor::stats`](crate::Conveyor::stats) count the call's outcome
+    /// once it ends. With a journal the item stays pending, and the next start sends it
+    /// again under the same idempotency key.
+    Unconfirmed,
 }
 
 impl fmt::Display for DeliveryError {
@@ -261,6 +267,10 @@ impl fmt::Display for DeliveryError {
             DeliveryError::Closed => {
                 f.write_str("still pending when the conveyor shut down; not delivered")
             }
+            DeliveryError::Unconfirmed => f.write_str(
+                "its sink call was still running when the conveyor shut down; \
+                 whether it arrived is unknown",
+            ),
         }
     }
 }

@@ -85,6 +85,14 @@ impl<T, R> Lane<T, R> {
     }
 }
 
+/// A worker's job as shutdown sees it.
+struct InFlight<T, R> {
+    node: NodeRef<T, R>,
+    /// Its sink call may have begun: it is past any wait for a rate-limit slot or a backoff,
+    /// after which a worker checks for shutdown before calling.
+    called: bool,
+}
+
 /// A lane found by `State::lane_of`, with its id in keyed mode.
 type LaneOf<'a, T, R> = (&'a mut Lane<T, R>, Option<Arc<str>>);
 
@@ -128,7 +136,7 @@ pub(crate) struct State<T, R> {
     /// The lane of keyless items in keyed mode, allocated once.
     empty_key: Arc<str>,
     /// What each worker is delivering, so shutdown can settle those receipts too.
-    in_flight_nodes: Vec<Option<NodeRef<T, R>>>,
+    in_flight_nodes: Vec<Option<InFlight<T, R>>>,
     limiter: Option<RateLimiter>,
     counters: Counters,
     pub(crate) waiters: Waiters,
@@ -415,15 +423,21 @@ impl<T, R> State<T, R> {
         if let Some(limiter) = &mut self.limiter {
             job.start_at = Some(limiter.reserve(Instant::now()));
         }
-        self.in_flight_nodes[worker] = Some(job.node.clone());
+        self.in_flight_nodes[worker] = Some(InFlight {
+            node: job.node.clone(),
+            called: job.start_at.is_none(),
+        });
         Some(job)
     }
 
     /// Records that a retry is due no earlier than `earliest` and returns when it may
     /// start under the rate limit. Until `retry_begins`, no item behind it starts: in
     /// pipelined mode other workers would otherwise overtake it.
-    pub(crate) fn schedule_retry(&mut self, earliest: Instant) -> Instant {
+    pub(crate) fn schedule_retry(&mut self, worker: usize, earliest: Instant) -> Instant {
         self.counters.retried += 1;
+        if let Some(job) = &mut self.in_flight_nodes[worker] {
+            job.called = false;
+        }
         if !self.keyed {
             self.main.retrying += 1;
         }
@@ -437,6 +451,13 @@ impl<T, R> State<T, R> {
     pub(crate) fn retry_begins(&mut self) {
         if !self.keyed {
             self.main.retrying -= 1;
+        }
+    }
+
+    /// The worker's job is past its wait and about to be handed to the sink.
+    pub(crate) fn call_begins(&mut self, worker: usize) {
+        if let Some(job) = &mut self.in_flight_nodes[worker] {
+            job.called = true;
         }
     }
 
@@ -463,7 +484,8 @@ impl<T, R> State<T, R> {
         // `job.node`) saves atomic operations on a cache line the producer may still use.
         let node = self.in_flight_nodes[worker]
             .take()
-            .expect("a finished job is in flight");
+            .expect("a finished job is in flight")
+            .node;
         self.counters.in_flight -= 1;
         let pause = matches!(outcome, Outcome::Failed(_)) && self.on_failure == OnFailure::Pause;
         let result = match outcome {
@@ -586,13 +608,18 @@ impl<T, R> State<T, R> {
 
     /// Every item not settled yet (queued, held, or in flight), for shutdown to report
     /// as closed. The items stay where they are.
-    pub(crate) fn unsettled_nodes(&self) -> Vec<NodeRef<T, R>> {
+    /// Every unsettled item, with whether its sink call may have begun.
+    pub(crate) fn unsettled_nodes(&self) -> Vec<(NodeRef<T, R>, bool)> {
         let queued = self
             .lanes
             .values()
             .chain(std::iter::once(&self.main))
-            .flat_map(|l| l.queue.iter().map(|j| j.node.clone()));
-        let in_flight = self.in_flight_nodes.iter().flatten().cloned();
+            .flat_map(|l| l.queue.iter().map(|j| (j.node.clone(), false)));
+        let in_flight = self
+            .in_flight_nodes
+            .iter()
+            .flatten()
+            .map(|job| (job.node.clone(), job.called));
         queued.chain(in_flight).collect()
     }
 }

@@ -184,7 +184,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
     }
 
     /// Turns a failed attempt into a retry time or a final outcome.
-    fn after_failure(&self, job: &Job<T, R>, error: SinkError) -> Next<R> {
+    fn after_failure(&self, worker: usize, job: &Job<T, R>, error: SinkError) -> Next<R> {
         if !error.is_retryable() || job.attempts >= job.attempt_limit {
             return Next::Done(Outcome::Failed(error));
         }
@@ -196,23 +196,27 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         if st.abandoned {
             return Next::Done(Outcome::Interrupted);
         }
-        Next::RetryAt(st.schedule_retry(later(delay)))
+        Next::RetryAt(st.schedule_retry(worker, later(delay)))
     }
 
     /// After waiting for a rate-limit slot or a backoff: a conveyor abandoned at its drain
     /// deadline meanwhile already reported the item as closed, so it must not start. A
     /// retry lets the items behind it start again, on idle workers too.
-    fn abandoned(&self, retry: bool) -> bool {
+    fn may_start(&self, worker: usize, retry: bool) -> bool {
         let mut st = self.lock();
-        if !retry {
-            return st.abandoned;
+        let wake = if retry {
+            st.retry_begins();
+            self.pass_work_on(&st)
+        } else {
+            Wake::default()
+        };
+        let go = !st.abandoned;
+        if go {
+            st.call_begins(worker);
         }
-        st.retry_begins();
-        let wake = self.pass_work_on(&st);
-        let abandoned = st.abandoned;
         drop(st);
         self.notify_workers(wake);
-        abandoned
+        go
     }
 
     fn delivery(&self, job: &mut Job<T, R>) -> Delivery<T> {
@@ -220,13 +224,18 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         Delivery::new(&job.node, job.attempts)
     }
 
-    fn run_blocking(&self, sink: &BlockingFn<T, R>, job: &mut Job<T, R>) -> Outcome<R> {
+    fn run_blocking(
+        &self,
+        sink: &BlockingFn<T, R>,
+        worker: usize,
+        job: &mut Job<T, R>,
+    ) -> Outcome<R> {
         // A retry is scheduled (see `State::schedule_retry`), not a rate-limit slot.
         let mut retry = false;
         loop {
             if let Some(at) = job.start_at.take() {
                 std::thread::sleep(at.saturating_duration_since(Instant::now()));
-                if self.abandoned(std::mem::take(&mut retry)) {
+                if !self.may_start(worker, std::mem::take(&mut retry)) {
                     return Outcome::Interrupted;
                 }
             }
@@ -235,7 +244,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
                 .unwrap_or_else(|panic| Err(SinkError::from_panic(&*panic)));
             match result {
                 Ok(reply) => return Outcome::Delivered(reply),
-                Err(error) => match self.after_failure(job, error) {
+                Err(error) => match self.after_failure(worker, job, error) {
                     Next::RetryAt(at) => {
                         job.start_at = Some(at);
                         retry = true;
@@ -246,12 +255,17 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         }
     }
 
-    async fn run_async(&self, sink: &AsyncFn<T, R>, job: &mut Job<T, R>) -> Outcome<R> {
+    async fn run_async(
+        &self,
+        sink: &AsyncFn<T, R>,
+        worker: usize,
+        job: &mut Job<T, R>,
+    ) -> Outcome<R> {
         let mut retry = false;
         loop {
             if let Some(at) = job.start_at.take() {
                 tokio::time::sleep_until(at.into()).await;
-                if self.abandoned(std::mem::take(&mut retry)) {
+                if !self.may_start(worker, std::mem::take(&mut retry)) {
                     return Outcome::Interrupted;
                 }
             }
@@ -262,7 +276,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
             };
             match result {
                 Ok(reply) => return Outcome::Delivered(reply),
-                Err(error) => match self.after_failure(job, error) {
+                Err(error) => match self.after_failure(worker, job, error) {
                     Next::RetryAt(at) => {
                         job.start_at = Some(at);
                         retry = true;
@@ -338,7 +352,7 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
         done = settle_all(&mut settle);
         match step {
             Step::Run(mut job, _) => {
-                let outcome = shared.run_blocking(&*sink, &mut job);
+                let outcome = shared.run_blocking(&*sink, worker, &mut job);
                 finished = Some(shared.finished(job, outcome));
                 if std::mem::take(&mut lookout.retake) {
                     lookout.held = shared.retake_lookout();
@@ -402,7 +416,7 @@ pub(crate) async fn async_worker<T: Send + Sync + 'static, R: Send + 'static>(
         task.done = settle_all(&mut settle);
         match step {
             Step::Run(mut job, _) => {
-                let outcome = shared.run_async(&*sink, &mut job).await;
+                let outcome = shared.run_async(&*sink, worker, &mut job).await;
                 finished = Some(shared.finished(job, outcome));
             }
             // Report fresh settlements before sleeping: a flush may be waiting for them.
