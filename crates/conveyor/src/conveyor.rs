@@ -720,11 +720,54 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// Under `Durability::Sync`, waits until the accepted item is committed. An item already
     /// settled (dropped by policy, or delivered meanwhile) has nothing left to lose.
     fn wait_durable(&self, receipt: &Receipt<R>) {
-        if let Some(durable) = self.shared.durable.as_ref().filter(|d| d.sync) {
-            if !receipt.is_settled() {
-                blocking_section(|| durable.wait_committed(receipt.seq()));
-            }
+        if self.shared.durable.as_ref().is_some_and(|d| d.sync) {
+            self.committed_by(receipt, None);
         }
+    }
+
+    /// Waits until `receipt`'s item is committed to the journal, at most until `deadline`;
+    /// returns whether the wait is over.
+    fn committed_by(&self, receipt: &Receipt<R>, deadline: Option<Instant>) -> bool {
+        match &self.shared.durable {
+            Some(durable) if !receipt.is_settled() => {
+                if !durable.sync {
+                    durable.commit_soon();
+                }
+                blocking_section(|| durable.wait_committed(receipt.seq(), deadline))
+            }
+            _ => true,
+        }
+    }
+
+    /// Waits until the journal holds `receipt`'s item on disk, for at most `timeout`, and
+    /// returns whether it does (false: the time ran out first).
+    ///
+    /// Sends under [`Durability::Sync`](crate::Durability::Sync) make this wait themselves.
+    /// Under [`Durability::Batched`](crate::Durability::Batched) it lets one sender wait for
+    /// one item, for example a server that acknowledges its client only once the item would
+    /// survive a crash, while other sends return at once: it has the writer commit now rather
+    /// than when its window ends. While the journal cannot be written (see
+    /// [`Conveyor::journal_error`]) the writer keeps retrying and this keeps waiting. It
+    /// returns `true` at once without a journal, for an item already settled (nothing is left
+    /// to lose), and after [`close`](Conveyor::close) (what was not committed then is counted
+    /// as left in its report).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::Conveyor;
+    /// use std::time::Duration;
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let c: Conveyor<String> = Conveyor::builder()
+    ///     .journal(dir.path().join("events.journal"))
+    ///     .build(|_d| Ok(()))?;
+    /// let receipt = c.send("must survive a crash".to_owned()).unwrap();
+    /// assert!(c.wait_committed(&receipt, Duration::from_secs(10)));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn wait_committed(&self, receipt: &Receipt<R>, timeout: Duration) -> bool {
+        self.committed_by(receipt, Instant::now().checked_add(timeout))
     }
 
     /// The synchronous send variants (`wait` says whether they may block); `cursor` is

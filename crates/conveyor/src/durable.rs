@@ -279,13 +279,35 @@ impl<T> Durable<T> {
 
     /// Blocks until the append of `seq` is committed (`Durability::Sync`). While commits fail
     /// the writer keeps retrying and this keeps waiting, like a send blocked on a full queue;
-    /// it returns at once if the writer stopped.
-    pub(crate) fn wait_committed(&self, seq: u64) {
+    /// it returns at once if the writer stopped (what it did not commit is reported as left
+    /// by `close`).
+    /// Waits at most until `deadline`; returns whether the wait is over (false: time ran out).
+    pub(crate) fn wait_committed(&self, seq: u64, deadline: Option<Instant>) -> bool {
         let (m, cv) = &*self.progress;
         let mut p = lock(m);
         while p.committed < seq && !p.stopped {
-            p = cv.wait(p).unwrap_or_else(PoisonError::into_inner);
+            p = match deadline {
+                None => cv.wait(p).unwrap_or_else(PoisonError::into_inner),
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return false;
+                    }
+                    cv.wait_timeout(p, left)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0
+                }
+            };
         }
+        true
+    }
+
+    /// Asks the writer to commit what was pushed so far now rather than when its window ends.
+    pub(crate) fn commit_soon(&self) {
+        // Nobody waits for the answer: `wait_committed` watches the progress instead, which
+        // keeps waiting through failed commits.
+        let (answer, _) = mpsc::sync_channel(1);
+        self.push(Op::Barrier(answer));
     }
 
     /// Commits everything pushed so far and waits for it, at most until `deadline`.

@@ -864,3 +864,70 @@ fn a_retry_waiting_for_room_does_not_hold_up_other_dead_letters() {
     let left: Vec<u64> = c.dead_letters().unwrap().iter().map(|d| d.seq).collect();
     assert_eq!(left, vec![retried]);
 }
+
+const WAIT_CHILD: &str = "CONVEYOR_WAIT_COMMITTED_CHILD";
+const WAIT_FOR_IT: &str = "CONVEYOR_WAIT_COMMITTED_WAIT";
+
+/// The child of `wait_committed_puts_an_item_on_disk_before_its_window_ends`: sends one item
+/// under a window far longer than the test, optionally waits until it is committed, then
+/// dies at once, as under `kill -9`.
+#[test]
+fn wait_committed_child() {
+    let Some(dir) = std::env::var_os(WAIT_CHILD) else {
+        return; // run as a test of its own: nothing to do
+    };
+    let c: Conveyor<u64> = Conveyor::builder()
+        .journal(Path::new(&dir).join("j"))
+        .durability(Durability::Batched(Duration::from_secs(600)))
+        .build(|_d| {
+            // Never settles: the item stays pending until the abort.
+            std::thread::sleep(Duration::from_secs(3600));
+            Ok(())
+        })
+        .unwrap();
+    let receipt = c.send(7).unwrap();
+    if std::env::var_os(WAIT_FOR_IT).is_some() {
+        assert!(c.wait_committed(&receipt, Duration::from_secs(120)));
+    }
+    std::process::abort();
+}
+
+#[test]
+fn wait_committed_puts_an_item_on_disk_before_its_window_ends() {
+    let pending_after_crash = |wait: bool| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+        child
+            .args(["--exact", "wait_committed_child", "--nocapture"])
+            .env(WAIT_CHILD, dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if wait {
+            child.env(WAIT_FOR_IT, "1");
+        }
+        let status = child.status().unwrap();
+        assert!(!status.success(), "the child dies by abort");
+        let journal = Journal::open(dir.path().join("j")).unwrap();
+        journal.status().unwrap().pending
+    };
+    assert_eq!(
+        pending_after_crash(true),
+        1,
+        "the item waited for is on disk"
+    );
+    // Without the wait, the 600 s window had not ended: the same crash loses the item, which
+    // is what makes the first assertion mean something.
+    assert_eq!(pending_after_crash(false), 0);
+}
+
+#[test]
+fn wait_committed_returns_at_once_without_a_journal_or_for_a_settled_item() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_seen, c) = recording(&dir.path().join("j"), Ordering::Strict);
+    let receipt = c.send(1).unwrap();
+    c.flush();
+    assert!(c.wait_committed(&receipt, Duration::ZERO));
+    let plain: Conveyor<u64> = Conveyor::builder().build(|_d| Ok(())).unwrap();
+    let receipt = plain.send(1).unwrap();
+    assert!(plain.wait_committed(&receipt, Duration::ZERO));
+}
