@@ -326,6 +326,23 @@ impl PyConveyor {
         )
     }
 
+    /// The queue is full: `QueueFull` if `what` (a send that would wait for room) was called
+    /// from inside this conveyor's own sink, where only that very sink could make room.
+    fn not_waiting_on_own_sink(&self, py: Python<'_>, shared: &Shared, what: &str) -> PyResult<()> {
+        if sink::inside_sink_of(shared.sink.id) {
+            return Err(errors::queue_full(
+                py,
+                format!(
+                    "{} is full and {what}() was called from inside its own sink: waiting for room \
+                     would wait for this very sink to return; raise capacity, or use try_send() and \
+                     handle QueueFull",
+                    shared.label()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Waits for room (at most `timeout`), interruptibly and without the GIL.
     fn send_waiting(
         &self,
@@ -336,17 +353,7 @@ impl PyConveyor {
         cursor: Option<u64>,
         timeout: Option<Duration>,
     ) -> PyResult<Option<PyReceipt>> {
-        if sink::inside_sink_of(shared.sink.id) {
-            return Err(errors::queue_full(
-                py,
-                format!(
-                    "{} is full and send() was called from inside its own sink: waiting for room \
-                     would wait for this very sink to return; raise capacity, or use try_send() and \
-                     handle QueueFull",
-                    shared.label()
-                ),
-            ));
-        }
+        self.not_waiting_on_own_sink(py, shared, "send")?;
         let deadline = Deadline::after(timeout);
         loop {
             // A fresh reference per slice: a slice that times out drops its copy with the future.
@@ -626,6 +633,8 @@ impl PyConveyor {
 
     /// `send` for asyncio code: `await c.asend(item)` waits for queue room only (on another
     /// thread, never blocking the event loop), never for delivery. Returns the `Receipt`.
+    ///
+    /// From this conveyor's own `async def` sink, a full queue raises `QueueFull`, as `send` does.
     #[pyo3(signature = (item, *, key = None, cursor = None))]
     fn asend(
         slf: &Bound<'_, Self>,
@@ -642,10 +651,15 @@ impl PyConveyor {
             Ok(receipt) => {
                 Ok(Py::new(py, Ready::new(Py::new(py, receipt)?.into_any()))?.into_any())
             }
-            // The slow path gets the object as sent, and converts it again.
-            Err(_) => Ok(support(py)?
-                .call_method1("asend_slow", (slf, item, key, cursor))?
-                .unbind()),
+            // The slow path waits on a helper thread, which cannot tell that it waits for the
+            // async sink it was started from: check here, on the sink's own loop thread.
+            Err(_) => {
+                this.not_waiting_on_own_sink(py, shared, "asend")?;
+                // The slow path gets the object as sent, and converts it again.
+                Ok(support(py)?
+                    .call_method1("asend_slow", (slf, item, key, cursor))?
+                    .unbind())
+            }
         }
     }
 

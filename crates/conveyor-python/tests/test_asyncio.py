@@ -212,3 +212,29 @@ def test_receipt_future_is_made_once(make):
     r = c.send(1)
     assert r.future() is r.future()
     assert r.future().result(timeout=10) == 1
+
+
+def test_async_sink_asend_to_its_own_full_conveyor_gets_queue_full(make):
+    # Like a blocking sink's send(): only this very sink could make room, so waiting for it
+    # would wait forever.
+    outcome = []
+    holder = {}
+
+    async def sink(item):
+        if item == "parent":
+            c = holder["c"]
+            await c.asend("child-1")  # fills the queue (capacity=1)
+            try:
+                await c.asend("child-2")
+                outcome.append("sent")
+            except conveyor.QueueFull as exc:
+                outcome.append(exc)
+        return item
+
+    c = make(sink, capacity=1)
+    holder["c"] = c
+    assert c.send("parent").result(timeout=10) == "parent"
+    assert len(outcome) == 1 and isinstance(outcome[0], conveyor.QueueFull), outcome
+    assert "asend() was called from inside its own sink" in str(outcome[0])
+    assert c.flush(timeout=10)
+    assert c.stats.delivered == 2
