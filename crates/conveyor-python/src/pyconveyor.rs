@@ -281,6 +281,14 @@ impl PyConveyor {
         Ok(())
     }
 
+    /// For the asyncio forms of `flush` and `close`, which wait on a helper thread that cannot
+    /// tell whether it waits for the `async def` sink it was started from: check here, on the
+    /// calling thread (the sink's loop thread, if that is where we are).
+    fn waitable_from_here(&self, py: Python<'_>, what: &str) -> PyResult<()> {
+        let shared = self.live(py)?;
+        self.not_from_own_sink(shared, what)
+    }
+
     /// One non-waiting attempt. `Ok(Err(item))` hands the item back when the queue is full and
     /// the policy is to block, so the caller can decide how to wait.
     fn try_once(
@@ -701,10 +709,11 @@ impl PyConveyor {
     }
 
     /// `flush` for asyncio code: waits on another thread, never blocking the event loop.
+    /// Like `flush`, raises `RuntimeError` from this conveyor's own sink.
     #[pyo3(signature = (timeout = None))]
     fn aflush(slf: &Bound<'_, Self>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
         timeout_arg("timeout", timeout)?;
-        slf.get().live(slf.py())?;
+        slf.get().waitable_from_here(slf.py(), "aflush")?;
         Ok(support(slf.py())?
             .call_method1("aflush", (slf, timeout))?
             .unbind())
@@ -723,10 +732,11 @@ impl PyConveyor {
     }
 
     /// `close` for asyncio code: waits on another thread, never blocking the event loop.
+    /// Like `close`, raises `RuntimeError` from this conveyor's own sink.
     #[pyo3(signature = (timeout = None))]
     fn aclose(slf: &Bound<'_, Self>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
         timeout_arg("timeout", timeout)?;
-        slf.get().live(slf.py())?;
+        slf.get().waitable_from_here(slf.py(), "aclose")?;
         Ok(support(slf.py())?
             .call_method1("aclose", (slf, timeout))?
             .unbind())
@@ -856,7 +866,7 @@ impl PyConveyor {
         slf: &Bound<'_, Self>,
         _exc_info: &Bound<'_, pyo3::types::PyTuple>,
     ) -> PyResult<Py<PyAny>> {
-        slf.get().live(slf.py())?;
+        slf.get().waitable_from_here(slf.py(), "close")?;
         Ok(support(slf.py())?.call_method1("aexit", (slf,))?.unbind())
     }
 

@@ -238,3 +238,26 @@ def test_async_sink_asend_to_its_own_full_conveyor_gets_queue_full(make):
     assert "asend() was called from inside its own sink" in str(outcome[0])
     assert c.flush(timeout=10)
     assert c.stats.delivered == 2
+
+
+@pytest.mark.parametrize("call", ["aflush", "aclose"])
+def test_async_sink_aflush_or_aclose_on_its_own_conveyor_is_a_clear_error(make, call):
+    # Like flush()/close() from a blocking sink: they would wait for the item the sink is
+    # delivering, which cannot finish until the sink returns.
+    outcome = []
+    holder = {}
+
+    async def sink(item):
+        try:
+            await getattr(holder["c"], call)()
+            outcome.append("returned")
+        except RuntimeError as exc:
+            outcome.append(exc)
+        return item
+
+    c = make(sink)
+    holder["c"] = c
+    assert c.send("x").result(timeout=10) == "x"
+    assert len(outcome) == 1 and isinstance(outcome[0], RuntimeError), outcome
+    assert f"{call}() was called from inside this conveyor's own sink" in str(outcome[0])
+    assert not c.closed
