@@ -4,7 +4,7 @@
 use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use conveyor::{Backpressure, Builder, OnFailure, Ordering, Retry, SendError};
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
@@ -65,27 +65,52 @@ impl Shared {
         }
     }
 
+    /// Waits (at most `timeout`, forever for `None`) until every accepted item is settled;
+    /// returns whether they are. Interruptible: Ctrl-C raises `KeyboardInterrupt`.
+    fn settle(&self, py: Python<'_>, timeout: Option<Duration>) -> PyResult<bool> {
+        let engine = &self.engine;
+        let settled = wait_interruptibly(py, timeout, |slice| {
+            let started = Instant::now();
+            if engine.flush_timeout(slice) {
+                Some(true)
+            } else if started.elapsed() < slice {
+                // The engine gives up before its slice is over only when waiting cannot help:
+                // a close gave up on the workers (what it left stays unsettled), no worker is
+                // left, or the journal failed to commit. Asking again would spin at full speed
+                // until the deadline, or forever without one: its answer stands.
+                Some(false)
+            } else {
+                None
+            }
+        })?;
+        Ok(settled.unwrap_or(false))
+    }
+
     /// Closes the engine, waiting at most `timeout` (forever for `None`) for accepted items.
-    fn close(&self, py: Python<'_>, timeout: Option<Duration>) -> PyResult<conveyor::CloseReport> {
+    /// Also returns whether this call is the one that closed it; a later call returns at once.
+    fn close(
+        &self,
+        py: Python<'_>,
+        timeout: Option<Duration>,
+    ) -> PyResult<(conveyor::CloseReport, bool)> {
         self.closing.store(true, AtomicOrdering::Release);
         let engine = &self.engine;
         let deadline = Deadline::after(timeout);
         // The long wait, in interruptible slices: Ctrl-C here leaves the conveyor refusing new
         // items but still delivering, and close() can be called again.
-        wait_interruptibly(py, timeout, |slice| {
-            engine.flush_timeout(slice).then_some(())
-        })?;
+        self.settle(py, timeout)?;
         // Everything deliverable is settled (or the deadline passed): stopping the workers is
         // quick now. Items in paused lanes, or still pending at the deadline, are what is left.
+        // After an earlier close, the engine reports at once.
         let rest = deadline.remaining().unwrap_or(self.drain_timeout);
         let report = py.allow_threads(|| engine.close_timeout(rest));
-        self.closed.store(true, AtomicOrdering::Release);
+        let first = !self.closed.swap(true, AtomicOrdering::AcqRel);
         if !report.drained {
             // What is left is reported; the sink must not start on it afterwards.
             self.sink.abandoned.store(true, AtomicOrdering::Release);
         }
         self.stop_runner(py);
-        Ok(report)
+        Ok((report, first))
     }
 
     fn stop_runner(&self, py: Python<'_>) {
@@ -97,10 +122,12 @@ impl Shared {
     }
 
     /// Close with the configured drain deadline; warn about anything left, since nobody reads
-    /// the report (interpreter exit, `with` block exit, garbage collection).
+    /// the report (interpreter exit, `with` block exit, garbage collection). What an earlier
+    /// close left was reported by it already: no second warning.
     fn close_and_report(&self, py: Python<'_>, when: &str) -> PyResult<PyCloseReport> {
-        let report: PyCloseReport = self.close(py, Some(self.drain_timeout))?.into();
-        if report.left() > 0 {
+        let (report, first) = self.close(py, Some(self.drain_timeout))?;
+        let report: PyCloseReport = report.into();
+        if first && report.left() > 0 {
             errors::warn(
                 py,
                 &format!(
@@ -694,18 +721,15 @@ impl PyConveyor {
 
     /// Waits until every item accepted so far is settled (delivered, failed or dropped).
     ///
-    /// Returns `True` when they are, `False` if `timeout` seconds passed first. Releases the GIL
-    /// while waiting; Ctrl-C raises `KeyboardInterrupt`.
+    /// Returns `True` when they are, `False` if `timeout` seconds passed first, or at once if
+    /// they never can be (after a `close(timeout)` that left items). Releases the GIL while
+    /// waiting; Ctrl-C raises `KeyboardInterrupt`.
     #[pyo3(signature = (timeout = None))]
     fn flush(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
         let timeout = timeout_arg("timeout", timeout)?;
         let shared = self.live(py)?;
         self.not_from_own_sink(shared, "flush")?;
-        let engine = &shared.engine;
-        Ok(wait_interruptibly(py, timeout, |slice| {
-            engine.flush_timeout(slice).then_some(())
-        })?
-        .is_some())
+        shared.settle(py, timeout)
     }
 
     /// `flush` for asyncio code: waits on another thread, never blocking the event loop.
@@ -722,13 +746,14 @@ impl PyConveyor {
     /// Stops accepting items and waits (at most `timeout` s; `None` = until done) for the
     /// accepted ones to settle. Returns a `CloseReport` saying how many were left.
     ///
-    /// Calling it again is harmless. Ctrl-C interrupts the wait.
+    /// Calling it again is harmless: once closed, it returns a report at once (and what an
+    /// earlier close left stays undelivered). Ctrl-C interrupts the wait.
     #[pyo3(signature = (timeout = None))]
     fn close(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<PyCloseReport> {
         let timeout = timeout_arg("timeout", timeout)?;
         let shared = self.live(py)?;
         self.not_from_own_sink(shared, "close")?;
-        Ok(shared.close(py, timeout)?.into())
+        Ok(shared.close(py, timeout)?.0.into())
     }
 
     /// `close` for asyncio code: waits on another thread, never blocking the event loop.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 import threading
 import time
 
@@ -9,7 +10,7 @@ import pytest
 
 import conveyor
 
-from conftest import Recorder
+from conftest import Recorder, run_python
 
 
 def blocked_conveyor(make, **options):
@@ -175,6 +176,42 @@ def test_close_twice_is_harmless(make):
     second = c.close()
     assert first.drained and second.drained and second.left == 0
     assert first.stats.delivered == 1
+
+
+def test_after_a_close_that_left_items_nothing_waits_again():
+    # Once a close(timeout) has given up on what was left, waiting cannot help: flush, a second
+    # close and the `with` exit must answer at once (not spin until their deadline, or forever
+    # without one), and the `with` exit must not warn again about what close() reported.
+    # In a subprocess with a watchdog, since the failure this guards against is a hang.
+    code = textwrap.dedent(
+        """
+        import os, threading, time, conveyor
+        threading.Timer(20, lambda: (print("HUNG", flush=True), os._exit(1))).start()
+        release = threading.Event()
+        with conveyor.Conveyor(lambda x: release.wait(10), drain_timeout=30) as c:
+            for i in range(5):
+                c.send(i)
+            print("first left", c.close(timeout=0.2).left, flush=True)
+            release.set()
+            t0 = time.monotonic()
+            c.flush(timeout=10)
+            print("flush took %.2f" % (time.monotonic() - t0), flush=True)
+            t0 = time.monotonic()
+            print("second is a", type(c.close()).__name__, flush=True)
+            print("second took %.2f" % (time.monotonic() - t0), flush=True)
+            t0 = time.monotonic()
+        print("exit took %.2f" % (time.monotonic() - t0), flush=True)
+        os._exit(0)
+        """
+    )
+    proc = run_python(code, timeout=60)
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    assert "first left 5" in out and "second is a CloseReport" in out, out
+    for step in ("flush", "second", "exit"):
+        took = float(out.split(f"{step} took ")[1].split()[0])
+        assert took < 5, f"{step} waited {took} s for items a close had already given up on"
+    assert "Warning" not in proc.stderr, proc.stderr
 
 
 def test_rate_limit_spaces_out_sink_calls(make):
