@@ -15,7 +15,7 @@ use crate::fork::Held;
 use crate::receipt::{support, PyReceipt, Ready};
 use crate::sink::{self, Item, Reply, SinkState};
 use crate::stats::{PyCloseReport, PyStats};
-use crate::wait::{timeout_arg, wait_interruptibly, Deadline};
+use crate::wait::{optional_seconds_arg, seconds_arg, timeout_arg, wait_interruptibly, Deadline};
 
 type Engine = conveyor::Conveyor<Item, Reply>;
 
@@ -233,9 +233,11 @@ fn parse_retry(retries: u32, backoff: f64, max_backoff: Option<f64>) -> PyResult
     if retries == 0 {
         return Ok(Retry::none());
     }
-    let backoff = timeout_arg("backoff", Some(backoff))?.unwrap_or_default();
+    let backoff = seconds_arg("backoff", backoff)?;
     let mut retry = Retry::exponential(backoff).max_attempts(retries.saturating_add(1));
-    if let Some(max) = timeout_arg("max_backoff", max_backoff)? {
+    if let Some(max) =
+        optional_seconds_arg("max_backoff", max_backoff, "for the default cap of 30 s")?
+    {
         retry = retry.max_delay(max);
     }
     Ok(retry)
@@ -479,7 +481,7 @@ impl PyConveyor {
         }
         let parsed_ordering = parse_ordering(ordering, in_flight, concurrency)?;
         let parsed_backpressure = parse_backpressure(backpressure)?;
-        let drain = timeout_arg("drain_timeout", Some(drain_timeout))?.unwrap_or_default();
+        let drain = seconds_arg("drain_timeout", drain_timeout)?;
         let mut builder: Builder<Item, Reply> = Engine::builder()
             .ordering(parsed_ordering)
             .capacity(capacity)
@@ -603,7 +605,7 @@ impl PyConveyor {
         timeout: f64,
         options: Option<&Bound<'_, pyo3::types::PyDict>>,
     ) -> PyResult<Py<PyAny>> {
-        let timeout = timeout_arg("timeout", Some(timeout))?.unwrap_or_default();
+        let timeout = seconds_arg("timeout", timeout)?;
         let handle =
             crate::http::PyHttpSink::new(url, headers.unwrap_or_default(), method, timeout)?;
         Ok(py
@@ -710,12 +712,12 @@ impl PyConveyor {
     ) -> PyResult<Option<PyReceipt>> {
         let shared = self.live(py)?;
         let cursor = self.check_send_options(py, &key, cursor)?;
-        let timeout = timeout_arg("timeout", Some(timeout))?;
+        let timeout = seconds_arg("timeout", timeout)?;
         let item = self.item(py, item)?;
         match self.try_once(py, shared, item, key.as_deref(), cursor)? {
             Ok(receipt) => Ok(Some(receipt)),
-            Err(_) if timeout == Some(Duration::ZERO) => Ok(None),
-            Err(item) => self.send_waiting(py, shared, item, key.as_deref(), cursor, timeout),
+            Err(_) if timeout.is_zero() => Ok(None),
+            Err(item) => self.send_waiting(py, shared, item, key.as_deref(), cursor, Some(timeout)),
         }
     }
 

@@ -11,20 +11,44 @@ use pyo3::prelude::*;
 /// keeps Ctrl-C prompt at no measurable cost.
 pub(crate) const SLICE: Duration = Duration::from_millis(50);
 
+/// Converts a number of seconds from Python, for an argument that does not take `None`.
+///
+/// # Errors
+/// `ValueError` for a negative or non-finite number, naming the argument.
+pub(crate) fn seconds_arg(name: &str, seconds: f64) -> PyResult<Duration> {
+    parse_seconds(name, seconds, "")
+}
+
+/// Converts an optional number of seconds from Python; `None` stays `None`, which for this
+/// argument means what `none_means` says (`"to wait forever"`): the error message offers it.
+///
+/// # Errors
+/// `ValueError` for a negative or non-finite number, naming the argument.
+pub(crate) fn optional_seconds_arg(
+    name: &str,
+    seconds: Option<f64>,
+    none_means: &str,
+) -> PyResult<Option<Duration>> {
+    seconds
+        .map(|s| parse_seconds(name, s, &format!(", or None {none_means}")))
+        .transpose()
+}
+
 /// Converts a timeout in seconds from Python (`None` = wait forever).
 ///
 /// # Errors
 /// `ValueError` for a negative or non-finite number, naming the argument.
 pub(crate) fn timeout_arg(name: &str, seconds: Option<f64>) -> PyResult<Option<Duration>> {
-    seconds
-        .map(|s| {
-            Duration::try_from_secs_f64(s).map_err(|_| {
-                PyValueError::new_err(format!(
-                    "{name}={s}: expected a number of seconds >= 0, or None to wait forever"
-                ))
-            })
-        })
-        .transpose()
+    optional_seconds_arg(name, seconds, "to wait forever")
+}
+
+/// `alternative` completes the error message with what else the argument accepts.
+fn parse_seconds(name: &str, seconds: f64, alternative: &str) -> PyResult<Duration> {
+    Duration::try_from_secs_f64(seconds).map_err(|_| {
+        PyValueError::new_err(format!(
+            "{name}={seconds}: expected a finite number of seconds >= 0{alternative}"
+        ))
+    })
 }
 
 /// A deadline that may be "never".

@@ -197,6 +197,36 @@ def test_bad_options_are_clear_errors(options, message):
         conveyor.Conveyor(print, **options)
 
 
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), -1.0])
+@pytest.mark.parametrize("option", ["drain_timeout", "backoff", "http timeout"])
+def test_a_bad_duration_names_the_argument_and_offers_only_what_it_takes(option, value):
+    import conveyor
+
+    def make(value):
+        if option == "http timeout":
+            return conveyor.Conveyor.http("http://127.0.0.1:9/", timeout=value)
+        return conveyor.Conveyor(print, retries=1, **{option: value})
+
+    name = option.split()[-1]
+    with pytest.raises(ValueError, match=f"^{name}=") as info:
+        make(value)
+    # These take no None: the message must not suggest it.
+    assert "None" not in str(info.value), str(info.value)
+    with pytest.raises(TypeError):
+        make(None)
+
+
+def test_a_bad_optional_duration_says_what_none_means(make):
+    import conveyor
+
+    with pytest.raises(ValueError, match=r"^max_backoff=inf: .*, or None for the default cap of 30 s$"):
+        conveyor.Conveyor(print, retries=1, max_backoff=float("inf"))
+    c = make(print)
+    with pytest.raises(ValueError, match=r"^timeout=-1: .*, or None to wait forever$"):
+        c.flush(timeout=-1)
+    assert c.flush(timeout=None)
+
+
 def test_sink_must_be_callable():
     import conveyor
 
