@@ -54,6 +54,25 @@ def test_strict_order_with_failures_and_retries(make):
     assert c.stats.retried == 2 * 20
 
 
+def test_retry_n_waits_between_half_and_all_of_the_doubling_capped_backoff(make):
+    # As documented: retry n waits a random time in [d/2, d], d = backoff * 2**(n-1) capped
+    # at max_backoff. Here d is 0.4 s, then 0.6 s twice (0.8 s and 1.6 s capped).
+    starts = []
+
+    def sink(item):
+        starts.append(time.monotonic())
+        raise ValueError("fails every time")
+
+    c = make(sink, retries=3, backoff=0.4, max_backoff=0.6)
+    assert c.send(1).exception(timeout=30) is not None
+    gaps = [later - earlier for earlier, later in zip(starts, starts[1:])]
+    assert len(gaps) == 3
+    # A wait can only come late (a busy machine), never early: the lower bound is exact.
+    late = 0.2
+    for gap, delay in zip(gaps, [0.4, 0.6, 0.6]):
+        assert delay / 2 <= gap <= delay + late, f"gaps {gaps}, delay {delay}"
+
+
 def test_strict_skips_failed_items_and_keeps_order(make):
     sink = Recorder(fail=lambda item, attempt: item % 5 == 0)
     c = make(sink)

@@ -21,8 +21,9 @@ option             default       meaning
                                  ``QueueFull``), ``"drop_newest"``, ``"drop_oldest"``
 ``retries``        0             extra attempts after a sink exception (``PermanentError`` is
                                  never retried)
-``backoff``        0.1           first retry delay in seconds, doubling each time
-``max_backoff``    None          cap on the retry delay (seconds)
+``backoff``        0.1           retry delay in seconds, doubling: retry n waits a random time
+                                 between half and all of ``backoff * 2**(n-1)`` (capped)
+``max_backoff``    None          cap on that doubling delay in seconds; ``None``: 30 s
 ``on_failure``     ``"skip"``    after the last attempt: ``"skip"`` to the next item, or
                                  ``"pause"`` the lane until ``resume(key)``
 ``rate_limit``     None          at most this many sink calls started per second
