@@ -6,7 +6,7 @@ and pickled like any other exception; the Rust extension looks them up here when
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 __all__ = [
     "ConveyorError",
@@ -73,6 +73,12 @@ class DeliveryFailed(ConveyorError):
         if last_exception is not None:
             self.__cause__ = last_exception
 
+    def __setstate__(self, state: Optional[Dict[str, object]]) -> None:
+        # Pickle and copy restore the attributes but never __cause__: link it again.
+        super().__setstate__(state)
+        if self.last_exception is not None:
+            self.__cause__ = self.last_exception
+
 
 class PermanentError(Exception):
     """Raise this from a sink (or ``raise ... from PermanentError()``) to fail the item at once.
@@ -94,3 +100,8 @@ class RetryAfter(Exception):
             raise ValueError(f"RetryAfter(seconds={seconds!r}): seconds must be >= 0")
         super().__init__(message or f"retry after {seconds} s")
         self.seconds = float(seconds)
+
+    def __reduce__(self) -> Tuple[object, ...]:
+        # ``args`` holds the message only: rebuild from ``seconds`` and the message (pickle and
+        # copy would otherwise call ``RetryAfter(message)``).
+        return (type(self), (self.seconds, *self.args[:1]), self.__dict__)

@@ -1,0 +1,72 @@
+"""The exception classes: they keep their attributes through pickle and copy."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+
+import conveyor
+
+# One instance of every exception class conveyor exports, with every attribute it carries.
+EXAMPLES = [
+    conveyor.ConveyorError("base"),
+    conveyor.QueueFull("full"),
+    conveyor.Closed("closed"),
+    conveyor.Dropped("dropped"),
+    conveyor.JournalError("journal"),
+    conveyor.DeliveryFailed(
+        "item 7 failed", attempts=3, last_exception=ValueError("bad payload"), seq=7
+    ),
+    conveyor.PermanentError("HTTP 400"),
+    conveyor.RetryAfter(2.5),
+    conveyor.RetryAfter(0, "HTTP 429"),
+]
+
+CLONES = {
+    "pickle": lambda exc: pickle.loads(pickle.dumps(exc)),
+    "copy": copy.copy,
+    "deepcopy": copy.deepcopy,
+}
+
+
+def assert_same(twin, exc):
+    assert type(twin) is type(exc)
+    assert twin.args == exc.args and str(twin) == str(exc)
+    # repr: exceptions compare by identity, so compare what they show.
+    assert repr(vars(twin)) == repr(vars(exc))
+    assert repr(twin.__cause__) == repr(exc.__cause__)
+
+
+def test_the_examples_cover_every_exported_exception():
+    exported = {
+        obj
+        for obj in (getattr(conveyor, name) for name in conveyor.__all__)
+        if isinstance(obj, type) and issubclass(obj, BaseException)
+    }
+    assert exported == {type(exc) for exc in EXAMPLES}
+
+
+@pytest.mark.parametrize("clone", CLONES.values(), ids=CLONES.keys())
+@pytest.mark.parametrize("exc", EXAMPLES, ids=repr)
+def test_every_exception_survives_pickle_and_copy(exc, clone):
+    assert_same(clone(exc), exc)
+
+
+def test_retry_after_keeps_its_seconds():
+    twin = pickle.loads(pickle.dumps(conveyor.RetryAfter(2.5, "HTTP 429")))
+    assert twin.seconds == 2.5 and str(twin) == "HTTP 429"
+
+
+def test_a_delivery_failure_from_a_receipt_survives_pickle(make):
+    def sink(item):
+        raise ValueError(f"bad payload {item}")
+
+    c = make(sink, retries=1, backoff=0.001)
+    failure = c.send(1).exception(timeout=10)
+    assert isinstance(failure, conveyor.DeliveryFailed)
+    twin = pickle.loads(pickle.dumps(failure))
+    assert_same(twin, failure)
+    assert (twin.attempts, twin.seq) == (2, 1)
+    assert isinstance(twin.__cause__, ValueError) and twin.__cause__ is twin.last_exception
