@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import concurrent.futures
+import textwrap
 import threading
 import time
 
 import pytest
 
 import conveyor
+
+from conftest import run_python
 
 
 def thread_pool():
@@ -85,6 +88,33 @@ def test_submit_after_shutdown_raises_runtime_error(executor_factory):
     ex.shutdown()
     with pytest.raises(RuntimeError, match="after shutdown"):
         ex.submit(print)
+
+
+def test_submit_after_the_interpreter_exit_drain_raises_runtime_error():
+    # An atexit handler registered before `import conveyor` runs after conveyor's exit hook
+    # has closed the executor's conveyor (without shutdown()). ThreadPoolExecutor raises
+    # RuntimeError there; so must its drop-in, without keeping the refused future.
+    code = textwrap.dedent(
+        """
+        import atexit, concurrent.futures as cf
+        def late():
+            for name, ex in [("TPE", tpe), ("Serial", ser)]:
+                try:
+                    ex.submit(int, "5").result(2)
+                    print(name, "ran")
+                except BaseException as exc:
+                    print(name, type(exc).__name__)
+            print("pending", len(ser._pending))
+        atexit.register(late)
+        import conveyor
+        tpe = cf.ThreadPoolExecutor(max_workers=1)
+        ser = conveyor.SerialExecutor()
+        """
+    )
+    proc = run_python(code, timeout=60)
+    assert "TPE RuntimeError" in proc.stdout, proc.stdout + proc.stderr
+    assert "Serial RuntimeError" in proc.stdout, proc.stdout + proc.stderr
+    assert "pending 0" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_shutdown_cancel_futures_cancels_pending_calls(executor_factory):

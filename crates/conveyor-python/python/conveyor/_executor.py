@@ -63,26 +63,30 @@ class SerialExecutor(concurrent.futures.Executor):
         """Schedule ``fn(*args, **kwargs)``; returns a ``concurrent.futures.Future``.
 
         Raises:
-            RuntimeError: after ``shutdown()``, like ``ThreadPoolExecutor``.
+            RuntimeError: after ``shutdown()``, or once the interpreter-exit drain has closed the
+                executor, like ``ThreadPoolExecutor``.
         """
-        with self._shutdown_lock:
-            if self._shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            future: "concurrent.futures.Future[T]" = concurrent.futures.Future()
-            # Sent under the lock so shutdown() cannot close the conveyor between the check and
-            # the send (which would turn a valid submit into a conveyor.Closed error).
-            self._pending[id(future)] = future
-            receipt = self._conveyor._send_wait((future, fn, args, kwargs), None, None, 0.0)
-        if receipt is None:
-            # The queue is full: wait for room outside the lock so shutdown() is not held up.
-            try:
-                self._conveyor.send((future, fn, args, kwargs))
-            except Closed as exc:  # closed meanwhile by shutdown()
-                self._pending.pop(id(future), None)
-                raise RuntimeError("cannot schedule new futures after shutdown") from exc
-            except BaseException:  # QueueFull from inside a task, KeyboardInterrupt while waiting
-                self._pending.pop(id(future), None)
-                raise
+        future: "concurrent.futures.Future[T]" = concurrent.futures.Future()
+        call = (future, fn, args, kwargs)
+        try:
+            with self._shutdown_lock:
+                if self._shutdown:
+                    raise RuntimeError("cannot schedule new futures after shutdown")
+                # Sent under the lock so shutdown() cannot close the conveyor between the check
+                # and the send (which would turn a valid submit into a conveyor.Closed error).
+                self._pending[id(future)] = future
+                receipt = self._conveyor._send_wait(call, None, None, 0.0)
+            if receipt is None:
+                # The queue is full: wait for room outside the lock so shutdown() is not held up.
+                self._conveyor.send(call)
+        except Closed as exc:
+            # Closed by shutdown() while waiting for room, or by conveyor's interpreter-exit
+            # hook (which does not go through shutdown()): ThreadPoolExecutor says RuntimeError.
+            self._pending.pop(id(future), None)
+            raise RuntimeError("cannot schedule new futures after shutdown") from exc
+        except BaseException:  # QueueFull from inside a task, KeyboardInterrupt while waiting
+            self._pending.pop(id(future), None)
+            raise
         return future
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
