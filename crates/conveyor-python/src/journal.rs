@@ -78,15 +78,20 @@ pub(crate) fn cursor_arg(value: &Bound<'_, PyAny>) -> PyResult<u64> {
 }
 
 /// `durability=`: a commit window in seconds (group commit), or `"sync"` (each send waits
-/// for its own commit).
-pub(crate) fn parse_durability(value: &Bound<'_, PyAny>) -> PyResult<Durability> {
+/// for its own commit). Returns the engine's durability and whether sends wait.
+///
+/// `"sync"` runs the engine with a zero window (every commit starts at once, shared by the
+/// sends that arrive meanwhile) and leaves the wait to the send, which makes it in slices
+/// without the GIL: the engine's own `Durability::Sync` wait has no bound, and while the
+/// disk is full it would hold the GIL and ignore Ctrl-C.
+pub(crate) fn parse_durability(value: &Bound<'_, PyAny>) -> PyResult<(Durability, bool)> {
     if let Ok(text) = value.extract::<String>() {
         if text == "sync" {
-            return Ok(Durability::Sync);
+            return Ok((Durability::Batched(Duration::ZERO), true));
         }
     } else if let Ok(seconds) = value.extract::<f64>() {
         if let Ok(window) = Duration::try_from_secs_f64(seconds) {
-            return Ok(Durability::Batched(window));
+            return Ok((Durability::Batched(window), false));
         }
     }
     Err(PyValueError::new_err(format!(

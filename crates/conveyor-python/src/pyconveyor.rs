@@ -151,6 +151,8 @@ struct Options {
     journaled: bool,
     /// Items become HTTP request bodies at `send` time (`Conveyor.http`).
     http: bool,
+    /// `durability="sync"`: a send returns once its item is committed.
+    sync: bool,
     describe: String,
 }
 
@@ -340,7 +342,7 @@ impl PyConveyor {
             (Some(key), Some(cursor)) => engine.try_send_keyed_and_set_cursor(key, item, cursor),
         };
         match attempt {
-            Ok(receipt) => Ok(Ok(PyReceipt::new(receipt, shared.fork_gen))),
+            Ok(receipt) => Ok(Ok(self.accepted(py, shared, receipt)?)),
             Err(SendError::Full(item)) if self.options.block => Ok(Err(item)),
             Err(SendError::Full(_)) => Err(errors::queue_full(
                 py,
@@ -354,6 +356,24 @@ impl PyConveyor {
             Err(SendError::Journal(_)) => Err(crate::journal::refused(py, &shared.engine)),
             Err(other) => Err(errors::closed(py, other.to_string())),
         }
+    }
+
+    /// An accepted item's receipt. Under `durability="sync"` it first waits until the journal
+    /// holds the item (see `journal::parse_durability`); Ctrl-C interrupts that wait, and the
+    /// item stays accepted.
+    fn accepted(
+        &self,
+        py: Python<'_>,
+        shared: &Shared,
+        receipt: conveyor::Receipt<Reply>,
+    ) -> PyResult<PyReceipt> {
+        if self.options.sync {
+            let engine = &shared.engine;
+            wait_interruptibly(py, None, |slice| {
+                engine.wait_committed(&receipt, slice).then_some(())
+            })?;
+        }
+        Ok(PyReceipt::new(receipt, shared.fork_gen))
     }
 
     fn closed_error(&self, py: Python<'_>, shared: &Shared) -> PyErr {
@@ -414,7 +434,7 @@ impl PyConveyor {
                 })
             });
             match sent {
-                Some(Ok(receipt)) => return Ok(Some(PyReceipt::new(receipt, shared.fork_gen))),
+                Some(Ok(receipt)) => return Ok(Some(self.accepted(py, shared, receipt)?)),
                 Some(Err(SendError::Closed(_))) => return Err(self.closed_error(py, shared)),
                 Some(Err(SendError::Journal(_))) => {
                     return Err(crate::journal::refused(py, &shared.engine))
@@ -492,13 +512,16 @@ impl PyConveyor {
         if let Some(rate) = rate_limit {
             builder = builder.rate_limit(rate);
         }
+        let mut sync = false;
         if let Some(durability) = durability {
             if journal.is_none() {
                 return Err(PyValueError::new_err(
                     "durability= applies to a journaled conveyor: give journal=\"PATH\" too",
                 ));
             }
-            builder = builder.durability(crate::journal::parse_durability(durability)?);
+            let (parsed, wait) = crate::journal::parse_durability(durability)?;
+            builder = builder.durability(parsed);
+            sync = wait;
         }
         let journaled = journal.is_some();
         if let Some(path) = journal {
@@ -582,6 +605,7 @@ impl PyConveyor {
                 keyed: matches!(parsed_ordering, Ordering::Keyed { .. }),
                 journaled,
                 http,
+                sync,
                 describe,
             },
         })

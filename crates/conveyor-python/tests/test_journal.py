@@ -83,6 +83,49 @@ def test_accepted_items_survive_a_crash_and_are_delivered_in_order(tmp_path):
     assert redelivered in ([2, 3, 4, 5], [1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5]), redelivered
 
 
+
+def test_a_sync_send_on_a_full_disk_releases_the_gil_and_yields_to_ctrl_c(tmp_path):
+    # Writes fail with EFBIG once the file size limit is reached, as on a full disk (Python
+    # ignores SIGXFSZ). The send waits while the journal retries; meanwhile other threads run,
+    # and Ctrl-C interrupts it.
+    code = textwrap.dedent(
+        f"""
+        import os, resource, signal, threading, time, conveyor
+        path = {str(tmp_path / "j")!r}
+        c = conveyor.Conveyor(lambda x: None, journal=path, durability="sync")
+        c.send("warm").result(timeout=5)
+        c.flush()
+        time.sleep(0.5)  # the writer's checkpoint is done before the disk "fills"
+        size = os.path.getsize(path + "-wal")
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, resource.RLIM_INFINITY))
+        ticks = []
+        def ticker():
+            while True:
+                ticks.append(1)
+                time.sleep(0.01)
+        threading.Thread(target=ticker, daemon=True).start()
+        threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+        watchdog = threading.Timer(20.0, lambda: (os.write(1, b"HUNG\\n"), os._exit(3)))
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            for i in range(100):
+                c.send("x" * 10000)
+            print("OUTCOME sent")
+        except KeyboardInterrupt:
+            print("OUTCOME KeyboardInterrupt", "ticks", len(ticks) > 10)
+        except conveyor.JournalError:
+            print("OUTCOME JournalError")
+        os._exit(0)
+        """
+    )
+    proc = run_python(code, timeout=60)
+    # Refused at once (a later send sees the failure) or interrupted while waiting: either way
+    # the process answered, and another thread ran meanwhile.
+    assert (
+        "OUTCOME KeyboardInterrupt ticks True" in proc.stdout or "OUTCOME JournalError" in proc.stdout
+    ), proc.stdout + proc.stderr
+
 def test_dead_letters_can_be_listed_retried_and_discarded(make, tmp_path):
     broken = {"bad-1", "bad-2"}
     delivered = []
