@@ -180,6 +180,14 @@ pub(crate) fn delivery_error(py: Python<'_>, seq: u64, error: &DeliveryError) ->
                  (give close() or drain_timeout more time to deliver everything)"
             ),
         ),
+        DeliveryError::Unconfirmed => new_err(
+            closed_class(py),
+            format!(
+                "item {seq} was still in the sink when the conveyor shut down; the call was left \
+                 to finish, so whether it arrived is unknown (stats count it once it ends; give \
+                 close() or drain_timeout more time)"
+            ),
+        ),
         other => new_err(conveyor_error_class(py), format!("item {seq}: {other}")),
     }
 }

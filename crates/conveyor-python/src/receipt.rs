@@ -304,6 +304,7 @@ impl PyReceipt {
                 Some(Ok(_)) => "delivered",
                 Some(Err(DeliveryError::Failed { .. })) => "failed",
                 Some(Err(DeliveryError::Dropped)) => "dropped",
+                Some(Err(DeliveryError::Unconfirmed)) => "unconfirmed",
                 _ => "not delivered",
             },
         };

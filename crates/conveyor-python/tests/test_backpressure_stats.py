@@ -169,6 +169,30 @@ def test_close_reports_what_was_left(make):
     gate.set()
 
 
+
+def test_an_item_in_the_sink_at_close_is_reported_unconfirmed_and_counted_when_it_ends():
+    release = threading.Event()
+    c = conveyor.Conveyor(lambda x: release.wait(30) and "done")
+    in_sink = c.send("in the sink")
+    queued = c.send("queued")
+    deadline = time.monotonic() + 30
+    while c.stats.in_flight == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    report = c.close(timeout=0.2)
+    assert report.left == 2
+    with pytest.raises(conveyor.Closed, match="whether it arrived is unknown"):
+        in_sink.result(timeout=5)
+    with pytest.raises(conveyor.Closed, match="it was not delivered"):
+        queued.result(timeout=5)
+    assert "unconfirmed" in repr(in_sink)
+    release.set()
+    while c.stats.in_flight:
+        assert time.monotonic() < deadline, c.stats
+        time.sleep(0.01)
+    # The call that was left running ended, and the stats say how: delivered.
+    assert c.stats.delivered == 1
+
 def test_close_twice_is_harmless(make):
     c = make(Recorder())
     c.send(1)

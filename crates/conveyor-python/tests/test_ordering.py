@@ -9,6 +9,7 @@ from collections import defaultdict
 
 import pytest
 
+import conveyor
 from conftest import Recorder
 
 
@@ -111,6 +112,29 @@ def test_pipelined_starts_in_order_and_bounds_in_flight(make):
     assert 1 <= peak <= 4
     assert [r.result() for r in receipts] == list(range(200))
 
+
+
+def test_a_pipelined_retry_is_not_overtaken_during_its_backoff(make):
+    log = []
+    lock = threading.Lock()
+
+    def sink(item):
+        with lock:
+            log.append((item, conveyor.current_delivery().attempt))
+        if item == 0 and conveyor.current_delivery().attempt == 1:
+            raise ValueError("the first attempt of item 0 fails")
+        time.sleep(0.02)  # in 0.5 s of backoff, the free worker could run every other item
+
+    c = make(sink, ordering="pipelined", in_flight=2, retries=1, backoff=0.5)
+    for n in range(20):
+        c.send(n)
+    assert c.flush(timeout=30)
+    retry_at = log.index((0, 2))
+    # Only what was already taken when item 0 failed may start before its retry: the item in
+    # flight beside it (and, with unlucky scheduling, the one after).
+    started_before = [item for item, _ in log[:retry_at] if item != 0]
+    assert len(started_before) <= 2, f"started during item 0's backoff: {log}"
+    assert sorted(item for item, attempt in log if attempt == 1) == list(range(20))
 
 def test_keyed_keeps_order_per_key(make):
     seen = defaultdict(list)

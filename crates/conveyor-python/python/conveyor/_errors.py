@@ -35,7 +35,8 @@ class QueueFull(ConveyorError):
 class Closed(ConveyorError):
     """The conveyor no longer accepts items: it was closed, or it belongs to the parent process
     of an ``os.fork()``. A receipt raises it for an item that was still pending when the conveyor
-    shut down."""
+    shut down: not delivered, or, if its sink call was still running then, not known to be (the
+    message says which; ``stats`` count that call once it ends)."""
 
 
 class Dropped(ConveyorError):
