@@ -165,7 +165,9 @@ pub(crate) fn parse_header(text: &str) -> Result<(String, String), String> {
 pub(crate) enum FailurePolicy {
     /// Record the failure (a dead letter with a journal) and go on with the next line.
     Skip,
-    /// Stop the item's lane until `conveyor resume KEY`; needs the journal.
+    /// Stop the item's lane until `conveyor resume KEY`; needs the journal. Other keys go on;
+    /// once nothing else can move (the queue holds only paused lines), the run stops reading
+    /// and exits 3, and after `conveyor resume` a rerun goes on where it stopped.
     Pause,
 }
 

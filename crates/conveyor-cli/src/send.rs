@@ -20,9 +20,13 @@ use crate::{exit, journal, CliError};
 
 /// The longest wait between two retries, whatever `--backoff` doubles up to.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// How long nothing may move, with a lane paused and nothing in flight, before the run stops
-/// waiting and leaves the paused lane to `conveyor resume`.
+/// How long nothing may move, with a lane paused, nothing in flight and the reader done or
+/// waiting for room in the queue, before the run stops waiting and leaves the paused lane to
+/// `conveyor resume`.
 const PAUSED_STALL: Duration = Duration::from_secs(2);
+/// How long the end of the run waits for the reader thread to see the close and stop: it is
+/// then either woken from a send at once, or blocked reading stdin, where waiting is useless.
+const READER_GRACE: Duration = Duration::from_millis(500);
 /// How often the main thread refreshes progress and looks at signals.
 const TICK: Duration = Duration::from_millis(100);
 /// How often the end of a close is checked; short, since the run ends right after it.
@@ -256,6 +260,10 @@ pub(crate) struct ReadOutcome {
 struct ReadCounters {
     accepted: AtomicU64,
     rejected: AtomicU64,
+    /// The line being handed to the conveyor, 0 between lines. The main thread reads it to
+    /// tell a reader blocked on a full queue (the same line for seconds) from one that is
+    /// reading: line numbers only grow, so an unchanged non-zero value is one waiting send.
+    submitting: AtomicU64,
 }
 
 /// Runs a whole `send`, returning its summary (already printed unless quiet).
@@ -355,7 +363,8 @@ pub(crate) fn run(
 
     let mut read_outcome: Option<ReadOutcome> = None;
     let mut interrupted = false;
-    let mut last_settled = u64::MAX;
+    // What moves while the run makes progress: settlements, and the line being submitted.
+    let mut last_mark = (u64::MAX, u64::MAX);
     let mut still_since = Instant::now();
     loop {
         let event = if read_outcome.is_some() {
@@ -396,20 +405,33 @@ pub(crate) fn run(
             None => {}
         }
         let (stats, settled) = show_progress(&conveyor, &progress, &counters);
-        if read_outcome.is_some() {
-            if conveyor.flush_timeout(TICK) {
-                break;
+        if read_outcome.is_some() && conveyor.flush_timeout(TICK) {
+            break;
+        }
+        // A paused lane never drains by itself, and once the queue is full of its lines the
+        // reader waits for room that never comes. Once nothing moves (no settlement, nothing in
+        // flight, the reader done or stuck on one line), stop waiting. Not before: in keyed
+        // mode the other keys go on, and a reader waiting on stdin may bring lines for them.
+        let submitting = counters.submitting.load(AtomicOrdering::SeqCst);
+        let mark = (settled, submitting);
+        let reader_waits = read_outcome.is_some() || submitting != 0;
+        if stats.paused == 0 || stats.in_flight > 0 || !reader_waits || mark != last_mark {
+            last_mark = mark;
+            still_since = Instant::now();
+        } else if still_since.elapsed() >= PAUSED_STALL {
+            if read_outcome.is_none() {
+                stop.store(true, AtomicOrdering::SeqCst);
+                progress.note(&format!(
+                    "a paused lane fills the queue: stopped reading at line {submitting}, \
+                     which {}",
+                    if input.is_replayable() {
+                        "a rerun reads again (after `conveyor resume`)"
+                    } else {
+                        "and the rest of stdin are not sent"
+                    }
+                ));
             }
-            // A paused lane never drains by itself: once nothing else moves, stop waiting.
-            if settled != last_settled {
-                last_settled = settled;
-                still_since = Instant::now();
-            } else if stats.paused > 0
-                && stats.in_flight == 0
-                && still_since.elapsed() >= PAUSED_STALL
-            {
-                break;
-            }
+            break;
         }
     }
 
@@ -438,7 +460,10 @@ pub(crate) fn run(
     })
     .map_err(|_| CliError::usage("closing the conveyor panicked; please report this bug"))?;
     progress.finish();
-    let read_outcome = read_outcome.unwrap_or_default();
+    // The close woke a reader waiting for room; let it finish, so its counts are final.
+    let read_outcome = read_outcome
+        .or_else(|| wait_for_reader(events))
+        .unwrap_or_default();
     if let Some(error) = &read_outcome.error {
         progress.note(&format!("error: {error}"));
     }
@@ -482,6 +507,19 @@ pub(crate) fn run(
         print_out(&summary.human()).map_err(CliError::io)?;
     }
     Ok(summary)
+}
+
+/// The reader's outcome, if it ends within [`READER_GRACE`]; later signals are ignored, since the
+/// run is ending anyway (a second Ctrl-C still exits at once).
+fn wait_for_reader(events: &Receiver<Event>) -> Option<ReadOutcome> {
+    let deadline = Instant::now() + READER_GRACE;
+    loop {
+        match events.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(Event::InputDone(outcome)) => return Some(outcome),
+            Ok(Event::Interrupt) => {}
+            Err(_) => return None,
+        }
+    }
 }
 
 /// Refreshes the bar from the engine's counters; returns them and the settled count.
@@ -545,12 +583,14 @@ fn read_and_submit(
                 // itself: a crash never leaves the line journaled and the position before it
                 // (a rerun would send it twice, under two idempotency keys).
                 let after = reader.position();
+                counters.submitting.store(number, AtomicOrdering::SeqCst);
                 let sent = match (key, journaled) {
                     (Some(key), true) => conveyor.send_keyed_and_set_cursor(key, line, after),
                     (None, true) => conveyor.send_and_set_cursor(line, after),
                     (Some(key), false) => conveyor.send_keyed(key, line),
                     (None, false) => conveyor.send(line),
                 };
+                counters.submitting.store(0, AtomicOrdering::SeqCst);
                 match sent {
                     Ok(receipt) => {
                         counters.accepted.fetch_add(1, AtomicOrdering::Relaxed);

@@ -4,8 +4,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::*;
@@ -102,16 +101,7 @@ fn kill_9_then_rerun(extra: &[&str]) {
 #[test]
 fn failed_lines_become_dead_letters_and_dead_retry_delivers_them() {
     let dir = tempfile::tempdir().unwrap();
-    let broken = Arc::new(AtomicBool::new(true));
-    let flag = Arc::clone(&broken);
-    let server = Server::start(move |a| {
-        if a.json().unwrap()["id"] == 2 && flag.load(Ordering::SeqCst) {
-            Reply::status(422).body("not today")
-        } else {
-            Reply::ok()
-        }
-    })
-    .unwrap();
+    let (server, broken) = server_failing_id(2, || Reply::status(422).body("not today"));
     let input = write_lines(dir.path(), "in.jsonl", &items(5, 1));
     let journal = dir.path().join("j.journal");
     let send = |dir: &std::path::Path| {
@@ -189,16 +179,7 @@ fn failed_lines_become_dead_letters_and_dead_retry_delivers_them() {
 #[test]
 fn a_paused_lane_waits_for_resume() {
     let dir = tempfile::tempdir().unwrap();
-    let broken = Arc::new(AtomicBool::new(true));
-    let flag = Arc::clone(&broken);
-    let server = Server::start(move |a| {
-        if a.json().unwrap()["id"] == 2 && flag.load(Ordering::SeqCst) {
-            Reply::status(500)
-        } else {
-            Reply::ok()
-        }
-    })
-    .unwrap();
+    let (server, broken) = server_failing_id(2, || Reply::status(500));
     let input = write_lines(dir.path(), "in.jsonl", &items(6, 1));
     let send = || {
         conveyor(dir.path())
@@ -346,5 +327,86 @@ fn operating_commands_explain_a_missing_journal() {
         let (_, stderr) = texts(&output);
         assert_eq!(output.status.code(), Some(2), "{args:?}");
         assert!(stderr.contains("--journal"), "{stderr}");
+    }
+}
+
+/// `send INPUT --to URL --on-failure pause --retries 0 --capacity 5 --json [EXTRA...]`.
+fn send_pausing(
+    dir: &std::path::Path,
+    input: &std::path::Path,
+    url: &str,
+    extra: &[&str],
+) -> std::process::Output {
+    conveyor(dir)
+        .args(["send", input.to_str().unwrap(), "--to", url, "--json"])
+        .args(["--on-failure", "pause", "--retries", "0", "--capacity", "5"])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_paused_lane_with_more_lines_than_the_queue_holds_stops_reading_and_exits_3() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, broken) = server_failing_id(2, || Reply::status(404));
+    let input = write_lines(dir.path(), "in.jsonl", &items(20, 1));
+    let first = send_pausing(dir.path(), &input, &server.url(), &[]);
+    let (_, stderr) = expect_exit(&first, 3);
+    assert_eq!(summary(&first)["paused_lanes"], serde_json::json!([""]));
+    assert!(stderr.contains("stopped reading"), "{stderr}");
+    assert_eq!(ids(&server.arrivals()), [0, 1, 2]);
+
+    // What was read waits in the journal, the rest in the file: after a resume, the rerun
+    // delivers every line once, in order (the paused one again).
+    broken.store(false, Ordering::SeqCst);
+    expect_exit(&conveyor(dir.path()).args(["resume"]).output().unwrap(), 0);
+    let second = send_pausing(dir.path(), &input, &server.url(), &[]);
+    expect_exit(&second, 0);
+    let mut expected = vec![0, 1, 2];
+    expected.extend(2..20);
+    assert_eq!(ids(&server.arrivals()), expected);
+}
+
+#[test]
+fn a_paused_key_stops_the_run_only_once_the_other_keys_are_done() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, broken) = server_failing_id(2, || Reply::status(404));
+    // Four keys; id 2 is the first line of key u2, whose lane pauses.
+    let input = write_lines(dir.path(), "in.jsonl", &items(60, 4));
+    let keyed = ["--ordering", "keyed:4", "--key", "user"];
+    let first = send_pausing(dir.path(), &input, &server.url(), &keyed);
+    expect_exit(&first, 3);
+    assert_eq!(summary(&first)["paused_lanes"], serde_json::json!(["u2"]));
+    let first_run = ids(&server.arrivals());
+    // The other keys went on while u2 was paused: u2's lines fill the queue only after more
+    // than the queue's worth of lines was read.
+    assert!(first_run.len() > 5, "{first_run:?}");
+    assert_eq!(first_run.iter().filter(|&&id| id % 4 == 2).count(), 1);
+
+    broken.store(false, Ordering::SeqCst);
+    expect_exit(
+        &conveyor(dir.path())
+            .args(["resume", "u2"])
+            .output()
+            .unwrap(),
+        0,
+    );
+    let second = send_pausing(dir.path(), &input, &server.url(), &keyed);
+    expect_exit(&second, 0);
+    let all = ids(&server.arrivals());
+    // Every line arrived exactly once, but the paused one twice; in order within each key.
+    let mut sorted = all.clone();
+    sorted.sort_unstable();
+    let mut expected: Vec<u64> = (0..60).collect();
+    expected.insert(2, 2);
+    assert_eq!(sorted, expected, "{all:?}");
+    for key in 0..4 {
+        let lane: Vec<u64> = all.iter().copied().filter(|id| id % 4 == key).collect();
+        let mut unique = lane.clone();
+        unique.dedup();
+        assert!(
+            unique.windows(2).all(|w| w[0] < w[1]),
+            "key u{key}: {lane:?}"
+        );
     }
 }

@@ -123,3 +123,23 @@ pub fn signal(child: &std::process::Child, name: &str) {
         .unwrap();
     assert!(status.success(), "kill -{name} failed");
 }
+
+/// A server that answers `reply()` to the line with this `id` while the returned flag is set
+/// (clear it to "fix the cause"), and 200 to every other line.
+pub fn server_failing_id(
+    id: u64,
+    reply: impl Fn() -> Reply + Send + Sync + 'static,
+) -> (Server, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let broken = std::sync::Arc::new(AtomicBool::new(true));
+    let flag = std::sync::Arc::clone(&broken);
+    let server = Server::start(move |a| {
+        if a.json().unwrap()["id"] == id && flag.load(Ordering::SeqCst) {
+            reply()
+        } else {
+            Reply::ok()
+        }
+    })
+    .unwrap();
+    (server, broken)
+}
