@@ -50,15 +50,23 @@ impl Input {
         }
     }
 
+    /// Opens the input; a file that cannot be read (missing, a directory) is refused here,
+    /// before anything else (the journal above all) is created for it.
     fn open(&self) -> Result<Box<dyn BufRead + Send>, CliError> {
         Ok(match self {
             Self::Stdin => Box::new(BufReader::with_capacity(64 * 1024, io::stdin())),
-            Self::File(path) => Box::new(BufReader::with_capacity(
-                64 * 1024,
-                File::open(path).map_err(|e| {
+            Self::File(path) => {
+                let file = File::open(path).map_err(|e| {
                     CliError::usage(format!("cannot open input {}: {e}", path.display()))
-                })?,
-            )),
+                })?;
+                if file.metadata().is_ok_and(|m| m.is_dir()) {
+                    return Err(CliError::usage(format!(
+                        "the input {} is a directory: give a JSON-lines file, or `-` for stdin",
+                        path.display()
+                    )));
+                }
+                Box::new(BufReader::with_capacity(64 * 1024, file))
+            }
             Self::Memory(bytes) => Box::new(io::Cursor::new(bytes.clone())),
         })
     }
@@ -278,6 +286,8 @@ pub(crate) fn run(
     let target_name = plan.target.describe();
     let ordering_name = plan.ordering.to_string();
     let latencies = Arc::new(Latencies::new());
+    // First, so that a mistyped input path leaves no journal behind.
+    let mut reader = LineReader::new(input.open()?, plan.key.clone());
 
     let builder = Conveyor::<Line>::builder()
         .ordering(plan.engine_ordering())
@@ -309,7 +319,6 @@ pub(crate) fn run(
         _ => 0,
     };
 
-    let mut reader = LineReader::new(input.open()?, plan.key.clone());
     if resume_after > 0 && input.is_replayable() {
         reader
             .skip(resume_after)

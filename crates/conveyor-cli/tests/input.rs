@@ -124,3 +124,26 @@ fn a_closed_stdout_is_not_an_error() {
     );
     assert_eq!(server.count(), 5);
 }
+
+#[test]
+fn an_input_that_cannot_be_read_creates_no_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(|_| Reply::ok()).unwrap();
+    std::fs::create_dir(dir.path().join("a-directory")).unwrap();
+    for (input, why) in [
+        ("mistyped.jsonl", "cannot open input mistyped.jsonl"),
+        ("a-directory", "a-directory is a directory"),
+    ] {
+        let output = conveyor(dir.path())
+            .args(["send", input, "--to", &server.url()])
+            .output()
+            .unwrap();
+        let (_, stderr) = expect_exit(&output, 2);
+        assert!(stderr.contains(why), "{stderr}");
+    }
+    assert!(
+        !dir.path().join(".conveyor").exists(),
+        "no journal for an input that was never read"
+    );
+    assert_eq!(server.count(), 0);
+}
