@@ -246,7 +246,8 @@ pub(crate) struct SendArgs {
 #[derive(Debug, Args)]
 pub(crate) struct JournalArgs {
     /// The journal file that makes a rerun resume where this one stopped (default: a file under
-    /// ./.conveyor/ named after the input and the target).
+    /// ./.conveyor/ named after the input and the target). A rerun reads a file on after the
+    /// lines taken before; give a rewritten input a new journal (a shorter one is refused).
     #[arg(long, value_name = "PATH", conflicts_with = "no_journal")]
     pub(crate) journal: Option<PathBuf>,
 

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use conveyor::{Builder, Conveyor, Durability, JournalError};
+use conveyor::{Builder, Conveyor, Durability, Journal, JournalError};
 
 use crate::input::Line;
 use crate::CliError;
@@ -29,10 +29,15 @@ pub(crate) fn attach(
     })
 }
 
-/// The input position the journal holds: lines a previous run already took.
-pub(crate) fn cursor(conveyor: &Conveyor<Line>) -> Result<Option<u64>, CliError> {
-    conveyor
-        .cursor()
+/// The input position the journal at `path` holds (lines a previous run already took), read
+/// before a conveyor opens it and starts delivering; `None` if there is no journal yet (none is
+/// created here).
+pub(crate) fn stored_cursor(path: &Path) -> Result<Option<u64>, CliError> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    Journal::open(path)
+        .and_then(|journal| journal.cursor())
         .map_err(|e| CliError::usage(format!("cannot read the journal's input position: {e}")))
 }
 

@@ -248,6 +248,31 @@ fn default_journal_path(input: &Input, to: &Option<String>, exec: &[String]) -> 
     Path::new(journal::JOURNAL_DIR).join(format!("{stem}-{hash:016x}.journal"))
 }
 
+/// Skips the lines an earlier run `taken` from the input. A file with fewer lines was replaced
+/// or cut short since: reading on from that position would send nothing, silently, so it is an
+/// error. (A file rewritten with at least as many lines cannot be told from the same file.)
+fn skip_taken(
+    reader: &mut LineReader<Box<dyn BufRead + Send>>,
+    taken: u64,
+    input: &Input,
+    journal: &Path,
+) -> Result<(), CliError> {
+    let lines = reader
+        .skip(taken)
+        .map_err(|e| CliError::usage(format!("cannot read input: {e}")))?;
+    if lines >= taken {
+        return Ok(());
+    }
+    let journal = journal.display();
+    Err(CliError::usage(format!(
+        "the input {} has {lines} lines, but the journal {journal} says an earlier run already \
+         took the first {taken}: the file was replaced or cut short since. To send it as a new \
+         input, pass a new --journal PATH, or delete {journal} once `conveyor status --journal \
+         {journal}` shows nothing pending",
+        input.identity()
+    )))
+}
+
 /// Messages from the reader thread and the signal handler to the main thread.
 #[derive(Debug)]
 pub(crate) enum Event {
@@ -288,6 +313,18 @@ pub(crate) fn run(
     let latencies = Arc::new(Latencies::new());
     // First, so that a mistyped input path leaves no journal behind.
     let mut reader = LineReader::new(input.open()?, plan.key.clone());
+    // Where a rerun picks up: the position stored with the last items a previous run accepted.
+    // Only a file reads the same lines again; on stdin the journal still replays what was
+    // pending, but the new stream is read from its start. Checked before the conveyor starts
+    // delivering what the journal holds, so an input that no longer fits is refused untouched.
+    let resume_after = match &plan.journal {
+        Some(path) if input.is_replayable() => {
+            let taken = journal::stored_cursor(path)?.unwrap_or(0);
+            skip_taken(&mut reader, taken, &input, path)?;
+            taken
+        }
+        _ => 0,
+    };
 
     let builder = Conveyor::<Line>::builder()
         .ordering(plan.engine_ordering())
@@ -311,19 +348,6 @@ pub(crate) fn run(
             .build(sink_fn(plan.target, Arc::clone(&latencies)))
             .map_err(|e| CliError::usage(format!("cannot start: {e}")))?,
     );
-    // Where a rerun picks up: the position stored with the last items a previous run accepted.
-    // Only a file reads the same lines again; on stdin the journal still replays what was
-    // pending, but the new stream is read from its start.
-    let resume_after = match &plan.journal {
-        Some(_) if input.is_replayable() => journal::cursor(&conveyor)?.unwrap_or(0),
-        _ => 0,
-    };
-
-    if resume_after > 0 && input.is_replayable() {
-        reader
-            .skip(resume_after)
-            .map_err(|e| CliError::usage(format!("cannot read input: {e}")))?;
-    }
     let skipped = reader.position();
     // Lines a previous run left pending in the journal are delivered first; count them in.
     let backlog = {

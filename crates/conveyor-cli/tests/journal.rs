@@ -410,3 +410,26 @@ fn a_paused_key_stops_the_run_only_once_the_other_keys_are_done() {
         );
     }
 }
+
+#[test]
+fn an_input_shorter_than_the_journal_position_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(|_| Reply::ok()).unwrap();
+    let input = write_lines(dir.path(), "in.jsonl", &items(4, 1));
+    let send = || {
+        conveyor(dir.path())
+            .args(["send", input.to_str().unwrap(), "--to", &server.url()])
+            .output()
+            .unwrap()
+    };
+    expect_exit(&send(), 0);
+    // The file is rewritten, shorter: the journal's position (4 lines taken) cannot be in it.
+    write_lines(dir.path(), "in.jsonl", &items(2, 1));
+    let (_, stderr) = expect_exit(&send(), 2);
+    assert!(
+        stderr.contains("has 2 lines") && stderr.contains("first 4"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--journal"), "says what to do: {stderr}");
+    assert_eq!(server.count(), 4, "nothing was sent again");
+}
