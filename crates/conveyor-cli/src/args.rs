@@ -232,7 +232,9 @@ pub(crate) struct SendArgs {
     #[arg(long, default_value_t = 10_000)]
     pub(crate) capacity: usize,
 
-    /// Copy lines rejected as bad input (not JSON, no key field) to this file.
+    /// Copy lines rejected as bad input (not JSON, no key field) to this file. A run that reads
+    /// a file from its first line empties it first; a resumed run (which skips the lines read
+    /// before) and a run on stdin append, so the rejects of earlier runs are kept.
     #[arg(long, value_name = "FILE")]
     pub(crate) rejects: Option<PathBuf>,
 

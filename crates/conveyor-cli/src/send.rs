@@ -2,7 +2,7 @@
 //! progress on the main thread, and summarise.
 
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, BufWriter, Write};
+use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -248,6 +248,22 @@ fn default_journal_path(input: &Input, to: &Option<String>, exec: &[String]) -> 
     Path::new(journal::JOURNAL_DIR).join(format!("{stem}-{hash:016x}.journal"))
 }
 
+/// Opens `--rejects FILE`, emptied first when `afresh`, appended to otherwise.
+fn open_rejects(path: &Path, afresh: bool) -> Result<File, CliError> {
+    let mut options = File::options();
+    if afresh {
+        options.write(true).create(true).truncate(true);
+    } else {
+        options.append(true).create(true);
+    }
+    options.open(path).map_err(|e| {
+        CliError::usage(format!(
+            "cannot open the rejects file {}: {e}",
+            path.display()
+        ))
+    })
+}
+
 /// Skips the lines an earlier run `taken` from the input. A file with fewer lines was replaced
 /// or cut short since: reading on from that position would send nothing, silently, so it is an
 /// error. (A file rewritten with at least as many lines cannot be told from the same file.)
@@ -326,6 +342,17 @@ pub(crate) fn run(
         _ => 0,
     };
 
+    let rejects = match &plan.rejects {
+        // A run that reads a file from its first line rejects every bad line again: start
+        // afresh. A resumed run skips the lines it rejected before, and stdin is a new stream
+        // each time: keep what earlier runs wrote.
+        Some(path) => Some(open_rejects(
+            path,
+            input.is_replayable() && resume_after == 0,
+        )?),
+        None => None,
+    };
+
     let builder = Conveyor::<Line>::builder()
         .ordering(plan.engine_ordering())
         .capacity(plan.capacity)
@@ -359,15 +386,6 @@ pub(crate) fn run(
             .count_lines()
             .map(|n| n.saturating_sub(skipped) + backlog)
     });
-    let rejects = match &plan.rejects {
-        Some(path) => Some(BufWriter::new(File::create(path).map_err(|e| {
-            CliError::usage(format!(
-                "cannot create the rejects file {}: {e}",
-                path.display()
-            ))
-        })?)),
-        None => None,
-    };
 
     let stop = Arc::new(AtomicBool::new(false));
     let counters = Arc::new(ReadCounters::default());
@@ -580,7 +598,9 @@ fn read_and_submit(
     journaled: bool,
     stop: &AtomicBool,
     counters: &ReadCounters,
-    mut rejects: Option<BufWriter<File>>,
+    // Unbuffered, one write per bad line (they are few): a line reported as copied is in the
+    // file, whatever ends the run.
+    mut rejects: Option<File>,
     progress: &Progress,
 ) -> ReadOutcome {
     let started = Instant::now();
@@ -604,7 +624,9 @@ fn read_and_submit(
                 counters.rejected.fetch_add(1, AtomicOrdering::Relaxed);
                 progress.note(&format!("line {line}: rejected: {reason}"));
                 if let Some(file) = &mut rejects {
-                    if let Err(e) = file.write_all(&raw).and_then(|()| file.write_all(b"\n")) {
+                    let mut record = raw;
+                    record.push(b'\n');
+                    if let Err(e) = file.write_all(&record) {
                         progress.note(&format!("cannot write to the rejects file: {e}"));
                         rejects = None;
                     }
@@ -662,11 +684,6 @@ fn read_and_submit(
                     break;
                 }
             }
-        }
-    }
-    if let Some(file) = &mut rejects {
-        if let Err(e) = file.flush() {
-            progress.note(&format!("cannot write to the rejects file: {e}"));
         }
     }
     ReadOutcome {

@@ -147,3 +147,51 @@ fn an_input_that_cannot_be_read_creates_no_journal() {
     );
     assert_eq!(server.count(), 0);
 }
+
+#[test]
+fn a_rerun_keeps_the_rejects_of_the_earlier_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, broken) = server_failing_id(1, || Reply::status(404));
+    let lines: Vec<String> = vec![
+        r#"{"id":0}"#.into(),
+        "{bad".into(),
+        r#"{"id":1}"#.into(),
+        r#"{"id":2}"#.into(),
+        "[oops".into(),
+        r#"{"id":3}"#.into(),
+    ];
+    let input = write_lines(dir.path(), "in.jsonl", &lines);
+    let rejects = dir.path().join("rejects.jsonl");
+    let send = |extra: &[&str]| {
+        conveyor(dir.path())
+            .args(["send", input.to_str().unwrap(), "--to", &server.url()])
+            .args(["--rejects", rejects.to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    // The first run pauses at id 1, after reading (and rejecting) every bad line.
+    expect_exit(&send(&["--on-failure", "pause", "--retries", "0"]), 3);
+    assert_eq!(std::fs::read_to_string(&rejects).unwrap(), "{bad\n[oops\n");
+    broken.store(false, std::sync::atomic::Ordering::SeqCst);
+    expect_exit(&conveyor(dir.path()).args(["resume"]).output().unwrap(), 0);
+    // The rerun reads no line again, so it rejects none: the earlier rejects stay.
+    expect_exit(&send(&["--on-failure", "pause", "--retries", "0"]), 0);
+    assert_eq!(ids(&server.arrivals()), [0, 1, 1, 2, 3]);
+    assert_eq!(std::fs::read_to_string(&rejects).unwrap(), "{bad\n[oops\n");
+    // A run that reads the file from its first line writes the file afresh, without doubles.
+    expect_exit(&send(&["--no-journal"]), 1);
+    assert_eq!(std::fs::read_to_string(&rejects).unwrap(), "{bad\n[oops\n");
+    // Stdin is a new stream each time: its rejects are added to the earlier ones.
+    let from_stdin = conveyor(dir.path())
+        .args(["send", "-", "--to", &server.url(), "--no-journal"])
+        .args(["--rejects", rejects.to_str().unwrap()])
+        .write_stdin("nope\n")
+        .output()
+        .unwrap();
+    expect_exit(&from_stdin, 1);
+    assert_eq!(
+        std::fs::read_to_string(&rejects).unwrap(),
+        "{bad\n[oops\nnope\n"
+    );
+}
