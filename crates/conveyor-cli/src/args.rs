@@ -257,9 +257,11 @@ pub(crate) struct JournalArgs {
     #[arg(long)]
     pub(crate) no_journal: bool,
 
-    /// Commit each line to the journal before reading the next (slower). By default lines are
-    /// committed in groups every 5 ms: after a crash a file input reads those lines again, but
-    /// lines from stdin in that last window are lost.
+    /// Commit each line to the journal before reading the next (slower); stdin is then read a
+    /// line at a time, so a crash loses at most the one line being read or submitted. By
+    /// default lines are committed in groups every 5 ms and stdin is read ahead (64 KiB): after
+    /// a crash a file input reads those lines again, but the lines read from stdin and not yet
+    /// committed (the last 5 ms, and what was read ahead) are lost.
     #[arg(long, conflicts_with = "no_journal")]
     pub(crate) sync: bool,
 }

@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Write};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -52,9 +53,23 @@ impl Input {
 
     /// Opens the input; a file that cannot be read (missing, a directory) is refused here,
     /// before anything else (the journal above all) is created for it.
-    fn open(&self) -> Result<Box<dyn BufRead + Send>, CliError> {
+    ///
+    /// Without `read_ahead`, stdin is read a byte at a time, never past the line being taken
+    /// (`--sync`: each line is committed before the next is read, so a crash loses at most that
+    /// line; what a buffer read ahead could not be read again). A syscall per byte is cheap next
+    /// to a commit per line. A file can be read again from the journal's position: always
+    /// buffered.
+    fn open(&self, read_ahead: bool) -> Result<Box<dyn BufRead + Send>, CliError> {
         Ok(match self {
-            Self::Stdin => Box::new(BufReader::with_capacity(64 * 1024, io::stdin())),
+            Self::Stdin if read_ahead => Box::new(BufReader::with_capacity(64 * 1024, io::stdin())),
+            Self::Stdin => {
+                // A handle of its own on fd 0: `io::stdin()` would buffer 8 KiB behind ours.
+                let fd = io::stdin()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|e| CliError::usage(format!("cannot read stdin: {e}")))?;
+                Box::new(BufReader::with_capacity(1, File::from(fd)))
+            }
             Self::File(path) => {
                 let file = File::open(path).map_err(|e| {
                     CliError::usage(format!("cannot open input {}: {e}", path.display()))
@@ -328,7 +343,7 @@ pub(crate) fn run(
     let ordering_name = plan.ordering.to_string();
     let latencies = Arc::new(Latencies::new());
     // First, so that a mistyped input path leaves no journal behind.
-    let mut reader = LineReader::new(input.open()?, plan.key.clone());
+    let mut reader = LineReader::new(input.open(!plan.sync)?, plan.key.clone());
     // Where a rerun picks up: the position stored with the last items a previous run accepted.
     // Only a file reads the same lines again; on stdin the journal still replays what was
     // pending, but the new stream is read from its start. Checked before the conveyor starts

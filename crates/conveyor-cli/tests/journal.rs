@@ -433,3 +433,46 @@ fn an_input_shorter_than_the_journal_position_is_refused() {
     assert!(stderr.contains("--journal"), "says what to do: {stderr}");
     assert_eq!(server.count(), 4, "nothing was sent again");
 }
+
+#[test]
+fn sync_never_reads_stdin_ahead_of_the_journal() {
+    use std::io::Seek;
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing is ever answered: the lines pile up in the queue, then the reader waits for room.
+    let server = Server::start(|_| Reply::ok().delay(Duration::from_secs(600))).unwrap();
+    let lines = items(100, 1);
+    let path = write_lines(dir.path(), "in.jsonl", &lines);
+    // The child's stdin shares this file's offset: it shows how much of the input was read.
+    let stdin = std::fs::File::open(&path).unwrap();
+    let mut offset = stdin.try_clone().unwrap();
+    let journal = dir.path().join("j.journal");
+    let url = server.url();
+    let mut child = Command::new(conveyor_path())
+        .current_dir(dir.path())
+        .args(["send", "-", "--to", &url, "--sync", "--capacity", "2", "-q"])
+        .args(["--journal", journal.to_str().unwrap()])
+        .stdin(Stdio::from(stdin))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the first request", || server.count() >= 1);
+    // Whenever the kill falls, a line read from stdin is in the journal, but the one being read
+    // or submitted: that is all a crash may lose.
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let read = offset.stream_position().unwrap() as usize;
+
+    let status = conveyor(dir.path())
+        .args(["status", "--json", "--journal", journal.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let (status, _) = expect_exit(&status, 0);
+    let status: serde_json::Value = serde_json::from_str(status.trim()).unwrap();
+    let pending = status["pending"].as_u64().unwrap() as usize;
+    let journaled: usize = lines[..pending].iter().map(|l| l.len() + 1).sum();
+    assert!(
+        read <= journaled + lines[pending].len() + 1,
+        "{read} bytes of stdin read, {journaled} bytes ({pending} lines) in the journal"
+    );
+}
