@@ -269,8 +269,9 @@ pub(crate) struct JournalArgs {
 #[derive(Debug, Clone, Args)]
 pub(crate) struct OutputArgs {
     /// On Ctrl-C or SIGTERM: stop reading and starting sends, let the sends in flight finish
-    /// for at most this long, then exit; what is left stays in the journal for the rerun. A
-    /// second Ctrl-C exits at once.
+    /// for at most this long, then exit. A second Ctrl-C exits at once.
+    // Shared with `demo`, which keeps no journal: what `send` keeps for a rerun is said by
+    // --journal, --no-journal and the exit codes.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub(crate) drain_timeout: Duration,
 
@@ -285,8 +286,8 @@ pub(crate) struct OutputArgs {
 
 #[derive(Debug, Args)]
 pub(crate) struct DemoArgs {
-    /// How many items to send.
-    #[arg(long, default_value_t = 100)]
+    /// How many items to send (at least 1).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
     pub(crate) items: u64,
 
     /// `strict`, `pipelined:N` or `keyed:N` (items are keyed by their `user` field, 16 users).

@@ -43,6 +43,8 @@ pub(crate) fn run(args: DemoArgs) -> Result<u8, CliError> {
     let server = Server::start(move |_| Reply::ok().delay(latency))
         .map_err(|e| CliError::usage(format!("cannot start the demo service on 127.0.0.1: {e}")))?;
     let talk = !args.output.quiet && !args.output.json;
+    // Ctrl-C is handled from the first line printed on.
+    let (tx, rx) = send::events()?;
     if talk {
         print_out(&format!(
             "A pretend slow service is listening on {} and takes {} per request.\n\
@@ -86,7 +88,6 @@ pub(crate) fn run(args: DemoArgs) -> Result<u8, CliError> {
         sync: false,
         output: inner_output,
     };
-    let (tx, rx) = send::events()?;
     let summary = send::run(plan, Input::Memory(lines.into_bytes()), tx, &rx)?;
 
     let arrivals = server.arrivals();
@@ -170,15 +171,17 @@ fn check_order(arrivals: &[Arrival], ordering: OrderingArg) -> bool {
 
 fn describe(report: &DemoReport, arrivals: &[Arrival], ordering: OrderingArg) -> String {
     let mut text = String::new();
-    let per_item = if report.items > 0 {
-        report.producer_micros / report.items as f64
+    // Not `report.items`: an interrupted run hands over fewer.
+    let handed_over = report.summary.accepted;
+    let per_item = if handed_over > 0 {
+        report.producer_micros / handed_over as f64
     } else {
         0.0
     };
     let _ = writeln!(
         text,
-        "\nproducer loop: handed over {} items in {:.0} µs ({per_item:.1} µs per item) — it never waited for the service",
-        report.items, report.producer_micros
+        "\nproducer loop: handed over {handed_over} items in {:.0} µs ({per_item:.1} µs per item) — it never waited for the service",
+        report.producer_micros
     );
     let first: Vec<String> = arrivals
         .iter()
@@ -217,19 +220,23 @@ fn describe(report: &DemoReport, arrivals: &[Arrival], ordering: OrderingArg) ->
         "total {:.2}s; strict floor {} × {:.0} ms = {:.2}s",
         report.total_secs, report.items, report.latency_ms, report.strict_floor_secs
     );
-    if report.floor_secs < report.strict_floor_secs {
+    if report.summary.interrupted {
+        text.push_str(" (interrupted: not all items were sent, no comparison)");
+    } else if report.floor_secs <= 0.0 {
+        // No latency: no floor to be over.
+    } else if report.floor_secs < report.strict_floor_secs {
         let _ = write!(
             text,
             "; floor for --ordering {ordering} = {:.2}s ({:+.1}% over it, {:.1}x faster than the strict floor)",
             report.floor_secs,
-            (report.total_secs / report.floor_secs.max(1e-9) - 1.0) * 100.0,
+            (report.total_secs / report.floor_secs - 1.0) * 100.0,
             report.strict_floor_secs / report.total_secs.max(1e-9)
         );
     } else {
         let _ = write!(
             text,
             " ({:+.1}% over the floor); try `conveyor demo --ordering keyed:16`",
-            (report.total_secs / report.strict_floor_secs.max(1e-9) - 1.0) * 100.0
+            (report.total_secs / report.strict_floor_secs - 1.0) * 100.0
         );
     }
     text

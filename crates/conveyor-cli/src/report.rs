@@ -157,7 +157,7 @@ impl Summary {
                     self.left
                 )),
                 None => text.push_str(&format!(
-                    "\n{} items were not delivered and are lost (--no-journal)",
+                    "\n{} items were not delivered and are lost (run without a journal)",
                     self.left
                 )),
             }

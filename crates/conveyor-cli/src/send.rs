@@ -458,7 +458,7 @@ pub(crate) fn run(
                         if plan.journal.is_some() {
                             "stays in the journal for the rerun"
                         } else {
-                            "is lost (--no-journal)"
+                            "is lost (run without a journal)"
                         }
                     ));
                 }
