@@ -487,15 +487,17 @@ pub(crate) fn run(
         } else if still_since.elapsed() >= PAUSED_STALL {
             if read_outcome.is_none() {
                 stop.store(true, AtomicOrdering::SeqCst);
-                progress.note(&format!(
-                    "a paused lane fills the queue: stopped reading at line {submitting}, \
-                     which {}",
-                    if input.is_replayable() {
-                        "a rerun reads again (after `conveyor resume`)"
-                    } else {
-                        "and the rest of stdin are not sent"
-                    }
-                ));
+                progress.note(&if input.is_replayable() {
+                    format!(
+                        "a paused lane fills the queue: stopped reading at line {submitting}; \
+                         after `conveyor resume`, a rerun reads on from there"
+                    )
+                } else {
+                    format!(
+                        "a paused lane fills the queue: stopped reading stdin at line \
+                         {submitting}; that line and the rest of stdin are not sent"
+                    )
+                });
             }
             break;
         }
