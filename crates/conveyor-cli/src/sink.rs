@@ -1,6 +1,7 @@
 //! Where lines go: an HTTP endpoint (the library's `HttpSink`) or a program run per line.
 
 use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
@@ -50,12 +51,11 @@ pub(crate) struct ExecSink {
 }
 
 impl ExecSink {
-    /// Checks that the program can be found now, so a typo fails once, not once per line.
+    /// Checks that the program can be found and executed now, so a typo or a missing `chmod +x`
+    /// fails once, not once per line.
     pub(crate) fn new(argv: &[String], timeout: Duration) -> Result<Self, String> {
         let (name, args) = argv.split_first().ok_or("--exec needs a program to run")?;
-        let program = find_program(name).ok_or_else(|| {
-            format!("cannot find program `{name}` for --exec: give a path or put it on PATH")
-        })?;
+        let program = find_program(name)?;
         Ok(Self {
             program,
             args: args.to_vec(),
@@ -153,16 +153,39 @@ fn tail(text: &str) -> String {
     text[start..].replace('\n', " | ")
 }
 
-/// Like a shell's lookup: a name with a `/` is a path, anything else is searched on PATH.
-fn find_program(name: &str) -> Option<PathBuf> {
-    let is_runnable = |p: &Path| p.is_file();
+/// Like a shell's lookup: a name with a `/` is a path, anything else is searched on PATH for a
+/// file we may execute. The error says what to do.
+fn find_program(name: &str) -> Result<PathBuf, String> {
     if name.contains('/') {
         let path = PathBuf::from(name);
-        return is_runnable(&path).then_some(path);
+        return match std::fs::metadata(&path) {
+            Err(e) => Err(format!("cannot use `{name}` for --exec: {e}")),
+            Ok(meta) if meta.is_dir() => Err(format!(
+                "`{name}` is a directory: --exec needs a program to run"
+            )),
+            Ok(_) if !may_execute(&path) => Err(format!(
+                "`{name}` is not executable: `chmod +x {name}`, or name its interpreter first \
+                 (`--exec sh {name}`)"
+            )),
+            Ok(_) => Ok(path),
+        };
     }
-    std::env::split_paths(&std::env::var_os("PATH")?)
+    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
         .map(|dir| dir.join(name))
-        .find(|p| is_runnable(p))
+        .find(|p| p.is_file() && may_execute(p))
+        .ok_or_else(|| {
+            format!("cannot find program `{name}` for --exec: give a path or put it on PATH")
+        })
+}
+
+/// Whether this process may execute `path`: access(2) with X_OK, the check exec itself makes
+/// (permission bits alone would be wrong for another user's file, or for root).
+fn may_execute(path: &Path) -> bool {
+    let Ok(path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: `path` is a valid NUL-terminated string that outlives the call.
+    unsafe { libc::access(path.as_ptr(), libc::X_OK) == 0 }
 }
 
 /// Send latencies (each sink call, retries included), for the summary's p50/p99.
@@ -223,9 +246,10 @@ mod tests {
 
     #[test]
     fn programs_are_found_on_path_or_by_path() {
-        assert!(find_program("sh").is_some());
-        assert!(find_program("/bin/sh").is_some());
-        assert!(find_program("no-such-program-conveyor").is_none());
+        assert!(find_program("sh").is_ok());
+        assert!(find_program("/bin/sh").is_ok());
+        assert!(find_program("no-such-program-conveyor").is_err());
+        assert!(find_program("/").unwrap_err().contains("directory"));
         let err = ExecSink::new(&["no-such-program-conveyor".into()], Duration::from_secs(1))
             .unwrap_err();
         assert!(err.contains("PATH"), "{err}");

@@ -2,6 +2,11 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
 use common::*;
 
 const SCRIPT: &str = r#"line=$(cat)
@@ -89,4 +94,37 @@ fn a_missing_program_is_a_usage_error() {
         stderr.contains("no-such-program-xyz") && stderr.contains("PATH"),
         "{stderr}"
     );
+}
+
+/// `conveyor send INPUT --no-journal --json EXTRA... --exec PROGRAM`, run to completion, with
+/// how long it took.
+fn send_exec(dir: &Path, input: &Path, extra: &[&str], program: &Path) -> (Output, Duration) {
+    let started = Instant::now();
+    let output = conveyor(dir)
+        .args(["send", input.to_str().unwrap(), "--no-journal", "--json"])
+        .args(extra)
+        .args(["--exec", program.to_str().unwrap()])
+        .output()
+        .unwrap();
+    (output, started.elapsed())
+}
+
+#[test]
+fn a_program_that_is_not_executable_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_lines(dir.path(), "in.jsonl", &items(3, 1));
+    let plain = dir.path().join("plain.sh");
+    std::fs::write(&plain, "#!/bin/sh\nexit 0\n").unwrap();
+    std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let folder = dir.path().join("folder");
+    std::fs::create_dir(&folder).unwrap();
+    for program in [&plain, &folder] {
+        let (output, _) = send_exec(dir.path(), &input, &[], program);
+        let (stdout, stderr) = expect_exit(&output, 2);
+        // One error before any line, not a failure per line.
+        assert!(stdout.is_empty() && !stderr.contains("line 1"), "{stderr}");
+        assert!(stderr.contains(program.to_str().unwrap()), "{stderr}");
+    }
+    let (_, stderr) = texts(&send_exec(dir.path(), &input, &[], &plain).0);
+    assert!(stderr.contains("chmod +x"), "{stderr}");
 }
