@@ -3,7 +3,7 @@
 use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{ChildStdin, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -82,13 +82,9 @@ impl ExecSink {
         let mut child = command.spawn().map_err(|e| {
             SinkError::permanent(format!("cannot run `{}`: {e}", self.program.display()))
         })?;
-        if let Some(mut stdin) = child.stdin.take() {
-            let mut body = line.body.clone().into_bytes();
-            body.push(b'\n');
-            // A program that exits without reading its stdin is allowed to: its status decides.
-            let _ = stdin.write_all(&body);
-        }
-        // Read stderr on the side so a chatty program cannot block on a full pipe while we wait.
+        // Read stderr before writing the line, and write the line on its own thread: a program
+        // may fill its stderr before it reads a byte, or never read a line bigger than the pipe
+        // buffer, and neither may keep `--timeout` from starting.
         let stderr = child.stderr.take().map(|mut pipe| {
             std::thread::spawn(move || {
                 let mut text = Vec::new();
@@ -96,6 +92,9 @@ impl ExecSink {
                 text
             })
         });
+        if let Some(stdin) = child.stdin.take() {
+            feed(stdin, &line.body);
+        }
         let status = match child.wait_timeout(self.timeout) {
             Ok(Some(status)) => status,
             Ok(None) => {
@@ -140,6 +139,19 @@ impl ExecSink {
             )))),
         }
     }
+}
+
+/// Writes `body` and a newline to the program's stdin on a thread of its own, which is not
+/// waited for: it ends when the program has read the line, or when its stdin closes (the program
+/// exited or was killed; writing then fails with EPIPE, since Rust ignores SIGPIPE). A program
+/// that exits without reading its stdin is allowed to: its status decides.
+fn feed(mut stdin: ChildStdin, body: &str) {
+    let mut bytes = Vec::with_capacity(body.len() + 1);
+    bytes.extend_from_slice(body.as_bytes());
+    bytes.push(b'\n');
+    std::thread::spawn(move || {
+        let _ = stdin.write_all(&bytes);
+    });
 }
 
 /// The last line(s) of a program's stderr, short enough for one message.

@@ -3,7 +3,7 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
@@ -127,4 +127,61 @@ fn a_program_that_is_not_executable_is_a_usage_error() {
     }
     let (_, stderr) = texts(&send_exec(dir.path(), &input, &[], &plain).0);
     assert!(stderr.contains("chmod +x"), "{stderr}");
+}
+
+/// Writes `body` as an executable `sh` script `dir/name` and returns its path.
+fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{body}")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// One line far bigger than a pipe's buffer (64 KiB on Linux).
+fn big_line() -> Vec<String> {
+    vec![format!(r#"{{"id":0,"pad":"{}"}}"#, "x".repeat(1 << 20))]
+}
+
+#[test]
+fn the_timeout_holds_for_a_line_bigger_than_a_pipe_that_is_never_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_lines(dir.path(), "in.jsonl", &big_line());
+    // Neither reads its stdin nor exits before 20 s.
+    let program = script(dir.path(), "stuck.sh", "exec sleep 20\n");
+    let (output, elapsed) = send_exec(
+        dir.path(),
+        &input,
+        &["--timeout", "1s", "--retries", "0"],
+        &program,
+    );
+    let (_, stderr) = expect_exit(&output, 1);
+    assert!(stderr.contains("did not finish within 1s"), "{stderr}");
+    assert_eq!(summary(&output)["failed"].as_u64(), Some(1));
+    assert!(elapsed < Duration::from_secs(12), "took {elapsed:?}");
+}
+
+#[test]
+fn a_program_may_fill_its_stderr_before_reading_a_big_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_lines(dir.path(), "in.jsonl", &big_line());
+    // 200 KB of stderr before a byte of stdin is read: both pipes are full at once.
+    let program = script(
+        dir.path(),
+        "chatty.sh",
+        "head -c 200000 /dev/zero | tr '\\0' e >&2\ncat >/dev/null\nexit 0\n",
+    );
+    let started = Instant::now();
+    let output = conveyor(dir.path())
+        .timeout(Duration::from_secs(30))
+        .args(["send", input.to_str().unwrap(), "--no-journal", "--json"])
+        .args(["--timeout", "20s", "--exec", program.to_str().unwrap()])
+        .output()
+        .unwrap();
+    expect_exit(&output, 0);
+    assert_eq!(summary(&output)["delivered"].as_u64(), Some(1));
+    assert!(
+        started.elapsed() < Duration::from_secs(12),
+        "{:?}",
+        started.elapsed()
+    );
 }
