@@ -1,10 +1,11 @@
 //! Where lines go: an HTTP endpoint (the library's `HttpSink`) or a program run per line.
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::process::{ChildStdin, Command, Stdio};
-use std::sync::Mutex;
+use std::process::{ChildStderr, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use conveyor::{Delivery, HttpSink, SinkError};
@@ -15,8 +16,15 @@ use crate::input::Line;
 
 /// Exit status that asks for a retry (EX_TEMPFAIL from sysexits.h).
 const EX_TEMPFAIL: i32 = 75;
-/// How much of a failing program's stderr goes into the error.
+/// How much of a failing program's stderr goes into the error (characters).
 const STDERR_TAIL: usize = 300;
+/// How much of a program's stderr is kept in memory (bytes): enough for [`STDERR_TAIL`]
+/// characters of any UTF-8, however much the program writes.
+const STDERR_KEEP: usize = 4 * STDERR_TAIL + 4096;
+/// How long after a program exits its stderr may take to close. What it wrote before exiting is
+/// already in the pipe, so this only bounds the wait on a background process it left behind
+/// holding the pipe; what such a process writes later is not waited for.
+const STDERR_GRACE: Duration = Duration::from_millis(200);
 
 /// The target of `conveyor send`.
 #[derive(Debug)]
@@ -85,13 +93,7 @@ impl ExecSink {
         // Read stderr before writing the line, and write the line on its own thread: a program
         // may fill its stderr before it reads a byte, or never read a line bigger than the pipe
         // buffer, and neither may keep `--timeout` from starting.
-        let stderr = child.stderr.take().map(|mut pipe| {
-            std::thread::spawn(move || {
-                let mut text = Vec::new();
-                let _ = pipe.read_to_end(&mut text);
-                text
-            })
-        });
+        let stderr = child.stderr.take().map(StderrTail::start);
         if let Some(stdin) = child.stdin.take() {
             feed(stdin, &line.body);
         }
@@ -112,10 +114,7 @@ impl ExecSink {
                 )))
             }
         };
-        let stderr = stderr
-            .and_then(|t| t.join().ok())
-            .map(|text| tail(&String::from_utf8_lossy(&text)))
-            .unwrap_or_default();
+        let stderr = stderr.map(StderrTail::finish).unwrap_or_default();
         let describe = |what: String| {
             if stderr.is_empty() {
                 what
@@ -152,6 +151,54 @@ fn feed(mut stdin: ChildStdin, body: &str) {
     std::thread::spawn(move || {
         let _ = stdin.write_all(&bytes);
     });
+}
+
+/// The end of a program's stderr, read on a thread of its own so that a chatty program never
+/// blocks on a full pipe while we wait for it.
+struct StderrTail {
+    /// The last bytes read (at most about twice [`STDERR_KEEP`]). A mutex, since the run's thread
+    /// takes the text while the reader may still be reading: a background process the program
+    /// left behind can hold the pipe open long after the program exited.
+    text: Arc<Mutex<Vec<u8>>>,
+    /// Disconnected when the reader reaches the end of the pipe (its sender is dropped then).
+    eof: Receiver<()>,
+}
+
+impl StderrTail {
+    fn start(mut pipe: ChildStderr) -> Self {
+        let text = Arc::new(Mutex::new(Vec::new()));
+        let (reading, eof) = mpsc::channel::<()>();
+        let kept = Arc::clone(&text);
+        std::thread::spawn(move || {
+            let _reading = reading;
+            let mut chunk = [0; 8192];
+            loop {
+                match pipe.read(&mut chunk) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        let mut text = kept.lock().unwrap_or_else(PoisonError::into_inner);
+                        text.extend_from_slice(&chunk[..n]);
+                        if text.len() > 2 * STDERR_KEEP {
+                            let excess = text.len() - STDERR_KEEP;
+                            text.drain(..excess);
+                        }
+                    }
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
+        });
+        Self { text, eof }
+    }
+
+    /// The tail of what the program wrote, once it has exited: all of it if the pipe closes
+    /// within [`STDERR_GRACE`], else what has arrived by then. Never waits for the end of the
+    /// pipe beyond that, since a process left behind may hold it open for as long as it likes.
+    fn finish(self) -> String {
+        let _ = self.eof.recv_timeout(STDERR_GRACE);
+        let text = self.text.lock().unwrap_or_else(PoisonError::into_inner);
+        tail(&String::from_utf8_lossy(&text))
+    }
 }
 
 /// The last line(s) of a program's stderr, short enough for one message.
@@ -242,7 +289,7 @@ impl Latencies {
 /// The sink closure: delivers and times each call.
 pub(crate) fn sink_fn(
     target: Target,
-    latencies: std::sync::Arc<Latencies>,
+    latencies: Arc<Latencies>,
 ) -> impl Fn(Delivery<Line>) -> Result<(), SinkError> + Send + Sync + 'static {
     move |d| {
         let started = Instant::now();
@@ -272,6 +319,25 @@ mod tests {
         assert_eq!(tail("a\nb\n"), "a | b");
         let long = "x".repeat(1000);
         assert_eq!(tail(&long).len(), STDERR_TAIL + 1);
+    }
+
+    #[test]
+    fn only_the_end_of_a_long_stderr_is_kept() {
+        let mut child = Command::new("sh")
+            .args([
+                "-c",
+                "head -c 100000 /dev/zero | tr '\\0' x >&2; echo last words >&2",
+            ])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = StderrTail::start(child.stderr.take().unwrap());
+        child.wait().unwrap();
+        let _ = stderr.eof.recv();
+        assert!(stderr.text.lock().unwrap().len() <= 2 * STDERR_KEEP);
+        let tail = stderr.finish();
+        assert!(tail.ends_with("xxlast words"), "{tail}");
+        assert_eq!(tail.chars().count(), STDERR_TAIL + 1);
     }
 
     #[test]

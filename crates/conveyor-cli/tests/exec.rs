@@ -170,18 +170,42 @@ fn a_program_may_fill_its_stderr_before_reading_a_big_line() {
         "chatty.sh",
         "head -c 200000 /dev/zero | tr '\\0' e >&2\ncat >/dev/null\nexit 0\n",
     );
-    let started = Instant::now();
-    let output = conveyor(dir.path())
-        .timeout(Duration::from_secs(30))
-        .args(["send", input.to_str().unwrap(), "--no-journal", "--json"])
-        .args(["--timeout", "20s", "--exec", program.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let (output, elapsed) = send_exec(dir.path(), &input, &["--timeout", "20s"], &program);
     expect_exit(&output, 0);
     assert_eq!(summary(&output)["delivered"].as_u64(), Some(1));
-    assert!(
-        started.elapsed() < Duration::from_secs(12),
-        "{:?}",
-        started.elapsed()
+    assert!(elapsed < Duration::from_secs(12), "took {elapsed:?}");
+}
+
+#[test]
+fn a_background_process_left_behind_does_not_hold_up_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_lines(dir.path(), "in.jsonl", &items(3, 1));
+    // The orphan keeps the stderr pipe open for 15 s (its stdout goes elsewhere, so only
+    // conveyor's pipe is held, not the test's).
+    let program = script(
+        dir.path(),
+        "forks.sh",
+        "cat >/dev/null\necho \"oops $CONVEYOR_LINE\" >&2\nsleep 15 >/dev/null &\n\
+         [ \"$CONVEYOR_LINE\" = 2 ] && exit 1\nexit 0\n",
     );
+    let (output, elapsed) = send_exec(
+        dir.path(),
+        &input,
+        &["--timeout", "30s", "--retries", "0"],
+        &program,
+    );
+    let (_, stderr) = expect_exit(&output, 1);
+    let summary = summary(&output);
+    assert_eq!(
+        (summary["delivered"].as_u64(), summary["failed"].as_u64()),
+        (Some(2), Some(1)),
+        "{summary}"
+    );
+    // What the program wrote before it exited still explains its failure.
+    assert!(
+        stderr.contains("exited with 1") && stderr.contains("oops 2"),
+        "{stderr}"
+    );
+    // Each line ended when its program did, not when the orphan let go of the pipe.
+    assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
 }
