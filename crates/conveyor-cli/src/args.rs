@@ -185,7 +185,10 @@ pub(crate) struct SendArgs {
     /// Run PROGRAM [ARGS...] per line (no shell), the line on its stdin. Exit 0 is success,
     /// 75 (EX_TEMPFAIL) is retried, anything else fails the line. Must come last: everything after
     /// it belongs to the program. The program also gets CONVEYOR_SEQ, CONVEYOR_LINE,
-    /// CONVEYOR_ATTEMPT and CONVEYOR_IDEMPOTENCY_KEY in its environment.
+    /// CONVEYOR_ATTEMPT and CONVEYOR_IDEMPOTENCY_KEY in its environment. It runs in its own
+    /// process group: Ctrl-C stops conveyor, not the program, which may finish within
+    /// --drain-timeout. Killed by SIGTERM, SIGKILL, SIGINT or SIGHUP, it is retried; by another
+    /// signal (a crash), the line fails.
     #[arg(long, value_name = "PROGRAM", num_args = 1.., allow_hyphen_values = true, conflicts_with = "to")]
     pub(crate) exec: Vec<String>,
 

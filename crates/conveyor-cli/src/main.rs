@@ -66,6 +66,8 @@ fn run_send(args: args::SendArgs) -> Result<u8, CliError> {
     let input = send::Input::from_arg(&args.input);
     let plan = send::SendPlan::from_args(args, &input)?;
     let (tx, rx) = send::events()?;
-    let summary = send::run(plan, input, tx, &rx)?;
-    Ok(summary.exit_code)
+    let summary = send::run(plan, input, tx, &rx);
+    // Programs the run stopped waiting for (the drain deadline passed) must not outlive it.
+    sink::stop_running_programs();
+    Ok(summary?.exit_code)
 }

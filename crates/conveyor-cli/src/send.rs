@@ -718,6 +718,7 @@ pub(crate) fn install_signals(events: Sender<Event>) -> Result<(), CliError> {
             let _ = events.send(Event::Interrupt);
         } else {
             let _ = writeln!(io::stderr(), "interrupted again: exiting now");
+            crate::sink::stop_running_programs();
             std::process::exit(i32::from(exit::ABORTED));
         }
     })

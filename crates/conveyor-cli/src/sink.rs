@@ -2,6 +2,7 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{ChildStderr, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
@@ -83,7 +84,12 @@ impl ExecSink {
             .stdin(Stdio::piped())
             // The program's own output is data: it goes where ours does. Its stderr explains failures.
             .stdout(Stdio::inherit())
-            .stderr(Stdio::piped());
+            .stderr(Stdio::piped())
+            // A process group of its own: a terminal's Ctrl-C goes to the whole foreground
+            // group, and conveyor's shutdown, not that signal, decides what becomes of the line
+            // in flight (it may finish within --drain-timeout). A timeout then stops whatever
+            // the program started, too.
+            .process_group(0);
         if let Some(key) = d.key() {
             command.env("CONVEYOR_KEY", key);
         }
@@ -97,23 +103,16 @@ impl ExecSink {
         if let Some(stdin) = child.stdin.take() {
             feed(stdin, &line.body);
         }
-        let status = match child.wait_timeout(self.timeout) {
-            Ok(Some(status)) => status,
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(SinkError::retryable(format!(
-                    "`{}` did not finish within {}",
-                    self.program.display(),
-                    humantime::format_duration(self.timeout)
-                )));
-            }
-            Err(e) => {
-                return Err(SinkError::retryable(format!(
-                    "waiting for the program: {e}"
-                )))
-            }
-        };
+        let running = Running::register(child.id());
+        let waited = child.wait_timeout(self.timeout);
+        if !matches!(waited, Ok(Some(_))) {
+            // Out of time (or unable to wait): stop the program and whatever it started. Its
+            // group is signalled before it is reaped, so the group id cannot have been reused.
+            signal_group(child.id(), libc::SIGKILL);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        drop(running);
         let stderr = stderr.map(StderrTail::finish).unwrap_or_default();
         let describe = |what: String| {
             if stderr.is_empty() {
@@ -122,22 +121,115 @@ impl ExecSink {
                 format!("{what}: {stderr}")
             }
         };
-        match status.code() {
-            Some(0) => Ok(()),
-            Some(EX_TEMPFAIL) => Err(SinkError::retryable(describe(format!(
-                "`{}` exited with 75 (temporary failure)",
-                self.program.display()
+        let program = self.program.display();
+        let status = match waited {
+            Ok(Some(status)) => status,
+            Ok(None) => {
+                return Err(SinkError::retryable(describe(format!(
+                    "`{program}` did not finish within {}",
+                    humantime::format_duration(self.timeout)
+                ))))
+            }
+            Err(e) => {
+                return Err(SinkError::retryable(format!(
+                    "waiting for `{program}`: {e}"
+                )))
+            }
+        };
+        match (status.code(), status.signal()) {
+            (Some(0), _) => Ok(()),
+            (Some(EX_TEMPFAIL), _) => Err(SinkError::retryable(describe(format!(
+                "`{program}` exited with 75 (temporary failure)"
             )))),
-            Some(code) => Err(SinkError::permanent(describe(format!(
-                "`{}` exited with {code}",
-                self.program.display()
+            (Some(code), _) => Err(SinkError::permanent(describe(format!(
+                "`{program}` exited with {code}"
             )))),
-            None => Err(SinkError::permanent(describe(format!(
-                "`{}` was killed by a signal",
-                self.program.display()
+            // Not a signal we sent (the timeout returned above): someone stopped the program,
+            // or the OOM killer did. That says nothing against the line, so it is tried again
+            // (and stays pending if the run is shutting down) rather than failed for good.
+            (
+                None,
+                Some(signal @ (libc::SIGHUP | libc::SIGINT | libc::SIGKILL | libc::SIGTERM)),
+            ) => Err(SinkError::retryable(describe(format!(
+                "`{program}` was stopped by {} (retried)",
+                signal_name(signal)
+            )))),
+            // A crash (SIGSEGV, SIGABRT, ...) would most likely happen again.
+            (None, signal) => Err(SinkError::permanent(describe(format!(
+                "`{program}` was killed by {}",
+                signal.map_or_else(|| "a signal".into(), signal_name)
             )))),
         }
     }
+}
+
+/// Process groups of the programs running now, so that conveyor can stop them when it exits
+/// without waiting for them. A plain mutex: one short lock per program run.
+static RUNNING: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+/// A program listed in [`RUNNING`] until this is dropped (after the program is reaped).
+struct Running(u32);
+
+impl Running {
+    fn register(pid: u32) -> Self {
+        RUNNING
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(pid);
+        Self(pid)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        RUNNING
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|&pid| pid != self.0);
+    }
+}
+
+/// Sends SIGTERM to every `--exec` program still running (and what it started), for when
+/// conveyor exits without waiting for them: the drain deadline passed, or a second Ctrl-C. Their
+/// lines stay pending in the journal; a program in its own process group would otherwise outlive
+/// conveyor, since a terminal's Ctrl-C no longer reaches it.
+pub(crate) fn stop_running_programs() {
+    for &pid in RUNNING
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .iter()
+    {
+        signal_group(pid, libc::SIGTERM);
+    }
+}
+
+/// Sends `signal` to the process group led by `pid` (each program runs in its own).
+fn signal_group(pid: u32, signal: libc::c_int) {
+    if let Ok(pgid) = libc::pid_t::try_from(pid) {
+        // SAFETY: kill(2) takes plain integers; a negative pid names a process group.
+        unsafe {
+            libc::kill(-pgid, signal);
+        }
+    }
+}
+
+/// `SIGTERM` for the common signals, `signal N` for the others.
+fn signal_name(signal: i32) -> String {
+    let name = match signal {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGTERM => "SIGTERM",
+        _ => return format!("signal {signal}"),
+    };
+    name.into()
 }
 
 /// Writes `body` and a newline to the program's stdin on a thread of its own, which is not

@@ -3,8 +3,9 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -129,6 +130,18 @@ fn a_program_that_is_not_executable_is_a_usage_error() {
     assert!(stderr.contains("chmod +x"), "{stderr}");
 }
 
+/// The summary's counts named by `fields`, in that order.
+fn counts(summary: &serde_json::Value, fields: &[&str]) -> Vec<u64> {
+    fields
+        .iter()
+        .map(|f| {
+            summary[*f]
+                .as_u64()
+                .unwrap_or_else(|| panic!("no {f}: {summary}"))
+        })
+        .collect()
+}
+
 /// Writes `body` as an executable `sh` script `dir/name` and returns its path.
 fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
     let path = dir.join(name);
@@ -197,8 +210,8 @@ fn a_background_process_left_behind_does_not_hold_up_the_line() {
     let (_, stderr) = expect_exit(&output, 1);
     let summary = summary(&output);
     assert_eq!(
-        (summary["delivered"].as_u64(), summary["failed"].as_u64()),
-        (Some(2), Some(1)),
+        counts(&summary, &["delivered", "failed"]),
+        [2, 1],
         "{summary}"
     );
     // What the program wrote before it exited still explains its failure.
@@ -208,4 +221,144 @@ fn a_background_process_left_behind_does_not_hold_up_the_line() {
     );
     // Each line ended when its program did, not when the orphan let go of the pipe.
     assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
+}
+
+#[test]
+fn a_program_stopped_by_a_termination_signal_is_retried_a_crash_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log.txt");
+    let lines: Vec<String> = vec![r#"{"sig":"TERM"}"#.into(), r#"{"sig":"SEGV"}"#.into()];
+    let input = write_lines(dir.path(), "in.jsonl", &lines);
+    // The first attempt of each line dies by the signal its line names.
+    let program = script(
+        dir.path(),
+        "dies.sh",
+        "line=$(cat)\necho \"$CONVEYOR_LINE $CONVEYOR_ATTEMPT\" >> \"$CONVEYOR_TEST_LOG\"\n\
+         if [ \"$CONVEYOR_ATTEMPT\" = 1 ]; then\n\
+           case \"$line\" in *TERM*) kill -TERM $$ ;; *SEGV*) kill -SEGV $$ ;; esac\n\
+         fi\nexit 0\n",
+    );
+    let output = conveyor(dir.path())
+        .env("CONVEYOR_TEST_LOG", &log)
+        .args(["send", input.to_str().unwrap(), "--no-journal", "--json"])
+        .args(["--backoff", "10ms", "--exec", program.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let (_, stderr) = expect_exit(&output, 1);
+    assert!(
+        stderr.contains("line 2: failed after 1 attempt(s)") && stderr.contains("SIGSEGV"),
+        "{stderr}"
+    );
+    let summary = summary(&output);
+    assert_eq!(
+        counts(&summary, &["delivered", "failed", "retried"]),
+        [1, 1, 1],
+        "{summary}"
+    );
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(log.lines().collect::<Vec<_>>(), ["1 1", "1 2", "2 1"]);
+}
+
+/// `conveyor send INPUT --json --drain-timeout DRAIN --exec PROGRAM`, with the default journal,
+/// and `log` in the program's CONVEYOR_TEST_LOG, to be started by a test that interrupts it.
+fn journaled_run(
+    dir: &Path,
+    input: &Path,
+    drain: &str,
+    program: &Path,
+    log: &Path,
+) -> std::process::Command {
+    let mut command = std::process::Command::new(conveyor_path());
+    command
+        .current_dir(dir)
+        .env("CONVEYOR_TEST_LOG", log)
+        .args([
+            "send",
+            input.to_str().unwrap(),
+            "--json",
+            "--drain-timeout",
+            drain,
+        ])
+        .args(["--exec", program.to_str().unwrap()])
+        .stdin(Stdio::null());
+    command
+}
+
+#[test]
+fn ctrl_c_at_a_terminal_lets_the_running_program_finish_and_starts_no_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log.txt");
+    let input = write_lines(dir.path(), "in.jsonl", &items(5, 1));
+    let program = script(
+        dir.path(),
+        "slow.sh",
+        "cat >/dev/null\necho \"start $CONVEYOR_LINE\" >> \"$CONVEYOR_TEST_LOG\"\nsleep 3\n\
+         echo \"done $CONVEYOR_LINE\" >> \"$CONVEYOR_TEST_LOG\"\n",
+    );
+    // In its own process group, as a shell puts a foreground job: a terminal's Ctrl-C goes to
+    // the whole group.
+    let child = journaled_run(dir.path(), &input, "30s", &program, &log)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_for("the first line to start", || read_log().contains("start 1"));
+    let status = std::process::Command::new("kill")
+        .args(["-INT", "--", &format!("-{}", child.id())])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let output = child.wait_with_output().unwrap();
+    let (_, stderr) = expect_exit(&output, 3);
+    assert_eq!(
+        read_log().lines().collect::<Vec<_>>(),
+        ["start 1", "done 1"]
+    );
+    let summary = summary(&output);
+    assert_eq!(
+        counts(&summary, &["delivered", "failed", "left"]),
+        [1, 0, 4],
+        "{summary}\n{stderr}"
+    );
+}
+
+#[test]
+fn a_program_still_running_at_the_drain_deadline_does_not_outlive_conveyor() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("pid");
+    let out_file = dir.path().join("out.json");
+    let input = write_lines(dir.path(), "in.jsonl", &items(2, 1));
+    // The work is a child of the script, as most real programs have: both must stop.
+    let program = script(
+        dir.path(),
+        "slower.sh",
+        "cat >/dev/null\nsleep 60 &\necho $! > \"$CONVEYOR_TEST_LOG\"\nwait\n",
+    );
+    let mut child = journaled_run(dir.path(), &input, "1s", &program, &pid_file)
+        // A file, not a pipe: a program that outlived conveyor would hold a pipe open.
+        .stdout(std::fs::File::create(&out_file).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let read_pid = || std::fs::read_to_string(&pid_file).unwrap_or_default();
+    wait_for("the program to start its work", || {
+        read_pid().ends_with('\n')
+    });
+    signal(&child, "INT");
+    assert_eq!(child.wait().unwrap().code(), Some(3));
+    // The lines stay pending for the rerun.
+    let out = std::fs::read_to_string(&out_file).unwrap();
+    let summary: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        counts(&summary, &["delivered", "left"]),
+        [0, 2],
+        "{summary}"
+    );
+    // Gone, or a zombie waiting for a reaper (a container's init may not reap).
+    let stat = format!("/proc/{}/stat", read_pid().trim());
+    wait_for("the program's work to stop", || {
+        std::fs::read_to_string(&stat).map_or(true, |s| s.contains(") Z "))
+    });
 }
