@@ -193,6 +193,7 @@ pub(crate) struct SendArgs {
     pub(crate) exec: Vec<String>,
 
     /// An HTTP header for every request, `Name: value` (repeatable). Values are never printed.
+    /// `Idempotency-Key` and the `Conveyor-*` headers are set per line and cannot be given.
     #[arg(long = "header", short = 'H', value_name = "NAME: VALUE", value_parser = parse_header)]
     pub(crate) headers: Vec<(String, String)>,
 
