@@ -232,14 +232,18 @@ fn parse_on_failure(on_failure: &str) -> PyResult<OnFailure> {
 }
 
 fn parse_retry(retries: u32, backoff: f64, max_backoff: Option<f64>) -> PyResult<Retry> {
+    // Checked with or without retries: a bad value is a mistake either way.
+    let backoff = seconds_arg("backoff", backoff)?;
+    let default_cap = format!(
+        "for the default cap of {} s",
+        Retry::DEFAULT_MAX_DELAY.as_secs()
+    );
+    let max_backoff = optional_seconds_arg("max_backoff", max_backoff, &default_cap)?;
     if retries == 0 {
         return Ok(Retry::none());
     }
-    let backoff = seconds_arg("backoff", backoff)?;
     let mut retry = Retry::exponential(backoff).max_attempts(retries.saturating_add(1));
-    if let Some(max) =
-        optional_seconds_arg("max_backoff", max_backoff, "for the default cap of 30 s")?
-    {
+    if let Some(max) = max_backoff {
         retry = retry.max_delay(max);
     }
     Ok(retry)

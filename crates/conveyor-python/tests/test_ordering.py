@@ -231,6 +231,9 @@ def test_key_on_a_strict_conveyor_is_a_clear_error(make):
         ({"on_failure": "explode"}, "on_failure"),
         ({"drain_timeout": -1.0}, "drain_timeout"),
         ({"capacity": 0}, "capacity"),
+        # Checked without retries too (the default retries=0): a mistake either way.
+        ({"backoff": float("inf")}, "backoff"),
+        ({"max_backoff": -1.0}, "max_backoff"),
     ],
 )
 def test_bad_options_are_clear_errors(options, message):

@@ -60,7 +60,8 @@ impl SinkError {
 
     /// Asks the conveyor to wait at least `delay` before the next attempt, for example
     /// the value of an HTTP `Retry-After` header. The conveyor waits for the longer of
-    /// this hint and its own backoff.
+    /// this hint and its own backoff, but no longer than [`Retry::MAX_HINT`](crate::Retry::MAX_HINT)
+    /// or the policy's `max_delay`, whichever is longer.
     #[must_use]
     pub fn with_retry_after(mut self, delay: Duration) -> Self {
         self.retry_after = Some(delay);

@@ -43,7 +43,12 @@ pub struct Retry {
 
 impl Retry {
     const DEFAULT_ATTEMPTS: u32 = 5;
-    const DEFAULT_MAX_DELAY: Duration = Duration::from_secs(30);
+    /// The cap on one delay unless [`Retry::max_delay`] sets another.
+    pub const DEFAULT_MAX_DELAY: Duration = Duration::from_secs(30);
+    /// How long a sink's `retry_after` hint may hold an item at most, when [`Retry::max_delay`]
+    /// is shorter: a server asking for days (or `Duration::MAX`) does not stall its lane
+    /// for good.
+    pub const MAX_HINT: Duration = Duration::from_secs(3600);
 
     /// One attempt, no retry: the default.
     pub fn none() -> Self {
@@ -126,7 +131,7 @@ impl Retry {
         }
         // A hint is honoured beyond `max_delay`, but not without bound: a server asking
         // for days (or `Duration::MAX`) gets at most the larger of `max_delay` and an hour.
-        let hint_cap = self.max_delay.max(Duration::from_secs(3600));
+        let hint_cap = self.max_delay.max(Self::MAX_HINT);
         match hint {
             Some(h) => delay.max(h.min(hint_cap)),
             None => delay,

@@ -93,7 +93,9 @@ class RetryAfter(Exception):
     """Raise this from a sink to retry the item no sooner than ``seconds`` from now.
 
     Useful for rate-limit answers such as HTTP 429 with a ``Retry-After`` header. Counts as an
-    attempt; when no attempts are left the item fails like any other error.
+    attempt; when no attempts are left the item fails like any other error. A wait longer than
+    an hour (or than ``max_backoff``, if that is longer) is cut to it, so that a server asking
+    for days does not stall the lane for good.
     """
 
     def __init__(self, seconds: float, message: str = "") -> None:
