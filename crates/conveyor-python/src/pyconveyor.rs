@@ -752,8 +752,9 @@ impl PyConveyor {
     /// Waits until every item accepted so far is settled (delivered, failed or dropped).
     ///
     /// Returns `True` when they are, `False` if `timeout` seconds passed first, or at once if
-    /// they never can be (after a `close(timeout)` that left items). Releases the GIL while
-    /// waiting; Ctrl-C raises `KeyboardInterrupt`.
+    /// they never can be (after a `close(timeout)` that left items) or the journal cannot be
+    /// written (a send then raises `JournalError` saying why). Releases the GIL while waiting;
+    /// Ctrl-C raises `KeyboardInterrupt`.
     #[pyo3(signature = (timeout = None))]
     fn flush(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
         let timeout = timeout_arg("timeout", timeout)?;
@@ -857,7 +858,7 @@ impl PyConveyor {
         let receipt = py
             .allow_threads(|| engine.retry_dead(seq))
             .map_err(|err| crate::journal::error(py, &err))?;
-        Ok(PyReceipt::new(receipt, shared.fork_gen))
+        self.accepted(py, shared, receipt)
     }
 
     /// Deletes dead letter `seq` for good. Raises `JournalError` if there is none.

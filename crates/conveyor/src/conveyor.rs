@@ -1008,7 +1008,9 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         }
     }
 
-    /// [`Conveyor::flush`] for at most `timeout`; returns whether everything settled.
+    /// [`Conveyor::flush`] for at most `timeout`; returns whether everything settled (and,
+    /// with a journal, whether what the journal holds is committed: while it cannot be
+    /// written, see [`Conveyor::journal_error`], this returns `false` without waiting on).
     ///
     /// On the thread of a current-thread Tokio runtime that runs this conveyor's async sink,
     /// it does not wait (that runtime could not deliver anything meanwhile): it says whether
@@ -1087,7 +1089,8 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     ///
     /// This is the Ctrl-C of a conveyor: with a journal, everything not delivered stays
     /// there for the next start; without one, the [`CloseReport`] says how many items were
-    /// left, and their receipts report [`DeliveryError::Closed`].
+    /// left, and their receipts report [`DeliveryError::Closed`] (or
+    /// [`DeliveryError::Unconfirmed`] for a call still running at the deadline).
     ///
     /// # Examples
     ///

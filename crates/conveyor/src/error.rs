@@ -250,9 +250,10 @@ pub enum DeliveryError {
     Closed,
     /// The conveyor shut down while this item's sink call was still running, and its drain
     /// deadline passed. The call was left to finish on its own, so whether the item arrived
-    /// is unknown here; [`Conveyor::stats`](crate::Conveyor::stats) count the call's outcome
-    /// once it ends. With a journal the item stays pending, and the next start sends it
-    /// again under the same idempotency key.
+    /// is unknown here; once it ends, [`Conveyor::stats`](crate::Conveyor::stats) count it as
+    /// delivered or failed (a failure it would have retried leaves it queued). With a
+    /// journal, unless that outcome was committed before the journal closed, the item stays
+    /// pending and the next start sends it again under the same idempotency key.
     Unconfirmed,
 }
 

@@ -60,7 +60,9 @@ pub struct CloseReport {
     pub stats: Stats,
     /// Items not settled when the close returned (queued, held in a paused lane, or
     /// still in a sink call past the deadline). Their receipts report
-    /// [`DeliveryError::Closed`](crate::DeliveryError::Closed).
+    /// [`DeliveryError::Closed`](crate::DeliveryError::Closed), or
+    /// [`DeliveryError::Unconfirmed`](crate::DeliveryError::Unconfirmed) for a call still
+    /// running.
     pub left: u64,
     /// Whether everything accepted was settled (`left == 0`).
     pub drained: bool,
