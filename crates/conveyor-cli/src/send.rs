@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use conveyor::{Conveyor, DeliveryError, OnFailure, Ordering, Retry, SendError};
+use conveyor::{Conveyor, DeliveryError, OnFailure, Ordering, Retry, SendError, Stats};
 
 use crate::args::{FailurePolicy, OrderingArg, OutputArgs, SendArgs};
 use crate::input::{KeySpec, Line, LineReader, Parsed};
@@ -263,6 +263,38 @@ fn default_journal_path(input: &Input, to: &Option<String>, exec: &[String]) -> 
     Path::new(journal::JOURNAL_DIR).join(format!("{stem}-{hash:016x}.journal"))
 }
 
+/// The input, line by line.
+type Reader = LineReader<Box<dyn BufRead + Send>>;
+
+/// Opens the input and the rejects file, and skips what an earlier run took; all before the
+/// journal is opened, so that a mistyped input path leaves no journal behind.
+fn open_input(plan: &SendPlan, input: &Input) -> Result<(Reader, Option<File>), CliError> {
+    let mut reader = LineReader::new(input.open(!plan.sync)?, plan.key.clone());
+    // Where a rerun picks up: the position stored with the last items a previous run accepted.
+    // Only a file reads the same lines again; on stdin the journal still replays what was
+    // pending, but the new stream is read from its start. Checked before the conveyor starts
+    // delivering what the journal holds, so an input that no longer fits is refused untouched.
+    let resume_after = match &plan.journal {
+        Some(path) if input.is_replayable() => {
+            let taken = journal::stored_cursor(path)?.unwrap_or(0);
+            skip_taken(&mut reader, taken, input, path)?;
+            taken
+        }
+        _ => 0,
+    };
+    let rejects = match &plan.rejects {
+        // A run that reads a file from its first line rejects every bad line again: start
+        // afresh. A resumed run skips the lines it rejected before, and stdin is a new stream
+        // each time: keep what earlier runs wrote.
+        Some(path) => Some(open_rejects(
+            path,
+            input.is_replayable() && resume_after == 0,
+        )?),
+        None => None,
+    };
+    Ok((reader, rejects))
+}
+
 /// Opens `--rejects FILE`, emptied first when `afresh`, appended to otherwise.
 fn open_rejects(path: &Path, afresh: bool) -> Result<File, CliError> {
     let mut options = File::options();
@@ -283,7 +315,7 @@ fn open_rejects(path: &Path, afresh: bool) -> Result<File, CliError> {
 /// or cut short since: reading on from that position would send nothing, silently, so it is an
 /// error. (A file rewritten with at least as many lines cannot be told from the same file.)
 fn skip_taken(
-    reader: &mut LineReader<Box<dyn BufRead + Send>>,
+    reader: &mut Reader,
     taken: u64,
     input: &Input,
     journal: &Path,
@@ -342,31 +374,7 @@ pub(crate) fn run(
     let target_name = plan.target.describe();
     let ordering_name = plan.ordering.to_string();
     let latencies = Arc::new(Latencies::new());
-    // First, so that a mistyped input path leaves no journal behind.
-    let mut reader = LineReader::new(input.open(!plan.sync)?, plan.key.clone());
-    // Where a rerun picks up: the position stored with the last items a previous run accepted.
-    // Only a file reads the same lines again; on stdin the journal still replays what was
-    // pending, but the new stream is read from its start. Checked before the conveyor starts
-    // delivering what the journal holds, so an input that no longer fits is refused untouched.
-    let resume_after = match &plan.journal {
-        Some(path) if input.is_replayable() => {
-            let taken = journal::stored_cursor(path)?.unwrap_or(0);
-            skip_taken(&mut reader, taken, &input, path)?;
-            taken
-        }
-        _ => 0,
-    };
-
-    let rejects = match &plan.rejects {
-        // A run that reads a file from its first line rejects every bad line again: start
-        // afresh. A resumed run skips the lines it rejected before, and stdin is a new stream
-        // each time: keep what earlier runs wrote.
-        Some(path) => Some(open_rejects(
-            path,
-            input.is_replayable() && resume_after == 0,
-        )?),
-        None => None,
-    };
+    let (mut reader, rejects) = open_input(&plan, &input)?;
 
     let builder = Conveyor::<Line>::builder()
         .ordering(plan.engine_ordering())
@@ -429,9 +437,7 @@ pub(crate) fn run(
 
     let mut read_outcome: Option<ReadOutcome> = None;
     let mut interrupted = false;
-    // What moves while the run makes progress: settlements, and the line being submitted.
-    let mut last_mark = (u64::MAX, u64::MAX);
-    let mut still_since = Instant::now();
+    let mut stall = Stall::new(Instant::now());
     loop {
         let event = if read_outcome.is_some() {
             events.try_recv().ok()
@@ -474,17 +480,14 @@ pub(crate) fn run(
         if read_outcome.is_some() && conveyor.flush_timeout(TICK) {
             break;
         }
-        // A paused lane never drains by itself, and once the queue is full of its lines the
-        // reader waits for room that never comes. Once nothing moves (no settlement, nothing in
-        // flight, the reader done or stuck on one line), stop waiting. Not before: in keyed
-        // mode the other keys go on, and a reader waiting on stdin may bring lines for them.
         let submitting = counters.submitting.load(AtomicOrdering::SeqCst);
-        let mark = (settled, submitting);
-        let reader_waits = read_outcome.is_some() || submitting != 0;
-        if stats.paused == 0 || stats.in_flight > 0 || !reader_waits || mark != last_mark {
-            last_mark = mark;
-            still_since = Instant::now();
-        } else if still_since.elapsed() >= PAUSED_STALL {
+        if stall.stuck(
+            Instant::now(),
+            &stats,
+            settled,
+            submitting,
+            read_outcome.is_some(),
+        ) {
             if read_outcome.is_none() {
                 stop.store(true, AtomicOrdering::SeqCst);
                 progress.note(&if input.is_replayable() {
@@ -558,7 +561,7 @@ pub(crate) fn run(
         retried: stats.retried,
         rejected,
         left: report.left,
-        resumed_after_line: resume_after,
+        resumed_after_line: skipped,
         elapsed_secs: elapsed.as_secs_f64(),
         items_per_sec: stats.delivered as f64 / elapsed.as_secs_f64().max(1e-9),
         submit_secs: read_outcome.submit_elapsed.as_secs_f64(),
@@ -575,6 +578,45 @@ pub(crate) fn run(
         print_out(&summary.human()).map_err(CliError::io)?;
     }
     Ok(summary)
+}
+
+/// Tells when a run can make no more progress because of a paused lane. Such a lane never
+/// drains by itself, and once the queue is full of its lines the reader waits for room that
+/// never comes. Once nothing moves for [`PAUSED_STALL`] (no settlement, nothing in flight, the
+/// reader done or stuck on one line), the run stops waiting. Not before: in keyed mode the
+/// other keys go on, and a reader waiting on stdin may bring lines for them.
+struct Stall {
+    /// What moves while the run makes progress: settlements, and the line being submitted.
+    mark: (u64, u64),
+    since: Instant,
+}
+
+impl Stall {
+    fn new(now: Instant) -> Self {
+        Self {
+            mark: (u64::MAX, u64::MAX),
+            since: now,
+        }
+    }
+
+    /// `submitting` is the line the reader is handing over (0 between lines).
+    fn stuck(
+        &mut self,
+        now: Instant,
+        stats: &Stats,
+        settled: u64,
+        submitting: u64,
+        read_all: bool,
+    ) -> bool {
+        let mark = (settled, submitting);
+        let reader_waits = read_all || submitting != 0;
+        if stats.paused == 0 || stats.in_flight > 0 || !reader_waits || mark != self.mark {
+            self.mark = mark;
+            self.since = now;
+            return false;
+        }
+        now.duration_since(self.since) >= PAUSED_STALL
+    }
 }
 
 /// The reader's outcome, if it ends within [`READER_GRACE`]; later signals are ignored, since the
@@ -595,7 +637,7 @@ fn show_progress(
     conveyor: &Conveyor<Line>,
     progress: &Progress,
     counters: &ReadCounters,
-) -> (conveyor::Stats, u64) {
+) -> (Stats, u64) {
     let stats = conveyor.stats();
     let settled = stats.delivered + stats.failed + stats.dropped;
     progress.update(
@@ -610,7 +652,7 @@ fn show_progress(
 /// The reader thread: every line is submitted, rejected or skipped; nothing stops the loop but
 /// the end of input, an unreadable input, an interrupt, or a closed conveyor.
 fn read_and_submit(
-    reader: &mut LineReader<Box<dyn BufRead + Send>>,
+    reader: &mut Reader,
     conveyor: &Conveyor<Line>,
     journaled: bool,
     stop: &AtomicBool,
@@ -735,6 +777,47 @@ pub(crate) fn events() -> Result<(Sender<Event>, Receiver<Event>), CliError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_is_stuck_only_when_a_paused_lane_holds_everything_still() {
+        let start = Instant::now();
+        let later = start + PAUSED_STALL;
+        let paused = Stats {
+            paused: 1,
+            ..Stats::default()
+        };
+        // Reader done, nothing moving, a lane paused: stuck once the stall has lasted.
+        let mut stall = Stall::new(start);
+        assert!(!stall.stuck(start, &paused, 5, 0, true));
+        assert!(stall.stuck(later, &paused, 5, 0, true));
+        // The reader blocked on one line (a full queue) counts as still.
+        let mut stall = Stall::new(start);
+        assert!(!stall.stuck(start, &paused, 5, 9, false));
+        assert!(stall.stuck(later, &paused, 5, 9, false));
+        // Each of these is progress, or may bring some: never stuck.
+        let mut stall = Stall::new(start);
+        assert!(!stall.stuck(start, &paused, 5, 0, false), "reading stdin");
+        assert!(!stall.stuck(later, &paused, 5, 0, false), "reading stdin");
+        let in_flight = Stats {
+            in_flight: 1,
+            ..paused
+        };
+        assert!(
+            !stall.stuck(later, &in_flight, 5, 0, true),
+            "a call running"
+        );
+        assert!(
+            !stall.stuck(later, &Stats::default(), 5, 0, true),
+            "no lane paused"
+        );
+        let mut stall = Stall::new(start);
+        assert!(!stall.stuck(start, &paused, 5, 9, false));
+        assert!(!stall.stuck(later, &paused, 6, 9, false), "an item settled");
+        assert!(
+            !stall.stuck(later + PAUSED_STALL / 2, &paused, 6, 10, false),
+            "a new line"
+        );
+    }
 
     #[test]
     fn default_journal_depends_on_input_and_target() {
