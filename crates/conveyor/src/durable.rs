@@ -305,9 +305,10 @@ impl<T> Durable<T> {
     /// Asks the writer to commit what was pushed so far now rather than when its window ends.
     pub(crate) fn commit_soon(&self) {
         // Nobody waits for the answer: `wait_committed` watches the progress instead, which
-        // keeps waiting through failed commits.
+        // keeps waiting through failed commits. Never blocks, so that the wait keeps to its
+        // timeout: a full queue of ops means the writer has work in hand and commits anyway.
         let (answer, _) = mpsc::sync_channel(1);
-        self.push(Op::Barrier(answer));
+        let _ = self.ops.try_send(Op::Barrier(answer));
     }
 
     /// Commits everything pushed so far and waits for it, at most until `deadline`.
