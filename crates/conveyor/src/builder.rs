@@ -41,18 +41,22 @@ pub enum Ordering {
     /// item n was handed out); later calls may finish before earlier ones, and a retried
     /// or paused item can be passed by items that were already in flight.
     Pipelined {
-        /// The most calls in progress at once (at least 1).
+        /// The most calls in progress at once (from 1 to [`Ordering::MAX_PARALLEL`]).
         in_flight: usize,
     },
     /// Strict within a key (see [`Conveyor::send_keyed`]), with up to `concurrency`
     /// keys in flight at once. Items sent without a key share the lane `""`.
     Keyed {
-        /// The most keys in flight at once (at least 1).
+        /// The most keys in flight at once (from 1 to [`Ordering::MAX_PARALLEL`]).
         concurrency: usize,
     },
 }
 
 impl Ordering {
+    /// The most calls a conveyor runs at once: each has a worker of its own (an OS thread for
+    /// a blocking sink, a task for an async one).
+    pub const MAX_PARALLEL: usize = 10_000;
+
     /// How many sink calls may run at once under this mode.
     pub(crate) fn workers(self) -> usize {
         match self {
@@ -142,6 +146,14 @@ impl Config {
                 )
             }
             _ => {}
+        }
+        if self.ordering.workers() > Ordering::MAX_PARALLEL {
+            return Err(BuildError::InvalidConfig(format!(
+                "{:?} runs more calls at once than the {} a conveyor allows: each needs a worker \
+                 of its own (a thread for a blocking sink)",
+                self.ordering,
+                Ordering::MAX_PARALLEL
+            )));
         }
         if self.capacity == 0 {
             return invalid("capacity must be at least 1 queued item (default 10000)");
@@ -401,7 +413,7 @@ mod tests {
     }
 
     #[test]
-    fn zero_settings_are_rejected_with_a_named_reason() {
+    fn out_of_range_settings_are_rejected_with_a_named_reason() {
         let base = Config::default;
         let cases = [
             (
@@ -431,6 +443,26 @@ mod tests {
                     ..base()
                 },
                 "rate_limit",
+            ),
+            // Out of range the other way: a worker per call would not fit (it used to
+            // panic with a capacity overflow).
+            (
+                Config {
+                    ordering: Ordering::Keyed {
+                        concurrency: usize::MAX,
+                    },
+                    ..base()
+                },
+                "concurrency",
+            ),
+            (
+                Config {
+                    ordering: Ordering::Pipelined {
+                        in_flight: Ordering::MAX_PARALLEL + 1,
+                    },
+                    ..base()
+                },
+                "in_flight",
             ),
         ];
         for (config, name) in cases {
