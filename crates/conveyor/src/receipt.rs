@@ -443,7 +443,8 @@ impl<R> Receipt<R> {
     /// If the result was already taken by an earlier call that returned `Some`, or by
     /// polling the receipt as a future to completion.
     pub fn wait_timeout(&mut self, timeout: Duration) -> Option<Result<R, DeliveryError>> {
-        self.wait_until(Instant::now().checked_add(timeout))
+        // A deadline however far (not "forever"): on the runtime thread it must not block.
+        self.wait_until(Some(crate::worker::later(timeout)))
     }
 
     fn waiting_would_hang(&self) -> bool {

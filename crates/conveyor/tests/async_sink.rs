@@ -206,3 +206,19 @@ fn a_runtime_shut_down_under_the_workers_leaves_nothing_to_wait_for() {
     );
     assert_eq!((report.drained, report.left), (false, 2));
 }
+
+/// On the thread of the current-thread runtime that runs the sink, waits do not block, even
+/// with a timeout too large to add to the clock (it used to read as "forever" and panic).
+#[tokio::test(flavor = "current_thread")]
+async fn a_huge_timeout_on_the_sinks_own_runtime_thread_returns_at_once() {
+    let c: Conveyor<u32> = Conveyor::builder()
+        .build_async(|_d| async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Ok(())
+        })
+        .unwrap();
+    let mut receipt = c.try_send(1).unwrap();
+    assert!(receipt.wait_timeout(Duration::MAX).is_none());
+    assert!(!c.flush_timeout(Duration::MAX));
+    c.close_timeout(Duration::ZERO);
+}
