@@ -18,7 +18,7 @@ use crate::queue::{Room, State, Waiters};
 use crate::receipt::{NodeContext, NodeRef, Receipt};
 use crate::retry::random_u64;
 use crate::stats::{CloseReport, Stats};
-use crate::worker::{async_worker, thread_worker, Sink};
+use crate::worker::{async_worker, later, thread_worker, Sink};
 
 /// State shared by the handle and its workers.
 ///
@@ -146,7 +146,13 @@ impl<T, R> Shared<T, R> {
     /// paused lanes, and every receipt told.
     fn all_settled(&self, st: &mut State<T, R>) -> bool {
         self.drain(st);
-        st.quiescent()
+        st.quiescent(self.settling_here())
+    }
+
+    /// Receipts of this conveyor that the calling thread is settling right now: a callback
+    /// that flushes or closes its own conveyor must not wait for them.
+    fn settling_here(&self) -> u64 {
+        crate::worker::settling_here(self)
     }
 
     /// Registers the calling worker as idle before it waits (under the state lock), unless
@@ -335,7 +341,7 @@ impl<T, R> Shared<T, R> {
     }
 
     pub(crate) fn wake_flushers(&self, st: &State<T, R>) {
-        if st.waiters.flushers > 0 && st.shutdown_ready() {
+        if st.waiters.flushers > 0 && st.flushers_may_go() {
             self.settled.notify_all();
             self.settled_async.notify_waiters();
         }
@@ -767,7 +773,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn wait_committed(&self, receipt: &Receipt<R>, timeout: Duration) -> bool {
-        self.committed_by(receipt, Instant::now().checked_add(timeout))
+        self.committed_by(receipt, Some(later(timeout)))
     }
 
     /// The synchronous send variants (`wait` says whether they may block); `cursor` is
@@ -981,7 +987,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
                 (st, timed_out) = shared.wait_until(&shared.settled, st, deadline);
             }
             st.waiters.flushers -= 1;
-            st.quiescent()
+            st.quiescent(shared.settling_here())
         })
     }
 
@@ -1032,7 +1038,8 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// # Ok::<(), conveyor::BuildError>(())
     /// ```
     pub fn flush_timeout(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now().checked_add(timeout);
+        // A deadline however far (not "forever"): on the runtime thread it must not block.
+        let deadline = Some(later(timeout));
         self.flush_until(deadline) && self.sync_journal(deadline)
     }
 
@@ -1148,7 +1155,11 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             // Idle workers need not have exited: on a single-threaded runtime they
             // could not until this call returns. What matters is that nothing
             // deliverable is left (or that no worker is left to deliver it).
-            while !st.shutdown_ready() && st.live_workers > 0 && !timed_out {
+            // Called from a receipt callback, this thread is one of the workers, and its
+            // receipts are still being settled: neither can be waited for.
+            let own = shared.settling_here();
+            let me = usize::from(own > 0);
+            while !st.shutdown_ready(own) && st.live_workers > me && !timed_out {
                 (st, timed_out) = shared.wait_until(&shared.settled, st, deadline);
             }
             st.waiters.flushers -= 1;
@@ -1164,10 +1175,10 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             };
             // Join the worker threads that can finish in time: after this, no sink call
             // or receipt callback of this conveyor is still running (unless one is stuck).
-            while st.live_workers > 0 && !timed_out && !self.threads_are_empty() {
+            while st.live_workers > me && !timed_out && !self.threads_are_empty() {
                 (st, timed_out) = shared.wait_until(&shared.settled, st, deadline);
             }
-            let all_exited = st.live_workers == 0;
+            let all_exited = st.live_workers <= me;
             drop(st);
             if all_exited {
                 self.join_threads();
@@ -1208,9 +1219,14 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     }
 
     /// Restarts a lane paused by [`OnFailure::Pause`](crate::OnFailure::Pause): its
-    /// held item is tried again with a fresh retry budget, then the rest follow in
-    /// order. The lane is the item's key under keyed ordering, `""` otherwise.
-    /// Returns whether the lane was paused.
+    /// held item is tried again with a fresh retry budget (in pipelined mode, every held
+    /// item that failed), then the rest follow in order. The lane is the item's key under
+    /// keyed ordering, `""` otherwise. Returns whether the lane was paused and is resumed.
+    ///
+    /// Once [`close`](Conveyor::close) (or a drop) has returned, nothing delivers any more:
+    /// it does nothing and returns `false`. Resume the lane in the journal instead
+    /// ([`Journal::resume`](crate::Journal::resume), `conveyor resume`), or after the next
+    /// start.
     ///
     /// # Examples
     ///
@@ -1238,6 +1254,10 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     pub fn resume(&self, lane: &str) -> bool {
         let shared = &*self.shared;
         let mut st = shared.lock();
+        // The journal's writer may be gone, and would drop the resume unseen.
+        if st.abandoned {
+            return false;
+        }
         let resumed = st.resume(lane, self.attempt_limit());
         if let Some(durable) = shared.durable.as_ref().filter(|_| resumed) {
             durable.push(Op::Settle(Settled::Resumed(lane.to_owned())));

@@ -250,18 +250,29 @@ impl<T, R> State<T, R> {
     }
 
     /// Nothing left for `flush` to wait for: every item settled (but those held in
-    /// paused lanes) and every receipt told.
-    pub(crate) fn quiescent(&self) -> bool {
-        self.unsettled_unpaused() == 0 && self.settling == 0
+    /// paused lanes) and every receipt told, but the `own` receipts the asking thread is
+    /// settling itself (a callback that flushes cannot wait for its own return).
+    pub(crate) fn quiescent(&self, own: u64) -> bool {
+        self.unsettled_unpaused() == 0 && self.settling <= own
     }
 
     /// What a shutdown waits for: `quiescent`, or under `stop_timeout` only the items in
-    /// flight (a `flush` woken by it for nothing waits again).
-    pub(crate) fn shutdown_ready(&self) -> bool {
+    /// flight.
+    pub(crate) fn shutdown_ready(&self, own: u64) -> bool {
         if self.stopping {
-            self.counters.in_flight == 0 && self.settling == 0
+            self.counters.in_flight == 0 && self.settling <= own
         } else {
-            self.quiescent()
+            self.quiescent(own)
+        }
+    }
+
+    /// Whether a waiting `flush` or shutdown should look again: the items are done, and only
+    /// receipts may be left, which the waiter may be settling itself (it checks).
+    pub(crate) fn flushers_may_go(&self) -> bool {
+        if self.stopping {
+            self.counters.in_flight == 0
+        } else {
+            self.unsettled_unpaused() == 0
         }
     }
 
@@ -434,7 +445,6 @@ impl<T, R> State<T, R> {
     /// start under the rate limit. Until `retry_begins`, no item behind it starts: in
     /// pipelined mode other workers would otherwise overtake it.
     pub(crate) fn schedule_retry(&mut self, worker: usize, earliest: Instant) -> Instant {
-        self.counters.retried += 1;
         if let Some(job) = &mut self.in_flight_nodes[worker] {
             job.called = false;
         }
@@ -454,10 +464,14 @@ impl<T, R> State<T, R> {
         }
     }
 
-    /// The worker's job is past its wait and about to be handed to the sink.
-    pub(crate) fn call_begins(&mut self, worker: usize) {
+    /// The worker's job is past its wait and about to be handed to the sink; a retry is
+    /// counted now that it is made.
+    pub(crate) fn call_begins(&mut self, worker: usize, retry: bool) {
         if let Some(job) = &mut self.in_flight_nodes[worker] {
             job.called = true;
+        }
+        if retry {
+            self.counters.retried += 1;
         }
     }
 
@@ -576,8 +590,10 @@ impl<T, R> State<T, R> {
         }
         target.paused = false;
         let held = target.queue.len() as u64;
-        if let Some(head) = target.queue.front_mut() {
-            head.attempt_limit = head.attempts.saturating_add(attempts);
+        // The items that failed: the head, and in pipelined mode the others that were in
+        // flight with it (items never tried still have their whole budget).
+        for job in target.queue.iter_mut().take_while(|job| job.attempts > 0) {
+            job.attempt_limit = job.attempts.saturating_add(attempts);
         }
         if self.keyed && target.runnable_keyed() && !target.in_ready {
             target.in_ready = true;

@@ -6,6 +6,7 @@
 //! round trip per item and no context switch between items. When the lanes have nothing
 //! for it, it moves every item the producers left in the intake into the lanes at once.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
@@ -200,8 +201,9 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
     }
 
     /// After waiting for a rate-limit slot or a backoff: a conveyor abandoned at its drain
-    /// deadline meanwhile already reported the item as closed, so it must not start. A
-    /// retry lets the items behind it start again, on idle workers too.
+    /// deadline meanwhile already reported the item as closed, so it must not start, and under
+    /// `stop_timeout` an item that waited for a slot was never started (only retries of calls
+    /// in progress go on). A retry lets the items behind it start again, on idle workers too.
     fn may_start(&self, worker: usize, retry: bool) -> bool {
         let mut st = self.lock();
         let wake = if retry {
@@ -210,9 +212,9 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         } else {
             Wake::default()
         };
-        let go = !st.abandoned;
+        let go = !st.abandoned && (retry || !st.stopping);
         if go {
-            st.call_begins(worker);
+            st.call_begins(worker, retry);
         }
         drop(st);
         self.notify_workers(wake);
@@ -349,7 +351,7 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
         // Whom this step passed work on to is woken before settling, which runs user code:
         // meanwhile the wake-up counts as pending, and sends wake nobody.
         shared.notify_workers(wake);
-        done = settle_all(&mut settle);
+        done = settle_all(&shared, &mut settle);
         match step {
             Step::Run(mut job, _) => {
                 let outcome = shared.run_blocking(&*sink, worker, &mut job);
@@ -413,7 +415,7 @@ pub(crate) async fn async_worker<T: Send + Sync + 'static, R: Send + 'static>(
         if let Step::Run(_, wake) = &step {
             shared.notify_workers(*wake);
         }
-        task.done = settle_all(&mut settle);
+        task.done = settle_all(&shared, &mut settle);
         match step {
             Step::Run(mut job, _) => {
                 let outcome = shared.run_async(&*sink, worker, &mut job).await;
@@ -461,10 +463,31 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Drop for TaskPresence<'_, T, R
     }
 }
 
+thread_local! {
+    /// The conveyor whose receipts this thread is settling (the address of its `Shared`),
+    /// and how many: they count in `State::settling` until reported, and a receipt callback
+    /// that flushes or closes its own conveyor must not wait for them (nor for this worker).
+    static SETTLING_HERE: Cell<(usize, u64)> = const { Cell::new((0, 0)) };
+}
+
+/// How many receipts of `shared`'s conveyor this thread is settling right now.
+pub(crate) fn settling_here<T>(shared: &T) -> u64 {
+    let (conveyor, count) = SETTLING_HERE.with(Cell::get);
+    if conveyor == std::ptr::from_ref(shared) as usize {
+        count
+    } else {
+        0
+    }
+}
+
 /// Settles receipts outside the state lock (their callbacks are user code); returns how
 /// many, for `Shared::settled_outside`.
-fn settle_all<T, R>(settle: &mut Vec<Settlement<T, R>>) -> u64 {
+fn settle_all<T, R>(shared: &Shared<T, R>, settle: &mut Vec<Settlement<T, R>>) -> u64 {
     let n = settle.len() as u64;
+    if n == 0 {
+        return 0;
+    }
+    let outer = SETTLING_HERE.with(|s| s.replace((std::ptr::from_ref(shared) as usize, n)));
     for (node, result) in settle.drain(..) {
         // A panic in the receipt's callback or waker, or in the item's or the reply's drop
         // (the worker may hold the last reference), must not end the worker, or its conveyor
@@ -473,6 +496,8 @@ fn settle_all<T, R>(settle: &mut Vec<Settlement<T, R>>) -> u64 {
         settled.unwrap_or_else(log_settling_panic);
         dropped.unwrap_or_else(log_settling_panic);
     }
+    // A callback's conveyor may be another one's sink: restore what that one set.
+    SETTLING_HERE.with(|s| s.set(outer));
     n
 }
 

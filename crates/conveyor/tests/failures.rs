@@ -344,14 +344,19 @@ fn strict_pause_stops_everything_under_the_empty_lane_name() {
 /// close reports the item instead of hanging.
 #[test]
 fn a_huge_retry_after_hint_neither_kills_the_worker_nor_blocks_close() {
+    let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let n = calls.clone();
     let c: Conveyor<u32> = Conveyor::builder()
         .retry(Retry::fixed(Duration::from_millis(1)).max_attempts(2))
-        .build(|_d| Err(SinkError::retryable("busy").with_retry_after(Duration::MAX)))
+        .build(move |_d| {
+            n.fetch_add(1, AtomicOrdering::SeqCst);
+            Err(SinkError::retryable("busy").with_retry_after(Duration::MAX))
+        })
         .unwrap();
     let r = c.send(1).unwrap();
     let deadline = Instant::now() + GENEROUS;
-    while c.stats().retried == 0 {
-        assert!(Instant::now() < deadline, "the retry was never scheduled");
+    while calls.load(AtomicOrdering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the sink was never called");
         std::thread::sleep(Duration::from_millis(1));
     }
     assert!(
@@ -361,4 +366,77 @@ fn a_huge_retry_after_hint_neither_kills_the_worker_nor_blocks_close() {
     let report = c.close_timeout(Duration::from_millis(100));
     assert_eq!((report.left, report.stats.in_flight), (1, 1));
     assert!(matches!(r.wait(), Err(DeliveryError::Closed)));
+    // The worker survived, waiting out the capped hint, and no second call was made.
+    assert_eq!(
+        (calls.load(AtomicOrdering::SeqCst), report.stats.retried),
+        (1, 0)
+    );
+}
+
+/// `Stats::retried` counts retries made: one a close abandoned during its backoff was not.
+#[test]
+fn retried_counts_only_retries_made() {
+    let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let n = calls.clone();
+    let c: Conveyor<u32> = Conveyor::builder()
+        .retry(Retry::fixed(Duration::from_secs(60)).jitter(false))
+        .build(move |_d| {
+            n.fetch_add(1, AtomicOrdering::SeqCst);
+            Err(SinkError::retryable("busy"))
+        })
+        .unwrap();
+    c.send(1).unwrap();
+    let deadline = Instant::now() + GENEROUS;
+    while calls.load(AtomicOrdering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(50)); // the retry is scheduled meanwhile
+    let report = c.close_timeout(Duration::from_millis(100));
+    assert_eq!(calls.load(AtomicOrdering::SeqCst), 1);
+    assert_eq!(report.stats.retried, 0, "{report:?}");
+}
+
+/// Pipelined under Pause: both items in flight fail and are held; `resume` gives each of
+/// them a fresh retry budget, not only the first.
+#[test]
+fn a_pipelined_resume_gives_every_held_item_a_fresh_retry_budget() {
+    let healthy = Arc::new(AtomicBool::new(false));
+    let after_resume = Arc::new(Mutex::new(Vec::new()));
+    let together = Arc::new(std::sync::Barrier::new(2));
+    let (h, log, b) = (healthy.clone(), after_resume.clone(), together.clone());
+    let c: Conveyor<u32> = Conveyor::builder()
+        .ordering(Ordering::Pipelined { in_flight: 2 })
+        .retry(Retry::fixed(Duration::from_millis(1)).max_attempts(2))
+        .on_failure(OnFailure::Pause)
+        .build(move |d: Delivery<u32>| {
+            if !h.load(AtomicOrdering::SeqCst) {
+                if d.attempt() == 1 {
+                    b.wait(); // both in flight together
+                }
+                return Err(SinkError::permanent("down"));
+            }
+            let mut log = log.lock().unwrap();
+            log.push(*d.item());
+            // After the resume, each item's first call fails (retryably), its second works.
+            if log.iter().filter(|i| *i == d.item()).count() == 1 {
+                Err(SinkError::retryable("flaky"))
+            } else {
+                Ok(())
+            }
+        })
+        .unwrap();
+    c.send(0).unwrap();
+    c.send(1).unwrap();
+    assert!(c.flush_timeout(GENEROUS));
+    assert_eq!((c.paused(), c.stats().queued), (vec![String::new()], 2));
+    healthy.store(true, AtomicOrdering::SeqCst);
+    assert!(c.resume(""));
+    assert!(c.flush_timeout(GENEROUS));
+    assert!(
+        c.paused().is_empty(),
+        "paused again: {:?}",
+        after_resume.lock()
+    );
+    assert_eq!(c.stats().delivered, 2);
 }

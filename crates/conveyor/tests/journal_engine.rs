@@ -931,3 +931,26 @@ fn wait_committed_returns_at_once_without_a_journal_or_for_a_settled_item() {
     let receipt = plain.send(1).unwrap();
     assert!(plain.wait_committed(&receipt, Duration::ZERO));
 }
+
+/// After `close`, the writer is gone: a resume would be dropped unseen, so it is refused, and
+/// the journal still holds the pause for the next start (or `Journal::resume`).
+#[test]
+fn resume_after_close_is_refused_and_the_pause_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    let c: Conveyor<u32> = Conveyor::builder()
+        .journal(&path)
+        .on_failure(OnFailure::Pause)
+        .build(|_d| Err(SinkError::permanent("down")))
+        .unwrap();
+    c.send(1).unwrap();
+    c.flush();
+    assert_eq!(c.paused(), vec![String::new()]);
+    c.close();
+    assert!(!c.resume(""), "a resume after close would be lost");
+    let status = Journal::open(&path).unwrap().status().unwrap();
+    assert!(
+        status.lanes.iter().any(|l| l.paused.is_some()),
+        "{status:?}"
+    );
+}

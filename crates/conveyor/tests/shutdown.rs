@@ -252,3 +252,66 @@ fn stop_finishes_the_call_in_flight_and_starts_nothing_queued() {
         .all(|o| matches!(o, Err(DeliveryError::Closed))));
     assert!(matches!(c.send(9), Err(SendError::Closed(9))));
 }
+
+/// A receipt callback on the worker that runs it: `close`, `flush` or the drop of the last
+/// handle must not wait for that callback's own return (it would sit out the deadline).
+fn from_a_callback<O: Send + 'static>(
+    act: impl FnOnce(Conveyor<u32>) -> O + Send + 'static,
+) -> (Duration, O) {
+    let c: Conveyor<u32> = Conveyor::builder()
+        .drain_timeout(Duration::from_secs(10))
+        .build(|_d| Ok(()))
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let receipt = c.send(1).unwrap();
+    let c = std::sync::Mutex::new(Some(c));
+    receipt.on_settled(move |_| {
+        let c = c.lock().unwrap().take().unwrap();
+        let started = Instant::now();
+        let out = act(c);
+        tx.send((started.elapsed(), out)).unwrap();
+    });
+    rx.recv_timeout(GENEROUS).unwrap()
+}
+
+#[test]
+fn close_flush_or_drop_from_a_receipt_callback_do_not_wait_for_that_callback() {
+    let (took, report) = from_a_callback(|c| c.close_timeout(Duration::from_secs(10)));
+    assert!(report.drained, "{report:?}");
+    assert!(took < Duration::from_secs(5), "close waited {took:?}");
+    let (took, flushed) = from_a_callback(|c| c.flush_timeout(Duration::from_secs(10)));
+    assert!(
+        flushed && took < Duration::from_secs(5),
+        "flush: {flushed} in {took:?}"
+    );
+    let (took, ()) = from_a_callback(drop);
+    assert!(took < Duration::from_secs(5), "drop waited {took:?}");
+}
+
+/// `stop_timeout` starts nothing queued: an item taken but still waiting for its rate-limit
+/// slot was not started, and goes back to the queue.
+#[test]
+fn stop_does_not_start_items_waiting_for_a_rate_limit_slot() {
+    let calls = Arc::new(AtomicU64::new(0));
+    let n = calls.clone();
+    let c: Conveyor<u32> = Conveyor::builder()
+        .ordering(Ordering::Pipelined { in_flight: 4 })
+        .rate_limit(1)
+        .build(move |_d| {
+            n.fetch_add(1, AtomicOrdering::SeqCst);
+            Ok(())
+        })
+        .unwrap();
+    for i in 0..4 {
+        c.send(i).unwrap();
+    }
+    // The first call starts at once; the next slots are a second apart.
+    let deadline = Instant::now() + GENEROUS;
+    while calls.load(AtomicOrdering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline);
+        sleep_ms(1);
+    }
+    let report = c.stop_timeout(GENEROUS);
+    assert_eq!(calls.load(AtomicOrdering::SeqCst), 1, "{report:?}");
+    assert_eq!((report.stats.delivered, report.left), (1, 3), "{report:?}");
+}
