@@ -92,7 +92,13 @@ def test_a_sync_send_on_a_full_disk_releases_the_gil_and_yields_to_ctrl_c(tmp_pa
         f"""
         import os, resource, signal, threading, time, conveyor
         path = {str(tmp_path / "j")!r}
-        c = conveyor.Conveyor(lambda x: None, journal=path, durability="sync")
+        stall = threading.Event()
+        def sink(item):
+            # Items stay pending, so each must be written: one settled in the same commit
+            # group as its append is never written at all.
+            if item != "warm":
+                stall.wait()
+        c = conveyor.Conveyor(sink, journal=path, durability="sync")
         c.send("warm").result(timeout=5)
         c.flush()
         time.sleep(0.5)  # the writer's checkpoint is done before the disk "fills"
