@@ -983,7 +983,13 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             let mut st = shared.lock();
             st.waiters.flushers += 1;
             let mut timed_out = false;
-            while !shared.all_settled(&mut st) && !st.stalled() && !timed_out {
+            // From a receipt callback, its own worker cannot deliver anything meanwhile.
+            let me = usize::from(crate::worker::live_worker_here(shared));
+            while !shared.all_settled(&mut st)
+                && !st.stalled()
+                && st.live_workers > me
+                && !timed_out
+            {
                 (st, timed_out) = shared.wait_until(&shared.settled, st, deadline);
             }
             st.waiters.flushers -= 1;
@@ -1158,7 +1164,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             // Called from a receipt callback, this thread is one of the workers, and its
             // receipts are still being settled: neither can be waited for.
             let own = shared.settling_here();
-            let me = usize::from(own > 0);
+            let me = usize::from(crate::worker::live_worker_here(shared));
             while !st.shutdown_ready(own) && st.live_workers > me && !timed_out {
                 (st, timed_out) = shared.wait_until(&shared.settled, st, deadline);
             }

@@ -351,7 +351,8 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
         // Whom this step passed work on to is woken before settling, which runs user code:
         // meanwhile the wake-up counts as pending, and sends wake nobody.
         shared.notify_workers(wake);
-        done = settle_all(&shared, &mut settle);
+        // An exiting worker stopped counting as live before it settles what it has left.
+        done = settle_all(&shared, &mut settle, !matches!(step, Step::Exit));
         match step {
             Step::Run(mut job, _) => {
                 let outcome = shared.run_blocking(&*sink, worker, &mut job);
@@ -415,7 +416,7 @@ pub(crate) async fn async_worker<T: Send + Sync + 'static, R: Send + 'static>(
         if let Step::Run(_, wake) = &step {
             shared.notify_workers(*wake);
         }
-        task.done = settle_all(&shared, &mut settle);
+        task.done = settle_all(&shared, &mut settle, !matches!(step, Step::Exit));
         match step {
             Step::Run(mut job, _) => {
                 let outcome = shared.run_async(&*sink, worker, &mut job).await;
@@ -463,31 +464,69 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Drop for TaskPresence<'_, T, R
     }
 }
 
+/// What this thread is settling, for a receipt callback that flushes or closes its own
+/// conveyor: it must not wait for those receipts, which count in `State::settling` until
+/// reported, nor for its own worker.
+#[derive(Clone, Copy)]
+struct SettlingHere {
+    /// The conveyor's `Shared`, by address.
+    conveyor: usize,
+    receipts: u64,
+    /// The worker is still counted in `live_workers` (a worker that is exiting settles what it
+    /// has left after it stopped counting).
+    live_worker: bool,
+}
+
 thread_local! {
-    /// The conveyor whose receipts this thread is settling (the address of its `Shared`),
-    /// and how many: they count in `State::settling` until reported, and a receipt callback
-    /// that flushes or closes its own conveyor must not wait for them (nor for this worker).
-    static SETTLING_HERE: Cell<(usize, u64)> = const { Cell::new((0, 0)) };
+    static SETTLING_HERE: Cell<SettlingHere> = const {
+        Cell::new(SettlingHere { conveyor: 0, receipts: 0, live_worker: false })
+    };
+}
+
+/// What this thread is settling for `shared`'s conveyor, if anything.
+fn settling_for<T>(shared: &T) -> Option<SettlingHere> {
+    let here = SETTLING_HERE.with(Cell::get);
+    (here.conveyor == std::ptr::from_ref(shared) as usize && here.receipts > 0).then_some(here)
 }
 
 /// How many receipts of `shared`'s conveyor this thread is settling right now.
 pub(crate) fn settling_here<T>(shared: &T) -> u64 {
-    let (conveyor, count) = SETTLING_HERE.with(Cell::get);
-    if conveyor == std::ptr::from_ref(shared) as usize {
-        count
-    } else {
-        0
+    settling_for(shared).map_or(0, |here| here.receipts)
+}
+
+/// Whether this thread is a worker of `shared`'s conveyor, still counted in `live_workers`,
+/// running a receipt callback: nothing it waits for can count on this worker.
+pub(crate) fn live_worker_here<T>(shared: &T) -> bool {
+    settling_for(shared).is_some_and(|here| here.live_worker)
+}
+
+/// Puts back what an enclosing `settle_all` set (a callback's conveyor may be another one's
+/// sink), even if settling unwinds.
+struct RestoreSettling(SettlingHere);
+
+impl Drop for RestoreSettling {
+    fn drop(&mut self) {
+        SETTLING_HERE.with(|s| s.set(self.0));
     }
 }
 
 /// Settles receipts outside the state lock (their callbacks are user code); returns how
-/// many, for `Shared::settled_outside`.
-fn settle_all<T, R>(shared: &Shared<T, R>, settle: &mut Vec<Settlement<T, R>>) -> u64 {
+/// many, for `Shared::settled_outside`. `live_worker`: the worker still counts as live.
+fn settle_all<T, R>(
+    shared: &Shared<T, R>,
+    settle: &mut Vec<Settlement<T, R>>,
+    live_worker: bool,
+) -> u64 {
     let n = settle.len() as u64;
     if n == 0 {
         return 0;
     }
-    let outer = SETTLING_HERE.with(|s| s.replace((std::ptr::from_ref(shared) as usize, n)));
+    let here = SettlingHere {
+        conveyor: std::ptr::from_ref(shared) as usize,
+        receipts: n,
+        live_worker,
+    };
+    let _restore = RestoreSettling(SETTLING_HERE.with(|s| s.replace(here)));
     for (node, result) in settle.drain(..) {
         // A panic in the receipt's callback or waker, or in the item's or the reply's drop
         // (the worker may hold the last reference), must not end the worker, or its conveyor
@@ -496,8 +535,6 @@ fn settle_all<T, R>(shared: &Shared<T, R>, settle: &mut Vec<Settlement<T, R>>) -
         settled.unwrap_or_else(log_settling_panic);
         dropped.unwrap_or_else(log_settling_panic);
     }
-    // A callback's conveyor may be another one's sink: restore what that one set.
-    SETTLING_HERE.with(|s| s.set(outer));
     n
 }
 

@@ -315,3 +315,84 @@ fn stop_does_not_start_items_waiting_for_a_rate_limit_slot() {
     assert_eq!(calls.load(AtomicOrdering::SeqCst), 1, "{report:?}");
     assert_eq!((report.stats.delivered, report.left), (1, 3), "{report:?}");
 }
+
+/// Two workers: item 0 ends after 200 ms, item 1 after `slow_ms`. The main thread closes
+/// first, so the worker of item 0 is leaving when it runs item 0's callback, which closes the
+/// conveyor too, within `timeout`. Returns how long that close took and its report.
+fn close_from_the_callback_of_a_leaving_worker(
+    slow_ms: u64,
+    timeout: Duration,
+) -> (Duration, conveyor::CloseReport) {
+    let c: Arc<Conveyor<u32>> = Arc::new(
+        Conveyor::builder()
+            .ordering(Ordering::Pipelined { in_flight: 2 })
+            .build(move |d: Delivery<u32>| {
+                sleep_ms(if *d.item() == 0 { 200 } else { slow_ms });
+                Ok(())
+            })
+            .unwrap(),
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    let me = c.clone();
+    c.send(0).unwrap().on_settled(move |_| {
+        let started = Instant::now();
+        let report = me.close_timeout(timeout);
+        tx.send((started.elapsed(), report)).unwrap();
+    });
+    c.send(1).unwrap();
+    sleep_ms(50); // both in flight
+    let main = {
+        let c = c.clone();
+        std::thread::spawn(move || c.close_timeout(GENEROUS))
+    };
+    let out = rx.recv_timeout(GENEROUS).unwrap();
+    main.join().unwrap();
+    out
+}
+
+/// A leaving worker no longer counts as live: its callback's close still waits for the
+/// other worker's call (it used to count itself and give up on it), and keeps its deadline
+/// (it used to join the other worker's thread for the whole call).
+#[test]
+fn a_close_from_the_callback_of_a_leaving_worker_waits_for_the_others_and_its_deadline() {
+    let (_, report) = close_from_the_callback_of_a_leaving_worker(800, GENEROUS);
+    assert!(
+        report.drained,
+        "the other worker's call was given up: {report:?}"
+    );
+    let (took, report) =
+        close_from_the_callback_of_a_leaving_worker(3_000, Duration::from_millis(100));
+    assert!(
+        took < Duration::from_millis(1_500),
+        "close_timeout(100 ms) took {took:?}: {report:?}"
+    );
+}
+
+/// Strict: item 0's callback flushes while item 1 is queued, which only the callback's own
+/// worker could deliver. The flush says so at once (`flush()` used to hang for good).
+#[test]
+fn a_flush_from_a_callback_does_not_wait_for_items_only_its_worker_could_deliver() {
+    let c: Arc<Conveyor<u32>> = Arc::new(Conveyor::builder().build(|_d| Ok(())).unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let me = c.clone();
+    let queued = Arc::new(std::sync::Barrier::new(2));
+    let q = queued.clone();
+    c.send(0).unwrap().on_settled(move |_| {
+        q.wait(); // item 1 is queued
+        let started = Instant::now();
+        let flushed = me.flush_timeout(Duration::from_secs(10));
+        tx.send((started.elapsed(), flushed)).unwrap();
+    });
+    c.send(1).unwrap();
+    queued.wait();
+    let (took, flushed) = rx.recv_timeout(GENEROUS).unwrap();
+    assert!(!flushed);
+    assert!(
+        took < Duration::from_secs(5),
+        "the flush sat out its deadline: {took:?}"
+    );
+    assert!(
+        c.flush_timeout(GENEROUS),
+        "item 1 is delivered once the callback returns"
+    );
+}
