@@ -102,6 +102,12 @@ pub enum OnFailure {
     Skip,
     /// Keep it at the head of its lane and stop that lane (other lanes go on) until
     /// [`Conveyor::resume`] is called; [`Conveyor::paused`] lists paused lanes.
+    ///
+    /// The items a paused lane holds still count against the
+    /// [`capacity`](crate::Builder::capacity), so that memory stays bounded: once they fill
+    /// it, sends for every lane meet a full queue ([`Backpressure::Block`] waits for a
+    /// resume). Watch [`Conveyor::paused`], or size the capacity for the backlog a lane may
+    /// gather before an operator acts.
     Pause,
 }
 

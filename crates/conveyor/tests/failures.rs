@@ -440,3 +440,36 @@ fn a_pipelined_resume_gives_every_held_item_a_fresh_retry_budget() {
     );
     assert_eq!(c.stats().delivered, 2);
 }
+
+/// A paused lane's items count against the capacity (memory stays bounded): once they fill
+/// it, a send for a healthy key meets a full queue too, until the lane is resumed.
+#[test]
+fn a_paused_lanes_backlog_counts_against_the_capacity_of_every_lane() {
+    let broken = Arc::new(AtomicBool::new(true));
+    let b = broken.clone();
+    let c: Conveyor<u32> = Conveyor::builder()
+        .ordering(Ordering::Keyed { concurrency: 2 })
+        .capacity(2)
+        .on_failure(OnFailure::Pause)
+        .build(move |d: Delivery<u32>| {
+            if d.key() == Some("poison") && b.load(AtomicOrdering::SeqCst) {
+                return Err(SinkError::permanent("rejected"));
+            }
+            Ok(())
+        })
+        .unwrap();
+    c.send_keyed("poison", 0).unwrap();
+    assert!(c.flush_timeout(GENEROUS));
+    assert_eq!(c.paused(), vec!["poison".to_owned()]);
+    c.send_keyed("poison", 1).unwrap(); // held with item 0: the queue is full
+    assert!(matches!(
+        c.try_send_keyed("healthy", 9),
+        Err(conveyor::SendError::Full(9))
+    ));
+    broken.store(false, AtomicOrdering::SeqCst);
+    assert!(c.resume("poison"));
+    assert!(c.flush_timeout(GENEROUS));
+    c.try_send_keyed("healthy", 9).unwrap();
+    assert!(c.flush_timeout(GENEROUS));
+    assert_eq!(c.stats().delivered, 3);
+}
