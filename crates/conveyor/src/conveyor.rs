@@ -149,12 +149,6 @@ impl<T, R> Shared<T, R> {
         st.quiescent(self.settling_here())
     }
 
-    /// Receipts of this conveyor that the calling thread is settling right now: a callback
-    /// that flushes or closes its own conveyor must not wait for them.
-    fn settling_here(&self) -> u64 {
-        crate::worker::settling_here(self)
-    }
-
     /// Registers the calling worker as idle before it waits (under the state lock), unless
     /// the intake has items for it; a worker thread gives up the lookout (`lookout`) as it
     /// registers. Returns whether it registered.
@@ -984,7 +978,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             st.waiters.flushers += 1;
             let mut timed_out = false;
             // From a receipt callback, its own worker cannot deliver anything meanwhile.
-            let me = usize::from(crate::worker::live_worker_here(shared));
+            let me = usize::from(shared.live_worker_here());
             while !shared.all_settled(&mut st)
                 && !st.stalled()
                 && st.live_workers > me
@@ -1164,7 +1158,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             // Called from a receipt callback, this thread is one of the workers, and its
             // receipts are still being settled: neither can be waited for.
             let own = shared.settling_here();
-            let me = usize::from(crate::worker::live_worker_here(shared));
+            let me = usize::from(shared.live_worker_here());
             while !st.shutdown_ready(own) && st.live_workers > me && !timed_out {
                 (st, timed_out) = shared.wait_until(&shared.settled, st, deadline);
             }

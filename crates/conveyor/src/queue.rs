@@ -442,7 +442,7 @@ impl<T, R> State<T, R> {
     }
 
     /// Records that a retry is due no earlier than `earliest` and returns when it may
-    /// start under the rate limit. Until `retry_begins`, no item behind it starts: in
+    /// start under the rate limit. Until `attempt_begins`, no item behind it starts: in
     /// pipelined mode other workers would otherwise overtake it.
     pub(crate) fn schedule_retry(&mut self, worker: usize, earliest: Instant) -> Instant {
         if let Some(job) = &mut self.in_flight_nodes[worker] {
@@ -457,22 +457,25 @@ impl<T, R> State<T, R> {
         }
     }
 
-    /// A retry scheduled by `schedule_retry` is about to start (or will not, on shutdown).
-    pub(crate) fn retry_begins(&mut self) {
-        if !self.keyed {
+    /// The worker's job is past its wait for a rate-limit slot or (`retry`) a backoff:
+    /// returns whether to hand it to the sink. Not once a shutdown abandoned it (it was
+    /// reported closed), nor under `stop_timeout` after a wait for a slot (it never started;
+    /// retries of calls in progress go on). A retry ends the hold on the items behind it
+    /// (see `schedule_retry`), and is counted if it is made.
+    pub(crate) fn attempt_begins(&mut self, worker: usize, retry: bool) -> bool {
+        if retry && !self.keyed {
             self.main.retrying -= 1;
         }
-    }
-
-    /// The worker's job is past its wait and about to be handed to the sink; a retry is
-    /// counted now that it is made.
-    pub(crate) fn call_begins(&mut self, worker: usize, retry: bool) {
-        if let Some(job) = &mut self.in_flight_nodes[worker] {
-            job.called = true;
+        let go = !self.abandoned && (retry || !self.stopping);
+        if go {
+            if let Some(job) = &mut self.in_flight_nodes[worker] {
+                job.called = true;
+            }
+            if retry {
+                self.counters.retried += 1;
+            }
         }
-        if retry {
-            self.counters.retried += 1;
-        }
+        go
     }
 
     /// The lane of `node`, with its id in keyed mode (the only lane needs none).
@@ -622,9 +625,8 @@ impl<T, R> State<T, R> {
         names
     }
 
-    /// Every item not settled yet (queued, held, or in flight), for shutdown to report
-    /// as closed. The items stay where they are.
-    /// Every unsettled item, with whether its sink call may have begun.
+    /// Every item not settled yet (queued, held, or in flight), with whether its sink call
+    /// may have begun, for shutdown to report. The items stay where they are.
     pub(crate) fn unsettled_nodes(&self) -> Vec<(NodeRef<T, R>, bool)> {
         let queued = self
             .lanes

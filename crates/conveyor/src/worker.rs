@@ -200,22 +200,16 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         Next::RetryAt(st.schedule_retry(worker, later(delay)))
     }
 
-    /// After waiting for a rate-limit slot or a backoff: a conveyor abandoned at its drain
-    /// deadline meanwhile already reported the item as closed, so it must not start, and under
-    /// `stop_timeout` an item that waited for a slot was never started (only retries of calls
-    /// in progress go on). A retry lets the items behind it start again, on idle workers too.
+    /// After waiting for a rate-limit slot or a backoff: whether the job may start (see
+    /// `State::attempt_begins`). A retry lets the items behind it start, on idle workers too.
     fn may_start(&self, worker: usize, retry: bool) -> bool {
         let mut st = self.lock();
+        let go = st.attempt_begins(worker, retry);
         let wake = if retry {
-            st.retry_begins();
             self.pass_work_on(&st)
         } else {
             Wake::default()
         };
-        let go = !st.abandoned && (retry || !st.stopping);
-        if go {
-            st.call_begins(worker, retry);
-        }
         drop(st);
         self.notify_workers(wake);
         go
@@ -483,21 +477,23 @@ thread_local! {
     };
 }
 
-/// What this thread is settling for `shared`'s conveyor, if anything.
-fn settling_for<T>(shared: &T) -> Option<SettlingHere> {
-    let here = SETTLING_HERE.with(Cell::get);
-    (here.conveyor == std::ptr::from_ref(shared) as usize && here.receipts > 0).then_some(here)
-}
+impl<T, R> Shared<T, R> {
+    /// What this thread is settling for this conveyor, if anything.
+    fn settling_for_me(&self) -> Option<SettlingHere> {
+        let here = SETTLING_HERE.with(Cell::get);
+        (here.conveyor == std::ptr::from_ref(self) as usize && here.receipts > 0).then_some(here)
+    }
 
-/// How many receipts of `shared`'s conveyor this thread is settling right now.
-pub(crate) fn settling_here<T>(shared: &T) -> u64 {
-    settling_for(shared).map_or(0, |here| here.receipts)
-}
+    /// How many receipts of this conveyor the calling thread is settling right now.
+    pub(crate) fn settling_here(&self) -> u64 {
+        self.settling_for_me().map_or(0, |here| here.receipts)
+    }
 
-/// Whether this thread is a worker of `shared`'s conveyor, still counted in `live_workers`,
-/// running a receipt callback: nothing it waits for can count on this worker.
-pub(crate) fn live_worker_here<T>(shared: &T) -> bool {
-    settling_for(shared).is_some_and(|here| here.live_worker)
+    /// Whether the calling thread is a worker of this conveyor, still counted in
+    /// `live_workers`, running a receipt callback: nothing it waits for can count on it.
+    pub(crate) fn live_worker_here(&self) -> bool {
+        self.settling_for_me().is_some_and(|here| here.live_worker)
+    }
 }
 
 /// Puts back what an enclosing `settle_all` set (a callback's conveyor may be another one's
