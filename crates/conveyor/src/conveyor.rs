@@ -334,6 +334,31 @@ impl<T, R> Shared<T, R> {
         }
     }
 
+    /// Marks the worker whose sink call or receipt callback this thread runs (if any, see
+    /// `worker_here`) as waiting inside a call to its own conveyor. The others waiting
+    /// likewise look again: they may now wait for nobody.
+    pub(crate) fn start_waiting_inside(&self, st: &mut State<T, R>, worker: Option<usize>) {
+        if let Some(worker) = worker {
+            st.set_waiting_inside(worker, true);
+            self.wake_waiting_inside(st);
+        }
+    }
+
+    pub(crate) fn stop_waiting_inside(&self, st: &mut State<T, R>, worker: Option<usize>) {
+        if let Some(worker) = worker {
+            st.set_waiting_inside(worker, false);
+        }
+    }
+
+    /// After a worker's step: a worker waiting inside its own call checks whether the others
+    /// can still do what it waits for (see `State::others_can_progress`).
+    pub(crate) fn wake_waiting_inside(&self, st: &State<T, R>) {
+        if st.any_waiting_inside() {
+            self.space.notify_all();
+            self.settled.notify_all();
+        }
+    }
+
     pub(crate) fn wake_flushers(&self, st: &State<T, R>) {
         if st.waiters.flushers > 0 && st.flushers_may_go() {
             self.settled.notify_all();
@@ -587,10 +612,13 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             st.waiters.async_senders -= 1;
         }
         let mut evicted = None;
+        // The worker whose sink call or receipt callback sends, once it waits for room.
+        let mut inside = None;
         // The intake stays locked from its drain to this item's accept, so no item sent
         // meanwhile by the fast path can get a lower seq and land behind it.
         let mut ik = loop {
             if st.closed {
+                shared.stop_waiting_inside(&mut st, inside);
                 return Err(Refused::Send(SendError::Closed(node)));
             }
             let mut ik = shared.intake();
@@ -613,6 +641,15 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
                     if needs_workers && self.waiting_would_hang() {
                         drop(st); // not poisoned by the panic
                         hang_refused("send");
+                    }
+                    if needs_workers && inside.is_none() {
+                        inside = shared.worker_here();
+                        shared.start_waiting_inside(&mut st, inside);
+                    }
+                    // Its own worker cannot make room while it waits: only the others can.
+                    if inside.is_some() && !st.others_can_progress() {
+                        shared.stop_waiting_inside(&mut st, inside);
+                        return Err(Refused::Send(SendError::Full(node)));
                     }
                     st.waiters.blocked_senders += 1;
                     st = shared.wait(&shared.space, st);
@@ -639,6 +676,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
                 }
             }
         };
+        shared.stop_waiting_inside(&mut st, inside);
         ik.number(&node);
         let receipt = Receipt::new(node.clone());
         // Journal ops are queued under the lock, so the writer sees appends in seq order and
@@ -805,6 +843,11 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     ///
     /// [`SendError::Closed`] after [`close`](Conveyor::close); [`SendError::Full`]
     /// when full under [`Backpressure::Reject`]. The item is handed back in both.
+    ///
+    /// Called from this conveyor's own sink or a receipt callback, it waits for room only
+    /// while another worker can still make some: its own worker delivers nothing until the
+    /// call returns. Once none can (strict ordering, or the queue full behind its own item),
+    /// it returns [`SendError::Full`] even under `Block`, instead of waiting for itself.
     ///
     /// # Panics
     ///
@@ -977,15 +1020,19 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             let mut st = shared.lock();
             st.waiters.flushers += 1;
             let mut timed_out = false;
-            // From a receipt callback, its own worker cannot deliver anything meanwhile.
-            let me = usize::from(shared.live_worker_here());
+            // From its sink call or a receipt callback, a worker cannot deliver anything
+            // meanwhile: wait only for what the others can do.
+            let inside = shared.worker_here();
+            shared.start_waiting_inside(&mut st, inside);
             while !shared.all_settled(&mut st)
                 && !st.stalled()
-                && st.live_workers > me
+                && st.live_workers > 0
+                && (inside.is_none() || st.others_can_progress())
                 && !timed_out
             {
                 (st, timed_out) = shared.wait_until(&shared.settled, st, deadline);
             }
+            shared.stop_waiting_inside(&mut st, inside);
             st.waiters.flushers -= 1;
             st.quiescent(shared.settling_here())
         })
@@ -995,6 +1042,10 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// lanes. With producers still sending, it waits until the queue is empty at
     /// some moment; use [`Conveyor::flush_timeout`] to bound the wait. In async code,
     /// await [`Conveyor::flush_async`].
+    ///
+    /// Called from this conveyor's own sink or a receipt callback, it waits only for what
+    /// the other workers can deliver: its own worker delivers nothing until the call returns
+    /// (so under strict ordering it returns at once).
     ///
     /// # Panics
     ///
@@ -1084,6 +1135,10 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// settles as [`DeliveryError::Unconfirmed`], and [`Conveyor::stats`] count the call's
     /// outcome once it ends.
     ///
+    /// Called (or dropped) from this conveyor's own sink or a receipt callback, it waits only
+    /// for what the other workers can deliver, then reports the rest, the calling sink's own
+    /// item included.
+    ///
     /// Called (or dropped) on the thread of a current-thread Tokio runtime that runs this
     /// conveyor's async sink, it cannot wait (the runtime could not run the sink meanwhile):
     /// it closes at once and reports what is left. Await [`Conveyor::flush_async`] first.
@@ -1155,13 +1210,21 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             // Idle workers need not have exited: on a single-threaded runtime they
             // could not until this call returns. What matters is that nothing
             // deliverable is left (or that no worker is left to deliver it).
-            // Called from a receipt callback, this thread is one of the workers, and its
-            // receipts are still being settled: neither can be waited for.
+            // Called from a sink call or a receipt callback, this thread is one of the
+            // workers, and the receipts it settles are not settled yet: neither can be
+            // waited for.
             let own = shared.settling_here();
-            let me = usize::from(shared.live_worker_here());
-            while !st.shutdown_ready(own) && st.live_workers > me && !timed_out {
+            let inside = shared.worker_here();
+            let me = usize::from(inside.is_some());
+            shared.start_waiting_inside(&mut st, inside);
+            while !st.shutdown_ready(own)
+                && st.live_workers > me
+                && (inside.is_none() || st.others_can_progress())
+                && !timed_out
+            {
                 (st, timed_out) = shared.wait_until(&shared.settled, st, deadline);
             }
+            shared.stop_waiting_inside(&mut st, inside);
             st.waiters.flushers -= 1;
             // Workers exit when they next look at the state; one still inside a sink
             // call past the deadline finishes that call on its own.
@@ -1370,10 +1433,18 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             cursor: None,
         });
         let node = self.shared.node(key, item);
-        let Ok(receipt) = self.submit(node, &mut entry, Wait::ThreadAlways, false) else {
-            return Err(unclaim(JournalError::Closed {
-                path: durable.path.clone(),
-            }));
+        let receipt = match self.submit(node, &mut entry, Wait::ThreadAlways, false) {
+            Ok(receipt) => receipt,
+            Err(Refused::Send(SendError::Full(_))) => {
+                return Err(unclaim(JournalError::WouldWaitForItself {
+                    path: durable.path.clone(),
+                }))
+            }
+            Err(_) => {
+                return Err(unclaim(JournalError::Closed {
+                    path: durable.path.clone(),
+                }))
+            }
         };
         // After the append in the writer's order: both land in one commit, or the removal later.
         durable.push(Op::Settle(Settled::DiscardDead(seq)));

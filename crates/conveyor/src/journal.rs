@@ -184,6 +184,19 @@ pub enum JournalError {
         /// The journal file.
         path: PathBuf,
     },
+    /// [`Conveyor::retry_dead`](crate::Conveyor::retry_dead) was called from inside the
+    /// conveyor's own sink call or receipt callback, on a full queue that no other worker can
+    /// make room in: waiting would wait for itself. The dead letter stays where it was.
+    #[error(
+        "the queue of the conveyor using journal {} is full, and retry_dead was called from inside \
+         its own sink or receipt callback, where waiting for room would wait for itself: retry \
+         the dead letter from another thread",
+        path.display()
+    )]
+    WouldWaitForItself {
+        /// The journal file.
+        path: PathBuf,
+    },
     /// Any other error reported by SQLite.
     #[error("journal {}: {source}", path.display())]
     Sqlite {

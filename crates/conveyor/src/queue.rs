@@ -137,6 +137,11 @@ pub(crate) struct State<T, R> {
     empty_key: Arc<str>,
     /// What each worker is delivering, so shutdown can settle those receipts too.
     in_flight_nodes: Vec<Option<InFlight<T, R>>>,
+    /// Workers whose thread waits, from inside their sink call or a receipt callback, in a
+    /// call to this conveyor (a blocking send, a flush, a close): they deliver nothing
+    /// meanwhile (see `others_can_progress`).
+    waiting_inside: Vec<bool>,
+    waiting_inside_count: usize,
     limiter: Option<RateLimiter>,
     counters: Counters,
     pub(crate) waiters: Waiters,
@@ -179,6 +184,8 @@ impl<T, R> State<T, R> {
             ready: VecDeque::new(),
             empty_key: Arc::from(""),
             in_flight_nodes: (0..workers).map(|_| None).collect(),
+            waiting_inside: vec![false; workers],
+            waiting_inside_count: 0,
             limiter: rate_limit.map(RateLimiter::per_second),
             counters: Counters::default(),
             waiters: Waiters::default(),
@@ -231,6 +238,49 @@ impl<T, R> State<T, R> {
             !self.ready.is_empty()
         } else {
             self.main_runnable() && !self.main.queue.is_empty()
+        }
+    }
+
+    /// Records that `worker`'s thread starts (`true`) or stops waiting inside one of its
+    /// own calls into this conveyor (see `others_can_progress`).
+    pub(crate) fn set_waiting_inside(&mut self, worker: usize, waiting: bool) {
+        if std::mem::replace(&mut self.waiting_inside[worker], waiting) != waiting {
+            if waiting {
+                self.waiting_inside_count += 1;
+            } else {
+                self.waiting_inside_count -= 1;
+            }
+        }
+    }
+
+    /// Whether a worker waits inside a call to this conveyor (whose answer may change with
+    /// every step of the others).
+    pub(crate) fn any_waiting_inside(&self) -> bool {
+        self.waiting_inside_count > 0
+    }
+
+    /// Whether the workers that are not waiting inside a call to this conveyor can still
+    /// settle an item or take one off the queue: one of them is in the middle of a job, or
+    /// is free and an item may start. When none can, a worker waiting inside (for room, or
+    /// for items to settle) would wait for itself, or for another waiting likewise.
+    pub(crate) fn others_can_progress(&self) -> bool {
+        let free = self.live_workers.saturating_sub(self.waiting_inside_count);
+        let busy = self
+            .in_flight_nodes
+            .iter()
+            .zip(&self.waiting_inside)
+            .any(|(job, &waiting)| job.is_some() && !waiting);
+        free > 0 && (busy || self.startable_exactly())
+    }
+
+    /// As `startable`, without trusting stale entries of `ready`.
+    fn startable_exactly(&self) -> bool {
+        if self.keyed {
+            self.ready
+                .iter()
+                .any(|id| self.lanes.get(id).is_some_and(Lane::runnable_keyed))
+        } else {
+            self.startable()
         }
     }
 

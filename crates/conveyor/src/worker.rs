@@ -102,6 +102,8 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
             }
             self.wake_flushers(st);
         }
+        // Whatever this step does changes what the others can do.
+        self.wake_waiting_inside(st);
         if st.abandoned || st.stopping {
             return Step::Exit;
         }
@@ -180,6 +182,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
     /// Bookkeeping for a worker that leaves; `close` waits for the last one.
     fn exit(&self, st: &mut State<T, R>) {
         st.live_workers -= 1;
+        self.wake_waiting_inside(st);
         self.settled.notify_all();
         self.settled_async.notify_waiters();
     }
@@ -236,8 +239,11 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
                 }
             }
             let delivery = self.delivery(job);
-            let result = catch_unwind(AssertUnwindSafe(|| sink(delivery)))
-                .unwrap_or_else(|panic| Err(SinkError::from_panic(&*panic)));
+            let result = {
+                let _here = self.entering_sink(worker);
+                catch_unwind(AssertUnwindSafe(|| sink(delivery)))
+                    .unwrap_or_else(|panic| Err(SinkError::from_panic(&*panic)))
+            };
             match result {
                 Ok(reply) => return Outcome::Delivered(reply),
                 Err(error) => match self.after_failure(worker, job, error) {
@@ -346,7 +352,7 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
         // meanwhile the wake-up counts as pending, and sends wake nobody.
         shared.notify_workers(wake);
         // An exiting worker stopped counting as live before it settles what it has left.
-        done = settle_all(&shared, &mut settle, !matches!(step, Step::Exit));
+        done = settle_all(&shared, worker, &mut settle, !matches!(step, Step::Exit));
         match step {
             Step::Run(mut job, _) => {
                 let outcome = shared.run_blocking(&*sink, worker, &mut job);
@@ -410,7 +416,7 @@ pub(crate) async fn async_worker<T: Send + Sync + 'static, R: Send + 'static>(
         if let Step::Run(_, wake) = &step {
             shared.notify_workers(*wake);
         }
-        task.done = settle_all(&shared, &mut settle, !matches!(step, Step::Exit));
+        task.done = settle_all(&shared, worker, &mut settle, !matches!(step, Step::Exit));
         match step {
             Step::Run(mut job, _) => {
                 let outcome = shared.run_async(&*sink, worker, &mut job).await;
@@ -458,51 +464,78 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Drop for TaskPresence<'_, T, R
     }
 }
 
-/// What this thread is settling, for a receipt callback that flushes or closes its own
-/// conveyor: it must not wait for those receipts, which count in `State::settling` until
-/// reported, nor for its own worker.
+/// Where this thread runs user code for one of a conveyor's workers: the sink call, or the
+/// receipts it settles (callbacks, wakers, the item's and the reply's drops). A call that such
+/// code makes into its own conveyor (a blocking send, a flush, a close) must not wait for what
+/// only this worker could do: it counts as a worker waiting inside
+/// (see `State::others_can_progress`).
 #[derive(Clone, Copy)]
-struct SettlingHere {
+struct WorkerHere {
     /// The conveyor's `Shared`, by address.
     conveyor: usize,
+    worker: usize,
+    /// Receipts it is settling, which count in `State::settling` until reported.
     receipts: u64,
+    in_sink: bool,
     /// The worker is still counted in `live_workers` (a worker that is exiting settles what it
     /// has left after it stopped counting).
     live_worker: bool,
 }
 
+const NOWHERE: WorkerHere = WorkerHere {
+    conveyor: 0,
+    worker: 0,
+    receipts: 0,
+    in_sink: false,
+    live_worker: false,
+};
+
 thread_local! {
-    static SETTLING_HERE: Cell<SettlingHere> = const {
-        Cell::new(SettlingHere { conveyor: 0, receipts: 0, live_worker: false })
-    };
+    static WORKER_HERE: Cell<WorkerHere> = const { Cell::new(NOWHERE) };
 }
 
 impl<T, R> Shared<T, R> {
-    /// What this thread is settling for this conveyor, if anything.
-    fn settling_for_me(&self) -> Option<SettlingHere> {
-        let here = SETTLING_HERE.with(Cell::get);
-        (here.conveyor == std::ptr::from_ref(self) as usize && here.receipts > 0).then_some(here)
+    /// What this thread is doing for this conveyor's workers, if anything.
+    fn here(&self) -> Option<WorkerHere> {
+        let here = WORKER_HERE.with(Cell::get);
+        (here.conveyor == std::ptr::from_ref(self) as usize && (here.receipts > 0 || here.in_sink))
+            .then_some(here)
     }
 
     /// How many receipts of this conveyor the calling thread is settling right now.
     pub(crate) fn settling_here(&self) -> u64 {
-        self.settling_for_me().map_or(0, |here| here.receipts)
+        self.here().map_or(0, |here| here.receipts)
     }
 
-    /// Whether the calling thread is a worker of this conveyor, still counted in
-    /// `live_workers`, running a receipt callback: nothing it waits for can count on it.
-    pub(crate) fn live_worker_here(&self) -> bool {
-        self.settling_for_me().is_some_and(|here| here.live_worker)
+    /// The worker of this conveyor, still counted in `live_workers`, whose sink call or receipt
+    /// callback the calling thread is running: nothing it waits for can count on that worker.
+    pub(crate) fn worker_here(&self) -> Option<usize> {
+        self.here()
+            .filter(|here| here.live_worker)
+            .map(|here| here.worker)
+    }
+
+    /// Marks the calling thread as running `worker`'s sink call until the guard drops.
+    fn entering_sink(&self, worker: usize) -> RestoreHere {
+        RestoreHere(WORKER_HERE.with(|h| {
+            h.replace(WorkerHere {
+                conveyor: std::ptr::from_ref(self) as usize,
+                worker,
+                receipts: 0,
+                in_sink: true,
+                live_worker: true,
+            })
+        }))
     }
 }
 
-/// Puts back what an enclosing `settle_all` set (a callback's conveyor may be another one's
-/// sink), even if settling unwinds.
-struct RestoreSettling(SettlingHere);
+/// Puts back what an enclosing sink call or `settle_all` set (a callback's conveyor may be
+/// another one's sink), even if the user code unwinds.
+struct RestoreHere(WorkerHere);
 
-impl Drop for RestoreSettling {
+impl Drop for RestoreHere {
     fn drop(&mut self) {
-        SETTLING_HERE.with(|s| s.set(self.0));
+        WORKER_HERE.with(|h| h.set(self.0));
     }
 }
 
@@ -510,6 +543,7 @@ impl Drop for RestoreSettling {
 /// many, for `Shared::settled_outside`. `live_worker`: the worker still counts as live.
 fn settle_all<T, R>(
     shared: &Shared<T, R>,
+    worker: usize,
     settle: &mut Vec<Settlement<T, R>>,
     live_worker: bool,
 ) -> u64 {
@@ -517,12 +551,14 @@ fn settle_all<T, R>(
     if n == 0 {
         return 0;
     }
-    let here = SettlingHere {
+    let here = WorkerHere {
         conveyor: std::ptr::from_ref(shared) as usize,
+        worker,
         receipts: n,
+        in_sink: false,
         live_worker,
     };
-    let _restore = RestoreSettling(SETTLING_HERE.with(|s| s.replace(here)));
+    let _restore = RestoreHere(WORKER_HERE.with(|h| h.replace(here)));
     for (node, result) in settle.drain(..) {
         // A panic in the receipt's callback or waker, or in the item's or the reply's drop
         // (the worker may hold the last reference), must not end the worker, or its conveyor

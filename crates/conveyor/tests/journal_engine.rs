@@ -954,3 +954,49 @@ fn resume_after_close_is_refused_and_the_pause_kept() {
         "{status:?}"
     );
 }
+
+/// `retry_dead` from inside the conveyor's own sink, on a full queue that only that sink's
+/// worker could make room in, is refused with an error that says so, and the dead letter stays
+/// (the wait for room used to be endless).
+#[test]
+fn retry_dead_from_inside_the_sink_on_a_full_queue_does_not_wait_for_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    let me: Arc<std::sync::OnceLock<Arc<Conveyor<u64>>>> = Arc::default();
+    let myself = me.clone();
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    let c = Arc::new(
+        Conveyor::builder()
+            .journal(&path)
+            .capacity(1)
+            .build(move |d: Delivery<u64>| match *d.item() {
+                1 => Err(SinkError::permanent("refused")),
+                2 => {
+                    let c = myself.get().unwrap();
+                    let dead = c.dead_letters().unwrap();
+                    c.send(3).unwrap(); // fills the queue
+                    let retried = c.retry_dead(dead[0].seq).map(|r| r.seq());
+                    tx.lock().unwrap().send(retried).unwrap();
+                    Ok(())
+                }
+                _ => Ok(()),
+            })
+            .unwrap(),
+    );
+    me.set(c.clone()).ok();
+    c.send(1).unwrap().wait().unwrap_err();
+    c.send(2).unwrap();
+    let retried = rx.recv_timeout(Duration::from_secs(30)).expect("came back");
+    assert!(
+        matches!(retried, Err(JournalError::WouldWaitForItself { .. })),
+        "{retried:?}"
+    );
+    assert!(c.flush_timeout(Duration::from_secs(30)));
+    let dead = c.dead_letters().unwrap();
+    assert_eq!(dead.len(), 1, "the dead letter stays for a later retry");
+    assert!(
+        c.retry_dead(dead[0].seq).unwrap().wait().is_err(),
+        "item 1 still fails"
+    );
+}

@@ -1,0 +1,263 @@
+//! Calls into a conveyor from inside its own sink call or receipt callback: a blocking send
+//! on a full queue, a flush or a close. The calling worker delivers nothing while it waits, so
+//! each waits only for what the other workers can still do, and never for itself.
+
+mod common;
+
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Barrier, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::{sleep_ms, GENEROUS};
+use conveyor::{CloseReport, Conveyor, Delivery, Ordering, SendError};
+
+/// Long enough that a call which waits for it is told apart from one that does not.
+const LONG: Duration = Duration::from_secs(10);
+
+/// A conveyor whose sink runs `inside` with the conveyor itself, on the item `trigger`
+/// (and sleeps `slow_ms` on every item named in `slow`).
+fn calling_itself(
+    ordering: Ordering,
+    capacity: usize,
+    trigger: u64,
+    slow: &'static [u64],
+    inside: impl Fn(&Conveyor<u64>, &Delivery<u64>) + Send + Sync + 'static,
+) -> Arc<Conveyor<u64>> {
+    let me: Arc<OnceLock<Arc<Conveyor<u64>>>> = Arc::new(OnceLock::new());
+    let myself = me.clone();
+    let c = Arc::new(
+        Conveyor::builder()
+            .ordering(ordering)
+            .capacity(capacity)
+            .drain_timeout(Duration::from_secs(1))
+            .build(move |d: Delivery<u64>| {
+                if slow.contains(d.item()) {
+                    sleep_ms(300);
+                }
+                if *d.item() == trigger {
+                    inside(myself.get().expect("set before the first send"), &d);
+                }
+                Ok(())
+            })
+            .unwrap(),
+    );
+    me.set(c.clone()).ok();
+    c
+}
+
+fn outcome(r: Result<conveyor::Receipt<()>, SendError<u64>>) -> Result<(), String> {
+    r.map(drop).map_err(|e| format!("{e:?}"))
+}
+
+/// Strict, capacity 1: the sink of item 1 fills the queue, then sends once more. Only its own
+/// worker could make room, after the call returns: the send refuses at once (it used to wait
+/// for good, and with it the conveyor).
+#[test]
+fn a_sink_sending_into_its_own_full_queue_is_refused_instead_of_waiting_for_itself() {
+    let (tx, rx) = channel();
+    let tx = Mutex::new(tx);
+    let c = calling_itself(Ordering::Strict, 1, 1, &[], move |c, _| {
+        let first = outcome(c.send(100));
+        let started = Instant::now();
+        let second = c.send(101);
+        let took = started.elapsed();
+        let second = match second {
+            Err(SendError::Full(item)) => Ok(item),
+            other => Err(format!("{:?}", other.map(drop))),
+        };
+        tx.lock().unwrap().send((first, second, took)).unwrap();
+    });
+    c.send(1).unwrap();
+    let (first, second, took) = rx.recv_timeout(GENEROUS).expect("the send came back");
+    assert_eq!(first, Ok(()));
+    assert_eq!(second, Ok(101), "the item comes back with the refusal");
+    assert!(took < Duration::from_secs(5), "the send waited {took:?}");
+    assert!(c.flush_timeout(GENEROUS));
+    assert_eq!((c.stats().accepted, c.stats().delivered), (2, 2));
+}
+
+/// Keyed, capacity 1: the sink of `a1` sends `a3` while `b2` fills the queue and `b1` is still
+/// running on the other worker. That worker makes room once `b1` ends, so the send waits for
+/// it and succeeds; a second send, once only this worker could make room, is refused.
+#[test]
+fn a_sink_waits_for_room_that_another_worker_makes() {
+    let (tx, rx) = channel();
+    let tx = Mutex::new(tx);
+    let queue_full = Arc::new(Barrier::new(2));
+    let full = queue_full.clone();
+    // Items: a1 = 1, b1 = 2 (slow), b2 = 3, a3 = 4, a4 = 5.
+    let c = calling_itself(
+        Ordering::Keyed { concurrency: 2 },
+        1,
+        1,
+        &[2],
+        move |c, _| {
+            full.wait();
+            let started = Instant::now();
+            let waited = outcome(c.send_keyed("a", 4));
+            let took = started.elapsed();
+            let refused = matches!(c.send_keyed("a", 5), Err(SendError::Full(5)));
+            tx.lock().unwrap().send((waited, took, refused)).unwrap();
+        },
+    );
+    c.send_keyed("b", 2).unwrap();
+    sleep_ms(50); // b1 runs
+    c.send_keyed("a", 1).unwrap();
+    c.send_keyed("b", 3).unwrap();
+    queue_full.wait();
+    let (waited, took, refused) = rx.recv_timeout(GENEROUS).expect("the sends came back");
+    assert_eq!(waited, Ok(()));
+    assert!(
+        took >= Duration::from_millis(100),
+        "room was only made when b1 ended ({took:?})"
+    );
+    assert!(
+        refused,
+        "a3 fills the queue behind the sink's own item: nobody else can make room"
+    );
+    assert!(c.flush_timeout(GENEROUS));
+    assert_eq!(c.stats().delivered, 4);
+}
+
+/// Pipelined, two workers, capacity 1, both sinks sending into the full queue: the first waits
+/// for the other worker, which then finds every other worker waiting and is refused. Its call
+/// returns, its worker makes room, and the first send goes through. Nothing waits for good.
+#[test]
+fn two_sinks_waiting_for_each_other_are_not_a_deadlock() {
+    let (tx, rx) = channel::<(u64, Result<(), String>)>();
+    let tx = Mutex::new(tx);
+    // Both workers in their sink calls, and item 3 queued.
+    let queue_full = Arc::new(Barrier::new(3));
+    let full = queue_full.clone();
+    let me: Arc<OnceLock<Arc<Conveyor<u64>>>> = Arc::new(OnceLock::new());
+    let myself = me.clone();
+    let c = Arc::new(
+        Conveyor::builder()
+            .ordering(Ordering::Pipelined { in_flight: 2 })
+            .capacity(1)
+            .drain_timeout(Duration::from_secs(1))
+            .build(move |d: Delivery<u64>| {
+                if *d.item() <= 2 {
+                    full.wait();
+                    if *d.item() == 2 {
+                        sleep_ms(200); // item 1's send waits first
+                    }
+                    let sent = outcome(myself.get().unwrap().send(10 + d.item()));
+                    tx.lock().unwrap().send((*d.item(), sent)).unwrap();
+                }
+                Ok(())
+            })
+            .unwrap(),
+    );
+    me.set(c.clone()).ok();
+    c.send(1).unwrap();
+    c.send(2).unwrap();
+    c.send(3).unwrap(); // fills the queue
+    queue_full.wait();
+    let mut outcomes = vec![
+        rx.recv_timeout(GENEROUS).expect("a send came back"),
+        rx.recv_timeout(GENEROUS).expect("both sends came back"),
+    ];
+    outcomes.sort();
+    assert_eq!(outcomes[0], (1, Ok(())), "{outcomes:?}");
+    assert_eq!(
+        outcomes[1],
+        (2, Err("Full(..)".to_string())),
+        "{outcomes:?}"
+    );
+    assert!(c.flush_timeout(GENEROUS));
+    assert_eq!(c.stats().delivered, 4, "items 1, 2, 3 and 11");
+}
+
+/// Runs `act` inside the sink of item 1 (strict, or keyed with `b1` running on the other
+/// worker) and returns how long it took and what it returned.
+fn from_inside_the_sink<O: Send + 'static>(
+    ordering: Ordering,
+    act: impl Fn(&Conveyor<u64>) -> O + Send + Sync + 'static,
+) -> (Arc<Conveyor<u64>>, Duration, O) {
+    let (tx, rx) = channel();
+    let tx: Mutex<Sender<_>> = Mutex::new(tx);
+    let c = calling_itself(ordering, 100, 1, &[2], move |c, _| {
+        let started = Instant::now();
+        let out = act(c);
+        tx.lock().unwrap().send((started.elapsed(), out)).unwrap();
+    });
+    c.send_keyed("b", 2).unwrap();
+    c.send_keyed("a", 1).unwrap();
+    c.send_keyed("a", 3).unwrap(); // behind the sink's own item
+    let (took, out) = rx.recv_timeout(GENEROUS).expect("the call came back");
+    (c, took, out)
+}
+
+/// A flush from inside the sink cannot see the sink's own item settle: strict, it says so at
+/// once (it used to wait for good); keyed, it waits for what the other worker is delivering,
+/// then says so.
+#[test]
+fn a_flush_from_inside_the_sink_waits_only_for_the_other_workers() {
+    let (c, took, flushed) = from_inside_the_sink(Ordering::Strict, |c| c.flush_timeout(LONG));
+    assert!(!flushed);
+    assert!(took < Duration::from_secs(5), "flush waited {took:?}");
+    assert!(c.flush_timeout(GENEROUS));
+
+    let (c, took, (flushed, b_delivered)) =
+        from_inside_the_sink(Ordering::Keyed { concurrency: 2 }, |c| {
+            let flushed = c.flush_timeout(LONG);
+            (flushed, c.stats().delivered)
+        });
+    assert!(!flushed);
+    assert!(took < Duration::from_secs(5), "flush waited {took:?}");
+    assert_eq!(b_delivered, 1, "b1, on the other worker, was waited for");
+    assert!(c.flush_timeout(GENEROUS));
+    assert_eq!(c.stats().delivered, 3);
+
+    // The same without a deadline: `flush()` returns.
+    let (c, took, ()) = from_inside_the_sink(Ordering::Strict, Conveyor::flush);
+    assert!(took < Duration::from_secs(5), "flush waited {took:?}");
+    assert!(c.flush_timeout(GENEROUS));
+}
+
+/// A close from inside the sink cannot wait for the sink's own call: it closes once the other
+/// workers are done, and reports the sink's own item (unconfirmed) and what queues behind it.
+#[test]
+fn a_close_from_inside_the_sink_does_not_wait_for_its_own_call() {
+    let (_c, took, report): (_, _, CloseReport) =
+        from_inside_the_sink(Ordering::Keyed { concurrency: 2 }, |c| {
+            c.close_timeout(LONG)
+        });
+    assert!(took < Duration::from_secs(5), "close waited {took:?}");
+    assert_eq!(report.stats.delivered, 1, "b1 was waited for: {report:?}");
+    assert_eq!(
+        report.left, 2,
+        "a1, in the sink, and a3 behind it: {report:?}"
+    );
+}
+
+/// Keyed: item `a1`'s callback flushes after its worker took `a2`, which only that worker
+/// will run. The flush waits for the other workers only (it used to sit out its deadline).
+#[test]
+fn a_flush_from_a_callback_does_not_wait_for_the_next_item_its_worker_took() {
+    let c: Arc<Conveyor<u64>> = Arc::new(
+        Conveyor::builder()
+            .ordering(Ordering::Keyed { concurrency: 2 })
+            .build(|d: Delivery<u64>| {
+                if *d.item() == 1 {
+                    sleep_ms(100); // a2 is queued meanwhile
+                }
+                Ok(())
+            })
+            .unwrap(),
+    );
+    let (tx, rx) = channel();
+    let me = c.clone();
+    c.send_keyed("a", 1).unwrap().on_settled(move |_| {
+        let started = Instant::now();
+        let flushed = me.flush_timeout(LONG);
+        tx.send((flushed, started.elapsed())).unwrap();
+    });
+    c.send_keyed("a", 2).unwrap();
+    let (flushed, took) = rx.recv_timeout(GENEROUS).expect("the flush came back");
+    assert!(!flushed);
+    assert!(took < Duration::from_secs(5), "flush waited {took:?}");
+    assert!(c.flush_timeout(GENEROUS));
+    assert_eq!(c.stats().delivered, 2);
+}
