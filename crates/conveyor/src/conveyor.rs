@@ -44,6 +44,10 @@ pub(crate) struct Shared<T, R> {
     /// `flush` and `close` wait here for settlements and worker exits.
     pub(crate) settled: Condvar,
     pub(crate) settled_async: Notify,
+    /// Workers waiting out a backoff or a rate-limit slot wait here, so that a shutdown can
+    /// cut the wait short (see `Shared::wait_to_start`).
+    pub(crate) shutdown: Condvar,
+    pub(crate) shutdown_async: Notify,
     pub(crate) config: Config,
     /// The journal and its writer, if one was configured. `None` costs the hot path one branch.
     pub(crate) durable: Option<Durable<T>>,
@@ -284,7 +288,7 @@ impl<T, R> Shared<T, R> {
         cv.wait(guard).unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn wait_until<'a>(
+    pub(crate) fn wait_until<'a>(
         &self,
         cv: &Condvar,
         guard: MutexGuard<'a, State<T, R>>,
@@ -319,6 +323,8 @@ impl<T, R> Shared<T, R> {
         self.space_async.notify_waiters();
         self.settled.notify_all();
         self.settled_async.notify_waiters();
+        self.shutdown.notify_all();
+        self.shutdown_async.notify_waiters();
     }
 
     pub(crate) fn wake_one_sender(&self, st: &State<T, R>) {
@@ -529,6 +535,8 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             space_async: Notify::new(),
             settled: Condvar::new(),
             settled_async: Notify::new(),
+            shutdown: Condvar::new(),
+            shutdown_async: Notify::new(),
             config,
             durable: opened,
         });
@@ -1133,7 +1141,9 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// [`DeliveryError::Closed`]. A sink call still running at the deadline is left
     /// to finish on its own thread; it never makes `close` wait longer. Its receipt
     /// settles as [`DeliveryError::Unconfirmed`], and [`Conveyor::stats`] count the call's
-    /// outcome once it ends.
+    /// outcome once it ends. An item waiting out a retry's backoff (however long a
+    /// `retry_after` the sink asked for) stops waiting at the deadline: it is reported, and its
+    /// worker leaves at once.
     ///
     /// Called (or dropped) from this conveyor's own sink or a receipt callback, it waits only
     /// for what the other workers can deliver, then reports the rest, the calling sink's own

@@ -516,7 +516,7 @@ impl<T, R> State<T, R> {
         if retry && !self.keyed {
             self.main.retrying -= 1;
         }
-        let go = !self.abandoned && (retry || !self.stopping);
+        let go = !self.start_refused(retry);
         if go {
             if let Some(job) = &mut self.in_flight_nodes[worker] {
                 job.called = true;
@@ -526,6 +526,12 @@ impl<T, R> State<T, R> {
             }
         }
         go
+    }
+
+    /// Whether a job waiting for a rate-limit slot or (`retry`) a backoff may no longer
+    /// start (see `attempt_begins`).
+    pub(crate) fn start_refused(&self, retry: bool) -> bool {
+        self.abandoned || (!retry && self.stopping)
     }
 
     /// The lane of `node`, with its id in keyed mode (the only lane needs none).

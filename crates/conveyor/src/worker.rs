@@ -218,6 +218,35 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         go
     }
 
+    /// Waits until `at` for a rate-limit slot or (`retry`) a backoff, or until a shutdown
+    /// refuses the start: a server's hour-long `Retry-After` must not keep the worker, and
+    /// with it the sink, alive for an hour after the conveyor closed.
+    fn wait_to_start(&self, at: Instant, retry: bool) {
+        let mut st = self.lock();
+        let mut timed_out = false;
+        while !timed_out && !st.start_refused(retry) {
+            (st, timed_out) = self.wait_until(&self.shutdown, st, Some(at));
+        }
+    }
+
+    async fn wait_to_start_async(&self, at: Instant, retry: bool) {
+        let sleep = tokio::time::sleep_until(at.into());
+        tokio::pin!(sleep);
+        loop {
+            // Enabled before the state is read: a shutdown after the read still wakes it.
+            let shutdown = self.shutdown_async.notified();
+            tokio::pin!(shutdown);
+            shutdown.as_mut().enable();
+            if self.lock().start_refused(retry) {
+                return;
+            }
+            tokio::select! {
+                () = &mut sleep => return,
+                () = &mut shutdown => {}
+            }
+        }
+    }
+
     fn delivery(&self, job: &mut Job<T, R>) -> Delivery<T> {
         job.attempts += 1;
         Delivery::new(&job.node, job.attempts)
@@ -233,7 +262,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         let mut retry = false;
         loop {
             if let Some(at) = job.start_at.take() {
-                std::thread::sleep(at.saturating_duration_since(Instant::now()));
+                self.wait_to_start(at, retry);
                 if !self.may_start(worker, std::mem::take(&mut retry)) {
                     return Outcome::Interrupted;
                 }
@@ -266,7 +295,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         let mut retry = false;
         loop {
             if let Some(at) = job.start_at.take() {
-                tokio::time::sleep_until(at.into()).await;
+                self.wait_to_start_async(at, retry).await;
                 if !self.may_start(worker, std::mem::take(&mut retry)) {
                     return Outcome::Interrupted;
                 }

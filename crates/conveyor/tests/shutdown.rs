@@ -396,3 +396,76 @@ fn a_flush_from_a_callback_does_not_wait_for_items_only_its_worker_could_deliver
         "item 1 is delivered once the callback returns"
     );
 }
+
+/// Tells `dropped` when the sink that owns it is dropped.
+struct DropFlag(std::sync::mpsc::Sender<()>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        let _ = self.0.send(());
+    }
+}
+
+/// A sink told to retry in an hour (`Retry-After`): closing cuts the backoff short, so the
+/// worker leaves and the sink is dropped right after the conveyor, not an hour later. A close
+/// used to leave the worker thread asleep, holding the sink and everything it owns.
+fn backoff_cut_short_by(
+    shut: impl FnOnce(&Conveyor<u32>) -> conveyor::CloseReport,
+    blocking: bool,
+) {
+    let (flag, dropped) = std::sync::mpsc::channel();
+    let flag = DropFlag(flag);
+    let (tried, first_try) = std::sync::mpsc::channel();
+    let tried = std::sync::Mutex::new(tried);
+    let busy = move || {
+        let _ = tried.lock().unwrap().send(());
+        Err(conveyor::SinkError::retryable("busy").with_retry_after(Duration::from_secs(3600)))
+    };
+    let builder = Conveyor::builder()
+        .retry(conveyor::Retry::fixed(Duration::from_millis(10)).max_attempts(3));
+    // An async sink runs on the runtime it was built in, which outlives the conveyor here
+    // (the conveyor's own runtime would take the sleeping task down with it).
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let c: Conveyor<u32> = if blocking {
+        builder.build(move |_d: Delivery<u32>| {
+            let _owned = &flag;
+            busy()
+        })
+    } else {
+        let busy = Arc::new(busy);
+        let flag = Arc::new(flag);
+        runtime.block_on(async {
+            builder.build_async(move |_d: Delivery<u32>| {
+                let (busy, _owned) = (busy.clone(), flag.clone());
+                async move { busy() }
+            })
+        })
+    }
+    .unwrap();
+    let receipt = c.send(1).unwrap();
+    first_try.recv_timeout(GENEROUS).unwrap();
+    let report = shut(&c);
+    assert_eq!(report.left, 1, "{report:?}");
+    assert!(matches!(receipt.wait(), Err(DeliveryError::Closed)));
+    let started = Instant::now();
+    drop(c);
+    dropped
+        .recv_timeout(GENEROUS)
+        .expect("the sink is dropped once the conveyor is");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the drop waited for the backoff: {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn close_cuts_a_long_backoff_short() {
+    backoff_cut_short_by(|c| c.close_timeout(Duration::from_millis(200)), true);
+    backoff_cut_short_by(|c| c.stop_timeout(Duration::from_millis(200)), true);
+}
+
+#[test]
+fn close_cuts_a_long_backoff_short_for_an_async_sink() {
+    backoff_cut_short_by(|c| c.close_timeout(Duration::from_millis(200)), false);
+}
