@@ -323,7 +323,11 @@ impl<T> Delivery<T> {
         self.about().key.as_deref()
     }
 
-    /// Which attempt this is: 1 on the first try.
+    /// Which attempt this is: 1 on the first try. Attempts are counted within one run of the
+    /// process: an item a journal replays after a restart starts again at 1, with a fresh
+    /// retry budget (its [`seq`](Delivery::seq) and
+    /// [`idempotency_key`](Delivery::idempotency_key) stay the same, so a receiver can still
+    /// tell a repeat).
     pub fn attempt(&self) -> u32 {
         self.attempt
     }
