@@ -192,7 +192,9 @@ pub(crate) struct SendArgs {
     #[arg(long, value_name = "PROGRAM", num_args = 1.., allow_hyphen_values = true, conflicts_with = "to")]
     pub(crate) exec: Vec<String>,
 
-    /// An HTTP header for every request, `Name: value` (repeatable). Values are never printed.
+    /// An HTTP header for every request, `Name: value` (repeatable). Values are never printed,
+    /// and in server text quoted in errors each value, and each word of one, of 6 characters or
+    /// more is replaced with <redacted>.
     /// `Idempotency-Key` and the `Conveyor-*` headers are set per line and cannot be given.
     #[arg(long = "header", short = 'H', value_name = "NAME: VALUE", value_parser = parse_header)]
     pub(crate) headers: Vec<(String, String)>,

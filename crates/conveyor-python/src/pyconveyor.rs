@@ -621,8 +621,10 @@ impl PyConveyor {
     /// as UTF-8, anything else as JSON (`json.dumps`). 2xx is delivered (the receipt's result is
     /// a `conveyor.HttpReply`); connection errors, timeouts, 408, 429 and 5xx are retried when
     /// `retries` is set, honouring `Retry-After`; any other status fails the item at once.
-    /// `headers` values are treated as secrets and never shown. Every other keyword is a
-    /// `Conveyor` option.
+    /// `headers` values are treated as secrets: never shown by conveyor, and replaced with
+    /// `<redacted>` in server text quoted in errors (each value, and each word of one, of at
+    /// least 6 characters; shorter ones are no secrets). Every other keyword is a `Conveyor`
+    /// option.
     #[staticmethod]
     #[pyo3(signature = (url, *, headers = None, method = "POST", timeout = 30.0, **options))]
     fn http(

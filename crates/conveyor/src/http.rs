@@ -6,8 +6,8 @@
 //! retryable (honouring `Retry-After`); every other status is permanent.
 //!
 //! Header values are treated as secrets (they usually carry tokens): they are marked sensitive for
-//! `reqwest`, never appear in `Debug` output, and are scrubbed from error messages that echo a
-//! response body.
+//! `reqwest`, never appear in `Debug` output, and are scrubbed from error messages that quote
+//! what a server sent back (the rule is on [`HttpSink`]).
 
 use std::fmt;
 use std::time::{Duration, SystemTime};
@@ -37,6 +37,11 @@ const PER_DELIVERY_HEADERS: [&str; 4] = [
 
 /// How much of an error response's body goes into the error message.
 const ERROR_BODY_CHARS: usize = 200;
+/// Header values and words shorter than this are not scrubbed: they are too short to be
+/// secrets, and replacing every `0` or `eu` in a message would make it unreadable.
+const MIN_SECRET_CHARS: usize = 6;
+/// What a scrubbed secret becomes.
+const REDACTED: &str = "<redacted>";
 
 /// Delivers items as HTTP requests, one request per delivery.
 ///
@@ -52,6 +57,17 @@ const ERROR_BODY_CHARS: usize = 200;
 /// | connect error, timeout, broken connection | retryable [`SinkError`] |
 /// | 408, 429, 5xx | retryable, with `Retry-After` as [`SinkError::with_retry_after`] |
 /// | any other status (3xx: redirects are not followed) | permanent |
+///
+/// # Secrets
+///
+/// Header values are treated as secrets: they never appear in `Debug` output, and error
+/// messages that quote what a server sent back have them replaced with `<redacted>`. Each value,
+/// and each whitespace-separated word of one, that is at least 6 characters long is replaced, so
+/// a token that a server echoes without its `Bearer` is hidden too. Shorter values and words
+/// (`X-Shard: 0`, `X-Region: eu`) are left alone: they are too short to be secrets, and
+/// replacing every `0` would garble every message. The scheme word of an `Authorization` value
+/// (`Bearer`, `Digest`) is not a secret either, and the status line (`HTTP 503 Service
+/// Unavailable`), which is the client's own text, is never touched.
 ///
 /// The sink uses a blocking client, so run it with [`Builder::build`](crate::Builder::build),
 /// not `build_async`: the conveyor's own threads make the calls. It may be built and dropped
@@ -76,7 +92,8 @@ pub struct HttpSink {
     method: Method,
     /// User headers, marked sensitive. Kept whole so each request clones one map.
     headers: HeaderMap,
-    /// The raw header values, to scrub them out of response bodies quoted in errors.
+    /// What to scrub out of server text quoted in errors: header values and their words (see
+    /// [`secrets_of`]), longest first, so the longest one matching at a place is replaced.
     secrets: Vec<String>,
 }
 
@@ -222,6 +239,7 @@ impl HttpSinkBuilder {
                     reason: "the value has characters not allowed in a header".into(),
                 })?;
             header_value.set_sensitive(true);
+            secrets.extend(secrets_of(&header_name, value));
             // A repeated name adds a value; the first user value replaces a default.
             if user_set.contains(&header_name) {
                 headers.append(header_name, header_value);
@@ -229,10 +247,9 @@ impl HttpSinkBuilder {
                 headers.insert(header_name.clone(), header_value);
                 user_set.push(header_name);
             }
-            if !value.trim().is_empty() {
-                secrets.push(value.trim().to_owned());
-            }
         }
+        secrets.sort_unstable_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+        secrets.dedup();
 
         // On a thread of its own: reqwest's blocking client waits for its runtime thread as it
         // starts, which panics on a thread that runs async code (a Tokio worker).
@@ -383,10 +400,10 @@ impl HttpSink {
         let body = match response.bytes() {
             Ok(b) => b.to_vec(),
             Err(e) if status.is_success() => {
-                return Err(SinkError::retryable(self.scrub(&format!(
+                return Err(SinkError::retryable(format!(
                     "HTTP {status}, but reading the response failed: {}",
-                    error_chain(&e.without_url())
-                ))))
+                    self.scrub(&error_chain(&e.without_url()))
+                )))
             }
             Err(_) => Vec::new(),
         };
@@ -396,7 +413,7 @@ impl HttpSink {
                 body,
             });
         }
-        let message = self.scrub(&status_message(status, &body));
+        let message = self.status_message(status, &body);
         if is_retryable_status(status) {
             let error = SinkError::retryable(message);
             Err(match retry_after {
@@ -408,31 +425,65 @@ impl HttpSink {
         }
     }
 
-    /// Replaces header values that a server echoed back in an error body.
-    fn scrub(&self, text: &str) -> String {
-        self.secrets
-            .iter()
-            .fold(text.to_owned(), |t, secret| t.replace(secret, "<redacted>"))
+    /// A failure message: the status line, then the start of the body, scrubbed. The status
+    /// line is the client's own text (the code and its standard reason, not the server's
+    /// reason phrase), so it is left as it is.
+    fn status_message(&self, status: StatusCode, body: &[u8]) -> String {
+        let text = self.scrub(String::from_utf8_lossy(body).trim());
+        if text.is_empty() {
+            return format!("HTTP {status}");
+        }
+        // Scrubbed before it is cut: a secret across the cut would show its first half.
+        let mut snippet: String = text.chars().take(ERROR_BODY_CHARS).collect();
+        if snippet.len() < text.len() {
+            snippet.push('…');
+        }
+        format!("HTTP {status}: {snippet}")
     }
+
+    /// Replaces the header values and words a server echoed back, in one pass over `text`:
+    /// at each place the longest secret that matches is replaced, and the text goes on after
+    /// it, so a `<redacted>` just written is never matched again (by a secret `dacted`, say).
+    fn scrub(&self, text: &str) -> String {
+        let mut scrubbed = String::with_capacity(text.len());
+        let mut rest = text;
+        while let Some(c) = rest.chars().next() {
+            match self.secrets.iter().find(|s| rest.starts_with(s.as_str())) {
+                Some(secret) => {
+                    scrubbed.push_str(REDACTED);
+                    rest = &rest[secret.len()..];
+                }
+                None => {
+                    scrubbed.push(c);
+                    rest = &rest[c.len_utf8()..];
+                }
+            }
+        }
+        scrubbed
+    }
+}
+
+/// What to scrub for one header: its value, and each whitespace-separated word of it, that is
+/// long enough to be a secret ([`MIN_SECRET_CHARS`]). Words count on their own because servers
+/// often echo the token without its scheme. The first word of an `Authorization` value with
+/// more words is its scheme (`Bearer`, `Digest`): a public name, kept readable.
+fn secrets_of(name: &HeaderName, value: &str) -> Vec<String> {
+    let value = value.trim();
+    let mut words: Vec<&str> = value.split_whitespace().collect();
+    if matches!(name.as_str(), "authorization" | "proxy-authorization") && words.len() > 1 {
+        words.remove(0);
+    }
+    std::iter::once(value)
+        .chain(words)
+        .filter(|s| s.chars().count() >= MIN_SECRET_CHARS)
+        .map(str::to_owned)
+        .collect()
 }
 
 fn is_retryable_status(status: StatusCode) -> bool {
     status == StatusCode::REQUEST_TIMEOUT
         || status == StatusCode::TOO_MANY_REQUESTS
         || status.is_server_error()
-}
-
-fn status_message(status: StatusCode, body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(body);
-    let text = text.trim();
-    if text.is_empty() {
-        return format!("HTTP {status}");
-    }
-    let mut snippet: String = text.chars().take(ERROR_BODY_CHARS).collect();
-    if snippet.len() < text.len() {
-        snippet.push('…');
-    }
-    format!("HTTP {status}: {snippet}")
 }
 
 /// `Retry-After` is either delay-seconds or an HTTP date (RFC 9110 §10.2.3).
@@ -516,6 +567,30 @@ mod tests {
             .unwrap_err();
         assert!(!bad.to_string().contains("break-secret"), "{bad}");
         assert!(bad.to_string().contains("X-Key"), "{bad}");
+    }
+
+    #[test]
+    fn scrubbing_replaces_long_values_and_words_once() {
+        let sink = HttpSink::builder("http://127.0.0.1:9/")
+            .header("Authorization", "Bearer s3cr3t-t0ken")
+            .header("X-Api-Key", "token-abc")
+            .header("X-Short", "0")
+            .header("X-Word", "dacted")
+            .header("X-Prefix", "s3cr3t")
+            .build()
+            .unwrap();
+        assert_eq!(
+            sink.scrub("Bearer s3cr3t-t0ken / s3cr3t-t0ken / token-abc / 0"),
+            "<redacted> / <redacted> / <redacted> / 0"
+        );
+        // The longest match wins, and a marker written is never scrubbed again.
+        assert_eq!(
+            sink.scrub("s3cr3t-t0ken! s3cr3t!"),
+            "<redacted>! <redacted>!"
+        );
+        assert_eq!(sink.scrub("token-abc dacted"), "<redacted> <redacted>");
+        // The scheme of an Authorization value is a public word.
+        assert_eq!(sink.scrub("expected Bearer"), "expected Bearer");
     }
 
     #[test]

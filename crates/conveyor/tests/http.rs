@@ -1,0 +1,118 @@
+//! The HTTP sink against raw-socket servers on 127.0.0.1, which can answer what no well-behaved
+//! server would: tokens echoed back, terminal escapes, bodies of any size.
+#![cfg(feature = "http")]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+
+use conveyor::{Conveyor, DeliveryError, HttpReply, HttpSink, HttpSinkBuilder};
+
+/// Serves HTTP/1.1 on 127.0.0.1: records each request's head and lets `answer` write the whole
+/// response. Returns the URL and the heads seen, in arrival order.
+fn serve(
+    answer: impl Fn(&mut TcpStream) + Send + Sync + 'static,
+) -> (String, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/in", listener.local_addr().unwrap());
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&heads);
+    let answer = Arc::new(answer);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let (seen, answer) = (Arc::clone(&seen), Arc::clone(&answer));
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                // One request after another on a kept-alive connection, until the client leaves.
+                while let Some(head) = read_head(&mut reader) {
+                    let length = header(&head, "content-length").map_or(0, |n| n.parse().unwrap());
+                    let mut body = vec![0; length];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    seen.lock().unwrap().push(head);
+                    answer(&mut stream);
+                }
+            });
+        }
+    });
+    (url, heads)
+}
+
+/// The request line and headers, or `None` when the connection ends first.
+fn read_head(reader: &mut impl BufRead) -> Option<String> {
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        if line == "\r\n" {
+            return Some(head);
+        }
+        head.push_str(&line);
+    }
+}
+
+/// The value of header `name` in a request head (case-insensitive).
+fn header<'h>(head: &'h str, name: &str) -> Option<&'h str> {
+    head.lines().find_map(|line| {
+        let (n, v) = line.split_once(':')?;
+        n.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// A response with this status line, extra header lines and body.
+fn reply(status: &str, headers: &str, body: &[u8]) -> impl Fn(&mut TcpStream) + Send + Sync {
+    let mut response = format!(
+        "HTTP/1.1 {status}\r\n{headers}content-length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    response.extend_from_slice(body);
+    move |stream| {
+        let _ = stream.write_all(&response);
+    }
+}
+
+/// Sends one item through a conveyor using `sink` (one attempt) and returns the sink's error.
+fn failure(sink: HttpSinkBuilder) -> conveyor::SinkError {
+    let c: Conveyor<String, HttpReply> = Conveyor::builder()
+        .build(sink.build().unwrap().into_sink())
+        .unwrap();
+    match c.send("{}".to_owned()).unwrap().wait() {
+        Err(DeliveryError::Failed { error, .. }) => error,
+        other => panic!("expected a failure, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_token_echoed_without_its_scheme_is_scrubbed() {
+    let (url, _) = serve(reply(
+        "401 Unauthorized",
+        "",
+        br#"{"error":"invalid_token","token":"s3cr3t-t0ken"}"#,
+    ));
+    let error = failure(HttpSink::builder(url).header("Authorization", "Bearer s3cr3t-t0ken"));
+    assert_eq!(
+        error.to_string(),
+        r#"HTTP 401 Unauthorized: {"error":"invalid_token","token":"<redacted>"}"#
+    );
+}
+
+#[test]
+fn short_header_values_leave_messages_alone() {
+    let (url, _) = serve(reply("503 Busy", "", b"shard 0 of 10 in eu is busy"));
+    let error = failure(
+        HttpSink::builder(url)
+            .header("X-Shard", "0")
+            .header("X-Region", "eu")
+            // Words a status line holds: scrubbed in the body, never in the status line.
+            .header("X-Note", "Service Unavailable"),
+    );
+    assert_eq!(
+        error.to_string(),
+        "HTTP 503 Service Unavailable: shard 0 of 10 in eu is busy"
+    );
+}
