@@ -425,11 +425,11 @@ impl HttpSink {
         }
     }
 
-    /// A failure message: the status line, then the start of the body, scrubbed. The status
-    /// line is the client's own text (the code and its standard reason, not the server's
-    /// reason phrase), so it is left as it is.
+    /// A failure message: the status line, then the start of the body on one line, scrubbed.
+    /// The status line is the client's own text (the code and its standard reason, not the
+    /// server's reason phrase), so it is left as it is.
     fn status_message(&self, status: StatusCode, body: &[u8]) -> String {
-        let text = self.scrub(String::from_utf8_lossy(body).trim());
+        let text = self.scrub(&one_line(&String::from_utf8_lossy(body)));
         if text.is_empty() {
             return format!("HTTP {status}");
         }
@@ -467,17 +467,38 @@ impl HttpSink {
 /// long enough to be a secret ([`MIN_SECRET_CHARS`]). Words count on their own because servers
 /// often echo the token without its scheme. The first word of an `Authorization` value with
 /// more words is its scheme (`Bearer`, `Digest`): a public name, kept readable.
+///
+/// The value is kept with its whitespace runs made single spaces, as [`one_line`] leaves the
+/// text it is looked for in.
 fn secrets_of(name: &HeaderName, value: &str) -> Vec<String> {
-    let value = value.trim();
-    let mut words: Vec<&str> = value.split_whitespace().collect();
-    if matches!(name.as_str(), "authorization" | "proxy-authorization") && words.len() > 1 {
-        words.remove(0);
-    }
-    std::iter::once(value)
-        .chain(words)
+    let words: Vec<&str> = value.split_whitespace().collect();
+    let scheme =
+        matches!(name.as_str(), "authorization" | "proxy-authorization") && words.len() > 1;
+    std::iter::once(words.join(" "))
+        .chain(
+            words
+                .iter()
+                .skip(usize::from(scheme))
+                .map(|w| (*w).to_owned()),
+        )
         .filter(|s| s.chars().count() >= MIN_SECRET_CHARS)
-        .map(str::to_owned)
         .collect()
+}
+
+/// Server text made safe to show on one line: control characters (CR and LF, the ESC that
+/// starts a terminal escape sequence, BEL) and bidirectional-text overrides become spaces, and
+/// each run of spaces one space. A failure then stays one line on a terminal and in the
+/// journal, and cannot move the cursor, recolour the terminal or reorder the text after it.
+fn one_line(text: &str) -> String {
+    let is_break = |c: char| {
+        c.is_whitespace()
+            || c.is_control()
+            || matches!(c, '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+    };
+    text.split(is_break)
+        .filter(|part| !part.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn is_retryable_status(status: StatusCode) -> bool {
@@ -591,6 +612,23 @@ mod tests {
         assert_eq!(sink.scrub("token-abc dacted"), "<redacted> <redacted>");
         // The scheme of an Authorization value is a public word.
         assert_eq!(sink.scrub("expected Bearer"), "expected Bearer");
+    }
+
+    #[test]
+    fn server_text_is_shown_on_one_line() {
+        assert_eq!(
+            one_line("\r\n a\tb\x1b[2J\u{7}c \u{202E}d\u{2069}\u{85}e\r\n"),
+            "a b [2J c d e"
+        );
+        // A value with a tab is looked for as the one line it becomes.
+        let sink = HttpSink::builder("http://127.0.0.1:9/")
+            .header("X-Pair", "abc\tdef")
+            .build()
+            .unwrap();
+        assert_eq!(
+            sink.status_message(StatusCode::BAD_REQUEST, b"got abc\r\ndef"),
+            "HTTP 400 Bad Request: got <redacted>"
+        );
     }
 
     #[test]

@@ -116,3 +116,17 @@ fn short_header_values_leave_messages_alone() {
         "HTTP 503 Service Unavailable: shard 0 of 10 in eu is busy"
     );
 }
+
+#[test]
+fn control_characters_in_a_body_become_spaces_on_one_line() {
+    let (url, _) = serve(reply(
+        "502 Bad Gateway",
+        "",
+        b"<html>\r\n<head><title>502</title></head>\r\n<body>\x1b[31mRED\x1b[0m\x07\t</body>\r\n</html>\r\n",
+    ));
+    let error = failure(HttpSink::builder(url));
+    assert_eq!(
+        error.to_string(),
+        "HTTP 502 Bad Gateway: <html> <head><title>502</title></head> <body> [31mRED [0m </body> </html>"
+    );
+}
