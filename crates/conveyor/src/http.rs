@@ -10,6 +10,7 @@
 //! what a server sent back (the rule is on [`HttpSink`]).
 
 use std::fmt;
+use std::io::Read;
 use std::time::{Duration, SystemTime};
 
 use reqwest::blocking::{Client, Response};
@@ -37,6 +38,10 @@ const PER_DELIVERY_HEADERS: [&str; 4] = [
 
 /// How much of an error response's body goes into the error message.
 const ERROR_BODY_CHARS: usize = 200;
+/// How much of an error response's body is read: plenty to quote [`ERROR_BODY_CHARS`] of it
+/// after control characters are dropped, and to scrub whole secrets from, while a huge error
+/// page (a 1 GiB 503) costs no more memory than this.
+const ERROR_BODY_BYTES: u64 = 64 * 1024;
 /// Header values and words shorter than this are not scrubbed: they are too short to be
 /// secrets, and replacing every `0` or `eu` in a message would make it unreadable.
 const MIN_SECRET_CHARS: usize = 6;
@@ -396,23 +401,25 @@ impl HttpSink {
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
-        // Read the body even on errors: it frees the connection for reuse and explains the error.
-        let body = match response.bytes() {
-            Ok(b) => b.to_vec(),
-            Err(e) if status.is_success() => {
-                return Err(SinkError::retryable(format!(
+        if status.is_success() {
+            return match response.bytes() {
+                // `Vec::from` takes the buffer over when it is not shared: no copy of the body.
+                Ok(body) => Ok(HttpReply {
+                    status: status.as_u16(),
+                    body: Vec::from(body),
+                }),
+                Err(e) => Err(SinkError::retryable(format!(
                     "HTTP {status}, but reading the response failed: {}",
                     self.scrub(&error_chain(&e.without_url()))
-                )))
-            }
-            Err(_) => Vec::new(),
-        };
-        if status.is_success() {
-            return Ok(HttpReply {
-                status: status.as_u16(),
-                body,
-            });
+                ))),
+            };
         }
+        // An error body only explains the error: read the start of it. A body that ends within
+        // the limit is read to its end, which frees the connection for reuse; a longer one is
+        // left unread, and dropping the response then closes its connection instead.
+        let mut body = Vec::new();
+        // A body that breaks off is quoted as far as it came.
+        let _ = response.take(ERROR_BODY_BYTES).read_to_end(&mut body);
         let message = self.status_message(status, &body);
         if is_retryable_status(status) {
             let error = SinkError::retryable(message);

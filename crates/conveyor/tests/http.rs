@@ -5,6 +5,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use conveyor::{Conveyor, DeliveryError, HttpReply, HttpSink, HttpSinkBuilder};
 
@@ -128,5 +129,35 @@ fn control_characters_in_a_body_become_spaces_on_one_line() {
     assert_eq!(
         error.to_string(),
         "HTTP 502 Bad Gateway: <html> <head><title>502</title></head> <body> [31mRED [0m </body> </html>"
+    );
+}
+
+#[test]
+fn only_the_start_of_a_huge_error_body_is_read() {
+    // 64 MiB: far more than socket buffers hold, so the server's write fails once the sink
+    // has stopped reading and closed the connection.
+    const BODY: usize = 64 << 20;
+    let (done, outcome) = std::sync::mpsc::channel();
+    let done = Mutex::new(done);
+    let (url, _) = serve(move |stream| {
+        let head = format!("HTTP/1.1 503 Busy\r\ncontent-length: {BODY}\r\n\r\n");
+        let chunk = vec![b'x'; 1 << 20];
+        let written = stream
+            .write_all(head.as_bytes())
+            .and_then(|()| (0..BODY / chunk.len()).try_for_each(|_| stream.write_all(&chunk)));
+        let _ = done.lock().unwrap().send(written.is_ok());
+    });
+    let error = failure(HttpSink::builder(url));
+    assert!(
+        error.to_string().starts_with(&format!(
+            "HTTP 503 Service Unavailable: {}…",
+            "x".repeat(200)
+        )),
+        "{error}"
+    );
+    assert_eq!(
+        outcome.recv_timeout(Duration::from_secs(60)),
+        Ok(false),
+        "the whole body was read"
     );
 }
