@@ -213,7 +213,9 @@ pub(crate) struct SendArgs {
     pub(crate) ordering: OrderingArg,
 
     /// The field that names a line's lane for `--ordering keyed:N`: a top-level field name
-    /// (`user`) or a JSON pointer (`/user/id`). Lines without it are rejected.
+    /// (`user`) or a JSON pointer (`/user/id`). Lines without it are rejected. Its value is sent
+    /// as the Conveyor-Key header, percent-encoded: bytes that are not visible ASCII, and `%`,
+    /// become `%XX` (`a b` is sent as `a%20b`).
     #[arg(long, value_name = "FIELD")]
     pub(crate) key: Option<String>,
 

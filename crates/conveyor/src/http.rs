@@ -25,7 +25,7 @@ pub(crate) const IDEMPOTENCY_KEY_HEADER: &str = "Idempotency-Key";
 pub(crate) const SEQ_HEADER: &str = "Conveyor-Seq";
 /// Header carrying [`Delivery::attempt`] (1 on the first try).
 pub(crate) const ATTEMPT_HEADER: &str = "Conveyor-Attempt";
-/// Header carrying [`Delivery::key`], for items sent with a key.
+/// Header carrying [`Delivery::key`], for items sent with a key, percent-encoded ([`encode_key`]).
 const KEY_HEADER: &str = "Conveyor-Key";
 /// Set per delivery: a user value would be sent next to it, and a receiver reading the first
 /// value (a fixed `Idempotency-Key`, say) would take every item for a duplicate.
@@ -55,6 +55,12 @@ const REDACTED: &str = "<redacted>";
 /// `Conveyor-Attempt` ([`Delivery::attempt`]) so receivers can drop duplicates, and
 /// `Conveyor-Key` ([`Delivery::key`]) for items sent with a key. These four are the
 /// conveyor's: [`HttpSinkBuilder::build`] refuses a user header with one of their names.
+///
+/// `Conveyor-Key` is percent-encoded, so that every key arrives, and arrives as it was sent
+/// (a header value cannot hold a line break, and servers trim spaces and mangle non-ASCII):
+/// each byte of the key's UTF-8 that is not visible ASCII (`!` to `~`), and `%` itself, is
+/// written `%XX`. `user-42` is sent as it is, `a b` as `a%20b`, `café` as `caf%C3%A9` and
+/// `50%` as `50%25`; decode it as a URL path segment is decoded.
 ///
 /// | outcome | result |
 /// |---|---|
@@ -375,8 +381,8 @@ impl HttpSink {
             .header(IDEMPOTENCY_KEY_HEADER, d.idempotency_key())
             .header(SEQ_HEADER, d.seq())
             .header(ATTEMPT_HEADER, d.attempt());
-        if let Some(key) = d.key().and_then(|k| HeaderValue::from_str(k).ok()) {
-            request = request.header(KEY_HEADER, key);
+        if let Some(key) = d.key() {
+            request = request.header(KEY_HEADER, encode_key(key));
         }
         let response = request
             .body(d.item().as_ref().to_vec())
@@ -490,6 +496,20 @@ fn secrets_of(name: &HeaderName, value: &str) -> Vec<String> {
         )
         .filter(|s| s.chars().count() >= MIN_SECRET_CHARS)
         .collect()
+}
+
+/// A key as the value of `Conveyor-Key`: every byte that is not visible ASCII, and `%`, as
+/// `%XX`. The result is always a valid header value, and servers leave it as it is.
+fn encode_key(key: &str) -> String {
+    let mut encoded = String::with_capacity(key.len());
+    for &byte in key.as_bytes() {
+        if (0x21..=0x7E).contains(&byte) && byte != b'%' {
+            encoded.push(char::from(byte));
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
 }
 
 /// Server text made safe to show on one line: control characters (CR and LF, the ESC that
@@ -636,6 +656,21 @@ mod tests {
             sink.status_message(StatusCode::BAD_REQUEST, b"got abc\r\ndef"),
             "HTTP 400 Bad Request: got <redacted>"
         );
+    }
+
+    #[test]
+    fn keys_are_percent_encoded() {
+        for (key, encoded) in [
+            ("user-42", "user-42"),
+            ("a b", "a%20b"),
+            ("café", "caf%C3%A9"),
+            ("50%", "50%25"),
+            ("\t\r\n\u{7f}", "%09%0D%0A%7F"),
+            ("!~", "!~"),
+        ] {
+            assert_eq!(encode_key(key), encoded, "{key:?}");
+            assert!(HeaderValue::from_str(&encode_key(key)).is_ok());
+        }
     }
 
     #[test]

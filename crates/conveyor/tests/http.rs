@@ -7,7 +7,7 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use conveyor::{Conveyor, DeliveryError, HttpReply, HttpSink, HttpSinkBuilder};
+use conveyor::{Conveyor, DeliveryError, HttpReply, HttpSink, HttpSinkBuilder, Ordering};
 
 /// Serves HTTP/1.1 on 127.0.0.1: records each request's head and lets `answer` write the whole
 /// response. Returns the URL and the heads seen, in arrival order.
@@ -160,4 +160,33 @@ fn only_the_start_of_a_huge_error_body_is_read() {
         Ok(false),
         "the whole body was read"
     );
+}
+
+#[test]
+fn every_key_arrives_percent_encoded() {
+    let (url, heads) = serve(reply("200 OK", "", b""));
+    let c: Conveyor<String, HttpReply> = Conveyor::builder()
+        .ordering(Ordering::Keyed { concurrency: 1 })
+        .build(HttpSink::builder(url).build().unwrap().into_sink())
+        .unwrap();
+    let keys = [
+        ("user-42", "user-42"),
+        ("a b", "a%20b"),
+        ("café", "caf%C3%A9"),
+        ("50%", "50%25"),
+        ("line\nbreak", "line%0Abreak"),
+        (" padded ", "%20padded%20"),
+        ("", ""),
+    ];
+    for (key, _) in keys {
+        c.send_keyed(key, "{}".to_owned()).unwrap();
+    }
+    c.flush();
+    // Lanes run one at a time here, but which lane goes next is not promised: compare sorted.
+    let heads = heads.lock().unwrap();
+    let mut sent: Vec<Option<&str>> = heads.iter().map(|h| header(h, "conveyor-key")).collect();
+    let mut expected: Vec<Option<&str>> = keys.iter().map(|(_, encoded)| Some(*encoded)).collect();
+    sent.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(sent, expected);
 }
