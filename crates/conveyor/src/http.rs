@@ -139,6 +139,23 @@ fn redact_url(url: &Url) -> String {
     shown.to_string()
 }
 
+/// A URL that may not parse, for display: any password in it replaced, as [`redact_url`] does.
+///
+/// The userinfo is taken to end at the last `@`, not at the first `/`, `?` or `#` as in a
+/// valid URL: a password holding one of those unescaped, a likely reason why the URL did not
+/// parse, is hidden too. A path with an `@` after a `:` (`host:8080/a@b`) is then shown
+/// redacted as well, which costs a little of the detail of a URL that is wrong anyway.
+fn redact_raw_url(raw: &str) -> String {
+    let start = raw.find("://").map_or(0, |scheme| scheme + 3);
+    let Some(at) = raw[start..].rfind('@').map(|i| start + i) else {
+        return raw.to_owned();
+    };
+    match raw[start..at].find(':') {
+        Some(colon) => format!("{}:redacted{}", &raw[..start + colon], &raw[at..]),
+        None => raw.to_owned(),
+    }
+}
+
 /// The successful response of an [`HttpSink`] delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -214,13 +231,14 @@ impl HttpSinkBuilder {
     ///
     /// Works inside an async runtime too: the client is started on a thread of its own.
     pub fn build(self) -> Result<HttpSink, HttpBuildError> {
+        // Shown as given, but for a password: a URL that does not parse may still hold one.
         let url = Url::parse(&self.url).map_err(|e| HttpBuildError::InvalidUrl {
-            url: self.url.clone(),
+            url: redact_raw_url(&self.url),
             reason: e.to_string(),
         })?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(HttpBuildError::InvalidUrl {
-                url: redact_url(&url),
+                url: redact_raw_url(&self.url),
                 reason: format!("scheme `{}` is not http or https", url.scheme()),
             });
         }
@@ -293,7 +311,7 @@ impl HttpSinkBuilder {
 pub enum HttpBuildError {
     /// The URL does not parse or is not http(s).
     InvalidUrl {
-        /// The URL as given.
+        /// The URL as given, with any password in it replaced.
         url: String,
         /// What is wrong with it.
         reason: String,
@@ -670,6 +688,22 @@ mod tests {
         ] {
             assert_eq!(encode_key(key), encoded, "{key:?}");
             assert!(HeaderValue::from_str(&encode_key(key)).is_ok());
+        }
+    }
+
+    #[test]
+    fn passwords_are_hidden_in_urls_that_do_not_parse() {
+        for (raw, shown) in [
+            ("http://u:pw@h/", "http://u:redacted@h/"),
+            ("http://u:p/w#?@h x/", "http://u:redacted@h x/"),
+            ("//u:pw@h/", "//u:redacted@h/"),
+            ("u:pw@h", "u:redacted@h"),
+            ("http://u@h/", "http://u@h/"),
+            ("http://h:80/path", "http://h:80/path"),
+            ("http://h/a@b", "http://h/a@b"),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(redact_raw_url(raw), shown, "{raw}");
         }
     }
 

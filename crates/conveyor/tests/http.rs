@@ -190,3 +190,26 @@ fn every_key_arrives_percent_encoded() {
     expected.sort_unstable();
     assert_eq!(sent, expected);
 }
+
+#[test]
+fn a_url_that_does_not_parse_hides_its_password() {
+    for (url, shown) in [
+        (
+            "http://user:hunter2@exa mple.com/",
+            "http://user:redacted@exa mple.com/",
+        ),
+        // A stray `/` or `#` in a password, a likely reason for the failure, ends no userinfo.
+        (
+            "http://user:hun/ter#2@exa mple.com/",
+            "http://user:redacted@exa mple.com/",
+        ),
+        ("user:hunter2@exa mple.com", "user:redacted@exa mple.com"),
+    ] {
+        let error = HttpSink::builder(url).build().unwrap_err().to_string();
+        assert!(error.contains(&format!("`{shown}`")), "{error}");
+        assert!(
+            !error.contains("hunter2") && !error.contains("ter#2"),
+            "{error}"
+        );
+    }
+}
