@@ -553,10 +553,14 @@ fn is_retryable_status(status: StatusCode) -> bool {
 }
 
 /// `Retry-After` is either delay-seconds or an HTTP date (RFC 9110 §10.2.3).
+///
+/// Seconds too many for a `u64` ask for the longest wait there is, not none: the engine caps
+/// any hint ([`Retry::MAX_HINT`](crate::Retry::MAX_HINT)), whereas ignoring it would retry a
+/// server that asked to be left alone at once.
 fn parse_retry_after(value: &str) -> Option<Duration> {
     let value = value.trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(value.parse().map_or(Duration::MAX, Duration::from_secs));
     }
     let at = httpdate::parse_http_date(value).ok()?;
     Some(
@@ -594,6 +598,16 @@ mod tests {
         let past = httpdate::fmt_http_date(SystemTime::UNIX_EPOCH + Duration::from_secs(1));
         assert_eq!(parse_retry_after(&past), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("soon"), None);
+        assert_eq!(parse_retry_after("-1"), None);
+        assert_eq!(parse_retry_after("+5"), None);
+        assert_eq!(
+            parse_retry_after("18446744073709551615"),
+            Some(Duration::from_secs(u64::MAX))
+        );
+        assert_eq!(
+            parse_retry_after("99999999999999999999"),
+            Some(Duration::MAX)
+        );
     }
 
     #[test]

@@ -77,6 +77,11 @@ fn reply(status: &str, headers: &str, body: &[u8]) -> impl Fn(&mut TcpStream) + 
     }
 }
 
+/// A sink builder for a new server that answers every request with this response.
+fn answering(status: &str, headers: &str, body: &[u8]) -> HttpSinkBuilder {
+    HttpSink::builder(serve(reply(status, headers, body)).0)
+}
+
 /// Sends one item through a conveyor using `sink` (one attempt) and returns the sink's error.
 fn failure(sink: HttpSinkBuilder) -> conveyor::SinkError {
     let c: Conveyor<String, HttpReply> = Conveyor::builder()
@@ -90,12 +95,14 @@ fn failure(sink: HttpSinkBuilder) -> conveyor::SinkError {
 
 #[test]
 fn a_token_echoed_without_its_scheme_is_scrubbed() {
-    let (url, _) = serve(reply(
-        "401 Unauthorized",
-        "",
-        br#"{"error":"invalid_token","token":"s3cr3t-t0ken"}"#,
-    ));
-    let error = failure(HttpSink::builder(url).header("Authorization", "Bearer s3cr3t-t0ken"));
+    let error = failure(
+        answering(
+            "401 Unauthorized",
+            "",
+            br#"{"error":"invalid_token","token":"s3cr3t-t0ken"}"#,
+        )
+        .header("Authorization", "Bearer s3cr3t-t0ken"),
+    );
     assert_eq!(
         error.to_string(),
         r#"HTTP 401 Unauthorized: {"error":"invalid_token","token":"<redacted>"}"#
@@ -104,9 +111,8 @@ fn a_token_echoed_without_its_scheme_is_scrubbed() {
 
 #[test]
 fn short_header_values_leave_messages_alone() {
-    let (url, _) = serve(reply("503 Busy", "", b"shard 0 of 10 in eu is busy"));
     let error = failure(
-        HttpSink::builder(url)
+        answering("503 Busy", "", b"shard 0 of 10 in eu is busy")
             .header("X-Shard", "0")
             .header("X-Region", "eu")
             // Words a status line holds: scrubbed in the body, never in the status line.
@@ -120,12 +126,9 @@ fn short_header_values_leave_messages_alone() {
 
 #[test]
 fn control_characters_in_a_body_become_spaces_on_one_line() {
-    let (url, _) = serve(reply(
-        "502 Bad Gateway",
-        "",
-        b"<html>\r\n<head><title>502</title></head>\r\n<body>\x1b[31mRED\x1b[0m\x07\t</body>\r\n</html>\r\n",
-    ));
-    let error = failure(HttpSink::builder(url));
+    let page = b"<html>\r\n<head><title>502</title></head>\r\n\
+                 <body>\x1b[31mRED\x1b[0m\x07\t</body>\r\n</html>\r\n";
+    let error = failure(answering("502 Bad Gateway", "", page));
     assert_eq!(
         error.to_string(),
         "HTTP 502 Bad Gateway: <html> <head><title>502</title></head> <body> [31mRED [0m </body> </html>"
@@ -212,4 +215,14 @@ fn a_url_that_does_not_parse_hides_its_password() {
             "{error}"
         );
     }
+}
+
+#[test]
+fn a_retry_after_too_large_to_count_asks_for_the_longest_wait() {
+    let error = failure(answering(
+        "503 Busy",
+        "Retry-After: 99999999999999999999\r\n",
+        b"",
+    ));
+    assert_eq!(error.retry_after(), Some(Duration::MAX));
 }
