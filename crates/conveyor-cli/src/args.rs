@@ -150,6 +150,17 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
         .map_err(|e| format!("`{text}` is not a duration ({e}): expected e.g. `250ms`, `2s`, `1m`"))
 }
 
+/// Parses `--timeout`: a duration, but not zero, which would fail every request (or program
+/// run) at once.
+pub(crate) fn parse_timeout(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        zero if zero.is_zero() => Err(format!(
+            "`{text}` leaves no time: every request would time out at once; give e.g. `30s`"
+        )),
+        timeout => Ok(timeout),
+    }
+}
+
 /// Parses `Name: value`. The value is a secret: never echo it in errors.
 pub(crate) fn parse_header(text: &str) -> Result<(String, String), String> {
     match text.split_once(':') {
@@ -203,8 +214,8 @@ pub(crate) struct SendArgs {
     #[arg(long, default_value = "POST")]
     pub(crate) method: String,
 
-    /// Time limit for one request (or one program run); running out is retried.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    /// Time limit for one request (or one program run), above zero; running out is retried.
+    #[arg(long, default_value = "30s", value_parser = parse_timeout)]
     pub(crate) timeout: Duration,
 
     /// `strict` (one at a time, in order), `pipelined:N` (started in order, N at once) or
@@ -338,6 +349,8 @@ mod tests {
         assert!(parse_rate("fast").is_err());
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert!(parse_duration("soon").is_err());
+        assert_eq!(parse_timeout("1ms"), Ok(Duration::from_millis(1)));
+        assert!(parse_timeout("0s").unwrap_err().contains("no time"));
         assert_eq!(
             parse_header("Authorization: Bearer a:b"),
             Ok(("Authorization".into(), "Bearer a:b".into()))

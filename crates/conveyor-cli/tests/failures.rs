@@ -121,6 +121,29 @@ fn a_request_over_timeout_is_retried() {
 }
 
 #[test]
+fn a_zero_timeout_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(|_| Reply::ok()).unwrap();
+    let input = write_lines(dir.path(), "in.jsonl", &items(2, 1));
+    let url = server.url();
+    // Every request, or program run, would run out of time at once.
+    for target in [&["--to", url.as_str()][..], &["--exec", "true"][..]] {
+        for zero in ["0s", "0ms"] {
+            let output = conveyor(dir.path())
+                .args(["send", input.to_str().unwrap(), "--no-journal"])
+                .args(["--timeout", zero])
+                .args(target)
+                .output()
+                .unwrap();
+            let (stdout, stderr) = expect_exit(&output, 2);
+            assert!(stdout.is_empty(), "{stdout}");
+            assert!(stderr.contains("--timeout"), "{stderr}");
+        }
+    }
+    assert!(server.arrivals().is_empty());
+}
+
+#[test]
 fn a_dead_server_is_retried_then_reported() {
     let dir = tempfile::tempdir().unwrap();
     // Bind and drop a listener: the port is then (almost certainly) closed.

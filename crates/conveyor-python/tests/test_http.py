@@ -105,6 +105,13 @@ def test_bad_url_is_a_clear_error():
         conveyor.Conveyor.http("not-a-url")
 
 
+@pytest.mark.parametrize("timeout", [0, 0.0, 1e-12])
+def test_a_zero_timeout_is_refused(server, timeout):
+    # Every request would time out at once, so each item would fail after its retries.
+    with pytest.raises(ValueError, match="timeout"):
+        conveyor.Conveyor.http(server.url, timeout=timeout)
+
+
 def test_a_journal_keeps_request_bodies_until_delivered_across_a_restart(server, tmp_path):
     path = tmp_path / "events.journal"
     with server.lock:

@@ -216,7 +216,8 @@ impl HttpSinkBuilder {
     }
 
     /// Sets the timeout of one request, from connecting to reading the whole response (default 30 s).
-    /// A timeout is a retryable failure.
+    /// A timeout is a retryable failure. Zero is refused by [`build`](HttpSinkBuilder::build):
+    /// every request would time out.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -226,8 +227,8 @@ impl HttpSinkBuilder {
     ///
     /// # Errors
     ///
-    /// [`HttpBuildError`] if the URL, the method or a header is invalid, or the HTTP client (TLS)
-    /// cannot be set up.
+    /// [`HttpBuildError`] if the URL, the method or a header is invalid, the timeout is zero, or
+    /// the HTTP client (TLS) cannot be set up.
     ///
     /// Works inside an async runtime too: the client is started on a thread of its own.
     pub fn build(self) -> Result<HttpSink, HttpBuildError> {
@@ -241,6 +242,9 @@ impl HttpSinkBuilder {
                 url: redact_raw_url(&self.url),
                 reason: format!("scheme `{}` is not http or https", url.scheme()),
             });
+        }
+        if self.timeout.is_zero() {
+            return Err(HttpBuildError::ZeroTimeout);
         }
         let method = Method::from_bytes(self.method.to_ascii_uppercase().as_bytes())
             .map_err(|_| HttpBuildError::InvalidMethod(self.method.clone()))?;
@@ -328,6 +332,8 @@ pub enum HttpBuildError {
     ReservedHeader(String),
     /// The method is not a valid HTTP method token.
     InvalidMethod(String),
+    /// The timeout is zero: every request would time out before it started.
+    ZeroTimeout,
     /// The HTTP client could not be created (for example TLS setup failed).
     Client(String),
 }
@@ -350,6 +356,10 @@ impl fmt::Display for HttpBuildError {
             Self::InvalidMethod(m) => {
                 write!(f, "invalid HTTP method `{m}` (expected e.g. POST or PUT)")
             }
+            Self::ZeroTimeout => f.write_str(
+                "the request timeout is zero, so every request would time out: give it more \
+                 time (the default is 30 s)",
+            ),
             Self::Client(e) => write!(f, "cannot create the HTTP client: {e}"),
         }
     }

@@ -7,7 +7,9 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use conveyor::{Conveyor, DeliveryError, HttpReply, HttpSink, HttpSinkBuilder, Ordering};
+use conveyor::{
+    Conveyor, DeliveryError, HttpBuildError, HttpReply, HttpSink, HttpSinkBuilder, Ordering,
+};
 
 /// Serves HTTP/1.1 on 127.0.0.1: records each request's head and lets `answer` write the whole
 /// response. Returns the URL and the heads seen, in arrival order.
@@ -225,4 +227,14 @@ fn a_retry_after_too_large_to_count_asks_for_the_longest_wait() {
         b"",
     ));
     assert_eq!(error.retry_after(), Some(Duration::MAX));
+}
+
+#[test]
+fn a_zero_timeout_is_refused() {
+    let error = HttpSink::builder("http://127.0.0.1:9/")
+        .timeout(Duration::ZERO)
+        .build()
+        .unwrap_err();
+    assert_eq!(error, HttpBuildError::ZeroTimeout);
+    assert!(error.to_string().contains("timeout"), "{error}");
 }
