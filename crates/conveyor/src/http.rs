@@ -14,7 +14,7 @@ use std::io::Read;
 use std::time::{Duration, SystemTime};
 
 use reqwest::blocking::{Client, Response};
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, LOCATION, RETRY_AFTER};
 use reqwest::{Method, StatusCode, Url};
 
 use crate::{Delivery, SinkError};
@@ -67,7 +67,7 @@ const REDACTED: &str = "<redacted>";
 /// | 2xx | `Ok(HttpReply)` |
 /// | connect error, timeout, broken connection | retryable [`SinkError`] |
 /// | 408, 429, 5xx | retryable, with `Retry-After` as [`SinkError::with_retry_after`] |
-/// | any other status (3xx: redirects are not followed) | permanent |
+/// | any other status (3xx: redirects are not followed) | permanent; a 3xx says its `Location` |
 ///
 /// # Secrets
 ///
@@ -153,6 +153,15 @@ fn redact_raw_url(raw: &str) -> String {
     match raw[start..at].find(':') {
         Some(colon) => format!("{}:redacted{}", &raw[..start + colon], &raw[at..]),
         None => raw.to_owned(),
+    }
+}
+
+/// A `Location` header's value for display, with any password in it replaced. A relative one
+/// does not parse as a URL, and is shown as given.
+fn shown_location(location: &str) -> String {
+    match Url::parse(location) {
+        Ok(url) => redact_url(&url),
+        Err(_) => redact_raw_url(location),
     }
 }
 
@@ -435,6 +444,12 @@ impl HttpSink {
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
+        // Redirects are not followed, so say where one points: the fix is often a new URL.
+        let location = response
+            .headers()
+            .get(LOCATION)
+            .filter(|_| status.is_redirection())
+            .map(|v| shown_location(&String::from_utf8_lossy(v.as_bytes())));
         if status.is_success() {
             return match response.bytes() {
                 // `Vec::from` takes the buffer over when it is not shared: no copy of the body.
@@ -454,7 +469,7 @@ impl HttpSink {
         let mut body = Vec::new();
         // A body that breaks off is quoted as far as it came.
         let _ = response.take(ERROR_BODY_BYTES).read_to_end(&mut body);
-        let message = self.status_message(status, &body);
+        let message = self.status_message(status, location.as_deref(), &body);
         if is_retryable_status(status) {
             let error = SinkError::retryable(message);
             Err(match retry_after {
@@ -466,20 +481,32 @@ impl HttpSink {
         }
     }
 
-    /// A failure message: the status line, then the start of the body on one line, scrubbed.
-    /// The status line is the client's own text (the code and its standard reason, not the
-    /// server's reason phrase), so it is left as it is.
-    fn status_message(&self, status: StatusCode, body: &[u8]) -> String {
-        let text = self.scrub(&one_line(&String::from_utf8_lossy(body)));
-        if text.is_empty() {
-            return format!("HTTP {status}");
+    /// A failure message: the status line, where a redirect points, then the start of the
+    /// body. The status line is the client's own text (the code and its standard reason, not
+    /// the server's reason phrase), so it is left as it is; what the server wrote is quoted.
+    fn status_message(&self, status: StatusCode, location: Option<&str>, body: &[u8]) -> String {
+        let mut message = format!("HTTP {status}");
+        if let Some(location) = location {
+            message.push_str(&format!(" (Location: {})", self.quote(location)));
         }
-        // Scrubbed before it is cut: a secret across the cut would show its first half.
-        let mut snippet: String = text.chars().take(ERROR_BODY_CHARS).collect();
-        if snippet.len() < text.len() {
-            snippet.push('…');
+        let body = self.quote(&String::from_utf8_lossy(body));
+        if !body.is_empty() {
+            message.push_str(": ");
+            message.push_str(&body);
         }
-        format!("HTTP {status}: {snippet}")
+        message
+    }
+
+    /// Server text as a message may show it: on one line, scrubbed, and cut to
+    /// [`ERROR_BODY_CHARS`]. Scrubbed before it is cut: a secret across the cut would
+    /// otherwise show its first half.
+    fn quote(&self, text: &str) -> String {
+        let text = self.scrub(&one_line(text));
+        let mut quoted: String = text.chars().take(ERROR_BODY_CHARS).collect();
+        if quoted.len() < text.len() {
+            quoted.push('…');
+        }
+        quoted
     }
 
     /// Replaces the header values and words a server echoed back, in one pass over `text`:
@@ -695,7 +722,7 @@ mod tests {
             .build()
             .unwrap();
         assert_eq!(
-            sink.status_message(StatusCode::BAD_REQUEST, b"got abc\r\ndef"),
+            sink.status_message(StatusCode::BAD_REQUEST, None, b"got abc\r\ndef"),
             "HTTP 400 Bad Request: got <redacted>"
         );
     }

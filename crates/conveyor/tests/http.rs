@@ -238,3 +238,25 @@ fn a_zero_timeout_is_refused() {
     assert_eq!(error, HttpBuildError::ZeroTimeout);
     assert!(error.to_string().contains("timeout"), "{error}");
 }
+
+#[test]
+fn a_redirect_says_where_it_points() {
+    let error = failure(answering(
+        "301 Moved Permanently",
+        "Location: https://user:pw-in-location@example.com/new\r\n",
+        b"",
+    ));
+    assert_eq!(
+        error.to_string(),
+        "HTTP 301 Moved Permanently (Location: https://user:redacted@example.com/new)"
+    );
+    let error = failure(answering(
+        "308 Permanent Redirect",
+        "Location: /v2/in\r\n",
+        b"moved",
+    ));
+    assert_eq!(
+        error.to_string(),
+        "HTTP 308 Permanent Redirect (Location: /v2/in): moved"
+    );
+}
