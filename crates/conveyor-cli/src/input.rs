@@ -130,6 +130,11 @@ impl<R: BufRead> LineReader<R> {
         let mut raw = self.buf.as_slice();
         raw = raw.strip_suffix(b"\n").unwrap_or(raw);
         raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        if line == 1 {
+            // A byte order mark, as some editors (Notepad) start a UTF-8 file with: it marks
+            // the file, not the line, which would not be JSON with it.
+            raw = raw.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(raw);
+        }
         if raw.iter().all(u8::is_ascii_whitespace) {
             return Ok(Some(Parsed::Blank));
         }
@@ -233,6 +238,20 @@ mod tests {
         assert_eq!(reader.position(), 4);
         let mut short = LineReader::new("{}\n".as_bytes(), None);
         assert_eq!(short.skip(10).unwrap(), 1);
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_dropped_from_the_first_line_only() {
+        let parsed = read_all("\u{feff}{\"a\":1}\n\u{feff}{}\n", None);
+        assert!(
+            matches!(&parsed[0], Parsed::Item { line, .. } if line.body == "{\"a\":1}"),
+            "{parsed:?}"
+        );
+        assert!(
+            matches!(&parsed[1], Parsed::Rejected { line: 2, .. }),
+            "{parsed:?}"
+        );
+        assert_eq!(read_all("\u{feff}\n{}", None)[0], Parsed::Blank);
     }
 
     #[test]

@@ -195,3 +195,28 @@ fn a_rerun_keeps_the_rejects_of_the_earlier_run() {
         "{bad\n[oops\nnope\n"
     );
 }
+
+#[test]
+fn a_byte_order_mark_before_the_first_line_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(|_| Reply::ok()).unwrap();
+    // As editors on Windows save UTF-8. A mark later in the input is data, and not JSON.
+    let input = write_lines(
+        dir.path(),
+        "in.jsonl",
+        &[
+            "\u{feff}{\"id\":0}".into(),
+            "{\"id\":1}".into(),
+            "\u{feff}{\"id\":2}".into(),
+        ],
+    );
+    let output = send_in_memory(dir.path(), &input, &server.url(), &[]);
+    let (_, stderr) = expect_exit(&output, 1);
+    assert!(
+        stderr.contains("line 3:") && !stderr.contains("line 1:"),
+        "{stderr}"
+    );
+    let arrivals = server.arrivals();
+    assert_eq!(ids(&arrivals), [0, 1]);
+    assert_eq!(arrivals[0].body, "{\"id\":0}");
+}
