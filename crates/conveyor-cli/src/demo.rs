@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::args::{DemoArgs, FailurePolicy, OrderingArg};
 use crate::input::KeySpec;
-use crate::report::{print_out, Summary};
+use crate::report::{millis, print_out, Summary};
 use crate::send::{self, Input, SendPlan};
 use crate::sink::Target;
 use crate::{exit, CliError};
@@ -96,7 +96,7 @@ pub(crate) fn run(args: DemoArgs) -> Result<u8, CliError> {
     let strict_floor = latency.as_secs_f64() * args.items as f64;
     let report = DemoReport {
         items: args.items,
-        latency_ms: latency.as_secs_f64() * 1000.0,
+        latency_ms: millis(latency),
         in_order,
         received: arrivals.len(),
         producer_micros: summary.submit_secs * 1e6,

@@ -173,9 +173,11 @@ impl Summary {
     }
 }
 
-/// Milliseconds with microsecond precision, for the summary.
+/// Milliseconds rounded to the microsecond, for the summary. Computed from a whole number of
+/// microseconds, so the JSON shows `1.308`, not the `1.3079999999999998` that seconds times
+/// 1000 gives.
 pub(crate) fn millis(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
+    (d.as_nanos() as f64 / 1000.0).round() / 1000.0
 }
 
 #[cfg(test)]
@@ -215,6 +217,24 @@ mod tests {
         assert!(text.contains("p50 50.0ms, p99 99.0ms"), "{text}");
         assert!(
             text.contains("1 items were not delivered and are lost"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn milliseconds_have_three_decimals_and_no_float_noise() {
+        // 1.308 ms as seconds times 1000 is 1.3079999999999998.
+        assert_eq!(millis(Duration::from_micros(1308)), 1.308);
+        assert_eq!(millis(Duration::from_nanos(1_307_600)), 1.308);
+        assert_eq!(millis(Duration::from_nanos(400)), 0.0);
+        let text = Summary {
+            latency_p50_ms: Some(millis(Duration::from_micros(1308))),
+            latency_p99_ms: Some(millis(Duration::from_micros(2_000_100))),
+            ..summary()
+        }
+        .json();
+        assert!(
+            text.contains(r#""latency_p50_ms":1.308,"latency_p99_ms":2000.1,"#),
             "{text}"
         );
     }
