@@ -235,7 +235,8 @@ pub(crate) struct SendArgs {
     pub(crate) retries: u32,
 
     /// First wait before a retry; doubles each time (at most 30 s), each wait jittered between
-    /// half and all of it. A server's Retry-After wins when longer.
+    /// half and all of it. A server's Retry-After wins when longer, up to an hour (or up to
+    /// --backoff, when that is longer): a server asking for days holds its lane for an hour.
     #[arg(long, default_value = "200ms", value_parser = parse_duration)]
     pub(crate) backoff: Duration,
 

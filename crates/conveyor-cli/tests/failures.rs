@@ -92,6 +92,21 @@ fn a_4xx_fails_the_line_at_once_and_the_rest_go_on() {
 }
 
 #[test]
+fn the_help_says_how_long_a_retry_after_may_hold_a_line() {
+    let output = conveyor(std::path::Path::new("."))
+        .args(["send", "--help"])
+        .output()
+        .unwrap();
+    let (stdout, _) = expect_exit(&output, 0);
+    // Help text is wrapped to the terminal's width: compare it as one line.
+    let help = stdout.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(
+        help.contains("A server's Retry-After wins when longer, up to an hour"),
+        "{help}"
+    );
+}
+
+#[test]
 fn a_request_over_timeout_is_retried() {
     let dir = tempfile::tempdir().unwrap();
     let slow_once = Arc::new(AtomicUsize::new(0));
