@@ -536,10 +536,10 @@ impl HttpSink {
 /// often echo the token without its scheme. The first word of an `Authorization` value with
 /// more words is its scheme (`Bearer`, `Digest`): a public name, kept readable.
 ///
-/// The value is kept with its whitespace runs made single spaces, as [`one_line`] leaves the
-/// text it is looked for in.
+/// Words are split where [`one_line`] splits, and the value is kept with single spaces between
+/// them, as it appears in the text it is looked for in.
 fn secrets_of(name: &HeaderName, value: &str) -> Vec<String> {
-    let words: Vec<&str> = value.split_whitespace().collect();
+    let words: Vec<&str> = value.split(is_break).filter(|w| !w.is_empty()).collect();
     let scheme =
         matches!(name.as_str(), "authorization" | "proxy-authorization") && words.len() > 1;
     std::iter::once(words.join(" "))
@@ -572,15 +572,21 @@ fn encode_key(key: &str) -> String {
 /// each run of spaces one space. A failure then stays one line on a terminal and in the
 /// journal, and cannot move the cursor, recolour the terminal or reorder the text after it.
 fn one_line(text: &str) -> String {
-    let is_break = |c: char| {
-        c.is_whitespace()
-            || c.is_control()
-            || matches!(c, '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
-    };
     text.split(is_break)
         .filter(|part| !part.is_empty())
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// Whether [`one_line`] turns `c` into a space: whitespace, control characters, and the marks
+/// that reorder bidirectional text.
+fn is_break(c: char) -> bool {
+    c.is_whitespace()
+        || c.is_control()
+        || matches!(
+            c,
+            '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+        )
 }
 
 fn is_retryable_status(status: StatusCode) -> bool {
@@ -716,11 +722,13 @@ mod tests {
             one_line("\r\n a\tb\x1b[2J\u{7}c \u{202E}d\u{2069}\u{85}e\r\n"),
             "a b [2J c d e"
         );
-        // A value with a tab is looked for as the one line it becomes.
+        // A value with a tab (or a bidi mark) is looked for as the one line it becomes.
         let sink = HttpSink::builder("http://127.0.0.1:9/")
             .header("X-Pair", "abc\tdef")
+            .header("X-Marked", "ghi\u{202E}jkl")
             .build()
             .unwrap();
+        assert_eq!(sink.scrub(&one_line("ghi\u{202E}jkl")), "<redacted>");
         assert_eq!(
             sink.status_message(StatusCode::BAD_REQUEST, None, b"got abc\r\ndef"),
             "HTTP 400 Bad Request: got <redacted>"
