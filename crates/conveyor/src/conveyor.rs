@@ -340,28 +340,14 @@ impl<T, R> Shared<T, R> {
         }
     }
 
-    /// Marks the worker whose sink call or receipt callback this thread runs (if any, see
-    /// `worker_here`) as waiting inside a call to its own conveyor. The others waiting
-    /// likewise look again: they may now wait for nobody.
-    pub(crate) fn start_waiting_inside(&self, st: &mut State<T, R>, worker: Option<usize>) {
-        if let Some(worker) = worker {
-            st.set_waiting_inside(worker, true);
-            self.wake_waiting_inside(st);
-        }
-    }
-
-    pub(crate) fn stop_waiting_inside(&self, st: &mut State<T, R>, worker: Option<usize>) {
-        if let Some(worker) = worker {
-            st.set_waiting_inside(worker, false);
-        }
-    }
-
     /// After a worker's step: a worker waiting inside its own call checks whether the others
     /// can still do what it waits for (see `State::others_can_progress`).
     pub(crate) fn wake_waiting_inside(&self, st: &State<T, R>) {
         if st.any_waiting_inside() {
             self.space.notify_all();
+            self.space_async.notify_waiters();
             self.settled.notify_all();
+            self.settled_async.notify_waiters();
         }
     }
 
@@ -395,6 +381,57 @@ impl<T, R> Drop for AsyncWaiter<'_, T, R> {
     fn drop(&mut self) {
         if self.registered {
             *(self.count)(&mut self.shared.lock().waiters) -= 1;
+        }
+    }
+}
+
+/// A call into a conveyor made from inside one of its workers (its sink call or a receipt
+/// callback, see `worker::WorkerHere`), while it waits: that worker delivers nothing meanwhile,
+/// so it counts as waiting inside (see `State::others_can_progress`) until `stop`, or until the
+/// guard drops (an async wait that was cancelled). Make it before taking the state lock: a drop
+/// that has to unmark takes the lock.
+struct InsideWait<'a, T, R> {
+    shared: &'a Shared<T, R>,
+    /// The worker, while marked.
+    worker: Option<usize>,
+}
+
+impl<'a, T, R> InsideWait<'a, T, R> {
+    fn new(shared: &'a Shared<T, R>) -> Self {
+        Self {
+            shared,
+            worker: None,
+        }
+    }
+
+    /// Marks the calling thread's worker, if it is one of this conveyor's and is not marked
+    /// yet. The others waiting inside look again: they may now wait for nobody.
+    fn start(&mut self, st: &mut State<T, R>) {
+        if self.worker.is_none() {
+            self.worker = self.shared.worker_here();
+            if let Some(worker) = self.worker {
+                st.set_waiting_inside(worker, true);
+                self.shared.wake_waiting_inside(st);
+            }
+        }
+    }
+
+    /// Whether it waits inside, for what none of the other workers can bring about.
+    fn hopeless(&self, st: &State<T, R>) -> bool {
+        self.worker.is_some() && !st.others_can_progress()
+    }
+
+    fn stop(&mut self, st: &mut State<T, R>) {
+        if let Some(worker) = self.worker.take() {
+            st.set_waiting_inside(worker, false);
+        }
+    }
+}
+
+impl<T, R> Drop for InsideWait<'_, T, R> {
+    fn drop(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            self.shared.lock().set_waiting_inside(worker, false);
         }
     }
 }
@@ -613,6 +650,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         entry: &mut Option<Entry>,
         wait: Wait,
         was_waiting: bool,
+        inside: &mut InsideWait<'_, T, R>,
     ) -> Result<Receipt<R>, Refused<T, R>> {
         let shared = &*self.shared;
         let mut st = shared.lock();
@@ -620,13 +658,11 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             st.waiters.async_senders -= 1;
         }
         let mut evicted = None;
-        // The worker whose sink call or receipt callback sends, once it waits for room.
-        let mut inside = None;
         // The intake stays locked from its drain to this item's accept, so no item sent
         // meanwhile by the fast path can get a lower seq and land behind it.
         let mut ik = loop {
             if st.closed {
-                shared.stop_waiting_inside(&mut st, inside);
+                inside.stop(&mut st);
                 return Err(Refused::Send(SendError::Closed(node)));
             }
             let mut ik = shared.intake();
@@ -635,29 +671,33 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             if room == Room::Free {
                 break ik;
             }
+            // Only the workers free room in a full queue, or for a replay that is waiting for
+            // room; a replay still loading, or the journal's seq reservation being extended,
+            // runs on a thread of its own.
+            let needs_workers = match room {
+                Room::Full => true,
+                Room::Later => st.replaying && !st.room_for_replay(),
+                Room::Free => false,
+            };
+            let waits = matches!(
+                (shared.config.backpressure, wait),
+                (Backpressure::Block, Wait::Thread | Wait::Task) | (_, Wait::ThreadAlways)
+            );
+            if waits && needs_workers {
+                // From inside a sink call or a receipt callback, its own worker cannot make
+                // room while it waits: only the others can.
+                inside.start(&mut st);
+                if inside.hopeless(&st) {
+                    inside.stop(&mut st);
+                    return Err(Refused::Send(SendError::Full(node)));
+                }
+            }
             match (shared.config.backpressure, wait) {
                 (Backpressure::Block, Wait::Thread) | (_, Wait::ThreadAlways) => {
                     drop(ik);
-                    // Only the workers free room in a full queue, or for a replay that is waiting
-                    // for room; a replay still loading, or the journal's seq reservation being
-                    // extended, runs on a thread of its own.
-                    let needs_workers = match room {
-                        Room::Full => true,
-                        Room::Later => st.replaying && !st.room_for_replay(),
-                        Room::Free => false,
-                    };
                     if needs_workers && self.waiting_would_hang() {
                         drop(st); // not poisoned by the panic
                         hang_refused("send");
-                    }
-                    if needs_workers && inside.is_none() {
-                        inside = shared.worker_here();
-                        shared.start_waiting_inside(&mut st, inside);
-                    }
-                    // Its own worker cannot make room while it waits: only the others can.
-                    if inside.is_some() && !st.others_can_progress() {
-                        shared.stop_waiting_inside(&mut st, inside);
-                        return Err(Refused::Send(SendError::Full(node)));
                     }
                     st.waiters.blocked_senders += 1;
                     st = shared.wait(&shared.space, st);
@@ -684,7 +724,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
                 }
             }
         };
-        shared.stop_waiting_inside(&mut st, inside);
+        inside.stop(&mut st);
         ik.number(&node);
         let receipt = Receipt::new(node.clone());
         // Journal ops are queued under the lock, so the writer sees appends in seq order and
@@ -830,7 +870,13 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             Ok(receipt) => return Ok(receipt),
             Err(node) => node,
         };
-        match self.submit(node, &mut entry, wait, false) {
+        match self.submit(
+            node,
+            &mut entry,
+            wait,
+            false,
+            &mut InsideWait::new(&self.shared),
+        ) {
             Ok(receipt) => {
                 self.wait_durable(&receipt);
                 Ok(receipt)
@@ -945,6 +991,8 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             Ok(receipt) => return Ok(receipt),
             Err(node) => node,
         };
+        // Before the waiter: dropped after it, as the registrations were made.
+        let mut inside = InsideWait::new(&self.shared);
         let mut waiter = AsyncWaiter::new(&self.shared, |w| &mut w.async_senders);
         loop {
             let notified = self.shared.space_async.notified();
@@ -952,7 +1000,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             notified.as_mut().enable();
             // `submit` itself undoes a registration from the previous round.
             let was_waiting = std::mem::take(&mut waiter.registered);
-            match self.submit(node, &mut entry, Wait::Task, was_waiting) {
+            match self.submit(node, &mut entry, Wait::Task, was_waiting, &mut inside) {
                 Ok(receipt) => {
                     self.wait_durable(&receipt);
                     return Ok(receipt);
@@ -1025,22 +1073,22 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         }
         blocking_section(|| {
             let shared = &*self.shared;
+            let mut inside = InsideWait::new(shared);
             let mut st = shared.lock();
             st.waiters.flushers += 1;
             let mut timed_out = false;
             // From its sink call or a receipt callback, a worker cannot deliver anything
             // meanwhile: wait only for what the others can do.
-            let inside = shared.worker_here();
-            shared.start_waiting_inside(&mut st, inside);
+            inside.start(&mut st);
             while !shared.all_settled(&mut st)
                 && !st.stalled()
                 && st.live_workers > 0
-                && (inside.is_none() || st.others_can_progress())
+                && !inside.hopeless(&st)
                 && !timed_out
             {
                 (st, timed_out) = shared.wait_until(&shared.settled, st, deadline);
             }
-            shared.stop_waiting_inside(&mut st, inside);
+            inside.stop(&mut st);
             st.waiters.flushers -= 1;
             st.quiescent(shared.settling_here())
         })
@@ -1102,9 +1150,13 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         self.flush_until(deadline) && self.sync_journal(deadline)
     }
 
-    /// Awaits what [`Conveyor::flush`] waits for, without blocking the runtime.
+    /// Awaits what [`Conveyor::flush`] waits for, without blocking the runtime. Awaited from
+    /// this conveyor's own async sink, it waits only for what the other workers can deliver,
+    /// as `flush` does.
     pub async fn flush_async(&self) {
         let shared = &*self.shared;
+        // As in `flush`: from inside its own async sink, wait only for the other workers.
+        let mut inside = InsideWait::new(shared);
         let mut waiter = AsyncWaiter::new(shared, |w| &mut w.flushers);
         loop {
             let notified = shared.settled_async.notified();
@@ -1115,7 +1167,9 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
                 if std::mem::take(&mut waiter.registered) {
                     st.waiters.flushers -= 1;
                 }
-                if shared.all_settled(&mut st) || st.stalled() {
+                inside.start(&mut st);
+                if shared.all_settled(&mut st) || st.stalled() || inside.hopeless(&st) {
+                    inside.stop(&mut st);
                     drop(st);
                     self.sync_journal(None);
                     return;
@@ -1200,6 +1254,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         let deadline = Instant::now().checked_add(timeout);
         blocking_section(|| {
             let shared = &*self.shared;
+            let mut inside = InsideWait::new(shared);
             let mut st = shared.lock();
             st.closed = true;
             {
@@ -1224,17 +1279,15 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             // workers, and the receipts it settles are not settled yet: neither can be
             // waited for.
             let own = shared.settling_here();
-            let inside = shared.worker_here();
-            let me = usize::from(inside.is_some());
-            shared.start_waiting_inside(&mut st, inside);
+            let me = usize::from(shared.worker_here().is_some());
+            inside.start(&mut st);
             while !st.shutdown_ready(own)
                 && st.live_workers > me
-                && (inside.is_none() || st.others_can_progress())
+                && !inside.hopeless(&st)
                 && !timed_out
             {
                 (st, timed_out) = shared.wait_until(&shared.settled, st, deadline);
             }
-            shared.stop_waiting_inside(&mut st, inside);
             st.waiters.flushers -= 1;
             // Workers exit when they next look at the state; one still inside a sink
             // call past the deadline finishes that call on its own.
@@ -1248,9 +1301,14 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             };
             // Join the worker threads that can finish in time: after this, no sink call
             // or receipt callback of this conveyor is still running (unless one is stuck).
-            while st.live_workers > me && !timed_out && !self.threads_are_empty() {
+            while st.live_workers > me
+                && !inside.hopeless(&st)
+                && !timed_out
+                && !self.threads_are_empty()
+            {
                 (st, timed_out) = shared.wait_until(&shared.settled, st, deadline);
             }
+            inside.stop(&mut st);
             let all_exited = st.live_workers <= me;
             drop(st);
             if all_exited {
@@ -1443,7 +1501,8 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             cursor: None,
         });
         let node = self.shared.node(key, item);
-        let receipt = match self.submit(node, &mut entry, Wait::ThreadAlways, false) {
+        let mut inside = InsideWait::new(&self.shared);
+        let receipt = match self.submit(node, &mut entry, Wait::ThreadAlways, false, &mut inside) {
             Ok(receipt) => receipt,
             Err(Refused::Send(SendError::Full(_))) => {
                 return Err(unclaim(JournalError::WouldWaitForItself {

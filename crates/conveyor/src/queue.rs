@@ -142,6 +142,8 @@ pub(crate) struct State<T, R> {
     /// meanwhile (see `others_can_progress`).
     waiting_inside: Vec<bool>,
     waiting_inside_count: usize,
+    /// Receipts each worker is settling outside the lock (its part of `settling`).
+    pub(crate) settling_by: Vec<u64>,
     limiter: Option<RateLimiter>,
     counters: Counters,
     pub(crate) waiters: Waiters,
@@ -186,6 +188,7 @@ impl<T, R> State<T, R> {
             in_flight_nodes: (0..workers).map(|_| None).collect(),
             waiting_inside: vec![false; workers],
             waiting_inside_count: 0,
+            settling_by: vec![0; workers],
             limiter: rate_limit.map(RateLimiter::per_second),
             counters: Counters::default(),
             waiters: Waiters::default(),
@@ -269,7 +272,8 @@ impl<T, R> State<T, R> {
             .in_flight_nodes
             .iter()
             .zip(&self.waiting_inside)
-            .any(|(job, &waiting)| job.is_some() && !waiting);
+            .zip(&self.settling_by)
+            .any(|((job, &waiting), &settling)| (job.is_some() || settling > 0) && !waiting);
         free > 0 && (busy || self.startable_exactly())
     }
 

@@ -95,6 +95,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
                     // Counted until its receipt is settled outside the lock, so `flush`
                     // returns only after receipts and their callbacks are done.
                     st.settling += 1;
+                    st.settling_by[worker] += 1;
                     settle.push(settlement);
                 }
                 // Back in its lane: the intake's copy of the lanes' count is now low.
@@ -172,9 +173,10 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
     }
 
     /// Records receipts this worker settled since it last held the lock.
-    fn settled_outside(&self, st: &mut State<T, R>, done: u64) {
+    fn settled_outside(&self, st: &mut State<T, R>, worker: usize, done: u64) {
         if done > 0 {
             st.settling -= done;
+            st.settling_by[worker] -= done;
             self.wake_flushers(st);
         }
     }
@@ -301,8 +303,19 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
                 }
             }
             let delivery = self.delivery(job);
-            let result = match catch_unwind(AssertUnwindSafe(|| sink(delivery))) {
-                Ok(future) => CatchUnwind(future).await,
+            let made = {
+                let _here = self.entering_sink(worker);
+                catch_unwind(AssertUnwindSafe(|| sink(delivery)))
+            };
+            let result = match made {
+                Ok(future) => {
+                    SinkCall {
+                        future,
+                        shared: self,
+                        worker,
+                    }
+                    .await
+                }
                 Err(panic) => Err(SinkError::from_panic(&*panic)),
             };
             match result {
@@ -333,7 +346,7 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
         // With the idle workers to wake once the state lock is released.
         let (step, wake) = {
             let mut st = shared.lock();
-            shared.settled_outside(&mut st, std::mem::take(&mut done));
+            shared.settled_outside(&mut st, worker, std::mem::take(&mut done));
             let mut step = shared.step(&mut st, worker, finished.take(), &mut settle, &mut lookout);
             let mut spun = false;
             // Settle what just finished before sleeping: its receipt must not wait
@@ -392,7 +405,7 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
                 }
             }
             Step::Wait => {}
-            Step::Exit => return shared.settled_outside(&mut shared.lock(), done),
+            Step::Exit => return shared.settled_outside(&mut shared.lock(), worker, done),
         }
     }
 }
@@ -407,6 +420,7 @@ pub(crate) async fn async_worker<T: Send + Sync + 'static, R: Send + 'static>(
     let mut settle = Vec::new();
     let mut task = TaskPresence {
         shared: &shared,
+        worker,
         idle: false,
         done: 0,
         exited: false,
@@ -464,6 +478,7 @@ pub(crate) async fn async_worker<T: Send + Sync + 'static, R: Send + 'static>(
 /// no worker is left instead of waiting for one that will never run again.
 struct TaskPresence<'a, T: Send + Sync + 'static, R: Send + 'static> {
     shared: &'a Shared<T, R>,
+    worker: usize,
     /// Registered idle in the intake.
     idle: bool,
     /// Receipts settled since the state lock was last held.
@@ -478,7 +493,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> TaskPresence<'_, T, R> {
             self.shared.unregister_idle(st, false);
         }
         self.shared
-            .settled_outside(st, std::mem::take(&mut self.done));
+            .settled_outside(st, self.worker, std::mem::take(&mut self.done));
     }
 }
 
@@ -614,16 +629,24 @@ pub(crate) fn later(delay: Duration) -> Instant {
         .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400))
 }
 
-/// Turns a panic inside an async sink's future into a permanent failure of that item,
-/// as `catch_unwind` does for blocking sinks.
-struct CatchUnwind<R>(crate::worker::BoxFuture<R>);
+/// An async sink's future as its worker awaits it. Each poll runs as the worker's sink call
+/// (see `WorkerHere`: only while polled, as the task may move between threads), and a panic
+/// in it becomes a permanent failure of the item, as `catch_unwind` makes it for blocking
+/// sinks.
+struct SinkCall<'a, T, R> {
+    future: BoxFuture<R>,
+    shared: &'a Shared<T, R>,
+    worker: usize,
+}
 
-impl<R> Future for CatchUnwind<R> {
+impl<T, R> Future for SinkCall<'_, T, R> {
     type Output = Result<R, SinkError>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let inner = self.0.as_mut();
-        catch_unwind(AssertUnwindSafe(|| inner.poll(cx)))
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let _here = this.shared.entering_sink(this.worker);
+        let future = this.future.as_mut();
+        catch_unwind(AssertUnwindSafe(|| future.poll(cx)))
             .unwrap_or_else(|panic| Poll::Ready(Err(SinkError::from_panic(&*panic))))
     }
 }

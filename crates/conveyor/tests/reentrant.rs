@@ -261,3 +261,127 @@ fn a_flush_from_a_callback_does_not_wait_for_the_next_item_its_worker_took() {
     assert!(c.flush_timeout(GENEROUS));
     assert_eq!(c.stats().delivered, 2);
 }
+
+/// Both workers' sinks close their conveyor at once: neither waits for the other's call (each
+/// used to wait for the other worker to leave, and both sat out their whole deadline).
+#[test]
+fn two_sinks_closing_their_conveyor_at_once_do_not_wait_for_each_other() {
+    let (tx, rx) = channel::<(u64, Duration)>();
+    let tx = Mutex::new(tx);
+    let both = Arc::new(Barrier::new(2));
+    let me: Arc<OnceLock<Arc<Conveyor<u64>>>> = Arc::new(OnceLock::new());
+    let myself = me.clone();
+    let c = Arc::new(
+        Conveyor::builder()
+            .ordering(Ordering::Pipelined { in_flight: 2 })
+            .drain_timeout(Duration::from_secs(1))
+            .build(move |d: Delivery<u64>| {
+                both.wait(); // both workers are in their sink calls
+                let started = Instant::now();
+                let _report = myself.get().unwrap().close_timeout(LONG);
+                tx.lock()
+                    .unwrap()
+                    .send((*d.item(), started.elapsed()))
+                    .unwrap();
+                Ok(())
+            })
+            .unwrap(),
+    );
+    me.set(c.clone()).ok();
+    c.send(1).unwrap();
+    c.send(2).unwrap();
+    let a = rx.recv_timeout(GENEROUS).expect("a close came back");
+    let b = rx.recv_timeout(GENEROUS).expect("both closes came back");
+    assert!(
+        a.1 < Duration::from_secs(5) && b.1 < Duration::from_secs(5),
+        "closes from inside two sinks waited for each other: {a:?} {b:?}"
+    );
+}
+
+/// Item 1's callback flushes while item 2's callback runs on the other worker: the flush
+/// waits for that callback, then reports everything settled (a worker settling receipts
+/// counts as one that can still make progress).
+#[test]
+fn a_flush_from_a_callback_waits_for_the_other_workers_callbacks() {
+    let go = Arc::new(Barrier::new(3));
+    let sink_go = go.clone();
+    let c: Arc<Conveyor<u64>> = Arc::new(
+        Conveyor::builder()
+            .ordering(Ordering::Pipelined { in_flight: 2 })
+            .build(move |_d: Delivery<u64>| {
+                sink_go.wait(); // both items in flight on two workers, callbacks attached
+                Ok(())
+            })
+            .unwrap(),
+    );
+    let (b_running_tx, b_running) = channel::<()>();
+    let b_running = Mutex::new(b_running);
+    let (tx, rx) = channel();
+    let me = c.clone();
+    c.send(1).unwrap().on_settled(move |_| {
+        b_running
+            .lock()
+            .unwrap()
+            .recv_timeout(GENEROUS)
+            .expect("item 2's callback started");
+        let started = Instant::now();
+        let flushed = me.flush_timeout(LONG);
+        tx.send((flushed, started.elapsed())).unwrap();
+    });
+    c.send(2).unwrap().on_settled(move |_| {
+        b_running_tx.send(()).unwrap();
+        sleep_ms(300); // a slow callback on the other worker
+    });
+    go.wait();
+    let (flushed, took) = rx.recv_timeout(GENEROUS).expect("the flush came back");
+    assert!(
+        flushed,
+        "the flush gave up after {took:?} while the other worker's callback ran"
+    );
+    assert!(c.flush_timeout(GENEROUS));
+}
+
+/// An async sink (strict, capacity 1) calling its own conveyor: the blocking `send`, the
+/// awaited `send_async` and `flush_async` each see that only its own worker could help, and
+/// return instead of waiting for good.
+#[test]
+fn an_async_sink_calling_its_own_conveyor_does_not_wait_for_itself() {
+    let (tx, rx) = channel();
+    let tx = Mutex::new(tx);
+    let me: Arc<OnceLock<Arc<Conveyor<u64>>>> = Arc::new(OnceLock::new());
+    let myself = me.clone();
+    let c = Arc::new(
+        Conveyor::builder()
+            .capacity(1)
+            .drain_timeout(Duration::from_secs(1))
+            .build_async(move |d: Delivery<u64>| {
+                let c = myself.get().unwrap().clone();
+                let tx = (*d.item() == 1).then(|| tx.lock().unwrap().clone());
+                async move {
+                    if let Some(tx) = tx {
+                        let first = c.send(100).is_ok();
+                        let blocking = matches!(c.send(101), Err(SendError::Full(101)));
+                        let awaited = matches!(c.send_async(102).await, Err(SendError::Full(102)));
+                        let started = Instant::now();
+                        c.flush_async().await;
+                        let flush_took = started.elapsed();
+                        tx.send((first, blocking, awaited, flush_took)).ok();
+                    }
+                    Ok(())
+                }
+            })
+            .unwrap(),
+    );
+    me.set(c.clone()).ok();
+    c.send(1).unwrap();
+    // (The sink's handle keeps the conveyor alive: no drop waits for a stuck worker.)
+    let (first, blocking, awaited, flush_took) =
+        rx.recv_timeout(GENEROUS).expect("the calls came back");
+    assert!(first && blocking && awaited, "{first} {blocking} {awaited}");
+    assert!(
+        flush_took < Duration::from_secs(5),
+        "flush_async waited {flush_took:?}"
+    );
+    assert!(c.flush_timeout(GENEROUS));
+    assert_eq!(c.stats().delivered, 2, "items 1 and 100");
+}
