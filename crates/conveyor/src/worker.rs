@@ -270,11 +270,9 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
                 }
             }
             let delivery = self.delivery(job);
-            let result = {
-                let _here = self.entering_sink(worker);
-                catch_unwind(AssertUnwindSafe(|| sink(delivery)))
-                    .unwrap_or_else(|panic| Err(SinkError::from_panic(&*panic)))
-            };
+            // The thread runs as this worker's sink call throughout (see `thread_worker`).
+            let result = catch_unwind(AssertUnwindSafe(|| sink(delivery)))
+                .unwrap_or_else(|panic| Err(SinkError::from_panic(&*panic)));
             match result {
                 Ok(reply) => return Outcome::Delivered(reply),
                 Err(error) => match self.after_failure(worker, job, error) {
@@ -338,6 +336,9 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
     sink: Arc<BlockingFn<T, R>>,
     worker: usize,
 ) {
+    // Whatever calls the conveyor from this thread is the user code this worker runs (its
+    // sink, a receipt callback, an item's drop): marked once, not around every sink call.
+    let _here = shared.entering_sink(worker);
     let mut finished = None;
     let mut settle = Vec::new();
     let mut done = 0;
@@ -520,6 +521,7 @@ struct WorkerHere {
     worker: usize,
     /// Receipts it is settling, which count in `State::settling` until reported.
     receipts: u64,
+    /// In the worker's sink call: for a worker thread, its whole life (see `thread_worker`).
     in_sink: bool,
     /// The worker is still counted in `live_workers` (a worker that is exiting settles what it
     /// has left after it stopped counting).
@@ -559,7 +561,8 @@ impl<T, R> Shared<T, R> {
             .map(|here| here.worker)
     }
 
-    /// Marks the calling thread as running `worker`'s sink call until the guard drops.
+    /// Marks the calling thread as running `worker`'s sink call until the guard drops (a
+    /// worker thread's whole life, or one poll of an async sink's future).
     fn entering_sink(&self, worker: usize) -> RestoreHere {
         RestoreHere(WORKER_HERE.with(|h| {
             h.replace(WorkerHere {
