@@ -166,8 +166,12 @@ pub(crate) fn delivery_error(py: Python<'_>, seq: u64, error: &DeliveryError) ->
     match error {
         DeliveryError::Failed { attempts, error } => {
             let last = python_exception(error).map(|e| e.clone_ref(py));
+            let status = error
+                .get_ref()
+                .downcast_ref::<conveyor::HttpError>()
+                .and_then(|e| e.status);
             let message = format!("item {seq} failed after {attempts} attempt(s): {error}");
-            delivery_failed(py, message, *attempts, last, seq)
+            delivery_failed(py, message, *attempts, last, seq, status)
         }
         DeliveryError::Dropped => new_err(
             dropped_class(py),
@@ -198,12 +202,14 @@ fn delivery_failed(
     attempts: u32,
     last: Option<Py<PyAny>>,
     seq: u64,
+    status: Option<u16>,
 ) -> PyErr {
     let build = || -> PyResult<PyErr> {
         let kwargs = PyDict::new(py);
         kwargs.set_item("attempts", attempts)?;
         kwargs.set_item("last_exception", last)?;
         kwargs.set_item("seq", seq)?;
+        kwargs.set_item("status", status)?;
         let exc = delivery_failed_class(py)?.call((message,), Some(&kwargs))?;
         Ok(PyErr::from_value(exc))
     };

@@ -17,7 +17,7 @@ EXAMPLES = [
     conveyor.Dropped("dropped"),
     conveyor.JournalError("journal"),
     conveyor.DeliveryFailed(
-        "item 7 failed", attempts=3, last_exception=ValueError("bad payload"), seq=7
+        "item 7 failed", attempts=3, last_exception=ValueError("bad payload"), seq=7, status=503
     ),
     conveyor.PermanentError("HTTP 400"),
     conveyor.RetryAfter(2.5),

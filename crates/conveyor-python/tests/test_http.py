@@ -89,8 +89,23 @@ def test_client_errors_fail_at_once(server):
             bad.result(timeout=10)
         assert good.result(timeout=10).status == 200
     assert info.value.attempts == 1
+    assert info.value.status == 400
     assert "400" in str(info.value)
     assert server.bodies == [b"good"]
+
+
+def test_a_failure_without_a_response_has_no_status():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # Nobody listens on the port any more: the connection is refused.
+    with conveyor.Conveyor.http(f"http://127.0.0.1:{port}/") as c:
+        with pytest.raises(conveyor.DeliveryFailed) as info:
+            c.send("x").result(timeout=10)
+    assert info.value.status is None
+    assert info.value.last_exception is None
 
 
 def test_unserialisable_items_are_refused_at_send(server):

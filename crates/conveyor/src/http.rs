@@ -165,6 +165,43 @@ fn shown_location(location: &str) -> String {
     }
 }
 
+/// Why an [`HttpSink`] delivery failed: the source of its [`SinkError`], so that code reading
+/// a failure can tell a status apart without parsing the message.
+///
+/// # Examples
+///
+/// ```
+/// use conveyor::{DeliveryError, HttpError};
+///
+/// fn status_of(error: &DeliveryError) -> Option<u16> {
+///     match error {
+///         DeliveryError::Failed { error, .. } => {
+///             error.get_ref().downcast_ref::<HttpError>()?.status
+///         }
+///         _ => None,
+///     }
+/// }
+/// # assert_eq!(status_of(&DeliveryError::Closed), None);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HttpError {
+    /// The response's status code, or `None` when no response came back (the connection
+    /// failed, or the request timed out).
+    pub status: Option<u16>,
+    /// What went wrong, as [`Display`](fmt::Display) shows it: the status line and the start
+    /// of the body, with header values scrubbed (see [`HttpSink`]).
+    pub message: String,
+}
+
+impl fmt::Display for HttpError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for HttpError {}
+
 /// The successful response of an [`HttpSink`] delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -426,7 +463,12 @@ impl HttpSink {
             .send()
             // Connect errors, timeouts and connections cut mid-request: the request may or may
             // not have arrived, which is what the idempotency key is for.
-            .map_err(|e| SinkError::retryable(self.scrub(&error_chain(&e.without_url()))))?;
+            .map_err(|e| {
+                SinkError::retryable(HttpError {
+                    status: None,
+                    message: self.scrub(&error_chain(&e.without_url())),
+                })
+            })?;
         self.classify(response)
     }
 
@@ -457,10 +499,13 @@ impl HttpSink {
                     status: status.as_u16(),
                     body: Vec::from(body),
                 }),
-                Err(e) => Err(SinkError::retryable(format!(
-                    "HTTP {status}, but reading the response failed: {}",
-                    self.scrub(&error_chain(&e.without_url()))
-                ))),
+                Err(e) => Err(SinkError::retryable(HttpError {
+                    status: Some(status.as_u16()),
+                    message: format!(
+                        "HTTP {status}, but reading the response failed: {}",
+                        self.scrub(&error_chain(&e.without_url()))
+                    ),
+                })),
             };
         }
         // An error body only explains the error: read the start of it. A body that ends within
@@ -469,7 +514,10 @@ impl HttpSink {
         let mut body = Vec::new();
         // A body that breaks off is quoted as far as it came.
         let _ = response.take(ERROR_BODY_BYTES).read_to_end(&mut body);
-        let message = self.status_message(status, location.as_deref(), &body);
+        let message = HttpError {
+            status: Some(status.as_u16()),
+            message: self.status_message(status, location.as_deref(), &body),
+        };
         if is_retryable_status(status) {
             let error = SinkError::retryable(message);
             Err(match retry_after {

@@ -61,7 +61,7 @@ mod stats;
 mod worker;
 
 #[cfg(feature = "http")]
-pub use crate::http::{HttpBuildError, HttpReply, HttpSink, HttpSinkBuilder};
+pub use crate::http::{HttpBuildError, HttpError, HttpReply, HttpSink, HttpSinkBuilder};
 pub use crate::{
     builder::{Backpressure, Builder, OnFailure, Ordering},
     conveyor::Conveyor,

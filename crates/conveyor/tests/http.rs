@@ -260,3 +260,31 @@ fn a_redirect_says_where_it_points() {
         "HTTP 308 Permanent Redirect (Location: /v2/in): moved"
     );
 }
+
+/// A failure carries its status as an `HttpError`, for code that branches on it; a request
+/// that got no response carries none.
+#[test]
+fn a_failure_carries_its_status() {
+    let status = |error: &conveyor::SinkError| {
+        error
+            .get_ref()
+            .downcast_ref::<conveyor::HttpError>()
+            .expect("the sink's errors are HttpErrors")
+            .status
+    };
+    assert_eq!(
+        status(&failure(answering("404 Not Found", "", b"no"))),
+        Some(404)
+    );
+    let busy = failure(answering("503 Service Unavailable", "", b""));
+    assert_eq!(status(&busy), Some(503));
+    assert_eq!(busy.to_string(), "HTTP 503 Service Unavailable");
+    // A port nobody listens on: the listener is dropped before the request.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let refused = failure(HttpSink::builder(format!("http://127.0.0.1:{port}/")));
+    assert_eq!(status(&refused), None);
+}

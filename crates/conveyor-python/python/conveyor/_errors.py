@@ -57,6 +57,9 @@ class DeliveryFailed(ConveyorError):
         last_exception: the exception the sink raised on the last attempt (also ``__cause__``),
             or ``None`` when the failure did not come from a Python exception.
         seq: the item's sequence number (1 for the first item sent to the conveyor).
+        status: for ``Conveyor.http``, the HTTP status of the last response (``404``, ``503``),
+            or ``None`` when no response came back (connection refused, timeout) or the sink
+            is not HTTP.
     """
 
     def __init__(
@@ -66,11 +69,13 @@ class DeliveryFailed(ConveyorError):
         attempts: int = 0,
         last_exception: Optional[BaseException] = None,
         seq: Optional[int] = None,
+        status: Optional[int] = None,
     ) -> None:
         super().__init__(message)
         self.attempts = attempts
         self.last_exception = last_exception
         self.seq = seq
+        self.status = status
         if last_exception is not None:
             self.__cause__ = last_exception
 
