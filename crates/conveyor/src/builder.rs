@@ -367,8 +367,13 @@ where
     /// ([`Conveyor::dead_letters`]). The file is created owner-only (0600) and one process at
     /// a time may use it; see [`Journal`](crate::Journal) to inspect it offline.
     ///
-    /// Seqs are reserved in the journal ahead of use (an item may reach the sink before its
-    /// group is committed, and its seq must never be reused), so after a restart they continue
+    /// An item reaches the sink only once it is on disk: under `Batched`, the worker that takes
+    /// an item not yet committed has the writer commit at once, and waits for it (while the
+    /// journal cannot be written, deliveries wait too). So an item delivered before a crash is
+    /// always in the journal after it, and comes back with its own seq, never as a new item.
+    ///
+    /// Seqs are reserved in the journal ahead of use (a seq handed out before a crash must
+    /// never be reused, even if its item was not committed), so after a restart they continue
     /// past the reservation and may jump by up to 65,536: they only ever increase. While the
     /// journal's old items are loaded, new sends wait as for a full queue (`try_send` and
     /// `Backpressure::Reject` refuse them, the drop policies drop them). If the journal cannot

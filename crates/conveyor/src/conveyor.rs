@@ -1875,8 +1875,8 @@ mod tests {
         let failing = Arc::new(AtomicBool::new(true));
         let calls = Arc::new(AtomicUsize::new(0));
         let (f, n) = (failing.clone(), calls.clone());
-        // The retried item stays in flight until released, so its append (200 KB) cannot be
-        // settled away in the writer's group: the commit must write it, and fails.
+        // The retried item's append (200 KB) must be written, and its commit fails; the item
+        // is delivered only once that commit succeeds, and then stays in flight until released.
         let (release, gate) = mpsc::channel::<()>();
         let gate = Mutex::new(gate);
         let c: Conveyor<String> = Conveyor::builder()
@@ -1912,14 +1912,19 @@ mod tests {
             c.journal_error().is_some(),
             "the commits did fail meanwhile"
         );
-        drop(release);
-        first.wait().unwrap();
+        assert_eq!(
+            calls.load(O::SeqCst),
+            0,
+            "not delivered before its append is on disk"
+        );
         durable
             .with_journal(|j| {
                 j.limit_pages(1 << 30);
                 Ok(())
             })
             .unwrap();
+        drop(release);
+        first.wait().unwrap();
         c.flush();
         assert_eq!(calls.load(O::SeqCst), 1);
     }

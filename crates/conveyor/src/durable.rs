@@ -6,9 +6,14 @@
 //! for the first op, gathers the rest of its commit window, and commits them in one
 //! transaction (one fsync for the group).
 //!
-//! Seqs are reserved in the journal ahead of use (`Durable::seq_limit`): under `Batched` an
-//! item may reach the sink before its group is committed, and after a crash its seq must not be
-//! handed to another item, or receivers that drop seqs they have seen would drop new items.
+//! An item reaches the sink only once its append is committed (the workers wait for it, see
+//! `Durable::is_committed`): delivered before, it could be lost in a crash after its delivery,
+//! and come back from the producer's input as a new item with a new seq, which no receiver could
+//! tell from a new one.
+//!
+//! Seqs are reserved in the journal ahead of use (`Durable::seq_limit`): after a crash, a seq
+//! that was handed out but not committed must not be handed to another item, or receivers that
+//! drop seqs they have seen would drop new items.
 //!
 //! This is why a journaled conveyor has no fast path: sends that skip the state lock (the
 //! intake, `intake.rs`) are turned off with a journal. Turning them on would mean moving the
@@ -50,7 +55,9 @@ use crate::journal::{Journal, JournalError, Record, Settlement, WriteBatch};
 pub enum Durability {
     /// `send` returns at once; a writer thread commits accepted items in groups, at most this
     /// long after they were accepted. A crash loses at most the items accepted in the last
-    /// window. The default, with 5 ms.
+    /// window, none of which has reached the sink: an item is delivered only once it is
+    /// committed (a worker that takes one sooner has the writer commit at once). The default,
+    /// with 5 ms.
     Batched(Duration),
     /// `send` returns once the item is committed. Concurrent sends share one commit, so many
     /// producers still reach a high rate. If that commit fails (disk full), the send waits
@@ -140,12 +147,13 @@ pub(crate) struct Durable<T> {
     journal: Arc<Mutex<Option<Journal>>>,
     ops: mpsc::SyncSender<Op>,
     progress: Arc<(Mutex<Progress>, Condvar)>,
+    /// `Progress::committed`, for the workers' check before each delivery without a lock.
+    committed: Arc<AtomicU64>,
     /// Set while commits fail, so `send` refuses new items with one atomic load.
     failed: Arc<AtomicBool>,
     writer: Mutex<Option<JoinHandle<()>>>,
-    /// The highest seq the engine may hand out: reserved in the journal ahead of use, because an
-    /// item may be delivered before its append is committed, and its seq must not be given to
-    /// another item after a crash.
+    /// The highest seq the engine may hand out: reserved in the journal ahead of use, because a
+    /// seq handed out but not committed before a crash must not be given to another item.
     pub(crate) seq_limit: Arc<AtomicU64>,
     /// Called after the writer raised `seq_limit`, to wake senders that waited for it.
     on_extend: Arc<OnceLock<Box<dyn Fn() + Send + Sync>>>,
@@ -195,14 +203,16 @@ impl<T> Durable<T> {
         // growing a backlog without limit. The writer never takes the state lock.
         let (ops, rx) = mpsc::sync_channel(capacity.clamp(OPS_BOUND.0, OPS_BOUND.1));
         let journal = Arc::new(Mutex::new(Some(journal)));
+        // Every item the journal holds now is on disk.
         let progress = Arc::new((
             Mutex::new(Progress {
-                committed: 0,
+                committed: last_seq,
                 error: None,
                 stopped: false,
             }),
             Condvar::new(),
         ));
+        let committed = Arc::new(AtomicU64::new(last_seq));
         let failed = Arc::new(AtomicBool::new(false));
         let window = match durability {
             Durability::Batched(window) => Some(window),
@@ -212,6 +222,7 @@ impl<T> Durable<T> {
             rx,
             journal: journal.clone(),
             progress: progress.clone(),
+            committed: committed.clone(),
             failed: failed.clone(),
             window,
             reserved,
@@ -228,6 +239,7 @@ impl<T> Durable<T> {
             journal,
             ops,
             progress,
+            committed,
             failed,
             writer: Mutex::new(Some(handle)),
             seq_limit,
@@ -300,6 +312,16 @@ impl<T> Durable<T> {
             };
         }
         true
+    }
+
+    /// Whether the append of `seq` is committed.
+    pub(crate) fn is_committed(&self, seq: u64) -> bool {
+        self.committed.load(AtomicOrdering::Acquire) >= seq
+    }
+
+    /// Whether the writer has exited: what it did not commit by then never will be.
+    pub(crate) fn stopped(&self) -> bool {
+        lock(&self.progress.0).stopped
     }
 
     /// Asks the writer to commit what was pushed so far now rather than when its window ends.
@@ -382,6 +404,7 @@ struct Writer {
     rx: mpsc::Receiver<Op>,
     journal: Arc<Mutex<Option<Journal>>>,
     progress: Arc<(Mutex<Progress>, Condvar)>,
+    committed: Arc<AtomicU64>,
     failed: Arc<AtomicBool>,
     /// `Batched`: how long to gather after the first op. `Sync`: `None`, commit what is there.
     window: Option<Duration>,
@@ -450,6 +473,7 @@ impl Writer {
                 Ok(()) => {
                     if let Some(seq) = last_append {
                         p.committed = p.committed.max(seq);
+                        self.committed.store(p.committed, AtomicOrdering::Release);
                     }
                     if p.error.take().is_some() {
                         tracing::info!("journal writes succeed again");

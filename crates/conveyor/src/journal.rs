@@ -18,7 +18,6 @@
 //! Durability: WAL with `synchronous = FULL`, so a commit is on disk when it returns (power cut
 //! included); the engine batches commits to pay one fsync per group.
 
-use std::collections::HashSet;
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, Write};
@@ -761,30 +760,14 @@ impl Journal {
     // ---- engine operations ------------------------------------------------------------------
 
     /// Commits one batch in one transaction: appends, then settlements, then the cursor.
-    ///
-    /// An item delivered before its append reached the disk (a fast sink within one commit
-    /// window) is neither inserted nor deleted: it never needed to be durable.
+    /// (An item's append and its delivery never share a batch: the engine delivers an item
+    /// only once its append is committed.)
     pub(crate) fn write(&mut self, batch: &WriteBatch) -> Result<(), JournalError> {
         if batch.is_empty() {
             return Ok(());
         }
         let path = &self.path;
         let sql = |e| JournalError::sqlite(path, e);
-        // Delivered items whose append is in this same batch: neither inserted nor deleted.
-        let settled_now: HashSet<u64> = if batch.appends.is_empty() || batch.settlements.is_empty()
-        {
-            HashSet::new()
-        } else {
-            let appended: HashSet<u64> = batch.appends.iter().map(|r| r.seq).collect();
-            batch
-                .settlements
-                .iter()
-                .filter_map(|s| match s {
-                    Settlement::Delivered(seq) if appended.contains(seq) => Some(*seq),
-                    _ => None,
-                })
-                .collect()
-        };
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -798,11 +781,9 @@ impl Journal {
             let mut last = 0;
             for r in &batch.appends {
                 last = last.max(r.seq);
-                if !settled_now.contains(&r.seq) {
-                    insert
-                        .execute(params![r.seq as i64, &*r.lane, r.key.as_deref(), r.payload])
-                        .map_err(sql)?;
-                }
+                insert
+                    .execute(params![r.seq as i64, &*r.lane, r.key.as_deref(), r.payload])
+                    .map_err(sql)?;
             }
             tx.prepare_cached("UPDATE meta SET value = max(value, ?1) WHERE name = 'last_seq'")
                 .map_err(sql)?
@@ -812,12 +793,10 @@ impl Journal {
         for s in &batch.settlements {
             match s {
                 Settlement::Delivered(seq) => {
-                    if !settled_now.contains(seq) {
-                        tx.prepare_cached("DELETE FROM items WHERE seq = ?1")
-                            .map_err(sql)?
-                            .execute([*seq as i64])
-                            .map_err(sql)?;
-                    }
+                    tx.prepare_cached("DELETE FROM items WHERE seq = ?1")
+                        .map_err(sql)?
+                        .execute([*seq as i64])
+                        .map_err(sql)?;
                 }
                 Settlement::Failed {
                     seq,
@@ -1229,7 +1208,7 @@ mod tests {
     }
 
     #[test]
-    fn items_delivered_in_the_same_batch_never_touch_the_table() {
+    fn items_delivered_in_the_batch_of_their_append_are_not_left_pending() {
         let dir = tempfile::tempdir().unwrap();
         let mut j = Journal::open(dir.path().join("j")).unwrap();
         j.write(&WriteBatch {

@@ -490,7 +490,9 @@ impl<T, R> State<T, R> {
         }
         self.in_flight_nodes[worker] = Some(InFlight {
             node: job.node.clone(),
-            called: job.start_at.is_none(),
+            // A worker first waits for a rate-limit slot, or for the item's journal append to
+            // be committed (`seq_limit` is set with a journal), and checks for shutdown after.
+            called: job.start_at.is_none() && self.seq_limit.is_none(),
         });
         Some(job)
     }

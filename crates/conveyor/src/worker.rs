@@ -33,6 +33,12 @@ pub(crate) enum Sink<T, R> {
     Async(Arc<AsyncFn<T, R>>),
 }
 
+/// How often a worker waiting for its item's journal commit looks for a shutdown.
+const WRITTEN_CHECK: Duration = Duration::from_millis(50);
+/// How often an async worker looks at the journal's progress while it waits for a commit
+/// (a commit takes about an fsync).
+const WRITTEN_POLL: Duration = Duration::from_millis(1);
+
 /// What a worker does next.
 pub(crate) enum Step<T, R> {
     /// Run this job, after waking the idle workers named (outside the state lock).
@@ -249,6 +255,55 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         }
     }
 
+    /// With a journal: waits until the append of `seq` is committed, so that nothing reaches
+    /// the sink before it is on disk (see `durable.rs`). Returns false if the conveyor was
+    /// abandoned, or its journal writer stopped, first: the item is not delivered.
+    fn wait_written(&self, seq: u64) -> bool {
+        let Some(durable) = self.uncommitted(seq) else {
+            return true;
+        };
+        loop {
+            if let Some(written) = self.written(durable, seq) {
+                return written;
+            }
+            // In slices, to notice a shutdown while commits fail (a full disk).
+            durable.wait_committed(seq, Some(Instant::now() + WRITTEN_CHECK));
+        }
+    }
+
+    /// `wait_written` for an async worker, which must not block its runtime's thread.
+    async fn wait_written_async(&self, seq: u64) -> bool {
+        let Some(durable) = self.uncommitted(seq) else {
+            return true;
+        };
+        loop {
+            if let Some(written) = self.written(durable, seq) {
+                return written;
+            }
+            tokio::time::sleep(WRITTEN_POLL).await;
+        }
+    }
+
+    /// The journal, if the append of `seq` is not committed yet: its writer is asked to commit
+    /// at once rather than when its window ends.
+    fn uncommitted(&self, seq: u64) -> Option<&Durable<T>> {
+        let durable = self.durable.as_ref().filter(|d| !d.is_committed(seq))?;
+        durable.commit_soon();
+        Some(durable)
+    }
+
+    /// How a wait for the commit of `seq` ends: written, or given up (`false`) because the
+    /// conveyor was abandoned or the writer stopped; `None` while it goes on.
+    fn written(&self, durable: &Durable<T>, seq: u64) -> Option<bool> {
+        if durable.is_committed(seq) {
+            Some(true)
+        } else if durable.stopped() || self.lock().abandoned {
+            Some(false)
+        } else {
+            None
+        }
+    }
+
     fn delivery(&self, job: &mut Job<T, R>) -> Delivery<T> {
         job.attempts += 1;
         Delivery::new(&job.node, job.attempts)
@@ -262,9 +317,17 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
     ) -> Outcome<R> {
         // A retry is scheduled (see `State::schedule_retry`), not a rate-limit slot.
         let mut retry = false;
+        // With a journal, the first attempt waits for the item to be on disk.
+        let mut unwritten = self.durable.is_some();
         loop {
-            if let Some(at) = job.start_at.take() {
-                self.wait_to_start(at, retry);
+            let check_written = std::mem::take(&mut unwritten);
+            if job.start_at.is_some() || check_written {
+                if let Some(at) = job.start_at.take() {
+                    self.wait_to_start(at, retry);
+                }
+                if check_written && !self.wait_written(job.node.seq()) {
+                    return Outcome::Interrupted;
+                }
                 if !self.may_start(worker, std::mem::take(&mut retry)) {
                     return Outcome::Interrupted;
                 }
@@ -293,9 +356,16 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         job: &mut Job<T, R>,
     ) -> Outcome<R> {
         let mut retry = false;
+        let mut unwritten = self.durable.is_some();
         loop {
-            if let Some(at) = job.start_at.take() {
-                self.wait_to_start_async(at, retry).await;
+            let check_written = std::mem::take(&mut unwritten);
+            if job.start_at.is_some() || check_written {
+                if let Some(at) = job.start_at.take() {
+                    self.wait_to_start_async(at, retry).await;
+                }
+                if check_written && !self.wait_written_async(job.node.seq()).await {
+                    return Outcome::Interrupted;
+                }
                 if !self.may_start(worker, std::mem::take(&mut retry)) {
                     return Outcome::Interrupted;
                 }

@@ -180,8 +180,16 @@ fn read_log(dir: &Path) -> (Vec<Trial>, Vec<Delivered>) {
 /// After a kill, the stored input position never points past an item the journal lost (it is
 /// at most one past the last item tried), and under `Sync` never before one it kept (at least
 /// one past the last item whose send returned): a rerun resuming from it neither skips nor
-/// repeats an item.
-fn check_cursor(dir: &Path, logged: &[Trial], durability: Durability, ctx: &str) {
+/// repeats an item. It is past every item the sink saw: an item reaches the sink only once
+/// its append, with its position, is committed, so a rerun never reads a delivered item again
+/// (it would get a new seq, and no receiver could tell it was a repeat).
+fn check_cursor(
+    dir: &Path,
+    logged: &[Trial],
+    delivered: &[Delivered],
+    durability: Durability,
+    ctx: &str,
+) {
     let cursor = Journal::open(dir.join("journal"))
         .unwrap()
         .cursor()
@@ -193,6 +201,12 @@ fn check_cursor(dir: &Path, logged: &[Trial], durability: Durability, ctx: &str)
         cursor <= tried.map_or(0, |n| n + 1),
         "cursor {cursor} points past every item tried ({tried:?}); {ctx}"
     );
+    if let Some(seen) = delivered.iter().map(|d| d.item).max() {
+        assert!(
+            cursor > seen,
+            "item {seen} reached the sink, but the cursor ({cursor}) is still before it; {ctx}"
+        );
+    }
     if durability == Durability::Sync {
         if let Some(sent) = last.sent.last() {
             assert!(
@@ -231,8 +245,14 @@ fn crash_and_check(
         std::thread::sleep(Duration::from_millis(5 + rng.next(60)));
         c.kill().unwrap(); // SIGKILL
         c.wait().unwrap();
-        let (logged, _) = read_log(dir.path());
-        check_cursor(dir.path(), &logged, durability, &format!("seed {seed}"));
+        let (logged, delivered) = read_log(dir.path());
+        check_cursor(
+            dir.path(),
+            &logged,
+            &delivered,
+            durability,
+            &format!("seed {seed}"),
+        );
         next = logged
             .iter()
             .flat_map(|t| t.tried.iter())
