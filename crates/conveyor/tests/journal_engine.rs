@@ -866,27 +866,47 @@ fn a_retry_waiting_for_room_does_not_hold_up_other_dead_letters() {
 }
 
 const WAIT_CHILD: &str = "CONVEYOR_WAIT_COMMITTED_CHILD";
-const WAIT_FOR_IT: &str = "CONVEYOR_WAIT_COMMITTED_WAIT";
+/// How the child ends: "wait" for item 7 to be committed, "fail" it and wait, or "none".
+const WAIT_MODE: &str = "CONVEYOR_WAIT_COMMITTED_MODE";
 
-/// The child of `wait_committed_puts_an_item_on_disk_before_its_window_ends`: sends one item
-/// under a window far longer than the test, optionally waits until it is committed, then
-/// dies at once, as under `kill -9`.
+/// The child of `wait_committed_puts_an_item_on_disk_before_its_window_ends`, under a window
+/// far longer than the test. Item 1 is taken by the worker (and so committed first: nothing
+/// reaches the sink before it is on disk) and held in the sink; item 7 queues behind it, so
+/// nothing but `wait_committed` commits it. In mode "fail" item 7 is the first item, and the
+/// sink fails it. Then the child dies at once, as under `kill -9`.
 #[test]
 fn wait_committed_child() {
     let Some(dir) = std::env::var_os(WAIT_CHILD) else {
         return; // run as a test of its own: nothing to do
     };
+    let mode = std::env::var(WAIT_MODE).unwrap();
+    let (taken, took) = mpsc::channel();
+    let taken = Mutex::new(taken);
     let c: Conveyor<u64> = Conveyor::builder()
         .journal(Path::new(&dir).join("j"))
         .durability(Durability::Batched(Duration::from_secs(600)))
-        .build(|_d| {
+        .build(move |d: Delivery<u64>| {
+            if *d.item() == 7 {
+                return Err(SinkError::permanent("refused"));
+            }
+            taken.lock().unwrap().send(()).unwrap();
             // Never settles: the item stays pending until the abort.
             std::thread::sleep(Duration::from_secs(3600));
             Ok(())
         })
         .unwrap();
-    let receipt = c.send(7).unwrap();
-    if std::env::var_os(WAIT_FOR_IT).is_some() {
+    if mode != "fail" {
+        c.send(1).unwrap();
+        took.recv().unwrap();
+    }
+    let mut receipt = c.send(7).unwrap();
+    if mode == "fail" {
+        assert!(matches!(
+            receipt.wait_timeout(Duration::from_secs(120)),
+            Some(Err(DeliveryError::Failed { .. }))
+        ));
+    }
+    if mode != "none" {
         assert!(c.wait_committed(&receipt, Duration::from_secs(120)));
     }
     std::process::abort();
@@ -894,30 +914,35 @@ fn wait_committed_child() {
 
 #[test]
 fn wait_committed_puts_an_item_on_disk_before_its_window_ends() {
-    let pending_after_crash = |wait: bool| {
+    let after_crash = |mode: &str| {
         let dir = tempfile::tempdir().unwrap();
-        let mut child = std::process::Command::new(std::env::current_exe().unwrap());
-        child
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
             .args(["--exact", "wait_committed_child", "--nocapture"])
             .env(WAIT_CHILD, dir.path())
+            .env(WAIT_MODE, mode)
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-        if wait {
-            child.env(WAIT_FOR_IT, "1");
-        }
-        let status = child.status().unwrap();
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
         assert!(!status.success(), "the child dies by abort");
-        let journal = Journal::open(dir.path().join("j")).unwrap();
-        journal.status().unwrap().pending
+        let status = Journal::open(dir.path().join("j"))
+            .unwrap()
+            .status()
+            .unwrap();
+        (status.pending, status.dead_letters)
     };
     assert_eq!(
-        pending_after_crash(true),
-        1,
-        "the item waited for is on disk"
+        after_crash("wait"),
+        (2, 0),
+        "item 7, waited for, is on disk"
     );
-    // Without the wait, the 600 s window had not ended: the same crash loses the item, which
-    // is what makes the first assertion mean something.
-    assert_eq!(pending_after_crash(false), 0);
+    // Without the wait, the 600 s window had not ended: the same crash loses item 7, which is
+    // what makes the first assertion mean something.
+    assert_eq!(after_crash("none"), (1, 0));
+    // A failed item is on disk too (its append was committed before its attempt), pending or
+    // as a dead letter: the wait said so, and a crash must not lose it.
+    let (pending, dead) = after_crash("fail");
+    assert_eq!(pending + dead, 1, "the failed item survives the crash");
 }
 
 #[test]
