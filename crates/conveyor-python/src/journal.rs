@@ -26,6 +26,21 @@ pub(crate) fn error(py: Python<'_>, err: &JournalError) -> PyErr {
              Conveyor(..., journal=PATH) to read or resume it",
             path.display()
         ),
+        JournalError::OtherOrdering {
+            path,
+            written,
+            opened,
+            pending,
+            paused,
+        } => format!(
+            "journal {} was written with ordering=\"{written}\" and still holds {pending} pending \
+             item(s) and {paused} paused lane(s), which ordering=\"{opened}\" would put in the \
+             wrong lanes (\"keyed\" keeps a lane per key, \"strict\" and \"pipelined\" one lane \
+             for all); it was left untouched: open it with ordering=\"{written}\" to deliver them \
+             (resume() its paused lanes), or use another journal= file. Once it holds nothing \
+             pending or paused, any ordering may use it",
+            path.display()
+        ),
         other => other.to_string(),
     };
     match journal_error_class(py) {

@@ -160,6 +160,41 @@ def test_dead_letters_can_be_listed_retried_and_discarded(make, tmp_path):
         c.discard_dead(dead[1].seq)
 
 
+def test_a_keyed_journal_holding_a_paused_key_is_refused_by_another_ordering(tmp_path):
+    path = tmp_path / "events.journal"
+    broken = {"alice"}
+    seen = []
+
+    def sink(item):
+        if item[0] in broken:
+            raise RuntimeError(f"{item[0]} is down")
+        seen.append(item)
+
+    c = conveyor.Conveyor(sink, journal=path, ordering="keyed", on_failure="pause")
+    c.send(["alice", 1], key="alice")
+    c.send(["alice", 2], key="alice")
+    c.send(["bob", 1], key="bob")
+    assert c.flush(timeout=10)
+    assert c.paused() == ["alice"]
+    assert c.close(timeout=10).left == 2
+
+    for other in ({}, {"ordering": "pipelined", "in_flight": 2}):
+        with pytest.raises(conveyor.JournalError, match='ordering="keyed"') as caught:
+            conveyor.Conveyor(sink, journal=path, **other)
+        assert "another journal= file" in str(caught.value)
+    assert seen == [["bob", 1]], "the held items were not sent again without a resume"
+
+    reopened = conveyor.Conveyor(sink, journal=path, ordering="keyed")
+    assert reopened.paused() == ["alice"]
+    broken.clear()
+    assert reopened.resume("alice")
+    assert reopened.flush(timeout=10)
+    assert seen == [["bob", 1], ["alice", 1], ["alice", 2]]
+    reopened.close(timeout=10)
+    # Once it holds nothing pending or paused, another ordering may use it.
+    conveyor.Conveyor(sink, journal=path).close(timeout=10)
+
+
 def test_dead_letters_need_a_journal(make):
     c = make(Recorder())
     with pytest.raises(conveyor.JournalError):

@@ -69,6 +69,15 @@ impl Ordering {
     pub(crate) fn is_keyed(self) -> bool {
         matches!(self, Ordering::Keyed { .. })
     }
+
+    /// The name a journal records, and its errors show: `"strict"`, `"pipelined"`, `"keyed"`.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Ordering::Strict => "strict",
+            Ordering::Pipelined { .. } => "pipelined",
+            Ordering::Keyed { .. } => "keyed",
+        }
+    }
 }
 
 /// What `send` does when the queue is at capacity.

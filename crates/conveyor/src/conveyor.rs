@@ -519,7 +519,8 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         let (mut first_seq, mut id_prefix) = (1, format!("{:016x}", random_u64()));
         let mut paused = Vec::new();
         if let Some(settings) = &journal {
-            let j = Journal::open(&settings.path)?;
+            let mut j = Journal::open(&settings.path)?;
+            j.claim(config.ordering.name())?;
             let last_seq = j.max_seq()?;
             first_seq = last_seq + 1;
             id_prefix = j.id().to_owned();

@@ -10,7 +10,7 @@
 //! - `dead(seq, lane, key, payload, error, attempts, failed_at)`: items that failed permanently.
 //! - `paused(lane, error, since)`: lanes stopped by `OnFailure::Pause`.
 //! - `meta(name, value)`: the journal id, the highest seq handed out or reserved (`last_seq`),
-//!   the input cursor.
+//!   the input cursor, the ordering of the conveyor that last used it (`ordering`).
 //!
 //! The database header carries [`APPLICATION_ID`] and the schema version in `user_version`, so a
 //! foreign or newer file is recognised before anything is written to it.
@@ -42,6 +42,9 @@ const COMPACT_EVERY: u32 = 256;
 const COMPACT_MIN_FREE_PAGES: i64 = 1024;
 /// …and this fraction (1/n) of the file.
 const COMPACT_FREE_FRACTION: i64 = 4;
+
+/// The orderings a journal records (`meta.ordering`), as [`Ordering`](crate::Ordering) names them.
+const KEYED: &str = "keyed";
 
 const DEAD_COLUMNS: &str = "SELECT seq, lane, key, payload, error, attempts, failed_at FROM dead";
 
@@ -125,6 +128,31 @@ pub enum JournalError {
         found: i64,
         /// The newest version this build reads.
         supported: i64,
+    },
+    /// The journal holds pending items or paused lanes of a conveyor whose ordering sorts items
+    /// into other lanes than this one's: keyed ordering keeps a lane per key, strict and
+    /// pipelined one lane for all. Delivering them would skip the pauses and mix the lanes, so
+    /// the journal is refused until it holds nothing pending or paused.
+    #[error(
+        "journal {} was written with {written} ordering and still holds {pending} pending \
+         item(s) and {paused} paused lane(s), which {opened} ordering would put in the wrong \
+         lanes (keyed ordering keeps a lane per key, strict and pipelined one lane for all); it \
+         was left untouched: open it with {written} ordering to deliver them (resuming its \
+         paused lanes), or use another journal file. Once it holds nothing pending or paused, \
+         any ordering may use it",
+        path.display()
+    )]
+    OtherOrdering {
+        /// The journal file.
+        path: PathBuf,
+        /// The ordering the journal was last used with: `"keyed"`, `"strict"` or `"pipelined"`.
+        written: String,
+        /// The ordering it was opened with.
+        opened: String,
+        /// Items pending in it.
+        pending: u64,
+        /// Lanes paused in it.
+        paused: u64,
     },
     /// The disk (or the file system's quota) is full.
     #[error(
@@ -264,6 +292,11 @@ pub struct JournalStatus {
     pub cursor: Option<u64>,
     /// Bytes on disk: the database plus its write-ahead log.
     pub file_bytes: u64,
+    /// Whether the conveyor that last used the journal had keyed ordering (`Some(true)`) or
+    /// strict or pipelined ordering (`Some(false)`); `None` if no conveyor used it yet. A
+    /// journal written before the ordering was recorded counts as keyed if a lane is named
+    /// after a key, and tells nothing (`None`) otherwise.
+    pub keyed: Option<bool>,
 }
 
 /// One lane in a [`JournalStatus`].
@@ -589,6 +622,9 @@ impl Journal {
             last_seq: self.max_seq()?,
             cursor: self.cursor()?,
             file_bytes,
+            keyed: written_ordering(&self.conn)
+                .map_err(sql)?
+                .map(|ordering| ordering == KEYED),
         })
     }
 
@@ -758,6 +794,47 @@ impl Journal {
     }
 
     // ---- engine operations ------------------------------------------------------------------
+
+    /// Checks that a conveyor with `ordering` (an [`Ordering`](crate::Ordering) name) can
+    /// deliver what the journal holds, and records it for the next one, in one transaction: a
+    /// refused journal is left as it was.
+    ///
+    /// Keyed ordering keeps a lane per key, strict and pipelined one lane for all: pending
+    /// items and paused lanes of one cannot be delivered by the other (the pauses would be
+    /// lost, and the lanes mixed), so that switch waits until the journal holds neither.
+    pub(crate) fn claim(&mut self, ordering: &str) -> Result<(), JournalError> {
+        let path = &self.path;
+        let sql = |e| JournalError::sqlite(path, e);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql)?;
+        let count = |table: &str| -> Result<u64, JournalError> {
+            tx.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|n| n as u64)
+            .map_err(sql)
+        };
+        let (pending, paused) = (count("items")?, count("paused")?);
+        if let Some(written) = written_ordering(&tx).map_err(sql)? {
+            if (written == KEYED) != (ordering == KEYED) && (pending > 0 || paused > 0) {
+                return Err(JournalError::OtherOrdering {
+                    path: path.clone(),
+                    written,
+                    opened: ordering.to_owned(),
+                    pending,
+                    paused,
+                });
+            }
+        }
+        tx.execute(
+            "INSERT OR REPLACE INTO meta (name, value) VALUES ('ordering', ?1)",
+            [ordering],
+        )
+        .map_err(sql)?;
+        tx.commit().map_err(sql)
+    }
 
     /// Commits one batch in one transaction: appends, then settlements, then the cursor.
     /// (An item's append and its delivery never share a batch: the engine delivers an item
@@ -1052,6 +1129,27 @@ fn set_wal(conn: &Connection, path: &Path) -> Result<(), JournalError> {
     Ok(())
 }
 
+/// The ordering the journal was last used with (`meta.ordering`). A journal written before that
+/// was recorded was keyed if a lane is named after a key; otherwise nothing tells.
+fn written_ordering(conn: &Connection) -> rusqlite::Result<Option<String>> {
+    let recorded: Option<String> = conn
+        .query_row("SELECT value FROM meta WHERE name = 'ordering'", [], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    if recorded.is_some() {
+        return Ok(recorded);
+    }
+    let keyed: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM items WHERE lane != '')
+             OR EXISTS (SELECT 1 FROM paused WHERE lane != '')
+             OR EXISTS (SELECT 1 FROM dead WHERE lane != '')",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(keyed.then(|| KEYED.to_owned()))
+}
+
 fn now_millis() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -1334,6 +1432,30 @@ mod tests {
         assert!(j.resume("x").unwrap());
         assert!(!j.resume("x").unwrap());
         assert!(j.paused_lanes().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_journal_from_before_the_ordering_was_recorded_counts_as_keyed_if_a_lane_is_a_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut keyed = Journal::open(dir.path().join("keyed")).unwrap();
+        assert_eq!(keyed.status().unwrap().keyed, None, "nothing tells yet");
+        keyed.append(&[rec(1, "alice")], None).unwrap();
+        assert_eq!(keyed.status().unwrap().keyed, Some(true));
+        let err = keyed.claim("strict").unwrap_err();
+        assert!(
+            matches!(&err, JournalError::OtherOrdering { written, pending: 1, .. } if written == KEYED),
+            "{err:?}"
+        );
+        keyed.claim(KEYED).unwrap();
+
+        // Items in the one lane `""` fit either kind; the first claim records its own.
+        let mut single = Journal::open(dir.path().join("single")).unwrap();
+        single.append(&[rec(1, "")], None).unwrap();
+        assert_eq!(single.status().unwrap().keyed, None);
+        single.claim("pipelined").unwrap();
+        assert_eq!(single.status().unwrap().keyed, Some(false));
+        single.claim("strict").unwrap();
+        assert!(single.claim(KEYED).is_err());
     }
 
     #[test]

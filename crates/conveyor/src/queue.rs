@@ -374,11 +374,13 @@ impl<T, R> State<T, R> {
     }
 
     /// Marks a lane paused before anything is accepted (a pause the journal remembers).
+    ///
+    /// A journal refuses to be reopened with the other kind of ordering while a lane is paused
+    /// (`Journal::claim`), so a key's pause never reaches a strict or pipelined conveyor. Were
+    /// it to, the one lane holding that key's items is paused: holding everything until a
+    /// resume is better than sending the held item again unasked.
     pub(crate) fn restore_pause(&mut self, lane: &str) {
         let target = if !self.keyed {
-            if !lane.is_empty() {
-                return; // a keyed journal reopened in another mode: no such lane here
-            }
             &mut self.main
         } else {
             self.lanes.entry(Arc::from(lane)).or_insert_with(Lane::new)

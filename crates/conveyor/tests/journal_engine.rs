@@ -62,6 +62,17 @@ fn stalled(path: &Path, ordering: Ordering) -> (Conveyor<u64>, mpsc::Sender<()>)
     (c, gate_tx)
 }
 
+/// Leaves items `0..n` pending in the strict journal at `path`, as a crash would.
+fn leave_pending(path: &Path, n: u64) {
+    let (c, gate) = stalled(path, Ordering::Strict);
+    for i in 0..n {
+        c.send(i).unwrap();
+    }
+    c.close_timeout(Duration::from_millis(50));
+    drop(c);
+    drop(gate);
+}
+
 #[test]
 fn unsettled_items_are_delivered_after_a_restart_in_order_and_before_new_ones() {
     let dir = tempfile::tempdir().unwrap();
@@ -123,13 +134,7 @@ fn unsettled_items_are_delivered_after_a_restart_in_order_and_before_new_ones() 
 fn replay_of_a_backlog_larger_than_the_capacity_keeps_order() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("j");
-    let (c, gate) = stalled(&path, Ordering::Strict);
-    for i in 0..500u64 {
-        c.send(i).unwrap();
-    }
-    c.close_timeout(Duration::from_millis(50));
-    drop(c);
-    drop(gate);
+    leave_pending(&path, 500);
     let (seen, sink) = recorder();
     let c = Conveyor::builder()
         .journal(&path)
@@ -192,13 +197,7 @@ fn replay_holds_no_more_than_the_capacity_in_memory() {
 fn items_that_no_longer_decode_become_dead_letters_instead_of_blocking() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("j");
-    let (c, gate) = stalled(&path, Ordering::Strict);
-    for i in 0..3u64 {
-        c.send(i).unwrap();
-    }
-    c.close_timeout(Duration::from_millis(50));
-    drop(c);
-    drop(gate);
+    leave_pending(&path, 3);
     // Reopened with another item type: the old payloads (JSON numbers) are not strings.
     let seen = Arc::new(Mutex::new(Vec::new()));
     let log = seen.clone();
@@ -326,30 +325,34 @@ fn concurrent_operator_calls_on_one_dead_letter_act_once() {
     assert_eq!(delivered, unique, "a dead letter was sent again twice");
 }
 
+/// Leaves the journal at `path` with key "bad" paused by its item 1 (error "503"), holding items
+/// 1 and 2, after item 3 of key "good" was delivered.
+fn pause_key_bad(path: &Path, keyed: Ordering) {
+    let c: Conveyor<u64> = Conveyor::builder()
+        .journal(path)
+        .ordering(keyed)
+        .on_failure(OnFailure::Pause)
+        .build(|d| {
+            if d.key() == Some("bad") {
+                Err(SinkError::permanent("503"))
+            } else {
+                Ok(())
+            }
+        })
+        .unwrap();
+    c.send_keyed("bad", 1).unwrap();
+    c.send_keyed("bad", 2).unwrap();
+    c.send_keyed("good", 3).unwrap();
+    c.flush();
+    assert_eq!(c.paused(), vec!["bad".to_owned()]);
+}
+
 #[test]
 fn paused_lanes_stay_paused_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("j");
     let keyed = Ordering::Keyed { concurrency: 2 };
-    {
-        let c: Conveyor<u64> = Conveyor::builder()
-            .journal(&path)
-            .ordering(keyed)
-            .on_failure(OnFailure::Pause)
-            .build(|d| {
-                if d.key() == Some("bad") {
-                    Err(SinkError::permanent("503"))
-                } else {
-                    Ok(())
-                }
-            })
-            .unwrap();
-        c.send_keyed("bad", 1).unwrap();
-        c.send_keyed("bad", 2).unwrap();
-        c.send_keyed("good", 3).unwrap();
-        c.flush();
-        assert_eq!(c.paused(), vec!["bad".to_owned()]);
-    }
+    pause_key_bad(&path, keyed);
     let status = Journal::open(&path).unwrap().status().unwrap();
     let bad = status.lanes.iter().find(|l| l.lane == "bad").unwrap();
     assert_eq!((bad.pending, bad.paused.as_deref()), (2, Some("503")));
@@ -376,6 +379,107 @@ fn paused_lanes_stay_paused_across_a_restart() {
     let status = Journal::open(&path).unwrap().status().unwrap();
     assert_eq!(status.pending, 0);
     assert!(status.lanes.is_empty(), "{status:?}");
+}
+
+/// A conveyor on `path` with `ordering` whose sink records what it sees, or the build error.
+fn try_recording(path: &Path, ordering: Ordering) -> Result<(Seen, Conveyor<u64>), BuildError> {
+    let (seen, sink) = recorder();
+    let c = Conveyor::builder()
+        .journal(path)
+        .ordering(ordering)
+        .build(sink)?;
+    Ok((seen, c))
+}
+
+#[test]
+fn a_keyed_journal_holding_a_pause_is_refused_by_strict_and_pipelined_ordering() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    let keyed = Ordering::Keyed { concurrency: 2 };
+    pause_key_bad(&path, keyed);
+    let before = Journal::open(&path).unwrap().status().unwrap();
+    assert_eq!(before.keyed, Some(true));
+
+    for other in [Ordering::Strict, Ordering::Pipelined { in_flight: 2 }] {
+        let err = match try_recording(&path, other) {
+            Ok((seen, _c)) => panic!(
+                "{other:?} opened a keyed journal holding a paused key, and sent {:?}",
+                seen.lock().unwrap()
+            ),
+            Err(err) => err,
+        };
+        match &err {
+            BuildError::Journal(JournalError::OtherOrdering {
+                written,
+                pending,
+                paused,
+                ..
+            }) => assert_eq!((written.as_str(), *pending, *paused), ("keyed", 2, 1)),
+            other => panic!("expected OtherOrdering, got {other:?}"),
+        }
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&path.display().to_string())
+                && msg.contains("open it with keyed ordering")
+                && msg.contains("another journal file"),
+            "the message names the file, the ordering it needs and the way out: {msg}"
+        );
+        let after = Journal::open(&path).unwrap().status().unwrap();
+        assert_eq!(
+            (&after.lanes, after.last_seq, after.keyed),
+            (&before.lanes, before.last_seq, before.keyed),
+            "a refused journal is left as it was"
+        );
+    }
+
+    // With its own ordering it delivers the held items once resumed; empty, it may switch.
+    let (seen, c) = recording(&path, keyed);
+    assert_eq!(c.paused(), vec!["bad".to_owned()]);
+    assert!(c.resume("bad"));
+    c.flush();
+    assert_eq!(
+        seen.lock().unwrap().iter().map(|s| s.2).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+    drop(c);
+    let (seen, c) = recording(&path, Ordering::Strict);
+    c.send(4).unwrap();
+    c.flush();
+    assert!(c.paused().is_empty());
+    assert_eq!(
+        seen.lock().unwrap().iter().map(|s| s.2).collect::<Vec<_>>(),
+        vec![4]
+    );
+    drop(c);
+    let status = Journal::open(&path).unwrap().status().unwrap();
+    assert_eq!(
+        (status.keyed, status.pending, status.lanes.len()),
+        (Some(false), 0, 0)
+    );
+}
+
+#[test]
+fn a_strict_journal_holding_items_is_refused_by_keyed_ordering() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    leave_pending(&path, 3);
+    let err = try_recording(&path, Ordering::Keyed { concurrency: 2 })
+        .expect_err("a keyed conveyor must not take over a strict journal's items");
+    assert!(
+        matches!(
+            &err,
+            BuildError::Journal(JournalError::OtherOrdering { written, opened, pending: 3, paused: 0, .. })
+                if written == "strict" && opened == "keyed"
+        ),
+        "{err:?}"
+    );
+    // Pipelined ordering has one lane too: it delivers them.
+    let (seen, c) = recording(&path, Ordering::Pipelined { in_flight: 1 });
+    c.flush();
+    assert_eq!(
+        seen.lock().unwrap().iter().map(|s| s.2).collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
 }
 
 #[test]
