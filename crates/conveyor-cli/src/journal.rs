@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use conveyor::{Builder, Conveyor, Durability, Journal, JournalError};
+use conveyor::{BuildError, Builder, Conveyor, Durability, Journal, JournalError};
 
 use crate::input::Line;
 use crate::CliError;
@@ -39,6 +39,49 @@ pub(crate) fn stored_cursor(path: &Path) -> Result<Option<u64>, CliError> {
     Journal::open(path)
         .and_then(|journal| journal.cursor())
         .map_err(|e| CliError::usage(format!("cannot read the journal's input position: {e}")))
+}
+
+/// Whether the journal at `path` was written by a keyed run, as far as it tells. A journal that
+/// cannot be read counts as keyed: it is then used, and opening it for the run reports why.
+pub(crate) fn written_keyed(path: &Path) -> bool {
+    Journal::open(path)
+        .and_then(|journal| journal.status())
+        .map_or(true, |status| status.keyed == Some(true))
+}
+
+/// The error for a conveyor that could not start, in the command's terms where the engine's
+/// speak of its API.
+pub(crate) fn build_error(e: BuildError) -> CliError {
+    let message = match e {
+        BuildError::Journal(JournalError::OtherOrdering {
+            path,
+            written,
+            opened,
+            pending,
+            paused,
+        }) => format!(
+            "journal {} was written by a run with `--ordering {}` and still holds {pending} \
+             pending line(s) and {paused} paused lane(s), which `--ordering {}` would put in the \
+             wrong lanes; it was left untouched: rerun with `--ordering {}` to deliver them \
+             (after `conveyor resume KEY` for a paused lane), or give this run another \
+             --journal PATH",
+            path.display(),
+            ordering_arg(&written),
+            ordering_arg(&opened),
+            ordering_arg(&written),
+        ),
+        other => other.to_string(),
+    };
+    CliError::usage(format!("cannot start: {message}"))
+}
+
+/// An engine ordering name as `--ordering` takes it.
+fn ordering_arg(name: &str) -> String {
+    match name {
+        "keyed" => "keyed:N --key FIELD".to_owned(),
+        "pipelined" => "pipelined:N".to_owned(),
+        other => other.to_owned(),
+    }
 }
 
 /// Records the input position, committed with the items accepted before it. `Ok(false)` once

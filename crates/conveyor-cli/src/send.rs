@@ -186,7 +186,13 @@ impl SendPlan {
         } else {
             Some(match args.journal.journal {
                 Some(path) => path,
-                None => default_journal_path(input, &args.to, &args.exec),
+                None => default_journal_path(
+                    Path::new(journal::JOURNAL_DIR),
+                    input,
+                    &args.to,
+                    &args.exec,
+                    matches!(args.ordering, OrderingArg::Keyed(_)),
+                ),
             })
         };
         if args.on_failure == FailurePolicy::Pause && journal.is_none() {
@@ -229,20 +235,30 @@ impl SendPlan {
     }
 }
 
-/// `.conveyor/<input name>-<hash of input and target>.journal`: the same command finds the same
-/// journal, a different input or target gets its own.
-fn default_journal_path(input: &Input, to: &Option<String>, exec: &[String]) -> PathBuf {
+/// The journal `send` keeps without `--journal`, in `dir` (`.conveyor/`):
+/// `<input name>-<hash>.journal` for strict and pipelined runs, `<input name>-keyed-<hash>.journal`
+/// for keyed ones, the hash covering the input and the target. The same command finds the same
+/// journal; another input or target gets its own, and so does the other kind of ordering: keyed
+/// lanes and the one lane of strict and pipelined ordering cannot share pending lines (and
+/// strict and pipelined runs can, so a rerun may switch between them and resume).
+///
+/// Keyed runs of earlier versions kept their journal under the strict name: one that the journal
+/// tells was keyed is used as it is, so that rerunning after an upgrade resumes it.
+fn default_journal_path(
+    dir: &Path,
+    input: &Input,
+    to: &Option<String>,
+    exec: &[String],
+    keyed: bool,
+) -> PathBuf {
+    // The strict name hashes what every name did before keyed runs got their own, so that an
+    // upgraded binary finds yesterday's journal.
     let identity = format!(
         "{}\n{}\n{}",
         input.identity(),
         to.as_deref().unwrap_or(""),
         exec.join("\0")
     );
-    // FNV-1a: stable across Rust releases, unlike std's DefaultHasher, so an upgraded binary
-    // still finds yesterday's journal.
-    let hash = identity.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    });
     let stem: String = match input {
         Input::File(path) => path
             .file_stem()
@@ -260,7 +276,24 @@ fn default_journal_path(input: &Input, to: &Option<String>, exec: &[String]) -> 
     })
     .take(40)
     .collect();
-    Path::new(journal::JOURNAL_DIR).join(format!("{stem}-{hash:016x}.journal"))
+    let single_lane = dir.join(format!("{stem}-{:016x}.journal", fnv1a(&identity)));
+    if !keyed {
+        return single_lane;
+    }
+    let hash = fnv1a(&format!("{identity}\nkeyed"));
+    let path = dir.join(format!("{stem}-keyed-{hash:016x}.journal"));
+    if !path.exists() && single_lane.exists() && journal::written_keyed(&single_lane) {
+        return single_lane;
+    }
+    path
+}
+
+/// FNV-1a: stable across Rust releases, unlike std's DefaultHasher, so an upgraded binary still
+/// finds yesterday's journal.
+fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// The input, line by line.
@@ -396,7 +429,7 @@ pub(crate) fn run(
     let conveyor = Arc::new(
         builder
             .build(sink_fn(plan.target, Arc::clone(&latencies)))
-            .map_err(|e| CliError::usage(format!("cannot start: {e}")))?,
+            .map_err(journal::build_error)?,
     );
     let skipped = reader.position();
     // Lines a previous run left pending in the journal are delivered first; count them in.
@@ -777,6 +810,7 @@ pub(crate) fn events() -> Result<(Sender<Event>, Receiver<Event>), CliError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use conveyor::Journal;
 
     #[test]
     fn a_run_is_stuck_only_when_a_paused_lane_holds_everything_still() {
@@ -819,27 +853,60 @@ mod tests {
         );
     }
 
+    /// The default journal for `in.jsonl` and `--to URL` in `dir`.
+    fn default_for(dir: &Path, url: &str, keyed: bool) -> PathBuf {
+        let input = Input::File("in.jsonl".into());
+        default_journal_path(dir, &input, &Some(url.into()), &[], keyed)
+    }
+
     #[test]
-    fn default_journal_depends_on_input_and_target() {
-        let a = default_journal_path(
-            &Input::File("in.jsonl".into()),
-            &Some("http://a/".into()),
-            &[],
+    fn default_journal_depends_on_input_target_and_kind_of_ordering() {
+        let dir = Path::new(journal::JOURNAL_DIR);
+        let a = default_for(dir, "http://a/", false);
+        assert_ne!(a, default_for(dir, "http://b/", false));
+        assert_eq!(a, default_for(dir, "http://a/", false));
+        // The strict name is the one earlier versions gave every run: an upgrade finds it.
+        assert_eq!(a, dir.join("in-2bd7251a11037ebe.journal"));
+        let keyed = default_for(dir, "http://a/", true);
+        assert_ne!(a, keyed, "keyed and strict runs keep separate journals");
+        assert!(
+            keyed.to_string_lossy().contains("in-keyed-"),
+            "{}",
+            keyed.display()
         );
-        let b = default_journal_path(
-            &Input::File("in.jsonl".into()),
-            &Some("http://b/".into()),
-            &[],
-        );
-        let a_again = default_journal_path(
-            &Input::File("in.jsonl".into()),
-            &Some("http://a/".into()),
-            &[],
-        );
-        assert_ne!(a, b);
-        assert_eq!(a, a_again);
-        assert!(a.starts_with(".conveyor"));
-        assert!(a.to_string_lossy().contains("in-"), "{}", a.display());
+    }
+
+    #[test]
+    fn a_keyed_journal_kept_under_the_old_name_is_found_after_an_upgrade() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = default_for(dir.path(), "http://a/", false);
+        // An earlier version's keyed run, stopped with a line pending in lane "u1".
+        let (gate, stalled) = mpsc::channel::<()>();
+        let stalled = std::sync::Mutex::new(stalled);
+        let c: Conveyor<Line> = Conveyor::builder()
+            .journal(&old)
+            .ordering(Ordering::Keyed { concurrency: 1 })
+            .drain_timeout(Duration::ZERO)
+            .build(move |_d| {
+                let _ = stalled.lock().unwrap().recv();
+                Ok(())
+            })
+            .unwrap();
+        let line = Line {
+            line: 1,
+            body: "{}".into(),
+        };
+        c.send_keyed("u1", line).unwrap();
+        drop(c);
+        drop(gate);
+        assert_eq!(default_for(dir.path(), "http://a/", true), old);
+        assert_eq!(default_for(dir.path(), "http://a/", false), old);
+        // Another input's strict journal is not taken for a keyed one.
+        let other = Input::File("other.jsonl".into());
+        let strict = default_journal_path(dir.path(), &other, &None, &[], false);
+        Journal::open(&strict).unwrap();
+        let keyed = default_journal_path(dir.path(), &other, &None, &[], true);
+        assert_ne!(keyed, strict);
     }
 
     #[test]

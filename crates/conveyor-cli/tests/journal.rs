@@ -476,3 +476,65 @@ fn sync_never_reads_stdin_ahead_of_the_journal() {
         "{read} bytes of stdin read, {journaled} bytes ({pending} lines) in the journal"
     );
 }
+
+#[test]
+fn keyed_and_strict_runs_of_the_same_input_keep_separate_journals() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _broken) = server_failing_id(2, || Reply::status(404));
+    let input = write_lines(dir.path(), "in.jsonl", &items(8, 4));
+    let keyed = ["--ordering", "keyed:4", "--key", "user"];
+    let first = send_pausing(dir.path(), &input, &server.url(), &keyed);
+    expect_exit(&first, 3);
+    assert_eq!(summary(&first)["paused_lanes"], serde_json::json!(["u2"]));
+    let keyed_journal = summary(&first)["journal"].as_str().unwrap().to_owned();
+    let keyed_run = server.count();
+
+    // A strict run of the same command must not take over the paused key's lines: it keeps a
+    // journal of its own, and sends the input from its start (line 3 fails again, once).
+    let strict = conveyor(dir.path())
+        .args([
+            "send",
+            input.to_str().unwrap(),
+            "--to",
+            &server.url(),
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    expect_exit(&strict, 1);
+    assert_ne!(summary(&strict)["journal"].as_str().unwrap(), keyed_journal);
+    assert_eq!(
+        ids(&server.arrivals()[keyed_run..]),
+        (0..8).collect::<Vec<_>>()
+    );
+    let status = conveyor(dir.path())
+        .args(["status", "--json", "--journal", &keyed_journal])
+        .output()
+        .unwrap();
+    let (status, _) = expect_exit(&status, 0);
+    let status: serde_json::Value = serde_json::from_str(status.trim()).unwrap();
+    assert_eq!(status["lanes"][0]["lane"], "u2", "{status}");
+    assert!(!status["lanes"][0]["paused"].is_null(), "{status}");
+}
+
+#[test]
+fn a_strict_run_on_a_keyed_journal_holding_a_pause_is_refused_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _broken) = server_failing_id(2, || Reply::status(404));
+    let input = write_lines(dir.path(), "in.jsonl", &items(8, 4));
+    let journal = dir.path().join("j.journal");
+    let journal = ["--journal", journal.to_str().unwrap()];
+    let keyed = [&["--ordering", "keyed:4", "--key", "user"][..], &journal].concat();
+    expect_exit(&send_pausing(dir.path(), &input, &server.url(), &keyed), 3);
+    let sent = server.count();
+
+    let strict = send_pausing(dir.path(), &input, &server.url(), &journal);
+    let (_, stderr) = expect_exit(&strict, 2);
+    assert!(
+        stderr.contains("--ordering keyed:N --key FIELD")
+            && stderr.contains("conveyor resume")
+            && stderr.contains("another --journal PATH"),
+        "{stderr}"
+    );
+    assert_eq!(server.count(), sent, "the strict run sent nothing");
+}
