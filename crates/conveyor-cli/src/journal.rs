@@ -13,6 +13,10 @@ use crate::CliError;
 /// Where `send` keeps its journals by default, relative to the working directory.
 pub(crate) const JOURNAL_DIR: &str = ".conveyor";
 
+/// The kind of items `send` journals (see `conveyor::Builder::journal_kind`): a journal another
+/// program wrote is refused rather than read as lines.
+const KIND: &str = "conveyor-cli";
+
 /// Opens (or creates) the journal at `path` for this run; `sync` commits every line before
 /// `send` returns instead of in groups.
 pub(crate) fn attach(
@@ -21,7 +25,7 @@ pub(crate) fn attach(
     sync: bool,
 ) -> Result<Builder<Line>, CliError> {
     ensure_dir(path)?;
-    let builder = builder.journal(path);
+    let builder = builder.journal(path).journal_kind(KIND);
     Ok(if sync {
         builder.durability(Durability::Sync)
     } else {
@@ -69,6 +73,12 @@ pub(crate) fn build_error(e: BuildError) -> CliError {
             ordering_arg(&written),
             ordering_arg(&opened),
             ordering_arg(&written),
+        ),
+        BuildError::Journal(JournalError::OtherKind { path, written, .. }) => format!(
+            "{} is a journal of another program (its items are of kind {written:?}), not of \
+             `conveyor send`, which could not read them; it was left untouched: give this run \
+             another --journal PATH",
+            path.display()
         ),
         other => other.to_string(),
     };

@@ -389,6 +389,9 @@ pub(crate) struct ReadOutcome {
 struct ReadCounters {
     accepted: AtomicU64,
     rejected: AtomicU64,
+    /// Lines of this run whose failure was reported as it happened (the rest of the failures
+    /// are of lines an earlier run left in the journal).
+    failed_noted: AtomicU64,
     /// The line being handed to the conveyor, 0 between lines. The main thread reads it to
     /// tell a reader blocked on a full queue (the same line for seconds) from one that is
     /// reading: line numbers only grow, so an unchanged non-zero value is one waiting send.
@@ -573,6 +576,17 @@ pub(crate) fn run(
     }
 
     let stats = report.stats;
+    // Lines an earlier run left in the journal have no receipt here to report their failure as
+    // it happens (nor has one that cannot even be read back as a line): say so once.
+    let earlier = stats
+        .failed
+        .saturating_sub(counters.failed_noted.load(AtomicOrdering::Relaxed));
+    if earlier > 0 {
+        progress.note(&format!(
+            "{earlier} line(s) left in the journal by an earlier run failed: `conveyor dead list` \
+             shows them and why"
+        ));
+    }
     let rejected = counters.rejected.load(AtomicOrdering::Relaxed);
     let elapsed = started.elapsed();
     let exit_code = if interrupted || !paused_lanes.is_empty() || report.left > 0 {
@@ -689,7 +703,7 @@ fn read_and_submit(
     conveyor: &Conveyor<Line>,
     journaled: bool,
     stop: &AtomicBool,
-    counters: &ReadCounters,
+    counters: &Arc<ReadCounters>,
     // Unbuffered, one write per bad line (they are few): a line reported as copied is in the
     // file, whatever ends the run.
     mut rejects: Option<File>,
@@ -742,8 +756,10 @@ fn read_and_submit(
                     Ok(receipt) => {
                         counters.accepted.fetch_add(1, AtomicOrdering::Relaxed);
                         let progress = progress.clone();
+                        let counters = Arc::clone(counters);
                         receipt.on_settled(move |result| {
                             if let Err(DeliveryError::Failed { attempts, error }) = result {
+                                counters.failed_noted.fetch_add(1, AtomicOrdering::Relaxed);
                                 progress.note(&format!(
                                     "line {number}: failed after {attempts} attempt(s): {error}"
                                 ));

@@ -477,6 +477,13 @@ fn sync_never_reads_stdin_ahead_of_the_journal() {
     );
 }
 
+/// `conveyor send INPUT --to URL --json`, for more arguments.
+fn send_json(dir: &std::path::Path, input: &std::path::Path, url: &str) -> assert_cmd::Command {
+    let mut command = conveyor(dir);
+    command.args(["send", input.to_str().unwrap(), "--to", url, "--json"]);
+    command
+}
+
 #[test]
 fn keyed_and_strict_runs_of_the_same_input_keep_separate_journals() {
     let dir = tempfile::tempdir().unwrap();
@@ -491,14 +498,7 @@ fn keyed_and_strict_runs_of_the_same_input_keep_separate_journals() {
 
     // A strict run of the same command must not take over the paused key's lines: it keeps a
     // journal of its own, and sends the input from its start (line 3 fails again, once).
-    let strict = conveyor(dir.path())
-        .args([
-            "send",
-            input.to_str().unwrap(),
-            "--to",
-            &server.url(),
-            "--json",
-        ])
+    let strict = send_json(dir.path(), &input, &server.url())
         .output()
         .unwrap();
     expect_exit(&strict, 1);
@@ -537,4 +537,68 @@ fn a_strict_run_on_a_keyed_journal_holding_a_pause_is_refused_with_what_to_do() 
         "{stderr}"
     );
     assert_eq!(server.count(), sent, "the strict run sent nothing");
+}
+
+/// Leaves two items of another program pending in a journal at `path`, of `kind` if given.
+fn leave_foreign_items(path: &std::path::Path, kind: Option<&str>) {
+    let (gate, stalled) = std::sync::mpsc::channel::<()>();
+    let stalled = std::sync::Mutex::new(stalled);
+    let mut builder = conveyor::Conveyor::<serde_json::Value>::builder()
+        .journal(path)
+        .drain_timeout(Duration::ZERO);
+    if let Some(kind) = kind {
+        builder = builder.journal_kind(kind);
+    }
+    let c = builder
+        .build(move |_d| {
+            let _ = stalled.lock().unwrap().recv();
+            Ok(())
+        })
+        .unwrap();
+    c.send(serde_json::json!({"order": 1})).unwrap();
+    c.send(serde_json::json!("two")).unwrap();
+    drop(c);
+    drop(gate);
+}
+
+#[test]
+fn a_journal_of_another_program_is_refused_or_its_unreadable_lines_counted_as_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(|_| Reply::ok()).unwrap();
+    let input = write_lines(dir.path(), "in.jsonl", &items(3, 1));
+    let send = |journal: &std::path::Path| {
+        send_json(dir.path(), &input, &server.url())
+            .args(["--journal", journal.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+
+    // Marked as another program's: refused, untouched.
+    let theirs = dir.path().join("theirs.journal");
+    leave_foreign_items(&theirs, Some("conveyor-python"));
+    let (_, stderr) = expect_exit(&send(&theirs), 2);
+    assert!(
+        stderr.contains("another program") && stderr.contains("--journal PATH"),
+        "{stderr}"
+    );
+    assert_eq!(server.count(), 0);
+    let status = conveyor::Journal::open(&theirs).unwrap().status().unwrap();
+    assert_eq!(status.pending, 2, "left untouched");
+
+    // Unmarked (an older journal): its items cannot be read as lines, and count as failed.
+    let old = dir.path().join("old.journal");
+    leave_foreign_items(&old, None);
+    let output = send(&old);
+    let (_, stderr) = expect_exit(&output, 1);
+    let summary = summary(&output);
+    assert_eq!(
+        (summary["delivered"].as_u64(), summary["failed"].as_u64()),
+        (Some(3), Some(2))
+    );
+    assert!(
+        stderr.contains("2 line(s) left in the journal by an earlier run failed")
+            && stderr.contains("conveyor dead list"),
+        "{stderr}"
+    );
+    assert_eq!(ids(&server.arrivals()), [0, 1, 2]);
 }

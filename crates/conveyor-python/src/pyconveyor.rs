@@ -529,7 +529,9 @@ impl PyConveyor {
         }
         let journaled = journal.is_some();
         if let Some(path) = journal {
-            builder = builder.journal(path);
+            // Marks the journal as holding JSON items of this package: another program's
+            // journal is refused rather than delivered as something it is not.
+            builder = builder.journal(path).journal_kind("conveyor-python");
         }
 
         let id = NEXT_ID.fetch_add(1, AtomicOrdering::Relaxed);

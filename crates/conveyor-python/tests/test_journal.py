@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sqlite3
 import textwrap
 import threading
 
@@ -193,6 +194,23 @@ def test_a_keyed_journal_holding_a_paused_key_is_refused_by_another_ordering(tmp
     reopened.close(timeout=10)
     # Once it holds nothing pending or paused, another ordering may use it.
     conveyor.Conveyor(sink, journal=path).close(timeout=10)
+
+
+def test_a_journal_of_another_program_is_refused(tmp_path):
+    path = tmp_path / "events.journal"
+    gate = threading.Event()
+    c = conveyor.Conveyor(lambda item: gate.wait(10), journal=path)
+    c.send("held")
+    assert c.close(timeout=0.1).left == 1
+    gate.set()
+    # As if `conveyor send` (the command) had written it.
+    db = sqlite3.connect(path)
+    db.execute("UPDATE meta SET value = 'conveyor-cli' WHERE name = 'kind'")
+    db.commit()
+    db.close()
+    with pytest.raises(conveyor.JournalError, match="another program") as caught:
+        conveyor.Conveyor(Recorder(), journal=path)
+    assert "conveyor-cli" in str(caught.value)
 
 
 def test_dead_letters_need_a_journal(make):

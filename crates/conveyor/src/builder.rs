@@ -131,6 +131,8 @@ pub(crate) struct Config {
     pub(crate) rate_limit: Option<u32>,
     pub(crate) drain_timeout: Duration,
     pub(crate) durability: Durability,
+    /// See [`Builder::journal_kind`].
+    pub(crate) journal_kind: Option<String>,
 }
 
 impl Default for Config {
@@ -144,6 +146,7 @@ impl Default for Config {
             rate_limit: None,
             drain_timeout: Duration::from_secs(30),
             durability: Durability::default(),
+            journal_kind: None,
         }
     }
 }
@@ -195,6 +198,7 @@ impl Config {
 /// | [`drain_timeout`](Builder::drain_timeout) | 30 s | how long dropping the conveyor drains |
 /// | [`journal`](Builder::journal) | none (in memory) | a file that keeps accepted items across crashes |
 /// | [`durability`](Builder::durability) | `Batched(5 ms)` | when a journaled item is on disk |
+/// | [`journal_kind`](Builder::journal_kind) | none (opens any journal) | what the journaled items are |
 ///
 /// # Examples
 ///
@@ -307,6 +311,43 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Builder<T, R> {
     /// [`Durability`]. Without a [`journal`](Builder::journal) it has no effect.
     pub fn durability(mut self, durability: Durability) -> Self {
         self.config.durability = durability;
+        self
+    }
+
+    /// Names the kind of items this conveyor journals, for example `"my-app/order-event"`; the
+    /// journal records it when this conveyor opens it. Without a [`journal`](Builder::journal)
+    /// it has no effect.
+    ///
+    /// A journal is only useful to a program that can decode its items. With a kind set,
+    /// [`build`](Builder::build) refuses a journal recorded with another kind while it holds
+    /// anything (pending items, paused lanes, dead letters or a cursor) with
+    /// [`JournalError::OtherKind`](crate::JournalError::OtherKind), rather than reading another
+    /// program's items as this one's; an empty journal takes the new kind. Without one (the
+    /// default) any journal opens, and a pending item that cannot be decoded as `T` becomes a
+    /// dead letter, counted in [`Stats::failed`](crate::Stats::failed).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::{BuildError, Conveyor, JournalError};
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("events.journal");
+    /// let orders: Conveyor<u32> = Conveyor::builder()
+    ///     .journal(&path)
+    ///     .journal_kind("orders")
+    ///     .build(|_d| Err(conveyor::SinkError::permanent("down")))?;
+    /// orders.send(7).unwrap();
+    /// orders.close(); // item 7 is now a dead letter
+    /// let other = Conveyor::<String>::builder()
+    ///     .journal(&path)
+    ///     .journal_kind("emails")
+    ///     .build(|_d| Ok(()));
+    /// assert!(matches!(other, Err(BuildError::Journal(JournalError::OtherKind { .. }))));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn journal_kind(mut self, kind: impl Into<String>) -> Self {
+        self.config.journal_kind = Some(kind.into());
         self
     }
 

@@ -520,7 +520,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         let mut paused = Vec::new();
         if let Some(settings) = &journal {
             let mut j = Journal::open(&settings.path)?;
-            j.claim(config.ordering.name())?;
+            j.claim(config.ordering.name(), config.journal_kind.as_deref())?;
             let last_seq = j.max_seq()?;
             first_seq = last_seq + 1;
             id_prefix = j.id().to_owned();
@@ -1754,13 +1754,16 @@ fn start_replay<T: Send + Sync + 'static, R: Send + 'static>(
                     let item = match (durable.codec.decode)(&record.payload) {
                         Ok(item) => item,
                         Err(reason) => {
-                            // Never silently lost, never blocking the rest: a dead letter.
+                            // Never silently lost, never blocking the rest: a dead letter,
+                            // counted as failed so that `stats()` shows it.
                             tracing::error!(seq = record.seq, %reason, "journaled item cannot be decoded");
+                            let mut st = shared.lock();
                             durable.push(Op::Settle(Settled::Failed {
                                 seq: record.seq,
                                 error: format!("cannot be decoded as this conveyor's item type: {reason}"),
                                 attempts: 0,
                             }));
+                            st.accept_failed();
                             continue;
                         }
                     };

@@ -10,7 +10,8 @@
 //! - `dead(seq, lane, key, payload, error, attempts, failed_at)`: items that failed permanently.
 //! - `paused(lane, error, since)`: lanes stopped by `OnFailure::Pause`.
 //! - `meta(name, value)`: the journal id, the highest seq handed out or reserved (`last_seq`),
-//!   the input cursor, the ordering of the conveyor that last used it (`ordering`).
+//!   the input cursor, the ordering of the conveyor that last used it (`ordering`), and the kind
+//!   of items it holds (`kind`, when the conveyor named one).
 //!
 //! The database header carries [`APPLICATION_ID`] and the schema version in `user_version`, so a
 //! foreign or newer file is recognised before anything is written to it.
@@ -153,6 +154,23 @@ pub enum JournalError {
         pending: u64,
         /// Lanes paused in it.
         paused: u64,
+    },
+    /// The journal holds items of another kind than this conveyor's (see
+    /// [`Builder::journal_kind`](crate::Builder::journal_kind)): another program wrote them,
+    /// and this one could not decode them.
+    #[error(
+        "journal {} holds items of kind {written:?}, written by another program than this one \
+         (kind {opened:?}), which could not read them; it was left untouched: use another \
+         journal file, or open this one with the program that wrote it",
+        path.display()
+    )]
+    OtherKind {
+        /// The journal file.
+        path: PathBuf,
+        /// The kind recorded in the journal.
+        written: String,
+        /// The kind of the conveyor that opened it.
+        opened: String,
     },
     /// The disk (or the file system's quota) is full.
     #[error(
@@ -795,14 +813,16 @@ impl Journal {
 
     // ---- engine operations ------------------------------------------------------------------
 
-    /// Checks that a conveyor with `ordering` (an [`Ordering`](crate::Ordering) name) can
-    /// deliver what the journal holds, and records it for the next one, in one transaction: a
-    /// refused journal is left as it was.
+    /// Checks that a conveyor with `ordering` (an [`Ordering`](crate::Ordering) name) and
+    /// items of `kind` can deliver what the journal holds, and records both for the next one,
+    /// in one transaction: a refused journal is left as it was.
     ///
     /// Keyed ordering keeps a lane per key, strict and pipelined one lane for all: pending
     /// items and paused lanes of one cannot be delivered by the other (the pauses would be
-    /// lost, and the lanes mixed), so that switch waits until the journal holds neither.
-    pub(crate) fn claim(&mut self, ordering: &str) -> Result<(), JournalError> {
+    /// lost, and the lanes mixed), so that switch waits until the journal holds neither. A
+    /// journal of another kind is refused while it holds anything of its own (dead letters and
+    /// the input cursor included: they mean nothing to another program).
+    pub(crate) fn claim(&mut self, ordering: &str, kind: Option<&str>) -> Result<(), JournalError> {
         let path = &self.path;
         let sql = |e| JournalError::sqlite(path, e);
         let tx = self
@@ -827,6 +847,36 @@ impl Journal {
                     paused,
                 });
             }
+        }
+        if let Some(kind) = kind {
+            let written: Option<String> = tx
+                .query_row("SELECT value FROM meta WHERE name = 'kind'", [], |r| {
+                    r.get(0)
+                })
+                .optional()
+                .map_err(sql)?;
+            if let Some(written) = written.filter(|written| written != kind) {
+                let holds_anything = pending > 0
+                    || paused > 0
+                    || count("dead")? > 0
+                    || tx
+                        .query_row("SELECT 1 FROM meta WHERE name = 'cursor'", [], |_| Ok(()))
+                        .optional()
+                        .map_err(sql)?
+                        .is_some();
+                if holds_anything {
+                    return Err(JournalError::OtherKind {
+                        path: path.clone(),
+                        written,
+                        opened: kind.to_owned(),
+                    });
+                }
+            }
+            tx.execute(
+                "INSERT OR REPLACE INTO meta (name, value) VALUES ('kind', ?1)",
+                [kind],
+            )
+            .map_err(sql)?;
         }
         tx.execute(
             "INSERT OR REPLACE INTO meta (name, value) VALUES ('ordering', ?1)",
@@ -1441,21 +1491,21 @@ mod tests {
         assert_eq!(keyed.status().unwrap().keyed, None, "nothing tells yet");
         keyed.append(&[rec(1, "alice")], None).unwrap();
         assert_eq!(keyed.status().unwrap().keyed, Some(true));
-        let err = keyed.claim("strict").unwrap_err();
+        let err = keyed.claim("strict", None).unwrap_err();
         assert!(
             matches!(&err, JournalError::OtherOrdering { written, pending: 1, .. } if written == KEYED),
             "{err:?}"
         );
-        keyed.claim(KEYED).unwrap();
+        keyed.claim(KEYED, None).unwrap();
 
         // Items in the one lane `""` fit either kind; the first claim records its own.
         let mut single = Journal::open(dir.path().join("single")).unwrap();
         single.append(&[rec(1, "")], None).unwrap();
         assert_eq!(single.status().unwrap().keyed, None);
-        single.claim("pipelined").unwrap();
+        single.claim("pipelined", None).unwrap();
         assert_eq!(single.status().unwrap().keyed, Some(false));
-        single.claim("strict").unwrap();
-        assert!(single.claim(KEYED).is_err());
+        single.claim("strict", None).unwrap();
+        assert!(single.claim(KEYED, None).is_err());
     }
 
     #[test]

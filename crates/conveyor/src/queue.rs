@@ -431,6 +431,13 @@ impl<T, R> State<T, R> {
         self.counters.dropped += 1;
     }
 
+    /// Counts an item taken over from the journal that failed before reaching a lane (it
+    /// cannot be decoded as the item type, and became a dead letter).
+    pub(crate) fn accept_failed(&mut self) {
+        self.counters.accepted += 1;
+        self.counters.failed += 1;
+    }
+
     /// Removes the oldest queued item that is not held in a paused lane, counting it
     /// as dropped.
     pub(crate) fn drop_oldest(&mut self) -> Option<NodeRef<T, R>> {

@@ -211,6 +211,12 @@ fn items_that_no_longer_decode_become_dead_letters_instead_of_blocking() {
     c.send("new".to_owned()).unwrap();
     c.flush();
     assert_eq!(*seen.lock().unwrap(), vec!["new".to_owned()]);
+    let stats = c.stats();
+    assert_eq!(
+        (stats.accepted, stats.delivered, stats.failed),
+        (4, 1, 3),
+        "the items that cannot be decoded count as failed, not as nothing: {stats:?}"
+    );
     let dead = c.dead_letters().unwrap();
     assert_eq!(
         dead.iter().map(|d| d.payload.clone()).collect::<Vec<_>>(),
@@ -479,6 +485,51 @@ fn a_strict_journal_holding_items_is_refused_by_keyed_ordering() {
     assert_eq!(
         seen.lock().unwrap().iter().map(|s| s.2).collect::<Vec<_>>(),
         vec![0, 1, 2]
+    );
+}
+
+#[test]
+fn a_journal_of_another_kind_is_refused_while_it_holds_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    let open = |kind: &str| {
+        Conveyor::<u64>::builder()
+            .journal(&path)
+            .journal_kind(kind)
+            .build(|d| {
+                if *d.item() == 13 {
+                    Err(SinkError::permanent("unlucky"))
+                } else {
+                    Ok(())
+                }
+            })
+    };
+    let c = open("numbers").unwrap();
+    c.send(13).unwrap();
+    assert!(c.close().drained);
+    drop(c);
+    let err = open("lines").unwrap_err();
+    match &err {
+        BuildError::Journal(JournalError::OtherKind {
+            written, opened, ..
+        }) => assert_eq!((written.as_str(), opened.as_str()), ("numbers", "lines")),
+        other => panic!("expected OtherKind, got {other:?}"),
+    }
+    assert!(err.to_string().contains("another journal file"), "{err}");
+    assert_eq!(
+        Journal::open(&path).unwrap().status().unwrap().dead_letters,
+        1
+    );
+    // Its own kind opens it; once it holds nothing, another kind may take it over.
+    let c = open("numbers").unwrap();
+    let dead = c.dead_letters().unwrap();
+    c.discard_dead(dead[0].seq).unwrap();
+    drop(c);
+    let c = open("lines").expect("an empty journal takes the new kind");
+    drop(c);
+    assert!(
+        open("numbers").is_ok(),
+        "it holds nothing: the old kind may take it back"
     );
 }
 
