@@ -723,20 +723,12 @@ fn read_and_submit(
                 break;
             }
         };
-        let is_item = matches!(parsed, Parsed::Item { .. });
+        // Whether this line is done with without an item in the journal to carry its position.
+        let mut skipped = !matches!(parsed, Parsed::Item { .. });
         match parsed {
             Parsed::Blank => {}
             Parsed::Rejected { line, raw, reason } => {
-                counters.rejected.fetch_add(1, AtomicOrdering::Relaxed);
-                progress.note(&format!("line {line}: rejected: {reason}"));
-                if let Some(file) = &mut rejects {
-                    let mut record = raw;
-                    record.push(b'\n');
-                    if let Err(e) = file.write_all(&record) {
-                        progress.note(&format!("cannot write to the rejects file: {e}"));
-                        rejects = None;
-                    }
-                }
+                reject(counters, progress, &mut rejects, line, raw, &reason);
             }
             Parsed::Item { line, key } => {
                 let number = line.line;
@@ -769,6 +761,22 @@ fn read_and_submit(
                     // Closed: the run is shutting down; what was not accepted is not lost, it
                     // is simply not read (the journal's position says where to resume).
                     Err(SendError::Closed(_)) => break,
+                    // No journal can ever store it: bad input, like a line that is not JSON.
+                    Err(SendError::TooLarge { item, size, limit }) => {
+                        let reason = format!(
+                            "{size} bytes, more than the {limit} a journal entry may take: split \
+                             it, or send it with --no-journal"
+                        );
+                        reject(
+                            counters,
+                            progress,
+                            &mut rejects,
+                            number,
+                            item.body.into_bytes(),
+                            &reason,
+                        );
+                        skipped = true;
+                    }
                     // Anything else (the journal cannot store the line): stop before the input
                     // position moves past it, so a rerun starts with this very line.
                     Err(refused) => {
@@ -781,7 +789,7 @@ fn read_and_submit(
                 }
             }
         }
-        if journaled && !is_item {
+        if journaled && skipped {
             // Committed with the items accepted before it: a rerun starts after this line.
             match journal::set_cursor(conveyor, reader.position()) {
                 Ok(true) => {}
@@ -797,6 +805,26 @@ fn read_and_submit(
     ReadOutcome {
         error,
         submit_elapsed: started.elapsed(),
+    }
+}
+
+/// Counts a bad line, reports it, and copies it to `--rejects FILE` (none after a failed write).
+fn reject(
+    counters: &ReadCounters,
+    progress: &Progress,
+    rejects: &mut Option<File>,
+    line: u64,
+    mut raw: Vec<u8>,
+    reason: &str,
+) {
+    counters.rejected.fetch_add(1, AtomicOrdering::Relaxed);
+    progress.note(&format!("line {line}: rejected: {reason}"));
+    if let Some(file) = rejects {
+        raw.push(b'\n');
+        if let Err(e) = file.write_all(&raw) {
+            progress.note(&format!("cannot write to the rejects file: {e}"));
+            *rejects = None;
+        }
     }
 }
 

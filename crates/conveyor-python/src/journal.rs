@@ -77,6 +77,15 @@ pub(crate) fn refused(py: Python<'_>, engine: &conveyor::Conveyor<Item, Reply>) 
     }
 }
 
+/// The error for an item too large for the journal: it was not accepted.
+pub(crate) fn too_large(size: usize, limit: usize) -> PyErr {
+    PyValueError::new_err(format!(
+        "the item takes {size} bytes in the journal (as JSON, with its key), more than the \
+         {limit} bytes an entry may take, so it was not accepted: split it into smaller items, \
+         or send it through a conveyor without journal="
+    ))
+}
+
 /// `cursor=`: an input position, an int from 0 to 2**64 - 1.
 pub(crate) fn cursor_arg(value: &Bound<'_, PyAny>) -> PyResult<u64> {
     if !value.is_instance_of::<PyInt>() {

@@ -358,6 +358,9 @@ impl PyConveyor {
             )),
             Err(SendError::Closed(_)) => Err(self.closed_error(py, shared)),
             Err(SendError::Journal(_)) => Err(crate::journal::refused(py, &shared.engine)),
+            Err(SendError::TooLarge { size, limit, .. }) => {
+                Err(crate::journal::too_large(size, limit))
+            }
             Err(other) => Err(errors::closed(py, other.to_string())),
         }
     }
@@ -442,6 +445,9 @@ impl PyConveyor {
                 Some(Err(SendError::Closed(_))) => return Err(self.closed_error(py, shared)),
                 Some(Err(SendError::Journal(_))) => {
                     return Err(crate::journal::refused(py, &shared.engine))
+                }
+                Some(Err(SendError::TooLarge { size, limit, .. })) => {
+                    return Err(crate::journal::too_large(size, limit))
                 }
                 Some(Err(_)) | None => {}
             }

@@ -429,7 +429,9 @@ where
     /// `Backpressure::Reject` refuse them, the drop policies drop them). If the journal cannot
     /// be written (disk full), sends are refused with
     /// [`SendError::Journal`](crate::SendError::Journal) until a retried commit succeeds;
-    /// items accepted before stay intact.
+    /// items accepted before stay intact. An item too large for a journal entry (SQLite's limit
+    /// of about 1 GB, as JSON with its key) is refused with
+    /// [`SendError::TooLarge`](crate::SendError::TooLarge).
     ///
     /// Known limit: the backlog of a lane paused before the restart is loaded into memory
     /// whole (only unpaused items count against the capacity during the replay).

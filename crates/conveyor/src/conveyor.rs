@@ -783,9 +783,12 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     }
 
     /// With a journal: refuses the item while the journal cannot be written, else encodes it
-    /// (outside the state lock), with the input position to store with it.
+    /// (outside the state lock), with the input position to store with it. An item too large
+    /// for a journal row is refused too: SQLite would refuse its append, and the writer would
+    /// retry that append for ever, refusing every later send meanwhile.
     fn journal_entry(
         &self,
+        key: Option<&str>,
         item: T,
         cursor: Option<u64>,
     ) -> Result<(T, Option<Entry>), SendError<T>> {
@@ -796,7 +799,23 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             return Err(SendError::Journal(item));
         }
         match durable.encode(&item) {
-            Ok(payload) => Ok((item, Some(Entry { payload, cursor }))),
+            Ok(payload) => {
+                // The key is stored twice: as the key, and as the lane in keyed mode.
+                let size = payload.len() + 2 * key.map_or(0, str::len);
+                if size > durable.max_entry {
+                    tracing::warn!(
+                        size,
+                        limit = durable.max_entry,
+                        "item too large for the journal: refused"
+                    );
+                    return Err(SendError::TooLarge {
+                        item,
+                        size,
+                        limit: durable.max_entry,
+                    });
+                }
+                Ok((item, Some(Entry { payload, cursor })))
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "item refused");
                 Err(SendError::Journal(item))
@@ -866,7 +885,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         wait: Wait,
         cursor: Option<u64>,
     ) -> Result<Receipt<R>, SendError<T>> {
-        let (item, mut entry) = self.journal_entry(item, cursor)?;
+        let (item, mut entry) = self.journal_entry(key.as_deref(), item, cursor)?;
         let node = match self.shared.try_accept(key, item) {
             Ok(receipt) => return Ok(receipt),
             Err(node) => node,
@@ -987,7 +1006,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         item: T,
         cursor: Option<u64>,
     ) -> Result<Receipt<R>, SendError<T>> {
-        let (item, mut entry) = self.journal_entry(item, cursor)?;
+        let (item, mut entry) = self.journal_entry(key.as_deref(), item, cursor)?;
         let mut node = match self.shared.try_accept(key, item) {
             Ok(receipt) => return Ok(receipt),
             Err(node) => node,
@@ -1816,6 +1835,11 @@ fn give_back<T, R>(e: SendError<NodeRef<T, R>>) -> SendError<T> {
         SendError::Full(node) => SendError::Full(unwrap(node)),
         SendError::Closed(node) => SendError::Closed(unwrap(node)),
         SendError::Journal(node) => SendError::Journal(unwrap(node)),
+        SendError::TooLarge { item, size, limit } => SendError::TooLarge {
+            item: unwrap(item),
+            size,
+            limit,
+        },
     }
 }
 
@@ -1931,6 +1955,66 @@ mod tests {
         first.wait().unwrap();
         c.flush();
         assert_eq!(calls.load(O::SeqCst), 1);
+    }
+
+    /// SQLite refuses a row longer than its length limit (about 1 GB), and the writer used to
+    /// retry such an append for ever, refusing every later send. The limit is lowered for the
+    /// journals this thread opens, so the test needs no gigabyte.
+    #[test]
+    fn an_item_too_large_for_the_journal_is_refused_at_send_and_the_journal_goes_on() {
+        use crate::SinkError;
+        const LIMIT: usize = 200_000;
+        let dir = tempfile::tempdir().unwrap();
+        let (release, gate) = mpsc::channel::<()>();
+        let gate = Mutex::new(gate);
+        crate::journal::TEST_LENGTH_LIMIT.with(|l| l.set(Some(LIMIT as i32)));
+        let built = Conveyor::builder().journal(dir.path().join("j")).build(
+            move |d: crate::Delivery<String>| {
+                let _ = gate.lock().unwrap().recv();
+                if d.item().len() > 100 {
+                    // The error is kept with the item as a dead letter: the row grows by it.
+                    return Err(SinkError::permanent("e".repeat(LIMIT)));
+                }
+                Ok(())
+            },
+        );
+        crate::journal::TEST_LENGTH_LIMIT.with(|l| l.set(None));
+        let c: Conveyor<String> = built.unwrap();
+
+        let big = "x".repeat(LIMIT); // as JSON, longer than SQLite's limit itself
+        let max = match c.send(big.clone()) {
+            Err(SendError::TooLarge { item, size, limit }) => {
+                assert_eq!(item, big, "the refused item is handed back");
+                assert_eq!(size, LIMIT + 2, "the JSON string's length");
+                assert!(limit < LIMIT, "{limit}");
+                let message = SendError::TooLarge { item, size, limit }.to_string();
+                assert!(
+                    message.contains(&size.to_string()) && message.contains(&limit.to_string()),
+                    "{message}"
+                );
+                limit
+            }
+            other => panic!("expected TooLarge, got {other:?}"),
+        };
+        let key_too = c.send_keyed("k".repeat(10), "y".repeat(max - 2 - 19));
+        assert!(
+            matches!(key_too, Err(SendError::TooLarge { size, .. }) if size == max + 1),
+            "the key counts too: {key_too:?}"
+        );
+
+        // The largest item that fits is stored (the sink holds it until it is committed), and
+        // becomes a dead letter with its long error; the journal goes on.
+        let fits = c.send("y".repeat(max - 2)).unwrap();
+        assert!(c.wait_committed(&fits, Duration::from_secs(30)));
+        let small = c.send("small".to_owned()).unwrap();
+        drop(release);
+        assert!(c.flush_timeout(Duration::from_secs(30)));
+        small.wait().unwrap();
+        assert!(c.journal_error().is_none(), "{:?}", c.journal_error());
+        let dead = c.dead_letters().unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].payload.len(), max);
+        assert!(dead[0].error.len() < LIMIT, "the error is cut short to fit");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

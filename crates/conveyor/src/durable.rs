@@ -162,6 +162,9 @@ pub(crate) struct Durable<T> {
     /// retries, a retry and a discard) cannot both act. The set, not the file, says what is
     /// gone: a removal may wait for a commit (a full disk), and seqs are never reused.
     operator: Mutex<HashSet<u64>>,
+    /// The most bytes an item's payload and key may take in the journal
+    /// (`Journal::max_entry_bytes`), checked at `send`: a longer one could never be committed.
+    pub(crate) max_entry: usize,
 }
 
 /// Ops the engine may queue ahead of the writer: the conveyor's capacity, within these bounds,
@@ -197,6 +200,7 @@ impl<T> Durable<T> {
             ..WriteBatch::default()
         })?;
         let seq_limit = Arc::new(AtomicU64::new(reserved));
+        let max_entry = journal.max_entry_bytes();
         let on_extend: Arc<OnceLock<Box<dyn Fn() + Send + Sync>>> = Arc::default();
         // Bounded: if the disk cannot keep up, the engine waits for the writer (the ops are
         // pushed under the state lock, so producers and workers slow down together) instead of
@@ -245,6 +249,7 @@ impl<T> Durable<T> {
             seq_limit,
             on_extend,
             operator: Mutex::new(HashSet::new()),
+            max_entry,
         })
     }
 

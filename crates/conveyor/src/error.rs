@@ -179,13 +179,28 @@ pub enum SendError<T> {
     /// writer keeps retrying, and sends succeed again once the journal can be written.
     /// [`Conveyor::journal_error`](crate::Conveyor::journal_error) tells why.
     Journal(T),
+    /// The item, encoded for the journal, is larger than a journal entry may be (SQLite's
+    /// length limit, about 1 GB, less room for a dead letter's error text), so it could never
+    /// be stored: it was not accepted. Other items are not affected.
+    TooLarge {
+        /// The refused item.
+        item: T,
+        /// Its size in the journal, in bytes: the encoded item, and its key (stored twice, as
+        /// the key and as the lane).
+        size: usize,
+        /// The most bytes an entry may take.
+        limit: usize,
+    },
 }
 
 impl<T> SendError<T> {
     /// Gives the refused item back.
     pub fn into_inner(self) -> T {
         match self {
-            SendError::Full(item) | SendError::Closed(item) | SendError::Journal(item) => item,
+            SendError::Full(item)
+            | SendError::Closed(item)
+            | SendError::Journal(item)
+            | SendError::TooLarge { item, .. } => item,
         }
     }
 
@@ -206,6 +221,11 @@ impl<T> fmt::Debug for SendError<T> {
             SendError::Full(_) => f.write_str("Full(..)"),
             SendError::Closed(_) => f.write_str("Closed(..)"),
             SendError::Journal(_) => f.write_str("Journal(..)"),
+            SendError::TooLarge { size, limit, .. } => f
+                .debug_struct("TooLarge")
+                .field("size", size)
+                .field("limit", limit)
+                .finish_non_exhaustive(),
         }
     }
 }
@@ -222,6 +242,12 @@ impl<T> fmt::Display for SendError<T> {
             SendError::Journal(_) => f.write_str(
                 "the conveyor's journal could not store the item, so it was not accepted: \
                  see Conveyor::journal_error() for the cause (e.g. free disk space), then retry",
+            ),
+            SendError::TooLarge { size, limit, .. } => write!(
+                f,
+                "the item takes {size} bytes in the journal, more than the {limit} bytes an entry \
+                 may take, so it was not accepted: split it into smaller items, or send it \
+                 through a conveyor without a journal"
             ),
         }
     }

@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use rusqlite::limits::Limit;
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
 
 /// Written into the SQLite header (`PRAGMA application_id`): ASCII "Conv".
@@ -43,6 +44,21 @@ const COMPACT_EVERY: u32 = 256;
 const COMPACT_MIN_FREE_PAGES: i64 = 1024;
 /// …and this fraction (1/n) of the file.
 const COMPACT_FREE_FRACTION: i64 = 4;
+
+/// The longest error text a dead letter or a paused lane keeps; longer ones are cut.
+const MAX_ERROR_TEXT: usize = 64 * 1024;
+/// What a journal row needs besides its item's payload and key: the error text of a dead
+/// letter, the other columns and SQLite's record header. SQLite refuses a row longer than its
+/// length limit, so an item's entry may take up that limit less this.
+const ROW_HEADROOM: usize = MAX_ERROR_TEXT + 1024;
+
+#[cfg(test)]
+thread_local! {
+    /// A lower `SQLITE_LIMIT_LENGTH` for the journals this thread opens: tests reach the limit
+    /// without allocating a gigabyte.
+    pub(crate) static TEST_LENGTH_LIMIT: std::cell::Cell<Option<i32>> =
+        const { std::cell::Cell::new(None) };
+}
 
 /// The orderings a journal records (`meta.ordering`), as [`Ordering`](crate::Ordering) names them.
 const KEYED: &str = "keyed";
@@ -445,6 +461,8 @@ pub struct Journal {
     id: String,
     /// Write transactions since the last look at the free-page count.
     writes_since_compact: u32,
+    /// The most bytes an item's payload and key may take together (see `max_entry_bytes`).
+    max_entry: usize,
 }
 
 impl fmt::Debug for Journal {
@@ -499,6 +517,11 @@ impl Journal {
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(sql)?;
+        #[cfg(test)]
+        if let Some(limit) = TEST_LENGTH_LIMIT.with(std::cell::Cell::get) {
+            conn.set_limit(Limit::SQLITE_LIMIT_LENGTH, limit);
+        }
+        let length_limit = usize::try_from(conn.limit(Limit::SQLITE_LIMIT_LENGTH)).unwrap_or(0);
         // Exclusive locking before WAL: SQLite then keeps the WAL index in memory (no `-shm`
         // file) and holds its file lock until close, a second line of defence behind the lock file.
         conn.pragma_update(None, "locking_mode", "EXCLUSIVE")
@@ -553,6 +576,7 @@ impl Journal {
             path,
             id,
             writes_since_compact: 0,
+            max_entry: length_limit.saturating_sub(ROW_HEADROOM),
         })
     }
 
@@ -886,6 +910,13 @@ impl Journal {
         tx.commit().map_err(sql)
     }
 
+    /// The most bytes an item's encoded payload and its key may take together (the key counts
+    /// twice: it is stored as the lane too). SQLite refuses a longer row, and a write it refuses
+    /// would be retried for ever, so the engine refuses such an item at `send`.
+    pub(crate) fn max_entry_bytes(&self) -> usize {
+        self.max_entry
+    }
+
     /// Commits one batch in one transaction: appends, then settlements, then the cursor.
     /// (An item's append and its delivery never share a batch: the engine delivers an item
     /// only once its append is committed.)
@@ -935,7 +966,12 @@ impl Journal {
                          SELECT seq, lane, key, payload, ?2, ?3, ?4 FROM items WHERE seq = ?1",
                     )
                     .map_err(sql)?
-                    .execute(params![*seq as i64, error, attempts, now_millis()])
+                    .execute(params![
+                        *seq as i64,
+                        stored_error(error),
+                        attempts,
+                        now_millis()
+                    ])
                     .map_err(sql)?;
                     tx.prepare_cached("DELETE FROM items WHERE seq = ?1")
                         .map_err(sql)?
@@ -947,7 +983,7 @@ impl Journal {
                         "INSERT OR REPLACE INTO paused (lane, error, since) VALUES (?1, ?2, ?3)",
                     )
                     .map_err(sql)?
-                    .execute(params![lane, error, now_millis()])
+                    .execute(params![lane, stored_error(error), now_millis()])
                     .map_err(sql)?;
                 }
                 Settlement::Resumed(lane) => {
@@ -1198,6 +1234,16 @@ fn written_ordering(conn: &Connection) -> rusqlite::Result<Option<String>> {
         |r| r.get(0),
     )?;
     Ok(keyed.then(|| KEYED.to_owned()))
+}
+
+/// An error text as the journal keeps it: at most [`MAX_ERROR_TEXT`] bytes, so that a dead
+/// letter (its item and the error together) stays within SQLite's length limit.
+fn stored_error(error: &str) -> &str {
+    let mut end = error.len().min(MAX_ERROR_TEXT);
+    while !error.is_char_boundary(end) {
+        end -= 1;
+    }
+    &error[..end]
 }
 
 fn now_millis() -> i64 {
