@@ -11,8 +11,9 @@ Exit codes:
   0    every line was delivered
   1    some lines failed (see `conveyor dead list` with a journal) or were rejected as bad input
   2    usage or configuration error, or the input could not be read
-  3    stopped with work left: interrupted (Ctrl-C, SIGTERM) or a lane paused; rerun the same
-       command to resume from the journal, or `conveyor resume KEY` for a paused lane
+  3    stopped with work left: interrupted (Ctrl-C, SIGTERM), a lane paused, or the journal could
+       not be written (a full disk); rerun the same command to resume from the journal, after
+       `conveyor resume KEY` for a paused lane or freeing space
   130  a second Ctrl-C: exited at once, the journal intact";
 
 /// Deliver JSON lines in order to an HTTP endpoint or a program, resumably, with progress.

@@ -113,6 +113,9 @@ pub(crate) struct Summary {
     pub(crate) interrupted: bool,
     pub(crate) paused_lanes: Vec<String>,
     pub(crate) journal: Option<String>,
+    /// Why the journal could not be written at the end of the run, if it could not: it then
+    /// still holds lines that were delivered.
+    pub(crate) journal_error: Option<String>,
     pub(crate) exit_code: u8,
 }
 
@@ -162,6 +165,12 @@ impl Summary {
                 )),
             }
         }
+        if let Some(error) = &self.journal_error {
+            text.push_str(&format!(
+                "\nthe journal could not record the end of this run ({error}): lines delivered \
+                 meanwhile may be sent again when the command is rerun"
+            ));
+        }
         if self.failed > 0 && self.journal.is_some() {
             text.push_str("\nfailed lines are kept as dead letters: `conveyor dead list`");
         }
@@ -203,6 +212,7 @@ mod tests {
             interrupted: true,
             paused_lanes: vec![],
             journal: None,
+            journal_error: None,
             exit_code: 3,
         }
     }
@@ -219,6 +229,20 @@ mod tests {
             text.contains("1 items were not delivered and are lost"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_journal_that_could_not_record_the_end_warns_of_lines_sent_again() {
+        let text = Summary {
+            journal_error: Some("journal j could not be written: the disk is full".into()),
+            ..summary()
+        }
+        .human();
+        assert!(
+            text.contains("the disk is full") && text.contains("may be sent again"),
+            "{text}"
+        );
+        assert!(!summary().human().contains("may be sent again"));
     }
 
     #[test]

@@ -381,6 +381,9 @@ pub(crate) enum Event {
 #[derive(Debug, Default)]
 pub(crate) struct ReadOutcome {
     error: Option<String>,
+    /// The error is the journal's (it could not store a line): the input is fine, and a rerun
+    /// goes on from the line that was refused.
+    journal_failed: bool,
     submit_elapsed: Duration,
 }
 
@@ -575,6 +578,9 @@ pub(crate) fn run(
         progress.note(&format!("error: {error}"));
     }
 
+    // After the close: whether the journal's last commit failed too. Then what it says was left
+    // is not what is left: lines delivered meanwhile are still pending in it.
+    let journal_error = conveyor.journal_error().map(|e| e.to_string());
     let stats = report.stats;
     // Lines an earlier run left in the journal have no receipt here to report their failure as
     // it happens (nor has one that cannot even be read back as a line): say so once.
@@ -589,7 +595,12 @@ pub(crate) fn run(
     }
     let rejected = counters.rejected.load(AtomicOrdering::Relaxed);
     let elapsed = started.elapsed();
-    let exit_code = if interrupted || !paused_lanes.is_empty() || report.left > 0 {
+    let exit_code = if interrupted
+        || !paused_lanes.is_empty()
+        || report.left > 0
+        || read_outcome.journal_failed
+        || journal_error.is_some()
+    {
         exit::INTERRUPTED
     } else if read_outcome.error.is_some() {
         exit::USAGE
@@ -617,6 +628,7 @@ pub(crate) fn run(
         interrupted,
         paused_lanes,
         journal: plan.journal.as_ref().map(|p| p.display().to_string()),
+        journal_error,
         exit_code,
     };
     if output.json {
@@ -711,6 +723,7 @@ fn read_and_submit(
 ) -> ReadOutcome {
     let started = Instant::now();
     let mut error = None;
+    let mut journal_failed = false;
     while !stop.load(AtomicOrdering::Relaxed) {
         let parsed = match reader.next_line() {
             Ok(Some(parsed)) => parsed,
@@ -777,13 +790,18 @@ fn read_and_submit(
                         );
                         skipped = true;
                     }
-                    // Anything else (the journal cannot store the line): stop before the input
-                    // position moves past it, so a rerun starts with this very line.
-                    Err(refused) => {
+                    // Anything else (the journal cannot store the line: a full disk): stop before
+                    // the input position moves past it, so a rerun starts with this very line.
+                    Err(_) => {
+                        let cause = conveyor.journal_error().map_or_else(
+                            || "the journal could not be written".to_owned(),
+                            |e| e.to_string(),
+                        );
                         error = Some(format!(
-                            "line {number} was not accepted ({refused}); stopped reading: \
-                             rerun the same command to go on from this line"
+                            "line {number} was not accepted: {cause}; stopped reading: rerun \
+                             the same command to go on from this line"
                         ));
+                        journal_failed = true;
                         break;
                     }
                 }
@@ -804,6 +822,7 @@ fn read_and_submit(
     }
     ReadOutcome {
         error,
+        journal_failed,
         submit_elapsed: started.elapsed(),
     }
 }

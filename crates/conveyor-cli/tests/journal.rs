@@ -602,3 +602,60 @@ fn a_journal_of_another_program_is_refused_or_its_unreadable_lines_counted_as_fa
     );
     assert_eq!(ids(&server.arrivals()), [0, 1, 2]);
 }
+
+#[test]
+fn a_full_disk_stops_the_run_with_its_cause_and_exit_3_and_the_rerun_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = TinyDisk::new("256k");
+    // Each line is a commit of its own (the reader waits for room), each commit grows the
+    // write-ahead log by a few pages: the disk fills within the first hundred lines.
+    let server = Server::start(|_| Reply::ok().delay(Duration::from_millis(5))).unwrap();
+    let lines: Vec<String> = (0..300)
+        .map(|i| format!(r#"{{"id":{i},"pad":"{}"}}"#, "x".repeat(2000)))
+        .collect();
+    let input = write_lines(dir.path(), "in.jsonl", &lines);
+    let journal = disk.dir.path().join("j.journal");
+    let send = || {
+        send_json(dir.path(), &input, &server.url())
+            .args(["--journal", journal.to_str().unwrap(), "--capacity", "2"])
+            .output()
+            .unwrap()
+    };
+    let first = send();
+    let (_, stderr) = expect_exit(&first, 3);
+    assert!(
+        stderr.contains("was not accepted")
+            && stderr.contains("the disk is full")
+            && stderr.contains("free some space")
+            && stderr.contains("rerun the same command"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("Conveyor::"),
+        "no Rust API in the CLI: {stderr}"
+    );
+    let summary = summary(&first);
+    assert_eq!(summary["exit_code"], 3);
+    let sent = server.count();
+    assert!(
+        sent < 300,
+        "the disk filled before the end: {sent} lines sent"
+    );
+
+    disk.grow("64m");
+    expect_exit(&send(), 0);
+    // The rerun goes on from the first line the journal does not know as delivered: the line
+    // refused, or earlier ones whose delivery it could not record. Those it says so of.
+    let all = ids(&server.arrivals());
+    let (before, after) = all.split_at(sent);
+    assert_eq!(before, (0..sent as u64).collect::<Vec<_>>());
+    let resumed_at = after[0];
+    assert_eq!(after, (resumed_at..300).collect::<Vec<_>>(), "in order");
+    if resumed_at < sent as u64 {
+        let error = summary["journal_error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("the disk is full"),
+            "lines {resumed_at}.. were sent again unannounced: {summary}"
+        );
+    }
+}

@@ -143,3 +143,43 @@ pub fn server_failing_id(
     .unwrap();
     (server, broken)
 }
+
+/// A tmpfs of `size` mounted on a fresh directory while it lives, for a real "disk full"
+/// (`mount` needs root, as CI runs; the engine's tests do the same).
+pub struct TinyDisk {
+    pub dir: tempfile::TempDir,
+}
+
+impl TinyDisk {
+    pub fn new(size: &str) -> TinyDisk {
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(
+            mounted.success(),
+            "mounting a tmpfs failed: this test needs root (as CI has)"
+        );
+        TinyDisk { dir }
+    }
+
+    /// Gives the file system `size`, as an operator freeing space would.
+    pub fn grow(&self, size: &str) {
+        let remounted = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(self.dir.path())
+            .status()
+            .unwrap();
+        assert!(remounted.success());
+    }
+}
+
+impl Drop for TinyDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
