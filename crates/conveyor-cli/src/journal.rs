@@ -42,7 +42,7 @@ pub(crate) fn stored_cursor(path: &Path) -> Result<Option<u64>, CliError> {
     }
     Journal::open(path)
         .and_then(|journal| journal.cursor())
-        .map_err(|e| CliError::usage(format!("cannot read the journal's input position: {e}")))
+        .map_err(|e| CliError::usage(e.to_string()))
 }
 
 /// Whether the journal at `path` was written by a keyed run, as far as it tells. A journal that

@@ -4,9 +4,9 @@
 //! runs on it; while one does, the journal's lock makes them fail with a message naming the
 //! process holding it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use conveyor::{DeadLetter, Journal};
+use conveyor::{DeadLetter, Journal, JournalError};
 use serde::Serialize;
 use serde_json::json;
 
@@ -22,6 +22,15 @@ fn find_journal(given: &Option<PathBuf>) -> Result<PathBuf, CliError> {
         if !path.exists() {
             return Err(CliError::usage(format!(
                 "no journal at {}: pass the --journal PATH that `conveyor send` used",
+                path.display()
+            )));
+        }
+        // Opening an empty file would make a journal of it: these commands only read or
+        // repair one that `send` made.
+        if is_empty_file(path) {
+            return Err(CliError::usage(format!(
+                "{} is empty, not a journal (it was left as it is): pass the --journal PATH \
+                 that `conveyor send` used",
                 path.display()
             )));
         }
@@ -53,9 +62,38 @@ fn find_journal(given: &Option<PathBuf>) -> Result<PathBuf, CliError> {
     }
 }
 
+/// A file of no bytes, with no write-ahead log beside it holding its content.
+fn is_empty_file(path: &Path) -> bool {
+    let len = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    path.is_file() && len(path) == 0 && len(Path::new(&wal)) == 0
+}
+
 fn open(opts: &JournalOpts) -> Result<Journal, CliError> {
     let path = find_journal(&opts.journal)?;
-    Journal::open(&path).map_err(|e| CliError::usage(e.to_string()))
+    Journal::open(&path).map_err(|e| {
+        CliError::usage(match e {
+            // The engine's advice suits a program that wants the journal for itself; these
+            // commands wait their turn instead.
+            JournalError::Locked { path, pid } => format!(
+                "journal {} is in use by {} (a `conveyor send` running on it, most likely): let \
+                 it finish, or stop it (Ctrl-C), then run this again",
+                path.display(),
+                pid.map_or("another process".to_owned(), |pid| format!("process {pid}"))
+            ),
+            JournalError::NotAJournal { path } => format!(
+                "{} is not a journal (it does not start like a SQLite database, which a journal \
+                 is): pass the --journal PATH that `conveyor send` used",
+                path.display()
+            ),
+            JournalError::IsADirectory { path } => format!(
+                "{} is a directory: pass the --journal PATH that `conveyor send` used, a file",
+                path.display()
+            ),
+            other => other.to_string(),
+        })
+    })
 }
 
 fn journal_error(e: conveyor::JournalError) -> CliError {

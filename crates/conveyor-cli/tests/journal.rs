@@ -659,3 +659,100 @@ fn a_full_disk_stops_the_run_with_its_cause_and_exit_3_and_the_rerun_resumes() {
         );
     }
 }
+
+#[test]
+fn operating_commands_on_what_is_no_journal_say_so_and_leave_it_as_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_lines(dir.path(), "in.jsonl", &items(3, 1));
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, b"").unwrap();
+    let folder = dir.path().join("folder");
+    std::fs::create_dir(&folder).unwrap();
+    let cases = [
+        (&input, "is not a journal"),
+        (&empty, "is empty, not a journal"),
+        (&folder, "is a directory"),
+    ];
+    for (path, says) in cases {
+        let before = std::fs::read(path).ok();
+        for command in [&["status"][..], &["dead", "list"]] {
+            let output = conveyor(dir.path())
+                .args(command)
+                .args(["--journal", path.to_str().unwrap()])
+                .output()
+                .unwrap();
+            let (_, stderr) = expect_exit(&output, 2);
+            assert!(
+                stderr.contains(says)
+                    && stderr.contains("the --journal PATH that `conveyor send` used"),
+                "{command:?} on {}: {stderr}",
+                path.display()
+            );
+            assert!(!stderr.contains("move it aside"), "{stderr}");
+        }
+        assert_eq!(
+            std::fs::read(path).ok(),
+            before,
+            "{} was changed",
+            path.display()
+        );
+        for suffix in ["-lock", "-wal"] {
+            let mut sidecar = path.as_os_str().to_owned();
+            sidecar.push(suffix);
+            assert!(
+                !std::path::Path::new(&sidecar).exists(),
+                "{sidecar:?} was left behind"
+            );
+        }
+    }
+    // `send` with a directory for its journal: told to give a file, nothing created beside it.
+    let server = Server::start(|_| Reply::ok()).unwrap();
+    let output = send_json(dir.path(), &input, &server.url())
+        .args(["--journal", folder.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let (_, stderr) = expect_exit(&output, 2);
+    assert!(
+        stderr.contains("is a directory") && stderr.contains("give the path of a file"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("folder-lock").exists());
+    assert_eq!(server.count(), 0);
+}
+
+#[test]
+fn operating_commands_on_a_journal_in_use_say_to_wait_for_the_send() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(|_| Reply::ok().delay(Duration::from_secs(600))).unwrap();
+    let input = write_lines(dir.path(), "in.jsonl", &items(3, 1));
+    let journal = dir.path().join("j.journal");
+    let url = server.url();
+    let mut child = spawn(
+        dir.path(),
+        &[
+            "send",
+            input.to_str().unwrap(),
+            "--to",
+            &url,
+            "--journal",
+            journal.to_str().unwrap(),
+        ],
+    );
+    wait_for("the first request", || server.count() >= 1);
+    for command in [&["status"][..], &["dead", "list"], &["resume", "k"]] {
+        let output = conveyor(dir.path())
+            .args(command)
+            .args(["--journal", journal.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let (_, stderr) = expect_exit(&output, 2);
+        assert!(
+            stderr.contains(&format!("in use by process {}", child.id()))
+                && stderr.contains("let it finish, or stop it"),
+            "{command:?}: {stderr}"
+        );
+        assert!(!stderr.contains("another journal file"), "{stderr}");
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

@@ -122,6 +122,27 @@ pub enum JournalError {
         /// What SQLite reported.
         reason: String,
     },
+    /// The path is a directory, not a file.
+    #[error(
+        "{} is a directory, not a journal file: give the path of a file (created if it does not \
+         exist), such as {}",
+        path.display(), path.join("events.journal").display()
+    )]
+    IsADirectory {
+        /// The path given.
+        path: PathBuf,
+    },
+    /// The file is not a Conveyor journal: it does not even start like a SQLite database.
+    #[error(
+        "{} is not a Conveyor journal (it does not start like a SQLite database, which a journal \
+         is); it was left untouched: pass the path of a journal, or of a file that does not \
+         exist yet (if it was a journal, its start is damaged: restore it from a backup)",
+        path.display()
+    )]
+    NotAJournal {
+        /// The file.
+        path: PathBuf,
+    },
     /// The file is a SQLite database, but not a Conveyor journal.
     #[error(
         "{} is a SQLite database but not a Conveyor journal; it was left untouched: pass the path \
@@ -479,8 +500,10 @@ impl Journal {
     ///
     /// # Errors
     /// - [`JournalError::Locked`] if another process has it open (naming that process);
-    /// - [`JournalError::Corrupt`] / [`JournalError::Foreign`] / [`JournalError::UnsupportedVersion`]
-    ///   if the file is damaged, not a journal, or from a newer version: the file is left untouched;
+    /// - [`JournalError::Corrupt`] / [`JournalError::Foreign`] / [`JournalError::NotAJournal`] /
+    ///   [`JournalError::UnsupportedVersion`] if the file is damaged, not a journal, or from a
+    ///   newer version: the file is left untouched;
+    /// - [`JournalError::IsADirectory`] for a directory;
     /// - [`JournalError::Io`] if it cannot be created or written (read-only or missing directory).
     ///
     /// # Examples
@@ -499,6 +522,9 @@ impl Journal {
     /// ```
     pub fn open(path: impl AsRef<Path>) -> Result<Journal, JournalError> {
         let path = path.as_ref().to_path_buf();
+        // Before the lock file is created next to it: a path that cannot be a journal leaves
+        // nothing behind.
+        refuse_what_is_no_journal(&path)?;
         let lock = LockFile::acquire(&path)?;
         // SQLite would create the file with the umask's permissions (usually 0644); the journal
         // holds user data, so create it first, owner-only. An existing file keeps its mode, and is
@@ -1195,6 +1221,34 @@ impl Journal {
     }
 }
 
+/// The first bytes of every SQLite database file.
+const SQLITE_HEADER: &[u8; 16] = b"SQLite format 3\0";
+
+/// Refuses a directory, and a file that does not start like a SQLite database (a JSON-lines
+/// input given by mistake). An empty file, or one that starts with zeros, is left to SQLite: a
+/// journal whose creation was cut short looks like that. A file that cannot be read is left to
+/// the open, which says why.
+fn refuse_what_is_no_journal(path: &Path) -> Result<(), JournalError> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => {
+            return Err(JournalError::IsADirectory {
+                path: path.to_path_buf(),
+            })
+        }
+        Ok(_) => {}
+        Err(_) => return Ok(()),
+    }
+    let mut head = Vec::with_capacity(SQLITE_HEADER.len());
+    let read = File::open(path)
+        .and_then(|file| file.take(SQLITE_HEADER.len() as u64).read_to_end(&mut head));
+    if read.is_err() || head.iter().all(|b| *b == 0) || SQLITE_HEADER.starts_with(&head) {
+        return Ok(());
+    }
+    Err(JournalError::NotAJournal {
+        path: path.to_path_buf(),
+    })
+}
+
 /// WAL mode with a commit that is on disk when it returns (`synchronous = FULL` fsyncs the WAL on
 /// every commit; batching commits is what makes that affordable).
 fn set_wal(conn: &Connection, path: &Path) -> Result<(), JournalError> {
@@ -1679,14 +1733,36 @@ mod tests {
     }
 
     #[test]
-    fn a_file_that_is_not_sqlite_is_refused_untouched() {
+    fn a_file_that_is_not_sqlite_is_refused_untouched_with_no_lock_file_left() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notes.txt");
         let content = b"these are my notes, not a journal\n".repeat(200);
         std::fs::write(&path, &content).unwrap();
         let err = Journal::open(&path).unwrap_err();
-        assert!(matches!(err, JournalError::Corrupt { .. }), "{err:?}");
+        assert!(matches!(err, JournalError::NotAJournal { .. }), "{err:?}");
+        assert!(
+            err.to_string().contains("is not a Conveyor journal")
+                && !err.to_string().contains("move it aside"),
+            "{err}"
+        );
         assert_untouched(&path, &content, &err);
+        assert!(
+            !sidecar(&path, LOCK_SUFFIX).exists(),
+            "nothing is left next to it"
+        );
+    }
+
+    #[test]
+    fn a_directory_is_refused_as_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Journal::open(dir.path()).unwrap_err();
+        assert!(matches!(err, JournalError::IsADirectory { .. }), "{err:?}");
+        assert!(
+            err.to_string().contains("is a directory")
+                && err.to_string().contains("events.journal"),
+            "{err}"
+        );
+        assert!(!sidecar(dir.path(), LOCK_SUFFIX).exists());
     }
 
     #[test]

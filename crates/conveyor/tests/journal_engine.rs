@@ -565,7 +565,9 @@ fn a_second_conveyor_on_the_same_journal_is_refused_with_the_holder() {
 fn a_damaged_journal_fails_the_build_with_its_name_and_is_left_untouched() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("events.journal");
-    let garbage = b"\x00\x01 not a database, maybe half a disk block \xff".repeat(100);
+    // A SQLite header, then garbage where the database's own header and pages should be.
+    let mut garbage = b"SQLite format 3\0".to_vec();
+    garbage.extend(b"\x00\x01 not a database, maybe half a disk block \xff".repeat(100));
     std::fs::write(&path, &garbage).unwrap();
     let (_seen, sink) = recorder();
     let err = Conveyor::builder().journal(&path).build(sink).unwrap_err();
