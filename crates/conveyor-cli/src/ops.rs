@@ -142,8 +142,8 @@ pub(crate) fn status(opts: &JournalOpts) -> Result<u8, CliError> {
         text.push_str(&format!("\n  {name}: {} pending", lane.pending));
         if let Some(error) = &lane.paused {
             text.push_str(&format!(
-                ", PAUSED by: {error} (fix it, then `conveyor resume {}`)",
-                shell_word(&lane.lane)
+                ", PAUSED by: {error} (fix it, then `{}`)",
+                resume_command(&lane.lane)
             ));
         }
     }
@@ -153,6 +153,15 @@ pub(crate) fn status(opts: &JournalOpts) -> Result<u8, CliError> {
     }
     print_out(&text).map_err(CliError::io)?;
     Ok(exit::OK)
+}
+
+/// The command that resumes `lane`: the single lane of strict and pipelined runs takes no key.
+pub(crate) fn resume_command(lane: &str) -> String {
+    if lane.is_empty() {
+        "conveyor resume".to_owned()
+    } else {
+        format!("conveyor resume {}", shell_word(lane))
+    }
 }
 
 /// A lane name as the user would type it.
@@ -206,12 +215,16 @@ pub(crate) fn dead(command: &DeadCommand) -> Result<u8, CliError> {
     match command {
         DeadCommand::List(opts) => dead_list(opts),
         DeadCommand::Retry(target) => dead_each(target, "retried", |j, seq| {
-            j.retry_dead(seq)
-                .map(|new| format!("dead letter {seq} queued again as {new}"))
+            j.retry_dead(seq).map(|new| {
+                (
+                    format!("dead letter {seq} queued again as {new} (a new Idempotency-Key)"),
+                    Some(new),
+                )
+            })
         }),
         DeadCommand::Discard(target) => dead_each(target, "discarded", |j, seq| {
             j.discard_dead(seq)
-                .map(|()| format!("dead letter {seq} discarded"))
+                .map(|()| (format!("dead letter {seq} discarded"), None))
         }),
     }
 }
@@ -245,7 +258,8 @@ fn dead_list(opts: &JournalOpts) -> Result<u8, CliError> {
 fn dead_each(
     target: &DeadTarget,
     verb: &str,
-    mut act: impl FnMut(&mut Journal, u64) -> Result<String, conveyor::JournalError>,
+    // The message for a human, and the seq the dead letter was given back, if any.
+    mut act: impl FnMut(&mut Journal, u64) -> Result<(String, Option<u64>), JournalError>,
 ) -> Result<u8, CliError> {
     let mut journal = open(&target.journal)?;
     let seqs: Vec<u64> = match target.seq {
@@ -257,14 +271,21 @@ fn dead_each(
             .map(|d| d.seq)
             .collect(),
     };
+    let mut new_seqs = Vec::new();
     for &seq in &seqs {
-        let message = act(&mut journal, seq).map_err(journal_error)?;
+        let (message, new_seq) = act(&mut journal, seq).map_err(journal_error)?;
+        new_seqs.extend(new_seq);
         if !target.journal.json {
             print_out(&message).map_err(CliError::io)?;
         }
     }
     if target.journal.json {
-        print_out(&json!({ verb: seqs }).to_string()).map_err(CliError::io)?;
+        let mut value = json!({ verb: seqs });
+        if !new_seqs.is_empty() {
+            // In the order of the old ones: old seqs[i] is delivered again as new_seqs[i].
+            value["new_seqs"] = json!(new_seqs);
+        }
+        print_out(&value.to_string()).map_err(CliError::io)?;
     } else if target.all {
         print_out(&format!("{} dead letter(s) {verb}", seqs.len())).map_err(CliError::io)?;
     }
@@ -285,10 +306,12 @@ pub(crate) fn resume(args: &ResumeArgs) -> Result<u8, CliError> {
             journal.path().display()
         )));
     }
-    print_out(&format!(
-        "{lane} resumed: rerun the `conveyor send` command to deliver what it holds"
-    ))
-    .map_err(CliError::io)?;
+    let text = if args.journal.json {
+        json!({ "resumed": args.key }).to_string()
+    } else {
+        format!("{lane} resumed: rerun the `conveyor send` command to deliver what it holds")
+    };
+    print_out(&text).map_err(CliError::io)?;
     journal_close(journal)
 }
 
@@ -307,5 +330,11 @@ mod tests {
         assert_eq!(shell_word("a b"), "'a b'");
         assert_eq!(shell_word("it's"), r"'it'\''s'");
         assert_eq!(shell_word(""), "");
+    }
+
+    #[test]
+    fn the_single_lane_is_resumed_without_a_key() {
+        assert_eq!(resume_command(""), "conveyor resume");
+        assert_eq!(resume_command("a b"), "conveyor resume 'a b'");
     }
 }

@@ -143,7 +143,10 @@ impl Summary {
         if self.interrupted {
             text.push_str("\ninterrupted");
         }
-        if !self.paused_lanes.is_empty() {
+        if self.paused_lanes == [""] {
+            // The one lane of a strict or pipelined run: resumed without a key.
+            text.push_str("\nthe lane is paused (fix the cause, then `conveyor resume`)");
+        } else if !self.paused_lanes.is_empty() {
             text.push_str(&format!(
                 "\npaused lanes: {} (fix the cause, then `conveyor resume KEY`)",
                 self.paused_lanes
@@ -154,15 +157,15 @@ impl Summary {
             ));
         }
         if self.left > 0 {
+            let (items, were) = match self.left {
+                1 => ("1 item".to_owned(), "was not delivered and is"),
+                n => (format!("{n} items"), "were not delivered and are"),
+            };
             match &self.journal {
                 Some(path) => text.push_str(&format!(
-                    "\n{} items left in the journal {path}: rerun the same command to resume",
-                    self.left
+                    "\n{items} left in the journal {path}: rerun the same command to resume"
                 )),
-                None => text.push_str(&format!(
-                    "\n{} items were not delivered and are lost (run without a journal)",
-                    self.left
-                )),
+                None => text.push_str(&format!("\n{items} {were} lost (run without a journal)")),
             }
         }
         if let Some(error) = &self.journal_error {
@@ -226,8 +229,33 @@ mod tests {
         );
         assert!(text.contains("p50 50.0ms, p99 99.0ms"), "{text}");
         assert!(
-            text.contains("1 items were not delivered and are lost"),
+            text.contains("\n1 item was not delivered and is lost"),
             "{text}"
+        );
+        let kept = Summary {
+            journal: Some("j.journal".into()),
+            paused_lanes: vec![String::new()],
+            ..summary()
+        }
+        .human();
+        assert!(
+            kept.contains("\n1 item left in the journal j.journal"),
+            "{kept}"
+        );
+        assert!(kept.contains("then `conveyor resume`)"), "{kept}");
+        let many = Summary {
+            left: 2,
+            paused_lanes: vec!["u1".into()],
+            ..summary()
+        }
+        .human();
+        assert!(
+            many.contains("2 items were not delivered and are lost"),
+            "{many}"
+        );
+        assert!(
+            many.contains("\"u1\" (fix the cause, then `conveyor resume KEY`)"),
+            "{many}"
         );
     }
 

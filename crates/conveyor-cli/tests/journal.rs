@@ -139,16 +139,15 @@ fn failed_lines_become_dead_letters_and_dead_retry_delivers_them() {
     broken.store(false, Ordering::SeqCst);
     // The default journal is found when it is the only one under ./.conveyor/; here it is named.
     let retry = conveyor(dir.path())
-        .args([
-            "dead",
-            "retry",
-            "--all",
-            "--journal",
-            journal.to_str().unwrap(),
-        ])
+        .args(["dead", "retry", "--all", "--json"])
+        .args(["--journal", journal.to_str().unwrap()])
         .output()
         .unwrap();
-    expect_exit(&retry, 0);
+    let (out, _) = expect_exit(&retry, 0);
+    let out: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(out["retried"], serde_json::json!([dead[0]["seq"]]));
+    let new_seq = out["new_seqs"][0].as_u64().expect("the new seq is listed");
+    assert!(new_seq > dead[0]["seq"].as_u64().unwrap(), "{out}");
     let again = conveyor(dir.path())
         .args(["dead", "retry", &dead[0]["seq"].to_string()])
         .args(["--journal", journal.to_str().unwrap()])
@@ -199,10 +198,19 @@ fn a_paused_lane_waits_for_resume() {
         text.contains("PAUSED") && text.contains("4 pending"),
         "{text}"
     );
+    assert!(
+        text.contains("then `conveyor resume`)"),
+        "the one lane is resumed without a key: {text}"
+    );
 
     broken.store(false, Ordering::SeqCst);
-    let resume = conveyor(dir.path()).args(["resume"]).output().unwrap();
-    expect_exit(&resume, 0);
+    let resume = conveyor(dir.path())
+        .args(["resume", "--json"])
+        .output()
+        .unwrap();
+    let (out, _) = expect_exit(&resume, 0);
+    let out: serde_json::Value = serde_json::from_str(out.trim()).expect("resume --json is JSON");
+    assert_eq!(out, serde_json::json!({"resumed": ""}));
     let second = send();
     expect_exit(&second, 0);
     assert_eq!(ids(&server.arrivals()), [0, 1, 2, 2, 3, 4, 5]);
