@@ -6,7 +6,7 @@ use conveyor::{BuildError, DeadLetter, Durability, JournalError};
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::GILOnceCell;
-use pyo3::types::{PyInt, PyString, PyType};
+use pyo3::types::{PyBool, PyInt, PyString, PyType};
 use serde_json::value::RawValue;
 
 use crate::sink::{Item, Reply};
@@ -109,6 +109,15 @@ pub(crate) fn cursor_arg(value: &Bound<'_, PyAny>) -> PyResult<u64> {
 /// without the GIL: the engine's own `Durability::Sync` wait has no bound, and while the
 /// disk is full it would hold the GIL and ignore Ctrl-C.
 pub(crate) fn parse_durability(value: &Bound<'_, PyAny>) -> PyResult<(Durability, bool)> {
+    // A bool is an int to Python, but `durability=True` surely meant "make it durable", not a
+    // one-second window.
+    if value.is_instance_of::<PyBool>() {
+        return Err(PyTypeError::new_err(format!(
+            "durability={}: expected a commit window in seconds (e.g. 0.005) or \"sync\", not a \
+             bool; a journal is durable either way",
+            value.repr()?
+        )));
+    }
     if let Ok(text) = value.extract::<String>() {
         if text == "sync" {
             return Ok((Durability::Batched(Duration::ZERO), true));

@@ -231,6 +231,9 @@ def test_durability_needs_a_journal_and_a_valid_value(tmp_path):
         conveyor.Conveyor(print, durability="sync")
     with pytest.raises(ValueError, match="durability"):
         conveyor.Conveyor(print, journal=tmp_path / "j", durability="sometimes")
+    for flag in (True, False):
+        with pytest.raises(TypeError, match="not a bool"):
+            conveyor.Conveyor(print, journal=tmp_path / "j", durability=flag)
 
 
 @pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX permissions")
