@@ -861,7 +861,9 @@ impl PyConveyor {
     }
 
     /// Sends dead letter `seq` again, at the end of its lane with a new seq; returns its
-    /// `Receipt`. Raises `JournalError` if there is no such dead letter.
+    /// `Receipt`. Raises `JournalError` if there is no such dead letter. The new seq gives it a
+    /// new `idempotency_key`: a receiver that drops repeats does not recognise it as the item
+    /// that failed, so retry only what the receiver did not take.
     fn retry_dead(&self, py: Python<'_>, seq: u64) -> PyResult<PyReceipt> {
         let shared = self.live(py)?;
         let engine = &shared.engine;

@@ -1478,6 +1478,37 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// (like a `send`, waiting for room if the queue is full) and leaves the dead letters in
     /// the same commit. Returns the new item's receipt.
     ///
+    /// The new seq gives it a new [`Delivery::idempotency_key`](crate::Delivery::idempotency_key):
+    /// a receiver that drops repeats by that key does not recognise the retried item as the one
+    /// that failed. Retry only what the receiver did not take.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::{Conveyor, SinkError};
+    /// use std::sync::atomic::{AtomicBool, Ordering};
+    /// use std::sync::Arc;
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let down = Arc::new(AtomicBool::new(true));
+    /// let receiver_down = down.clone();
+    /// let c: Conveyor<u32> = Conveyor::builder()
+    ///     .journal(dir.path().join("j"))
+    ///     .build(move |_d| {
+    ///         if receiver_down.load(Ordering::SeqCst) {
+    ///             return Err(SinkError::permanent("down"));
+    ///         }
+    ///         Ok(())
+    ///     })?;
+    /// c.send(7).unwrap().wait().unwrap_err();
+    /// down.store(false, Ordering::SeqCst);
+    /// let dead = c.dead_letters()?;
+    /// let again = c.retry_dead(dead[0].seq)?;
+    /// assert!(again.seq() > dead[0].seq, "a new seq, and so a new idempotency key");
+    /// again.wait().unwrap();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
     /// # Errors
     ///
     /// [`JournalError::NoSuchDeadLetter`] if there is none with this seq,

@@ -747,6 +747,10 @@ impl Journal {
     /// Puts dead letter `seq` back at the end of its lane, with a new seq, and returns that seq.
     /// The next conveyor opened on this journal delivers it after what is already pending.
     ///
+    /// The new seq gives it a new idempotency key (`"{id}-{seq}"`): a receiver that drops
+    /// repeats by that key does not recognise it as the item that failed. Retry only what the
+    /// receiver did not take.
+    ///
     /// # Errors
     /// [`JournalError::NoSuchDeadLetter`] if there is none with this seq; another
     /// [`JournalError`] if the file cannot be written (then nothing changed).
