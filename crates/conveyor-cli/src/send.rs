@@ -516,7 +516,12 @@ pub(crate) fn run(
             None => {}
         }
         let (stats, settled) = show_progress(&conveyor, &progress, &counters);
-        if read_outcome.is_some() && conveyor.flush_timeout(TICK) {
+        // While the journal cannot be written (a full disk), what it has not committed cannot
+        // be delivered either (nothing reaches the target before it is on disk): stop, and
+        // leave it for the rerun.
+        if read_outcome.is_some()
+            && (conveyor.flush_timeout(TICK) || conveyor.journal_error().is_some())
+        {
             break;
         }
         let submitting = counters.submitting.load(AtomicOrdering::SeqCst);
