@@ -27,7 +27,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::limits::Limit;
-use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
+use rusqlite::{
+    params, Connection, ErrorCode, OpenFlags, OptionalExtension, Transaction, TransactionBehavior,
+};
 
 /// Written into the SQLite header (`PRAGMA application_id`): ASCII "Conv".
 const APPLICATION_ID: i32 = 0x436f_6e76;
@@ -288,6 +290,13 @@ pub enum JournalError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+}
+
+/// Starts a write transaction that takes the write lock at once: a commit then never fails
+/// half-way for want of it.
+fn immediate<'c>(conn: &'c mut Connection, path: &Path) -> Result<Transaction<'c>, JournalError> {
+    conn.transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(|e| JournalError::sqlite(path, e))
 }
 
 fn holder(pid: Option<u32>) -> String {
@@ -879,10 +888,7 @@ impl Journal {
     pub(crate) fn claim(&mut self, ordering: &str, kind: Option<&str>) -> Result<(), JournalError> {
         let path = &self.path;
         let sql = |e| JournalError::sqlite(path, e);
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(sql)?;
+        let tx = immediate(&mut self.conn, path)?;
         let count = |table: &str| -> Result<u64, JournalError> {
             tx.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| {
                 r.get::<_, i64>(0)
@@ -956,10 +962,7 @@ impl Journal {
         }
         let path = &self.path;
         let sql = |e| JournalError::sqlite(path, e);
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(sql)?;
+        let tx = immediate(&mut self.conn, path)?;
         if !batch.appends.is_empty() {
             let mut insert = tx
                 .prepare_cached(
@@ -1152,10 +1155,7 @@ impl Journal {
     pub(crate) fn retry_dead_as(&mut self, seq: u64, new_seq: u64) -> Result<(), JournalError> {
         let path = &self.path;
         let sql = |e| JournalError::sqlite(path, e);
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(sql)?;
+        let tx = immediate(&mut self.conn, path)?;
         let moved = tx
             .execute(
                 "INSERT INTO items (seq, lane, key, payload) SELECT ?2, lane, key, payload FROM dead WHERE seq = ?1",
