@@ -897,17 +897,6 @@ impl Journal {
             .map_err(sql)
         };
         let (pending, paused) = (count("items")?, count("paused")?);
-        if let Some(written) = written_ordering(&tx).map_err(sql)? {
-            if (written == KEYED) != (ordering == KEYED) && (pending > 0 || paused > 0) {
-                return Err(JournalError::OtherOrdering {
-                    path: path.clone(),
-                    written,
-                    opened: ordering.to_owned(),
-                    pending,
-                    paused,
-                });
-            }
-        }
         if let Some(kind) = kind {
             let written: Option<String> = tx
                 .query_row("SELECT value FROM meta WHERE name = 'kind'", [], |r| {
@@ -937,6 +926,18 @@ impl Journal {
                 [kind],
             )
             .map_err(sql)?;
+        }
+        // After the kind: another program's journal is refused as such, whatever its ordering.
+        if let Some(written) = written_ordering(&tx).map_err(sql)? {
+            if (written == KEYED) != (ordering == KEYED) && (pending > 0 || paused > 0) {
+                return Err(JournalError::OtherOrdering {
+                    path: path.clone(),
+                    written,
+                    opened: ordering.to_owned(),
+                    pending,
+                    paused,
+                });
+            }
         }
         tx.execute(
             "INSERT OR REPLACE INTO meta (name, value) VALUES ('ordering', ?1)",

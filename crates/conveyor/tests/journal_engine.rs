@@ -1182,3 +1182,38 @@ fn retry_dead_from_inside_the_sink_on_a_full_queue_does_not_wait_for_itself() {
         "item 1 still fails"
     );
 }
+
+/// Another program's keyed journal opened in strict ordering: refused for its kind, the reason
+/// that holds whatever the ordering (a refusal for the ordering would send the user to a keyed
+/// reopen, only to be refused again).
+#[test]
+fn another_kinds_journal_is_refused_for_its_kind_before_its_ordering() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    let (c, _stall) = {
+        let (tx, rx) = mpsc::channel::<()>();
+        let rx = Mutex::new(rx);
+        let c: Conveyor<u64> = Conveyor::builder()
+            .journal(&path)
+            .journal_kind("cli")
+            .ordering(Ordering::Keyed { concurrency: 2 })
+            .drain_timeout(Duration::from_millis(100))
+            .build(move |_d| {
+                let _ = rx.lock().unwrap().recv();
+                Ok(())
+            })
+            .unwrap();
+        (c, tx)
+    };
+    c.send_keyed("u1", 1).unwrap();
+    drop(c); // the item stays pending
+    let err = Conveyor::<u64>::builder()
+        .journal(&path)
+        .journal_kind("python")
+        .build(|_d| Ok(()))
+        .unwrap_err();
+    assert!(
+        matches!(err, BuildError::Journal(JournalError::OtherKind { .. })),
+        "{err:?}"
+    );
+}
