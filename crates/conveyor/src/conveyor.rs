@@ -1105,8 +1105,16 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
                 && st.live_workers > 0
                 && !inside.hopeless(&st)
                 && !timed_out
+                && !self.journal_blocked()
             {
-                (st, timed_out) = shared.wait_until(&shared.settled, st, deadline);
+                // With a journal, look again now and then: a commit that fails wakes nobody.
+                let wake = match (&shared.durable, deadline) {
+                    (Some(_), Some(d)) => Some(d.min(later(JOURNAL_CHECK))),
+                    (Some(_), None) => Some(later(JOURNAL_CHECK)),
+                    (None, _) => deadline,
+                };
+                (st, _) = shared.wait_until(&shared.settled, st, wake);
+                timed_out = deadline.is_some_and(|d| Instant::now() >= d);
             }
             inside.stop(&mut st);
             st.waiters.flushers -= 1;
@@ -1122,6 +1130,10 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// Called from this conveyor's own sink or a receipt callback, it waits only for what
     /// the other workers can deliver: its own worker delivers nothing until the call returns
     /// (so under strict ordering it returns at once).
+    ///
+    /// While the journal cannot be written ([`Conveyor::journal_error`]), it returns without
+    /// waiting on: items not committed yet are not delivered until the journal can be written
+    /// again.
     ///
     /// # Panics
     ///
@@ -1772,11 +1784,19 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     pub fn journal_error(&self) -> Option<Arc<JournalError>> {
         self.shared.durable.as_ref().and_then(|d| d.failure())
     }
+
+    /// The journal cannot be written: what it has not committed waits for it, and cannot be
+    /// delivered meanwhile.
+    fn journal_blocked(&self) -> bool {
+        self.journal_error().is_some()
+    }
 }
 
 /// How long `close` gives the journal's last commit even when its own deadline has passed:
 /// settlements recorded then save the next start from delivering those items again.
 const JOURNAL_CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// How often a flush with a journal looks whether the journal can still be written.
+const JOURNAL_CHECK: Duration = Duration::from_millis(100);
 
 /// Loads the items a journal holds into the lanes, in seq order, on a thread of its own, as
 /// room frees up: memory stays bounded by the capacity whatever the journal holds. New sends
@@ -1924,6 +1944,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> fmt::Debug for Conveyor<T, R> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicU64;
     use std::sync::mpsc;
 
     #[test]
@@ -2046,6 +2067,63 @@ mod tests {
         assert_eq!(dead.len(), 1);
         assert_eq!(dead[0].payload.len(), max);
         assert!(dead[0].error.len() < LIMIT, "the error is cut short to fit");
+    }
+
+    /// A journaled conveyor whose file may not grow any more (commits fail as on a full
+    /// disk), holding one 200 KB item that waits for its commit; counts the sink's calls.
+    fn with_a_full_disk(dir: &std::path::Path) -> (Conveyor<String>, Arc<AtomicU64>) {
+        let calls = Arc::new(AtomicU64::new(0));
+        let n = calls.clone();
+        let c: Conveyor<String> = Conveyor::builder()
+            .journal(dir.join("j"))
+            .drain_timeout(Duration::from_secs(30))
+            .build(move |_d: crate::Delivery<String>| {
+                n.fetch_add(1, AtomicOrdering::SeqCst);
+                Ok(())
+            })
+            .unwrap();
+        c.shared
+            .durable
+            .as_ref()
+            .unwrap()
+            .with_journal(|j| {
+                j.compact()?;
+                j.limit_pages(1);
+                Ok(())
+            })
+            .unwrap();
+        c.send("x".repeat(200_000)).unwrap();
+        let until = Instant::now() + Duration::from_secs(20);
+        while c.journal_error().is_none() {
+            assert!(Instant::now() < until, "the commit never failed");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (c, calls)
+    }
+
+    /// While the journal cannot be written, an item waiting for its commit was never started:
+    /// `stop_timeout` does not wait for it (it used to sit out its whole deadline), and
+    /// `flush_timeout` says at once that not everything settled, as documented.
+    #[test]
+    fn stop_and_flush_do_not_wait_for_items_waiting_for_a_failed_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, calls) = with_a_full_disk(dir.path());
+        let started = Instant::now();
+        assert!(!c.flush_timeout(Duration::from_secs(10)));
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "flush_timeout waited {:?}",
+            started.elapsed()
+        );
+        let started = Instant::now();
+        let report = c.stop_timeout(Duration::from_secs(10));
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "stop_timeout waited {:?}",
+            started.elapsed()
+        );
+        assert_eq!(report.left, 1, "{report:?}");
+        assert_eq!(calls.load(AtomicOrdering::SeqCst), 0, "never delivered");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -149,6 +149,8 @@ pub(crate) struct Durable<T> {
     progress: Arc<(Mutex<Progress>, Condvar)>,
     /// `Progress::committed`, for the workers' check before each delivery without a lock.
     committed: Arc<AtomicU64>,
+    /// Told after every successful commit, for async workers waiting for one.
+    pub(crate) commits: Arc<tokio::sync::Notify>,
     /// Set while commits fail, so `send` refuses new items with one atomic load.
     failed: Arc<AtomicBool>,
     writer: Mutex<Option<JoinHandle<()>>>,
@@ -217,6 +219,7 @@ impl<T> Durable<T> {
             Condvar::new(),
         ));
         let committed = Arc::new(AtomicU64::new(last_seq));
+        let commits = Arc::new(tokio::sync::Notify::new());
         let failed = Arc::new(AtomicBool::new(false));
         let window = match durability {
             Durability::Batched(window) => Some(window),
@@ -227,6 +230,7 @@ impl<T> Durable<T> {
             journal: journal.clone(),
             progress: progress.clone(),
             committed: committed.clone(),
+            commits: commits.clone(),
             failed: failed.clone(),
             window,
             reserved,
@@ -244,6 +248,7 @@ impl<T> Durable<T> {
             ops,
             progress,
             committed,
+            commits,
             failed,
             writer: Mutex::new(Some(handle)),
             seq_limit,
@@ -410,6 +415,7 @@ struct Writer {
     journal: Arc<Mutex<Option<Journal>>>,
     progress: Arc<(Mutex<Progress>, Condvar)>,
     committed: Arc<AtomicU64>,
+    commits: Arc<tokio::sync::Notify>,
     failed: Arc<AtomicBool>,
     /// `Batched`: how long to gather after the first op. `Sync`: `None`, commit what is there.
     window: Option<Duration>,
@@ -479,6 +485,7 @@ impl Writer {
                     if let Some(seq) = last_append {
                         p.committed = p.committed.max(seq);
                         self.committed.store(p.committed, AtomicOrdering::Release);
+                        self.commits.notify_waiters();
                     }
                     if p.error.take().is_some() {
                         tracing::info!("journal writes succeed again");

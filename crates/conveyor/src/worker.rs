@@ -35,9 +35,6 @@ pub(crate) enum Sink<T, R> {
 
 /// How often a worker waiting for its item's journal commit looks for a shutdown.
 const WRITTEN_CHECK: Duration = Duration::from_millis(50);
-/// How often an async worker looks at the journal's progress while it waits for a commit
-/// (a commit takes about an fsync).
-const WRITTEN_POLL: Duration = Duration::from_millis(1);
 
 /// What a worker does next.
 pub(crate) enum Step<T, R> {
@@ -277,10 +274,15 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
             return true;
         };
         loop {
+            // Enabled before the check: a commit right after it still wakes this task.
+            let commit = durable.commits.notified();
+            tokio::pin!(commit);
+            commit.as_mut().enable();
             if let Some(written) = self.written(durable, seq) {
                 return written;
             }
-            tokio::time::sleep(WRITTEN_POLL).await;
+            // A shutdown wakes nobody here: look again now and then.
+            let _ = tokio::time::timeout(WRITTEN_CHECK, commit).await;
         }
     }
 
@@ -293,11 +295,13 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
     }
 
     /// How a wait for the commit of `seq` ends: written, or given up (`false`) because the
-    /// conveyor was abandoned or the writer stopped; `None` while it goes on.
+    /// writer stopped, or a shutdown refuses new starts (the item was not started: under
+    /// `stop_timeout` it stays queued, as one waiting for a rate-limit slot); `None` while it
+    /// goes on.
     fn written(&self, durable: &Durable<T>, seq: u64) -> Option<bool> {
         if durable.is_committed(seq) {
             Some(true)
-        } else if durable.stopped() || self.lock().abandoned {
+        } else if durable.stopped() || self.lock().start_refused(false) {
             Some(false)
         } else {
             None
