@@ -409,6 +409,7 @@ pub(crate) fn run(
     events: &Receiver<Event>,
 ) -> Result<Summary, CliError> {
     let started = Instant::now();
+    let sync = plan.sync;
     let output = plan.output.clone();
     let target_name = plan.target.describe();
     let ordering_name = plan.ordering.to_string();
@@ -516,6 +517,19 @@ pub(crate) fn run(
             None => {}
         }
         let (stats, settled) = show_progress(&conveyor, &progress, &counters);
+        // Under --sync a send waits for its commit while the writer retries, so the reader
+        // never sees the journal refuse a line: stop it here, as a refused line would.
+        if sync && read_outcome.is_none() {
+            if let Some(cause) = conveyor.journal_error() {
+                stop.store(true, AtomicOrdering::SeqCst);
+                progress.note(&format!(
+                    "error: {cause}; stopped reading at line {}: rerun the same command to go \
+                     on from there",
+                    counters.submitting.load(AtomicOrdering::SeqCst)
+                ));
+                break;
+            }
+        }
         // While the journal cannot be written (a full disk), what it has not committed cannot
         // be delivered either (nothing reaches the target before it is on disk): stop, and
         // leave it for the rerun.
