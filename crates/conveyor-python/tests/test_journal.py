@@ -95,8 +95,8 @@ def test_a_sync_send_on_a_full_disk_releases_the_gil_and_yields_to_ctrl_c(tmp_pa
         path = {str(tmp_path / "j")!r}
         stall = threading.Event()
         def sink(item):
-            # Items stay pending, so each must be written: one settled in the same commit
-            # group as its append is never written at all.
+            # Items stay pending until the test ends (each is written before it reaches the
+            # sink anyway).
             if item != "warm":
                 stall.wait()
         c = conveyor.Conveyor(sink, journal=path, durability="sync")
