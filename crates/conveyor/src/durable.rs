@@ -125,11 +125,9 @@ pub(crate) enum Op {
     Stop,
 }
 
-/// What the writer has achieved, for `Sync` senders and for `send`'s error check.
+/// What the writer has achieved, for `Sync` senders and for `send`'s error check (how far it
+/// committed is `Durable::committed`, stored under this lock so that its waiters see it).
 struct Progress {
-    /// The highest seq whose append is committed. Appends arrive in seq order, so every lower
-    /// seq is committed too.
-    committed: u64,
     /// The last commit's error, until a commit succeeds again.
     error: Option<Arc<JournalError>>,
     /// The writer has exited: nobody waits for it any more.
@@ -147,7 +145,9 @@ pub(crate) struct Durable<T> {
     journal: Arc<Mutex<Option<Journal>>>,
     ops: mpsc::SyncSender<Op>,
     progress: Arc<(Mutex<Progress>, Condvar)>,
-    /// `Progress::committed`, for the workers' check before each delivery without a lock.
+    /// The highest seq whose append is committed. Appends arrive in seq order, so every lower
+    /// seq is committed too. Atomic, for the workers' check before each delivery; stored
+    /// under the progress lock, for `wait_committed`.
     committed: Arc<AtomicU64>,
     /// Told after every successful commit, for async workers waiting for one.
     pub(crate) commits: Arc<tokio::sync::Notify>,
@@ -209,15 +209,14 @@ impl<T> Durable<T> {
         // growing a backlog without limit. The writer never takes the state lock.
         let (ops, rx) = mpsc::sync_channel(capacity.clamp(OPS_BOUND.0, OPS_BOUND.1));
         let journal = Arc::new(Mutex::new(Some(journal)));
-        // Every item the journal holds now is on disk.
         let progress = Arc::new((
             Mutex::new(Progress {
-                committed: last_seq,
                 error: None,
                 stopped: false,
             }),
             Condvar::new(),
         ));
+        // Every item the journal holds now is on disk.
         let committed = Arc::new(AtomicU64::new(last_seq));
         let commits = Arc::new(tokio::sync::Notify::new());
         let failed = Arc::new(AtomicBool::new(false));
@@ -307,7 +306,7 @@ impl<T> Durable<T> {
     pub(crate) fn wait_committed(&self, seq: u64, deadline: Option<Instant>) -> bool {
         let (m, cv) = &*self.progress;
         let mut p = lock(m);
-        while p.committed < seq && !p.stopped {
+        while !self.is_committed(seq) && !p.stopped {
             p = match deadline {
                 None => cv.wait(p).unwrap_or_else(PoisonError::into_inner),
                 Some(deadline) => {
@@ -483,8 +482,7 @@ impl Writer {
             match &result {
                 Ok(()) => {
                     if let Some(seq) = last_append {
-                        p.committed = p.committed.max(seq);
-                        self.committed.store(p.committed, AtomicOrdering::Release);
+                        self.committed.fetch_max(seq, AtomicOrdering::Release);
                         self.commits.notify_waiters();
                     }
                     if p.error.take().is_some() {

@@ -142,7 +142,8 @@ pub(crate) struct State<T, R> {
     /// meanwhile (see `others_can_progress`).
     waiting_inside: Vec<bool>,
     waiting_inside_count: usize,
-    /// Receipts each worker is settling outside the lock (its part of `settling`).
+    /// Settlements each worker took out of the state whose receipts it has not settled yet
+    /// (outside the lock); `flush` waits for them too.
     pub(crate) settling_by: Vec<u64>,
     limiter: Option<RateLimiter>,
     counters: Counters,
@@ -157,8 +158,6 @@ pub(crate) struct State<T, R> {
     /// Workers registered idle in the intake (a copy, so that a worker holding this lock
     /// knows whether to look there).
     pub(crate) idle_workers: usize,
-    /// Settlements taken out of the state whose receipts are not settled yet.
-    pub(crate) settling: u64,
     /// A journal's unsettled items are being loaded (in seq order, as room frees up): new
     /// items wait, so that nothing new overtakes an old item of its lane.
     pub(crate) replaying: bool,
@@ -197,7 +196,6 @@ impl<T, R> State<T, R> {
             abandoned: false,
             live_workers: workers,
             idle_workers: 0,
-            settling: 0,
             replaying: false,
             seq_limit: None,
             drained: Vec::new(),
@@ -307,17 +305,22 @@ impl<T, R> State<T, R> {
     /// paused lanes) and every receipt told, but the `own` receipts the asking thread is
     /// settling itself (a callback that flushes cannot wait for its own return).
     pub(crate) fn quiescent(&self, own: u64) -> bool {
-        self.unsettled_unpaused() == 0 && self.settling <= own
+        self.unsettled_unpaused() == 0 && self.settling() <= own
     }
 
     /// What a shutdown waits for: `quiescent`, or under `stop_timeout` only the items in
     /// flight.
     pub(crate) fn shutdown_ready(&self, own: u64) -> bool {
         if self.stopping {
-            self.counters.in_flight == 0 && self.settling <= own
+            self.counters.in_flight == 0 && self.settling() <= own
         } else {
             self.quiescent(own)
         }
+    }
+
+    /// Receipts taken out of the state and not settled yet, by all workers.
+    fn settling(&self) -> u64 {
+        self.settling_by.iter().sum()
     }
 
     /// Whether a waiting `flush` or shutdown should look again: the items are done, and only

@@ -97,7 +97,6 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
                 Some(settlement) => {
                     // Counted until its receipt is settled outside the lock, so `flush`
                     // returns only after receipts and their callbacks are done.
-                    st.settling += 1;
                     st.settling_by[worker] += 1;
                     settle.push(settlement);
                 }
@@ -178,7 +177,6 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
     /// Records receipts this worker settled since it last held the lock.
     fn settled_outside(&self, st: &mut State<T, R>, worker: usize, done: u64) {
         if done > 0 {
-            st.settling -= done;
             st.settling_by[worker] -= done;
             self.wake_flushers(st);
         }
@@ -308,6 +306,28 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         }
     }
 
+    /// What a sink call's result means for its job: the outcome it ends with, or `None` to
+    /// try again at `job.start_at` (a retry, which `retry` records).
+    fn attempt_ended(
+        &self,
+        worker: usize,
+        job: &mut Job<T, R>,
+        result: Result<R, SinkError>,
+        retry: &mut bool,
+    ) -> Option<Outcome<R>> {
+        match result {
+            Ok(reply) => Some(Outcome::Delivered(reply)),
+            Err(error) => match self.after_failure(worker, job, error) {
+                Next::RetryAt(at) => {
+                    job.start_at = Some(at);
+                    *retry = true;
+                    None
+                }
+                Next::Done(outcome) => Some(outcome),
+            },
+        }
+    }
+
     fn delivery(&self, job: &mut Job<T, R>) -> Delivery<T> {
         job.attempts += 1;
         Delivery::new(&job.node, job.attempts)
@@ -340,15 +360,8 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
             // The thread runs as this worker's sink call throughout (see `thread_worker`).
             let result = catch_unwind(AssertUnwindSafe(|| sink(delivery)))
                 .unwrap_or_else(|panic| Err(SinkError::from_panic(&*panic)));
-            match result {
-                Ok(reply) => return Outcome::Delivered(reply),
-                Err(error) => match self.after_failure(worker, job, error) {
-                    Next::RetryAt(at) => {
-                        job.start_at = Some(at);
-                        retry = true;
-                    }
-                    Next::Done(outcome) => return outcome,
-                },
+            if let Some(outcome) = self.attempt_ended(worker, job, result, &mut retry) {
+                return outcome;
             }
         }
     }
@@ -390,15 +403,8 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
                 }
                 Err(panic) => Err(SinkError::from_panic(&*panic)),
             };
-            match result {
-                Ok(reply) => return Outcome::Delivered(reply),
-                Err(error) => match self.after_failure(worker, job, error) {
-                    Next::RetryAt(at) => {
-                        job.start_at = Some(at);
-                        retry = true;
-                    }
-                    Next::Done(outcome) => return outcome,
-                },
+            if let Some(outcome) = self.attempt_ended(worker, job, result, &mut retry) {
+                return outcome;
             }
         }
     }
@@ -593,7 +599,7 @@ struct WorkerHere {
     /// The conveyor's `Shared`, by address.
     conveyor: usize,
     worker: usize,
-    /// Receipts it is settling, which count in `State::settling` until reported.
+    /// Receipts it is settling, which count in `State::settling_by` until reported.
     receipts: u64,
     /// In the worker's sink call: for a worker thread, its whole life (see `thread_worker`).
     in_sink: bool,
