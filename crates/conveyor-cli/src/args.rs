@@ -186,7 +186,9 @@ pub(crate) enum FailurePolicy {
 #[derive(Debug, Args)]
 #[command(group = clap::ArgGroup::new("target").required(true).args(["to", "exec"]))]
 pub(crate) struct SendArgs {
-    /// JSON-lines input: a file, or `-` for stdin (streamed: delivery starts before input ends).
+    /// JSON-lines input: a file, or `-` for stdin. Stdin, a named pipe or `<(producer)` is
+    /// streamed (delivery starts before the input ends) and read once: a rerun delivers what its
+    /// journal holds, then reads the new stream from its start.
     #[arg(default_value = "-")]
     pub(crate) input: String,
 
@@ -255,7 +257,7 @@ pub(crate) struct SendArgs {
 
     /// Copy lines rejected as bad input (not JSON, no key field) to this file. A run that reads
     /// a file from its first line empties it first; a resumed run (which skips the lines read
-    /// before) and a run on stdin append, so the rejects of earlier runs are kept.
+    /// before) and a run on stdin or a pipe append, so the rejects of earlier runs are kept.
     #[arg(long, value_name = "FILE")]
     pub(crate) rejects: Option<PathBuf>,
 
@@ -278,11 +280,11 @@ pub(crate) struct JournalArgs {
     #[arg(long)]
     pub(crate) no_journal: bool,
 
-    /// Commit each line to the journal before reading the next (slower); stdin is then read a
-    /// line at a time, so a crash loses at most the one line being read or submitted. By
-    /// default lines are committed in groups every 5 ms and stdin is read ahead (64 KiB): after
-    /// a crash a file input reads those lines again, but the lines read from stdin and not yet
-    /// committed (the last 5 ms, and what was read ahead) are lost.
+    /// Commit each line to the journal before reading the next (slower); stdin (or a pipe) is
+    /// then read a line at a time, so a crash loses at most the one line being read or
+    /// submitted. By default lines are committed in groups every 5 ms and a stream is read ahead
+    /// (64 KiB): after a crash a file input reads those lines again, but the lines read from a
+    /// stream and not yet committed (the last 5 ms, and what was read ahead) are lost.
     #[arg(long, conflicts_with = "no_journal")]
     pub(crate) sync: bool,
 }

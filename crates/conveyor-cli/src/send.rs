@@ -37,7 +37,12 @@ const CLOSE_POLL: Duration = Duration::from_millis(10);
 #[derive(Debug)]
 pub(crate) enum Input {
     Stdin,
+    /// A regular file: it can be counted up front and read again from a journal's position.
     File(PathBuf),
+    /// A path that is no regular file: a named pipe, `<(producer)`, `/dev/stdin`, a device.
+    /// Like stdin, it can be read only once: counting its lines for the bar would consume them,
+    /// and a rerun reads a new stream, whose first lines are not the ones an earlier run took.
+    Stream(PathBuf),
     /// Generated lines (the demo).
     Memory(Vec<u8>),
 }
@@ -45,20 +50,25 @@ pub(crate) enum Input {
 impl Input {
     pub(crate) fn from_arg(arg: &str) -> Self {
         if arg == "-" {
-            Self::Stdin
-        } else {
-            Self::File(PathBuf::from(arg))
+            return Self::Stdin;
+        }
+        let path = PathBuf::from(arg);
+        // A directory stays a `File`, for `open` to refuse; a missing path too, for `open` to
+        // report.
+        match std::fs::metadata(&path) {
+            Ok(meta) if !meta.is_file() && !meta.is_dir() => Self::Stream(path),
+            _ => Self::File(path),
         }
     }
 
     /// Opens the input; a file that cannot be read (missing, a directory) is refused here,
     /// before anything else (the journal above all) is created for it.
     ///
-    /// Without `read_ahead`, stdin is read a byte at a time, never past the line being taken
-    /// (`--sync`: each line is committed before the next is read, so a crash loses at most that
-    /// line; what a buffer read ahead could not be read again). A syscall per byte is cheap next
-    /// to a commit per line. A file can be read again from the journal's position: always
-    /// buffered.
+    /// Without `read_ahead`, stdin (or another stream) is read a byte at a time, never past the
+    /// line being taken (`--sync`: each line is committed before the next is read, so a crash
+    /// loses at most that line; what a buffer read ahead could not be read again). A syscall per
+    /// byte is cheap next to a commit per line. A file can be read again from the journal's
+    /// position: always buffered.
     fn open(&self, read_ahead: bool) -> Result<Box<dyn BufRead + Send>, CliError> {
         Ok(match self {
             Self::Stdin if read_ahead => Box::new(BufReader::with_capacity(64 * 1024, io::stdin())),
@@ -69,6 +79,15 @@ impl Input {
                     .try_clone_to_owned()
                     .map_err(|e| CliError::usage(format!("cannot read stdin: {e}")))?;
                 Box::new(BufReader::with_capacity(1, File::from(fd)))
+            }
+            Self::Stream(path) => {
+                let stream = File::open(path).map_err(|e| {
+                    CliError::usage(format!("cannot open input {}: {e}", path.display()))
+                })?;
+                Box::new(BufReader::with_capacity(
+                    if read_ahead { 64 * 1024 } else { 1 },
+                    stream,
+                ))
             }
             Self::File(path) => {
                 let file = File::open(path).map_err(|e| {
@@ -101,7 +120,7 @@ impl Input {
             }
         };
         match self {
-            Self::Stdin => None,
+            Self::Stdin | Self::Stream(_) => None,
             Self::File(path) => File::open(path)
                 .ok()
                 .and_then(|f| count(&mut BufReader::new(f)).ok()),
@@ -111,13 +130,13 @@ impl Input {
 
     /// Resuming by line position only makes sense when a rerun reads the same bytes again.
     fn is_replayable(&self) -> bool {
-        !matches!(self, Self::Stdin)
+        matches!(self, Self::File(_) | Self::Memory(_))
     }
 
     fn identity(&self) -> String {
         match self {
             Self::Stdin => "stdin".into(),
-            Self::File(path) => std::fs::canonicalize(path)
+            Self::File(path) | Self::Stream(path) => std::fs::canonicalize(path)
                 .unwrap_or_else(|_| path.clone())
                 .display()
                 .to_string(),
@@ -260,7 +279,7 @@ fn default_journal_path(
         exec.join("\0")
     );
     let stem: String = match input {
-        Input::File(path) => path
+        Input::File(path) | Input::Stream(path) => path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default(),
@@ -304,8 +323,8 @@ type Reader = LineReader<Box<dyn BufRead + Send>>;
 fn open_input(plan: &SendPlan, input: &Input) -> Result<(Reader, Option<File>), CliError> {
     let mut reader = LineReader::new(input.open(!plan.sync)?, plan.key.clone());
     // Where a rerun picks up: the position stored with the last items a previous run accepted.
-    // Only a file reads the same lines again; on stdin the journal still replays what was
-    // pending, but the new stream is read from its start. Checked before the conveyor starts
+    // Only a file reads the same lines again; on stdin or a pipe the journal still replays what
+    // was pending, but the new stream is read from its start. Checked before the conveyor starts
     // delivering what the journal holds, so an input that no longer fits is refused untouched.
     let resume_after = match &plan.journal {
         Some(path) if input.is_replayable() => {
@@ -317,8 +336,8 @@ fn open_input(plan: &SendPlan, input: &Input) -> Result<(Reader, Option<File>), 
     };
     let rejects = match &plan.rejects {
         // A run that reads a file from its first line rejects every bad line again: start
-        // afresh. A resumed run skips the lines it rejected before, and stdin is a new stream
-        // each time: keep what earlier runs wrote.
+        // afresh. A resumed run skips the lines it rejected before, and stdin or a pipe is a new
+        // stream each time: keep what earlier runs wrote.
         Some(path) => Some(open_rejects(
             path,
             input.is_replayable() && resume_after == 0,
@@ -555,8 +574,8 @@ pub(crate) fn run(
                     )
                 } else {
                     format!(
-                        "a paused lane fills the queue: stopped reading stdin at line \
-                         {submitting}; that line and the rest of stdin are not sent"
+                        "a paused lane fills the queue: stopped reading the stream at line \
+                         {submitting}; that line and the rest of the stream are not sent"
                     )
                 });
             }
@@ -995,5 +1014,38 @@ mod tests {
     fn lines_are_counted_for_progress() {
         assert_eq!(Input::Memory(b"{}\n{}\n".to_vec()).count_lines(), Some(2));
         assert_eq!(Input::Stdin.count_lines(), None);
+    }
+
+    /// Makes a named pipe `dir/name` and writes `text` into it from a thread of its own (the
+    /// write waits for a reader).
+    fn pipe_with(dir: &Path, name: &str, text: &'static str) -> PathBuf {
+        let path = dir.join(name);
+        let made = std::process::Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let writer = path.clone();
+        thread::spawn(move || std::fs::write(writer, text));
+        path
+    }
+
+    #[test]
+    fn a_named_pipe_is_a_stream_never_counted_nor_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let pipe = pipe_with(dir.path(), "fifo", "{}\n{}\n");
+        let input = Input::from_arg(pipe.to_str().unwrap());
+        // Counting for the bar would read the lines out of the pipe, leaving none to send.
+        assert_eq!(input.count_lines(), None);
+        assert!(!input.is_replayable());
+        let mut reader = LineReader::new(input.open(true).unwrap(), None);
+        assert!(matches!(reader.next_line(), Ok(Some(Parsed::Item { .. }))));
+        assert!(matches!(reader.next_line(), Ok(Some(Parsed::Item { .. }))));
+        // A regular file stays one.
+        let file = dir.path().join("in.jsonl");
+        std::fs::write(&file, "{}\n").unwrap();
+        let input = Input::from_arg(file.to_str().unwrap());
+        assert_eq!(input.count_lines(), Some(1));
+        assert!(input.is_replayable());
     }
 }

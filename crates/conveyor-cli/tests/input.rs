@@ -220,3 +220,51 @@ fn a_byte_order_mark_before_the_first_line_is_dropped() {
     assert_eq!(ids(&arrivals), [0, 1]);
     assert_eq!(arrivals[0].body, "{\"id\":0}");
 }
+
+#[test]
+fn a_named_pipe_read_again_is_a_new_stream_sent_from_its_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(|_| Reply::ok()).unwrap();
+    // As `conveyor send <(producer)` or a named pipe gives it: a path, but no file to read again.
+    let pipe = dir.path().join("events.pipe");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&pipe)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    for run in 0..2_u64 {
+        let writer = {
+            let pipe = pipe.clone();
+            std::thread::spawn(move || {
+                let lines: Vec<String> = (0..3)
+                    .map(|i| format!("{{\"id\":{}}}\n", run * 3 + i))
+                    .collect();
+                std::fs::write(pipe, lines.concat()).unwrap();
+            })
+        };
+        // With the default journal, as an operator reruns the same command.
+        let output = conveyor(dir.path())
+            .args([
+                "send",
+                pipe.to_str().unwrap(),
+                "--to",
+                &server.url(),
+                "--json",
+            ])
+            .output()
+            .unwrap();
+        writer.join().unwrap();
+        expect_exit(&output, 0);
+        let summary = summary(&output);
+        assert_eq!(
+            (
+                summary["delivered"].as_u64(),
+                summary["resumed_after_line"].as_u64()
+            ),
+            (Some(3), Some(0)),
+            "run {run}: {summary}"
+        );
+    }
+    // The second stream's lines were not skipped as if they were the first one's.
+    assert_eq!(ids(&server.arrivals()), [0, 1, 2, 3, 4, 5]);
+}
