@@ -298,7 +298,8 @@ pub(crate) struct OutputArgs {
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub(crate) drain_timeout: Duration,
 
-    /// Print the summary as one JSON object on stdout.
+    /// Print the summary as one JSON object on stdout, and nothing else there: the output of
+    /// `--exec` programs then goes to stderr.
     #[arg(long)]
     pub(crate) json: bool,
 

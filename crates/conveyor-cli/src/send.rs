@@ -198,7 +198,10 @@ impl SendPlan {
                     "--header only applies to --to URL, not --exec",
                 ));
             }
-            Target::Exec(ExecSink::new(&args.exec, args.timeout).map_err(CliError::usage)?)
+            Target::Exec(
+                ExecSink::new(&args.exec, args.timeout, args.output.json)
+                    .map_err(CliError::usage)?,
+            )
         };
         let journal = if args.journal.no_journal {
             None

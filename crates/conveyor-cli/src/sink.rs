@@ -57,18 +57,27 @@ pub(crate) struct ExecSink {
     program: PathBuf,
     args: Vec<String>,
     timeout: Duration,
+    /// Whether the program's stdout goes to our stderr: under `--json`, stdout holds the summary
+    /// and nothing else, or a program's `ok` would turn it into `ok{"target":...}`.
+    stdout_to_stderr: bool,
 }
 
 impl ExecSink {
     /// Checks that the program can be found and executed now, so a typo or a missing `chmod +x`
-    /// fails once, not once per line.
-    pub(crate) fn new(argv: &[String], timeout: Duration) -> Result<Self, String> {
+    /// fails once, not once per line. `stdout_to_stderr` keeps our stdout for the `--json`
+    /// summary alone.
+    pub(crate) fn new(
+        argv: &[String],
+        timeout: Duration,
+        stdout_to_stderr: bool,
+    ) -> Result<Self, String> {
         let (name, args) = argv.split_first().ok_or("--exec needs a program to run")?;
         let program = find_program(name)?;
         Ok(Self {
             program,
             args: args.to_vec(),
             timeout,
+            stdout_to_stderr,
         })
     }
 
@@ -82,8 +91,13 @@ impl ExecSink {
             .env("CONVEYOR_ATTEMPT", d.attempt().to_string())
             .env("CONVEYOR_IDEMPOTENCY_KEY", d.idempotency_key())
             .stdin(Stdio::piped())
-            // The program's own output is data: it goes where ours does. Its stderr explains failures.
-            .stdout(Stdio::inherit())
+            // The program's own output is data: it goes where ours does, unless our stdout is
+            // the `--json` summary's. Its stderr explains failures.
+            .stdout(if self.stdout_to_stderr {
+                Stdio::from(std::io::stderr())
+            } else {
+                Stdio::inherit()
+            })
             .stderr(Stdio::piped())
             // A process group of its own: a terminal's Ctrl-C goes to the whole foreground
             // group, and conveyor's shutdown, not that signal, decides what becomes of the line
@@ -401,8 +415,12 @@ mod tests {
         assert!(find_program("/bin/sh").is_ok());
         assert!(find_program("no-such-program-conveyor").is_err());
         assert!(find_program("/").unwrap_err().contains("directory"));
-        let err = ExecSink::new(&["no-such-program-conveyor".into()], Duration::from_secs(1))
-            .unwrap_err();
+        let err = ExecSink::new(
+            &["no-such-program-conveyor".into()],
+            Duration::from_secs(1),
+            false,
+        )
+        .unwrap_err();
         assert!(err.contains("PATH"), "{err}");
     }
 

@@ -362,3 +362,18 @@ fn a_program_still_running_at_the_drain_deadline_does_not_outlive_conveyor() {
         std::fs::read_to_string(&stat).map_or(true, |s| s.contains(") Z "))
     });
 }
+
+#[test]
+fn with_json_stdout_holds_the_summary_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_lines(dir.path(), "in.jsonl", &items(2, 1));
+    // Output without a final newline, as `printf` gives: it would run into the summary's line.
+    let program = script(dir.path(), "chatty.sh", "cat >/dev/null\nprintf 'ok'\n");
+    let (output, _) = send_exec(dir.path(), &input, &[], &program);
+    let (stdout, stderr) = expect_exit(&output, 0);
+    let summary: serde_json::Value = serde_json::from_str(stdout.trim_end())
+        .unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}): {stdout}"));
+    assert_eq!(summary["delivered"], 2);
+    // The program's output is not lost: it is on stderr.
+    assert!(stderr.contains("okok"), "{stderr}");
+}
