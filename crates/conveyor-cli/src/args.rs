@@ -172,6 +172,30 @@ pub(crate) fn parse_header(text: &str) -> Result<(String, String), String> {
     }
 }
 
+/// The arguments after `--exec PROGRAM` that are spelled like one of `send`'s own long options
+/// (`--ordering`, `--key=user`): they belong to the program, which is easy to forget when adding
+/// an option at the end of a command line, and then the run silently goes without it.
+pub(crate) fn send_options_given_to_program(exec: &[String]) -> Vec<String> {
+    use clap::CommandFactory;
+    let cli = Cli::command();
+    let Some(send) = cli.find_subcommand("send") else {
+        return Vec::new();
+    };
+    let ours: Vec<&str> = send
+        .get_arguments()
+        .filter_map(clap::Arg::get_long)
+        .filter(|&long| long != "help")
+        .collect();
+    exec.iter()
+        .skip(1)
+        .filter_map(|arg| {
+            let name = arg.strip_prefix("--")?;
+            let name = name.split_once('=').map_or(name, |(name, _)| name);
+            ours.contains(&name).then(|| format!("--{name}"))
+        })
+        .collect()
+}
+
 /// What to do with an item that failed all its attempts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(crate) enum FailurePolicy {
@@ -198,8 +222,11 @@ pub(crate) struct SendArgs {
 
     /// Run PROGRAM [ARGS...] per line (no shell), the line on its stdin. Exit 0 is success,
     /// 75 (EX_TEMPFAIL) is retried, anything else fails the line. Must come last: everything after
-    /// it belongs to the program. The program also gets CONVEYOR_SEQ, CONVEYOR_LINE,
-    /// CONVEYOR_ATTEMPT and CONVEYOR_IDEMPOTENCY_KEY in its environment. It runs in its own
+    /// it belongs to the program, conveyor's own options included (`--exec ./p --json` gives
+    /// `--json` to ./p). The program also gets CONVEYOR_SEQ, CONVEYOR_LINE, CONVEYOR_ATTEMPT,
+    /// CONVEYOR_IDEMPOTENCY_KEY and, when keyed, CONVEYOR_KEY in its environment. Its stdout is
+    /// passed through (to stderr under --json); its stderr is shown only to explain a failure.
+    /// --timeout kills it and whatever it started. It runs in its own
     /// process group: Ctrl-C stops conveyor, not the program, which may finish within
     /// --drain-timeout. Killed by SIGTERM, SIGKILL, SIGINT or SIGHUP, it is retried; by another
     /// signal (a crash), the line fails.
@@ -384,5 +411,19 @@ mod tests {
         assert_eq!(send.exec, ["prog", "-x", "--flag"]);
         assert_eq!(send.retries, 2);
         assert_eq!(send.input, "in.jsonl");
+    }
+
+    #[test]
+    fn send_options_after_exec_are_spotted() {
+        let exec: Vec<String> = ["./deliver.sh", "--ordering", "keyed:16", "--key=user", "-q"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(
+            send_options_given_to_program(&exec),
+            ["--ordering", "--key"]
+        );
+        // The program's own name and its other options are its business.
+        let exec: Vec<String> = ["--json", "--verbose", "--help"].map(String::from).to_vec();
+        assert!(send_options_given_to_program(&exec).is_empty());
     }
 }

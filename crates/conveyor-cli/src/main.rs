@@ -63,6 +63,12 @@ fn main() -> ExitCode {
 }
 
 fn run_send(args: args::SendArgs) -> Result<u8, CliError> {
+    for option in args::send_options_given_to_program(&args.exec) {
+        eprintln!(
+            "conveyor: note: `{option}` comes after --exec, so it is passed to the program, not \
+             used by conveyor; put conveyor's options before --exec PROGRAM"
+        );
+    }
     let input = send::Input::from_arg(&args.input);
     let plan = send::SendPlan::from_args(args, &input)?;
     let (tx, rx) = send::events()?;

@@ -377,3 +377,30 @@ fn with_json_stdout_holds_the_summary_alone() {
     // The program's output is not lost: it is on stderr.
     assert!(stderr.contains("okok"), "{stderr}");
 }
+
+#[test]
+fn conveyor_options_after_exec_are_pointed_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_lines(dir.path(), "in.jsonl", &items(2, 2));
+    // As the README once showed it: the ordering meant for conveyor went to the program.
+    let output = conveyor(dir.path())
+        .args(["send", input.to_str().unwrap(), "--no-journal"])
+        .args([
+            "--exec",
+            "sh",
+            "-c",
+            "cat >/dev/null",
+            "--ordering",
+            "keyed:16",
+        ])
+        .args(["--key", "user"])
+        .output()
+        .unwrap();
+    let (_, stderr) = expect_exit(&output, 0);
+    for option in ["--ordering", "--key"] {
+        assert!(
+            stderr.contains(&format!("`{option}` comes after --exec")),
+            "{stderr}"
+        );
+    }
+}
