@@ -240,9 +240,9 @@ pub(crate) struct SendArgs {
     #[arg(long = "header", short = 'H', value_name = "NAME: VALUE", value_parser = parse_header)]
     pub(crate) headers: Vec<(String, String)>,
 
-    /// The HTTP method.
-    #[arg(long, default_value = "POST")]
-    pub(crate) method: String,
+    /// The HTTP method (default: POST); only for --to.
+    #[arg(long)]
+    pub(crate) method: Option<String>,
 
     /// Time limit for one request (or one program run), above zero; running out is retried.
     #[arg(long, default_value = "30s", value_parser = parse_timeout)]

@@ -168,6 +168,9 @@ impl SendPlan {
     pub(crate) fn from_args(args: SendArgs, input: &Input) -> Result<Self, CliError> {
         let key =
             match (args.ordering, &args.key) {
+                (OrderingArg::Keyed(_), Some(field)) if field.is_empty() => return Err(CliError::usage(
+                    "--key needs a field name (`user`) or a JSON pointer (`/user/id`), not an empty one",
+                )),
                 (OrderingArg::Keyed(_), Some(field)) => Some(KeySpec::parse(field)),
                 (OrderingArg::Keyed(_), None) => return Err(CliError::usage(
                     "--ordering keyed:N needs --key FIELD to say which field names a line's lane",
@@ -182,7 +185,7 @@ impl SendPlan {
         }
         let target = if let Some(url) = &args.to {
             let mut builder = conveyor::HttpSink::builder(url.as_str())
-                .method(args.method.as_str())
+                .method(args.method.as_deref().unwrap_or("POST"))
                 .timeout(args.timeout);
             for (name, value) in &args.headers {
                 builder = builder.header(name.as_str(), value.as_str());
@@ -196,6 +199,11 @@ impl SendPlan {
             if !args.headers.is_empty() {
                 return Err(CliError::usage(
                     "--header only applies to --to URL, not --exec",
+                ));
+            }
+            if args.method.is_some() {
+                return Err(CliError::usage(
+                    "--method only applies to --to URL, not --exec",
                 ));
             }
             Target::Exec(

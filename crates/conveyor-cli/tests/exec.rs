@@ -404,3 +404,22 @@ fn conveyor_options_after_exec_are_pointed_out() {
         );
     }
 }
+
+#[test]
+fn http_options_are_refused_with_exec() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_lines(dir.path(), "in.jsonl", &items(1, 1));
+    for option in [["--method", "PUT"], ["--header", "X-A: b"]] {
+        let output = conveyor(dir.path())
+            .args(["send", input.to_str().unwrap(), "--no-journal"])
+            .args(option)
+            .args(["--exec", "true"])
+            .output()
+            .unwrap();
+        let (_, stderr) = expect_exit(&output, 2);
+        assert!(
+            stderr.contains(&format!("{} only applies to --to URL", option[0])),
+            "{stderr}"
+        );
+    }
+}

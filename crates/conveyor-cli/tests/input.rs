@@ -268,3 +268,23 @@ fn a_named_pipe_read_again_is_a_new_stream_sent_from_its_start() {
     // The second stream's lines were not skipped as if they were the first one's.
     assert_eq!(ids(&server.arrivals()), [0, 1, 2, 3, 4, 5]);
 }
+
+#[test]
+fn an_empty_key_field_is_refused_before_any_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(|_| Reply::ok()).unwrap();
+    let input = write_lines(dir.path(), "in.jsonl", &items(3, 1));
+    let output = send_in_memory(
+        dir.path(),
+        &input,
+        &server.url(),
+        &["--ordering", "keyed:2", "--key", ""],
+    );
+    let (_, stderr) = expect_exit(&output, 2);
+    // One error that says what to give, not a rejection per line.
+    assert!(
+        stderr.contains("--key needs a field name") && !stderr.contains("line 1"),
+        "{stderr}"
+    );
+    assert_eq!(server.count(), 0);
+}
