@@ -26,6 +26,9 @@ const STDERR_KEEP: usize = 4 * STDERR_TAIL + 4096;
 /// already in the pipe, so this only bounds the wait on a background process it left behind
 /// holding the pipe; what such a process writes later is not waited for.
 const STDERR_GRACE: Duration = Duration::from_millis(200);
+/// How long a program stopped at exit (see [`stop_running_programs`]) has between SIGTERM and
+/// SIGKILL.
+const KILL_GRACE: Duration = Duration::from_secs(2);
 
 /// The target of `conveyor send`.
 #[derive(Debug)]
@@ -203,18 +206,34 @@ impl Drop for Running {
     }
 }
 
-/// Sends SIGTERM to every `--exec` program still running (and what it started), for when
-/// conveyor exits without waiting for them: the drain deadline passed, or a second Ctrl-C. Their
-/// lines stay pending in the journal; a program in its own process group would otherwise outlive
-/// conveyor, since a terminal's Ctrl-C no longer reaches it.
+/// Stops every `--exec` program still running (and what it started), for when conveyor exits
+/// without waiting for them: the drain deadline passed, or a second Ctrl-C. Their lines stay
+/// pending in the journal; a program in its own process group would otherwise outlive conveyor,
+/// since a terminal's Ctrl-C no longer reaches it, and the rerun would run its line again beside
+/// it. SIGTERM first, so a program may clean up; SIGKILL for what has not exited within
+/// [`KILL_GRACE`] (one that ignores SIGTERM). Returns at once when nothing is running.
 pub(crate) fn stop_running_programs() {
-    for &pid in RUNNING
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .iter()
-    {
-        signal_group(pid, libc::SIGTERM);
+    if signal_running(libc::SIGTERM) == 0 {
+        return;
     }
+    let deadline = Instant::now() + KILL_GRACE;
+    // A program that exits is reaped by the thread that ran it, which then unlists it.
+    while Instant::now() < deadline && signal_running(0) > 0 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    signal_running(libc::SIGKILL);
+}
+
+/// Sends `signal` to the process group of every program listed in [`RUNNING`] (0 only counts
+/// them); returns how many there are.
+fn signal_running(signal: libc::c_int) -> usize {
+    let running = RUNNING.lock().unwrap_or_else(PoisonError::into_inner);
+    if signal != 0 {
+        for &pid in running.iter() {
+            signal_group(pid, signal);
+        }
+    }
+    running.len()
 }
 
 /// Sends `signal` to the process group led by `pid` (each program runs in its own).
