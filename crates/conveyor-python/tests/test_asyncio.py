@@ -261,3 +261,28 @@ def test_async_sink_aflush_or_aclose_on_its_own_conveyor_is_a_clear_error(make, 
     assert len(outcome) == 1 and isinstance(outcome[0], RuntimeError), outcome
     assert f"{call}() was called from inside this conveyor's own sink" in str(outcome[0])
     assert not c.closed
+
+
+def test_a_timed_out_await_leaves_the_receipt_pending(make):
+    # `asyncio.wait_for(receipt, t)` cancels what it awaits when t passes. That must not cancel
+    # the receipt's future: its callbacks would fire for an item still being delivered,
+    # `concurrent.futures.wait` would call it done, and the real outcome could never be set.
+    gate = threading.Event()
+    c = make(lambda x: gate.wait(10) and x)
+    r = c.send("x")
+
+    async def main():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(r, timeout=0.05)
+
+    asyncio.run(main())
+    called = threading.Event()
+    r.add_done_callback(lambda receipt: called.set())
+    assert not r.future().cancel()
+    assert not r.future().done()
+    assert not called.is_set()
+    gate.set()
+    assert r.result(timeout=10) == "x"
+    assert r.future().result(timeout=10) == "x"
+    assert called.wait(10)
+

@@ -176,8 +176,22 @@ async def aenter(conveyor: T) -> T:
     return conveyor
 
 
+class ReceiptFuture(concurrent.futures.Future[Any]):
+    """The ``concurrent.futures.Future`` behind a receipt: it cannot be cancelled either.
+
+    ``asyncio.wrap_future`` cancels the future it wraps when the awaiting task is cancelled, as
+    ``asyncio.wait_for(receipt, t)`` does when ``t`` passes. A cancelled future would fire the
+    receipt's callbacks while the item is still being delivered and could never take its real
+    outcome; the item is accepted, so like ``Receipt.cancel()`` this refuses, as a running
+    ``Future`` does.
+    """
+
+    def cancel(self) -> bool:
+        return False
+
+
 def new_future() -> "concurrent.futures.Future[Any]":
-    return concurrent.futures.Future()
+    return ReceiptFuture()
 
 
 def receipt_await(receipt: Any) -> Any:
