@@ -120,6 +120,17 @@ pub(crate) fn sink_error(py: Python<'_>, err: PyErr) -> SinkError {
     }
 }
 
+/// Turns an exception the bindings raise about a sink's misuse into a failure that is never
+/// retried: the next attempt would fail the same way.
+pub(crate) fn permanent_sink_error(py: Python<'_>, err: PyErr) -> SinkError {
+    let value = err.into_value(py).into_any();
+    let message = describe(value.bind(py));
+    SinkError::permanent(PyFailure {
+        exception: crate::fork::Held::new(value),
+        message,
+    })
+}
+
 /// True if `exc` or any exception in its `__cause__` chain is an instance of `class`.
 fn caused_by(exc: &Bound<'_, PyAny>, class: Option<&Bound<'_, PyType>>) -> bool {
     let Some(class) = class else { return false };

@@ -243,11 +243,47 @@ pub(crate) fn blocking(
                 .and_then(|item| sink.call1(py, (item,)));
             CURRENT.with(|current| current.set(outer));
             IN_SINK.with(|current| current.set(previous));
-            result
-                .map(|value| Reply::Object(Held::new(value)))
-                .map_err(|err| errors::sink_error(py, err))
+            match result {
+                Ok(value) if is_coroutine(py, value.bind(py)) => {
+                    Err(coroutine_returned(py, value.bind(py), sink.bind(py)))
+                }
+                Ok(value) => Ok(Reply::Object(Held::new(value))),
+                Err(err) => Err(errors::sink_error(py, err)),
+            }
         })
     }
+}
+
+/// True if `value` is a coroutine object: what a plain function that calls an `async def` one
+/// (`lambda x: client.post(x)`) returns, with nothing to run it.
+fn is_coroutine(py: Python<'_>, value: &Bound<'_, PyAny>) -> bool {
+    static COROUTINE: pyo3::sync::GILOnceCell<Py<pyo3::types::PyType>> =
+        pyo3::sync::GILOnceCell::new();
+    // A type comparison, not `inspect.isawaitable`: it runs on every delivery.
+    COROUTINE
+        .import(py, "types", "CoroutineType")
+        .is_ok_and(|class| value.get_type().is(class))
+}
+
+/// The permanent failure for a blocking sink that returned a coroutine. Counting it as
+/// delivered would lose the item without a word, and a retry would only make another one.
+fn coroutine_returned(
+    py: Python<'_>,
+    coroutine: &Bound<'_, PyAny>,
+    sink: &Bound<'_, PyAny>,
+) -> SinkError {
+    // Closed so that Python does not warn "coroutine ... was never awaited" on top of this error.
+    let _ = coroutine.call_method0("close");
+    let sink = sink
+        .repr()
+        .map(|r| r.to_string())
+        .unwrap_or_else(|_| "the sink".to_owned());
+    let err = pyo3::exceptions::PyTypeError::new_err(format!(
+        "the sink {sink} returned a coroutine instead of delivering the item, so nothing ran it; \
+         pass the `async def` function itself (Conveyor(post), not Conveyor(lambda x: post(x))), \
+         or make the sink an `async def` that awaits it"
+    ));
+    errors::permanent_sink_error(py, err)
 }
 
 /// The sink for an `async def` callable.

@@ -150,3 +150,19 @@ def test_negative_timeout_is_a_clear_error(make):
     with pytest.raises(ValueError, match="timeout"):
         r.result(timeout=-1)
     r.result(timeout=10)
+
+
+def test_a_blocking_sink_that_returns_a_coroutine_fails_clearly(make):
+    # `Conveyor(lambda x: client.post(x))` with an async client makes a coroutine that nothing
+    # runs: reporting that as "delivered" would lose every item without a word.
+    ran = []
+
+    async def post(item):
+        ran.append(item)
+
+    c = make(lambda item: post(item), retries=3, backoff=0.001)
+    with pytest.raises(conveyor.DeliveryFailed, match="async def") as info:
+        c.send(1).result(timeout=10)
+    assert isinstance(info.value.last_exception, TypeError)
+    assert info.value.attempts == 1  # the same call cannot do better on a retry
+    assert ran == []
