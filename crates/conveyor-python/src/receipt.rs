@@ -312,8 +312,8 @@ impl PyReceipt {
     }
 }
 
-/// An awaitable that is already complete: `asend` returns one when the item was accepted at
-/// once, which skips creating a coroutine on the common path.
+/// A coroutine that is already complete: `asend` returns one when the item was accepted at
+/// once, which skips creating a Python coroutine on the common path.
 #[pyclass(frozen, module = "conveyor._conveyor")]
 pub(crate) struct Ready {
     value: Py<PyAny>,
@@ -344,6 +344,24 @@ impl Ready {
     fn send(&self, py: Python<'_>, _value: Py<PyAny>) -> PyResult<Py<PyAny>> {
         self.__next__(py)
     }
+
+    /// With `send` and `close`, makes a `Ready` a `collections.abc.Coroutine`, which
+    /// `asyncio.create_task` and `asyncio.run` require. A coroutine that has not started
+    /// raises what is thrown into it.
+    #[pyo3(signature = (typ, val = None, _tb = None))]
+    fn throw(
+        &self,
+        typ: Bound<'_, PyAny>,
+        val: Option<Bound<'_, PyAny>>,
+        _tb: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        Err(PyErr::from_value(
+            val.filter(|v| !v.is_none()).unwrap_or(typ),
+        ))
+    }
+
+    /// Nothing to clean up: the item was accepted when `asend` was called.
+    fn close(&self) {}
 }
 
 /// The `conveyor._support` module, imported once.

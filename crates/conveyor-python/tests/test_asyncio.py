@@ -286,3 +286,19 @@ def test_a_timed_out_await_leaves_the_receipt_pending(make):
     assert r.future().result(timeout=10) == "x"
     assert called.wait(10)
 
+
+
+def test_asend_can_be_made_a_task_or_run(make):
+    # asyncio.create_task and asyncio.run take coroutines only: asend must return one whether
+    # the queue had room (the fast path) or not.
+    sink = Recorder()
+    c = make(sink)
+
+    async def main():
+        task = asyncio.create_task(c.asend("task"))
+        receipt = await task
+        return await receipt
+
+    assert asyncio.run(main()) == ("ok", "task")
+    assert asyncio.run(c.asend("run")).result(timeout=10) == ("ok", "run")
+    assert sink.items == ["task", "run"]

@@ -60,3 +60,9 @@ def http_usage() -> int:
     with conveyor.Conveyor.http("http://127.0.0.1:9/x", headers={"X-Token": "t"}, retries=3) as c:
         reply: conveyor.HttpReply = c.send({"n": 1}).result()
         return reply.status + len(reply.body)
+
+
+async def asend_as_task() -> int:
+    async with conveyor.Conveyor(send_to_space) as c:
+        receipt = await asyncio.create_task(c.asend({"n": 1}))
+        return await receipt

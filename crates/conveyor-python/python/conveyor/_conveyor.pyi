@@ -3,7 +3,7 @@
 import concurrent.futures
 import os
 import types
-from collections.abc import Awaitable, Callable, Generator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
 from types import TracebackType
 from typing import Any, Generic, Literal, TypeVar, final, overload
 
@@ -183,7 +183,7 @@ class Conveyor(Generic[_T, _R]):
     ) -> Receipt[_R]: ...
     def asend(
         self, item: _T, *, key: str | None = None, cursor: int | None = None
-    ) -> Awaitable[Receipt[_R]]: ...
+    ) -> Coroutine[Any, Any, Receipt[_R]]: ...
     def _send_wait(
         self, item: _T, key: str | None, cursor: int | None, timeout: float
     ) -> Receipt[_R] | None: ...
