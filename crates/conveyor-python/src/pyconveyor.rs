@@ -167,6 +167,21 @@ pub(crate) struct PyConveyor {
     options: Options,
 }
 
+/// Converts a count from Python (`capacity`, `retries`, ...). Taken as `i64` rather than as the
+/// unsigned type the engine wants, so that `-1` gets a `ValueError` naming the option instead
+/// of an `OverflowError` that names nothing.
+///
+/// # Errors
+/// `ValueError` for a value below `min` or too large for `T`.
+fn count_arg<T: TryFrom<i64>>(name: &str, value: i64, min: i64) -> PyResult<T> {
+    if value < min {
+        return Err(PyValueError::new_err(format!(
+            "{name}={value}: expected a whole number >= {min}"
+        )));
+    }
+    T::try_from(value).map_err(|_| PyValueError::new_err(format!("{name}={value}: too large")))
+}
+
 fn parse_ordering(
     ordering: &str,
     in_flight: Option<usize>,
@@ -485,15 +500,15 @@ impl PyConveyor {
         py: Python<'_>,
         sink: Py<PyAny>,
         ordering: &str,
-        in_flight: Option<usize>,
-        concurrency: Option<usize>,
-        capacity: usize,
+        in_flight: Option<i64>,
+        concurrency: Option<i64>,
+        capacity: i64,
         backpressure: &str,
-        retries: u32,
+        retries: i64,
         backoff: f64,
         max_backoff: Option<f64>,
         on_failure: &str,
-        rate_limit: Option<u32>,
+        rate_limit: Option<i64>,
         drain_timeout: f64,
         name: Option<String>,
         journal: Option<std::path::PathBuf>,
@@ -509,6 +524,17 @@ impl PyConveyor {
                 sink.bind(py).repr()?
             )));
         }
+        let in_flight = in_flight
+            .map(|n| count_arg("in_flight", n, 1))
+            .transpose()?;
+        let concurrency = concurrency
+            .map(|n| count_arg("concurrency", n, 1))
+            .transpose()?;
+        let capacity = count_arg("capacity", capacity, 1)?;
+        let retries = count_arg("retries", retries, 0)?;
+        let rate_limit: Option<u32> = rate_limit
+            .map(|n| count_arg("rate_limit", n, 1))
+            .transpose()?;
         let parsed_ordering = parse_ordering(ordering, in_flight, concurrency)?;
         let parsed_backpressure = parse_backpressure(backpressure)?;
         let drain = seconds_arg("drain_timeout", drain_timeout)?;

@@ -70,3 +70,22 @@ def test_a_delivery_failure_from_a_receipt_survives_pickle(make):
     assert_same(twin, failure)
     assert (twin.attempts, twin.seq) == (2, 1)
     assert isinstance(twin.__cause__, ValueError) and twin.__cause__ is twin.last_exception
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"capacity": -1},
+        {"retries": -1},
+        {"retries": 2**40},
+        {"rate_limit": -5},
+        {"ordering": "pipelined", "in_flight": -1},
+        {"ordering": "keyed", "concurrency": -2},
+    ],
+)
+def test_out_of_range_counts_are_value_errors_naming_the_option(options):
+    # An OverflowError without the option's name ("out of range integral type conversion
+    # attempted") left users guessing which of a dozen options was wrong.
+    name = [k for k in options if k != "ordering"][0]
+    with pytest.raises(ValueError, match=f"{name}={options[name]}"):
+        conveyor.Conveyor(print, **options)
