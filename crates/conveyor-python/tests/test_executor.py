@@ -184,3 +184,27 @@ def test_serial_executor_task_submitting_to_its_full_executor_gets_queue_full():
 
     assert ex.submit(task).result(timeout=10) == "ok"
     ex.shutdown()
+
+
+def test_serial_executor_takes_max_workers_1_like_thread_pool_executor():
+    # Swapping the class name in `ThreadPoolExecutor(1)` must not turn the 1 into a queue
+    # capacity of one call (submit would then wait behind a slow call).
+    gate = threading.Event()
+    ex = conveyor.SerialExecutor(1)
+    first = ex.submit(gate.wait, 10)
+    submitted = threading.Event()
+
+    def submit_more():
+        for _ in range(5):
+            ex.submit(lambda: None)
+        submitted.set()
+
+    t = threading.Thread(target=submit_more)
+    t.start()
+    assert submitted.wait(10), "submit waited for room although only 5 calls were queued"
+    gate.set()
+    t.join()
+    assert first.result(timeout=10) is True
+    ex.shutdown()
+    with pytest.raises(ValueError, match="max_workers=2"):
+        conveyor.SerialExecutor(max_workers=2)

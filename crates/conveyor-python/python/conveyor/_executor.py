@@ -5,7 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import threading
-from typing import Any, Callable, Dict, Tuple, TypeVar
+from typing import Any, Callable, Dict, Optional, Tuple, TypeVar
 
 from ._conveyor import Conveyor
 from ._errors import Closed
@@ -42,11 +42,20 @@ class SerialExecutor(concurrent.futures.Executor):
       whatever is left is reported in a ``RuntimeWarning`` instead of hanging the exit.
 
     Args:
+        max_workers: ``None`` or ``1``, so that ``SerialExecutor(1)`` means what
+            ``ThreadPoolExecutor(1)`` does; any other value is a ``ValueError``.
         capacity: how many submitted calls may wait to run (the running one not counted).
         drain_timeout: seconds the interpreter-exit drain waits before reporting what is left.
     """
 
-    def __init__(self, capacity: int = 10_000, *, drain_timeout: float = 30.0) -> None:
+    def __init__(
+        self, max_workers: Optional[int] = None, *, capacity: int = 10_000, drain_timeout: float = 30.0
+    ) -> None:
+        if max_workers is not None and max_workers != 1:
+            raise ValueError(
+                f"max_workers={max_workers!r}: a SerialExecutor runs one call at a time; "
+                "use ThreadPoolExecutor for parallel calls"
+            )
         # Futures not started yet, so shutdown(cancel_futures=True) can cancel them at once, as
         # ThreadPoolExecutor does. Dict operations are atomic under the GIL.
         self._pending: Dict[int, "concurrent.futures.Future[Any]"] = {}
