@@ -158,7 +158,9 @@ impl PyReceipt {
 
     /// Waits (interruptibly, without the GIL) for the outcome.
     fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Outcome> {
-        let timeout = timeout_arg("timeout", timeout)?;
+        // A negative timeout means "no time left", as for `concurrent.futures.Future`: code
+        // that passes `deadline - time.monotonic()` gets a TimeoutError, not a ValueError.
+        let timeout = timeout_arg("timeout", timeout.map(|t| if t < 0.0 { 0.0 } else { t }))?;
         self.check_process(py)?;
         let slot = self.watch(py);
         let settled = wait_interruptibly(py, timeout, |slice: Duration| {

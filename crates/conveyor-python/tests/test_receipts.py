@@ -144,11 +144,11 @@ def test_receipt_cannot_be_cancelled(make):
     r.result(timeout=10)
 
 
-def test_negative_timeout_is_a_clear_error(make):
+def test_a_nan_timeout_is_a_clear_error(make):
     c = make(Recorder())
     r = c.send(1)
     with pytest.raises(ValueError, match="timeout"):
-        r.result(timeout=-1)
+        r.result(timeout=float("nan"))
     r.result(timeout=10)
 
 
@@ -166,3 +166,17 @@ def test_a_blocking_sink_that_returns_a_coroutine_fails_clearly(make):
     assert isinstance(info.value.last_exception, TypeError)
     assert info.value.attempts == 1  # the same call cannot do better on a retry
     assert ran == []
+
+
+def test_a_negative_timeout_times_out_like_a_future(make):
+    # concurrent.futures.Future.result(-1) raises TimeoutError: code that passes
+    # `deadline - time.monotonic()` must not get a ValueError once the deadline has passed.
+    gate = threading.Event()
+    c = make(lambda x: gate.wait(10))
+    r = c.send(1)
+    for call in (r.result, r.exception, concurrent.futures.Future().result):
+        with pytest.raises(concurrent.futures.TimeoutError):
+            call(timeout=-1)
+    gate.set()
+    assert r.result(timeout=10) is True
+    assert r.result(timeout=-1) is True
