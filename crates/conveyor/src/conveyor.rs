@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
@@ -15,7 +15,7 @@ use crossbeam_utils::{Backoff, CachePadded};
 use crate::intake::{Intake, Wake};
 use crate::journal::{DeadLetter, Journal, JournalError, Record, Settlement as Settled};
 use crate::queue::{Room, State, Waiters};
-use crate::receipt::{NodeContext, NodeRef, Receipt};
+use crate::receipt::{Inside, NodeContext, NodeRef, OwnWorkers, Receipt};
 use crate::retry::random_u64;
 use crate::stats::{CloseReport, Stats};
 use crate::worker::{async_worker, later, thread_worker, Sink};
@@ -385,6 +385,58 @@ impl<T, R> Drop for AsyncWaiter<'_, T, R> {
     }
 }
 
+impl<T, R> Shared<T, R> {
+    /// Marks the calling thread's worker, if it is one of this conveyor's (and still live), as
+    /// waiting inside; returns it. The others waiting inside look again: they may now wait for
+    /// nobody.
+    fn mark_waiting_inside(&self, st: &mut State<T, R>) -> Option<usize> {
+        let worker = self.worker_here()?;
+        st.set_waiting_inside(worker, true);
+        self.wake_waiting_inside(st);
+        Some(worker)
+    }
+}
+
+/// A receipt waited for from inside one of this conveyor's workers (see `Receipt::wait`).
+impl<T: Send + Sync, R: Send> OwnWorkers for Shared<T, R> {
+    fn start_waiting_inside(&self) -> Inside {
+        // Without the lock on every thread but the workers' own.
+        if self.worker_here().is_none() {
+            return Inside::Elsewhere;
+        }
+        let mut st = self.lock();
+        match self.mark_waiting_inside(&mut st) {
+            Some(worker) if self.may_wait_inside(&mut st, worker) => Inside::Waiting(worker),
+            Some(_) => Inside::Hopeless,
+            None => Inside::Elsewhere,
+        }
+    }
+
+    fn keep_waiting_inside(&self, worker: usize) -> bool {
+        self.may_wait_inside(&mut self.lock(), worker)
+    }
+
+    fn stop_waiting_inside(&self, worker: usize) {
+        self.lock().set_waiting_inside(worker, false);
+    }
+}
+
+impl<T, R> Shared<T, R> {
+    /// Whether `worker`, marked as waiting inside for an item to settle, may go on waiting:
+    /// anything else can still settle one. If not, it is unmarked.
+    fn may_wait_inside(&self, st: &mut State<T, R>, worker: usize) -> bool {
+        // Items sent from the fast path may still be in the intake, where the lanes do not
+        // show them: an idle worker was woken for them and would start them.
+        self.drain(st);
+        // Past a shutdown's deadline, the thread closing the conveyor settles every item left.
+        let may = st.abandoned || st.others_can_progress();
+        if !may {
+            st.set_waiting_inside(worker, false);
+        }
+        may
+    }
+}
+
 /// A call into a conveyor made from inside one of its workers (its sink call or a receipt
 /// callback, see `worker::WorkerHere`), while it waits: that worker delivers nothing meanwhile,
 /// so it counts as waiting inside (see `State::others_can_progress`) until `stop`, or until the
@@ -405,14 +457,10 @@ impl<'a, T, R> InsideWait<'a, T, R> {
     }
 
     /// Marks the calling thread's worker, if it is one of this conveyor's and is not marked
-    /// yet. The others waiting inside look again: they may now wait for nobody.
+    /// yet.
     fn start(&mut self, st: &mut State<T, R>) {
         if self.worker.is_none() {
-            self.worker = self.shared.worker_here();
-            if let Some(worker) = self.worker {
-                st.set_waiting_inside(worker, true);
-                self.shared.wake_waiting_inside(st);
-            }
+            self.worker = self.shared.mark_waiting_inside(st);
         }
     }
 
@@ -554,29 +602,33 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         };
         // Prefix of every `Delivery::idempotency_key`: the journal's id with a journal (stable
         // across restarts), else random per conveyor.
-        let context = NodeContext {
-            id_prefix: Arc::from(id_prefix),
-            runtime_thread,
-        };
-        // A journal's appends are queued under the state lock in seq order: no fast path.
-        let intake = Intake::new(first_seq, config.capacity, opened.is_none(), context);
-        let shared = Arc::new(Shared {
-            state: CachePadded::new(Mutex::new(state)),
-            intake: CachePadded::new(IntakeLine {
-                items: Mutex::new(intake),
-                filled: AtomicBool::new(false),
-                lookout: AtomicBool::new(false),
-            }),
-            work: Condvar::new(),
-            work_async: Notify::new(),
-            space: Condvar::new(),
-            space_async: Notify::new(),
-            settled: Condvar::new(),
-            settled_async: Notify::new(),
-            shutdown: Condvar::new(),
-            shutdown_async: Notify::new(),
-            config,
-            durable: opened,
+        // The nodes' context keeps a weak reference to the conveyor (see `NodeContext`).
+        let shared = Arc::new_cyclic(|conveyor: &Weak<Shared<T, R>>| {
+            let context = NodeContext {
+                id_prefix: Arc::from(id_prefix),
+                runtime_thread,
+                conveyor: conveyor.clone(),
+            };
+            // A journal's appends are queued under the state lock in seq order: no fast path.
+            let intake = Intake::new(first_seq, config.capacity, opened.is_none(), context);
+            Shared {
+                state: CachePadded::new(Mutex::new(state)),
+                intake: CachePadded::new(IntakeLine {
+                    items: Mutex::new(intake),
+                    filled: AtomicBool::new(false),
+                    lookout: AtomicBool::new(false),
+                }),
+                work: Condvar::new(),
+                work_async: Notify::new(),
+                space: Condvar::new(),
+                space_async: Notify::new(),
+                settled: Condvar::new(),
+                settled_async: Notify::new(),
+                shutdown: Condvar::new(),
+                shutdown_async: Notify::new(),
+                config,
+                durable: opened,
+            }
         });
         let mut conveyor = Conveyor {
             shared: shared.clone(),

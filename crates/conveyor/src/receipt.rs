@@ -11,7 +11,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll, Waker};
 use std::thread::ThreadId;
 use std::time::{Duration, Instant};
@@ -53,6 +53,55 @@ pub(crate) struct NodeContext {
     /// The thread of the current-thread runtime its async sink runs on, if any: blocking
     /// there until an item settles would never end.
     pub(crate) runtime_thread: Option<ThreadId>,
+    /// The conveyor whose workers deliver these nodes: a receipt waited for from inside one of
+    /// them asks it whether another worker can still settle the item. Weak: the nodes, and this
+    /// context with them, may outlive the conveyor, which owns the slab they come from.
+    pub(crate) conveyor: Weak<dyn OwnWorkers>,
+}
+
+/// What a receipt waited for from code that one of its own conveyor's workers runs (its sink
+/// call, or a receipt callback it settles) needs of that conveyor: that worker delivers nothing
+/// while it waits, so it must not wait for what only it could do.
+pub(crate) trait OwnWorkers: Send + Sync {
+    /// Whether the calling thread runs code for one of this conveyor's live workers, and if so,
+    /// whether it may wait: marked as waiting inside (see `State::others_can_progress`), anything
+    /// else can still settle an item. Checked and marked under one lock, so that the others
+    /// never see a mark that is about to be undone.
+    fn start_waiting_inside(&self) -> Inside;
+
+    /// Whether the marked `worker` may go on waiting; if not, it is unmarked under the same lock.
+    fn keep_waiting_inside(&self, worker: usize) -> bool;
+
+    /// Unmarks `worker`: its wait ended.
+    fn stop_waiting_inside(&self, worker: usize);
+}
+
+/// What [`OwnWorkers::start_waiting_inside`] found.
+pub(crate) enum Inside {
+    /// The calling thread runs code for none of the conveyor's live workers: it waits as any
+    /// thread does.
+    Elsewhere,
+    /// Nothing but the calling worker could settle an item: it must not wait.
+    Hopeless,
+    /// Marked as waiting inside: it waits, asking again now and then.
+    Waiting(usize),
+}
+
+/// Stands for a conveyor in contexts that have none (unit tests).
+#[cfg(test)]
+struct NoConveyor;
+
+#[cfg(test)]
+impl OwnWorkers for NoConveyor {
+    fn start_waiting_inside(&self) -> Inside {
+        Inside::Elsewhere
+    }
+
+    fn keep_waiting_inside(&self, _worker: usize) -> bool {
+        true
+    }
+
+    fn stop_waiting_inside(&self, _worker: usize) {}
 }
 
 #[cfg(test)]
@@ -62,6 +111,7 @@ impl NodeContext {
         Self {
             id_prefix: Arc::from("test"),
             runtime_thread: None,
+            conveyor: Weak::<NoConveyor>::new(),
         }
     }
 }
@@ -252,6 +302,45 @@ pub(crate) fn waiting_would_hang(runtime_thread: Option<ThreadId>) -> bool {
         && tokio::runtime::Handle::try_current().is_ok()
 }
 
+/// How long a wait from inside one of the conveyor's own workers sleeps before it asks again
+/// whether another worker can still settle the item (see `Receipt::wait_inside`): it only
+/// delays giving up, never a result.
+const INSIDE_CHECK: Duration = Duration::from_millis(10);
+
+/// A worker marked as waiting inside its own conveyor, unmarked when this drops (also when user
+/// code around the wait unwinds).
+struct WaitingInside<'a> {
+    conveyor: &'a dyn OwnWorkers,
+    worker: usize,
+    /// Still marked (`keep_waiting` unmarks as it says no).
+    marked: bool,
+}
+
+impl WaitingInside<'_> {
+    fn keep_waiting(&mut self) -> bool {
+        self.marked = self.conveyor.keep_waiting_inside(self.worker);
+        self.marked
+    }
+}
+
+impl Drop for WaitingInside<'_> {
+    fn drop(&mut self) {
+        if self.marked {
+            self.conveyor.stop_waiting_inside(self.worker);
+        }
+    }
+}
+
+#[cold]
+fn wait_refused_inside() -> ! {
+    panic!(
+        "Receipt::wait would wait forever: it was called inside the conveyor's own sink call or \
+         receipt callback, and no other worker can settle the item (only this worker could, \
+         after this call returns); wait outside the sink, or use Receipt::on_settled or \
+         Receipt::wait_timeout there instead"
+    )
+}
+
 /// One item as handed to the sink, with its identity.
 ///
 /// A `Delivery` is owned and `'static`, so an async sink can move it into its future.
@@ -359,6 +448,18 @@ impl<T: fmt::Debug> fmt::Debug for Delivery<T> {
 /// callback with [`Receipt::on_settled`], or `.await` it. Dropping a receipt never
 /// cancels the delivery.
 ///
+/// # Waiting from inside its own conveyor
+///
+/// While the conveyor's own sink, or a receipt callback that one of its workers runs, waits for
+/// an item, that worker delivers nothing. [`Receipt::wait`] and [`Receipt::wait_timeout`] wait
+/// there only while another worker can still settle the item, and panic or return `None` once
+/// none can. Awaiting does not give up: inside an async sink, `.await` on the receipt of an item
+/// that only that sink's worker could deliver (under strict ordering any later item, under
+/// keyed ordering a later item of the same key) never completes. A future cannot tell whether
+/// it is all its sink awaits (under `tokio::time::timeout` or in a `select!`, failing the sink
+/// would be wrong), so there, bound the await with a timeout, or send without awaiting and use
+/// [`Receipt::on_settled`].
+///
 /// Items are stored in blocks of a few KiB, and a block is reused once none of its items is
 /// referenced any more: keeping one receipt (or one [`Delivery`]) for a long time keeps its
 /// block allocated, so keep outcomes rather than receipts when you need them for long.
@@ -424,30 +525,43 @@ impl<R> Receipt<R> {
     /// reported as closed by a conveyor shutdown, so it does not outlive the
     /// conveyor's drain deadline.
     ///
+    /// Called from the conveyor's own sink, or from a receipt callback that one of its workers
+    /// runs, it waits only while another worker can still settle the item: the calling worker
+    /// delivers nothing until the call returns.
+    ///
     /// # Errors
     ///
     /// The [`DeliveryError`] that says how the item ended if it was not delivered.
     ///
     /// # Panics
     ///
-    /// If the item has not settled and this is the thread of a current-thread Tokio runtime
-    /// that runs the conveyor's async sink, which could not settle it meanwhile: `.await` the
-    /// receipt there.
+    /// If the item has not settled and waiting would never end:
+    /// - on the thread of a current-thread Tokio runtime that runs the conveyor's async sink,
+    ///   which could not settle it meanwhile: `.await` the receipt there;
+    /// - inside the conveyor's own sink call or a receipt callback run by one of its workers,
+    ///   once no other worker can settle the item: only the calling worker could, after the
+    ///   call returns (under strict ordering, any later item; under keyed ordering, a later
+    ///   item of the same key). Wait outside the sink, or use [`Receipt::on_settled`] or
+    ///   [`Receipt::wait_timeout`] there. The panic fails the sink's item (without retries) and
+    ///   the worker goes on, as for any panic in a sink.
     pub fn wait(mut self) -> Result<R, DeliveryError> {
         self.wait_until(None)
             .expect("waiting without a deadline always yields a result")
     }
 
-    /// Blocks for at most `timeout`; `None` if the item has not settled by then. On the thread
-    /// of a current-thread Tokio runtime that runs the conveyor's async sink, it does not
-    /// block (nothing could settle the item meanwhile).
+    /// Blocks for at most `timeout`; `None` if the item has not settled by then.
+    ///
+    /// Where [`Receipt::wait`] would panic, it returns `None` at once instead: on the thread of
+    /// a current-thread Tokio runtime that runs the conveyor's async sink, and inside the
+    /// conveyor's own sink call or a receipt callback run by one of its workers once no other
+    /// worker can settle the item (nothing could settle it meanwhile).
     ///
     /// # Panics
     ///
     /// If the result was already taken by an earlier call that returned `Some`, or by
     /// polling the receipt as a future to completion.
     pub fn wait_timeout(&mut self, timeout: Duration) -> Option<Result<R, DeliveryError>> {
-        // A deadline however far (not "forever"): on the runtime thread it must not block.
+        // A deadline however far (not "forever"): where `wait` would panic, it must not block.
         self.wait_until(Some(crate::worker::later(timeout)))
     }
 
@@ -456,7 +570,99 @@ impl<R> Receipt<R> {
         waiting_would_hang(unsafe { context(self.node.as_ptr()) }.runtime_thread)
     }
 
+    /// The receipt's conveyor, if the calling thread may be running code for one of its
+    /// workers. On any other thread this costs a thread-local read.
+    fn own_conveyor(&self) -> Option<Arc<dyn OwnWorkers>> {
+        let here = crate::worker::conveyor_here()?;
+        // SAFETY: `node` is a live node, kept alive by this receipt.
+        let conveyor = &unsafe { context(self.node.as_ptr()) }.conveyor;
+        // The address alone: the weak reference keeps it from being reused by another conveyor.
+        if conveyor.as_ptr().cast::<()>() as usize == here {
+            conveyor.upgrade()
+        } else {
+            None
+        }
+    }
+
     fn wait_until(&mut self, deadline: Option<Instant>) -> Option<Result<R, DeliveryError>> {
+        match self.own_conveyor() {
+            // On the runtime thread nothing at all runs meanwhile: `wait_slot` says so first.
+            Some(conveyor) if !self.waiting_would_hang() => self.wait_inside(&*conveyor, deadline),
+            _ => self.wait_slot(deadline),
+        }
+    }
+
+    /// `wait_slot` from code run by one of the conveyor's own workers, which settles nothing
+    /// while it waits: it waits only while the others can still settle the item.
+    ///
+    /// It sleeps on the slot in slices of `INSIDE_CHECK` and asks the conveyor between them.
+    /// The slot's condvar wakes it as soon as the item settles, whoever settles it (a worker, a
+    /// send dropping it, a shutdown); what the others can still do is only known under the
+    /// state lock, and waking this thread on every change there would need the slot registered
+    /// in the state. Slices cost one state lock per slice on this rare path and nothing on the
+    /// usual one, and only ever delay giving up, never a result.
+    fn wait_inside(
+        &mut self,
+        conveyor: &dyn OwnWorkers,
+        deadline: Option<Instant>,
+    ) -> Option<Result<R, DeliveryError>> {
+        // Settled already: the conveyor need not hear of it.
+        if let Some(result) = self.take_settled() {
+            return Some(result);
+        }
+        let mut inside = match conveyor.start_waiting_inside() {
+            // Not for a live worker: one that is exiting takes no item any more, so it holds
+            // none up.
+            Inside::Elsewhere => return self.wait_slot(deadline),
+            Inside::Hopeless => return self.nobody_else_settles(deadline),
+            Inside::Waiting(worker) => WaitingInside {
+                conveyor,
+                worker,
+                marked: true,
+            },
+        };
+        loop {
+            let slice = crate::worker::later(INSIDE_CHECK);
+            let until = deadline.map_or(slice, |deadline| deadline.min(slice));
+            if let Some(result) = self.wait_slot(Some(until)) {
+                return Some(result);
+            }
+            if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+                return None;
+            }
+            if !inside.keep_waiting() {
+                return self.nobody_else_settles(deadline);
+            }
+        }
+    }
+
+    /// How a wait from inside ends once nothing but the waiting worker could settle the item.
+    fn nobody_else_settles(
+        &mut self,
+        deadline: Option<Instant>,
+    ) -> Option<Result<R, DeliveryError>> {
+        // A worker settles the receipts of its items before it stops counting as able to
+        // progress (see `State::settling_by`): what another worker settled is in the slot now.
+        match self.take_settled() {
+            Some(result) => Some(result),
+            None if deadline.is_none() => wait_refused_inside(),
+            None => None,
+        }
+    }
+
+    /// The outcome, taken, if the item has settled.
+    fn take_settled(&mut self) -> Option<Result<R, DeliveryError>> {
+        let mut state = self.slot().lock();
+        if let SlotState::Pending { .. } = *state {
+            return None;
+        }
+        match std::mem::replace(&mut *state, SlotState::Taken) {
+            SlotState::Ready(result) => Some(result),
+            _ => panic!("the receipt's result was already taken"),
+        }
+    }
+
+    fn wait_slot(&mut self, deadline: Option<Instant>) -> Option<Result<R, DeliveryError>> {
         let slot = self.slot();
         let mut state = slot.lock();
         loop {
@@ -546,6 +752,8 @@ impl<R> Receipt<R> {
     }
 }
 
+/// Awaiting inside the conveyor's own async sink may never complete: see
+/// [Waiting from inside its own conveyor](Receipt#waiting-from-inside-its-own-conveyor).
 impl<R> Future for Receipt<R> {
     type Output = Result<R, DeliveryError>;
 

@@ -620,6 +620,14 @@ thread_local! {
     static WORKER_HERE: Cell<WorkerHere> = const { Cell::new(NOWHERE) };
 }
 
+/// The conveyor (its `Shared`, by address) for whose worker the calling thread may be running
+/// user code, if any: a cheap first look for receipts, which do not know the conveyor's types
+/// (`Shared::worker_here` tells for sure).
+pub(crate) fn conveyor_here() -> Option<usize> {
+    let here = WORKER_HERE.with(Cell::get);
+    (here.conveyor != 0).then_some(here.conveyor)
+}
+
 impl<T, R> Shared<T, R> {
     /// What this thread is doing for this conveyor's workers, if anything.
     fn here(&self) -> Option<WorkerHere> {

@@ -1,6 +1,7 @@
 //! Calls into a conveyor from inside its own sink call or receipt callback: a blocking send
-//! on a full queue, a flush or a close. The calling worker delivers nothing while it waits, so
-//! each waits only for what the other workers can still do, and never for itself.
+//! on a full queue, a flush, a close, or a wait for a receipt. The calling worker delivers
+//! nothing while it waits, so each waits only for what the other workers can still do, and
+//! never for itself.
 
 mod common;
 
@@ -262,11 +263,12 @@ fn a_flush_from_a_callback_does_not_wait_for_the_next_item_its_worker_took() {
     assert_eq!(c.stats().delivered, 2);
 }
 
-/// Both workers' sinks close their conveyor at once: neither waits for the other's call (each
-/// used to wait for the other worker to leave, and both sat out their whole deadline).
-#[test]
-fn two_sinks_closing_their_conveyor_at_once_do_not_wait_for_each_other() {
-    let (tx, rx) = channel::<(u64, Duration)>();
+/// Pipelined, two workers: the sinks of items 1 and 2 each run `inside` with the conveyor once
+/// both are in their sink calls. Returns what each one sent back, with its item, as they came.
+fn two_sinks_at_once<O: Send + 'static>(
+    inside: impl Fn(&Conveyor<u64>, u64) -> O + Send + Sync + 'static,
+) -> (Arc<Conveyor<u64>>, [(u64, O); 2]) {
+    let (tx, rx) = channel();
     let tx = Mutex::new(tx);
     let both = Arc::new(Barrier::new(2));
     let me: Arc<OnceLock<Arc<Conveyor<u64>>>> = Arc::new(OnceLock::new());
@@ -276,13 +278,11 @@ fn two_sinks_closing_their_conveyor_at_once_do_not_wait_for_each_other() {
             .ordering(Ordering::Pipelined { in_flight: 2 })
             .drain_timeout(Duration::from_secs(1))
             .build(move |d: Delivery<u64>| {
-                both.wait(); // both workers are in their sink calls
-                let started = Instant::now();
-                let _report = myself.get().unwrap().close_timeout(LONG);
-                tx.lock()
-                    .unwrap()
-                    .send((*d.item(), started.elapsed()))
-                    .unwrap();
+                if *d.item() <= 2 {
+                    both.wait();
+                    let out = inside(myself.get().unwrap(), *d.item());
+                    tx.lock().unwrap().send((*d.item(), out)).unwrap();
+                }
                 Ok(())
             })
             .unwrap(),
@@ -290,8 +290,20 @@ fn two_sinks_closing_their_conveyor_at_once_do_not_wait_for_each_other() {
     me.set(c.clone()).ok();
     c.send(1).unwrap();
     c.send(2).unwrap();
-    let a = rx.recv_timeout(GENEROUS).expect("a close came back");
-    let b = rx.recv_timeout(GENEROUS).expect("both closes came back");
+    let first = rx.recv_timeout(GENEROUS).expect("a sink came back");
+    let second = rx.recv_timeout(GENEROUS).expect("both sinks came back");
+    (c, [first, second])
+}
+
+/// Both workers' sinks close their conveyor at once: neither waits for the other's call (each
+/// used to wait for the other worker to leave, and both sat out their whole deadline).
+#[test]
+fn two_sinks_closing_their_conveyor_at_once_do_not_wait_for_each_other() {
+    let (_c, [a, b]) = two_sinks_at_once(|c, _| {
+        let started = Instant::now();
+        let _report = c.close_timeout(LONG);
+        started.elapsed()
+    });
     assert!(
         a.1 < Duration::from_secs(5) && b.1 < Duration::from_secs(5),
         "closes from inside two sinks waited for each other: {a:?} {b:?}"
@@ -342,8 +354,8 @@ fn a_flush_from_a_callback_waits_for_the_other_workers_callbacks() {
 }
 
 /// An async sink (strict, capacity 1) calling its own conveyor: the blocking `send`, the
-/// awaited `send_async` and `flush_async` each see that only its own worker could help, and
-/// return instead of waiting for good.
+/// awaited `send_async`, `flush_async` and a blocking `wait_timeout` for the item it queued each
+/// see that only its own worker could help, and return instead of waiting for good.
 #[test]
 fn an_async_sink_calling_its_own_conveyor_does_not_wait_for_itself() {
     let (tx, rx) = channel();
@@ -359,13 +371,18 @@ fn an_async_sink_calling_its_own_conveyor_does_not_wait_for_itself() {
                 let tx = (*d.item() == 1).then(|| tx.lock().unwrap().clone());
                 async move {
                     if let Some(tx) = tx {
-                        let first = c.send(100).is_ok();
+                        let first = c.send(100);
                         let blocking = matches!(c.send(101), Err(SendError::Full(101)));
                         let awaited = matches!(c.send_async(102).await, Err(SendError::Full(102)));
                         let started = Instant::now();
                         c.flush_async().await;
                         let flush_took = started.elapsed();
-                        tx.send((first, blocking, awaited, flush_took)).ok();
+                        let waited = first.ok().map(|mut first| {
+                            let started = Instant::now();
+                            let waited = first.wait_timeout(LONG).map(|r| r.is_ok());
+                            (waited, started.elapsed())
+                        });
+                        tx.send((blocking, awaited, flush_took, waited)).ok();
                     }
                     Ok(())
                 }
@@ -375,13 +392,168 @@ fn an_async_sink_calling_its_own_conveyor_does_not_wait_for_itself() {
     me.set(c.clone()).ok();
     c.send(1).unwrap();
     // (The sink's handle keeps the conveyor alive: no drop waits for a stuck worker.)
-    let (first, blocking, awaited, flush_took) =
+    let (blocking, awaited, flush_took, waited) =
         rx.recv_timeout(GENEROUS).expect("the calls came back");
-    assert!(first && blocking && awaited, "{first} {blocking} {awaited}");
+    assert!(blocking && awaited, "{blocking} {awaited}");
     assert!(
         flush_took < Duration::from_secs(5),
         "flush_async waited {flush_took:?}"
     );
+    let (waited, took) = waited.expect("the first send was accepted");
+    gave_up_at_once(waited, took);
     assert!(c.flush_timeout(GENEROUS));
     assert_eq!(c.stats().delivered, 2, "items 1 and 100");
+}
+
+/// The text of a caught panic.
+fn panic_text(panic: Box<dyn std::any::Any + Send>) -> String {
+    match panic.downcast::<String>() {
+        Ok(text) => *text,
+        Err(panic) => panic
+            .downcast::<&'static str>()
+            .map_or_else(|_| "(no text)".to_owned(), |text| (*text).to_owned()),
+    }
+}
+
+/// Asserts that a `wait_timeout` (with a `LONG` timeout) from inside, which nobody else could
+/// end, returned `None` long before its deadline.
+fn gave_up_at_once(waited: Option<bool>, took: Duration) {
+    assert_eq!(waited, None);
+    assert!(
+        took < Duration::from_secs(5),
+        "wait_timeout waited {took:?}"
+    );
+}
+
+/// Strict: the sink of item 1 waits for the receipt of item 2, which can only start once that
+/// sink call returns. The wait panics (it used to wait for good, and with it the conveyor), the
+/// panic fails item 1 with a message that says what to do, and item 2 is delivered after.
+#[test]
+fn a_sink_waiting_for_its_own_next_item_fails_its_item_instead_of_hanging() {
+    let c = calling_itself(Ordering::Strict, 100, 1, &[], |c, _| {
+        let _ = c.send(2).unwrap().wait();
+    });
+    let mut first = c.send(1).unwrap();
+    let outcome = first
+        .wait_timeout(GENEROUS)
+        .expect("item 1 settled: the sink's wait did not hang");
+    let error = outcome.expect_err("the sink's wait panicked").to_string();
+    assert!(
+        error.contains("Receipt::wait would wait forever") && error.contains("on_settled"),
+        "{error}"
+    );
+    assert!(c.flush_timeout(GENEROUS));
+    let stats = c.stats();
+    assert_eq!((stats.failed, stats.delivered), (1, 1), "{stats:?}");
+}
+
+/// `wait_timeout` from inside the sink, or from a receipt callback whose worker took the next
+/// item already, for an item only that worker could deliver: `None` at once, not at the end
+/// of its (long) timeout.
+#[test]
+fn wait_timeout_from_inside_gives_up_at_once_when_nobody_else_can_settle() {
+    let (c, took, waited) = from_inside_the_sink(Ordering::Strict, |c| {
+        let mut second = c.send(4).unwrap();
+        second.wait_timeout(LONG).map(|r| r.is_ok())
+    });
+    gave_up_at_once(waited, took);
+    assert!(c.flush_timeout(GENEROUS));
+    assert_eq!(c.stats().delivered, 4);
+
+    // A callback of item 1, run by its worker after it took item 2.
+    let c: Arc<Conveyor<u64>> = Arc::new(
+        Conveyor::builder()
+            .build(|d: Delivery<u64>| {
+                if *d.item() == 1 {
+                    sleep_ms(100); // item 2 is queued meanwhile
+                }
+                Ok(())
+            })
+            .unwrap(),
+    );
+    let (tx, rx) = channel();
+    let (second_tx, second_rx) = channel::<conveyor::Receipt<()>>();
+    c.send(1).unwrap().on_settled(move |_| {
+        let mut second = second_rx.recv().unwrap();
+        let started = Instant::now();
+        let waited = second.wait_timeout(LONG).map(|r| r.is_ok());
+        tx.send((waited, started.elapsed())).unwrap();
+    });
+    second_tx.send(c.send(2).unwrap()).unwrap();
+    let (waited, took) = rx.recv_timeout(GENEROUS).expect("the wait came back");
+    gave_up_at_once(waited, took);
+    assert!(c.flush_timeout(GENEROUS));
+    assert_eq!(c.stats().delivered, 2);
+}
+
+/// Keyed: the sink of `a1` waits for `b2`, which the other worker delivers: the wait returns
+/// its outcome. It then waits for `a5`, behind its own item in lane `a`: once the other worker
+/// is idle, nobody else can settle it, and `wait_timeout` says so instead of sitting out its
+/// deadline.
+#[test]
+fn keyed_a_sink_gets_another_keys_outcome_but_not_its_own_keys() {
+    let (c, took, (other, own, own_took)) =
+        from_inside_the_sink(Ordering::Keyed { concurrency: 2 }, |c| {
+            let other = c
+                .send_keyed("b", 4)
+                .unwrap()
+                .wait()
+                .map_err(|e| e.to_string());
+            let mut own = c.send_keyed("a", 5).unwrap();
+            let started = Instant::now();
+            let own = own.wait_timeout(LONG).map(|r| r.is_ok());
+            (other, own, started.elapsed())
+        });
+    assert_eq!(other, Ok(()), "b's item, delivered by the other worker");
+    gave_up_at_once(own, own_took);
+    assert!(took < Duration::from_secs(5), "the sink took {took:?}");
+    assert!(c.flush_timeout(GENEROUS));
+    assert_eq!(c.stats().delivered, 5);
+}
+
+/// Keyed: the sink of `a1` waits for `a4`, the next item of its own key, while `b1` still runs
+/// on the other worker (for 300 ms). The wait goes on while `b1` runs (that worker could still
+/// settle something), then panics instead of waiting for good.
+#[test]
+fn keyed_a_sink_waiting_for_its_own_keys_next_item_does_not_hang() {
+    let (c, took, (panicked, b_delivered)) =
+        from_inside_the_sink(Ordering::Keyed { concurrency: 2 }, |c| {
+            let own = c.send_keyed("a", 4).unwrap();
+            let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| own.wait()));
+            (waited.map_err(panic_text).map(drop), c.stats().delivered)
+        });
+    let text = panicked.expect_err("the wait panicked");
+    assert!(text.contains("Receipt::wait would wait forever"), "{text}");
+    assert!(took < Duration::from_secs(5), "the wait took {took:?}");
+    assert_eq!(b_delivered, 1, "b1, on the other worker, was waited for");
+    assert!(c.flush_timeout(GENEROUS));
+    assert_eq!(c.stats().delivered, 4);
+}
+
+/// Pipelined, two workers, both in their sink calls: item 1's sink waits for item 11, then
+/// item 2's sink waits for item 12. Item 2's worker finds the only other worker waiting too,
+/// so its wait gives up at once; its call returns, it delivers item 11, and item 1's wait gets
+/// the outcome. Nothing waits for good.
+#[test]
+fn pipelined_two_sinks_waiting_on_later_items_are_not_a_deadlock() {
+    let (c, mut waits) = two_sinks_at_once(|c, item| {
+        if item == 2 {
+            sleep_ms(200); // item 1's wait starts first
+        }
+        let mut later = c.send(10 + item).unwrap();
+        let started = Instant::now();
+        let waited = later.wait_timeout(LONG).map(|r| r.is_ok());
+        (waited, started.elapsed())
+    });
+    waits.sort_by_key(|w| w.0);
+    let [(_, (first, first_took)), (_, (second, second_took))] = waits;
+    assert_eq!(
+        first,
+        Some(true),
+        "item 11 was delivered by the other worker"
+    );
+    gave_up_at_once(second, second_took);
+    assert!(first_took < Duration::from_secs(5), "{first_took:?}");
+    assert!(c.flush_timeout(GENEROUS));
+    assert_eq!(c.stats().delivered, 4);
 }
