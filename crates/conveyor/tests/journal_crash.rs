@@ -10,7 +10,7 @@ use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use conveyor::{Conveyor, Durability, Journal, Ordering};
@@ -93,7 +93,23 @@ impl Rng {
     }
 }
 
+/// Held while the parent has a journal open, and while it spawns a child. The two tests run on
+/// parallel threads of one process: a child forked by one test while the other holds its
+/// journal's lock inherits the lock's file until it execs (the fd is close-on-exec, but `flock`
+/// lasts while any copy is open). Descheduled in between on a busy machine, that child kept the
+/// lock held past the parent's close, and the other test's next child found its journal
+/// `Locked` by the parent. `Command::spawn` returns only once the child has exec'd.
+static FORK_GUARD: Mutex<()> = Mutex::new(());
+
+/// Runs `read` on the journal in `dir`, opened and closed with no child being spawned meanwhile
+/// (see `FORK_GUARD`).
+fn with_journal<X>(dir: &Path, read: impl FnOnce(&Journal) -> X) -> X {
+    let _no_spawn = FORK_GUARD.lock().unwrap_or_else(PoisonError::into_inner);
+    read(&Journal::open(dir.join("journal")).unwrap())
+}
+
 fn spawn_child(test: &str, dir: &Path, start: u64, drain: bool) -> std::process::Child {
+    let _no_journal_open = FORK_GUARD.lock().unwrap_or_else(PoisonError::into_inner);
     let mut cmd = Command::new(std::env::current_exe().unwrap());
     cmd.args([test, "--exact", "--nocapture", "--test-threads=1"])
         .env(CHILD_DIR, dir)
@@ -190,11 +206,7 @@ fn check_cursor(
     durability: Durability,
     ctx: &str,
 ) {
-    let cursor = Journal::open(dir.join("journal"))
-        .unwrap()
-        .cursor()
-        .unwrap()
-        .unwrap_or(0);
+    let cursor = with_journal(dir, |j| j.cursor().unwrap().unwrap_or(0));
     let last = logged.last().expect("a trial was logged");
     let tried = logged.iter().flat_map(|t| t.tried.iter()).max();
     assert!(
@@ -353,10 +365,7 @@ fn crash_and_check(
         "{duplicates} redeliveries; {ctx}"
     );
 
-    let status = Journal::open(dir.path().join("journal"))
-        .unwrap()
-        .status()
-        .unwrap();
+    let status = with_journal(dir.path(), |j| j.status().unwrap());
     assert_eq!(
         (status.pending, status.dead_letters),
         (0, 0),
