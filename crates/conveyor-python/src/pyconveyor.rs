@@ -395,7 +395,7 @@ impl PyConveyor {
                 engine.wait_committed(&receipt, slice).then_some(())
             })?;
         }
-        Ok(PyReceipt::new(receipt, shared.fork_gen))
+        Ok(PyReceipt::new(receipt, shared.fork_gen, shared.sink.id))
     }
 
     fn closed_error(&self, py: Python<'_>, shared: &Shared) -> PyErr {

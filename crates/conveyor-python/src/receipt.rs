@@ -9,6 +9,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use conveyor::DeliveryError;
+use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::sync::GILOnceCell;
 
@@ -53,6 +54,10 @@ struct SlotInner {
 }
 
 impl Slot {
+    fn is_settled(&self) -> bool {
+        lock(&self.inner).outcome.is_some()
+    }
+
     /// Called by the engine on the settling thread, without the GIL.
     fn settle(&self, seq: u64, outcome: Outcome) {
         let future = {
@@ -108,14 +113,18 @@ pub(crate) struct PyReceipt {
     /// The process generation at `send` time: a receipt inherited through `os.fork()` belongs to
     /// delivery threads that do not exist in the child, so waiting on it must fail, not hang.
     fork_gen: u64,
+    /// The conveyor's sink id (see `sink::inside_sink_of`): waiting without a timeout from
+    /// inside that sink could wait for the sink itself.
+    sink_id: u64,
     state: Mutex<State>,
 }
 
 impl PyReceipt {
-    pub(crate) fn new(receipt: EngineReceipt, fork_gen: u64) -> Self {
+    pub(crate) fn new(receipt: EngineReceipt, fork_gen: u64, sink_id: u64) -> Self {
         PyReceipt {
             seq: receipt.seq(),
             fork_gen,
+            sink_id,
             state: Mutex::new(State::Pending(receipt)),
         }
     }
@@ -163,6 +172,17 @@ impl PyReceipt {
         let timeout = timeout_arg("timeout", timeout.map(|t| if t < 0.0 { 0.0 } else { t }))?;
         self.check_process(py)?;
         let slot = self.watch(py);
+        if timeout.is_none() && crate::sink::inside_sink_of(self.sink_id) && !slot.is_settled() {
+            // Under strict ordering (or for a later item of the same key) only this very sink
+            // call's worker could deliver the item, after the call returns. As `flush` does here,
+            // refuse rather than judge whether another worker might; a timeout bounds the wait.
+            return Err(PyRuntimeError::new_err(format!(
+                "result() or exception() without a timeout was called from inside this conveyor's own sink, on \
+                 item {} that has not settled: it may wait for the very sink call that waits for \
+                 it; pass a timeout, or use add_done_callback()",
+                self.seq
+            )));
+        }
         let settled = wait_interruptibly(py, timeout, |slice: Duration| {
             let inner = lock(&slot.inner);
             let (inner, _) = slot
@@ -202,7 +222,9 @@ impl PyReceipt {
     ///
     /// Raises `DeliveryFailed`, `Dropped` or `Closed` if the item was not delivered, and
     /// `TimeoutError` if it is still pending after `timeout` seconds. Releases the GIL while
-    /// waiting; Ctrl-C interrupts the wait.
+    /// waiting; Ctrl-C interrupts the wait. Called without a timeout from inside this
+    /// conveyor's own sink on an item not settled yet, it raises `RuntimeError`: the item may
+    /// only start once that sink call returns.
     #[pyo3(signature = (timeout = None))]
     fn result(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
         match self.wait(py, timeout)? {

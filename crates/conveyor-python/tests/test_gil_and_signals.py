@@ -172,6 +172,35 @@ def test_flush_from_inside_the_sink_is_a_clear_error(make):
     assert len(errors) == 1 and "own sink" in str(errors[0])
 
 
+def test_waiting_for_a_later_item_from_inside_the_sink_is_a_clear_error(make):
+    # Strict: the later item can only start once this sink call returns, so result() without
+    # a timeout would wait forever. With a timeout it waits as asked, and times out.
+    outcomes = []
+    holder = {}
+
+    def sink(item):
+        if item != "first":
+            return item
+        later = holder["c"].send("second")
+        try:
+            later.result()
+        except RuntimeError as exc:
+            outcomes.append(exc)
+        try:
+            later.result(timeout=0.05)
+        except TimeoutError as exc:
+            outcomes.append(exc)
+        return item
+
+    c = make(sink)
+    holder["c"] = c
+    c.send("first")
+    assert c.flush(timeout=30)
+    assert [type(o) for o in outcomes] == [RuntimeError, TimeoutError], outcomes
+    assert "own sink" in str(outcomes[0]) and "timeout" in str(outcomes[0])
+    assert c.stats.delivered == 2
+
+
 def test_many_threads_send_while_sink_is_slow(make):
     sink = Recorder(delay=0.0005)
     c = make(sink, capacity=16)
