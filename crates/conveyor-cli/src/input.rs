@@ -51,6 +51,12 @@ impl KeySpec {
             Self::Pointer(pointer) => value.pointer(pointer),
         };
         match found {
+            // An `--exec` program gets the key in its environment, which cannot hold a NUL: every
+            // attempt would fail. Refused here as bad input, for every target alike.
+            Some(Value::String(s)) if s.contains('\0') => Err(format!(
+                "key field `{}` contains a NUL character (\\u0000), which a key cannot hold",
+                self.name()
+            )),
             Some(Value::String(s)) => Ok(s.clone()),
             Some(v @ (Value::Number(_) | Value::Bool(_))) => Ok(v.to_string()),
             Some(Value::Null) | None => Err(format!("no key field `{}`", self.name())),
@@ -221,6 +227,12 @@ mod tests {
         assert!(keys[2].as_ref().unwrap_err().contains("no key field `u`"));
         assert!(keys[3].as_ref().unwrap_err().contains("object or array"));
         assert!(keys[4].is_err());
+
+        let nul = read_all("{\"u\":\"a\\u0000b\"}\n", Some("u"));
+        assert!(
+            matches!(&nul[0], Parsed::Rejected { reason, .. } if reason.contains("NUL")),
+            "{nul:?}"
+        );
 
         let pointer = read_all("{\"n\":{\"id\":7}}\n", Some("/n/id"));
         assert!(matches!(&pointer[0], Parsed::Item { key: Some(k), .. } if k == "7"));
