@@ -196,6 +196,28 @@ pub(crate) fn send_options_given_to_program(exec: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// What to tell someone whose run reads stdin from a terminal: it waits for typed lines, which
+/// looks like a hang when INPUT was meant to be a file but was put after `--exec PROGRAM`, where
+/// it became the program's argument.
+pub(crate) fn terminal_stdin_note(exec: &[String]) -> String {
+    let mut note = "conveyor: reading JSON lines from the terminal; type them, then Ctrl-D to \
+                    end the input"
+        .to_owned();
+    let files: Vec<&str> = exec
+        .iter()
+        .skip(1)
+        .map(String::as_str)
+        .filter(|arg| !arg.starts_with('-') && std::path::Path::new(arg).is_file())
+        .collect();
+    if let Some(file) = files.first() {
+        note.push_str(&format!(
+            ". `{file}` comes after --exec, so it is the program's argument, not conveyor's \
+             INPUT; put INPUT before --exec PROGRAM"
+        ));
+    }
+    note
+}
+
 /// What to do with an item that failed all its attempts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(crate) enum FailurePolicy {
@@ -425,5 +447,22 @@ mod tests {
         // The program's own name and its other options are its business.
         let exec: Vec<String> = ["--json", "--verbose", "--help"].map(String::from).to_vec();
         assert!(send_options_given_to_program(&exec).is_empty());
+    }
+
+    #[test]
+    fn a_file_after_exec_is_named_when_stdin_is_a_terminal() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.jsonl");
+        std::fs::write(&input, "{}\n").unwrap();
+        let input = input.to_str().unwrap().to_owned();
+        let note = terminal_stdin_note(&["./deliver.sh".to_owned(), input.clone()]);
+        assert!(note.contains("Ctrl-D"), "{note}");
+        assert!(
+            note.contains(&format!("`{input}` comes after --exec")),
+            "{note}"
+        );
+        // Options and words that are no file are the program's business.
+        let note = terminal_stdin_note(&["./deliver.sh".to_owned(), "--fast".to_owned()]);
+        assert!(!note.contains("comes after --exec"), "{note}");
     }
 }

@@ -1,5 +1,6 @@
 //! `conveyor`: JSON lines in, ordered HTTP or program delivery out.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -70,6 +71,9 @@ fn run_send(args: args::SendArgs) -> Result<u8, CliError> {
         );
     }
     let input = send::Input::from_arg(&args.input);
+    if matches!(input, send::Input::Stdin) && std::io::stdin().is_terminal() {
+        eprintln!("{}", args::terminal_stdin_note(&args.exec));
+    }
     let plan = send::SendPlan::from_args(args, &input)?;
     let (tx, rx) = send::events()?;
     let summary = send::run(plan, input, tx, &rx);
