@@ -76,6 +76,7 @@ impl ExecSink {
     ) -> Result<Self, String> {
         let (name, args) = argv.split_first().ok_or("--exec needs a program to run")?;
         let program = find_program(name)?;
+        check_interpreter(name, &program)?;
         Ok(Self {
             program,
             args: args.to_vec(),
@@ -362,6 +363,33 @@ fn find_program(name: &str) -> Result<PathBuf, String> {
         })
 }
 
+/// A script whose `#!` line names an interpreter that cannot be run passes `find_program`, then
+/// fails every line with a bare "No such file or directory": said once, at the start, instead.
+fn check_interpreter(name: &str, program: &Path) -> Result<(), String> {
+    use std::io::Read;
+    let mut head = [0u8; 256];
+    let read = std::fs::File::open(program)
+        .and_then(|mut f| f.read(&mut head))
+        .unwrap_or(0);
+    let Some(rest) = head[..read].strip_prefix(b"#!") else {
+        return Ok(());
+    };
+    let line = rest.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let Some(interpreter) = line.split_whitespace().next() else {
+        return Ok(());
+    };
+    // A relative interpreter is looked up from wherever the program runs: left to exec.
+    if interpreter.starts_with('/') && !may_execute(Path::new(interpreter)) {
+        return Err(format!(
+            "`{name}` starts with `#!{}`, and `{interpreter}` cannot be run (missing or not \
+             executable): fix its #! line, or name an interpreter first (`--exec python3 {name}`)",
+            line.trim_end()
+        ));
+    }
+    Ok(())
+}
+
 /// Whether this process may execute `path`: access(2) with X_OK, the check exec itself makes
 /// (permission bits alone would be wrong for another user's file, or for root).
 fn may_execute(path: &Path) -> bool {
@@ -441,6 +469,25 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.contains("PATH"), "{err}");
+    }
+
+    #[test]
+    fn a_script_whose_interpreter_cannot_run_is_refused_at_the_start() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let script = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+            vec![path.to_str().unwrap().to_owned()]
+        };
+        let new = |argv: Vec<String>| ExecSink::new(&argv, Duration::from_secs(1), false);
+        let err = new(script("bad.py", "#!/no/such/python3 -u\nprint(1)\n")).unwrap_err();
+        assert!(err.contains("#!/no/such/python3 -u"), "{err}");
+        assert!(err.contains("--exec python3"), "{err}");
+        assert!(new(script("good.sh", "#!/bin/sh\ncat\n")).is_ok());
+        assert!(new(script("env.sh", "#! /usr/bin/env sh\ncat\n")).is_ok());
+        assert!(new(script("plain", "cat\n")).is_ok());
     }
 
     #[test]
