@@ -321,7 +321,8 @@ pub(crate) struct SendArgs {
 pub(crate) struct JournalArgs {
     /// The journal file that makes a rerun resume where this one stopped (default: a file under
     /// ./.conveyor/ named after the input and the target). A rerun reads a file on after the
-    /// lines taken before; give a rewritten input a new journal (a shorter one is refused).
+    /// lines taken before, if it grew since; one that was rewritten or cut short is refused
+    /// (give it a new journal).
     #[arg(long, value_name = "PATH", conflicts_with = "no_journal")]
     pub(crate) journal: Option<PathBuf>,
 

@@ -3,7 +3,9 @@
 //! Everything journal-specific that `send` does goes through the functions here; the operating
 //! commands (`status`, `dead`, `resume`) are in `ops.rs`.
 
-use std::path::Path;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
 
 use conveyor::{BuildError, Builder, Conveyor, Durability, Journal, JournalError};
 
@@ -31,6 +33,85 @@ pub(crate) fn attach(
     } else {
         builder
     })
+}
+
+/// How much of the start of an input file its fingerprint covers (see [`remember_input`]).
+const FINGERPRINT_BYTES: u64 = 64 * 1024;
+
+/// `JOURNAL-input`: the fingerprint of the file input the journal's first run read.
+fn fingerprint_path(journal: &Path) -> PathBuf {
+    let mut name = journal.as_os_str().to_owned();
+    name.push("-input");
+    PathBuf::from(name)
+}
+
+/// The length and FNV-1a hash of the first [`FINGERPRINT_BYTES`] (at most `limit`) of `input`.
+fn fingerprint(input: &Path, limit: u64) -> std::io::Result<(u64, u64)> {
+    let mut head = Vec::new();
+    File::open(input)?
+        .take(limit.min(FINGERPRINT_BYTES))
+        .read_to_end(&mut head)?;
+    Ok((head.len() as u64, fnv1a(&head)))
+}
+
+/// 64-bit FNV-1a, for default journal names and input fingerprints (not against an adversary):
+/// stable across Rust releases, unlike std's DefaultHasher, so an upgraded binary still finds
+/// yesterday's journal.
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Remembers the start of the file a run reads from its first line, next to its journal: a
+/// rerun resumes by line position, and a file rewritten since with at least as many lines
+/// would otherwise have its first lines skipped without a word. Written before any line is
+/// read; a file that only grew since (a log appended to) keeps its start, and resumes.
+pub(crate) fn remember_input(journal: &Path, input: &Path) -> Result<(), CliError> {
+    let sidecar = fingerprint_path(journal);
+    let written = fingerprint(input, FINGERPRINT_BYTES).and_then(|(len, hash)| {
+        let mut file = File::create(&sidecar)?;
+        writeln!(file, "conveyor input fingerprint 1\n{len} {hash:016x}")?;
+        file.sync_all()
+    });
+    written.map_err(|e| {
+        CliError::usage(format!(
+            "cannot write {} (the fingerprint of the input, which a rerun checks): {e}",
+            sidecar.display()
+        ))
+    })
+}
+
+/// Checks that `input` starts as the file did when the journal's first run read it (see
+/// [`remember_input`]); `taken`: the lines earlier runs took. A journal without a fingerprint
+/// (made before fingerprints, or crashed before writing it) is not checked.
+pub(crate) fn check_input(journal: &Path, input: &Path, taken: u64) -> Result<(), CliError> {
+    let Ok(text) = std::fs::read_to_string(fingerprint_path(journal)) else {
+        return Ok(());
+    };
+    let Some((len, hash)) = text.lines().nth(1).and_then(|line| {
+        let (len, hash) = line.split_once(' ')?;
+        Some((
+            len.parse::<u64>().ok()?,
+            u64::from_str_radix(hash, 16).ok()?,
+        ))
+    }) else {
+        return Ok(());
+    };
+    let now = fingerprint(input, len)
+        .map_err(|e| CliError::usage(format!("cannot read input {}: {e}", input.display())))?;
+    if now == (len, hash) {
+        return Ok(());
+    }
+    let journal = journal.display();
+    Err(CliError::usage(format!(
+        "the input {} is not the file the journal {journal} was started with: its first {len} \
+         bytes changed since, and an earlier run already took its first {taken} lines, so \
+         resuming by position would skip lines of the new content. To send it as a new input, \
+         pass a new --journal PATH, or delete {journal} once `conveyor status --journal \
+         {journal}` shows nothing pending",
+        input.display()
+    )))
 }
 
 /// The input position the journal at `path` holds (lines a previous run already took), read

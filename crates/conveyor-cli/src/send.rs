@@ -306,24 +306,19 @@ fn default_journal_path(
     })
     .take(40)
     .collect();
-    let single_lane = dir.join(format!("{stem}-{:016x}.journal", fnv1a(&identity)));
+    let single_lane = dir.join(format!(
+        "{stem}-{:016x}.journal",
+        journal::fnv1a(identity.as_bytes())
+    ));
     if !keyed {
         return single_lane;
     }
-    let hash = fnv1a(&format!("{identity}\nkeyed"));
+    let hash = journal::fnv1a(format!("{identity}\nkeyed").as_bytes());
     let path = dir.join(format!("{stem}-keyed-{hash:016x}.journal"));
     if !path.exists() && single_lane.exists() && journal::written_keyed(&single_lane) {
         return single_lane;
     }
     path
-}
-
-/// FNV-1a: stable across Rust releases, unlike std's DefaultHasher, so an upgraded binary still
-/// finds yesterday's journal.
-fn fnv1a(text: &str) -> u64 {
-    text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
 }
 
 /// The input, line by line.
@@ -340,7 +335,11 @@ fn open_input(plan: &SendPlan, input: &Input) -> Result<(Reader, Option<File>), 
     let resume_after = match &plan.journal {
         Some(path) if input.is_replayable() => {
             let taken = journal::stored_cursor(path)?.unwrap_or(0);
+            // A shorter file is said to be one; then one whose start changed.
             skip_taken(&mut reader, taken, input, path)?;
+            if let (Input::File(file), true) = (input, taken > 0) {
+                journal::check_input(path, file, taken)?;
+            }
             taken
         }
         _ => 0,
@@ -376,7 +375,8 @@ fn open_rejects(path: &Path, afresh: bool) -> Result<File, CliError> {
 
 /// Skips the lines an earlier run `taken` from the input. A file with fewer lines was replaced
 /// or cut short since: reading on from that position would send nothing, silently, so it is an
-/// error. (A file rewritten with at least as many lines cannot be told from the same file.)
+/// error. (A file rewritten with at least as many lines is caught by its start, see
+/// `journal::check_input`.)
 fn skip_taken(
     reader: &mut Reader,
     taken: u64,
@@ -469,6 +469,9 @@ pub(crate) fn run(
             .map_err(journal::build_error)?,
     );
     let skipped = reader.position();
+    if let (Some(path), Input::File(file), 0) = (&plan.journal, &input, skipped) {
+        journal::remember_input(path, file)?;
+    }
     // Lines a previous run left pending in the journal are delivered first; count them in.
     let backlog = {
         let stats = conveyor.stats();

@@ -443,6 +443,38 @@ fn an_input_shorter_than_the_journal_position_is_refused() {
 }
 
 #[test]
+fn an_input_rewritten_with_as_many_lines_is_refused_and_one_that_grew_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(|_| Reply::ok()).unwrap();
+    let input = write_lines(dir.path(), "in.jsonl", &items(3, 1));
+    let send = || {
+        conveyor(dir.path())
+            .args(["send", input.to_str().unwrap(), "--to", &server.url()])
+            .output()
+            .unwrap()
+    };
+    expect_exit(&send(), 0);
+    // Appended to (a growing log): the first lines are the same, the run sends the new ones.
+    write_lines(dir.path(), "in.jsonl", &items(5, 1));
+    expect_exit(&send(), 0);
+    assert_eq!(ids(&server.arrivals()), [0, 1, 2, 3, 4]);
+    // Rewritten with other lines, more of them: resuming at line 5 would skip four new lines.
+    let other: Vec<String> = (10..16).map(|i| format!(r#"{{"id":{i}}}"#)).collect();
+    write_lines(dir.path(), "in.jsonl", &other);
+    let (_, stderr) = expect_exit(&send(), 2);
+    assert!(
+        stderr.contains("is not the file") && stderr.contains("first 5 lines"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--journal"), "says what to do: {stderr}");
+    assert_eq!(
+        server.count(),
+        5,
+        "nothing of the new file was sent or skipped"
+    );
+}
+
+#[test]
 fn sync_never_reads_stdin_ahead_of_the_journal() {
     use std::io::Seek;
     let dir = tempfile::tempdir().unwrap();
