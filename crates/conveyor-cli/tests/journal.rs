@@ -295,8 +295,7 @@ fn dead_discard_drops_a_dead_letter_for_good() {
     .unwrap();
     let input = write_lines(dir.path(), "in.jsonl", &items(3, 1));
     let send = || {
-        conveyor(dir.path())
-            .args(["send", input.to_str().unwrap(), "--to", &server.url()])
+        send_json(dir.path(), &input, &server.url())
             .output()
             .unwrap()
     };
@@ -425,8 +424,7 @@ fn an_input_shorter_than_the_journal_position_is_refused() {
     let server = Server::start(|_| Reply::ok()).unwrap();
     let input = write_lines(dir.path(), "in.jsonl", &items(4, 1));
     let send = || {
-        conveyor(dir.path())
-            .args(["send", input.to_str().unwrap(), "--to", &server.url()])
+        send_json(dir.path(), &input, &server.url())
             .output()
             .unwrap()
     };
@@ -448,8 +446,7 @@ fn an_input_rewritten_with_as_many_lines_is_refused_and_one_that_grew_resumes() 
     let server = Server::start(|_| Reply::ok()).unwrap();
     let input = write_lines(dir.path(), "in.jsonl", &items(3, 1));
     let send = || {
-        conveyor(dir.path())
-            .args(["send", input.to_str().unwrap(), "--to", &server.url()])
+        send_json(dir.path(), &input, &server.url())
             .output()
             .unwrap()
     };
