@@ -366,8 +366,27 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Builder<T, R> {
         Conveyor::start(self.config, Sink::Blocking(Arc::new(sink)), self.journal)
     }
 
-    /// Starts the conveyor with an async sink. It runs on the Tokio runtime this is
-    /// called from, or on a small runtime the conveyor owns when called outside one.
+    /// Starts the conveyor with an async sink. It runs on the multi-threaded Tokio runtime
+    /// this is called from, or else on a small multi-threaded runtime the conveyor owns (shut
+    /// down when the conveyor is dropped), with Tokio's time and I/O drivers.
+    ///
+    /// Built inside a current-thread runtime (`#[tokio::main(flavor = "current_thread")]`,
+    /// `Runtime::block_on`), the sink runs on the conveyor's own runtime, not that one: a
+    /// current-thread runtime runs its tasks only while a thread is inside its `block_on`, so
+    /// once that returns, or while its thread blocks in [`Conveyor::flush`],
+    /// [`Conveyor::close`], a drop or [`Receipt::wait`](crate::Receipt::wait), the sink could
+    /// not run and the wait would never end. On the conveyor's runtime, every wait works from
+    /// any thread, and dropping your runtime loses nothing sent.
+    ///
+    /// So the sink's future is polled on the conveyor's runtime: `tokio::spawn` in it spawns
+    /// there, and its timers follow the real clock (not a paused test clock). Tokio resources
+    /// made on your current-thread runtime and used by the sink (a socket, a client whose
+    /// connections were opened there, a channel fed by one of its tasks) still work, but they
+    /// make progress only while your runtime runs: awaiting ([`Conveyor::flush_async`],
+    /// [`Conveyor::send_async`], a receipt) lets it run, blocking its thread in `flush` does not
+    /// (the flush then waits for as long as that thread is blocked), and once that runtime is
+    /// dropped Tokio fails their calls with an error. Resources the sink makes itself belong to
+    /// the conveyor's runtime and have none of these limits.
     ///
     /// # Errors
     ///

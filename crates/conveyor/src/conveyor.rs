@@ -542,8 +542,9 @@ enum Refused<T, R> {
 #[must_use = "dropping a conveyor closes it: items sent later are refused"]
 pub struct Conveyor<T: Send + Sync + 'static, R: Send + 'static = ()> {
     shared: Arc<Shared<T, R>>,
-    /// The runtime for async sinks when built outside one; shut down in the
-    /// background on drop so that dropping never blocks or panics inside async code.
+    /// The runtime for async sinks when not built inside a multi-threaded one (see
+    /// `async_runtime`); shut down in the background on drop so that dropping never blocks or
+    /// panics inside async code.
     runtime: Option<tokio::runtime::Runtime>,
     /// Blocking-sink worker threads, joined by `close` once they have exited.
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
@@ -591,22 +592,12 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             state.restore_pause(lane);
         }
         state.seq_limit = opened.as_ref().map(|d| d.seq_limit.clone());
-        let ambient = tokio::runtime::Handle::try_current().ok();
-        let runtime_thread = match (&sink, &ambient) {
-            (Sink::Async(_), Some(handle))
-                if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread =>
-            {
-                Some(std::thread::current().id())
-            }
-            _ => None,
-        };
         // Prefix of every `Delivery::idempotency_key`: the journal's id with a journal (stable
         // across restarts), else random per conveyor.
         // The nodes' context keeps a weak reference to the conveyor (see `NodeContext`).
         let shared = Arc::new_cyclic(|conveyor: &Weak<Shared<T, R>>| {
             let context = NodeContext {
                 id_prefix: Arc::from(id_prefix),
-                runtime_thread,
                 conveyor: conveyor.clone(),
             };
             // A journal's appends are queued under the state lock in seq order: no fast path.
@@ -660,19 +651,8 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
                 }
             }
             Sink::Async(f) => {
-                let handle = match ambient {
-                    Some(handle) => handle,
-                    None => {
-                        let rt = tokio::runtime::Builder::new_multi_thread()
-                            .worker_threads(2)
-                            .thread_name("conveyor-async")
-                            .enable_time()
-                            .build()?;
-                        let handle = rt.handle().clone();
-                        conveyor.runtime = Some(rt);
-                        handle
-                    }
-                };
+                let (handle, owned) = async_runtime()?;
+                conveyor.runtime = owned;
                 for worker in 0..workers {
                     handle.spawn(async_worker(shared.clone(), f.clone(), worker));
                 }
@@ -748,10 +728,6 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             match (shared.config.backpressure, wait) {
                 (Backpressure::Block, Wait::Thread) | (_, Wait::ThreadAlways) => {
                     drop(ik);
-                    if needs_workers && self.waiting_would_hang() {
-                        drop(st); // not poisoned by the panic
-                        hang_refused("send");
-                    }
                     st.waiters.blocked_senders += 1;
                     st = shared.wait(&shared.space, st);
                     st.waiters.blocked_senders -= 1;
@@ -975,12 +951,6 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// call returns. Once none can (strict ordering, or the queue full behind its own item),
     /// it returns [`SendError::Full`] even under `Block`, instead of waiting for itself.
     ///
-    /// # Panics
-    ///
-    /// If the queue is full and it would have to wait for room on the thread of a
-    /// current-thread Tokio runtime that runs this conveyor's async sink: that runtime could
-    /// not deliver anything meanwhile.
-    ///
     /// # Examples
     ///
     /// ```
@@ -1127,22 +1097,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             .await
     }
 
-    /// Whether a blocking wait here would never end: this thread drives the current-thread
-    /// runtime the async sink runs on, and cannot while it waits.
-    fn waiting_would_hang(&self) -> bool {
-        // The receipts' context says it (never on the hot path: this takes the intake lock).
-        let runtime_thread = self.shared.intake().context().runtime_thread;
-        crate::receipt::waiting_would_hang(runtime_thread)
-    }
-
-    fn flush_until(&self, mut deadline: Option<Instant>) -> bool {
-        if self.waiting_would_hang() {
-            // The workers cannot run while this thread waits: only say how things stand.
-            match deadline {
-                None => hang_refused("flush"),
-                Some(_) => deadline = Some(Instant::now()),
-            }
-        }
+    fn flush_until(&self, deadline: Option<Instant>) -> bool {
         blocking_section(|| {
             let shared = &*self.shared;
             let mut inside = InsideWait::new(shared);
@@ -1187,10 +1142,6 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// waiting on: items not committed yet are not delivered until the journal can be written
     /// again.
     ///
-    /// # Panics
-    ///
-    /// If it would have to wait on the thread of a current-thread Tokio runtime that runs
-    /// this conveyor's async sink: that runtime could not deliver anything meanwhile.
     pub fn flush(&self) {
         self.flush_until(None);
         self.sync_journal(None);
@@ -1209,10 +1160,6 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// with a journal, whether what the journal holds is committed: while it cannot be
     /// written, see [`Conveyor::journal_error`], this returns `false` without waiting on).
     ///
-    /// On the thread of a current-thread Tokio runtime that runs this conveyor's async sink,
-    /// it does not wait (that runtime could not deliver anything meanwhile): it says whether
-    /// everything has settled already.
-    ///
     /// # Examples
     ///
     /// ```
@@ -1229,7 +1176,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// # Ok::<(), conveyor::BuildError>(())
     /// ```
     pub fn flush_timeout(&self, timeout: Duration) -> bool {
-        // A deadline however far (not "forever"): on the runtime thread it must not block.
+        // Saturated, as `Duration::MAX` cannot be added to the clock.
         let deadline = Some(later(timeout));
         self.flush_until(deadline) && self.sync_journal(deadline)
     }
@@ -1286,10 +1233,6 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// Called (or dropped) from this conveyor's own sink or a receipt callback, it waits only
     /// for what the other workers can deliver, then reports the rest, the calling sink's own
     /// item included.
-    ///
-    /// Called (or dropped) on the thread of a current-thread Tokio runtime that runs this
-    /// conveyor's async sink, it cannot wait (the runtime could not run the sink meanwhile):
-    /// it closes at once and reports what is left. Await [`Conveyor::flush_async`] first.
     pub fn close_timeout(&self, timeout: Duration) -> CloseReport {
         self.shut_down(timeout, true)
     }
@@ -1328,13 +1271,6 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// `close_timeout` (`drain`: deliver what is queued) and `stop_timeout` (only finish what
     /// is in flight).
     fn shut_down(&self, timeout: Duration, drain: bool) -> CloseReport {
-        // The workers cannot run while this thread waits for them: close at once, reporting
-        // what is left (after a `flush_async`, nothing).
-        let timeout = if self.waiting_would_hang() {
-            Duration::ZERO
-        } else {
-            timeout
-        };
         let deadline = Instant::now().checked_add(timeout);
         blocking_section(|| {
             let shared = &*self.shared;
@@ -1356,9 +1292,8 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             // A second close (or the drop after a close) reports at once: the first one
             // already waited its deadline, and the workers were told to leave.
             let mut timed_out = st.abandoned;
-            // Idle workers need not have exited: on a single-threaded runtime they
-            // could not until this call returns. What matters is that nothing
-            // deliverable is left (or that no worker is left to deliver it).
+            // Idle workers need not have exited: what matters is that nothing deliverable is
+            // left (or that no worker is left to deliver it).
             // Called from a sink call or a receipt callback, this thread is one of the
             // workers, and the receipts it settles are not settled yet: neither can be
             // waited for.
@@ -1894,8 +1829,8 @@ fn start_replay<T: Send + Sync + 'static, R: Send + 'static>(
                     let mut st = shared.lock();
                     // `close` drains the replay too; only its deadline stops it.
                     while !st.room_for_replay() && !st.abandoned {
-                        // Senders waiting behind the replay look again: one on the async sink's
-                        // own runtime thread must not wait for a replay that waits for workers.
+                        // Senders waiting behind the replay look again: one inside a sink call
+                        // must not wait for a replay that now waits for its own worker.
                         shared.space.notify_all();
                         st.waiters.blocked_senders += 1;
                         st = shared.wait(&shared.space, st);
@@ -1946,14 +1881,26 @@ fn give_back<T, R>(e: SendError<NodeRef<T, R>>) -> SendError<T> {
     }
 }
 
-/// Refuses a blocking wait that could never end (see `Conveyor::waiting_would_hang`), as
-/// Tokio refuses `block_on` inside a runtime: loudly, instead of hanging.
-fn hang_refused(what: &str) -> ! {
-    panic!(
-        "Conveyor::{what} would wait forever: this conveyor's async sink runs on the \
-         current-thread Tokio runtime of this very thread, which cannot run it while {what} \
-         blocks; await send_async/flush_async instead, or use a multi-threaded runtime"
-    )
+/// Where an async sink's worker tasks run: on the multi-threaded Tokio runtime this is called
+/// from, or else on a runtime the conveyor owns (returned, to shut down with the conveyor).
+///
+/// Never on a current-thread runtime: its tasks run only while some thread is inside its
+/// `block_on`, so once that returns (or while its thread blocks in `flush`, `close`, a drop or
+/// `Receipt::wait`) the workers would stop, and every wait for them would hang.
+fn async_runtime() -> Result<(tokio::runtime::Handle, Option<tokio::runtime::Runtime>), BuildError>
+{
+    if let Ok(ambient) = tokio::runtime::Handle::try_current() {
+        if ambient.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+            return Ok((ambient, None));
+        }
+    }
+    // I/O too: a sink may open sockets (an HTTP client, say) on the runtime it runs on.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("conveyor-async")
+        .enable_all()
+        .build()?;
+    Ok((rt.handle().clone(), Some(rt)))
 }
 
 /// Runs a blocking wait; inside a multi-threaded Tokio runtime it tells the runtime

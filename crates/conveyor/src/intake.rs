@@ -65,11 +65,6 @@ impl<T, R> Intake<T, R> {
         }
     }
 
-    /// What the nodes made here share.
-    pub(crate) fn context(&self) -> &NodeContext {
-        self.slab.context()
-    }
-
     /// A node for a new item, not numbered yet.
     pub(crate) fn alloc(&mut self, key: Option<Arc<str>>, item: T) -> NodeRef<T, R> {
         self.slab.alloc(|head| Node::new(head, key, item))

@@ -13,7 +13,6 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll, Waker};
-use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use crate::error::DeliveryError;
@@ -50,9 +49,6 @@ struct About {
 pub(crate) struct NodeContext {
     /// Prefix of every `Delivery::idempotency_key`.
     pub(crate) id_prefix: Arc<str>,
-    /// The thread of the current-thread runtime its async sink runs on, if any: blocking
-    /// there until an item settles would never end.
-    pub(crate) runtime_thread: Option<ThreadId>,
     /// The conveyor whose workers deliver these nodes: a receipt waited for from inside one of
     /// them asks it whether another worker can still settle the item. Weak: the nodes, and this
     /// context with them, may outlive the conveyor, which owns the slab they come from.
@@ -110,7 +106,6 @@ impl NodeContext {
     pub(crate) fn for_tests() -> Self {
         Self {
             id_prefix: Arc::from("test"),
-            runtime_thread: None,
             conveyor: Weak::<NoConveyor>::new(),
         }
     }
@@ -292,14 +287,6 @@ impl<R> Slot<R> {
             }
         }
     }
-}
-
-/// Whether blocking this thread would stop the current-thread runtime that runs a conveyor's
-/// async sink (`runtime_thread`, if it runs on one): this thread built the conveyor inside that
-/// runtime and is inside a runtime context again.
-pub(crate) fn waiting_would_hang(runtime_thread: Option<ThreadId>) -> bool {
-    runtime_thread == Some(std::thread::current().id())
-        && tokio::runtime::Handle::try_current().is_ok()
 }
 
 /// How long a wait from inside one of the conveyor's own workers sleeps before it asks again
@@ -535,15 +522,14 @@ impl<R> Receipt<R> {
     ///
     /// # Panics
     ///
-    /// If the item has not settled and waiting would never end:
-    /// - on the thread of a current-thread Tokio runtime that runs the conveyor's async sink,
-    ///   which could not settle it meanwhile: `.await` the receipt there;
-    /// - inside the conveyor's own sink call or a receipt callback run by one of its workers,
-    ///   once no other worker can settle the item: only the calling worker could, after the
-    ///   call returns (under strict ordering, any later item; under keyed ordering, a later
-    ///   item of the same key). Wait outside the sink, or use [`Receipt::on_settled`] or
-    ///   [`Receipt::wait_timeout`] there. The panic fails the sink's item (without retries) and
-    ///   the worker goes on, as for any panic in a sink.
+    /// If the item has not settled and waiting would never end: inside the conveyor's own sink
+    /// call or a receipt callback run by one of its workers, once no other worker can settle the
+    /// item. Only the calling worker could, after the call returns (under strict ordering, any
+    /// later item; under keyed ordering, a later item of the same key). Wait outside the sink, or
+    /// use [`Receipt::on_settled`] or [`Receipt::wait_timeout`] there. The panic fails the sink's
+    /// item (without retries) and the worker goes on, as for any panic in a sink.
+    ///
+    /// In async code, `.await` the receipt instead: this blocks the runtime's thread.
     pub fn wait(mut self) -> Result<R, DeliveryError> {
         self.wait_until(None)
             .expect("waiting without a deadline always yields a result")
@@ -551,9 +537,8 @@ impl<R> Receipt<R> {
 
     /// Blocks for at most `timeout`; `None` if the item has not settled by then.
     ///
-    /// Where [`Receipt::wait`] would panic, it returns `None` at once instead: on the thread of
-    /// a current-thread Tokio runtime that runs the conveyor's async sink, and inside the
-    /// conveyor's own sink call or a receipt callback run by one of its workers once no other
+    /// Where [`Receipt::wait`] would panic, it returns `None` at once instead: inside the
+    /// conveyor's own sink call or a receipt callback run by one of its workers, once no other
     /// worker can settle the item (nothing could settle it meanwhile).
     ///
     /// # Panics
@@ -561,13 +546,9 @@ impl<R> Receipt<R> {
     /// If the result was already taken by an earlier call that returned `Some`, or by
     /// polling the receipt as a future to completion.
     pub fn wait_timeout(&mut self, timeout: Duration) -> Option<Result<R, DeliveryError>> {
-        // A deadline however far (not "forever"): where `wait` would panic, it must not block.
+        // Saturated, as `Duration::MAX` cannot be added to the clock; and not "forever": where
+        // `wait` would panic, this must not block.
         self.wait_until(Some(crate::worker::later(timeout)))
-    }
-
-    fn waiting_would_hang(&self) -> bool {
-        // SAFETY: `node` is a live node, kept alive by this receipt.
-        waiting_would_hang(unsafe { context(self.node.as_ptr()) }.runtime_thread)
     }
 
     /// The receipt's conveyor, if the calling thread may be running code for one of its
@@ -586,9 +567,8 @@ impl<R> Receipt<R> {
 
     fn wait_until(&mut self, deadline: Option<Instant>) -> Option<Result<R, DeliveryError>> {
         match self.own_conveyor() {
-            // On the runtime thread nothing at all runs meanwhile: `wait_slot` says so first.
-            Some(conveyor) if !self.waiting_would_hang() => self.wait_inside(&*conveyor, deadline),
-            _ => self.wait_slot(deadline),
+            Some(conveyor) => self.wait_inside(&*conveyor, deadline),
+            None => self.wait_slot(deadline),
         }
     }
 
@@ -675,18 +655,6 @@ impl<R> Receipt<R> {
                     return Some(result);
                 }
                 SlotState::Taken => panic!("the receipt's result was already taken"),
-                SlotState::Pending { .. } if self.waiting_would_hang() => {
-                    // Only the runtime this thread drives could settle it.
-                    if deadline.is_none() {
-                        drop(state);
-                        panic!(
-                            "Receipt::wait would wait forever: the conveyor's async sink runs \
-                             on the current-thread Tokio runtime of this very thread, which \
-                             cannot run it while the thread waits; .await the receipt instead"
-                        );
-                    }
-                    return None;
-                }
                 SlotState::Pending { thread_waiting, .. } => {
                     *thread_waiting = true;
                     state = match deadline {

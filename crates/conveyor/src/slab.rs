@@ -205,11 +205,6 @@ pub(crate) struct Slab<N: Headed> {
 unsafe impl<N: Headed + Send> Send for Slab<N> {}
 
 impl<N: Headed> Slab<N> {
-    /// The context every node of this slab reaches (see [`Head::context`]).
-    pub(crate) fn context(&self) -> &N::Context {
-        &self.spares.context
-    }
-
     pub(crate) fn new(context: N::Context) -> Self {
         let layout = Self::layout().0;
         Self {

@@ -491,21 +491,32 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
     }
 }
 
-/// The loop of an async-sink worker task.
-pub(crate) async fn async_worker<T: Send + Sync + 'static, R: Send + 'static>(
+/// An async-sink worker task, to spawn.
+pub(crate) fn async_worker<T: Send + Sync + 'static, R: Send + 'static>(
     shared: Arc<Shared<T, R>>,
     sink: Arc<AsyncFn<T, R>>,
     worker: usize,
-) {
-    let mut finished = None;
-    let mut settle = Vec::new();
-    let mut task = TaskPresence {
-        shared: &shared,
+) -> impl Future<Output = ()> + Send + 'static {
+    // Made now, not when the task first runs: a task its runtime drops before it ever ran
+    // must leave too.
+    let task = TaskPresence {
+        shared,
         worker,
         idle: false,
         done: 0,
         exited: false,
     };
+    async_worker_loop(task, sink)
+}
+
+/// The loop of an async-sink worker task.
+async fn async_worker_loop<T: Send + Sync + 'static, R: Send + 'static>(
+    mut task: TaskPresence<T, R>,
+    sink: Arc<AsyncFn<T, R>>,
+) {
+    let (shared, worker) = (task.shared.clone(), task.worker);
+    let mut finished = None;
+    let mut settle = Vec::new();
     loop {
         // Enabled only right before the worker registers idle (under the state lock): a
         // Notified left enabled while running a job would be first in line for
@@ -555,10 +566,10 @@ pub(crate) async fn async_worker<T: Send + Sync + 'static, R: Send + 'static>(
 }
 
 /// An async worker's standing in the state. Its task can be dropped at any `.await` when its
-/// runtime shuts down; the drop then leaves as `exit` would, so that `flush` and `close` see
+/// runtime shuts down, or before it ever ran; the drop then leaves as `exit` would, so that `flush` and `close` see
 /// no worker is left instead of waiting for one that will never run again.
-struct TaskPresence<'a, T: Send + Sync + 'static, R: Send + 'static> {
-    shared: &'a Shared<T, R>,
+struct TaskPresence<T: Send + Sync + 'static, R: Send + 'static> {
+    shared: Arc<Shared<T, R>>,
     worker: usize,
     /// Registered idle in the intake.
     idle: bool,
@@ -567,7 +578,7 @@ struct TaskPresence<'a, T: Send + Sync + 'static, R: Send + 'static> {
     exited: bool,
 }
 
-impl<T: Send + Sync + 'static, R: Send + 'static> TaskPresence<'_, T, R> {
+impl<T: Send + Sync + 'static, R: Send + 'static> TaskPresence<T, R> {
     /// Back at the state lock: no longer idle, and the settlements made outside reported.
     fn report(&mut self, st: &mut State<T, R>) {
         if std::mem::take(&mut self.idle) {
@@ -578,13 +589,14 @@ impl<T: Send + Sync + 'static, R: Send + 'static> TaskPresence<'_, T, R> {
     }
 }
 
-impl<T: Send + Sync + 'static, R: Send + 'static> Drop for TaskPresence<'_, T, R> {
+impl<T: Send + Sync + 'static, R: Send + 'static> Drop for TaskPresence<T, R> {
     fn drop(&mut self) {
         if !self.exited {
             // Its job, if one was running, stays in flight: `close` reports it as left.
-            let mut st = self.shared.lock();
+            let shared = self.shared.clone();
+            let mut st = shared.lock();
             self.report(&mut st);
-            self.shared.exit(&mut st);
+            shared.exit(&mut st);
         }
     }
 }

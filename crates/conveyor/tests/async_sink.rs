@@ -5,8 +5,8 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::GENEROUS;
-use conveyor::{Backpressure, Conveyor, Delivery, DeliveryError, Ordering, SinkError};
+use common::{in_time, GENEROUS};
+use conveyor::{Backpressure, Conveyor, Delivery, DeliveryError, Ordering, Receipt, SinkError};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn async_sink_on_the_ambient_runtime_keeps_order() {
@@ -122,84 +122,188 @@ fn an_async_lane_held_up_does_not_hold_up_the_others() {
     }
 }
 
-/// An async sink on the ambient current-thread runtime, built inside it.
+/// An async sink built on the ambient current-thread runtime.
 fn on_this_runtime(capacity: usize) -> Conveyor<u64> {
     Conveyor::builder()
         .capacity(capacity)
         .drain_timeout(GENEROUS)
-        .build_async(|_d: Delivery<u64>| async { Ok(()) })
+        .build_async(|_d: Delivery<u64>| async {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            Ok(())
+        })
         .unwrap()
 }
 
-fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
-    match payload.downcast_ref::<&str>() {
-        Some(text) => (*text).to_owned(),
-        None => payload
-            .downcast_ref::<String>()
-            .cloned()
-            .unwrap_or_default(),
-    }
+fn current_thread_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
-#[tokio::test(flavor = "current_thread")]
-async fn blocking_waits_on_the_sinks_own_runtime_thread_fail_loudly_instead_of_hanging() {
-    use std::panic::{catch_unwind, AssertUnwindSafe};
-    let c = on_this_runtime(1);
-    // Finds room, so it never waits; and fills the queue (capacity 1), as nothing runs
-    // until this task awaits.
-    let mut receipt = c.send(1).unwrap();
-    let flush = catch_unwind(AssertUnwindSafe(|| c.flush())).unwrap_err();
-    assert!(panic_message(flush).contains("flush_async"));
-    // A bounded flush only says how things stand.
-    assert!(!c.flush_timeout(GENEROUS));
-    let send = catch_unwind(AssertUnwindSafe(|| c.send(2))).unwrap_err();
-    assert!(panic_message(send).contains("send_async"));
-    // Nor can a receipt be waited for here: only this thread's runtime could settle it.
-    assert!(receipt.wait_timeout(GENEROUS).is_none());
-    let wait = catch_unwind(AssertUnwindSafe(move || receipt.wait())).unwrap_err();
-    assert!(panic_message(wait).contains(".await the receipt"));
-    c.flush_async().await;
-    assert_eq!(c.stats().delivered, 1);
-    // Nothing left after the async flush: close returns at once, drained.
-    assert!(c.close().drained);
+/// A conveyor built inside `rt.block_on`, with `n` items sent there, handed back once
+/// `block_on` has returned: `rt` still exists but runs nothing until something drives it again.
+/// Its drain deadline is an hour, so a close that waits for it counts as a hang.
+fn built_in_block_on(rt: &tokio::runtime::Runtime, n: u64) -> (Conveyor<u64>, Vec<Receipt<()>>) {
+    rt.block_on(async {
+        let c = Conveyor::builder()
+            .drain_timeout(Duration::from_secs(3600))
+            .build_async(|_d: Delivery<u64>| async {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                Ok(())
+            })
+            .unwrap();
+        let mut receipts = Vec::new();
+        for i in 0..n {
+            receipts.push(c.send_async(i).await.unwrap());
+        }
+        (c, receipts)
+    })
 }
 
-#[tokio::test(flavor = "current_thread")]
-async fn dropping_on_the_sinks_own_runtime_thread_reports_at_once() {
-    let c = on_this_runtime(100);
-    let receipts: Vec<_> = (0..5).map(|i| c.send(i).unwrap()).collect();
-    let started = std::time::Instant::now();
-    let report = c.close_timeout(GENEROUS);
-    assert!(
-        started.elapsed() < GENEROUS,
-        "close did not wait for workers that cannot run"
-    );
-    assert_eq!((report.drained, report.left), (false, 5));
+#[test]
+fn waits_after_a_current_thread_block_on_returned_do_not_hang() {
+    let rt = current_thread_runtime();
+    let (c, receipts) = built_in_block_on(&rt, 5);
+    // Nothing drives `rt` from here on: the sink must run elsewhere.
+    in_time("Receipt::wait", move || {
+        for r in receipts {
+            r.wait().unwrap();
+        }
+    });
+    let c = in_time("flush", move || {
+        c.flush();
+        c
+    });
+    assert_eq!(c.stats().delivered, 5);
+    let report = in_time("close", move || c.close());
+    assert!(report.drained, "{report:?}");
+    drop(rt);
+}
+
+#[test]
+fn closing_after_a_current_thread_block_on_returned_drains_instead_of_sitting_out_the_deadline() {
+    let rt = current_thread_runtime();
+    let (c, receipts) = built_in_block_on(&rt, 5);
+    let report = in_time("close", move || c.close());
+    assert!(report.drained, "{report:?}");
+    assert_eq!(report.stats.delivered, 5);
     for r in receipts {
-        assert!(matches!(r.await, Err(DeliveryError::Closed)));
+        r.wait().unwrap();
     }
 }
 
 #[test]
+fn dropping_the_current_thread_runtime_a_conveyor_was_built_in_loses_nothing() {
+    let rt = current_thread_runtime();
+    let (c, receipts) = built_in_block_on(&rt, 5);
+    drop(rt);
+    let report = in_time("close", move || c.close());
+    assert!(report.drained, "{report:?}");
+    for r in receipts {
+        r.wait().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn blocking_waits_on_a_current_thread_runtime_deliver() {
+    let c = on_this_runtime(1);
+    // Sends that wait for room, a receipt's wait and a flush, each blocking this runtime's only
+    // thread (they used to panic here, as the sink ran on this runtime).
+    let receipts: Vec<_> = (0..5).map(|i| c.send(i).unwrap()).collect();
+    receipts.into_iter().next().unwrap().wait().unwrap();
+    c.flush();
+    assert_eq!(c.stats().delivered, 5);
+    assert!(c.close().drained);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_flush_on_another_thread_does_not_need_this_runtime_to_run() {
+    let c = Arc::new(on_this_runtime(100));
+    for i in 0..5 {
+        c.send_async(i).await.unwrap();
+    }
+    let other = c.clone();
+    // This runtime's thread blocks, without awaiting, until the other thread's flush is done.
+    in_time("flush on another thread", move || other.flush());
+    assert_eq!(c.stats().delivered, 5);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn dropping_on_a_current_thread_runtime_delivers_what_was_sent() {
+    let c = on_this_runtime(100);
+    let receipts: Vec<_> = (0..5).map(|i| c.send(i).unwrap()).collect();
+    drop(c);
+    for r in receipts {
+        r.await.unwrap();
+    }
+}
+
+/// Tokio I/O resources are driven by the runtime that made them, wherever they are polled: a
+/// sink on the conveyor's own runtime can use a socket made on the caller's current-thread
+/// runtime while that runtime runs (here, while this task awaits).
+#[tokio::test(flavor = "current_thread")]
+async fn a_sink_may_use_a_socket_made_on_the_current_thread_runtime_it_was_built_in() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let out = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (mut inbox, _) = listener.accept().await.unwrap();
+    let out = Arc::new(tokio::sync::Mutex::new(out));
+    let c: Conveyor<u64> = Conveyor::builder()
+        .build_async(move |d: Delivery<u64>| {
+            let out = out.clone();
+            async move {
+                let mut out = out.lock().await;
+                out.write_all(&d.item().to_be_bytes())
+                    .await
+                    .map_err(SinkError::retryable)
+            }
+        })
+        .unwrap();
+    for i in 0..5 {
+        c.send_async(i).await.unwrap();
+    }
+    tokio::time::timeout(GENEROUS, c.flush_async())
+        .await
+        .unwrap();
+    let mut got = [0u8; 40];
+    inbox.read_exact(&mut got).await.unwrap();
+    let items: Vec<u64> = got
+        .chunks(8)
+        .map(|b| u64::from_be_bytes(b.try_into().unwrap()))
+        .collect();
+    assert_eq!(items, (0..5).collect::<Vec<_>>());
+}
+
+#[test]
 fn a_runtime_shut_down_under_the_workers_leaves_nothing_to_wait_for() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
         .build()
         .unwrap();
+    let (in_sink, sink_entered) = std::sync::mpsc::channel();
     let c: Conveyor<u64> = rt.block_on(async {
         let c = Conveyor::builder()
-            .drain_timeout(GENEROUS)
-            .build_async(|_d: Delivery<u64>| std::future::pending())
+            .drain_timeout(Duration::from_secs(3600))
+            .build_async(move |_d: Delivery<u64>| {
+                let _ = in_sink.send(());
+                std::future::pending()
+            })
             .unwrap();
         c.send_async(1).await.unwrap();
         c.send_async(2).await.unwrap();
-        tokio::task::yield_now().await; // a worker takes item 1 and waits in the sink
         c
     });
+    sink_entered.recv_timeout(GENEROUS).unwrap(); // a worker took item 1 and waits in the sink
     drop(rt); // drops the worker tasks where they wait
     let started = std::time::Instant::now();
-    assert!(!c.flush_timeout(GENEROUS), "no worker is left to deliver");
-    let report = c.close_timeout(GENEROUS);
+    let (flushed, report) = in_time("flush and close", move || {
+        (c.flush_timeout(GENEROUS), c.close())
+    });
+    assert!(!flushed, "no worker is left to deliver");
     assert!(
         started.elapsed() < GENEROUS,
         "waited for workers that are gone"
@@ -207,18 +311,34 @@ fn a_runtime_shut_down_under_the_workers_leaves_nothing_to_wait_for() {
     assert_eq!((report.drained, report.left), (false, 2));
 }
 
-/// On the thread of the current-thread runtime that runs the sink, waits do not block, even
-/// with a timeout too large to add to the clock (it used to read as "forever" and panic).
-#[tokio::test(flavor = "current_thread")]
-async fn a_huge_timeout_on_the_sinks_own_runtime_thread_returns_at_once() {
-    let c: Conveyor<u32> = Conveyor::builder()
-        .build_async(|_d| async {
-            tokio::time::sleep(Duration::from_secs(60)).await;
-            Ok(())
-        })
+/// Worker tasks their runtime drops before they ever ran (here it was shut down before they
+/// were spawned) leave too: nothing waits for them.
+#[test]
+fn worker_tasks_dropped_before_they_ever_ran_leave_nothing_to_wait_for() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .build()
         .unwrap();
+    let handle = rt.handle().clone();
+    rt.shutdown_background();
+    let inside = handle.enter();
+    let c: Conveyor<u64> = Conveyor::builder()
+        .drain_timeout(Duration::from_secs(3600))
+        .build_async(|_d: Delivery<u64>| async { Ok(()) })
+        .unwrap();
+    drop(inside);
+    c.send(1).unwrap();
+    let report = in_time("close", move || c.close());
+    assert_eq!((report.drained, report.left), (false, 1));
+}
+
+/// Waits with a timeout too large to add to the clock wait as long as needed (it used to read
+/// as "forever" and panic).
+#[tokio::test(flavor = "current_thread")]
+async fn a_huge_timeout_is_a_far_deadline() {
+    let c = on_this_runtime(100);
     let mut receipt = c.try_send(1).unwrap();
-    assert!(receipt.wait_timeout(Duration::MAX).is_none());
-    assert!(!c.flush_timeout(Duration::MAX));
-    c.close_timeout(Duration::ZERO);
+    assert!(matches!(receipt.wait_timeout(Duration::MAX), Some(Ok(()))));
+    assert!(c.flush_timeout(Duration::MAX));
+    assert!(c.close_timeout(Duration::MAX).drained);
 }

@@ -93,6 +93,23 @@ impl Recorder {
 /// machine, short enough that a hang fails the test instead of the CI run.
 pub const GENEROUS: Duration = Duration::from_secs(30);
 
+/// Runs `f` on a thread of its own and returns what it returns, failing the test if it has not
+/// returned within [`GENEROUS`]: a hang fails the test instead of stalling the run (the stuck
+/// thread is left behind). A panic in `f` is passed on.
+pub fn in_time<O: Send + 'static>(what: &str, f: impl FnOnce() -> O + Send + 'static) -> O {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(GENEROUS) {
+        Ok(out) => out,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("{what} hung"),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            std::panic::resume_unwind(thread.join().expect_err("it returned nothing"))
+        }
+    }
+}
+
 pub fn sleep_ms(ms: u64) {
     std::thread::sleep(Duration::from_millis(ms));
 }
