@@ -110,7 +110,9 @@ pub enum OnFailure {
     #[default]
     Skip,
     /// Keep it at the head of its lane and stop that lane (other lanes go on) until
-    /// [`Conveyor::resume`] is called; [`Conveyor::paused`] lists paused lanes.
+    /// [`Conveyor::resume`] is called; [`Conveyor::paused`] lists paused lanes. The held
+    /// item's receipt stays pending, so its last error is logged instead (a `tracing` warning
+    /// naming the lane), and with a journal recorded with the pause.
     ///
     /// The items a paused lane holds still count against the
     /// [`capacity`](crate::Builder::capacity), so that memory stays bounded: once they fill

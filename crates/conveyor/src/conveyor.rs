@@ -582,12 +582,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
                 config.capacity,
             )?);
         }
-        let mut state = State::new(
-            config.ordering,
-            config.capacity,
-            config.on_failure,
-            config.rate_limit,
-        );
+        let mut state = State::new(config.ordering, config.capacity, config.rate_limit);
         for lane in &paused {
             state.restore_pause(lane);
         }

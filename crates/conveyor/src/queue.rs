@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::builder::{OnFailure, Ordering};
+use crate::builder::Ordering;
 use crate::error::{DeliveryError, SinkError};
 use crate::receipt::{Node, NodeRef};
 use crate::retry::RateLimiter;
@@ -45,6 +45,10 @@ pub(crate) struct Job<T, R> {
 pub(crate) enum Outcome<R> {
     Delivered(R),
     Failed(SinkError),
+    /// The last attempt failed under `OnFailure::Pause`: the item goes back to the head of its
+    /// lane, unsettled, and the lane pauses. Its error was logged and dropped before the state
+    /// lock (see `Shared::finished`): both run user code.
+    Paused,
     /// The conveyor was abandoned at its drain deadline between attempts: the item
     /// goes back to its lane unsettled.
     Interrupted,
@@ -125,7 +129,6 @@ pub(crate) struct Waiters {
 pub(crate) struct State<T, R> {
     keyed: bool,
     capacity: u64,
-    on_failure: OnFailure,
     /// The only lane in strict and pipelined mode (named `""`).
     main: Lane<T, R>,
     /// Keyed mode: one lane per key, removed when empty so memory follows the queue.
@@ -169,17 +172,11 @@ pub(crate) struct State<T, R> {
 }
 
 impl<T, R> State<T, R> {
-    pub(crate) fn new(
-        ordering: Ordering,
-        capacity: usize,
-        on_failure: OnFailure,
-        rate_limit: Option<u32>,
-    ) -> Self {
+    pub(crate) fn new(ordering: Ordering, capacity: usize, rate_limit: Option<u32>) -> Self {
         let workers = ordering.workers();
         Self {
             keyed: ordering.is_keyed(),
             capacity: capacity as u64,
-            on_failure,
             main: Lane::new(),
             lanes: HashMap::new(),
             ready: VecDeque::new(),
@@ -578,20 +575,20 @@ impl<T, R> State<T, R> {
             .expect("a finished job is in flight")
             .node;
         self.counters.in_flight -= 1;
-        let pause = matches!(outcome, Outcome::Failed(_)) && self.on_failure == OnFailure::Pause;
+        let pause = matches!(outcome, Outcome::Paused);
         let result = match outcome {
             Outcome::Delivered(reply) => {
                 self.counters.delivered += 1;
                 Some(Ok(reply))
             }
-            Outcome::Failed(error) if !pause => {
+            Outcome::Failed(error) => {
                 self.counters.failed += 1;
                 Some(Err(DeliveryError::Failed {
                     attempts: job.attempts,
                     error,
                 }))
             }
-            Outcome::Failed(_) | Outcome::Interrupted => None,
+            Outcome::Paused | Outcome::Interrupted => None,
         };
         let keyed = self.keyed;
         let Some((lane, id)) = self.lane_of(&node) else {
@@ -741,7 +738,7 @@ mod tests {
 
     #[test]
     fn strict_lane_is_fifo_with_seqs_from_one() {
-        let mut s = S::new(Ordering::Strict, 10, OnFailure::Skip, None);
+        let mut s = S::new(Ordering::Strict, 10, None);
         for i in 0..3 {
             s.accept(node(None, i + 1), 1);
         }
@@ -757,12 +754,7 @@ mod tests {
 
     #[test]
     fn keyed_lane_runs_one_at_a_time_and_lanes_interleave() {
-        let mut s = S::new(
-            Ordering::Keyed { concurrency: 4 },
-            10,
-            OnFailure::Skip,
-            None,
-        );
+        let mut s = S::new(Ordering::Keyed { concurrency: 4 }, 10, None);
         s.accept(node(Some("a"), 1), 1);
         s.accept(node(Some("a"), 2), 1);
         s.accept(node(Some("b"), 3), 1);
@@ -786,19 +778,12 @@ mod tests {
 
     #[test]
     fn pause_holds_the_lane_and_resume_releases_it_in_order() {
-        let mut s = S::new(
-            Ordering::Keyed { concurrency: 2 },
-            10,
-            OnFailure::Pause,
-            None,
-        );
+        let mut s = S::new(Ordering::Keyed { concurrency: 2 }, 10, None);
         s.accept(node(Some("a"), 1), 1);
         s.accept(node(Some("a"), 2), 1);
         let mut job = s.next_job(0).unwrap();
         job.attempts = 1; // as the worker counts them
-        assert!(s
-            .finish(0, job, Outcome::Failed(SinkError::permanent("no")))
-            .is_none());
+        assert!(s.finish(0, job, Outcome::Paused).is_none());
         assert_eq!(s.paused_lanes(), vec!["a".to_owned()]);
         assert_eq!(s.unsettled_unpaused(), 0);
         assert_eq!(s.stats().paused, 1);
@@ -819,15 +804,10 @@ mod tests {
 
     #[test]
     fn drop_oldest_skips_paused_lanes_and_counts() {
-        let mut s = S::new(
-            Ordering::Keyed { concurrency: 2 },
-            10,
-            OnFailure::Pause,
-            None,
-        );
+        let mut s = S::new(Ordering::Keyed { concurrency: 2 }, 10, None);
         s.accept(node(Some("p"), 1), 1);
         let job = s.next_job(0).unwrap();
-        s.finish(0, job, Outcome::Failed(SinkError::permanent("no")));
+        s.finish(0, job, Outcome::Paused);
         s.accept(node(Some("q"), 2), 1);
         s.accept(node(Some("r"), 3), 1);
         let dropped = s.drop_oldest().unwrap();
@@ -838,20 +818,15 @@ mod tests {
 
     #[test]
     fn put_back_keeps_sequence_order() {
-        let mut s = S::new(
-            Ordering::Pipelined { in_flight: 3 },
-            10,
-            OnFailure::Pause,
-            None,
-        );
+        let mut s = S::new(Ordering::Pipelined { in_flight: 3 }, 10, None);
         for i in 0..4 {
             s.accept(node(None, i + 1), 1);
         }
         let j1 = s.next_job(0).unwrap();
         let j2 = s.next_job(1).unwrap();
         let j3 = s.next_job(2).unwrap();
-        s.finish(2, j3, Outcome::Failed(SinkError::permanent("x")));
-        s.finish(0, j1, Outcome::Failed(SinkError::permanent("x")));
+        s.finish(2, j3, Outcome::Paused);
+        s.finish(0, j1, Outcome::Paused);
         s.finish(1, j2, Outcome::Delivered(()));
         let order: Vec<u64> = s.main.queue.iter().map(|j| j.node.seq()).collect();
         assert_eq!(order, vec![1, 3, 4]);

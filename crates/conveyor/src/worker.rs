@@ -146,13 +146,13 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         let error = || error.expect("made for every failure (see `Shared::finished`)");
         let mark = match outcome {
             Outcome::Delivered(_) => Settled::Delivered(seq),
-            Outcome::Failed(_) if self.config.on_failure == OnFailure::Skip => Settled::Failed {
+            Outcome::Failed(_) => Settled::Failed {
                 seq,
                 error: error(),
                 attempts: job.attempts,
             },
-            // Under Pause the item stays pending at the head of its lane.
-            Outcome::Failed(_) => Settled::Paused {
+            // The item stays pending at the head of its lane.
+            Outcome::Paused => Settled::Paused {
                 lane: st.lane_id(job.node.key()).to_string(),
                 error: error(),
             },
@@ -163,9 +163,31 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
 
     /// A job back from the sink, with what `step` needs made outside the state lock.
     fn finished(&self, job: Job<T, R>, outcome: Outcome<R>) -> Finished<T, R> {
-        let journal_error = match &outcome {
-            Outcome::Failed(error) if self.durable.is_some() => Some(error.to_string()),
-            _ => None,
+        let (outcome, journal_error) = match outcome {
+            Outcome::Failed(error) if self.config.on_failure == OnFailure::Pause => {
+                // The item stays unsettled, so no receipt reports this error: the log does.
+                // Its `Display` and its drop are user code, which must not run under the state
+                // lock (it may be slow, or ask this conveyor for its stats).
+                let text = error.to_string();
+                drop(error);
+                let lane = match job.node.key() {
+                    Some(key) if self.config.ordering.is_keyed() => &**key,
+                    _ => "",
+                };
+                tracing::warn!(
+                    lane,
+                    seq = job.node.seq(),
+                    attempts = job.attempts,
+                    error = %text,
+                    "item failed; its lane is paused until resume(lane)"
+                );
+                (Outcome::Paused, self.durable.is_some().then_some(text))
+            }
+            Outcome::Failed(error) if self.durable.is_some() => {
+                let text = error.to_string();
+                (Outcome::Failed(error), Some(text))
+            }
+            outcome => (outcome, None),
         };
         Finished {
             job,

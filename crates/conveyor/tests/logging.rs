@@ -4,12 +4,15 @@
 //! A binary of its own: the subscriber installed here is process-wide, since the workers
 //! log on their own threads.
 
+mod common;
+
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
-use std::sync::{Once, OnceLock};
+use std::sync::{Mutex, Once, OnceLock, PoisonError};
 use std::time::Duration;
 
-use conveyor::{Conveyor, Delivery, Retry, SinkError};
+use common::in_time;
+use conveyor::{Conveyor, Delivery, OnFailure, Ordering, Retry, SinkError};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Metadata, Subscriber};
@@ -35,11 +38,20 @@ impl Subscriber for Formatting {
     fn record(&self, _: &Id, _: &Record<'_>) {}
     fn record_follows_from(&self, _: &Id, _: &Id) {}
     fn event(&self, event: &Event<'_>) {
-        event.record(&mut Format(String::new()));
+        let mut line = Format(String::new());
+        event.record(&mut line);
+        // Not poisoned by a failing test's panic: the other tests log on.
+        EVENTS
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(line.0);
     }
     fn enter(&self, _: &Id) {}
     fn exit(&self, _: &Id) {}
 }
+
+/// Every event logged, formatted.
+static EVENTS: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
 /// The conveyors under test, reachable from the error's `Display`.
 static LOGGED: OnceLock<Conveyor<u64>> = OnceLock::new();
@@ -118,5 +130,63 @@ fn a_journaled_failure_is_displayed_outside_the_engine_locks() {
         dead[0].error.starts_with("busy (accepted: "),
         "{}",
         dead[0].error
+    );
+}
+
+static PAUSED: OnceLock<Conveyor<u64>> = OnceLock::new();
+/// How often the pausing error was displayed, and dropped.
+static PAUSE_DISPLAYED: AtomicU64 = AtomicU64::new(0);
+static PAUSE_DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// A sink error whose drop asks the conveyor for its stats, as an error holding a handle to
+/// report to might: dropped under the state lock, that would deadlock the worker.
+#[derive(Debug)]
+struct Holding;
+
+impl fmt::Display for Holding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        PAUSE_DISPLAYED.fetch_add(1, AtomicOrdering::Relaxed);
+        let accepted = PAUSED.get().map(|c| c.stats().accepted);
+        write!(f, "refused (accepted: {accepted:?})")
+    }
+}
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        if let Some(c) = PAUSED.get() {
+            let _ = c.stats();
+        }
+        PAUSE_DROPPED.fetch_add(1, AtomicOrdering::Relaxed);
+    }
+}
+
+impl std::error::Error for Holding {}
+
+#[test]
+fn a_pausing_error_is_logged_and_dropped_outside_the_engine_locks() {
+    subscribe();
+    let c = PAUSED.get_or_init(|| {
+        Conveyor::builder()
+            .ordering(Ordering::Keyed { concurrency: 1 })
+            .on_failure(OnFailure::Pause)
+            .build(|_d: Delivery<u64>| Err(SinkError::permanent(Holding)))
+            .unwrap()
+    });
+    c.send_keyed("acct-7", 1).unwrap();
+    let paused = in_time("the pausing worker", || {
+        while PAUSE_DROPPED.load(AtomicOrdering::Relaxed) == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        c.paused()
+    });
+    assert_eq!(paused, ["acct-7"]);
+    // The held item's receipt stays pending: the log is where its error shows.
+    assert_eq!(PAUSE_DISPLAYED.load(AtomicOrdering::Relaxed), 1);
+    let events = EVENTS.lock().unwrap_or_else(PoisonError::into_inner);
+    assert!(
+        events
+            .iter()
+            .any(|e| e.contains("lane=\"acct-7\"") && e.contains("refused (accepted: Some(1))")),
+        "{events:?}"
     );
 }
