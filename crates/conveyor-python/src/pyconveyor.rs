@@ -4,12 +4,14 @@
 use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use conveyor::{Backpressure, Builder, OnFailure, Ordering, Retry, SendError};
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
+use crate::asend::{PendingSend, SendFuture};
 use crate::errors;
 use crate::fork::Held;
 use crate::receipt::{support, PyReceipt, Ready};
@@ -371,12 +373,65 @@ impl PyConveyor {
                     shared.label()
                 ),
             )),
-            Err(SendError::Closed(_)) => Err(self.closed_error(py, shared)),
-            Err(SendError::Journal(_)) => Err(crate::journal::refused(py, &shared.engine)),
-            Err(SendError::TooLarge { size, limit, .. }) => {
-                Err(crate::journal::too_large(size, limit))
+            Err(other) => Err(self.refused(py, shared, other)),
+        }
+    }
+
+    /// The error for a send the engine refused for good (not for a full queue to wait on).
+    fn refused(&self, py: Python<'_>, shared: &Shared, error: SendError<Item>) -> PyErr {
+        match error {
+            SendError::Closed(_) => self.closed_error(py, shared),
+            SendError::Journal(_) => crate::journal::refused(py, &shared.engine),
+            SendError::TooLarge { size, limit, .. } => crate::journal::too_large(size, limit),
+            other => errors::closed(py, other.to_string()),
+        }
+    }
+
+    /// The engine's `send_async` for `asend`, owning a reference to the engine so that it can
+    /// wait across calls (see `asend.rs`).
+    fn send_future(&self, item: Item, key: Option<String>, cursor: Option<u64>) -> SendFuture {
+        let shared = Arc::clone(&self.shared);
+        Box::pin(async move {
+            let engine = &shared.engine;
+            match (key, cursor) {
+                (None, None) => engine.send_async(item).await,
+                (Some(key), None) => engine.send_keyed_async(key, item).await,
+                (None, Some(cursor)) => engine.send_async_and_set_cursor(item, cursor).await,
+                (Some(key), Some(cursor)) => {
+                    engine
+                        .send_keyed_async_and_set_cursor(key, item, cursor)
+                        .await
+                }
             }
-            Err(other) => Err(errors::closed(py, other.to_string())),
+        })
+    }
+
+    /// One poll of an `asend`'s send future, on the event loop's thread: the receipt once the
+    /// item is accepted, `None` while it waits for room (`waker` then says when to poll again).
+    pub(crate) fn poll_send(
+        &self,
+        py: Python<'_>,
+        future: &mut SendFuture,
+        waker: &Waker,
+    ) -> PyResult<Option<PyReceipt>> {
+        let shared = self.live(py)?;
+        // As in `try_once`: `close()` refuses new items before the engine itself is closed.
+        if shared.closing.load(AtomicOrdering::Acquire) {
+            return Err(self.closed_error(py, shared));
+        }
+        crate::fork::release_pending(py);
+        match future.as_mut().poll(&mut Context::from_waker(waker)) {
+            Poll::Pending => Ok(None),
+            Poll::Ready(Ok(receipt)) => Ok(Some(self.accepted(py, shared, receipt)?)),
+            Poll::Ready(Err(SendError::Full(_))) => Err(errors::queue_full(
+                py,
+                format!(
+                    "{} is full and only the sink waiting for this asend() could make room; \
+                     raise capacity, or use try_send() and handle QueueFull",
+                    shared.label()
+                ),
+            )),
+            Poll::Ready(Err(other)) => Err(self.refused(py, shared, other)),
         }
     }
 
@@ -457,14 +512,8 @@ impl PyConveyor {
             });
             match sent {
                 Some(Ok(receipt)) => return Ok(Some(self.accepted(py, shared, receipt)?)),
-                Some(Err(SendError::Closed(_))) => return Err(self.closed_error(py, shared)),
-                Some(Err(SendError::Journal(_))) => {
-                    return Err(crate::journal::refused(py, &shared.engine))
-                }
-                Some(Err(SendError::TooLarge { size, limit, .. })) => {
-                    return Err(crate::journal::too_large(size, limit))
-                }
-                Some(Err(_)) | None => {}
+                Some(Err(SendError::Full(_))) | None => {}
+                Some(Err(other)) => return Err(self.refused(py, shared, other)),
             }
             if deadline.passed() {
                 return Ok(None);
@@ -732,8 +781,15 @@ impl PyConveyor {
         }
     }
 
-    /// `send` for asyncio code: `await c.asend(item)` waits for queue room only (on another
-    /// thread, never blocking the event loop), never for delivery. Returns the `Receipt`.
+    /// `send` for asyncio code: `await c.asend(item)` waits for queue room only (never blocking
+    /// the event loop), never for delivery. Returns the `Receipt`.
+    ///
+    /// When the queue has room, the item is accepted by the call itself, before the result is
+    /// awaited (as `send` would): awaiting only hands over the receipt. When the queue is full,
+    /// the item is accepted while awaited, once there is room. Cancelling the await (a
+    /// `wait_for` timeout, a `TaskGroup` giving up) is safe: if it raises `CancelledError`, the
+    /// item was not accepted and is never sent later, so sending it again cannot deliver it
+    /// twice; if it returns, the item was accepted once.
     ///
     /// From this conveyor's own `async def` sink, a full queue raises `QueueFull`, as `send` does.
     #[pyo3(signature = (item, *, key = None, cursor = None))]
@@ -747,18 +803,18 @@ impl PyConveyor {
         let this = slf.get();
         let shared = this.live(py)?;
         let cursor = this.check_send_options(py, &key, cursor)?;
-        let attempt = this.item(py, item.clone_ref(py))?;
-        match this.try_once(py, shared, attempt, key.as_deref(), cursor)? {
+        let item = this.item(py, item)?;
+        match this.try_once(py, shared, item, key.as_deref(), cursor)? {
             Ok(receipt) => {
                 Ok(Py::new(py, Ready::new(Py::new(py, receipt)?.into_any()))?.into_any())
             }
-            // The slow path waits on a helper thread, which cannot tell that it waits for the
-            // async sink it was started from: check here, on the sink's own loop thread.
-            Err(_) => {
+            // Waiting for room would wait for this very sink when called from it.
+            Err(item) => {
                 this.not_waiting_on_own_sink(py, shared, "asend")?;
-                // The slow path gets the object as sent, and converts it again.
+                let future = this.send_future(item, key, cursor);
+                let pending = PendingSend::new(slf.clone().unbind(), future, shared.fork_gen);
                 Ok(support(py)?
-                    .call_method1("asend_slow", (slf, item, key, cursor))?
+                    .call_method1("asend_slow", (pending,))?
                     .unbind())
             }
         }

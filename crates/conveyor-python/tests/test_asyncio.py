@@ -98,6 +98,69 @@ def test_cancelled_asend_does_not_send_later(make):
     assert c.stats.accepted == 2
 
 
+def test_a_cancelled_asend_never_leaves_its_item_accepted(make):
+    # Each round fills the queue, starts asend(("maybe", n)) waiting for room, then cancels it
+    # (directly, or by a wait_for timeout) just as room appears. Whatever the timing, an asend
+    # that raised was not accepted, and one that returned a receipt was, exactly once: nothing
+    # a cancelled caller would send again is delivered behind its back.
+    gates = {}
+    delivered = []
+
+    def sink(item):
+        tag, n = item
+        if tag == "hold":
+            gates[n].wait(30)
+        delivered.append(item)
+
+    c = make(sink, capacity=1)
+    rounds = 60
+
+    async def fill_queue(n):
+        gates[n] = threading.Event()
+        await c.asend(("hold", n))
+        while c.stats.in_flight == 0:
+            await asyncio.sleep(0.001)
+        await c.asend(("fill", n))  # queued behind "hold": the queue is full
+
+    async def cancel_then_make_room(n):
+        task = asyncio.ensure_future(c.asend(("maybe", n)))
+        await asyncio.sleep(0.005)  # the asend is waiting for room
+        task.cancel()
+        if n % 2:
+            await asyncio.sleep(0)  # the task sees its cancellation before room appears
+        gates[n].set()
+        try:
+            return await task
+        except asyncio.CancelledError:
+            return None
+
+    async def time_out_as_room_appears(n):
+        asyncio.get_running_loop().call_later(0.005 * (n % 3), gates[n].set)
+        try:
+            return await asyncio.wait_for(c.asend(("maybe", n)), timeout=0.005)
+        except asyncio.TimeoutError:
+            return None
+
+    async def main():
+        expected = []
+        for n in range(rounds):
+            await fill_queue(n)
+            attempt = cancel_then_make_room if n < rounds // 2 else time_out_as_room_appears
+            receipt = await attempt(n)
+            await c.asend(("kept", n))
+            expected += [("hold", n), ("fill", n)]
+            if receipt is not None:
+                expected.append(("maybe", n))
+            expected.append(("kept", n))
+            assert await c.aflush(timeout=30)
+        return expected
+
+    expected = asyncio.run(main())
+    cancelled = [n for n in range(rounds) if ("maybe", n) not in expected]
+    assert delivered == expected, f"cancelled asends: {cancelled}"
+    assert cancelled, "no asend was cancelled: the test did not exercise cancellation"
+
+
 def test_event_loop_keeps_running_while_a_slow_sink_delivers(make):
     # A blocking 200 ms sink must not stall the event loop that produces items: the loop's lag
     # (how late a 10 ms sleep wakes up) stays far below one delivery.

@@ -20,11 +20,6 @@ T = TypeVar("T")
 # concurrent deliveries of a pipelined or keyed conveyor each see their own).
 CURRENT_DELIVERY: "contextvars.ContextVar[Any]" = contextvars.ContextVar("conveyor_delivery")
 
-# How long a background waiter blocks in Rust before it checks whether its awaiting task was
-# cancelled. Short enough that a cancelled ``asend`` stops trying within a blink.
-_CANCEL_POLL_S = 0.05
-
-
 def is_async_callable(fn: Any) -> bool:
     """True for ``async def`` functions, partials of them and objects with an async ``__call__``."""
     if inspect.iscoroutinefunction(fn):
@@ -138,26 +133,22 @@ def run_in_thread(fn: Callable[..., T], *args: Any) -> "asyncio.Future[T]":
     return fut
 
 
-async def asend_slow(conveyor: Any, item: Any, key: Optional[str], cursor: Optional[int]) -> Any:
-    """``asend`` once the queue was found full: wait for room on a thread, not on the loop.
+async def asend_slow(pending: Any) -> Any:
+    """``asend`` once the queue was found full: wait for room without blocking the loop.
 
-    The thread tries in short slices and gives up as soon as the awaiting task is cancelled, so a
-    cancelled ``asend`` does not go on to send its item later.
+    ``pending`` (``asend.rs``) is the engine's send, polled here on the loop's thread: only a
+    poll can accept the item, and the poll that does returns straight from this coroutine, so a
+    cancellation (which arrives between polls) always finds the item not accepted, and dropping
+    the send makes sure it never will be. The helper thread only waits for a wake-up.
     """
-    cancelled = threading.Event()
-
-    def wait_for_room() -> Any:
-        while not cancelled.is_set():
-            receipt = conveyor._send_wait(item, key, cursor, _CANCEL_POLL_S)
+    try:
+        while True:
+            receipt = pending.poll()
             if receipt is not None:
                 return receipt
-        return None
-
-    try:
-        return await run_in_thread(wait_for_room)
-    except asyncio.CancelledError:
-        cancelled.set()
-        raise
+            await run_in_thread(pending.wait)
+    finally:
+        pending.cancel()
 
 
 async def aflush(conveyor: Any, timeout: Optional[float]) -> bool:
