@@ -785,11 +785,12 @@ impl PyConveyor {
     /// the event loop), never for delivery. Returns the `Receipt`.
     ///
     /// When the queue has room, the item is accepted by the call itself, before the result is
-    /// awaited (as `send` would): awaiting only hands over the receipt. When the queue is full,
-    /// the item is accepted while awaited, once there is room. Cancelling the await (a
-    /// `wait_for` timeout, a `TaskGroup` giving up) is safe: if it raises `CancelledError`, the
-    /// item was not accepted and is never sent later, so sending it again cannot deliver it
-    /// twice; if it returns, the item was accepted once.
+    /// awaited (as `send` would): awaiting only hands over the receipt, and cancelling a task
+    /// made of it cannot take the item back, so that task returns the receipt anyway. When the
+    /// queue is full, the item is accepted while awaited, once there is room. Cancelling the
+    /// await (a `wait_for` timeout, a `TaskGroup` giving up) is safe: if it raises
+    /// `CancelledError`, the item was not accepted and is never sent later, so sending it again
+    /// cannot deliver it twice; if it returns, the item was accepted once.
     ///
     /// From this conveyor's own `async def` sink, a full queue raises `QueueFull`, as `send` does.
     #[pyo3(signature = (item, *, key = None, cursor = None))]

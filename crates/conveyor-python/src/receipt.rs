@@ -371,17 +371,23 @@ impl Ready {
 
     /// With `send` and `close`, makes a `Ready` a `collections.abc.Coroutine`, which
     /// `asyncio.create_task` and `asyncio.run` require. A coroutine that has not started
-    /// raises what is thrown into it.
+    /// raises what is thrown into it, except a cancellation: the item is accepted already, and
+    /// a `CancelledError` would tell the caller it was not (one who sends it again would have
+    /// it delivered twice), so a task cancelled before it started returns the receipt.
     #[pyo3(signature = (typ, val = None, _tb = None))]
     fn throw(
         &self,
+        py: Python<'_>,
         typ: Bound<'_, PyAny>,
         val: Option<Bound<'_, PyAny>>,
         _tb: Option<Bound<'_, PyAny>>,
     ) -> PyResult<Py<PyAny>> {
-        Err(PyErr::from_value(
-            val.filter(|v| !v.is_none()).unwrap_or(typ),
-        ))
+        let error = PyErr::from_value(val.filter(|v| !v.is_none()).unwrap_or(typ));
+        let cancelled = py.import("asyncio")?.getattr("CancelledError")?;
+        if error.is_instance(py, &cancelled) {
+            return self.__next__(py);
+        }
+        Err(error)
     }
 
     /// Nothing to clean up: the item was accepted when `asend` was called.

@@ -161,6 +161,24 @@ def test_a_cancelled_asend_never_leaves_its_item_accepted(make):
     assert cancelled, "no asend was cancelled: the test did not exercise cancellation"
 
 
+def test_a_task_cancelled_before_it_starts_returns_the_receipt_of_an_accepted_item(make):
+    # With room, asend accepts its item when called, before the task awaiting it first runs:
+    # cancelling that task cannot take the item back, so it returns the receipt rather than
+    # raise CancelledError for an item that will be delivered.
+    sink = Recorder()
+    c = make(sink)
+
+    async def main():
+        task = asyncio.ensure_future(c.asend("accepted"))
+        task.cancel()
+        receipt = await task
+        return await receipt
+
+    assert asyncio.run(main()) == ("ok", "accepted")
+    assert c.flush(timeout=10)
+    assert sink.items == ["accepted"]
+
+
 def test_event_loop_keeps_running_while_a_slow_sink_delivers(make):
     # A blocking 200 ms sink must not stall the event loop that produces items: the loop's lag
     # (how late a 10 ms sleep wakes up) stays far below one delivery.
