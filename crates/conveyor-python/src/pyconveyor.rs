@@ -3,13 +3,15 @@
 
 use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use conveyor::{Backpressure, Builder, OnFailure, Ordering, Retry, SendError};
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::PyWeakrefReference;
+use pyo3::{PyTraverseError, PyVisit};
 
 use crate::asend::{PendingSend, SendFuture};
 use crate::errors;
@@ -123,6 +125,28 @@ impl Shared {
         }
     }
 
+    /// Whether closing this conveyor on this thread may wait for its delivery threads. Not in a
+    /// forked child (they stayed in the parent), nor once the exit hook ran or gave up on them,
+    /// nor on one of those very threads (it would wait for itself until `drain_timeout`).
+    fn may_wait_here(&self) -> bool {
+        same_process(self.fork_gen)
+            && !EXITING.load(AtomicOrdering::Acquire)
+            && !self.sink.abandoned.load(AtomicOrdering::Acquire)
+            && !sink::thread_works_for(self.sink.id)
+    }
+
+    /// What happens to a conveyor nobody closed when the program lets go of it (dropped or
+    /// garbage-collected): the same bounded drain as the exit hook, with a warning naming what
+    /// it left. Nobody can catch an error here, so it is reported as unraisable.
+    fn close_unattended(&self, py: Python<'_>) {
+        if !self.closed.load(AtomicOrdering::Acquire) {
+            if let Err(err) = self.close_and_report(py, "was garbage-collected without close() and")
+            {
+                err.write_unraisable(py, None);
+            }
+        }
+    }
+
     /// Close with the configured drain deadline; warn about anything left, since nobody reads
     /// the report (interpreter exit, `with` block exit, garbage collection). What an earlier
     /// close left was reported by it already: no second warning.
@@ -167,6 +191,55 @@ pub(crate) struct PyConveyor {
     /// child, or a conveyor given up on at exit, whose threads must not be waited for).
     shared: ManuallyDrop<Arc<Shared>>,
     options: Options,
+    /// A weak reference to this object whose callback ([`Collected`]) drains the conveyor when
+    /// the garbage collector finds it unreachable. Set once, right after the object is made;
+    /// `Drop` removes it first, so the callback runs for a collection only, never for a drop.
+    on_collect: OnceLock<Py<PyAny>>,
+}
+
+/// Drains a conveyor that the cyclic garbage collector found unreachable (typically one whose
+/// sink is a method of an object that owns it: `self.c = Conveyor(self.post)`).
+///
+/// A weakref callback because the collector calls those before it clears any object of the
+/// cycle (`__clear__`): the sink and everything it uses are still intact, so the items still
+/// queued are delivered as they would be from `Drop`, not to an object whose attributes are gone.
+#[pyclass(frozen)]
+struct Collected {
+    /// Weak: this callback must not keep the engine alive.
+    shared: Weak<Shared>,
+}
+
+#[pymethods]
+impl Collected {
+    fn __call__(&self, py: Python<'_>, _reference: &Bound<'_, PyAny>) -> PyResult<()> {
+        let Some(shared) = self.shared.upgrade() else {
+            return Ok(());
+        };
+        // Otherwise `Drop` leaves its threads running, as it does for any drop here; on the
+        // conveyor's own threads its sink was hidden from the collector, so it stays intact.
+        if !shared.may_wait_here() {
+            return Ok(());
+        }
+        shared.close_unattended(py);
+        if shared.closed.load(AtomicOrdering::Acquire) {
+            return Ok(());
+        }
+        // The drain was cut short (Ctrl-C). Once this returns the collector clears the objects
+        // of the cycle, which can leave the sink unable to run at all (a `functools.partial`
+        // without its function crashes when called): no delivery may call it from here on.
+        shared.sink.abandoned.store(true, AtomicOrdering::Release);
+        let stats = shared.engine.stats();
+        errors::warn(
+            py,
+            &format!(
+                "{} was garbage-collected and its drain was interrupted with {} item(s) left: \
+                 those the sink has not started will fail without reaching it; call close() \
+                 before letting go of a conveyor to wait for them",
+                shared.label(),
+                stats.queued + stats.in_flight
+            ),
+        )
+    }
 }
 
 /// Converts a count from Python (`capacity`, `retries`, ...). Taken as `i64` rather than as the
@@ -562,7 +635,7 @@ impl PyConveyor {
         name: Option<String>,
         journal: Option<std::path::PathBuf>,
         durability: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<Self> {
+    ) -> PyResult<Py<Self>> {
         let http_sink = match sink.bind(py).downcast::<crate::http::PyHttpSink>() {
             Ok(handle) => Some(handle.get().take()?),
             Err(_) => None,
@@ -616,10 +689,10 @@ impl PyConveyor {
         }
 
         let id = NEXT_ID.fetch_add(1, AtomicOrdering::Relaxed);
-        let state = Arc::new(SinkState {
+        let state = Arc::new(SinkState::new(
             id,
-            abandoned: AtomicBool::new(false),
-        });
+            http_sink.is_none().then(|| sink.clone_ref(py)),
+        ));
         let name = name.unwrap_or_default();
         let is_async: bool = http_sink.is_none()
             && support(py)?
@@ -638,12 +711,12 @@ impl PyConveyor {
             let runner = support(py)?
                 .call_method1("LoopThread", (thread_name, id))?
                 .unbind();
-            let sink = sink::asynchronous(state.clone(), sink, runner.clone_ref(py));
+            let sink = sink::asynchronous(state.clone(), runner.clone_ref(py));
             // Without the GIL: opening a journal reads the disk.
             let built = py.allow_threads(|| builder.build_async(sink));
             (built, Some(runner))
         } else {
-            let sink = sink::blocking(state.clone(), sink);
+            let sink = sink::blocking(state.clone());
             (py.allow_threads(|| builder.build(sink)), None)
         };
         let runner = runner.map(Held::new);
@@ -685,17 +758,51 @@ impl PyConveyor {
         if !name.is_empty() {
             describe = format!("name={name:?}, {describe}");
         }
-        Ok(PyConveyor {
-            shared: ManuallyDrop::new(shared),
-            options: Options {
-                block: matches!(parsed_backpressure, Backpressure::Block),
-                keyed: matches!(parsed_ordering, Ordering::Keyed { .. }),
-                journaled,
-                http,
-                sync,
-                describe,
+        let collected = Collected {
+            shared: Arc::downgrade(&shared),
+        };
+        let conveyor = Bound::new(
+            py,
+            PyConveyor {
+                shared: ManuallyDrop::new(shared),
+                options: Options {
+                    block: matches!(parsed_backpressure, Backpressure::Block),
+                    keyed: matches!(parsed_ordering, Ordering::Keyed { .. }),
+                    journaled,
+                    http,
+                    sync,
+                    describe,
+                },
+                on_collect: OnceLock::new(),
             },
-        })
+        )?;
+        let reference = PyWeakrefReference::new_with(conveyor.as_any(), collected)?;
+        // Only `new` sets it, once.
+        let _ = conveyor.get().on_collect.set(reference.into_any().unbind());
+        Ok(conveyor.unbind())
+    }
+
+    /// Shows the sink to Python's cyclic garbage collector, so that a cycle through it (a sink
+    /// that is a method of an object owning this conveyor) can be collected.
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        self.shared.sink.traverse(&visit)
+    }
+
+    /// Breaks a cycle through the sink, once the conveyor will not call it again: by then the
+    /// collector has drained it (see [`Collected`]). A conveyor still running keeps its sink
+    /// (only possible when this thread is not the one that made it garbage: see
+    /// `SinkState::traverse`), and the other objects of the cycle break it.
+    fn __clear__(&self) {
+        let shared: &Shared = &self.shared;
+        // Nothing calls the sink again once the conveyor is closed or given up on, and a
+        // forked child has no delivery threads at all.
+        if shared.closed.load(AtomicOrdering::Acquire)
+            || shared.sink.abandoned.load(AtomicOrdering::Acquire)
+            || !same_process(shared.fork_gen)
+        {
+            // The collector calls this with the GIL held.
+            Python::with_gil(|py| shared.sink.release(py));
+        }
     }
 
     /// A conveyor whose sink is an HTTP request per item, made entirely in Rust without the GIL.
@@ -1042,26 +1149,19 @@ impl PyConveyor {
 
 impl Drop for PyConveyor {
     fn drop(&mut self) {
+        // Python drops us with the GIL held, so the weak reference goes at once: its callback
+        // must not run for a conveyor already gone.
+        drop(self.on_collect.take());
         // SAFETY: `shared` is not used again after this line.
         let shared = unsafe { ManuallyDrop::take(&mut self.shared) };
-        let leak = !same_process(shared.fork_gen)
-            || EXITING.load(AtomicOrdering::Acquire)
-            || shared.sink.abandoned.load(AtomicOrdering::Acquire)
-            || sink::inside_sink_of(shared.sink.id);
-        if leak {
+        if !shared.may_wait_here() {
             // Never wait for threads that do not exist (fork), were given up on (exit) or are
             // this very thread (dropped from inside the sink).
             std::mem::forget(shared);
             return;
         }
         Python::with_gil(|py| {
-            if !shared.closed.load(AtomicOrdering::Acquire) {
-                if let Err(err) =
-                    shared.close_and_report(py, "was garbage-collected without close() and")
-                {
-                    err.write_unraisable(py, None);
-                }
-            }
+            shared.close_unattended(py);
             shared.stop_runner(py);
             if shared.sink.abandoned.load(AtomicOrdering::Acquire) {
                 std::mem::forget(shared);

@@ -4,10 +4,11 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError, TryLockError};
 
 use conveyor::{Delivery, SinkError};
 use pyo3::prelude::*;
+use pyo3::{PyTraverseError, PyVisit};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::value::RawValue;
 use tokio::sync::oneshot;
@@ -119,6 +120,12 @@ thread_local! {
 }
 
 thread_local! {
+    /// Id of the conveyor whose delivery threads include this one (0: none). Engine threads
+    /// belong to one conveyor for their whole life, so this is set and never cleared.
+    static WORKS_FOR: Cell<u64> = const { Cell::new(0) };
+}
+
+thread_local! {
     /// Whether this engine thread already holds a permanent Python thread state.
     static HAS_THREAD_STATE: Cell<bool> = const { Cell::new(false) };
 }
@@ -200,13 +207,18 @@ pub(crate) fn inside_sink_of(id: u64) -> bool {
     IN_SINK.with(|current| current.get() == id)
 }
 
+/// True if conveyor `id` needs the current thread to deliver its items: waiting here for it to
+/// drain would wait for this very thread.
+pub(crate) fn thread_works_for(id: u64) -> bool {
+    inside_sink_of(id) || WORKS_FOR.with(Cell::get) == id
+}
+
 /// Marks the current thread as one that runs conveyor `id`'s sink (the async sink's loop thread).
 pub(crate) fn mark_sink_thread(id: u64) {
     IN_SINK.with(|current| current.set(id));
 }
 
 /// State shared by a conveyor and its sink closure.
-#[derive(Debug)]
 pub(crate) struct SinkState {
     /// Identifies the conveyor for [`inside_sink_of`].
     pub(crate) id: u64,
@@ -214,26 +226,104 @@ pub(crate) struct SinkState {
     /// items without touching Python, because taking the GIL while the interpreter finalizes
     /// can kill or hang the thread.
     pub(crate) abandoned: AtomicBool,
+    /// The Python sink (`None` for an HTTP conveyor, or once released). The conveyor's only
+    /// lasting reference to it, kept here rather than in the closure so that the conveyor can
+    /// show it to Python's cyclic garbage collector ([`SinkState::traverse`]) and drop it to
+    /// break a cycle ([`SinkState::release`]): a sink that is a method of an object owning the
+    /// conveyor would otherwise keep both alive until interpreter exit.
+    ///
+    /// Locked only with the GIL held and never across a call into Python, so the collector (which
+    /// holds the GIL) never finds it locked by a thread waiting for the GIL, and `os.fork()` never
+    /// copies it locked.
+    callable: Mutex<Option<Held>>,
+}
+
+impl std::fmt::Debug for SinkState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SinkState")
+            .field("id", &self.id)
+            .field("abandoned", &self.abandoned)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SinkState {
+    /// State for conveyor `id` delivering to `callable` (`None` for an HTTP conveyor).
+    pub(crate) fn new(id: u64, callable: Option<Py<PyAny>>) -> Self {
+        SinkState {
+            id,
+            abandoned: AtomicBool::new(false),
+            callable: Mutex::new(callable.map(Held::new)),
+        }
+    }
+
+    /// A reference of our own for one call, so the lock is not held while Python runs.
+    fn callable(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        let callable = self.callable.lock().unwrap_or_else(PoisonError::into_inner);
+        callable.as_ref().map(|sink| (**sink).clone_ref(py))
+    }
+
+    /// Shows the sink to the garbage collector (`__traverse__`): no Python, no blocking lock.
+    ///
+    /// Shows nothing on a thread the conveyor delivers on. Collecting the conveyor there would
+    /// mean draining it there, waiting for this very thread until `drain_timeout`; hidden, the
+    /// sink counts as reachable, so the cycle is left for a collection on any other thread.
+    pub(crate) fn traverse(&self, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
+        if thread_works_for(self.id) {
+            return Ok(());
+        }
+        let callable = match self.callable.try_lock() {
+            Ok(callable) => callable,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            // Only a thread holding the GIL can hold it, and the collector holds the GIL.
+            Err(TryLockError::WouldBlock) => return Ok(()),
+        };
+        match &*callable {
+            Some(sink) => visit.call(&**sink),
+            None => Ok(()),
+        }
+    }
+
+    /// Drops the conveyor's reference to the sink (`__clear__`), once nothing will call it.
+    pub(crate) fn release(&self, py: Python<'_>) {
+        let released = self
+            .callable
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        // Outside the lock, and at once rather than at the next `release_pending`: freeing the
+        // sink may free the object that owns the conveyor, which is the point of clearing it.
+        drop(released);
+        crate::fork::release_pending(py);
+    }
 }
 
 fn abandoned_error() -> SinkError {
     SinkError::permanent("the Python interpreter is exiting; the conveyor was closed at exit")
 }
 
+/// For an item that reaches a sink the conveyor already released (none should: the sink is
+/// released only once the conveyor closed or gave up); failing beats calling nothing.
+fn released_error() -> SinkError {
+    SinkError::permanent("the conveyor was garbage-collected; its sink is gone")
+}
+
 /// The sink for a blocking Python callable: takes the GIL only for the call itself.
 pub(crate) fn blocking(
     state: Arc<SinkState>,
-    sink: Py<PyAny>,
 ) -> impl Fn(Delivery<Item>) -> Result<Reply, SinkError> + Send + Sync + 'static {
-    // The engine's threads drop the closure, and so this reference: keep it fork-safe.
-    let sink = Held::new(sink);
     move |delivery| {
         if state.abandoned.load(AtomicOrdering::Acquire) {
             return Err(abandoned_error());
         }
+        // Before taking the GIL: the collector may run as soon as we hold it.
+        WORKS_FOR.with(|works_for| works_for.set(state.id));
         keep_thread_state();
         Python::with_gil(|py| {
             crate::fork::release_pending(py);
+            let Some(sink) = state.callable(py) else {
+                return Err(released_error());
+            };
             let previous = IN_SINK.with(|current| current.replace(state.id));
             // Saved and restored, not cleared: a sink may itself run another conveyor's sink.
             let outer = CURRENT.with(|current| current.replace(&delivery));
@@ -294,18 +384,22 @@ fn coroutine_returned(
 /// runs, and pipelined or keyed conveyors run several coroutines concurrently on that one loop.
 pub(crate) fn asynchronous(
     state: Arc<SinkState>,
-    sink: Py<PyAny>,
     runner: Py<PyAny>,
 ) -> impl Fn(Delivery<Item>) -> SinkFuture + Send + Sync + 'static {
-    let (sink, runner) = (Held::new(sink), Held::new(runner));
+    let runner = Held::new(runner);
     move |delivery| {
         if state.abandoned.load(AtomicOrdering::Acquire) {
             return Box::pin(std::future::ready(Err(abandoned_error())));
         }
         let (tx, rx) = oneshot::channel();
+        // Before taking the GIL: the collector may run as soon as we hold it.
+        WORKS_FOR.with(|works_for| works_for.set(state.id));
         keep_thread_state();
         let started = Python::with_gil(|py| -> Result<(), SinkError> {
             crate::fork::release_pending(py);
+            let Some(sink) = state.callable(py) else {
+                return Err(released_error());
+            };
             let start = || -> PyResult<()> {
                 let info = Py::new(py, PyDelivery::new(&delivery))?;
                 let future = runner.call_method1(

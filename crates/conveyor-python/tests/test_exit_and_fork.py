@@ -101,6 +101,142 @@ def test_garbage_collected_conveyor_drains_first():
     assert proc.stderr == ""
 
 
+# A client object that owns a conveyor whose sink is one of its own methods: the conveyor
+# holds the sink, the sink holds the client, the client holds the conveyor.
+CLIENT_CYCLE = """
+import asyncio, gc, os, threading, time, weakref, conveyor
+
+def threads():
+    try:
+        return len(os.listdir("/proc/self/task"))  # OS threads, the engine's included
+    except OSError:
+        return threading.active_count()
+
+class Client:
+    def __init__(self, n, log):
+        self.n, self.log = n, log
+        self.c = conveyor.Conveyor(self.ASYNC and self.apost or self.post)
+    def post(self, item):
+        time.sleep(0.002)  # slow enough that items are still queued when the cycle is collected
+        self.log.append((self.n, item))
+    async def apost(self, item):
+        await asyncio.sleep(0.002)
+        self.log.append((self.n, item))
+
+Client.ASYNC = ASYNC
+log, refs = [], []
+gc.collect()
+before = threads()
+for n in range(20):
+    client = Client(n, log)
+    for item in range(5):
+        client.c.send(item)
+    refs.append(weakref.ref(client.c))
+    del client
+    gc.collect()
+alive = sum(r() is not None for r in refs)
+assert alive == 0, f"{alive} of 20 conveyors in a cycle with their sink were never collected"
+# Delivered before collection, by a client whose attributes were all still there.
+assert log == [(n, item) for n in range(20) for item in range(5)], log
+deadline = time.monotonic() + 20
+while threads() > before + 1 and time.monotonic() < deadline:
+    time.sleep(0.05)
+assert threads() <= before + 1, f"{threads() - before} more threads than before"
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["blocking", "async"])
+def test_conveyor_in_a_cycle_with_its_sink_is_collected_after_draining(is_async):
+    proc = run_python(f"ASYNC = {is_async}\n" + CLIENT_CYCLE)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
+    assert proc.stderr == ""
+
+
+def test_collection_on_the_conveyors_own_loop_thread_does_not_wait_for_itself():
+    # The collector runs wherever memory is allocated, here on the conveyor's own event-loop
+    # thread, while nothing reaches the conveyor any more: draining it there would wait for
+    # the very loop the collector is blocking, until drain_timeout.
+    proc = run_python(
+        textwrap.dedent(
+            """
+            import asyncio, functools, gc, threading, time, weakref, conveyor
+            delivered, took = [], []
+            unreachable = threading.Event()
+
+            async def deliver(holder, item):
+                del holder  # the running coroutine no longer reaches the conveyor
+                if item == 0:
+                    assert unreachable.wait(10)
+                    start = time.monotonic()
+                    gc.collect()
+                    took.append(time.monotonic() - start)
+                delivered.append(item)
+
+            holder = []
+            holder.append(conveyor.Conveyor(functools.partial(deliver, holder), drain_timeout=30))
+            for item in range(3):
+                holder[0].send(item)
+            ref = weakref.ref(holder[0])
+            del holder
+            unreachable.set()
+            deadline = time.monotonic() + 20
+            while not took and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert took and took[0] < 10, took
+            while ref() is not None and time.monotonic() < deadline:
+                gc.collect()
+                time.sleep(0.01)
+            assert ref() is None, "the conveyor was never collected"
+            assert delivered == [0, 1, 2], delivered
+            print("ok")
+            """
+        )
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
+    assert proc.stderr == ""
+
+
+def test_interrupted_collection_never_calls_the_cleared_sink():
+    # Ctrl-C during the collector's drain: the collector then clears the cycle's objects,
+    # here the partial's function and arguments, so the sink must never be called again.
+    proc = run_python(
+        textwrap.dedent(
+            """
+            import asyncio, functools, gc, os, signal, threading, time, weakref, conveyor
+            calls = []
+
+            async def deliver(holder, item):
+                del holder  # the running coroutine no longer reaches the conveyor
+                calls.append(item)
+                if item == 0:
+                    await asyncio.sleep(3)
+
+            holder = []
+            holder.append(conveyor.Conveyor(functools.partial(deliver, holder), drain_timeout=30))
+            for item in range(3):
+                holder[0].send(item)
+            while not calls:
+                time.sleep(0.01)
+            ref = weakref.ref(holder[0])
+            del holder
+            threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+            gc.collect()
+            assert ref() is None, "the conveyor was never collected"
+            time.sleep(4)
+            assert calls == [0], calls
+            print("ok")
+            """
+        )
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
+    assert "KeyboardInterrupt" in proc.stderr
+    assert "drain was interrupted with 3 item(s) left" in proc.stderr
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX-only")
 def test_inherited_conveyor_raises_closed_in_the_child_and_a_new_one_works(make):
     parent_sink = Recorder()
