@@ -319,7 +319,14 @@ impl PyReceipt {
             .unbind())
     }
 
-    fn __repr__(&self) -> String {
+    fn __repr__(&self, py: Python<'_>) -> String {
+        let settled =
+            matches!(&*lock(&self.state), State::Pending(receipt) if receipt.is_settled());
+        if settled && crate::pyconveyor::same_process(self.fork_gen) {
+            // Settled already, so watching it takes the outcome at once, without waiting; then
+            // repr can say which outcome it is.
+            self.watch(py);
+        }
         let state = match &*lock(&self.state) {
             State::Pending(receipt) if !receipt.is_settled() => "pending",
             State::Watched(slot) if lock(&slot.inner).outcome.is_none() => "pending",

@@ -208,3 +208,21 @@ def test_serial_executor_takes_max_workers_1_like_thread_pool_executor():
     ex.shutdown()
     with pytest.raises(ValueError, match="max_workers=2"):
         conveyor.SerialExecutor(max_workers=2)
+
+
+def test_serial_executor_repr_shows_its_state_and_pending_calls():
+    gate, started = threading.Event(), threading.Event()
+    ex = conveyor.SerialExecutor()
+
+    def first():
+        started.set()
+        gate.wait(10)
+
+    ex.submit(first)
+    assert started.wait(10)
+    ex.submit(lambda: None)
+    ex.submit(lambda: None)
+    assert repr(ex) == "<conveyor.SerialExecutor running=1, pending=2>"
+    gate.set()
+    ex.shutdown()
+    assert repr(ex) == "<conveyor.SerialExecutor running=0, pending=0, shutdown>"

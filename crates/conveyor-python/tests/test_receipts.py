@@ -180,3 +180,12 @@ def test_a_negative_timeout_times_out_like_a_future(make):
     gate.set()
     assert r.result(timeout=10) is True
     assert r.result(timeout=-1) is True
+
+
+def test_repr_of_a_settled_receipt_names_its_outcome(make):
+    c = make(lambda x: 1 / x)
+    ok, bad = c.send(1), c.send(0)
+    assert c.flush(timeout=10)
+    # Nobody asked for these outcomes yet: repr alone still names them.
+    assert repr(ok) == "<conveyor.Receipt seq=1 delivered>"
+    assert repr(bad) == "<conveyor.Receipt seq=2 failed>"

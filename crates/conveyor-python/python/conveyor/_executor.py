@@ -98,6 +98,12 @@ class SerialExecutor(concurrent.futures.Executor):
             raise
         return future
 
+    def __repr__(self) -> str:
+        # A snapshot of counters, like concurrent.futures.Future's repr: it never waits.
+        stats = self._conveyor.stats
+        state = ", shutdown" if self._shutdown or self._conveyor.closed else ""
+        return f"<conveyor.SerialExecutor running={stats.in_flight}, pending={stats.queued}{state}>"
+
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting calls; with ``wait``, return once every accepted call has run.
 
