@@ -118,6 +118,10 @@ pub(crate) fn parse_durability(value: &Bound<'_, PyAny>) -> PyResult<(Durability
             value.repr()?
         )));
     }
+    let message = format!(
+        "durability={}: expected a commit window in seconds (e.g. 0.005) or \"sync\"",
+        value.repr()?
+    );
     if let Ok(text) = value.extract::<String>() {
         if text == "sync" {
             return Ok((Durability::Batched(Duration::ZERO), true));
@@ -126,11 +130,11 @@ pub(crate) fn parse_durability(value: &Bound<'_, PyAny>) -> PyResult<(Durability
         if let Ok(window) = Duration::try_from_secs_f64(seconds) {
             return Ok((Durability::Batched(window), false));
         }
+    } else {
+        // Neither text nor a number: the wrong kind of value, as for any other option.
+        return Err(PyTypeError::new_err(message));
     }
-    Err(PyValueError::new_err(format!(
-        "durability={}: expected a commit window in seconds (e.g. 0.005) or \"sync\"",
-        value.repr()?
-    )))
+    Err(PyValueError::new_err(message))
 }
 
 /// `json.dumps(object)` as the journal's item.

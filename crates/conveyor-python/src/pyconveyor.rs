@@ -257,6 +257,76 @@ fn count_arg<T: TryFrom<i64>>(name: &str, value: i64, min: i64) -> PyResult<T> {
     T::try_from(value).map_err(|_| PyValueError::new_err(format!("{name}={value}: too large")))
 }
 
+/// Values of the string options, in the order error messages list them.
+const ORDERINGS: &[&str] = &["strict", "pipelined", "keyed"];
+const BACKPRESSURES: &[&str] = &["block", "reject", "drop_newest", "drop_oldest"];
+const ON_FAILURES: &[&str] = &["skip", "pause"];
+
+/// `"a", "b" or "c"`.
+fn one_of(choices: &[&str]) -> String {
+    let quoted: Vec<String> = choices.iter().map(|c| format!("{c:?}")).collect();
+    match quoted.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    }
+}
+
+/// The end of a `TypeError` message for an option given a value of the wrong type: PyO3's own
+/// names a Rust type ("'int' object cannot be converted to 'PyString'"), not what the option
+/// takes.
+fn wrong_type(value: &Bound<'_, PyAny>, expected: &str) -> String {
+    let shown = value
+        .repr()
+        .map(|r| r.to_string())
+        .unwrap_or_else(|_| "a value".to_owned());
+    format!("expected {expected}, got {shown}")
+}
+
+/// Reads a `str` argument, with a `TypeError` that names it and says what it takes.
+fn str_arg(name: &str, value: &Bound<'_, PyAny>, expected: &str) -> PyResult<String> {
+    value.extract().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "argument '{name}': {}",
+            wrong_type(value, expected)
+        ))
+    })
+}
+
+fn unknown_choice(name: &str, value: &str, choices: &[&str]) -> PyErr {
+    PyValueError::new_err(format!("{name}={value:?}: expected {}", one_of(choices)))
+}
+
+/// Reads a string option that takes one of `choices` (for `from_py_with`, whose `TypeError`
+/// PyO3 prefixes with the argument's name). Returns the matching choice itself, so the option's
+/// default stays a literal that `help()` shows.
+fn choice(
+    value: &Bound<'_, PyAny>,
+    name: &str,
+    choices: &[&'static str],
+) -> PyResult<&'static str> {
+    let text: String = value
+        .extract()
+        .map_err(|_| PyTypeError::new_err(wrong_type(value, &one_of(choices))))?;
+    choices
+        .iter()
+        .copied()
+        .find(|choice| *choice == text)
+        .ok_or_else(|| unknown_choice(name, &text, choices))
+}
+
+fn ordering_arg(value: &Bound<'_, PyAny>) -> PyResult<&'static str> {
+    choice(value, "ordering", ORDERINGS)
+}
+
+fn backpressure_arg(value: &Bound<'_, PyAny>) -> PyResult<&'static str> {
+    choice(value, "backpressure", BACKPRESSURES)
+}
+
+fn on_failure_arg(value: &Bound<'_, PyAny>) -> PyResult<&'static str> {
+    choice(value, "on_failure", ON_FAILURES)
+}
+
 fn parse_ordering(
     ordering: &str,
     in_flight: Option<usize>,
@@ -293,9 +363,7 @@ fn parse_ordering(
                 concurrency: concurrency.unwrap_or(64),
             })
         }
-        other => Err(PyValueError::new_err(format!(
-            "ordering={other:?}: expected \"strict\", \"pipelined\" or \"keyed\""
-        ))),
+        other => Err(unknown_choice("ordering", other, ORDERINGS)),
     }
 }
 
@@ -305,9 +373,7 @@ fn parse_backpressure(backpressure: &str) -> PyResult<Backpressure> {
         "reject" => Ok(Backpressure::Reject),
         "drop_newest" => Ok(Backpressure::DropNewest),
         "drop_oldest" => Ok(Backpressure::DropOldest),
-        other => Err(PyValueError::new_err(format!(
-            "backpressure={other:?}: expected \"block\", \"reject\", \"drop_newest\" or \"drop_oldest\""
-        ))),
+        other => Err(unknown_choice("backpressure", other, BACKPRESSURES)),
     }
 }
 
@@ -315,9 +381,7 @@ fn parse_on_failure(on_failure: &str) -> PyResult<OnFailure> {
     match on_failure {
         "skip" => Ok(OnFailure::Skip),
         "pause" => Ok(OnFailure::Pause),
-        other => Err(PyValueError::new_err(format!(
-            "on_failure={other:?}: expected \"skip\" or \"pause\""
-        ))),
+        other => Err(unknown_choice("on_failure", other, ON_FAILURES)),
     }
 }
 
@@ -621,18 +685,18 @@ impl PyConveyor {
     fn new(
         py: Python<'_>,
         sink: Py<PyAny>,
-        ordering: &str,
+        #[pyo3(from_py_with = "ordering_arg")] ordering: &str,
         in_flight: Option<i64>,
         concurrency: Option<i64>,
         capacity: i64,
-        backpressure: &str,
+        #[pyo3(from_py_with = "backpressure_arg")] backpressure: &str,
         retries: i64,
         backoff: f64,
         max_backoff: Option<f64>,
-        on_failure: &str,
+        #[pyo3(from_py_with = "on_failure_arg")] on_failure: &str,
         rate_limit: Option<i64>,
         drain_timeout: f64,
-        name: Option<String>,
+        name: Option<&Bound<'_, PyAny>>,
         journal: Option<std::path::PathBuf>,
         durability: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Py<Self>> {
@@ -693,7 +757,10 @@ impl PyConveyor {
             id,
             http_sink.is_none().then(|| sink.clone_ref(py)),
         ));
-        let name = name.unwrap_or_default();
+        let name = name
+            .map(|name| str_arg("name", name, "a str or None"))
+            .transpose()?
+            .unwrap_or_default();
         let is_async: bool = http_sink.is_none()
             && support(py)?
                 .call_method1("is_async_callable", (sink.bind(py),))?
@@ -816,18 +883,30 @@ impl PyConveyor {
     /// least 6 characters; shorter ones are no secrets). Every other keyword is a `Conveyor`
     /// option.
     #[staticmethod]
-    #[pyo3(signature = (url, *, headers = None, method = "POST", timeout = 30.0, **options))]
+    // `method` is read by hand, for a clear `TypeError`: its default is written out for `help()`.
+    #[pyo3(
+        signature = (url, *, headers = None, method = None, timeout = 30.0, **options),
+        text_signature = "(url, *, headers=None, method=\"POST\", timeout=30.0, **options)"
+    )]
     fn http(
         py: Python<'_>,
-        url: &str,
+        url: &Bound<'_, PyAny>,
         headers: Option<std::collections::BTreeMap<String, String>>,
-        method: &str,
+        method: Option<&Bound<'_, PyAny>>,
         timeout: f64,
         options: Option<&Bound<'_, pyo3::types::PyDict>>,
     ) -> PyResult<Py<PyAny>> {
+        let url = str_arg("url", url, "a str such as \"https://example.com/events\"")?;
+        let method = method
+            .map(|method| str_arg("method", method, "a str such as \"POST\""))
+            .transpose()?;
         let timeout = seconds_arg("timeout", timeout)?;
-        let handle =
-            crate::http::PyHttpSink::new(url, headers.unwrap_or_default(), method, timeout)?;
+        let handle = crate::http::PyHttpSink::new(
+            &url,
+            headers.unwrap_or_default(),
+            method.as_deref().unwrap_or("POST"),
+            timeout,
+        )?;
         Ok(py
             .get_type::<PyConveyor>()
             .call((Py::new(py, handle)?,), options)?

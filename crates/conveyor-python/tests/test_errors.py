@@ -89,3 +89,30 @@ def test_out_of_range_counts_are_value_errors_naming_the_option(options):
     name = [k for k in options if k != "ordering"][0]
     with pytest.raises(ValueError, match=f"{name}={options[name]}"):
         conveyor.Conveyor(print, **options)
+
+
+@pytest.mark.parametrize(
+    "options, name, expected",
+    [
+        ({"ordering": 1}, "ordering", '"strict", "pipelined" or "keyed"'),
+        ({"backpressure": None}, "backpressure", '"block", "reject", "drop_newest" or "drop_oldest"'),
+        ({"on_failure": True}, "on_failure", '"skip" or "pause"'),
+        ({"name": 3}, "name", "a str or None"),
+        ({"journal": "j", "durability": [1]}, "durability", 'seconds (e.g. 0.005) or "sync"'),
+    ],
+)
+def test_wrong_type_options_are_type_errors_saying_what_they_take(options, name, expected, tmp_path):
+    # PyO3's own message named a Rust type: "'int' object cannot be converted to 'PyString'".
+    if "journal" in options:
+        options = {**options, "journal": tmp_path / "j"}
+    with pytest.raises(TypeError) as info:
+        conveyor.Conveyor(print, **options)
+    message = str(info.value)
+    assert name in message and expected in message and "PyString" not in message, message
+
+
+@pytest.mark.parametrize("options, name", [({"url": 1}, "url"), ({"url": "http://x", "method": 1}, "method")])
+def test_wrong_type_http_options_are_type_errors_saying_what_they_take(options, name):
+    with pytest.raises(TypeError, match=f"'{name}': expected a str") as info:
+        conveyor.Conveyor.http(**options)
+    assert "PyString" not in str(info.value)
