@@ -226,3 +226,31 @@ def test_serial_executor_repr_shows_its_state_and_pending_calls():
     gate.set()
     ex.shutdown()
     assert repr(ex) == "<conveyor.SerialExecutor running=0, pending=0, shutdown>"
+
+
+def test_serial_executor_shutdown_wait_from_its_own_task_speaks_of_tasks():
+    # ThreadPoolExecutor raises RuntimeError here too ("cannot join current thread").
+    ex = conveyor.SerialExecutor()
+
+    def task():
+        with pytest.raises(RuntimeError) as info:
+            ex.shutdown(wait=True)
+        return str(info.value)
+
+    message = ex.submit(task).result(timeout=10)
+    assert "own tasks" in message and "sink" not in message, message
+    ex.shutdown()
+
+
+def test_serial_executor_submit_to_its_full_self_from_a_task_speaks_of_tasks():
+    ex = conveyor.SerialExecutor(capacity=1)
+
+    def task():
+        ex.submit(lambda: None)  # fills the queue
+        with pytest.raises(conveyor.QueueFull) as info:
+            ex.submit(lambda: None)
+        return str(info.value)
+
+    message = ex.submit(task).result(timeout=10)
+    assert "own tasks" in message and "sink" not in message and "capacity" in message, message
+    ex.shutdown()

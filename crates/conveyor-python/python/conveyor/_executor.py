@@ -8,7 +8,7 @@ import threading
 from typing import Any, Callable, Dict, Optional, Tuple, TypeVar
 
 from ._conveyor import Conveyor
-from ._errors import Closed
+from ._errors import Closed, QueueFull
 
 T = TypeVar("T")
 
@@ -59,6 +59,7 @@ class SerialExecutor(concurrent.futures.Executor):
         # Futures not started yet, so shutdown(cancel_futures=True) can cancel them at once, as
         # ThreadPoolExecutor does. Dict operations are atomic under the GIL.
         self._pending: Dict[int, "concurrent.futures.Future[Any]"] = {}
+        self._capacity = capacity
         self._conveyor = Conveyor(
             functools.partial(_run_call, self._pending),
             capacity=capacity,
@@ -87,7 +88,16 @@ class SerialExecutor(concurrent.futures.Executor):
                 receipt = self._conveyor._send_wait(call, None, None, 0.0)
             if receipt is None:
                 # The queue is full: wait for room outside the lock so shutdown() is not held up.
-                self._conveyor.send(call)
+                try:
+                    self._conveyor.send(call)
+                except QueueFull:
+                    # The conveyor refuses to wait for room from inside its own sink, which is
+                    # one of our tasks: say it in an executor's words.
+                    raise QueueFull(
+                        f"SerialExecutor is full (capacity={self._capacity}) and submit() was called "
+                        "from inside one of its own tasks: waiting for room would wait for that very "
+                        "task to finish; raise capacity, or submit from outside the executor"
+                    ) from None
         except Closed as exc:
             # Closed by shutdown() while waiting for room, or by conveyor's interpreter-exit
             # hook (which does not go through shutdown()): ThreadPoolExecutor says RuntimeError.
@@ -115,7 +125,15 @@ class SerialExecutor(concurrent.futures.Executor):
                 for future in list(self._pending.values()):
                     future.cancel()
         if wait:
-            self._conveyor.close()
+            try:
+                self._conveyor.close()
+            except RuntimeError:
+                # Raised only when called from inside the conveyor's own sink: one of our tasks.
+                raise RuntimeError(
+                    "shutdown(wait=True) was called from inside one of this executor's own tasks: "
+                    "it would wait for that very task to finish; use shutdown(wait=False) there "
+                    "(the accepted calls still run)"
+                ) from None
         else:
             # Like ThreadPoolExecutor: return now, let the accepted calls run to the end.
             threading.Thread(target=self._conveyor.close, name="SerialExecutor-shutdown", daemon=True).start()
