@@ -15,7 +15,7 @@ use crossbeam_utils::{Backoff, CachePadded};
 use crate::intake::{Intake, Wake};
 use crate::journal::{DeadLetter, Journal, JournalError, Record, Settlement as Settled};
 use crate::queue::{Room, State, Waiters};
-use crate::receipt::{Inside, NodeContext, NodeRef, OwnWorkers, Receipt};
+use crate::receipt::{Awaited, Inside, NodeContext, NodeRef, OwnWorkers, Receipt};
 use crate::retry::random_u64;
 use crate::stats::{CloseReport, Stats};
 use crate::worker::{async_worker, later, thread_worker, Sink};
@@ -399,21 +399,21 @@ impl<T, R> Shared<T, R> {
 
 /// A receipt waited for from inside one of this conveyor's workers (see `Receipt::wait`).
 impl<T: Send + Sync, R: Send> OwnWorkers for Shared<T, R> {
-    fn start_waiting_inside(&self) -> Inside {
+    fn start_waiting_inside(&self, item: Awaited<'_>) -> Inside {
         // Without the lock on every thread but the workers' own.
         if self.worker_here().is_none() {
             return Inside::Elsewhere;
         }
         let mut st = self.lock();
         match self.mark_waiting_inside(&mut st) {
-            Some(worker) if self.may_wait_inside(&mut st, worker) => Inside::Waiting(worker),
+            Some(worker) if self.may_wait_inside(&mut st, worker, item) => Inside::Waiting(worker),
             Some(_) => Inside::Hopeless,
             None => Inside::Elsewhere,
         }
     }
 
-    fn keep_waiting_inside(&self, worker: usize) -> bool {
-        self.may_wait_inside(&mut self.lock(), worker)
+    fn keep_waiting_inside(&self, worker: usize, item: Awaited<'_>) -> bool {
+        self.may_wait_inside(&mut self.lock(), worker, item)
     }
 
     fn stop_waiting_inside(&self, worker: usize) {
@@ -422,14 +422,19 @@ impl<T: Send + Sync, R: Send> OwnWorkers for Shared<T, R> {
 }
 
 impl<T, R> Shared<T, R> {
-    /// Whether `worker`, marked as waiting inside for an item to settle, may go on waiting:
-    /// anything else can still settle one. If not, it is unmarked.
-    fn may_wait_inside(&self, st: &mut State<T, R>, worker: usize) -> bool {
+    /// Whether `worker`, marked as waiting inside for `item` to settle, may go on waiting:
+    /// `item` does not wait for `worker`'s own job, and anything else can still settle an
+    /// item. If not, it is unmarked.
+    fn may_wait_inside(&self, st: &mut State<T, R>, worker: usize, item: Awaited<'_>) -> bool {
         // Items sent from the fast path may still be in the intake, where the lanes do not
         // show them: an idle worker was woken for them and would start them.
         self.drain(st);
         // Past a shutdown's deadline, the thread closing the conveyor settles every item left.
-        let may = st.abandoned || st.others_can_progress();
+        // Otherwise, however busy the other workers are (with other keys, say), an item held up
+        // by this worker's own job never settles while it waits: that must not wait for as
+        // long as the others have work.
+        let may =
+            st.abandoned || (!st.held_by(worker, item.seq, item.key) && st.others_can_progress());
         if !may {
             st.set_waiting_inside(worker, false);
         }

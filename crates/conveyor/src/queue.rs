@@ -272,6 +272,21 @@ impl<T, R> State<T, R> {
         free > 0 && (busy || self.startable_exactly())
     }
 
+    /// Whether the item `seq` (of `key`), not settled yet, can neither start nor end before
+    /// `worker` is done with the job it holds: it is that job, or it is behind it in a lane
+    /// that runs one item at a time (the strict lane, a keyed lane).
+    pub(crate) fn held_by(&self, worker: usize, seq: u64, key: Option<&Arc<str>>) -> bool {
+        let Some(held) = &self.in_flight_nodes[worker] else {
+            return false;
+        };
+        let held_seq = held.node.seq();
+        let one_at_a_time = self.keyed || self.in_flight_nodes.len() == 1;
+        seq == held_seq
+            || (one_at_a_time
+                && seq > held_seq
+                && self.lane_id(key) == self.lane_id(held.node.key()))
+    }
+
     /// As `startable`, without trusting stale entries of `ready`.
     fn startable_exactly(&self) -> bool {
         if self.keyed {

@@ -60,16 +60,25 @@ pub(crate) struct NodeContext {
 /// while it waits, so it must not wait for what only it could do.
 pub(crate) trait OwnWorkers: Send + Sync {
     /// Whether the calling thread runs code for one of this conveyor's live workers, and if so,
-    /// whether it may wait: marked as waiting inside (see `State::others_can_progress`), anything
-    /// else can still settle an item. Checked and marked under one lock, so that the others
-    /// never see a mark that is about to be undone.
-    fn start_waiting_inside(&self) -> Inside;
+    /// whether it may wait for `item`: marked as waiting inside (see
+    /// `State::others_can_progress`), `item` is not held up by the calling worker's own job,
+    /// and anything else can still settle an item. Checked and marked under one lock, so that
+    /// the others never see a mark that is about to be undone.
+    fn start_waiting_inside(&self, item: Awaited<'_>) -> Inside;
 
-    /// Whether the marked `worker` may go on waiting; if not, it is unmarked under the same lock.
-    fn keep_waiting_inside(&self, worker: usize) -> bool;
+    /// Whether the marked `worker` may go on waiting for `item`; if not, it is unmarked under
+    /// the same lock.
+    fn keep_waiting_inside(&self, worker: usize, item: Awaited<'_>) -> bool;
 
     /// Unmarks `worker`: its wait ended.
     fn stop_waiting_inside(&self, worker: usize);
+}
+
+/// The item a wait from inside is for: its lane and its place in it.
+#[derive(Clone, Copy)]
+pub(crate) struct Awaited<'a> {
+    pub(crate) seq: u64,
+    pub(crate) key: Option<&'a Arc<str>>,
 }
 
 /// What [`OwnWorkers::start_waiting_inside`] found.
@@ -89,11 +98,11 @@ struct NoConveyor;
 
 #[cfg(test)]
 impl OwnWorkers for NoConveyor {
-    fn start_waiting_inside(&self) -> Inside {
+    fn start_waiting_inside(&self, _item: Awaited<'_>) -> Inside {
         Inside::Elsewhere
     }
 
-    fn keep_waiting_inside(&self, _worker: usize) -> bool {
+    fn keep_waiting_inside(&self, _worker: usize, _item: Awaited<'_>) -> bool {
         true
     }
 
@@ -299,13 +308,14 @@ const INSIDE_CHECK: Duration = Duration::from_millis(10);
 struct WaitingInside<'a> {
     conveyor: &'a dyn OwnWorkers,
     worker: usize,
+    item: Awaited<'a>,
     /// Still marked (`keep_waiting` unmarks as it says no).
     marked: bool,
 }
 
 impl WaitingInside<'_> {
     fn keep_waiting(&mut self) -> bool {
-        self.marked = self.conveyor.keep_waiting_inside(self.worker);
+        self.marked = self.conveyor.keep_waiting_inside(self.worker, self.item);
         self.marked
     }
 }
@@ -590,7 +600,13 @@ impl<R> Receipt<R> {
         if let Some(result) = self.take_settled() {
             return Some(result);
         }
-        let mut inside = match conveyor.start_waiting_inside() {
+        // Its own reference, as the receipt is borrowed mutably while it waits.
+        let key = self.about().key.clone();
+        let item = Awaited {
+            seq: self.seq(),
+            key: key.as_ref(),
+        };
+        let mut inside = match conveyor.start_waiting_inside(item) {
             // Not for a live worker: one that is exiting takes no item any more, so it holds
             // none up.
             Inside::Elsewhere => return self.wait_slot(deadline),
@@ -598,6 +614,7 @@ impl<R> Receipt<R> {
             Inside::Waiting(worker) => WaitingInside {
                 conveyor,
                 worker,
+                item,
                 marked: true,
             },
         };

@@ -5,12 +5,13 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Barrier, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::{sleep_ms, GENEROUS};
-use conveyor::{CloseReport, Conveyor, Delivery, Ordering, SendError};
+use conveyor::{CloseReport, Conveyor, Delivery, Ordering, Receipt, SendError};
 
 /// Long enough that a call which waits for it is told apart from one that does not.
 const LONG: Duration = Duration::from_secs(10);
@@ -511,21 +512,19 @@ fn keyed_a_sink_gets_another_keys_outcome_but_not_its_own_keys() {
     assert_eq!(c.stats().delivered, 5);
 }
 
-/// Keyed: the sink of `a1` waits for `a4`, the next item of its own key, while `b1` still runs
-/// on the other worker (for 300 ms). The wait goes on while `b1` runs (that worker could still
-/// settle something), then panics instead of waiting for good.
+/// Keyed: the sink of `a1` waits for `a4`, the next item of its own key, while `b2` still runs
+/// on the other worker (for 300 ms). Only the sink's own worker can deliver `a4`, whatever the
+/// other worker does: the wait panics instead of waiting for good.
 #[test]
 fn keyed_a_sink_waiting_for_its_own_keys_next_item_does_not_hang() {
-    let (c, took, (panicked, b_delivered)) =
-        from_inside_the_sink(Ordering::Keyed { concurrency: 2 }, |c| {
-            let own = c.send_keyed("a", 4).unwrap();
-            let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| own.wait()));
-            (waited.map_err(panic_text).map(drop), c.stats().delivered)
-        });
+    let (c, took, panicked) = from_inside_the_sink(Ordering::Keyed { concurrency: 2 }, |c| {
+        let own = c.send_keyed("a", 4).unwrap();
+        let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| own.wait()));
+        waited.map_err(panic_text).map(drop)
+    });
     let text = panicked.expect_err("the wait panicked");
     assert!(text.contains("Receipt::wait would wait forever"), "{text}");
     assert!(took < Duration::from_secs(5), "the wait took {took:?}");
-    assert_eq!(b_delivered, 1, "b1, on the other worker, was waited for");
     assert!(c.flush_timeout(GENEROUS));
     assert_eq!(c.stats().delivered, 4);
 }
@@ -556,4 +555,100 @@ fn pipelined_two_sinks_waiting_on_later_items_are_not_a_deadlock() {
     assert!(first_took < Duration::from_secs(5), "{first_took:?}");
     assert!(c.flush_timeout(GENEROUS));
     assert_eq!(c.stats().delivered, 4);
+}
+
+/// Runs `inside` in the sink of item `a1` (which gets its own receipt), while another thread
+/// keeps sending `b` items that take 5 ms each, so that the other worker is never idle
+/// meanwhile; returns what `inside` returned.
+fn with_the_other_worker_busy<O: Send + 'static>(
+    ordering: Ordering,
+    inside: impl Fn(&Conveyor<u64>, Receipt<()>) -> O + Send + Sync + 'static,
+) -> (Arc<Conveyor<u64>>, O) {
+    let (tx, rx) = channel();
+    let tx = Mutex::new(tx);
+    let own: Arc<Mutex<Option<Receipt<()>>>> = Arc::new(Mutex::new(None));
+    let me: Arc<OnceLock<Arc<Conveyor<u64>>>> = Arc::new(OnceLock::new());
+    let (mine, myself) = (own.clone(), me.clone());
+    let c = Arc::new(
+        Conveyor::builder()
+            .ordering(ordering)
+            .capacity(8)
+            .drain_timeout(Duration::from_secs(1))
+            .build(move |d: Delivery<u64>| {
+                if d.key() != Some("a") {
+                    sleep_ms(5);
+                }
+                if d.key() != Some("a") || *d.item() != 1 {
+                    return Ok(());
+                }
+                let receipt = loop {
+                    if let Some(receipt) = mine.lock().unwrap().take() {
+                        break receipt;
+                    }
+                    sleep_ms(1);
+                };
+                let out = inside(myself.get().expect("set before the first send"), receipt);
+                tx.lock().unwrap().send(out).unwrap();
+                Ok(())
+            })
+            .unwrap(),
+    );
+    me.set(c.clone()).ok();
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = {
+        let (c, stop) = (c.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for i in 1000.. {
+                if stop.load(SeqCst) || c.send_keyed("b", i).is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    sleep_ms(100); // the other worker is busy
+    *own.lock().unwrap() = Some(c.send_keyed("a", 1).unwrap());
+    let out = rx.recv_timeout(GENEROUS);
+    stop.store(true, SeqCst);
+    traffic.join().unwrap();
+    (c, out.expect("the sink came back"))
+}
+
+/// Keyed: the sink of `a1` waits for `a2`, queued behind its own item in lane `a`, while the
+/// other worker is kept busy with lane `b`. Nobody but the sink's own worker can ever settle
+/// `a2`, whatever the other worker does: `wait_timeout` gives up at once, and `wait` panics
+/// (both used to go on for as long as lane `b` had traffic, for ever on a busy service).
+#[test]
+fn keyed_a_wait_for_its_own_lane_gives_up_while_other_lanes_are_busy() {
+    let (c, (waited, waited_long, panicked, took)) =
+        with_the_other_worker_busy(Ordering::Keyed { concurrency: 2 }, |c, _| {
+            let mut own = c.send_keyed("a", 2).unwrap();
+            let started = Instant::now();
+            let waited = own.wait_timeout(LONG).map(|r| r.is_ok());
+            let waited_long = started.elapsed();
+            let own = c.send_keyed("a", 3).unwrap();
+            let started = Instant::now();
+            let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| own.wait()))
+                .map_err(panic_text)
+                .map(drop);
+            (waited, waited_long, panicked, started.elapsed())
+        });
+    gave_up_at_once(waited, waited_long);
+    let text = panicked.expect_err("the wait panicked");
+    assert!(text.contains("Receipt::wait would wait forever"), "{text}");
+    assert!(took < Duration::from_secs(5), "the wait took {took:?}");
+    assert!(c.flush_timeout(GENEROUS));
+}
+
+/// Pipelined: the sink of item `a1` waits for its own receipt, while the other worker is kept
+/// busy. Only the call that waits could settle it: the wait gives up at once (it used to go on
+/// for as long as the other worker had work).
+#[test]
+fn pipelined_a_sink_waiting_for_its_own_item_gives_up_while_the_others_are_busy() {
+    let (c, (waited, took)) =
+        with_the_other_worker_busy(Ordering::Pipelined { in_flight: 2 }, |_, mut own| {
+            let started = Instant::now();
+            (own.wait_timeout(LONG).map(|r| r.is_ok()), started.elapsed())
+        });
+    gave_up_at_once(waited, took);
+    assert!(c.flush_timeout(GENEROUS));
 }
