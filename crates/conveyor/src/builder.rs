@@ -372,6 +372,12 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Builder<T, R> {
     /// this is called from, or else on a small multi-threaded runtime the conveyor owns (shut
     /// down when the conveyor is dropped), with Tokio's time and I/O drivers.
     ///
+    /// Should the runtime it was built in shut down while the conveyor is still open, nothing
+    /// can deliver any more: the conveyor closes (with a logged warning), later sends return
+    /// [`SendError::Closed`](crate::SendError::Closed), and what was left settles as
+    /// [`DeliveryError::Closed`](crate::DeliveryError::Closed) (or `Unconfirmed` for a call that
+    /// was running) instead of waiting for good. Close the conveyor before its runtime ends.
+    ///
     /// Built inside a current-thread runtime (`#[tokio::main(flavor = "current_thread")]`,
     /// `Runtime::block_on`), the sink runs on the conveyor's own runtime, not that one: a
     /// current-thread runtime runs its tasks only while a thread is inside its `block_on`, so

@@ -316,6 +316,36 @@ impl<T, R> Shared<T, R> {
         self.notify_workers(ik.wake_for(st.runnable()));
     }
 
+    /// Closes the intake: every later send takes the state lock and sees `closed`; what was
+    /// sent before joins the lanes, to be drained or reported like the rest.
+    fn stop_accepting(&self, st: &mut State<T, R>) {
+        st.closed = true;
+        let mut ik = self.intake();
+        ik.shut();
+        self.drain_locked(st, &mut ik);
+    }
+
+    /// The last worker left a conveyor that was not closed: the Tokio runtime its async sink
+    /// ran on shut down and dropped the worker tasks. Nothing will deliver any more, so it
+    /// shuts down as a close past its deadline does: later sends are refused as closed, and
+    /// what was left settles as closed (or unconfirmed, for a call that was running) rather
+    /// than waiting for good. With a journal, those items stay there for the next start.
+    pub(crate) fn orphaned(&self, mut st: MutexGuard<'_, State<T, R>>) {
+        self.stop_accepting(&mut st);
+        st.abandoned = true;
+        self.wake_all();
+        let left = st.unsettled_nodes();
+        drop(st);
+        tracing::warn!(
+            left = left.len(),
+            "the Tokio runtime this conveyor's async sink ran on shut down while the conveyor \
+             was open: it delivers nothing more, refuses sends, and reports what was left as \
+             closed; build the conveyor outside that runtime (it then owns one), or close it \
+             before the runtime ends"
+        );
+        settle_left(left);
+    }
+
     fn wake_all(&self) {
         self.work.notify_all();
         self.work_async.notify_waiters();
@@ -1276,14 +1306,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             let shared = &*self.shared;
             let mut inside = InsideWait::new(shared);
             let mut st = shared.lock();
-            st.closed = true;
-            {
-                // Every later send takes the state lock and sees `closed`; what was sent
-                // before joins the lanes, to be drained or reported like the rest.
-                let mut ik = shared.intake();
-                ik.shut();
-                shared.drain_locked(&mut st, &mut ik);
-            }
+            shared.stop_accepting(&mut st);
             if !drain {
                 st.stopping = true;
             }
@@ -1337,13 +1360,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             if let Some(durable) = &shared.durable {
                 durable.shut_down(deadline.map(|d| d.max(Instant::now() + JOURNAL_CLOSE_GRACE)));
             }
-            for (node, called) in left {
-                node.settle(Err(if called {
-                    DeliveryError::Unconfirmed
-                } else {
-                    DeliveryError::Closed
-                }));
-            }
+            settle_left(left);
             report
         })
     }
@@ -1901,6 +1918,18 @@ fn async_runtime() -> Result<(tokio::runtime::Handle, Option<tokio::runtime::Run
         .enable_all()
         .build()?;
     Ok((rt.handle().clone(), Some(rt)))
+}
+
+/// Settles the receipts of items a shutdown left: closed, or unconfirmed for a sink call that
+/// was running (`called`).
+fn settle_left<T, R>(left: Vec<(NodeRef<T, R>, bool)>) {
+    for (node, called) in left {
+        node.settle(Err(if called {
+            DeliveryError::Unconfirmed
+        } else {
+            DeliveryError::Closed
+        }));
+    }
 }
 
 /// Runs a blocking wait; inside a multi-threaded Tokio runtime it tells the runtime

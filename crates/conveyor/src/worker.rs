@@ -619,6 +619,9 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Drop for TaskPresence<T, R> {
             let mut st = shared.lock();
             self.report(&mut st);
             shared.exit(&mut st);
+            if st.live_workers == 0 && !st.closed {
+                shared.orphaned(st);
+            }
         }
     }
 }

@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{in_time, GENEROUS};
-use conveyor::{Backpressure, Conveyor, Delivery, DeliveryError, Ordering, Receipt, SinkError};
+use conveyor::{
+    Backpressure, Conveyor, Delivery, DeliveryError, Ordering, Receipt, SendError, SinkError,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn async_sink_on_the_ambient_runtime_keeps_order() {
@@ -277,28 +279,37 @@ async fn a_sink_may_use_a_socket_made_on_the_current_thread_runtime_it_was_built
     assert_eq!(items, (0..5).collect::<Vec<_>>());
 }
 
+/// Its runtime gone, a conveyor built on it delivers nothing more: sends are refused, and the
+/// receipts of what was left settle, and flush and close end, instead of waiting for good.
 #[test]
-fn a_runtime_shut_down_under_the_workers_leaves_nothing_to_wait_for() {
+fn a_runtime_shut_down_under_the_workers_closes_the_conveyor() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .unwrap();
     let (in_sink, sink_entered) = std::sync::mpsc::channel();
-    let c: Conveyor<u64> = rt.block_on(async {
-        let c = Conveyor::builder()
+    let (c, first, second) = rt.block_on(async {
+        let c: Conveyor<u64> = Conveyor::builder()
             .drain_timeout(Duration::from_secs(3600))
             .build_async(move |_d: Delivery<u64>| {
                 let _ = in_sink.send(());
                 std::future::pending()
             })
             .unwrap();
-        c.send_async(1).await.unwrap();
-        c.send_async(2).await.unwrap();
-        c
+        let first = c.send_async(1).await.unwrap();
+        let second = c.send_async(2).await.unwrap();
+        (c, first, second)
     });
     sink_entered.recv_timeout(GENEROUS).unwrap(); // a worker took item 1 and waits in the sink
     drop(rt); // drops the worker tasks where they wait
+    let (first, second) = in_time("the receipts", move || (first.wait(), second.wait()));
+    assert!(
+        matches!(first, Err(DeliveryError::Unconfirmed)),
+        "{first:?}"
+    );
+    assert!(matches!(second, Err(DeliveryError::Closed)), "{second:?}");
+    assert!(matches!(c.send(3), Err(SendError::Closed(3))));
     let started = std::time::Instant::now();
     let (flushed, report) = in_time("flush and close", move || {
         (c.flush_timeout(GENEROUS), c.close())
@@ -309,10 +320,12 @@ fn a_runtime_shut_down_under_the_workers_leaves_nothing_to_wait_for() {
         "waited for workers that are gone"
     );
     assert_eq!((report.drained, report.left), (false, 2));
+    assert_eq!((report.stats.accepted, report.stats.delivered), (2, 0));
 }
 
 /// Worker tasks their runtime drops before they ever ran (here it was shut down before they
-/// were spawned) leave too: nothing waits for them.
+/// were spawned) leave too: nothing waits for them, sends are soon refused, and what was
+/// accepted meanwhile is reported as closed.
 #[test]
 fn worker_tasks_dropped_before_they_ever_ran_leave_nothing_to_wait_for() {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -327,9 +340,31 @@ fn worker_tasks_dropped_before_they_ever_ran_leave_nothing_to_wait_for() {
         .build_async(|_d: Delivery<u64>| async { Ok(()) })
         .unwrap();
     drop(inside);
-    c.send(1).unwrap();
+    // The runtime drops the tasks on a thread of its own, soon after the spawn.
+    let deadline = std::time::Instant::now() + GENEROUS;
+    let mut accepted = Vec::new();
+    loop {
+        match c.try_send(accepted.len() as u64) {
+            Ok(receipt) => accepted.push(receipt),
+            Err(SendError::Closed(_)) => break,
+            Err(SendError::Full(_)) => panic!("the queue filled up: sends still accepted"),
+            Err(other) => panic!("{other:?}"),
+        }
+        assert!(std::time::Instant::now() < deadline, "sends still accepted");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let outcomes = in_time("the receipts", move || {
+        accepted.into_iter().map(Receipt::wait).collect::<Vec<_>>()
+    });
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, Err(DeliveryError::Closed))),
+        "{outcomes:?}"
+    );
     let report = in_time("close", move || c.close());
-    assert_eq!((report.drained, report.left), (false, 1));
+    assert_eq!(report.drained, outcomes.is_empty());
+    assert_eq!(report.left as usize, outcomes.len());
 }
 
 /// Waits with a timeout too large to add to the clock wait as long as needed (it used to read
