@@ -418,13 +418,19 @@ pub(crate) fn asynchronous(
             };
             start().map_err(|err| errors::sink_error(py, err))
         });
+        let id = state.id;
         Box::pin(async move {
             started?;
-            rx.await.unwrap_or_else(|_| {
+            let outcome = rx.await.unwrap_or_else(|_| {
                 Err(SinkError::retryable(
                     "the conveyor's event loop stopped before the coroutine finished",
                 ))
-            })
+            });
+            // The engine settles the item, and runs its receipt callbacks, on whichever runtime
+            // thread polls this to the end, maybe not the one that started it: a collection
+            // there must find the sink hidden too.
+            WORKS_FOR.with(|works_for| works_for.set(id));
+            outcome
         })
     }
 }

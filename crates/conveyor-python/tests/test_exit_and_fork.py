@@ -199,6 +199,55 @@ def test_collection_on_the_conveyors_own_loop_thread_does_not_wait_for_itself():
     assert proc.stderr == ""
 
 
+def test_collection_in_an_async_sinks_receipt_callback_does_not_cut_its_drain_short():
+    # An async sink's items settle on the conveyor's runtime threads, which run the receipt
+    # callbacks. A collection there must not drain the conveyor on a thread it needs: the drain
+    # would give up at once and fail the items queued behind. Either of the runtime's two
+    # threads may settle an item, whether or not it started one, so the round is repeated.
+    proc = run_python(
+        textwrap.dedent(
+            """
+            import asyncio, gc, threading, time, weakref, conveyor
+            gc.disable()  # collections happen only where this test makes them
+            log = []
+
+            class Client:
+                def __init__(self, n):
+                    self.n = n
+                    self.c = conveyor.Conveyor(self.apost, drain_timeout=30)
+                async def apost(self, item):
+                    log.append((self.n, item))
+
+            for n in range(20):
+                unreachable, collected_there = threading.Event(), threading.Event()
+                def collect(receipt):
+                    assert unreachable.wait(10)
+                    gc.collect()
+                    collected_there.set()
+                client = Client(n)
+                first = client.c.send(0)
+                first.add_done_callback(collect)
+                for item in range(1, 4):
+                    client.c.send(item)
+                ref = weakref.ref(client.c)
+                del client, first
+                unreachable.set()
+                assert collected_there.wait(10)
+                deadline = time.monotonic() + 20
+                while ref() is not None and time.monotonic() < deadline:
+                    gc.collect()
+                    time.sleep(0.01)
+                assert ref() is None, "the conveyor was never collected"
+            assert log == [(n, item) for n in range(20) for item in range(4)], log
+            print("ok")
+            """
+        )
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
+    assert proc.stderr == ""
+
+
 def test_interrupted_collection_never_calls_the_cleared_sink():
     # Ctrl-C during the collector's drain: the collector then clears the cycle's objects,
     # here the partial's function and arguments, so the sink must never be called again.
