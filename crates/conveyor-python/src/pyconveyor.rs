@@ -8,7 +8,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use conveyor::{Backpressure, Builder, OnFailure, Ordering, Retry, SendError};
-use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyWeakrefReference;
 use pyo3::{PyTraverseError, PyVisit};
@@ -138,12 +138,46 @@ impl Shared {
     /// What happens to a conveyor nobody closed when the program lets go of it (dropped or
     /// garbage-collected): the same bounded drain as the exit hook, with a warning naming what
     /// it left. Nobody can catch an error here, so it is reported as unraisable.
-    fn close_unattended(&self, py: Python<'_>) {
-        if !self.closed.load(AtomicOrdering::Acquire) {
-            if let Err(err) = self.close_and_report(py, "was garbage-collected without close() and")
-            {
-                err.write_unraisable(py, None);
+    ///
+    /// Returns true if Ctrl-C cut the drain short. The conveyor is then given up on, and the
+    /// caller must call [`interrupt_again`] once it has run its last Python code.
+    #[must_use]
+    fn close_unattended(&self, py: Python<'_>) -> bool {
+        if self.closed.load(AtomicOrdering::Acquire) {
+            return false;
+        }
+        match self.close_and_report(py, "was garbage-collected without close() and") {
+            Ok(_) => false,
+            Err(err) if err.is_instance_of::<PyKeyboardInterrupt>(py) => {
+                self.give_up_interrupted(py);
+                true
             }
+            Err(err) => {
+                err.write_unraisable(py, None);
+                false
+            }
+        }
+    }
+
+    /// After Ctrl-C cut an unattended drain short: once the drop or collection is over, the
+    /// objects the sink uses may be gone (the collector clears a cycle's objects, and a
+    /// `functools.partial` without its function crashes when called), so no delivery may
+    /// call it from here on.
+    fn give_up_interrupted(&self, py: Python<'_>) {
+        self.sink.abandoned.store(true, AtomicOrdering::Release);
+        let stats = self.engine.stats();
+        let warned = errors::warn(
+            py,
+            &format!(
+                "{} was garbage-collected and its drain was interrupted with {} item(s) left: \
+                 those the sink has not started will fail without reaching it; call close() \
+                 before letting go of a conveyor to wait for them",
+                self.label(),
+                stats.queued + stats.in_flight
+            ),
+        );
+        if let Err(err) = warned {
+            err.write_unraisable(py, None);
         }
     }
 
@@ -217,29 +251,20 @@ impl Collected {
         };
         // Otherwise `Drop` leaves its threads running, as it does for any drop here; on the
         // conveyor's own threads its sink was hidden from the collector, so it stays intact.
-        if !shared.may_wait_here() {
-            return Ok(());
+        if shared.may_wait_here() && shared.close_unattended(py) {
+            interrupt_again();
         }
-        shared.close_unattended(py);
-        if shared.closed.load(AtomicOrdering::Acquire) {
-            return Ok(());
-        }
-        // The drain was cut short (Ctrl-C). Once this returns the collector clears the objects
-        // of the cycle, which can leave the sink unable to run at all (a `functools.partial`
-        // without its function crashes when called): no delivery may call it from here on.
-        shared.sink.abandoned.store(true, AtomicOrdering::Release);
-        let stats = shared.engine.stats();
-        errors::warn(
-            py,
-            &format!(
-                "{} was garbage-collected and its drain was interrupted with {} item(s) left: \
-                 those the sink has not started will fail without reaching it; call close() \
-                 before letting go of a conveyor to wait for them",
-                shared.label(),
-                stats.queued + stats.in_flight
-            ),
-        )
+        Ok(())
     }
+}
+
+/// Raises Ctrl-C again, for the program's next line, after a drain from a drop or a
+/// collection swallowed its `KeyboardInterrupt`: raised there, nobody could catch it, yet one
+/// Ctrl-C must stop the program. Call it last: Python code run after it (a warning, say) would
+/// meet the interrupt there, where it is swallowed again.
+fn interrupt_again() {
+    // SAFETY: only sets the flag that the main thread checks to run the SIGINT handler.
+    unsafe { pyo3::ffi::PyErr_SetInterrupt() };
 }
 
 /// Converts a count from Python (`capacity`, `retries`, ...). Taken as `i64` rather than as the
@@ -1240,12 +1265,15 @@ impl Drop for PyConveyor {
             return;
         }
         Python::with_gil(|py| {
-            shared.close_unattended(py);
+            let interrupted = shared.close_unattended(py);
             shared.stop_runner(py);
             if shared.sink.abandoned.load(AtomicOrdering::Acquire) {
                 std::mem::forget(shared);
             } else {
                 py.allow_threads(move || drop(shared));
+            }
+            if interrupted {
+                interrupt_again();
             }
         });
     }
