@@ -257,10 +257,21 @@ impl SinkState {
         }
     }
 
-    /// A reference of our own for one call, so the lock is not held while Python runs.
-    fn callable(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+    /// A reference of our own for one call, so the lock is not held while Python runs; the
+    /// failure to report instead if the conveyor was given up on or released its sink.
+    ///
+    /// Given up on is checked again here, with the GIL held: a collection may have given the
+    /// conveyor up while this thread waited for the GIL, and may clear the objects the sink
+    /// holds (a `functools.partial`'s arguments) before it clears the conveyor.
+    fn callable(&self, py: Python<'_>) -> Result<Py<PyAny>, SinkError> {
+        if self.abandoned.load(AtomicOrdering::Acquire) {
+            return Err(abandoned_error());
+        }
         let callable = self.callable.lock().unwrap_or_else(PoisonError::into_inner);
-        callable.as_ref().map(|sink| (**sink).clone_ref(py))
+        callable
+            .as_ref()
+            .map(|sink| (**sink).clone_ref(py))
+            .ok_or_else(released_error)
     }
 
     /// Shows the sink to the garbage collector (`__traverse__`): no Python, no blocking lock.
@@ -321,9 +332,7 @@ pub(crate) fn blocking(
         keep_thread_state();
         Python::with_gil(|py| {
             crate::fork::release_pending(py);
-            let Some(sink) = state.callable(py) else {
-                return Err(released_error());
-            };
+            let sink = state.callable(py)?;
             let previous = IN_SINK.with(|current| current.replace(state.id));
             // Saved and restored, not cleared: a sink may itself run another conveyor's sink.
             let outer = CURRENT.with(|current| current.replace(&delivery));
@@ -397,9 +406,7 @@ pub(crate) fn asynchronous(
         keep_thread_state();
         let started = Python::with_gil(|py| -> Result<(), SinkError> {
             crate::fork::release_pending(py);
-            let Some(sink) = state.callable(py) else {
-                return Err(released_error());
-            };
+            let sink = state.callable(py)?;
             let start = || -> PyResult<()> {
                 let info = Py::new(py, PyDelivery::new(&delivery))?;
                 let future = runner.call_method1(
