@@ -11,21 +11,23 @@
 use std::cell::RefCell;
 use std::mem::ManuallyDrop;
 use std::ops::Deref;
-use std::ptr::{self, NonNull};
-use std::sync::atomic::{AtomicPtr, Ordering};
+use std::ptr::NonNull;
 
 use pyo3::prelude::*;
+
+use crate::stack::Stack;
 
 type Object = NonNull<pyo3::ffi::PyObject>;
 
 /// A batch of references handed from one thread to whoever next holds the GIL.
-struct Pending {
-    objects: Vec<Object>,
-    next: *mut Pending,
-}
+struct Batch(Vec<Object>);
 
-/// Batches waiting for the GIL, newest first.
-static PENDING: AtomicPtr<Pending> = AtomicPtr::new(ptr::null_mut());
+// SAFETY: the references are only released (`release_pending`) with the GIL held, on whichever
+// thread; moving the pointers between threads does nothing to the objects.
+unsafe impl Send for Batch {}
+
+/// Batches waiting for the GIL.
+static PENDING: Stack<Batch> = Stack::new();
 
 /// How many references a thread collects before it hands them over as one batch.
 const BATCH: usize = 64;
@@ -46,21 +48,8 @@ thread_local! {
 }
 
 fn publish(objects: Vec<Object>) {
-    if objects.is_empty() {
-        return;
-    }
-    let node = Box::into_raw(Box::new(Pending {
-        objects,
-        next: ptr::null_mut(),
-    }));
-    let mut head = PENDING.load(Ordering::Relaxed);
-    loop {
-        // SAFETY: `node` is ours until the exchange publishes it.
-        unsafe { (*node).next = head };
-        match PENDING.compare_exchange_weak(head, node, Ordering::Release, Ordering::Relaxed) {
-            Ok(_) => break,
-            Err(current) => head = current,
-        }
+    if !objects.is_empty() {
+        PENDING.push(Batch(objects));
     }
 }
 
@@ -120,17 +109,13 @@ pub(crate) fn release_pending(_py: Python<'_>) {
         // SAFETY: we hold the GIL (`_py`), and each pointer owns one reference.
         unsafe { pyo3::ffi::Py_DECREF(object.as_ptr()) };
     }
-    if PENDING.load(Ordering::Relaxed).is_null() {
+    if PENDING.is_empty() {
         return;
     }
-    let mut node = PENDING.swap(ptr::null_mut(), Ordering::Acquire);
-    while !node.is_null() {
-        // SAFETY: the swap made this list ours alone; each node was made by `Box::into_raw`.
-        let pending = unsafe { Box::from_raw(node) };
-        for object in &pending.objects {
+    for batch in PENDING.take_all() {
+        for object in batch.0 {
             // SAFETY: as above.
             unsafe { pyo3::ffi::Py_DECREF(object.as_ptr()) };
         }
-        node = pending.next;
     }
 }

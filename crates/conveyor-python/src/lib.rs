@@ -21,6 +21,7 @@ mod journal;
 mod pyconveyor;
 mod receipt;
 mod sink;
+mod stack;
 mod stats;
 mod wait;
 
