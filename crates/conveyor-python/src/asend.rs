@@ -9,52 +9,151 @@
 //! The future waits on `tokio::sync::Notify`, which needs no runtime, only a `Waker`. Ours cannot
 //! resume the coroutine itself: the engine wakes it while holding its state lock, which the event
 //! loop's thread takes (with the GIL held) whenever it sends, so taking the GIL there could
-//! deadlock. The waker only sets a flag; a helper thread waiting for that flag (without the GIL)
-//! resumes the coroutine through `loop.call_soon_threadsafe`, and sends nothing itself.
+//! deadlock. The waker only pushes its pending send on a lock-free stack and unparks one
+//! dispatcher thread per process, which takes the GIL once per batch of woken sends and resumes
+//! each coroutine through its loop's `call_soon_threadsafe`; it sends nothing itself. One thread
+//! per process rather than per conveyor: a thousand blocked `asend`s, on any number of
+//! conveyors and loops, cost one thread, which never needs stopping when a conveyor closes.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Wake, Waker};
+use std::thread::Thread;
 
 use conveyor::SendError;
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 
-use crate::pyconveyor::{same_process, PyConveyor};
+use crate::fork::Held;
+use crate::pyconveyor::{exiting, same_process, PyConveyor};
 use crate::receipt::PyReceipt;
 use crate::sink::{Item, Reply};
+use crate::stack::Stack;
 
 /// The engine's send future, owning what it borrows so that it can wait across Python calls.
 pub(crate) type SendFuture = Pin<
     Box<dyn Future<Output = Result<conveyor::Receipt<Reply>, SendError<Item>>> + Send + 'static>,
 >;
 
-/// The future's waker: records that the future may progress and wakes the helper thread.
-#[derive(Debug, Default)]
+/// Woken sends whose coroutines the dispatcher has yet to resume. A lock-free stack because the
+/// waker runs under the engine's lock and must neither block nor leave a lock for `os.fork()`
+/// to copy locked.
+static WOKEN: Stack<Arc<Signal>> = Stack::new();
+
+/// This process's dispatcher thread, with the fork generation it was started in: a forked child
+/// does not have its parent's and starts its own on its first wait. Locked only with the GIL
+/// held and never across Python code, so `os.fork()` (which holds the GIL) never copies it locked.
+static DISPATCHER: Mutex<Option<(u64, Thread)>> = Mutex::new(None);
+
+/// The dispatcher thread of this process, started on first use.
+fn dispatcher(_py: Python<'_>, fork_gen: u64) -> PyResult<Thread> {
+    let mut slot = DISPATCHER.lock().unwrap_or_else(PoisonError::into_inner);
+    match &*slot {
+        Some((started_in, thread)) if *started_in == fork_gen => Ok(thread.clone()),
+        _ => {
+            // Detached: it parks when idle, and the process exits without waiting for it.
+            let started = std::thread::Builder::new()
+                .name("conveyor-asend".to_owned())
+                .spawn(dispatch)
+                .map_err(|err| {
+                    PyRuntimeError::new_err(format!(
+                        "asend() could not start the thread that resumes waiting sends: {err}; \
+                         raise the process's thread limit, or use send() from a thread"
+                    ))
+                })?;
+            let thread = started.thread().clone();
+            *slot = Some((fork_gen, thread.clone()));
+            Ok(thread)
+        }
+    }
+}
+
+/// The dispatcher thread's loop: resumes the coroutines of woken sends, taking the GIL once per
+/// batch.
+fn dispatch() {
+    loop {
+        let woken = WOKEN.take_all();
+        if woken.is_empty() {
+            // A push after the check above unparks us, so this never sleeps through a wake.
+            std::thread::park();
+            continue;
+        }
+        // After the exit hook, taking the GIL may hang or kill this thread as the interpreter
+        // finalizes: the woken sends are dropped instead (their loops have stopped by then).
+        if exiting() {
+            continue;
+        }
+        Python::with_gil(|py| {
+            for signal in woken {
+                // Sends inherited from before a fork belong to the parent's loops.
+                if same_process(signal.fork_gen) {
+                    signal.resume(py);
+                }
+            }
+            crate::fork::release_pending(py);
+        });
+    }
+}
+
+/// The future's waker, and how to resume the coroutine waiting for it.
+///
+/// A wake and a wait can race (the engine wakes from its own threads): `woken` and `armed` make
+/// sure each wait is resumed exactly once, however they interleave. The waker sets `woken`, then
+/// queues the send if it takes `armed`; `wake_later` sets `armed`, then takes it back if `woken`
+/// is already set. Both are sequentially consistent, so at least one side sees the other's
+/// write, and the `armed` swap lets only one of them act.
 struct Signal {
-    /// Set by a wake (or by `cancel`), cleared before each poll: a wake that comes while the
-    /// helper thread is not waiting yet is not lost.
-    woken: Mutex<bool>,
-    changed: Condvar,
+    /// Set by a wake, cleared before each poll: a wake during or after a poll is not lost.
+    woken: AtomicBool,
+    /// Set while the coroutine waits to be resumed; whoever clears it resumes it.
+    armed: AtomicBool,
+    /// Resumes the waiting coroutine (`_support.asend_slow` makes it); taken by the dispatcher,
+    /// or dropped by `cancel`. Locked only with the GIL held and never across Python code.
+    resume: Mutex<Option<Held>>,
+    /// The dispatcher to unpark after queueing this send.
+    dispatcher: Thread,
+    /// The process the send was made in (see `pyconveyor::FORK_GEN`).
+    fork_gen: u64,
+}
+
+impl std::fmt::Debug for Signal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signal")
+            .field("woken", &self.woken)
+            .field("armed", &self.armed)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Signal {
-    fn set(&self, woken: bool) {
-        *self.woken.lock().unwrap_or_else(PoisonError::into_inner) = woken;
-        if woken {
-            self.changed.notify_all();
+    fn resume_slot(&self) -> MutexGuard<'_, Option<Held>> {
+        self.resume.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// On the dispatcher thread: schedules the waiting coroutine on its loop.
+    fn resume(&self, py: Python<'_>) {
+        let Some(resume) = self.resume_slot().take() else {
+            return; // cancelled meanwhile
+        };
+        if let Err(err) = resume.call0(py) {
+            err.write_unraisable(py, Some(resume.bind(py)));
         }
     }
 }
 
 impl Wake for Signal {
     fn wake(self: Arc<Self>) {
-        self.set(true);
+        self.wake_by_ref();
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        self.set(true);
+        self.woken.store(true, Ordering::SeqCst);
+        if self.armed.swap(false, Ordering::SeqCst) {
+            WOKEN.push(Arc::clone(self));
+            self.dispatcher.unpark();
+        }
     }
 }
 
@@ -68,8 +167,6 @@ pub(crate) struct PendingSend {
     /// Keeps the conveyor alive while the future holds its engine: the future's reference is
     /// never the last, so the conveyor's own `Drop` still decides how the engine ends.
     conveyor: Py<PyConveyor>,
-    /// The process the future was made in (see `pyconveyor::FORK_GEN`).
-    fork_gen: u64,
 }
 
 impl std::fmt::Debug for PendingSend {
@@ -79,16 +176,28 @@ impl std::fmt::Debug for PendingSend {
 }
 
 impl PendingSend {
-    pub(crate) fn new(conveyor: Py<PyConveyor>, future: SendFuture, fork_gen: u64) -> Self {
-        PendingSend {
-            future: Mutex::new(Some(future)),
-            signal: Arc::default(),
-            conveyor,
+    /// Starts this process's dispatcher thread if it has none yet, which can fail.
+    pub(crate) fn new(
+        py: Python<'_>,
+        conveyor: Py<PyConveyor>,
+        future: SendFuture,
+        fork_gen: u64,
+    ) -> PyResult<Self> {
+        let signal = Signal {
+            woken: AtomicBool::new(false),
+            armed: AtomicBool::new(false),
+            resume: Mutex::new(None),
+            dispatcher: dispatcher(py, fork_gen)?,
             fork_gen,
-        }
+        };
+        Ok(PendingSend {
+            future: Mutex::new(Some(future)),
+            signal: Arc::new(signal),
+            conveyor,
+        })
     }
 
-    fn slot(&self) -> std::sync::MutexGuard<'_, Option<SendFuture>> {
+    fn slot(&self) -> MutexGuard<'_, Option<SendFuture>> {
         self.future.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -96,21 +205,22 @@ impl PendingSend {
     /// that lock may have been copied locked, so the future is leaked there instead.
     fn discard(&self) {
         if let Some(future) = self.slot().take() {
-            if same_process(self.fork_gen) {
+            if same_process(self.signal.fork_gen) {
                 drop(future);
             } else {
                 std::mem::forget(future);
             }
         }
-        // Lets a helper thread still waiting for a wake-up finish.
-        self.signal.set(true);
+        // Nobody waits any more; a wake already queued finds nothing to resume.
+        self.signal.armed.store(false, Ordering::SeqCst);
+        self.signal.resume_slot().take();
     }
 }
 
 #[pymethods]
 impl PendingSend {
     /// Polls the send on the calling thread (the event loop's): the receipt once the item is
-    /// accepted, `None` while it waits for room (`wait` then returns when to poll again).
+    /// accepted, `None` while it waits for room (`wake_later` then says when to poll again).
     ///
     /// Raises what `send` raises (`Closed`, `JournalError`, ...).
     fn poll(&self, py: Python<'_>) -> PyResult<Option<PyReceipt>> {
@@ -120,7 +230,7 @@ impl PendingSend {
                 "this asend() already finished or was cancelled; call asend() again to send",
             ));
         };
-        self.signal.set(false);
+        self.signal.woken.store(false, Ordering::SeqCst);
         let waker = Waker::from(Arc::clone(&self.signal));
         let polled = self.conveyor.get().poll_send(py, future, &waker);
         if !matches!(polled, Ok(None)) {
@@ -130,17 +240,22 @@ impl PendingSend {
         polled
     }
 
-    /// Waits, without the GIL, until the send may progress or is cancelled. For a helper
-    /// thread: it never touches the future, so it can never accept the item.
-    fn wait(&self, py: Python<'_>) {
+    /// After a poll that returned `None`: arranges for `resume()` to be called, on the
+    /// dispatcher thread, once the send may progress, and returns true. Returns false if it
+    /// already may (or is over): poll again at once. `resume` only schedules the coroutine on its
+    /// loop; the dispatcher never touches the future, so it can never accept the item.
+    fn wake_later(&self, resume: Py<PyAny>) -> bool {
+        if self.slot().is_none() {
+            return false;
+        }
         let signal = &self.signal;
-        py.allow_threads(|| {
-            let woken = signal.woken.lock().unwrap_or_else(PoisonError::into_inner);
-            let _woken = signal
-                .changed
-                .wait_while(woken, |woken| !*woken)
-                .unwrap_or_else(PoisonError::into_inner);
-        });
+        *signal.resume_slot() = Some(Held::new(resume));
+        signal.armed.store(true, Ordering::SeqCst);
+        if signal.woken.load(Ordering::SeqCst) && signal.armed.swap(false, Ordering::SeqCst) {
+            signal.resume_slot().take();
+            return false;
+        }
+        true
     }
 
     /// Gives up on the send: an item not accepted by now never will be. Harmless once finished.

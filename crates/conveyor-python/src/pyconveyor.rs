@@ -38,6 +38,11 @@ static EXITING: AtomicBool = AtomicBool::new(false);
 /// Only touched with the GIL held, so `os.fork()` (which holds the GIL) never sees it locked.
 static LIVE: Mutex<Vec<Weak<Shared>>> = Mutex::new(Vec::new());
 
+/// True once the interpreter-exit hook started: threads of ours must no longer take the GIL.
+pub(crate) fn exiting() -> bool {
+    EXITING.load(AtomicOrdering::Acquire)
+}
+
 pub(crate) fn same_process(fork_gen: u64) -> bool {
     FORK_GEN.load(AtomicOrdering::Relaxed) == fork_gen
 }
@@ -1024,7 +1029,7 @@ impl PyConveyor {
             Err(item) => {
                 this.not_waiting_on_own_sink(py, shared, "asend")?;
                 let future = this.send_future(item, key, cursor);
-                let pending = PendingSend::new(slf.clone().unbind(), future, shared.fork_gen);
+                let pending = PendingSend::new(py, slf.clone().unbind(), future, shared.fork_gen)?;
                 Ok(support(py)?
                     .call_method1("asend_slow", (pending,))?
                     .unbind())

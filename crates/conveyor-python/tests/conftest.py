@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -55,6 +56,25 @@ def make() -> Iterator[Callable[..., conveyor.Conveyor]]:
         if not c.closed:
             report = c.close(timeout=10)
             assert report.left == 0, f"test left {report.left} item(s) in {c!r}"
+
+
+def holding_sink(gate: threading.Event, delivered: List[Any]) -> Callable[[Any], None]:
+    """A sink that records what it was given, holding the item "hold" until `gate` opens."""
+
+    def sink(item: Any) -> None:
+        if item == "hold":
+            gate.wait(30)
+        delivered.append(item)
+
+    return sink
+
+
+async def fill_up(c: conveyor.Conveyor) -> None:
+    """Fills a capacity-1 conveyor with a `holding_sink`: "hold" in the sink, "fill" queued."""
+    await c.asend("hold")
+    while c.stats.in_flight == 0:
+        await asyncio.sleep(0.001)
+    await c.asend("fill")
 
 
 def interrupt_main_after(seconds: float) -> threading.Timer:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 
@@ -10,7 +11,7 @@ import pytest
 
 import conveyor
 
-from conftest import Recorder
+from conftest import Recorder, fill_up, holding_sink
 
 
 def test_async_with_asend_and_aflush():
@@ -159,6 +160,43 @@ def test_a_cancelled_asend_never_leaves_its_item_accepted(make):
     cancelled = [n for n in range(rounds) if ("maybe", n) not in expected]
     assert delivered == expected, f"cancelled asends: {cancelled}"
     assert cancelled, "no asend was cancelled: the test did not exercise cancellation"
+
+
+def os_thread_count() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc")
+def test_many_blocked_asends_share_one_thread(make):
+    # Each blocked asend used to wait on a helper thread of its own: 1000 of them made 1000 OS
+    # threads, and under a thread limit asend failed with "can't start new thread".
+    gate = threading.Event()
+    delivered = []
+    c = make(holding_sink(gate, delivered), capacity=1)
+    waiting = 300
+    accepted = []
+
+    async def one(n):
+        await c.asend(n)
+        accepted.append(n)  # in the step the item was accepted in: the order of acceptance
+
+    async def main():
+        await fill_up(c)
+        python_threads, os_threads = threading.active_count(), os_thread_count()
+        tasks = [asyncio.ensure_future(one(n)) for n in range(waiting)]
+        for _ in range(20):  # every task gets to its first wait, several times over
+            await asyncio.sleep(0.005)
+        assert not accepted
+        grown = (threading.active_count() - python_threads, os_thread_count() - os_threads)
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)
+        return grown
+
+    python_grown, os_grown = asyncio.run(main())
+    assert python_grown <= 2 and os_grown <= 2, (python_grown, os_grown)
+    assert c.flush(timeout=30)
+    assert sorted(accepted) == list(range(waiting))
+    assert delivered == ["hold", "fill"] + accepted
 
 
 def test_a_task_cancelled_before_it_starts_returns_the_receipt_of_an_accepted_item(make):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import textwrap
@@ -12,7 +13,22 @@ import pytest
 
 import conveyor
 
-from conftest import Recorder, run_python
+from conftest import Recorder, fill_up, holding_sink, run_python
+
+
+def wait_for_child(pid: int, timeout: float, hung: str) -> None:
+    """Waits for a forked child to exit 0; kills it and fails with `hung` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail(hung)
+        time.sleep(0.005)
 
 
 def test_exit_right_after_sending_delivers_everything():
@@ -78,6 +94,39 @@ def test_exit_after_asyncio_run_delivers_from_an_async_sink():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["sent 0", "sent 1", "sent 2"]
     assert proc.stderr == ""
+
+
+def test_exit_with_asends_still_waiting_for_room():
+    # The exit drain makes room for asends whose loop will never run again: the thread that
+    # resumes them must neither crash nor keep the process alive.
+    proc = run_python(
+        textwrap.dedent(
+            """
+            import asyncio, threading, conveyor
+            gate = threading.Event()
+            def sink(item):
+                if item == "hold":
+                    gate.wait(30)
+                print("sent", item, flush=True)
+            c = conveyor.Conveyor(sink, capacity=1)
+            loop = asyncio.new_event_loop()
+            async def main():
+                await c.asend("hold")
+                while c.stats.in_flight == 0:
+                    await asyncio.sleep(0.001)
+                await c.asend("fill")
+                tasks = [loop.create_task(c.asend(n)) for n in range(20)]
+                await asyncio.sleep(0.05)
+                return tasks
+            tasks = loop.run_until_complete(main())
+            threading.Timer(0.2, gate.set).start()
+            print("exiting", flush=True)
+            """
+        )
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["exiting", "sent hold", "sent fill"]
+    assert "Fatal" not in proc.stderr and "panicked" not in proc.stderr, proc.stderr
 
 
 def test_garbage_collected_conveyor_drains_first():
@@ -408,17 +457,47 @@ def test_fork_while_delivering_never_hangs_the_child(make):
                     code = 0
                 finally:
                     os._exit(code)
-            deadline = time.monotonic() + 20
-            while True:
-                done, status = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    assert os.waitstatus_to_exitcode(status) == 0
-                    break
-                if time.monotonic() > deadline:
-                    os.kill(pid, 9)
-                    os.waitpid(pid, 0)
-                    pytest.fail("a child forked during delivery hung")
-                time.sleep(0.005)
+            wait_for_child(pid, 20, "a child forked during delivery hung")
     finally:
         stop.set()
         producer.join()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX-only")
+def test_asend_waiting_for_room_works_in_a_forked_child(make):
+    # The thread that resumes waiting asends stays in the parent: the child needs its own.
+    def blocked_asend_round(make_conveyor):
+        gate = threading.Event()
+        got = []
+        c = make_conveyor(holding_sink(gate, got), capacity=1)
+
+        async def main():
+            await fill_up(c)
+            waiting = asyncio.ensure_future(c.asend("waited"))
+            await asyncio.sleep(0.05)
+            gate.set()
+            await asyncio.wait_for(waiting, timeout=20)
+
+        asyncio.run(main())
+        assert c.flush(timeout=20)
+        return got
+
+    assert blocked_asend_round(make) == ["hold", "fill", "waited"]
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            c = None
+
+            def fresh(sink, **options):
+                nonlocal c
+                c = conveyor.Conveyor(sink, **options)
+                return c
+
+            if blocked_asend_round(fresh) == ["hold", "fill", "waited"]:
+                c.close(timeout=10)
+                code = 0
+        finally:
+            os._exit(code)
+    wait_for_child(pid, 60, "a blocked asend in a forked child was never resumed")
+    assert blocked_asend_round(make) == ["hold", "fill", "waited"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import queue
 import threading
@@ -18,6 +19,14 @@ def stuck_conveyor(make, **options):
     gate = threading.Event()
     c = make(lambda item: gate.wait(60), **options)
     return c, gate
+
+
+def wait_until_full(c):
+    """Waits until a capacity-1 conveyor has an item in flight and one queued."""
+    deadline = time.monotonic() + 10
+    while c.stats.queued < 1 or c.stats.in_flight < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
 
 
 def test_flush_releases_the_gil(make):
@@ -74,10 +83,7 @@ def test_ctrl_c_interrupts_send_on_a_full_queue(make):
     c, gate = stuck_conveyor(make, capacity=1)
     c.send(1)
     c.send(2)  # in flight + one queued: the next send must wait
-    deadline = time.monotonic() + 10
-    while c.stats.queued < 1 or c.stats.in_flight < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    wait_until_full(c)
     interrupt_main_after(0.2)
     with pytest.raises(KeyboardInterrupt):
         c.send(3)
@@ -211,3 +217,20 @@ def test_many_threads_send_while_sink_is_slow(make):
         t.join(60)
     assert c.flush(timeout=60)
     assert len(sink.items) == 400
+
+
+def test_ctrl_c_interrupts_asend_on_a_full_queue(make):
+    c, gate = stuck_conveyor(make, capacity=1)
+    c.send(1)
+    c.send(2)  # in flight + one queued: the next asend must wait
+    wait_until_full(c)
+
+    async def main():
+        await c.asend(3)
+
+    interrupt_main_after(0.2)
+    with pytest.raises(KeyboardInterrupt):
+        asyncio.run(main())
+    gate.set()
+    assert c.flush(timeout=30)
+    assert c.stats.accepted == 2  # the interrupted asend's item was never accepted

@@ -139,16 +139,39 @@ async def asend_slow(pending: Any) -> Any:
     ``pending`` (``asend.rs``) is the engine's send, polled here on the loop's thread: only a
     poll can accept the item, and the poll that does returns straight from this coroutine, so a
     cancellation (which arrives between polls) always finds the item not accepted, and dropping
-    the send makes sure it never will be. The helper thread only waits for a wake-up.
+    the send makes sure it never will be. Between polls the coroutine waits on a plain future,
+    which the package's one dispatcher thread resolves once the send may progress.
     """
+    loop = asyncio.get_running_loop()
     try:
         while True:
             receipt = pending.poll()
             if receipt is not None:
                 return receipt
-            await run_in_thread(pending.wait)
+            woken: "asyncio.Future[None]" = loop.create_future()
+            if pending.wake_later(_resumer(loop, woken)):
+                await woken
     finally:
         pending.cancel()
+
+
+def _resumer(loop: asyncio.AbstractEventLoop, woken: "asyncio.Future[None]") -> Callable[[], None]:
+    """What the dispatcher thread calls to resume an ``asend_slow`` waiting on ``woken``."""
+
+    def resume() -> None:
+        try:
+            loop.call_soon_threadsafe(_resolve, woken)
+        except RuntimeError:
+            # The event loop was closed (asyncio.run returned) while the send waited: nobody
+            # is left to resume, and the send was dropped with its coroutine.
+            pass
+
+    return resume
+
+
+def _resolve(woken: "asyncio.Future[None]") -> None:
+    if not woken.done():  # cancelled while the wake-up was on its way
+        woken.set_result(None)
 
 
 async def aflush(conveyor: Any, timeout: Optional[float]) -> bool:
