@@ -8,9 +8,11 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use conveyor::{Backpressure, Builder, OnFailure, Ordering, Retry, SendError};
-use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{
+    PyKeyboardInterrupt, PyOverflowError, PyRuntimeError, PyTypeError, PyValueError,
+};
 use pyo3::prelude::*;
-use pyo3::types::PyWeakrefReference;
+use pyo3::types::{PyBool, PyWeakrefReference};
 use pyo3::{PyTraverseError, PyVisit};
 
 use crate::asend::{PendingSend, SendFuture};
@@ -272,19 +274,68 @@ fn interrupt_again() {
     unsafe { pyo3::ffi::PyErr_SetInterrupt() };
 }
 
-/// Converts a count from Python (`capacity`, `retries`, ...). Taken as `i64` rather than as the
-/// unsigned type the engine wants, so that `-1` gets a `ValueError` naming the option instead
-/// of an `OverflowError` that names nothing.
+/// Reads a count option (`capacity`, `retries`, ...; for `from_py_with`, whose `TypeError`
+/// PyO3 prefixes with the argument's name). Any Python int is read, however large, so that a
+/// value out of range gets a `ValueError` naming the option instead of an `OverflowError` that
+/// names nothing.
 ///
 /// # Errors
+/// `TypeError` for a bool (an int subclass, but `retries=True` is a mistake) or a non-integer;
 /// `ValueError` for a value below `min` or too large for `T`.
-fn count_arg<T: TryFrom<i64>>(name: &str, value: i64, min: i64) -> PyResult<T> {
-    if value < min {
-        return Err(PyValueError::new_err(format!(
-            "{name}={value}: expected a whole number >= {min}"
-        )));
+fn count_arg<T: TryFrom<i64>>(value: &Bound<'_, PyAny>, name: &str, min: i64) -> PyResult<T> {
+    if value.is_instance_of::<PyBool>() {
+        return Err(PyTypeError::new_err(wrong_type(value, "a whole number")));
     }
-    T::try_from(value).map_err(|_| PyValueError::new_err(format!("{name}={value}: too large")))
+    let too_large = || PyValueError::new_err(format!("{name}={value}: too large"));
+    let too_small =
+        || PyValueError::new_err(format!("{name}={value}: expected a whole number >= {min}"));
+    let n: i64 = match value.extract() {
+        Ok(n) => n,
+        Err(err) if err.is_instance_of::<PyOverflowError>(value.py()) => {
+            return Err(if value.gt(0)? {
+                too_large()
+            } else {
+                too_small()
+            });
+        }
+        Err(_) => return Err(PyTypeError::new_err(wrong_type(value, "a whole number"))),
+    };
+    if n < min {
+        return Err(too_small());
+    }
+    T::try_from(n).map_err(|_| too_large())
+}
+
+/// A count option that also takes `None`.
+fn optional_count_arg<T: TryFrom<i64>>(
+    value: &Bound<'_, PyAny>,
+    name: &str,
+    min: i64,
+) -> PyResult<Option<T>> {
+    if value.is_none() {
+        return Ok(None);
+    }
+    count_arg(value, name, min).map(Some)
+}
+
+fn in_flight_arg(value: &Bound<'_, PyAny>) -> PyResult<Option<usize>> {
+    optional_count_arg(value, "in_flight", 1)
+}
+
+fn concurrency_arg(value: &Bound<'_, PyAny>) -> PyResult<Option<usize>> {
+    optional_count_arg(value, "concurrency", 1)
+}
+
+fn capacity_arg(value: &Bound<'_, PyAny>) -> PyResult<usize> {
+    count_arg(value, "capacity", 1)
+}
+
+fn retries_arg(value: &Bound<'_, PyAny>) -> PyResult<u32> {
+    count_arg(value, "retries", 0)
+}
+
+fn rate_limit_arg(value: &Bound<'_, PyAny>) -> PyResult<Option<u32>> {
+    optional_count_arg(value, "rate_limit", 1)
 }
 
 /// Values of the string options, in the order error messages list them.
@@ -716,15 +767,15 @@ impl PyConveyor {
         py: Python<'_>,
         sink: Py<PyAny>,
         #[pyo3(from_py_with = "ordering_arg")] ordering: &str,
-        in_flight: Option<i64>,
-        concurrency: Option<i64>,
-        capacity: i64,
+        #[pyo3(from_py_with = "in_flight_arg")] in_flight: Option<usize>,
+        #[pyo3(from_py_with = "concurrency_arg")] concurrency: Option<usize>,
+        #[pyo3(from_py_with = "capacity_arg")] capacity: usize,
         #[pyo3(from_py_with = "backpressure_arg")] backpressure: &str,
-        retries: i64,
+        #[pyo3(from_py_with = "retries_arg")] retries: u32,
         backoff: f64,
         max_backoff: Option<f64>,
         #[pyo3(from_py_with = "on_failure_arg")] on_failure: &str,
-        rate_limit: Option<i64>,
+        #[pyo3(from_py_with = "rate_limit_arg")] rate_limit: Option<u32>,
         drain_timeout: f64,
         name: Option<&Bound<'_, PyAny>>,
         journal: Option<std::path::PathBuf>,
@@ -740,17 +791,6 @@ impl PyConveyor {
                 sink.bind(py).repr()?
             )));
         }
-        let in_flight = in_flight
-            .map(|n| count_arg("in_flight", n, 1))
-            .transpose()?;
-        let concurrency = concurrency
-            .map(|n| count_arg("concurrency", n, 1))
-            .transpose()?;
-        let capacity = count_arg("capacity", capacity, 1)?;
-        let retries = count_arg("retries", retries, 0)?;
-        let rate_limit: Option<u32> = rate_limit
-            .map(|n| count_arg("rate_limit", n, 1))
-            .transpose()?;
         let parsed_ordering = parse_ordering(ordering, in_flight, concurrency)?;
         let parsed_backpressure = parse_backpressure(backpressure)?;
         let drain = seconds_arg("drain_timeout", drain_timeout)?;

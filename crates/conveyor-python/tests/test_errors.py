@@ -92,6 +92,41 @@ def test_out_of_range_counts_are_value_errors_naming_the_option(options):
 
 
 @pytest.mark.parametrize(
+    "options",
+    [
+        {"capacity": 2**70},
+        {"retries": 2**64},
+        {"rate_limit": -(2**70)},
+        {"ordering": "pipelined", "in_flight": 2**100},
+    ],
+)
+def test_counts_beyond_any_c_integer_are_value_errors_naming_the_option(options):
+    # PyO3 raised "OverflowError: Python int too large to convert to C long", naming nothing.
+    name = [k for k in options if k != "ordering"][0]
+    with pytest.raises(ValueError, match=f"^{name}={options[name]}: ") as info:
+        conveyor.Conveyor(print, **options)
+    assert not isinstance(info.value, OverflowError)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"retries": True},
+        {"capacity": True},
+        {"rate_limit": False},
+        {"ordering": "keyed", "concurrency": True},
+        {"capacity": 2.5},
+        {"retries": "3"},
+    ],
+)
+def test_counts_take_no_bools_or_other_types(options):
+    # A bool is an int subclass, so retries=True passed as retries=1; durability=True is refused.
+    name = [k for k in options if k != "ordering"][0]
+    with pytest.raises(TypeError, match=f"'{name}': expected a whole number, got {options[name]!r}"):
+        conveyor.Conveyor(print, **options)
+
+
+@pytest.mark.parametrize(
     "options, name, expected",
     [
         ({"ordering": 1}, "ordering", '"strict", "pipelined" or "keyed"'),
