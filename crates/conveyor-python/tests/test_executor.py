@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import re
 import textwrap
 import threading
 import time
@@ -208,6 +209,13 @@ def test_serial_executor_takes_max_workers_1_like_thread_pool_executor():
     ex.shutdown()
     with pytest.raises(ValueError, match="max_workers=2"):
         conveyor.SerialExecutor(max_workers=2)
+
+
+@pytest.mark.parametrize("max_workers", ["1", [1]])
+def test_serial_executor_max_workers_of_the_wrong_type_is_a_type_error(max_workers):
+    # As for ThreadPoolExecutor("1"); a ValueError suggested the value, not its type, was wrong.
+    with pytest.raises(TypeError, match=re.escape(f"max_workers={max_workers!r}: expected None or 1")):
+        conveyor.SerialExecutor(max_workers)  # type: ignore[arg-type]
 
 
 def test_serial_executor_repr_shows_its_state_and_pending_calls():

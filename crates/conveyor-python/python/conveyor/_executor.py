@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import numbers
 import threading
 from typing import Any, Callable, Dict, Optional, Tuple, TypeVar
 
@@ -43,7 +44,8 @@ class SerialExecutor(concurrent.futures.Executor):
 
     Args:
         max_workers: ``None`` or ``1``, so that ``SerialExecutor(1)`` means what
-            ``ThreadPoolExecutor(1)`` does; any other value is a ``ValueError``.
+            ``ThreadPoolExecutor(1)`` does; any other number is a ``ValueError``, anything else
+            a ``TypeError``.
         capacity: how many submitted calls may wait to run (the running one not counted).
         drain_timeout: seconds the interpreter-exit drain waits before reporting what is left.
     """
@@ -51,6 +53,9 @@ class SerialExecutor(concurrent.futures.Executor):
     def __init__(
         self, max_workers: Optional[int] = None, *, capacity: int = 10_000, drain_timeout: float = 30.0
     ) -> None:
+        if max_workers is not None and not isinstance(max_workers, numbers.Real):
+            # As ThreadPoolExecutor("1") raises TypeError (and takes 1.0): the type is wrong.
+            raise TypeError(f"max_workers={max_workers!r}: expected None or 1")
         if max_workers is not None and max_workers != 1:
             raise ValueError(
                 f"max_workers={max_workers!r}: a SerialExecutor runs one call at a time; "
