@@ -218,6 +218,12 @@ def test_serial_executor_max_workers_of_the_wrong_type_is_a_type_error(max_worke
         conveyor.SerialExecutor(max_workers)  # type: ignore[arg-type]
 
 
+def test_a_serial_executor_whose_constructor_raised_still_has_a_repr():
+    # Tracebacks and debuggers show half-made objects; their repr must not raise in turn.
+    made = conveyor.SerialExecutor.__new__(conveyor.SerialExecutor)
+    assert repr(made) == "<conveyor.SerialExecutor not started>"
+
+
 def test_serial_executor_repr_shows_its_state_and_pending_calls():
     gate, started = threading.Event(), threading.Event()
     ex = conveyor.SerialExecutor()

@@ -115,6 +115,9 @@ class SerialExecutor(concurrent.futures.Executor):
 
     def __repr__(self) -> str:
         # A snapshot of counters, like concurrent.futures.Future's repr: it never waits.
+        if not hasattr(self, "_shutdown"):
+            # Its constructor raised (a traceback shows such half-made objects too).
+            return "<conveyor.SerialExecutor not started>"
         stats = self._conveyor.stats
         state = ", shutdown" if self._shutdown or self._conveyor.closed else ""
         return f"<conveyor.SerialExecutor running={stats.in_flight}, pending={stats.queued}{state}>"
