@@ -168,7 +168,7 @@ fn an_item_reported_closed_is_never_handed_to_the_sink() {
     let after_close = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (n, late) = (calls.clone(), after_close.clone());
     let c: Conveyor<u32> = Conveyor::builder()
-        .rate_limit(2)
+        .rate_limit(1)
         .build(move |_d| {
             n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             if late.load(std::sync::atomic::Ordering::SeqCst) {
@@ -179,12 +179,18 @@ fn an_item_reported_closed_is_never_handed_to_the_sink() {
         .unwrap();
     c.send(1).unwrap();
     let r2 = c.send(2).unwrap();
-    c.flush_timeout(Duration::from_millis(100)); // item 1 done, item 2 waits for its slot
+    // Item 1 done, item 2 waits a second for its slot. (A 100 ms flush here was not always
+    // long enough on a loaded machine, and item 1 was then left too.)
+    let deadline = Instant::now() + GENEROUS;
+    while c.stats().delivered < 1 {
+        assert!(Instant::now() < deadline, "item 1 was never delivered");
+        sleep_ms(1);
+    }
     let report = c.close_timeout(Duration::from_millis(10));
     after_close.store(true, std::sync::atomic::Ordering::SeqCst);
     assert_eq!(report.left, 1);
     assert!(matches!(r2.wait(), Err(DeliveryError::Closed)));
-    std::thread::sleep(Duration::from_millis(700));
+    std::thread::sleep(Duration::from_millis(1_500)); // past item 2's slot
     assert_eq!(
         calls.load(std::sync::atomic::Ordering::SeqCst),
         1,
