@@ -226,19 +226,35 @@ fn stop_finishes_the_call_in_flight_and_starts_nothing_queued() {
     let gate = Gate::new();
     let started = Arc::new(AtomicU64::new(0));
     let (g, n) = (gate.clone(), started.clone());
-    let c: Conveyor<u64> = Conveyor::builder()
-        .build(move |_d: Delivery<u64>| {
-            n.fetch_add(1, AtomicOrdering::SeqCst);
-            g.pass();
-            Ok(())
-        })
-        .unwrap();
+    // Capacity 4: with item 0 in flight and 1..=4 queued the queue is full, so `try_send`
+    // answers `Full` until the stop has begun and `Closed` after, and probing adds nothing.
+    let c: Arc<Conveyor<u64>> = Arc::new(
+        Conveyor::builder()
+            .capacity(4)
+            .build(move |_d: Delivery<u64>| {
+                n.fetch_add(1, AtomicOrdering::SeqCst);
+                g.pass();
+                Ok(())
+            })
+            .unwrap(),
+    );
     let receipts: Vec<_> = (0..5).map(|i| c.send(i).unwrap()).collect();
     gate.wait_for_callers(1);
+    // The gate opens only once the stop has begun (a fixed sleep here let a preempted test
+    // thread open it before `stop_timeout` ran, and the worker went on to item 1).
     let stopper = std::thread::spawn({
-        let gate = gate.clone();
+        let (gate, c) = (gate.clone(), c.clone());
         move || {
-            std::thread::sleep(Duration::from_millis(20));
+            let deadline = Instant::now() + GENEROUS;
+            loop {
+                match c.try_send(99) {
+                    Err(SendError::Closed(_)) => break,
+                    Err(SendError::Full(_)) => {}
+                    other => panic!("the probe was not refused: {:?}", other.map(drop)),
+                }
+                assert!(Instant::now() < deadline, "the stop never began");
+                sleep_ms(1);
+            }
             gate.open(); // the call in flight finishes while stop waits for it
         }
     });
