@@ -13,6 +13,14 @@ use conveyor::{Backpressure, Conveyor, Delivery, OnFailure, Ordering, SinkError}
 
 const SETTLE: Duration = Duration::from_secs(5);
 
+/// How long an item held up by the bug these tests look for may take before it counts as
+/// held up. The calls holding it up wait for it much longer ([`HELD`]) and are only released
+/// by the test, so the bound tells the bug apart however loaded the machine is.
+const PROMPT: Duration = Duration::from_secs(10);
+
+/// How long a call waits for the item that ends it before giving up; far past [`PROMPT`].
+const HELD: Duration = Duration::from_secs(60);
+
 /// Rounds per test: `STRESS_ROUNDS=N` runs more.
 fn rounds() -> u64 {
     std::env::var("STRESS_ROUNDS")
@@ -294,10 +302,10 @@ fn woken_worker_passes_on_intake_items(ordering: Ordering, keyed: bool) {
                     match *d.item() {
                         1 => {
                             a_started.store(true, AtomicOrdering::Release);
-                            c_done.wait(Duration::from_secs(2));
+                            c_done.wait(HELD);
                         }
                         2 => {
-                            c_done.wait(Duration::from_secs(2));
+                            c_done.wait(HELD);
                         }
                         _ => c_done.set(),
                     }
@@ -321,9 +329,10 @@ fn woken_worker_passes_on_intake_items(ordering: Ordering, keyed: bool) {
         }
         let start = Instant::now();
         let mut c = send("c", 3);
-        let settled = c.wait_timeout(Duration::from_secs(1)).is_some();
+        let settled = c.wait_timeout(PROMPT).is_some();
         let took = start.elapsed();
         if !settled {
+            c_done.set(); // releases A and B, so the close below ends
             slow_rounds += 1;
             eprintln!("round {round}: item 3 waited {took:?} while a worker was idle");
         }
@@ -390,17 +399,18 @@ fn retaking_lookout() -> (
 
 /// Sends key b's item while key a's settling waits for it (see `retaking_lookout`), then
 /// closes the conveyor; returns whether the item was delivered meanwhile.
-fn other_key_runs(c: Conveyor<u64>, round: u64, waiting: &str) -> bool {
+fn other_key_runs(c: Conveyor<u64>, b_done: &Event, round: u64, waiting: &str) -> bool {
     let mut second = c.send_keyed("b", 2).unwrap();
-    let ran = second.wait_timeout(Duration::from_secs(1)).is_some();
+    let ran = second.wait_timeout(PROMPT).is_some();
     if !ran {
+        b_done.set(); // releases key a's worker, so the close below ends
         eprintln!("round {round}: key b waited for key a's {waiting}");
     }
     assert!(c.close().drained);
     ran
 }
 
-/// A waker that blocks (here: until the other key's item is delivered, at most 2 s).
+/// A waker that blocks (here: until the other key's item is delivered, at most `HELD`).
 struct BlockingWaker {
     started: AtomicBool,
     b_done: Arc<Event>,
@@ -412,7 +422,7 @@ impl std::task::Wake for BlockingWaker {
     }
     fn wake_by_ref(self: &Arc<Self>) {
         self.started.store(true, AtomicOrdering::Release);
-        self.b_done.wait(Duration::from_secs(2));
+        self.b_done.wait(HELD);
     }
 }
 
@@ -428,7 +438,7 @@ fn a_slow_waker_does_not_hold_up_other_keys() {
         let (c, gate, mut first, b_done) = retaking_lookout();
         let state = Arc::new(BlockingWaker {
             started: AtomicBool::new(false),
-            b_done,
+            b_done: b_done.clone(),
         });
         let waker = Waker::from(state.clone());
         assert!(Pin::new(&mut first)
@@ -439,7 +449,7 @@ fn a_slow_waker_does_not_hold_up_other_keys() {
         while !state.started.load(AtomicOrdering::Acquire) && Instant::now() < deadline {
             std::hint::spin_loop();
         }
-        if !other_key_runs(c, round, "waker") {
+        if !other_key_runs(c, &b_done, round, "waker") {
             slow_rounds += 1;
         }
     }
@@ -454,13 +464,14 @@ fn a_waiting_receipt_callback_does_not_hold_up_other_keys() {
     for round in 0..5 * rounds() {
         let (c, gate, first, b_done) = retaking_lookout();
         let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+        let held = b_done.clone();
         first.on_settled(move |_| {
             let _ = started_tx.send(());
-            b_done.wait(Duration::from_secs(2));
+            held.wait(HELD);
         });
         gate.store(true, AtomicOrdering::Release);
         started_rx.recv_timeout(SETTLE).expect("the callback runs");
-        if !other_key_runs(c, round, "callback") {
+        if !other_key_runs(c, &b_done, round, "callback") {
             slow_rounds += 1;
         }
     }
