@@ -896,7 +896,7 @@ fn drop_oldest_during_replay_never_evicts_replayed_items() {
         // Item 1 in flight, item 2 queued, the replay waits for room.
         std::thread::sleep(Duration::from_millis(50));
         let _ = c.send(100); // during replay
-        flushed_during_replay = c.flush_timeout(Duration::from_secs(5));
+        flushed_during_replay = c.flush_timeout(Duration::from_secs(30));
         dropped = c.stats().dropped;
         drop(c);
     }
