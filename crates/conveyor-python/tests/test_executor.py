@@ -119,10 +119,17 @@ def test_submit_after_the_interpreter_exit_drain_raises_runtime_error():
 
 
 def test_shutdown_cancel_futures_cancels_pending_calls(executor_factory):
-    gate = threading.Event()
+    gate, started = threading.Event(), threading.Event()
     ex = executor_factory()
-    first = ex.submit(gate.wait, 10)
-    time.sleep(0.05)  # let the first call start
+
+    def first_call():
+        started.set()
+        return gate.wait(10)
+
+    first = ex.submit(first_call)
+    # The first call must be running, not queued, or the shutdown cancels it too (a fixed
+    # 50 ms sleep here was not always enough on a loaded machine).
+    assert started.wait(10)
     pending = [ex.submit(lambda: None) for _ in range(5)]
     ex.shutdown(wait=False, cancel_futures=True)
     assert all(f.cancelled() for f in pending)
