@@ -277,14 +277,15 @@ def test_async_sink_runs_concurrently_when_pipelined(make):
         active -= 1
 
     c = make(sink, ordering="pipelined", in_flight=8)
-    start = time.perf_counter()
     for n in range(40):
         c.send(n)
     assert c.flush(timeout=30)
     assert sorted(started) == list(range(40))
     assert all(abs(pos - n) < 3 * 8 for pos, n in enumerate(started)), started
+    # Calls overlapped (peak > 1), and never more than in_flight. How much faster than one at a
+    # time that makes the run is a timing claim for the benchmarks: on a loaded machine the
+    # 0.8 s bound this test had was not a safe one.
     assert 1 < peak <= 8
-    assert time.perf_counter() - start < 40 * 0.02  # faster than one at a time
 
 
 def test_async_sink_exceptions_are_retried_and_reported(make):
