@@ -366,15 +366,19 @@ def test_ctrl_c_during_the_drain_of_a_dropped_conveyor_stops_the_program():
                 while time.monotonic() < start + 30:  # the program goes on, a line at a time
                     time.sleep(0.05)
             except KeyboardInterrupt:
-                print("interrupted after", round(time.monotonic() - start), "s")
+                took = time.monotonic() - start
+                at_interrupt = len(calls)
+                # The drain left 9 calls of 1 s: "at once" is anything well short of that (a
+                # load-proof bound; rounding to 0 s, as this test did, was not).
+                print("interrupted", "at once" if took < 5 else "after %.1f s" % took)
             time.sleep(2)  # the call running at Ctrl-C ends; no other starts
-            assert len(calls) <= 2, calls
+            assert len(calls) <= at_interrupt + 1, (at_interrupt, calls)
             print("ok")
             """
         )
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["interrupted", "after", "0", "s", "ok"], proc.stderr
+    assert proc.stdout.split() == ["interrupted", "at", "once", "ok"], proc.stdout + proc.stderr
     assert "drain was interrupted with" in proc.stderr
 
 
