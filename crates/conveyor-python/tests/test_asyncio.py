@@ -218,9 +218,10 @@ def test_a_task_cancelled_before_it_starts_returns_the_receipt_of_an_accepted_it
 
 
 def test_event_loop_keeps_running_while_a_slow_sink_delivers(make):
-    # A blocking 200 ms sink must not stall the event loop that produces items: the loop's lag
-    # (how late a 10 ms sleep wakes up) stays far below one delivery.
-    sink = Recorder(delay=0.2)
+    # A blocking 1 s sink must not stall the event loop that produces items: the loop's lag
+    # (how late a 10 ms sleep wakes up) stays far below one delivery. Half a delivery leaves
+    # room for a loaded CI machine (a 0.23 s lag was seen at load 13 on 2 cores).
+    sink = Recorder(delay=1.0)
     c = make(sink)
 
     async def main():
@@ -233,7 +234,7 @@ def test_event_loop_keeps_running_while_a_slow_sink_delivers(make):
                 lags.append(time.perf_counter() - start - 0.01)
 
         m = asyncio.ensure_future(monitor())
-        for n in range(5):
+        for n in range(3):
             await c.asend(n)
             await asyncio.sleep(0.05)
         await c.aflush(timeout=30)
@@ -241,9 +242,9 @@ def test_event_loop_keeps_running_while_a_slow_sink_delivers(make):
         return lags
 
     lags = asyncio.run(main())
-    assert sink.items == list(range(5))
+    assert sink.items == list(range(3))
     assert len(lags) > 20
-    assert max(lags) < 0.15, f"event loop stalled for {max(lags):.3f} s"
+    assert max(lags) < 0.5, f"event loop stalled for {max(lags):.3f} s"
 
 
 def test_async_def_sink_runs_on_the_conveyors_loop_in_order(make):
