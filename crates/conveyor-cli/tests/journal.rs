@@ -270,10 +270,7 @@ fn a_second_ctrl_c_exits_at_once_and_the_rerun_finishes_the_job() {
     let args = ["send", input, "--to", &url, "--drain-timeout", "60s"];
     let child = spawn(dir.path(), &args);
     wait_for("deliveries to start", || server.count() >= 2);
-    signal(&child, "INT");
-    std::thread::sleep(Duration::from_millis(50));
-    signal(&child, "INT");
-    let first = child.wait_with_output().unwrap();
+    let first = interrupt_twice(child);
     expect_exit(&first, 130);
     let second = conveyor(dir.path()).args(args).output().unwrap();
     expect_exit(&second, 0);

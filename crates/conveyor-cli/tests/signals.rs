@@ -79,10 +79,7 @@ fn a_second_ctrl_c_exits_at_once_with_130() {
     let server = Server::start(|_| Reply::ok().delay(Duration::from_millis(400))).unwrap();
     let child = spawn_send(dir.path(), &server, 20, "60s");
     wait_for("deliveries to start", || server.count() >= 1);
-    signal(&child, "INT");
-    std::thread::sleep(Duration::from_millis(100));
-    signal(&child, "INT");
-    let output = child.wait_with_output().unwrap();
+    let output = interrupt_twice(child);
     expect_exit(&output, 130);
     assert!(server.count() < 20);
 }

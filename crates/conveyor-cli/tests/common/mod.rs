@@ -124,6 +124,46 @@ pub fn signal(child: &std::process::Child, name: &str) {
     assert!(status.success(), "kill -{name} failed");
 }
 
+/// Interrupts a running `send` twice, as a user pressing Ctrl-C twice does, and returns what it
+/// printed and how it exited. The second SIGINT goes only once the run says it took the first:
+/// two signals sent while the child is not scheduled in between merge into one, which the run
+/// (rightly) takes as a single Ctrl-C.
+pub fn interrupt_twice(mut child: std::process::Child) -> std::process::Output {
+    use std::io::{BufRead, Read};
+    let stderr = child.stderr.take().expect("stderr piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        for line in std::io::BufReader::new(stderr).lines() {
+            let line = line.unwrap_or_default();
+            if line.contains("interrupted") {
+                let _ = tx.send(());
+            }
+            text.push_str(&line);
+            text.push('\n');
+        }
+        text
+    });
+    signal(&child, "INT");
+    rx.recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the run did not say it took the first Ctrl-C");
+    signal(&child, "INT");
+    let mut stdout = Vec::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout piped")
+        .read_to_end(&mut stdout)
+        .unwrap();
+    let status = child.wait().unwrap();
+    let stderr = reader.join().unwrap().into_bytes();
+    std::process::Output {
+        status,
+        stdout,
+        stderr,
+    }
+}
+
 /// A server that answers `reply()` to the line with this `id` while the returned flag is set
 /// (clear it to "fix the cause"), and 200 to every other line.
 pub fn server_failing_id(
