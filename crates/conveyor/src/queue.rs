@@ -37,7 +37,8 @@ pub(crate) struct Job<T, R> {
     pub(crate) attempts: u32,
     /// Attempts allowed in total; a `resume` grants a fresh retry budget.
     pub(crate) attempt_limit: u32,
-    /// The rate limiter's start slot for the next attempt, if a limit is set.
+    /// When the next attempt may start: a first attempt's rate-limit slot (if a limit is set),
+    /// or the end of a retry's backoff.
     pub(crate) start_at: Option<Instant>,
 }
 
@@ -509,9 +510,7 @@ impl<T, R> State<T, R> {
         };
         self.counters.queued -= 1;
         self.counters.in_flight += 1;
-        if let Some(limiter) = &mut self.limiter {
-            job.start_at = Some(limiter.reserve(Instant::now()));
-        }
+        job.start_at = self.reserve_start();
         self.in_flight_nodes[worker] = Some(InFlight {
             node: job.node.clone(),
             // A worker first waits for a rate-limit slot, or for the item's journal append to
@@ -521,19 +520,26 @@ impl<T, R> State<T, R> {
         Some(job)
     }
 
-    /// Records that a retry is due no earlier than `earliest` and returns when it may
-    /// start under the rate limit. Until `attempt_begins`, no item behind it starts: in
-    /// pipelined mode other workers would otherwise overtake it.
-    pub(crate) fn schedule_retry(&mut self, worker: usize, earliest: Instant) -> Instant {
+    /// Reserves the next rate-limit slot from now, if a limit is set, and returns when it
+    /// begins.
+    pub(crate) fn reserve_start(&mut self) -> Option<Instant> {
+        self.limiter
+            .as_mut()
+            .map(|limiter| limiter.reserve(Instant::now()))
+    }
+
+    /// Records that `worker`'s job will be retried after its backoff. Until `attempt_begins`,
+    /// no item behind it starts: in pipelined mode other workers would otherwise overtake it.
+    ///
+    /// Its rate-limit slot is reserved only once the backoff is over (`reserve_start`): a
+    /// slot reserved now for an hour away would push every later slot past it, and hold up
+    /// the other keys for as long.
+    pub(crate) fn schedule_retry(&mut self, worker: usize) {
         if let Some(job) = &mut self.in_flight_nodes[worker] {
             job.called = false;
         }
         if !self.keyed {
             self.main.retrying += 1;
-        }
-        match &mut self.limiter {
-            Some(limiter) => limiter.reserve(earliest),
-            None => earliest,
         }
     }
 

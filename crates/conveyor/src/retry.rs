@@ -179,7 +179,9 @@ pub(crate) fn random_u64() -> u64 {
 ///
 /// Slots are reserved under the engine's state lock at the moment an item is taken
 /// from its lane, so reservations follow submission order and a pipelined lane keeps
-/// its start order even while workers sleep until their slot.
+/// its start order even while workers sleep until their slot. A retry reserves its slot
+/// when its backoff is over, never ahead: a slot far in the future would hold up every
+/// reservation after it.
 #[derive(Debug)]
 pub(crate) struct RateLimiter {
     interval: Duration,

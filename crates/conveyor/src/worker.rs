@@ -225,7 +225,20 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         if st.abandoned {
             return Next::Done(Outcome::Interrupted);
         }
-        Next::RetryAt(st.schedule_retry(worker, later(delay)))
+        st.schedule_retry(worker);
+        Next::RetryAt(later(delay))
+    }
+
+    /// A retry's rate-limit slot, reserved once its backoff is over (see
+    /// `State::schedule_retry`), if it must wait for it; none once a shutdown refuses the
+    /// retry. The items behind it in a pipelined lane are still held, so they reserve later
+    /// slots and start after it.
+    fn retry_slot(&self) -> Option<Instant> {
+        let mut st = self.lock();
+        if st.start_refused(true) {
+            return None;
+        }
+        st.reserve_start().filter(|&slot| slot > Instant::now())
     }
 
     /// After waiting for a rate-limit slot or a backoff: whether the job may start (see
@@ -370,6 +383,9 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
             if job.start_at.is_some() || check_written {
                 if let Some(at) = job.start_at.take() {
                     self.wait_to_start(at, retry);
+                    if let Some(slot) = retry.then(|| self.retry_slot()).flatten() {
+                        self.wait_to_start(slot, retry);
+                    }
                 }
                 if check_written && !self.wait_written(job.node.seq()) {
                     return Outcome::Interrupted;
@@ -401,6 +417,9 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
             if job.start_at.is_some() || check_written {
                 if let Some(at) = job.start_at.take() {
                     self.wait_to_start_async(at, retry).await;
+                    if let Some(slot) = retry.then(|| self.retry_slot()).flatten() {
+                        self.wait_to_start_async(slot, retry).await;
+                    }
                 }
                 if check_written && !self.wait_written_async(job.node.seq()).await {
                     return Outcome::Interrupted;

@@ -473,3 +473,77 @@ fn a_paused_lanes_backlog_counts_against_the_capacity_of_every_lane() {
     assert!(c.flush_timeout(GENEROUS));
     assert_eq!(c.stats().delivered, 3);
 }
+
+/// Keyed under a rate limit: one key's retry waiting out a long `retry_after` must not take the
+/// limiter's slots with it. Its retry used to reserve the slot right after its backoff, which
+/// moved every later slot past it: the other keys waited an hour for a server's `Retry-After`
+/// meant for one key.
+#[test]
+fn a_keyed_retry_under_a_rate_limit_does_not_hold_up_the_other_keys() {
+    let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let n = calls.clone();
+    let c: Conveyor<u64> = Conveyor::builder()
+        .ordering(Ordering::Keyed { concurrency: 4 })
+        .rate_limit(1_000)
+        .retry(Retry::fixed(Duration::from_millis(1)).max_attempts(2))
+        .drain_timeout(Duration::from_millis(100))
+        .build(move |d: Delivery<u64>| {
+            n.fetch_add(1, AtomicOrdering::SeqCst);
+            if d.key() == Some("throttled") && d.attempt() == 1 {
+                let wait = Duration::from_secs(3600);
+                return Err(SinkError::retryable("429").with_retry_after(wait));
+            }
+            Ok(())
+        })
+        .unwrap();
+    let mut throttled = c.send_keyed("throttled", 0).unwrap();
+    let deadline = Instant::now() + GENEROUS;
+    while calls.load(AtomicOrdering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the sink was never called");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Time for its retry to be scheduled, an hour away (were it not yet, the test would pass
+    // without showing anything, never fail).
+    std::thread::sleep(Duration::from_millis(50));
+    let others: Vec<_> = (1..=5).map(|i| c.send_keyed("other", i).unwrap()).collect();
+    for mut r in others {
+        assert!(
+            matches!(r.wait_timeout(GENEROUS), Some(Ok(()))),
+            "another key waited for the throttled key's retry"
+        );
+    }
+    assert!(throttled.wait_timeout(Duration::ZERO).is_none());
+    let report = c.close_timeout(Duration::from_millis(100));
+    assert_eq!((report.left, report.stats.delivered), (1, 5));
+}
+
+/// Retries count against the rate limit like first attempts: five attempts at 10 calls per
+/// second take at least 400 ms, however short the backoff.
+#[test]
+fn retries_wait_for_rate_limit_slots_too() {
+    let starts = Arc::new(Mutex::new(Vec::new()));
+    let s = starts.clone();
+    let c: Conveyor<u64> = Conveyor::builder()
+        .rate_limit(10)
+        .retry(Retry::fixed(Duration::ZERO).max_attempts(5))
+        .build(move |d: Delivery<u64>| {
+            s.lock().unwrap().push(Instant::now());
+            if d.attempt() < 5 {
+                return Err(SinkError::retryable("busy"));
+            }
+            Ok(())
+        })
+        .unwrap();
+    // Slots are 100 ms apart from the first, which comes no earlier than the send: a bound
+    // from the send, unlike the gaps between calls, holds however late a call begins.
+    let sent = Instant::now();
+    c.send(1).unwrap().wait().unwrap();
+    let starts = starts.lock().unwrap();
+    assert_eq!(starts.len(), 5);
+    assert!(
+        starts[4] - sent >= Duration::from_millis(390),
+        "{:?}",
+        starts[4] - sent
+    );
+    assert_eq!(c.stats().retried, 4);
+}
