@@ -296,7 +296,15 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Builder<T, R> {
     }
 
     /// Starts at most `calls_per_second` sink calls per second (retries included),
-    /// evenly spaced.
+    /// evenly spaced: one every `1 s / calls_per_second`, with no burst allowance after an
+    /// idle spell. The limit is shared by every lane (keys included), and calls start in the
+    /// order they were taken from their lanes. A retry takes its slot once its backoff is over,
+    /// so a long backoff of one key does not hold up the others.
+    ///
+    /// An item waiting for its slot counts as in flight in [`Stats`](crate::Stats); a
+    /// shutdown does not wait for the slot: under
+    /// [`stop_timeout`](Conveyor::stop_timeout) the item is not started, and past a drain
+    /// deadline it is reported as left ([`DeliveryError::Closed`](crate::DeliveryError::Closed)).
     pub fn rate_limit(mut self, calls_per_second: u32) -> Self {
         self.config.rate_limit = Some(calls_per_second);
         self

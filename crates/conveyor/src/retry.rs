@@ -61,7 +61,8 @@ impl Retry {
         }
     }
 
-    /// Up to 5 attempts, waiting `base`, then twice as long each time.
+    /// Up to 5 attempts, waiting `base`, then twice as long each time (up to 30 s, with
+    /// jitter: see [`Retry::max_delay`] and [`Retry::jitter`]).
     pub fn exponential(base: Duration) -> Self {
         Self {
             attempts: Self::DEFAULT_ATTEMPTS,
@@ -72,7 +73,8 @@ impl Retry {
         }
     }
 
-    /// Up to 5 attempts, waiting `delay` between them.
+    /// Up to 5 attempts, waiting `delay` between them (with jitter, between `delay/2` and
+    /// `delay`, unless [`Retry::jitter`] turns it off).
     pub fn fixed(delay: Duration) -> Self {
         Self {
             exponential: false,
