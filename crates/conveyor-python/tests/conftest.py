@@ -78,7 +78,12 @@ async def fill_up(c: conveyor.Conveyor) -> None:
 
 
 def interrupt_main_after(seconds: float) -> threading.Timer:
-    """Sends a real SIGINT to this process after `seconds`, as Ctrl-C would."""
+    """Sends a real SIGINT to this process after `seconds`, as Ctrl-C would.
+
+    Start it inside the `pytest.raises(KeyboardInterrupt)` block, right before the call it
+    interrupts: on a busy machine the SIGINT may land before that call waits, and outside the
+    block its KeyboardInterrupt would escape and stop the whole test session.
+    """
     timer = threading.Timer(seconds, lambda: os.kill(os.getpid(), signal.SIGINT))
     timer.daemon = True
     timer.start()

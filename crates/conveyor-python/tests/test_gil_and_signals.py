@@ -51,9 +51,9 @@ def test_flush_releases_the_gil(make):
 def test_ctrl_c_interrupts_flush(make):
     c, gate = stuck_conveyor(make)
     c.send(1)
-    interrupt_main_after(0.2)
     start = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
+        interrupt_main_after(0.2)
         c.flush()
     assert time.monotonic() - start < 5
     gate.set()
@@ -62,8 +62,8 @@ def test_ctrl_c_interrupts_flush(make):
 def test_ctrl_c_interrupts_receipt_result(make):
     c, gate = stuck_conveyor(make)
     r = c.send(1)
-    interrupt_main_after(0.2)
     with pytest.raises(KeyboardInterrupt):
+        interrupt_main_after(0.2)
         r.result()
     gate.set()
     assert r.result(timeout=30) is True
@@ -72,8 +72,8 @@ def test_ctrl_c_interrupts_receipt_result(make):
 def test_ctrl_c_interrupts_close(make):
     c, gate = stuck_conveyor(make)
     c.send(1)
-    interrupt_main_after(0.2)
     with pytest.raises(KeyboardInterrupt):
+        interrupt_main_after(0.2)
         c.close()
     gate.set()
     assert c.close(timeout=30).left == 0
@@ -84,8 +84,8 @@ def test_ctrl_c_interrupts_send_on_a_full_queue(make):
     c.send(1)
     c.send(2)  # in flight + one queued: the next send must wait
     wait_until_full(c)
-    interrupt_main_after(0.2)
     with pytest.raises(KeyboardInterrupt):
+        interrupt_main_after(0.2)
         c.send(3)
     gate.set()
     assert c.flush(timeout=30)
@@ -228,8 +228,8 @@ def test_ctrl_c_interrupts_asend_on_a_full_queue(make):
     async def main():
         await c.asend(3)
 
-    interrupt_main_after(0.2)
     with pytest.raises(KeyboardInterrupt):
+        interrupt_main_after(0.2)
         asyncio.run(main())
     gate.set()
     assert c.flush(timeout=30)
