@@ -271,7 +271,10 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Builder<T, R> {
     }
 
     /// Sets how many items may wait in the queue (items being delivered are not
-    /// counted). Memory stays bounded by this number when the sink stalls.
+    /// counted). Memory stays bounded by this number when the sink stalls. Items in flight
+    /// that go back to the queue unsettled (their lane paused by [`OnFailure::Pause`], or a
+    /// shutdown interrupted them between attempts) may take it past the limit by at most one
+    /// per worker.
     pub fn capacity(mut self, capacity: usize) -> Self {
         self.config.capacity = capacity;
         self
