@@ -218,6 +218,27 @@ enum SlotState<R> {
     Taken,
 }
 
+impl<R> SlotState<R> {
+    /// The outcome, taken out (the state becomes `Taken`), if the item has settled.
+    ///
+    /// # Panics
+    ///
+    /// If it was taken already, with the message `taken`.
+    fn take_ready(&mut self, taken: &str) -> Option<Result<R, DeliveryError>> {
+        match self {
+            SlotState::Pending { .. } => None,
+            SlotState::Taken => panic!("{taken}"),
+            SlotState::Ready(_) => match std::mem::replace(self, SlotState::Taken) {
+                SlotState::Ready(result) => Some(result),
+                _ => unreachable!("matched Ready"),
+            },
+        }
+    }
+}
+
+/// The panic of a receipt whose result was taken already.
+const ALREADY_TAKEN: &str = "the receipt's result was already taken";
+
 /// Settles exactly once; later settlements (a late sink result after a shutdown
 /// deadline already reported the item as closed) are ignored.
 struct Slot<R> {
@@ -649,49 +670,35 @@ impl<R> Receipt<R> {
 
     /// The outcome, taken, if the item has settled.
     fn take_settled(&mut self) -> Option<Result<R, DeliveryError>> {
-        let mut state = self.slot().lock();
-        if let SlotState::Pending { .. } = *state {
-            return None;
-        }
-        match std::mem::replace(&mut *state, SlotState::Taken) {
-            SlotState::Ready(result) => Some(result),
-            _ => panic!("the receipt's result was already taken"),
-        }
+        self.slot().lock().take_ready(ALREADY_TAKEN)
     }
 
     fn wait_slot(&mut self, deadline: Option<Instant>) -> Option<Result<R, DeliveryError>> {
         let slot = self.slot();
         let mut state = slot.lock();
         loop {
-            match &mut *state {
-                SlotState::Ready(_) => {
-                    let SlotState::Ready(result) = std::mem::replace(&mut *state, SlotState::Taken)
-                    else {
-                        unreachable!("matched Ready");
-                    };
-                    return Some(result);
-                }
-                SlotState::Taken => panic!("the receipt's result was already taken"),
-                SlotState::Pending { thread_waiting, .. } => {
-                    *thread_waiting = true;
-                    state = match deadline {
-                        None => slot
-                            .ready
-                            .wait(state)
-                            .unwrap_or_else(PoisonError::into_inner),
-                        Some(deadline) => {
-                            let now = Instant::now();
-                            if now >= deadline {
-                                return None;
-                            }
-                            slot.ready
-                                .wait_timeout(state, deadline - now)
-                                .unwrap_or_else(PoisonError::into_inner)
-                                .0
-                        }
-                    };
-                }
+            if let Some(result) = state.take_ready(ALREADY_TAKEN) {
+                return Some(result);
             }
+            if let SlotState::Pending { thread_waiting, .. } = &mut *state {
+                *thread_waiting = true;
+            }
+            state = match deadline {
+                None => slot
+                    .ready
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner),
+                Some(deadline) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return None;
+                    }
+                    slot.ready
+                        .wait_timeout(state, deadline - now)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0
+                }
+            };
         }
     }
 
@@ -732,7 +739,7 @@ impl<R> Receipt<R> {
                     thread_waiting,
                 };
             }
-            SlotState::Taken => panic!("the receipt's result was already taken"),
+            SlotState::Taken => panic!("{ALREADY_TAKEN}"),
         }
     }
 }
@@ -744,23 +751,16 @@ impl<R> Future for Receipt<R> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut state = self.slot().lock();
-        match &mut *state {
-            SlotState::Ready(_) => {
-                let SlotState::Ready(result) = std::mem::replace(&mut *state, SlotState::Taken)
-                else {
-                    unreachable!("matched Ready");
-                };
-                Poll::Ready(result)
-            }
-            SlotState::Pending { waker, .. } => {
-                match waker {
-                    Some(w) if w.will_wake(cx.waker()) => {}
-                    _ => *waker = Some(cx.waker().clone()),
-                }
-                Poll::Pending
-            }
-            SlotState::Taken => panic!("the receipt was polled after it completed"),
+        if let Some(result) = state.take_ready("the receipt was polled after it completed") {
+            return Poll::Ready(result);
         }
+        if let SlotState::Pending { waker, .. } = &mut *state {
+            match waker {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                _ => *waker = Some(cx.waker().clone()),
+            }
+        }
+        Poll::Pending
     }
 }
 
