@@ -203,13 +203,11 @@ pub(crate) fn terminal_stdin_note(exec: &[String]) -> String {
     let mut note = "conveyor: reading JSON lines from the terminal; type them, then Ctrl-D to \
                     end the input"
         .to_owned();
-    let files: Vec<&str> = exec
+    let file = exec
         .iter()
         .skip(1)
-        .map(String::as_str)
-        .filter(|arg| !arg.starts_with('-') && std::path::Path::new(arg).is_file())
-        .collect();
-    if let Some(file) = files.first() {
+        .find(|arg| !arg.starts_with('-') && std::path::Path::new(arg).is_file());
+    if let Some(file) = file {
         note.push_str(&format!(
             ". `{file}` comes after --exec, so it is the program's argument, not conveyor's \
              INPUT; put INPUT before --exec PROGRAM"

@@ -70,8 +70,12 @@ impl Input {
     /// byte is cheap next to a commit per line. A file can be read again from the journal's
     /// position: always buffered.
     fn open(&self, read_ahead: bool) -> Result<Box<dyn BufRead + Send>, CliError> {
+        // What a stream reads ahead without `--sync`, and a file always.
+        const READ_AHEAD: usize = 64 * 1024;
         Ok(match self {
-            Self::Stdin if read_ahead => Box::new(BufReader::with_capacity(64 * 1024, io::stdin())),
+            Self::Stdin if read_ahead => {
+                Box::new(BufReader::with_capacity(READ_AHEAD, io::stdin()))
+            }
             Self::Stdin => {
                 // A handle of its own on fd 0: `io::stdin()` would buffer 8 KiB behind ours.
                 let fd = io::stdin()
@@ -80,16 +84,7 @@ impl Input {
                     .map_err(|e| CliError::usage(format!("cannot read stdin: {e}")))?;
                 Box::new(BufReader::with_capacity(1, File::from(fd)))
             }
-            Self::Stream(path) => {
-                let stream = File::open(path).map_err(|e| {
-                    CliError::usage(format!("cannot open input {}: {e}", path.display()))
-                })?;
-                Box::new(BufReader::with_capacity(
-                    if read_ahead { 64 * 1024 } else { 1 },
-                    stream,
-                ))
-            }
-            Self::File(path) => {
+            Self::File(path) | Self::Stream(path) => {
                 let file = File::open(path).map_err(|e| {
                     CliError::usage(format!("cannot open input {}: {e}", path.display()))
                 })?;
@@ -99,7 +94,9 @@ impl Input {
                         path.display()
                     )));
                 }
-                Box::new(BufReader::with_capacity(64 * 1024, file))
+                let stream = matches!(self, Self::Stream(_));
+                let capacity = if stream && !read_ahead { 1 } else { READ_AHEAD };
+                Box::new(BufReader::with_capacity(capacity, file))
             }
             Self::Memory(bytes) => Box::new(io::Cursor::new(bytes.clone())),
         })
@@ -184,9 +181,10 @@ impl SendPlan {
             return Err(CliError::usage("--capacity must be at least 1"));
         }
         let target = if let Some(url) = &args.to {
-            let mut builder = conveyor::HttpSink::builder(url.as_str())
-                .method(args.method.as_deref().unwrap_or("POST"))
-                .timeout(args.timeout);
+            let mut builder = conveyor::HttpSink::builder(url.as_str()).timeout(args.timeout);
+            if let Some(method) = &args.method {
+                builder = builder.method(method.as_str());
+            }
             for (name, value) in &args.headers {
                 builder = builder.header(name.as_str(), value.as_str());
             }
