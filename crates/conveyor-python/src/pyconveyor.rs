@@ -274,6 +274,25 @@ fn interrupt_again() {
     unsafe { pyo3::ffi::PyErr_SetInterrupt() };
 }
 
+/// The engine's `send_async` for an item with or without a key and an input position.
+async fn send_to<K: Into<String>>(
+    engine: &conveyor::Conveyor<Item, Reply>,
+    item: Item,
+    key: Option<K>,
+    cursor: Option<u64>,
+) -> Result<conveyor::Receipt<Reply>, SendError<Item>> {
+    match (key, cursor) {
+        (None, None) => engine.send_async(item).await,
+        (Some(key), None) => engine.send_keyed_async(key, item).await,
+        (None, Some(cursor)) => engine.send_async_and_set_cursor(item, cursor).await,
+        (Some(key), Some(cursor)) => {
+            engine
+                .send_keyed_async_and_set_cursor(key, item, cursor)
+                .await
+        }
+    }
+}
+
 /// Reads a count option (`capacity`, `retries`, ...; for `from_py_with`, whose `TypeError`
 /// PyO3 prefixes with the argument's name). Any Python int is read, however large, so that a
 /// value out of range gets a `ValueError` naming the option instead of an `OverflowError` that
@@ -559,6 +578,16 @@ impl PyConveyor {
         self.not_from_own_sink(shared, what)
     }
 
+    /// Before an attempt to send: `close()` refuses new items before the engine itself is
+    /// closed, and what a forked child's parent left is released first.
+    fn admit(&self, py: Python<'_>, shared: &Shared) -> PyResult<()> {
+        if shared.closing.load(AtomicOrdering::Acquire) {
+            return Err(self.closed_error(py, shared));
+        }
+        crate::fork::release_pending(py);
+        Ok(())
+    }
+
     /// One non-waiting attempt. `Ok(Err(item))` hands the item back when the queue is full and
     /// the policy is to block, so the caller can decide how to wait.
     fn try_once(
@@ -569,10 +598,7 @@ impl PyConveyor {
         key: Option<&str>,
         cursor: Option<u64>,
     ) -> PyResult<Result<PyReceipt, Item>> {
-        if shared.closing.load(AtomicOrdering::Acquire) {
-            return Err(self.closed_error(py, shared));
-        }
-        crate::fork::release_pending(py);
+        self.admit(py, shared)?;
         let engine = &shared.engine;
         let attempt = match (key, cursor) {
             (None, None) => engine.try_send(item),
@@ -609,19 +635,7 @@ impl PyConveyor {
     /// wait across calls (see `asend.rs`).
     fn send_future(&self, item: Item, key: Option<String>, cursor: Option<u64>) -> SendFuture {
         let shared = Arc::clone(&self.shared);
-        Box::pin(async move {
-            let engine = &shared.engine;
-            match (key, cursor) {
-                (None, None) => engine.send_async(item).await,
-                (Some(key), None) => engine.send_keyed_async(key, item).await,
-                (None, Some(cursor)) => engine.send_async_and_set_cursor(item, cursor).await,
-                (Some(key), Some(cursor)) => {
-                    engine
-                        .send_keyed_async_and_set_cursor(key, item, cursor)
-                        .await
-                }
-            }
-        })
+        Box::pin(async move { send_to(&shared.engine, item, key, cursor).await })
     }
 
     /// One poll of an `asend`'s send future, on the event loop's thread: the receipt once the
@@ -633,11 +647,7 @@ impl PyConveyor {
         waker: &Waker,
     ) -> PyResult<Option<PyReceipt>> {
         let shared = self.live(py)?;
-        // As in `try_once`: `close()` refuses new items before the engine itself is closed.
-        if shared.closing.load(AtomicOrdering::Acquire) {
-            return Err(self.closed_error(py, shared));
-        }
-        crate::fork::release_pending(py);
+        self.admit(py, shared)?;
         match future.as_mut().poll(&mut Context::from_waker(waker)) {
             Poll::Pending => Ok(None),
             Poll::Ready(Ok(receipt)) => Ok(Some(self.accepted(py, shared, receipt)?)),
@@ -713,20 +723,7 @@ impl PyConveyor {
             let slice = deadline.slice();
             let engine = &shared.engine;
             let sent = py.allow_threads(|| {
-                crate::block_on_timeout(slice, async move {
-                    match (key, cursor) {
-                        (None, None) => engine.send_async(attempt).await,
-                        (Some(key), None) => engine.send_keyed_async(key, attempt).await,
-                        (None, Some(cursor)) => {
-                            engine.send_async_and_set_cursor(attempt, cursor).await
-                        }
-                        (Some(key), Some(cursor)) => {
-                            engine
-                                .send_keyed_async_and_set_cursor(key, attempt, cursor)
-                                .await
-                        }
-                    }
-                })
+                crate::block_on_timeout(slice, send_to(engine, attempt, key, cursor))
             });
             match sent {
                 Some(Ok(receipt)) => return Ok(Some(self.accepted(py, shared, receipt)?)),

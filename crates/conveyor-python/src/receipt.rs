@@ -390,8 +390,7 @@ impl Ready {
         _tb: Option<Bound<'_, PyAny>>,
     ) -> PyResult<Py<PyAny>> {
         let error = PyErr::from_value(val.filter(|v| !v.is_none()).unwrap_or(typ));
-        let cancelled = py.import("asyncio")?.getattr("CancelledError")?;
-        if error.is_instance(py, &cancelled) {
+        if error.is_instance_of::<pyo3::exceptions::asyncio::CancelledError>(py) {
             return self.__next__(py);
         }
         Err(error)
