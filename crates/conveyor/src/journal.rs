@@ -842,11 +842,7 @@ impl Journal {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn cursor(&self) -> Result<Option<u64>, JournalError> {
-        self.conn
-            .query_row("SELECT value FROM meta WHERE name = 'cursor'", [], |r| {
-                r.get::<_, i64>(0)
-            })
-            .optional()
+        meta::<i64>(&self.conn, "cursor")
             .map(|c| c.map(|c| c as u64))
             .map_err(|e| JournalError::sqlite(&self.path, e))
     }
@@ -898,21 +894,12 @@ impl Journal {
         };
         let (pending, paused) = (count("items")?, count("paused")?);
         if let Some(kind) = kind {
-            let written: Option<String> = tx
-                .query_row("SELECT value FROM meta WHERE name = 'kind'", [], |r| {
-                    r.get(0)
-                })
-                .optional()
-                .map_err(sql)?;
+            let written = meta::<String>(&tx, "kind").map_err(sql)?;
             if let Some(written) = written.filter(|written| written != kind) {
                 let holds_anything = pending > 0
                     || paused > 0
                     || count("dead")? > 0
-                    || tx
-                        .query_row("SELECT 1 FROM meta WHERE name = 'cursor'", [], |_| Ok(()))
-                        .optional()
-                        .map_err(sql)?
-                        .is_some();
+                    || meta::<i64>(&tx, "cursor").map_err(sql)?.is_some();
                 if holds_anything {
                     return Err(JournalError::OtherKind {
                         path: path.clone(),
@@ -1274,14 +1261,18 @@ fn set_wal(conn: &Connection, path: &Path) -> Result<(), JournalError> {
     Ok(())
 }
 
+/// One value of the `meta` table, if it is set.
+fn meta<V: rusqlite::types::FromSql>(conn: &Connection, name: &str) -> rusqlite::Result<Option<V>> {
+    conn.query_row("SELECT value FROM meta WHERE name = ?1", [name], |r| {
+        r.get(0)
+    })
+    .optional()
+}
+
 /// The ordering the journal was last used with (`meta.ordering`). A journal written before that
 /// was recorded was keyed if a lane is named after a key; otherwise nothing tells.
 fn written_ordering(conn: &Connection) -> rusqlite::Result<Option<String>> {
-    let recorded: Option<String> = conn
-        .query_row("SELECT value FROM meta WHERE name = 'ordering'", [], |r| {
-            r.get(0)
-        })
-        .optional()?;
+    let recorded = meta::<String>(conn, "ordering")?;
     if recorded.is_some() {
         return Ok(recorded);
     }
