@@ -759,7 +759,8 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
                 (Backpressure::Block, Wait::Thread) | (_, Wait::ThreadAlways) => {
                     drop(ik);
                     st.waiters.blocked_senders += 1;
-                    st = shared.wait(&shared.space, st);
+                    // In an async sink or task, room may be made by a task on this thread.
+                    st = blocking_section(|| shared.wait(&shared.space, st));
                     st.waiters.blocked_senders -= 1;
                 }
                 (Backpressure::Block, Wait::Task) => {
@@ -969,7 +970,9 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// It waits only when the queue is full and the policy is
     /// [`Backpressure::Block`] (the default); the sink's speed never matters
     /// otherwise. In async code use [`Conveyor::send_async`] instead, which awaits
-    /// room rather than blocking the runtime's thread.
+    /// room rather than blocking the task's thread (on a multi-threaded Tokio runtime, a
+    /// blocking wait moves the runtime's other tasks to another thread first, so an async sink
+    /// on that runtime still makes room).
     ///
     /// # Errors
     ///
@@ -1934,7 +1937,7 @@ fn settle_left<T, R>(left: Vec<(NodeRef<T, R>, bool)>) {
 
 /// Runs a blocking wait; inside a multi-threaded Tokio runtime it tells the runtime
 /// first, so that other tasks (an async sink among them) keep running meanwhile.
-fn blocking_section<O>(f: impl FnOnce() -> O) -> O {
+pub(crate) fn blocking_section<O>(f: impl FnOnce() -> O) -> O {
     match tokio::runtime::Handle::try_current() {
         Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
             tokio::task::block_in_place(f)

@@ -560,7 +560,10 @@ impl<R> Receipt<R> {
     /// use [`Receipt::on_settled`] or [`Receipt::wait_timeout`] there. The panic fails the sink's
     /// item (without retries) and the worker goes on, as for any panic in a sink.
     ///
-    /// In async code, `.await` the receipt instead: this blocks the runtime's thread.
+    /// In async code, `.await` the receipt instead: this blocks the task's thread. On a
+    /// multi-threaded Tokio runtime the runtime is told first and moves its other tasks to
+    /// another thread meanwhile (as [`tokio::task::block_in_place`] does), so a wait for an item
+    /// that an async sink on the same runtime delivers still ends.
     pub fn wait(mut self) -> Result<R, DeliveryError> {
         self.wait_until(None)
             .expect("waiting without a deadline always yields a result")
@@ -597,10 +600,18 @@ impl<R> Receipt<R> {
     }
 
     fn wait_until(&mut self, deadline: Option<Instant>) -> Option<Result<R, DeliveryError>> {
-        match self.own_conveyor() {
+        // Settled already, or not to wait for: no need to tell a runtime that this blocks.
+        if let Some(result) = self.take_settled() {
+            return Some(result);
+        }
+        if deadline.is_some_and(|deadline| deadline <= Instant::now()) {
+            return None;
+        }
+        // In an async sink or task, the item may be delivered by a task on this very thread.
+        crate::conveyor::blocking_section(|| match self.own_conveyor() {
             Some(conveyor) => self.wait_inside(&*conveyor, deadline),
             None => self.wait_slot(deadline),
-        }
+        })
     }
 
     /// `wait_slot` from code run by one of the conveyor's own workers, which settles nothing
@@ -617,10 +628,6 @@ impl<R> Receipt<R> {
         conveyor: &dyn OwnWorkers,
         deadline: Option<Instant>,
     ) -> Option<Result<R, DeliveryError>> {
-        // Settled already: the conveyor need not hear of it.
-        if let Some(result) = self.take_settled() {
-            return Some(result);
-        }
         // Its own reference, as the receipt is borrowed mutably while it waits.
         let key = self.about().key.clone();
         let item = Awaited {

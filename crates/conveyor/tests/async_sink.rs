@@ -377,3 +377,112 @@ async fn a_huge_timeout_is_a_far_deadline() {
     assert!(c.flush_timeout(Duration::MAX));
     assert!(c.close_timeout(Duration::MAX).drained);
 }
+
+/// A blocking `Receipt::wait` inside an async sink, for an item another worker task delivers
+/// on the same runtime: the runtime hands the waiting thread's other tasks to a new thread, so
+/// the wait ends even when the sink holds the runtime's only thread.
+#[test]
+fn a_blocking_wait_in_an_async_sink_does_not_starve_its_runtime() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let other: Arc<Mutex<Option<Receipt<()>>>> = Arc::default();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let c: Conveyor<u64> = rt.block_on(async {
+        let other = other.clone();
+        let tx = Mutex::new(tx);
+        Conveyor::builder()
+            .ordering(Ordering::Keyed { concurrency: 2 })
+            .drain_timeout(Duration::from_secs(1))
+            .build_async(move |d: Delivery<u64>| {
+                let waits = (*d.item() == 1).then(|| (other.clone(), tx.lock().unwrap().clone()));
+                async move {
+                    if let Some((other, tx)) = waits {
+                        let receipt = loop {
+                            if let Some(receipt) = other.lock().unwrap().take() {
+                                break receipt;
+                            }
+                            std::thread::sleep(Duration::from_millis(1));
+                        };
+                        tx.send(receipt.wait()).ok();
+                    }
+                    Ok(())
+                }
+            })
+            .unwrap()
+    });
+    c.send_keyed("a", 1).unwrap();
+    *other.lock().unwrap() = Some(c.send_keyed("b", 2).unwrap());
+    let waited = rx.recv_timeout(GENEROUS);
+    let ok = matches!(waited, Ok(Ok(())));
+    let flushed = ok && c.flush_timeout(GENEROUS);
+    // Not dropped while a thread of it may still be stuck in the sink.
+    rt.shutdown_background();
+    assert!(
+        ok,
+        "{waited:?}: the other key's item never ran, the wait blocked the runtime's only thread"
+    );
+    assert!(flushed);
+    assert_eq!(c.stats().delivered, 2);
+}
+
+/// A blocking `send` into its own full queue from an async sink, while another worker task on
+/// the same runtime can make room: the runtime hands that task to a new thread, so the send
+/// gets its room even when the sink holds the runtime's only thread.
+#[test]
+fn a_blocking_send_in_an_async_sink_does_not_starve_its_runtime() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let go = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let me: Arc<std::sync::OnceLock<Conveyor<u64>>> = Arc::default();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let c = rt.block_on(async {
+        let (go, me) = (go.clone(), me.clone());
+        let tx = Mutex::new(tx);
+        Conveyor::builder()
+            .ordering(Ordering::Keyed { concurrency: 2 })
+            .capacity(1)
+            .drain_timeout(Duration::from_secs(1))
+            .build_async(move |d: Delivery<u64>| {
+                let sends =
+                    (*d.item() == 1).then(|| (go.clone(), me.clone(), tx.lock().unwrap().clone()));
+                async move {
+                    if let Some((go, me, tx)) = sends {
+                        // Holds the runtime's only thread until the queue is full.
+                        while !go.load(std::sync::atomic::Ordering::Acquire) {
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                        let sent = me.get().unwrap().send_keyed("c", 3).map(|_| ());
+                        tx.send(sent.map_err(|e| e.to_string())).ok();
+                    }
+                    Ok(())
+                }
+            })
+            .unwrap()
+    });
+    let c = me.get_or_init(|| c);
+    c.send_keyed("a", 1).unwrap();
+    // Queued: the other worker's task cannot run while the sink holds the runtime's thread.
+    c.send_keyed("b", 2).unwrap();
+    assert!(
+        matches!(c.try_send(9), Err(SendError::Full(9))),
+        "the queue is full"
+    );
+    go.store(true, std::sync::atomic::Ordering::Release);
+    let sent = rx.recv_timeout(GENEROUS);
+    let flushed = matches!(sent, Ok(Ok(()))) && c.flush_timeout(GENEROUS);
+    // Not dropped while a thread of it may still be stuck in the sink.
+    rt.shutdown_background();
+    assert_eq!(
+        sent,
+        Ok(Ok(())),
+        "the other worker never ran: the send blocked the runtime's only thread"
+    );
+    assert!(flushed);
+    assert_eq!(c.stats().delivered, 3);
+}
