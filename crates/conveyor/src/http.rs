@@ -45,6 +45,12 @@ const ERROR_BODY_BYTES: u64 = 64 * 1024;
 /// Header values and words shorter than this are not scrubbed: they are too short to be
 /// secrets, and replacing every `0` or `eu` in a message would make it unreadable.
 const MIN_SECRET_CHARS: usize = 6;
+/// Added to a failure because no trusted root signed the server's certificate: most often a
+/// company's private CA, which each front takes in its own way. (Still retryable: the fix is
+/// made outside, and an item paused or kept meanwhile is then delivered.)
+const UNKNOWN_ISSUER: &str = " (no trusted certificate authority signed the server's \
+    certificate: if a private CA did, trust it with --cacert FILE in the CLI, cafile= in Python, \
+    or HttpSinkBuilder::root_certificates in Rust)";
 /// What a scrubbed secret becomes.
 const REDACTED: &str = "<redacted>";
 
@@ -220,12 +226,15 @@ pub struct HttpReply {
 /// | `Content-Type` | `application/json` (override with [`header`](Self::header)) |
 /// | timeout per request | 30 s |
 /// | redirects | not followed (a 3xx is a permanent failure) |
+/// | trusted certificate authorities (`https`) | Mozilla's roots, compiled in; add a private CA with [`root_certificates`](Self::root_certificates) |
 #[must_use = "call .build() to get the sink"]
 pub struct HttpSinkBuilder {
     url: String,
     method: String,
     headers: Vec<(String, String)>,
     timeout: Duration,
+    /// PEM texts given to `root_certificates`, parsed by `build`.
+    roots: Vec<Vec<u8>>,
 }
 
 impl fmt::Debug for HttpSinkBuilder {
@@ -241,6 +250,7 @@ impl fmt::Debug for HttpSinkBuilder {
                     .collect::<Vec<_>>(),
             )
             .field("timeout", &self.timeout)
+            .field("root_certificates", &self.roots.len())
             .finish_non_exhaustive()
     }
 }
@@ -269,12 +279,30 @@ impl HttpSinkBuilder {
         self
     }
 
+    /// Also trusts the certificate authorities in `pem` for `https` URLs: for a server whose
+    /// certificate a private (company) CA signed, which the built-in roots do not know.
+    /// `pem` holds one or more certificates (`-----BEGIN CERTIFICATE-----`), as a `ca.pem` or a
+    /// CA bundle does; repeatable. The built-in roots stay trusted.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// let sink = conveyor::HttpSink::builder("https://hooks.internal.example/in")
+    ///     .root_certificates(std::fs::read("/etc/company/ca.pem")?)
+    ///     .build()?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn root_certificates(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.roots.push(pem.into());
+        self
+    }
+
     /// Builds the sink and its connection pool.
     ///
     /// # Errors
     ///
-    /// [`HttpBuildError`] if the URL, the method or a header is invalid, the timeout is zero, or
-    /// the HTTP client (TLS) cannot be set up.
+    /// [`HttpBuildError`] if the URL, the method, a header or the root certificates are
+    /// invalid, the timeout is zero, or the HTTP client (TLS) cannot be set up.
     ///
     /// Works inside an async runtime too: the client is started on a thread of its own.
     pub fn build(self) -> Result<HttpSink, HttpBuildError> {
@@ -329,6 +357,12 @@ impl HttpSinkBuilder {
         }
         secrets.sort_unstable_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
         secrets.dedup();
+        let roots = self
+            .roots
+            .iter()
+            .map(|pem| parse_roots(pem))
+            .collect::<Result<Vec<_>, _>>()?
+            .concat();
 
         // On a thread of its own: reqwest's blocking client waits for its runtime thread as it
         // starts, which panics on a thread that runs async code (a Tokio worker).
@@ -336,7 +370,11 @@ impl HttpSinkBuilder {
         let client = std::thread::scope(|scope| {
             scope
                 .spawn(|| {
-                    Client::builder()
+                    roots
+                        .into_iter()
+                        .fold(Client::builder(), |client, root| {
+                            client.add_root_certificate(root)
+                        })
                         .timeout(timeout)
                         .redirect(reqwest::redirect::Policy::none())
                         .build()
@@ -380,6 +418,9 @@ pub enum HttpBuildError {
     InvalidMethod(String),
     /// The timeout is zero: every request would time out before it started.
     ZeroTimeout,
+    /// A text given to [`HttpSinkBuilder::root_certificates`] holds no certificate, or one
+    /// that does not parse.
+    InvalidRootCertificates(String),
     /// The HTTP client could not be created (for example TLS setup failed).
     Client(String),
 }
@@ -405,6 +446,11 @@ impl fmt::Display for HttpBuildError {
             Self::ZeroTimeout => f.write_str(
                 "the request timeout is zero, so every request would time out: give it more \
                  time (the default is 30 s)",
+            ),
+            Self::InvalidRootCertificates(reason) => write!(
+                f,
+                "invalid root certificates: {reason} (expected PEM text with one or more \
+                 -----BEGIN CERTIFICATE----- blocks, as in a CA's ca.pem)"
             ),
             Self::Client(e) => write!(f, "cannot create the HTTP client: {e}"),
         }
@@ -433,6 +479,7 @@ impl HttpSink {
             method: "POST".into(),
             headers: Vec::new(),
             timeout: Duration::from_secs(30),
+            roots: Vec::new(),
         }
     }
 
@@ -464,9 +511,13 @@ impl HttpSink {
             // Connect errors, timeouts and connections cut mid-request: the request may or may
             // not have arrived, which is what the idempotency key is for.
             .map_err(|e| {
+                let mut message = self.scrub(&error_chain(&e.without_url()));
+                if message.contains("UnknownIssuer") {
+                    message.push_str(UNKNOWN_ISSUER);
+                }
                 SinkError::retryable(HttpError {
                     status: None,
-                    message: self.scrub(&error_chain(&e.without_url())),
+                    message,
                 })
             })?;
         self.classify(response)
@@ -661,6 +712,28 @@ fn parse_retry_after(value: &str) -> Option<Duration> {
 }
 
 /// reqwest's Display is terse ("error sending request"); the cause is in the source chain.
+/// The certificates in one PEM text given to [`HttpSinkBuilder::root_certificates`]: at least
+/// one, so that a wrong file is told at build time, not at the first request.
+fn parse_roots(pem: &[u8]) -> Result<Vec<reqwest::Certificate>, HttpBuildError> {
+    let invalid = HttpBuildError::InvalidRootCertificates;
+    let roots = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| invalid(error_chain(&e)))?;
+    if roots.is_empty() {
+        return Err(invalid("no certificate found".into()));
+    }
+    // A PEM block whose contents are not a certificate is only found out when a client takes
+    // it, and the blocking client's error would not say which setting was wrong. The async
+    // client checks it the same way, without starting a thread of its own.
+    roots
+        .iter()
+        .fold(reqwest::Client::builder(), |client, root| {
+            client.add_root_certificate(root.clone())
+        })
+        .tls_built_in_root_certs(false)
+        .build()
+        .map_err(|e| invalid(error_chain(&e)))?;
+    Ok(roots)
+}
+
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();

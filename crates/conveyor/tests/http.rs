@@ -11,22 +11,44 @@ use conveyor::{
     Conveyor, DeliveryError, HttpBuildError, HttpReply, HttpSink, HttpSinkBuilder, Ordering,
 };
 
+#[path = "fixtures/tls/server.rs"]
+mod tls;
+
 /// Serves HTTP/1.1 on 127.0.0.1: records each request's head and lets `answer` write the whole
 /// response. Returns the URL and the heads seen, in arrival order.
 fn serve(
     answer: impl Fn(&mut TcpStream) + Send + Sync + 'static,
 ) -> (String, Arc<Mutex<Vec<String>>>) {
+    serve_over("http", Some, answer)
+}
+
+/// [`serve`] over HTTPS, with a certificate that only the test CA ([`tls::CA_PEM`]) vouches
+/// for.
+fn serve_tls(
+    answer: impl Fn(&mut tls::Tls) + Send + Sync + 'static,
+) -> (String, Arc<Mutex<Vec<String>>>) {
+    serve_over("https", tls::accept, answer)
+}
+
+/// [`serve`] with each accepted connection made into a stream by `wrap` (`None` drops it).
+fn serve_over<S: Read + Write + Send + 'static>(
+    scheme: &str,
+    wrap: impl Fn(TcpStream) -> Option<S> + Send + 'static,
+    answer: impl Fn(&mut S) + Send + Sync + 'static,
+) -> (String, Arc<Mutex<Vec<String>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/in", listener.local_addr().unwrap());
+    let url = format!("{scheme}://{}/in", listener.local_addr().unwrap());
     let heads = Arc::new(Mutex::new(Vec::new()));
     let seen = Arc::clone(&heads);
     let answer = Arc::new(answer);
     std::thread::spawn(move || {
         for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { return };
+            let Some(stream) = stream.ok().and_then(&wrap) else {
+                continue;
+            };
             let (seen, answer) = (Arc::clone(&seen), Arc::clone(&answer));
             std::thread::spawn(move || {
-                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut reader = BufReader::new(stream);
                 // One request after another on a kept-alive connection, until the client leaves.
                 while let Some(head) = read_head(&mut reader) {
                     let length = header(&head, "content-length").map_or(0, |n| n.parse().unwrap());
@@ -35,7 +57,7 @@ fn serve(
                         return;
                     }
                     seen.lock().unwrap().push(head);
-                    answer(&mut stream);
+                    answer(reader.get_mut());
                 }
             });
         }
@@ -67,7 +89,7 @@ fn header<'h>(head: &'h str, name: &str) -> Option<&'h str> {
 }
 
 /// A response with this status line, extra header lines and body.
-fn reply(status: &str, headers: &str, body: &[u8]) -> impl Fn(&mut TcpStream) + Send + Sync {
+fn reply<S: Write>(status: &str, headers: &str, body: &[u8]) -> impl Fn(&mut S) + Send + Sync {
     let mut response = format!(
         "HTTP/1.1 {status}\r\n{headers}content-length: {}\r\n\r\n",
         body.len()
@@ -75,7 +97,7 @@ fn reply(status: &str, headers: &str, body: &[u8]) -> impl Fn(&mut TcpStream) + 
     .into_bytes();
     response.extend_from_slice(body);
     move |stream| {
-        let _ = stream.write_all(&response);
+        let _ = stream.write_all(&response).and_then(|()| stream.flush());
     }
 }
 
@@ -287,4 +309,50 @@ fn a_failure_carries_its_status() {
         .port();
     let refused = failure(HttpSink::builder(format!("http://127.0.0.1:{port}/")));
     assert_eq!(status(&refused), None);
+}
+
+/// A server whose certificate a private CA signed: refused until the CA is trusted, then
+/// delivered to.
+#[test]
+fn https_to_a_private_ca_needs_its_root_certificate() {
+    let (url, heads) = serve_tls(reply("200 OK", "", b"ok"));
+    let error = failure(HttpSink::builder(url.as_str()));
+    assert!(error.is_retryable(), "a connection failure: {error}");
+    assert!(
+        error.to_string().contains("UnknownIssuer") && error.to_string().contains("--cacert"),
+        "says what is wrong and what to do: {error}"
+    );
+    assert!(heads.lock().unwrap().is_empty(), "no request got through");
+
+    let sink = HttpSink::builder(url.as_str())
+        .root_certificates(tls::CA_PEM)
+        .build()
+        .unwrap();
+    let c: Conveyor<String, HttpReply> = Conveyor::builder().build(sink.into_sink()).unwrap();
+    let reply = c.send("{}".to_owned()).unwrap().wait().unwrap();
+    assert_eq!((reply.status, reply.body), (200, b"ok".to_vec()));
+    assert_eq!(heads.lock().unwrap().len(), 1);
+}
+
+#[test]
+fn root_certificates_that_are_not_pem_certificates_are_refused() {
+    let key = include_bytes!("fixtures/tls/server.key").to_vec();
+    for (given, why) in [
+        (b"not a certificate".to_vec(), "no certificate found"),
+        (key, "no certificate found"),
+        (
+            b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n".to_vec(),
+            "",
+        ),
+    ] {
+        let err = HttpSink::builder("https://127.0.0.1:1/in")
+            .root_certificates(given)
+            .build()
+            .unwrap_err();
+        assert!(
+            matches!(&err, HttpBuildError::InvalidRootCertificates(reason) if reason.contains(why)),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("BEGIN CERTIFICATE"), "{err}");
+    }
 }
