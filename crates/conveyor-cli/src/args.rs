@@ -264,6 +264,12 @@ pub(crate) struct SendArgs {
     #[arg(long)]
     pub(crate) method: Option<String>,
 
+    /// Also trust the certificate authorities in this PEM file (one or more
+    /// `-----BEGIN CERTIFICATE-----` blocks) for an https --to URL: for a server whose
+    /// certificate a private (company) CA signed. The built-in roots (Mozilla's) stay trusted.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) cacert: Option<std::path::PathBuf>,
+
     /// Time limit for one request (or one program run), above zero; running out is retried.
     #[arg(long, default_value = "30s", value_parser = parse_timeout)]
     pub(crate) timeout: Duration,

@@ -188,11 +188,18 @@ impl SendPlan {
             for (name, value) in &args.headers {
                 builder = builder.header(name.as_str(), value.as_str());
             }
-            Target::Http(
-                builder
-                    .build()
-                    .map_err(|e| CliError::usage(e.to_string()))?,
-            )
+            if let Some(path) = &args.cacert {
+                let pem = std::fs::read(path).map_err(|e| {
+                    CliError::usage(format!("cannot read --cacert {}: {e}", path.display()))
+                })?;
+                builder = builder.root_certificates(pem);
+            }
+            Target::Http(builder.build().map_err(|e| match (e, &args.cacert) {
+                (e @ conveyor::HttpBuildError::InvalidRootCertificates(_), Some(path)) => {
+                    CliError::usage(format!("--cacert {}: {e}", path.display()))
+                }
+                (e, _) => CliError::usage(e.to_string()),
+            })?)
         } else {
             if !args.headers.is_empty() {
                 return Err(CliError::usage(
@@ -202,6 +209,11 @@ impl SendPlan {
             if args.method.is_some() {
                 return Err(CliError::usage(
                     "--method only applies to --to URL, not --exec",
+                ));
+            }
+            if args.cacert.is_some() {
+                return Err(CliError::usage(
+                    "--cacert only applies to an https --to URL, not --exec",
                 ));
             }
             Target::Exec(
