@@ -2,11 +2,14 @@
 //! and never takes the GIL.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use conveyor::{Delivery, HttpSink, SinkError};
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use conveyor::{Delivery, HttpBuildError, HttpSink, SinkError};
+use pyo3::exceptions::{
+    PyFileNotFoundError, PyOSError, PyPermissionError, PyRuntimeError, PyValueError,
+};
 use pyo3::prelude::*;
 use pyo3::sync::GILOnceCell;
 use pyo3::types::{PyByteArray, PyBytes, PyString};
@@ -28,14 +31,29 @@ impl PyHttpSink {
         headers: BTreeMap<String, String>,
         method: &str,
         timeout: Duration,
+        cafile: Option<&Path>,
     ) -> PyResult<Self> {
         let mut builder = HttpSink::builder(url).method(method).timeout(timeout);
         for (name, value) in headers {
             builder = builder.header(name, value);
         }
-        let sink = builder
-            .build()
-            .map_err(|err| PyValueError::new_err(err.to_string()))?;
+        if let Some(path) = cafile {
+            let pem = std::fs::read(path).map_err(|err| {
+                let message = format!("cannot read cafile={}: {err}", path.display());
+                match err.kind() {
+                    std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(message),
+                    std::io::ErrorKind::PermissionDenied => PyPermissionError::new_err(message),
+                    _ => PyOSError::new_err(message),
+                }
+            })?;
+            builder = builder.root_certificates(pem);
+        }
+        let sink = builder.build().map_err(|err| match (err, cafile) {
+            (err @ HttpBuildError::InvalidRootCertificates(_), Some(path)) => {
+                PyValueError::new_err(format!("cafile={}: {err}", path.display()))
+            }
+            (err, _) => PyValueError::new_err(err.to_string()),
+        })?;
         Ok(PyHttpSink {
             sink: Mutex::new(Some(sink)),
         })

@@ -947,13 +947,15 @@ impl PyConveyor {
     /// `retries` is set, honouring `Retry-After`; any other status fails the item at once.
     /// `headers` values are treated as secrets: never shown by conveyor, and replaced with
     /// `<redacted>` in server text quoted in errors (each value, and each word of one, of at
-    /// least 6 characters; shorter ones are no secrets). Every other keyword is a `Conveyor`
+    /// least 6 characters; shorter ones are no secrets). `cafile` names a PEM file of
+    /// certificate authorities to trust as well as the built-in ones, for an `https` server
+    /// whose certificate a private (company) CA signed. Every other keyword is a `Conveyor`
     /// option.
     #[staticmethod]
     // `method` is read by hand, for a clear `TypeError`: its default is written out for `help()`.
     #[pyo3(
-        signature = (url, *, headers = None, method = None, timeout = 30.0, **options),
-        text_signature = "(url, *, headers=None, method=\"POST\", timeout=30.0, **options)"
+        signature = (url, *, headers = None, method = None, timeout = 30.0, cafile = None, **options),
+        text_signature = "(url, *, headers=None, method=\"POST\", timeout=30.0, cafile=None, **options)"
     )]
     fn http(
         py: Python<'_>,
@@ -961,6 +963,7 @@ impl PyConveyor {
         headers: Option<std::collections::BTreeMap<String, String>>,
         method: Option<&Bound<'_, PyAny>>,
         timeout: f64,
+        cafile: Option<std::path::PathBuf>,
         options: Option<&Bound<'_, pyo3::types::PyDict>>,
     ) -> PyResult<Py<PyAny>> {
         let url = str_arg("url", url, "a str such as \"https://example.com/events\"")?;
@@ -973,6 +976,7 @@ impl PyConveyor {
             headers.unwrap_or_default(),
             method.as_deref().unwrap_or("POST"),
             timeout,
+            cafile.as_deref(),
         )?;
         Ok(py
             .get_type::<PyConveyor>()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import pathlib
+import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterator, List, Tuple
@@ -11,11 +13,13 @@ import pytest
 
 import conveyor
 
+TLS = pathlib.Path(__file__).resolve().parents[2] / "conveyor" / "tests" / "fixtures" / "tls"
+
 
 class Server:
     """Records request bodies; answers with the next scripted status (200 when none is left)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: bool = False) -> None:
         self.bodies: List[bytes] = []
         self.authorization: List[object] = []
         self.script: List[Tuple[int, dict]] = []
@@ -42,7 +46,14 @@ class Server:
                 pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/events"
+        scheme = "http"
+        if tls:
+            # A certificate that only the engine tests' private CA vouches for.
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(TLS / "server.pem", TLS / "server.key")
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+            scheme = "https"
+        self.url = f"{scheme}://127.0.0.1:{self.httpd.server_address[1]}/events"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 
@@ -106,6 +117,28 @@ def test_a_failure_without_a_response_has_no_status():
             c.send("x").result(timeout=10)
     assert info.value.status is None
     assert info.value.last_exception is None
+
+
+def test_a_private_ca_is_trusted_with_cafile():
+    server = Server(tls=True)
+    try:
+        with conveyor.Conveyor.http(server.url) as c:
+            with pytest.raises(conveyor.DeliveryFailed, match="UnknownIssuer.*cafile="):
+                c.send("refused").result(timeout=10)
+        with conveyor.Conveyor.http(server.url, cafile=TLS / "ca.pem") as c:
+            assert c.send("trusted").result(timeout=10).status == 200
+    finally:
+        server.close()
+    assert server.bodies == [b"trusted"]
+
+
+def test_a_cafile_that_cannot_be_used_is_a_clear_error(tmp_path):
+    not_pem = tmp_path / "ca.txt"
+    not_pem.write_text("not a certificate")
+    with pytest.raises(ValueError, match="cafile=.*BEGIN CERTIFICATE"):
+        conveyor.Conveyor.http("https://127.0.0.1:9/", cafile=not_pem)
+    with pytest.raises(FileNotFoundError, match="cannot read cafile="):
+        conveyor.Conveyor.http("https://127.0.0.1:9/", cafile=str(tmp_path / "missing.pem"))
 
 
 def test_unserialisable_items_are_refused_at_send(server):

@@ -162,6 +162,7 @@ class Conveyor(Generic[_T, _R]):
         headers: Mapping[str, str] | None = None,
         method: str = "POST",
         timeout: float = 30.0,
+        cafile: str | os.PathLike[str] | None = None,
         ordering: Literal["strict", "pipelined", "keyed"] = "strict",
         in_flight: int | None = None,
         concurrency: int | None = None,
