@@ -890,6 +890,29 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         }
     }
 
+    /// `wait_durable` for `send_async`: awaits the commit instead of blocking the thread that
+    /// polls the future, which on a current-thread runtime would stop every other task (for as
+    /// long as the disk is full, say). No timer: the future may be polled outside Tokio.
+    async fn wait_durable_async(&self, receipt: &Receipt<R>) {
+        let Some(durable) = self.shared.durable.as_ref().filter(|d| d.sync) else {
+            return;
+        };
+        if receipt.is_settled() {
+            return;
+        }
+        loop {
+            // Enabled before the check: a commit (or the writer's exit) right after it still
+            // wakes this task.
+            let commit = durable.commits.notified();
+            tokio::pin!(commit);
+            commit.as_mut().enable();
+            if durable.is_committed(receipt.seq()) || durable.stopped() {
+                return;
+            }
+            commit.await;
+        }
+    }
+
     /// Waits until `receipt`'s item is committed to the journal, at most until `deadline`;
     /// returns whether the wait is over.
     fn committed_by(&self, receipt: &Receipt<R>, deadline: Option<Instant>) -> bool {
@@ -1077,7 +1100,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             let was_waiting = std::mem::take(&mut waiter.registered);
             match self.submit(node, &mut entry, Wait::Task, was_waiting, &mut inside) {
                 Ok(receipt) => {
-                    self.wait_durable(&receipt);
+                    self.wait_durable_async(&receipt).await;
                     return Ok(receipt);
                 }
                 Err(Refused::Send(e)) => return Err(give_back(e)),
@@ -1091,6 +1114,11 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     }
 
     /// Accepts an item, awaiting room in the queue if needed (never delivery).
+    ///
+    /// Under [`Durability::Sync`](crate::Durability::Sync) it then awaits the item's commit to
+    /// the journal, without blocking the thread that polls it. Dropped while it awaits room, the
+    /// future has accepted nothing; dropped while it awaits the commit, the item is accepted
+    /// (and delivered, as after a `send` that returned): only its receipt is lost.
     ///
     /// # Errors
     ///
@@ -2179,5 +2207,64 @@ mod tests {
         let w = &c.shared.lock().waiters;
         assert_eq!((w.async_senders, w.flushers), (0, 0));
         drop(release);
+    }
+
+    /// Under `Durability::Sync`, `send_async` waited for its commit by blocking the thread that
+    /// polled it: on a current-thread runtime, every other task stopped until the commit, and
+    /// while the disk was full (the writer retrying) the whole runtime stood still.
+    #[test]
+    fn a_sync_send_async_awaits_its_commit_without_stopping_its_runtime() {
+        use std::sync::atomic::AtomicBool;
+        let dir = tempfile::tempdir().unwrap();
+        let c: Conveyor<String> = Conveyor::builder()
+            .journal(dir.path().join("j"))
+            .durability(crate::Durability::Sync)
+            .build(|_d| Ok(()))
+            .unwrap();
+        let limit = |pages| {
+            c.shared
+                .durable
+                .as_ref()
+                .unwrap()
+                .with_journal(|j| {
+                    j.limit_pages(pages);
+                    Ok(())
+                })
+                .unwrap();
+        };
+        // From now on the file may not grow: the item's commit fails as on a full disk.
+        limit(1);
+        let by_watchdog = &AtomicBool::new(false);
+        let limit = &limit;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        std::thread::scope(|scope| {
+            let (done, finished) = mpsc::channel::<()>();
+            // Frees the space if the task below never gets to, so a failure does not hang.
+            scope.spawn(move || {
+                let waited = finished.recv_timeout(Duration::from_secs(20));
+                if waited == Err(mpsc::RecvTimeoutError::Timeout) {
+                    by_watchdog.store(true, AtomicOrdering::SeqCst);
+                    limit(1 << 30);
+                }
+            });
+            runtime.block_on(async {
+                let send = c.send_async("x".repeat(100_000));
+                let operator = async {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    limit(1 << 30);
+                };
+                let (sent, ()) = tokio::join!(send, operator);
+                let receipt = sent.unwrap();
+                assert!(c.wait_committed(&receipt, Duration::ZERO), "committed");
+            });
+            drop(done);
+        });
+        assert!(
+            !by_watchdog.load(AtomicOrdering::SeqCst),
+            "the other task on the runtime ran only once the send returned"
+        );
     }
 }

@@ -59,7 +59,8 @@ pub enum Durability {
     /// committed (a worker that takes one sooner has the writer commit at once). The default,
     /// with 5 ms.
     Batched(Duration),
-    /// `send` returns once the item is committed. Concurrent sends share one commit, so many
+    /// `send` returns once the item is committed (`send_async` awaits the commit, leaving its
+    /// thread free for other tasks). Concurrent sends share one commit, so many
     /// producers still reach a high rate. If that commit fails (disk full), the send waits
     /// while the writer retries, like a send blocked on a full queue, until the commit succeeds
     /// or the conveyor closes; other sends are refused meanwhile.
@@ -149,7 +150,8 @@ pub(crate) struct Durable<T> {
     /// seq is committed too. Atomic, for the workers' check before each delivery; stored
     /// under the progress lock, for `wait_committed`.
     committed: Arc<AtomicU64>,
-    /// Told after every successful commit, for async workers waiting for one.
+    /// Told after every successful commit, and when the writer exits, for async workers and
+    /// `Sync` async senders waiting for one.
     pub(crate) commits: Arc<tokio::sync::Notify>,
     /// Set while commits fail, so `send` refuses new items with one atomic load.
     failed: Arc<AtomicBool>,
@@ -516,6 +518,8 @@ impl Writer {
         let (m, cv) = &*self.progress;
         lock(m).stopped = true;
         cv.notify_all();
+        // `send_async` under `Sync` awaits this too: nothing will commit its item any more.
+        self.commits.notify_waiters();
     }
 }
 
