@@ -445,12 +445,15 @@ where
 {
     /// Keeps accepted items in a journal file (SQLite), so that they survive a crash, a
     /// `kill -9` or a power cut, and are delivered after a restart, in order. Items are stored
-    /// as JSON.
+    /// as JSON. An item is safe once its commit is done: `send` returns before that under the
+    /// default [`Durability::Batched`] (a crash loses what was accepted in the last 5 ms), after
+    /// it under [`Durability::Sync`]; [`Conveyor::wait_committed`] waits for one item.
     ///
     /// On build, items the journal still holds are delivered first, in their original order
     /// per lane, before anything sent later; lanes paused before stay paused. Delivery becomes
-    /// at-least-once: items delivered just before a crash may be delivered again, in order,
-    /// with the same [`Delivery::seq`] and [`Delivery::idempotency_key`]. Items that fail for
+    /// at-least-once: items delivered just before a crash (in flight, or settled in the last
+    /// commit window) may be delivered again, in order, with the same [`Delivery::seq`] and
+    /// [`Delivery::idempotency_key`]. Items that fail for
     /// good under [`OnFailure::Skip`] are kept as dead letters
     /// ([`Conveyor::dead_letters`]). The file is created owner-only (0600) and one process at
     /// a time may use it; see [`Journal`](crate::Journal) to inspect it offline.

@@ -21,7 +21,9 @@ use crate::{Delivery, SinkError};
 
 /// Header carrying [`Delivery::idempotency_key`], stable across retries (and restarts with a journal).
 pub(crate) const IDEMPOTENCY_KEY_HEADER: &str = "Idempotency-Key";
-/// Header carrying [`Delivery::seq`], so a receiver can drop anything at or below the last seq seen.
+/// Header carrying [`Delivery::seq`], so a receiver can drop anything at or below the last seq seen
+/// (under strict ordering; per key under keyed ordering; not under pipelined ordering, where
+/// items overlap).
 pub(crate) const SEQ_HEADER: &str = "Conveyor-Seq";
 /// Header carrying [`Delivery::attempt`] (1 on the first try).
 pub(crate) const ATTEMPT_HEADER: &str = "Conveyor-Attempt";
