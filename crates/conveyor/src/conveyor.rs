@@ -618,8 +618,23 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             )?);
         }
         let mut state = State::new(config.ordering, config.capacity, config.rate_limit);
-        for lane in &paused {
+        for (lane, _) in &paused {
             state.restore_pause(lane);
+        }
+        // Said at start: nothing else tells why a lane delivers nothing after a restart (its
+        // pause was logged by the run that paused it), and a strict one soon fills the queue.
+        for (lane, error) in paused.iter().take(PAUSES_LOGGED) {
+            tracing::warn!(
+                ?lane, %error,
+                "lane paused before this start stays paused: nothing in it is delivered until \
+                 resume(lane) (conveyor resume KEY for the CLI)"
+            );
+        }
+        if paused.len() > PAUSES_LOGGED {
+            tracing::warn!(
+                more = paused.len() - PAUSES_LOGGED,
+                "more lanes paused before this start stay paused; Conveyor::paused lists them all"
+            );
         }
         state.seq_limit = opened.as_ref().map(|d| d.seq_limit.clone());
         // Prefix of every `Delivery::idempotency_key`: the journal's id with a journal (stable
@@ -1827,6 +1842,8 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     }
 }
 
+/// How many lanes restored paused from a journal are logged one by one at start.
+const PAUSES_LOGGED: usize = 10;
 /// How long `close` gives the journal's last commit even when its own deadline has passed:
 /// settlements recorded then save the next start from delivering those items again.
 const JOURNAL_CLOSE_GRACE: Duration = Duration::from_secs(2);

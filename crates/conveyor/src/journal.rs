@@ -1111,14 +1111,17 @@ impl Journal {
         rows.collect::<Result<_, _>>().map_err(sql)
     }
 
-    /// Lanes paused when the journal was last written, so they stay paused after a restart.
-    pub(crate) fn paused_lanes(&self) -> Result<Vec<String>, JournalError> {
+    /// Lanes paused when the journal was last written, so they stay paused after a restart,
+    /// each with the error that paused it (empty if none was recorded).
+    pub(crate) fn paused_lanes(&self) -> Result<Vec<(String, String)>, JournalError> {
         let sql = |e| JournalError::sqlite(&self.path, e);
         let mut stmt = self
             .conn
-            .prepare("SELECT lane FROM paused ORDER BY lane")
+            .prepare("SELECT lane, coalesce(error, '') FROM paused ORDER BY lane")
             .map_err(sql)?;
-        let rows = stmt.query_map([], |r| r.get(0)).map_err(sql)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(sql)?;
         rows.collect::<Result<_, _>>().map_err(sql)
     }
 
@@ -1557,7 +1560,10 @@ mod tests {
             .unwrap();
         }
         let mut j = Journal::open(&path).unwrap();
-        assert_eq!(j.paused_lanes().unwrap(), vec!["x".to_owned()]);
+        assert_eq!(
+            j.paused_lanes().unwrap(),
+            vec![("x".to_owned(), "503".to_owned())]
+        );
         let lanes = j.status().unwrap().lanes;
         assert_eq!(
             lanes[0],
