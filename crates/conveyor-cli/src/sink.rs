@@ -1,10 +1,11 @@
 //! Where lines go: an HTTP endpoint (the library's `HttpSink`) or a program run per line.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{self, ErrorKind, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{ChildStderr, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStderr, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -114,15 +115,11 @@ impl ExecSink {
         let mut child = command.spawn().map_err(|e| {
             SinkError::permanent(format!("cannot run `{}`: {e}", self.program.display()))
         })?;
-        // Read stderr before writing the line, and write the line on its own thread: a program
-        // may fill its stderr before it reads a byte, or never read a line bigger than the pipe
-        // buffer, and neither may keep `--timeout` from starting.
+        // Read stderr before writing the line: a program may fill its stderr before it reads a
+        // byte.
         let stderr = child.stderr.take().map(StderrTail::start);
-        if let Some(stdin) = child.stdin.take() {
-            feed(stdin, &line.body);
-        }
         let running = Running::register(child.id());
-        let waited = child.wait_timeout(self.timeout);
+        let waited = feed_and_wait(&mut child, &line.body, self.timeout);
         if !matches!(waited, Ok(Some(_))) {
             // Out of time (or unable to wait): stop the program and whatever it started. Its
             // group is signalled before it is reaped, so the group id cannot have been reused.
@@ -266,17 +263,83 @@ fn signal_name(signal: i32) -> String {
     name.into()
 }
 
-/// Writes `body` and a newline to the program's stdin on a thread of its own, which is not
-/// waited for: it ends when the program has read the line, or when its stdin closes (the program
-/// exited or was killed; writing then fails with EPIPE, since Rust ignores SIGPIPE). A program
-/// that exits without reading its stdin is allowed to: its status decides.
-fn feed(mut stdin: ChildStdin, body: &str) {
-    let mut bytes = Vec::with_capacity(body.len() + 1);
-    bytes.extend_from_slice(body.as_bytes());
-    bytes.push(b'\n');
-    std::thread::spawn(move || {
-        let _ = stdin.write_all(&bytes);
-    });
+/// How often a program's exit is looked for while its stdin pipe is full: the longest a line
+/// can be held up after its program exited without reading all of it.
+const FEED_POLL: Duration = Duration::from_millis(10);
+
+/// Writes `body` and a newline to the program's stdin, then waits for it to exit, all within
+/// `timeout`; `Ok(None)` when the time ran out.
+///
+/// The write never blocks (the pipe is made non-blocking), so it can stop as soon as the program
+/// exits: a program may exit without reading a line bigger than the pipe buffer, and a process
+/// it left behind may hold the pipe's other end without ever reading it. A blocking write would
+/// then wait for that process (a writer thread left behind for each such line, or the line held
+/// up). Instead our end is closed once the program's exit is seen; its status decides. A program
+/// that exits before reading makes the write fail with EPIPE (Rust ignores SIGPIPE): the same.
+fn feed_and_wait(
+    child: &mut Child,
+    body: &str,
+    timeout: Duration,
+) -> io::Result<Option<ExitStatus>> {
+    let deadline = Instant::now() + timeout;
+    if let Some(mut stdin) = child.stdin.take() {
+        let mut bytes = Vec::with_capacity(body.len() + 1);
+        bytes.extend_from_slice(body.as_bytes());
+        bytes.push(b'\n');
+        set_nonblocking(&stdin)?;
+        let mut written = 0;
+        while written < bytes.len() {
+            match stdin.write(&bytes[written..]) {
+                // A pipe takes at least a byte when it does not refuse the write.
+                Ok(0) => break,
+                Ok(n) => {
+                    written += n;
+                    continue;
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                // EPIPE: nothing reads the pipe any more; the exit status will say why.
+                Err(_) => break,
+            }
+            if let Some(status) = child.try_wait()? {
+                return Ok(Some(status));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            wait_writable(&stdin, left.min(FEED_POLL));
+        }
+    }
+    child.wait_timeout(deadline.saturating_duration_since(Instant::now()))
+}
+
+/// Makes writes to the pipe return `WouldBlock` instead of waiting for room. Only our end's file
+/// description changes: the program's end stays as it was.
+fn set_nonblocking(pipe: &ChildStdin) -> io::Result<()> {
+    let fd = pipe.as_raw_fd();
+    // SAFETY: fcntl(2) on a descriptor we own, with integer arguments.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Waits until the pipe has room (or its reader went away) or `wait` passes.
+fn wait_writable(pipe: &ChildStdin, wait: Duration) {
+    let mut fds = libc::pollfd {
+        fd: pipe.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    let millis = libc::c_int::try_from(wait.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one valid pollfd, for the duration of the call. An error (EINTR) only means the
+    // caller looks again sooner.
+    unsafe {
+        libc::poll(&mut fds, 1, millis);
+    }
 }
 
 /// The end of a program's stderr, read on a thread of its own so that a chatty program never

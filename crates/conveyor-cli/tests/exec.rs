@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -440,4 +441,76 @@ fn http_options_are_refused_with_exec() {
             "{stderr}"
         );
     }
+}
+
+/// How many threads the process `pid` runs now.
+fn threads_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(Iterator::count)
+        .unwrap_or(0)
+}
+
+/// Kills the processes whose ids are listed in a file (one a line) when dropped, so that the
+/// background processes a test's program leaves behind do not outlive the test.
+struct KillListed(PathBuf);
+
+impl Drop for KillListed {
+    fn drop(&mut self) {
+        let pids = std::fs::read_to_string(&self.0).unwrap_or_default();
+        for pid in pids.split_whitespace() {
+            let _ = std::process::Command::new("kill").arg(pid).status();
+        }
+    }
+}
+
+#[test]
+fn a_program_exiting_without_reading_a_big_line_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let done = dir.path().join("done");
+    let _orphans = KillListed(dir.path().join("orphans"));
+    // Exits 0 without reading its line, leaving a process behind that holds its stdin (but not
+    // its stdout or stderr) and never reads it.
+    let program = script(
+        dir.path(),
+        "leaves.sh",
+        "exec 3<&0\nsleep 60 <&3 >/dev/null 2>&1 &\necho $! >> orphans\necho x >> done\nexit 0\n",
+    );
+    let mut child = spawn(
+        dir.path(),
+        &[
+            "send",
+            "-",
+            "--no-journal",
+            "--json",
+            "--exec",
+            program.to_str().unwrap(),
+        ],
+    );
+    let pid = child.id();
+    let mut stdin = child.stdin.take().unwrap();
+    let big = &big_line()[0];
+    let runs = || {
+        std::fs::read_to_string(&done)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    writeln!(stdin, "{big}").unwrap();
+    wait_for("the first run", || runs() == 1);
+    let before = threads_of(pid);
+    for _ in 0..10 {
+        writeln!(stdin, "{big}").unwrap();
+    }
+    wait_for("the other runs", || runs() == 11);
+    // Before, each line left a thread behind, blocked writing to the orphan's full pipe.
+    wait_for("no thread left per line", || threads_of(pid) <= before + 3);
+    drop(stdin);
+    let output = child.wait_with_output().unwrap();
+    expect_exit(&output, 0);
+    let summary = summary(&output);
+    assert_eq!(
+        counts(&summary, &["delivered", "failed"]),
+        [11, 0],
+        "{summary}"
+    );
 }
