@@ -232,7 +232,10 @@ pub(crate) enum FailurePolicy {
 pub(crate) struct SendArgs {
     /// JSON-lines input: a file, or `-` for stdin. Stdin, a named pipe or `<(producer)` is
     /// streamed (delivery starts before the input ends) and read once: a rerun delivers what its
-    /// journal holds, then reads the new stream from its start.
+    /// journal holds, then reads the new stream from its start. A line may be up to 128 MiB
+    /// (134217728 bytes, without its line ending); a longer one is bad input, like a line that
+    /// is not JSON: reported with its line number, counted, copied to --rejects, and the run
+    /// goes on.
     #[arg(default_value = "-")]
     pub(crate) input: String,
 
@@ -308,7 +311,8 @@ pub(crate) struct SendArgs {
     #[arg(long, default_value_t = 10_000)]
     pub(crate) capacity: usize,
 
-    /// Copy lines rejected as bad input (not JSON, no key field) to this file. A run that reads
+    /// Copy lines rejected as bad input (not JSON, no key field, longer than 128 MiB) to this
+    /// file. A run that reads
     /// a file from its first line empties it first; a resumed run (which skips the lines read
     /// before) and a run on stdin or a pipe append, so the rejects of earlier runs are kept.
     #[arg(long, value_name = "FILE")]
@@ -388,6 +392,17 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn send_help_states_the_line_limit() {
+        let mut cli = Cli::command();
+        let send = cli.find_subcommand_mut("send").unwrap();
+        let help = send.render_long_help().to_string();
+        let mib = crate::input::MAX_LINE >> 20;
+        assert_eq!(mib << 20, crate::input::MAX_LINE);
+        assert!(help.contains(&format!("up to {mib} MiB")), "{help}");
+        assert!(help.contains(&crate::input::MAX_LINE.to_string()), "{help}");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use conveyor::{Conveyor, DeliveryError, OnFailure, Ordering, Retry, SendError, Stats};
 
 use crate::args::{FailurePolicy, OrderingArg, OutputArgs, SendArgs};
-use crate::input::{KeySpec, Line, LineReader, Parsed};
+use crate::input::{overlong_reason, KeySpec, Line, LineReader, Parsed, MAX_LINE};
 use crate::report::{millis, print_out, Progress, Summary};
 use crate::sink::{sink_fn, ExecSink, Latencies, Target};
 use crate::{exit, journal, CliError};
@@ -787,23 +787,30 @@ fn read_and_submit(
     let mut error = None;
     let mut journal_failed = false;
     while !stop.load(AtomicOrdering::Relaxed) {
-        let parsed = match reader.next_line() {
-            Ok(Some(parsed)) => parsed,
-            Ok(None) => break,
-            Err(e) => {
-                error = Some(format!(
-                    "cannot read input after line {}: {e}",
-                    reader.position()
-                ));
-                break;
-            }
-        };
+        // An overlong line's bytes are copied as they are read, never held whole.
+        let parsed =
+            match reader.next_line(&mut |bytes| copy_rejected(&mut rejects, progress, bytes)) {
+                Ok(Some(parsed)) => parsed,
+                Ok(None) => break,
+                Err(e) => {
+                    error = Some(format!(
+                        "cannot read input after line {}: {e}",
+                        reader.position()
+                    ));
+                    break;
+                }
+            };
         // Whether this line is done with without an item in the journal to carry its position.
         let mut skipped = !matches!(parsed, Parsed::Item { .. });
         match parsed {
             Parsed::Blank => {}
             Parsed::Rejected { line, raw, reason } => {
                 reject(counters, progress, &mut rejects, line, raw, &reason);
+            }
+            Parsed::Overlong { line, size } => {
+                // Its bytes are in the rejects file already: this ends its line there.
+                let reason = overlong_reason(size, MAX_LINE);
+                reject(counters, progress, &mut rejects, line, Vec::new(), &reason);
             }
             Parsed::Item { line, key } => {
                 let number = line.line;
@@ -837,6 +844,8 @@ fn read_and_submit(
                     // is simply not read (the journal's position says where to resume).
                     Err(SendError::Closed(_)) => break,
                     // No journal can ever store it: bad input, like a line that is not JSON.
+                    // Lines within `MAX_LINE` always fit SQLite's usual limit; this is for a
+                    // SQLite built with a lower one.
                     Err(SendError::TooLarge { item, size, limit }) => {
                         let reason = format!(
                             "{size} bytes, more than the {limit} a journal entry may take: split \
@@ -899,10 +908,15 @@ fn reject(
     reason: &str,
 ) {
     counters.rejected.fetch_add(1, AtomicOrdering::Relaxed);
+    raw.push(b'\n');
+    copy_rejected(rejects, progress, &raw);
     progress.note(&format!("line {line}: rejected: {reason}"));
+}
+
+/// Writes `bytes` to `--rejects FILE`, if given (and no write to it failed before).
+fn copy_rejected(rejects: &mut Option<File>, progress: &Progress, bytes: &[u8]) {
     if let Some(file) = rejects {
-        raw.push(b'\n');
-        if let Err(e) = file.write_all(&raw) {
+        if let Err(e) = file.write_all(bytes) {
             progress.note(&format!("cannot write to the rejects file: {e}"));
             *rejects = None;
         }
@@ -1063,8 +1077,10 @@ mod tests {
         assert_eq!(input.count_lines(), None);
         assert!(!input.is_replayable());
         let mut reader = LineReader::new(input.open(true).unwrap(), None);
-        assert!(matches!(reader.next_line(), Ok(Some(Parsed::Item { .. }))));
-        assert!(matches!(reader.next_line(), Ok(Some(Parsed::Item { .. }))));
+        for _ in 0..2 {
+            let line = reader.next_line(&mut |_| panic!("not overlong"));
+            assert!(matches!(line, Ok(Some(Parsed::Item { .. }))));
+        }
         // A regular file stays one.
         let file = dir.path().join("in.jsonl");
         std::fs::write(&file, "{}\n").unwrap();

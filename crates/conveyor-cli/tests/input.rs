@@ -288,3 +288,144 @@ fn an_empty_key_field_is_refused_before_any_line() {
     );
     assert_eq!(server.count(), 0);
 }
+
+/// The longest line `send` takes, as its --help says (128 MiB).
+const MAX_LINE: usize = 128 * 1024 * 1024;
+
+/// Writes `{"id":ID,"pad":"xxx…"}`, `len` bytes long, without a line ending.
+fn write_padded(out: &mut impl Write, id: u64, len: usize) -> std::io::Result<()> {
+    let head = format!(r#"{{"id":{id},"pad":""#);
+    let tail = br#""}"#;
+    out.write_all(head.as_bytes())?;
+    let chunk = vec![b'x'; 1 << 20];
+    let mut left = len - head.len() - tail.len();
+    while left > 0 {
+        let n = left.min(chunk.len());
+        out.write_all(&chunk[..n])?;
+        left -= n;
+    }
+    out.write_all(tail)
+}
+
+/// Waits for `child` (its stdout and stderr read meanwhile) and returns its output with the
+/// most memory it ever held (its peak resident set size), in bytes.
+fn wait_with_peak_memory(mut child: std::process::Child) -> (std::process::Output, u64) {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                pipe.read_to_end(&mut bytes).unwrap();
+            }
+            bytes
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value of this plain C struct.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: wait4(2) writes into the two valid places given; the child is ours, and waited
+    // for here only (std's `Child` does not reap it on drop).
+    let reaped = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(reaped, pid, "wait4: {}", std::io::Error::last_os_error());
+    let output = std::process::Output {
+        status: std::process::ExitStatus::from_raw(status),
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    };
+    // Linux gives the peak in KiB.
+    (output, u64::try_from(usage.ru_maxrss).unwrap() * 1024)
+}
+
+#[test]
+fn a_line_over_the_limit_is_rejected_without_being_read_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(|_| Reply::ok()).unwrap();
+    let url = server.url();
+    let mut child = spawn(
+        dir.path(),
+        &["send", "-", "--to", &url, "--no-journal", "--json"],
+    );
+    let mut stdin = child.stdin.take().unwrap();
+    let long = MAX_LINE * 5 / 2;
+    // Written from a thread of its own, so a run that stops reading cannot hold the test up.
+    let writer = std::thread::spawn(move || {
+        writeln!(stdin, r#"{{"id":0}}"#)?;
+        write_padded(&mut stdin, 1, long)?;
+        writeln!(stdin)?;
+        writeln!(stdin, r#"{{"id":2}}"#)
+    });
+    let (output, peak) = wait_with_peak_memory(child);
+    let _ = writer.join().unwrap();
+    let (_, stderr) = expect_exit(&output, 1);
+    assert!(
+        stderr.contains(&format!(
+            "line 2: rejected: {long} bytes, longer than the {MAX_LINE} bytes a line may have"
+        )),
+        "{stderr}"
+    );
+    assert_eq!(ids(&server.arrivals()), [0, 2]);
+    let summary = summary(&output);
+    assert_eq!(
+        (summary["delivered"].as_u64(), summary["rejected"].as_u64()),
+        (Some(2), Some(1))
+    );
+    // At most about the limit is ever held (the line was 2.5 times that).
+    assert!(
+        peak < 2 * MAX_LINE as u64,
+        "conveyor held {} MiB at its peak",
+        peak >> 20
+    );
+}
+
+#[test]
+fn a_line_over_the_limit_is_rejected_alike_with_the_journal_and_copied_whole() {
+    use std::io::{Read, Seek, SeekFrom};
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(|_| Reply::ok()).unwrap();
+    let input = dir.path().join("in.jsonl");
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&input).unwrap());
+    writeln!(file, r#"{{"id":0}}"#).unwrap();
+    // One byte too many; its `\r\n` does not count.
+    write_padded(&mut file, 1, MAX_LINE + 1).unwrap();
+    write!(file, "\r\n{{\"id\":2}}\n").unwrap();
+    file.into_inner().unwrap().sync_all().unwrap();
+    let rejects = dir.path().join("rejects.jsonl");
+    let url = server.url();
+    let run = || {
+        conveyor(dir.path())
+            .args(["send", input.to_str().unwrap(), "--to", &url, "--json"])
+            .args(["--rejects", rejects.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let output = run();
+    let (_, stderr) = expect_exit(&output, 1);
+    assert!(
+        stderr.contains(&format!(
+            "line 2: rejected: {} bytes, longer than the {MAX_LINE} bytes",
+            MAX_LINE + 1
+        )),
+        "{stderr}"
+    );
+    assert_eq!(ids(&server.arrivals()), [0, 2]);
+    assert_eq!(summary(&output)["rejected"].as_u64(), Some(1));
+    // The whole line is in the rejects file, as other bad lines are, ended by `\n`.
+    let mut copied = std::fs::File::open(&rejects).unwrap();
+    assert_eq!(copied.metadata().unwrap().len(), MAX_LINE as u64 + 2);
+    let mut head = [0; 8];
+    copied.read_exact(&mut head).unwrap();
+    assert_eq!(&head, br#"{"id":1,"#);
+    copied.seek(SeekFrom::End(-4)).unwrap();
+    let mut end = [0; 4];
+    copied.read_exact(&mut end).unwrap();
+    assert_eq!(&end, b"x\"}\n");
+    // The rerun resumes after it: nothing is sent or rejected again.
+    let output = run();
+    expect_exit(&output, 0);
+    assert_eq!(server.count(), 2);
+    assert_eq!(summary(&output)["rejected"].as_u64(), Some(0));
+}
