@@ -135,10 +135,20 @@ impl Summary {
             text.push_str(&format!("\nsend latency p50 {p50:.1}ms, p99 {p99:.1}ms"));
         }
         if self.resumed_after_line > 0 {
+            let lines = match self.resumed_after_line {
+                1 => "line".to_owned(),
+                n => format!("{n} lines"),
+            };
             text.push_str(&format!(
-                "\nresumed: skipped the first {} lines, taken by an earlier run",
-                self.resumed_after_line
+                "\nresumed: skipped the first {lines}, taken by an earlier run"
             ));
+            // A rerun meant to send the same file again looks like it did nothing: say how.
+            if let (0, 0, Some(journal)) = (self.accepted, self.rejected, &self.journal) {
+                text.push_str(&format!(
+                    "; nothing new to send. To send the input again from its first line, give \
+                     another --journal PATH (or delete {journal})"
+                ));
+            }
         }
         if self.interrupted {
             text.push_str("\ninterrupted");
@@ -257,6 +267,32 @@ mod tests {
             many.contains("\"u1\" (fix the cause, then `conveyor resume KEY`)"),
             "{many}"
         );
+    }
+
+    #[test]
+    fn a_rerun_with_nothing_new_says_how_to_send_again() {
+        let done = Summary {
+            accepted: 0,
+            rejected: 0,
+            left: 0,
+            resumed_after_line: 1,
+            journal: Some("j.journal".into()),
+            ..summary()
+        };
+        let text = done.human();
+        assert!(
+            text.contains("skipped the first line, taken by an earlier run; nothing new to send")
+                && text.contains("another --journal PATH (or delete j.journal)"),
+            "{text}"
+        );
+        let grew = Summary {
+            accepted: 2,
+            resumed_after_line: 3,
+            ..done
+        }
+        .human();
+        assert!(grew.contains("skipped the first 3 lines"), "{grew}");
+        assert!(!grew.contains("nothing new"), "{grew}");
     }
 
     #[test]
