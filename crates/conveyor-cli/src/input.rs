@@ -101,7 +101,7 @@ pub(crate) fn overlong_reason(size: u64, limit: usize) -> String {
 }
 
 /// How a line was read into the reader's buffer.
-enum Read {
+enum Fill {
     /// The end of the input: no line.
     End,
     /// The line is in the buffer, with its line ending.
@@ -183,7 +183,7 @@ impl<R: BufRead> LineReader<R> {
 
     /// Reads the next line into `buf`, line ending included, unless it is longer than the limit:
     /// then its bytes go to `overlong` as they are read, and only about the limit is ever held.
-    fn read_line(&mut self, overlong: &mut dyn FnMut(&[u8])) -> io::Result<Read> {
+    fn read_line(&mut self, overlong: &mut dyn FnMut(&[u8])) -> io::Result<Fill> {
         self.buf.clear();
         // A line within the limit takes at most this much, with its `\r\n` (and a byte order
         // mark on the first line); `next_line` refuses what is longer but less than this.
@@ -232,9 +232,9 @@ impl<R: BufRead> LineReader<R> {
             }
         }
         Ok(match spill {
-            Some(spill) => Read::Overlong(spill.size),
-            None if read_any => Read::Line,
-            None => Read::End,
+            Some(spill) => Fill::Overlong(spill.size),
+            None if read_any => Fill::Line,
+            None => Fill::End,
         })
     }
 
@@ -247,7 +247,7 @@ impl<R: BufRead> LineReader<R> {
     /// there were (fewer if the input is shorter).
     pub(crate) fn skip(&mut self, lines: u64) -> io::Result<u64> {
         while self.line_no < lines {
-            if matches!(self.read_line(&mut |_| {})?, Read::End) {
+            if matches!(self.read_line(&mut |_| {})?, Fill::End) {
                 break;
             }
             self.line_no += 1;
@@ -267,12 +267,12 @@ impl<R: BufRead> LineReader<R> {
         overlong: &mut dyn FnMut(&[u8]),
     ) -> io::Result<Option<Parsed>> {
         let read = self.read_line(overlong)?;
-        if matches!(read, Read::End) {
+        if matches!(read, Fill::End) {
             return Ok(None);
         }
         self.line_no += 1;
         let line = self.line_no;
-        if let Read::Overlong(size) = read {
+        if let Fill::Overlong(size) = read {
             return Ok(Some(Parsed::Overlong { line, size }));
         }
         let mut raw = self.buf.as_slice();
