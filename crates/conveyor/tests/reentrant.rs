@@ -25,6 +25,22 @@ fn calling_itself(
     slow: &'static [u64],
     inside: impl Fn(&Conveyor<u64>, &Delivery<u64>) + Send + Sync + 'static,
 ) -> Arc<Conveyor<u64>> {
+    let slow = move |item: u64| {
+        if slow.contains(&item) {
+            sleep_ms(300);
+        }
+    };
+    calling_itself_after(ordering, capacity, trigger, slow, inside)
+}
+
+/// [`calling_itself`], whose sink first runs `before` with every item.
+fn calling_itself_after(
+    ordering: Ordering,
+    capacity: usize,
+    trigger: u64,
+    before: impl Fn(u64) + Send + Sync + 'static,
+    inside: impl Fn(&Conveyor<u64>, &Delivery<u64>) + Send + Sync + 'static,
+) -> Arc<Conveyor<u64>> {
     let me: Arc<OnceLock<Arc<Conveyor<u64>>>> = Arc::new(OnceLock::new());
     let myself = me.clone();
     let c = Arc::new(
@@ -33,9 +49,7 @@ fn calling_itself(
             .capacity(capacity)
             .drain_timeout(Duration::from_secs(1))
             .build(move |d: Delivery<u64>| {
-                if slow.contains(d.item()) {
-                    sleep_ms(300);
-                }
+                before(*d.item());
                 if *d.item() == trigger {
                     inside(myself.get().expect("set before the first send"), &d);
                 }
@@ -85,33 +99,53 @@ fn a_sink_sending_into_its_own_full_queue_is_refused_instead_of_waiting_for_itse
 fn a_sink_waits_for_room_that_another_worker_makes() {
     let (tx, rx) = channel();
     let tx = Mutex::new(tx);
+    // b1 runs until the test lets it end, and says so before it returns: only then can its
+    // worker take b2 and make room. The flag orders the send's return after b1's end
+    // however the threads are scheduled.
+    let b1_running = Arc::new(Barrier::new(2));
+    let (end_b1, b1_may_end) = channel::<()>();
+    let b1_may_end = Mutex::new(b1_may_end);
+    let b1_ended = Arc::new(AtomicBool::new(false));
     let queue_full = Arc::new(Barrier::new(2));
-    let full = queue_full.clone();
-    // Items: a1 = 1, b1 = 2 (slow), b2 = 3, a3 = 4, a4 = 5.
-    let c = calling_itself(
+    let (running, ended, full) = (b1_running.clone(), b1_ended.clone(), queue_full.clone());
+    let hold_b1 = move |item| {
+        if item == 2 {
+            running.wait();
+            let _ = b1_may_end.lock().unwrap().recv_timeout(GENEROUS);
+            ended.store(true, SeqCst);
+        }
+    };
+    // Items: a1 = 1, b1 = 2 (held), b2 = 3, a3 = 4, a4 = 5.
+    let c = calling_itself_after(
         Ordering::Keyed { concurrency: 2 },
         1,
         1,
-        &[2],
+        hold_b1,
         move |c, _| {
             full.wait();
-            let started = Instant::now();
             let waited = outcome(c.send_keyed("a", 4));
-            let took = started.elapsed();
+            let after_b1 = b1_ended.load(SeqCst);
             let refused = matches!(c.send_keyed("a", 5), Err(SendError::Full(5)));
-            tx.lock().unwrap().send((waited, took, refused)).unwrap();
+            tx.lock()
+                .unwrap()
+                .send((waited, after_b1, refused))
+                .unwrap();
         },
     );
     c.send_keyed("b", 2).unwrap();
-    sleep_ms(50); // b1 runs
+    b1_running.wait();
     c.send_keyed("a", 1).unwrap();
     c.send_keyed("b", 3).unwrap();
     queue_full.wait();
-    let (waited, took, refused) = rx.recv_timeout(GENEROUS).expect("the sends came back");
+    // Give a send that does not wait for room (refused, or let past the capacity) time to
+    // come back before b1 ends. The flag, not this pause, tells it from one that waited.
+    sleep_ms(100);
+    end_b1.send(()).unwrap();
+    let (waited, after_b1, refused) = rx.recv_timeout(GENEROUS).expect("the sends came back");
     assert_eq!(waited, Ok(()));
     assert!(
-        took >= Duration::from_millis(100),
-        "room was only made when b1 ended ({took:?})"
+        after_b1,
+        "the send came back before b1 ended, which alone could make room"
     );
     assert!(
         refused,
