@@ -3,7 +3,8 @@
 mod common;
 
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
-use std::sync::Arc;
+use std::sync::mpsc::{channel, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{gated, sleep_ms, Gate, GENEROUS};
@@ -338,38 +339,61 @@ fn stop_does_not_start_items_waiting_for_a_rate_limit_slot() {
     assert_eq!((report.stats.delivered, report.left), (1, 3), "{report:?}");
 }
 
-/// Two workers: item 0 ends after 200 ms, item 1 after `slow_ms`. The main thread closes
-/// first, so the worker of item 0 is leaving when it runs item 0's callback, which closes the
-/// conveyor too, within `timeout`. Returns how long that close took and its report.
+/// Two workers: item 0's call ends once the main thread is closing the conveyor, so its worker
+/// is leaving when it runs item 0's callback, which closes the conveyor too, within `timeout`.
+/// Item 1's call runs until the test opens its gate: 200 ms after the callback started
+/// closing when `end_item_1_while_closing`, else only once that close returned (or failed to
+/// within [`GENEROUS`]). Returns that close's report.
 fn close_from_the_callback_of_a_leaving_worker(
-    slow_ms: u64,
     timeout: Duration,
-) -> (Duration, conveyor::CloseReport) {
+    end_item_1_while_closing: bool,
+) -> Result<conveyor::CloseReport, RecvTimeoutError> {
+    let gate = Gate::new();
+    let g = gate.clone();
+    let (closing, main_is_closing) = channel::<()>();
+    let main_is_closing = Mutex::new(main_is_closing);
     let c: Arc<Conveyor<u32>> = Arc::new(
         Conveyor::builder()
             .ordering(Ordering::Pipelined { in_flight: 2 })
             .build(move |d: Delivery<u32>| {
-                sleep_ms(if *d.item() == 0 { 200 } else { slow_ms });
+                if *d.item() == 0 {
+                    let _ = main_is_closing.lock().unwrap().recv_timeout(GENEROUS);
+                    sleep_ms(100); // its close begins
+                } else {
+                    g.pass();
+                }
                 Ok(())
             })
             .unwrap(),
     );
-    let (tx, rx) = std::sync::mpsc::channel();
+    let (tx, rx) = channel();
+    let (callback_started, callback_is_closing) = channel();
     let me = c.clone();
     c.send(0).unwrap().on_settled(move |_| {
-        let started = Instant::now();
-        let report = me.close_timeout(timeout);
-        tx.send((started.elapsed(), report)).unwrap();
+        let _ = callback_started.send(());
+        let _ = tx.send(me.close_timeout(timeout));
     });
     c.send(1).unwrap();
-    sleep_ms(50); // both in flight
+    // Items start in order: item 1's call in the gate means both calls are running.
+    gate.wait_for_callers(1);
     let main = {
         let c = c.clone();
-        std::thread::spawn(move || c.close_timeout(GENEROUS))
+        std::thread::spawn(move || {
+            closing.send(()).unwrap();
+            c.close_timeout(GENEROUS)
+        })
     };
-    let out = rx.recv_timeout(GENEROUS).unwrap();
+    if end_item_1_while_closing {
+        callback_is_closing
+            .recv_timeout(GENEROUS)
+            .expect("item 0's callback ran");
+        sleep_ms(200); // a close that gives up on item 1 does so meanwhile
+        gate.open();
+    }
+    let report = rx.recv_timeout(GENEROUS);
+    gate.open();
     main.join().unwrap();
-    out
+    report
 }
 
 /// A leaving worker no longer counts as live: its callback's close still waits for the
@@ -377,17 +401,17 @@ fn close_from_the_callback_of_a_leaving_worker(
 /// (it used to join the other worker's thread for the whole call).
 #[test]
 fn a_close_from_the_callback_of_a_leaving_worker_waits_for_the_others_and_its_deadline() {
-    let (_, report) = close_from_the_callback_of_a_leaving_worker(800, GENEROUS);
+    let report = close_from_the_callback_of_a_leaving_worker(GENEROUS, true)
+        .expect("the callback's close returned once the other worker's call ended");
     assert!(
         report.drained,
         "the other worker's call was given up: {report:?}"
     );
-    let (took, report) =
-        close_from_the_callback_of_a_leaving_worker(3_000, Duration::from_millis(100));
-    assert!(
-        took < Duration::from_millis(1_500),
-        "close_timeout(100 ms) took {took:?}: {report:?}"
-    );
+    // The other worker's call runs until this close returns: one that waits for the call
+    // past its deadline never returns.
+    let report = close_from_the_callback_of_a_leaving_worker(Duration::from_millis(100), false)
+        .expect("close_timeout(100 ms) returned while the other worker's call still ran");
+    assert!(!report.drained, "{report:?}");
 }
 
 /// Strict: item 0's callback flushes while item 1 is queued, which only the callback's own
