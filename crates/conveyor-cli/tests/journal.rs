@@ -47,10 +47,11 @@ fn kill_9_then_rerun(extra: &[&str]) {
         .spawn()
         .unwrap();
     wait_for("the hanging request", || server.count() as u64 > KILLED_AT);
-    // Lines before KILLED_AT are settled (strict mode started it only after them); their
-    // settlements reach the disk within the 5 ms commit window. A generous grace for a loaded
-    // machine, then the kill.
-    std::thread::sleep(Duration::from_secs(1));
+    // Lines before KILLED_AT are settled (strict mode started it only after them); the kill
+    // waits until their settlements are on disk, which takes a commit window or more.
+    wait_for("the settled lines on disk", || {
+        settled_on_disk(dir.path()).is_some_and(|settled| settled >= KILLED_AT)
+    });
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let first_run = server.count();
@@ -96,6 +97,36 @@ fn kill_9_then_rerun(extra: &[&str]) {
         !journals.is_empty(),
         "the default journal lives under ./.conveyor/"
     );
+}
+
+/// How many lines the journal under `dir/.conveyor/` records as taken and settled, as it is
+/// on disk while a `send` still holds it (and its lock). It is read from a copy of the database
+/// and its WAL taken while the WAL did not change, so the copy holds what was committed (a
+/// checkpoint meanwhile only copies committed pages that the WAL still holds). `None` when no
+/// such copy could be taken or read this time.
+fn settled_on_disk(dir: &std::path::Path) -> Option<u64> {
+    let journal = std::fs::read_dir(dir.join(".conveyor"))
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|ext| ext == "journal"))?;
+    let with_suffix = |path: &std::path::Path, suffix: &str| {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        std::path::PathBuf::from(name)
+    };
+    let wal = std::fs::read(with_suffix(&journal, "-wal")).ok()?;
+    let database = std::fs::read(&journal).ok()?;
+    if std::fs::read(with_suffix(&journal, "-wal")).ok()? != wal {
+        return None;
+    }
+    let copy = tempfile::tempdir().ok()?;
+    let snapshot = copy.path().join("snapshot.journal");
+    std::fs::write(&snapshot, database).ok()?;
+    std::fs::write(with_suffix(&snapshot, "-wal"), wal).ok()?;
+    let status = conveyor::Journal::open(&snapshot).ok()?.status().ok()?;
+    // Every line taken is journaled with the cursor past it; those not pending are settled.
+    status.cursor?.checked_sub(status.pending)
 }
 
 #[test]
