@@ -1842,6 +1842,9 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     }
 }
 
+/// The first and the longest wait before the replay reads its journal again after a failure.
+const REPLAY_RETRY_FIRST: Duration = Duration::from_millis(10);
+const REPLAY_RETRY_MAX: Duration = Duration::from_secs(2);
 /// How many lanes restored paused from a journal are logged one by one at start.
 const PAUSES_LOGGED: usize = 10;
 /// How long `close` gives the journal's last commit even when its own deadline has passed:
@@ -1908,12 +1911,9 @@ fn start_replay<T: Send + Sync + 'static, R: Send + 'static>(
                         shared.wake_worker(&st, &mut shared.intake());
                     }
                 }
-                page = match durable.with_journal(|j| j.pending_after(last, PAGE)) {
-                    Ok(page) => page,
-                    Err(e) => {
-                        tracing::error!(error = %e, "replay stopped: the journal cannot be read");
-                        break;
-                    }
+                page = match next_page(&shared, durable, last, PAGE) {
+                    Some(page) => page,
+                    None => break,
                 };
             }
             shared.lock().replaying = false;
@@ -1926,6 +1926,50 @@ fn start_replay<T: Send + Sync + 'static, R: Send + 'static>(
         return Err(BuildError::Spawn(e));
     }
     Ok(())
+}
+
+/// The replay's next page of items after `last`: read again until it can be, as the journal's
+/// writer retries a commit. Giving up would end the replay, and new sends would then go ahead of
+/// the items not loaded yet (the next start delivering those after them). `None` once a
+/// shutdown ends the replay: what it did not load stays in the journal.
+fn next_page<T: Send + Sync + 'static, R: Send + 'static>(
+    shared: &Shared<T, R>,
+    durable: &Durable<T>,
+    last: u64,
+    limit: usize,
+) -> Option<Vec<Record>> {
+    let mut wait = REPLAY_RETRY_FIRST;
+    let mut failures = 0u32;
+    loop {
+        let error = match durable.with_journal(|j| j.pending_after(last, limit)) {
+            Ok(page) => {
+                if failures > 0 {
+                    tracing::warn!(failures, "replay goes on: the journal can be read again");
+                }
+                return Some(page);
+            }
+            // The conveyor is closing and its writer let the journal go.
+            Err(JournalError::Closed { .. }) => return None,
+            Err(e) => e,
+        };
+        failures += 1;
+        // Said at once, then now and then: a disk that stays unreadable must not flood the log.
+        if failures.is_power_of_two() {
+            tracing::error!(
+                error = %error, failures, retry_in = ?wait,
+                "replay held: the journal cannot be read; new sends wait until it can"
+            );
+        }
+        let mut st = shared.lock();
+        let deadline = Instant::now() + wait;
+        while !st.abandoned && Instant::now() < deadline {
+            (st, _) = shared.wait_until(&shared.shutdown, st, Some(deadline));
+        }
+        if st.abandoned {
+            return None;
+        }
+        wait = (wait * 2).min(REPLAY_RETRY_MAX);
+    }
 }
 
 fn give_back<T, R>(e: SendError<NodeRef<T, R>>) -> SendError<T> {
@@ -2282,6 +2326,70 @@ mod tests {
         assert!(
             !by_watchdog.load(AtomicOrdering::SeqCst),
             "the other task on the runtime ran only once the send returned"
+        );
+    }
+
+    /// A replay whose journal read fails part way (an I/O error) reads again rather than
+    /// stopping: stopping let new sends in ahead of the items not loaded yet, which the next
+    /// start then delivered after them.
+    #[test]
+    fn a_replay_read_that_fails_is_tried_again_and_nothing_overtakes_it() {
+        // More than the replay's page of 1,024 items: the second page is read after a first one.
+        const PENDING: u64 = 1_500;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        {
+            let (_hold, gate) = mpsc::channel::<()>();
+            let gate = Mutex::new(gate);
+            let c: Conveyor<u64> = Conveyor::builder()
+                .journal(&path)
+                .capacity(10_000)
+                .build(move |_d| {
+                    let _ = gate.lock().unwrap().recv();
+                    Err(crate::SinkError::permanent("stopped"))
+                })
+                .unwrap();
+            for i in 0..PENDING {
+                c.send(i).unwrap();
+            }
+            c.close_timeout(Duration::ZERO);
+        }
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (log, gate) = (seen.clone(), open.clone());
+        let c: Arc<Conveyor<u64>> = Arc::new(
+            Conveyor::builder()
+                .journal(&path)
+                // The replay loads 100 items, then waits for room until the sink runs.
+                .capacity(100)
+                .build(move |d: crate::Delivery<u64>| {
+                    while !gate.load(AtomicOrdering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    log.lock().unwrap().push(*d.item());
+                    Ok(())
+                })
+                .unwrap(),
+        );
+        // The first page was read by the build; the next two reads fail.
+        let durable = c.shared.durable.as_ref().unwrap();
+        let fail_reads = |n| durable.with_journal(|j| Ok(j.fail_reads(n))).unwrap();
+        fail_reads(2);
+        open.store(true, AtomicOrdering::SeqCst);
+        let sender = std::thread::spawn({
+            let c = c.clone();
+            move || c.send(PENDING).map(|_| ())
+        });
+        assert!(c.flush_timeout(Duration::from_secs(30)), "flushed");
+        sender.join().unwrap().unwrap();
+        assert!(c.flush_timeout(Duration::from_secs(30)), "flushed");
+        assert_eq!(fail_reads(0), 0, "both reads failed");
+        let items = seen.lock().unwrap().clone();
+        assert!(
+            items == (0..=PENDING).collect::<Vec<_>>(),
+            "{} items delivered, the last ones {:?}",
+            items.len(),
+            &items[items.len().saturating_sub(3)..]
         );
     }
 }

@@ -493,6 +493,9 @@ pub struct Journal {
     writes_since_compact: u32,
     /// The most bytes an item's payload and key may take together (see `max_entry_bytes`).
     max_entry: usize,
+    /// Reads of pending items still to fail, as on an I/O error (see `fail_reads`).
+    #[cfg(test)]
+    failing_reads: std::sync::atomic::AtomicU32,
 }
 
 impl fmt::Debug for Journal {
@@ -612,6 +615,8 @@ impl Journal {
             id,
             writes_since_compact: 0,
             max_entry: length_limit.saturating_sub(ROW_HEADROOM),
+            #[cfg(test)]
+            failing_reads: std::sync::atomic::AtomicU32::new(0),
         })
     }
 
@@ -1075,6 +1080,22 @@ impl Journal {
         after: u64,
         limit: usize,
     ) -> Result<Vec<Record>, JournalError> {
+        #[cfg(test)]
+        if self
+            .failing_reads
+            .fetch_update(
+                std::sync::atomic::Ordering::SeqCst,
+                std::sync::atomic::Ordering::SeqCst,
+                |n| n.checked_sub(1),
+            )
+            .is_ok()
+        {
+            let io = rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR);
+            return Err(JournalError::sqlite(
+                &self.path,
+                rusqlite::Error::SqliteFailure(io, Some("injected by a test".into())),
+            ));
+        }
         self.read_page(
             "SELECT seq, lane, key, payload FROM items WHERE seq > ?1 ORDER BY seq LIMIT ?2",
             params![after as i64, limit as i64],
@@ -1204,6 +1225,14 @@ impl Journal {
         self.conn
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
             .map_err(sql)
+    }
+
+    /// Makes the next `n` reads of pending items fail with an I/O error; returns how many
+    /// failures were still to come.
+    #[cfg(test)]
+    pub(crate) fn fail_reads(&self, n: u32) -> u32 {
+        self.failing_reads
+            .swap(n, std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Caps the file's size, so that writes fail as on a full disk (SQLite reports both as
