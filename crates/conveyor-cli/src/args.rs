@@ -230,8 +230,9 @@ pub(crate) enum FailurePolicy {
 #[derive(Debug, Args)]
 #[command(group = clap::ArgGroup::new("target").required(true).args(["to", "exec"]))]
 pub(crate) struct SendArgs {
-    /// JSON-lines input: a file, or `-` for stdin. Stdin, a named pipe or `<(producer)` is
-    /// streamed (delivery starts before the input ends) and read once: a rerun delivers what its
+    /// JSON-lines input: a file, or `-` for stdin.
+    ///
+    /// Stdin, a named pipe or `<(producer)` is streamed (delivery starts before the input ends) and read once: a rerun delivers what its
     /// journal holds, then reads the new stream from its start. A line may be up to 128 MiB
     /// (134217728 bytes, without its line ending); a longer one is bad input, like a line that
     /// is not JSON: reported with its line number, counted, copied to --rejects, and the run
@@ -243,21 +244,23 @@ pub(crate) struct SendArgs {
     #[arg(long, value_name = "URL")]
     pub(crate) to: Option<String>,
 
-    /// Run PROGRAM [ARGS...] per line (no shell), the line on its stdin. Exit 0 is success,
-    /// 75 (EX_TEMPFAIL) is retried, anything else fails the line. Must come last: everything after
-    /// it belongs to the program, conveyor's own options included (`--exec ./p --json` gives
-    /// `--json` to ./p). The program also gets CONVEYOR_SEQ, CONVEYOR_LINE, CONVEYOR_ATTEMPT,
-    /// CONVEYOR_IDEMPOTENCY_KEY and, when keyed, CONVEYOR_KEY in its environment. Its stdout is
-    /// passed through (to stderr under --json); its stderr is shown only to explain a failure.
-    /// --timeout kills it and whatever it started. It runs in its own
-    /// process group: Ctrl-C stops conveyor, not the program, which may finish within
+    /// Run PROGRAM [ARGS...] per line (no shell), the line on its stdin; must come last.
+    ///
+    /// Exit 0 is success, 75 (EX_TEMPFAIL) is retried, anything else fails the line. Everything
+    /// after --exec PROGRAM belongs to the program, conveyor's own options included
+    /// (`--exec ./p --json` gives `--json` to ./p). The program also gets CONVEYOR_SEQ,
+    /// CONVEYOR_LINE, CONVEYOR_ATTEMPT, CONVEYOR_IDEMPOTENCY_KEY and, when keyed, CONVEYOR_KEY in
+    /// its environment. Its stdout is passed through (to stderr under --json); its stderr is
+    /// shown only to explain a failure. --timeout kills it and whatever it started. It runs in
+    /// its own process group: Ctrl-C stops conveyor, not the program, which may finish within
     /// --drain-timeout. Killed by SIGTERM, SIGKILL, SIGINT or SIGHUP, it is retried; by another
     /// signal (a crash), the line fails.
     #[arg(long, value_name = "PROGRAM", num_args = 1.., allow_hyphen_values = true, conflicts_with = "to")]
     pub(crate) exec: Vec<String>,
 
-    /// An HTTP header for every request, `Name: value` (repeatable). Values are never printed,
-    /// and in server text quoted in errors each value, and each word of one, of 6 characters or
+    /// An HTTP header for every request, `Name: value` (repeatable).
+    ///
+    /// Values are never printed, and in server text quoted in errors each value, and each word of one, of 6 characters or
     /// more is replaced with <redacted>.
     /// `Idempotency-Key` and the `Conveyor-*` headers are set per line and cannot be given.
     #[arg(long = "header", short = 'H', value_name = "NAME: VALUE", value_parser = parse_header)]
@@ -267,9 +270,10 @@ pub(crate) struct SendArgs {
     #[arg(long)]
     pub(crate) method: Option<String>,
 
-    /// Also trust the certificate authorities in this PEM file (one or more
-    /// `-----BEGIN CERTIFICATE-----` blocks) for an https --to URL: for a server whose
-    /// certificate a private (company) CA signed. The built-in roots (Mozilla's) stay trusted.
+    /// Also trust the certificate authorities in this PEM file, for an https --to URL.
+    ///
+    /// For a server whose certificate a private (company) CA signed. The file holds one or more
+    /// `-----BEGIN CERTIFICATE-----` blocks. The built-in roots (Mozilla's) stay trusted.
     #[arg(long, value_name = "FILE")]
     pub(crate) cacert: Option<std::path::PathBuf>,
 
@@ -282,8 +286,10 @@ pub(crate) struct SendArgs {
     #[arg(long, default_value = "strict", value_parser = parse_ordering)]
     pub(crate) ordering: OrderingArg,
 
-    /// The field that names a line's lane for `--ordering keyed:N`: a top-level field name
-    /// (`user`) or a JSON pointer (`/user/id`). Lines without it are rejected. Its value is sent
+    /// The field that names a line's lane for `--ordering keyed:N`.
+    ///
+    /// A top-level field name (`user`) or a JSON pointer (`/user/id`). Lines without it are
+    /// rejected. Its value is sent
     /// as the Conveyor-Key header, percent-encoded: bytes that are not visible ASCII, and `%`,
     /// become `%XX` (`a b` is sent as `a%20b`).
     #[arg(long, value_name = "FIELD")]
@@ -293,8 +299,9 @@ pub(crate) struct SendArgs {
     #[arg(long, default_value_t = 5)]
     pub(crate) retries: u32,
 
-    /// First wait before a retry; doubles each time (at most 30 s), each wait jittered between
-    /// half and all of it. A server's Retry-After wins when longer, up to an hour (or up to
+    /// First wait before a retry; doubles each time (at most 30 s).
+    ///
+    /// Each wait is jittered between half and all of it. A server's Retry-After wins when longer, up to an hour (or up to
     /// --backoff, when that is longer): a server asking for days holds its lane for an hour.
     #[arg(long, default_value = "200ms", value_parser = parse_duration)]
     pub(crate) backoff: Duration,
@@ -311,9 +318,9 @@ pub(crate) struct SendArgs {
     #[arg(long, default_value_t = 10_000)]
     pub(crate) capacity: usize,
 
-    /// Copy lines rejected as bad input (not JSON, no key field, longer than 128 MiB) to this
-    /// file. A run that reads
-    /// a file from its first line empties it first; a resumed run (which skips the lines read
+    /// Copy lines rejected as bad input (not JSON, no key field, longer than 128 MiB) here.
+    ///
+    /// A run that reads a file from its first line empties it first; a resumed run (which skips the lines read
     /// before) and a run on stdin or a pipe append, so the rejects of earlier runs are kept.
     #[arg(long, value_name = "FILE")]
     pub(crate) rejects: Option<PathBuf>,
@@ -327,8 +334,9 @@ pub(crate) struct SendArgs {
 
 #[derive(Debug, Args)]
 pub(crate) struct JournalArgs {
-    /// The journal file that makes a rerun resume where this one stopped (default: a file under
-    /// ./.conveyor/ named after the input and the target). A rerun reads a file on after the
+    /// The journal file that makes a rerun resume where this one stopped.
+    ///
+    /// By default a file under ./.conveyor/ named after the input and the target. A rerun reads a file on after the
     /// lines taken before, if it grew since; one that was rewritten or cut short is refused
     /// (give it a new journal).
     #[arg(long, value_name = "PATH", conflicts_with = "no_journal")]
@@ -338,8 +346,9 @@ pub(crate) struct JournalArgs {
     #[arg(long)]
     pub(crate) no_journal: bool,
 
-    /// Commit each line to the journal before reading the next (slower); stdin (or a pipe) is
-    /// then read a line at a time, so a crash loses at most the one line being read or
+    /// Commit each line to the journal before reading the next (slower).
+    ///
+    /// Stdin (or a pipe) is then read a line at a time, so a crash loses at most the one line being read or
     /// submitted. By default lines are committed in groups every 5 ms and a stream is read ahead
     /// (64 KiB): after a crash a file input reads those lines again, but the lines read from a
     /// stream and not yet committed (the last 5 ms, and what was read ahead) are lost.
@@ -349,15 +358,17 @@ pub(crate) struct JournalArgs {
 
 #[derive(Debug, Clone, Args)]
 pub(crate) struct OutputArgs {
-    /// On Ctrl-C or SIGTERM: stop reading and starting sends, let the sends in flight finish
-    /// for at most this long, then exit. A second Ctrl-C exits at once.
+    /// On Ctrl-C or SIGTERM: how long the sends in flight may finish before the exit.
+    ///
+    /// Reading and starting sends stop at once. A second Ctrl-C exits at once.
     // Shared with `demo`, which keeps no journal: what `send` keeps for a rerun is said by
     // --journal, --no-journal and the exit codes.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub(crate) drain_timeout: Duration,
 
-    /// Print the summary as one JSON object on stdout, and nothing else there: the output of
-    /// `--exec` programs then goes to stderr.
+    /// Print the summary as one JSON object on stdout, and nothing else there.
+    ///
+    /// The output of `--exec` programs then goes to stderr.
     #[arg(long)]
     pub(crate) json: bool,
 
@@ -403,6 +414,25 @@ mod tests {
         assert_eq!(mib << 20, crate::input::MAX_LINE);
         assert!(help.contains(&format!("up to {mib} MiB")), "{help}");
         assert!(help.contains(&crate::input::MAX_LINE.to_string()), "{help}");
+    }
+
+    /// `-h` is a summary, one short line per option (the details are for `--help`): an
+    /// option's first paragraph must stay short.
+    #[test]
+    fn short_help_is_one_line_per_option() {
+        let cli = Cli::command();
+        for command in cli.get_subcommands() {
+            for arg in command.get_arguments() {
+                let short = arg.get_help().map(ToString::to_string).unwrap_or_default();
+                assert!(
+                    short.len() <= 140,
+                    "`{} --{}`: {} characters in -h, put details after a blank line: {short}",
+                    command.get_name(),
+                    arg.get_id(),
+                    short.len()
+                );
+            }
+        }
     }
 
     #[test]
