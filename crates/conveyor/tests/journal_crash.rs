@@ -105,7 +105,11 @@ static FORK_GUARD: Mutex<()> = Mutex::new(());
 /// (see `FORK_GUARD`).
 fn with_journal<X>(dir: &Path, read: impl FnOnce(&Journal) -> X) -> X {
     let _no_spawn = FORK_GUARD.lock().unwrap_or_else(PoisonError::into_inner);
-    read(&Journal::open(dir.join("journal")).unwrap())
+    // A local, not a temporary of the tail expression: locals drop in reverse order, so the
+    // journal closes before the guard is released (a tail expression's temporaries would
+    // outlive it, and a child spawned meanwhile would inherit the journal's lock).
+    let journal = Journal::open(dir.join("journal")).unwrap();
+    read(&journal)
 }
 
 fn spawn_child(test: &str, dir: &Path, start: u64, drain: bool) -> std::process::Child {
