@@ -1008,9 +1008,9 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// It waits only when the queue is full and the policy is
     /// [`Backpressure::Block`] (the default); the sink's speed never matters
     /// otherwise. In async code use [`Conveyor::send_async`] instead, which awaits
-    /// room rather than blocking the task's thread (on a multi-threaded Tokio runtime, a
-    /// blocking wait moves the runtime's other tasks to another thread first, so an async sink
-    /// on that runtime still makes room).
+    /// room rather than blocking the task's thread (on a worker thread of a multi-threaded
+    /// Tokio runtime, a blocking wait moves the runtime's other tasks to another thread first,
+    /// so an async sink on that runtime still makes room).
     ///
     /// # Errors
     ///
@@ -2024,15 +2024,49 @@ fn settle_left<T, R>(left: Vec<(NodeRef<T, R>, bool)>) {
     }
 }
 
-/// Runs a blocking wait; inside a multi-threaded Tokio runtime it tells the runtime
-/// first, so that other tasks (an async sink among them) keep running meanwhile.
+/// Runs a blocking wait; on a worker thread of a multi-threaded Tokio runtime it tells the
+/// runtime first, so that the thread's other tasks (an async sink among them) keep running
+/// meanwhile.
 pub(crate) fn blocking_section<O>(f: impl FnOnce() -> O) -> O {
     match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+        Ok(h)
+            if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+                && on_scheduler_thread() =>
+        {
             tokio::task::block_in_place(f)
         }
         _ => f(),
     }
+}
+
+/// Whether the calling thread runs a Tokio scheduler (a worker of a multi-threaded runtime),
+/// rather than merely having a runtime's handle.
+///
+/// Only a worker has tasks to hand over before blocking, and only there is `block_in_place`
+/// sure not to panic: the thread driving a runtime's `block_on` has none, and while it drives
+/// a `LocalSet` there, `block_in_place` panics. Tokio says which thread is which only through
+/// `yield_now`, which hands its waker to the thread's scheduler if there is one and wakes it
+/// at once otherwise: polled once here, a waker not woken means a scheduler took it. (The
+/// scheduler wakes it later for nothing; `block_in_place` does so right away.) Should Tokio
+/// ever wake it at once everywhere, this says no and blocking merely stops telling the runtime.
+/// One case still looks like a worker: a current-thread runtime's thread inside its `block_on`
+/// with a multi-threaded runtime's handle entered by hand.
+fn on_scheduler_thread() -> bool {
+    struct Woken(AtomicBool);
+    impl std::task::Wake for Woken {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.store(true, AtomicOrdering::Relaxed);
+        }
+    }
+    let woken = Arc::new(Woken(AtomicBool::new(false)));
+    let waker = std::task::Waker::from(woken.clone());
+    let yielded = std::pin::pin!(tokio::task::yield_now());
+    let pending = std::future::Future::poll(yielded, &mut std::task::Context::from_waker(&waker))
+        .is_pending();
+    pending && !woken.0.load(AtomicOrdering::Relaxed)
 }
 
 impl<T: Send + Sync + 'static, R: Send + 'static> Drop for Conveyor<T, R> {

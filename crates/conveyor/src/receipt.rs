@@ -560,10 +560,11 @@ impl<R> Receipt<R> {
     /// use [`Receipt::on_settled`] or [`Receipt::wait_timeout`] there. The panic fails the sink's
     /// item (without retries) and the worker goes on, as for any panic in a sink.
     ///
-    /// In async code, `.await` the receipt instead: this blocks the task's thread. On a
-    /// multi-threaded Tokio runtime the runtime is told first and moves its other tasks to
-    /// another thread meanwhile (as [`tokio::task::block_in_place`] does), so a wait for an item
-    /// that an async sink on the same runtime delivers still ends.
+    /// In async code, `.await` the receipt instead: this blocks the task's thread. On a worker
+    /// thread of a multi-threaded Tokio runtime the runtime is told first and moves its other
+    /// tasks to another thread meanwhile (as [`tokio::task::block_in_place`] does), so a wait
+    /// for an item that an async sink on the same runtime delivers still ends. Elsewhere (a
+    /// `block_on` thread, a `LocalSet`) it simply blocks.
     pub fn wait(mut self) -> Result<R, DeliveryError> {
         self.wait_until(None)
             .expect("waiting without a deadline always yields a result")

@@ -486,3 +486,44 @@ fn a_blocking_send_in_an_async_sink_does_not_starve_its_runtime() {
     assert!(flushed);
     assert_eq!(c.stats().delivered, 3);
 }
+
+/// Blocking calls a task may make: a send waiting for room, receipt waits, a flush, a drop.
+/// Returns how many items were delivered.
+fn blocking_calls() -> u64 {
+    let c: Conveyor<u64> = Conveyor::builder()
+        .capacity(1)
+        .build(|_: Delivery<u64>| {
+            std::thread::sleep(Duration::from_millis(1));
+            Ok(())
+        })
+        .unwrap();
+    let first = c.send(1).unwrap();
+    // The queue holds one item: these sends wait for room.
+    for i in 2..5 {
+        c.send(i).unwrap();
+    }
+    first.wait().unwrap();
+    let mut last = c.send(5).unwrap();
+    assert!(last.wait_timeout(GENEROUS).is_some());
+    assert!(c.flush_timeout(GENEROUS));
+    c.stats().delivered
+}
+
+/// A `LocalSet` forbids `block_in_place` on the thread that drives it, even on a
+/// multi-threaded runtime, and that thread is no worker of the runtime anyway: blocking calls
+/// there block plainly instead of panicking, in the set's own future and in its local tasks.
+#[test]
+fn blocking_calls_in_a_local_set_on_a_multi_threaded_runtime_do_not_panic() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let local = tokio::task::LocalSet::new();
+    let delivered = local.block_on(&rt, async {
+        let here = blocking_calls();
+        let spawned = tokio::task::spawn_local(async { blocking_calls() });
+        (here, spawned.await.unwrap())
+    });
+    assert_eq!(delivered, (5, 5));
+}
