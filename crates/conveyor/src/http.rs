@@ -713,7 +713,6 @@ fn parse_retry_after(value: &str) -> Option<Duration> {
     )
 }
 
-/// reqwest's Display is terse ("error sending request"); the cause is in the source chain.
 /// The certificates in one PEM text given to [`HttpSinkBuilder::root_certificates`]: at least
 /// one, so that a wrong file is told at build time, not at the first request.
 fn parse_roots(pem: &[u8]) -> Result<Vec<reqwest::Certificate>, HttpBuildError> {
@@ -736,6 +735,7 @@ fn parse_roots(pem: &[u8]) -> Result<Vec<reqwest::Certificate>, HttpBuildError> 
     Ok(roots)
 }
 
+/// reqwest's Display is terse ("error sending request"); the cause is in the source chain.
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
