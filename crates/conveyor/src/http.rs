@@ -717,6 +717,9 @@ fn parse_retry_after(value: &str) -> Option<Duration> {
 /// one, so that a wrong file is told at build time, not at the first request.
 fn parse_roots(pem: &[u8]) -> Result<Vec<reqwest::Certificate>, HttpBuildError> {
     let invalid = HttpBuildError::InvalidRootCertificates;
+    // Editors on Windows save a byte order mark, which the PEM reader would take for text
+    // before the first block, and then find no certificate.
+    let pem = pem.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(pem);
     let roots = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| invalid(error_chain(&e)))?;
     if roots.is_empty() {
         return Err(invalid("no certificate found".into()));
@@ -731,7 +734,14 @@ fn parse_roots(pem: &[u8]) -> Result<Vec<reqwest::Certificate>, HttpBuildError> 
         })
         .tls_built_in_root_certs(false)
         .build()
-        .map_err(|e| invalid(error_chain(&e)))?;
+        .map_err(|e| {
+            // rustls calls every certificate a peer's: only its last word (`BadEncoding`) fits.
+            let chain = error_chain(&e);
+            let why = chain.rsplit(": ").next().unwrap_or(&chain);
+            invalid(format!(
+                "a certificate block does not hold a valid certificate ({why})"
+            ))
+        })?;
     Ok(roots)
 }
 
