@@ -86,6 +86,29 @@ impl Ordering {
 /// the drop policies settle the dropped item's receipt as
 /// [`DeliveryError::Dropped`](crate::DeliveryError::Dropped) and count it in
 /// [`Stats::dropped`](crate::Stats::dropped).
+///
+/// # Examples
+///
+/// ```
+/// use conveyor::{Backpressure, Conveyor, SendError};
+/// use std::sync::{mpsc, Mutex};
+///
+/// let (release, gate) = mpsc::channel::<()>();
+/// let gate = Mutex::new(gate);
+/// let c: Conveyor<u32> = Conveyor::builder()
+///     .capacity(1)
+///     .backpressure(Backpressure::Reject)
+///     .build(move |_d| {
+///         gate.lock().unwrap().recv().ok(); // stalls until released
+///         Ok(())
+///     })?;
+/// let refused: Vec<u32> = (1..=3)
+///     .filter_map(|i| c.send(i).err().map(SendError::into_inner))
+///     .collect();
+/// assert!(!refused.is_empty(), "one item in flight and one queued fill a capacity of 1");
+/// drop(release);
+/// # Ok::<(), conveyor::BuildError>(())
+/// ```
 #[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Backpressure {
@@ -102,6 +125,25 @@ pub enum Backpressure {
 }
 
 /// What happens to an item whose last attempt failed.
+///
+/// # Examples
+///
+/// ```
+/// use conveyor::{Conveyor, OnFailure, SinkError};
+///
+/// let c: Conveyor<u32> = Conveyor::builder()
+///     .on_failure(OnFailure::Pause)
+///     .build(|d| match d.item() {
+///         1 => Err(SinkError::permanent("rejected")),
+///         _ => Ok(()),
+///     })?;
+/// c.send(1).unwrap();
+/// c.send(2).unwrap();
+/// c.flush(); // returns: held items do not count
+/// assert_eq!(c.paused(), vec![String::new()]); // the lane of items sent without a key
+/// assert_eq!(c.stats().delivered, 0, "item 2 waits behind item 1");
+/// # Ok::<(), conveyor::BuildError>(())
+/// ```
 #[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OnFailure {
@@ -265,6 +307,31 @@ impl<T, R> Default for Builder<T, R> {
 
 impl<T: Send + Sync + 'static, R: Send + 'static> Builder<T, R> {
     /// Sets the ordering mode.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::{Conveyor, Ordering};
+    /// use std::sync::{Arc, Mutex};
+    ///
+    /// let seen = Arc::new(Mutex::new(Vec::new()));
+    /// let s = seen.clone();
+    /// let c: Conveyor<u32> = Conveyor::builder()
+    ///     .ordering(Ordering::Keyed { concurrency: 2 })
+    ///     .build(move |d| {
+    ///         if d.key() == Some("a") {
+    ///             s.lock().unwrap().push(*d.item());
+    ///         }
+    ///         Ok(())
+    ///     })?;
+    /// for i in 1..=3 {
+    ///     c.send_keyed("a", i).unwrap();
+    ///     c.send_keyed("b", i).unwrap();
+    /// }
+    /// c.flush();
+    /// assert_eq!(*seen.lock().unwrap(), [1, 2, 3]); // in order within key "a"
+    /// # Ok::<(), conveyor::BuildError>(())
+    /// ```
     pub fn ordering(mut self, ordering: Ordering) -> Self {
         self.config.ordering = ordering;
         self
@@ -275,24 +342,101 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Builder<T, R> {
     /// that go back to the queue unsettled (their lane paused by [`OnFailure::Pause`], or a
     /// shutdown interrupted them between attempts) may take it past the limit by at most one
     /// per worker.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::Conveyor;
+    /// use std::sync::{mpsc, Mutex};
+    ///
+    /// let (release, gate) = mpsc::channel::<()>();
+    /// let gate = Mutex::new(gate);
+    /// let c: Conveyor<u32> = Conveyor::builder().capacity(2).build(move |_d| {
+    ///     gate.lock().unwrap().recv().ok(); // stalls until released
+    ///     Ok(())
+    /// })?;
+    /// let accepted = (0..10).filter(|&i| c.try_send(i).is_ok()).count();
+    /// // Two queued, and one in flight once a worker has taken it.
+    /// assert!((2..=3).contains(&accepted));
+    /// assert!(c.stats().queued <= 2);
+    /// drop(release);
+    /// # Ok::<(), conveyor::BuildError>(())
+    /// ```
     pub fn capacity(mut self, capacity: usize) -> Self {
         self.config.capacity = capacity;
         self
     }
 
     /// Sets what `send` does when the queue is full.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::{Backpressure, Conveyor};
+    /// use std::sync::{mpsc, Mutex};
+    ///
+    /// let (release, gate) = mpsc::channel::<()>();
+    /// let gate = Mutex::new(gate);
+    /// let c: Conveyor<u32> = Conveyor::builder()
+    ///     .capacity(1)
+    ///     .backpressure(Backpressure::DropNewest)
+    ///     .build(move |_d| {
+    ///         gate.lock().unwrap().recv().ok(); // stalls until released
+    ///         Ok(())
+    ///     })?;
+    /// for i in 1..=3 {
+    ///     c.send(i).unwrap(); // never waits, never refuses
+    /// }
+    /// drop(release);
+    /// let stats = c.close().stats;
+    /// assert!(stats.dropped >= 1);
+    /// assert_eq!(stats.delivered + stats.dropped, 3);
+    /// # Ok::<(), conveyor::BuildError>(())
+    /// ```
     pub fn backpressure(mut self, policy: Backpressure) -> Self {
         self.config.backpressure = policy;
         self
     }
 
     /// Sets the retry policy for retryable sink errors.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::{Conveyor, Retry, SinkError};
+    /// use std::time::Duration;
+    ///
+    /// let c: Conveyor<&str> = Conveyor::builder()
+    ///     .retry(Retry::fixed(Duration::from_millis(1)).max_attempts(3))
+    ///     .build(|d| if d.attempt() < 3 { Err(SinkError::retryable("503")) } else { Ok(()) })?;
+    /// c.send("hello").unwrap().wait().unwrap(); // delivered on the third attempt
+    /// assert_eq!(c.stats().retried, 2);
+    /// # Ok::<(), conveyor::BuildError>(())
+    /// ```
     pub fn retry(mut self, retry: Retry) -> Self {
         self.config.retry = retry;
         self
     }
 
     /// Sets what happens to an item after its last failed attempt.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::{Conveyor, DeliveryError, OnFailure, SinkError};
+    ///
+    /// let c: Conveyor<u32> = Conveyor::builder()
+    ///     .on_failure(OnFailure::Skip)
+    ///     .build(|d| match d.item() {
+    ///         1 => Err(SinkError::permanent("rejected")),
+    ///         _ => Ok(()),
+    ///     })?;
+    /// let first = c.send(1).unwrap();
+    /// let second = c.send(2).unwrap();
+    /// assert!(matches!(first.wait(), Err(DeliveryError::Failed { attempts: 1, .. })));
+    /// assert!(second.wait().is_ok());
+    /// # Ok::<(), conveyor::BuildError>(())
+    /// ```
     pub fn on_failure(mut self, policy: OnFailure) -> Self {
         self.config.on_failure = policy;
         self
@@ -308,13 +452,55 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Builder<T, R> {
     /// shutdown does not wait for the slot: under
     /// [`stop_timeout`](Conveyor::stop_timeout) the item is not started, and past a drain
     /// deadline it is reported as left ([`DeliveryError::Closed`](crate::DeliveryError::Closed)).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::Conveyor;
+    /// use std::time::{Duration, Instant};
+    ///
+    /// let c: Conveyor<u32> = Conveyor::builder().rate_limit(200).build(|_d| Ok(()))?;
+    /// let started = Instant::now();
+    /// for i in 0..3 {
+    ///     c.send(i).unwrap();
+    /// }
+    /// c.flush();
+    /// // One call every 5 ms: the third starts 10 ms after the first.
+    /// assert!(started.elapsed() >= Duration::from_millis(10));
+    /// # Ok::<(), conveyor::BuildError>(())
+    /// ```
     pub fn rate_limit(mut self, calls_per_second: u32) -> Self {
         self.config.rate_limit = Some(calls_per_second);
         self
     }
 
-    /// Sets how long dropping the conveyor waits for pending items before it reports
-    /// them as closed (default 30 s). [`Conveyor::close_timeout`] takes its own.
+    /// Sets how long [`Conveyor::close`] and dropping the conveyor wait for pending items
+    /// before they report them as left (default 30 s); see [`Conveyor::close_timeout`], which
+    /// takes a deadline of its own.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::Conveyor;
+    /// use std::sync::{mpsc, Mutex};
+    /// use std::time::Duration;
+    ///
+    /// let (release, gate) = mpsc::channel::<()>();
+    /// let gate = Mutex::new(gate);
+    /// let c: Conveyor<u32> = Conveyor::builder()
+    ///     .drain_timeout(Duration::from_millis(10))
+    ///     .build(move |_d| {
+    ///         gate.lock().unwrap().recv().ok(); // stalls until released
+    ///         Ok(())
+    ///     })?;
+    /// c.send(1).unwrap();
+    /// c.send(2).unwrap();
+    /// let report = c.close(); // gives up after 10 ms
+    /// assert!(!report.drained);
+    /// assert_eq!(report.left, 2);
+    /// drop(release);
+    /// # Ok::<(), conveyor::BuildError>(())
+    /// ```
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
         self.config.drain_timeout = timeout;
         self
@@ -322,6 +508,22 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Builder<T, R> {
 
     /// Sets when a journaled item is on disk (default `Durability::Batched(5 ms)`); see
     /// [`Durability`]. Without a [`journal`](Builder::journal) it has no effect.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::{Conveyor, Durability};
+    /// use std::time::Duration;
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let c: Conveyor<String> = Conveyor::builder()
+    ///     .journal(dir.path().join("events.journal"))
+    ///     .durability(Durability::Sync)
+    ///     .build(|_d| Ok(()))?;
+    /// let receipt = c.send("on disk before send returns".to_owned()).unwrap();
+    /// assert!(c.wait_committed(&receipt, Duration::ZERO)); // nothing left to wait for
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn durability(mut self, durability: Durability) -> Self {
         self.config.durability = durability;
         self
@@ -371,6 +573,19 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Builder<T, R> {
     ///
     /// [`BuildError::InvalidConfig`] for an out-of-range setting, [`BuildError::Spawn`]
     /// if a worker thread cannot be started.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::{BuildError, Conveyor};
+    ///
+    /// let c: Conveyor<u32, u32> = Conveyor::builder().build(|d| Ok(d.item() * 2))?;
+    /// assert_eq!(c.send(21).unwrap().wait().unwrap(), 42);
+    ///
+    /// let invalid = Conveyor::<u32>::builder().capacity(0).build(|_d| Ok(()));
+    /// assert!(matches!(invalid, Err(BuildError::InvalidConfig(_))));
+    /// # Ok::<(), BuildError>(())
+    /// ```
     pub fn build<F>(self, sink: F) -> Result<Conveyor<T, R>, BuildError>
     where
         F: Fn(Delivery<T>) -> Result<R, SinkError> + Send + Sync + 'static,
