@@ -51,6 +51,23 @@ impl Retry {
     pub const MAX_HINT: Duration = Duration::from_secs(3600);
 
     /// One attempt, no retry: the default.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::{Conveyor, Retry, SinkError};
+    ///
+    /// assert_eq!(Retry::none().attempts(), 1);
+    /// assert_eq!(Retry::default(), Retry::none()); // what a builder uses unless told otherwise
+    /// let c: Conveyor<u32> = Conveyor::builder()
+    ///     .retry(Retry::none())
+    ///     .build(|_d| Err(SinkError::retryable("timed out")))?;
+    /// c.send(1).unwrap();
+    /// c.flush();
+    /// let stats = c.stats();
+    /// assert_eq!((stats.failed, stats.retried), (1, 0));
+    /// # Ok::<(), conveyor::BuildError>(())
+    /// ```
     pub fn none() -> Self {
         Self {
             attempts: 1,
@@ -63,6 +80,18 @@ impl Retry {
 
     /// Up to 5 attempts, waiting `base`, then twice as long each time (up to 30 s, with
     /// jitter: see [`Retry::max_delay`] and [`Retry::jitter`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::Retry;
+    /// use std::time::Duration;
+    ///
+    /// let policy = Retry::exponential(Duration::from_millis(10));
+    /// assert_eq!(policy.attempts(), 5);
+    /// let delays: Vec<u128> = (1..5).map(|n| policy.delay_after(n).as_millis()).collect();
+    /// assert_eq!(delays, [10, 20, 40, 80]);
+    /// ```
     pub fn exponential(base: Duration) -> Self {
         Self {
             attempts: Self::DEFAULT_ATTEMPTS,
@@ -75,6 +104,18 @@ impl Retry {
 
     /// Up to 5 attempts, waiting `delay` between them (with jitter, between `delay/2` and
     /// `delay`, unless [`Retry::jitter`] turns it off).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::Retry;
+    /// use std::time::Duration;
+    ///
+    /// let policy = Retry::fixed(Duration::from_millis(250));
+    /// assert_eq!(policy.attempts(), 5);
+    /// assert_eq!(policy.delay_after(1), Duration::from_millis(250));
+    /// assert_eq!(policy.delay_after(4), Duration::from_millis(250));
+    /// ```
     pub fn fixed(delay: Duration) -> Self {
         Self {
             exponential: false,
@@ -83,21 +124,62 @@ impl Retry {
     }
 
     /// Sets the total number of attempts, the first included. `0` is treated as `1`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::Retry;
+    /// use std::time::Duration;
+    ///
+    /// let policy = Retry::fixed(Duration::from_secs(1)).max_attempts(3);
+    /// assert_eq!(policy.attempts(), 3); // the first attempt and two retries
+    /// assert_eq!(policy.max_attempts(0).attempts(), 1);
+    /// ```
     #[must_use]
     pub fn max_attempts(mut self, attempts: u32) -> Self {
         self.attempts = attempts.max(1);
         self
     }
 
-    /// Caps any single delay.
+    /// Caps any single delay (default [`Retry::DEFAULT_MAX_DELAY`]). A sink's `retry_after`
+    /// hint may wait longer, up to the larger of this cap and [`Retry::MAX_HINT`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::Retry;
+    /// use std::time::Duration;
+    ///
+    /// let policy = Retry::exponential(Duration::from_secs(1)).max_delay(Duration::from_secs(5));
+    /// assert_eq!(policy.delay_after(3), Duration::from_secs(4));
+    /// assert_eq!(policy.delay_after(4), Duration::from_secs(5)); // 8 s, capped
+    /// ```
     #[must_use]
     pub fn max_delay(mut self, cap: Duration) -> Self {
         self.max_delay = cap;
         self
     }
 
-    /// Turns jitter on or off. Jitter spreads retries of many lanes so that they do
-    /// not hit a recovering service at the same instant.
+    /// Turns jitter on or off (on for [`Retry::exponential`] and [`Retry::fixed`]). Jitter
+    /// spreads retries of many lanes so that they do not hit a recovering service at the same
+    /// instant.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::{Conveyor, Retry, SinkError};
+    /// use std::time::{Duration, Instant};
+    ///
+    /// let policy = Retry::fixed(Duration::from_millis(10)).max_attempts(2).jitter(false);
+    /// let c: Conveyor<u32> = Conveyor::builder().retry(policy).build(|d| {
+    ///     if d.attempt() == 1 { Err(SinkError::retryable("busy")) } else { Ok(()) }
+    /// })?;
+    /// let started = Instant::now();
+    /// c.send(1).unwrap().wait().unwrap();
+    /// // Without jitter the retry waits the full 10 ms; with it, from 5 to 10 ms.
+    /// assert!(started.elapsed() >= Duration::from_millis(10));
+    /// # Ok::<(), conveyor::BuildError>(())
+    /// ```
     #[must_use]
     pub fn jitter(mut self, on: bool) -> Self {
         self.jitter = on;
@@ -105,12 +187,46 @@ impl Retry {
     }
 
     /// The total number of attempts allowed for one item.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::{Conveyor, DeliveryError, Retry, SinkError};
+    /// use std::time::Duration;
+    ///
+    /// let policy = Retry::fixed(Duration::from_millis(1)).max_attempts(3);
+    /// let c: Conveyor<u32> = Conveyor::builder().retry(policy).build(move |d| {
+    ///     if d.attempt() == policy.attempts() {
+    ///         eprintln!("last attempt for item {}", d.item());
+    ///     }
+    ///     Err(SinkError::retryable("service down"))
+    /// })?;
+    /// match c.send(1).unwrap().wait() {
+    ///     Err(DeliveryError::Failed { attempts, .. }) => assert_eq!(attempts, policy.attempts()),
+    ///     other => panic!("unexpected {other:?}"),
+    /// }
+    /// # Ok::<(), conveyor::BuildError>(())
+    /// ```
     pub fn attempts(&self) -> u32 {
         self.attempts
     }
 
     /// The delay before attempt `failed + 1`, after `failed` failed attempts (without
     /// jitter; see [`Retry::jitter`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::Retry;
+    /// use std::time::Duration;
+    ///
+    /// let policy = Retry::exponential(Duration::from_secs(1));
+    /// // With jitter on (the default here) the wait is drawn from half this to all of it.
+    /// assert_eq!(policy.delay_after(1), Duration::from_secs(1)); // after the first failure
+    /// assert_eq!(policy.delay_after(3), Duration::from_secs(4));
+    /// // 512 s, capped by the default `max_delay`.
+    /// assert_eq!(policy.delay_after(10), Retry::DEFAULT_MAX_DELAY);
+    /// ```
     pub fn delay_after(&self, failed: u32) -> Duration {
         let doublings = if self.exponential {
             failed.saturating_sub(1).min(32)
