@@ -41,6 +41,22 @@ pub struct SinkError {
 
 impl SinkError {
     /// A failure that may succeed if tried again (a timeout, a 503, a dropped connection).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::{Conveyor, DeliveryError, Retry, SinkError};
+    /// use std::time::Duration;
+    ///
+    /// let c: Conveyor<u32> = Conveyor::builder()
+    ///     .retry(Retry::fixed(Duration::from_millis(1)).max_attempts(2))
+    ///     .build(|_d| Err(SinkError::retryable("connection reset")))?;
+    /// match c.send(1).unwrap().wait() {
+    ///     Err(DeliveryError::Failed { attempts, .. }) => assert_eq!(attempts, 2),
+    ///     other => panic!("unexpected {other:?}"),
+    /// }
+    /// # Ok::<(), conveyor::BuildError>(())
+    /// ```
     pub fn retryable(error: impl Into<Box<dyn StdError + Send + Sync + 'static>>) -> Self {
         Self {
             source: Arc::from(error.into()),
@@ -50,6 +66,27 @@ impl SinkError {
     }
 
     /// A failure that will not go away by retrying (a 400, a rejected payload).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::{Conveyor, Delivery, DeliveryError, Retry, SinkError};
+    /// use std::time::Duration;
+    ///
+    /// let c: Conveyor<String> = Conveyor::builder()
+    ///     .retry(Retry::fixed(Duration::from_millis(1)).max_attempts(3))
+    ///     .build(|d: Delivery<String>| {
+    ///         if d.item().is_empty() {
+    ///             return Err(SinkError::permanent("400 Bad Request: empty body"));
+    ///         }
+    ///         Ok(())
+    ///     })?;
+    /// match c.send(String::new()).unwrap().wait() {
+    ///     Err(DeliveryError::Failed { attempts, .. }) => assert_eq!(attempts, 1), // not retried
+    ///     other => panic!("unexpected {other:?}"),
+    /// }
+    /// # Ok::<(), conveyor::BuildError>(())
+    /// ```
     pub fn permanent(error: impl Into<Box<dyn StdError + Send + Sync + 'static>>) -> Self {
         Self {
             source: Arc::from(error.into()),
@@ -62,6 +99,19 @@ impl SinkError {
     /// the value of an HTTP `Retry-After` header. The conveyor waits for the longer of
     /// this hint and its own backoff, but no longer than [`Retry::MAX_HINT`](crate::Retry::MAX_HINT)
     /// or the policy's `max_delay`, whichever is longer.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::SinkError;
+    /// use std::time::Duration;
+    ///
+    /// // A 429 whose `Retry-After: 2` asks for two seconds' rest.
+    /// let busy = SinkError::retryable("429 Too Many Requests")
+    ///     .with_retry_after(Duration::from_secs(2));
+    /// assert_eq!(busy.retry_after(), Some(Duration::from_secs(2)));
+    /// assert!(busy.is_retryable());
+    /// ```
     #[must_use]
     pub fn with_retry_after(mut self, delay: Duration) -> Self {
         self.retry_after = Some(delay);
@@ -69,11 +119,38 @@ impl SinkError {
     }
 
     /// Whether another attempt may succeed.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::{Conveyor, DeliveryError, SinkError};
+    ///
+    /// let c: Conveyor<u32> = Conveyor::builder()
+    ///     .build(|_d| Err(SinkError::retryable("timed out")))?;
+    /// match c.send(1).unwrap().wait() {
+    ///     // Out of attempts (the default is one), not refused for good.
+    ///     Err(DeliveryError::Failed { error, .. }) => assert!(error.is_retryable()),
+    ///     other => panic!("unexpected {other:?}"),
+    /// }
+    /// assert!(!SinkError::permanent("410 Gone").is_retryable());
+    /// # Ok::<(), conveyor::BuildError>(())
+    /// ```
     pub fn is_retryable(&self) -> bool {
         self.retryable
     }
 
     /// The delay the sink asked for before the next attempt, if any.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::SinkError;
+    /// use std::time::Duration;
+    ///
+    /// assert_eq!(SinkError::retryable("503").retry_after(), None);
+    /// let hinted = SinkError::retryable("503").with_retry_after(Duration::from_secs(30));
+    /// assert_eq!(hinted.retry_after(), Some(Duration::from_secs(30)));
+    /// ```
     pub fn retry_after(&self) -> Option<Duration> {
         self.retry_after
     }
@@ -195,6 +272,18 @@ pub enum SendError<T> {
 
 impl<T> SendError<T> {
     /// Gives the refused item back.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::Conveyor;
+    ///
+    /// let c: Conveyor<String> = Conveyor::builder().build(|_d| Ok(()))?;
+    /// c.close();
+    /// let refused = c.send("late".to_owned()).unwrap_err();
+    /// assert_eq!(refused.into_inner(), "late"); // to keep, log or send elsewhere
+    /// # Ok::<(), conveyor::BuildError>(())
+    /// ```
     pub fn into_inner(self) -> T {
         match self {
             SendError::Full(item)
@@ -205,11 +294,41 @@ impl<T> SendError<T> {
     }
 
     /// Whether the queue was full (as opposed to the conveyor being closed).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::Conveyor;
+    /// use std::sync::{mpsc, Mutex};
+    ///
+    /// let (release, gate) = mpsc::channel::<()>();
+    /// let gate = Mutex::new(gate);
+    /// let c: Conveyor<u32> = Conveyor::builder().capacity(1).build(move |_d| {
+    ///     gate.lock().unwrap().recv().ok(); // stalls until released
+    ///     Ok(())
+    /// })?;
+    /// let refused: Vec<_> = (0..3).filter_map(|i| c.try_send(i).err()).collect();
+    /// assert!(!refused.is_empty() && refused.iter().all(|e| e.is_full()));
+    /// drop(release);
+    /// # Ok::<(), conveyor::BuildError>(())
+    /// ```
     pub fn is_full(&self) -> bool {
         matches!(self, SendError::Full(_))
     }
 
     /// Whether the conveyor was closed.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::Conveyor;
+    ///
+    /// let c: Conveyor<u32> = Conveyor::builder().build(|_d| Ok(()))?;
+    /// c.close();
+    /// let refused = c.send(1).unwrap_err();
+    /// assert!(refused.is_closed() && !refused.is_full());
+    /// # Ok::<(), conveyor::BuildError>(())
+    /// ```
     pub fn is_closed(&self) -> bool {
         matches!(self, SendError::Closed(_))
     }
@@ -257,6 +376,25 @@ impl<T> StdError for SendError<T> {}
 
 /// How an accepted item ended when it was not delivered, as reported by its
 /// [`Receipt`](crate::Receipt).
+///
+/// # Examples
+///
+/// ```
+/// use conveyor::{Conveyor, DeliveryError, SinkError};
+///
+/// let c: Conveyor<u32> = Conveyor::builder().build(|_d| Err(SinkError::permanent("410 Gone")))?;
+/// let err = c.send(1).unwrap().wait().unwrap_err();
+/// assert_eq!(err.to_string(), "delivery failed after 1 attempt(s): 410 Gone");
+/// match &err {
+///     DeliveryError::Failed { attempts, error } => {
+///         assert_eq!((*attempts, error.is_retryable()), (1, false));
+///     }
+///     DeliveryError::Dropped => eprintln!("dropped: the queue was full"),
+///     DeliveryError::Closed | DeliveryError::Unconfirmed => eprintln!("left at shutdown"),
+///     _ => eprintln!("{err}"),
+/// }
+/// # Ok::<(), conveyor::BuildError>(())
+/// ```
 #[non_exhaustive]
 #[derive(Debug, Clone)]
 pub enum DeliveryError {
@@ -314,6 +452,19 @@ impl StdError for DeliveryError {
 
 /// A configuration the [`Builder`](crate::Builder) refuses, or a resource it could not
 /// set up.
+///
+/// # Examples
+///
+/// ```
+/// use conveyor::{BuildError, Conveyor, Ordering};
+///
+/// let err = Conveyor::<u32>::builder()
+///     .ordering(Ordering::Pipelined { in_flight: 0 })
+///     .build(|_d| Ok(()))
+///     .unwrap_err();
+/// assert!(matches!(err, BuildError::InvalidConfig(_)));
+/// assert!(err.to_string().contains("in_flight >= 1"), "{err}");
+/// ```
 #[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
