@@ -211,6 +211,19 @@ impl fmt::Display for HttpError {
 impl std::error::Error for HttpError {}
 
 /// The successful response of an [`HttpSink`] delivery.
+///
+/// # Examples
+///
+/// ```no_run
+/// use conveyor::{Conveyor, HttpReply, HttpSink};
+///
+/// let sink = HttpSink::builder("https://example.com/events").build()?;
+/// let c: Conveyor<String, HttpReply> = Conveyor::builder().build(sink.into_sink())?;
+/// let reply = c.send(r#"{"n":1}"#.to_owned())?.wait()?;
+/// assert!((200..300).contains(&reply.status));
+/// println!("the server said {}", String::from_utf8_lossy(&reply.body));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct HttpReply {
@@ -229,6 +242,21 @@ pub struct HttpReply {
 /// | timeout per request | 30 s |
 /// | redirects | not followed (a 3xx is a permanent failure) |
 /// | trusted certificate authorities (`https`) | Mozilla's roots, compiled in; add a private CA with [`root_certificates`](Self::root_certificates) |
+///
+/// # Examples
+///
+/// ```
+/// use conveyor::HttpSink;
+/// use std::time::Duration;
+///
+/// let builder = HttpSink::builder("https://example.com/hooks")
+///     .header("Authorization", "Bearer s3cret-token")
+///     .timeout(Duration::from_secs(5));
+/// assert!(!format!("{builder:?}").contains("s3cret"), "header values are not shown");
+/// let sink = builder.build()?;
+/// assert_eq!(sink.display_url(), "https://example.com/hooks");
+/// # Ok::<(), conveyor::HttpBuildError>(())
+/// ```
 #[must_use = "call .build() to get the sink"]
 pub struct HttpSinkBuilder {
     url: String,
@@ -262,12 +290,39 @@ impl HttpSinkBuilder {
     /// A `Content-Type` replaces the default `application/json`; the headers the conveyor
     /// sets per item (`Idempotency-Key`, `Conveyor-Seq`, `Conveyor-Attempt`, `Conveyor-Key`)
     /// are refused by [`build`](HttpSinkBuilder::build).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::{HttpBuildError, HttpSink};
+    ///
+    /// let url = "https://example.com/hooks";
+    /// let sink = HttpSink::builder(url)
+    ///     .header("Content-Type", "text/plain") // replaces application/json
+    ///     .header("X-Api-Key", "k-123456")
+    ///     .build()?;
+    /// let refused = HttpSink::builder(url).header("Idempotency-Key", "fixed").build();
+    /// assert_eq!(refused.unwrap_err(), HttpBuildError::ReservedHeader("Idempotency-Key".into()));
+    /// # Ok::<(), HttpBuildError>(())
+    /// ```
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.headers.push((name.into(), value.into()));
         self
     }
 
     /// Sets the HTTP method (default `POST`).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::{HttpBuildError, HttpSink};
+    ///
+    /// let url = "https://example.com/items/1";
+    /// let sink = HttpSink::builder(url).method("put").build()?; // sent as PUT
+    /// let refused = HttpSink::builder(url).method("SEND NOW").build();
+    /// assert_eq!(refused.unwrap_err(), HttpBuildError::InvalidMethod("SEND NOW".into()));
+    /// # Ok::<(), HttpBuildError>(())
+    /// ```
     pub fn method(mut self, method: impl Into<String>) -> Self {
         self.method = method.into();
         self
@@ -276,6 +331,19 @@ impl HttpSinkBuilder {
     /// Sets the timeout of one request, from connecting to reading the whole response (default 30 s).
     /// A timeout is a retryable failure. Zero is refused by [`build`](HttpSinkBuilder::build):
     /// every request would time out.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::{HttpBuildError, HttpSink};
+    /// use std::time::Duration;
+    ///
+    /// let url = "https://example.com/hooks";
+    /// let sink = HttpSink::builder(url).timeout(Duration::from_secs(5)).build()?;
+    /// let refused = HttpSink::builder(url).timeout(Duration::ZERO).build();
+    /// assert_eq!(refused.unwrap_err(), HttpBuildError::ZeroTimeout);
+    /// # Ok::<(), HttpBuildError>(())
+    /// ```
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -307,6 +375,20 @@ impl HttpSinkBuilder {
     /// invalid, the timeout is zero, or the HTTP client (TLS) cannot be set up.
     ///
     /// Works inside an async runtime too: the client is started on a thread of its own.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::{HttpBuildError, HttpSink};
+    ///
+    /// let sink = HttpSink::builder("https://example.com/hooks").build()?;
+    ///
+    /// let err = HttpSink::builder("ftp://bot:hunter2@example.com/in").build().unwrap_err();
+    /// assert!(matches!(err, HttpBuildError::InvalidUrl { .. }));
+    /// assert!(err.to_string().contains("is not http or https"), "{err}");
+    /// assert!(!err.to_string().contains("hunter2"), "the password is not shown");
+    /// # Ok::<(), HttpBuildError>(())
+    /// ```
     pub fn build(self) -> Result<HttpSink, HttpBuildError> {
         // Shown as given, but for a password: a URL that does not parse may still hold one.
         let url = Url::parse(&self.url).map_err(|e| HttpBuildError::InvalidUrl {
@@ -396,6 +478,19 @@ impl HttpSinkBuilder {
 }
 
 /// Why an [`HttpSink`] could not be built. Header values are never part of the message.
+///
+/// # Examples
+///
+/// ```
+/// use conveyor::{HttpBuildError, HttpSink};
+///
+/// let err = HttpSink::builder("https://example.com/hooks")
+///     .header("X-Token", "abc\ndef-secret") // a line break cannot be sent
+///     .build()
+///     .unwrap_err();
+/// assert!(matches!(&err, HttpBuildError::InvalidHeader { name, .. } if name == "X-Token"));
+/// assert!(!err.to_string().contains("secret"), "header values are never shown: {err}");
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum HttpBuildError {
@@ -486,6 +581,14 @@ impl HttpSink {
     }
 
     /// The target URL, with any password in it replaced, for display.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let sink = conveyor::HttpSink::builder("https://bot:s3cret@example.com/in").build()?;
+    /// assert_eq!(sink.display_url(), "https://bot:redacted@example.com/in");
+    /// # Ok::<(), conveyor::HttpBuildError>(())
+    /// ```
     pub fn display_url(&self) -> String {
         redact_url(&self.url)
     }
@@ -496,6 +599,20 @@ impl HttpSink {
     ///
     /// A retryable [`SinkError`] for connection errors, timeouts, 408, 429 and 5xx (with the
     /// `Retry-After` hint when the server gave one), a permanent one for any other non-2xx status.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use conveyor::{Conveyor, HttpSink};
+    ///
+    /// // A sink of your own around the HTTP call: here it keeps only the status.
+    /// let sink = HttpSink::builder("https://example.com/events").build()?;
+    /// let c: Conveyor<Vec<u8>, u16> =
+    ///     Conveyor::builder().build(move |d| Ok(sink.send(&d)?.status))?;
+    /// let status = c.send(br#"{"n":1}"#.to_vec())?.wait()?;
+    /// assert!((200..300).contains(&status));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn send<T: AsRef<[u8]>>(&self, d: &Delivery<T>) -> Result<HttpReply, SinkError> {
         let mut request = self
             .client
@@ -526,6 +643,23 @@ impl HttpSink {
     }
 
     /// Turns the sink into the closure [`Builder::build`](crate::Builder::build) takes.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use conveyor::{Conveyor, HttpReply, HttpSink, Retry};
+    /// use std::time::Duration;
+    ///
+    /// let sink = HttpSink::builder("https://example.com/events").build()?;
+    /// let c: Conveyor<String, HttpReply> = Conveyor::builder()
+    ///     .retry(Retry::exponential(Duration::from_millis(200)))
+    ///     .build(sink.into_sink())?;
+    /// for n in 1..=3 {
+    ///     c.send(format!(r#"{{"n":{n}}}"#))?;
+    /// }
+    /// assert_eq!(c.close().stats.delivered, 3);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn into_sink<T: AsRef<[u8]>>(
         self,
     ) -> impl Fn(Delivery<T>) -> Result<HttpReply, SinkError> + Send + Sync + 'static {
