@@ -26,11 +26,11 @@ use std::time::{Duration, Instant};
 ///     .max_attempts(5)
 ///     .max_delay(Duration::from_secs(2));
 /// assert_eq!(policy.attempts(), 5);
-/// // Without jitter the delays are exact: 100 ms, 200 ms, 400 ms, ...
-/// let exact = policy.jitter(false);
-/// assert_eq!(exact.delay_after(1), Duration::from_millis(100));
-/// assert_eq!(exact.delay_after(3), Duration::from_millis(400));
-/// assert_eq!(exact.delay_after(10), Duration::from_secs(2));
+/// // The nominal delays: 100 ms, 200 ms, 400 ms, ... up to 2 s. The wait itself is drawn
+/// // from half of each to all of it, unless `.jitter(false)`.
+/// assert_eq!(policy.delay_after(1), Duration::from_millis(100));
+/// assert_eq!(policy.delay_after(3), Duration::from_millis(400));
+/// assert_eq!(policy.delay_after(10), Duration::from_secs(2));
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retry {
