@@ -587,6 +587,24 @@ pub struct Conveyor<T: Send + Sync + 'static, R: Send + 'static = ()> {
 
 impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// Starts configuring a conveyor; see [`Builder`] for the settings and defaults.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::{Conveyor, Ordering};
+    ///
+    /// let c: Conveyor<String> = Conveyor::builder()
+    ///     .ordering(Ordering::Keyed { concurrency: 4 })
+    ///     .capacity(1_000)
+    ///     .build(|d| {
+    ///         println!("{}", d.item());
+    ///         Ok(())
+    ///     })?;
+    /// c.send_keyed("user-42", "hello".to_owned()).unwrap();
+    /// c.flush();
+    /// assert_eq!(c.stats().delivered, 1);
+    /// # Ok::<(), conveyor::BuildError>(())
+    /// ```
     pub fn builder() -> Builder<T, R> {
         Builder::default()
     }
@@ -1046,6 +1064,31 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// # Errors
     ///
     /// As for [`Conveyor::send`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::{Conveyor, Ordering};
+    /// use std::sync::{Arc, Mutex};
+    ///
+    /// let seen = Arc::new(Mutex::new(Vec::new()));
+    /// let log = seen.clone();
+    /// let c: Conveyor<u32> = Conveyor::builder()
+    ///     .ordering(Ordering::Keyed { concurrency: 2 })
+    ///     .build(move |d| {
+    ///         log.lock().unwrap().push((d.key() == Some("ann"), *d.item()));
+    ///         Ok(())
+    ///     })?;
+    /// for i in 0..3 {
+    ///     c.send_keyed("ann", i).unwrap();
+    ///     c.send_keyed("bob", i).unwrap();
+    /// }
+    /// c.flush();
+    /// let seen = seen.lock().unwrap();
+    /// let ann: Vec<u32> = seen.iter().filter(|(ann, _)| *ann).map(|(_, i)| *i).collect();
+    /// assert_eq!(ann, [0, 1, 2], "in order within a key; bob's items ran alongside");
+    /// # Ok::<(), conveyor::BuildError>(())
+    /// ```
     pub fn send_keyed(&self, key: impl Into<String>, item: T) -> Result<Receipt<R>, SendError<T>> {
         self.send_with(Some(Arc::from(key.into())), item, Wait::Thread, None)
     }
@@ -1085,6 +1128,22 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// # Errors
     ///
     /// As for [`Conveyor::try_send`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::{Conveyor, Ordering};
+    ///
+    /// let c: Conveyor<u32> = Conveyor::builder()
+    ///     .ordering(Ordering::Keyed { concurrency: 8 })
+    ///     .build(|_d| Ok(()))?;
+    /// assert!(c.try_send_keyed("sensor-3", 21).is_ok()); // room in the queue: accepted
+    /// c.close();
+    /// let refused = c.try_send_keyed("sensor-3", 22).unwrap_err();
+    /// assert!(refused.is_closed());
+    /// assert_eq!(refused.into_inner(), 22, "a refused item is handed back");
+    /// # Ok::<(), conveyor::BuildError>(())
+    /// ```
     pub fn try_send_keyed(
         &self,
         key: impl Into<String>,
@@ -1218,6 +1277,20 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// waiting on: items not committed yet are not delivered until the journal can be written
     /// again.
     ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::Conveyor;
+    ///
+    /// let c: Conveyor<u32> = Conveyor::builder().build(|_d| Ok(()))?;
+    /// for i in 0..5 {
+    ///     c.send(i).unwrap();
+    /// }
+    /// c.flush(); // returns once all five settled
+    /// assert_eq!(c.stats().delivered, 5);
+    /// c.send(5).unwrap(); // unlike `close`, it leaves the conveyor open
+    /// # Ok::<(), conveyor::BuildError>(())
+    /// ```
     pub fn flush(&self) {
         self.flush_until(None);
         self.sync_journal(None);
@@ -1290,6 +1363,23 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
 
     /// Stops accepting items and drains, waiting at most the configured
     /// [`drain_timeout`](Builder::drain_timeout); see [`Conveyor::close_timeout`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::Conveyor;
+    /// use std::time::Duration;
+    ///
+    /// let c: Conveyor<u32> = Conveyor::builder()
+    ///     .drain_timeout(Duration::from_secs(10))
+    ///     .build(|_d| Ok(()))?;
+    /// c.send(1).unwrap();
+    /// let report = c.close();
+    /// assert!(report.drained);
+    /// assert_eq!(report.stats.delivered, 1);
+    /// assert!(c.send(2).unwrap_err().is_closed());
+    /// # Ok::<(), conveyor::BuildError>(())
+    /// ```
     pub fn close(&self) -> CloseReport {
         self.close_timeout(self.shared.config.drain_timeout)
     }
@@ -1309,6 +1399,30 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// Called (or dropped) from this conveyor's own sink or a receipt callback, it waits only
     /// for what the other workers can deliver, then reports the rest, the calling sink's own
     /// item included.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::{Conveyor, DeliveryError};
+    /// use std::sync::{mpsc, Mutex};
+    /// use std::time::Duration;
+    ///
+    /// let (release, gate) = mpsc::channel::<()>();
+    /// let gate = Mutex::new(gate);
+    /// let c: Conveyor<u32> = Conveyor::builder().build(move |_d| {
+    ///     gate.lock().unwrap().recv().ok(); // a call that hangs until released
+    ///     Ok(())
+    /// })?;
+    /// let hung = c.send(1).unwrap();
+    /// let queued = c.send(2).unwrap();
+    /// // Returns at the deadline, however long the call hangs.
+    /// let report = c.close_timeout(Duration::from_millis(20));
+    /// assert_eq!((report.drained, report.left), (false, 2));
+    /// assert!(matches!(queued.wait(), Err(DeliveryError::Closed)));
+    /// assert!(hung.wait().is_err(), "Unconfirmed, or Closed if it had not started yet");
+    /// drop(release); // the hung call ends on its own thread
+    /// # Ok::<(), conveyor::BuildError>(())
+    /// ```
     pub fn close_timeout(&self, timeout: Duration) -> CloseReport {
         self.shut_down(timeout, true)
     }
@@ -1484,11 +1598,48 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     }
 
     /// The lanes paused by [`OnFailure::Pause`](crate::OnFailure::Pause), sorted.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::{Conveyor, OnFailure, Ordering, SinkError};
+    ///
+    /// let c: Conveyor<u32> = Conveyor::builder()
+    ///     .ordering(Ordering::Keyed { concurrency: 4 })
+    ///     .on_failure(OnFailure::Pause)
+    ///     .build(|d| match d.key() {
+    ///         Some("flaky") => Err(SinkError::permanent("rejected")),
+    ///         _ => Ok(()),
+    ///     })?;
+    /// c.send_keyed("steady", 1).unwrap();
+    /// c.send_keyed("flaky", 2).unwrap();
+    /// c.flush(); // returns: the held item does not count
+    /// assert_eq!(c.paused(), ["flaky"]);
+    /// # Ok::<(), conveyor::BuildError>(())
+    /// ```
     pub fn paused(&self) -> Vec<String> {
         self.shared.lock().paused_lanes()
     }
 
     /// A consistent snapshot of the counters.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::{Conveyor, SinkError};
+    ///
+    /// let c: Conveyor<u32> = Conveyor::builder().build(|d| match d.item() {
+    ///     0 => Err(SinkError::permanent("zero is not a valid reading")),
+    ///     _ => Ok(()),
+    /// })?;
+    /// for i in 0..4 {
+    ///     c.send(i).unwrap();
+    /// }
+    /// c.flush();
+    /// let s = c.stats();
+    /// assert_eq!((s.accepted, s.delivered, s.failed, s.queued), (4, 3, 1, 0));
+    /// # Ok::<(), conveyor::BuildError>(())
+    /// ```
     pub fn stats(&self) -> Stats {
         let mut st = self.shared.lock();
         self.shared.drain(&mut st);
@@ -1640,6 +1791,23 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     ///
     /// [`JournalError::NoSuchDeadLetter`] if there is none with this seq; see
     /// [`Conveyor::dead_letters`] for the others.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::{Conveyor, JournalError, SinkError};
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let c: Conveyor<u32> = Conveyor::builder()
+    ///     .journal(dir.path().join("j"))
+    ///     .build(|_d| Err(SinkError::permanent("rejected")))?;
+    /// c.send(1).unwrap().wait().unwrap_err();
+    /// let seq = c.dead_letters()?[0].seq;
+    /// c.discard_dead(seq)?;
+    /// assert!(c.dead_letters()?.is_empty());
+    /// assert!(matches!(c.discard_dead(seq), Err(JournalError::NoSuchDeadLetter { .. })));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn discard_dead(&self, seq: u64) -> Result<(), JournalError> {
         let durable = self.durable()?;
         let mut removed = durable.operator();
@@ -1745,6 +1913,25 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// # Errors
     ///
     /// As for [`Conveyor::send`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::{Conveyor, Ordering};
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let c: Conveyor<String> = Conveyor::builder()
+    ///     .ordering(Ordering::Keyed { concurrency: 4 })
+    ///     .journal(dir.path().join("j"))
+    ///     .build(|_d| Ok(()))?;
+    /// // Input lines "user,event": the user is the key, the line number the cursor.
+    /// for (n, line) in ["ann,login", "bob,login", "ann,logout"].iter().enumerate() {
+    ///     let (user, event) = line.split_once(',').unwrap();
+    ///     c.send_keyed_and_set_cursor(user, event.to_owned(), n as u64 + 1).unwrap();
+    /// }
+    /// assert_eq!(c.cursor()?, Some(3));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn send_keyed_and_set_cursor(
         &self,
         key: impl Into<String>,
@@ -1765,6 +1952,22 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// # Errors
     ///
     /// As for [`Conveyor::try_send`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::{Conveyor, Journal};
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("j");
+    /// let c: Conveyor<String> = Conveyor::builder().journal(&path).build(|_d| Ok(()))?;
+    /// c.try_send_and_set_cursor("line 1".to_owned(), 1).unwrap();
+    /// c.close();
+    /// // A refused item stores no position: the next run reads its line again.
+    /// assert!(c.try_send_and_set_cursor("line 2".to_owned(), 2).unwrap_err().is_closed());
+    /// assert_eq!(Journal::open(&path)?.cursor()?, Some(1));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn try_send_and_set_cursor(
         &self,
         item: T,
@@ -1779,6 +1982,21 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// # Errors
     ///
     /// As for [`Conveyor::try_send`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::{Conveyor, Ordering};
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let c: Conveyor<String> = Conveyor::builder()
+    ///     .ordering(Ordering::Keyed { concurrency: 4 })
+    ///     .journal(dir.path().join("j"))
+    ///     .build(|_d| Ok(()))?;
+    /// c.try_send_keyed_and_set_cursor("ann", "login".to_owned(), 1).unwrap(); // room: accepted
+    /// assert_eq!(c.cursor()?, Some(1));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn try_send_keyed_and_set_cursor(
         &self,
         key: impl Into<String>,
@@ -1818,11 +2036,30 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             .await
     }
 
-    /// The input position last stored with [`set_cursor`](Conveyor::set_cursor) and committed.
+    /// The input position last stored with [`set_cursor`](Conveyor::set_cursor) or one of the
+    /// `*_and_set_cursor` sends. The journal commits what was stored before it is read, so this
+    /// is the latest position stored (while the journal cannot be written, the latest committed).
     ///
     /// # Errors
     ///
     /// [`JournalError::NoJournal`] without a journal; see [`Conveyor::dead_letters`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::Conveyor;
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("j");
+    /// let c: Conveyor<String> = Conveyor::builder().journal(&path).build(|_d| Ok(()))?;
+    /// assert_eq!(c.cursor()?, None); // a new journal: start at the beginning
+    /// c.set_cursor(42)?;
+    /// drop(c);
+    /// // The next run resumes from there.
+    /// let c: Conveyor<String> = Conveyor::builder().journal(&path).build(|_d| Ok(()))?;
+    /// assert_eq!(c.cursor()?, Some(42));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn cursor(&self) -> Result<Option<u64>, JournalError> {
         let durable = self.durable()?;
         self.sync_journal(None);
@@ -1831,6 +2068,28 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
 
     /// Why sends fail with [`SendError::Journal`] right now: the journal's last write error,
     /// until a write succeeds again. `None` without a journal or when it is healthy.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::{Conveyor, SendError};
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let c: Conveyor<String> = Conveyor::builder()
+    ///     .journal(dir.path().join("j"))
+    ///     .build(|_d| Ok(()))?;
+    /// match c.send("event".to_owned()) {
+    ///     Ok(_receipt) => {}
+    ///     Err(SendError::Journal(item)) => {
+    ///         // The disk is full, say: the message says what to do, and the send can be retried.
+    ///         let why = c.journal_error().map(|e| e.to_string()).unwrap_or_default();
+    ///         eprintln!("not sent, try again later: {item}: {why}");
+    ///     }
+    ///     Err(e) => return Err(e.into()),
+    /// }
+    /// assert!(c.journal_error().is_none(), "a healthy journal");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn journal_error(&self) -> Option<Arc<JournalError>> {
         self.shared.durable.as_ref().and_then(|d| d.failure())
     }
