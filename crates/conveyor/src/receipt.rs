@@ -412,6 +412,19 @@ impl<T> Delivery<T> {
     }
 
     /// The item to deliver.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::{Conveyor, Delivery};
+    ///
+    /// let c: Conveyor<String, usize> = Conveyor::builder().build(|d: Delivery<String>| {
+    ///     let body: &String = d.item(); // borrowed: the item stays for a retry
+    ///     Ok(body.len())
+    /// })?;
+    /// assert_eq!(c.send("hello".to_owned()).unwrap().wait().unwrap(), 5);
+    /// # Ok::<(), conveyor::BuildError>(())
+    /// ```
     pub fn item(&self) -> &T {
         // SAFETY: the item lives as long as the node, which this delivery keeps alive, and
         // nobody mutates an accepted item.
@@ -419,13 +432,39 @@ impl<T> Delivery<T> {
     }
 
     /// The item's sequence number: assigned when the item was accepted, increasing in
-    /// submission order, starting at 1.
+    /// submission order, starting at 1. With a journal they continue after the seqs it handed
+    /// out or reserved before, so they never repeat within a journal (see
+    /// [`Builder::journal`](crate::Builder::journal)).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::Conveyor;
+    ///
+    /// let c: Conveyor<&'static str, u64> = Conveyor::builder().build(|d| Ok(d.seq()))?;
+    /// let first = c.send("a").unwrap();
+    /// let second = c.send("b").unwrap();
+    /// assert_eq!((first.wait().unwrap(), second.wait().unwrap()), (1, 2));
+    /// # Ok::<(), conveyor::BuildError>(())
+    /// ```
     pub fn seq(&self) -> u64 {
         self.about().seq.load(AtomicOrdering::Relaxed)
     }
 
     /// The key the item was sent with ([`Conveyor::send_keyed`](crate::Conveyor::send_keyed)),
     /// if any.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::Conveyor;
+    ///
+    /// let c: Conveyor<u32, String> =
+    ///     Conveyor::builder().build(|d| Ok(d.key().unwrap_or("no key").to_owned()))?;
+    /// assert_eq!(c.send_keyed("eu-west", 1).unwrap().wait().unwrap(), "eu-west");
+    /// assert_eq!(c.send(2).unwrap().wait().unwrap(), "no key");
+    /// # Ok::<(), conveyor::BuildError>(())
+    /// ```
     pub fn key(&self) -> Option<&str> {
         self.about().key.as_deref()
     }
@@ -435,6 +474,22 @@ impl<T> Delivery<T> {
     /// retry budget (its [`seq`](Delivery::seq) and
     /// [`idempotency_key`](Delivery::idempotency_key) stay the same, so a receiver can still
     /// tell a repeat).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::{Conveyor, Retry, SinkError};
+    /// use std::time::Duration;
+    ///
+    /// let c: Conveyor<u32, u32> = Conveyor::builder()
+    ///     .retry(Retry::fixed(Duration::from_millis(1)).max_attempts(3))
+    ///     .build(|d| match d.attempt() {
+    ///         1 | 2 => Err(SinkError::retryable("timed out")),
+    ///         n => Ok(n),
+    ///     })?;
+    /// assert_eq!(c.send(7).unwrap().wait().unwrap(), 3, "delivered on the third attempt");
+    /// # Ok::<(), conveyor::BuildError>(())
+    /// ```
     pub fn attempt(&self) -> u32 {
         self.attempt
     }
@@ -442,6 +497,28 @@ impl<T> Delivery<T> {
     /// A key that is the same on every attempt of this item and differs between items
     /// (and between conveyors), for receivers that drop duplicates: send it as an
     /// `Idempotency-Key` header, for example.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::{Conveyor, Retry, SinkError};
+    /// use std::sync::Mutex;
+    /// use std::time::Duration;
+    ///
+    /// let first_try = Mutex::new(None);
+    /// let c: Conveyor<u32, bool> = Conveyor::builder()
+    ///     .retry(Retry::fixed(Duration::from_millis(1)).max_attempts(2))
+    ///     .build(move |d| {
+    ///         let key = d.idempotency_key(); // sent as an `Idempotency-Key` header, say
+    ///         match first_try.lock().unwrap().replace(key.clone()) {
+    ///             // The receiver may have taken it all the same.
+    ///             None => Err(SinkError::retryable("timed out")),
+    ///             Some(before) => Ok(before == key),
+    ///         }
+    ///     })?;
+    /// assert!(c.send(1).unwrap().wait().unwrap(), "the retry carries the same key");
+    /// # Ok::<(), conveyor::BuildError>(())
+    /// ```
     pub fn idempotency_key(&self) -> String {
         // SAFETY: `node` is a live node, kept alive by this delivery.
         let context = unsafe { context(self.node.as_ptr()) };
@@ -528,11 +605,43 @@ impl<R> Receipt<R> {
     }
 
     /// The item's sequence number (see [`Delivery::seq`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::Conveyor;
+    ///
+    /// let c: Conveyor<u32, u64> = Conveyor::builder().build(|d| Ok(d.seq()))?;
+    /// let receipt = c.send(10).unwrap();
+    /// let seq = receipt.seq(); // known at once: log it, to match the sink's logs later
+    /// assert_eq!(receipt.wait().unwrap(), seq);
+    /// # Ok::<(), conveyor::BuildError>(())
+    /// ```
     pub fn seq(&self) -> u64 {
         self.about().seq.load(AtomicOrdering::Relaxed)
     }
 
     /// Whether the item has settled (delivered, failed, dropped or closed).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::Conveyor;
+    /// use std::sync::{mpsc, Mutex};
+    ///
+    /// let (release, gate) = mpsc::channel::<()>();
+    /// let gate = Mutex::new(gate);
+    /// let c: Conveyor<u32> = Conveyor::builder().build(move |_d| {
+    ///     gate.lock().unwrap().recv().ok(); // a slow call, until released
+    ///     Ok(())
+    /// })?;
+    /// let receipt = c.send(1).unwrap();
+    /// assert!(!receipt.is_settled(), "the sink is still at it");
+    /// release.send(()).unwrap();
+    /// c.flush();
+    /// assert!(receipt.is_settled());
+    /// # Ok::<(), conveyor::BuildError>(())
+    /// ```
     pub fn is_settled(&self) -> bool {
         !matches!(*self.slot().lock(), SlotState::Pending { .. })
     }
@@ -565,6 +674,26 @@ impl<R> Receipt<R> {
     /// tasks to another thread meanwhile (as [`tokio::task::block_in_place`] does), so a wait
     /// for an item that an async sink on the same runtime delivers still ends. Elsewhere (a
     /// `block_on` thread, a `LocalSet`) it simply blocks.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::{Conveyor, DeliveryError, SinkError};
+    ///
+    /// let c: Conveyor<u32, u32> = Conveyor::builder().build(|d| match d.item() {
+    ///     0 => Err(SinkError::permanent("zero is not a valid amount")),
+    ///     n => Ok(n * 10),
+    /// })?;
+    /// assert_eq!(c.send(4).unwrap().wait()?, 40);
+    /// match c.send(0).unwrap().wait() {
+    ///     Err(DeliveryError::Failed { attempts, error }) => {
+    ///         assert_eq!(attempts, 1);
+    ///         assert_eq!(error.to_string(), "zero is not a valid amount");
+    ///     }
+    ///     other => panic!("expected a failure, got {other:?}"),
+    /// }
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn wait(mut self) -> Result<R, DeliveryError> {
         self.wait_until(None)
             .expect("waiting without a deadline always yields a result")
@@ -580,6 +709,26 @@ impl<R> Receipt<R> {
     ///
     /// If the result was already taken by an earlier call that returned `Some`, or by
     /// polling the receipt as a future to completion.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::Conveyor;
+    /// use std::sync::{mpsc, Mutex};
+    /// use std::time::Duration;
+    ///
+    /// let (release, gate) = mpsc::channel::<()>();
+    /// let gate = Mutex::new(gate);
+    /// let c: Conveyor<u32, u32> = Conveyor::builder().build(move |d| {
+    ///     gate.lock().unwrap().recv().ok(); // a slow call, until released
+    ///     Ok(*d.item())
+    /// })?;
+    /// let mut receipt = c.send(7).unwrap();
+    /// assert!(receipt.wait_timeout(Duration::from_millis(5)).is_none(), "not settled yet");
+    /// release.send(()).unwrap();
+    /// assert_eq!(receipt.wait_timeout(Duration::from_secs(30)).unwrap().unwrap(), 7);
+    /// # Ok::<(), conveyor::BuildError>(())
+    /// ```
     pub fn wait_timeout(&mut self, timeout: Duration) -> Option<Result<R, DeliveryError>> {
         // Saturated, as `Duration::MAX` cannot be added to the clock; and not "forever": where
         // `wait` would panic, this must not block.
