@@ -98,6 +98,18 @@ INSERT INTO meta (name, value) VALUES ('id', lower(hex(randomblob(8)))), ('last_
 ///
 /// Every message names the journal file and says what to do. A journal that could not be written
 /// keeps what it held before the failing operation: SQLite rolls the transaction back.
+///
+/// # Examples
+/// ```
+/// use conveyor::{Journal, JournalError};
+///
+/// let dir = tempfile::tempdir()?;
+/// let err = Journal::open(dir.path()).unwrap_err();
+/// assert!(matches!(err, JournalError::IsADirectory { .. }));
+/// // The message names the file and says what to do.
+/// assert!(err.to_string().contains("give the path of a file"), "{err}");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum JournalError {
@@ -338,6 +350,25 @@ impl JournalError {
 }
 
 /// What a journal holds, from [`Journal::status`].
+///
+/// # Examples
+/// ```
+/// use conveyor::{Conveyor, Journal};
+///
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("j");
+/// let c: Conveyor<String> = Conveyor::builder().journal(&path).build(|_d| Ok(()))?;
+/// for (n, line) in ["a", "b", "c"].iter().enumerate() {
+///     c.send_and_set_cursor(line.to_string(), n as u64 + 1).unwrap();
+/// }
+/// c.close();
+/// let status = Journal::open(&path)?.status()?;
+/// assert_eq!((status.pending, status.cursor), (0, Some(3)));
+/// assert!(status.last_seq >= 3, "seqs are reserved ahead of use");
+/// assert_eq!(status.keyed, Some(false)); // last used with strict ordering
+/// assert!(status.lanes.is_empty(), "nothing pending or paused");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct JournalStatus {
@@ -364,6 +395,28 @@ pub struct JournalStatus {
 }
 
 /// One lane in a [`JournalStatus`].
+///
+/// # Examples
+/// ```
+/// use conveyor::{Conveyor, Journal, OnFailure, Ordering, SinkError};
+///
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("j");
+/// let c: Conveyor<u32> = Conveyor::builder()
+///     .journal(&path)
+///     .ordering(Ordering::Keyed { concurrency: 2 })
+///     .on_failure(OnFailure::Pause)
+///     .build(|_d| Err(SinkError::permanent("account locked")))?;
+/// c.send_keyed("ann", 1).unwrap();
+/// c.send_keyed("ann", 2).unwrap(); // held behind the first
+/// c.flush();
+/// c.close();
+/// let status = Journal::open(&path)?.status()?;
+/// let lane = &status.lanes[0];
+/// assert_eq!((lane.lane.as_str(), lane.pending), ("ann", 2));
+/// assert_eq!(lane.paused.as_deref(), Some("account locked"));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct LaneStatus {
@@ -377,6 +430,26 @@ pub struct LaneStatus {
 }
 
 /// An item that failed permanently and was kept, from [`Journal::dead_letters`].
+///
+/// # Examples
+/// ```
+/// use conveyor::{Conveyor, Journal, Retry, SinkError};
+/// use std::time::Duration;
+///
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("j");
+/// let c: Conveyor<String> = Conveyor::builder()
+///     .journal(&path)
+///     .retry(Retry::fixed(Duration::from_millis(1)).max_attempts(2))
+///     .build(|_d| Err(SinkError::retryable("503 Service Unavailable")))?;
+/// c.send_keyed("ann", "hello".to_owned()).unwrap().wait().unwrap_err();
+/// c.close();
+/// let dead = Journal::open(&path)?.dead_letters()?;
+/// assert_eq!((dead[0].seq, dead[0].key.as_deref(), dead[0].attempts), (1, Some("ann"), 2));
+/// assert_eq!(dead[0].payload, br#""hello""#, "the item as JSON");
+/// assert_eq!(dead[0].error, "503 Service Unavailable");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct DeadLetter {
@@ -621,6 +694,16 @@ impl Journal {
     }
 
     /// The journal file's path, as given to [`open`](Journal::open).
+    ///
+    /// # Examples
+    /// ```
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("events.journal");
+    /// let journal = conveyor::Journal::open(&path)?;
+    /// println!("inspecting {}", journal.path().display());
+    /// assert_eq!(journal.path(), path);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -856,6 +939,19 @@ impl Journal {
     ///
     /// # Errors
     /// A [`JournalError`] if the file cannot be written; the old cursor then stays.
+    ///
+    /// # Examples
+    /// ```
+    /// use conveyor::Journal;
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("j");
+    /// let mut journal = Journal::open(&path)?;
+    /// journal.set_cursor(1200)?; // the next run skips the first 1200 input lines
+    /// drop(journal);
+    /// assert_eq!(Journal::open(&path)?.cursor()?, Some(1200));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn set_cursor(&mut self, cursor: u64) -> Result<(), JournalError> {
         self.write(&WriteBatch {
             cursor: Some(cursor),
@@ -867,6 +963,21 @@ impl Journal {
     ///
     /// # Errors
     /// A [`JournalError`] if SQLite fails to close the file cleanly; the content stays intact.
+    ///
+    /// # Examples
+    /// ```
+    /// use conveyor::{BuildError, Conveyor, Journal, JournalError};
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("j");
+    /// let journal = Journal::open(&path)?;
+    /// let busy = Conveyor::<u32>::builder().journal(&path).build(|_d| Ok(()));
+    /// assert!(matches!(busy, Err(BuildError::Journal(JournalError::Locked { .. }))));
+    /// journal.close()?; // releases the file, and reports what a drop would not
+    /// let c: Conveyor<u32> = Conveyor::builder().journal(&path).build(|_d| Ok(()))?;
+    /// # drop(c);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn close(self) -> Result<(), JournalError> {
         let Journal {
             conn, _lock, path, ..
