@@ -1223,6 +1223,33 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// # Errors
     ///
     /// As for [`Conveyor::send`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), conveyor::BuildError> {
+    /// use conveyor::{Conveyor, Ordering};
+    /// use std::sync::{Arc, Mutex};
+    ///
+    /// let seen = Arc::new(Mutex::new(Vec::new()));
+    /// let log = seen.clone();
+    /// let c: Conveyor<u32> = Conveyor::builder()
+    ///     .ordering(Ordering::Keyed { concurrency: 4 })
+    ///     .build_async(move |d| {
+    ///         log.lock().unwrap().push((d.key().unwrap().to_owned(), *d.item()));
+    ///         async { Ok(()) }
+    ///     })?;
+    /// for i in 0..6 {
+    ///     c.send_keyed_async(if i % 2 == 0 { "ann" } else { "bob" }, i).await.unwrap();
+    /// }
+    /// c.flush_async().await;
+    /// let seen = seen.lock().unwrap();
+    /// let ann: Vec<u32> = seen.iter().filter(|(k, _)| k == "ann").map(|(_, i)| *i).collect();
+    /// assert_eq!(ann, [0, 2, 4]); // in order within the key
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn send_keyed_async(
         &self,
         key: impl Into<String>,
@@ -1333,6 +1360,27 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// Awaits what [`Conveyor::flush`] waits for, without blocking the runtime. Awaited from
     /// this conveyor's own async sink, it waits only for what the other workers can deliver,
     /// as `flush` does.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), conveyor::BuildError> {
+    /// use conveyor::Conveyor;
+    /// use std::time::Duration;
+    ///
+    /// let c: Conveyor<u32> = Conveyor::builder().build_async(|_d| async {
+    ///     tokio::time::sleep(Duration::from_millis(1)).await;
+    ///     Ok(())
+    /// })?;
+    /// for i in 0..3 {
+    ///     c.send_async(i).await.unwrap();
+    /// }
+    /// c.flush_async().await; // other tasks on this thread keep running meanwhile
+    /// assert_eq!((c.stats().delivered, c.stats().queued, c.stats().in_flight), (3, 0, 0));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn flush_async(&self) {
         let shared = &*self.shared;
         // As in `flush`: from inside its own async sink, wait only for the other workers.
@@ -2012,6 +2060,24 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// # Errors
     ///
     /// As for [`Conveyor::send`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use conveyor::Conveyor;
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let c: Conveyor<String> = Conveyor::builder()
+    ///     .journal(dir.path().join("j"))
+    ///     .build_async(|_d| async { Ok(()) })?;
+    /// // Line 41 of the input: after a crash, reading resumes at line 42.
+    /// c.send_async_and_set_cursor("line 41".to_owned(), 42).await?;
+    /// assert_eq!(c.cursor()?, Some(42));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn send_async_and_set_cursor(
         &self,
         item: T,
@@ -2026,6 +2092,24 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// # Errors
     ///
     /// As for [`Conveyor::send`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use conveyor::{Conveyor, Ordering};
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let c: Conveyor<String> = Conveyor::builder()
+    ///     .ordering(Ordering::Keyed { concurrency: 4 })
+    ///     .journal(dir.path().join("j"))
+    ///     .build_async(|_d| async { Ok(()) })?;
+    /// c.send_keyed_async_and_set_cursor("ann", "login".to_owned(), 7).await?;
+    /// assert_eq!(c.cursor()?, Some(7));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn send_keyed_async_and_set_cursor(
         &self,
         key: impl Into<String>,
