@@ -77,16 +77,22 @@ fn lines_without_the_key_field_are_rejected_in_keyed_mode() {
     assert_eq!(got, [0, 2]);
 }
 
+/// A recording server, and `conveyor send - --to it --no-journal --json` running with its
+/// stdin handed back to write the input to.
+fn streaming_in_memory(
+    dir: &std::path::Path,
+) -> (Server, std::process::Child, std::process::ChildStdin) {
+    let server = Server::start(|_| Reply::ok()).unwrap();
+    let url = server.url();
+    let mut child = spawn(dir, &["send", "-", "--to", &url, "--no-journal", "--json"]);
+    let stdin = child.stdin.take().unwrap();
+    (server, child, stdin)
+}
+
 #[test]
 fn stdin_is_streamed_delivery_starts_before_input_ends() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(|_| Reply::ok()).unwrap();
-    let url = server.url();
-    let mut child = spawn(
-        dir.path(),
-        &["send", "-", "--to", &url, "--no-journal", "--json"],
-    );
-    let mut stdin = child.stdin.take().unwrap();
+    let (server, child, mut stdin) = streaming_in_memory(dir.path());
     writeln!(stdin, r#"{{"id":0}}"#).unwrap();
     stdin.flush().unwrap();
     // The first line arrives while stdin is still open.
@@ -343,13 +349,7 @@ fn wait_with_peak_memory(mut child: std::process::Child) -> (std::process::Outpu
 #[test]
 fn a_line_over_the_limit_is_rejected_without_being_read_whole() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(|_| Reply::ok()).unwrap();
-    let url = server.url();
-    let mut child = spawn(
-        dir.path(),
-        &["send", "-", "--to", &url, "--no-journal", "--json"],
-    );
-    let mut stdin = child.stdin.take().unwrap();
+    let (server, child, mut stdin) = streaming_in_memory(dir.path());
     let long = MAX_LINE * 5 / 2;
     // Written from a thread of its own, so a run that stops reading cannot hold the test up.
     let writer = std::thread::spawn(move || {
