@@ -539,7 +539,11 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Builder<T, R> {
     /// [`JournalError::OtherKind`](crate::JournalError::OtherKind), rather than reading another
     /// program's items as this one's; an empty journal takes the new kind. Without one (the
     /// default) any journal opens, and a pending item that cannot be decoded as `T` becomes a
-    /// dead letter, counted in [`Stats::failed`](crate::Stats::failed).
+    /// dead letter, counted in [`Stats::failed`](crate::Stats::failed). Under
+    /// [`OnFailure::Pause`] it holds its lane instead, as a failing item does: the items before
+    /// it are delivered, its lane pauses when it is next, and
+    /// [`Conveyor::resume`](crate::Conveyor::resume) makes it a dead letter; a later start with
+    /// an item type that decodes it delivers it in its place.
     ///
     /// # Examples
     ///

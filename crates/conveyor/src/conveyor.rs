@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use crate::builder::{Backpressure, Builder, Config};
+use crate::builder::{Backpressure, Builder, Config, OnFailure};
 use crate::durable::{Durable, JournalSettings, Op};
 use crate::error::{BuildError, DeliveryError, SendError};
 use crossbeam_utils::{Backoff, CachePadded};
@@ -1598,6 +1598,12 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// item that failed), then the rest follow in order. The lane is the item's key under
     /// keyed ordering, `""` otherwise. Returns whether the lane was paused and is resumed.
     ///
+    /// A lane held by an item of its journal that no longer decodes as the item type (see
+    /// [`Builder::journal`](crate::Builder::journal)) gives that item up instead: it becomes a
+    /// dead letter ([`Conveyor::dead_letters`]), and the items after it follow. Resuming the
+    /// lane offline ([`Journal::resume`](crate::Journal::resume)) does not: the next start holds
+    /// the lane there again.
+    ///
     /// Once [`close`](Conveyor::close) (or a drop) has returned, nothing delivers any more:
     /// it does nothing and returns `false`. Resume the lane in the journal instead
     /// ([`Journal::resume`](crate::Journal::resume), `conveyor resume`), or after the next
@@ -1633,16 +1639,24 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         if st.abandoned {
             return false;
         }
-        let resumed = st.resume(lane, self.attempt_limit());
-        if let Some(durable) = shared.durable.as_ref().filter(|_| resumed) {
+        let Some(given_up) = st.resume(lane, self.attempt_limit()) else {
+            return false;
+        };
+        if let Some(durable) = &shared.durable {
+            // Under the lock, so the journal records these before anything the lane does next.
+            if let Some(item) = given_up {
+                durable.push(Op::Settle(Settled::Failed {
+                    seq: item.seq,
+                    error: item.error,
+                    attempts: 0,
+                }));
+            }
             durable.push(Op::Settle(Settled::Resumed(lane.to_owned())));
         }
-        if resumed {
-            // A pipelined lane may now run several items: wake every idle worker.
-            shared.work.notify_all();
-            shared.work_async.notify_waiters();
-        }
-        resumed
+        // A pipelined lane may now run several items: wake every idle worker.
+        shared.work.notify_all();
+        shared.work_async.notify_waiters();
+        true
     }
 
     /// The lanes paused by [`OnFailure::Pause`](crate::OnFailure::Pause), sorted.
@@ -2222,13 +2236,26 @@ fn start_replay<T: Send + Sync + 'static, R: Send + 'static>(
                     let item = match (durable.codec.decode)(&record.payload) {
                         Ok(item) => item,
                         Err(reason) => {
+                            let error = format!("cannot be decoded as this conveyor's item type: {reason}");
+                            let mut st = shared.lock();
+                            if shared.config.on_failure == OnFailure::Pause {
+                                // Held in its place, as a failing item is: nothing after it in
+                                // its lane overtakes it. A build that decodes it delivers it.
+                                tracing::error!(
+                                    seq = record.seq, lane = %record.lane, %reason,
+                                    "journaled item cannot be decoded: its lane pauses when it \
+                                     reaches it; resume(lane) makes it a dead letter, or restart \
+                                     with an item type that decodes it"
+                                );
+                                st.hold_undecodable(record.key.as_ref(), record.seq, error);
+                                continue;
+                            }
                             // Never silently lost, never blocking the rest: a dead letter,
                             // counted as failed so that `stats()` shows it.
                             tracing::error!(seq = record.seq, %reason, "journaled item cannot be decoded");
-                            let mut st = shared.lock();
                             durable.push(Op::Settle(Settled::Failed {
                                 seq: record.seq,
-                                error: format!("cannot be decoded as this conveyor's item type: {reason}"),
+                                error,
                                 attempts: 0,
                             }));
                             st.accept_failed();

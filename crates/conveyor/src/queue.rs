@@ -55,9 +55,21 @@ pub(crate) enum Outcome<R> {
     Interrupted,
 }
 
+/// An item the journal holds that cannot be decoded as the item type, standing in its lane
+/// under `OnFailure::Pause` (see `State::hold_undecodable`): it has no `T` to queue, so the lane
+/// keeps its place instead.
+pub(crate) struct Undecodable {
+    pub(crate) seq: u64,
+    /// Why it cannot be decoded, for its dead letter.
+    pub(crate) error: String,
+}
+
 struct Lane<T, R> {
     /// In sequence order: new items at the back, items put back are inserted by seq.
     queue: VecDeque<Job<T, R>>,
+    /// Undecodable items of this lane, in sequence order: nothing after the first starts, and
+    /// the lane pauses once nothing before it is left (see `reach_undecodable`).
+    undecodable: VecDeque<Undecodable>,
     in_flight: usize,
     /// Items of this lane waiting out a retry's backoff. Nothing behind them may start
     /// meanwhile; only the main lane counts them (a keyed lane has its one item in flight).
@@ -71,6 +83,7 @@ impl<T, R> Lane<T, R> {
     fn new() -> Self {
         Self {
             queue: VecDeque::new(),
+            undecodable: VecDeque::new(),
             in_flight: 0,
             retrying: 0,
             paused: false,
@@ -80,7 +93,32 @@ impl<T, R> Lane<T, R> {
 
     /// Keyed lanes are strict: one item in flight per lane.
     fn runnable_keyed(&self) -> bool {
-        !self.paused && self.in_flight == 0 && !self.queue.is_empty()
+        !self.paused && self.in_flight == 0 && self.head_may_start()
+    }
+
+    /// The head item exists and comes before any undecodable item of the lane.
+    fn head_may_start(&self) -> bool {
+        self.queue.front().is_some_and(|job| {
+            self.undecodable
+                .front()
+                .map_or(true, |held| job.node.seq() < held.seq)
+        })
+    }
+
+    /// Pauses the lane if its next item is an undecodable one and nothing before it is left in
+    /// flight or queued; returns how many items the pause now holds (with the undecodable ones).
+    fn reach_undecodable(&mut self) -> Option<u64> {
+        if self.paused || self.in_flight > 0 || self.undecodable.is_empty() || self.head_may_start()
+        {
+            return None;
+        }
+        self.paused = true;
+        Some((self.queue.len() + self.undecodable.len()) as u64)
+    }
+
+    /// Nothing left in it: a keyed lane is then removed, so memory follows the queue.
+    fn is_done(&self) -> bool {
+        self.queue.is_empty() && self.in_flight == 0 && self.undecodable.is_empty() && !self.paused
     }
 
     fn put_back(&mut self, job: Job<T, R>) {
@@ -236,7 +274,7 @@ impl<T, R> State<T, R> {
             // Entries may be stale: at worst an idle worker wakes for nothing.
             !self.ready.is_empty()
         } else {
-            self.main_runnable() && !self.main.queue.is_empty()
+            self.main_runnable() && self.main.head_may_start()
         }
     }
 
@@ -457,25 +495,32 @@ impl<T, R> State<T, R> {
     /// Removes the oldest queued item that is not held in a paused lane, counting it
     /// as dropped.
     pub(crate) fn drop_oldest(&mut self) -> Option<NodeRef<T, R>> {
+        // A head behind an undecodable item is not the oldest: that item is, and it has no
+        // receipt to drop it through.
         let job = if !self.keyed {
-            if self.main.paused {
+            if self.main.paused || !self.main.head_may_start() {
                 return None;
             }
-            self.main.queue.pop_front()?
+            let job = self.main.queue.pop_front()?;
+            let reached = self.main.reach_undecodable();
+            self.count_reached(reached);
+            job
         } else {
             // Only reached when full under DropOldest, so a scan over lane heads is fine.
             let oldest = self
                 .lanes
                 .iter()
-                .filter(|(_, l)| !l.paused)
+                .filter(|(_, l)| !l.paused && l.head_may_start())
                 .filter_map(|(id, l)| l.queue.front().map(|j| (j.node.seq(), id.clone())))
                 .min_by_key(|(seq, _)| *seq)?
                 .1;
             let lane = self.lanes.get_mut(&oldest)?;
             let job = lane.queue.pop_front()?;
-            if lane.queue.is_empty() && lane.in_flight == 0 {
+            let reached = lane.reach_undecodable();
+            if lane.is_done() {
                 self.lanes.remove(&oldest);
             }
+            self.count_reached(reached);
             job
         };
         self.counters.queued -= 1;
@@ -486,7 +531,7 @@ impl<T, R> State<T, R> {
     /// Takes the next item that may start, for `worker`, and marks it in flight.
     pub(crate) fn next_job(&mut self, worker: usize) -> Option<Job<T, R>> {
         let mut job = if !self.keyed {
-            if !self.main_runnable() {
+            if !self.main_runnable() || !self.main.head_may_start() {
                 return None;
             }
             let job = self.main.queue.pop_front()?;
@@ -629,12 +674,13 @@ impl<T, R> State<T, R> {
                 newly_held = 1;
             }
         }
+        let reached = lane.reach_undecodable();
         let (mut make_ready, mut remove) = (false, false);
         if keyed && lane.in_flight == 0 {
             if lane.runnable_keyed() && !lane.in_ready {
                 lane.in_ready = true;
                 make_ready = true;
-            } else if lane.queue.is_empty() && !lane.paused {
+            } else if lane.is_done() {
                 remove = true;
             }
         }
@@ -652,7 +698,38 @@ impl<T, R> State<T, R> {
         if pause {
             self.counters.paused_lanes = self.count_paused();
         }
+        self.count_reached(reached);
         result.map(|result| (node, result))
+    }
+
+    /// Counts a lane that paused at an undecodable item (see `Lane::reach_undecodable`).
+    fn count_reached(&mut self, held: Option<u64>) {
+        if let Some(held) = held {
+            self.counters.paused_items += held;
+            self.counters.paused_lanes += 1;
+        }
+    }
+
+    /// Takes over from the journal an item that cannot be decoded as the item type, under
+    /// `OnFailure::Pause`: it keeps its place in its lane (the lane of `key`), counted as
+    /// queued, and the lane pauses once nothing before it is left, as for an item that failed.
+    /// Resuming the lane then makes it a dead letter (see `resume`).
+    pub(crate) fn hold_undecodable(&mut self, key: Option<&Arc<str>>, seq: u64, error: String) {
+        self.counters.accepted += 1;
+        self.counters.queued += 1;
+        let lane = if !self.keyed {
+            &mut self.main
+        } else {
+            let id = key.cloned().unwrap_or_else(|| self.empty_key.clone());
+            self.lanes.entry(id).or_insert_with(Lane::new)
+        };
+        lane.undecodable.push_back(Undecodable { seq, error });
+        let held_already = lane.paused;
+        let reached = lane.reach_undecodable();
+        if held_already {
+            self.counters.paused_items += 1;
+        }
+        self.count_reached(reached);
     }
 
     fn count_paused(&self) -> u64 {
@@ -663,12 +740,13 @@ impl<T, R> State<T, R> {
         }
     }
 
-    /// Unpauses `lane` and gives its head item a fresh retry budget of `attempts`.
-    /// Returns whether the lane was paused.
-    pub(crate) fn resume(&mut self, lane: &str, attempts: u32) -> bool {
+    /// Unpauses `lane` and gives its head item a fresh retry budget of `attempts`; `None` if the
+    /// lane was not paused. A lane paused at an undecodable item gives that item up: it is
+    /// returned, to become a dead letter, and counted as failed.
+    pub(crate) fn resume(&mut self, lane: &str, attempts: u32) -> Option<Option<Undecodable>> {
         let (target, id) = if !self.keyed {
             if !lane.is_empty() {
-                return false;
+                return None;
             }
             (&mut self.main, self.empty_key.clone())
         } else {
@@ -677,26 +755,45 @@ impl<T, R> State<T, R> {
                     let id = id.clone();
                     (self.lanes.get_mut(&id).expect("just found"), id)
                 }
-                None => return false,
+                None => return None,
             }
         };
         if !target.paused {
-            return false;
+            return None;
         }
         target.paused = false;
-        let held = target.queue.len() as u64;
+        let held = (target.queue.len() + target.undecodable.len()) as u64;
+        // Paused where an undecodable item stands (not by a failure before it): the operator
+        // lets it go.
+        let given_up = if target.in_flight == 0 && !target.head_may_start() {
+            target.undecodable.pop_front()
+        } else {
+            None
+        };
         // The items that failed: the head, and in pipelined mode the others that were in
         // flight with it (items never tried still have their whole budget).
         for job in target.queue.iter_mut().take_while(|job| job.attempts > 0) {
             job.attempt_limit = job.attempts.saturating_add(attempts);
         }
+        let reached = target.reach_undecodable();
+        let mut remove = false;
         if self.keyed && target.runnable_keyed() && !target.in_ready {
             target.in_ready = true;
-            self.ready.push_back(id);
+            self.ready.push_back(id.clone());
+        } else if self.keyed && target.is_done() {
+            remove = true;
+        }
+        if remove {
+            self.lanes.remove(&id);
+        }
+        if given_up.is_some() {
+            self.counters.queued -= 1;
+            self.counters.failed += 1;
         }
         self.counters.paused_items -= held;
         self.counters.paused_lanes -= 1;
-        true
+        self.count_reached(reached);
+        Some(given_up)
     }
 
     pub(crate) fn paused_lanes(&self) -> Vec<String> {
@@ -773,6 +870,71 @@ mod tests {
         assert_eq!(s.stats().delivered, 3);
     }
 
+    /// An undecodable item holds its place: what is before it runs, its lane pauses when it
+    /// is next (and `flush` stops counting it), and a resume gives it up as failed.
+    #[test]
+    fn an_undecodable_item_pauses_its_lane_where_it_stands() {
+        for ordering in [Ordering::Strict, Ordering::Pipelined { in_flight: 2 }] {
+            let mut s = S::new(ordering, 10, None);
+            s.accept(node(None, 1), 1);
+            s.accept(node(None, 2), 1);
+            s.hold_undecodable(None, 3, "bad".into());
+            s.accept(node(None, 4), 1);
+            check_invariant(&s);
+            let mut seqs = Vec::new();
+            while let Some(job) = s.next_job(0) {
+                seqs.push(job.node.seq());
+                assert!(s.finish(0, job, Outcome::Delivered(())).is_some());
+                check_invariant(&s);
+            }
+            assert_eq!(seqs, [1, 2], "{ordering:?}");
+            assert_eq!(s.paused_lanes(), [""], "{ordering:?}");
+            assert_eq!(
+                (s.stats().queued, s.unsettled_unpaused()),
+                (2, 0),
+                "{ordering:?}"
+            );
+            let given_up = s
+                .resume("", 1)
+                .expect("was paused")
+                .expect("gave the item up");
+            assert_eq!((given_up.seq, given_up.error.as_str()), (3, "bad"));
+            check_invariant(&s);
+            assert_eq!(s.stats().failed, 1);
+            assert_eq!(
+                s.next_job(0).map(|job| job.node.seq()),
+                Some(4),
+                "{ordering:?}"
+            );
+        }
+    }
+
+    /// Keyed: the lane of the undecodable item pauses at once when nothing is before it, the
+    /// others go on, and a second undecodable item of the lane pauses it again after a resume.
+    #[test]
+    fn an_undecodable_item_holds_only_its_key() {
+        let mut s = S::new(Ordering::Keyed { concurrency: 2 }, 10, None);
+        let bad: Arc<str> = Arc::from("bad");
+        s.hold_undecodable(Some(&bad), 1, "first".into());
+        s.hold_undecodable(Some(&bad), 2, "second".into());
+        s.accept(node(Some("bad"), 3), 1);
+        s.accept(node(Some("ok"), 4), 1);
+        check_invariant(&s);
+        assert_eq!(s.paused_lanes(), ["bad"]);
+        let job = s.next_job(0).expect("the other key runs");
+        assert_eq!(job.node.seq(), 4);
+        assert!(s.finish(0, job, Outcome::Delivered(())).is_some());
+        assert!(s.next_job(0).is_none());
+        let first = s.resume("bad", 1).unwrap().unwrap();
+        assert_eq!(first.seq, 1);
+        assert_eq!(s.paused_lanes(), ["bad"], "held again by the second");
+        assert!(s.next_job(0).is_none());
+        assert_eq!(s.resume("bad", 1).unwrap().unwrap().seq, 2);
+        assert_eq!(s.next_job(0).map(|job| job.node.seq()), Some(3));
+        check_invariant(&s);
+        assert_eq!((s.stats().failed, s.stats().paused), (2, 0));
+    }
+
     #[test]
     fn keyed_lane_runs_one_at_a_time_and_lanes_interleave() {
         let mut s = S::new(Ordering::Keyed { concurrency: 4 }, 10, None);
@@ -812,8 +974,8 @@ mod tests {
         // Items sent to a paused lane are held too.
         s.accept(node(Some("a"), 3), 1);
         assert_eq!(s.unsettled_unpaused(), 0);
-        assert!(s.resume("a", 3));
-        assert!(!s.resume("a", 3));
+        assert!(s.resume("a", 3).is_some());
+        assert!(s.resume("a", 3).is_none());
         let again = s.next_job(0).unwrap();
         assert_eq!(
             (again.node.seq(), again.attempts, again.attempt_limit),

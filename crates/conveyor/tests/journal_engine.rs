@@ -229,6 +229,169 @@ fn items_that_no_longer_decode_become_dead_letters_instead_of_blocking() {
     );
 }
 
+/// Leaves `items` pending in the journal at `path` as JSON values, each sent with its key when
+/// one is given, as a crash would.
+fn leave_pending_values(
+    path: &Path,
+    ordering: Ordering,
+    items: &[(Option<&str>, serde_json::Value)],
+) {
+    let (gate_tx, gate) = mpsc::channel::<()>();
+    let gate = Mutex::new(gate);
+    let c: Conveyor<serde_json::Value> = Conveyor::builder()
+        .journal(path)
+        .ordering(ordering)
+        .drain_timeout(Duration::from_millis(50))
+        .build(move |_d| {
+            let _ = gate.lock().unwrap().recv();
+            Err(SinkError::permanent("stopped"))
+        })
+        .unwrap();
+    for (key, item) in items {
+        match key {
+            Some(key) => c.send_keyed(*key, item.clone()).unwrap(),
+            None => c.send(item.clone()).unwrap(),
+        };
+    }
+    c.close_timeout(Duration::from_millis(50));
+    drop(c);
+    drop(gate_tx);
+}
+
+/// A conveyor of `String`s on `path`, pausing on failure, whose sink records what it sees.
+fn recording_strings(
+    path: &Path,
+    ordering: Ordering,
+) -> (Arc<Mutex<Vec<String>>>, Conveyor<String>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let c = Conveyor::builder()
+        .journal(path)
+        .ordering(ordering)
+        .on_failure(OnFailure::Pause)
+        .build(move |d: Delivery<String>| {
+            log.lock().unwrap().push(d.item().clone());
+            Ok(())
+        })
+        .unwrap();
+    (seen, c)
+}
+
+/// Under `OnFailure::Pause`, an item the journal holds that no longer decodes (the item type
+/// changed) holds its lane where it stands, as a failing item does: what comes before it is
+/// delivered, nothing after it overtakes it, and `resume` makes it a dead letter and goes on.
+/// A build that decodes it again delivers it in its place, unasked.
+#[test]
+fn under_pause_an_item_that_no_longer_decodes_holds_its_lane_until_resume() {
+    use serde_json::json;
+    for ordering in [Ordering::Strict, Ordering::Pipelined { in_flight: 4 }] {
+        // Pipelined calls start in order but may record themselves in another: compare the
+        // items delivered before and after the pause as sets there.
+        let calls = |seen: &Mutex<Vec<String>>| {
+            let mut calls = seen.lock().unwrap().clone();
+            if ordering != Ordering::Strict {
+                calls.sort();
+            }
+            calls
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let items = [json!("a"), json!("b"), json!(5), json!("c")];
+        leave_pending_values(&path, ordering, &items.map(|item| (None, item)));
+
+        let (seen, c) = recording_strings(&path, ordering);
+        c.send("new".to_owned()).unwrap();
+        assert!(
+            c.flush_timeout(Duration::from_secs(30)),
+            "{ordering:?}: held items do not count"
+        );
+        assert_eq!(calls(&seen), ["a", "b"], "{ordering:?}");
+        assert_eq!(c.paused(), [""], "{ordering:?}");
+        let stats = c.stats();
+        assert_eq!(
+            (stats.accepted, stats.delivered, stats.failed, stats.queued),
+            (5, 2, 0, 3),
+            "{ordering:?}: {stats:?}"
+        );
+        drop(c);
+
+        // Still held after a restart with the same item type.
+        let (seen, c) = recording_strings(&path, ordering);
+        assert!(c.flush_timeout(Duration::from_secs(30)));
+        assert!(seen.lock().unwrap().is_empty(), "{ordering:?}");
+        assert_eq!(c.paused(), [""], "{ordering:?}");
+        assert!(c.resume(""));
+        assert!(c.flush_timeout(Duration::from_secs(30)));
+        assert_eq!(calls(&seen), ["c", "new"], "{ordering:?}");
+        let dead = c.dead_letters().unwrap();
+        assert_eq!(dead.len(), 1, "{ordering:?}");
+        assert_eq!(dead[0].payload, b"5", "{ordering:?}");
+        assert!(
+            dead[0].error.contains("cannot be decoded"),
+            "{}",
+            dead[0].error
+        );
+        let stats = c.stats();
+        assert_eq!(
+            (stats.failed, stats.queued, stats.paused),
+            (1, 0, 0),
+            "{ordering:?}: {stats:?}"
+        );
+    }
+
+    // Rolled back to a type that decodes it: delivered in its place.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    leave_pending_values(
+        &path,
+        Ordering::Strict,
+        &[(None, json!("a")), (None, json!(5)), (None, json!("b"))],
+    );
+    drop(recording_strings(&path, Ordering::Strict));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let c: Conveyor<serde_json::Value> = Conveyor::builder()
+        .journal(&path)
+        .on_failure(OnFailure::Pause)
+        .build(move |d: Delivery<serde_json::Value>| {
+            log.lock().unwrap().push(d.item().clone());
+            Ok(())
+        })
+        .unwrap();
+    assert!(c.flush_timeout(Duration::from_secs(30)));
+    assert_eq!(*seen.lock().unwrap(), [json!(5), json!("b")]);
+    assert!(c.paused().is_empty());
+}
+
+/// Keyed: only the key of the item that no longer decodes is held.
+#[test]
+fn under_pause_an_item_that_no_longer_decodes_holds_only_its_key() {
+    use serde_json::json;
+    let keyed = Ordering::Keyed { concurrency: 2 };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    leave_pending_values(
+        &path,
+        keyed,
+        &[
+            (Some("k1"), json!("a")),
+            (Some("k2"), json!(5)),
+            (Some("k1"), json!("b")),
+            (Some("k2"), json!("c")),
+        ],
+    );
+    let (seen, c) = recording_strings(&path, keyed);
+    c.send_keyed("k2", "new".to_owned()).unwrap();
+    assert!(c.flush_timeout(Duration::from_secs(30)));
+    assert_eq!(*seen.lock().unwrap(), ["a", "b"]);
+    assert_eq!(c.paused(), ["k2"]);
+    assert!(c.resume("k2"));
+    assert!(c.flush_timeout(Duration::from_secs(30)));
+    assert_eq!(*seen.lock().unwrap(), ["a", "b", "c", "new"]);
+    assert_eq!(c.dead_letters().unwrap()[0].payload, b"5");
+    assert!(c.paused().is_empty());
+}
+
 #[test]
 fn dead_letters_are_kept_across_restarts_and_can_be_retried_or_discarded() {
     let dir = tempfile::tempdir().unwrap();
