@@ -113,7 +113,12 @@ impl<T, R> Lane<T, R> {
             return None;
         }
         self.paused = true;
-        Some((self.queue.len() + self.undecodable.len()) as u64)
+        Some(self.held())
+    }
+
+    /// What the lane holds while it is paused: its queued items, undecodable ones too.
+    fn held(&self) -> u64 {
+        (self.queue.len() + self.undecodable.len()) as u64
     }
 
     /// Nothing left in it: a keyed lane is then removed, so memory follows the queue.
@@ -669,7 +674,7 @@ impl<T, R> State<T, R> {
             lane.put_back(job);
             if pause && !lane.paused {
                 lane.paused = true;
-                newly_held = lane.queue.len() as u64;
+                newly_held = lane.held();
             } else if lane.paused {
                 newly_held = 1;
             }
@@ -762,7 +767,7 @@ impl<T, R> State<T, R> {
             return None;
         }
         target.paused = false;
-        let held = (target.queue.len() + target.undecodable.len()) as u64;
+        let held = target.held();
         // Paused where an undecodable item stands (not by a failure before it): the operator
         // lets it go.
         let given_up = if target.in_flight == 0 && !target.head_may_start() {
@@ -852,6 +857,276 @@ mod tests {
             st.delivered + st.failed + st.dropped + st.queued + st.in_flight,
             "{st:?}"
         );
+    }
+
+    /// A lane, with its id in keyed mode.
+    type LaneRef<'a> = (&'a Lane<u32, ()>, Option<&'a Arc<str>>);
+
+    fn lanes(s: &S) -> Vec<LaneRef<'_>> {
+        if s.keyed {
+            s.lanes.iter().map(|(id, l)| (l, Some(id))).collect()
+        } else {
+            vec![(&s.main, None)]
+        }
+    }
+
+    /// The pause counters agree with the lanes: `paused_items` is what the paused lanes hold
+    /// (undecodable items too), `paused_lanes` how many there are.
+    fn check_pauses(s: &S) {
+        let lanes = lanes(s);
+        let paused = lanes.iter().map(|(l, _)| l).filter(|l| l.paused);
+        let held: usize = paused
+            .clone()
+            .map(|l| l.queue.len() + l.undecodable.len())
+            .sum();
+        assert_eq!(
+            (s.counters.paused_items, s.counters.paused_lanes),
+            (held as u64, paused.count() as u64),
+            "{:?}",
+            s.counters
+        );
+    }
+
+    /// A real failure before an undecodable item pauses the lane for that failure: the
+    /// undecodable item is held with it (`flush` does not wait for it), the resume retries
+    /// the failed item rather than giving the undecodable one up, and the lane pauses again
+    /// when it reaches the undecodable one.
+    #[test]
+    fn a_failure_before_an_undecodable_item_pauses_for_the_failure() {
+        for ordering in [Ordering::Strict, Ordering::Pipelined { in_flight: 2 }] {
+            let mut s = S::new(ordering, 10, None);
+            s.accept(node(None, 1), 1);
+            s.hold_undecodable(None, 2, "bad".into());
+            s.accept(node(None, 3), 1);
+            let mut job = s.next_job(0).expect("the first item starts");
+            assert!(
+                s.next_job(1).is_none(),
+                "{ordering:?}: not past the undecodable"
+            );
+            job.attempts = 1;
+            assert!(s.finish(0, job, Outcome::Paused).is_none());
+            check_invariant(&s);
+            check_pauses(&s);
+            assert_eq!(s.unsettled_unpaused(), 0, "{ordering:?}");
+            let resumed = s.resume("", 1).expect("was paused");
+            assert!(
+                resumed.is_none(),
+                "{ordering:?}: the failed item is retried"
+            );
+            check_pauses(&s);
+            let job = s.next_job(0).expect("the failed item again");
+            assert_eq!(job.node.seq(), 1);
+            assert!(s.finish(0, job, Outcome::Delivered(())).is_some());
+            check_invariant(&s);
+            check_pauses(&s);
+            assert_eq!(
+                s.paused_lanes(),
+                [""],
+                "{ordering:?}: held at the undecodable"
+            );
+            assert_eq!(s.resume("", 1).unwrap().unwrap().seq, 2);
+            check_pauses(&s);
+            assert_eq!(s.next_job(0).map(|job| job.node.seq()), Some(3));
+        }
+    }
+
+    /// A step of `undecodable_items_hold_their_place`, on lane `lane` (of `LANES`) or worker
+    /// `worker` (modulo the workers there are).
+    #[derive(Debug, Clone)]
+    enum Step {
+        Accept { lane: usize },
+        HoldUndecodable { lane: usize },
+        Start { worker: usize },
+        Finish { worker: usize, outcome: u8 },
+        ScheduleRetry { worker: usize },
+        RetryBegins { worker: usize },
+        Resume { lane: usize },
+        DropOldest,
+    }
+
+    const LANES: [Option<&str>; 3] = [None, Some("a"), Some("b")];
+
+    fn ordering() -> impl proptest::strategy::Strategy<Value = Ordering> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just(Ordering::Strict),
+            (1usize..4).prop_map(|n| Ordering::Pipelined { in_flight: n }),
+            (1usize..4).prop_map(|n| Ordering::Keyed { concurrency: n }),
+        ]
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => (0..LANES.len()).prop_map(|lane| Step::Accept { lane }),
+            2 => (0..LANES.len()).prop_map(|lane| Step::HoldUndecodable { lane }),
+            4 => (0..4usize).prop_map(|worker| Step::Start { worker }),
+            4 => (0..4usize, 0..4u8).prop_map(|(worker, outcome)| Step::Finish { worker, outcome }),
+            1 => (0..4usize).prop_map(|worker| Step::ScheduleRetry { worker }),
+            1 => (0..4usize).prop_map(|worker| Step::RetryBegins { worker }),
+            2 => (0..LANES.len()).prop_map(|lane| Step::Resume { lane }),
+            1 => Just(Step::DropOldest),
+        ]
+    }
+
+    /// What must hold between two steps, beyond the counters: no lane is left unpaused with an
+    /// undecodable item next and nothing running to pause it later, every keyed lane that may
+    /// run is in `ready`, and no empty keyed lane is kept.
+    fn check_lanes(s: &S) {
+        check_invariant(s);
+        check_pauses(s);
+        for (lane, id) in lanes(s) {
+            assert!(
+                lane.paused
+                    || lane.in_flight > 0
+                    || lane.undecodable.is_empty()
+                    || lane.head_may_start(),
+                "lane {id:?} stands unpaused at an undecodable item"
+            );
+            if let Some(id) = id {
+                assert!(!lane.is_done(), "empty lane {id:?} kept");
+                if lane.runnable_keyed() {
+                    assert!(
+                        lane.in_ready && s.ready.contains(id),
+                        "lane {id:?} not ready"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The name of the lane of `node`.
+    fn lane_name_of(keyed: bool, node: &NodeRef<u32, ()>) -> &str {
+        match node.key() {
+            Some(key) if keyed => key,
+            _ => "",
+        }
+    }
+
+    proptest::proptest! {
+        /// Random steps on the state with undecodable items among the others: the counters
+        /// agree with the lanes, no item starts (or is dropped) past an undecodable item of its
+        /// lane, a resume gives up only the undecodable item its lane stands at, and resuming
+        /// every pause at the end settles everything. Lanes may start paused, as the journal
+        /// restores them.
+        #[test]
+        fn undecodable_items_hold_their_place(
+            ordering in ordering(),
+            paused_at_start in proptest::collection::vec(proptest::bool::ANY, LANES.len()),
+            steps in proptest::collection::vec(step(), 0..80),
+        ) {
+            let keyed = ordering.is_keyed();
+            let workers = ordering.workers();
+            let lane_name = |lane: usize| if keyed { LANES[lane].unwrap_or("") } else { "" };
+            let mut s = S::new(ordering, 1000, None);
+            // Pauses the journal remembers: each holds its lane at the lane's first item.
+            for (lane, _) in paused_at_start.iter().enumerate().filter(|(_, &paused)| paused) {
+                s.restore_pause(lane_name(lane));
+            }
+            let mut seq = 0u32;
+            // Per lane name: the undecodable items not given up yet.
+            let mut held: HashMap<&str, Vec<u64>> = HashMap::new();
+            // Per worker: its job, and whether it waits out a retry's backoff.
+            let mut jobs: Vec<Option<(Job<u32, ()>, bool)>> = (0..workers).map(|_| None).collect();
+            let before_held = |held: &HashMap<&str, Vec<u64>>, lane: &str, seq: u64| {
+                held.get(lane).and_then(|seqs| seqs.first()).is_some_and(|&first| first < seq)
+            };
+            for step in steps {
+                match step {
+                    Step::Accept { lane } => {
+                        seq += 1;
+                        s.accept(node(LANES[lane], seq), 1);
+                    }
+                    Step::HoldUndecodable { lane } => {
+                        seq += 1;
+                        let key = LANES[lane].map(Arc::from);
+                        s.hold_undecodable(key.as_ref(), u64::from(seq), String::new());
+                        held.entry(lane_name(lane)).or_default().push(u64::from(seq));
+                    }
+                    Step::Start { worker } => {
+                        let worker = worker % workers;
+                        if jobs[worker].is_none() {
+                            if let Some(job) = s.next_job(worker) {
+                                let name = lane_name_of(keyed, &job.node);
+                                proptest::prop_assert!(
+                                    !before_held(&held, name, job.node.seq()),
+                                    "seq {} of lane {name:?} started past an undecodable item", job.node.seq()
+                                );
+                                jobs[worker] = Some((job, false));
+                            }
+                        }
+                    }
+                    Step::ScheduleRetry { worker } => {
+                        let worker = worker % workers;
+                        if let Some((_, retrying @ false)) = &mut jobs[worker] {
+                            *retrying = true;
+                            s.schedule_retry(worker);
+                        }
+                    }
+                    Step::RetryBegins { worker } => {
+                        let worker = worker % workers;
+                        if let Some((_, retrying @ true)) = &mut jobs[worker] {
+                            *retrying = false;
+                            proptest::prop_assert!(s.attempt_begins(worker, true));
+                        }
+                    }
+                    Step::Finish { worker, outcome } => {
+                        let worker = worker % workers;
+                        if matches!(jobs[worker], Some((_, false))) {
+                            let (mut job, _) = jobs[worker].take().unwrap();
+                            job.attempts += 1;
+                            let outcome = match outcome {
+                                0 => Outcome::Delivered(()),
+                                1 => Outcome::Failed(SinkError::permanent("no")),
+                                2 => Outcome::Paused,
+                                _ => Outcome::Interrupted,
+                            };
+                            s.finish(worker, job, outcome);
+                        }
+                    }
+                    Step::Resume { lane } => {
+                        let name = lane_name(lane);
+                        if let Some(Some(given_up)) = s.resume(name, 1) {
+                            let seqs = held.get_mut(name).expect("a held item was given up");
+                            proptest::prop_assert_eq!(given_up.seq, seqs.remove(0));
+                            let before = s.unsettled_nodes().into_iter().any(|(node, _)| {
+                                lane_name_of(keyed, &node) == name && node.seq() < given_up.seq
+                            });
+                            proptest::prop_assert!(!before, "gave up {} with items before it", given_up.seq);
+                        }
+                    }
+                    Step::DropOldest => {
+                        if let Some(node) = s.drop_oldest() {
+                            proptest::prop_assert!(!before_held(&held, lane_name_of(keyed, &node), node.seq()));
+                        }
+                    }
+                }
+                check_lanes(&s);
+            }
+            // Everything settles once every job ends and every pause is resumed.
+            for (worker, job) in jobs.iter_mut().enumerate() {
+                if let Some((job, retrying)) = job.take() {
+                    if retrying {
+                        s.attempt_begins(worker, true);
+                    }
+                    s.finish(worker, job, Outcome::Delivered(()));
+                }
+            }
+            for _ in 0..1000 {
+                for name in s.paused_lanes() {
+                    s.resume(&name, 1);
+                }
+                while let Some(job) = s.next_job(0) {
+                    s.finish(0, job, Outcome::Delivered(()));
+                }
+                check_lanes(&s);
+                if s.unsettled() == 0 {
+                    break;
+                }
+            }
+            proptest::prop_assert_eq!(s.unsettled(), 0);
+            proptest::prop_assert_eq!(s.stats().paused, 0);
+        }
     }
 
     #[test]

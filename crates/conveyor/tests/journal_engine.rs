@@ -363,6 +363,65 @@ fn under_pause_an_item_that_no_longer_decodes_holds_its_lane_until_resume() {
     assert!(c.paused().is_empty());
 }
 
+/// An item that fails for good before one that no longer decodes pauses its lane for that
+/// failure, holding the undecodable one with the rest: `flush` does not wait for it, `resume`
+/// retries the failed item (it does not give the undecodable one up), and the lane pauses
+/// again at the undecodable one.
+#[test]
+fn a_failure_before_an_item_that_no_longer_decodes_is_resumed_first() {
+    use serde_json::json;
+    for ordering in [Ordering::Strict, Ordering::Pipelined { in_flight: 4 }] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let items = [json!("a"), json!(5), json!("b")];
+        leave_pending_values(&path, ordering, &items.map(|item| (None, item)));
+
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let c: Conveyor<String> = Conveyor::builder()
+            .journal(&path)
+            .ordering(ordering)
+            .on_failure(OnFailure::Pause)
+            .build(move |d: Delivery<String>| {
+                if d.item() == "a" && d.attempt() == 1 {
+                    return Err(SinkError::permanent("refused once"));
+                }
+                log.lock().unwrap().push(d.item().clone());
+                Ok(())
+            })
+            .unwrap();
+        assert!(
+            c.flush_timeout(Duration::from_secs(30)),
+            "{ordering:?}: the paused lane holds the undecodable item too"
+        );
+        assert!(seen.lock().unwrap().is_empty(), "{ordering:?}");
+        assert_eq!(c.paused(), [""], "{ordering:?}");
+        assert!(c.resume(""), "{ordering:?}");
+        assert!(c.flush_timeout(Duration::from_secs(30)), "{ordering:?}");
+        assert_eq!(
+            *seen.lock().unwrap(),
+            ["a"],
+            "{ordering:?}: the failed item again"
+        );
+        assert!(c.dead_letters().unwrap().is_empty(), "{ordering:?}");
+        assert_eq!(
+            c.paused(),
+            [""],
+            "{ordering:?}: held at the undecodable item"
+        );
+        assert!(c.resume(""), "{ordering:?}");
+        assert!(c.flush_timeout(Duration::from_secs(30)), "{ordering:?}");
+        assert_eq!(*seen.lock().unwrap(), ["a", "b"], "{ordering:?}");
+        assert_eq!(c.dead_letters().unwrap()[0].payload, b"5", "{ordering:?}");
+        let stats = c.stats();
+        assert_eq!(
+            (stats.delivered, stats.failed, stats.queued, stats.paused),
+            (2, 1, 0, 0),
+            "{ordering:?}: {stats:?}"
+        );
+    }
+}
+
 /// Keyed: only the key of the item that no longer decodes is held.
 #[test]
 fn under_pause_an_item_that_no_longer_decodes_holds_only_its_key() {
