@@ -1642,6 +1642,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         let Some(given_up) = st.resume(lane, self.attempt_limit()) else {
             return false;
         };
+        let freed_room = given_up.is_some();
         if let Some(durable) = &shared.durable {
             // Under the lock, so the journal records these before anything the lane does next.
             if let Some(item) = given_up {
@@ -1652,6 +1653,11 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
                 }));
             }
             durable.push(Op::Settle(Settled::Resumed(lane.to_owned())));
+        }
+        if freed_room {
+            // The item given up left the queue without a worker settling it, whose
+            // settlement would have woken a send waiting for room.
+            shared.wake_one_sender(&st);
         }
         // A pipelined lane may now run several items: wake every idle worker.
         shared.work.notify_all();

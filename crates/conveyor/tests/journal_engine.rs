@@ -422,6 +422,55 @@ fn a_failure_before_an_item_that_no_longer_decodes_is_resumed_first() {
     }
 }
 
+/// Giving an undecodable item up frees its room in the queue: a send waiting for room is woken.
+#[test]
+fn resume_giving_up_an_item_that_no_longer_decodes_wakes_a_send_waiting_for_room() {
+    use std::future::Future;
+    use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+    use std::task::{Context, Wake, Waker};
+
+    struct Flag(AtomicBool);
+    impl Wake for Flag {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, AtomicOrdering::SeqCst);
+        }
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    leave_pending_values(&path, Ordering::Strict, &[(None, serde_json::json!(5))]);
+    let c: Conveyor<String> = Conveyor::builder()
+        .journal(&path)
+        .capacity(1)
+        .backpressure(Backpressure::Block)
+        .on_failure(OnFailure::Pause)
+        .build(|_d: Delivery<String>| Ok(()))
+        .unwrap();
+    assert!(c.flush_timeout(Duration::from_secs(30)), "replayed");
+    assert_eq!(c.paused(), [""]);
+
+    let flag = Arc::new(Flag(AtomicBool::new(false)));
+    let waker = Waker::from(flag.clone());
+    let mut send = std::pin::pin!(c.send_async("new".to_owned()));
+    assert!(
+        send.as_mut()
+            .poll(&mut Context::from_waker(&waker))
+            .is_pending(),
+        "the held item fills the queue"
+    );
+    assert!(c.resume(""));
+    assert!(
+        flag.0.load(AtomicOrdering::SeqCst),
+        "the waiting send was not woken"
+    );
+    assert!(send
+        .as_mut()
+        .poll(&mut Context::from_waker(&waker))
+        .is_ready());
+    assert!(c.flush_timeout(Duration::from_secs(30)));
+    assert_eq!((c.stats().delivered, c.stats().failed), (1, 1));
+}
+
 /// Keyed: only the key of the item that no longer decodes is held.
 #[test]
 fn under_pause_an_item_that_no_longer_decodes_holds_only_its_key() {
