@@ -2239,40 +2239,30 @@ fn start_replay<T: Send + Sync + 'static, R: Send + 'static>(
             let mut page = first;
             'pages: while let Some(last) = page.last().map(|r| r.seq) {
                 for record in page {
-                    let item = match (durable.codec.decode)(&record.payload) {
-                        Ok(item) => item,
-                        Err(reason) => {
-                            let error = format!("cannot be decoded as this conveyor's item type: {reason}");
-                            let mut st = shared.lock();
-                            if shared.config.on_failure == OnFailure::Pause {
-                                // Held in its place, as a failing item is: nothing after it in
-                                // its lane overtakes it. A build that decodes it delivers it.
-                                tracing::error!(
-                                    seq = record.seq, lane = %record.lane, %reason,
-                                    "journaled item cannot be decoded: its lane pauses when it \
-                                     reaches it; resume(lane) makes it a dead letter, or restart \
-                                     with an item type that decodes it"
-                                );
-                                st.hold_undecodable(record.key.as_ref(), record.seq, error);
-                                continue;
-                            }
-                            // Never silently lost, never blocking the rest: a dead letter,
-                            // counted as failed so that `stats()` shows it.
+                    let pause = shared.config.on_failure == OnFailure::Pause;
+                    // Made before the state lock, as a send makes its node.
+                    let decoded = (durable.codec.decode)(&record.payload).map(|item| {
+                        let node = shared.node(record.key.clone(), item);
+                        node.set_seq(record.seq);
+                        node
+                    });
+                    if let Err(reason) = &decoded {
+                        if pause {
+                            tracing::error!(
+                                seq = record.seq, lane = %record.lane, %reason,
+                                "journaled item cannot be decoded: its lane pauses when it \
+                                 reaches it; resume(lane) makes it a dead letter, or restart \
+                                 with an item type that decodes it"
+                            );
+                        } else {
                             tracing::error!(seq = record.seq, %reason, "journaled item cannot be decoded");
-                            durable.push(Op::Settle(Settled::Failed {
-                                seq: record.seq,
-                                error,
-                                attempts: 0,
-                            }));
-                            st.accept_failed();
-                            continue;
                         }
-                    };
-                    let node = shared.node(record.key, item);
-                    node.set_seq(record.seq);
+                    }
                     let mut st = shared.lock();
+                    // An item that becomes a dead letter at once takes no room.
+                    let takes_room = decoded.is_ok() || pause;
                     // `close` drains the replay too; only its deadline stops it.
-                    while !st.room_for_replay() && !st.abandoned {
+                    while takes_room && !st.room_for_replay() && !st.abandoned {
                         // Senders waiting behind the replay look again: one inside a sink call
                         // must not wait for a replay that now waits for its own worker.
                         shared.space.notify_all();
@@ -2283,8 +2273,30 @@ fn start_replay<T: Send + Sync + 'static, R: Send + 'static>(
                     if st.abandoned {
                         break 'pages;
                     }
-                    if st.accept(node, attempt_limit) {
-                        shared.wake_worker(&st, &mut shared.intake());
+                    match decoded {
+                        Ok(node) => {
+                            if st.accept(node, attempt_limit) {
+                                shared.wake_worker(&st, &mut shared.intake());
+                            }
+                        }
+                        Err(reason) => {
+                            let error =
+                                format!("cannot be decoded as this conveyor's item type: {reason}");
+                            if pause {
+                                // Held in its place, as a failing item is: nothing after it in
+                                // its lane overtakes it. A build that decodes it delivers it.
+                                st.hold_undecodable(record.key.as_ref(), record.seq, error);
+                            } else {
+                                // Never silently lost, never blocking the rest: a dead letter,
+                                // counted as failed so that `stats()` shows it.
+                                durable.push(Op::Settle(Settled::Failed {
+                                    seq: record.seq,
+                                    error,
+                                    attempts: 0,
+                                }));
+                                st.accept_failed();
+                            }
+                        }
                     }
                 }
                 page = match next_page(&shared, durable, last, PAGE) {
@@ -2801,5 +2813,59 @@ mod tests {
             items.len(),
             &items[items.len().saturating_sub(3)..]
         );
+    }
+
+    /// Under Pause, items that no longer decode take room like any replayed item: the replay
+    /// waits for room before holding one, so the queue never goes past its capacity.
+    #[test]
+    fn replayed_items_that_no_longer_decode_wait_for_room_under_pause() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        {
+            let (_hold, gate) = mpsc::channel::<()>();
+            let gate = Mutex::new(gate);
+            let c: Conveyor<serde_json::Value> = Conveyor::builder()
+                .journal(&path)
+                .build(move |_d| {
+                    let _ = gate.lock().unwrap().recv();
+                    Err(crate::SinkError::permanent("stopped"))
+                })
+                .unwrap();
+            c.send(serde_json::json!("a")).unwrap();
+            for n in 0..100 {
+                c.send(serde_json::json!(n)).unwrap();
+            }
+            c.close_timeout(Duration::ZERO);
+        }
+        let (release, gate) = mpsc::channel::<()>();
+        let gate = Mutex::new(gate);
+        let c: Conveyor<String> = Conveyor::builder()
+            .journal(&path)
+            .capacity(1)
+            .on_failure(crate::OnFailure::Pause)
+            .drain_timeout(Duration::from_millis(100))
+            .build(move |_d| {
+                let _ = gate.lock().unwrap().recv();
+                Ok(())
+            })
+            .unwrap();
+        // "a" is in the sink until released: the replay holds one undecodable item, then waits
+        // for room (or, wrongly, takes them all and ends).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let st = c.shared.lock();
+            if st.waiters.blocked_senders > 0 || !st.replaying {
+                break;
+            }
+            drop(st);
+            assert!(
+                Instant::now() < deadline,
+                "the replay neither waited nor ended"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let stats = c.stats();
+        assert!(stats.queued <= 1, "past the capacity of 1: {stats:?}");
+        drop(release);
     }
 }
