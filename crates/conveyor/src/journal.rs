@@ -896,6 +896,11 @@ impl Journal {
     /// Clears the pause on `lane`; returns whether it was paused. The next conveyor opened on
     /// this journal delivers that lane again, starting with the item that paused it.
     ///
+    /// A lane held by an item that no longer decodes as the conveyor's item type is not paused
+    /// here: that hold is made anew at each start (see [`Builder::journal_kind`](crate::Builder::journal_kind)),
+    /// and only [`Conveyor::resume`](crate::Conveyor::resume) on the running conveyor gives the
+    /// item up.
+    ///
     /// # Errors
     /// A [`JournalError`] if the file cannot be written.
     ///
