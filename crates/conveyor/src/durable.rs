@@ -53,11 +53,13 @@ use crate::journal::{Journal, JournalError, Record, Settlement, WriteBatch};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Durability {
-    /// `send` returns at once; a writer thread commits accepted items in groups, at most this
-    /// long after they were accepted. A crash loses at most the items accepted in the last
-    /// window, none of which has reached the sink: an item is delivered only once it is
-    /// committed (a worker that takes one sooner has the writer commit at once). The default,
-    /// with 5 ms.
+    /// `send` returns at once; a writer thread commits accepted items in groups, gathering
+    /// each group for this long. A crash loses the items accepted since the last commit, none
+    /// of which has reached the sink: an item is delivered only once it is committed (a worker
+    /// that takes one sooner has the writer commit at once). That is about one window on a
+    /// healthy disk, and more while the disk is slow, as each commit waits for its `fsync`
+    /// first; the writes waiting for the disk are bounded (by the capacity, within 1,024 and
+    /// 65,536), and past that sends wait for the writer. The default, with 5 ms.
     Batched(Duration),
     /// `send` returns once the item is committed (`send_async` awaits the commit, leaving its
     /// thread free for other tasks). Concurrent sends share one commit, so many
