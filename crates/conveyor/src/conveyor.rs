@@ -874,8 +874,9 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         Receipt::new(node)
     }
 
-    /// With a journal: refuses the item while the journal cannot be written, else encodes it
-    /// (outside the state lock), with the input position to store with it. An item too large
+    /// With a journal: refuses the item while the journal cannot be written (or read by the
+    /// replay), else encodes it (outside the state lock), with the input position to store with
+    /// it. An item too large
     /// for a journal row is refused too: SQLite would refuse its append, and the writer would
     /// retry that append for ever, refusing every later send meanwhile.
     fn journal_entry(
@@ -1302,7 +1303,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     ///
     /// While the journal cannot be written ([`Conveyor::journal_error`]), it returns without
     /// waiting on: items not committed yet are not delivered until the journal can be written
-    /// again.
+    /// again. So it does while the journal's items from before this start cannot be read.
     ///
     /// # Examples
     ///
@@ -2171,7 +2172,9 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     }
 
     /// Why sends fail with [`SendError::Journal`] right now: the journal's last write error,
-    /// until a write succeeds again. `None` without a journal or when it is healthy.
+    /// until a write succeeds again, or the error that holds the replay of its items at start
+    /// (the items not loaded yet cannot be read), until a read succeeds again. `None` without
+    /// a journal or when it is healthy. Meanwhile [`Conveyor::flush`] does not wait on.
     ///
     /// # Examples
     ///
@@ -2199,7 +2202,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     }
 
     /// The journal cannot be written: what it has not committed waits for it, and cannot be
-    /// delivered meanwhile.
+    /// delivered meanwhile. Or the replay cannot read it: what it holds waits for it.
     fn journal_blocked(&self) -> bool {
         self.journal_error().is_some()
     }
@@ -2332,6 +2335,7 @@ fn next_page<T: Send + Sync + 'static, R: Send + 'static>(
         let error = match durable.with_journal(|j| j.pending_after(last, limit)) {
             Ok(page) => {
                 if failures > 0 {
+                    durable.set_unreadable(None);
                     tracing::warn!(failures, "replay goes on: the journal can be read again");
                 }
                 return Some(page);
@@ -2345,9 +2349,12 @@ fn next_page<T: Send + Sync + 'static, R: Send + 'static>(
         if failures.is_power_of_two() {
             tracing::error!(
                 error = %error, failures, retry_in = ?wait,
-                "replay held: the journal cannot be read; new sends wait until it can"
+                "replay held: the journal cannot be read; new sends are refused until it can"
             );
         }
+        // Shown by `journal_error()`, so that sends and `flush` do not wait on for a disk
+        // that may never be readable again.
+        durable.set_unreadable(Some(error));
         let mut st = shared.lock();
         let deadline = Instant::now() + wait;
         while !st.abandoned && Instant::now() < deadline {
@@ -2751,6 +2758,52 @@ mod tests {
         );
     }
 
+    /// Leaves `0..n` pending in a journal at `path`, for a replay to load.
+    fn journal_with_pending(path: &std::path::Path, n: u64) {
+        let (_hold, gate) = mpsc::channel::<()>();
+        let gate = Mutex::new(gate);
+        let c: Conveyor<u64> = Conveyor::builder()
+            .journal(path)
+            .capacity(10_000)
+            .build(move |_d| {
+                let _ = gate.lock().unwrap().recv();
+                Err(crate::SinkError::permanent("stopped"))
+            })
+            .unwrap();
+        for i in 0..n {
+            c.send(i).unwrap();
+        }
+        c.close_timeout(Duration::ZERO);
+    }
+
+    /// A conveyor replaying the journal at `path`, whose sink delivers nothing until the flag
+    /// is set, then logs the items it delivers. The replay loads 100 items, then waits for room
+    /// until the sink runs.
+    #[allow(clippy::type_complexity)]
+    fn gated_replay(
+        path: &std::path::Path,
+    ) -> (
+        Conveyor<u64>,
+        Arc<Mutex<Vec<u64>>>,
+        Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (log, gate) = (seen.clone(), open.clone());
+        let c = Conveyor::builder()
+            .journal(path)
+            .capacity(100)
+            .build(move |d: crate::Delivery<u64>| {
+                while !gate.load(AtomicOrdering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                log.lock().unwrap().push(*d.item());
+                Ok(())
+            })
+            .unwrap();
+        (c, seen, open)
+    }
+
     /// A replay whose journal read fails part way (an I/O error) reads again rather than
     /// stopping: stopping let new sends in ahead of the items not loaded yet, which the next
     /// start then delivered after them.
@@ -2760,48 +2813,28 @@ mod tests {
         const PENDING: u64 = 1_500;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j");
-        {
-            let (_hold, gate) = mpsc::channel::<()>();
-            let gate = Mutex::new(gate);
-            let c: Conveyor<u64> = Conveyor::builder()
-                .journal(&path)
-                .capacity(10_000)
-                .build(move |_d| {
-                    let _ = gate.lock().unwrap().recv();
-                    Err(crate::SinkError::permanent("stopped"))
-                })
-                .unwrap();
-            for i in 0..PENDING {
-                c.send(i).unwrap();
-            }
-            c.close_timeout(Duration::ZERO);
-        }
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (log, gate) = (seen.clone(), open.clone());
-        let c: Arc<Conveyor<u64>> = Arc::new(
-            Conveyor::builder()
-                .journal(&path)
-                // The replay loads 100 items, then waits for room until the sink runs.
-                .capacity(100)
-                .build(move |d: crate::Delivery<u64>| {
-                    while !gate.load(AtomicOrdering::SeqCst) {
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                    log.lock().unwrap().push(*d.item());
-                    Ok(())
-                })
-                .unwrap(),
-        );
+        journal_with_pending(&path, PENDING);
+        let (c, seen, open) = gated_replay(&path);
+        let c = Arc::new(c);
         // The first page was read by the build; the next two reads fail.
         let durable = c.shared.durable.as_ref().unwrap();
         let fail_reads = |n| durable.with_journal(|j| Ok(j.fail_reads(n))).unwrap();
         fail_reads(2);
-        open.store(true, AtomicOrdering::SeqCst);
         let sender = std::thread::spawn({
             let c = c.clone();
             move || c.send(PENDING).map(|_| ())
         });
+        // The send waits behind the replay before a read fails: sent while one has failed, it
+        // would be refused (see the test below).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while c.shared.lock().waiters.blocked_senders < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "the send and the replay never waited"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        open.store(true, AtomicOrdering::SeqCst);
         assert!(c.flush_timeout(Duration::from_secs(30)), "flushed");
         sender.join().unwrap().unwrap();
         assert!(c.flush_timeout(Duration::from_secs(30)), "flushed");
@@ -2813,6 +2846,69 @@ mod tests {
             items.len(),
             &items[items.len().saturating_sub(3)..]
         );
+    }
+
+    /// A journal that stays unreadable holds the replay for good. That used to show nowhere but
+    /// the log: `journal_error()` said nothing, a `send` waited (or was refused as `Full`), and
+    /// `flush()` never returned. It now shows as while the journal cannot be written.
+    #[test]
+    fn a_replay_held_by_an_unreadable_journal_shows_as_a_journal_error() {
+        const PENDING: u64 = 1_500;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        journal_with_pending(&path, PENDING);
+        let (c, seen, open) = gated_replay(&path);
+        let durable = c.shared.durable.as_ref().unwrap();
+        let fail_reads = |n| durable.with_journal(|j| Ok(j.fail_reads(n))).unwrap();
+        // The first page was read by the build; every read after it fails.
+        fail_reads(u32::MAX);
+        open.store(true, AtomicOrdering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while c.journal_error().is_none() {
+            assert!(Instant::now() < deadline, "the read error never showed");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(
+            c.journal_error()
+                .unwrap()
+                .to_string()
+                .contains("injected by a test"),
+            "{:?}",
+            c.journal_error()
+        );
+        assert!(
+            matches!(c.try_send(PENDING), Err(SendError::Journal(_))),
+            "refused as while the journal cannot be written"
+        );
+        // Lets the reads succeed if `flush` waits on, so that a failure does not hang.
+        let by_watchdog = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let (done, finished) = mpsc::channel::<()>();
+            let (fail_reads, by_watchdog) = (&fail_reads, &by_watchdog);
+            scope.spawn(move || {
+                if finished.recv_timeout(Duration::from_secs(30))
+                    == Err(mpsc::RecvTimeoutError::Timeout)
+                {
+                    by_watchdog.store(true, AtomicOrdering::SeqCst);
+                    fail_reads(0);
+                }
+            });
+            c.flush();
+            drop(done);
+        });
+        assert!(
+            !by_watchdog.load(AtomicOrdering::SeqCst),
+            "flush waited for a journal that cannot be read"
+        );
+        // Once it can be read again, the replay goes on, and sends are taken after it.
+        fail_reads(0);
+        while c.journal_error().is_some() {
+            assert!(Instant::now() < deadline, "the read error never cleared");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        c.send(PENDING).unwrap();
+        assert!(c.flush_timeout(Duration::from_secs(30)), "flushed");
+        assert!(*seen.lock().unwrap() == (0..=PENDING).collect::<Vec<_>>());
     }
 
     /// Under Pause, items that no longer decode take room like any replayed item: the replay

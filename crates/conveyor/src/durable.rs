@@ -157,6 +157,10 @@ pub(crate) struct Durable<T> {
     pub(crate) commits: Arc<tokio::sync::Notify>,
     /// Set while commits fail, so `send` refuses new items with one atomic load.
     failed: Arc<AtomicBool>,
+    /// The replay's last read error, while it reads the journal again (see `set_unreadable`).
+    read_error: Mutex<Option<Arc<JournalError>>>,
+    /// Set while `read_error` is, so `send` looks at it with one atomic load.
+    unreadable: AtomicBool,
     writer: Mutex<Option<JoinHandle<()>>>,
     /// The highest seq the engine may hand out: reserved in the journal ahead of use, because a
     /// seq handed out but not committed before a crash must not be given to another item.
@@ -253,6 +257,8 @@ impl<T> Durable<T> {
             committed,
             commits,
             failed,
+            read_error: Mutex::new(None),
+            unreadable: AtomicBool::new(false),
             writer: Mutex::new(Some(handle)),
             seq_limit,
             on_extend,
@@ -279,12 +285,28 @@ impl<T> Durable<T> {
         })
     }
 
-    /// The error that makes `send` refuse items, while commits fail.
+    /// The error that makes `send` refuse items: while commits fail, or while the replay
+    /// cannot read the items it has not loaded yet.
     pub(crate) fn failure(&self) -> Option<Arc<JournalError>> {
-        if !self.failed.load(AtomicOrdering::Acquire) {
-            return None;
+        if self.failed.load(AtomicOrdering::Acquire) {
+            if let Some(error) = lock(&self.progress.0).error.clone() {
+                return Some(error);
+            }
         }
-        lock(&self.progress.0).error.clone()
+        if self.unreadable.load(AtomicOrdering::Acquire) {
+            return lock(&self.read_error).clone();
+        }
+        None
+    }
+
+    /// Records that the replay cannot read the journal (`Some`), or can again (`None`). Sends
+    /// are refused meanwhile, as while commits fail: they could only wait behind the replay,
+    /// for as long as the disk stays unreadable, with nothing to tell their caller why.
+    pub(crate) fn set_unreadable(&self, error: Option<JournalError>) {
+        let mut slot = lock(&self.read_error);
+        self.unreadable
+            .store(error.is_some(), AtomicOrdering::Release);
+        *slot = error.map(Arc::new);
     }
 
     /// Queues an op for the writer. Called under the engine's state lock (see the module doc).

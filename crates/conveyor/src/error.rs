@@ -252,8 +252,9 @@ pub enum SendError<T> {
     /// The conveyor was closed; it accepts nothing more.
     Closed(T),
     /// The conveyor's journal could not store the item (disk full, file unwritable, or the item
-    /// could not be encoded), so it was not accepted. Items accepted before stay intact; the
-    /// writer keeps retrying, and sends succeed again once the journal can be written.
+    /// could not be encoded), or the items it holds from before this start cannot be read (the
+    /// item would go ahead of them), so it was not accepted. Items accepted before stay intact;
+    /// the journal is tried again, and sends succeed again once it can be written and read.
     /// [`Conveyor::journal_error`](crate::Conveyor::journal_error) tells why.
     Journal(T),
     /// The item, encoded for the journal, is larger than a journal entry may be (SQLite's
