@@ -30,7 +30,7 @@ pub(crate) struct Cli {
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
     /// Send JSON lines from a file or stdin, one HTTP request (or program run) per line.
-    #[command(after_help = EXIT_CODES_HELP)]
+    #[command(after_help = EXIT_CODES_HELP, mut_arg("json", |a| a.long_help(JSON_SEND_HELP)))]
     Send(Box<SendArgs>),
     /// Run a local demo: an embedded 50 ms HTTP service receives generated items in order.
     Demo(DemoArgs),
@@ -356,6 +356,10 @@ pub(crate) struct JournalArgs {
     pub(crate) sync: bool,
 }
 
+/// `send --json`'s details under --help; `demo` shares the option but has no --exec.
+const JSON_SEND_HELP: &str = "Print the summary as one JSON object on stdout, and nothing else \
+     there.\n\nThe output of `--exec` programs then goes to stderr.";
+
 #[derive(Debug, Clone, Args)]
 pub(crate) struct OutputArgs {
     /// On Ctrl-C or SIGTERM: how long the sends in flight may finish before the exit.
@@ -367,8 +371,7 @@ pub(crate) struct OutputArgs {
     pub(crate) drain_timeout: Duration,
 
     /// Print the summary as one JSON object on stdout, and nothing else there.
-    ///
-    /// The output of `--exec` programs then goes to stderr.
+    // One paragraph: `demo` has no --exec, and `send` adds its details (see `JSON_SEND_HELP`).
     #[arg(long)]
     pub(crate) json: bool,
 
@@ -414,6 +417,21 @@ mod tests {
         assert_eq!(mib << 20, crate::input::MAX_LINE);
         assert!(help.contains(&format!("up to {mib} MiB")), "{help}");
         assert!(help.contains(&crate::input::MAX_LINE.to_string()), "{help}");
+    }
+
+    /// `demo` shares `send`'s output options, not its --exec: its --help must not describe it.
+    #[test]
+    fn demo_help_names_no_option_it_does_not_have() {
+        let mut cli = Cli::command();
+        let demo = cli.find_subcommand_mut("demo").unwrap().render_long_help();
+        assert!(!demo.to_string().contains("--exec"), "{demo}");
+        let send = cli.find_subcommand_mut("send").unwrap().render_long_help();
+        let json = send.to_string();
+        let json = &json[json.find("      --json").unwrap()..];
+        assert!(
+            json[..json.find("  -q").unwrap()].contains("--exec"),
+            "{json}"
+        );
     }
 
     /// `-h` is a summary, one short line per option (the details are for `--help`): an
