@@ -364,7 +364,7 @@ const JSON_SEND_HELP: &str = "Print the summary as one JSON object on stdout, an
 pub(crate) struct OutputArgs {
     /// On Ctrl-C or SIGTERM: how long the sends in flight may finish before the exit.
     ///
-    /// Reading and starting sends stop at once. A second Ctrl-C exits at once.
+    /// Nothing new is taken or started after the signal. A second Ctrl-C exits at once.
     // Shared with `demo`, which keeps no journal: what `send` keeps for a rerun is said by
     // --journal, --no-journal and the exit codes.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
