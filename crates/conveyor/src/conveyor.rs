@@ -1360,7 +1360,8 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
 
     /// Awaits what [`Conveyor::flush`] waits for, without blocking the runtime. Awaited from
     /// this conveyor's own async sink, it waits only for what the other workers can deliver,
-    /// as `flush` does.
+    /// and while the journal cannot be written ([`Conveyor::journal_error`]) it returns without
+    /// waiting on, as `flush` does.
     ///
     /// # Examples
     ///
@@ -1391,13 +1392,24 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             let notified = shared.settled_async.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            // As `flush` does, it stops waiting while the journal cannot be written (or read by
+            // the replay): the writer tells of a failure here, as nothing settles meanwhile.
+            let journal = shared.durable.as_ref().map(|d| d.commits.notified());
+            tokio::pin!(journal);
+            if let Some(journal) = journal.as_mut().as_pin_mut() {
+                journal.enable();
+            }
             {
                 let mut st = shared.lock();
                 if std::mem::take(&mut waiter.registered) {
                     st.waiters.flushers -= 1;
                 }
                 inside.start(&mut st);
-                if shared.all_settled(&mut st) || st.stalled() || inside.hopeless(&st) {
+                if shared.all_settled(&mut st)
+                    || st.stalled()
+                    || inside.hopeless(&st)
+                    || self.journal_blocked()
+                {
                     inside.stop(&mut st);
                     drop(st);
                     self.sync_journal(None);
@@ -1406,7 +1418,15 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
                 st.waiters.flushers += 1;
                 waiter.registered = true;
             }
-            notified.await;
+            match journal.as_mut().as_pin_mut() {
+                Some(journal) => {
+                    tokio::select! {
+                        () = notified => {}
+                        () = journal => {}
+                    }
+                }
+                None => notified.await,
+            }
         }
     }
 
@@ -2963,5 +2983,56 @@ mod tests {
         let stats = c.stats();
         assert!(stats.queued <= 1, "past the capacity of 1: {stats:?}");
         drop(release);
+    }
+
+    /// `flush_async`, as `flush`, stops waiting while the journal cannot be written: the items
+    /// not committed cannot be delivered until it can, which may be never.
+    #[test]
+    fn flush_async_returns_while_the_journal_cannot_be_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let c: Conveyor<String> = Conveyor::builder()
+            .journal(dir.path().join("j"))
+            .build(|_d| Ok(()))
+            .unwrap();
+        let durable = c.shared.durable.as_ref().unwrap();
+        let limit = |pages| {
+            durable
+                .with_journal(|j| {
+                    j.limit_pages(pages);
+                    Ok(())
+                })
+                .unwrap();
+        };
+        // The file may not grow: the item's commit fails as on a full disk.
+        limit(1);
+        c.send("x".repeat(100_000)).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let flushed = runtime.block_on(async {
+            tokio::time::timeout(Duration::from_secs(30), c.flush_async()).await
+        });
+        let error = c.journal_error();
+        limit(1 << 30);
+        assert!(
+            flushed.is_ok(),
+            "flush_async waited on a journal that cannot be written"
+        );
+        assert!(
+            error.is_some(),
+            "the journal could not be written meanwhile"
+        );
+        // The writer retries; flush waits again once the journal can be written.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while c.journal_error().is_some() {
+            assert!(Instant::now() < deadline, "the journal stayed unwritable");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(
+            c.flush_timeout(Duration::from_secs(30)),
+            "delivered once it can"
+        );
+        assert_eq!(c.stats().delivered, 1);
     }
 }

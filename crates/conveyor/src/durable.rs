@@ -153,7 +153,8 @@ pub(crate) struct Durable<T> {
     /// under the progress lock, for `wait_committed`.
     committed: Arc<AtomicU64>,
     /// Told after every successful commit, and when the writer exits, for async workers and
-    /// `Sync` async senders waiting for one.
+    /// `Sync` async senders waiting for one; and when a write or the replay's read fails, for
+    /// `flush_async`, which does not wait on then.
     pub(crate) commits: Arc<tokio::sync::Notify>,
     /// Set while commits fail, so `send` refuses new items with one atomic load.
     failed: Arc<AtomicBool>,
@@ -307,6 +308,9 @@ impl<T> Durable<T> {
         self.unreadable
             .store(error.is_some(), AtomicOrdering::Release);
         *slot = error.map(Arc::new);
+        drop(slot);
+        // As for a write error: `flush_async` stops waiting on.
+        self.commits.notify_waiters();
     }
 
     /// Queues an op for the writer. Called under the engine's state lock (see the module doc).
@@ -524,6 +528,8 @@ impl Writer {
                     }
                     p.error = Some(e.clone());
                     self.failed.store(true, AtomicOrdering::Release);
+                    // `flush_async` stops waiting on while the journal cannot be written.
+                    self.commits.notify_waiters();
                     retry_at = Some(Instant::now() + RETRY_AFTER_ERROR);
                     // Keep the group (it holds accepted items): it is retried with what comes next.
                     // A stop still exits: what was not committed stays in memory only and is
