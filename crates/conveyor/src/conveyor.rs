@@ -1507,20 +1507,24 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// # Examples
     ///
     /// ```
-    /// use conveyor::Conveyor;
+    /// use conveyor::{Conveyor, DeliveryError};
+    /// use std::sync::{mpsc, Mutex};
     /// use std::time::Duration;
     ///
-    /// let c: Conveyor<u32> = Conveyor::builder().build(|_d| {
-    ///     std::thread::sleep(Duration::from_millis(100));
+    /// // A service that hangs until released.
+    /// let (release, hang) = mpsc::channel::<()>();
+    /// let hang = Mutex::new(hang);
+    /// let c: Conveyor<u32> = Conveyor::builder().build(move |_d| {
+    ///     let _ = hang.lock().unwrap().recv();
     ///     Ok(())
     /// })?;
-    /// for i in 0..10 {
-    ///     c.send(i).unwrap();
-    /// }
-    /// let report = c.stop_timeout(Duration::from_secs(5));
-    /// // The call in progress finished; the queued items were not started.
-    /// assert!(report.stats.delivered <= 2);
-    /// assert_eq!(report.left, 10 - report.stats.delivered);
+    /// let _first = c.send(1).unwrap();
+    /// let second = c.send(2).unwrap();
+    /// let report = c.stop_timeout(Duration::from_millis(50));
+    /// // The first call ran past the deadline; the queued item was never started.
+    /// assert_eq!((report.stats.delivered, report.left), (0, 2));
+    /// assert!(matches!(second.wait(), Err(DeliveryError::Closed)));
+    /// drop(release);
     /// # Ok::<(), conveyor::BuildError>(())
     /// ```
     pub fn stop_timeout(&self, timeout: Duration) -> CloseReport {
