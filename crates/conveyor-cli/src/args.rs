@@ -50,7 +50,7 @@ pub(crate) struct JournalOpts {
     #[arg(long, value_name = "PATH")]
     pub(crate) journal: Option<PathBuf>,
 
-    /// Print JSON (one object per line for lists) instead of text.
+    /// Print JSON instead of text (`dead list`: one object per line).
     #[arg(long)]
     pub(crate) json: bool,
 }
