@@ -2735,17 +2735,7 @@ mod tests {
             .durability(crate::Durability::Sync)
             .build(|_d| Ok(()))
             .unwrap();
-        let limit = |pages| {
-            c.shared
-                .durable
-                .as_ref()
-                .unwrap()
-                .with_journal(|j| {
-                    j.limit_pages(pages);
-                    Ok(())
-                })
-                .unwrap();
-        };
+        let limit = |pages| limit_pages(&c, pages);
         // From now on the file may not grow: the item's commit fails as on a full disk.
         limit(1);
         let by_watchdog = &AtomicBool::new(false);
@@ -2782,11 +2772,27 @@ mod tests {
         );
     }
 
-    /// Leaves `0..n` pending in a journal at `path`, for a replay to load.
-    fn journal_with_pending(path: &std::path::Path, n: u64) {
+    /// Caps the journal file's size in pages, so that writes fail as on a full disk.
+    fn limit_pages<T: Send + Sync + 'static, R: Send + 'static>(c: &Conveyor<T, R>, pages: i64) {
+        c.shared
+            .durable
+            .as_ref()
+            .unwrap()
+            .with_journal(|j| {
+                j.limit_pages(pages);
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    /// Leaves `items` pending in a journal at `path`, for a replay to load.
+    fn journal_with_pending<T>(path: &std::path::Path, items: impl IntoIterator<Item = T>)
+    where
+        T: serde::Serialize + serde::de::DeserializeOwned + Send + Sync + 'static,
+    {
         let (_hold, gate) = mpsc::channel::<()>();
         let gate = Mutex::new(gate);
-        let c: Conveyor<u64> = Conveyor::builder()
+        let c: Conveyor<T> = Conveyor::builder()
             .journal(path)
             .capacity(10_000)
             .build(move |_d| {
@@ -2794,8 +2800,8 @@ mod tests {
                 Err(crate::SinkError::permanent("stopped"))
             })
             .unwrap();
-        for i in 0..n {
-            c.send(i).unwrap();
+        for item in items {
+            assert!(c.send(item).is_ok());
         }
         c.close_timeout(Duration::ZERO);
     }
@@ -2837,7 +2843,7 @@ mod tests {
         const PENDING: u64 = 1_500;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j");
-        journal_with_pending(&path, PENDING);
+        journal_with_pending(&path, 0..PENDING);
         let (c, seen, open) = gated_replay(&path);
         let c = Arc::new(c);
         // The first page was read by the build; the next two reads fail.
@@ -2880,7 +2886,7 @@ mod tests {
         const PENDING: u64 = 1_500;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j");
-        journal_with_pending(&path, PENDING);
+        journal_with_pending(&path, 0..PENDING);
         let (c, seen, open) = gated_replay(&path);
         let durable = c.shared.durable.as_ref().unwrap();
         let fail_reads = |n| durable.with_journal(|j| Ok(j.fail_reads(n))).unwrap();
@@ -2941,22 +2947,10 @@ mod tests {
     fn replayed_items_that_no_longer_decode_wait_for_room_under_pause() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j");
-        {
-            let (_hold, gate) = mpsc::channel::<()>();
-            let gate = Mutex::new(gate);
-            let c: Conveyor<serde_json::Value> = Conveyor::builder()
-                .journal(&path)
-                .build(move |_d| {
-                    let _ = gate.lock().unwrap().recv();
-                    Err(crate::SinkError::permanent("stopped"))
-                })
-                .unwrap();
-            c.send(serde_json::json!("a")).unwrap();
-            for n in 0..100 {
-                c.send(serde_json::json!(n)).unwrap();
-            }
-            c.close_timeout(Duration::ZERO);
-        }
+        journal_with_pending(
+            &path,
+            std::iter::once(serde_json::json!("a")).chain((0..100).map(|n| serde_json::json!(n))),
+        );
         let (release, gate) = mpsc::channel::<()>();
         let gate = Mutex::new(gate);
         let c: Conveyor<String> = Conveyor::builder()
@@ -2998,15 +2992,7 @@ mod tests {
             .journal(dir.path().join("j"))
             .build(|_d| Ok(()))
             .unwrap();
-        let durable = c.shared.durable.as_ref().unwrap();
-        let limit = |pages| {
-            durable
-                .with_journal(|j| {
-                    j.limit_pages(pages);
-                    Ok(())
-                })
-                .unwrap();
-        };
+        let limit = |pages| limit_pages(&c, pages);
         // The file may not grow: the item's commit fails as on a full disk.
         limit(1);
         c.send("x".repeat(100_000)).unwrap();

@@ -781,14 +781,10 @@ impl<T, R> State<T, R> {
             job.attempt_limit = job.attempts.saturating_add(attempts);
         }
         let reached = target.reach_undecodable();
-        let mut remove = false;
         if self.keyed && target.runnable_keyed() && !target.in_ready {
             target.in_ready = true;
-            self.ready.push_back(id.clone());
+            self.ready.push_back(id);
         } else if self.keyed && target.is_done() {
-            remove = true;
-        }
-        if remove {
             self.lanes.remove(&id);
         }
         if given_up.is_some() {

@@ -46,7 +46,10 @@ fn recording(path: &Path, ordering: Ordering) -> (Seen, Conveyor<u64>) {
 
 /// A conveyor whose sink never finishes until the returned sender is dropped: everything sent
 /// stays unsettled, as in a crash.
-fn stalled(path: &Path, ordering: Ordering) -> (Conveyor<u64>, mpsc::Sender<()>) {
+fn stalled<T>(path: &Path, ordering: Ordering) -> (Conveyor<T>, mpsc::Sender<()>)
+where
+    T: serde::Serialize + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
     let (gate_tx, gate) = mpsc::channel::<()>();
     let gate = Mutex::new(gate);
     let c = Conveyor::builder()
@@ -54,7 +57,7 @@ fn stalled(path: &Path, ordering: Ordering) -> (Conveyor<u64>, mpsc::Sender<()>)
         .ordering(ordering)
         .capacity(1_000_000)
         .drain_timeout(Duration::from_millis(50))
-        .build(move |_d: Delivery<u64>| {
+        .build(move |_d: Delivery<T>| {
             let _ = gate.lock().unwrap().recv();
             Err(SinkError::permanent("stopped"))
         })
@@ -236,17 +239,7 @@ fn leave_pending_values(
     ordering: Ordering,
     items: &[(Option<&str>, serde_json::Value)],
 ) {
-    let (gate_tx, gate) = mpsc::channel::<()>();
-    let gate = Mutex::new(gate);
-    let c: Conveyor<serde_json::Value> = Conveyor::builder()
-        .journal(path)
-        .ordering(ordering)
-        .drain_timeout(Duration::from_millis(50))
-        .build(move |_d| {
-            let _ = gate.lock().unwrap().recv();
-            Err(SinkError::permanent("stopped"))
-        })
-        .unwrap();
+    let (c, gate) = stalled::<serde_json::Value>(path, ordering);
     for (key, item) in items {
         match key {
             Some(key) => c.send_keyed(*key, item.clone()).unwrap(),
@@ -255,7 +248,7 @@ fn leave_pending_values(
     }
     c.close_timeout(Duration::from_millis(50));
     drop(c);
-    drop(gate_tx);
+    drop(gate);
 }
 
 /// A conveyor of `String`s on `path`, pausing on failure, whose sink records what it sees.
