@@ -189,7 +189,6 @@ impl<R: BufRead> LineReader<R> {
         // mark on the first line); `next_line` refuses what is longer but less than this.
         let most = self.max_line.saturating_add(BOM.len() + 2);
         let mut spill: Option<Spill<'_>> = None;
-        let mut read_any = false;
         loop {
             let available = match self.inner.fill_buf() {
                 Ok(available) => available,
@@ -199,7 +198,6 @@ impl<R: BufRead> LineReader<R> {
             if available.is_empty() {
                 break;
             }
-            read_any = true;
             let end = available.iter().position(|&b| b == b'\n');
             let piece = &available[..end.map_or(available.len(), |i| i + 1)];
             let last = end.is_some();
@@ -231,10 +229,11 @@ impl<R: BufRead> LineReader<R> {
                 break;
             }
         }
+        // Every piece read is at least a byte, and went to the buffer when it was not spilled.
         Ok(match spill {
             Some(spill) => Fill::Overlong(spill.size),
-            None if read_any => Fill::Line,
-            None => Fill::End,
+            None if self.buf.is_empty() => Fill::End,
+            None => Fill::Line,
         })
     }
 
