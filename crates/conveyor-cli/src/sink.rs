@@ -7,7 +7,7 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use conveyor::{Delivery, HttpSink, SinkError};
@@ -182,25 +182,25 @@ impl ExecSink {
 /// without waiting for them. A plain mutex: one short lock per program run.
 static RUNNING: Mutex<Vec<u32>> = Mutex::new(Vec::new());
 
+/// The list in [`RUNNING`]. A thread that panicked holding it left the list whole (each change
+/// is one push or retain), so a poisoned lock is used as it is.
+fn running() -> MutexGuard<'static, Vec<u32>> {
+    RUNNING.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// A program listed in [`RUNNING`] until this is dropped (after the program is reaped).
 struct Running(u32);
 
 impl Running {
     fn register(pid: u32) -> Self {
-        RUNNING
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(pid);
+        running().push(pid);
         Self(pid)
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        RUNNING
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .retain(|&pid| pid != self.0);
+        running().retain(|&pid| pid != self.0);
     }
 }
 
@@ -216,22 +216,20 @@ pub(crate) fn stop_running_programs() {
     }
     let deadline = Instant::now() + KILL_GRACE;
     // A program that exits is reaped by the thread that ran it, which then unlists it.
-    while Instant::now() < deadline && signal_running(0) > 0 {
+    while Instant::now() < deadline && !running().is_empty() {
         std::thread::sleep(Duration::from_millis(20));
     }
     signal_running(libc::SIGKILL);
 }
 
-/// Sends `signal` to the process group of every program listed in [`RUNNING`] (0 only counts
-/// them); returns how many there are.
+/// Sends `signal` to the process group of every program listed in [`RUNNING`]; returns how
+/// many there are.
 fn signal_running(signal: libc::c_int) -> usize {
-    let running = RUNNING.lock().unwrap_or_else(PoisonError::into_inner);
-    if signal != 0 {
-        for &pid in running.iter() {
-            signal_group(pid, signal);
-        }
+    let listed = running();
+    for &pid in listed.iter() {
+        signal_group(pid, signal);
     }
-    running.len()
+    listed.len()
 }
 
 /// Sends `signal` to the process group led by `pid` (each program runs in its own).
@@ -429,7 +427,6 @@ fn find_program(name: &str) -> Result<PathBuf, String> {
 /// A script whose `#!` line names an interpreter that cannot be run passes `find_program`, then
 /// fails every line with a bare "No such file or directory": said once, at the start, instead.
 fn check_interpreter(name: &str, program: &Path) -> Result<(), String> {
-    use std::io::Read;
     let mut head = [0u8; 256];
     let read = std::fs::File::open(program)
         .and_then(|mut f| f.read(&mut head))
