@@ -201,20 +201,16 @@ impl SendPlan {
                 (e, _) => CliError::usage(e.to_string()),
             })?)
         } else {
-            if !args.headers.is_empty() {
-                return Err(CliError::usage(
-                    "--header only applies to --to URL, not --exec",
-                ));
-            }
-            if args.method.is_some() {
-                return Err(CliError::usage(
-                    "--method only applies to --to URL, not --exec",
-                ));
-            }
-            if args.cacert.is_some() {
-                return Err(CliError::usage(
-                    "--cacert only applies to an https --to URL, not --exec",
-                ));
+            // The HTTP options, refused rather than silently unused; the first given is named.
+            let http_only = [
+                (!args.headers.is_empty(), "--header", "--to URL"),
+                (args.method.is_some(), "--method", "--to URL"),
+                (args.cacert.is_some(), "--cacert", "an https --to URL"),
+            ];
+            if let Some((_, option, target)) = http_only.iter().find(|(given, ..)| *given) {
+                return Err(CliError::usage(format!(
+                    "{option} only applies to {target}, not --exec"
+                )));
             }
             Target::Exec(
                 ExecSink::new(&args.exec, args.timeout, args.output.json)
