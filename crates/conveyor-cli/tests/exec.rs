@@ -326,9 +326,9 @@ fn ctrl_c_at_a_terminal_lets_the_running_program_finish_and_starts_no_other() {
 }
 
 /// Runs `program` (which writes the pid of the process to watch to $CONVEYOR_TEST_LOG) on two
-/// lines with a 1 s drain, interrupts conveyor once the program has started, and waits until
-/// that process has stopped; returns the summary.
-fn interrupted_program_stops(program_body: &str) -> serde_json::Value {
+/// lines with a 1 s drain, interrupts conveyor once the program has started, waits until that
+/// process has stopped, and checks that both lines stay pending for the rerun.
+fn interrupted_program_stops(program_body: &str) {
     let dir = tempfile::tempdir().unwrap();
     let pid_file = dir.path().join("pid");
     let out_file = dir.path().join("out.json");
@@ -352,33 +352,27 @@ fn interrupted_program_stops(program_body: &str) -> serde_json::Value {
         std::fs::read_to_string(&stat).map_or(true, |s| s.contains(") Z "))
     });
     let out = std::fs::read_to_string(&out_file).unwrap();
-    serde_json::from_str(out.lines().last().unwrap()).unwrap()
+    let summary: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        counts(&summary, &["delivered", "left"]),
+        [0, 2],
+        "{summary}"
+    );
 }
 
 #[test]
 fn a_program_still_running_at_the_drain_deadline_does_not_outlive_conveyor() {
     // The work is a child of the script, as most real programs have: both must stop.
-    let summary = interrupted_program_stops(
+    interrupted_program_stops(
         "cat >/dev/null\nsleep 60 &\necho $! > \"$CONVEYOR_TEST_LOG\"\nwait\n",
-    );
-    // The lines stay pending for the rerun.
-    assert_eq!(
-        counts(&summary, &["delivered", "left"]),
-        [0, 2],
-        "{summary}"
     );
 }
 
 #[test]
 fn a_program_that_ignores_sigterm_is_killed_when_conveyor_exits() {
     // Left running, it would go on with its line while a rerun sends the same line again.
-    let summary = interrupted_program_stops(
+    interrupted_program_stops(
         "trap '' TERM\ncat >/dev/null\necho $$ > \"$CONVEYOR_TEST_LOG\"\nsleep 60\n",
-    );
-    assert_eq!(
-        counts(&summary, &["delivered", "left"]),
-        [0, 2],
-        "{summary}"
     );
 }
 
