@@ -2,62 +2,18 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
-use std::sync::{Arc, Mutex};
-
 use common::{conveyor, expect_exit, items, send_in_memory, write_lines};
 
-#[path = "../../conveyor/tests/fixtures/tls/server.rs"]
-mod tls;
+#[path = "../../conveyor/tests/fixtures/server.rs"]
+mod server;
 
-/// An HTTPS server on 127.0.0.1 answering 200 to every request; returns its URL and the bodies
-/// it received, in arrival order.
-fn serve_tls() -> (String, Arc<Mutex<Vec<String>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("https://{}/in", listener.local_addr().unwrap());
-    let bodies = Arc::new(Mutex::new(Vec::new()));
-    let seen = Arc::clone(&bodies);
-    std::thread::spawn(move || {
-        for tcp in listener.incoming() {
-            let Some(stream) = tcp.ok().and_then(tls::accept) else {
-                continue;
-            };
-            let seen = Arc::clone(&seen);
-            std::thread::spawn(move || {
-                let mut reader = BufReader::new(stream);
-                // Requests one after another on a kept-alive connection, until it ends (or its
-                // handshake fails: the client did not trust the certificate).
-                loop {
-                    let mut length = 0;
-                    loop {
-                        let mut line = String::new();
-                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
-                        if let Some((name, value)) = line.split_once(':') {
-                            if name.eq_ignore_ascii_case("content-length") {
-                                length = value.trim().parse().unwrap();
-                            }
-                        }
-                    }
-                    let mut body = vec![0; length];
-                    if reader.read_exact(&mut body).is_err() {
-                        return;
-                    }
-                    seen.lock().unwrap().push(String::from_utf8(body).unwrap());
-                    let stream = reader.get_mut();
-                    let _ = stream
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-                        .and_then(|()| stream.flush());
-                }
-            });
-        }
-    });
-    (url, bodies)
+/// The bodies of the requests received, as text.
+fn bodies(requests: &server::Requests) -> Vec<String> {
+    let requests = requests.lock().unwrap();
+    requests
+        .iter()
+        .map(|r| String::from_utf8(r.body.clone()).unwrap())
+        .collect()
 }
 
 #[test]
@@ -65,7 +21,7 @@ fn a_private_ca_is_trusted_with_cacert() {
     let dir = tempfile::tempdir().unwrap();
     let lines = items(3, 1);
     let input = write_lines(dir.path(), "in.jsonl", &lines);
-    let (url, bodies) = serve_tls();
+    let (url, requests) = server::serve_tls(server::reply("200 OK", "", b""));
 
     // Without the CA: the lines fail, and the error says what to do.
     let output = send_in_memory(dir.path(), &input, &url, &["--retries", "0"]);
@@ -74,10 +30,10 @@ fn a_private_ca_is_trusted_with_cacert() {
         stderr.contains("UnknownIssuer") && stderr.contains("--cacert"),
         "{stderr}"
     );
-    assert!(bodies.lock().unwrap().is_empty());
+    assert!(bodies(&requests).is_empty());
 
     let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, tls::CA_PEM).unwrap();
+    std::fs::write(&ca, server::CA_PEM).unwrap();
     let output = send_in_memory(
         dir.path(),
         &input,
@@ -85,7 +41,7 @@ fn a_private_ca_is_trusted_with_cacert() {
         &["--cacert", ca.to_str().unwrap()],
     );
     expect_exit(&output, 0);
-    assert_eq!(*bodies.lock().unwrap(), lines);
+    assert_eq!(bodies(&requests), lines);
 }
 
 #[test]

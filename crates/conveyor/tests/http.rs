@@ -2,104 +2,19 @@
 //! server would: tokens echoed back, terminal escapes, bodies of any size.
 #![cfg(feature = "http")]
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::sync::{Arc, Mutex};
+use std::io::Write;
+use std::net::TcpListener;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use conveyor::{
     Conveyor, DeliveryError, HttpBuildError, HttpReply, HttpSink, HttpSinkBuilder, Ordering,
 };
 
-#[path = "fixtures/tls/server.rs"]
-mod tls;
+#[path = "fixtures/server.rs"]
+mod server;
 
-/// Serves HTTP/1.1 on 127.0.0.1: records each request's head and lets `answer` write the whole
-/// response. Returns the URL and the heads seen, in arrival order.
-fn serve(
-    answer: impl Fn(&mut TcpStream) + Send + Sync + 'static,
-) -> (String, Arc<Mutex<Vec<String>>>) {
-    serve_over("http", Some, answer)
-}
-
-/// [`serve`] over HTTPS, with a certificate that only the test CA ([`tls::CA_PEM`]) vouches
-/// for.
-fn serve_tls(
-    answer: impl Fn(&mut tls::Tls) + Send + Sync + 'static,
-) -> (String, Arc<Mutex<Vec<String>>>) {
-    serve_over("https", tls::accept, answer)
-}
-
-/// [`serve`] with each accepted connection made into a stream by `wrap` (`None` drops it).
-fn serve_over<S: Read + Write + Send + 'static>(
-    scheme: &str,
-    wrap: impl Fn(TcpStream) -> Option<S> + Send + 'static,
-    answer: impl Fn(&mut S) + Send + Sync + 'static,
-) -> (String, Arc<Mutex<Vec<String>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("{scheme}://{}/in", listener.local_addr().unwrap());
-    let heads = Arc::new(Mutex::new(Vec::new()));
-    let seen = Arc::clone(&heads);
-    let answer = Arc::new(answer);
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Some(stream) = stream.ok().and_then(&wrap) else {
-                continue;
-            };
-            let (seen, answer) = (Arc::clone(&seen), Arc::clone(&answer));
-            std::thread::spawn(move || {
-                let mut reader = BufReader::new(stream);
-                // One request after another on a kept-alive connection, until the client leaves.
-                while let Some(head) = read_head(&mut reader) {
-                    let length = header(&head, "content-length").map_or(0, |n| n.parse().unwrap());
-                    let mut body = vec![0; length];
-                    if reader.read_exact(&mut body).is_err() {
-                        return;
-                    }
-                    seen.lock().unwrap().push(head);
-                    answer(reader.get_mut());
-                }
-            });
-        }
-    });
-    (url, heads)
-}
-
-/// The request line and headers, or `None` when the connection ends first.
-fn read_head(reader: &mut impl BufRead) -> Option<String> {
-    let mut head = String::new();
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).ok()? == 0 {
-            return None;
-        }
-        if line == "\r\n" {
-            return Some(head);
-        }
-        head.push_str(&line);
-    }
-}
-
-/// The value of header `name` in a request head (case-insensitive).
-fn header<'h>(head: &'h str, name: &str) -> Option<&'h str> {
-    head.lines().find_map(|line| {
-        let (n, v) = line.split_once(':')?;
-        n.eq_ignore_ascii_case(name).then(|| v.trim())
-    })
-}
-
-/// A response with this status line, extra header lines and body.
-fn reply<S: Write>(status: &str, headers: &str, body: &[u8]) -> impl Fn(&mut S) + Send + Sync {
-    let mut response = format!(
-        "HTTP/1.1 {status}\r\n{headers}content-length: {}\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    response.extend_from_slice(body);
-    move |stream| {
-        let _ = stream.write_all(&response).and_then(|()| stream.flush());
-    }
-}
+use server::{header, reply, serve, serve_tls, CA_PEM};
 
 /// A sink builder for a new server that answers every request with this response.
 fn answering(status: &str, headers: &str, body: &[u8]) -> HttpSinkBuilder {
@@ -211,7 +126,10 @@ fn every_key_arrives_percent_encoded() {
     c.flush();
     // Lanes run one at a time here, but which lane goes next is not promised: compare sorted.
     let heads = heads.lock().unwrap();
-    let mut sent: Vec<Option<&str>> = heads.iter().map(|h| header(h, "conveyor-key")).collect();
+    let mut sent: Vec<Option<&str>> = heads
+        .iter()
+        .map(|r| header(&r.head, "conveyor-key"))
+        .collect();
     let mut expected: Vec<Option<&str>> = keys.iter().map(|(_, encoded)| Some(*encoded)).collect();
     sent.sort_unstable();
     expected.sort_unstable();
@@ -326,7 +244,7 @@ fn https_to_a_private_ca_needs_its_root_certificate() {
 
     // As a Windows editor saves it, with a byte order mark.
     let sink = HttpSink::builder(url.as_str())
-        .root_certificates([b"\xEF\xBB\xBF", tls::CA_PEM].concat())
+        .root_certificates([b"\xEF\xBB\xBF", CA_PEM].concat())
         .build()
         .unwrap();
     let c: Conveyor<String, HttpReply> = Conveyor::builder().build(sink.into_sink()).unwrap();
