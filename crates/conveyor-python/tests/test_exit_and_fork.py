@@ -31,6 +31,15 @@ def wait_for_child(pid: int, timeout: float, hung: str) -> None:
         time.sleep(0.005)
 
 
+def assert_prints_ok(code: str) -> None:
+    """Runs `code` in a fresh interpreter: it must exit 0, print "ok" and nothing else, and
+    write nothing to stderr (no warning, no unraisable exception)."""
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
+    assert proc.stderr == ""
+
+
 def test_exit_right_after_sending_delivers_everything():
     proc = run_python(
         textwrap.dedent(
@@ -130,7 +139,7 @@ def test_exit_with_asends_still_waiting_for_room():
 
 
 def test_garbage_collected_conveyor_drains_first():
-    proc = run_python(
+    assert_prints_ok(
         textwrap.dedent(
             """
             import conveyor, gc
@@ -145,9 +154,6 @@ def test_garbage_collected_conveyor_drains_first():
             """
         )
     )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "ok"
-    assert proc.stderr == ""
 
 
 # A client object that owns a conveyor whose sink is one of its own methods: the conveyor
@@ -197,17 +203,14 @@ print("ok")
 
 @pytest.mark.parametrize("is_async", [False, True], ids=["blocking", "async"])
 def test_conveyor_in_a_cycle_with_its_sink_is_collected_after_draining(is_async):
-    proc = run_python(f"ASYNC = {is_async}\n" + CLIENT_CYCLE)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "ok"
-    assert proc.stderr == ""
+    assert_prints_ok(f"ASYNC = {is_async}\n" + CLIENT_CYCLE)
 
 
 def test_collection_on_the_conveyors_own_loop_thread_does_not_wait_for_itself():
     # The collector runs wherever memory is allocated, here on the conveyor's own event-loop
     # thread, while nothing reaches the conveyor any more: draining it there would wait for
     # the very loop the collector is blocking, until drain_timeout.
-    proc = run_python(
+    assert_prints_ok(
         textwrap.dedent(
             """
             import asyncio, functools, gc, threading, time, weakref, conveyor
@@ -243,9 +246,6 @@ def test_collection_on_the_conveyors_own_loop_thread_does_not_wait_for_itself():
             """
         )
     )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "ok"
-    assert proc.stderr == ""
 
 
 def test_collection_in_an_async_sinks_receipt_callback_does_not_cut_its_drain_short():
@@ -253,7 +253,7 @@ def test_collection_in_an_async_sinks_receipt_callback_does_not_cut_its_drain_sh
     # callbacks. A collection there must not drain the conveyor on a thread it needs: the drain
     # would give up at once and fail the items queued behind. Either of the runtime's two
     # threads may settle an item, whether or not it started one, so the round is repeated.
-    proc = run_python(
+    assert_prints_ok(
         textwrap.dedent(
             """
             import asyncio, gc, threading, time, weakref, conveyor
@@ -292,9 +292,6 @@ def test_collection_in_an_async_sinks_receipt_callback_does_not_cut_its_drain_sh
             """
         )
     )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "ok"
-    assert proc.stderr == ""
 
 
 def test_interrupted_collection_never_calls_the_cleared_sink():
