@@ -72,6 +72,11 @@ def test_a_delivery_failure_from_a_receipt_survives_pickle(make):
     assert isinstance(twin.__cause__, ValueError) and twin.__cause__ is twin.last_exception
 
 
+def count_option(options):
+    """The count option a case is about: `ordering` only comes along to make it apply."""
+    return next(name for name in options if name != "ordering")
+
+
 @pytest.mark.parametrize(
     "options",
     [
@@ -86,7 +91,7 @@ def test_a_delivery_failure_from_a_receipt_survives_pickle(make):
 def test_out_of_range_counts_are_value_errors_naming_the_option(options):
     # An OverflowError without the option's name ("out of range integral type conversion
     # attempted") left users guessing which of a dozen options was wrong.
-    name = [k for k in options if k != "ordering"][0]
+    name = count_option(options)
     with pytest.raises(ValueError, match=f"{name}={options[name]}"):
         conveyor.Conveyor(print, **options)
 
@@ -102,7 +107,7 @@ def test_out_of_range_counts_are_value_errors_naming_the_option(options):
 )
 def test_counts_beyond_any_c_integer_are_value_errors_naming_the_option(options):
     # PyO3 raised "OverflowError: Python int too large to convert to C long", naming nothing.
-    name = [k for k in options if k != "ordering"][0]
+    name = count_option(options)
     with pytest.raises(ValueError, match=f"^{name}={options[name]}: ") as info:
         conveyor.Conveyor(print, **options)
     assert not isinstance(info.value, OverflowError)
@@ -121,7 +126,7 @@ def test_counts_beyond_any_c_integer_are_value_errors_naming_the_option(options)
 )
 def test_counts_take_no_bools_or_other_types(options):
     # A bool is an int subclass, so retries=True passed as retries=1; durability=True is refused.
-    name = [k for k in options if k != "ordering"][0]
+    name = count_option(options)
     with pytest.raises(TypeError, match=f"'{name}': expected a whole number, got {options[name]!r}"):
         conveyor.Conveyor(print, **options)
 
