@@ -69,12 +69,13 @@ def holding_sink(gate: threading.Event, delivered: List[Any]) -> Callable[[Any],
     return sink
 
 
-async def fill_up(c: conveyor.Conveyor) -> None:
-    """Fills a capacity-1 conveyor with a `holding_sink`: "hold" in the sink, "fill" queued."""
-    await c.asend("hold")
+async def fill_up(c: conveyor.Conveyor, hold: Any = "hold", fill: Any = "fill") -> None:
+    """Fills a capacity-1 conveyor whose sink holds `hold` (as a `holding_sink` does): `hold`
+    in the sink, `fill` queued."""
+    await c.asend(hold)
     while c.stats.in_flight == 0:
         await asyncio.sleep(0.001)
-    await c.asend("fill")
+    await c.asend(fill)
 
 
 def interrupt_main_after(seconds: float) -> threading.Timer:

@@ -118,10 +118,7 @@ def test_a_cancelled_asend_never_leaves_its_item_accepted(make):
 
     async def fill_queue(n):
         gates[n] = threading.Event()
-        await c.asend(("hold", n))
-        while c.stats.in_flight == 0:
-            await asyncio.sleep(0.001)
-        await c.asend(("fill", n))  # queued behind "hold": the queue is full
+        await fill_up(c, ("hold", n), ("fill", n))
 
     async def cancel_then_make_room(n):
         task = asyncio.ensure_future(c.asend(("maybe", n)))
@@ -406,7 +403,6 @@ def test_a_timed_out_await_leaves_the_receipt_pending(make):
     assert r.result(timeout=10) == "x"
     assert r.future().result(timeout=10) == "x"
     assert called.wait(10)
-
 
 
 def test_asend_can_be_made_a_task_or_run(make):
