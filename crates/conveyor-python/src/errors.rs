@@ -72,6 +72,16 @@ pub(crate) struct PyFailure {
     message: String,
 }
 
+impl PyFailure {
+    fn new(py: Python<'_>, exception: Py<PyAny>) -> Self {
+        let message = describe(exception.bind(py));
+        PyFailure {
+            exception: crate::fork::Held::new(exception),
+            message,
+        }
+    }
+}
+
 impl fmt::Debug for PyFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PyFailure")
@@ -104,11 +114,7 @@ pub(crate) fn sink_error(py: Python<'_>, err: PyErr) -> SinkError {
     let bound = value.bind(py);
     let permanent = caused_by(bound, permanent_class(py).ok());
     let retry_after = retry_after(bound, retry_after_class(py).ok());
-    let message = describe(bound);
-    let failure = PyFailure {
-        exception: crate::fork::Held::new(value),
-        message,
-    };
+    let failure = PyFailure::new(py, value);
     let error = if permanent {
         SinkError::permanent(failure)
     } else {
@@ -123,12 +129,7 @@ pub(crate) fn sink_error(py: Python<'_>, err: PyErr) -> SinkError {
 /// Turns an exception the bindings raise about a sink's misuse into a failure that is never
 /// retried: the next attempt would fail the same way.
 pub(crate) fn permanent_sink_error(py: Python<'_>, err: PyErr) -> SinkError {
-    let value = err.into_value(py).into_any();
-    let message = describe(value.bind(py));
-    SinkError::permanent(PyFailure {
-        exception: crate::fork::Held::new(value),
-        message,
-    })
+    SinkError::permanent(PyFailure::new(py, err.into_value(py).into_any()))
 }
 
 /// True if `exc` or any exception in its `__cause__` chain is an instance of `class`.
