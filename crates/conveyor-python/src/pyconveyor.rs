@@ -137,7 +137,7 @@ impl Shared {
     /// nor on one of those very threads (it would wait for itself until `drain_timeout`).
     fn may_wait_here(&self) -> bool {
         same_process(self.fork_gen)
-            && !EXITING.load(AtomicOrdering::Acquire)
+            && !exiting()
             && !self.sink.abandoned.load(AtomicOrdering::Acquire)
             && !sink::thread_works_for(self.sink.id)
     }

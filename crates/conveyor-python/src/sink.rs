@@ -213,6 +213,11 @@ pub(crate) fn thread_works_for(id: u64) -> bool {
     inside_sink_of(id) || WORKS_FOR.with(Cell::get) == id
 }
 
+/// Marks the current thread as one of conveyor `id`'s delivery threads, for [`thread_works_for`].
+fn mark_works_for(id: u64) {
+    WORKS_FOR.with(|works_for| works_for.set(id));
+}
+
 /// Marks the current thread as one that runs conveyor `id`'s sink (the async sink's loop thread).
 pub(crate) fn mark_sink_thread(id: u64) {
     IN_SINK.with(|current| current.set(id));
@@ -328,7 +333,7 @@ pub(crate) fn blocking(
             return Err(abandoned_error());
         }
         // Before taking the GIL: the collector may run as soon as we hold it.
-        WORKS_FOR.with(|works_for| works_for.set(state.id));
+        mark_works_for(state.id);
         keep_thread_state();
         Python::with_gil(|py| {
             crate::fork::release_pending(py);
@@ -402,7 +407,7 @@ pub(crate) fn asynchronous(
         }
         let (tx, rx) = oneshot::channel();
         // Before taking the GIL: the collector may run as soon as we hold it.
-        WORKS_FOR.with(|works_for| works_for.set(state.id));
+        mark_works_for(state.id);
         keep_thread_state();
         let started = Python::with_gil(|py| -> Result<(), SinkError> {
             crate::fork::release_pending(py);
@@ -436,7 +441,7 @@ pub(crate) fn asynchronous(
             // The engine settles the item, and runs its receipt callbacks, on whichever runtime
             // thread polls this to the end, maybe not the one that started it: a collection
             // there must find the sink hidden too.
-            WORKS_FOR.with(|works_for| works_for.set(id));
+            mark_works_for(id);
             outcome
         })
     }
