@@ -7,9 +7,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use conveyor::{Delivery, HttpBuildError, HttpSink, SinkError};
-use pyo3::exceptions::{
-    PyFileNotFoundError, PyOSError, PyPermissionError, PyRuntimeError, PyValueError,
-};
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::GILOnceCell;
 use pyo3::types::{PyByteArray, PyBytes, PyString};
@@ -39,12 +37,9 @@ impl PyHttpSink {
         }
         if let Some(path) = cafile {
             let pem = std::fs::read(path).map_err(|err| {
+                // PyO3 picks the OSError subclass of the kind (FileNotFoundError, ...).
                 let message = format!("cannot read cafile={}: {err}", path.display());
-                match err.kind() {
-                    std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(message),
-                    std::io::ErrorKind::PermissionDenied => PyPermissionError::new_err(message),
-                    _ => PyOSError::new_err(message),
-                }
+                PyErr::from(std::io::Error::new(err.kind(), message))
             })?;
             builder = builder.root_certificates(pem);
         }
