@@ -34,7 +34,7 @@ pub(crate) enum Command {
     Send(Box<SendArgs>),
     /// Run a local demo: an embedded 50 ms HTTP service receives generated items in order.
     Demo(DemoArgs),
-    /// Show what a journal holds: pending lines per lane, paused lanes, dead letters, size.
+    /// Show what a journal holds (also during a send): pending per lane, paused lanes, dead letters.
     Status(JournalOpts),
     /// List, retry or discard lines that failed for good (dead letters, kept in the journal).
     #[command(subcommand)]
@@ -57,7 +57,7 @@ pub(crate) struct JournalOpts {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum DeadCommand {
-    /// List dead letters, oldest first (`--json` gives JSON lines with the original body).
+    /// List dead letters, oldest first, also during a send (`--json`: JSON lines with the body).
     List(JournalOpts),
     /// Put dead letters back at the end of their lane; the next `send` run delivers them.
     Retry(DeadTarget),

@@ -1,8 +1,8 @@
 //! Operating a journal offline: `status`, `dead list|retry|discard`, `resume`.
 //!
-//! These open the journal file directly ([`conveyor::Journal`]), so they work while no `send`
-//! runs on it; while one does, the journal's lock makes them fail with a message naming the
-//! process holding it.
+//! These open the journal file directly ([`conveyor::Journal`]). `status` and `dead list` also
+//! read one a `send` is running on (read-only, as far as it has committed); the commands that
+//! change it wait for no `send` to run on it, and otherwise fail naming the process holding it.
 
 use std::path::{Path, PathBuf};
 
@@ -70,30 +70,52 @@ fn is_empty_file(path: &Path) -> bool {
     path.is_file() && len(path) == 0 && len(Path::new(&wal)) == 0
 }
 
+/// Opens the journal to change it: only while no `send` runs on it.
 fn open(opts: &JournalOpts) -> Result<Journal, CliError> {
     let path = find_journal(&opts.journal)?;
-    Journal::open(&path).map_err(|e| {
-        CliError::usage(match e {
-            // The engine's advice suits a program that wants the journal for itself; these
-            // commands wait their turn instead.
-            JournalError::Locked { path, pid } => format!(
-                "journal {} is in use by {} (a `conveyor send` running on it, most likely): let \
-                 it finish, or stop it (Ctrl-C), then run this again",
-                path.display(),
-                pid.map_or("another process".to_owned(), |pid| format!("process {pid}"))
-            ),
-            JournalError::NotAJournal { path } => format!(
-                "{} is not a journal (it does not start like a SQLite database, which a journal \
-                 is): pass the --journal PATH that `conveyor send` used",
-                path.display()
-            ),
-            JournalError::IsADirectory { path } => format!(
-                "{} is a directory: pass the --journal PATH that `conveyor send` used, a file",
-                path.display()
-            ),
-            other => other.to_string(),
-        })
+    Journal::open(&path).map_err(open_error)
+}
+
+/// Opens the journal to read it, also while a `send` runs on it: then read-only, with the PID of
+/// that process.
+fn open_to_read(opts: &JournalOpts) -> Result<(Journal, Option<u32>), CliError> {
+    let path = find_journal(&opts.journal)?;
+    match Journal::open(&path) {
+        Ok(journal) => Ok((journal, None)),
+        Err(JournalError::Locked { pid: Some(pid), .. }) => Journal::open_read_only(&path)
+            .map(|journal| (journal, Some(pid)))
+            .map_err(open_error),
+        Err(e) => Err(open_error(e)),
+    }
+}
+
+fn open_error(e: JournalError) -> CliError {
+    CliError::usage(match e {
+        // The engine's advice suits a program that wants the journal for itself; these
+        // commands wait their turn instead.
+        JournalError::Locked { path, pid } => format!(
+            "journal {} is in use by {} (a `conveyor send` running on it, most likely): let \
+             it finish, or stop it (Ctrl-C), then run this again (`conveyor status` and \
+             `conveyor dead list` work meanwhile)",
+            path.display(),
+            pid.map_or("another process".to_owned(), |pid| format!("process {pid}"))
+        ),
+        JournalError::NotAJournal { path } => format!(
+            "{} is not a journal (it does not start like a SQLite database, which a journal \
+             is): pass the --journal PATH that `conveyor send` used",
+            path.display()
+        ),
+        JournalError::IsADirectory { path } => format!(
+            "{} is a directory: pass the --journal PATH that `conveyor send` used, a file",
+            path.display()
+        ),
+        other => other.to_string(),
     })
+}
+
+/// What a reader of a journal in use is told: the figures move while it reads them.
+fn in_use_note(pid: u32) -> String {
+    format!("in use by process {pid} (a running `conveyor send`, most likely): as committed so far")
 }
 
 fn journal_error(e: conveyor::JournalError) -> CliError {
@@ -105,7 +127,7 @@ fn journal_error(e: conveyor::JournalError) -> CliError {
 }
 
 pub(crate) fn status(opts: &JournalOpts) -> Result<u8, CliError> {
-    let journal = open(opts)?;
+    let (journal, in_use_by) = open_to_read(opts)?;
     let status = journal.status().map_err(journal_error)?;
     let path = journal.path().display().to_string();
     if opts.json {
@@ -122,6 +144,7 @@ pub(crate) fn status(opts: &JournalOpts) -> Result<u8, CliError> {
             "lanes": lanes,
             "input_position": status.cursor,
             "file_bytes": status.file_bytes,
+            "in_use_by": in_use_by,
         });
         print_out(&value.to_string()).map_err(CliError::io)?;
         return Ok(exit::OK);
@@ -130,6 +153,12 @@ pub(crate) fn status(opts: &JournalOpts) -> Result<u8, CliError> {
         "journal {path} ({} bytes on disk)\npending: {}",
         status.file_bytes, status.pending
     );
+    if let Some(pid) = in_use_by {
+        text.insert_str(
+            text.find('\n').expect("two lines"),
+            &format!(", {}", in_use_note(pid)),
+        );
+    }
     if let Some(cursor) = status.cursor {
         text.push_str(&format!(" (input read up to line {cursor})"));
     }
@@ -230,8 +259,12 @@ pub(crate) fn dead(command: &DeadCommand) -> Result<u8, CliError> {
 }
 
 fn dead_list(opts: &JournalOpts) -> Result<u8, CliError> {
-    let journal = open(opts)?;
+    let (journal, in_use_by) = open_to_read(opts)?;
     let dead = journal.dead_letters().map_err(journal_error)?;
+    if let Some(pid) = in_use_by {
+        // Not on stdout, which lists dead letters only (one JSON object per line with --json).
+        eprintln!("journal {}: {}", journal.path().display(), in_use_note(pid));
+    }
     if !opts.json && dead.is_empty() {
         print_out("no dead letters").map_err(CliError::io)?;
     }

@@ -798,9 +798,14 @@ fn operating_commands_on_what_is_no_journal_say_so_and_leave_it_as_it_is() {
 }
 
 #[test]
-fn operating_commands_on_a_journal_in_use_say_to_wait_for_the_send() {
+fn a_journal_in_use_can_be_read_but_changes_wait_for_the_send() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(|_| Reply::ok().delay(Duration::from_secs(600))).unwrap();
+    // Line 1 (id 0) fails for good; line 2 hangs, holding lines 2 and 3 pending.
+    let server = Server::start(|a| match a.json().unwrap()["id"].as_u64() {
+        Some(0) => Reply::status(422).body("bad line"),
+        _ => Reply::ok().delay(Duration::from_secs(600)),
+    })
+    .unwrap();
     let input = write_lines(dir.path(), "in.jsonl", &items(3, 1));
     let journal = dir.path().join("j.journal");
     let url = server.url();
@@ -815,21 +820,73 @@ fn operating_commands_on_a_journal_in_use_say_to_wait_for_the_send() {
             journal.to_str().unwrap(),
         ],
     );
-    wait_for("the first request", || server.count() >= 1);
-    for command in [&["status"][..], &["dead", "list"], &["resume", "k"]] {
+    let journal_arg = ["--journal", journal.to_str().unwrap()];
+    let read = |command: &[&str]| {
         let output = conveyor(dir.path())
             .args(command)
-            .args(["--journal", journal.to_str().unwrap()])
+            .args(journal_arg)
+            .output()
+            .unwrap();
+        expect_exit(&output, 0)
+    };
+    // What the running send has committed: read while it holds the journal.
+    wait_for(
+        "the status to show the dead letter and two pending lines",
+        || {
+            let output = conveyor(dir.path())
+                .args(["status", "--json"])
+                .args(journal_arg)
+                .output()
+                .unwrap();
+            if !output.status.success() {
+                // The send has not made the journal yet.
+                return false;
+            }
+            let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+            assert_eq!(status["in_use_by"], child.id(), "{status}");
+            status["dead_letters"] == 1 && status["pending"] == 2
+        },
+    );
+    let (stdout, _) = read(&["status"]);
+    assert!(
+        stdout.contains(&format!("in use by process {}", child.id()))
+            && stdout.contains("pending: 2"),
+        "{stdout}"
+    );
+    let (stdout, stderr) = read(&["dead", "list", "--json"]);
+    let dead: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(
+        (dead["seq"].as_u64(), dead["line"].as_u64()),
+        (Some(1), Some(1)),
+        "{dead}"
+    );
+    assert!(
+        stderr.contains(&format!("in use by process {}", child.id())),
+        "{stderr}"
+    );
+
+    // Changes wait for the send, and say so.
+    for command in [
+        &["dead", "retry", "1"][..],
+        &["dead", "discard", "--all"],
+        &["resume"],
+    ] {
+        let output = conveyor(dir.path())
+            .args(command)
+            .args(journal_arg)
             .output()
             .unwrap();
         let (_, stderr) = expect_exit(&output, 2);
         assert!(
             stderr.contains(&format!("in use by process {}", child.id()))
-                && stderr.contains("let it finish, or stop it"),
+                && stderr.contains("let it finish, or stop it")
+                && stderr.contains("`conveyor status` and `conveyor dead list` work meanwhile"),
             "{command:?}: {stderr}"
         );
         assert!(!stderr.contains("another journal file"), "{stderr}");
     }
     child.kill().unwrap();
     child.wait().unwrap();
+    let (stdout, _) = read(&["dead", "list", "--json"]);
+    assert_eq!(stdout.lines().count(), 1, "nothing was discarded: {stdout}");
 }

@@ -124,6 +124,27 @@ pub enum JournalError {
         /// The process holding it, when the lock file names one.
         pid: Option<u32>,
     },
+    /// There is no journal at this path: no file, or one that holds no journal yet
+    /// ([`Journal::open_read_only`] creates none).
+    #[error(
+        "no journal at {}: pass the path of a journal a conveyor has used (Journal::open creates \
+         one; open_read_only only reads)",
+        path.display()
+    )]
+    Missing {
+        /// The path given.
+        path: PathBuf,
+    },
+    /// The journal was opened with [`Journal::open_read_only`], which changes nothing.
+    #[error(
+        "journal {} was opened read-only: make changes through the conveyor that owns it \
+         (Conveyor::retry_dead, Conveyor::resume...), or open it with Journal::open once none does",
+        path.display()
+    )]
+    ReadOnly {
+        /// The journal file.
+        path: PathBuf,
+    },
     /// The file is not a readable SQLite database, or its content is damaged.
     #[error(
         "journal {} is damaged ({reason}); it was left untouched: move it aside to start an empty \
@@ -328,7 +349,7 @@ impl JournalError {
                 reason: err.to_string(),
             },
             Some(ErrorCode::DiskFull) => JournalError::DiskFull { path },
-            // With `locking_mode=EXCLUSIVE` a busy database means some other SQLite client (not a
+            // A busy database past SQLite's busy timeout means some other SQLite client (not a
             // conveyor, which would have been stopped by the lock file) holds it.
             Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
                 JournalError::Locked { path, pid: None }
@@ -534,14 +555,16 @@ impl WriteBatch {
 ///
 /// A conveyor opens its journal itself (`Builder::journal`); open a `Journal` directly to inspect
 /// or repair one while no conveyor uses it: see what is pending, list, retry or discard dead
-/// letters, resume paused lanes.
+/// letters, resume paused lanes. [`Journal::open_read_only`] inspects one while a conveyor uses
+/// it.
 ///
 /// # Locking
 /// Opening takes an OS lock (`flock`) on `PATH-lock`, a small file next to the journal that holds
 /// the owner's PID. The kernel releases the lock when the owner exits, however it exits, so a
 /// `kill -9` never leaves a stale lock. The lock file is never deleted: deleting it would let two
-/// processes lock two different files of the same name. SQLite itself runs in exclusive locking
-/// mode, so other SQLite clients are kept out too.
+/// processes lock two different files of the same name. Readers take no lock:
+/// [`open_read_only`](Journal::open_read_only) looks at a journal while its owner writes
+/// (SQLite's WAL mode gives each read a consistent snapshot, through the `-shm` file beside it).
 ///
 /// # Examples
 /// ```
@@ -558,8 +581,9 @@ pub struct Journal {
     // Field order matters: the connection closes (and checkpoints) before the lock is released,
     // so the next owner never sees a half-closed database.
     conn: Connection,
-    /// Held for the journal's lifetime; dropping it releases the `flock`.
-    _lock: LockFile,
+    /// Held for the journal's lifetime; dropping it releases the `flock`. `None` when opened
+    /// read-only.
+    lock: Option<LockFile>,
     path: PathBuf,
     id: String,
     /// Write transactions since the last look at the free-page count.
@@ -613,7 +637,7 @@ impl Journal {
         let lock = LockFile::acquire(&path)?;
         // SQLite would create the file with the umask's permissions (usually 0644); the journal
         // holds user data, so create it first, owner-only. An existing file keeps its mode, and is
-        // never truncated. SQLite gives its `-wal` file the database file's mode.
+        // never truncated. SQLite gives its `-wal` and `-shm` files the database file's mode.
         owner_only()
             .open(&path)
             .map_err(|source| JournalError::Io {
@@ -632,34 +656,11 @@ impl Journal {
         if let Some(limit) = TEST_LENGTH_LIMIT.with(std::cell::Cell::get) {
             conn.set_limit(Limit::SQLITE_LIMIT_LENGTH, limit);
         }
-        let length_limit = usize::try_from(conn.limit(Limit::SQLITE_LIMIT_LENGTH)).unwrap_or(0);
-        // Exclusive locking before WAL: SQLite then keeps the WAL index in memory (no `-shm`
-        // file) and holds its file lock until close, a second line of defence behind the lock file.
-        conn.pragma_update(None, "locking_mode", "EXCLUSIVE")
-            .map_err(sql)?;
-        // The first read of the header: a file that is not SQLite fails here, unmodified.
-        let app_id: i32 = conn
-            .pragma_query_value(None, "application_id", |r| r.get(0))
-            .map_err(sql)?;
-        if app_id == APPLICATION_ID {
-            let version: i64 = conn
-                .pragma_query_value(None, "user_version", |r| r.get(0))
-                .map_err(sql)?;
-            if version > i64::from(SCHEMA_VERSION) {
-                return Err(JournalError::UnsupportedVersion {
-                    path,
-                    found: version,
-                    supported: i64::from(SCHEMA_VERSION),
-                });
-            }
+        // SQLite's normal locking, not its exclusive mode: the lock file keeps other writers out,
+        // and readers (`open_read_only`) may look in while the owner writes.
+        if read_header(&conn, &path)? {
             set_wal(&conn, &path)?;
         } else {
-            let tables: i64 = conn
-                .query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))
-                .map_err(sql)?;
-            if app_id != 0 || tables != 0 {
-                return Err(JournalError::Foreign { path });
-            }
             // An empty database (a new file, or one whose creation was interrupted): set it up in
             // one transaction, so a crash leaves either nothing or a complete journal.
             // auto_vacuum only takes effect before the first table exists.
@@ -672,6 +673,71 @@ impl Journal {
             ))
             .map_err(sql)?;
         }
+        Journal::from_connection(conn, Some(lock), path)
+    }
+
+    /// Opens the journal at `path` to read it, even while a conveyor (in this process or
+    /// another) owns it: [`status`](Journal::status), [`dead_letters`](Journal::dead_letters)
+    /// and [`cursor`](Journal::cursor) then show what the owner has committed so far. Each call
+    /// reads one consistent snapshot. It takes no lock and never creates or changes the file;
+    /// the methods that change a journal return [`JournalError::ReadOnly`].
+    ///
+    /// # Errors
+    /// - [`JournalError::Missing`] if there is no file at `path`, or it holds no journal yet;
+    /// - [`JournalError::Corrupt`] / [`JournalError::Foreign`] / [`JournalError::NotAJournal`] /
+    ///   [`JournalError::UnsupportedVersion`] / [`JournalError::IsADirectory`] as for
+    ///   [`open`](Journal::open).
+    ///
+    /// # Examples
+    /// ```
+    /// use conveyor::{Conveyor, Durability, Journal, JournalError};
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("events.journal");
+    /// // A conveyor owns the journal, and its sink holds every item for now.
+    /// let (hold, held) = std::sync::mpsc::channel::<()>();
+    /// let held = std::sync::Mutex::new(held);
+    /// let c: Conveyor<String> = Conveyor::builder()
+    ///     .journal(&path)
+    ///     .durability(Durability::Sync)
+    ///     .build(move |_d| { let _ = held.lock().unwrap().recv(); Ok(()) })?;
+    /// for event in ["signup", "login", "logout"] {
+    ///     c.send(event.to_owned())?;
+    /// }
+    /// // Meanwhile, a monitor (here or in another process) looks in.
+    /// let mut journal = Journal::open_read_only(&path)?;
+    /// assert_eq!(journal.status()?.pending, 3);
+    /// assert!(matches!(journal.discard_dead(1), Err(JournalError::ReadOnly { .. })));
+    /// drop(hold);
+    /// c.close();
+    /// assert_eq!(journal.status()?.pending, 0);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn open_read_only(path: impl AsRef<Path>) -> Result<Journal, JournalError> {
+        let path = path.as_ref().to_path_buf();
+        refuse_what_is_no_journal(&path)?;
+        let missing = || JournalError::Missing { path: path.clone() };
+        if !path.exists() {
+            return Err(missing());
+        }
+        let conn = Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| JournalError::sqlite(&path, e))?;
+        if !read_header(&conn, &path)? {
+            return Err(missing());
+        }
+        Journal::from_connection(conn, None, path)
+    }
+
+    /// The journal on `conn`, whose header `read_header` accepted.
+    fn from_connection(
+        conn: Connection,
+        lock: Option<LockFile>,
+        path: PathBuf,
+    ) -> Result<Journal, JournalError> {
+        let length_limit = usize::try_from(conn.limit(Limit::SQLITE_LIMIT_LENGTH)).unwrap_or(0);
         let id: String = conn
             .query_row("SELECT value FROM meta WHERE name = 'id'", [], |r| r.get(0))
             .map_err(|e| match e {
@@ -683,7 +749,7 @@ impl Journal {
             })?;
         Ok(Journal {
             conn,
-            _lock: lock,
+            lock,
             path,
             id,
             writes_since_compact: 0,
@@ -691,6 +757,16 @@ impl Journal {
             #[cfg(test)]
             failing_reads: std::sync::atomic::AtomicU32::new(0),
         })
+    }
+
+    /// Refuses a change to a journal opened with [`open_read_only`](Journal::open_read_only).
+    fn writable(&self) -> Result<(), JournalError> {
+        match self.lock {
+            Some(_) => Ok(()),
+            None => Err(JournalError::ReadOnly {
+                path: self.path.clone(),
+            }),
+        }
     }
 
     /// The journal file's path, as given to [`open`](Journal::open).
@@ -737,6 +813,10 @@ impl Journal {
     /// ```
     pub fn status(&self) -> Result<JournalStatus, JournalError> {
         let sql = |e| JournalError::sqlite(&self.path, e);
+        // One snapshot for every query below: an owner writing meanwhile (see `open_read_only`)
+        // could otherwise move an item from pending to dead between two of them. Rolled back
+        // when dropped, as there is nothing to write.
+        let _snapshot = self.conn.unchecked_transaction().map_err(sql)?;
         let mut lanes: Vec<LaneStatus> = Vec::new();
         {
             // Both sides of the union are read in lane order, so one ordered merge lists each
@@ -862,6 +942,7 @@ impl Journal {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn retry_dead(&mut self, seq: u64) -> Result<u64, JournalError> {
+        self.writable()?;
         let new_seq = self.max_seq()? + 1;
         self.retry_dead_as(seq, new_seq)?;
         Ok(new_seq)
@@ -880,6 +961,7 @@ impl Journal {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn discard_dead(&mut self, seq: u64) -> Result<(), JournalError> {
+        self.writable()?;
         let n = self
             .conn
             .execute("DELETE FROM dead WHERE seq = ?1", [seq as i64])
@@ -912,6 +994,7 @@ impl Journal {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn resume(&mut self, lane: &str) -> Result<bool, JournalError> {
+        self.writable()?;
         let n = self
             .conn
             .execute("DELETE FROM paused WHERE lane = ?1", [lane])
@@ -958,6 +1041,7 @@ impl Journal {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn set_cursor(&mut self, cursor: u64) -> Result<(), JournalError> {
+        self.writable()?;
         self.write(&WriteBatch {
             cursor: Some(cursor),
             ..WriteBatch::default()
@@ -985,8 +1069,9 @@ impl Journal {
     /// ```
     pub fn close(self) -> Result<(), JournalError> {
         let Journal {
-            conn, _lock, path, ..
+            conn, lock, path, ..
         } = self;
+        let _lock = lock;
         conn.close()
             .map_err(|(_, e)| JournalError::sqlite(&path, e))
     }
@@ -1389,6 +1474,38 @@ fn refuse_what_is_no_journal(path: &Path) -> Result<(), JournalError> {
     })
 }
 
+/// Reads the header of the database on `conn`: true for a journal this build reads, false for
+/// an empty database (a new file, or one whose creation was interrupted).
+fn read_header(conn: &Connection, path: &Path) -> Result<bool, JournalError> {
+    let sql = |e| JournalError::sqlite(path, e);
+    // The first read of the header: a file that is not SQLite fails here, unmodified.
+    let app_id: i32 = conn
+        .pragma_query_value(None, "application_id", |r| r.get(0))
+        .map_err(sql)?;
+    if app_id == APPLICATION_ID {
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(sql)?;
+        if version > i64::from(SCHEMA_VERSION) {
+            return Err(JournalError::UnsupportedVersion {
+                path: path.to_path_buf(),
+                found: version,
+                supported: i64::from(SCHEMA_VERSION),
+            });
+        }
+        return Ok(true);
+    }
+    let tables: i64 = conn
+        .query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))
+        .map_err(sql)?;
+    if app_id != 0 || tables != 0 {
+        return Err(JournalError::Foreign {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(false)
+}
+
 /// WAL mode with a commit that is on disk when it returns (`synchronous = FULL` fsyncs the WAL on
 /// every commit; batching commits is what makes that affordable).
 fn set_wal(conn: &Connection, path: &Path) -> Result<(), JournalError> {
@@ -1581,6 +1698,84 @@ mod tests {
     }
 
     #[test]
+    fn a_read_only_journal_follows_its_owner_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let mut owner = Journal::open(&path).unwrap();
+        owner
+            .append(&[rec(1, "a"), rec(2, "a"), rec(3, "b")], None)
+            .unwrap();
+        owner
+            .settle(&[Settlement::Failed {
+                seq: 1,
+                error: "HTTP 400".into(),
+                attempts: 2,
+            }])
+            .unwrap();
+        // Opened while the owner holds the journal (its lock and its connection).
+        let mut reader = Journal::open_read_only(&path).unwrap();
+        assert_eq!(reader.id(), owner.id());
+        let status = reader.status().unwrap();
+        assert_eq!(
+            (status.pending, status.dead_letters, status.last_seq),
+            (2, 1, 3)
+        );
+        assert_eq!(reader.dead_letters().unwrap()[0].error, "HTTP 400");
+
+        // Later commits show in the next call.
+        owner.settle(&[Settlement::Delivered(2)]).unwrap();
+        owner.set_cursor(40).unwrap();
+        assert_eq!(reader.status().unwrap().pending, 1);
+        assert_eq!(reader.cursor().unwrap(), Some(40));
+        // The owner's compaction (a truncating checkpoint) is not held up by the reader.
+        owner.compact().unwrap();
+        assert_eq!(reader.status().unwrap().pending, 1);
+
+        let read_only =
+            |r: Result<_, JournalError>| matches!(r, Err(JournalError::ReadOnly { .. }));
+        assert!(read_only(reader.retry_dead(1).map(drop)));
+        assert!(read_only(reader.discard_dead(1)));
+        assert!(read_only(reader.resume("a").map(drop)));
+        assert!(read_only(reader.set_cursor(0)));
+        drop(reader);
+        assert_eq!(owner.dead_letters().unwrap().len(), 1, "nothing changed");
+        assert_eq!(owner.cursor().unwrap(), Some(40));
+
+        // Without an owner too, and it leaves the lock free.
+        drop(owner);
+        let reader = Journal::open_read_only(&path).unwrap();
+        assert_eq!(reader.status().unwrap().pending, 1);
+        let owner = Journal::open(&path).unwrap();
+        assert_eq!(all_pending(&owner).len(), 1);
+    }
+
+    #[test]
+    fn opening_read_only_where_no_journal_is_creates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing");
+        let err = Journal::open_read_only(&missing).unwrap_err();
+        assert!(matches!(err, JournalError::Missing { .. }), "{err:?}");
+        assert!(err.to_string().contains("no journal at"), "{err}");
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, b"").unwrap();
+        let err = Journal::open_read_only(&empty).unwrap_err();
+        assert!(matches!(err, JournalError::Missing { .. }), "{err:?}");
+        let mut left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["empty"]);
+        assert_eq!(std::fs::metadata(&empty).unwrap().len(), 0);
+        let text = dir.path().join("notes.txt");
+        std::fs::write(&text, "not a journal\n").unwrap();
+        assert!(matches!(
+            Journal::open_read_only(&text),
+            Err(JournalError::NotAJournal { .. })
+        ));
+    }
+
+    #[test]
     fn max_seq_survives_when_everything_was_settled() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j");
@@ -1764,6 +1959,8 @@ mod tests {
         for file in [
             path.clone(),
             sidecar(&path, "-wal"),
+            // The WAL index: what the owner writes shows in it before it is checkpointed.
+            sidecar(&path, "-shm"),
             sidecar(&path, LOCK_SUFFIX),
         ] {
             let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
