@@ -688,9 +688,11 @@ where
     /// journal's old items are loaded, new sends wait as for a full queue (`try_send` and
     /// `Backpressure::Reject` refuse them, the drop policies drop them). If the journal cannot
     /// be written (disk full), sends are refused with
-    /// [`SendError::Journal`](crate::SendError::Journal) until a retried commit succeeds;
-    /// items accepted before stay intact. An item too large for a journal entry (SQLite's limit
-    /// of about 1 GB, as JSON with its key) is refused with
+    /// [`SendError::Journal`](crate::SendError::Journal) until a retried commit succeeds (a
+    /// send that was waiting for room is refused when it gets some); so they are while the
+    /// journal's old items cannot be read (sends waiting for them to load are woken and
+    /// refused). Items accepted before stay intact. An item too large for a journal entry
+    /// (SQLite's limit of about 1 GB, as JSON with its key) is refused with
     /// [`SendError::TooLarge`](crate::SendError::TooLarge).
     ///
     /// Known limit: the backlog of a lane paused before the restart is loaded into memory

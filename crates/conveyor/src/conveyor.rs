@@ -529,7 +529,8 @@ enum Wait {
     /// Never wait (`try_send`).
     Never,
     /// Block the thread whatever the policy: a dead letter sent again must not be
-    /// refused or dropped on its way back into the queue.
+    /// refused or dropped on its way back into the queue. Not refused while the journal
+    /// fails either: it stays a dead letter there until its new append is committed.
     ThreadAlways,
 }
 
@@ -761,6 +762,13 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
                 inside.stop(&mut st);
                 return Err(Refused::Send(SendError::Closed(node)));
             }
+            // After `closed`: a closed conveyor says so, whatever its journal's state. Checked
+            // on every round, so that a send that waited for room is refused as one made now
+            // (the replay wakes those waiting behind it when it cannot read, see `next_page`).
+            if wait != Wait::ThreadAlways && self.journal_blocked() {
+                inside.stop(&mut st);
+                return Err(Refused::Send(SendError::Journal(node)));
+            }
             let mut ik = shared.intake();
             shared.drain_locked(&mut st, &mut ik);
             let room = st.room(ik.next_seq());
@@ -874,11 +882,11 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         Receipt::new(node)
     }
 
-    /// With a journal: refuses the item while the journal cannot be written (or read by the
-    /// replay), else encodes it (outside the state lock), with the input position to store with
-    /// it. An item too large
-    /// for a journal row is refused too: SQLite would refuse its append, and the writer would
-    /// retry that append for ever, refusing every later send meanwhile.
+    /// With a journal: encodes the item (outside the state lock), with the input position to
+    /// store with it. An item too large for a journal row is refused: SQLite would refuse its
+    /// append, and the writer would retry that append for ever, refusing every later send
+    /// meanwhile. Whether the journal takes items at all is `submit`'s to say, after whether
+    /// the conveyor does.
     fn journal_entry(
         &self,
         key: Option<&str>,
@@ -888,9 +896,6 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         let Some(durable) = &self.shared.durable else {
             return Ok((item, None));
         };
-        if durable.failure().is_some() {
-            return Err(SendError::Journal(item));
-        }
         match durable.encode(&item) {
             Ok(payload) => {
                 // The key is stored twice: as the key, and as the lane in keyed mode.
@@ -1033,8 +1038,11 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     ///
     /// # Errors
     ///
-    /// [`SendError::Closed`] after [`close`](Conveyor::close); [`SendError::Full`]
-    /// when full under [`Backpressure::Reject`]. The item is handed back in both.
+    /// [`SendError::Closed`] after [`close`](Conveyor::close), even while the journal fails;
+    /// [`SendError::Full`] when full under [`Backpressure::Reject`]. With a journal,
+    /// [`SendError::Journal`] while it cannot be written or its old items read (see
+    /// [`Conveyor::journal_error`]), and [`SendError::TooLarge`]. The item is handed back in
+    /// each.
     ///
     /// Called from this conveyor's own sink or a receipt callback, it waits for room only
     /// while another worker can still make some: its own worker delivers nothing until the
@@ -1099,7 +1107,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// # Errors
     ///
     /// [`SendError::Full`] when the queue is full and the policy would have to wait
-    /// or reject; [`SendError::Closed`] after close.
+    /// or reject; otherwise as for [`Conveyor::send`].
     ///
     /// # Examples
     ///
@@ -2226,7 +2234,8 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     }
 
     /// The journal cannot be written: what it has not committed waits for it, and cannot be
-    /// delivered meanwhile. Or the replay cannot read it: what it holds waits for it.
+    /// delivered meanwhile. Or the replay cannot read it: what it holds waits for it. Sends are
+    /// refused either way.
     fn journal_blocked(&self) -> bool {
         self.journal_error().is_some()
     }
@@ -2380,6 +2389,11 @@ fn next_page<T: Send + Sync + 'static, R: Send + 'static>(
         // that may never be readable again.
         durable.set_unreadable(Some(error));
         let mut st = shared.lock();
+        // Sends waiting behind the replay look again, and are refused: they could only wait
+        // for as long as the disk stays unreadable. Under the lock they check under, so none
+        // misses it.
+        shared.space.notify_all();
+        shared.space_async.notify_waiters();
         let deadline = Instant::now() + wait;
         while !st.abandoned && Instant::now() < deadline {
             (st, _) = shared.wait_until(&shared.shutdown, st, Some(deadline));
@@ -2699,6 +2713,44 @@ mod tests {
         assert_eq!(calls.load(AtomicOrdering::SeqCst), 0, "never delivered");
     }
 
+    /// A closed conveyor says so, whatever else is wrong: a send after `close` used to be
+    /// refused with `SendError::Journal` while the journal could not be written, which tells
+    /// the caller to try again later, when no later send can ever succeed.
+    #[test]
+    fn every_send_after_close_is_refused_as_closed_while_the_journal_cannot_be_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, _calls) = with_a_full_disk(dir.path());
+        c.close_timeout(Duration::ZERO);
+        assert!(
+            c.journal_error().is_some(),
+            "the journal still cannot be written"
+        );
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let late = || "late".to_owned();
+        let refusals = [
+            c.send(late()),
+            c.send_keyed("k", late()),
+            c.try_send(late()),
+            c.try_send_keyed("k", late()),
+            c.send_and_set_cursor(late(), 1),
+            c.send_keyed_and_set_cursor("k", late(), 1),
+            c.try_send_and_set_cursor(late(), 1),
+            c.try_send_keyed_and_set_cursor("k", late(), 1),
+            runtime.block_on(c.send_async(late())),
+            runtime.block_on(c.send_keyed_async("k", late())),
+            runtime.block_on(c.send_async_and_set_cursor(late(), 1)),
+            runtime.block_on(c.send_keyed_async_and_set_cursor("k", late(), 1)),
+        ];
+        for (variant, refusal) in refusals.into_iter().enumerate() {
+            assert!(
+                matches!(&refusal, Err(SendError::Closed(item)) if item == "late"),
+                "send variant {variant}: {refusal:?}"
+            );
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn cancelled_async_waiters_unregister() {
         let (release, gate) = mpsc::channel::<()>();
@@ -2806,22 +2858,29 @@ mod tests {
         c.close_timeout(Duration::ZERO);
     }
 
-    /// A conveyor replaying the journal at `path`, whose sink delivers nothing until the flag
-    /// is set, then logs the items it delivers. The replay loads 100 items, then waits for room
-    /// until the sink runs.
+    /// How many items `gated_replay`'s journal holds: more than the replay's page of 1,024
+    /// items, so a second page is read after the first.
+    const REPLAYED: u64 = 1_500;
+
+    /// A conveyor replaying a journal in `dir` that holds the items `0..REPLAYED`, whose sink
+    /// delivers nothing until the flag is set, then logs the items it delivers. The build
+    /// reads the first page; the replay loads 100 items, then waits for room until the sink
+    /// runs.
     #[allow(clippy::type_complexity)]
     fn gated_replay(
-        path: &std::path::Path,
+        dir: &std::path::Path,
     ) -> (
         Conveyor<u64>,
         Arc<Mutex<Vec<u64>>>,
         Arc<std::sync::atomic::AtomicBool>,
     ) {
+        let path = dir.join("j");
+        journal_with_pending(&path, 0..REPLAYED);
         let seen = Arc::new(Mutex::new(Vec::new()));
         let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (log, gate) = (seen.clone(), open.clone());
         let c = Conveyor::builder()
-            .journal(path)
+            .journal(&path)
             .capacity(100)
             .build(move |d: crate::Delivery<u64>| {
                 while !gate.load(AtomicOrdering::SeqCst) {
@@ -2834,28 +2893,48 @@ mod tests {
         (c, seen, open)
     }
 
+    /// Makes the next `n` reads of the journal's items fail (`u32::MAX`: until told
+    /// otherwise); returns how many failures were still to come.
+    fn fail_reads(c: &Conveyor<u64>, n: u32) -> u32 {
+        let durable = c.shared.durable.as_ref().unwrap();
+        durable.with_journal(|j| Ok(j.fail_reads(n))).unwrap()
+    }
+
+    /// Waits until the journal's error, if any, has cleared.
+    fn until_journal_ok(c: &Conveyor<u64>) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while c.journal_error().is_some() {
+            assert!(Instant::now() < deadline, "the journal error never cleared");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// A replay whose journal read fails part way (an I/O error) reads again rather than
     /// stopping: stopping let new sends in ahead of the items not loaded yet, which the next
     /// start then delivered after them.
     #[test]
     fn a_replay_read_that_fails_is_tried_again_and_nothing_overtakes_it() {
-        // More than the replay's page of 1,024 items: the second page is read after a first one.
-        const PENDING: u64 = 1_500;
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("j");
-        journal_with_pending(&path, 0..PENDING);
-        let (c, seen, open) = gated_replay(&path);
+        let (c, seen, open) = gated_replay(dir.path());
         let c = Arc::new(c);
-        // The first page was read by the build; the next two reads fail.
-        let durable = c.shared.durable.as_ref().unwrap();
-        let fail_reads = |n| durable.with_journal(|j| Ok(j.fail_reads(n))).unwrap();
-        fail_reads(2);
+        // The next two reads fail.
+        fail_reads(&c, 2);
+        // As a caller would: a send refused while the journal cannot be read is made again.
         let sender = std::thread::spawn({
             let c = c.clone();
-            move || c.send(PENDING).map(|_| ())
+            move || {
+                let mut item = REPLAYED;
+                loop {
+                    match c.send(item) {
+                        Err(SendError::Journal(back)) => item = back,
+                        sent => return sent.map(|_| ()),
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
         });
-        // The send waits behind the replay before a read fails: sent while one has failed, it
-        // would be refused (see the test below).
+        // The send waits behind the replay before a read fails. When one fails, it is woken and
+        // refused (see the tests below), unless the next read has succeeded by then.
         let deadline = Instant::now() + Duration::from_secs(30);
         while c.shared.lock().waiters.blocked_senders < 2 {
             assert!(
@@ -2868,10 +2947,10 @@ mod tests {
         assert!(c.flush_timeout(Duration::from_secs(30)), "flushed");
         sender.join().unwrap().unwrap();
         assert!(c.flush_timeout(Duration::from_secs(30)), "flushed");
-        assert_eq!(fail_reads(0), 0, "both reads failed");
+        assert_eq!(fail_reads(&c, 0), 0, "both reads failed");
         let items = seen.lock().unwrap().clone();
         assert!(
-            items == (0..=PENDING).collect::<Vec<_>>(),
+            items == (0..=REPLAYED).collect::<Vec<_>>(),
             "{} items delivered, the last ones {:?}",
             items.len(),
             &items[items.len().saturating_sub(3)..]
@@ -2883,15 +2962,10 @@ mod tests {
     /// `flush()` never returned. It now shows as while the journal cannot be written.
     #[test]
     fn a_replay_held_by_an_unreadable_journal_shows_as_a_journal_error() {
-        const PENDING: u64 = 1_500;
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("j");
-        journal_with_pending(&path, 0..PENDING);
-        let (c, seen, open) = gated_replay(&path);
-        let durable = c.shared.durable.as_ref().unwrap();
-        let fail_reads = |n| durable.with_journal(|j| Ok(j.fail_reads(n))).unwrap();
-        // The first page was read by the build; every read after it fails.
-        fail_reads(u32::MAX);
+        let (c, seen, open) = gated_replay(dir.path());
+        // Every read after the build's fails.
+        fail_reads(&c, u32::MAX);
         open.store(true, AtomicOrdering::SeqCst);
         let deadline = Instant::now() + Duration::from_secs(30);
         while c.journal_error().is_none() {
@@ -2907,20 +2981,20 @@ mod tests {
             c.journal_error()
         );
         assert!(
-            matches!(c.try_send(PENDING), Err(SendError::Journal(_))),
+            matches!(c.try_send(REPLAYED), Err(SendError::Journal(_))),
             "refused as while the journal cannot be written"
         );
         // Lets the reads succeed if `flush` waits on, so that a failure does not hang.
         let by_watchdog = std::sync::atomic::AtomicBool::new(false);
         std::thread::scope(|scope| {
             let (done, finished) = mpsc::channel::<()>();
-            let (fail_reads, by_watchdog) = (&fail_reads, &by_watchdog);
+            let (c, by_watchdog) = (&c, &by_watchdog);
             scope.spawn(move || {
                 if finished.recv_timeout(Duration::from_secs(30))
                     == Err(mpsc::RecvTimeoutError::Timeout)
                 {
                     by_watchdog.store(true, AtomicOrdering::SeqCst);
-                    fail_reads(0);
+                    fail_reads(c, 0);
                 }
             });
             c.flush();
@@ -2931,14 +3005,68 @@ mod tests {
             "flush waited for a journal that cannot be read"
         );
         // Once it can be read again, the replay goes on, and sends are taken after it.
-        fail_reads(0);
-        while c.journal_error().is_some() {
-            assert!(Instant::now() < deadline, "the read error never cleared");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        c.send(PENDING).unwrap();
+        fail_reads(&c, 0);
+        until_journal_ok(&c);
+        c.send(REPLAYED).unwrap();
         assert!(c.flush_timeout(Duration::from_secs(30)), "flushed");
-        assert!(*seen.lock().unwrap() == (0..=PENDING).collect::<Vec<_>>());
+        assert!(*seen.lock().unwrap() == (0..=REPLAYED).collect::<Vec<_>>());
+    }
+
+    /// Sends already waiting behind the replay when its read fails are woken and refused, as a
+    /// send made then is: they used to wait on for as long as the journal stayed unreadable,
+    /// with nothing to tell their callers why. Sent again once it reads, they come after it.
+    #[test]
+    fn sends_waiting_behind_a_replay_are_refused_when_its_read_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, seen, open) = gated_replay(dir.path());
+        // Every read after the build's fails.
+        fail_reads(&c, u32::MAX);
+        let (tx, refusals) = mpsc::channel();
+        std::thread::scope(|scope| {
+            let (c, blocking, awaiting) = (&c, tx.clone(), tx);
+            scope.spawn(move || blocking.send(c.send(REPLAYED).map(|_| ())));
+            scope.spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .unwrap();
+                awaiting.send(runtime.block_on(c.send_async(REPLAYED + 1)).map(|_| ()))
+            });
+            // Both wait behind the replay (itself waiting for room) before any read fails.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let st = c.shared.lock();
+                if st.waiters.blocked_senders >= 2 && st.waiters.async_senders >= 1 {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "the sends never waited");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            open.store(true, AtomicOrdering::SeqCst);
+            let mut refused = Vec::new();
+            for _ in 0..2 {
+                match refusals.recv_timeout(Duration::from_secs(20)) {
+                    Ok(Err(SendError::Journal(item))) => refused.push(item),
+                    Ok(other) => panic!("expected a journal refusal, got {other:?}"),
+                    Err(_) => {
+                        // Lets the waiting sends through, so that the failure does not hang.
+                        fail_reads(c, 0);
+                        panic!("a send waiting behind the replay was not refused: {refused:?}");
+                    }
+                }
+            }
+            refused.sort_unstable();
+            assert_eq!(refused, [REPLAYED, REPLAYED + 1], "each item handed back");
+        });
+        assert!(
+            c.journal_error().is_some(),
+            "the journal is still unreadable"
+        );
+        fail_reads(&c, 0);
+        until_journal_ok(&c);
+        c.send(REPLAYED).unwrap();
+        c.send(REPLAYED + 1).unwrap();
+        assert!(c.flush_timeout(Duration::from_secs(30)), "flushed");
+        assert!(*seen.lock().unwrap() == (0..=REPLAYED + 1).collect::<Vec<_>>());
     }
 
     /// Under Pause, items that no longer decode take room like any replayed item: the replay

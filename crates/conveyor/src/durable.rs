@@ -301,8 +301,9 @@ impl<T> Durable<T> {
     }
 
     /// Records that the replay cannot read the journal (`Some`), or can again (`None`). Sends
-    /// are refused meanwhile, as while commits fail: they could only wait behind the replay,
-    /// for as long as the disk stays unreadable, with nothing to tell their caller why.
+    /// are refused meanwhile, as while commits fail, those already waiting behind the replay
+    /// too (the replay wakes them): they could only wait, for as long as the disk stays
+    /// unreadable, with nothing to tell their caller why.
     pub(crate) fn set_unreadable(&self, error: Option<JournalError>) {
         let mut slot = lock(&self.read_error);
         self.unreadable
