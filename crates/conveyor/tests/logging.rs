@@ -8,6 +8,7 @@
 mod common;
 
 use std::fmt;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Mutex, Once, OnceLock, PoisonError};
 use std::time::Duration;
@@ -192,6 +193,43 @@ fn a_pausing_error_is_logged_and_dropped_outside_the_engine_locks() {
     );
 }
 
+/// A keyed conveyor on the journal at `path` whose sink refuses every item for good: each lane
+/// pauses at its first item.
+fn pausing(path: &Path) -> Conveyor<u64> {
+    Conveyor::builder()
+        .journal(path)
+        .ordering(Ordering::Keyed { concurrency: 2 })
+        .on_failure(OnFailure::Pause)
+        .build(|d: Delivery<u64>| {
+            Err(SinkError::permanent(format!(
+                "receiver says no to {}",
+                d.item()
+            )))
+        })
+        .unwrap()
+}
+
+/// Leaves the journal at `path` with one paused lane per key, each holding the item `i` sent
+/// with the `i`th key.
+fn pause_lanes(path: &Path, keys: &[String]) {
+    let c = pausing(path);
+    for (i, key) in (0..).zip(keys) {
+        c.send_keyed(key.as_str(), i).unwrap();
+    }
+    c.flush(); // returns once the lanes paused: their held items do not count
+    assert_eq!(c.paused(), keys);
+    c.close();
+}
+
+/// What is logged while a conveyor starts on the journal at `path` (other tests may log
+/// meanwhile), and the conveyor. The pauses themselves were logged when they happened.
+fn restart(path: &Path) -> (Vec<String>, Conveyor<u64>) {
+    let before = EVENTS.lock().unwrap_or_else(PoisonError::into_inner).len();
+    let c = pausing(path);
+    let events = EVENTS.lock().unwrap_or_else(PoisonError::into_inner);
+    (events[before..].to_vec(), c)
+}
+
 /// A lane paused before a restart stays paused, and nothing in it is delivered: the restart
 /// used to say nothing about it, so a service came back up, delivered nothing on that lane, and
 /// (with a strict lane) soon blocked its senders on a full queue, with no word why.
@@ -200,31 +238,53 @@ fn a_restart_with_paused_lanes_logs_each_with_its_error() {
     subscribe();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("j");
-    let build = || {
-        Conveyor::builder()
-            .journal(&path)
-            .ordering(Ordering::Keyed { concurrency: 2 })
-            .on_failure(OnFailure::Pause)
-            .build(|_d: Delivery<u64>| Err(SinkError::permanent("receiver says no to 41")))
-            .unwrap()
-    };
-    let c: Conveyor<u64> = build();
-    c.send_keyed("acct-41", 41).unwrap();
-    c.flush(); // returns once the lane paused: its held item does not count
+    pause_lanes(&path, &["acct-41".to_owned()]);
+    let (events, c) = restart(&path);
     assert_eq!(c.paused(), ["acct-41"]);
-    c.close();
-    drop(c);
-    // The pause itself was logged when it happened; only what the restart logs counts here.
-    let before = EVENTS.lock().unwrap_or_else(PoisonError::into_inner).len();
-    let c = build();
-    assert_eq!(c.paused(), ["acct-41"]);
-    let events = EVENTS.lock().unwrap_or_else(PoisonError::into_inner);
     assert!(
-        events[before..]
-            .iter()
-            .any(|e| e.contains("lane=\"acct-41\"")
-                && e.contains("receiver says no to 41")
-                && e.contains("stays paused")),
+        events.iter().any(|e| e.contains("lane=\"acct-41\"")
+            && e.contains("receiver says no to 0")
+            && e.contains("stays paused")),
         "{events:?}"
+    );
+}
+
+/// A journal may hold thousands of paused keys: a restart names the first ten lanes, each with
+/// its error, and counts the rest in one line instead of flooding the log.
+#[test]
+fn a_restart_with_many_paused_lanes_names_ten_and_counts_the_rest() {
+    subscribe();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    // Zero-padded, so that the journal's order of lanes (by name) is the order sent.
+    let keys: Vec<String> = (0..13).map(|i| format!("many-{i:02}")).collect();
+    pause_lanes(&path, &keys);
+    let (events, c) = restart(&path);
+    assert_eq!(c.paused(), keys, "all thirteen stay paused");
+    let named: Vec<&String> = keys
+        .iter()
+        .filter(|key| {
+            events
+                .iter()
+                .any(|e| e.contains(&format!("lane={key:?}")) && e.contains("stays paused"))
+        })
+        .collect();
+    assert_eq!(named, keys[..10].iter().collect::<Vec<_>>(), "{events:?}");
+    for (i, key) in (0..).zip(&keys[..10]) {
+        let error = format!("receiver says no to {i}");
+        assert!(
+            events
+                .iter()
+                .any(|e| e.contains(&format!("lane={key:?}")) && e.contains(&error)),
+            "{key} logged without its error: {events:?}"
+        );
+    }
+    let counted: Vec<&String> = events
+        .iter()
+        .filter(|e| e.contains("more lanes paused"))
+        .collect();
+    assert!(
+        counted.len() == 1 && counted[0].contains("more=3 "),
+        "{counted:?}"
     );
 }
