@@ -35,11 +35,13 @@ pub(crate) enum Command {
     /// Run a local demo: an embedded 50 ms HTTP service receives generated items in order.
     Demo(DemoArgs),
     /// Show what a journal holds (also during a send): pending per lane, paused lanes, dead letters.
+    #[command(mut_arg("json", |a| a.help(JSON_STATUS_HELP)))]
     Status(JournalOpts),
     /// List, retry or discard lines that failed for good (dead letters, kept in the journal).
     #[command(subcommand)]
     Dead(DeadCommand),
     /// Resume a paused lane, then rerun the `send` command to deliver what it holds.
+    #[command(mut_arg("json", |a| a.help(JSON_RESUME_HELP)))]
     Resume(ResumeArgs),
 }
 
@@ -50,18 +52,34 @@ pub(crate) struct JournalOpts {
     #[arg(long, value_name = "PATH")]
     pub(crate) journal: Option<PathBuf>,
 
-    /// Print JSON instead of text (`dead list`: one object per line).
+    /// Print JSON instead of text.
+    // Each command says what it prints (the `JSON_*_HELP`s below): their outputs differ.
     #[arg(long)]
     pub(crate) json: bool,
 }
 
+/// What `--json` prints, for each command that operates on a journal.
+const JSON_STATUS_HELP: &str = "Print one JSON object instead of text: pending per lane, paused \
+     lanes, dead letters, size, in_use_by (the PID of a send using it).";
+const JSON_DEAD_LIST_HELP: &str =
+    "Print one JSON object a line instead of text, one per dead letter, with the original body.";
+const JSON_RETRY_HELP: &str =
+    "Print {\"retried\": [SEQ, …], \"new_seqs\": [SEQ, …]} instead of text; new_seqs gives each its \
+     new SEQ, in the same order.";
+const JSON_DISCARD_HELP: &str = "Print {\"discarded\": [SEQ, …]} instead of text.";
+const JSON_RESUME_HELP: &str =
+    "Print {\"resumed\": \"KEY\"} instead of text (KEY is \"\" for strict and pipelined).";
+
 #[derive(Debug, Subcommand)]
 pub(crate) enum DeadCommand {
-    /// List dead letters, oldest first, also during a send (`--json`: JSON lines with the body).
+    /// List dead letters, oldest first (also during a send).
+    #[command(mut_arg("json", |a| a.help(JSON_DEAD_LIST_HELP)))]
     List(JournalOpts),
     /// Put dead letters back at the end of their lane; the next `send` run delivers them.
+    #[command(mut_arg("json", |a| a.help(JSON_RETRY_HELP)))]
     Retry(DeadTarget),
     /// Delete dead letters for good.
+    #[command(mut_arg("json", |a| a.help(JSON_DISCARD_HELP)))]
     Discard(DeadTarget),
 }
 
@@ -448,6 +466,39 @@ mod tests {
                     command.get_name(),
                     arg.get_id(),
                     short.len()
+                );
+            }
+        }
+    }
+
+    /// The journal commands share `--json`, but each prints something else: each one's help
+    /// says what it prints, and none describes another's output (`resume --help` used to
+    /// describe the lines of `dead list`).
+    #[test]
+    fn json_help_says_what_each_journal_command_prints() {
+        let cli = Cli::command();
+        let json_help = |path: &[&str]| {
+            let command = path
+                .iter()
+                .fold(&cli, |command, name| command.find_subcommand(name).unwrap());
+            let json = command.get_arguments().find(|a| a.get_id() == "json");
+            json.and_then(|a| a.get_help()).unwrap().to_string()
+        };
+        let prints: [(&[&str], &str); 5] = [
+            (&["status"], "one JSON object instead"),
+            (&["dead", "list"], "one JSON object a line"),
+            (&["dead", "retry"], "{\"retried\""),
+            (&["dead", "discard"], "{\"discarded\""),
+            (&["resume"], "{\"resumed\""),
+        ];
+        for (path, _) in prints {
+            let help = json_help(path);
+            for (other, output) in prints {
+                assert_eq!(
+                    help.contains(output),
+                    other == path,
+                    "`{}`'s --json help, about {output:?}: {help}",
+                    path.join(" ")
                 );
             }
         }
