@@ -800,8 +800,19 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
                 (Backpressure::Block, Wait::Thread) | (_, Wait::ThreadAlways) => {
                     drop(ik);
                     st.waiters.blocked_senders += 1;
+                    // The journal's writer extends the seq reservation and wakes senders
+                    // without the state lock (it must not take it: senders push to it under
+                    // that lock), so its wake-up can fall between the check above and this
+                    // wait: look again now and then. (An async sender enables its wake-up
+                    // before the check.)
+                    let deadline = (room == Room::Later && !st.replaying)
+                        .then(|| Instant::now() + RESERVATION_CHECK);
+                    #[cfg(test)]
+                    if let Some(hook) = BEFORE_SPACE_WAIT.with(std::cell::Cell::take) {
+                        hook();
+                    }
                     // In an async sink or task, room may be made by a task on this thread.
-                    st = blocking_section(|| shared.wait(&shared.space, st));
+                    st = blocking_section(|| shared.wait_until(&shared.space, st, deadline).0);
                     st.waiters.blocked_senders -= 1;
                 }
                 (Backpressure::Block, Wait::Task) => {
@@ -2251,6 +2262,16 @@ const PAUSES_LOGGED: usize = 10;
 const JOURNAL_CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// How often a flush with a journal looks whether the journal can still be written.
 const JOURNAL_CHECK: Duration = Duration::from_millis(100);
+/// How often a send waiting for the journal's seq reservation looks whether it was extended.
+const RESERVATION_CHECK: Duration = Duration::from_millis(10);
+
+#[cfg(test)]
+thread_local! {
+    /// Run by a blocking send on this thread right before it waits for room, under the state
+    /// lock: a test's stand-in for another thread that acts at that moment.
+    static BEFORE_SPACE_WAIT: std::cell::Cell<Option<Box<dyn FnOnce()>>> =
+        const { std::cell::Cell::new(None) };
+}
 
 /// Loads the items a journal holds into the lanes, in seq order, on a thread of its own, as
 /// room frees up: memory stays bounded by the capacity whatever the journal holds. New sends
@@ -2658,6 +2679,64 @@ mod tests {
 
     /// A journaled conveyor whose file may not grow any more (commits fail as on a full
     /// disk), holding one 200 KB item that waits for its commit; counts the sink's calls.
+    /// The journal's writer extends the seq reservation, and wakes the senders waiting for it,
+    /// without the state lock: a wake-up that came after a blocking send found the reservation
+    /// used up, but before it waited, was lost, and the send waited for the next item to settle,
+    /// for ever if none was left.
+    #[test]
+    fn a_send_waiting_for_the_seq_reservation_sees_an_extension_made_just_before_it_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let c: Conveyor<u64> = Conveyor::builder()
+            .journal(dir.path().join("j"))
+            .build(|_d| Ok(()))
+            .unwrap();
+        c.send(0).unwrap();
+        c.flush();
+        let limit = c.shared.durable.as_ref().unwrap().seq_limit.clone();
+        let reserved = limit.load(AtomicOrdering::SeqCst);
+        // As when sends outpace the writer: every reserved seq is used.
+        limit.store(0, AtomicOrdering::SeqCst);
+        let extended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        BEFORE_SPACE_WAIT.with(|hook| {
+            let (shared, extended) = (c.shared.clone(), extended.clone());
+            hook.set(Some(Box::new(move || {
+                // What the writer does once its extension is committed, from its own thread.
+                limit.store(reserved, AtomicOrdering::SeqCst);
+                shared.space.notify_all();
+                extended.store(true, AtomicOrdering::SeqCst);
+            })));
+        });
+        let by_watchdog = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let (done, finished) = mpsc::channel::<()>();
+            let (shared, by_watchdog) = (&c.shared, &by_watchdog);
+            scope.spawn(move || {
+                if finished.recv_timeout(Duration::from_secs(20)).is_err() {
+                    by_watchdog.store(true, AtomicOrdering::SeqCst);
+                    // Under the lock, so that this wake-up is not lost too.
+                    while finished.try_recv().is_err() {
+                        let _st = shared.lock();
+                        shared.space.notify_all();
+                        drop(_st);
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            });
+            c.send(1).unwrap();
+            done.send(()).unwrap();
+        });
+        assert!(
+            extended.load(AtomicOrdering::SeqCst),
+            "the send waited for the reservation"
+        );
+        assert!(
+            !by_watchdog.load(AtomicOrdering::SeqCst),
+            "the send missed the extension's wake-up"
+        );
+        assert!(c.flush_timeout(Duration::from_secs(20)));
+        assert_eq!(c.stats().delivered, 2);
+    }
+
     fn with_a_full_disk(dir: &std::path::Path) -> (Conveyor<String>, Arc<AtomicU64>) {
         let calls = Arc::new(AtomicU64::new(0));
         let n = calls.clone();
