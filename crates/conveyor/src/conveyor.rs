@@ -528,10 +528,10 @@ enum Wait {
     Task,
     /// Never wait (`try_send`).
     Never,
-    /// Block the thread whatever the policy: a dead letter sent again must not be
-    /// refused or dropped on its way back into the queue. Not refused while the journal
-    /// fails either: it stays a dead letter there until its new append is committed.
-    ThreadAlways,
+    /// A dead letter sent again (`retry_dead`): block the thread whatever the policy, as it
+    /// must not be refused or dropped on its way back into the queue. Not refused while the
+    /// journal fails either: it stays a dead letter there until its new append is committed.
+    Requeue,
 }
 
 /// What a journaled send appends: the encoded item, and an input position to store with it.
@@ -765,7 +765,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             // After `closed`: a closed conveyor says so, whatever its journal's state. Checked
             // on every round, so that a send that waited for room is refused as one made now
             // (the replay wakes those waiting behind it when it cannot read, see `next_page`).
-            if wait != Wait::ThreadAlways && self.journal_blocked() {
+            if wait != Wait::Requeue && self.journal_blocked() {
                 inside.stop(&mut st);
                 return Err(Refused::Send(SendError::Journal(node)));
             }
@@ -785,7 +785,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             };
             let waits = matches!(
                 (shared.config.backpressure, wait),
-                (Backpressure::Block, Wait::Thread | Wait::Task) | (_, Wait::ThreadAlways)
+                (Backpressure::Block, Wait::Thread | Wait::Task) | (_, Wait::Requeue)
             );
             if waits && needs_workers {
                 // From inside a sink call or a receipt callback, its own worker cannot make
@@ -797,7 +797,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
                 }
             }
             match (shared.config.backpressure, wait) {
-                (Backpressure::Block, Wait::Thread) | (_, Wait::ThreadAlways) => {
+                (Backpressure::Block, Wait::Thread) | (_, Wait::Requeue) => {
                     drop(ik);
                     st.waiters.blocked_senders += 1;
                     // The journal's writer extends the seq reservation and wakes senders
@@ -1878,7 +1878,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         });
         let node = self.shared.node(key, item);
         let mut inside = InsideWait::new(&self.shared);
-        let receipt = match self.submit(node, &mut entry, Wait::ThreadAlways, false, &mut inside) {
+        let receipt = match self.submit(node, &mut entry, Wait::Requeue, false, &mut inside) {
             Ok(receipt) => receipt,
             Err(Refused::Send(SendError::Full(_))) => {
                 return Err(unclaim(JournalError::WouldWaitForItself {
