@@ -1478,6 +1478,11 @@ fn refuse_what_is_no_journal(path: &Path) -> Result<(), JournalError> {
 /// an empty database (a new file, or one whose creation was interrupted).
 fn read_header(conn: &Connection, path: &Path) -> Result<bool, JournalError> {
     let sql = |e| JournalError::sqlite(path, e);
+    // Every read below in one snapshot: a reader (`open_read_only`) may look while the owner
+    // creates the journal, and the creating commit between two of them would show its tables
+    // without its application id, that is, another program's database. Rolled back when
+    // dropped, as it writes nothing.
+    let _snapshot = conn.unchecked_transaction().map_err(sql)?;
     // The first read of the header: a file that is not SQLite fails here, unmodified.
     let app_id: i32 = conn
         .pragma_query_value(None, "application_id", |r| r.get(0))
@@ -1747,6 +1752,29 @@ mod tests {
         assert_eq!(reader.status().unwrap().pending, 1);
         let owner = Journal::open(&path).unwrap();
         assert_eq!(all_pending(&owner).len(), 1);
+    }
+
+    #[test]
+    fn a_journal_read_while_its_owner_creates_it_is_missing_until_it_is_whole() {
+        // A reader opens it again and again while the owner creates it: the creating commit may
+        // fall between any two of its reads, and must never make the journal look like another
+        // program's database (8 to 38 in 100 did, when the header was read in two snapshots).
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..100 {
+            let path = dir.path().join(format!("j{i}"));
+            let reader = {
+                let path = path.clone();
+                std::thread::spawn(move || loop {
+                    match Journal::open_read_only(&path) {
+                        Err(JournalError::Missing { .. }) => continue,
+                        other => return other.map(|j| j.id().to_owned()),
+                    }
+                })
+            };
+            let owner = Journal::open(&path).unwrap();
+            let seen = reader.join().unwrap().map_err(|e| e.to_string());
+            assert_eq!(seen.as_deref(), Ok(owner.id()), "journal {i}");
+        }
     }
 
     #[test]
