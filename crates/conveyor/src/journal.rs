@@ -1423,9 +1423,23 @@ impl Journal {
         while rows.next().map_err(sql)?.is_some() {}
         drop(rows);
         drop(stmt);
+        // A reader (`open_read_only`) may hold an older snapshot, which keeps the WAL from being
+        // emptied until its read ends. SQLite would wait for that (its busy timeout, 5 s), and
+        // every commit, and every `Durability::Sync` send, with it: so it does not wait. The
+        // checkpoint then copies what no reader needs, and a later one (SQLite's own, every
+        // 1000 pages, or the next compaction) lets the WAL start over.
+        let busy_timeout: i64 = self
+            .conn
+            .pragma_query_value(None, "busy_timeout", |r| r.get(0))
+            .map_err(sql)?;
+        self.conn.busy_timeout(Duration::ZERO).map_err(sql)?;
+        let checkpoint = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
         self.conn
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-            .map_err(sql)
+            .busy_timeout(Duration::from_millis(busy_timeout.max(0) as u64))
+            .map_err(sql)?;
+        checkpoint.map_err(sql)
     }
 
     /// Makes the next `n` reads of pending items fail with an I/O error; returns how many
@@ -2369,6 +2383,50 @@ mod tests {
             .pending_after(0, 10)
             .unwrap()
             .is_empty());
+    }
+
+    #[test]
+    fn compaction_does_not_wait_for_a_reader() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let mut owner = Journal::open(&path).unwrap();
+        // SQLite's default wait (5 s) would do; a longer one makes the bound below generous.
+        owner.conn.busy_timeout(Duration::from_secs(60)).unwrap();
+        let batch: Vec<Record> = (1..=2000).map(|s| rec(s, "a")).collect();
+        owner.append(&batch, None).unwrap();
+        // A reader in the middle of a long read (a large `dead_letters`, say) holds its snapshot.
+        let reader = Journal::open_read_only(&path).unwrap();
+        reader.conn.execute_batch("BEGIN").unwrap();
+        let count = |j: &Journal| -> i64 {
+            j.conn
+                .query_row("SELECT count(*) FROM items", [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(count(&reader), 2000);
+        let settled: Vec<Settlement> = (1..=2000).map(Settlement::Delivered).collect();
+        owner.settle(&settled).unwrap();
+
+        // The engine's writer compacts between two commits: waiting for the reader would hold
+        // up every commit (and every `Durability::Sync` send) behind it.
+        let started = std::time::Instant::now();
+        owner.compact().unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "compaction waited {:?} for the reader",
+            started.elapsed()
+        );
+        assert_eq!(count(&reader), 2000, "the reader keeps its snapshot");
+        assert_eq!(count(&owner), 0);
+        let busy_timeout: i64 = owner
+            .conn
+            .pragma_query_value(None, "busy_timeout", |r| r.get(0))
+            .unwrap();
+        assert_eq!(busy_timeout, 60_000, "other waits keep theirs");
+        // Once the reader is done, the next compaction empties the WAL.
+        reader.conn.execute_batch("COMMIT").unwrap();
+        owner.compact().unwrap();
+        assert_eq!(std::fs::metadata(sidecar(&path, "-wal")).unwrap().len(), 0);
+        assert_eq!(count(&reader), 0);
     }
 
     #[test]
