@@ -679,14 +679,19 @@ impl Journal {
     /// Opens the journal at `path` to read it, even while a conveyor (in this process or
     /// another) owns it: [`status`](Journal::status), [`dead_letters`](Journal::dead_letters)
     /// and [`cursor`](Journal::cursor) then show what the owner has committed so far. Each call
-    /// reads one consistent snapshot. It takes no lock and never creates or changes the file;
-    /// the methods that change a journal return [`JournalError::ReadOnly`].
+    /// reads one consistent snapshot. It never creates or changes the journal, and takes no lock
+    /// that keeps an owner out; the methods that change a journal return
+    /// [`JournalError::ReadOnly`]. SQLite reads a journal through its `-wal` and `-shm` files:
+    /// when no conveyor has it open, it creates them beside it, and they stay until the next
+    /// owner closes the journal.
     ///
     /// # Errors
     /// - [`JournalError::Missing`] if there is no file at `path`, or it holds no journal yet;
     /// - [`JournalError::Corrupt`] / [`JournalError::Foreign`] / [`JournalError::NotAJournal`] /
     ///   [`JournalError::UnsupportedVersion`] / [`JournalError::IsADirectory`] as for
-    ///   [`open`](Journal::open).
+    ///   [`open`](Journal::open);
+    /// - [`JournalError::Io`] if the `-wal` and `-shm` files are missing and cannot be created
+    ///   (a read-only directory).
     ///
     /// # Examples
     /// ```
