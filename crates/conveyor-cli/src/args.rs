@@ -60,7 +60,7 @@ pub(crate) struct JournalOpts {
 
 /// What `--json` prints, for each command that operates on a journal.
 const JSON_STATUS_HELP: &str = "Print one JSON object instead of text: pending per lane, paused \
-     lanes, dead letters, size, in_use_by (the PID of a send using it).";
+     lanes, dead letters, size, in_use and in_use_by (a send's PID).";
 const JSON_DEAD_LIST_HELP: &str =
     "Print one JSON object a line instead of text, one per dead letter, with the original body.";
 const JSON_RETRY_HELP: &str =

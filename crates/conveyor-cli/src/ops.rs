@@ -1,12 +1,13 @@
 //! Operating a journal offline: `status`, `dead list|retry|discard`, `resume`.
 //!
-//! These open the journal file directly ([`conveyor::Journal`]). `status` and `dead list` also
-//! read one a `send` is running on (read-only, as far as it has committed); the commands that
-//! change it wait for no `send` to run on it, and otherwise fail naming the process holding it.
+//! These open the journal file directly ([`conveyor::Journal`]). `status` and `dead list` only
+//! read it, without its lock, so they also read one a `send` is running on (as far as it has
+//! committed) and never keep a `send` from starting; the commands that change it need its lock,
+//! and fail naming the process holding it while a `send` runs on it.
 
 use std::path::{Path, PathBuf};
 
-use conveyor::{DeadLetter, Journal, JournalError};
+use conveyor::{DeadLetter, Holder, Journal, JournalError};
 use serde::Serialize;
 use serde_json::json;
 
@@ -76,17 +77,13 @@ fn open(opts: &JournalOpts) -> Result<Journal, CliError> {
     Journal::open(&path).map_err(open_error)
 }
 
-/// Opens the journal to read it, also while a `send` runs on it: then read-only, with the PID of
-/// that process.
-fn open_to_read(opts: &JournalOpts) -> Result<(Journal, Option<u32>), CliError> {
+/// Opens the journal to read it, also while a `send` runs on it, without its lock (a `send`
+/// starting meanwhile is not refused for it); with whoever uses it now.
+fn open_to_read(opts: &JournalOpts) -> Result<(Journal, Option<Holder>), CliError> {
     let path = find_journal(&opts.journal)?;
-    match Journal::open(&path) {
-        Ok(journal) => Ok((journal, None)),
-        Err(JournalError::Locked { pid: Some(pid), .. }) => Journal::open_read_only(&path)
-            .map(|journal| (journal, Some(pid)))
-            .map_err(open_error),
-        Err(e) => Err(open_error(e)),
-    }
+    let journal = Journal::open_read_only(&path).map_err(open_error)?;
+    let holder = journal.holder();
+    Ok((journal, holder))
 }
 
 fn open_error(e: JournalError) -> CliError {
@@ -105,6 +102,11 @@ fn open_error(e: JournalError) -> CliError {
              is): pass the --journal PATH that `conveyor send` used",
             path.display()
         ),
+        // Its creation was interrupted before anything was written to it.
+        JournalError::Missing { path } => format!(
+            "{} holds no journal yet: pass the --journal PATH that `conveyor send` used",
+            path.display()
+        ),
         JournalError::IsADirectory { path } => format!(
             "{} is a directory: pass the --journal PATH that `conveyor send` used, a file",
             path.display()
@@ -114,8 +116,11 @@ fn open_error(e: JournalError) -> CliError {
 }
 
 /// What a reader of a journal in use is told: the figures move while it reads them.
-fn in_use_note(pid: u32) -> String {
-    format!("in use by process {pid} (a running `conveyor send`, most likely): as committed so far")
+fn in_use_note(holder: Holder) -> String {
+    let by = holder
+        .pid
+        .map_or("another process".to_owned(), |pid| format!("process {pid}"));
+    format!("in use by {by} (a running `conveyor send`, most likely): as committed so far")
 }
 
 fn journal_error(e: conveyor::JournalError) -> CliError {
@@ -144,7 +149,8 @@ pub(crate) fn status(opts: &JournalOpts) -> Result<u8, CliError> {
             "lanes": lanes,
             "input_position": status.cursor,
             "file_bytes": status.file_bytes,
-            "in_use_by": in_use_by,
+            "in_use": in_use_by.is_some(),
+            "in_use_by": in_use_by.and_then(|holder| holder.pid),
         });
         print_out(&value.to_string()).map_err(CliError::io)?;
         return Ok(exit::OK);
@@ -153,10 +159,10 @@ pub(crate) fn status(opts: &JournalOpts) -> Result<u8, CliError> {
         "journal {path} ({} bytes on disk)\npending: {}",
         status.file_bytes, status.pending
     );
-    if let Some(pid) = in_use_by {
+    if let Some(holder) = in_use_by {
         text.insert_str(
             text.find('\n').expect("two lines"),
-            &format!(", {}", in_use_note(pid)),
+            &format!(", {}", in_use_note(holder)),
         );
     }
     if let Some(cursor) = status.cursor {
@@ -261,9 +267,13 @@ pub(crate) fn dead(command: &DeadCommand) -> Result<u8, CliError> {
 fn dead_list(opts: &JournalOpts) -> Result<u8, CliError> {
     let (journal, in_use_by) = open_to_read(opts)?;
     let dead = journal.dead_letters().map_err(journal_error)?;
-    if let Some(pid) = in_use_by {
+    if let Some(holder) = in_use_by {
         // Not on stdout, which lists dead letters only (one JSON object per line with --json).
-        eprintln!("journal {}: {}", journal.path().display(), in_use_note(pid));
+        eprintln!(
+            "journal {}: {}",
+            journal.path().display(),
+            in_use_note(holder)
+        );
     }
     if !opts.json && dead.is_empty() {
         print_out("no dead letters").map_err(CliError::io)?;

@@ -843,6 +843,7 @@ fn a_journal_in_use_can_be_read_but_changes_wait_for_the_send() {
                 return false;
             }
             let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+            assert_eq!(status["in_use"], true, "{status}");
             assert_eq!(status["in_use_by"], child.id(), "{status}");
             status["dead_letters"] == 1 && status["pending"] == 2
         },

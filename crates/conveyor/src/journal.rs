@@ -24,7 +24,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rusqlite::limits::Limit;
 use rusqlite::{
@@ -415,6 +415,27 @@ pub struct JournalStatus {
     pub keyed: Option<bool>,
 }
 
+/// Another user of a journal than the [`Journal`] asking: see [`Journal::holder`].
+///
+/// # Examples
+/// ```
+/// use conveyor::Journal;
+///
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("j");
+/// let owner = Journal::open(&path)?;
+/// let holder = Journal::open_read_only(&path)?.holder().expect("the owner holds it");
+/// assert_eq!(holder.pid, Some(std::process::id()));
+/// # drop(owner);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Holder {
+    /// Its process id, as its lock file names it; `None` for an instant after it took the lock.
+    pub pid: Option<u32>,
+}
+
 /// One lane in a [`JournalStatus`].
 ///
 /// # Examples
@@ -608,7 +629,9 @@ impl Journal {
     /// Opens the journal at `path`, creating it (owner-only, 0600) if it does not exist.
     ///
     /// # Errors
-    /// - [`JournalError::Locked`] if another process has it open (naming that process);
+    /// - [`JournalError::Locked`] if another process has it open (naming that process), after
+    ///   trying for 100 ms: a reader asking for its [`holder`](Journal::holder) holds the lock
+    ///   for an instant;
     /// - [`JournalError::Corrupt`] / [`JournalError::Foreign`] / [`JournalError::NotAJournal`] /
     ///   [`JournalError::UnsupportedVersion`] if the file is damaged, not a journal, or from a
     ///   newer version: the file is left untouched;
@@ -762,6 +785,32 @@ impl Journal {
             #[cfg(test)]
             failing_reads: std::sync::atomic::AtomicU32::new(0),
         })
+    }
+
+    /// Who else uses the journal now: the process holding its lock (a conveyor, or a `Journal`
+    /// opened with [`open`](Journal::open)), if there is one. Always `None` for a journal opened
+    /// with [`open`](Journal::open), which holds the lock itself. Looking takes the lock for an
+    /// instant if nobody holds it; an owner starting meanwhile waits for it.
+    ///
+    /// # Examples
+    /// ```
+    /// use conveyor::{Conveyor, Journal};
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("events.journal");
+    /// let c: Conveyor<String> = Conveyor::builder().journal(&path).build(|_d| Ok(()))?;
+    /// let journal = Journal::open_read_only(&path)?;
+    /// let holder = journal.holder().expect("the conveyor uses it");
+    /// assert_eq!(holder.pid, Some(std::process::id()));
+    /// c.close();
+    /// assert_eq!(journal.holder(), None);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn holder(&self) -> Option<Holder> {
+        match self.lock {
+            Some(_) => None,
+            None => LockFile::holder(&self.path),
+        }
     }
 
     /// Refuses a change to a journal opened with [`open_read_only`](Journal::open_read_only).
@@ -1631,25 +1680,59 @@ impl LockFile {
         let mut file = owner_only()
             .open(&lock_path)
             .map_err(|e| io_err("create", e))?;
-        match fs4::FileExt::try_lock(&file) {
-            Ok(()) => {}
-            Err(fs4::TryLockError::WouldBlock) => {
-                let mut text = String::new();
-                // The holder may be between taking the lock and writing its PID: then no PID.
-                let _ = file.read_to_string(&mut text);
-                return Err(JournalError::Locked {
-                    path: journal.to_path_buf(),
-                    pid: text.trim().parse().ok(),
-                });
+        // A reader looking for the holder (`holder`) takes the lock for an instant: an owner
+        // starting then must not fail for it.
+        let patience = Instant::now() + LOCK_PATIENCE;
+        loop {
+            match fs4::FileExt::try_lock(&file) {
+                Ok(()) => break,
+                Err(fs4::TryLockError::WouldBlock) if Instant::now() < patience => {
+                    std::thread::sleep(LOCK_PATIENCE / 20);
+                }
+                Err(fs4::TryLockError::WouldBlock) => {
+                    return Err(JournalError::Locked {
+                        path: journal.to_path_buf(),
+                        pid: holder_pid(&mut file),
+                    });
+                }
+                Err(fs4::TryLockError::Error(e)) => return Err(io_err("lock", e)),
             }
-            Err(fs4::TryLockError::Error(e)) => return Err(io_err("lock", e)),
         }
         file.set_len(0).map_err(|e| io_err("write", e))?;
         file.rewind().map_err(|e| io_err("write", e))?;
         writeln!(file, "{}", std::process::id()).map_err(|e| io_err("write", e))?;
         Ok(LockFile { _file: file })
     }
+
+    /// Who holds the lock of `journal`, if anyone does, without keeping it: if nobody does, it
+    /// is taken and released at once. No lock file means no owner ever opened the journal.
+    fn holder(journal: &Path) -> Option<Holder> {
+        let mut file = File::open(sidecar(journal, LOCK_SUFFIX)).ok()?;
+        match fs4::FileExt::try_lock(&file) {
+            Ok(()) => {
+                let _ = fs4::FileExt::unlock(&file);
+                None
+            }
+            Err(fs4::TryLockError::WouldBlock) => Some(Holder {
+                pid: holder_pid(&mut file),
+            }),
+            // Cannot tell: say nothing rather than something wrong.
+            Err(fs4::TryLockError::Error(_)) => None,
+        }
+    }
 }
+
+/// The PID a held lock file names. The holder may be between taking the lock and writing its
+/// PID: then none.
+fn holder_pid(file: &mut File) -> Option<u32> {
+    let mut text = String::new();
+    let _ = file.read_to_string(&mut text);
+    text.trim().parse().ok()
+}
+
+/// How long opening a journal retries while its lock is held, before it reports
+/// [`JournalError::Locked`].
+const LOCK_PATIENCE: Duration = Duration::from_millis(100);
 
 #[cfg(test)]
 mod tests {
@@ -1794,6 +1877,33 @@ mod tests {
             let seen = reader.join().unwrap().map_err(|e| e.to_string());
             assert_eq!(seen.as_deref(), Ok(owner.id()), "journal {i}");
         }
+    }
+
+    #[test]
+    fn an_owner_starting_while_a_reader_looks_for_the_holder_waits_its_turn() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        drop(Journal::open(&path).unwrap());
+        let reader = Journal::open_read_only(&path).unwrap();
+        assert_eq!(reader.holder(), None, "nobody uses it");
+        // A reader's look at the lock, stretched: the lock is held while the owner starts.
+        let lock = File::open(sidecar(&path, LOCK_SUFFIX)).unwrap();
+        fs4::FileExt::try_lock(&lock).unwrap();
+        let looking = std::thread::spawn(move || {
+            std::thread::sleep(LOCK_PATIENCE / 4);
+            drop(lock);
+        });
+        let owner = Journal::open(&path).expect("the owner waits for the look to end");
+        looking.join().unwrap();
+        assert_eq!(owner.holder(), None, "the owner holds the lock itself");
+        assert_eq!(
+            reader.holder(),
+            Some(Holder {
+                pid: Some(std::process::id())
+            })
+        );
+        drop(owner);
+        assert_eq!(reader.holder(), None);
     }
 
     #[test]

@@ -68,7 +68,7 @@ pub use crate::{
     conveyor::Conveyor,
     durable::Durability,
     error::{BuildError, DeliveryError, SendError, SinkError},
-    journal::{DeadLetter, Journal, JournalError, JournalStatus, LaneStatus},
+    journal::{DeadLetter, Holder, Journal, JournalError, JournalStatus, LaneStatus},
     receipt::{Delivery, Receipt},
     retry::Retry,
     stats::{CloseReport, Stats},
