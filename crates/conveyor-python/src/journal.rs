@@ -23,7 +23,7 @@ pub(crate) fn error(py: Python<'_>, err: &JournalError) -> PyErr {
         JournalError::NoJournal => NO_JOURNAL.to_owned(),
         JournalError::Closed { path } => format!(
             "the conveyor using journal {} was closed and released the file: create a new \
-             Conveyor(..., journal=PATH) to read or resume it",
+             Conveyor(..., journal=PATH) to resume it, or open conveyor.Journal(PATH) to read it",
             path.display()
         ),
         JournalError::OtherOrdering {
@@ -43,6 +43,11 @@ pub(crate) fn error(py: Python<'_>, err: &JournalError) -> PyErr {
         ),
         other => other.to_string(),
     };
+    new_error(py, message)
+}
+
+/// `conveyor.JournalError(message)`.
+pub(crate) fn new_error(py: Python<'_>, message: String) -> PyErr {
     match journal_error_class(py) {
         Ok(class) => PyErr::from_type(class.clone(), message),
         Err(import_failed) => import_failed,
@@ -71,10 +76,7 @@ pub(crate) fn refused(py: Python<'_>, engine: &conveyor::Conveyor<Item, Reply>) 
         "the item was not accepted: {why}; items accepted before are intact, and sends succeed \
          again once the journal can be written"
     );
-    match journal_error_class(py) {
-        Ok(class) => PyErr::from_type(class.clone(), message),
-        Err(import_failed) => import_failed,
-    }
+    new_error(py, message)
 }
 
 /// The error for an item too large for the journal: it was not accepted.

@@ -19,6 +19,7 @@ mod fork;
 mod http;
 mod journal;
 mod pyconveyor;
+mod pyjournal;
 mod receipt;
 mod sink;
 mod stack;
@@ -76,6 +77,9 @@ fn _conveyor(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<stats::PyCloseReport>()?;
     m.add_class::<sink::PyDelivery>()?;
     m.add_class::<journal::PyDeadLetter>()?;
+    m.add_class::<pyjournal::PyJournal>()?;
+    m.add_class::<pyjournal::PyJournalStatus>()?;
+    m.add_class::<pyjournal::PyLaneStatus>()?;
     m.add_class::<http::PyHttpReply>()?;
     m.add_function(wrap_pyfunction!(pyconveyor::_shutdown_at_exit, m)?)?;
     m.add_function(wrap_pyfunction!(pyconveyor::_after_fork_in_child, m)?)?;

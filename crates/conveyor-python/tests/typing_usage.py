@@ -66,3 +66,17 @@ async def asend_as_task() -> int:
     async with conveyor.Conveyor(send_to_space) as c:
         receipt = await asyncio.create_task(c.asend({"n": 1}))
         return await receipt
+
+
+def journal_usage(path: str) -> int:
+    with conveyor.Journal(path, read_only=True) as monitor:
+        status: conveyor.JournalStatus = monitor.status()
+        lanes: list[conveyor.LaneStatus] = status.lanes
+        paused: str | None = lanes[0].paused
+        dead: list[conveyor.DeadLetter] = monitor.dead_letters()
+        cursor: int | None = monitor.cursor()
+    with conveyor.Journal(path) as journal:
+        new_seq: int = journal.retry_dead(dead[0].seq)
+        resumed: bool = journal.resume("user-42")
+        journal.set_cursor(cursor or 0)
+    return status.pending + new_seq + int(resumed) + len(paused or "")

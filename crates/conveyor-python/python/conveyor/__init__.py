@@ -36,6 +36,10 @@ option             default       meaning
 =================  ============  =================================================================
 
 A sink may be an ``async def`` function: it then runs on an event loop owned by the conveyor.
+
+``Journal(path, read_only=False)`` opens a conveyor's journal file without delivering anything, to
+look at its pending items, paused lanes and dead letters and to repair them (after a crash, or
+with ``read_only=True`` while the conveyor runs).
 """
 
 from __future__ import annotations
@@ -52,6 +56,9 @@ from ._conveyor import (
     DeadLetter,
     Delivery,
     HttpReply,
+    Journal,
+    JournalStatus,
+    LaneStatus,
     Receipt,
     Stats,
     __version__,
@@ -78,7 +85,10 @@ __all__ = [
     "DeliveryFailed",
     "Dropped",
     "HttpReply",
+    "Journal",
     "JournalError",
+    "JournalStatus",
+    "LaneStatus",
     "PermanentError",
     "QueueFull",
     "Receipt",

@@ -18,6 +18,9 @@ __all__ = [
     "DeadLetter",
     "Delivery",
     "HttpReply",
+    "Journal",
+    "JournalStatus",
+    "LaneStatus",
     "Receipt",
     "Stats",
     "__version__",
@@ -74,6 +77,103 @@ class DeadLetter:
     def attempts(self) -> int: ...
     @property
     def failed_at(self) -> float: ...
+
+@final
+class LaneStatus:
+    """One lane of a ``JournalStatus``."""
+
+    @property
+    def lane(self) -> str:
+        """The key of a keyed conveyor's lane, ``""`` for the single lane of the others."""
+    @property
+    def pending(self) -> int:
+        """Items accepted and not settled in this lane."""
+    @property
+    def paused(self) -> str | None:
+        """The error of the item that paused the lane (``""`` if none was recorded), or
+        ``None`` when the lane is not paused."""
+    def __eq__(self, other: object) -> bool: ...
+
+@final
+class JournalStatus:
+    """What a journal holds, from ``Journal.status()``: one consistent snapshot."""
+
+    @property
+    def pending(self) -> int:
+        """Items accepted and not settled (delivered, failed or dropped), all lanes together."""
+    @property
+    def dead_letters(self) -> int:
+        """Dead letters held."""
+    @property
+    def lanes(self) -> list[LaneStatus]:
+        """Lanes with pending items or a pause, sorted by name."""
+    @property
+    def last_seq(self) -> int:
+        """The highest seq handed out or reserved; the next item gets a greater one."""
+    @property
+    def cursor(self) -> int | None:
+        """The input position last stored, or ``None``."""
+    @property
+    def file_bytes(self) -> int:
+        """Bytes on disk: the database and its write-ahead log."""
+    @property
+    def keyed(self) -> bool | None:
+        """Whether the Conveyor that last used the journal was keyed (``True``) or strict or
+        pipelined (``False``); ``None`` if none used it yet."""
+    @property
+    def id(self) -> str:
+        """The journal's id, the prefix of every ``idempotency_key``."""
+    def __eq__(self, other: object) -> bool: ...
+
+@final
+class Journal:
+    """A Conveyor's journal file, opened to inspect and repair it without delivering anything.
+
+    ``read_only=False`` takes the file for itself (refused while a Conveyor uses it, and no
+    Conveyor can open it until ``close()``); ``read_only=True`` takes nothing and shows what a
+    running Conveyor has committed so far, and its changing methods raise ``JournalError``. A
+    path with no journal raises ``JournalError``: it never creates one. Use it as a context
+    manager, or call ``close()``; after that every method raises ``JournalError``.
+    """
+
+    def __new__(cls, path: str | os.PathLike[str], *, read_only: bool = False) -> Journal: ...
+    @property
+    def path(self) -> str:
+        """The journal file's path, as given."""
+    @property
+    def id(self) -> str:
+        """The journal's id: the prefix of every item's ``idempotency_key``."""
+    @property
+    def read_only(self) -> bool:
+        """Whether it was opened with ``read_only=True``."""
+    @property
+    def closed(self) -> bool:
+        """True once ``close()`` was called."""
+    def status(self) -> JournalStatus:
+        """Pending items (all lanes and per lane), paused lanes, dead letters, last seq, cursor,
+        size on disk."""
+    def dead_letters(self) -> list[DeadLetter]:
+        """The dead letters, oldest first."""
+    def retry_dead(self, seq: int) -> int:
+        """Puts dead letter ``seq`` back at the end of its lane; returns its new seq."""
+    def discard_dead(self, seq: int) -> None:
+        """Deletes dead letter ``seq`` for good."""
+    def resume(self, lane: str = "") -> bool:
+        """Clears the pause on ``lane``; returns ``False`` if it was not paused."""
+    def cursor(self) -> int | None:
+        """The input position last stored, or ``None``."""
+    def set_cursor(self, cursor: int) -> None:
+        """Stores the input position where the next run resumes reading its input."""
+    def close(self) -> None:
+        """Closes the file and releases it for a Conveyor; does nothing if already closed."""
+    def __enter__(self) -> Self: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+        /,
+    ) -> None: ...
 
 @final
 class Delivery:
