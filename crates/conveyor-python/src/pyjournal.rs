@@ -10,8 +10,19 @@ use pyo3::IntoPyObjectExt;
 
 use crate::journal::{cursor_arg, new_error, PyDeadLetter};
 
-/// A journal file opened to look at what it holds (pending items, paused lanes, dead letters,
-/// the input cursor) and to repair it, without a Conveyor delivering from it.
+/// `Journal(path, *, read_only=False)`: a Conveyor's journal file (its `journal=` path), opened
+/// to look at what it holds (pending items, paused lanes, dead letters, the input cursor) and to
+/// repair it, without a Conveyor delivering from it.
+///
+/// With `read_only=False` it takes the journal for itself, as a Conveyor would: it is refused
+/// while a Conveyor (in this process or another) uses the file, and no Conveyor can open the
+/// file until `close()`. With `read_only=True` it takes nothing and works while a Conveyor runs
+/// on the file, showing what that Conveyor has committed so far; the methods that change the
+/// journal then raise `JournalError`.
+///
+/// It never creates a journal: a path with no journal raises `JournalError` and leaves nothing
+/// behind (`Conveyor(..., journal=PATH)` creates one). Use it in a `with` block or call
+/// `close()`; after that every method raises `JournalError`.
 #[pyclass(frozen, module = "conveyor", name = "Journal")]
 pub(crate) struct PyJournal {
     /// The open journal; `None` once closed. A mutex because Python threads share this object
@@ -62,16 +73,7 @@ impl PyJournal {
 
 #[pymethods]
 impl PyJournal {
-    /// Opens the journal file at `path` (the `journal=` path of a Conveyor).
-    ///
-    /// With `read_only=False` (the default) it takes the journal for itself, as a Conveyor
-    /// would: it is refused while a Conveyor (in this process or another) uses the file, and no
-    /// Conveyor can open the file until `close()`. With `read_only=True` it takes nothing and
-    /// works while a Conveyor runs on the file, showing what that Conveyor has committed so far;
-    /// the methods that change the journal then raise `JournalError`.
-    ///
-    /// It never creates a journal: a path with no journal raises `JournalError` and leaves
-    /// nothing behind (a Conveyor(..., journal=PATH) creates one).
+    /// Opens the journal (see the class's doc).
     #[new]
     #[pyo3(signature = (path, *, read_only = false))]
     fn new(py: Python<'_>, path: PathBuf, read_only: bool) -> PyResult<Self> {
