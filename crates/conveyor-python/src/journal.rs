@@ -7,6 +7,7 @@ use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::GILOnceCell;
 use pyo3::types::{PyBool, PyInt, PyString, PyType};
+use pyo3::IntoPyObjectExt;
 use serde_json::value::RawValue;
 
 use crate::sink::{Item, Reply};
@@ -218,15 +219,22 @@ impl PyDeadLetter {
 #[pymethods]
 impl PyDeadLetter {
     fn __repr__(&self, py: Python<'_>) -> String {
-        let item = self
-            .item
-            .bind(py)
-            .repr()
-            .map(|r| r.to_string())
-            .unwrap_or_default();
         format!(
-            "DeadLetter(seq={}, key={:?}, item={item}, attempts={}, error={:?})",
-            self.seq, self.key, self.attempts, self.error
+            "DeadLetter(seq={}, key={}, item={}, attempts={}, error={})",
+            self.seq,
+            repr(py, &self.key),
+            repr(py, &self.item),
+            self.attempts,
+            repr(py, &self.error)
         )
     }
+}
+
+/// Python's `repr()` of a value, for `__repr__`s that read like Python.
+pub(crate) fn repr<'py>(py: Python<'py>, value: impl IntoPyObject<'py>) -> String {
+    value
+        .into_bound_py_any(py)
+        .and_then(|value| value.repr())
+        .map(|text| text.to_string())
+        .unwrap_or_default()
 }

@@ -6,9 +6,8 @@ use std::sync::{Mutex, PoisonError, TryLockError};
 
 use conveyor::{Journal, JournalError, JournalStatus, LaneStatus};
 use pyo3::prelude::*;
-use pyo3::IntoPyObjectExt;
 
-use crate::journal::{cursor_arg, new_error, PyDeadLetter};
+use crate::journal::{cursor_arg, new_error, repr, PyDeadLetter};
 
 /// `Journal(path, *, read_only=False)`: a Conveyor's journal file (its `journal=` path), opened
 /// to look at what it holds (pending items, paused lanes, dead letters, the input cursor) and to
@@ -141,12 +140,13 @@ impl PyJournal {
         self.with(py, |journal| journal.discard_dead(seq))
     }
 
-    /// Clears the pause on `lane` (a key of a keyed conveyor, `""` for the single lane of a
-    /// strict or pipelined one); returns `False` if it was not paused. The next Conveyor on this
-    /// journal delivers the lane again, starting with the item that paused it.
-    #[pyo3(signature = (lane = ""))]
-    fn resume(&self, py: Python<'_>, lane: &str) -> PyResult<bool> {
-        self.with(py, |journal| journal.resume(lane))
+    /// Clears the pause on the lane of `key` (`""` for the single lane of a strict or
+    /// pipelined conveyor), as `Conveyor.resume(key)` does; returns `False` if it was not
+    /// paused. The next Conveyor on this journal delivers the lane again, starting with the item
+    /// that paused it.
+    #[pyo3(signature = (key = ""))]
+    fn resume(&self, py: Python<'_>, key: &str) -> PyResult<bool> {
+        self.with(py, |journal| journal.resume(key))
     }
 
     /// The input position last stored (`send(..., cursor=N)`, `set_cursor(N)`), or `None`.
@@ -281,15 +281,6 @@ fn holder(pid: Option<u32>) -> String {
         Some(pid) => format!("process {pid}"),
         None => "another process".to_owned(),
     }
-}
-
-/// Python's `repr()` of a value, for `__repr__`s that read like Python.
-fn repr<'py>(py: Python<'py>, value: impl IntoPyObject<'py>) -> String {
-    value
-        .into_bound_py_any(py)
-        .and_then(|value| value.repr())
-        .map(|text| text.to_string())
-        .unwrap_or_default()
 }
 
 /// What a journal holds, from `Journal.status()`: a snapshot, equal to another with the same

@@ -312,7 +312,9 @@ def test_interrupted_collection_never_calls_the_cleared_sink():
                 del holder  # the running coroutine no longer reaches the conveyor
                 calls.append(item)
                 if item == 0:
-                    await asyncio.sleep(3)
+                    # Holds the drain far longer than the 0.3 s until Ctrl-C, even on a loaded
+                    # machine (3 s once let the drain finish first).
+                    await asyncio.sleep(6)
 
             holder = []
             holder.append(conveyor.Conveyor(functools.partial(deliver, holder), drain_timeout=30))

@@ -56,11 +56,15 @@ def test_a_stopped_services_journal_is_inspected_and_repaired_offline(tmp_path):
         assert all(isinstance(d, conveyor.DeadLetter) for d in dead)
         assert [(d.item, d.key) for d in dead] == [(["a", 1], "a"), (["a", 2], "a")]
         assert "a1 rejected" in dead[0].error and "a2 rejected" in dead[1].error
+        assert repr(dead[0]) == (
+            f"DeadLetter(seq={dead[0].seq}, key='a', item=['a', 1], attempts=1, "
+            f"error={dead[0].error!r})"
+        ), "reads like Python"
+        assert journal.resume(key="b") is True and journal.resume(key="b") is False
+        assert journal.status().lanes[0].paused is None
         new_seq = journal.retry_dead(dead[0].seq)
         assert new_seq > status.last_seq
         journal.discard_dead(dead[1].seq)
-        assert journal.resume("b") is True
-        assert journal.resume("b") is False, "it was paused once"
         journal.set_cursor(7)
         with pytest.raises(conveyor.JournalError, match=f"no dead letter with seq {dead[1].seq}"):
             journal.discard_dead(dead[1].seq)

@@ -158,8 +158,9 @@ class Journal:
         """Puts dead letter ``seq`` back at the end of its lane; returns its new seq."""
     def discard_dead(self, seq: int) -> None:
         """Deletes dead letter ``seq`` for good."""
-    def resume(self, lane: str = "") -> bool:
-        """Clears the pause on ``lane``; returns ``False`` if it was not paused."""
+    def resume(self, key: str = "") -> bool:
+        """Clears the pause on the lane of ``key`` (``""`` for the one lane of a strict or
+        pipelined conveyor); returns ``False`` if it was not paused."""
     def cursor(self) -> int | None:
         """The input position last stored, or ``None``."""
     def set_cursor(self, cursor: int) -> None:
