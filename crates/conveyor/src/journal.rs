@@ -614,6 +614,9 @@ pub struct Journal {
     /// Reads of pending items still to fail, as on an I/O error (see `fail_reads`).
     #[cfg(test)]
     failing_reads: std::sync::atomic::AtomicU32,
+    /// The next compaction fails, as on a full disk (see `compact_if_sparse`).
+    #[cfg(test)]
+    failing_compaction: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for Journal {
@@ -784,6 +787,8 @@ impl Journal {
             max_entry: length_limit.saturating_sub(ROW_HEADROOM),
             #[cfg(test)]
             failing_reads: std::sync::atomic::AtomicU32::new(0),
+            #[cfg(test)]
+            failing_compaction: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -1297,7 +1302,12 @@ impl Journal {
         self.writes_since_compact += 1;
         if self.writes_since_compact >= COMPACT_EVERY {
             self.writes_since_compact = 0;
-            self.compact_if_sparse()?;
+            // The batch is committed: an error here must not say otherwise, or the writer
+            // would retry the batch, and its appends would fail as duplicates for ever.
+            // Compaction is tried again after the next writes.
+            if let Err(error) = self.compact_if_sparse() {
+                tracing::warn!(%error, "journal compaction failed; the journal is intact");
+            }
         }
         Ok(())
     }
@@ -1450,6 +1460,15 @@ impl Journal {
     /// backlog drains they would otherwise stay allocated for the rest of the file's life.
     pub(crate) fn compact_if_sparse(&mut self) -> Result<bool, JournalError> {
         let sql = |e| JournalError::sqlite(&self.path, e);
+        #[cfg(test)]
+        if self
+            .failing_compaction
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(JournalError::DiskFull {
+                path: self.path.clone(),
+            });
+        }
         let free: i64 = self
             .conn
             .pragma_query_value(None, "freelist_count", |r| r.get(0))
@@ -1930,6 +1949,34 @@ mod tests {
             Journal::open_read_only(&text),
             Err(JournalError::NotAJournal { .. })
         ));
+    }
+
+    /// A compaction runs after a commit: its failure (a full disk) used to fail the write that
+    /// had just committed, so the engine's writer retried the batch, whose appends then failed
+    /// as duplicates at every retry, and new sends were refused for good.
+    #[test]
+    fn a_failed_compaction_does_not_fail_the_write_it_follows() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path().join("j")).unwrap();
+        j.writes_since_compact = COMPACT_EVERY - 1;
+        j.failing_compaction
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let batch = WriteBatch {
+            appends: vec![rec(1, "")],
+            ..WriteBatch::default()
+        };
+        j.write(&batch).expect("the batch was committed");
+        assert!(
+            !j.failing_compaction
+                .load(std::sync::atomic::Ordering::SeqCst),
+            "the compaction was tried"
+        );
+        assert_eq!(seqs(&all_pending(&j)), vec![1]);
+        let again = j.write(&batch).unwrap_err();
+        assert!(
+            again.to_string().contains("UNIQUE"),
+            "what a retry of the committed batch meets: {again}"
+        );
     }
 
     #[test]
