@@ -28,9 +28,9 @@ type Engine = conveyor::Conveyor<Item, Reply>;
 /// Source of conveyor ids (for [`sink::inside_sink_of`]); 0 means "no conveyor".
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-/// Bumped in the child after every `os.fork()`. A conveyor remembers the value it was made
-/// with: a mismatch means it was inherited from the parent, whose delivery threads the child
-/// does not have. One atomic load per call, where `os.getpid()` would be a system call.
+/// Bumped in the child after every `os.fork()`. A conveyor (or a `conveyor.Journal`) remembers
+/// the value it was made with: a mismatch means it was inherited from the parent, whose delivery
+/// threads (or SQLite connection) the child must not use. One atomic load per call, where `os.getpid()` would be a system call.
 static FORK_GEN: AtomicU64 = AtomicU64::new(0);
 
 /// Set when the interpreter-exit hook starts: after it, dropping a conveyor never waits.
@@ -47,6 +47,12 @@ pub(crate) fn exiting() -> bool {
 
 pub(crate) fn same_process(fork_gen: u64) -> bool {
     FORK_GEN.load(AtomicOrdering::Relaxed) == fork_gen
+}
+
+/// The fork generation of this process, for an object to remember at its creation and check
+/// with [`same_process`].
+pub(crate) fn fork_gen() -> u64 {
+    FORK_GEN.load(AtomicOrdering::Relaxed)
 }
 
 /// The engine and what the exit hook needs to close it.
@@ -867,7 +873,7 @@ impl PyConveyor {
         let shared = Arc::new(Shared {
             engine,
             sink: state,
-            fork_gen: FORK_GEN.load(AtomicOrdering::Relaxed),
+            fork_gen: fork_gen(),
             drain_timeout: drain,
             runner,
             closing: AtomicBool::new(false),
@@ -1347,7 +1353,8 @@ pub(crate) fn _shutdown_at_exit(py: Python<'_>) -> PyResult<()> {
     first_error.map_or(Ok(()), Err)
 }
 
-/// `os.register_at_fork(after_in_child=...)` hook: marks every existing conveyor as inherited.
+/// `os.register_at_fork(after_in_child=...)` hook: marks every existing conveyor and journal as
+/// inherited.
 #[pyfunction]
 pub(crate) fn _after_fork_in_child() {
     FORK_GEN.fetch_add(1, AtomicOrdering::Relaxed);

@@ -8,6 +8,7 @@ use conveyor::{Journal, JournalError, JournalStatus, LaneStatus};
 use pyo3::prelude::*;
 
 use crate::journal::{cursor_arg, new_error, repr, PyDeadLetter};
+use crate::pyconveyor::{fork_gen, same_process};
 
 /// `Journal(path, *, read_only=False)`: a Conveyor's journal file (its `journal=` path), opened
 /// to look at what it holds (pending items, paused lanes, dead letters, the input cursor) and to
@@ -21,7 +22,9 @@ use crate::journal::{cursor_arg, new_error, repr, PyDeadLetter};
 ///
 /// It never creates a journal: a path with no journal raises `JournalError` and leaves nothing
 /// behind (`Conveyor(..., journal=PATH)` creates one). Use it in a `with` block or call
-/// `close()`; after that every method raises `JournalError`.
+/// `close()`; after that every method raises `JournalError`. Inherited through `os.fork()`, it
+/// stays the parent's: in the child every method raises `JournalError` and `close()` does
+/// nothing; open it again there.
 #[pyclass(frozen, module = "conveyor", name = "Journal")]
 pub(crate) struct PyJournal {
     /// The open journal; `None` once closed. A mutex because Python threads share this object
@@ -33,6 +36,12 @@ pub(crate) struct PyJournal {
     /// The journal's id, fixed at its creation.
     id: String,
     read_only: bool,
+    /// The fork generation it was opened in (see `pyconveyor::same_process`). A child of that
+    /// process must not touch the journal: SQLite forbids using a connection in a child of the
+    /// process that opened it (two processes on one connection can corrupt the file), and the
+    /// mutex may have been copied locked by a parent thread inside a call, which no thread of
+    /// the child would ever unlock.
+    fork_gen: u64,
 }
 
 impl PyJournal {
@@ -42,6 +51,7 @@ impl PyJournal {
         py: Python<'_>,
         op: impl FnOnce(&mut Journal) -> Result<T, JournalError> + Send,
     ) -> PyResult<T> {
+        self.same_process(py)?;
         let done = py.allow_threads(|| {
             let mut journal = self.journal.lock().unwrap_or_else(PoisonError::into_inner);
             journal.as_mut().map(op)
@@ -58,6 +68,23 @@ impl PyJournal {
                 ),
             )),
         }
+    }
+
+    /// Refuses a journal inherited through `os.fork()` (see `fork_gen`), before its mutex is
+    /// taken.
+    fn same_process(&self, py: Python<'_>) -> PyResult<()> {
+        if same_process(self.fork_gen) {
+            return Ok(());
+        }
+        Err(new_error(
+            py,
+            format!(
+                "this conveyor.Journal on {} was opened before os.fork(), in the parent process, \
+                 whose SQLite connection the child must not use: open it again in this process \
+                 with conveyor.Journal(PATH)",
+                self.path.display()
+            ),
+        ))
     }
 
     fn is_closed(&self) -> bool {
@@ -84,6 +111,7 @@ impl PyJournal {
             journal: Mutex::new(Some(journal)),
             path,
             read_only,
+            fork_gen: fork_gen(),
         })
     }
 
@@ -160,9 +188,13 @@ impl PyJournal {
         self.with(py, |journal| journal.set_cursor(cursor))
     }
 
-    /// Closes the file, and releases it for a Conveyor; does nothing if already closed. Every
-    /// other method then raises `JournalError`.
+    /// Closes the file, and releases it for a Conveyor; does nothing if already closed, or in a
+    /// child of the process that opened it (the file stays the parent's). Every other method
+    /// then raises `JournalError`.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
+        if !same_process(self.fork_gen) {
+            return Ok(());
+        }
         let closed = py.allow_threads(|| {
             let mut journal = self.journal.lock().unwrap_or_else(PoisonError::into_inner);
             journal.take().map(Journal::close)
@@ -190,6 +222,12 @@ impl PyJournal {
     }
 
     fn __repr__(&self, py: Python<'_>) -> String {
+        if !same_process(self.fork_gen) {
+            return format!(
+                "<conveyor.Journal {}, inherited through fork: unusable>",
+                repr(py, &self.path)
+            );
+        }
         format!(
             "<conveyor.Journal {}{}{}>",
             repr(py, &self.path),
@@ -200,6 +238,20 @@ impl PyJournal {
             },
             if self.is_closed() { ", closed" } else { "" }
         )
+    }
+}
+
+impl Drop for PyJournal {
+    fn drop(&mut self) {
+        if !same_process(self.fork_gen) {
+            // Closing would be a use of the parent's connection (see `fork_gen`): it is left as
+            // the fork copied it, and goes with the child. `get_mut` never waits for the mutex.
+            let journal = self
+                .journal
+                .get_mut()
+                .unwrap_or_else(PoisonError::into_inner);
+            std::mem::forget(journal.take());
+        }
     }
 }
 

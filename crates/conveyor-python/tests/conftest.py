@@ -99,3 +99,23 @@ def run_python(code: str, timeout: float = 60) -> subprocess.CompletedProcess:
         text=True,
         timeout=timeout,
     )
+
+
+def in_forked_child(body: Callable[[], List[str]]) -> List[str]:
+    """Runs `body` in a child made with `os.fork()` and returns the lines it returned, once the
+    child has exited 0. The child never returns into pytest: it leaves with `os._exit`."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.write(write_fd, "\n".join(body()).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd) as pipe:
+        report = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    return report.splitlines()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 import textwrap
 import threading
 import time
@@ -13,7 +12,7 @@ import pytest
 
 import conveyor
 
-from conftest import Recorder, fill_up, holding_sink, run_python
+from conftest import Recorder, fill_up, holding_sink, in_forked_child, run_python
 
 
 def wait_for_child(pid: int, timeout: float, hung: str) -> None:
@@ -387,43 +386,32 @@ def test_inherited_conveyor_raises_closed_in_the_child_and_a_new_one_works(make)
     c = make(parent_sink)
     r = c.send("before fork")
     r.result(timeout=10)
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: report through the pipe, never return into pytest
-        code = 1
+    def child() -> list[str]:
+        lines = []
         try:
-            lines = []
-            try:
-                c.send("from child")
-                lines.append("send: no error")
-            except conveyor.Closed as exc:
-                lines.append("send: Closed " + ("fork" in str(exc)) * "mentions fork")
-            try:
-                c.flush(timeout=1)
-                lines.append("flush: no error")
-            except conveyor.Closed:
-                lines.append("flush: Closed")
-            try:
-                r.result(timeout=1)
-                lines.append("receipt: no error")
-            except conveyor.Closed:
-                lines.append("receipt: Closed")
-            lines.append("repr: " + ("unusable" in repr(c)) * "unusable")
-            got = []
-            fresh = conveyor.Conveyor(got.append)
-            fresh.send("child item")
-            fresh.close(timeout=10)
-            lines.append(f"fresh: {got}")
-            os.write(write_fd, "\n".join(lines).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_fd)
-    with os.fdopen(read_fd) as pipe:
-        report = pipe.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0 if sys.version_info >= (3, 9) else True
-    assert report.splitlines() == [
+            c.send("from child")
+            lines.append("send: no error")
+        except conveyor.Closed as exc:
+            lines.append("send: Closed " + ("fork" in str(exc)) * "mentions fork")
+        try:
+            c.flush(timeout=1)
+            lines.append("flush: no error")
+        except conveyor.Closed:
+            lines.append("flush: Closed")
+        try:
+            r.result(timeout=1)
+            lines.append("receipt: no error")
+        except conveyor.Closed:
+            lines.append("receipt: Closed")
+        lines.append("repr: " + ("unusable" in repr(c)) * "unusable")
+        got = []
+        fresh = conveyor.Conveyor(got.append)
+        fresh.send("child item")
+        fresh.close(timeout=10)
+        lines.append(f"fresh: {got}")
+        return lines
+
+    assert in_forked_child(child) == [
         "send: Closed mentions fork",
         "flush: Closed",
         "receipt: Closed",

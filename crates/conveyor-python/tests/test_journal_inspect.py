@@ -10,7 +10,7 @@ import pytest
 
 import conveyor
 
-from conftest import Recorder
+from conftest import Recorder, in_forked_child
 
 
 def leave_a_journal_to_repair(path):
@@ -211,3 +211,46 @@ def test_calls_from_several_threads_share_one_journal(tmp_path):
         for thread in threads:
             thread.join(30)
     assert errors == [] and not any(t.is_alive() for t in threads)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX-only")
+@pytest.mark.parametrize("read_only", [False, True], ids=["owner", "read_only"])
+def test_a_journal_inherited_through_fork_is_refused_in_the_child(tmp_path, read_only):
+    # The child used to share the parent's SQLite connection (and its lock on the file), which
+    # SQLite forbids, and hung for ever on its first call if a parent thread was inside one
+    # when it forked.
+    path = tmp_path / "events.journal"
+    leave_a_journal_to_repair(path)
+    held = [conveyor.Journal(path, read_only=read_only)]
+    before = [d.seq for d in held[0].dead_letters()]
+
+    def child() -> list[str]:
+        journal = held.pop()
+        lines = []
+        for name, method in (
+            ("status", journal.status),
+            ("discard_dead", lambda: journal.discard_dead(before[0])),
+        ):
+            try:
+                method()
+                lines.append(f"{name}: no error")
+            except conveyor.JournalError as exc:
+                lines.append(f"{name}: refused" + ("os.fork()" in str(exc)) * ", names fork")
+        lines.append("repr: " + ("fork" in repr(journal)) * "says fork")
+        journal.close()
+        lines.append("close: does nothing")
+        # Dropped in the child: the parent's file is left alone.
+        del journal, method
+        return lines
+
+    assert in_forked_child(child) == [
+        "status: refused, names fork",
+        "discard_dead: refused, names fork",
+        "repr: says fork",
+        "close: does nothing",
+    ]
+    # The parent's journal is untouched and still works; closed, it releases the file.
+    journal = held[0]
+    assert [d.seq for d in journal.dead_letters()] == before
+    journal.close()
+    conveyor.Conveyor(Recorder(), journal=path, ordering="keyed").close(timeout=10)

@@ -133,7 +133,9 @@ class Journal:
     Conveyor can open it until ``close()``); ``read_only=True`` takes nothing and shows what a
     running Conveyor has committed so far, and its changing methods raise ``JournalError``. A
     path with no journal raises ``JournalError``: it never creates one. Use it as a context
-    manager, or call ``close()``; after that every method raises ``JournalError``.
+    manager, or call ``close()``; after that every method raises ``JournalError``. Inherited
+    through ``os.fork()`` it stays the parent's: in the child every method raises
+    ``JournalError`` and ``close()`` does nothing; open it again there.
     """
 
     def __new__(cls, path: str | os.PathLike[str], *, read_only: bool = False) -> Journal: ...
@@ -166,7 +168,8 @@ class Journal:
     def set_cursor(self, cursor: int) -> None:
         """Stores the input position where the next run resumes reading its input."""
     def close(self) -> None:
-        """Closes the file and releases it for a Conveyor; does nothing if already closed."""
+        """Closes the file and releases it for a Conveyor; does nothing if already closed, or
+        in a forked child (the file stays the parent's)."""
     def __enter__(self) -> Self: ...
     def __exit__(
         self,
