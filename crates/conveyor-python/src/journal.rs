@@ -42,6 +42,16 @@ pub(crate) fn error(py: Python<'_>, err: &JournalError) -> PyErr {
              pending or paused, any ordering may use it",
             path.display()
         ),
+        // The engine would say to stop the process holding it: here, that is this one.
+        JournalError::Locked {
+            path,
+            pid: Some(pid),
+        } if *pid == std::process::id() => format!(
+            "journal {} is in use by this process, by a conveyor.Journal(PATH) opened without \
+             read_only=True or by another Conveyor on it: close() that one first, or give this \
+             one another journal= file",
+            path.display()
+        ),
         other => other.to_string(),
     };
     new_error(py, message)

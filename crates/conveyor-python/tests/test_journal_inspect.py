@@ -191,6 +191,18 @@ def test_after_close_every_method_raises_and_the_file_is_released(tmp_path):
     conveyor.Conveyor(Recorder(), journal=path).close(timeout=10)
 
 
+def test_a_conveyor_refused_for_a_journal_open_in_this_process_says_to_close_it(tmp_path):
+    # It used to say "in use by process N: stop that process first", N being this very process.
+    path = tmp_path / "events.journal"
+    conveyor.Conveyor(Recorder(), journal=path).close(timeout=10)
+    with conveyor.Journal(path):
+        with pytest.raises(conveyor.JournalError, match="in use by this process") as caught:
+            conveyor.Conveyor(Recorder(), journal=path)
+    message = str(caught.value)
+    assert "conveyor.Journal" in message and "close()" in message, message
+    assert "stop that process" not in message, message
+
+
 def test_calls_from_several_threads_share_one_journal(tmp_path):
     path = tmp_path / "events.journal"
     leave_a_journal_to_repair(path)
