@@ -2677,8 +2677,6 @@ mod tests {
         assert!(dead[0].error.len() < LIMIT, "the error is cut short to fit");
     }
 
-    /// A journaled conveyor whose file may not grow any more (commits fail as on a full
-    /// disk), holding one 200 KB item that waits for its commit; counts the sink's calls.
     /// The journal's writer extends the seq reservation, and wakes the senders waiting for it,
     /// without the state lock: a wake-up that came after a blocking send found the reservation
     /// used up, but before it waited, was lost, and the send waited for the next item to settle,
@@ -2737,6 +2735,8 @@ mod tests {
         assert_eq!(c.stats().delivered, 2);
     }
 
+    /// A journaled conveyor whose file may not grow any more (commits fail as on a full
+    /// disk), holding one 200 KB item that waits for its commit; counts the sink's calls.
     fn with_a_full_disk(dir: &std::path::Path) -> (Conveyor<String>, Arc<AtomicU64>) {
         let calls = Arc::new(AtomicU64::new(0));
         let n = calls.clone();
