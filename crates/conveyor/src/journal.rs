@@ -114,10 +114,7 @@ INSERT INTO meta (name, value) VALUES ('id', lower(hex(randomblob(8)))), ('last_
 #[non_exhaustive]
 pub enum JournalError {
     /// Another process (or another `Journal` in this process) has the journal open.
-    #[error(
-        "journal {} is in use by {}: stop that process first, or give this one another journal file",
-        path.display(), holder(*pid)
-    )]
+    #[error("journal {} is in use by {}", path.display(), locked_by(*pid))]
     Locked {
         /// The journal file.
         path: PathBuf,
@@ -332,10 +329,17 @@ fn immediate<'c>(conn: &'c mut Connection, path: &Path) -> Result<Transaction<'c
         .map_err(|e| JournalError::sqlite(path, e))
 }
 
-fn holder(pid: Option<u32>) -> String {
+/// Who holds a locked journal, and what to do about it.
+fn locked_by(pid: Option<u32>) -> String {
     match pid {
-        Some(pid) => format!("process {pid}"),
-        None => "another process".to_owned(),
+        Some(pid) if pid == std::process::id() => format!(
+            "this process ({pid}), through another Journal or conveyor opened on it: close that \
+             one first, or give this one another journal file"
+        ),
+        Some(pid) => {
+            format!("process {pid}: stop that process first, or give this one another journal file")
+        }
+        None => "another process: stop it first, or give this one another journal file".to_owned(),
     }
 }
 
@@ -2186,6 +2190,11 @@ mod tests {
         assert!(
             msg.contains(&path.display().to_string())
                 && msg.contains(&std::process::id().to_string()),
+            "{msg}"
+        );
+        // Not "stop that process": it is this one.
+        assert!(
+            msg.contains("this process") && msg.contains("close that one first"),
             "{msg}"
         );
     }
