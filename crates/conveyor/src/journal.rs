@@ -673,7 +673,7 @@ impl Journal {
             .map_err(|source| JournalError::Io {
                 path: path.clone(),
                 file: path.clone(),
-                action: "create",
+                action: create_or_open(&path),
                 source,
             })?;
         let sql = |e| JournalError::sqlite(&path, e);
@@ -1702,7 +1702,7 @@ impl LockFile {
         };
         let mut file = owner_only()
             .open(&lock_path)
-            .map_err(|e| io_err("create", e))?;
+            .map_err(|e| io_err(create_or_open(&lock_path), e))?;
         // A reader looking for the holder (`holder`) takes the lock for an instant: an owner
         // starting then must not fail for it.
         let patience = Instant::now() + LOCK_PATIENCE;
@@ -1751,6 +1751,15 @@ fn holder_pid(file: &mut File) -> Option<u32> {
     let mut text = String::new();
     let _ = file.read_to_string(&mut text);
     text.trim().parse().ok()
+}
+
+/// What opening `path` with `owner_only` was doing, for its error message.
+fn create_or_open(path: &Path) -> &'static str {
+    if path.exists() {
+        "open"
+    } else {
+        "create"
+    }
 }
 
 /// How long opening a journal retries while its lock is held, before it reports
@@ -2493,10 +2502,13 @@ mod tests {
                 msg.contains(&path.display().to_string()) && msg.contains("writable"),
                 "{msg}"
             );
+            // The files exist: it could not open them (not "create").
+            assert!(msg.contains("cannot open"), "{msg}");
             let fresh = dir.path().join("new.journal");
             let err = Journal::open(&fresh).unwrap_err();
             assert!(
-                err.to_string().contains(&fresh.display().to_string()),
+                err.to_string().contains(&fresh.display().to_string())
+                    && err.to_string().contains("cannot create"),
                 "{err}"
             );
         }
