@@ -496,26 +496,37 @@ impl Writer {
                 batch.reserve = batch.reserve.max(Some(last + SEQ_BLOCK));
             }
             batch.reserve = batch.reserve.filter(|r| *r > self.reserved);
-            let result = match lock(&self.journal).as_mut() {
-                Some(journal) => commit(journal, &mut batch).map_err(Arc::new),
-                None => Ok(()),
+            let (went_in, result) = match lock(&self.journal).as_mut() {
+                Some(journal) => {
+                    let (went_in, result) = commit(journal, &mut batch);
+                    (went_in, result.map_err(Arc::new))
+                }
+                None => (
+                    Committed {
+                        last_append,
+                        reserve: batch.reserve,
+                    },
+                    Ok(()),
+                ),
             };
-            let extended = match (&result, batch.reserve) {
-                (Ok(()), Some(reserved)) => {
+            // Whatever went in counts, even when the rest of the group failed: it is on disk.
+            let extended = match went_in.reserve {
+                Some(reserved) => {
                     self.reserved = reserved;
                     self.seq_limit.store(reserved, AtomicOrdering::Release);
                     true
                 }
-                _ => false,
+                None => false,
             };
             let (m, cv) = &*self.progress;
             let mut p = lock(m);
+            // Under the progress lock, for `wait_committed`.
+            if let Some(seq) = went_in.last_append {
+                self.committed.fetch_max(seq, AtomicOrdering::Release);
+                self.commits.notify_waiters();
+            }
             match &result {
                 Ok(()) => {
-                    if let Some(seq) = last_append {
-                        self.committed.fetch_max(seq, AtomicOrdering::Release);
-                        self.commits.notify_waiters();
-                    }
                     if p.error.take().is_some() {
                         tracing::info!("journal writes succeed again");
                     }
@@ -554,10 +565,21 @@ impl Writer {
     }
 }
 
+/// What a `commit` put on disk: the whole group, or the chunks that went in before an error.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Committed {
+    /// The highest seq appended (every lower one of the group went in too).
+    last_append: Option<u64>,
+    /// The seq reservation committed.
+    reserve: Option<u64>,
+}
+
 /// Commits a group. A large one (the writer fell behind, or the group grew while the disk was
 /// full) goes in transactions of at most `CHUNK` appends, in order, then one with the rest, so
-/// it can be committed as space comes back. On error, what was committed has left `batch`.
-fn commit(journal: &mut Journal, batch: &mut WriteBatch) -> Result<(), JournalError> {
+/// it can be committed as space comes back. On error, what was committed has left `batch`, and
+/// is reported all the same: its items may be delivered, and its reservation handed out.
+fn commit(journal: &mut Journal, batch: &mut WriteBatch) -> (Committed, Result<(), JournalError>) {
+    let mut went_in = Committed::default();
     while batch.appends.len() > CHUNK {
         let rest = batch.appends.split_off(CHUNK);
         let appends = std::mem::replace(&mut batch.appends, rest);
@@ -574,10 +596,26 @@ fn commit(journal: &mut Journal, batch: &mut WriteBatch) -> Result<(), JournalEr
             let mut appends = chunk.appends;
             appends.append(&mut batch.appends);
             batch.appends = appends;
-            return Err(e);
+            return (went_in, Err(e));
         }
+        went_in = Committed {
+            last_append: chunk.appends.iter().map(|r| r.seq).max(),
+            reserve: chunk.reserve,
+        };
     }
-    journal.write(batch)
+    let result = journal.write(batch);
+    if result.is_ok() {
+        went_in = Committed {
+            last_append: batch
+                .appends
+                .iter()
+                .map(|r| r.seq)
+                .max()
+                .or(went_in.last_append),
+            reserve: batch.reserve,
+        };
+    }
+    (went_in, result)
 }
 
 /// Adds `op` to the group; returns whether it asks the writer to stop.
@@ -652,7 +690,8 @@ mod tests {
         // Room for about one chunk: the first goes in, the second fails as on a full disk.
         let pages = 2 * (CHUNK as i64 * 130 / 4096) + 16;
         journal.limit_pages(pages);
-        let err = commit(&mut journal, &mut batch).unwrap_err();
+        let (went_in, result) = commit(&mut journal, &mut batch);
+        let err = result.unwrap_err();
         assert!(matches!(err, JournalError::DiskFull { .. }), "{err:?}");
         // Whole chunks went in, in order; the rest stays in the group.
         let committed = pending(&journal);
@@ -662,6 +701,7 @@ mod tests {
             "{n} committed"
         );
         assert!(committed.iter().copied().eq(1..=n), "a prefix, in order");
+        assert_eq!(went_in.last_append, Some(n), "what went in is reported");
         assert_eq!(
             journal.cursor().unwrap(),
             Some(n),
@@ -676,7 +716,9 @@ mod tests {
         );
 
         journal.limit_pages(1 << 30); // space comes back
-        commit(&mut journal, &mut batch).unwrap();
+        let (went_in, result) = commit(&mut journal, &mut batch);
+        result.unwrap();
+        assert_eq!(went_in.last_append, Some(total));
         let all = pending(&journal);
         assert!(
             all.iter().copied().eq(2..=total),
@@ -684,5 +726,67 @@ mod tests {
             all.len()
         );
         assert_eq!(journal.cursor().unwrap(), Some(total));
+    }
+
+    /// A group that fails after some of its chunks went in: those chunks are on disk, with the
+    /// seq reservation they carried. The writer reported none of it, so their items waited
+    /// (workers, `Sync` senders, `wait_committed`) for the rest of the group, for as long as the
+    /// disk stayed full, and the reservation on disk was not handed out.
+    #[test]
+    fn the_chunks_of_a_group_that_went_in_before_a_failure_count_as_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let settings = JournalSettings::<u64> {
+            path: path.clone(),
+            codec: Codec::json(),
+        };
+        // A long window: every append below lands in one group.
+        let window = Durability::Batched(Duration::from_secs(2));
+        let durable =
+            Durable::start(Journal::open(&path).unwrap(), &settings, window, 0, 1 << 16).unwrap();
+        let reserved = durable.seq_limit.load(AtomicOrdering::SeqCst);
+        let limit = |durable: &Durable<u64>, pages| {
+            durable
+                .with_journal(|j| {
+                    j.limit_pages(pages);
+                    Ok(())
+                })
+                .unwrap();
+        };
+        // Room for about one chunk, as in the test above.
+        let pages = 2 * (CHUNK as i64 * 130 / 4096) + 16;
+        limit(&durable, pages);
+        // Seqs high enough in the reservation for the group to extend it.
+        let first = reserved - SEQ_BLOCK / 2 + 1;
+        let last = first + 3 * CHUNK as u64;
+        for seq in first..=last {
+            durable.push(Op::Append(record(seq)));
+        }
+        let soon = || Some(Instant::now() + Duration::from_secs(10));
+        assert!(
+            durable.wait_committed(first + CHUNK as u64 - 1, soon()),
+            "the first chunk is on disk, and its items wait for nothing"
+        );
+        assert!(durable.failure().is_some(), "the rest of the group failed");
+        // Whole chunks went in, and exactly those count as committed.
+        let went_in = durable.with_journal(|j| Ok(pending(j))).unwrap();
+        let n = went_in.len() as u64;
+        assert!(n % CHUNK as u64 == 0 && n <= last - first, "{n} went in");
+        assert!(durable.is_committed(first + n - 1));
+        assert!(!durable.is_committed(first + n));
+        let on_disk = durable.with_journal(|j| j.max_seq()).unwrap();
+        assert_eq!(on_disk, last + SEQ_BLOCK, "the chunk carried the extension");
+        assert_eq!(
+            durable.seq_limit.load(AtomicOrdering::SeqCst),
+            on_disk,
+            "an extension on disk is handed out"
+        );
+
+        limit(&durable, 1 << 30); // space comes back
+        assert!(durable.wait_committed(last, soon()));
+        assert!(durable.failure().is_none());
+        durable.shut_down(soon());
+        let journal = Journal::open(&path).unwrap();
+        assert!(pending(&journal).into_iter().eq(first..=last));
     }
 }
