@@ -1347,7 +1347,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// worked in time.
     fn sync_journal(&self, deadline: Option<Instant>) -> bool {
         match &self.shared.durable {
-            Some(durable) => blocking_section(|| durable.sync(deadline)).is_ok(),
+            Some(durable) => blocking_section(|| durable.sync(deadline)),
             None => true,
         }
     }
@@ -3231,5 +3231,44 @@ mod tests {
             "delivered once it can"
         );
         assert_eq!(c.stats().delivered, 1);
+    }
+
+    /// `flush_timeout` said the journal held what was stored although its commit had not
+    /// finished by the deadline: the writer's answer was waited for until then, and a missing
+    /// answer counted as a success.
+    #[test]
+    fn flush_timeout_is_false_while_the_journal_has_not_committed_in_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let c: Conveyor<String> = Conveyor::builder()
+            .journal(&path)
+            .build(|_d| Ok(()))
+            .unwrap();
+        // A disk that takes its time: the writer cannot commit while this thread holds the
+        // journal.
+        let (holding, held) = mpsc::channel::<()>();
+        let (release, wait) = mpsc::channel::<()>();
+        let shared = c.shared.clone();
+        let slow_disk = std::thread::spawn(move || {
+            let durable = shared.durable.as_ref().unwrap();
+            durable
+                .with_journal(|_j| {
+                    holding.send(()).unwrap();
+                    let _ = wait.recv();
+                    Ok(())
+                })
+                .unwrap();
+        });
+        held.recv().unwrap();
+        c.set_cursor(7).unwrap();
+        assert!(
+            !c.flush_timeout(Duration::from_millis(200)),
+            "the cursor is not committed yet"
+        );
+        drop(release);
+        slow_disk.join().unwrap();
+        assert!(c.flush_timeout(Duration::from_secs(30)));
+        drop(c);
+        assert_eq!(Journal::open(&path).unwrap().cursor().unwrap(), Some(7));
     }
 }

@@ -373,20 +373,24 @@ impl<T> Durable<T> {
         let _ = self.ops.try_send(Op::Barrier(answer));
     }
 
-    /// Commits everything pushed so far and waits for it, at most until `deadline`.
-    /// Returns the commit's error, if it failed; `Ok` if the writer is gone or time ran out.
-    pub(crate) fn sync(&self, deadline: Option<Instant>) -> Result<(), Arc<JournalError>> {
+    /// Commits everything pushed so far and waits for it, at most until `deadline`. Returns
+    /// whether it is committed: `false` if the commit failed or time ran out first, `true` if
+    /// the writer is gone (what it did not commit is then reported as left by `close`).
+    pub(crate) fn sync(&self, deadline: Option<Instant>) -> bool {
         let (tx, rx) = mpsc::sync_channel(1);
         if self.ops.send(Op::Barrier(tx)).is_err() {
-            return Ok(());
+            return true;
         }
         let answer = match deadline {
-            None => rx.recv().ok(),
-            Some(d) => rx
-                .recv_timeout(d.saturating_duration_since(Instant::now()))
-                .ok(),
+            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            Some(d) => rx.recv_timeout(d.saturating_duration_since(Instant::now())),
         };
-        answer.unwrap_or(Ok(()))
+        match answer {
+            Ok(result) => result.is_ok(),
+            // The writer exited before it read the barrier.
+            Err(RecvTimeoutError::Disconnected) => true,
+            Err(RecvTimeoutError::Timeout) => false,
+        }
     }
 
     /// Commits what is queued, stops the writer and closes the journal file (releasing its
