@@ -534,10 +534,12 @@ enum Wait {
     Requeue,
 }
 
-/// What a journaled send appends: the encoded item, and an input position to store with it.
+/// What a journaled send appends: the encoded item, an input position to store with it, and
+/// the dead letter it replaces (`retry_dead`).
 struct Entry {
     payload: Vec<u8>,
     cursor: Option<u64>,
+    retries: Option<u64>,
 }
 
 /// Why a send did not complete now.
@@ -857,6 +859,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
                 key,
                 payload: entry.payload,
                 cursor: entry.cursor,
+                retries: entry.retries,
             }));
             if let Some(old) = &evicted {
                 durable.push(Op::Settle(Settled::Delivered(old.seq())));
@@ -923,7 +926,14 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
                         limit: durable.max_entry,
                     });
                 }
-                Ok((item, Some(Entry { payload, cursor })))
+                Ok((
+                    item,
+                    Some(Entry {
+                        payload,
+                        cursor,
+                        retries: None,
+                    }),
+                ))
             }
             Err(e) => {
                 tracing::warn!(error = %e, "item refused");
@@ -1875,6 +1885,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         let mut entry = Some(Entry {
             payload: dead.payload,
             cursor: None,
+            retries: Some(seq),
         });
         let node = self.shared.node(key, item);
         let mut inside = InsideWait::new(&self.shared);
@@ -1891,8 +1902,6 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
                 }))
             }
         };
-        // After the append in the writer's order: both land in one commit, or the removal later.
-        durable.push(Op::Settle(Settled::DiscardDead(seq)));
         self.wait_durable(&receipt);
         Ok(receipt)
     }
@@ -3270,5 +3279,91 @@ mod tests {
         assert!(c.flush_timeout(Duration::from_secs(30)));
         drop(c);
         assert_eq!(Journal::open(&path).unwrap().cursor().unwrap(), Some(7));
+    }
+
+    /// A dead letter retried on a running conveyor left the dead letters in a settlement
+    /// recorded after its new append, which a commit could separate from it: here a full disk
+    /// part way through a large group, then a close (a crash between two groups does the same).
+    /// The item was then both pending and dead, and retrying it again delivered it twice, under
+    /// two idempotency keys.
+    #[test]
+    fn a_retried_dead_letter_leaves_the_dead_letters_in_the_commit_of_its_new_append() {
+        use crate::SinkError;
+        use std::sync::atomic::{AtomicBool, Ordering as O};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let down = Arc::new(AtomicBool::new(true));
+        let (entered, in_sink) = mpsc::channel::<()>();
+        let (release, gate) = mpsc::channel::<()>();
+        let (entered, gate) = (Mutex::new(entered), Mutex::new(gate));
+        let sink_down = down.clone();
+        let c: Conveyor<String> = Conveyor::builder()
+            .journal(&path)
+            // One group for everything sent below, unless a worker asks for a commit.
+            .durability(crate::Durability::Batched(Duration::from_secs(2)))
+            .capacity(1 << 16)
+            .build(move |d: crate::Delivery<String>| {
+                if d.item() == "gate" {
+                    entered.lock().unwrap().send(()).unwrap();
+                    let _ = gate.lock().unwrap().recv();
+                }
+                if sink_down.load(O::SeqCst) {
+                    return Err(SinkError::permanent("down"));
+                }
+                Ok(())
+            })
+            .unwrap();
+        c.send("failed once".to_owned())
+            .unwrap()
+            .wait()
+            .unwrap_err();
+        down.store(false, O::SeqCst);
+        let seq = c.dead_letters().unwrap()[0].seq;
+        // The only worker waits in the sink: none asks for what follows to be committed early.
+        c.send("gate".to_owned()).unwrap();
+        in_sink.recv().unwrap();
+        // Room for about one chunk of the group below.
+        let durable = c.shared.durable.as_ref().unwrap();
+        durable
+            .with_journal(|j| {
+                j.limit_pages(j.page_count() + 2 * (8 * 1024 * 130 / 4096) + 16);
+                Ok(())
+            })
+            .unwrap();
+        let again = c.retry_dead(seq).unwrap();
+        for _ in 0..3 * 8 * 1024 {
+            c.send("x".repeat(100)).unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while c.journal_error().is_none() {
+            assert!(Instant::now() < deadline, "the group never failed");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        c.stop_timeout(Duration::from_millis(100));
+        drop(release);
+        drop(c);
+
+        let journal = Journal::open(&path).unwrap();
+        let pending: Vec<u64> = journal
+            .pending_after(0, 1 << 20)
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        let dead: Vec<u64> = journal
+            .dead_letters()
+            .unwrap()
+            .iter()
+            .map(|d| d.seq)
+            .collect();
+        assert!(
+            pending.contains(&again.seq()),
+            "the retried item's append went in"
+        );
+        assert!(
+            !dead.contains(&seq),
+            "so did the dead letter's removal: it is pending as {} and dead as {seq}",
+            again.seq()
+        );
     }
 }

@@ -526,6 +526,11 @@ pub(crate) struct Record {
     /// An input position to store as the cursor in the same transaction as this item
     /// (`Conveyor::send_and_set_cursor`); never read back.
     pub(crate) cursor: Option<u64>,
+    /// The dead letter this item is sent again as (`Conveyor::retry_dead`), removed in the
+    /// same transaction as this append: in a later one, a crash or a failed commit between
+    /// the two would leave the item both pending and dead, to be retried (and delivered) twice.
+    /// Never read back.
+    pub(crate) retries: Option<u64>,
 }
 
 /// How an item, or a lane, ended up; recorded in the same transaction as the appends around it.
@@ -543,9 +548,6 @@ pub(crate) enum Settlement {
     Paused { lane: String, error: String },
     /// The lane was resumed.
     Resumed(String),
-    /// A dead letter was re-enqueued (its new append comes earlier in the same or an earlier
-    /// batch) or discarded.
-    DiscardDead(u64),
 }
 
 /// One write transaction: appends first, then settlements (which may refer to those appends),
@@ -1232,6 +1234,12 @@ impl Journal {
                 insert
                     .execute(params![r.seq as i64, &*r.lane, r.key.as_deref(), r.payload])
                     .map_err(sql)?;
+                if let Some(dead) = r.retries {
+                    tx.prepare_cached("DELETE FROM dead WHERE seq = ?1")
+                        .map_err(sql)?
+                        .execute([dead as i64])
+                        .map_err(sql)?;
+                }
             }
             tx.prepare_cached("UPDATE meta SET value = max(value, ?1) WHERE name = 'last_seq'")
                 .map_err(sql)?
@@ -1280,12 +1288,6 @@ impl Journal {
                     tx.prepare_cached("DELETE FROM paused WHERE lane = ?1")
                         .map_err(sql)?
                         .execute([lane])
-                        .map_err(sql)?;
-                }
-                Settlement::DiscardDead(seq) => {
-                    tx.prepare_cached("DELETE FROM dead WHERE seq = ?1")
-                        .map_err(sql)?
-                        .execute([*seq as i64])
                         .map_err(sql)?;
                 }
             }
@@ -1395,6 +1397,7 @@ impl Journal {
                     key,
                     payload: r.get(3)?,
                     cursor: None,
+                    retries: None,
                 })
             })
             .map_err(sql)?;
@@ -1525,6 +1528,14 @@ impl Journal {
     pub(crate) fn fail_reads(&self, n: u32) -> u32 {
         self.failing_reads
             .swap(n, std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The file's size in pages, for `limit_pages`.
+    #[cfg(test)]
+    pub(crate) fn page_count(&self) -> i64 {
+        self.conn
+            .pragma_query_value(None, "page_count", |r| r.get(0))
+            .unwrap()
     }
 
     /// Caps the file's size, so that writes fail as on a full disk (SQLite reports both as
@@ -1779,6 +1790,7 @@ mod tests {
             key: Some(Arc::from(lane)),
             payload: format!("item {seq}").into_bytes(),
             cursor: None,
+            retries: None,
         }
     }
 
