@@ -54,7 +54,7 @@ fn record(seq: u64) -> Record {
         key: None,
         payload: payload(seq),
         cursor: None,
-        retries: None,
+        replaces_dead: None,
     }
 }
 

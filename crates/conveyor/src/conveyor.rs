@@ -539,7 +539,7 @@ enum Wait {
 struct Entry {
     payload: Vec<u8>,
     cursor: Option<u64>,
-    retries: Option<u64>,
+    replaces_dead: Option<u64>,
 }
 
 /// Why a send did not complete now.
@@ -859,7 +859,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
                 key,
                 payload: entry.payload,
                 cursor: entry.cursor,
-                retries: entry.retries,
+                replaces_dead: entry.replaces_dead,
             }));
             if let Some(old) = &evicted {
                 durable.push(Op::Settle(Settled::Delivered(old.seq())));
@@ -931,7 +931,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
                     Some(Entry {
                         payload,
                         cursor,
-                        retries: None,
+                        replaces_dead: None,
                     }),
                 ))
             }
@@ -1885,7 +1885,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         let mut entry = Some(Entry {
             payload: dead.payload,
             cursor: None,
-            retries: Some(seq),
+            replaces_dead: Some(seq),
         });
         let node = self.shared.node(key, item);
         let mut inside = InsideWait::new(&self.shared);

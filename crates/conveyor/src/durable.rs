@@ -656,7 +656,7 @@ mod tests {
             key: None,
             payload: vec![7; 100],
             cursor: None,
-            retries: None,
+            replaces_dead: None,
         }
     }
 

@@ -530,7 +530,7 @@ pub(crate) struct Record {
     /// same transaction as this append: in a later one, a crash or a failed commit between
     /// the two would leave the item both pending and dead, to be retried (and delivered) twice.
     /// Never read back.
-    pub(crate) retries: Option<u64>,
+    pub(crate) replaces_dead: Option<u64>,
 }
 
 /// How an item, or a lane, ended up; recorded in the same transaction as the appends around it.
@@ -1234,7 +1234,7 @@ impl Journal {
                 insert
                     .execute(params![r.seq as i64, &*r.lane, r.key.as_deref(), r.payload])
                     .map_err(sql)?;
-                if let Some(dead) = r.retries {
+                if let Some(dead) = r.replaces_dead {
                     tx.prepare_cached("DELETE FROM dead WHERE seq = ?1")
                         .map_err(sql)?
                         .execute([dead as i64])
@@ -1397,7 +1397,7 @@ impl Journal {
                     key,
                     payload: r.get(3)?,
                     cursor: None,
-                    retries: None,
+                    replaces_dead: None,
                 })
             })
             .map_err(sql)?;
@@ -1790,7 +1790,7 @@ mod tests {
             key: Some(Arc::from(lane)),
             payload: format!("item {seq}").into_bytes(),
             cursor: None,
-            retries: None,
+            replaces_dead: None,
         }
     }
 
