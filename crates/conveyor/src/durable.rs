@@ -501,18 +501,10 @@ impl Writer {
             }
             batch.reserve = batch.reserve.filter(|r| *r > self.reserved);
             let (went_in, result) = match lock(&self.journal).as_mut() {
-                Some(journal) => {
-                    let (went_in, result) = commit(journal, &mut batch);
-                    (went_in, result.map_err(Arc::new))
-                }
-                None => (
-                    Committed {
-                        last_append,
-                        reserve: batch.reserve,
-                    },
-                    Ok(()),
-                ),
+                Some(journal) => commit(journal, &mut batch),
+                None => (Committed::of(&batch), Ok(())),
             };
+            let result = result.map_err(Arc::new);
             // Whatever went in counts, even when the rest of the group failed: it is on disk.
             let extended = match went_in.reserve {
                 Some(reserved) => {
@@ -578,6 +570,16 @@ struct Committed {
     reserve: Option<u64>,
 }
 
+impl Committed {
+    /// What committing `batch` in one transaction puts on disk.
+    fn of(batch: &WriteBatch) -> Committed {
+        Committed {
+            last_append: batch.appends.iter().map(|r| r.seq).max(),
+            reserve: batch.reserve,
+        }
+    }
+}
+
 /// Commits a group. A large one (the writer fell behind, or the group grew while the disk was
 /// full) goes in transactions of at most `CHUNK` appends, in order, then one with the rest, so
 /// it can be committed as space comes back. On error, what was committed has left `batch`, and
@@ -602,22 +604,13 @@ fn commit(journal: &mut Journal, batch: &mut WriteBatch) -> (Committed, Result<(
             batch.appends = appends;
             return (went_in, Err(e));
         }
-        went_in = Committed {
-            last_append: chunk.appends.iter().map(|r| r.seq).max(),
-            reserve: chunk.reserve,
-        };
+        went_in = Committed::of(&chunk);
     }
+    // Once a chunk went in, what is left holds the group's last appends: it alone says what
+    // the whole group put on disk.
     let result = journal.write(batch);
     if result.is_ok() {
-        went_in = Committed {
-            last_append: batch
-                .appends
-                .iter()
-                .map(|r| r.seq)
-                .max()
-                .or(went_in.last_append),
-            reserve: batch.reserve,
-        };
+        went_in = Committed::of(batch);
     }
     (went_in, result)
 }
