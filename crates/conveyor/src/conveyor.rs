@@ -3288,6 +3288,7 @@ mod tests {
     /// two idempotency keys.
     #[test]
     fn a_retried_dead_letter_leaves_the_dead_letters_in_the_commit_of_its_new_append() {
+        use crate::durable::{CHUNK, ROOM_FOR_ABOUT_ONE_CHUNK};
         use crate::SinkError;
         use std::sync::atomic::{AtomicBool, Ordering as O};
         let dir = tempfile::tempdir().unwrap();
@@ -3326,12 +3327,12 @@ mod tests {
         let durable = c.shared.durable.as_ref().unwrap();
         durable
             .with_journal(|j| {
-                j.limit_pages(j.page_count() + 2 * (8 * 1024 * 130 / 4096) + 16);
+                j.limit_pages(j.page_count() + ROOM_FOR_ABOUT_ONE_CHUNK);
                 Ok(())
             })
             .unwrap();
         let again = c.retry_dead(seq).unwrap();
-        for _ in 0..3 * 8 * 1024 {
+        for _ in 0..3 * CHUNK {
             c.send("x".repeat(100)).unwrap();
         }
         let deadline = Instant::now() + Duration::from_secs(30);

@@ -190,7 +190,11 @@ const RETRY_AFTER_ERROR: Duration = Duration::from_millis(100);
 /// A cap on one group, so a writer that fell behind does not gather without end.
 const MAX_GROUP: usize = 64 * 1024;
 /// Appends per transaction when a group is large (see `commit`).
-const CHUNK: usize = 8 * 1024;
+pub(crate) const CHUNK: usize = 8 * 1024;
+/// Pages a journal may grow by for one `CHUNK` of 100-byte items to fit, but not two: a group
+/// of several chunks then fails part way, as on a disk filling up.
+#[cfg(test)]
+pub(crate) const ROOM_FOR_ABOUT_ONE_CHUNK: i64 = 2 * (CHUNK as i64 * 130 / 4096) + 16;
 
 fn lock<X>(m: &Mutex<X>) -> MutexGuard<'_, X> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -686,8 +690,7 @@ mod tests {
             &mut barriers,
         );
         // Room for about one chunk: the first goes in, the second fails as on a full disk.
-        let pages = 2 * (CHUNK as i64 * 130 / 4096) + 16;
-        journal.limit_pages(pages);
+        journal.limit_pages(ROOM_FOR_ABOUT_ONE_CHUNK);
         let (went_in, result) = commit(&mut journal, &mut batch);
         let err = result.unwrap_err();
         assert!(matches!(err, JournalError::DiskFull { .. }), "{err:?}");
@@ -751,9 +754,7 @@ mod tests {
                 })
                 .unwrap();
         };
-        // Room for about one chunk, as in the test above.
-        let pages = 2 * (CHUNK as i64 * 130 / 4096) + 16;
-        limit(&durable, pages);
+        limit(&durable, ROOM_FOR_ABOUT_ONE_CHUNK);
         // Seqs high enough in the reservation for the group to extend it.
         let first = reserved - SEQ_BLOCK / 2 + 1;
         let last = first + 3 * CHUNK as u64;
