@@ -2988,11 +2988,11 @@ mod tests {
         durable.with_journal(|j| Ok(j.fail_reads(n))).unwrap()
     }
 
-    /// Waits until the journal's error, if any, has cleared.
-    fn until_journal_ok(c: &Conveyor<u64>) {
+    /// Waits until `done` holds; fails the test, saying `what`, if it still does not after 30 s.
+    fn until(what: &str, mut done: impl FnMut() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while c.journal_error().is_some() {
-            assert!(Instant::now() < deadline, "the journal error never cleared");
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}");
             std::thread::sleep(Duration::from_millis(1));
         }
     }
@@ -3023,14 +3023,9 @@ mod tests {
         });
         // The send waits behind the replay before a read fails. When one fails, it is woken and
         // refused (see the tests below), unless the next read has succeeded by then.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while c.shared.lock().waiters.blocked_senders < 2 {
-            assert!(
-                Instant::now() < deadline,
-                "the send and the replay never waited"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        until("the send and the replay never waited", || {
+            c.shared.lock().waiters.blocked_senders >= 2
+        });
         open.store(true, AtomicOrdering::SeqCst);
         assert!(c.flush_timeout(Duration::from_secs(30)), "flushed");
         sender.join().unwrap().unwrap();
@@ -3055,11 +3050,9 @@ mod tests {
         // Every read after the build's fails.
         fail_reads(&c, u32::MAX);
         open.store(true, AtomicOrdering::SeqCst);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while c.journal_error().is_none() {
-            assert!(Instant::now() < deadline, "the read error never showed");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        until("the read error never showed", || {
+            c.journal_error().is_some()
+        });
         assert!(
             c.journal_error()
                 .unwrap()
@@ -3094,7 +3087,9 @@ mod tests {
         );
         // Once it can be read again, the replay goes on, and sends are taken after it.
         fail_reads(&c, 0);
-        until_journal_ok(&c);
+        until("the journal error never cleared", || {
+            c.journal_error().is_none()
+        });
         c.send(REPLAYED).unwrap();
         assert!(c.flush_timeout(Duration::from_secs(30)), "flushed");
         assert!(*seen.lock().unwrap() == (0..=REPLAYED).collect::<Vec<_>>());
@@ -3120,15 +3115,10 @@ mod tests {
                 awaiting.send(runtime.block_on(c.send_async(REPLAYED + 1)).map(|_| ()))
             });
             // Both wait behind the replay (itself waiting for room) before any read fails.
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
+            until("the sends never waited", || {
                 let st = c.shared.lock();
-                if st.waiters.blocked_senders >= 2 && st.waiters.async_senders >= 1 {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "the sends never waited");
-                std::thread::sleep(Duration::from_millis(1));
-            }
+                st.waiters.blocked_senders >= 2 && st.waiters.async_senders >= 1
+            });
             open.store(true, AtomicOrdering::SeqCst);
             let mut refused = Vec::new();
             for _ in 0..2 {
@@ -3150,7 +3140,9 @@ mod tests {
             "the journal is still unreadable"
         );
         fail_reads(&c, 0);
-        until_journal_ok(&c);
+        until("the journal error never cleared", || {
+            c.journal_error().is_none()
+        });
         c.send(REPLAYED).unwrap();
         c.send(REPLAYED + 1).unwrap();
         assert!(c.flush_timeout(Duration::from_secs(30)), "flushed");
@@ -3181,19 +3173,10 @@ mod tests {
             .unwrap();
         // "a" is in the sink until released: the replay holds one undecodable item, then waits
         // for room (or, wrongly, takes them all and ends).
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
+        until("the replay neither waited nor ended", || {
             let st = c.shared.lock();
-            if st.waiters.blocked_senders > 0 || !st.replaying {
-                break;
-            }
-            drop(st);
-            assert!(
-                Instant::now() < deadline,
-                "the replay neither waited nor ended"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
+            st.waiters.blocked_senders > 0 || !st.replaying
+        });
         let stats = c.stats();
         assert!(stats.queued <= 1, "past the capacity of 1: {stats:?}");
         drop(release);
@@ -3230,11 +3213,9 @@ mod tests {
             "the journal could not be written meanwhile"
         );
         // The writer retries; flush waits again once the journal can be written.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while c.journal_error().is_some() {
-            assert!(Instant::now() < deadline, "the journal stayed unwritable");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        until("the journal stayed unwritable", || {
+            c.journal_error().is_none()
+        });
         assert!(
             c.flush_timeout(Duration::from_secs(30)),
             "delivered once it can"
@@ -3335,11 +3316,7 @@ mod tests {
         for _ in 0..3 * CHUNK {
             c.send("x".repeat(100)).unwrap();
         }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while c.journal_error().is_none() {
-            assert!(Instant::now() < deadline, "the group never failed");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        until("the group never failed", || c.journal_error().is_some());
         c.stop_timeout(Duration::from_millis(100));
         drop(release);
         drop(c);
