@@ -1134,9 +1134,11 @@ impl Journal {
     /// ```
     pub fn close(self) -> Result<(), JournalError> {
         let Journal {
-            conn, lock, path, ..
+            conn,
+            lock: _lock,
+            path,
+            ..
         } = self;
-        let _lock = lock;
         conn.close()
             .map_err(|(_, e)| JournalError::sqlite(&path, e))
     }
