@@ -83,6 +83,23 @@ fn crossbeam() -> Baseline {
     thread_baseline(move |i| tx.send(i).unwrap(), rx.into_iter())
 }
 
+/// What a user who needs each item's outcome writes with a channel: a reply channel per item,
+/// answered by the consumer (and dropped at once by the producer, as conveyor's receipts are
+/// in these groups).
+fn crossbeam_with_replies() -> Baseline {
+    let (tx, rx) = crossbeam_channel::bounded::<(u64, mpsc::SyncSender<()>)>(CAPACITY);
+    let items = rx.into_iter().map(|(item, reply)| {
+        let _ = reply.send(());
+        item
+    });
+    let send = move |i| {
+        let (reply_tx, reply_rx) = mpsc::sync_channel::<()>(1);
+        tx.send((i, reply_tx)).unwrap();
+        drop(black_box(reply_rx));
+    };
+    thread_baseline(send, items)
+}
+
 fn tokio_mpsc() -> Baseline {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -275,7 +292,11 @@ fn end_to_end(c: &mut Criterion) {
             })
         });
     }
-    for (name, make) in BASELINES {
+    let with_replies: (&str, MakeBaseline) = (
+        "crossbeam_bounded_plus_reply_channel_per_item",
+        crossbeam_with_replies,
+    );
+    for (name, make) in BASELINES.into_iter().chain([with_replies]) {
         let mut base = make();
         g.bench_function(name, |b| {
             b.iter(|| {
@@ -286,32 +307,6 @@ fn end_to_end(c: &mut Criterion) {
             })
         });
     }
-    // What a user who needs each item's outcome writes with a channel: a reply channel per item,
-    // answered by the consumer (and dropped at once by this producer, as conveyor's receipts
-    // are here).
-    let (tx, rx) = crossbeam_channel::bounded::<(u64, mpsc::SyncSender<()>)>(CAPACITY);
-    let (done_tx, done_rx) = mpsc::channel::<()>();
-    std::thread::spawn(move || {
-        for (item, reply) in rx {
-            if item == u64::MAX {
-                let _ = done_tx.send(());
-            } else {
-                black_box(item);
-                let _ = reply.send(());
-            }
-        }
-    });
-    g.bench_function("crossbeam_bounded_plus_reply_channel_per_item", |b| {
-        b.iter(|| {
-            for i in 0..N {
-                let (reply_tx, reply_rx) = mpsc::sync_channel::<()>(1);
-                tx.send((i, reply_tx)).unwrap();
-                drop(black_box(reply_rx));
-            }
-            tx.send((u64::MAX, mpsc::sync_channel(1).0)).unwrap();
-            done_rx.recv().unwrap();
-        })
-    });
     g.finish();
 
     // Awaiting spawn_blocking per item is ordered but pays a thread hand-off per item.
