@@ -78,12 +78,10 @@ fn open(opts: &JournalOpts) -> Result<Journal, CliError> {
 }
 
 /// Opens the journal to read it, also while a `send` runs on it, without its lock (a `send`
-/// starting meanwhile is not refused for it); with whoever uses it now.
-fn open_to_read(opts: &JournalOpts) -> Result<(Journal, Option<Holder>), CliError> {
+/// starting meanwhile is not refused for it).
+fn open_to_read(opts: &JournalOpts) -> Result<Journal, CliError> {
     let path = find_journal(&opts.journal)?;
-    let journal = Journal::open_read_only(&path).map_err(open_error)?;
-    let holder = journal.holder();
-    Ok((journal, holder))
+    Journal::open_read_only(&path).map_err(open_error)
 }
 
 fn open_error(e: JournalError) -> CliError {
@@ -95,7 +93,7 @@ fn open_error(e: JournalError) -> CliError {
              it finish, or stop it (Ctrl-C), then run this again (`conveyor status` and \
              `conveyor dead list` work meanwhile)",
             path.display(),
-            pid.map_or("another process".to_owned(), |pid| format!("process {pid}"))
+            process(pid)
         ),
         JournalError::NotAJournal { path } => format!(
             "{} is not a journal (it does not start like a SQLite database, which a journal \
@@ -115,12 +113,17 @@ fn open_error(e: JournalError) -> CliError {
     })
 }
 
+/// The process holding a journal, as messages name it: its PID may not be written yet.
+fn process(pid: Option<u32>) -> String {
+    pid.map_or("another process".to_owned(), |pid| format!("process {pid}"))
+}
+
 /// What a reader of a journal in use is told: the figures move while it reads them.
 fn in_use_note(holder: Holder) -> String {
-    let by = holder
-        .pid
-        .map_or("another process".to_owned(), |pid| format!("process {pid}"));
-    format!("in use by {by} (a running `conveyor send`, most likely): as committed so far")
+    format!(
+        "in use by {} (a running `conveyor send`, most likely): as committed so far",
+        process(holder.pid)
+    )
 }
 
 fn journal_error(e: conveyor::JournalError) -> CliError {
@@ -132,7 +135,8 @@ fn journal_error(e: conveyor::JournalError) -> CliError {
 }
 
 pub(crate) fn status(opts: &JournalOpts) -> Result<u8, CliError> {
-    let (journal, in_use_by) = open_to_read(opts)?;
+    let journal = open_to_read(opts)?;
+    let in_use_by = journal.holder();
     let status = journal.status().map_err(journal_error)?;
     let path = journal.path().display().to_string();
     if opts.json {
@@ -155,16 +159,11 @@ pub(crate) fn status(opts: &JournalOpts) -> Result<u8, CliError> {
         print_out(&value.to_string()).map_err(CliError::io)?;
         return Ok(exit::OK);
     }
+    let in_use = in_use_by.map_or(String::new(), |holder| format!(", {}", in_use_note(holder)));
     let mut text = format!(
-        "journal {path} ({} bytes on disk)\npending: {}",
+        "journal {path} ({} bytes on disk){in_use}\npending: {}",
         status.file_bytes, status.pending
     );
-    if let Some(holder) = in_use_by {
-        text.insert_str(
-            text.find('\n').expect("two lines"),
-            &format!(", {}", in_use_note(holder)),
-        );
-    }
     if let Some(cursor) = status.cursor {
         text.push_str(&format!(" (input read up to line {cursor})"));
     }
@@ -265,7 +264,8 @@ pub(crate) fn dead(command: &DeadCommand) -> Result<u8, CliError> {
 }
 
 fn dead_list(opts: &JournalOpts) -> Result<u8, CliError> {
-    let (journal, in_use_by) = open_to_read(opts)?;
+    let journal = open_to_read(opts)?;
+    let in_use_by = journal.holder();
     let dead = journal.dead_letters().map_err(journal_error)?;
     if let Some(holder) = in_use_by {
         // Not on stdout, which lists dead letters only (one JSON object per line with --json).
