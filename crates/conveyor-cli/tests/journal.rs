@@ -820,24 +820,19 @@ fn a_journal_in_use_can_be_read_but_changes_wait_for_the_send() {
             journal.to_str().unwrap(),
         ],
     );
-    let journal_arg = ["--journal", journal.to_str().unwrap()];
-    let read = |command: &[&str]| {
-        let output = conveyor(dir.path())
+    let run = |command: &[&str]| {
+        conveyor(dir.path())
             .args(command)
-            .args(journal_arg)
+            .args(["--journal", journal.to_str().unwrap()])
             .output()
-            .unwrap();
-        expect_exit(&output, 0)
+            .unwrap()
     };
+    let read = |command: &[&str]| expect_exit(&run(command), 0);
     // What the running send has committed: read while it holds the journal.
     wait_for(
         "the status to show the dead letter and two pending lines",
         || {
-            let output = conveyor(dir.path())
-                .args(["status", "--json"])
-                .args(journal_arg)
-                .output()
-                .unwrap();
+            let output = run(&["status", "--json"]);
             if !output.status.success() {
                 // The send has not made the journal yet.
                 return false;
@@ -872,12 +867,7 @@ fn a_journal_in_use_can_be_read_but_changes_wait_for_the_send() {
         &["dead", "discard", "--all"],
         &["resume"],
     ] {
-        let output = conveyor(dir.path())
-            .args(command)
-            .args(journal_arg)
-            .output()
-            .unwrap();
-        let (_, stderr) = expect_exit(&output, 2);
+        let (_, stderr) = expect_exit(&run(command), 2);
         assert!(
             stderr.contains(&format!("in use by process {}", child.id()))
                 && stderr.contains("let it finish, or stop it")
