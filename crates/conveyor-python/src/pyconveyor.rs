@@ -30,7 +30,8 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Bumped in the child after every `os.fork()`. A conveyor (or a `conveyor.Journal`) remembers
 /// the value it was made with: a mismatch means it was inherited from the parent, whose delivery
-/// threads (or SQLite connection) the child must not use. One atomic load per call, where `os.getpid()` would be a system call.
+/// threads (or SQLite connection) the child must not use. One atomic load per call, where
+/// `os.getpid()` would be a system call.
 static FORK_GEN: AtomicU64 = AtomicU64::new(0);
 
 /// Set when the interpreter-exit hook starts: after it, dropping a conveyor never waits.
@@ -45,14 +46,15 @@ pub(crate) fn exiting() -> bool {
     EXITING.load(AtomicOrdering::Acquire)
 }
 
-pub(crate) fn same_process(fork_gen: u64) -> bool {
-    FORK_GEN.load(AtomicOrdering::Relaxed) == fork_gen
-}
-
 /// The fork generation of this process, for an object to remember at its creation and check
 /// with [`same_process`].
 pub(crate) fn fork_gen() -> u64 {
     FORK_GEN.load(AtomicOrdering::Relaxed)
+}
+
+/// Whether an object made in fork generation `made_in` is used in the process that made it.
+pub(crate) fn same_process(made_in: u64) -> bool {
+    fork_gen() == made_in
 }
 
 /// The engine and what the exit hook needs to close it.

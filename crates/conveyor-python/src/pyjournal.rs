@@ -51,7 +51,7 @@ impl PyJournal {
         py: Python<'_>,
         op: impl FnOnce(&mut Journal) -> Result<T, JournalError> + Send,
     ) -> PyResult<T> {
-        self.same_process(py)?;
+        self.refuse_if_inherited(py)?;
         let done = py.allow_threads(|| {
             let mut journal = self.journal.lock().unwrap_or_else(PoisonError::into_inner);
             journal.as_mut().map(op)
@@ -72,7 +72,7 @@ impl PyJournal {
 
     /// Refuses a journal inherited through `os.fork()` (see `fork_gen`), before its mutex is
     /// taken.
-    fn same_process(&self, py: Python<'_>) -> PyResult<()> {
+    fn refuse_if_inherited(&self, py: Python<'_>) -> PyResult<()> {
         if same_process(self.fork_gen) {
             return Ok(());
         }
