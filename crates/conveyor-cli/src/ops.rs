@@ -5,7 +5,7 @@
 //! committed) and never keep a `send` from starting; the commands that change it need its lock,
 //! and fail naming the process holding it while a `send` runs on it.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use conveyor::{DeadLetter, Holder, Journal, JournalError};
 use serde::Serialize;
@@ -23,15 +23,6 @@ fn find_journal(given: &Option<PathBuf>) -> Result<PathBuf, CliError> {
         if !path.exists() {
             return Err(CliError::usage(format!(
                 "no journal at {}: pass the --journal PATH that `conveyor send` used",
-                path.display()
-            )));
-        }
-        // Opening an empty file would make a journal of it: these commands only read or
-        // repair one that `send` made.
-        if is_empty_file(path) {
-            return Err(CliError::usage(format!(
-                "{} is empty, not a journal (it was left as it is): pass the --journal PATH \
-                 that `conveyor send` used",
                 path.display()
             )));
         }
@@ -63,18 +54,11 @@ fn find_journal(given: &Option<PathBuf>) -> Result<PathBuf, CliError> {
     }
 }
 
-/// A file of no bytes, with no write-ahead log beside it holding its content.
-fn is_empty_file(path: &Path) -> bool {
-    let len = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
-    let mut wal = path.as_os_str().to_owned();
-    wal.push("-wal");
-    path.is_file() && len(path) == 0 && len(Path::new(&wal)) == 0
-}
-
 /// Opens the journal to change it: only while no `send` runs on it.
 fn open(opts: &JournalOpts) -> Result<Journal, CliError> {
     let path = find_journal(&opts.journal)?;
-    Journal::open(&path).map_err(open_error)
+    // Never creates one: these commands only read or repair one that `send` made.
+    Journal::open_existing(&path).map_err(open_error)
 }
 
 /// Opens the journal to read it, also while a `send` runs on it, without its lock (a `send`
@@ -100,9 +84,10 @@ fn open_error(e: JournalError) -> CliError {
              is): pass the --journal PATH that `conveyor send` used",
             path.display()
         ),
-        // Its creation was interrupted before anything was written to it.
+        // `find_journal` saw a file: an empty one, or a journal whose creation was interrupted.
         JournalError::Missing { path } => format!(
-            "{} holds no journal yet: pass the --journal PATH that `conveyor send` used",
+            "{} is empty, not a journal (it was left as it is): pass the --journal PATH that \
+             `conveyor send` used",
             path.display()
         ),
         JournalError::IsADirectory { path } => format!(

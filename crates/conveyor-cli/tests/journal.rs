@@ -752,7 +752,12 @@ fn operating_commands_on_what_is_no_journal_say_so_and_leave_it_as_it_is() {
     ];
     for (path, says) in cases {
         let before = std::fs::read(path).ok();
-        for command in [&["status"][..], &["dead", "list"]] {
+        for command in [
+            &["status"][..],
+            &["dead", "list"],
+            &["dead", "discard", "--all"],
+            &["resume"],
+        ] {
             let output = conveyor(dir.path())
                 .args(command)
                 .args(["--journal", path.to_str().unwrap()])

@@ -259,26 +259,9 @@ impl Drop for PyJournal {
 /// journal at a mistyped path would only hide the mistake.
 fn open(path: &Path, read_only: bool) -> Result<Journal, JournalError> {
     if read_only {
-        // Creates nothing, and says `Missing` itself.
-        return Journal::open_read_only(path);
-    }
-    if holds_nothing(path) {
-        return Err(JournalError::Missing {
-            path: path.to_path_buf(),
-        });
-    }
-    Journal::open(path)
-}
-
-/// No file at `path`, or an empty one with no write-ahead log content beside it: what
-/// `Journal::open` would turn into a new journal.
-fn holds_nothing(path: &Path) -> bool {
-    let mut wal = path.as_os_str().to_owned();
-    wal.push("-wal");
-    let wal_len = std::fs::metadata(Path::new(&wal)).map_or(0, |m| m.len());
-    match std::fs::metadata(path) {
-        Err(err) => err.kind() == std::io::ErrorKind::NotFound,
-        Ok(meta) => meta.is_file() && meta.len() == 0 && wal_len == 0,
+        Journal::open_read_only(path)
+    } else {
+        Journal::open_existing(path)
     }
 }
 

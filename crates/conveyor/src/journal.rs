@@ -122,10 +122,10 @@ pub enum JournalError {
         pid: Option<u32>,
     },
     /// There is no journal at this path: no file, or one that holds no journal yet
-    /// ([`Journal::open_read_only`] creates none).
+    /// ([`Journal::open_read_only`] and [`Journal::open_existing`] create none).
     #[error(
         "no journal at {}: pass the path of a journal a conveyor has used (Journal::open creates \
-         one; open_read_only only reads)",
+         one; open_existing and open_read_only do not)",
         path.display()
     )]
     Missing {
@@ -662,22 +662,60 @@ impl Journal {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn open(path: impl AsRef<Path>) -> Result<Journal, JournalError> {
-        let path = path.as_ref().to_path_buf();
+        Journal::open_owned(path.as_ref(), true)
+    }
+
+    /// Opens the journal at `path` as [`open`](Journal::open) does, but only if there is one:
+    /// for tools that inspect or repair a journal, where a mistyped path must not leave a new,
+    /// empty journal behind.
+    ///
+    /// # Errors
+    /// [`JournalError::Missing`] if there is no file at `path`, or it holds no journal (an empty
+    /// file, or one whose creation was interrupted); otherwise as for [`open`](Journal::open).
+    ///
+    /// # Examples
+    /// ```
+    /// use conveyor::{Journal, JournalError};
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let typo = dir.path().join("evnets.journal");
+    /// assert!(matches!(Journal::open_existing(&typo), Err(JournalError::Missing { .. })));
+    /// assert!(!typo.exists(), "nothing was created");
+    /// let path = dir.path().join("events.journal");
+    /// drop(Journal::open(&path)?);
+    /// let mut journal = Journal::open_existing(&path)?;
+    /// journal.set_cursor(10)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn open_existing(path: impl AsRef<Path>) -> Result<Journal, JournalError> {
+        Journal::open_owned(path.as_ref(), false)
+    }
+
+    /// `open` (`create`), or `open_existing`.
+    fn open_owned(path: &Path, create: bool) -> Result<Journal, JournalError> {
+        let path = path.to_path_buf();
         // Before the lock file is created next to it: a path that cannot be a journal leaves
         // nothing behind.
         refuse_what_is_no_journal(&path)?;
+        let missing = || JournalError::Missing { path: path.clone() };
+        if !create && holds_nothing(&path) {
+            return Err(missing());
+        }
         let lock = LockFile::acquire(&path)?;
-        // SQLite would create the file with the umask's permissions (usually 0644); the journal
-        // holds user data, so create it first, owner-only. An existing file keeps its mode, and is
-        // never truncated. SQLite gives its `-wal` and `-shm` files the database file's mode.
-        owner_only()
-            .open(&path)
-            .map_err(|source| JournalError::Io {
-                path: path.clone(),
-                file: path.clone(),
-                action: create_or_open(&path),
-                source,
-            })?;
+        if create {
+            // SQLite would create the file with the umask's permissions (usually 0644); the
+            // journal holds user data, so create it first, owner-only. An existing file keeps its
+            // mode, and is never truncated. SQLite gives its `-wal` and `-shm` files the database
+            // file's mode.
+            owner_only()
+                .open(&path)
+                .map_err(|source| JournalError::Io {
+                    path: path.clone(),
+                    file: path.clone(),
+                    action: create_or_open(&path),
+                    source,
+                })?;
+        }
         let sql = |e| JournalError::sqlite(&path, e);
         let conn = Connection::open_with_flags(
             &path,
@@ -692,6 +730,8 @@ impl Journal {
         // and readers (`open_read_only`) may look in while the owner writes.
         if read_header(&conn, &path)? {
             set_wal(&conn, &path)?;
+        } else if !create {
+            return Err(missing());
         } else {
             // An empty database (a new file, or one whose creation was interrupted): set it up in
             // one transaction, so a crash leaves either nothing or a complete journal.
@@ -754,7 +794,7 @@ impl Journal {
         let path = path.as_ref().to_path_buf();
         refuse_what_is_no_journal(&path)?;
         let missing = || JournalError::Missing { path: path.clone() };
-        if !path.exists() {
+        if holds_nothing(&path) {
             return Err(missing());
         }
         let conn = Connection::open_with_flags(
@@ -1766,6 +1806,13 @@ fn holder_pid(file: &mut File) -> Option<u32> {
     text.trim().parse().ok()
 }
 
+/// No file at `path`, or an empty one with no write-ahead log content beside it: what
+/// `Journal::open` would make a new journal of.
+fn holds_nothing(path: &Path) -> bool {
+    let len = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+    !path.exists() || (path.is_file() && len(path) == 0 && len(&sidecar(path, "-wal")) == 0)
+}
+
 /// What opening `path` with `owner_only` was doing, for its error message.
 fn create_or_open(path: &Path) -> &'static str {
     if path.exists() {
@@ -1953,34 +2000,66 @@ mod tests {
     }
 
     #[test]
-    fn opening_read_only_where_no_journal_is_creates_nothing() {
+    fn opening_read_only_or_existing_where_no_journal_is_creates_nothing() {
+        type Open = fn(&Path) -> Result<Journal, JournalError>;
+        let openers: [(&str, Open); 2] = [
+            ("open_read_only", |p| Journal::open_read_only(p)),
+            ("open_existing", |p| Journal::open_existing(p)),
+        ];
+        for (name, open) in openers {
+            let dir = tempfile::tempdir().unwrap();
+            let missing = dir.path().join("missing");
+            let err = open(&missing).unwrap_err();
+            assert!(
+                matches!(err, JournalError::Missing { .. }),
+                "{name}: {err:?}"
+            );
+            assert!(err.to_string().contains("no journal at"), "{name}: {err}");
+            let empty = dir.path().join("empty");
+            std::fs::write(&empty, b"").unwrap();
+            let err = open(&empty).unwrap_err();
+            assert!(
+                matches!(err, JournalError::Missing { .. }),
+                "{name}: {err:?}"
+            );
+            let mut left: Vec<_> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            left.sort();
+            assert_eq!(left, ["empty"], "{name}");
+            assert_eq!(std::fs::metadata(&empty).unwrap().len(), 0, "{name}");
+            let text = dir.path().join("notes.txt");
+            std::fs::write(&text, "not a journal\n").unwrap();
+            assert!(
+                matches!(open(&text), Err(JournalError::NotAJournal { .. })),
+                "{name}"
+            );
+            // A journal whose creation was interrupted: a database with nothing in it yet.
+            let unfinished = dir.path().join("unfinished");
+            rusqlite::Connection::open(&unfinished)
+                .unwrap()
+                .execute_batch("PRAGMA user_version = 0; VACUUM;")
+                .unwrap();
+            let err = open(&unfinished).unwrap_err();
+            assert!(
+                matches!(err, JournalError::Missing { .. }),
+                "{name}: {err:?}"
+            );
+        }
         let dir = tempfile::tempdir().unwrap();
-        let missing = dir.path().join("missing");
-        let err = Journal::open_read_only(&missing).unwrap_err();
-        assert!(matches!(err, JournalError::Missing { .. }), "{err:?}");
-        assert!(err.to_string().contains("no journal at"), "{err}");
-        let empty = dir.path().join("empty");
-        std::fs::write(&empty, b"").unwrap();
-        let err = Journal::open_read_only(&empty).unwrap_err();
-        assert!(matches!(err, JournalError::Missing { .. }), "{err:?}");
-        let mut left: Vec<_> = std::fs::read_dir(dir.path())
+        let path = dir.path().join("j");
+        drop(Journal::open(&path).unwrap());
+        Journal::open_existing(&path)
             .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        left.sort();
-        assert_eq!(left, ["empty"]);
-        assert_eq!(std::fs::metadata(&empty).unwrap().len(), 0);
-        let text = dir.path().join("notes.txt");
-        std::fs::write(&text, "not a journal\n").unwrap();
-        assert!(matches!(
-            Journal::open_read_only(&text),
-            Err(JournalError::NotAJournal { .. })
-        ));
+            .set_cursor(3)
+            .unwrap();
+        assert_eq!(
+            Journal::open_read_only(&path).unwrap().cursor().unwrap(),
+            Some(3)
+        );
     }
 
-    /// A compaction runs after a commit: its failure (a full disk) used to fail the write that
-    /// had just committed, so the engine's writer retried the batch, whose appends then failed
-    /// as duplicates at every retry, and new sends were refused for good.
     #[test]
     fn a_failed_compaction_does_not_fail_the_write_it_follows() {
         let dir = tempfile::tempdir().unwrap();
