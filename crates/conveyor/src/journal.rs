@@ -60,6 +60,10 @@ thread_local! {
     /// without allocating a gigabyte.
     pub(crate) static TEST_LENGTH_LIMIT: std::cell::Cell<Option<i32>> =
         const { std::cell::Cell::new(None) };
+    /// Run once by `LockFile::acquire` on this thread when it found the lock held and will try
+    /// again: a test's stand-in for the holder letting go at that moment.
+    static LOCK_RETRY_HOOK: std::cell::Cell<Option<Box<dyn FnOnce()>>> =
+        const { std::cell::Cell::new(None) };
 }
 
 /// The orderings a journal records (`meta.ordering`), as [`Ordering`](crate::Ordering) names them.
@@ -1763,6 +1767,10 @@ impl LockFile {
             match fs4::FileExt::try_lock(&file) {
                 Ok(()) => break,
                 Err(fs4::TryLockError::WouldBlock) if Instant::now() < patience => {
+                    #[cfg(test)]
+                    if let Some(hook) = LOCK_RETRY_HOOK.with(std::cell::Cell::take) {
+                        hook();
+                    }
                     std::thread::sleep(LOCK_PATIENCE / 20);
                 }
                 Err(fs4::TryLockError::WouldBlock) => {
@@ -1979,15 +1987,29 @@ mod tests {
         drop(Journal::open(&path).unwrap());
         let reader = Journal::open_read_only(&path).unwrap();
         assert_eq!(reader.holder(), None, "nobody uses it");
-        // A reader's look at the lock, stretched: the lock is held while the owner starts.
+        // A reader's look at the lock, caught in the act: the lock is held when the owner
+        // starts, and let go once the owner found it held.
         let lock = File::open(sidecar(&path, LOCK_SUFFIX)).unwrap();
         fs4::FileExt::try_lock(&lock).unwrap();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (let_go, gone) = std::sync::mpsc::channel::<()>();
         let looking = std::thread::spawn(move || {
-            std::thread::sleep(LOCK_PATIENCE / 4);
+            released.recv().unwrap();
             drop(lock);
+            let_go.send(()).unwrap();
+        });
+        LOCK_RETRY_HOOK.with(|hook| {
+            hook.set(Some(Box::new(move || {
+                release.send(()).unwrap();
+                gone.recv().unwrap();
+            })))
         });
         let owner = Journal::open(&path).expect("the owner waits for the look to end");
         looking.join().unwrap();
+        assert!(
+            LOCK_RETRY_HOOK.with(|hook| hook.take().is_none()),
+            "the owner found the lock held"
+        );
         assert_eq!(owner.holder(), None, "the owner holds the lock itself");
         assert_eq!(
             reader.holder(),
