@@ -726,7 +726,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         }
         if let Some(durable) = &shared.durable {
             let weak = Arc::downgrade(&shared);
-            durable.on_extend(Box::new(move || {
+            durable.on_room(Box::new(move || {
                 if let Some(shared) = weak.upgrade() {
                     shared.space.notify_all();
                     shared.space_async.notify_waiters();
@@ -773,7 +773,16 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             }
             let mut ik = shared.intake();
             shared.drain_locked(&mut st, &mut ik);
-            let room = st.room(ik.next_seq());
+            let room = match st.room(ik.next_seq()) {
+                // A journal writer that fell behind holds new items back as a used-up seq
+                // reservation does (it wakes senders, without the state lock, once it is no
+                // longer behind): accepting one queues a write for a disk that may hang, and
+                // evicting an item to make room would queue one more.
+                Room::Free | Room::Full if shared.durable.as_ref().is_some_and(Durable::behind) => {
+                    Room::Later
+                }
+                room => room,
+            };
             if room == Room::Free {
                 break ik;
             }
@@ -802,11 +811,11 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
                 (Backpressure::Block, Wait::Thread) | (_, Wait::Requeue) => {
                     drop(ik);
                     st.waiters.blocked_senders += 1;
-                    // The journal's writer extends the seq reservation and wakes senders
-                    // without the state lock (it must not take it: senders push to it under
-                    // that lock), so its wake-up can fall between the check above and this
-                    // wait: look again now and then. (An async sender enables its wake-up
-                    // before the check.)
+                    // The journal's writer extends the seq reservation, or catches up with
+                    // the ops queued for it, and wakes senders without the state lock (it
+                    // must not take it: senders push to it under that lock), so its wake-up
+                    // can fall between the check above and this wait: look again now and
+                    // then. (An async sender enables its wake-up before the check.)
                     let deadline = (room == Room::Later && !st.replaying)
                         .then(|| Instant::now() + RESERVATION_CHECK);
                     #[cfg(test)]
@@ -3230,27 +3239,7 @@ mod tests {
     fn flush_timeout_is_false_while_the_journal_has_not_committed_in_time() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j");
-        let c: Conveyor<String> = Conveyor::builder()
-            .journal(&path)
-            .build(|_d| Ok(()))
-            .unwrap();
-        // A disk that takes its time: the writer cannot commit while this thread holds the
-        // journal.
-        let (holding, held) = mpsc::channel::<()>();
-        let (release, wait) = mpsc::channel::<()>();
-        let shared = c.shared.clone();
-        let slow_disk = std::thread::spawn(move || {
-            let durable = shared.durable.as_ref().unwrap();
-            durable
-                .with_journal(|_j| {
-                    holding.send(()).unwrap();
-                    let _ = wait.recv();
-                    Ok(())
-                })
-                .unwrap();
-        });
-        held.recv().unwrap();
-        c.set_cursor(7).unwrap();
+        let (c, release, slow_disk) = cursor_for_a_hung_disk(&path);
         assert!(
             !c.flush_timeout(Duration::from_millis(200)),
             "the cursor is not committed yet"
@@ -3343,5 +3332,238 @@ mod tests {
             "so did the dead letter's removal: it is pending as {} and dead as {seq}",
             again.seq()
         );
+    }
+
+    /// A disk that hangs (an `fsync` that does not return): the journal's writer cannot commit
+    /// while a thread holds the journal, until the returned sender is dropped. Join the handle
+    /// after that.
+    fn hung_disk<T: Send + Sync + 'static, R: Send + 'static>(
+        c: &Conveyor<T, R>,
+    ) -> (mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+        let (holding, held) = mpsc::channel::<()>();
+        let (release, wait) = mpsc::channel::<()>();
+        let shared = c.shared.clone();
+        let disk = std::thread::spawn(move || {
+            let durable = shared.durable.as_ref().unwrap();
+            durable
+                .with_journal(|_j| {
+                    holding.send(()).unwrap();
+                    let _ = wait.recv();
+                    Ok(())
+                })
+                .unwrap();
+        });
+        held.recv().unwrap();
+        (release, disk)
+    }
+
+    /// A conveyor on a new journal at `path` whose disk hangs (see `hung_disk`), with cursor 7
+    /// set and waiting for it.
+    fn cursor_for_a_hung_disk(
+        path: &std::path::Path,
+    ) -> (
+        Conveyor<String>,
+        mpsc::Sender<()>,
+        std::thread::JoinHandle<()>,
+    ) {
+        let c: Conveyor<String> = Conveyor::builder()
+            .journal(path)
+            .build(|_d| Ok(()))
+            .unwrap();
+        let (release, disk) = hung_disk(&c);
+        c.set_cursor(7).unwrap();
+        (c, release, disk)
+    }
+
+    /// Runs `f` on a thread of its own and returns what it returned, unless it has not returned
+    /// within `limit`: then `unstick` runs (so that the test can end) and the test fails,
+    /// saying `what` hung.
+    fn bounded<O: Send + 'static>(
+        what: &str,
+        limit: Duration,
+        unstick: impl FnOnce(),
+        f: impl FnOnce() -> O + Send + 'static,
+    ) -> O {
+        let (done, result) = mpsc::channel();
+        let call = std::thread::spawn(move || {
+            let _ = done.send(f());
+        });
+        match result.recv_timeout(limit) {
+            Ok(out) => {
+                call.join().unwrap();
+                out
+            }
+            Err(_) => {
+                unstick();
+                call.join().unwrap();
+                panic!("{what} did not return within {limit:?}");
+            }
+        }
+    }
+
+    /// Journal ops were queued for the writer on a bounded channel, under the state lock. With
+    /// the writer stuck on a hung disk, `set_cursor` (which takes no room in the queue) filled
+    /// the channel and then blocked in its push holding the state lock: `flush_timeout`,
+    /// `stats` and every other call that needs the state lock waited for the disk, past their
+    /// deadlines.
+    #[test]
+    fn deadlines_hold_while_the_journal_writer_is_stuck_on_a_hung_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let c: Arc<Conveyor<String>> = Arc::new(
+            Conveyor::builder()
+                .journal(&path)
+                .capacity(1)
+                .build(|_d| Ok(()))
+                .unwrap(),
+        );
+        let (release, disk) = hung_disk(&c);
+        // The writer takes the first op, gathers for its window (5 ms) and blocks on the disk:
+        // the ops after that wait for it. (Were it slower, it would gather them all in its
+        // group and nothing would wait: the test would prove nothing, but would not fail.)
+        c.set_cursor(0).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        // Well past what the writer may queue: the queue's capacity, within 1,024 and 65,536.
+        const CURSORS: u64 = 4 * 1024;
+        let setter = c.clone();
+        let (set, all_set) = mpsc::channel();
+        std::thread::spawn(move || {
+            for cursor in 1..=CURSORS {
+                setter.set_cursor(cursor).unwrap();
+            }
+            let _ = set.send(());
+        });
+        // Long enough for the cursors to be queued, or for the queue to be full.
+        let setter_returned = all_set.recv_timeout(Duration::from_secs(2)).is_ok();
+        let release = Mutex::new(Some(release));
+        let checked = c.clone();
+        let (flushed, stats) = bounded(
+            "flush_timeout(200 ms) or stats() with the disk hung",
+            Duration::from_secs(20),
+            || drop(release.lock().unwrap().take()),
+            move || {
+                let flushed = checked.flush_timeout(Duration::from_millis(200));
+                (flushed, checked.stats())
+            },
+        );
+        assert!(!flushed, "nothing could be committed");
+        assert_eq!(stats.delivered, 0);
+        assert!(setter_returned, "set_cursor waited for the hung disk");
+        drop(release.lock().unwrap().take());
+        disk.join().unwrap();
+        assert!(c.flush_timeout(Duration::from_secs(30)));
+        assert_eq!(c.cursor().unwrap(), Some(CURSORS));
+    }
+
+    /// `close_timeout` waited for the journal's writer until its deadline, then took the
+    /// journal to close it: with the writer stuck inside a commit on a hung disk, that wait
+    /// had no end, and neither had a drop of the conveyor.
+    #[test]
+    fn close_timeout_returns_while_the_journal_writer_is_stuck_on_a_hung_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let (c, release, disk) = cursor_for_a_hung_disk(&path);
+        let release = Mutex::new(Some(release));
+        let report = bounded(
+            "close_timeout(100 ms) with the disk hung",
+            // The deadline, and the grace the journal's last commit is given (2 s).
+            Duration::from_secs(20),
+            || drop(release.lock().unwrap().take()),
+            move || {
+                let report = c.close_timeout(Duration::from_millis(100));
+                drop(c);
+                report
+            },
+        );
+        assert!(report.drained, "nothing was sent");
+        drop(release.lock().unwrap().take());
+        disk.join().unwrap();
+        // The writer commits what it had once the disk answers, and lets the journal go.
+        let mut reopened = None;
+        until("the journal was never let go", || {
+            reopened = Journal::open(&path).ok();
+            reopened.is_some()
+        });
+        assert_eq!(reopened.unwrap().cursor().unwrap(), Some(7));
+    }
+
+    /// While the journal's writer is behind (a hung disk), new items wait for it as for room
+    /// in a full queue, outside the state lock: a blocking send waits and goes on once the
+    /// disk answers, `try_send` and the drop policies return at once, and the ops waiting for
+    /// the disk stay bounded whatever the policy.
+    #[test]
+    fn new_items_wait_for_a_writer_stuck_on_a_hung_disk_as_for_room() {
+        use crate::Backpressure;
+        for policy in [Backpressure::Block, Backpressure::DropOldest] {
+            let dir = tempfile::tempdir().unwrap();
+            let c: Arc<Conveyor<u64>> = Arc::new(
+                Conveyor::builder()
+                    .journal(dir.path().join("j"))
+                    .capacity(1 << 14)
+                    .backpressure(policy)
+                    .build(|_d| Ok(()))
+                    .unwrap(),
+            );
+            let (release, disk) = hung_disk(&c);
+            let durable = c.shared.durable.as_ref().unwrap();
+            // Two ops an item: the ops reach their bound (the capacity) before the queue is
+            // full. Short of the seqs reserved at start, which the writer would have to extend.
+            const SENT: u64 = 3 << 14;
+            let sender = c.clone();
+            let sending = std::thread::spawn(move || {
+                (0..SENT)
+                    .filter(|i| {
+                        let receipt = sender.send(*i).unwrap();
+                        sender.set_cursor(i + 1).unwrap();
+                        receipt.is_settled()
+                    })
+                    .count()
+            });
+            until("the writer never fell behind", || durable.behind());
+            let release = Mutex::new(Some(release));
+            let checked = c.clone();
+            let refused = bounded(
+                "try_send, flush_timeout or stats with the writer behind",
+                Duration::from_secs(20),
+                || drop(release.lock().unwrap().take()),
+                move || {
+                    let refused = checked.try_send(u64::MAX);
+                    assert!(!checked.flush_timeout(Duration::from_millis(100)));
+                    checked.stats();
+                    refused
+                },
+            );
+            let dropped = match policy {
+                Backpressure::Block => {
+                    assert!(matches!(refused, Err(SendError::Full(_))), "{refused:?}");
+                    assert!(!sending.is_finished(), "the sender waits for the writer");
+                    drop(release.lock().unwrap().take());
+                    sending.join().unwrap()
+                }
+                _ => {
+                    assert!(refused.is_ok(), "dropped, not refused");
+                    let dropped = sending.join().unwrap();
+                    assert!(dropped > 0, "new items dropped while the writer is behind");
+                    let waiting = durable.ops_waiting();
+                    assert!(waiting <= 1 << 16, "{waiting} ops wait for the disk");
+                    drop(release.lock().unwrap().take());
+                    dropped
+                }
+            };
+            disk.join().unwrap();
+            assert!(c.flush_timeout(Duration::from_secs(60)), "{policy:?}");
+            let stats = c.stats();
+            // Under `DropOldest`, the `try_send` above was accepted, and dropped.
+            let accepted = SENT + u64::from(policy == Backpressure::DropOldest);
+            assert_eq!(
+                (stats.delivered + stats.dropped, stats.dropped),
+                (
+                    accepted,
+                    dropped as u64 + u64::from(policy == Backpressure::DropOldest)
+                ),
+                "{policy:?}: {stats:?}"
+            );
+            assert_eq!(c.cursor().unwrap(), Some(SENT), "{policy:?}");
+        }
     }
 }

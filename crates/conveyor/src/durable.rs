@@ -22,7 +22,7 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
-use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -31,7 +31,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::BuildError;
-use crate::journal::{Journal, JournalError, Record, Settlement, WriteBatch};
+use crate::journal::{Journal, JournalError, WriteBatch};
+pub(crate) use crate::ops::Op;
+use crate::ops::{OpQueue, Until};
 
 /// When an item accepted by `send` is on disk. Only used with a journal
 /// ([`Builder::journal`](crate::Builder::journal)).
@@ -59,7 +61,11 @@ pub enum Durability {
     /// that takes one sooner has the writer commit at once). That is about one window on a
     /// healthy disk, and more while the disk is slow, as each commit waits for its `fsync`
     /// first; the writes waiting for the disk are bounded (by the capacity, within 1,024 and
-    /// 65,536), and past that sends wait for the writer. The default, with 5 ms.
+    /// 65,536), and past that new items wait for the writer as for room in a full queue:
+    /// under [`Backpressure::Block`](crate::Backpressure::Block) `send` waits, `try_send` and
+    /// `Reject` refuse them as full, and the drop policies drop them. `flush_timeout`,
+    /// `close_timeout` and the other calls with a deadline keep to it however slow the disk.
+    /// The default, with 5 ms.
     Batched(Duration),
     /// `send` returns once the item is committed (`send_async` awaits the commit, leaving its
     /// thread free for other tasks). Concurrent sends share one commit, so many
@@ -114,20 +120,6 @@ impl<T> Clone for JournalSettings<T> {
     }
 }
 
-/// One event for the writer, in the order the engine produced them.
-pub(crate) enum Op {
-    Append(Record),
-    Settle(Settlement),
-    Cursor(u64),
-    /// A seq handed out without an append (an item dropped by policy): the reservation must
-    /// still grow past it, or senders would wait for a reservation no append ever extends.
-    Used(u64),
-    /// Commit everything before this op, then answer.
-    Barrier(mpsc::SyncSender<Result<(), Arc<JournalError>>>),
-    /// Commit everything before this op, then exit.
-    Stop,
-}
-
 /// What the writer has achieved, for `Sync` senders and for `send`'s error check (how far it
 /// committed is `Durable::committed`, stored under this lock so that its waiters see it).
 struct Progress {
@@ -146,7 +138,8 @@ pub(crate) struct Durable<T> {
     /// abandoned workers may still hold the engine's state. Shared with the writer thread;
     /// operator calls (dead letters, cursor) take it between commits.
     journal: Arc<Mutex<Option<Journal>>>,
-    ops: mpsc::SyncSender<Op>,
+    /// Shared with the writer; never waits (see `ops.rs`).
+    ops: Arc<OpQueue>,
     progress: Arc<(Mutex<Progress>, Condvar)>,
     /// The highest seq whose append is committed. Appends arrive in seq order, so every lower
     /// seq is committed too. Atomic, for the workers' check before each delivery; stored
@@ -166,8 +159,9 @@ pub(crate) struct Durable<T> {
     /// The highest seq the engine may hand out: reserved in the journal ahead of use, because a
     /// seq handed out but not committed before a crash must not be given to another item.
     pub(crate) seq_limit: Arc<AtomicU64>,
-    /// Called after the writer raised `seq_limit`, to wake senders that waited for it.
-    on_extend: Arc<OnceLock<Box<dyn Fn() + Send + Sync>>>,
+    /// Called after the writer raised `seq_limit`, or took enough ops to be no longer
+    /// `behind`, to wake senders that waited for it.
+    on_room: Arc<OnceLock<Box<dyn Fn() + Send + Sync>>>,
     /// The dead letters operator calls have retried or discarded. Held by such a call from
     /// reading the dead letter until it is recorded here, so two calls on the same one (two
     /// retries, a retry and a discard) cannot both act. The set, not the file, says what is
@@ -178,8 +172,9 @@ pub(crate) struct Durable<T> {
     pub(crate) max_entry: usize,
 }
 
-/// Ops the engine may queue ahead of the writer: the conveyor's capacity, within these bounds,
-/// so encoded copies waiting for the disk stay in proportion to the queue.
+/// Ops the engine may queue ahead of the writer before new items wait for it: the conveyor's
+/// capacity, within these bounds, so encoded copies waiting for the disk stay in proportion to
+/// the queue.
 const OPS_BOUND: (usize, usize) = (1024, 64 * 1024);
 
 /// Seqs reserved at a time; the writer reserves more once half of a block is used.
@@ -216,11 +211,12 @@ impl<T> Durable<T> {
         })?;
         let seq_limit = Arc::new(AtomicU64::new(reserved));
         let max_entry = journal.max_entry_bytes();
-        let on_extend: Arc<OnceLock<Box<dyn Fn() + Send + Sync>>> = Arc::default();
-        // Bounded: if the disk cannot keep up, the engine waits for the writer (the ops are
-        // pushed under the state lock, so producers and workers slow down together) instead of
-        // growing a backlog without limit. The writer never takes the state lock.
-        let (ops, rx) = mpsc::sync_channel(capacity.clamp(OPS_BOUND.0, OPS_BOUND.1));
+        let on_room: Arc<OnceLock<Box<dyn Fn() + Send + Sync>>> = Arc::default();
+        // Bounded by the engine, not by the queue: if the disk cannot keep up, new items wait
+        // for the writer (see `behind`) instead of growing a backlog without limit, and a push
+        // under the state lock never waits for a disk that may hang. The writer never takes
+        // the state lock.
+        let ops = Arc::new(OpQueue::new(capacity.clamp(OPS_BOUND.0, OPS_BOUND.1)));
         let journal = Arc::new(Mutex::new(Some(journal)));
         let progress = Arc::new((
             Mutex::new(Progress {
@@ -238,7 +234,7 @@ impl<T> Durable<T> {
             Durability::Sync => None,
         };
         let writer = Writer {
-            rx,
+            ops: ops.clone(),
             journal: journal.clone(),
             progress: progress.clone(),
             committed: committed.clone(),
@@ -247,7 +243,7 @@ impl<T> Durable<T> {
             window,
             reserved,
             seq_limit: seq_limit.clone(),
-            on_extend: on_extend.clone(),
+            on_room: on_room.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("conveyor-journal".to_owned())
@@ -266,7 +262,7 @@ impl<T> Durable<T> {
             unreadable: AtomicBool::new(false),
             writer: Mutex::new(Some(handle)),
             seq_limit,
-            on_extend,
+            on_room,
             operator: Mutex::new(HashSet::new()),
             max_entry,
         })
@@ -278,9 +274,16 @@ impl<T> Durable<T> {
         lock(&self.operator)
     }
 
-    /// Sets what the writer calls after raising the seq limit (once, at start).
-    pub(crate) fn on_extend(&self, wake: Box<dyn Fn() + Send + Sync>) {
-        let _ = self.on_extend.set(wake);
+    /// How many ops wait for the writer to take them.
+    #[cfg(test)]
+    pub(crate) fn ops_waiting(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// Sets what the writer calls after raising the seq limit, and once it is no longer
+    /// `behind` (once, at start).
+    pub(crate) fn on_room(&self, wake: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.on_room.set(wake);
     }
 
     pub(crate) fn encode(&self, item: &T) -> Result<Vec<u8>, JournalError> {
@@ -318,11 +321,19 @@ impl<T> Durable<T> {
         self.commits.notify_waiters();
     }
 
-    /// Queues an op for the writer. Called under the engine's state lock (see the module doc).
-    /// A stopped writer (after `close`) drops it: what it would have settled stays pending in
-    /// the journal and is delivered again after a restart, which at-least-once allows.
+    /// Queues an op for the writer; never waits. Called under the engine's state lock (see the
+    /// module doc). A stopped writer (after `close`) drops it: what it would have settled stays
+    /// pending in the journal and is delivered again after a restart, which at-least-once
+    /// allows.
     pub(crate) fn push(&self, op: Op) {
-        let _ = self.ops.send(op);
+        self.ops.push(op);
+    }
+
+    /// Whether the writer has so many ops still to take (the disk is slow, or hangs) that new
+    /// items must wait for it, as for room in a full queue: what bounds the ops waiting for
+    /// the disk. The writer wakes senders (see `on_room`) once it is no longer behind.
+    pub(crate) fn behind(&self) -> bool {
+        self.ops.behind()
     }
 
     /// Records that `seq` was handed out without an append (a dropped item), asking for a
@@ -371,10 +382,9 @@ impl<T> Durable<T> {
     /// Asks the writer to commit what was pushed so far now rather than when its window ends.
     pub(crate) fn commit_soon(&self) {
         // Nobody waits for the answer: `wait_committed` watches the progress instead, which
-        // keeps waiting through failed commits. Never blocks, so that the wait keeps to its
-        // timeout: a full queue of ops means the writer has work in hand and commits anyway.
+        // keeps waiting through failed commits.
         let (answer, _) = mpsc::sync_channel(1);
-        let _ = self.ops.try_send(Op::Barrier(answer));
+        self.ops.push(Op::Barrier(answer));
     }
 
     /// Commits everything pushed so far and waits for it, at most until `deadline`. Returns
@@ -382,7 +392,7 @@ impl<T> Durable<T> {
     /// the writer is gone (what it did not commit is then reported as left by `close`).
     pub(crate) fn sync(&self, deadline: Option<Instant>) -> bool {
         let (tx, rx) = mpsc::sync_channel(1);
-        if self.ops.send(Op::Barrier(tx)).is_err() {
+        if !self.ops.push(Op::Barrier(tx)) {
             return true;
         }
         let answer = match deadline {
@@ -398,9 +408,10 @@ impl<T> Durable<T> {
     }
 
     /// Commits what is queued, stops the writer and closes the journal file (releasing its
-    /// lock for the next process). Waits at most until `deadline` for the last commit.
+    /// lock for the next process). Waits at most until `deadline` for the last commit; a writer
+    /// still in a commit then (a hung disk) closes the file itself once that commit ends.
     pub(crate) fn shut_down(&self, deadline: Option<Instant>) {
-        let _ = self.ops.send(Op::Stop);
+        self.ops.push(Op::Stop);
         if let Some(handle) = lock(&self.writer).take() {
             let (m, cv) = &*self.progress;
             let mut p = lock(m);
@@ -423,12 +434,9 @@ impl<T> Durable<T> {
             if stopped {
                 let _ = handle.join();
             } else {
-                tracing::warn!(journal = %self.path.display(), "journal writer did not finish its last commit in time");
-            }
-        }
-        if let Some(journal) = lock(&self.journal).take() {
-            if let Err(e) = journal.close() {
-                tracing::warn!(error = %e, "closing the journal failed; its content is intact");
+                // Taking the journal to close it would wait for that commit: for ever, on a
+                // disk that hangs.
+                tracing::warn!(journal = %self.path.display(), "journal writer did not finish its last commit in time; it closes the journal when it does");
             }
         }
     }
@@ -447,9 +455,16 @@ impl<T> Durable<T> {
     }
 }
 
+impl<T> Drop for Durable<T> {
+    fn drop(&mut self) {
+        // The writer commits what is queued, and exits.
+        self.ops.engine_gone();
+    }
+}
+
 /// The writer thread's state.
 struct Writer {
-    rx: mpsc::Receiver<Op>,
+    ops: Arc<OpQueue>,
     journal: Arc<Mutex<Option<Journal>>>,
     progress: Arc<(Mutex<Progress>, Condvar)>,
     committed: Arc<AtomicU64>,
@@ -460,7 +475,7 @@ struct Writer {
     /// The committed seq reservation (see `Durable::seq_limit`).
     reserved: u64,
     seq_limit: Arc<AtomicU64>,
-    on_extend: Arc<OnceLock<Box<dyn Fn() + Send + Sync>>>,
+    on_room: Arc<OnceLock<Box<dyn Fn() + Send + Sync>>>,
 }
 
 impl Writer {
@@ -472,7 +487,7 @@ impl Writer {
         while !stop {
             // Block for the first op (unless a failed group is waiting to be retried).
             if batch.is_empty() && barriers.is_empty() {
-                match self.rx.recv() {
+                match self.pop(Until::Forever) {
                     Ok(op) => stop |= take(op, &mut batch, &mut barriers),
                     Err(_) => break,
                 }
@@ -483,13 +498,8 @@ impl Writer {
             while !stop && batch.appends.len() < MAX_GROUP {
                 let urgent = !barriers.is_empty() && retry_at.is_none();
                 let next = match deadline {
-                    Some(d) if !urgent => self
-                        .rx
-                        .recv_timeout(d.saturating_duration_since(Instant::now())),
-                    _ => self.rx.try_recv().map_err(|e| match e {
-                        TryRecvError::Empty => RecvTimeoutError::Timeout,
-                        TryRecvError::Disconnected => RecvTimeoutError::Disconnected,
-                    }),
+                    Some(d) if !urgent => self.pop(Until::At(d)),
+                    _ => self.pop(Until::Now),
                 };
                 match next {
                     Ok(op) => stop |= take(op, &mut batch, &mut barriers),
@@ -553,8 +563,16 @@ impl Writer {
             for barrier in barriers.drain(..) {
                 let _ = barrier.send(result.clone());
             }
-            if let Some(wake) = self.on_extend.get().filter(|_| extended) {
+            if let Some(wake) = self.on_room.get().filter(|_| extended) {
                 wake();
+            }
+        }
+        self.ops.writer_gone();
+        // Here rather than in `Durable::shut_down`, which does not wait for a commit that
+        // hangs; before `stopped`, so that the file is free once `close` saw the writer stop.
+        if let Some(journal) = lock(&self.journal).take() {
+            if let Err(e) = journal.close() {
+                tracing::warn!(error = %e, "closing the journal failed; its content is intact");
             }
         }
         let (m, cv) = &*self.progress;
@@ -562,6 +580,15 @@ impl Writer {
         cv.notify_all();
         // `send_async` under `Sync` awaits this too: nothing will commit its item any more.
         self.commits.notify_waiters();
+    }
+
+    /// The next op; wakes the senders waiting while the writer was `Durable::behind`.
+    fn pop(&self, until: Until) -> Result<Op, RecvTimeoutError> {
+        let (op, caught_up) = self.ops.pop(until);
+        if let Some(wake) = self.on_room.get().filter(|_| caught_up) {
+            wake();
+        }
+        op
     }
 }
 
@@ -645,6 +672,7 @@ fn take(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::journal::{Record, Settlement};
 
     fn record(seq: u64) -> Record {
         Record {

@@ -54,6 +54,7 @@ mod error;
 mod http;
 mod intake;
 mod journal;
+mod ops;
 mod queue;
 mod receipt;
 mod retry;
