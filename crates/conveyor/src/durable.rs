@@ -19,7 +19,7 @@
 //! intake, `intake.rs`) are turned off with a journal. Turning them on would mean moving the
 //! `Append` push to where the intake assigns seqs, keeping both orders above.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -234,6 +234,7 @@ impl<T> Durable<T> {
             Durability::Sync => None,
         };
         let writer = Writer {
+            taken: VecDeque::new(),
             ops: ops.clone(),
             journal: journal.clone(),
             progress: progress.clone(),
@@ -465,6 +466,8 @@ impl<T> Drop for Durable<T> {
 /// The writer thread's state.
 struct Writer {
     ops: Arc<OpQueue>,
+    /// Ops taken from `ops` all at once, not handled yet.
+    taken: VecDeque<Op>,
     journal: Arc<Mutex<Option<Journal>>>,
     progress: Arc<(Mutex<Progress>, Condvar)>,
     committed: Arc<AtomicU64>,
@@ -582,13 +585,21 @@ impl Writer {
         self.commits.notify_waiters();
     }
 
-    /// The next op; wakes the senders waiting while the writer was `Durable::behind`.
-    fn pop(&self, until: Until) -> Result<Op, RecvTimeoutError> {
-        let (op, caught_up) = self.ops.pop(until);
+    /// The next op, from the ops taken from the queue or else from the queue; wakes the
+    /// senders waiting while the writer was `Durable::behind`.
+    fn pop(&mut self, until: Until) -> Result<Op, RecvTimeoutError> {
+        if let Some(op) = self.taken.pop_front() {
+            return Ok(op);
+        }
+        let (taken, caught_up) = self.ops.take_all(until, &mut self.taken);
         if let Some(wake) = self.on_room.get().filter(|_| caught_up) {
             wake();
         }
-        op
+        taken.map(|()| {
+            self.taken
+                .pop_front()
+                .expect("take_all took at least one op")
+        })
     }
 }
 

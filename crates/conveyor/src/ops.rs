@@ -105,16 +105,24 @@ impl OpQueue {
         self.len.load(AtomicOrdering::Relaxed) >= self.bound
     }
 
-    /// The next op, in push order. `Err(Timeout)` if none came in time; `Err(Disconnected)`
-    /// once the queue is empty and the engine gone. The second value says whether this pop
-    /// took the writer from `behind` to not behind, so that new items waiting may go on.
-    pub(crate) fn pop(&self, until: Until) -> (Result<Op, RecvTimeoutError>, bool) {
+    /// Moves every queued op, in push order, to the back of `taken` (the writer's own buffer),
+    /// waiting for one if there is none. `Err(Timeout)` if none came in time;
+    /// `Err(Disconnected)` once the queue is empty and the engine gone. The second value says
+    /// whether this took the writer from `behind` to not behind, so that new items waiting may
+    /// go on. Taking all at once spares the writer a lock turn per op, each of which a sender
+    /// (holding the engine's state lock) could wait for.
+    pub(crate) fn take_all(
+        &self,
+        until: Until,
+        taken: &mut VecDeque<Op>,
+    ) -> (Result<(), RecvTimeoutError>, bool) {
         let mut q = self.lock();
         loop {
-            if let Some(op) = q.ops.pop_front() {
-                let len = q.ops.len();
-                self.len.store(len, AtomicOrdering::Relaxed);
-                return (Ok(op), len + 1 == self.bound);
+            if !q.ops.is_empty() {
+                let was_behind = q.ops.len() >= self.bound;
+                taken.append(&mut q.ops);
+                self.len.store(0, AtomicOrdering::Relaxed);
+                return (Ok(()), was_behind);
             }
             if q.engine_gone {
                 return (Err(RecvTimeoutError::Disconnected), false);
@@ -192,8 +200,10 @@ mod tests {
     use super::*;
 
     fn kinds(q: &OpQueue) -> Vec<String> {
+        let mut taken = VecDeque::new();
+        let _ = q.take_all(Until::Now, &mut taken);
         let mut seen = Vec::new();
-        while let (Ok(op), _) = q.pop(Until::Now) {
+        for op in taken {
             seen.push(match op {
                 Op::Append(r) => format!("append {}", r.seq),
                 Op::Cursor(c) => format!("cursor {c}"),
@@ -248,20 +258,24 @@ mod tests {
         assert!(!q.behind());
         q.push(append(2));
         assert!(q.behind());
-        assert!(q.pop(Until::Now).1, "back under the bound");
+        let mut taken = VecDeque::new();
+        assert!(q.take_all(Until::Now, &mut taken).1, "back under the bound");
         assert!(!q.behind());
-        assert!(!q.pop(Until::Now).1);
+        assert_eq!(taken.len(), 2, "both taken at once");
+        q.push(append(3));
+        assert!(!q.take_all(Until::Now, &mut taken).1, "it was not behind");
+        assert_eq!(taken.len(), 3, "added behind the others");
         assert!(matches!(
-            q.pop(Until::Now).0,
+            q.take_all(Until::Now, &mut taken).0,
             Err(RecvTimeoutError::Timeout)
         ));
         q.engine_gone();
         assert!(matches!(
-            q.pop(Until::Forever).0,
+            q.take_all(Until::Forever, &mut taken).0,
             Err(RecvTimeoutError::Disconnected)
         ));
         q.writer_gone();
-        assert!(!q.push(append(3)), "nobody reads it any more");
+        assert!(!q.push(append(4)), "nobody reads it any more");
         assert_eq!(q.len(), 0);
     }
 }
