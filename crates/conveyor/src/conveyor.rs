@@ -1437,24 +1437,31 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             if let Some(journal) = journal.as_mut().as_pin_mut() {
                 journal.enable();
             }
-            {
+            let settled = {
                 let mut st = shared.lock();
                 if std::mem::take(&mut waiter.registered) {
                     st.waiters.flushers -= 1;
                 }
                 inside.start(&mut st);
-                if shared.all_settled(&mut st)
+                let settled = shared.all_settled(&mut st)
                     || st.stalled()
                     || inside.hopeless(&st)
-                    || self.journal_blocked()
-                {
+                    || self.journal_blocked();
+                if settled {
                     inside.stop(&mut st);
-                    drop(st);
-                    self.sync_journal(None);
-                    return;
+                } else {
+                    st.waiters.flushers += 1;
+                    waiter.registered = true;
                 }
-                st.waiters.flushers += 1;
-                waiter.registered = true;
+                settled
+            };
+            if settled {
+                // The journal's commit is awaited, not waited for: the thread goes on with
+                // its other tasks meanwhile.
+                if let Some(durable) = &shared.durable {
+                    durable.sync_async().await;
+                }
+                return;
             }
             match journal.as_mut().as_pin_mut() {
                 Some(journal) => {
@@ -1502,6 +1509,10 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// outcome once it ends. An item waiting out a retry's backoff (however long a
     /// `retry_after` the sink asked for) stops waiting at the deadline: it is reported, and its
     /// worker leaves at once.
+    ///
+    /// With a journal, the journal's last commit (of the settlements made before the deadline)
+    /// is given up to 2 s more, so that the next start does not deliver those items again; a
+    /// disk that hangs longer is given up on, and the journal is closed when its commit ends.
     ///
     /// Called (or dropped) from this conveyor's own sink or a receipt callback, it waits only
     /// for what the other workers can deliver, then reports the rest, the calling sink's own
@@ -3485,6 +3496,98 @@ mod tests {
             reopened.is_some()
         });
         assert_eq!(reopened.unwrap().cursor().unwrap(), Some(7));
+    }
+
+    /// Under `Durability::Sync`, a send waits for its item's commit, or for the conveyor to
+    /// close. On a hung disk the writer never exits, and `close_timeout`, which gives up on it
+    /// at its deadline, left such a send (blocking or async) waiting for ever.
+    #[test]
+    fn a_sync_send_waiting_for_a_hung_disk_returns_once_close_gives_up_on_the_writer() {
+        use crate::Durability;
+        let dir = tempfile::tempdir().unwrap();
+        let c: Arc<Conveyor<String>> = Arc::new(
+            Conveyor::builder()
+                .journal(dir.path().join("j"))
+                .durability(Durability::Sync)
+                .build(|_d| Ok(()))
+                .unwrap(),
+        );
+        let (release, disk) = hung_disk(&c);
+        let blocking = std::thread::spawn({
+            let c = c.clone();
+            move || c.send("blocking".to_owned()).map(|_| ())
+        });
+        let awaiting = std::thread::spawn({
+            let c = c.clone();
+            move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .unwrap();
+                runtime
+                    .block_on(c.send_async("awaiting".to_owned()))
+                    .map(|_| ())
+            }
+        });
+        until("both sends wait for their commit", || {
+            c.stats().accepted == 2
+        });
+        let release = Mutex::new(Some(release));
+        let (blocking, awaiting) = bounded(
+            "close_timeout(100 ms), then the Sync sends, with the disk hung",
+            Duration::from_secs(20),
+            || drop(release.lock().unwrap().take()),
+            move || {
+                let report = c.close_timeout(Duration::from_millis(100));
+                assert_eq!(report.left, 2, "both items are reported as left");
+                (blocking.join().unwrap(), awaiting.join().unwrap())
+            },
+        );
+        assert!(blocking.is_ok() && awaiting.is_ok(), "accepted, and left");
+        drop(release.lock().unwrap().take());
+        disk.join().unwrap();
+    }
+
+    /// `flush_async` waited for the journal's last commit with a blocking receive: a task's
+    /// thread stood still for the commit (for ever on a hung disk), and with it every other
+    /// task of a current-thread runtime.
+    #[test]
+    fn flush_async_awaits_the_journal_without_blocking_its_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let (c, release, disk) = cursor_for_a_hung_disk(&path);
+        let c = Arc::new(c);
+        let release = Mutex::new(Some(release));
+        let first = bounded(
+            "a current-thread runtime running flush_async with the disk hung",
+            Duration::from_secs(20),
+            || drop(release.lock().unwrap().take()),
+            {
+                let c = c.clone();
+                move || {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_time()
+                        .build()
+                        .unwrap();
+                    runtime.block_on(async {
+                        tokio::select! {
+                            () = c.flush_async() => "flushed",
+                            () = tokio::time::sleep(Duration::from_millis(50)) => "ticked",
+                        }
+                    })
+                }
+            },
+        );
+        assert_eq!(
+            first, "ticked",
+            "the cursor cannot be committed while the disk hangs"
+        );
+        drop(release.lock().unwrap().take());
+        disk.join().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(c.flush_async());
+        assert_eq!(c.cursor().unwrap(), Some(7));
     }
 
     /// While the journal's writer is behind (a hung disk), new items wait for it as for room

@@ -33,7 +33,7 @@ use serde::Serialize;
 use crate::error::BuildError;
 use crate::journal::{Journal, JournalError, WriteBatch};
 pub(crate) use crate::ops::Op;
-use crate::ops::{OpQueue, Until};
+use crate::ops::{Answer, OpQueue, Until};
 
 /// When an item accepted by `send` is on disk. Only used with a journal
 /// ([`Builder::journal`](crate::Builder::journal)).
@@ -127,6 +127,16 @@ struct Progress {
     error: Option<Arc<JournalError>>,
     /// The writer has exited: nobody waits for it any more.
     stopped: bool,
+    /// `shut_down` gave up on a writer stuck in a commit (a hung disk): nobody waits for it
+    /// either, though it may still commit once the disk answers.
+    given_up: bool,
+}
+
+impl Progress {
+    /// Whether waiting for the writer is over: what it has not committed, nobody waits for.
+    fn over(&self) -> bool {
+        self.stopped || self.given_up
+    }
 }
 
 /// A journal attached to a running conveyor.
@@ -222,6 +232,7 @@ impl<T> Durable<T> {
             Mutex::new(Progress {
                 error: None,
                 stopped: false,
+                given_up: false,
             }),
             Condvar::new(),
         ));
@@ -353,7 +364,7 @@ impl<T> Durable<T> {
     pub(crate) fn wait_committed(&self, seq: u64, deadline: Option<Instant>) -> bool {
         let (m, cv) = &*self.progress;
         let mut p = lock(m);
-        while !self.is_committed(seq) && !p.stopped {
+        while !self.is_committed(seq) && !p.over() {
             p = match deadline {
                 None => cv.wait(p).unwrap_or_else(PoisonError::into_inner),
                 Some(deadline) => {
@@ -375,17 +386,17 @@ impl<T> Durable<T> {
         self.committed.load(AtomicOrdering::Acquire) >= seq
     }
 
-    /// Whether the writer has exited: what it did not commit by then never will be.
+    /// Whether the writer has exited, or `shut_down` gave up on it: what it did not commit by
+    /// then, nobody waits for.
     pub(crate) fn stopped(&self) -> bool {
-        lock(&self.progress.0).stopped
+        lock(&self.progress.0).over()
     }
 
     /// Asks the writer to commit what was pushed so far now rather than when its window ends.
     pub(crate) fn commit_soon(&self) {
         // Nobody waits for the answer: `wait_committed` watches the progress instead, which
         // keeps waiting through failed commits.
-        let (answer, _) = mpsc::sync_channel(1);
-        self.ops.push(Op::Barrier(answer));
+        self.ops.push(Op::Barrier(Answer::Nobody));
     }
 
     /// Commits everything pushed so far and waits for it, at most until `deadline`. Returns
@@ -393,7 +404,7 @@ impl<T> Durable<T> {
     /// the writer is gone (what it did not commit is then reported as left by `close`).
     pub(crate) fn sync(&self, deadline: Option<Instant>) -> bool {
         let (tx, rx) = mpsc::sync_channel(1);
-        if !self.ops.push(Op::Barrier(tx)) {
+        if !self.ops.push(Op::Barrier(Answer::Thread(tx))) {
             return true;
         }
         let answer = match deadline {
@@ -406,6 +417,17 @@ impl<T> Durable<T> {
             Err(RecvTimeoutError::Disconnected) => true,
             Err(RecvTimeoutError::Timeout) => false,
         }
+    }
+
+    /// `sync` without a deadline, for a task: it awaits the commit without blocking its
+    /// thread (a current-thread runtime's other tasks go on meanwhile).
+    pub(crate) async fn sync_async(&self) -> bool {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if !self.ops.push(Op::Barrier(Answer::Task(tx))) {
+            return true;
+        }
+        // A writer that exited before it read the barrier drops it unanswered.
+        rx.await.map_or(true, |result| result.is_ok())
     }
 
     /// Commits what is queued, stops the writer and closes the journal file (releasing its
@@ -431,6 +453,13 @@ impl<T> Durable<T> {
                 };
             }
             let stopped = p.stopped;
+            if !stopped {
+                // Sends waiting for their commit (`Durability::Sync`) and workers waiting to
+                // deliver stop waiting: the conveyor reports their items as left.
+                p.given_up = true;
+                cv.notify_all();
+                self.commits.notify_waiters();
+            }
             drop(p);
             if stopped {
                 let _ = handle.join();
@@ -564,7 +593,7 @@ impl Writer {
             cv.notify_all();
             drop(p);
             for barrier in barriers.drain(..) {
-                let _ = barrier.send(result.clone());
+                barrier.send(result.clone());
             }
             if let Some(wake) = self.on_room.get().filter(|_| extended) {
                 wake();
@@ -658,11 +687,7 @@ fn commit(journal: &mut Journal, batch: &mut WriteBatch) -> (Committed, Result<(
 }
 
 /// Adds `op` to the group; returns whether it asks the writer to stop.
-fn take(
-    op: Op,
-    batch: &mut WriteBatch,
-    barriers: &mut Vec<mpsc::SyncSender<Result<(), Arc<JournalError>>>>,
-) -> bool {
+fn take(op: Op, batch: &mut WriteBatch, barriers: &mut Vec<Answer>) -> bool {
     match op {
         Op::Append(record) => {
             // In op order with `Op::Cursor`: the later one wins.

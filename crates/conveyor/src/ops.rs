@@ -25,13 +25,38 @@ pub(crate) enum Op {
     /// A seq handed out without an append (an item dropped by policy): the reservation must
     /// still grow past it, or senders would wait for a reservation no append ever extends.
     Used(u64),
-    /// Commit everything before this op, then answer.
-    Barrier(mpsc::SyncSender<Result<(), Arc<JournalError>>>),
+    /// Commit everything before this op at once, then answer.
+    Barrier(Answer),
     /// Commit everything before this op, then exit.
     Stop,
 }
 
-/// How long `OpQueue::pop` may wait for an op.
+/// Whom the writer tells whether what came before a barrier is committed.
+pub(crate) enum Answer {
+    /// Nobody: the barrier only asks for a commit now (`Durable::commit_soon`).
+    Nobody,
+    /// A thread, blocked on the receiver.
+    Thread(mpsc::SyncSender<Result<(), Arc<JournalError>>>),
+    /// A task, awaiting the receiver without blocking its thread.
+    Task(tokio::sync::oneshot::Sender<Result<(), Arc<JournalError>>>),
+}
+
+impl Answer {
+    /// Tells it; a receiver that gave up is not an error.
+    pub(crate) fn send(self, result: Result<(), Arc<JournalError>>) {
+        match self {
+            Answer::Nobody => {}
+            Answer::Thread(tx) => {
+                let _ = tx.send(result);
+            }
+            Answer::Task(tx) => {
+                let _ = tx.send(result);
+            }
+        }
+    }
+}
+
+/// How long `OpQueue::take_all` may wait for an op.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Until {
     /// Until one comes, or the engine is gone.
