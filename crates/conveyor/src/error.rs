@@ -247,7 +247,9 @@ impl StdError for SinkError {
 pub enum SendError<T> {
     /// The queue is at capacity and the call may not wait: the policy is
     /// [`Backpressure::Reject`](crate::Backpressure::Reject), or the call was a `try_send`.
-    /// Try again later, raise the capacity, or use a waiting `send`.
+    /// With a journal, also while its writer is that far behind a slow disk (see
+    /// [`Durability::Batched`](crate::Durability::Batched)). Try again later, raise the
+    /// capacity, or use a waiting `send`.
     Full(T),
     /// The conveyor was closed; it accepts nothing more.
     Closed(T),
