@@ -3669,4 +3669,36 @@ mod tests {
             assert_eq!(c.cursor().unwrap(), Some(SENT), "{policy:?}");
         }
     }
+
+    /// Calls that ask the writer for a commit (`flush_timeout`, `wait_committed`, a worker
+    /// taking an item) each queued a barrier, and barriers never merged: with the writer stuck
+    /// on a hung disk, a caller polling with a short timeout (the CLI's end-of-input loop,
+    /// Python's `flush`, which waits in slices) grew the op queue by one barrier per call, for
+    /// as long as the disk hung.
+    #[test]
+    fn polling_for_commits_while_the_disk_hangs_does_not_grow_the_op_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, release, disk) = cursor_for_a_hung_disk(&dir.path().join("j"));
+        let durable = c.shared.durable.as_ref().unwrap();
+        // Nothing to deliver: each call goes on to ask the journal for a commit.
+        const POLLS: usize = 1000;
+        for _ in 0..POLLS {
+            assert!(
+                !c.flush_timeout(Duration::ZERO),
+                "the cursor waits for the disk"
+            );
+        }
+        let receipt = c.send("x".to_owned()).unwrap();
+        for _ in 0..POLLS {
+            assert!(!c.wait_committed(&receipt, Duration::ZERO));
+        }
+        let waiting = durable.ops_waiting();
+        // The cursor, the append, a barrier or two around the append.
+        assert!(waiting <= 4, "{waiting} ops queued for {} polls", 2 * POLLS);
+        drop(release);
+        disk.join().unwrap();
+        assert!(c.flush_timeout(Duration::from_secs(30)));
+        assert_eq!(c.stats().delivered, 1);
+        assert_eq!(c.cursor().unwrap(), Some(7));
+    }
 }

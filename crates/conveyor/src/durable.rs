@@ -396,7 +396,7 @@ impl<T> Durable<T> {
     pub(crate) fn commit_soon(&self) {
         // Nobody waits for the answer: `wait_committed` watches the progress instead, which
         // keeps waiting through failed commits.
-        self.ops.push(Op::Barrier(Answer::Nobody));
+        self.ops.push(Op::Barrier(Vec::new()));
     }
 
     /// Commits everything pushed so far and waits for it, at most until `deadline`. Returns
@@ -404,7 +404,14 @@ impl<T> Durable<T> {
     /// the writer is gone (what it did not commit is then reported as left by `close`).
     pub(crate) fn sync(&self, deadline: Option<Instant>) -> bool {
         let (tx, rx) = mpsc::sync_channel(1);
-        if !self.ops.push(Op::Barrier(Answer::Thread(tx))) {
+        // Held while this thread waits: once it gave up, a barrier queued behind this one
+        // drops the answer (see `ops::merge`).
+        let waiting = Arc::new(());
+        let answer = Answer::Thread {
+            tx,
+            waits: Arc::downgrade(&waiting),
+        };
+        if !self.ops.push(Op::Barrier(vec![answer])) {
             return true;
         }
         let answer = match deadline {
@@ -423,7 +430,7 @@ impl<T> Durable<T> {
     /// thread (a current-thread runtime's other tasks go on meanwhile).
     pub(crate) async fn sync_async(&self) -> bool {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if !self.ops.push(Op::Barrier(Answer::Task(tx))) {
+        if !self.ops.push(Op::Barrier(vec![Answer::Task(tx)])) {
             return true;
         }
         // A writer that exited before it read the barrier drops it unanswered.
@@ -592,8 +599,8 @@ impl Writer {
             }
             cv.notify_all();
             drop(p);
-            for barrier in barriers.drain(..) {
-                barrier.send(result.clone());
+            for answer in barriers.drain(..).flatten() {
+                answer.send(result.clone());
             }
             if let Some(wake) = self.on_room.get().filter(|_| extended) {
                 wake();
@@ -687,7 +694,7 @@ fn commit(journal: &mut Journal, batch: &mut WriteBatch) -> (Committed, Result<(
 }
 
 /// Adds `op` to the group; returns whether it asks the writer to stop.
-fn take(op: Op, batch: &mut WriteBatch, barriers: &mut Vec<Answer>) -> bool {
+fn take(op: Op, batch: &mut WriteBatch, barriers: &mut Vec<Vec<Answer>>) -> bool {
     match op {
         Op::Append(record) => {
             // In op order with `Op::Cursor`: the later one wins.
@@ -699,7 +706,8 @@ fn take(op: Op, batch: &mut WriteBatch, barriers: &mut Vec<Answer>) -> bool {
         Op::Settle(settlement) => batch.settlements.push(settlement),
         Op::Cursor(cursor) => batch.cursor = Some(cursor),
         Op::Used(seq) => batch.reserve = batch.reserve.max(Some(seq + SEQ_BLOCK)),
-        Op::Barrier(tx) => barriers.push(tx),
+        // Kept even without answers: it asks for a commit now.
+        Op::Barrier(answers) => barriers.push(answers),
         Op::Stop => return true,
     }
     false

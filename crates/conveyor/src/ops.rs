@@ -7,12 +7,14 @@
 //! as the backpressure policy says) while the writer is `behind`, before any op is pushed for
 //! them; and the ops that take no room in the engine's queue (input positions, and seqs handed
 //! out to dropped items) are merged while they wait, so a producer setting its cursor on every
-//! line cannot grow the queue either.
+//! line cannot grow the queue either. So are barriers queued one right behind the other, and
+//! the answers in them that nobody waits for any more: a caller asking for a commit again and
+//! again with a short timeout while the disk hangs cannot grow it either.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use crate::journal::{JournalError, Record, Settlement};
@@ -25,18 +27,21 @@ pub(crate) enum Op {
     /// A seq handed out without an append (an item dropped by policy): the reservation must
     /// still grow past it, or senders would wait for a reservation no append ever extends.
     Used(u64),
-    /// Commit everything before this op at once, then answer.
-    Barrier(Answer),
+    /// Commit everything before this op at once, then answer each of these (none: the op only
+    /// asks for a commit now, as `Durable::commit_soon` does).
+    Barrier(Vec<Answer>),
     /// Commit everything before this op, then exit.
     Stop,
 }
 
 /// Whom the writer tells whether what came before a barrier is committed.
 pub(crate) enum Answer {
-    /// Nobody: the barrier only asks for a commit now (`Durable::commit_soon`).
-    Nobody,
-    /// A thread, blocked on the receiver.
-    Thread(mpsc::SyncSender<Result<(), Arc<JournalError>>>),
+    /// A thread, blocked on the receiver for as long as it holds what `waits` points to. A
+    /// std receiver cannot be asked whether it is still there; this can, without sending.
+    Thread {
+        tx: mpsc::SyncSender<Result<(), Arc<JournalError>>>,
+        waits: Weak<()>,
+    },
     /// A task, awaiting the receiver without blocking its thread.
     Task(tokio::sync::oneshot::Sender<Result<(), Arc<JournalError>>>),
 }
@@ -45,13 +50,21 @@ impl Answer {
     /// Tells it; a receiver that gave up is not an error.
     pub(crate) fn send(self, result: Result<(), Arc<JournalError>>) {
         match self {
-            Answer::Nobody => {}
-            Answer::Thread(tx) => {
+            Answer::Thread { tx, .. } => {
                 let _ = tx.send(result);
             }
             Answer::Task(tx) => {
                 let _ = tx.send(result);
             }
+        }
+    }
+
+    /// Whether anyone still waits for it: one whose deadline passed (`flush_timeout`) or whose
+    /// task was dropped (`flush_async`) no longer does, and needs no place in the queue.
+    fn awaited(&self) -> bool {
+        match self {
+            Answer::Thread { waits, .. } => waits.strong_count() > 0,
+            Answer::Task(tx) => !tx.is_closed(),
         }
     }
 }
@@ -198,11 +211,17 @@ impl OpQueue {
 }
 
 /// Merges `op` into the ops at the back of `ops` if it can (returning `None`), else gives it
-/// back. A cursor and a used seq only set the group's cursor and raise its reservation, and
+/// back. A barrier right behind another asks for the commit of the same ops: the one already
+/// queued answers for both, keeping only the answers still awaited. A cursor and a used seq only set the group's cursor and raise its reservation, and
 /// neither cares about the other: in a run of them behind the last other op, only the last
 /// cursor and the highest seq count, so the run never holds more than one of each. Nothing
 /// moves past an append, whose item the cursor must not get ahead of.
-fn merge(ops: &mut VecDeque<Op>, op: Op) -> Option<Op> {
+fn merge(ops: &mut VecDeque<Op>, mut op: Op) -> Option<Op> {
+    if let (Some(Op::Barrier(queued)), Op::Barrier(new)) = (ops.back_mut(), &mut op) {
+        queued.retain(Answer::awaited);
+        queued.append(new);
+        return None;
+    }
     for queued in ops.iter_mut().rev().take(2) {
         match (queued, &op) {
             (Op::Cursor(cursor), Op::Cursor(new)) => {
@@ -274,6 +293,49 @@ mod tests {
                 "cursor 1001"
             ]
         );
+    }
+
+    #[test]
+    fn a_barrier_right_behind_another_merges_into_it_keeping_only_the_answers_awaited() {
+        let q = OpQueue::new(1024);
+        let (given_up, _) = tokio::sync::oneshot::channel();
+        let (awaited, answer) = tokio::sync::oneshot::channel();
+        let (tx, rx) = mpsc::sync_channel(1);
+        let waiting = Arc::new(());
+        let thread = Answer::Thread {
+            tx,
+            waits: Arc::downgrade(&waiting),
+        };
+        q.push(Op::Barrier(vec![Answer::Task(given_up)]));
+        q.push(Op::Barrier(Vec::new()));
+        q.push(Op::Barrier(vec![Answer::Task(awaited), thread]));
+        q.push(Op::Barrier(Vec::new()));
+        q.push(Op::Cursor(1));
+        q.push(Op::Barrier(Vec::new()));
+        let mut taken = VecDeque::new();
+        let _ = q.take_all(Until::Now, &mut taken);
+        let answers: Vec<usize> = taken
+            .into_iter()
+            .map(|op| match op {
+                Op::Barrier(answers) => {
+                    let n = answers.len();
+                    for answer in answers {
+                        answer.send(Ok(()));
+                    }
+                    n
+                }
+                Op::Cursor(_) => usize::MAX,
+                _ => unreachable!("only barriers and a cursor were pushed"),
+            })
+            .collect();
+        assert_eq!(
+            answers,
+            [2, usize::MAX, 0],
+            "one barrier before the cursor, with the two answers awaited; none merged past it"
+        );
+        assert!(matches!(answer.blocking_recv(), Ok(Ok(()))));
+        assert!(matches!(rx.try_recv(), Ok(Ok(()))));
+        drop(waiting);
     }
 
     #[test]
