@@ -3547,6 +3547,30 @@ mod tests {
         disk.join().unwrap();
     }
 
+    /// Once `close_timeout` has given up on a writer stuck in a commit, a later `flush`
+    /// (blocking or async) waited for the disk's answer all the same.
+    #[test]
+    fn flush_after_close_gave_up_on_a_hung_disk_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, release, disk) = cursor_for_a_hung_disk(&dir.path().join("j"));
+        let release = Mutex::new(Some(release));
+        bounded(
+            "flush and flush_async after close_timeout gave up on the hung disk",
+            Duration::from_secs(20),
+            || drop(release.lock().unwrap().take()),
+            move || {
+                c.close_timeout(Duration::from_millis(100));
+                c.flush();
+                tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .unwrap()
+                    .block_on(c.flush_async());
+            },
+        );
+        drop(release.lock().unwrap().take());
+        disk.join().unwrap();
+    }
+
     /// `flush_async` waited for the journal's last commit with a blocking receive: a task's
     /// thread stood still for the commit (for ever on a hung disk), and with it every other
     /// task of a current-thread runtime.

@@ -187,6 +187,9 @@ pub(crate) struct Durable<T> {
 /// the queue.
 const OPS_BOUND: (usize, usize) = (1024, 64 * 1024);
 
+/// How often a wait for the writer's answer looks whether `shut_down` gave up on it.
+const GIVEN_UP_CHECK: Duration = Duration::from_millis(100);
+
 /// Seqs reserved at a time; the writer reserves more once half of a block is used.
 const SEQ_BLOCK: u64 = 1 << 16;
 
@@ -403,6 +406,9 @@ impl<T> Durable<T> {
     /// whether it is committed: `false` if the commit failed or time ran out first, `true` if
     /// the writer is gone (what it did not commit is then reported as left by `close`).
     pub(crate) fn sync(&self, deadline: Option<Instant>) -> bool {
+        if self.stopped() {
+            return true;
+        }
         let (tx, rx) = mpsc::sync_channel(1);
         // Held while this thread waits: once it gave up, a barrier queued behind this one
         // drops the answer (see `ops::merge`).
@@ -414,15 +420,23 @@ impl<T> Durable<T> {
         if !self.ops.push(Op::Barrier(vec![answer])) {
             return true;
         }
-        let answer = match deadline {
-            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
-            Some(d) => rx.recv_timeout(d.saturating_duration_since(Instant::now())),
-        };
-        match answer {
-            Ok(result) => result.is_ok(),
-            // The writer exited before it read the barrier.
-            Err(RecvTimeoutError::Disconnected) => true,
-            Err(RecvTimeoutError::Timeout) => false,
+        loop {
+            // In slices: `shut_down` may give up on a writer stuck in a commit meanwhile.
+            let slice = deadline.map_or(GIVEN_UP_CHECK, |d| {
+                d.saturating_duration_since(Instant::now())
+                    .min(GIVEN_UP_CHECK)
+            });
+            match rx.recv_timeout(slice) {
+                Ok(result) => return result.is_ok(),
+                // The writer exited before it read the barrier.
+                Err(RecvTimeoutError::Disconnected) => return true,
+                Err(RecvTimeoutError::Timeout) if self.stopped() => return true,
+                Err(RecvTimeoutError::Timeout) => {
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return false;
+                    }
+                }
+            }
         }
     }
 
@@ -430,11 +444,25 @@ impl<T> Durable<T> {
     /// thread (a current-thread runtime's other tasks go on meanwhile).
     pub(crate) async fn sync_async(&self) -> bool {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if !self.ops.push(Op::Barrier(vec![Answer::Task(tx)])) {
+        if self.stopped() || !self.ops.push(Op::Barrier(vec![Answer::Task(tx)])) {
             return true;
         }
-        // A writer that exited before it read the barrier drops it unanswered.
-        rx.await.map_or(true, |result| result.is_ok())
+        tokio::pin!(rx);
+        loop {
+            // Enabled before the check: `shut_down` giving up on a writer stuck in a commit
+            // right after it still wakes this task.
+            let given_up = self.commits.notified();
+            tokio::pin!(given_up);
+            given_up.as_mut().enable();
+            if self.stopped() {
+                return true;
+            }
+            tokio::select! {
+                // A writer that exited before it read the barrier drops it unanswered.
+                answer = &mut rx => return answer.map_or(true, |result| result.is_ok()),
+                () = given_up => {}
+            }
+        }
     }
 
     /// Commits what is queued, stops the writer and closes the journal file (releasing its

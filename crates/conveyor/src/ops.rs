@@ -212,10 +212,11 @@ impl OpQueue {
 
 /// Merges `op` into the ops at the back of `ops` if it can (returning `None`), else gives it
 /// back. A barrier right behind another asks for the commit of the same ops: the one already
-/// queued answers for both, keeping only the answers still awaited. A cursor and a used seq only set the group's cursor and raise its reservation, and
-/// neither cares about the other: in a run of them behind the last other op, only the last
-/// cursor and the highest seq count, so the run never holds more than one of each. Nothing
-/// moves past an append, whose item the cursor must not get ahead of.
+/// queued answers for both, keeping only the answers still awaited. A cursor and a used seq
+/// only set the group's cursor and raise its reservation, and neither cares about the other: in
+/// a run of them behind the last other op, only the last cursor and the highest seq count, so
+/// the run never holds more than one of each. Nothing moves past an append, whose item the
+/// cursor must not get ahead of.
 fn merge(ops: &mut VecDeque<Op>, mut op: Op) -> Option<Op> {
     if let (Some(Op::Barrier(queued)), Op::Barrier(new)) = (ops.back_mut(), &mut op) {
         queued.retain(Answer::awaited);
