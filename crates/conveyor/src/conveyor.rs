@@ -349,12 +349,17 @@ impl<T, R> Shared<T, R> {
     fn wake_all(&self) {
         self.work.notify_all();
         self.work_async.notify_waiters();
-        self.space.notify_all();
-        self.space_async.notify_waiters();
+        self.wake_all_senders();
         self.settled.notify_all();
         self.settled_async.notify_waiters();
         self.shutdown.notify_all();
         self.shutdown_async.notify_waiters();
+    }
+
+    /// Every sender waiting for room (blocking or async) looks again.
+    fn wake_all_senders(&self) {
+        self.space.notify_all();
+        self.space_async.notify_waiters();
     }
 
     pub(crate) fn wake_one_sender(&self, st: &State<T, R>) {
@@ -374,8 +379,7 @@ impl<T, R> Shared<T, R> {
     /// can still do what it waits for (see `State::others_can_progress`).
     pub(crate) fn wake_waiting_inside(&self, st: &State<T, R>) {
         if st.any_waiting_inside() {
-            self.space.notify_all();
-            self.space_async.notify_waiters();
+            self.wake_all_senders();
             self.settled.notify_all();
             self.settled_async.notify_waiters();
         }
@@ -728,8 +732,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             let weak = Arc::downgrade(&shared);
             durable.on_room(Box::new(move || {
                 if let Some(shared) = weak.upgrade() {
-                    shared.space.notify_all();
-                    shared.space_async.notify_waiters();
+                    shared.wake_all_senders();
                 }
             }));
             start_replay(&shared)?;
@@ -2442,8 +2445,7 @@ fn next_page<T: Send + Sync + 'static, R: Send + 'static>(
         // Sends waiting behind the replay look again, and are refused: they could only wait
         // for as long as the disk stays unreadable. Under the lock they check under, so none
         // misses it.
-        shared.space.notify_all();
-        shared.space_async.notify_waiters();
+        shared.wake_all_senders();
         let deadline = Instant::now() + wait;
         while !st.abandoned && Instant::now() < deadline {
             (st, _) = shared.wait_until(&shared.shutdown, st, Some(deadline));
