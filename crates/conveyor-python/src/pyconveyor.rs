@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use conveyor::{Backpressure, Builder, OnFailure, Ordering, Retry, SendError};
+use conveyor::{Backpressure, Builder, JournalError, OnFailure, Ordering, Retry, SendError};
 use pyo3::exceptions::{
     PyKeyboardInterrupt, PyOverflowError, PyRuntimeError, PyTypeError, PyValueError,
 };
@@ -560,10 +560,7 @@ impl PyConveyor {
             ));
         }
         if cursor.is_some() && !self.options.journaled {
-            return Err(crate::journal::error(
-                py,
-                &conveyor::JournalError::NoJournal,
-            ));
+            return Err(crate::journal::error(py, &JournalError::NoJournal));
         }
         Ok(cursor)
     }
@@ -1211,13 +1208,22 @@ impl PyConveyor {
     /// Sends dead letter `seq` again, at the end of its lane with a new seq; returns its
     /// `Receipt`. Raises `JournalError` if there is no such dead letter. The new seq gives it a
     /// new `idempotency_key`: a receiver that drops repeats does not recognise it as the item
-    /// that failed, so retry only what the receiver did not take.
+    /// that failed, so retry only what the receiver did not take. On a full queue it waits for
+    /// room whatever the backpressure (a dead letter is never dropped on its way back), and
+    /// Ctrl-C interrupts that wait, leaving the dead letter where it was.
     fn retry_dead(&self, py: Python<'_>, seq: u64) -> PyResult<PyReceipt> {
         let shared = self.live(py)?;
         let engine = &shared.engine;
-        let receipt = py
-            .allow_threads(|| engine.retry_dead(seq))
-            .map_err(|err| crate::journal::error(py, &err))?;
+        // In slices, for Ctrl-C: a slice that finds the queue still full leaves the dead letter
+        // untouched, and the next one claims it again.
+        let retried = wait_interruptibly(py, None, |slice| {
+            match engine.retry_dead_timeout(seq, slice) {
+                Err(JournalError::QueueFull { .. }) => None,
+                done => Some(done),
+            }
+        })?
+        .expect("a wait without a timeout ends with its result");
+        let receipt = retried.map_err(|err| crate::journal::error(py, &err))?;
         self.accepted(py, shared, receipt)
     }
 

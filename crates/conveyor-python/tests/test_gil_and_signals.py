@@ -92,6 +92,33 @@ def test_ctrl_c_interrupts_send_on_a_full_queue(make):
     assert c.stats.accepted == 2
 
 
+def test_ctrl_c_interrupts_retry_dead_on_a_full_queue(make, tmp_path):
+    gate = threading.Event()
+
+    def sink(item):
+        if item == "bad":
+            raise conveyor.PermanentError("rejected")
+        gate.wait(60)
+
+    c = make(sink, capacity=1, journal=tmp_path / "events.journal")
+    assert c.send("bad").exception(timeout=10) is not None
+    [dead] = c.dead_letters()
+    c.send(1)
+    c.send(2)
+    wait_until_full(c)
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        interrupt_main_after(0.2)
+        c.retry_dead(dead.seq)
+    assert time.monotonic() - start < 5
+    # Interrupted before it was accepted: still a dead letter, and retried once room is made.
+    assert [d.seq for d in c.dead_letters()] == [dead.seq]
+    gate.set()
+    assert c.retry_dead(dead.seq).exception(timeout=30) is not None  # still "bad"
+    assert c.flush(timeout=30)
+    assert c.stats.accepted == 4
+
+
 def test_sink_that_waits_on_another_thread(make):
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
 

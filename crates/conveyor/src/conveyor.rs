@@ -533,9 +533,10 @@ enum Wait {
     /// Never wait (`try_send`).
     Never,
     /// A dead letter sent again (`retry_dead`): block the thread whatever the policy, as it
-    /// must not be refused or dropped on its way back into the queue. Not refused while the
-    /// journal fails either: it stays a dead letter there until its new append is committed.
-    Requeue,
+    /// must not be refused or dropped on its way back into the queue, until the deadline if
+    /// any (then refused as full: it stays a dead letter). Not refused while the journal
+    /// fails either: it stays a dead letter there until its new append is committed.
+    Requeue(Option<Instant>),
 }
 
 /// What a journaled send appends: the encoded item, an input position to store with it, and
@@ -770,7 +771,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             // After `closed`: a closed conveyor says so, whatever its journal's state. Checked
             // on every round, so that a send that waited for room is refused as one made now
             // (the replay wakes those waiting behind it when it cannot read, see `next_page`).
-            if wait != Wait::Requeue && self.journal_blocked() {
+            if !matches!(wait, Wait::Requeue(_)) && self.journal_blocked() {
                 inside.stop(&mut st);
                 return Err(Refused::Send(SendError::Journal(node)));
             }
@@ -799,7 +800,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             };
             let waits = matches!(
                 (shared.config.backpressure, wait),
-                (Backpressure::Block, Wait::Thread | Wait::Task) | (_, Wait::Requeue)
+                (Backpressure::Block, Wait::Thread | Wait::Task) | (_, Wait::Requeue(_))
             );
             if waits && needs_workers {
                 // From inside a sink call or a receipt callback, its own worker cannot make
@@ -811,7 +812,15 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
                 }
             }
             match (shared.config.backpressure, wait) {
-                (Backpressure::Block, Wait::Thread) | (_, Wait::Requeue) => {
+                (Backpressure::Block, Wait::Thread) | (_, Wait::Requeue(_)) => {
+                    let until = match wait {
+                        Wait::Requeue(until) => until,
+                        _ => None,
+                    };
+                    if until.is_some_and(|until| Instant::now() >= until) {
+                        inside.stop(&mut st);
+                        return Err(Refused::Send(SendError::Full(node)));
+                    }
                     drop(ik);
                     st.waiters.blocked_senders += 1;
                     // The journal's writer extends the seq reservation, or catches up with
@@ -819,8 +828,9 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
                     // must not take it: senders push to it under that lock), so its wake-up
                     // can fall between the check above and this wait: look again now and
                     // then. (An async sender enables its wake-up before the check.)
-                    let deadline = (room == Room::Later && !st.replaying)
+                    let recheck = (room == Room::Later && !st.replaying)
                         .then(|| Instant::now() + RESERVATION_CHECK);
+                    let deadline = [recheck, until].into_iter().flatten().min();
                     #[cfg(test)]
                     if let Some(hook) = BEFORE_SPACE_WAIT.with(std::cell::Cell::take) {
                         hook();
@@ -1873,6 +1883,61 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// [`JournalError::NoJournal`] without a journal, [`JournalError::Closed`] after close, a
     /// decoding error if the payload no longer matches the item type.
     pub fn retry_dead(&self, seq: u64) -> Result<Receipt<R>, JournalError> {
+        self.requeue_dead(seq, None)
+    }
+
+    /// [`retry_dead`](Conveyor::retry_dead) that waits for room in a full queue for at most
+    /// `timeout`. A caller that must stay responsive (to a shutdown, to Ctrl-C) calls it in
+    /// slices: the dead letter stays where it was until it is accepted.
+    ///
+    /// # Errors
+    ///
+    /// [`JournalError::QueueFull`] if the queue stayed full for `timeout`; otherwise as
+    /// [`retry_dead`](Conveyor::retry_dead).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::{Conveyor, JournalError, SinkError};
+    /// use std::sync::atomic::{AtomicBool, Ordering};
+    /// use std::sync::{mpsc, Arc, Mutex};
+    /// use std::time::Duration;
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let down = Arc::new(AtomicBool::new(true));
+    /// let receiver_down = down.clone();
+    /// let (release, gate) = mpsc::channel::<()>();
+    /// let gate = Mutex::new(gate);
+    /// let c: Conveyor<u32> = Conveyor::builder()
+    ///     .journal(dir.path().join("j"))
+    ///     .capacity(1)
+    ///     .build(move |d| match *d.item() {
+    ///         0 if receiver_down.load(Ordering::SeqCst) => Err(SinkError::permanent("down")),
+    ///         0 => Ok(()),
+    ///         _ => Ok(gate.lock().unwrap().recv().unwrap_or(())), // slow until released
+    ///     })?;
+    /// c.send(0).unwrap().wait().unwrap_err();
+    /// let seq = c.dead_letters()?[0].seq;
+    /// c.send(1).unwrap(); // held in the sink
+    /// c.send(2).unwrap(); // fills the queue
+    /// # while c.stats().in_flight == 0 { std::thread::yield_now(); }
+    /// let full = c.retry_dead_timeout(seq, Duration::from_millis(50));
+    /// assert!(matches!(full, Err(JournalError::QueueFull { .. })));
+    /// assert_eq!(c.dead_letters()?[0].seq, seq, "still a dead letter");
+    /// down.store(false, Ordering::SeqCst);
+    /// drop(release); // the sink goes on
+    /// c.retry_dead_timeout(seq, Duration::from_secs(30))?.wait().unwrap();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn retry_dead_timeout(
+        &self,
+        seq: u64,
+        timeout: Duration,
+    ) -> Result<Receipt<R>, JournalError> {
+        self.requeue_dead(seq, Some(later(timeout)))
+    }
+
+    fn requeue_dead(&self, seq: u64, until: Option<Instant>) -> Result<Receipt<R>, JournalError> {
         let durable = self.durable()?;
         let gone = || JournalError::NoSuchDeadLetter {
             path: durable.path.clone(),
@@ -1912,12 +1977,15 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         });
         let node = self.shared.node(key, item);
         let mut inside = InsideWait::new(&self.shared);
-        let receipt = match self.submit(node, &mut entry, Wait::Requeue, false, &mut inside) {
+        let receipt = match self.submit(node, &mut entry, Wait::Requeue(until), false, &mut inside)
+        {
             Ok(receipt) => receipt,
             Err(Refused::Send(SendError::Full(_))) => {
-                return Err(unclaim(JournalError::WouldWaitForItself {
-                    path: durable.path.clone(),
-                }))
+                let path = durable.path.clone();
+                return Err(unclaim(match until {
+                    Some(until) if Instant::now() >= until => JournalError::QueueFull { path },
+                    _ => JournalError::WouldWaitForItself { path },
+                }));
             }
             Err(_) => {
                 return Err(unclaim(JournalError::Closed {

@@ -315,6 +315,17 @@ pub enum JournalError {
         /// The journal file.
         path: PathBuf,
     },
+    /// [`Conveyor::retry_dead_timeout`](crate::Conveyor::retry_dead_timeout) found the queue
+    /// full for the whole timeout. The dead letter stays where it was.
+    #[error(
+        "the queue of the conveyor using journal {} stayed full until the timeout: the dead \
+         letter stays where it was; retry it later or with a longer timeout",
+        path.display()
+    )]
+    QueueFull {
+        /// The journal file.
+        path: PathBuf,
+    },
     /// Any other error reported by SQLite.
     #[error("journal {}: {source}", path.display())]
     Sqlite {
