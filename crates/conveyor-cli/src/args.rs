@@ -66,7 +66,15 @@ const JSON_DEAD_LIST_HELP: &str =
 const JSON_RETRY_HELP: &str =
     "Print {\"retried\": [SEQ, …], \"new_seqs\": [SEQ, …]} instead of text; new_seqs gives each its \
      new SEQ, in the same order.";
+const JSON_RETRY_LONG_HELP: &str =
+    "Print {\"retried\": [SEQ, …], \"new_seqs\": [SEQ, …]} instead of text; new_seqs gives each its \
+     new SEQ, in the same order.\n\nOn an error part way (a full disk), those retried until then \
+     stay retried: the object lists them, adds \"not_retried\": [SEQ, …] and \"error\", and the \
+     exit code is 2.";
 const JSON_DISCARD_HELP: &str = "Print {\"discarded\": [SEQ, …]} instead of text.";
+const JSON_DISCARD_LONG_HELP: &str = "Print {\"discarded\": [SEQ, …]} instead of text.\n\nOn an \
+     error part way (a full disk), those discarded until then stay discarded: the object lists \
+     them, adds \"not_discarded\": [SEQ, …] and \"error\", and the exit code is 2.";
 const JSON_RESUME_HELP: &str =
     "Print {\"resumed\": \"KEY\"} instead of text (KEY is \"\" for strict and pipelined).";
 
@@ -76,10 +84,18 @@ pub(crate) enum DeadCommand {
     #[command(mut_arg("json", |a| a.help(JSON_DEAD_LIST_HELP)))]
     List(JournalOpts),
     /// Put dead letters back at the end of their lane; the next `send` run delivers them.
-    #[command(mut_arg("json", |a| a.help(JSON_RETRY_HELP)))]
+    ///
+    /// Each is retried in a commit of its own, in seq order. On an error part way (a full disk),
+    /// those done stay done and are listed with the ones left; exit code 2, and running it again
+    /// with --all retries the rest.
+    #[command(mut_arg("json", |a| a.help(JSON_RETRY_HELP).long_help(JSON_RETRY_LONG_HELP)))]
     Retry(DeadTarget),
     /// Delete dead letters for good.
-    #[command(mut_arg("json", |a| a.help(JSON_DISCARD_HELP)))]
+    ///
+    /// Each is discarded in a commit of its own, in seq order. On an error part way (a full
+    /// disk), those done stay done and are listed with the ones left; exit code 2, and running it
+    /// again with --all discards the rest.
+    #[command(mut_arg("json", |a| a.help(JSON_DISCARD_HELP).long_help(JSON_DISCARD_LONG_HELP)))]
     Discard(DeadTarget),
 }
 

@@ -283,6 +283,10 @@ fn dead_list(opts: &JournalOpts) -> Result<u8, CliError> {
     Ok(exit::OK)
 }
 
+/// Retries or discards the target's dead letters, one commit each, stopping at the first that
+/// fails. Each one done is done for good, so what went through is printed even then (in --json
+/// with `not_VERB` and `error`), then the error ends the command: a rerun of `--all` finds only
+/// the rest, and one of a listed SEQ would fail on a dead letter already gone.
 fn dead_each(
     target: &DeadTarget,
     verb: &str,
@@ -290,6 +294,7 @@ fn dead_each(
     mut act: impl FnMut(&mut Journal, u64) -> Result<(String, Option<u64>), JournalError>,
 ) -> Result<u8, CliError> {
     let mut journal = open(&target.journal)?;
+    let json = target.journal.json;
     let seqs: Vec<u64> = match target.seq {
         Some(seq) => vec![seq],
         None => journal
@@ -300,24 +305,52 @@ fn dead_each(
             .collect(),
     };
     let mut new_seqs = Vec::new();
+    let mut done = 0;
+    let mut failed = None;
     for &seq in &seqs {
-        let (message, new_seq) = act(&mut journal, seq).map_err(journal_error)?;
-        new_seqs.extend(new_seq);
-        if !target.journal.json {
-            print_out(&message).map_err(CliError::io)?;
+        match act(&mut journal, seq) {
+            Ok((message, new_seq)) => {
+                done += 1;
+                new_seqs.extend(new_seq);
+                if !json {
+                    print_out(&message).map_err(CliError::io)?;
+                }
+            }
+            Err(e) => {
+                failed = Some(journal_error(e));
+                break;
+            }
         }
     }
-    if target.journal.json {
-        let mut value = json!({ verb: seqs });
+    let (went, left) = seqs.split_at(done);
+    if json {
+        let mut value = json!({ verb: went });
         if !new_seqs.is_empty() {
             // In the order of the old ones: old seqs[i] is delivered again as new_seqs[i].
             value["new_seqs"] = json!(new_seqs);
         }
+        if let Some(error) = &failed {
+            value[format!("not_{verb}")] = json!(left);
+            value["error"] = json!(error.message);
+        }
         print_out(&value.to_string()).map_err(CliError::io)?;
     } else if target.all {
-        print_out(&format!("{} dead letter(s) {verb}", seqs.len())).map_err(CliError::io)?;
+        let text = if failed.is_some() {
+            let left: Vec<String> = left.iter().map(u64::to_string).collect();
+            format!(
+                "{done} of {} dead letter(s) {verb}; not {verb}: seq {}",
+                seqs.len(),
+                left.join(", ")
+            )
+        } else {
+            format!("{done} dead letter(s) {verb}")
+        };
+        print_out(&text).map_err(CliError::io)?;
     }
-    journal_close(journal)
+    match failed {
+        Some(error) => Err(error),
+        None => journal_close(journal),
+    }
 }
 
 pub(crate) fn resume(args: &ResumeArgs) -> Result<u8, CliError> {

@@ -146,22 +146,7 @@ fn failed_lines_become_dead_letters_and_dead_retry_delivers_them() {
     expect_exit(&first, 1);
     assert_eq!(summary(&first)["failed"], 1);
 
-    let list = conveyor(dir.path())
-        .args([
-            "dead",
-            "list",
-            "--json",
-            "--journal",
-            journal.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    expect_exit(&list, 0);
-    let dead: Vec<serde_json::Value> = texts(&list)
-        .0
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let dead = dead_list(dir.path(), &journal);
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(dead[0]["line"], 3);
     assert_eq!(dead[0]["body"], r#"{"id":2,"user":"u0"}"#);
@@ -885,4 +870,141 @@ fn a_journal_in_use_can_be_read_but_changes_wait_for_the_send() {
     child.wait().unwrap();
     let (stdout, _) = read(&["dead", "list", "--json"]);
     assert_eq!(stdout.lines().count(), 1, "nothing was discarded: {stdout}");
+}
+
+/// Four dead letters (the third one large) in a journal on a disk with about 200 KiB left: a
+/// retry of the small ones fits, the large one's does not. Returns the disk, the journal and the
+/// dead letters' seqs, oldest first.
+fn dead_letters_on_an_almost_full_disk(
+    dir: &std::path::Path,
+) -> (TinyDisk, std::path::PathBuf, Vec<u64>) {
+    let disk = TinyDisk::new("8m");
+    let server = Server::start(|_| Reply::status(422).body("not today")).unwrap();
+    let mut lines = items(4, 1);
+    lines[2] = format!(r#"{{"id":2,"pad":"{}"}}"#, "x".repeat(1_000_000));
+    let input = write_lines(dir, "in.jsonl", &lines);
+    let journal = disk.dir.path().join("j.journal");
+    let sent = send_json(dir, &input, &server.url())
+        .args(["--journal", journal.to_str().unwrap()])
+        .output()
+        .unwrap();
+    expect_exit(&sent, 1);
+    let seqs = dead_seqs(dir, &journal);
+    assert_eq!(seqs.len(), 4, "{seqs:?}");
+
+    // Fills the disk, then gives back about 200 KiB.
+    let filler = disk.dir.path().join("filler");
+    let mut file = std::fs::File::create(&filler).unwrap();
+    let chunk = vec![0u8; 64 * 1024];
+    while std::io::Write::write_all(&mut file, &chunk).is_ok() {}
+    let len = file.metadata().unwrap().len();
+    file.set_len(len.saturating_sub(200 * 1024)).unwrap();
+    (disk, journal, seqs)
+}
+
+/// What `dead list --json` shows, oldest first.
+fn dead_list(dir: &std::path::Path, journal: &std::path::Path) -> Vec<serde_json::Value> {
+    let list = conveyor(dir)
+        .args(["dead", "list", "--json", "--journal"])
+        .arg(journal)
+        .output()
+        .unwrap();
+    let (out, _) = expect_exit(&list, 0);
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The seqs of [`dead_list`].
+fn dead_seqs(dir: &std::path::Path, journal: &std::path::Path) -> Vec<u64> {
+    let dead = dead_list(dir, journal);
+    dead.iter().map(|d| d["seq"].as_u64().unwrap()).collect()
+}
+
+/// A `dead retry --all` the disk stops part way says which dead letters went through and which
+/// did not (in --json too, with the error), so that nobody retries the first ones twice.
+#[test]
+fn dead_retry_all_stopped_part_way_says_what_went_through() {
+    for json in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let (disk, journal, seqs) = dead_letters_on_an_almost_full_disk(dir.path());
+        let retry = conveyor(dir.path())
+            .args([
+                "dead",
+                "retry",
+                "--all",
+                "--journal",
+                journal.to_str().unwrap(),
+            ])
+            .args(json.then_some("--json"))
+            .output()
+            .unwrap();
+        let (out, err) = expect_exit(&retry, 2);
+        assert!(err.contains("the disk is full"), "{err}");
+        if json {
+            let out: serde_json::Value = serde_json::from_str(out.trim())
+                .unwrap_or_else(|e| panic!("not one JSON object ({e}): {out:?}"));
+            assert_eq!(out["retried"], serde_json::json!(seqs[..2]), "{out}");
+            assert_eq!(out["new_seqs"].as_array().map(Vec::len), Some(2), "{out}");
+            assert_eq!(out["not_retried"], serde_json::json!(seqs[2..]), "{out}");
+            assert!(
+                out["error"].as_str().unwrap().contains("the disk is full"),
+                "{out}"
+            );
+        } else {
+            for seq in &seqs[..2] {
+                assert!(
+                    out.contains(&format!("dead letter {seq} queued again")),
+                    "{out}"
+                );
+            }
+            let rest = format!("seq {}, {}", seqs[2], seqs[3]);
+            assert!(
+                out.contains("2 of 4 dead letter(s) retried") && out.contains(&rest),
+                "{out}"
+            );
+        }
+        disk.grow("64m");
+        assert_eq!(dead_seqs(dir.path(), &journal), seqs[2..]);
+    }
+}
+
+/// A dead letter that is not there: with --json, stdout still says what was done (nothing).
+#[test]
+fn dead_discard_of_a_missing_seq_prints_its_error_in_json_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join("j.journal");
+    let server = Server::start(|_| Reply::ok()).unwrap();
+    let input = write_lines(dir.path(), "in.jsonl", &items(1, 1));
+    let sent = send_json(dir.path(), &input, &server.url())
+        .args(["--journal", journal.to_str().unwrap()])
+        .output()
+        .unwrap();
+    expect_exit(&sent, 0);
+    for (verb, done) in [("discard", "discarded"), ("retry", "retried")] {
+        let output = conveyor(dir.path())
+            .args([
+                "dead",
+                verb,
+                "7",
+                "--json",
+                "--journal",
+                journal.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        let (out, err) = expect_exit(&output, 2);
+        assert!(err.contains("no dead letter with seq 7"), "{err}");
+        let out: serde_json::Value = serde_json::from_str(out.trim())
+            .unwrap_or_else(|e| panic!("not one JSON object ({e}): {out:?}"));
+        assert_eq!(out[done], serde_json::json!([]), "{out}");
+        assert_eq!(out[format!("not_{done}")], serde_json::json!([7]), "{out}");
+        assert!(
+            out["error"]
+                .as_str()
+                .unwrap()
+                .contains("no dead letter with seq 7"),
+            "{out}"
+        );
+    }
 }
