@@ -356,6 +356,10 @@ pub(crate) struct SendArgs {
     ///
     /// A run that reads a file from its first line empties it first; a resumed run (which skips the lines read
     /// before) and a run on stdin or a pipe append, so the rejects of earlier runs are kept.
+    ///
+    /// It holds whole lines only: a line whose copy cannot be finished (the input fails within
+    /// an overlong line, the disk fills, the run is killed) is cut off, at once or by the next
+    /// run.
     #[arg(long, value_name = "FILE")]
     pub(crate) rejects: Option<PathBuf>,
 

@@ -10,6 +10,7 @@ mod demo;
 mod input;
 mod journal;
 mod ops;
+mod rejects;
 mod report;
 mod send;
 mod sink;

@@ -15,6 +15,7 @@ use conveyor::{Conveyor, DeliveryError, OnFailure, Ordering, Retry, SendError, S
 
 use crate::args::{FailurePolicy, OrderingArg, OutputArgs, SendArgs};
 use crate::input::{overlong_reason, KeySpec, Line, LineReader, Parsed, MAX_LINE};
+use crate::rejects::Rejects;
 use crate::report::{millis, print_out, Progress, Summary};
 use crate::sink::{sink_fn, ExecSink, Latencies, Target};
 use crate::{exit, journal, CliError};
@@ -332,7 +333,7 @@ type Reader = LineReader<Box<dyn BufRead + Send>>;
 
 /// Opens the input and the rejects file, and skips what an earlier run took; all before the
 /// journal is opened, so that a mistyped input path leaves no journal behind.
-fn open_input(plan: &SendPlan, input: &Input) -> Result<(Reader, Option<File>), CliError> {
+fn open_input(plan: &SendPlan, input: &Input) -> Result<(Reader, Option<Rejects>), CliError> {
     let mut reader = LineReader::new(input.open(!plan.sync)?, plan.key.clone());
     // Where a rerun picks up: the position stored with the last items a previous run accepted.
     // Only a file reads the same lines again; on stdin or a pipe the journal still replays what
@@ -354,29 +355,13 @@ fn open_input(plan: &SendPlan, input: &Input) -> Result<(Reader, Option<File>), 
         // A run that reads a file from its first line rejects every bad line again: start
         // afresh. A resumed run skips the lines it rejected before, and stdin or a pipe is a new
         // stream each time: keep what earlier runs wrote.
-        Some(path) => Some(open_rejects(
+        Some(path) => Some(Rejects::open(
             path,
             input.is_replayable() && resume_after == 0,
         )?),
         None => None,
     };
     Ok((reader, rejects))
-}
-
-/// Opens `--rejects FILE`, emptied first when `afresh`, appended to otherwise.
-fn open_rejects(path: &Path, afresh: bool) -> Result<File, CliError> {
-    let mut options = File::options();
-    if afresh {
-        options.write(true).create(true).truncate(true);
-    } else {
-        options.append(true).create(true);
-    }
-    options.open(path).map_err(|e| {
-        CliError::usage(format!(
-            "cannot open the rejects file {}: {e}",
-            path.display()
-        ))
-    })
 }
 
 /// Skips the lines an earlier run `taken` from the input. A file with fewer lines was replaced
@@ -774,9 +759,8 @@ fn read_and_submit(
     journaled: bool,
     stop: &AtomicBool,
     counters: &Arc<ReadCounters>,
-    // Unbuffered, one write per bad line (they are few): a line reported as copied is in the
-    // file, whatever ends the run.
-    mut rejects: Option<File>,
+    // Dropped when the input fails within an overlong line: that cuts off the part copied.
+    mut rejects: Option<Rejects>,
     progress: &Progress,
 ) -> ReadOutcome {
     let started = Instant::now();
@@ -784,29 +768,30 @@ fn read_and_submit(
     let mut journal_failed = false;
     while !stop.load(AtomicOrdering::Relaxed) {
         // An overlong line's bytes are copied as they are read, never held whole.
-        let parsed =
-            match reader.next_line(&mut |bytes| copy_rejected(&mut rejects, progress, bytes)) {
-                Ok(Some(parsed)) => parsed,
-                Ok(None) => break,
-                Err(e) => {
-                    error = Some(format!(
-                        "cannot read input after line {}: {e}",
-                        reader.position()
-                    ));
-                    break;
-                }
-            };
+        let parsed = match reader
+            .next_line(&mut |bytes| copy_rejected(&mut rejects, progress, |file| file.part(bytes)))
+        {
+            Ok(Some(parsed)) => parsed,
+            Ok(None) => break,
+            Err(e) => {
+                error = Some(format!(
+                    "cannot read input after line {}: {e}",
+                    reader.position()
+                ));
+                break;
+            }
+        };
         // Whether this line is done with without an item in the journal to carry its position.
         let mut skipped = !matches!(parsed, Parsed::Item { .. });
         match parsed {
             Parsed::Blank => {}
             Parsed::Rejected { line, raw, reason } => {
-                reject(counters, progress, &mut rejects, line, raw, &reason);
+                reject(counters, progress, &mut rejects, line, &raw, &reason);
             }
             Parsed::Overlong { line, size } => {
                 // Its bytes are in the rejects file already: this ends its line there.
                 let reason = overlong_reason(size, MAX_LINE);
-                reject(counters, progress, &mut rejects, line, Vec::new(), &reason);
+                reject(counters, progress, &mut rejects, line, &[], &reason);
             }
             Parsed::Item { line, key } => {
                 let number = line.line;
@@ -852,7 +837,7 @@ fn read_and_submit(
                             progress,
                             &mut rejects,
                             number,
-                            item.body.into_bytes(),
+                            item.body.as_bytes(),
                             &reason,
                         );
                         skipped = true;
@@ -898,22 +883,28 @@ fn read_and_submit(
 fn reject(
     counters: &ReadCounters,
     progress: &Progress,
-    rejects: &mut Option<File>,
+    rejects: &mut Option<Rejects>,
     line: u64,
-    mut raw: Vec<u8>,
+    raw: &[u8],
     reason: &str,
 ) {
     counters.rejected.fetch_add(1, AtomicOrdering::Relaxed);
-    raw.push(b'\n');
-    copy_rejected(rejects, progress, &raw);
+    copy_rejected(rejects, progress, |file| file.end_line(raw));
     progress.note(&format!("line {line}: rejected: {reason}"));
 }
 
-/// Writes `bytes` to `--rejects FILE`, if given (and no write to it failed before).
-fn copy_rejected(rejects: &mut Option<File>, progress: &Progress, bytes: &[u8]) {
+/// Copies to `--rejects FILE` with `write`, if given (and no write to it failed before).
+fn copy_rejected(
+    rejects: &mut Option<Rejects>,
+    progress: &Progress,
+    write: impl FnOnce(&mut Rejects) -> io::Result<()>,
+) {
     if let Some(file) = rejects {
-        if let Err(e) = file.write_all(bytes) {
-            progress.note(&format!("cannot write to the rejects file: {e}"));
+        if let Err(e) = write(file) {
+            progress.note(&format!(
+                "cannot write to the rejects file: {e}; it keeps the lines copied before, and \
+                 no more are copied in this run"
+            ));
             *rejects = None;
         }
     }

@@ -20,13 +20,7 @@ fn bad_lines_are_reported_copied_and_never_stop_the_rest() {
     ];
     let input = write_lines(dir.path(), "in.jsonl", &lines);
     let rejects = dir.path().join("rejects.jsonl");
-    let output = send_in_memory(
-        dir.path(),
-        &input,
-        &server.url(),
-        &["--rejects", rejects.to_str().unwrap()],
-    );
-    let (_, stderr) = expect_exit(&output, 1);
+    let (output, stderr) = send_rejecting(dir.path(), &input, &server.url(), &rejects);
     assert!(
         stderr.contains("line 2: rejected: not valid JSON"),
         "{stderr}"
@@ -49,6 +43,19 @@ fn bad_lines_are_reported_copied_and_never_stop_the_rest() {
         (summary["delivered"].as_u64(), summary["rejected"].as_u64()),
         (Some(3), Some(2))
     );
+}
+
+/// `send_in_memory` with `--rejects REJECTS`, for a run that rejects lines (exit 1): its output
+/// and its stderr.
+fn send_rejecting(
+    dir: &std::path::Path,
+    input: &std::path::Path,
+    url: &str,
+    rejects: &std::path::Path,
+) -> (std::process::Output, String) {
+    let output = send_in_memory(dir, input, url, &["--rejects", rejects.to_str().unwrap()]);
+    let (_, stderr) = expect_exit(&output, 1);
+    (output, stderr)
 }
 
 #[test]
@@ -428,4 +435,107 @@ fn a_line_over_the_limit_is_rejected_alike_with_the_journal_and_copied_whole() {
     expect_exit(&output, 0);
     assert_eq!(server.count(), 2);
     assert_eq!(summary(&output)["rejected"].as_u64(), Some(0));
+}
+
+/// A rejects file holds whole lines only: an input failing in the middle of an overlong line,
+/// whose bytes were being copied as they were read, leaves no half line behind.
+#[test]
+fn an_input_failing_within_an_overlong_line_leaves_no_half_line_in_rejects() {
+    use std::net::{TcpListener, TcpStream};
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(|_| Reply::ok()).unwrap();
+    let rejects = dir.path().join("rejects.jsonl");
+    // Conveyor's stdin is one end of a TCP connection; the test writes into the other, whose
+    // close with data it has not read is a reset: conveyor's next read fails (ECONNRESET).
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut ours = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (theirs, _) = listener.accept().unwrap();
+    (&theirs).write_all(b"unread").unwrap();
+    let child = std::process::Command::new(conveyor_path())
+        .current_dir(dir.path())
+        .args(["send", "-", "--no-journal", "--json", "--to", &server.url()])
+        .args(["--rejects", rejects.to_str().unwrap()])
+        .stdin(std::os::fd::OwnedFd::from(theirs))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    ours.write_all(b"{bad\n").unwrap();
+    let writer = std::thread::spawn(move || {
+        // Never ended: the reset cuts it short (a write after it fails).
+        let _ = write_padded(&mut ours, 1, MAX_LINE + (64 << 20));
+        ours
+    });
+    let copying = || std::fs::metadata(&rejects).map_or(0, |m| m.len()) > 5;
+    wait_for("the overlong line to be copied", copying);
+    drop(writer.join().unwrap());
+    let output = child.wait_with_output().unwrap();
+    let (_, stderr) = expect_exit(&output, 2);
+    assert!(
+        stderr.contains("cannot read input after line 1"),
+        "{stderr}"
+    );
+    let len = std::fs::metadata(&rejects).unwrap().len();
+    assert_eq!(len, 5, "only the whole line `{{bad` is kept");
+    assert_eq!(std::fs::read_to_string(&rejects).unwrap(), "{bad\n");
+}
+
+/// A rejects file holds whole lines only: a disk that fills while a line is copied keeps the
+/// lines before it (the run goes on, saying that it copies no more).
+#[test]
+fn a_rejects_file_on_a_full_disk_keeps_whole_lines_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = TinyDisk::new("64k");
+    let server = Server::start(|_| Reply::ok()).unwrap();
+    // 100 bytes a line: 4096 is no multiple of it, so the disk fills within a line.
+    let bad: Vec<String> = (0..2000).map(|i| format!("{{bad {i:094}")).collect();
+    let input = write_lines(dir.path(), "in.jsonl", &bad);
+    let rejects = disk.dir.path().join("rejects.jsonl");
+    let (output, stderr) = send_rejecting(dir.path(), &input, &server.url(), &rejects);
+    assert_eq!(summary(&output)["rejected"], 2000);
+    assert!(
+        stderr.contains("cannot write to the rejects file"),
+        "{stderr}"
+    );
+    let copied = std::fs::read_to_string(&rejects).unwrap();
+    assert!(copied.ends_with('\n'), "ends with a half line: {copied:?}");
+    let copied: Vec<&str> = copied.lines().collect();
+    assert!(
+        !copied.is_empty() && copied.len() < 2000,
+        "{}",
+        copied.len()
+    );
+    assert_eq!(copied, bad[..copied.len()]);
+}
+
+/// A run killed while it copied an overlong line leaves half of it in the rejects file: the
+/// next run that appends to the file cuts it off first, rather than glue its lines to it.
+#[test]
+fn a_half_line_left_in_rejects_by_a_killed_run_is_cut_off_by_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(|_| Reply::ok()).unwrap();
+    let rejects = dir.path().join("rejects.jsonl");
+    std::fs::write(&rejects, "{old\n{\"pad\":\"xxxx").unwrap();
+    let output = conveyor(dir.path())
+        .args(["send", "-", "--no-journal", "--json", "--to", &server.url()])
+        .args(["--rejects", rejects.to_str().unwrap()])
+        .write_stdin("nope\n{\"id\":0}\n")
+        .output()
+        .unwrap();
+    let (_, stderr) = expect_exit(&output, 1);
+    assert_eq!(std::fs::read_to_string(&rejects).unwrap(), "{old\nnope\n");
+    assert!(stderr.contains("half a line"), "{stderr}");
+}
+
+/// `--rejects` may name a device or a pipe (`/dev/null`, `/dev/stderr`, `>(gzip > r.gz)`): it
+/// is written to as it is, never emptied nor cut (which it does not allow).
+#[test]
+fn a_rejects_path_that_is_no_file_is_written_as_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(|_| Reply::ok()).unwrap();
+    let input = write_lines(dir.path(), "in.jsonl", &["nope".into(), "{}".into()]);
+    let devnull = std::path::Path::new("/dev/null");
+    let (output, stderr) = send_rejecting(dir.path(), &input, &server.url(), devnull);
+    assert!(!stderr.contains("rejects file"), "{stderr}");
+    assert_eq!(summary(&output)["rejected"], 1);
 }
