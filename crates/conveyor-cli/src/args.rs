@@ -359,7 +359,10 @@ pub(crate) struct SendArgs {
     ///
     /// It holds whole lines only: a line whose copy cannot be finished (the input fails within
     /// an overlong line, the disk fills, the run is killed) is cut off, at once or by the next
-    /// run.
+    /// run. A bad line is copied when it is read, before the journal records the input position
+    /// past it: after a crash, a kill or a journal that could not be written (a full disk), the
+    /// rerun reads the last few lines again, and copies the bad ones among them again. Like
+    /// deliveries, rejects are at least once: a line may be there twice.
     #[arg(long, value_name = "FILE")]
     pub(crate) rejects: Option<PathBuf>,
 
