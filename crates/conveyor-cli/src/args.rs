@@ -357,9 +357,10 @@ pub(crate) struct SendArgs {
     /// A run that reads a file from its first line empties it first; a resumed run (which skips the lines read
     /// before) and a run on stdin or a pipe append, so the rejects of earlier runs are kept.
     ///
-    /// It holds whole lines only: a line whose copy cannot be finished (the input fails within
-    /// an overlong line, the disk fills, the run is killed) is cut off, at once or by the next
-    /// run. A bad line is copied when it is read, before the journal records the input position
+    /// Its lines are never glued together: a line whose copy cannot be finished (the input
+    /// fails within an overlong line, the disk fills) is cut off; a half line left by a killed
+    /// run is ended by the next run (nothing is cut: the file may be your own); a rerun that
+    /// reads that line again copies it whole. A bad line is copied when it is read, before the journal records the input position
     /// past it: after a crash, a kill or a journal that could not be written (a full disk), the
     /// rerun reads the last few lines again, and copies the bad ones among them again. Like
     /// deliveries, rejects are at least once: a line may be there twice.

@@ -6,9 +6,9 @@ use std::path::Path;
 
 use crate::CliError;
 
-/// The rejects file. It only ever holds whole lines, each ended by `\n`, since a later tool
-/// reads it as JSON lines: a line copied in parts (an overlong one, as it is read) that never
-/// ends, or one whose write fails (a full disk), is cut off again.
+/// The rejects file. What a run writes there is whole lines, each ended by `\n`, since a later
+/// tool reads it line by line: a line copied in parts (an overlong one, as it is read) that
+/// never ends, or one whose write fails (a full disk), is cut off again.
 ///
 /// Unbuffered, one write per line or part (bad lines are few): a line copied is in the file,
 /// whatever ends the run.
@@ -26,9 +26,11 @@ pub(crate) struct Rejects {
 }
 
 impl Rejects {
-    /// Opens `path`, emptied first when `afresh`, appended to otherwise. A file that ends in
-    /// part of a line (left by a run killed while it copied an overlong one) has that part cut
-    /// off, and a note says so: the next line would be glued to it.
+    /// Opens `path`, emptied first when `afresh`, appended to otherwise. A file that ends
+    /// without a line ending (half a line left by a run killed while it copied an overlong one,
+    /// or a file of the user's own) gets one, and a note says so: the next line would be glued
+    /// to it. Nothing already in the file is cut: this run cannot tell whose bytes they are, and
+    /// a killed run's half line is copied whole again when the rerun reads its line again.
     pub(crate) fn open(path: &Path, afresh: bool) -> Result<Self, CliError> {
         let error = |e: io::Error| {
             CliError::usage(format!(
@@ -36,7 +38,7 @@ impl Rejects {
                 path.display()
             ))
         };
-        let file = File::options()
+        let mut file = File::options()
             .append(true)
             .create(true)
             .open(path)
@@ -44,32 +46,28 @@ impl Rejects {
         let meta = file.metadata().map_err(error)?;
         // A device or a pipe (`/dev/stderr`, `>(gzip > r.gz)`) is written to as it is: it can be
         // neither emptied nor cut.
-        let (len, whole) = match (meta.is_file(), afresh) {
-            (false, _) => (0, 0),
+        let len = match (meta.is_file(), afresh) {
+            (false, _) => 0,
             (true, true) => {
                 file.set_len(0).map_err(error)?;
-                (0, 0)
+                0
             }
-            (true, false) => {
-                let len = meta.len();
-                let mut reading = File::open(path).map_err(error)?;
-                (len, whole_lines(&mut reading, len).map_err(error)?)
-            }
+            (true, false) => meta.len(),
         };
-        if whole < len {
-            file.set_len(whole).map_err(error)?;
+        if len > 0 && !ends_a_line(path, len).map_err(error)? {
+            file.write_all(b"\n").map_err(error)?;
             eprintln!(
-                "conveyor: note: the rejects file {} ended in half a line ({} bytes, left by a \
-                 run stopped while it copied an overlong line): cut off, so that the file holds \
-                 whole lines only",
-                path.display(),
-                len - whole
+                "conveyor: note: the rejects file {} did not end with a line ending (half a line \
+                 left by a run stopped while it copied an overlong line?): one was added, so \
+                 that the next line starts on a line of its own",
+                path.display()
             );
         }
+        let len = file.metadata().map_err(error)?.len();
         Ok(Self {
             file,
-            whole,
-            len: whole,
+            whole: len,
+            len,
             partial: false,
         })
     }
@@ -129,43 +127,18 @@ impl Drop for Rejects {
     }
 }
 
-/// The length of the whole lines of a file `len` bytes long: up to and with its last `\n`.
-fn whole_lines(file: &mut File, len: u64) -> io::Result<u64> {
-    const CHUNK: u64 = 64 * 1024;
-    let mut end = len;
-    let mut chunk = vec![0; CHUNK as usize];
-    while end > 0 {
-        let start = end.saturating_sub(CHUNK);
-        let piece = &mut chunk[..(end - start) as usize];
-        file.seek(SeekFrom::Start(start))?;
-        file.read_exact(piece)?;
-        if let Some(i) = piece.iter().rposition(|&b| b == b'\n') {
-            return Ok(start + i as u64 + 1);
-        }
-        end = start;
-    }
-    Ok(0)
+/// Whether the file at `path`, `len` bytes long, ends with a line ending.
+fn ends_a_line(path: &Path, len: u64) -> io::Result<bool> {
+    let mut file = File::open(path)?;
+    file.seek(SeekFrom::Start(len - 1))?;
+    let mut last = [0];
+    file.read_exact(&mut last)?;
+    Ok(last[0] == b'\n')
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn whole_lines_end_at_the_last_line_ending() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("r");
-        for (text, whole) in [("", 0), ("a\n", 2), ("a\nb", 2), ("half", 0), ("a\nb\n", 4)] {
-            std::fs::write(&path, text).unwrap();
-            let mut file = File::open(&path).unwrap();
-            assert_eq!(whole_lines(&mut file, text.len() as u64).unwrap(), whole);
-        }
-        // Past a chunk's worth of half line.
-        let long = format!("a\n{}", "x".repeat(200_000));
-        std::fs::write(&path, &long).unwrap();
-        let mut file = File::open(&path).unwrap();
-        assert_eq!(whole_lines(&mut file, long.len() as u64).unwrap(), 2);
-    }
 
     #[test]
     fn a_line_copied_in_parts_counts_once_it_ends() {

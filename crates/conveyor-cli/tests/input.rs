@@ -509,9 +509,10 @@ fn a_rejects_file_on_a_full_disk_keeps_whole_lines_only() {
 }
 
 /// A run killed while it copied an overlong line leaves half of it in the rejects file: the
-/// next run that appends to the file cuts it off first, rather than glue its lines to it.
+/// next run that appends to the file ends that line first, rather than glue its lines to it,
+/// and cuts nothing (the file may be the user's own).
 #[test]
-fn a_half_line_left_in_rejects_by_a_killed_run_is_cut_off_by_the_next() {
+fn a_half_line_left_in_rejects_by_a_killed_run_is_ended_by_the_next() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(|_| Reply::ok()).unwrap();
     let rejects = dir.path().join("rejects.jsonl");
@@ -523,8 +524,14 @@ fn a_half_line_left_in_rejects_by_a_killed_run_is_cut_off_by_the_next() {
         .output()
         .unwrap();
     let (_, stderr) = expect_exit(&output, 1);
-    assert_eq!(std::fs::read_to_string(&rejects).unwrap(), "{old\nnope\n");
-    assert!(stderr.contains("half a line"), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(&rejects).unwrap(),
+        "{old\n{\"pad\":\"xxxx\nnope\n"
+    );
+    assert!(
+        stderr.contains("did not end with a line ending"),
+        "{stderr}"
+    );
 }
 
 /// `--rejects` may name a device or a pipe (`/dev/null`, `/dev/stderr`, `>(gzip > r.gz)`): it
