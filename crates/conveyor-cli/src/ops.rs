@@ -362,8 +362,23 @@ pub(crate) fn resume(args: &ResumeArgs) -> Result<u8, CliError> {
         format!("lane {:?}", args.key)
     };
     if !resumed {
+        // A mistyped key, or no key for a keyed run's lane: name the lanes that are paused, as
+        // the commands that resume them.
+        let paused: Vec<String> = journal
+            .status()
+            .map_err(journal_error)?
+            .lanes
+            .iter()
+            .filter(|l| l.paused.is_some())
+            .map(|l| format!("`{}`", resume_command(&l.lane)))
+            .collect();
+        let hint = if paused.is_empty() {
+            "no lane is paused there".to_owned()
+        } else {
+            format!("the paused ones resume with {}", paused.join(", "))
+        };
         return Err(CliError::usage(format!(
-            "{lane} is not paused in {}: `conveyor status` lists paused lanes",
+            "{lane} is not paused in {}: {hint}",
             journal.path().display()
         )));
     }

@@ -432,6 +432,28 @@ fn a_paused_key_stops_the_run_only_once_the_other_keys_are_done() {
 }
 
 #[test]
+fn resuming_a_lane_that_is_not_paused_names_the_commands_for_those_that_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _broken) = server_failing_id(2, || Reply::status(404));
+    let input = write_lines(dir.path(), "in.jsonl", &items(8, 4));
+    let keyed = ["--ordering", "keyed:4", "--key", "user"];
+    expect_exit(&send_pausing(dir.path(), &input, &server.url(), &keyed), 3);
+    let resume = |args: &[&str]| conveyor(dir.path()).args(args).output().unwrap();
+
+    // No key, as for a strict run, and a mistyped key: both say how to resume the paused lane.
+    for args in [&["resume"][..], &["resume", "u9"]] {
+        let (_, stderr) = expect_exit(&resume(args), 2);
+        assert!(
+            stderr.contains("is not paused") && stderr.contains("`conveyor resume u2`"),
+            "{args:?}: {stderr}"
+        );
+    }
+    expect_exit(&resume(&["resume", "u2"]), 0);
+    let (_, stderr) = expect_exit(&resume(&["resume", "u2"]), 2);
+    assert!(stderr.contains("no lane is paused"), "{stderr}");
+}
+
+#[test]
 fn an_input_shorter_than_the_journal_position_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(|_| Reply::ok()).unwrap();
