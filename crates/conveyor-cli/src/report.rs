@@ -142,8 +142,11 @@ impl Summary {
             text.push_str(&format!(
                 "\nresumed: skipped the first {lines}, taken by an earlier run"
             ));
-            // A rerun meant to send the same file again looks like it did nothing: say how.
-            if let (0, 0, Some(journal)) = (self.accepted, self.rejected, &self.journal) {
+            // A rerun meant to send the same file again looks like it did nothing: say how. Not
+            // after a rerun that delivered what a crash left: that one did what it was run for.
+            let settled = self.delivered + self.failed + self.left;
+            if let (0, 0, 0, Some(journal)) = (self.accepted, self.rejected, settled, &self.journal)
+            {
                 text.push_str(&format!(
                     "; nothing new to send. To send the input again from its first line, give \
                      another --journal PATH (or delete {journal})"
@@ -279,11 +282,27 @@ mod tests {
             journal: Some("j.journal".into()),
             ..summary()
         };
-        let text = done.human();
+        let text = Summary {
+            delivered: 0,
+            failed: 0,
+            ..done.clone()
+        }
+        .human();
         assert!(
             text.contains("skipped the first line, taken by an earlier run; nothing new to send")
                 && text.contains("another --journal PATH (or delete j.journal)"),
             "{text}"
+        );
+        // A rerun after a crash delivered what the journal held: the advice would read as if
+        // the resume had failed.
+        let resumed = done.human();
+        assert!(
+            resumed.contains("skipped the first line, taken by an earlier run"),
+            "{resumed}"
+        );
+        assert!(
+            !resumed.contains("nothing new") && !resumed.contains("another --journal"),
+            "{resumed}"
         );
         let grew = Summary {
             accepted: 2,
