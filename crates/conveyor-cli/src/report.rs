@@ -113,6 +113,10 @@ pub(crate) struct Summary {
     pub(crate) interrupted: bool,
     pub(crate) paused_lanes: Vec<String>,
     pub(crate) journal: Option<String>,
+    /// The input was stdin or a pipe, which a rerun reads anew from its first line: rerunning
+    /// the same command does not pick up where this run stopped reading.
+    #[serde(skip)]
+    pub(crate) stream: bool,
     /// Why the journal could not be written at the end of the run, if it could not: it then
     /// still holds lines that were delivered.
     pub(crate) journal_error: Option<String>,
@@ -175,6 +179,12 @@ impl Summary {
                 n => (format!("{n} items"), "were not delivered and are"),
             };
             match &self.journal {
+                Some(path) if self.stream => text.push_str(&format!(
+                    "\n{items} left in the journal {path}: rerun the same command to deliver \
+                     them. The rerun reads its input stream anew from the first line: feed it \
+                     only the lines this run did not read (`conveyor status` shows how far it \
+                     read), or those read are sent again as new lines"
+                )),
                 Some(path) => text.push_str(&format!(
                     "\n{items} left in the journal {path}: rerun the same command to resume"
                 )),
@@ -228,6 +238,7 @@ mod tests {
             interrupted: true,
             paused_lanes: vec![],
             journal: None,
+            stream: false,
             journal_error: None,
             exit_code: 3,
         }

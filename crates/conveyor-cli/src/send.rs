@@ -671,6 +671,7 @@ pub(crate) fn run(
         interrupted,
         paused_lanes,
         journal: plan.journal.as_ref().map(|p| p.display().to_string()),
+        stream: !input.is_replayable(),
         journal_error,
         exit_code,
     };

@@ -210,6 +210,41 @@ fn a_rerun_keeps_the_rejects_of_the_earlier_run() {
 }
 
 #[test]
+fn a_stream_stopped_with_lines_left_says_the_rerun_reads_it_anew() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _broken) = server_failing_id(1, || Reply::status(404));
+    let lines: String = items(4, 1).iter().map(|l| format!("{l}\n")).collect();
+    let run = |input: &str| {
+        let mut cmd = conveyor(dir.path());
+        cmd.args(["send", input, "--to", &server.url()]).args([
+            "--on-failure",
+            "pause",
+            "--retries",
+            "0",
+        ]);
+        if input == "-" {
+            cmd.write_stdin(lines.clone());
+        }
+        cmd.output().unwrap()
+    };
+    // Rerunning `producer | conveyor send -` feeds it the whole stream again: the lines this
+    // run took would go out a second time, as new lines the receiver cannot tell apart.
+    let (stdout, _) = expect_exit(&run("-"), 3);
+    assert!(
+        stdout.contains("left in the journal") && stdout.contains("reads its input stream anew"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("conveyor status"), "{stdout}");
+    // A file is read on from where the run stopped: the rerun of the same command resumes.
+    write_lines(dir.path(), "in.jsonl", &items(4, 1));
+    let (stdout, _) = expect_exit(&run("in.jsonl"), 3);
+    assert!(
+        stdout.contains("rerun the same command to resume") && !stdout.contains("anew"),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn a_byte_order_mark_before_the_first_line_is_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(|_| Reply::ok()).unwrap();
