@@ -196,6 +196,29 @@ impl Shared {
         }
     }
 
+    /// After Ctrl-C cut the exit hook's drain short: the workers start nothing more, and the
+    /// sink is never called again. A worker left calling it would take the GIL while the
+    /// interpreter finalizes, which kills the process (`PyGILState_Release` fatal error, or a
+    /// segfault). What was not delivered stays in the journal, if there is one.
+    fn give_up_at_exit(&self, py: Python<'_>) -> PyResult<()> {
+        self.closing.store(true, AtomicOrdering::Release);
+        let report = py.allow_threads(|| self.engine.stop_timeout(Duration::ZERO));
+        self.sink.abandoned.store(true, AtomicOrdering::Release);
+        self.closed.store(true, AtomicOrdering::Release);
+        if report.left == 0 {
+            return Ok(());
+        }
+        errors::warn(
+            py,
+            &format!(
+                "{} at interpreter exit: Ctrl-C stopped its drain with {} item(s) undelivered; \
+                 call flush()/close() before exiting to wait for them",
+                self.label(),
+                report.left
+            ),
+        )
+    }
+
     /// Close with the configured drain deadline; warn about anything left, since nobody reads
     /// the report (interpreter exit, `with` block exit, garbage collection). What an earlier
     /// close left was reported by it already: no second warning.
@@ -1346,13 +1369,28 @@ pub(crate) fn _shutdown_at_exit(py: Python<'_>) -> PyResult<()> {
     EXITING.store(true, AtomicOrdering::Release);
     let live = std::mem::take(&mut *LIVE.lock().unwrap_or_else(|e| e.into_inner()));
     let mut first_error = None;
+    let mut interrupted = false;
     for weak in live {
         let Some(shared) = weak.upgrade() else {
             continue;
         };
         if same_process(shared.fork_gen) && !shared.closed.load(AtomicOrdering::Acquire) {
-            if let Err(err) = shared.close_and_report(py, "at interpreter exit") {
-                first_error.get_or_insert(err);
+            if !interrupted {
+                match shared.close_and_report(py, "at interpreter exit") {
+                    Ok(_) => {}
+                    // The warning below says what the interrupt did; raised from here, Python
+                    // would only print it as an ignored exception.
+                    Err(err) if err.is_instance_of::<PyKeyboardInterrupt>(py) => interrupted = true,
+                    Err(err) => {
+                        first_error.get_or_insert(err);
+                    }
+                }
+            }
+            // One Ctrl-C stops the whole exit: conveyors not drained yet are not waited for.
+            if interrupted {
+                if let Err(err) = shared.give_up_at_exit(py) {
+                    first_error.get_or_insert(err);
+                }
             }
         }
         // Never let the exit hook run a conveyor's last drop: it must not wait again.

@@ -83,6 +83,48 @@ def test_exit_with_a_stuck_sink_is_bounded_and_reports_the_count():
     assert elapsed < 20, elapsed
 
 
+def test_ctrl_c_during_the_exit_drain_stops_it_without_crashing_the_interpreter():
+    # Ctrl-C while the exit hook drains a slow sink: the drain ends there, with a warning that
+    # counts what is left, and the sink is never called again. A worker still calling it would
+    # take the GIL while the interpreter finalizes, which killed the process (a fatal error or
+    # a segfault).
+    proc = run_python(
+        textwrap.dedent(
+            """
+            import atexit, time
+            calls = []
+
+            def after_conveyors_hook():
+                # Registered before conveyor is imported, so it runs after conveyor's hook.
+                seen = len(calls)
+                time.sleep(2)
+                print("calls", seen, len(calls), flush=True)
+
+            atexit.register(after_conveyors_hook)
+            import os, signal, threading, conveyor
+
+            def send_to_space(item):
+                calls.append(item)
+                time.sleep(0.5)
+
+            c = conveyor.Conveyor(send_to_space, drain_timeout=60, name="events")
+            for n in range(20):
+                c.send(n)
+            # Daemon: a plain timer thread would be joined before the exit hook runs.
+            timer = threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT))
+            timer.daemon = True
+            timer.start()
+            """
+        )
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Fatal" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert '"events" at interpreter exit: Ctrl-C stopped its drain with' in proc.stderr
+    word, seen, after = proc.stdout.split()
+    assert word == "calls" and 0 < int(seen) < 20, proc.stdout
+    assert after == seen, "the sink was called after the interrupt: " + proc.stdout
+
+
 def test_exit_after_asyncio_run_delivers_from_an_async_sink():
     proc = run_python(
         textwrap.dedent(
