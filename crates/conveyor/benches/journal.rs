@@ -22,6 +22,11 @@ use conveyor::{Conveyor, Durability};
 #[allow(dead_code, unreachable_pub)]
 #[path = "../src/journal.rs"]
 mod journal;
+// The journal's lock file, which the module above uses as `crate::fork`. Its unit tests are
+// compiled here without the harness that would run them, so what only they use goes unused.
+#[allow(dead_code, unused_imports)]
+#[path = "../src/fork.rs"]
+mod fork;
 
 use journal::{Journal, Record, Settlement, WriteBatch};
 

@@ -31,6 +31,8 @@ use rusqlite::{
     params, Connection, ErrorCode, OpenFlags, OptionalExtension, Transaction, TransactionBehavior,
 };
 
+use crate::fork::ParentOnlyFile;
+
 /// Written into the SQLite header (`PRAGMA application_id`): ASCII "Conv".
 const APPLICATION_ID: i32 = 0x436f_6e76;
 /// Schema version in `PRAGMA user_version`. Bump it with a migration when the layout changes.
@@ -607,6 +609,13 @@ impl WriteBatch {
 /// processes lock two different files of the same name. Readers take no lock:
 /// [`open_read_only`](Journal::open_read_only) looks at a journal while its owner writes
 /// (SQLite's WAL mode gives each read a consistent snapshot, through the `-shm` file beside it).
+///
+/// A child made by `fork()` does not share the lock (on Unix, its copy of the lock file's
+/// descriptor points at `/dev/null` from the fork on): the owner may close the journal and open
+/// it again, and another process may take it once the owner is gone, while children forked
+/// earlier still run. Such a child must not use, nor drop, a `Journal` or a
+/// [`Conveyor`](crate::Conveyor) it inherited: SQLite forbids using one connection in two
+/// processes, and closing it can checkpoint and delete the parent's write-ahead log.
 ///
 /// # Examples
 /// ```
@@ -1754,9 +1763,9 @@ fn sidecar(path: &Path, suffix: &str) -> PathBuf {
 /// say who holds the file, and the kernel drops an `flock` when its owner dies, so a crashed
 /// owner never blocks the next start. `fs4` wraps the call (and the Windows equivalent) without
 /// unsafe code here; `std::fs::File::try_lock` would do the same but needs Rust 1.89, above the
-/// workspace's MSRV.
+/// workspace's MSRV. A [`ParentOnlyFile`] because a forked child must not keep the lock.
 struct LockFile {
-    _file: File,
+    _file: ParentOnlyFile,
 }
 
 impl LockFile {
@@ -1768,14 +1777,13 @@ impl LockFile {
             action,
             source,
         };
-        let mut file = owner_only()
-            .open(&lock_path)
+        let mut file = ParentOnlyFile::open(&owner_only(), &lock_path)
             .map_err(|e| io_err(create_or_open(&lock_path), e))?;
         // A reader looking for the holder (`holder`) takes the lock for an instant: an owner
         // starting then must not fail for it.
         let patience = Instant::now() + LOCK_PATIENCE;
         loop {
-            match fs4::FileExt::try_lock(&file) {
+            match fs4::FileExt::try_lock(&*file) {
                 Ok(()) => break,
                 Err(fs4::TryLockError::WouldBlock) if Instant::now() < patience => {
                     #[cfg(test)]

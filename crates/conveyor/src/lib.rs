@@ -50,6 +50,7 @@ mod builder;
 mod conveyor;
 mod durable;
 mod error;
+mod fork;
 #[cfg(feature = "http")]
 mod http;
 mod intake;
