@@ -24,7 +24,8 @@ use crate::pyconveyor::{fork_gen, same_process};
 /// behind (`Conveyor(..., journal=PATH)` creates one). Use it in a `with` block or call
 /// `close()`; after that every method raises `JournalError`. Inherited through `os.fork()`, it
 /// stays the parent's: in the child every method raises `JournalError` and `close()` does
-/// nothing; open it again there.
+/// nothing; open it again there. The child does not keep the file from the parent, which may
+/// close it and open it again while the child runs.
 #[pyclass(frozen, module = "conveyor", name = "Journal")]
 pub(crate) struct PyJournal {
     /// The open journal; `None` once closed. A mutex because Python threads share this object
@@ -244,8 +245,9 @@ impl PyJournal {
 impl Drop for PyJournal {
     fn drop(&mut self) {
         if !same_process(self.fork_gen) {
-            // Closing would be a use of the parent's connection (see `fork_gen`): it is left as
-            // the fork copied it, and goes with the child. `get_mut` never waits for the mutex.
+            // Closing would be a use of the parent's connection (see `fork_gen`), and SQLite's
+            // close can checkpoint and delete the parent's write-ahead log: it is left as the
+            // fork copied it, and goes with the child. `get_mut` never waits for the mutex.
             let journal = self
                 .journal
                 .get_mut()

@@ -534,3 +534,90 @@ def test_asend_waiting_for_room_works_in_a_forked_child(make):
             os._exit(code)
     wait_for_child(pid, 60, "a blocked asend in a forked child was never resumed")
     assert blocked_asend_round(make) == ["hold", "fill", "waited"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX-only")
+@pytest.mark.parametrize("owner", ["Conveyor", "Journal"])
+def test_a_forked_child_does_not_keep_the_journal_from_its_parent(tmp_path, owner):
+    # The journal's lock (an flock) belongs to the open file description, which fork() shares
+    # with the child: a child that lived on used to keep it, so the parent could not open its
+    # journal again (refused, naming its own PID), nor a restarted service while a worker forked
+    # by the old one still ran. The child leaves through a normal interpreter exit, as a program
+    # would; it must not close the inherited SQLite connection either (a close may checkpoint
+    # and delete the parent's WAL).
+    path = tmp_path / "events.journal"
+    conveyor.Conveyor(lambda item: None, journal=path).close(timeout=10)
+    proc = run_python(
+        textwrap.dedent(
+            f"""
+            import gc, os, sys
+            import conveyor
+
+            PATH = {str(path)!r}
+
+            def open_fds(path):
+                # This process's descriptors open on `path`.
+                target = os.stat(path)
+                found = 0
+                for name in os.listdir("/dev/fd"):
+                    try:
+                        st = os.fstat(int(name))
+                    except OSError:
+                        continue
+                    found += (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino)
+                return found
+
+            def take():
+                if {owner!r} == "Conveyor":
+                    return conveyor.Conveyor(lambda item: None, journal=PATH)
+                return conveyor.Journal(PATH)
+
+            def use(held):
+                if isinstance(held, conveyor.Journal):
+                    held.status()
+                else:
+                    held.send("from the child")
+
+            held = take()
+            ready_read, ready_write = os.pipe()
+            go_read, go_write = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                os.close(go_write)
+                try:
+                    use(held)
+                    print("child: used it")
+                except (conveyor.Closed, conveyor.JournalError) as exc:
+                    print("child: refused" + ", names fork" * ("fork" in str(exc)))
+                print("child: lock file open", open_fds(PATH + "-lock"), "time(s)")
+                del held
+                gc.collect()
+                print("child: journal file still open:", open_fds(PATH) > 0)
+                sys.stdout.flush()
+                os.write(ready_write, b"x")
+                os.read(go_read, 1)
+                # Leaves through the interpreter's exit: atexit hooks, then finalization.
+            else:
+                os.read(ready_read, 1)
+                held.close()
+                again = take()
+                print("parent: opened it again")
+                os.close(go_write)
+                _, status = os.waitpid(pid, 0)
+                print("parent: child exited", os.waitstatus_to_exitcode(status))
+                use(again)
+                again.close()
+                print("parent: still works")
+            """
+        )
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines() == [
+        "child: refused, names fork",
+        "child: lock file open 0 time(s)",
+        # The inherited connection was never closed: it goes with the child.
+        "child: journal file still open: True",
+        "parent: opened it again",
+        "parent: child exited 0",
+        "parent: still works",
+    ], proc.stderr

@@ -135,7 +135,8 @@ class Journal:
     path with no journal raises ``JournalError``: it never creates one. Use it as a context
     manager, or call ``close()``; after that every method raises ``JournalError``. Inherited
     through ``os.fork()`` it stays the parent's: in the child every method raises
-    ``JournalError`` and ``close()`` does nothing; open it again there.
+    ``JournalError`` and ``close()`` does nothing; open it again there. The child does not keep
+    the file from the parent, which may close it and open it again while the child runs.
     """
 
     def __new__(cls, path: str | os.PathLike[str], *, read_only: bool = False) -> Journal: ...
