@@ -85,7 +85,7 @@ fn dispatch() {
         if exiting() {
             continue;
         }
-        Python::with_gil(|py| {
+        crate::finalizing::with_gil(|py| {
             for signal in woken {
                 // Sends inherited from before a fork belong to the parent's loops.
                 if same_process(signal.fork_gen) {
@@ -137,7 +137,7 @@ impl Signal {
         let Some(resume) = self.resume_slot().take() else {
             return; // cancelled meanwhile
         };
-        if let Err(err) = resume.call0(py) {
+        if let Err(err) = crate::finalizing::call(resume.bind(py), ()) {
             err.write_unraisable(py, Some(resume.bind(py)));
         }
     }

@@ -15,6 +15,7 @@
 
 mod asend;
 mod errors;
+mod finalizing;
 mod fork;
 mod http;
 mod journal;

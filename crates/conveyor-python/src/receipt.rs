@@ -67,7 +67,7 @@ impl Slot {
         };
         self.settled.notify_all();
         if let Some(future) = future {
-            Python::with_gil(|py| {
+            crate::finalizing::with_gil(|py| {
                 let outcome = lock(&self.inner)
                     .outcome
                     .as_ref()
@@ -91,8 +91,10 @@ fn complete_future(py: Python<'_>, future: &Bound<'_, PyAny>, seq: u64, outcome:
     let result = match outcome {
         Ok(reply) => reply
             .to_py(py)
-            .and_then(|value| future.call_method1("set_result", (value,))),
-        Err(err) => future.call_method1(
+            .and_then(|value| crate::finalizing::call_method(future, "set_result", (value,))),
+        // Its done callbacks run in there: user code, on the thread that settles the item.
+        Err(err) => crate::finalizing::call_method(
+            future,
             "set_exception",
             (errors::delivery_error(py, seq, err).into_value(py),),
         ),

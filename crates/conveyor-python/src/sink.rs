@@ -14,6 +14,7 @@ use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 
 use crate::errors;
+use crate::finalizing;
 use crate::fork::Held;
 
 /// What the sink returned for one item.
@@ -139,13 +140,11 @@ thread_local! {
 fn keep_thread_state() {
     HAS_THREAD_STATE.with(|has| {
         if !has.get() {
-            // SAFETY: called without the GIL (the engine's threads never hold it between calls).
             // Ensure takes the GIL and creates the thread state; SaveThread releases the GIL but
             // keeps the state, whose gilstate counter stays at 1 for the life of the thread.
-            unsafe {
-                pyo3::ffi::PyGILState_Ensure();
-                pyo3::ffi::PyEval_SaveThread();
-            }
+            finalizing::gil_ensure();
+            // SAFETY: this thread holds the GIL, taken just above.
+            unsafe { pyo3::ffi::PyEval_SaveThread() };
             has.set(true);
         }
     });
@@ -335,7 +334,7 @@ pub(crate) fn blocking(
         // Before taking the GIL: the collector may run as soon as we hold it.
         mark_works_for(state.id);
         keep_thread_state();
-        Python::with_gil(|py| {
+        finalizing::with_gil(|py| {
             crate::fork::release_pending(py);
             let sink = state.callable(py)?;
             let previous = IN_SINK.with(|current| current.replace(state.id));
@@ -344,7 +343,8 @@ pub(crate) fn blocking(
             let result = delivery
                 .item()
                 .to_py(py)
-                .and_then(|item| sink.call1(py, (item,)));
+                .and_then(|item| finalizing::call(sink.bind(py), (item,)))
+                .map(Bound::unbind);
             CURRENT.with(|current| current.set(outer));
             IN_SINK.with(|current| current.set(previous));
             match result {
@@ -409,13 +409,13 @@ pub(crate) fn asynchronous(
         // Before taking the GIL: the collector may run as soon as we hold it.
         mark_works_for(state.id);
         keep_thread_state();
-        let started = Python::with_gil(|py| -> Result<(), SinkError> {
+        let started = finalizing::with_gil(|py| -> Result<(), SinkError> {
             crate::fork::release_pending(py);
             let sink = state.callable(py)?;
             let start = || -> PyResult<()> {
                 let info = Py::new(py, PyDelivery::new(&delivery))?;
-                let future = runner.call_method1(
-                    py,
+                let future = finalizing::call_method(
+                    runner.bind(py),
                     "submit",
                     (sink.bind(py), delivery.item().to_py(py)?, info),
                 )?;
@@ -425,7 +425,7 @@ pub(crate) fn asynchronous(
                         tx: Mutex::new(Some(tx)),
                     },
                 )?;
-                future.call_method1(py, "add_done_callback", (done,))?;
+                finalizing::call_method(&future, "add_done_callback", (done,))?;
                 Ok(())
             };
             start().map_err(|err| errors::sink_error(py, err))

@@ -83,6 +83,41 @@ def test_exit_with_a_stuck_sink_is_bounded_and_reports_the_count():
     assert elapsed < 20, elapsed
 
 
+@pytest.mark.parametrize(
+    "sink, options",
+    [
+        # Blocked in a call that releases the GIL, and takes it back once the interpreter
+        # finalizes.
+        ("time.sleep(0.05)", {}),
+        # Running Python code on four threads, which hand the GIL over every few milliseconds.
+        (
+            "end = time.monotonic() + 0.05\n    while time.monotonic() < end: pass",
+            {"ordering": "keyed", "concurrency": 4},
+        ),
+    ],
+    ids=["sleeping", "busy"],
+)
+def test_sink_calls_still_running_when_the_exit_drain_gives_up_do_not_crash_it(sink, options):
+    # CPython before 3.14 ends such a thread with pthread_exit when its call takes the GIL
+    # back during finalization: the unwind aborted the process ("Fatal Python error:
+    # PyGILState_Release", or a segfault) right after the warning. Every run crashed.
+    code = f"""
+import time, conveyor
+def send_to_space(item):
+    {sink}
+c = conveyor.Conveyor(send_to_space, drain_timeout=0.2, **{options!r})
+for n in range(100):
+    c.send(n{", key=str(n % 4)" if options else ""})
+print("exiting", flush=True)
+"""
+    for _ in range(3):
+        proc = run_python(code)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == "exiting"
+        assert "Fatal" not in proc.stderr, proc.stderr
+        assert "item(s) undelivered after waiting drain_timeout=0.2 s" in proc.stderr
+
+
 def test_ctrl_c_during_the_exit_drain_stops_it_without_crashing_the_interpreter():
     # Ctrl-C while the exit hook drains a slow sink: the drain ends there, with a warning that
     # counts what is left, and the sink is never called again. A worker still calling it would

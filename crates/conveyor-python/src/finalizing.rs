@@ -1,0 +1,114 @@
+//! Calls into Python from the engine's threads that survive the interpreter's exit.
+//!
+//! CPython before 3.14 ends a thread that takes the GIL back while the interpreter finalizes
+//! with `pthread_exit` (python/cpython#87135): a forced unwind through every frame of the thread.
+//! A delivery thread meets it whenever a sink call (or a receipt's callback) is still running
+//! when the exit drain gives up, as soon as that call wakes up and takes the GIL back: the
+//! unwind reaches a Rust frame that called Python through an `extern "C"` declaration, which
+//! may not unwind, and the process aborts (or PyO3's guard releases a GIL the thread no longer
+//! holds, "PyGILState_Release: thread state ... must be current"), right after the exit warning
+//! said that everything went as planned.
+//!
+//! So the calls where a delivery thread waits for the GIL or runs Python code for long (taking
+//! the GIL, the sink call, a receipt's completion) go through `extern "C-unwind"` declarations
+//! here, and the first Rust frame the unwind reaches parks the thread for good
+//! ([`ParkOnUnwind`]): the process is exiting, and ends it with its other threads. CPython 3.14
+//! hangs such threads itself, and PyO3 0.25 does the same for its own GIL acquisition. A Rust
+//! panic still unwinds as before, to the engine's `catch_unwind`. Shorter calls (an item's
+//! `__del__` run by a reference dropped here) still go through PyO3, and could still meet it.
+
+use std::ptr;
+
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+use pyo3::BoundObject;
+
+// The same functions as PyO3 declares, with the ABI that lets `pthread_exit`'s unwind reach our
+// frames (PyO3's `extern "C"` ones abort it).
+#[allow(clashing_extern_declarations)]
+extern "C-unwind" {
+    #[link_name = "PyGILState_Ensure"]
+    fn gil_state_ensure() -> ffi::PyGILState_STATE;
+    #[link_name = "PyObject_Call"]
+    fn object_call(
+        callable: *mut ffi::PyObject,
+        args: *mut ffi::PyObject,
+        kwargs: *mut ffi::PyObject,
+    ) -> *mut ffi::PyObject;
+}
+
+/// Parks the thread for good if it is dropped by an unwind that is not a Rust panic: the forced
+/// unwind of a thread the finalizing interpreter ends. Disarmed (forgotten) on the normal path.
+struct ParkOnUnwind;
+
+impl Drop for ParkOnUnwind {
+    fn drop(&mut self) {
+        // A Rust panic counts itself; `pthread_exit` does not.
+        if std::thread::panicking() {
+            return;
+        }
+        loop {
+            std::thread::park();
+        }
+    }
+}
+
+/// Runs `f`, an `extern "C-unwind"` call into Python, parking the thread should the finalizing
+/// interpreter end it there.
+fn guarded<R>(f: impl FnOnce() -> R) -> R {
+    let armed = ParkOnUnwind;
+    let result = f();
+    std::mem::forget(armed);
+    result
+}
+
+/// `PyGILState_Ensure`, which takes the GIL (waiting for it), for a thread that may meet the
+/// interpreter's finalization; pair it with `ffi::PyGILState_Release`.
+pub(crate) fn gil_ensure() -> ffi::PyGILState_STATE {
+    // SAFETY: PyGILState_Ensure may be called on any thread, with or without a thread state.
+    guarded(|| unsafe { gil_state_ensure() })
+}
+
+/// `Python::with_gil` for the engine's threads (delivery workers, the threads that settle
+/// receipts), which may wait for the GIL while the interpreter finalizes.
+///
+/// The GIL is taken here first, where the thread can be parked; PyO3's own `PyGILState_Ensure`
+/// inside then finds it held and never waits.
+pub(crate) fn with_gil<F, R>(f: F) -> R
+where
+    F: for<'py> FnOnce(Python<'py>) -> R,
+{
+    let state = gil_ensure();
+    let result = Python::with_gil(f);
+    // SAFETY: pairs with the Ensure above, on the same thread, after PyO3's nested pair.
+    unsafe { ffi::PyGILState_Release(state) };
+    result
+}
+
+/// `callable(*args)`, with nothing between the call and the thread's parking should the
+/// finalizing interpreter end it there: PyO3's own call would abort the process.
+pub(crate) fn call<'py, A>(callable: &Bound<'py, PyAny>, args: A) -> PyResult<Bound<'py, PyAny>>
+where
+    A: IntoPyObject<'py, Target = PyTuple>,
+{
+    let py = callable.py();
+    let args = args.into_pyobject(py).map_err(Into::into)?.into_bound();
+    // SAFETY: both pointers are valid, owned by `callable` and `args` for the whole call, and
+    // holding a `Bound` means holding the GIL.
+    let raw = guarded(|| unsafe { object_call(callable.as_ptr(), args.as_ptr(), ptr::null_mut()) });
+    // SAFETY: PyObject_Call returns a new reference, or null with an exception set.
+    unsafe { Bound::from_owned_ptr_or_err(py, raw) }
+}
+
+/// `object.name(*args)`, as [`call`].
+pub(crate) fn call_method<'py, A>(
+    object: &Bound<'py, PyAny>,
+    name: &str,
+    args: A,
+) -> PyResult<Bound<'py, PyAny>>
+where
+    A: IntoPyObject<'py, Target = PyTuple>,
+{
+    call(&object.getattr(name)?, args)
+}
