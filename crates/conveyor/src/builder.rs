@@ -693,7 +693,8 @@ where
     /// journal's old items cannot be read (sends waiting for them to load are woken and
     /// refused). Items accepted before stay intact. An item too large for a journal entry
     /// (SQLite's limit of about 1 GB, as JSON with its key) is refused with
-    /// [`SendError::TooLarge`](crate::SendError::TooLarge).
+    /// [`SendError::TooLarge`](crate::SendError::TooLarge), and one whose `Serialize` fails
+    /// with [`SendError::Encode`](crate::SendError::Encode).
     ///
     /// Known limit: the backlog of a lane paused before the restart is loaded into memory
     /// whole (only unpaused items count against the capacity during the replay).

@@ -957,10 +957,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
                     }),
                 ))
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "item refused");
-                Err(SendError::Journal(item))
-            }
+            Err(reason) => Err(SendError::Encode { item, reason }),
         }
     }
 
@@ -1084,8 +1081,8 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// [`SendError::Closed`] after [`close`](Conveyor::close), even while the journal fails;
     /// [`SendError::Full`] when full under [`Backpressure::Reject`]. With a journal,
     /// [`SendError::Journal`] while it cannot be written or its old items read (see
-    /// [`Conveyor::journal_error`]), and [`SendError::TooLarge`]. The item is handed back in
-    /// each.
+    /// [`Conveyor::journal_error`]), [`SendError::Encode`] for an item that cannot be encoded,
+    /// and [`SendError::TooLarge`]. The item is handed back in each.
     ///
     /// Called from this conveyor's own sink or a receipt callback, it waits for room only
     /// while another worker can still make some: its own worker delivers nothing until the
@@ -2535,6 +2532,10 @@ fn give_back<T, R>(e: SendError<NodeRef<T, R>>) -> SendError<T> {
         SendError::Full(node) => SendError::Full(unwrap(node)),
         SendError::Closed(node) => SendError::Closed(unwrap(node)),
         SendError::Journal(node) => SendError::Journal(unwrap(node)),
+        SendError::Encode { item, reason } => SendError::Encode {
+            item: unwrap(item),
+            reason,
+        },
         SendError::TooLarge { item, size, limit } => SendError::TooLarge {
             item: unwrap(item),
             size,

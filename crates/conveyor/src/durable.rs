@@ -301,11 +301,9 @@ impl<T> Durable<T> {
         let _ = self.on_room.set(wake);
     }
 
-    pub(crate) fn encode(&self, item: &T) -> Result<Vec<u8>, JournalError> {
-        (self.codec.encode)(item).map_err(|reason| JournalError::Encode {
-            path: self.path.clone(),
-            reason,
-        })
+    /// The item's payload, or the encoder's error.
+    pub(crate) fn encode(&self, item: &T) -> Result<Vec<u8>, String> {
+        (self.codec.encode)(item)
     }
 
     /// The error that makes `send` refuse items: while commits fail, or while the replay

@@ -243,7 +243,7 @@ impl StdError for SinkError {
 /// # Ok::<(), conveyor::BuildError>(())
 /// ```
 #[non_exhaustive]
-#[derive(PartialEq, Eq, Clone, Copy)]
+#[derive(PartialEq, Eq, Clone)]
 pub enum SendError<T> {
     /// The queue is at capacity and the call may not wait: the policy is
     /// [`Backpressure::Reject`](crate::Backpressure::Reject), or the call was a `try_send`.
@@ -253,12 +253,36 @@ pub enum SendError<T> {
     Full(T),
     /// The conveyor was closed; it accepts nothing more.
     Closed(T),
-    /// The conveyor's journal could not store the item (disk full, file unwritable, or the item
-    /// could not be encoded), or the items it holds from before this start cannot be read (the
-    /// item would go ahead of them), so it was not accepted. Items accepted before stay intact;
-    /// the journal is tried again, and sends succeed again once it can be written and read.
+    /// The conveyor's journal could not store the item (disk full, file unwritable), or the
+    /// items it holds from before this start cannot be read (the item would go ahead of them),
+    /// so it was not accepted. Items accepted before stay intact; the journal is tried again,
+    /// and sends succeed again once it can be written and read.
     /// [`Conveyor::journal_error`](crate::Conveyor::journal_error) tells why.
     Journal(T),
+    /// The item's `Serialize` implementation failed, so the journal could never store it (as
+    /// JSON: serde_json refuses a map whose keys are not strings, for example): it was not
+    /// accepted. Sending it again fails the same way; other items are not affected.
+    ///
+    /// ```
+    /// use conveyor::{Conveyor, SendError};
+    /// use std::collections::HashMap;
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let c: Conveyor<HashMap<(u32, u32), u32>> = Conveyor::builder()
+    ///     .journal(dir.path().join("events.journal"))
+    ///     .build(|_d| Ok(()))?;
+    /// match c.send(HashMap::from([((1, 2), 3)])) {
+    ///     Err(SendError::Encode { reason, .. }) => assert!(reason.contains("key must be a string")),
+    ///     other => panic!("unexpected {other:?}"),
+    /// }
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    Encode {
+        /// The refused item.
+        item: T,
+        /// The encoder's error.
+        reason: String,
+    },
     /// The item, encoded for the journal, is larger than a journal entry may be (SQLite's
     /// length limit, about 1 GB, less room for a dead letter's error text), so it could never
     /// be stored: it was not accepted. Other items are not affected.
@@ -292,6 +316,7 @@ impl<T> SendError<T> {
             SendError::Full(item)
             | SendError::Closed(item)
             | SendError::Journal(item)
+            | SendError::Encode { item, .. }
             | SendError::TooLarge { item, .. } => item,
         }
     }
@@ -343,6 +368,10 @@ impl<T> fmt::Debug for SendError<T> {
             SendError::Full(_) => f.write_str("Full(..)"),
             SendError::Closed(_) => f.write_str("Closed(..)"),
             SendError::Journal(_) => f.write_str("Journal(..)"),
+            SendError::Encode { reason, .. } => f
+                .debug_struct("Encode")
+                .field("reason", reason)
+                .finish_non_exhaustive(),
             SendError::TooLarge { size, limit, .. } => f
                 .debug_struct("TooLarge")
                 .field("size", size)
@@ -364,6 +393,12 @@ impl<T> fmt::Display for SendError<T> {
             SendError::Journal(_) => f.write_str(
                 "the conveyor's journal could not store the item, so it was not accepted: \
                  see Conveyor::journal_error() for the cause (e.g. free disk space), then retry",
+            ),
+            SendError::Encode { reason, .. } => write!(
+                f,
+                "the item could not be encoded for the journal ({reason}), so it was not \
+                 accepted: fix its Serialize implementation, or send it through a conveyor \
+                 without a journal"
             ),
             SendError::TooLarge { size, limit, .. } => write!(
                 f,

@@ -1479,3 +1479,67 @@ fn another_kinds_journal_is_refused_for_its_kind_before_its_ordering() {
         "{err:?}"
     );
 }
+
+/// An item whose `Serialize` fails for `0`, as serde_json fails for a map with non-string keys.
+#[derive(Debug, PartialEq, serde::Deserialize)]
+struct Picky(u32);
+
+impl serde::Serialize for Picky {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if self.0 == 0 {
+            return Err(serde::ser::Error::custom("zero cannot be journaled"));
+        }
+        serializer.serialize_u32(self.0)
+    }
+}
+
+type PickySent = Result<conveyor::Receipt<u32>, SendError<Picky>>;
+
+/// An item that cannot be encoded is the caller's mistake, not the journal's: the error used
+/// to be `SendError::Journal`, whose message sends the user to `journal_error()` (which is
+/// `None`) and says to retry (which fails the same way for ever), while the reason went only
+/// to the log.
+#[test]
+fn an_item_that_cannot_be_encoded_is_refused_with_the_encoders_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let c: Conveyor<Picky, u32> = Conveyor::builder()
+        .journal(dir.path().join("j"))
+        .build(|d: Delivery<Picky>| Ok(d.item().0))
+        .unwrap();
+    let sends: [&dyn Fn(Picky) -> PickySent; 3] =
+        [&|item| c.send(item), &|item| c.try_send(item), &|item| {
+            tokio_block_on(c.send_async(item))
+        }];
+    for send in sends {
+        match send(Picky(0)) {
+            Err(SendError::Encode { item, reason }) => {
+                assert_eq!(item, Picky(0), "the refused item is handed back");
+                assert!(reason.contains("zero cannot be journaled"), "{reason}");
+            }
+            other => panic!("expected SendError::Encode, got {other:?}"),
+        }
+    }
+    let message = c.send(Picky(0)).unwrap_err().to_string();
+    assert!(
+        message.contains("zero cannot be journaled") && message.contains("Serialize"),
+        "the message gives the reason and what to fix: {message}"
+    );
+    assert!(
+        !message.contains("journal_error"),
+        "nothing there to see: {message}"
+    );
+    assert!(c.journal_error().is_none(), "the journal itself is fine");
+    assert_eq!(c.send(Picky(7)).unwrap().wait().unwrap(), 7);
+    assert_eq!(
+        c.close().stats.accepted,
+        1,
+        "only the encodable item was accepted"
+    );
+}
+
+fn tokio_block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(future)
+}
