@@ -1877,8 +1877,8 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// # Errors
     ///
     /// [`JournalError::NoSuchDeadLetter`] if there is none with this seq,
-    /// [`JournalError::NoJournal`] without a journal, [`JournalError::Closed`] after close, a
-    /// decoding error if the payload no longer matches the item type.
+    /// [`JournalError::NoJournal`] without a journal, [`JournalError::Closed`] after close,
+    /// [`JournalError::Undecodable`] if the payload no longer decodes as the item type.
     pub fn retry_dead(&self, seq: u64) -> Result<Receipt<R>, JournalError> {
         self.requeue_dead(seq, None)
     }
@@ -1959,11 +1959,10 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             error
         };
         let item = (durable.codec.decode)(&dead.payload).map_err(|reason| {
-            unclaim(JournalError::Encode {
+            unclaim(JournalError::Undecodable {
                 path: durable.path.clone(),
-                reason: format!(
-                    "dead letter {seq} cannot be decoded as this conveyor's item type: {reason}"
-                ),
+                seq,
+                reason,
             })
         })?;
         let key = dead.key.map(Arc::from);

@@ -283,16 +283,20 @@ pub enum JournalError {
         /// The seq asked for.
         seq: u64,
     },
-    /// An item could not be encoded for the journal (its `Serialize` implementation failed).
+    /// A dead letter's payload no longer decodes as the conveyor's item type (it was kept
+    /// under another one), so it cannot be retried by this conveyor.
     #[error(
-        "an item could not be encoded for journal {} ({reason}); it was not accepted: check the \
-         item's Serialize implementation",
+        "dead letter {seq} in journal {} cannot be decoded as this conveyor's item type \
+         ({reason}); it stays a dead letter: retry it from a program whose item type decodes \
+         it, or drop it with discard_dead",
         path.display()
     )]
-    Encode {
+    Undecodable {
         /// The journal file.
         path: PathBuf,
-        /// The encoder's error.
+        /// The dead letter's seq.
+        seq: u64,
+        /// The decoder's error.
         reason: String,
     },
     /// The conveyor was built without a journal.

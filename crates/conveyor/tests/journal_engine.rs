@@ -232,6 +232,36 @@ fn items_that_no_longer_decode_become_dead_letters_instead_of_blocking() {
     );
 }
 
+/// Retrying a dead letter that no longer decodes used to fail with `JournalError::Encode`,
+/// whose message sends the user to the item's `Serialize` implementation.
+#[test]
+fn retrying_a_dead_letter_that_no_longer_decodes_says_so_and_keeps_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    leave_pending(&path, 1);
+    let c: Conveyor<String> = Conveyor::builder()
+        .journal(&path)
+        .build(|_d| Ok(()))
+        .unwrap();
+    c.flush();
+    let seq = c.dead_letters().unwrap()[0].seq;
+    let err = c.retry_dead(seq).unwrap_err();
+    assert!(
+        matches!(&err, JournalError::Undecodable { seq: s, .. } if *s == seq),
+        "{err:?}"
+    );
+    let message = err.to_string();
+    assert!(
+        message.contains("cannot be decoded") && message.contains("discard_dead"),
+        "the message says what is wrong and what to do: {message}"
+    );
+    assert!(
+        !message.contains("Serialize"),
+        "nothing to encode: {message}"
+    );
+    assert_eq!(c.dead_letters().unwrap()[0].seq, seq, "still a dead letter");
+}
+
 /// Leaves `items` pending in the journal at `path` as JSON values, each sent with its key when
 /// one is given, as a crash would.
 fn leave_pending_values(
