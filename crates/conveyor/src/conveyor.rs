@@ -1033,6 +1033,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// assert!(c.wait_committed(&receipt, Duration::from_secs(10)));
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
+    #[must_use = "false means the item may not be on disk yet"]
     pub fn wait_committed(&self, receipt: &Receipt<R>, timeout: Duration) -> bool {
         self.committed_by(receipt, Some(later(timeout)))
     }
@@ -1400,6 +1401,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// assert!(c.flush_timeout(Duration::from_secs(30)));
     /// # Ok::<(), conveyor::BuildError>(())
     /// ```
+    #[must_use = "false means items were still unsettled (or uncommitted) at the deadline"]
     pub fn flush_timeout(&self, timeout: Duration) -> bool {
         // Saturated, as `Duration::MAX` cannot be added to the clock.
         let deadline = Some(later(timeout));
@@ -2647,6 +2649,40 @@ impl<T: Send + Sync + 'static, R: Send + 'static> fmt::Debug for Conveyor<T, R> 
             .finish()
     }
 }
+
+/// The bounded waits return whether they completed; a caller that drops the answer goes on as
+/// if everything was delivered or on disk. Each line below must fail to compile
+/// (`unused_must_use`), and compiles once its answer is used:
+///
+/// ```compile_fail
+/// #![deny(unused_must_use)]
+/// let c: conveyor::Conveyor<u32> = conveyor::Conveyor::builder().build(|_d| Ok(()))?;
+/// c.flush_timeout(std::time::Duration::from_secs(1));
+/// # Ok::<(), conveyor::BuildError>(())
+/// ```
+///
+/// ```compile_fail
+/// #![deny(unused_must_use)]
+/// let dir = tempfile::tempdir()?;
+/// let c: conveyor::Conveyor<u32> =
+///     conveyor::Conveyor::builder().journal(dir.path().join("j")).build(|_d| Ok(()))?;
+/// let receipt = c.send(1).unwrap();
+/// c.wait_committed(&receipt, std::time::Duration::from_secs(1));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// ```
+/// #![deny(unused_must_use)]
+/// let dir = tempfile::tempdir()?;
+/// let c: conveyor::Conveyor<u32> =
+///     conveyor::Conveyor::builder().journal(dir.path().join("j")).build(|_d| Ok(()))?;
+/// let receipt = c.send(1).unwrap();
+/// let _on_disk = c.wait_committed(&receipt, std::time::Duration::from_secs(1));
+/// let _flushed = c.flush_timeout(std::time::Duration::from_secs(1));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[cfg(doctest)]
+struct MustUseAnswers;
 
 #[cfg(test)]
 mod tests {
