@@ -655,6 +655,11 @@ impl PyConveyor {
             SendError::Closed(_) => self.closed_error(py, shared),
             SendError::Journal(_) => crate::journal::refused(py, &shared.engine),
             SendError::TooLarge { size, limit, .. } => crate::journal::too_large(size, limit),
+            // Not reached today (items reach the engine already as JSON), but bad input all the
+            // same, never a closed conveyor.
+            encode @ SendError::Encode { .. } => {
+                pyo3::exceptions::PyValueError::new_err(encode.to_string())
+            }
             other => errors::closed(py, other.to_string()),
         }
     }
