@@ -943,10 +943,8 @@ mod tests {
     fn a_run_is_stuck_only_when_a_paused_lane_holds_everything_still() {
         let start = Instant::now();
         let later = start + PAUSED_STALL;
-        let paused = Stats {
-            paused: 1,
-            ..Stats::default()
-        };
+        let mut paused = Stats::default();
+        paused.paused = 1;
         // Reader done, nothing moving, a lane paused: stuck once the stall has lasted.
         let mut stall = Stall::new(start);
         assert!(!stall.stuck(start, &paused, 5, 0, true));
@@ -959,10 +957,8 @@ mod tests {
         let mut stall = Stall::new(start);
         assert!(!stall.stuck(start, &paused, 5, 0, false), "reading stdin");
         assert!(!stall.stuck(later, &paused, 5, 0, false), "reading stdin");
-        let in_flight = Stats {
-            in_flight: 1,
-            ..paused
-        };
+        let mut in_flight = paused;
+        in_flight.in_flight = 1;
         assert!(
             !stall.stuck(later, &in_flight, 5, 0, true),
             "a call running"

@@ -694,7 +694,11 @@ where
     /// refused). Items accepted before stay intact. An item too large for a journal entry
     /// (SQLite's limit of about 1 GB, as JSON with its key) is refused with
     /// [`SendError::TooLarge`](crate::SendError::TooLarge), and one whose `Serialize` fails
-    /// with [`SendError::Encode`](crate::SendError::Encode).
+    /// with [`SendError::Encode`](crate::SendError::Encode). An item must come back from its
+    /// JSON as it went in: `serde_json` writes a float that is NaN or infinite as `null`, which
+    /// a restart cannot read back as a float, so such an item left pending by a crash becomes a
+    /// dead letter (kept, never lost, but no longer a float); wrap such values in a type whose
+    /// `Serialize` keeps them (a string, say).
     ///
     /// Known limit: the backlog of a lane paused before the restart is loaded into memory
     /// whole (only unpaused items count against the capacity during the replay).

@@ -3,7 +3,8 @@
 /// A consistent snapshot of a conveyor's counters, taken under its state lock.
 ///
 /// At every snapshot `accepted = delivered + failed + dropped + queued + in_flight`:
-/// every accepted item is in exactly one of those states.
+/// every accepted item is in exactly one of those states. Non-exhaustive: later versions may
+/// count more.
 ///
 /// # Examples
 ///
@@ -20,6 +21,7 @@
 /// # Ok::<(), conveyor::BuildError>(())
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct Stats {
     /// Items accepted by a send (dropped ones included).
     pub accepted: u64,
@@ -55,6 +57,7 @@ pub struct Stats {
 /// # Ok::<(), conveyor::BuildError>(())
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CloseReport {
     /// The counters at the end of the close.
     pub stats: Stats,
