@@ -73,7 +73,7 @@ const REDACTED: &str = "<redacted>";
 /// | outcome | result |
 /// |---|---|
 /// | 2xx | `Ok(HttpReply)` |
-/// | connect error, timeout, broken connection | retryable [`SinkError`] |
+/// | connect error, timeout, broken connection | retryable [`SinkError`]; a connect error's message names the host and port and says why (`cannot connect to 127.0.0.1:9: connection refused; ...`) |
 /// | 408, 429, 5xx | retryable, with `Retry-After` as [`SinkError::with_retry_after`] |
 /// | any other status (3xx: redirects are not followed) | permanent; a 3xx says its `Location` |
 ///
@@ -630,13 +630,9 @@ impl HttpSink {
             // Connect errors, timeouts and connections cut mid-request: the request may or may
             // not have arrived, which is what the idempotency key is for.
             .map_err(|e| {
-                let mut message = self.scrub(&error_chain(&e.without_url()));
-                if message.contains("UnknownIssuer") {
-                    message.push_str(UNKNOWN_ISSUER);
-                }
                 SinkError::retryable(HttpError {
                     status: None,
-                    message,
+                    message: self.no_response_message(e),
                 })
             })?;
         self.classify(response)
@@ -714,6 +710,36 @@ impl HttpSink {
         } else {
             Err(SinkError::permanent(message))
         }
+    }
+
+    /// Why a request got no response. reqwest's own text ("error sending request: client error
+    /// (Connect): tcp connect error: Connection refused (os error 111)") names neither the host
+    /// nor, in plain words, what went wrong, and one of these per line is what a run against a
+    /// server that is down shows. A failure to connect therefore leads with the host and port
+    /// tried and the reason ("cannot connect to 127.0.0.1:9: connection refused; check ..."); the
+    /// client's text follows in parentheses, for the detail.
+    fn no_response_message(&self, error: reqwest::Error) -> String {
+        let connect = error.is_connect();
+        let reason = connect_failure_reason(&error);
+        let chain = self.scrub(&error_chain(&error.without_url()));
+        let mut message = if connect {
+            // The URL's host and port, never its userinfo (which may hold a password).
+            let host = self.url.host_str().unwrap_or_default();
+            let port = self
+                .url
+                .port_or_known_default()
+                .map_or_else(String::new, |port| format!(":{port}"));
+            match reason {
+                Some(reason) => format!("cannot connect to {host}{port}: {reason} ({chain})"),
+                None => format!("cannot connect to {host}{port} ({chain})"),
+            }
+        } else {
+            chain
+        };
+        if message.contains("UnknownIssuer") {
+            message.push_str(UNKNOWN_ISSUER);
+        }
+        message
     }
 
     /// A failure message: the status line, where a redirect points, then the start of the
@@ -877,6 +903,48 @@ fn parse_roots(pem: &[u8]) -> Result<Vec<reqwest::Certificate>, HttpBuildError> 
             ))
         })?;
     Ok(roots)
+}
+
+/// Why a connection could not be made, in plain words and with what to check, read from the
+/// error's chain of causes; `None` when no cause says (a TLS failure: the chain then speaks for
+/// itself).
+///
+/// The causes are types of reqwest's dependencies: hyper-util's connect error, which is not
+/// public and says "dns error" when the host name did not resolve, and the operating system's
+/// [`std::io::Error`] for the rest.
+fn connect_failure_reason(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if e.to_string() == "dns error" {
+            return Some("the host name could not be resolved; check the host in the URL".into());
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => Some(
+                    "connection refused; check that the server is running and that the URL's \
+                     port is right"
+                        .into(),
+                ),
+                std::io::ErrorKind::TimedOut => Some(
+                    "timed out; check the host in the URL, and that no firewall drops the \
+                     connection"
+                        .into(),
+                ),
+                // The system's own words ("No route to host (os error 113)"), as a reason.
+                _ if io.raw_os_error().is_some() => {
+                    let text = io.to_string();
+                    let text = text.split(" (os error").next().unwrap_or(&text);
+                    let mut chars = text.chars();
+                    chars
+                        .next()
+                        .map(|first| first.to_lowercase().chain(chars).collect())
+                }
+                _ => None,
+            };
+        }
+        cause = e.source();
+    }
+    None
 }
 
 /// reqwest's Display is terse ("error sending request"); the cause is in the source chain.

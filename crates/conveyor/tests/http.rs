@@ -229,6 +229,40 @@ fn a_failure_carries_its_status() {
     assert_eq!(status(&refused), None);
 }
 
+/// A host that cannot be reached is named, with the reason in plain words and what to check,
+/// ahead of the client's own text, which stays for the detail.
+#[test]
+fn an_unreachable_host_is_named_with_the_reason() {
+    // A port nobody listens on: the listener is dropped before the request.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let refused = failure(HttpSink::builder(format!(
+        "http://user:pa55word@127.0.0.1:{port}/in"
+    )))
+    .to_string();
+    assert!(
+        refused.starts_with(&format!(
+            "cannot connect to 127.0.0.1:{port}: connection refused; check that the server is \
+             running"
+        )),
+        "{refused}"
+    );
+    assert!(refused.contains("(os error"), "keeps the detail: {refused}");
+    assert!(!refused.contains("pa55word"), "{refused}");
+
+    // `.invalid` never resolves (RFC 6761).
+    let unknown = failure(HttpSink::builder("http://no-such-host.invalid/in")).to_string();
+    assert!(
+        unknown.starts_with(
+            "cannot connect to no-such-host.invalid:80: the host name could not be resolved"
+        ),
+        "{unknown}"
+    );
+}
+
 /// A server whose certificate a private CA signed: refused until the CA is trusted, then
 /// delivered to.
 #[test]
