@@ -378,9 +378,12 @@ pub(crate) struct SendArgs {
 pub(crate) struct JournalArgs {
     /// The journal file that makes a rerun resume where this one stopped.
     ///
-    /// By default a file under ./.conveyor/ named after the input and the target. A rerun reads a file on after the
-    /// lines taken before, if it grew since; one that was rewritten or cut short is refused
-    /// (give it a new journal).
+    /// By default a file under ./.conveyor/ named after the input, the target (the --to URL, or
+    /// the --exec program and all its arguments) and whether the ordering is keyed: a rerun that
+    /// changes any of them starts a new journal and sends the input from its first line, and
+    /// says so when the old journal still holds pending lines (give --journal to keep one
+    /// journal across such changes). A rerun reads a file on after the lines taken before, if
+    /// it grew since; one that was rewritten or cut short is refused (give it a new journal).
     #[arg(long, value_name = "PATH", conflicts_with = "no_journal")]
     pub(crate) journal: Option<PathBuf>,
 

@@ -85,6 +85,7 @@ pub(crate) fn run(args: DemoArgs) -> Result<u8, CliError> {
         capacity: 10_000,
         rejects: None,
         journal: None,
+        default_journal: false,
         sync: false,
         output: inner_output,
     };

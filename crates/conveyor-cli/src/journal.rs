@@ -86,16 +86,7 @@ pub(crate) fn remember_input(journal: &Path, input: &Path) -> Result<(), CliErro
 /// [`remember_input`]); `taken`: the lines earlier runs took. A journal without a fingerprint
 /// (made before fingerprints, or crashed before writing it) is not checked.
 pub(crate) fn check_input(journal: &Path, input: &Path, taken: u64) -> Result<(), CliError> {
-    let Ok(text) = std::fs::read_to_string(fingerprint_path(journal)) else {
-        return Ok(());
-    };
-    let Some((len, hash)) = text.lines().nth(1).and_then(|line| {
-        let (len, hash) = line.split_once(' ')?;
-        Some((
-            len.parse::<u64>().ok()?,
-            u64::from_str_radix(hash, 16).ok()?,
-        ))
-    }) else {
+    let Some((len, hash)) = stored_fingerprint(journal) else {
         return Ok(());
     };
     let now = fingerprint(input, len)
@@ -112,6 +103,35 @@ pub(crate) fn check_input(journal: &Path, input: &Path, taken: u64) -> Result<()
          {journal}` shows nothing pending",
         input.display()
     )))
+}
+
+/// The fingerprint [`remember_input`] wrote next to `journal`: `None` if there is none, or it
+/// cannot be read.
+fn stored_fingerprint(journal: &Path) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(fingerprint_path(journal)).ok()?;
+    let line = text.lines().nth(1)?;
+    let (len, hash) = line.split_once(' ')?;
+    Some((
+        len.parse::<u64>().ok()?,
+        u64::from_str_radix(hash, 16).ok()?,
+    ))
+}
+
+/// Whether `input` may be the file the journal's first run read: it starts as that file did,
+/// or the journal has no fingerprint to tell (see [`check_input`]).
+pub(crate) fn started_with(journal: &Path, input: &Path) -> bool {
+    stored_fingerprint(journal).map_or(true, |(len, hash)| {
+        fingerprint(input, len).is_ok_and(|now| now == (len, hash))
+    })
+}
+
+/// How many items the journal at `path` holds pending, read without its lock (a `send` may be
+/// running on it); `None` if it cannot be read.
+pub(crate) fn pending(path: &Path) -> Option<u64> {
+    Journal::open_read_only(path)
+        .and_then(|journal| journal.status())
+        .ok()
+        .map(|status| status.pending)
 }
 
 /// The input position the journal at `path` holds (lines a previous run already took), read

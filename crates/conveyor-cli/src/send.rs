@@ -156,6 +156,9 @@ pub(crate) struct SendPlan {
     pub(crate) capacity: usize,
     pub(crate) rejects: Option<PathBuf>,
     pub(crate) journal: Option<PathBuf>,
+    /// Whether `journal` is the default one, named after the input, the target and the kind of
+    /// ordering (no `--journal`).
+    pub(crate) default_journal: bool,
     /// Commit every line before the next (`--sync`).
     pub(crate) sync: bool,
     pub(crate) output: OutputArgs,
@@ -221,8 +224,8 @@ impl SendPlan {
         let journal = if args.journal.no_journal {
             None
         } else {
-            Some(match args.journal.journal {
-                Some(path) => path,
+            Some(match &args.journal.journal {
+                Some(path) => path.clone(),
                 None => default_journal_path(
                     Path::new(journal::JOURNAL_DIR),
                     input,
@@ -247,6 +250,7 @@ impl SendPlan {
             on_failure: args.on_failure,
             capacity: args.capacity,
             rejects: args.rejects,
+            default_journal: args.journal.journal.is_none() && !args.journal.no_journal,
             journal,
             sync: args.journal.sync,
             output: args.output,
@@ -296,7 +300,26 @@ fn default_journal_path(
         to.as_deref().unwrap_or(""),
         exec.join("\0")
     );
-    let stem: String = match input {
+    let stem = journal_stem(input);
+    let single_lane = dir.join(format!(
+        "{stem}-{:016x}.journal",
+        journal::fnv1a(identity.as_bytes())
+    ));
+    if !keyed {
+        return single_lane;
+    }
+    let hash = journal::fnv1a(format!("{identity}\nkeyed").as_bytes());
+    let path = dir.join(format!("{stem}-keyed-{hash:016x}.journal"));
+    if !path.exists() && single_lane.exists() && journal::written_keyed(&single_lane) {
+        return single_lane;
+    }
+    path
+}
+
+/// What the name of every default journal of `input` starts with: its file name without the
+/// extension (`stdin` for stdin), made safe for a file name and cut to 40 characters.
+fn journal_stem(input: &Input) -> String {
+    match input {
         Input::File(path) | Input::Stream(path) => path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
@@ -312,20 +335,62 @@ fn default_journal_path(
         }
     })
     .take(40)
-    .collect();
-    let single_lane = dir.join(format!(
-        "{stem}-{:016x}.journal",
-        journal::fnv1a(identity.as_bytes())
-    ));
-    if !keyed {
-        return single_lane;
-    }
-    let hash = journal::fnv1a(format!("{identity}\nkeyed").as_bytes());
-    let path = dir.join(format!("{stem}-keyed-{hash:016x}.journal"));
-    if !path.exists() && single_lane.exists() && journal::written_keyed(&single_lane) {
-        return single_lane;
-    }
-    path
+    .collect()
+}
+
+/// The default journals under `dir` that earlier runs on `input` kept with another target
+/// (`--to`, or `--exec` and its arguments) or kind of ordering, and that still hold pending
+/// lines, with how many. The default name covers all of those, so a run that changes one starts
+/// a journal of its own and never delivers what the other holds: [`run`] says so as it starts
+/// a new one.
+///
+/// A journal is taken for one of `input`'s by its name (see [`default_journal_path`]) and, for
+/// a file, by the start of the file it was begun with: another file of the same name elsewhere
+/// has its own. One that cannot be read is left out: this is only a note.
+fn journals_left_pending(dir: &Path, input: &Input, ours: &Path) -> Vec<(PathBuf, u64)> {
+    let prefix = format!("{}-", journal_stem(input));
+    let is_default_name = |name: &str| {
+        name.strip_prefix(&prefix)
+            .and_then(|rest| rest.strip_suffix(".journal"))
+            .map(|rest| rest.strip_prefix("keyed-").unwrap_or(rest))
+            .is_some_and(|hash| hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit()))
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut found: Vec<(PathBuf, u64)> = entries
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| path != ours)
+        .filter(|path| {
+            path.file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(is_default_name)
+        })
+        .filter(|path| match input {
+            Input::File(file) => journal::started_with(path, file),
+            _ => true,
+        })
+        .filter_map(|path| {
+            let pending = journal::pending(&path)?;
+            (pending > 0).then_some((path, pending))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// The note for a journal that [`journals_left_pending`] found.
+fn left_pending_note(other: &Path, pending: u64, ours: &Path) -> String {
+    let other = other.display();
+    format!(
+        "conveyor: {other} still holds {pending} pending line(s) of an earlier run on this input \
+         with another target (--to, or --exec and its arguments) or kind of ordering. This run \
+         keeps its own journal, {}, and does not deliver them. To deliver them instead, stop \
+         this run (Ctrl-C) and rerun it with --journal {other} (`conveyor status --journal \
+         {other}` shows what it holds)",
+        ours.display()
+    )
 }
 
 /// The input, line by line.
@@ -436,6 +501,14 @@ pub(crate) fn run(
     let ordering_name = plan.ordering.to_string();
     let latencies = Arc::new(Latencies::new());
     let (mut reader, rejects) = open_input(&plan, &input)?;
+    if let (Some(path), true) = (&plan.journal, plan.default_journal) {
+        if !path.exists() {
+            let dir = path.parent().unwrap_or(Path::new(""));
+            for (other, pending) in journals_left_pending(dir, &input, path) {
+                eprintln!("{}", left_pending_note(&other, pending, path));
+            }
+        }
+    }
 
     let builder = Conveyor::<Line>::builder()
         .ordering(plan.engine_ordering())

@@ -1030,3 +1030,46 @@ fn dead_discard_of_a_missing_seq_prints_its_error_in_json_too() {
         );
     }
 }
+
+/// The default journal's name covers `--exec` and its arguments: a rerun that changes them
+/// starts a journal of its own, and says which journal still holds the earlier run's pending
+/// lines and how to deliver them.
+#[test]
+fn a_rerun_with_other_exec_arguments_names_the_journal_it_leaves_pending() {
+    let dir = tempfile::tempdir().unwrap();
+    let send = |input: &std::path::Path, exit: u8| {
+        conveyor(dir.path())
+            .args(["send", input.to_str().unwrap(), "--json"])
+            .args(["--on-failure", "pause", "--retries", "0"])
+            .args([
+                "--exec",
+                "sh",
+                "-c",
+                &format!("cat >/dev/null; exit {exit}"),
+            ])
+            .output()
+            .unwrap()
+    };
+    let input = write_lines(dir.path(), "in.jsonl", &items(3, 1));
+    let first = send(&input, 1);
+    expect_exit(&first, 3);
+    let paused = summary(&first)["journal"].as_str().unwrap().to_owned();
+
+    // Another file of the same name is another input: nothing to say about that journal.
+    std::fs::create_dir(dir.path().join("other")).unwrap();
+    let other = write_lines(&dir.path().join("other"), "in.jsonl", &items(2, 1));
+    let (_, stderr) = expect_exit(&send(&other, 0), 0);
+    assert!(!stderr.contains("pending line(s)"), "{stderr}");
+
+    let second = send(&input, 0);
+    let (_, stderr) = expect_exit(&second, 0);
+    assert_ne!(summary(&second)["journal"], paused.as_str());
+    assert!(
+        stderr.contains(&format!("{paused} still holds 3 pending line(s)"))
+            && stderr.contains(&format!("rerun it with --journal {paused}")),
+        "{stderr}"
+    );
+    // The rerun resumes its own journal, which exists now: said once, when it was started.
+    let (_, stderr) = expect_exit(&send(&input, 0), 0);
+    assert!(!stderr.contains("pending line(s)"), "{stderr}");
+}
