@@ -135,7 +135,11 @@ impl Summary {
             self.elapsed_secs,
             self.items_per_sec
         );
-        if let (Some(p50), Some(p99)) = (self.latency_p50_ms, self.latency_p99_ms) {
+        // Measured over every sink call, failed ones too: after "delivered 0" it would read as
+        // the latency of deliveries there were none of. (`--json` keeps it, as measured.)
+        if let (Some(p50), Some(p99), 1..) =
+            (self.latency_p50_ms, self.latency_p99_ms, self.delivered)
+        {
             text.push_str(&format!("\nsend latency p50 {p50:.1}ms, p99 {p99:.1}ms"));
         }
         if self.resumed_after_line > 0 {
@@ -281,6 +285,19 @@ mod tests {
             many.contains("\"u1\" (fix the cause, then `conveyor resume KEY`)"),
             "{many}"
         );
+    }
+
+    #[test]
+    fn no_latency_line_when_nothing_was_delivered() {
+        let none = Summary {
+            delivered: 0,
+            failed: 3,
+            ..summary()
+        };
+        assert!(!none.human().contains("latency"), "{}", none.human());
+        // The JSON summary keeps what was measured, failed calls included.
+        let v: serde_json::Value = serde_json::from_str(&none.json()).unwrap();
+        assert_eq!(v["latency_p50_ms"], 50.0);
     }
 
     #[test]
