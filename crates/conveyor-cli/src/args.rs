@@ -30,7 +30,11 @@ pub(crate) struct Cli {
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
     /// Send JSON lines from a file or stdin, one HTTP request (or program run) per line.
-    #[command(after_help = EXIT_CODES_HELP, mut_arg("json", |a| a.long_help(JSON_SEND_HELP)))]
+    #[command(
+        after_help = EXIT_CODES_HELP,
+        override_usage = SEND_USAGE,
+        mut_arg("json", |a| a.long_help(JSON_SEND_HELP))
+    )]
     Send(Box<SendArgs>),
     /// Run a local demo: an embedded 50 ms HTTP service receives generated items in order.
     Demo(DemoArgs),
@@ -41,9 +45,15 @@ pub(crate) enum Command {
     #[command(subcommand)]
     Dead(DeadCommand),
     /// Resume a paused lane, then rerun the `send` command to deliver what it holds.
-    #[command(mut_arg("json", |a| a.help(JSON_RESUME_HELP)))]
+    #[command(override_usage = RESUME_USAGE, mut_arg("json", |a| a.help(JSON_RESUME_HELP)))]
     Resume(ResumeArgs),
 }
+
+// The usage lines of the commands with an optional positional, as clap writes them for --help.
+// In an error, clap shows a positional that was given as if it were required (`<INPUT>`), so the
+// usage line would contradict the help's `[INPUT]`; a test checks these against clap's own.
+const SEND_USAGE: &str = "conveyor send [OPTIONS] <--to <URL>|--exec <PROGRAM>...> [INPUT]";
+const RESUME_USAGE: &str = "conveyor resume [OPTIONS] [KEY]";
 
 /// Which journal an operating command works on.
 #[derive(Debug, Args)]
@@ -579,6 +589,36 @@ mod tests {
         assert_eq!(send.exec, ["prog", "-x", "--flag"]);
         assert_eq!(send.retries, 2);
         assert_eq!(send.input, "in.jsonl");
+    }
+
+    #[test]
+    fn usage_lines_show_an_optional_input_as_optional() {
+        let cases = [
+            (&["conveyor", "send", "in.jsonl"][..], "[INPUT]", "<INPUT>"),
+            (
+                &["conveyor", "resume", "u1", "--bogus"][..],
+                "[KEY]",
+                "<KEY>",
+            ),
+        ];
+        for (args, optional, required) in cases {
+            let error = Cli::try_parse_from(args).unwrap_err().to_string();
+            assert!(
+                error.contains(optional) && !error.contains(required),
+                "{error}"
+            );
+        }
+        // The fixed usage lines are the ones clap writes for --help, kept up to date.
+        let mut cli = Cli::command();
+        cli.build();
+        for name in ["send", "resume"] {
+            let fixed = cli.find_subcommand(name).unwrap();
+            let generated = fixed.clone().override_usage(None::<&str>);
+            assert_eq!(
+                fixed.clone().render_usage().to_string(),
+                generated.clone().render_usage().to_string()
+            );
+        }
     }
 
     #[test]
