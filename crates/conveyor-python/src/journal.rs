@@ -131,11 +131,15 @@ pub(crate) fn parse_durability(value: &Bound<'_, PyAny>) -> PyResult<(Durability
             value.repr()?
         )));
     }
-    let message = format!(
-        "durability={}: expected a commit window in seconds (e.g. 0.005) or \"sync\"",
-        value.repr()?
-    );
-    if let Ok(text) = value.extract::<String>() {
+    let text = value.extract::<String>().ok();
+    // Text shown as every option shows it (`ordering="keyed"`), not as Python's repr would.
+    let shown = match &text {
+        Some(text) => format!("{text:?}"),
+        None => value.repr()?.to_string(),
+    };
+    let message =
+        format!("durability={shown}: expected a commit window in seconds (e.g. 0.005) or \"sync\"");
+    if let Some(text) = text {
         if text == "sync" {
             return Ok((Durability::Batched(Duration::ZERO), true));
         }
