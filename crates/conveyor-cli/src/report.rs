@@ -2,7 +2,8 @@
 //! (stdout, human or `--json`).
 
 use std::io::{self, IsTerminal, Write};
-use std::time::Duration;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
@@ -86,6 +87,123 @@ impl Progress {
 /// Items per second with one decimal (indicatif's own `{per_sec}` shows four).
 fn rate(state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write) {
     let _ = write!(w, "{:.1}/s", state.per_sec());
+}
+
+/// How long failures like the one before them are held back before they are reported: a log
+/// then still shows, every so often, that the run goes on failing.
+const REPEATS_EVERY: Duration = Duration::from_secs(10);
+
+/// The notes for lines that failed for good, where a failure like the one before it (the same
+/// error after as many attempts) is not written out again: a server that is down fails every
+/// line with the same long message. The first is shown in full; the ones like it after it are
+/// reported together (`lines 2 to 40 failed after 6 attempt(s) with the same error as line 1`)
+/// when a different failure comes, every [`REPEATS_EVERY`] (see [`FailureNotes::tick`]), and at
+/// the end of the run ([`FailureNotes::finish`]).
+#[derive(Debug, Default)]
+pub(crate) struct FailureNotes {
+    /// A mutex, since lines settle on the conveyor's threads and the main thread ticks: one
+    /// short lock per failure. Notes are written holding it, so they keep the order of events.
+    repeats: Mutex<Repeats>,
+}
+
+impl FailureNotes {
+    /// Reports that `line` failed after `attempts` with `error`, or holds it back as a repeat.
+    pub(crate) fn failed(&self, progress: &Progress, line: u64, attempts: u32, error: &str) {
+        let mut repeats = self.lock();
+        for note in repeats.failed(line, attempts, error, Instant::now()) {
+            progress.note(&note);
+        }
+    }
+
+    /// Reports the repeats held back for [`REPEATS_EVERY`] or longer.
+    pub(crate) fn tick(&self, progress: &Progress) {
+        if let Some(note) = self.lock().held_note_due(Instant::now()) {
+            progress.note(&note);
+        }
+    }
+
+    /// Reports what is held back; a line that fails after this (a send still running when the
+    /// close gave up on it) is reported in full.
+    pub(crate) fn finish(&self, progress: &Progress) {
+        let mut repeats = self.lock();
+        if let Some(note) = repeats.held_note() {
+            progress.note(&note);
+        }
+        repeats.shown = None;
+        repeats.finished = true;
+    }
+
+    /// A thread that panicked holding the lock left at worst a count off by one: used as it is.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Repeats> {
+        self.repeats.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// What [`FailureNotes`] showed last and holds back.
+#[derive(Debug, Default)]
+struct Repeats {
+    /// The last failure shown in full: its line, attempts and error.
+    shown: Option<(u64, u32, String)>,
+    /// How many lines failed like it since, not reported yet, and the lowest and highest.
+    held: u64,
+    low: u64,
+    high: u64,
+    /// When the first of them failed (`None` while none is held).
+    held_since: Option<Instant>,
+    /// Set by [`FailureNotes::finish`]: nothing is held any more.
+    finished: bool,
+}
+
+impl Repeats {
+    /// The notes for a failure: none for a repeat, which is held; else what was held, then
+    /// the failure in full.
+    fn failed(&mut self, line: u64, attempts: u32, error: &str, now: Instant) -> Vec<String> {
+        let repeat = matches!(&self.shown, Some((_, a, e)) if *a == attempts && e == error);
+        if repeat && !self.finished {
+            if self.held == 0 {
+                (self.low, self.high, self.held_since) = (line, line, Some(now));
+            }
+            self.held += 1;
+            self.low = self.low.min(line);
+            self.high = self.high.max(line);
+            return Vec::new();
+        }
+        let mut notes: Vec<String> = self.held_note().into_iter().collect();
+        notes.push(format!(
+            "line {line}: failed after {attempts} attempt(s): {error}"
+        ));
+        if !self.finished {
+            self.shown = Some((line, attempts, error.to_owned()));
+        }
+        notes
+    }
+
+    /// [`Repeats::held_note`], once the first failure held back is [`REPEATS_EVERY`] old.
+    fn held_note_due(&mut self, now: Instant) -> Option<String> {
+        let since = self.held_since?;
+        if now.saturating_duration_since(since) < REPEATS_EVERY {
+            return None;
+        }
+        self.held_note()
+    }
+
+    /// The note for the failures held back, if any; they are reported then, not held any more.
+    fn held_note(&mut self) -> Option<String> {
+        let (first, attempts, _) = self.shown.as_ref()?;
+        let lines = match (self.held, self.low, self.high) {
+            (0, ..) => return None,
+            (1, low, _) => format!("line {low}"),
+            // Lines are numbered once each: as many as the range holds means all of them.
+            (held, low, high) if high - low + 1 == held => format!("lines {low} to {high}"),
+            (held, low, high) => format!("{held} lines from line {low} to line {high}"),
+        };
+        let note = format!(
+            "{lines} failed after {attempts} attempt(s) with the same error as line {first}"
+        );
+        self.held = 0;
+        self.held_since = None;
+        Some(note)
+    }
 }
 
 /// The end-of-run summary; `--json` prints it as is.
@@ -284,6 +402,57 @@ mod tests {
         assert!(
             many.contains("\"u1\" (fix the cause, then `conveyor resume KEY`)"),
             "{many}"
+        );
+    }
+
+    #[test]
+    fn a_failure_like_the_one_before_is_held_and_reported_with_the_others() {
+        let now = Instant::now();
+        let mut repeats = Repeats::default();
+        let down = "cannot connect to 127.0.0.1:9: connection refused";
+        assert_eq!(
+            repeats.failed(1, 6, down, now),
+            [format!("line 1: failed after 6 attempt(s): {down}")]
+        );
+        for line in 2..=4 {
+            assert!(repeats.failed(line, 6, down, now).is_empty());
+        }
+        assert_eq!(repeats.held_since, Some(now));
+        // Reported every so often while they go on.
+        let soon = now + REPEATS_EVERY - Duration::from_millis(1);
+        assert_eq!(repeats.held_note_due(soon), None);
+        assert_eq!(
+            repeats.held_note_due(now + REPEATS_EVERY).unwrap(),
+            "lines 2 to 4 failed after 6 attempt(s) with the same error as line 1"
+        );
+        assert_eq!(repeats.held_note_due(now + REPEATS_EVERY * 2), None);
+        for line in 2..=4 {
+            assert!(repeats.failed(line, 6, down, now).is_empty());
+        }
+        // Another error: the held ones first, then it in full.
+        assert_eq!(
+            repeats.failed(5, 6, "HTTP 500", now),
+            [
+                "lines 2 to 4 failed after 6 attempt(s) with the same error as line 1",
+                "line 5: failed after 6 attempt(s): HTTP 500",
+            ]
+        );
+        assert_eq!(repeats.held_since, None);
+        // As many attempts count too: a permanent failure is no repeat of a retried one.
+        assert_eq!(repeats.failed(6, 1, "HTTP 500", now).len(), 1);
+        // Out of order (keyed lanes), with gaps.
+        for line in [9, 7, 12] {
+            assert!(repeats.failed(line, 1, "HTTP 500", now).is_empty());
+        }
+        assert_eq!(
+            repeats.held_note().unwrap(),
+            "3 lines from line 7 to line 12 failed after 1 attempt(s) with the same error as line 6"
+        );
+        assert_eq!(repeats.held_note(), None);
+        assert!(repeats.failed(13, 1, "HTTP 500", now).is_empty());
+        assert_eq!(
+            repeats.held_note().unwrap(),
+            "line 13 failed after 1 attempt(s) with the same error as line 6"
         );
     }
 

@@ -16,7 +16,7 @@ use conveyor::{Conveyor, DeliveryError, OnFailure, Ordering, Retry, SendError, S
 use crate::args::{FailurePolicy, OrderingArg, OutputArgs, SendArgs};
 use crate::input::{overlong_reason, KeySpec, Line, LineReader, Parsed, MAX_LINE};
 use crate::rejects::Rejects;
-use crate::report::{millis, print_out, Progress, Summary};
+use crate::report::{millis, print_out, FailureNotes, Progress, Summary};
 use crate::sink::{sink_fn, ExecSink, Latencies, Target};
 use crate::{exit, journal, CliError};
 
@@ -485,6 +485,9 @@ struct ReadCounters {
     /// tell a reader blocked on a full queue (the same line for seconds) from one that is
     /// reading: line numbers only grow, so an unchanged non-zero value is one waiting send.
     submitting: AtomicU64,
+    /// The notes for the lines of this run that failed, which the main thread's ticks and the
+    /// end of the run report too.
+    failures: FailureNotes,
 }
 
 /// Runs a whole `send`, returning its summary (already printed unless quiet).
@@ -685,6 +688,7 @@ pub(crate) fn run(
         closing.join()
     })
     .map_err(|_| CliError::usage("closing the conveyor panicked; please report this bug"))?;
+    counters.failures.finish(&progress);
     progress.finish();
     // The close woke a reader waiting for room; let it finish, so its counts are final.
     let read_outcome = read_outcome
@@ -814,6 +818,7 @@ fn show_progress(
     progress: &Progress,
     counters: &ReadCounters,
 ) -> (Stats, u64) {
+    counters.failures.tick(progress);
     let stats = conveyor.stats();
     let settled = stats.delivered + stats.failed + stats.dropped;
     progress.update(
@@ -889,9 +894,12 @@ fn read_and_submit(
                         receipt.on_settled(move |result| {
                             if let Err(DeliveryError::Failed { attempts, error }) = result {
                                 counters.failed_noted.fetch_add(1, AtomicOrdering::Relaxed);
-                                progress.note(&format!(
-                                    "line {number}: failed after {attempts} attempt(s): {error}"
-                                ));
+                                counters.failures.failed(
+                                    &progress,
+                                    number,
+                                    attempts,
+                                    &error.to_string(),
+                                );
                             }
                         });
                     }

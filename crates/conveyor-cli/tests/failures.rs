@@ -167,7 +167,7 @@ fn a_dead_server_is_retried_then_reported() {
         .local_addr()
         .unwrap()
         .port();
-    let input = write_lines(dir.path(), "in.jsonl", &items(2, 1));
+    let input = write_lines(dir.path(), "in.jsonl", &items(3, 1));
     let output = conveyor(dir.path())
         .args(["send", input.to_str().unwrap(), "--no-journal", "--json"])
         .args([
@@ -181,13 +181,22 @@ fn a_dead_server_is_retried_then_reported() {
         .output()
         .unwrap();
     let (_, stderr) = expect_exit(&output, 1);
+    // Said once, naming the host and why, not once per line.
     assert!(
-        stderr.contains("line 1: failed after 3 attempt"),
+        stderr.contains(&format!(
+            "line 1: failed after 3 attempt(s): cannot connect to 127.0.0.1:{port}: connection \
+             refused"
+        )),
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("cannot connect").count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("lines 2 to 3 failed after 3 attempt(s) with the same error as line 1"),
         "{stderr}"
     );
     let summary = summary(&output);
-    assert_eq!(summary["failed"], 2);
-    assert_eq!(summary["retried"], 4);
+    assert_eq!(summary["failed"], 3);
+    assert_eq!(summary["retried"], 6);
 }
 
 #[test]
