@@ -144,10 +144,9 @@ impl FailureNotes {
 struct Repeats {
     /// The last failure shown in full: its line, attempts and error.
     shown: Option<(u64, u32, String)>,
-    /// How many lines failed like it since, not reported yet, and the lowest and highest.
-    held: u64,
-    low: u64,
-    high: u64,
+    /// The lines that failed like it since, not reported yet. Each is named when they are
+    /// reported: without a journal, this note is the only record of which lines to send again.
+    held: Vec<u64>,
     /// When the first of them failed (`None` while none is held).
     held_since: Option<Instant>,
     /// Set by [`FailureNotes::finish`]: nothing is held any more.
@@ -160,12 +159,10 @@ impl Repeats {
     fn failed(&mut self, line: u64, attempts: u32, error: &str, now: Instant) -> Vec<String> {
         let repeat = matches!(&self.shown, Some((_, a, e)) if *a == attempts && e == error);
         if repeat && !self.finished {
-            if self.held == 0 {
-                (self.low, self.high, self.held_since) = (line, line, Some(now));
+            if self.held.is_empty() {
+                self.held_since = Some(now);
             }
-            self.held += 1;
-            self.low = self.low.min(line);
-            self.high = self.high.max(line);
+            self.held.push(line);
             return Vec::new();
         }
         let mut notes: Vec<String> = self.held_note().into_iter().collect();
@@ -190,20 +187,39 @@ impl Repeats {
     /// The note for the failures held back, if any; they are reported then, not held any more.
     fn held_note(&mut self) -> Option<String> {
         let (first, attempts, _) = self.shown.as_ref()?;
-        let lines = match (self.held, self.low, self.high) {
-            (0, ..) => return None,
-            (1, low, _) => format!("line {low}"),
-            // Lines are numbered once each: as many as the range holds means all of them.
-            (held, low, high) if high - low + 1 == held => format!("lines {low} to {high}"),
-            (held, low, high) => format!("{held} lines from line {low} to line {high}"),
+        if self.held.is_empty() {
+            return None;
+        }
+        let mut held = std::mem::take(&mut self.held);
+        let lines = match held.as_slice() {
+            [line] => format!("line {line}"),
+            _ => format!("lines {}", line_ranges(&mut held)),
         };
-        let note = format!(
-            "{lines} failed after {attempts} attempt(s) with the same error as line {first}"
-        );
-        self.held = 0;
         self.held_since = None;
-        Some(note)
+        Some(format!(
+            "{lines} failed after {attempts} attempt(s) with the same error as line {first}"
+        ))
     }
+}
+
+/// `lines` in order, runs of consecutive ones as ranges: `2 to 4, 7, 9 to 12`.
+fn line_ranges(lines: &mut [u64]) -> String {
+    lines.sort_unstable();
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for &line in lines.iter() {
+        match ranges.last_mut() {
+            Some((_, high)) if *high + 1 == line => *high = line,
+            _ => ranges.push((line, line)),
+        }
+    }
+    let ranges: Vec<String> = ranges
+        .into_iter()
+        .map(|(low, high)| match high - low {
+            0 => low.to_string(),
+            _ => format!("{low} to {high}"),
+        })
+        .collect();
+    ranges.join(", ")
 }
 
 /// The end-of-run summary; `--json` prints it as is.
@@ -440,13 +456,14 @@ mod tests {
         assert_eq!(repeats.held_since, None);
         // As many attempts count too: a permanent failure is no repeat of a retried one.
         assert_eq!(repeats.failed(6, 1, "HTTP 500", now).len(), 1);
-        // Out of order (keyed lanes), with gaps.
-        for line in [9, 7, 12] {
+        // Out of order (keyed lanes), with gaps: each line is named, as without a journal this
+        // is the only record of which lines to send again.
+        for line in [9, 7, 12, 8, 14, 15, 16] {
             assert!(repeats.failed(line, 1, "HTTP 500", now).is_empty());
         }
         assert_eq!(
             repeats.held_note().unwrap(),
-            "3 lines from line 7 to line 12 failed after 1 attempt(s) with the same error as line 6"
+            "lines 7 to 9, 12, 14 to 16 failed after 1 attempt(s) with the same error as line 6"
         );
         assert_eq!(repeats.held_note(), None);
         assert!(repeats.failed(13, 1, "HTTP 500", now).is_empty());
