@@ -382,6 +382,8 @@ pub struct Delivery<T> {
     /// The item inside `node`, which `node` keeps alive.
     item: NonNull<T>,
     attempt: u32,
+    /// The attempt after which a retryable failure fails the item for good (or pauses its lane).
+    attempt_limit: u32,
     /// Invariant in `T`, as the trait object it replaced was: no promise made by accident.
     _item: PhantomData<fn(T) -> T>,
 }
@@ -394,12 +396,17 @@ unsafe impl<T> Send for Delivery<T> {}
 unsafe impl<T> Sync for Delivery<T> {}
 
 impl<T: Send + Sync + 'static> Delivery<T> {
-    pub(crate) fn new<R: Send + 'static>(node: &NodeRef<T, R>, attempt: u32) -> Self {
+    pub(crate) fn new<R: Send + 'static>(
+        node: &NodeRef<T, R>,
+        attempt: u32,
+        attempt_limit: u32,
+    ) -> Self {
         Self {
             // Stays put while the node lives, which `node` (a clone) keeps it doing.
             item: NonNull::from(&node.item),
             node: node.clone().erase(),
             attempt,
+            attempt_limit,
             _item: PhantomData,
         }
     }
@@ -494,6 +501,36 @@ impl<T> Delivery<T> {
         self.attempt
     }
 
+    /// Whether this is the item's last attempt: if it fails, even with a retryable error, the
+    /// item fails for good (or, under [`OnFailure::Pause`](crate::OnFailure::Pause), pauses its
+    /// lane) instead of being tried again. Usually `attempt() == retry.attempts()`, but not after
+    /// [`Conveyor::resume`](crate::Conveyor::resume): the item that paused the lane gets a
+    /// fresh budget of attempts on top of those it used, so this is the way to tell, say to log
+    /// only the failures that stay failures.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::{Conveyor, Retry, SinkError};
+    /// use std::sync::{Arc, Mutex};
+    /// use std::time::Duration;
+    ///
+    /// let seen = Arc::new(Mutex::new(Vec::new()));
+    /// let log = seen.clone();
+    /// let c: Conveyor<u32> = Conveyor::builder()
+    ///     .retry(Retry::fixed(Duration::from_millis(1)).max_attempts(3))
+    ///     .build(move |d| {
+    ///         log.lock().unwrap().push((d.attempt(), d.is_last_attempt()));
+    ///         Err(SinkError::retryable("service down"))
+    ///     })?;
+    /// assert!(c.send(1).unwrap().wait().is_err());
+    /// assert_eq!(*seen.lock().unwrap(), [(1, false), (2, false), (3, true)]);
+    /// # Ok::<(), conveyor::BuildError>(())
+    /// ```
+    pub fn is_last_attempt(&self) -> bool {
+        self.attempt >= self.attempt_limit
+    }
+
     /// A key that is the same on every attempt of this item and differs between items
     /// (and between conveyors), for receivers that drop duplicates: send it as an
     /// `Idempotency-Key` header, for example.
@@ -532,6 +569,7 @@ impl<T: fmt::Debug> fmt::Debug for Delivery<T> {
             .field("seq", &self.seq())
             .field("key", &self.key())
             .field("attempt", &self.attempt)
+            .field("last_attempt", &self.is_last_attempt())
             .field("item", self.item())
             .finish()
     }

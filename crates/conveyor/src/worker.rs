@@ -365,7 +365,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
 
     fn delivery(&self, job: &mut Job<T, R>) -> Delivery<T> {
         job.attempts += 1;
-        Delivery::new(&job.node, job.attempts)
+        Delivery::new(&job.node, job.attempts, job.attempt_limit)
     }
 
     fn run_blocking(

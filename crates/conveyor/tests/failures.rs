@@ -441,6 +441,38 @@ fn a_pipelined_resume_gives_every_held_item_a_fresh_retry_budget() {
     assert_eq!(c.stats().delivered, 2);
 }
 
+/// `is_last_attempt` follows the item's budget, not the policy's count: after a permanent
+/// failure on attempt 1 paused the lane, the resume gives attempts 2 to 3, so the last one
+/// is 3, not 2 (as `attempt() == attempts()` would say).
+#[test]
+fn is_last_attempt_follows_the_fresh_budget_a_resume_gives() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let c: Conveyor<u32> = Conveyor::builder()
+        .retry(Retry::fixed(Duration::from_millis(1)).max_attempts(2))
+        .on_failure(OnFailure::Pause)
+        .build(move |d: Delivery<u32>| {
+            log.lock().unwrap().push((d.attempt(), d.is_last_attempt()));
+            if d.attempt() == 1 {
+                Err(SinkError::permanent("rejected"))
+            } else {
+                Err(SinkError::retryable("still down"))
+            }
+        })
+        .unwrap();
+    c.send(7).unwrap();
+    assert!(c.flush_timeout(GENEROUS));
+    assert_eq!(*seen.lock().unwrap(), [(1, false)]);
+    assert!(c.resume(""));
+    assert!(c.flush_timeout(GENEROUS));
+    assert_eq!(
+        c.paused(),
+        vec![String::new()],
+        "paused again after its budget"
+    );
+    assert_eq!(*seen.lock().unwrap(), [(1, false), (2, false), (3, true)]);
+}
+
 /// A paused lane's items count against the capacity (memory stays bounded): once they fill
 /// it, a send for a healthy key meets a full queue too, until the lane is resumed.
 #[test]
