@@ -10,7 +10,7 @@
 //! said that everything went as planned.
 //!
 //! So the calls where a delivery thread waits for the GIL or runs Python code for long (taking
-//! the GIL, the sink call, a receipt's completion) go through `extern "C-unwind"` declarations
+//! the GIL, the sink call, a receipt's completion, a failure's log record) go through `extern "C-unwind"` declarations
 //! here, and the first Rust frame the unwind reaches parks the thread for good
 //! ([`ParkOnUnwind`]): the process is exiting, and ends it with its other threads. CPython 3.14
 //! hangs such threads itself, and PyO3 0.25 does the same for its own GIL acquisition. A Rust
@@ -21,7 +21,7 @@ use std::ptr;
 
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::PyTuple;
+use pyo3::types::{PyDict, PyTuple};
 use pyo3::BoundObject;
 
 // The same functions as PyO3 declares, with the ABI that lets `pthread_exit`'s unwind reach our
@@ -92,11 +92,24 @@ pub(crate) fn call<'py, A>(callable: &Bound<'py, PyAny>, args: A) -> PyResult<Bo
 where
     A: IntoPyObject<'py, Target = PyTuple>,
 {
+    call_kw(callable, args, None)
+}
+
+/// `callable(*args, **kwargs)`, as [`call`].
+pub(crate) fn call_kw<'py, A>(
+    callable: &Bound<'py, PyAny>,
+    args: A,
+    kwargs: Option<&Bound<'py, PyDict>>,
+) -> PyResult<Bound<'py, PyAny>>
+where
+    A: IntoPyObject<'py, Target = PyTuple>,
+{
     let py = callable.py();
     let args = args.into_pyobject(py).map_err(Into::into)?.into_bound();
-    // SAFETY: both pointers are valid, owned by `callable` and `args` for the whole call, and
-    // holding a `Bound` means holding the GIL.
-    let raw = guarded(|| unsafe { object_call(callable.as_ptr(), args.as_ptr(), ptr::null_mut()) });
+    let kwargs = kwargs.map_or(ptr::null_mut(), |kwargs| kwargs.as_ptr());
+    // SAFETY: the pointers are valid (or null for no keywords), owned by `callable`, `args`
+    // and `kwargs` for the whole call, and holding a `Bound` means holding the GIL.
+    let raw = guarded(|| unsafe { object_call(callable.as_ptr(), args.as_ptr(), kwargs) });
     // SAFETY: PyObject_Call returns a new reference, or null with an exception set.
     unsafe { Bound::from_owned_ptr_or_err(py, raw) }
 }
@@ -110,5 +123,18 @@ pub(crate) fn call_method<'py, A>(
 where
     A: IntoPyObject<'py, Target = PyTuple>,
 {
-    call(&object.getattr(name)?, args)
+    call_method_kw(object, name, args, None)
+}
+
+/// `object.name(*args, **kwargs)`, as [`call`].
+pub(crate) fn call_method_kw<'py, A>(
+    object: &Bound<'py, PyAny>,
+    name: &str,
+    args: A,
+    kwargs: Option<&Bound<'py, PyDict>>,
+) -> PyResult<Bound<'py, PyAny>>
+where
+    A: IntoPyObject<'py, Target = PyTuple>,
+{
+    call_kw(&object.getattr(name)?, args, kwargs)
 }

@@ -15,6 +15,7 @@
 
 mod asend;
 mod errors;
+mod failure_log;
 mod finalizing;
 mod fork;
 mod http;

@@ -17,6 +17,7 @@ use pyo3::{PyTraverseError, PyVisit};
 
 use crate::asend::{PendingSend, SendFuture};
 use crate::errors;
+use crate::failure_log::{FailureLog, Then};
 use crate::fork::Held;
 use crate::receipt::{support, PyReceipt, Ready};
 use crate::sink::{self, Item, Reply, SinkState};
@@ -75,13 +76,18 @@ struct Shared {
     name: String,
 }
 
+/// How messages name a conveyor: `conveyor "events"`, or `conveyor` for one without a name.
+fn label(name: &str) -> String {
+    if name.is_empty() {
+        "conveyor".to_owned()
+    } else {
+        format!("conveyor {name:?}")
+    }
+}
+
 impl Shared {
     fn label(&self) -> String {
-        if self.name.is_empty() {
-            "conveyor".to_owned()
-        } else {
-            format!("conveyor {:?}", self.name)
-        }
+        label(&self.name)
     }
 
     /// Waits (at most `timeout`, forever for `None`) until every accepted item is settled;
@@ -852,15 +858,21 @@ impl PyConveyor {
             builder = builder.journal(path).journal_kind("conveyor-python");
         }
 
-        let id = NEXT_ID.fetch_add(1, AtomicOrdering::Relaxed);
-        let state = Arc::new(SinkState::new(
-            id,
-            http_sink.is_none().then(|| sink.clone_ref(py)),
-        ));
         let name = name
             .map(|name| str_arg("name", name, "a str or None"))
             .transpose()?
             .unwrap_or_default();
+        let then = match (on_failure, journaled) {
+            ("pause", _) => Then::Paused,
+            (_, true) => Then::DeadLetter,
+            _ => Then::Skipped,
+        };
+        let id = NEXT_ID.fetch_add(1, AtomicOrdering::Relaxed);
+        let state = Arc::new(SinkState::new(
+            id,
+            http_sink.is_none().then(|| sink.clone_ref(py)),
+            FailureLog::new(label(&name), then),
+        ));
         let is_async: bool = http_sink.is_none()
             && support(py)?
                 .call_method1("is_async_callable", (sink.bind(py),))?

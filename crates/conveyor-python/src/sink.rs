@@ -14,6 +14,7 @@ use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 
 use crate::errors;
+use crate::failure_log::{Attempt, FailureLog};
 use crate::finalizing;
 use crate::fork::Held;
 
@@ -240,6 +241,8 @@ pub(crate) struct SinkState {
     /// holds the GIL) never finds it locked by a thread waiting for the GIL, and `os.fork()` never
     /// copies it locked.
     callable: Mutex<Option<Held>>,
+    /// Logs the items that fail for good, which nothing else may ever report.
+    failures: FailureLog,
 }
 
 impl std::fmt::Debug for SinkState {
@@ -253,11 +256,20 @@ impl std::fmt::Debug for SinkState {
 
 impl SinkState {
     /// State for conveyor `id` delivering to `callable` (`None` for an HTTP conveyor).
-    pub(crate) fn new(id: u64, callable: Option<Py<PyAny>>) -> Self {
+    pub(crate) fn new(id: u64, callable: Option<Py<PyAny>>, failures: FailureLog) -> Self {
         SinkState {
             id,
             abandoned: AtomicBool::new(false),
             callable: Mutex::new(callable.map(Held::new)),
+            failures,
+        }
+    }
+
+    /// Logs a failed attempt if it is the item's last (see [`FailureLog::report`]); not for a
+    /// conveyor given up on at exit, whose leftovers the exit warning reports.
+    fn report_failure(&self, py: Python<'_>, attempt: &Attempt, error: &SinkError) {
+        if !self.abandoned.load(AtomicOrdering::Acquire) {
+            self.failures.report(py, attempt, error);
         }
     }
 
@@ -345,15 +357,23 @@ pub(crate) fn blocking(
                 .to_py(py)
                 .and_then(|item| finalizing::call(sink.bind(py), (item,)))
                 .map(Bound::unbind);
-            CURRENT.with(|current| current.set(outer));
-            IN_SINK.with(|current| current.set(previous));
-            match result {
+            let outcome = match result {
                 Ok(value) if is_coroutine(py, value.bind(py)) => {
                     Err(coroutine_returned(py, value.bind(py), sink.bind(py)))
                 }
                 Ok(value) => Ok(Reply::Object(Held::new(value))),
                 Err(err) => Err(errors::sink_error(py, err)),
+            };
+            // Here, while the GIL is held anyway: a failure costs no second acquisition. And
+            // still as the sink: a handler may ask `current_delivery()` for the item's
+            // idempotency key, and one that sends the record to this very conveyor gets
+            // `QueueFull` rather than wait for room only this thread could make.
+            if let Err(error) = &outcome {
+                state.report_failure(py, &Attempt::from(&delivery), error);
             }
+            CURRENT.with(|current| current.set(outer));
+            IN_SINK.with(|current| current.set(previous));
+            outcome
         })
     }
 }
@@ -423,12 +443,18 @@ pub(crate) fn asynchronous(
                     py,
                     CoroutineDone {
                         tx: Mutex::new(Some(tx)),
+                        state: state.clone(),
+                        attempt: Attempt::from(&delivery),
                     },
                 )?;
                 finalizing::call_method(&future, "add_done_callback", (done,))?;
                 Ok(())
             };
-            start().map_err(|err| errors::sink_error(py, err))
+            start().map_err(|err| {
+                let error = errors::sink_error(py, err);
+                state.report_failure(py, &Attempt::from(&delivery), &error);
+                error
+            })
         });
         let id = state.id;
         Box::pin(async move {
@@ -452,6 +478,10 @@ pub(crate) fn asynchronous(
 struct CoroutineDone {
     /// `Option` because a callback must fire at most once; the `Mutex` makes the class `Sync`.
     tx: Mutex<Option<oneshot::Sender<Result<Reply, SinkError>>>>,
+    /// For logging a final failure here, on the loop thread that already holds the GIL, rather
+    /// than taking it again where the engine receives the outcome.
+    state: Arc<SinkState>,
+    attempt: Attempt,
 }
 
 #[pymethods]
@@ -461,6 +491,9 @@ impl CoroutineDone {
             .call_method0("result")
             .map(|value| Reply::Object(Held::new(value.unbind())))
             .map_err(|err| errors::sink_error(py, err));
+        if let Err(error) = &outcome {
+            self.state.report_failure(py, &self.attempt, error);
+        }
         if let Some(tx) = self.tx.lock().unwrap_or_else(|e| e.into_inner()).take() {
             // The receiver is gone only if the engine gave up on this delivery: nothing to do.
             let _ = tx.send(outcome);

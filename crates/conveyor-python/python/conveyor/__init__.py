@@ -29,13 +29,18 @@ option             default       meaning
 ``rate_limit``     None          at most this many sink calls started per second
 ``drain_timeout``  30.0          seconds that interpreter exit / ``with`` exit / garbage
                                  collection wait for accepted items before warning about them
-``name``           None          shown in ``repr`` and in warnings
+``name``           None          shown in ``repr``, in warnings and in the failure log
 ``journal``        None          path of a journal file (SQLite): accepted items survive a crash
                                  and are delivered after a restart; items must be JSON-serialisable
 ``durability``     5 ms window   with a journal: commit window in seconds, or ``"sync"``
 =================  ============  =================================================================
 
 A sink may be an ``async def`` function: it then runs on an event loop owned by the conveyor.
+
+An item that fails for good (a ``PermanentError``, or any exception on its last attempt) is logged
+as a WARNING, with its exception, on ``logging.getLogger("conveyor")``, even if nobody reads its
+receipt; without logging configured it shows on stderr. Silence it with
+``logging.getLogger("conveyor").setLevel(logging.ERROR)``.
 
 ``Journal(path, read_only=False)`` opens a conveyor's journal file without delivering anything, to
 look at its pending items, paused lanes and dead letters and to repair them (after a crash, or
