@@ -167,7 +167,11 @@ impl Shared {
         if self.closed.load(AtomicOrdering::Acquire) {
             return false;
         }
-        match self.close_and_report(py, "was garbage-collected without close() and") {
+        match self.close_and_report(
+            py,
+            "was garbage-collected without close() and",
+            self.drain_timeout,
+        ) {
             Ok(_) => false,
             Err(err) if err.is_instance_of::<PyKeyboardInterrupt>(py) => {
                 self.give_up_interrupted(py);
@@ -202,6 +206,38 @@ impl Shared {
         }
     }
 
+    /// The exit hook's drain: [`Shared::close_and_report`], saying on stderr what it waits for
+    /// once it has lasted [`QUIET_EXIT`]. After a traceback (Ctrl-C in `flush()` or a `with`
+    /// block) the program would otherwise seem to hang for up to `drain_timeout`, with nothing
+    /// to say that one more Ctrl-C ends the wait.
+    fn close_at_exit(&self, py: Python<'_>) -> PyResult<PyCloseReport> {
+        // Refused from now on, as `close` would: what the notice counts stays the whole lot.
+        self.closing.store(true, AtomicOrdering::Release);
+        let deadline = Deadline::after(Some(self.drain_timeout));
+        let quiet = QUIET_EXIT.min(self.drain_timeout);
+        let started = Instant::now();
+        // Too early an end means waiting cannot help (see `settle`): the close says why.
+        if !self.settle(py, Some(quiet))? && started.elapsed() >= quiet && !deadline.passed() {
+            let stats = self.engine.stats();
+            let waiting = deadline.remaining().unwrap_or_default();
+            let notice = format!(
+                "{} is delivering {} item(s) left at interpreter exit: waiting up to {} s more \
+                 (drain_timeout={} s); press Ctrl-C to stop waiting\n",
+                self.label(),
+                stats.queued + stats.in_flight,
+                waiting.as_secs_f64().ceil(),
+                self.drain_timeout.as_secs_f64(),
+            );
+            match print_to_stderr(py, &notice) {
+                Err(err) if err.is_instance_of::<PyKeyboardInterrupt>(py) => return Err(err),
+                // Nowhere left to report that stderr failed: the drain goes on regardless.
+                _ => {}
+            }
+        }
+        let rest = deadline.remaining().unwrap_or_default();
+        self.close_and_report(py, "at interpreter exit", rest)
+    }
+
     /// After Ctrl-C cut the exit hook's drain short: the workers start nothing more, and the
     /// sink is never called again. A worker left calling it would take the GIL while the
     /// interpreter finalizes, which kills the process (`PyGILState_Release` fatal error, or a
@@ -225,11 +261,16 @@ impl Shared {
         )
     }
 
-    /// Close with the configured drain deadline; warn about anything left, since nobody reads
-    /// the report (interpreter exit, `with` block exit, garbage collection). What an earlier
-    /// close left was reported by it already: no second warning.
-    fn close_and_report(&self, py: Python<'_>, when: &str) -> PyResult<PyCloseReport> {
-        let (report, first) = self.close(py, Some(self.drain_timeout))?;
+    /// Close within `timeout`, what is left of the drain deadline; warn about anything left,
+    /// since nobody reads the report (interpreter exit, `with` block exit, garbage collection).
+    /// What an earlier close left was reported by it already: no second warning.
+    fn close_and_report(
+        &self,
+        py: Python<'_>,
+        when: &str,
+        timeout: Duration,
+    ) -> PyResult<PyCloseReport> {
+        let (report, first) = self.close(py, Some(timeout))?;
         let report: PyCloseReport = report.into();
         if first && report.left() > 0 {
             errors::warn(
@@ -245,6 +286,21 @@ impl Shared {
         }
         Ok(report)
     }
+}
+
+/// How long the exit hook drains a conveyor in silence before it says what it waits for: an
+/// exit that is quick anyway prints nothing.
+const QUIET_EXIT: Duration = Duration::from_secs(1);
+
+/// Writes `text` to `sys.stderr` and flushes it; nothing if there is none (`pythonw`).
+fn print_to_stderr(py: Python<'_>, text: &str) -> PyResult<()> {
+    let stderr = py.import("sys")?.getattr("stderr")?;
+    if stderr.is_none() {
+        return Ok(());
+    }
+    stderr.call_method1("write", (text,))?;
+    stderr.call_method0("flush")?;
+    Ok(())
 }
 
 /// Parsed constructor options that matter after construction.
@@ -1197,7 +1253,11 @@ impl PyConveyor {
     fn _close_on_exit(&self, py: Python<'_>) -> PyResult<PyCloseReport> {
         let shared = self.live(py)?;
         self.not_from_own_sink(shared, "close")?;
-        shared.close_and_report(py, "closing at the end of its `with` block")
+        shared.close_and_report(
+            py,
+            "closing at the end of its `with` block",
+            shared.drain_timeout,
+        )
     }
 
     /// Current counters (a `Stats` snapshot).
@@ -1393,7 +1453,7 @@ pub(crate) fn _shutdown_at_exit(py: Python<'_>) -> PyResult<()> {
         };
         if same_process(shared.fork_gen) && !shared.closed.load(AtomicOrdering::Acquire) {
             if !interrupted {
-                match shared.close_and_report(py, "at interpreter exit") {
+                match shared.close_at_exit(py) {
                     Ok(_) => {}
                     // The warning below says what the interrupt did; raised from here, Python
                     // would only print it as an ignored exception.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import textwrap
 import threading
 import time
@@ -56,7 +57,45 @@ def test_exit_right_after_sending_delivers_everything():
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["loop done", "sent 0", "sent 1", "sent 2"]
-    assert "Warning" not in proc.stderr, proc.stderr
+    # Done well within a second: no warning, and no notice that the exit waits.
+    assert proc.stderr == ""
+
+
+def test_an_exit_drain_that_lasts_says_what_it_waits_for_after_ctrl_c_in_flush():
+    # Ctrl-C in flush(): the traceback prints, then the exit hook drains what is left. Without
+    # a word, that looked like a hang; after a second it now says what it waits for, for how
+    # long at most, and that Ctrl-C stops it.
+    proc = run_python(
+        textwrap.dedent(
+            """
+            import os, signal, threading, time, conveyor
+            def send_to_space(item):
+                time.sleep(0.25)
+                print("sent", item, flush=True)
+            c = conveyor.Conveyor(send_to_space, name="events")
+            for n in range(12):
+                c.send(n)
+            timer = threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT))
+            timer.daemon = True
+            timer.start()
+            c.flush()
+            """
+        )
+    )
+    assert proc.stdout.split() == [word for n in range(12) for word in ("sent", str(n))]
+    assert "KeyboardInterrupt" in proc.stderr, proc.stderr
+    after_traceback = proc.stderr.split("KeyboardInterrupt", 1)[1]
+    match = re.search(
+        r'^conveyor "events" is delivering (\d+) item\(s\) left at interpreter exit: waiting up '
+        r"to (\d+) s more \(drain_timeout=30 s\); press Ctrl-C to stop waiting$",
+        after_traceback,
+        re.M,
+    )
+    assert match, proc.stderr
+    left, waiting = int(match.group(1)), int(match.group(2))
+    assert 0 < left < 12 and 0 < waiting <= 30, match.group(0)
+    assert after_traceback.count("Ctrl-C") == 1, "one line, once"
+    assert "Warning" not in proc.stderr, "everything was delivered: " + proc.stderr
 
 
 def test_exit_with_a_stuck_sink_is_bounded_and_reports_the_count():

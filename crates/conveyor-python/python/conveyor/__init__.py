@@ -40,7 +40,9 @@ A sink may be an ``async def`` function: it then runs on an event loop owned by 
 An item that fails for good (a ``PermanentError``, or any exception on its last attempt) is logged
 as a WARNING, with its exception, on ``logging.getLogger("conveyor")``, even if nobody reads its
 receipt; without logging configured it shows on stderr. Silence it with
-``logging.getLogger("conveyor").setLevel(logging.ERROR)``.
+``logging.getLogger("conveyor").setLevel(logging.ERROR)``. At interpreter exit, a drain that lasts
+more than a second says on stderr how many items it waits for, how long at most, and that Ctrl-C
+stops the wait.
 
 ``Journal(path, read_only=False)`` opens a conveyor's journal file without delivering anything, to
 look at its pending items, paused lanes and dead letters and to repair them (after a crash, or
