@@ -3,7 +3,8 @@
 //! A program that sends without keeping receipts would otherwise never hear of a failure: the
 //! engine's own `tracing` events reach no Python handler. So, as Celery logs a task's failure
 //! and asyncio an exception nobody retrieved, the sink wrapper logs a WARNING (with the
-//! exception, so handlers show its traceback) when an attempt's failure is final: the item is
+//! exception, so handlers show its traceback; `Conveyor.http`'s failures have none) when an
+//! attempt's failure is final: the item is
 //! skipped, kept as a dead letter, or pauses its lane. A program without logging configured
 //! still sees it, through `logging.lastResort` on stderr; `logging.getLogger("conveyor")
 //! .setLevel(logging.ERROR)` silences it.
@@ -78,7 +79,27 @@ impl FailureLog {
         let Some(exception) = errors::python_exception(error) else {
             return;
         };
-        if let Err(err) = self.log(py, attempt, error, exception.bind(py)) {
+        self.log_or_say_why_not(py, attempt, error, Some(exception.bind(py)));
+    }
+
+    /// [`report`](FailureLog::report) for `Conveyor.http`, whose failures are the HTTP sink's
+    /// own errors (a status, a refused connection): it takes the GIL for the record, on the
+    /// failure path only, so the send path still runs without it.
+    pub(crate) fn report_http(&self, attempt: &Attempt, error: &SinkError) {
+        if error.is_retryable() && !attempt.last {
+            return;
+        }
+        finalizing::with_gil(|py| self.log_or_say_why_not(py, attempt, error, None));
+    }
+
+    fn log_or_say_why_not(
+        &self,
+        py: Python<'_>,
+        attempt: &Attempt,
+        error: &SinkError,
+        exception: Option<&Bound<'_, PyAny>>,
+    ) {
+        if let Err(err) = self.log(py, attempt, error, exception) {
             // A handler or filter that raised: logging's own handlers report theirs, and
             // this is the only place left to say it, since the sink's outcome stands.
             err.write_unraisable(py, None);
@@ -90,7 +111,7 @@ impl FailureLog {
         py: Python<'_>,
         attempt: &Attempt,
         error: &SinkError,
-        exception: &Bound<'_, PyAny>,
+        exception: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
         static LOG: GILOnceCell<Py<PyAny>> = GILOnceCell::new();
         let logger = LOG.get_or_try_init(py, || -> PyResult<_> {
@@ -127,7 +148,9 @@ impl FailureLog {
             error.get_ref().to_string(),
         );
         let kwargs = PyDict::new(py);
-        kwargs.set_item("exc_info", exception)?;
+        if let Some(exception) = exception {
+            kwargs.set_item("exc_info", exception)?;
+        }
         finalizing::call_method_kw(logger.bind(py), "warning", args, Some(&kwargs))?;
         Ok(())
     }

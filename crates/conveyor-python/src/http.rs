@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use conveyor::{Delivery, HttpBuildError, HttpSink, SinkError};
@@ -14,7 +14,7 @@ use pyo3::types::{PyByteArray, PyBytes, PyString};
 
 use serde_json::value::RawValue;
 
-use crate::sink::{Item, Reply};
+use crate::sink::{Item, Reply, SinkState};
 
 /// A built HTTP sink on its way into `Conveyor(...)`; only `Conveyor.http` makes one.
 #[pyclass(frozen, module = "conveyor._conveyor")]
@@ -63,15 +63,19 @@ impl PyHttpSink {
     }
 }
 
-/// The engine sink: one request per item, no Python involved.
+/// The engine sink: one request per item, no Python involved, except to log an item's final
+/// failure (see `failure_log.rs`).
 pub(crate) fn sink(
     http: HttpSink,
+    state: Arc<SinkState>,
 ) -> impl Fn(Delivery<Item>) -> Result<Reply, SinkError> + Send + Sync + 'static {
     move |delivery| {
-        http.send(&delivery).map(|reply| Reply::Http {
-            status: reply.status,
-            body: reply.body,
-        })
+        http.send(&delivery)
+            .map(|reply| Reply::Http {
+                status: reply.status,
+                body: reply.body,
+            })
+            .inspect_err(|error| state.report_http_failure(&delivery, error))
     }
 }
 

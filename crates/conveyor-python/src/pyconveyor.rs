@@ -935,7 +935,7 @@ impl PyConveyor {
                 .extract()?;
         let http = http_sink.is_some();
         let (built, runner) = if let Some(http_sink) = http_sink {
-            let sink = crate::http::sink(http_sink);
+            let sink = crate::http::sink(http_sink, state.clone());
             (py.allow_threads(|| builder.build(sink)), None)
         } else if is_async {
             let thread_name = if name.is_empty() {

@@ -273,6 +273,13 @@ impl SinkState {
         }
     }
 
+    /// [`report_failure`](SinkState::report_failure) for `Conveyor.http`, without the GIL.
+    pub(crate) fn report_http_failure(&self, delivery: &Delivery<Item>, error: &SinkError) {
+        if !self.abandoned.load(AtomicOrdering::Acquire) {
+            self.failures.report_http(&Attempt::from(delivery), error);
+        }
+    }
+
     /// A reference of our own for one call, so the lock is not held while Python runs; the
     /// failure to report instead if the conveyor was given up on or released its sink.
     ///

@@ -181,3 +181,27 @@ def test_an_unconfigured_program_prints_the_failure_on_stderr():
         "ValueError: service says no\nTraceback (most recent call last):\n"
     ) in proc.stderr, proc.stderr
     assert 'line 4, in send_to_space\n' in proc.stderr, "the traceback shows the sink"
+
+
+def test_an_http_conveyor_logs_its_final_failures(records):
+    from test_http import Server
+
+    server = Server()
+    # A 400 is permanent: logged at once; a 503 is retried: logged only after the last attempt.
+    server.script = [(400, {}), (503, {}), (503, {})]
+    try:
+        with conveyor.Conveyor.http(server.url, retries=1, backoff=0.01, name="hooks") as c:
+            for body in ("bad", "down", "good"):
+                c.send(body)  # fire and forget
+            assert c.flush(timeout=10)
+    finally:
+        server.close()
+    logged = conveyor_records(records)
+    assert [r.levelno for r in logged] == [logging.WARNING] * 2
+    messages = [r.getMessage() for r in logged]
+    assert messages[0].startswith('conveyor "hooks": item 1 failed after 1 attempt(s) and was skipped')
+    assert "400" in messages[0]
+    assert messages[1].startswith('conveyor "hooks": item 2 failed after 2 attempt(s) and was skipped')
+    assert "503" in messages[1]
+    assert all(r.exc_info is None for r in logged), "no Python exception to show"
+    assert server.bodies == [b"good"]
