@@ -325,6 +325,30 @@ impl<T, R> Shared<T, R> {
         self.drain_locked(st, &mut ik);
     }
 
+    /// The first step of every shutdown: no more sends, and whoever waits looks again (under
+    /// `stop_timeout`, not `drain`, workers start nothing more).
+    fn stop_for_shut_down(&self, st: &mut State<T, R>, drain: bool) {
+        self.stop_accepting(st);
+        if !drain {
+            st.stopping = true;
+        }
+        self.wake_all();
+    }
+
+    /// A shutdown's deadline passed, or nothing is left to wait for: workers exit when they
+    /// next look at the state (one still inside a sink call finishes that call on its own).
+    /// Returns the report, and what was left, to settle once the shutdown is over.
+    fn abandon(&self, st: &mut State<T, R>) -> (CloseReport, Left<T, R>) {
+        st.abandoned = true;
+        self.wake_all();
+        let report = CloseReport {
+            stats: st.stats(),
+            left: st.unsettled(),
+            drained: st.unsettled() == 0,
+        };
+        (report, Left(st.unsettled_nodes()))
+    }
+
     /// The last worker left a conveyor that was not closed: the Tokio runtime its async sink
     /// ran on shut down and dropped the worker tasks. Nothing will deliver any more, so it
     /// shuts down as a close past its deadline does: later sends are refused as closed, and
@@ -1600,11 +1624,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             let shared = &*self.shared;
             let mut inside = InsideWait::new(shared);
             let mut st = shared.lock();
-            shared.stop_accepting(&mut st);
-            if !drain {
-                st.stopping = true;
-            }
-            shared.wake_all();
+            shared.stop_for_shut_down(&mut st, drain);
             st.waiters.flushers += 1;
             // A second close (or the drop after a close) reports at once: the first one
             // already waited its deadline, and the workers were told to leave.
@@ -1625,16 +1645,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
                 (st, timed_out) = shared.wait_until(&shared.settled, st, deadline);
             }
             st.waiters.flushers -= 1;
-            // Workers exit when they next look at the state; one still inside a sink
-            // call past the deadline finishes that call on its own.
-            st.abandoned = true;
-            shared.wake_all();
-            let left = st.unsettled_nodes();
-            let report = CloseReport {
-                stats: st.stats(),
-                left: st.unsettled(),
-                drained: st.unsettled() == 0,
-            };
+            let (report, left) = shared.abandon(&mut st);
             // Join the worker threads that can finish in time: after this, no sink call
             // or receipt callback of this conveyor is still running (unless one is stuck).
             while st.live_workers > me
@@ -1652,9 +1663,9 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             }
             // What was accepted and not settled stays in the journal for the next start.
             if let Some(durable) = &shared.durable {
-                durable.shut_down(deadline.map(|d| d.max(Instant::now() + JOURNAL_CLOSE_GRACE)));
+                durable.shut_down(journal_close_deadline(deadline));
             }
-            settle_left(left);
+            drop(left);
             report
         })
     }
@@ -2567,6 +2578,22 @@ fn async_runtime() -> Result<(tokio::runtime::Handle, Option<tokio::runtime::Run
     Ok((rt.handle().clone(), Some(rt)))
 }
 
+/// The items a shutdown left, settled (see `settle_left`) when dropped, at the end of the
+/// shutdown.
+struct Left<T, R>(Vec<(NodeRef<T, R>, bool)>);
+
+impl<T, R> Drop for Left<T, R> {
+    fn drop(&mut self) {
+        settle_left(std::mem::take(&mut self.0));
+    }
+}
+
+/// The deadline of a shutdown's last journal commit: the shutdown's own, or
+/// `JOURNAL_CLOSE_GRACE` from now if that is later.
+fn journal_close_deadline(deadline: Option<Instant>) -> Option<Instant> {
+    deadline.map(|d| d.max(Instant::now() + JOURNAL_CLOSE_GRACE))
+}
+
 /// Settles the receipts of items a shutdown left: closed, or unconfirmed for a sink call that
 /// was running (`called`).
 fn settle_left<T, R>(left: Vec<(NodeRef<T, R>, bool)>) {
@@ -3474,6 +3501,17 @@ mod tests {
         (release, disk)
     }
 
+    /// The journal at `path`, opened once the writer of the conveyor on it has let it go (it
+    /// commits what it had once a hung disk answers).
+    fn once_let_go(path: &std::path::Path) -> Journal {
+        let mut reopened = None;
+        until("the journal was never let go", || {
+            reopened = Journal::open(path).ok();
+            reopened.is_some()
+        });
+        reopened.unwrap()
+    }
+
     /// A conveyor on a new journal at `path` whose disk hangs (see `hung_disk`), with cursor 7
     /// set and waiting for it.
     fn cursor_for_a_hung_disk(
@@ -3577,31 +3615,36 @@ mod tests {
     /// had no end, and neither had a drop of the conveyor.
     #[test]
     fn close_timeout_returns_while_the_journal_writer_is_stuck_on_a_hung_disk() {
+        let report = closed_on_a_hung_disk("close_timeout(100 ms) with the disk hung", |c| {
+            let report = c.close_timeout(Duration::from_millis(100));
+            drop(c);
+            report
+        });
+        assert!(report.drained, "nothing was sent");
+    }
+
+    /// Runs `close` on a conveyor whose journal's disk hangs, with cursor 7 waiting for it (see
+    /// `cursor_for_a_hung_disk`), on a thread of its own: the test fails if it has not returned
+    /// in 20 s (its deadline, and the 2 s of grace the journal's last commit is given). Then the
+    /// disk answers: the writer commits the cursor and lets the journal go.
+    fn closed_on_a_hung_disk<O: Send + 'static>(
+        what: &str,
+        close: impl FnOnce(Conveyor<String>) -> O + Send + 'static,
+    ) -> O {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j");
         let (c, release, disk) = cursor_for_a_hung_disk(&path);
         let release = Mutex::new(Some(release));
-        let report = bounded(
-            "close_timeout(100 ms) with the disk hung",
-            // The deadline, and the grace the journal's last commit is given (2 s).
+        let closed = bounded(
+            what,
             Duration::from_secs(20),
             || drop(release.lock().unwrap().take()),
-            move || {
-                let report = c.close_timeout(Duration::from_millis(100));
-                drop(c);
-                report
-            },
+            move || close(c),
         );
-        assert!(report.drained, "nothing was sent");
         drop(release.lock().unwrap().take());
         disk.join().unwrap();
-        // The writer commits what it had once the disk answers, and lets the journal go.
-        let mut reopened = None;
-        until("the journal was never let go", || {
-            reopened = Journal::open(&path).ok();
-            reopened.is_some()
-        });
-        assert_eq!(reopened.unwrap().cursor().unwrap(), Some(7));
+        assert_eq!(once_let_go(&path).cursor().unwrap(), Some(7));
+        closed
     }
 
     /// Under `Durability::Sync`, a send waits for its item's commit, or for the conveyor to

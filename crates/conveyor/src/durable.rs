@@ -485,23 +485,31 @@ impl<T> Durable<T> {
                     }
                 };
             }
-            let stopped = p.stopped;
-            if !stopped {
-                // Sends waiting for their commit (`Durability::Sync`) and workers waiting to
-                // deliver stop waiting: the conveyor reports their items as left.
-                p.given_up = true;
-                cv.notify_all();
-                self.commits.notify_waiters();
-            }
             drop(p);
-            if stopped {
-                let _ = handle.join();
-            } else {
-                // Taking the journal to close it would wait for that commit: for ever, on a
-                // disk that hangs.
-                tracing::warn!(journal = %self.path.display(), "journal writer did not finish its last commit in time; it closes the journal when it does");
+            if let Some(stopped) = self.let_go(handle) {
+                let _ = stopped.join();
             }
         }
+    }
+
+    /// Once a shutdown waited for the writer: the writer's handle to join if it stopped, or
+    /// else nobody waits for it any more.
+    fn let_go(&self, handle: JoinHandle<()>) -> Option<JoinHandle<()>> {
+        let (m, cv) = &*self.progress;
+        let mut p = lock(m);
+        if p.stopped {
+            return Some(handle);
+        }
+        // Sends waiting for their commit (`Durability::Sync`) and workers waiting to
+        // deliver stop waiting: the conveyor reports their items as left.
+        p.given_up = true;
+        cv.notify_all();
+        self.commits.notify_waiters();
+        drop(p);
+        // Taking the journal to close it would wait for that commit: for ever, on a
+        // disk that hangs.
+        tracing::warn!(journal = %self.path.display(), "journal writer did not finish its last commit in time; it closes the journal when it does");
+        None
     }
 
     /// Runs `f` on the open journal, between two commits of the writer.
