@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
+use crate::alarm::Alarm;
 use crate::builder::{Backpressure, Builder, Config, OnFailure};
 use crate::durable::{Durable, JournalSettings, Op};
 use crate::error::{BuildError, DeliveryError, SendError};
@@ -1581,6 +1582,114 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         self.shut_down(timeout, true)
     }
 
+    /// [`Conveyor::close_timeout`] for async code: it awaits the drain instead of blocking the
+    /// thread that polls it, so the other tasks of that thread's runtime go on meanwhile.
+    ///
+    /// It does what `close_timeout` does: later sends return [`SendError::Closed`] at once,
+    /// what is queued is delivered for at most `timeout`, and what is left then is reported in
+    /// the [`CloseReport`], its receipts settled as [`DeliveryError::Closed`] (or
+    /// [`DeliveryError::Unconfirmed`] for a sink call still running). It waits for a blocking
+    /// sink's worker threads to end and for the journal's last commit (given up to 2 s more, as
+    /// there) by awaiting them, never by blocking: within its deadline, which follows the real
+    /// clock (not a paused Tokio test clock). Any executor may poll it.
+    ///
+    /// On a current-thread runtime (`#[tokio::main(flavor = "current_thread")]`) this is the
+    /// close to use: `close_timeout` blocks the runtime's only thread, so a task on that runtime
+    /// that the sink needs (one that answers it over a channel, a connection made there) cannot
+    /// run, and the drain waits out its whole deadline.
+    ///
+    /// Once a close has given up its wait, every later close (this one, `close`,
+    /// `close_timeout`) and the conveyor's drop report at once. Dropped before it completes
+    /// (a branch of `tokio::select!` that lost, a `tokio::time::timeout` that expired), it
+    /// leaves the conveyor closed to new sends and still draining; the receipts of the items it
+    /// had already given up on settle as closed, and a later close or the drop finishes the
+    /// shutdown.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), conveyor::BuildError> {
+    /// use conveyor::{Conveyor, SinkError};
+    /// use std::time::Duration;
+    /// use tokio::sync::{mpsc, oneshot};
+    ///
+    /// // A task on this runtime that the sink needs: it hands out access tokens.
+    /// let (ask, mut asks) = mpsc::unbounded_channel::<oneshot::Sender<u64>>();
+    /// tokio::spawn(async move {
+    ///     let mut token = 0;
+    ///     while let Some(reply) = asks.recv().await {
+    ///         token += 1;
+    ///         let _ = reply.send(token);
+    ///     }
+    /// });
+    /// let c: Conveyor<u32> = Conveyor::builder().build_async(move |_d| {
+    ///     let ask = ask.clone();
+    ///     async move {
+    ///         let (reply, token) = oneshot::channel();
+    ///         ask.send(reply).map_err(|_| SinkError::permanent("token task gone"))?;
+    ///         let _token = token.await.map_err(SinkError::retryable)?;
+    ///         Ok(()) // the call to the service, with its token, in real life
+    ///     }
+    /// })?;
+    /// for i in 0..3 {
+    ///     c.send_async(i).await.unwrap();
+    /// }
+    /// // The token task runs while this awaits: everything is delivered, well before 30 s.
+    /// let report = c.close_async(Duration::from_secs(30)).await;
+    /// assert_eq!((report.drained, report.left, report.stats.delivered), (true, 0, 3));
+    /// assert!(c.send(3).unwrap_err().is_closed());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn close_async(&self, timeout: Duration) -> CloseReport {
+        let deadline = Instant::now().checked_add(timeout);
+        let shared = &*self.shared;
+        let mut alarm = Alarm::at(deadline);
+        // As in `shut_down`: registered as a flusher while it waits, so that settlements wake
+        // it; the registration is undone if the future is dropped.
+        let mut waiter = AsyncWaiter::new(shared, |w| &mut w.flushers);
+        // Awaited from its own async sink, it waits only for what the other workers can do.
+        let mut inside = InsideWait::new(shared);
+        let abandoned = {
+            let mut st = shared.lock();
+            shared.stop_for_shut_down(&mut st, true);
+            st.abandoned
+        };
+        // A second close reports at once: the first one already waited its deadline.
+        let timed_out = abandoned
+            || self
+                .await_state(&mut waiter, &mut inside, &mut alarm, |st, own, me| {
+                    st.shutdown_ready(own) || st.live_workers <= me
+                })
+                .await;
+        let (report, left) = shared.abandon(&mut shared.lock());
+        // As in `shut_down`: the worker threads that can end in time are awaited, so that no
+        // sink call or receipt callback of this conveyor is still running after this.
+        if !timed_out && !self.threads_are_empty() {
+            self.await_state(&mut waiter, &mut inside, &mut alarm, |st, _, me| {
+                st.live_workers <= me
+            })
+            .await;
+        }
+        let all_exited = {
+            let mut st = shared.lock();
+            inside.stop(&mut st);
+            st.live_workers <= usize::from(shared.worker_here().is_some())
+        };
+        if all_exited {
+            self.join_threads_async(&mut alarm).await;
+        }
+        // What was accepted and not settled stays in the journal for the next start.
+        if let Some(durable) = &shared.durable {
+            durable
+                .shut_down_async(journal_close_deadline(deadline))
+                .await;
+        }
+        drop(left);
+        report
+    }
+
     /// Stops at once: accepts nothing more, starts no queued item, lets the sink calls in
     /// progress (with their retries) finish for at most `timeout`, and leaves the rest queued.
     ///
@@ -1668,6 +1777,87 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             drop(left);
             report
         })
+    }
+
+    /// For `close_async`: awaits `done(state, own, me)` (as `shut_down` waits for it: `own`
+    /// receipts the caller settles itself, `me` the caller's worker if it is one) until the
+    /// alarm rings, or until the caller's worker waits inside for what no other worker can do.
+    /// Returns whether the alarm rang first.
+    async fn await_state(
+        &self,
+        waiter: &mut AsyncWaiter<'_, T, R>,
+        inside: &mut InsideWait<'_, T, R>,
+        alarm: &mut Alarm,
+        done: impl Fn(&State<T, R>, u64, usize) -> bool,
+    ) -> bool {
+        let shared = &*self.shared;
+        loop {
+            // Enabled before the check: a settlement or a worker's exit right after it still
+            // wakes this task.
+            let notified = shared.settled_async.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut st = shared.lock();
+                if std::mem::take(&mut waiter.registered) {
+                    st.waiters.flushers -= 1;
+                }
+                // Looked at on every poll: from an async sink, only a poll runs as its worker.
+                let own = shared.settling_here();
+                let me = usize::from(shared.worker_here().is_some());
+                inside.start(&mut st);
+                if done(&st, own, me) || inside.hopeless(&st) {
+                    return false;
+                }
+                if alarm.passed() {
+                    return true;
+                }
+                st.waiters.flushers += 1;
+                waiter.registered = true;
+            }
+            tokio::select! {
+                () = notified => {}
+                () = alarm.rung() => {}
+            }
+        }
+    }
+
+    /// `join_threads` for `close_async`, once every worker has left the state: a thread still
+    /// ending (settling its last receipts, dropping the sink) is joined on a thread of its
+    /// own, and awaited until the alarm rings.
+    async fn join_threads_async(&self, alarm: &mut Alarm) {
+        let handles =
+            std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
+        let me = std::thread::current().id();
+        // A close awaited on a worker thread (`block_on` in a blocking sink) cannot join it.
+        let (ended, ending): (Vec<_>, Vec<_>) = handles
+            .into_iter()
+            .filter(|handle| handle.thread().id() != me)
+            .partition(std::thread::JoinHandle::is_finished);
+        for handle in ended {
+            let _ = handle.join();
+        }
+        if ending.is_empty() {
+            return;
+        }
+        let (joined, all_joined) = tokio::sync::oneshot::channel();
+        let joiner = std::thread::Builder::new()
+            .name("conveyor-join".to_owned())
+            .spawn(move || {
+                for handle in ending {
+                    let _ = handle.join();
+                }
+                let _ = joined.send(());
+            });
+        if joiner.is_err() {
+            // The handles went with the closure: those threads end on their own, unjoined.
+            return;
+        }
+        tokio::select! {
+            biased;
+            _ = all_joined => {}
+            () = alarm.rung() => {}
+        }
     }
 
     fn threads_are_empty(&self) -> bool {
@@ -2578,8 +2768,9 @@ fn async_runtime() -> Result<(tokio::runtime::Handle, Option<tokio::runtime::Run
     Ok((rt.handle().clone(), Some(rt)))
 }
 
-/// The items a shutdown left, settled (see `settle_left`) when dropped, at the end of the
-/// shutdown.
+/// The items a shutdown left, settled (see `settle_left`) when dropped: at the end of the
+/// shutdown, or when a `close_async` future is dropped before that end, so that no receipt
+/// waits for a close that will not finish.
 struct Left<T, R>(Vec<(NodeRef<T, R>, bool)>);
 
 impl<T, R> Drop for Left<T, R> {
@@ -3761,6 +3952,89 @@ mod tests {
             .unwrap();
         runtime.block_on(c.flush_async());
         assert_eq!(c.cursor().unwrap(), Some(7));
+    }
+
+    /// `close_async` gives the journal's last commit its grace, then gives up on a writer stuck
+    /// on a hung disk, as `close_timeout` does, without blocking its thread meanwhile: here a
+    /// current-thread runtime without a timer, whose other task runs while it waits.
+    #[test]
+    fn close_async_returns_while_the_journal_writer_is_stuck_on_a_hung_disk() {
+        let (report, other_task_ran) =
+            closed_on_a_hung_disk("close_async(100 ms) with the disk hung", |c| {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async {
+                    let other_task = tokio::spawn(async {});
+                    let report = c.close_async(Duration::from_millis(100)).await;
+                    (report, other_task.is_finished())
+                })
+            });
+        assert!(report.drained, "nothing was sent");
+        assert!(other_task_ran, "close_async blocked its thread");
+    }
+
+    /// A `close_async` dropped once it has given up on the items left (here while it awaits the
+    /// journal's last commit on a hung disk) settles their receipts as closed, and a later close
+    /// finishes the shutdown: it gives up on the writer, and the journal keeps the items.
+    #[test]
+    fn a_close_async_dropped_after_its_deadline_settles_what_it_left_for_a_later_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let (c, release, disk) = cursor_for_a_hung_disk(&path);
+        let receipts: Vec<_> = (0..3).map(|i| c.send(i.to_string()).unwrap()).collect();
+        let c = Arc::new(c);
+        let release = Mutex::new(Some(release));
+        // Lets the disk answer, should a close hang, so that the test can end.
+        let unstick = || drop(release.lock().unwrap().take());
+        let closing = c.clone();
+        let (receipts, refused) = bounded(
+            "close_async dropped past its deadline",
+            Duration::from_secs(20),
+            unstick,
+            move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async {
+                    let abandoned = async {
+                        while !closing.shared.lock().abandoned {
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                    };
+                    tokio::select! {
+                        _ = closing.close_async(Duration::from_millis(20)) => {
+                            panic!("returned while the journal's last commit hung, within its grace")
+                        }
+                        () = abandoned => {}
+                    }
+                    let outcomes: Vec<_> = receipts
+                        .into_iter()
+                        .map(|mut r| r.wait_timeout(Duration::ZERO))
+                        .collect();
+                    (outcomes, closing.send("late".to_owned()).is_err())
+                })
+            },
+        );
+        assert!(
+            receipts
+                .iter()
+                .all(|r| matches!(r, Some(Err(DeliveryError::Closed)))),
+            "{receipts:?}"
+        );
+        assert!(refused, "a send after the close was accepted");
+        let later = c.clone();
+        let report = bounded(
+            "a close after a dropped close_async, with the disk hung",
+            Duration::from_secs(20),
+            unstick,
+            move || later.close_timeout(Duration::from_millis(20)),
+        );
+        assert_eq!((report.drained, report.left), (false, 3));
+        unstick();
+        disk.join().unwrap();
+        assert_eq!(once_let_go(&path).status().unwrap().pending, 3);
     }
 
     /// While the journal's writer is behind (a hung disk), new items wait for it as for room

@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::alarm::Alarm;
 use crate::error::BuildError;
 use crate::journal::{Journal, JournalError, WriteBatch};
 pub(crate) use crate::ops::Op;
@@ -489,6 +490,41 @@ impl<T> Durable<T> {
             if let Some(stopped) = self.let_go(handle) {
                 let _ = stopped.join();
             }
+        }
+    }
+
+    /// `shut_down` for a task: awaits the writer's exit instead of blocking its thread.
+    /// Dropped while it awaits, it leaves the writer stopping on its own, for a later
+    /// `shut_down` to wait for.
+    pub(crate) async fn shut_down_async(&self, deadline: Option<Instant>) {
+        self.ops.push(Op::Stop);
+        // Taken once the wait is over, not before: a later `shut_down` must find the writer
+        // to wait for if this future is dropped meanwhile.
+        if lock(&self.writer).is_none() {
+            return;
+        }
+        let mut alarm = Alarm::at(deadline);
+        loop {
+            // Enabled before the check: the writer tells `commits` as it exits.
+            let exited = self.commits.notified();
+            tokio::pin!(exited);
+            exited.as_mut().enable();
+            if lock(&self.progress.0).stopped || alarm.passed() {
+                break;
+            }
+            tokio::select! {
+                () = exited => {}
+                () = alarm.rung() => {}
+            }
+        }
+        let Some(handle) = lock(&self.writer).take() else {
+            return;
+        };
+        // The writer set `stopped` last, once the file was closed: joining it waits at most
+        // for its thread to end. Not finished yet, it is left to end on its own (it has
+        // nothing left to do that anybody waits for) rather than block this thread.
+        if let Some(stopped) = self.let_go(handle).filter(JoinHandle::is_finished) {
+            let _ = stopped.join();
         }
     }
 

@@ -46,6 +46,7 @@
 //! ```
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
+mod alarm;
 mod builder;
 mod conveyor;
 mod durable;

@@ -527,3 +527,247 @@ fn blocking_calls_in_a_local_set_on_a_multi_threaded_runtime_do_not_panic() {
     });
     assert_eq!(delivered, (5, 5));
 }
+
+// `close_async`: a close that awaits, on the runtime of the code that closes.
+
+type Ask = tokio::sync::mpsc::UnboundedSender<tokio::sync::oneshot::Sender<()>>;
+
+/// A task on the calling runtime that answers the first `answered` requests, each after a
+/// 1 ms sleep there, and holds the later ones unanswered: a sink that asks it finishes a call
+/// only while that runtime runs.
+fn spawn_service(answered: usize) -> Ask {
+    let (ask, mut asks) =
+        tokio::sync::mpsc::unbounded_channel::<tokio::sync::oneshot::Sender<()>>();
+    tokio::spawn(async move {
+        let (mut replied, mut held) = (0, Vec::new());
+        while let Some(reply) = asks.recv().await {
+            if replied == answered {
+                held.push(reply);
+                continue;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            let _ = reply.send(());
+            replied += 1;
+        }
+    });
+    ask
+}
+
+/// An async sink that asks `service` before each delivery (it runs on the conveyor's own
+/// runtime: the caller's is a current-thread one).
+fn asking(builder: conveyor::Builder<u64>, service: Ask) -> Conveyor<u64> {
+    builder
+        .build_async(move |_d: Delivery<u64>| {
+            let service = service.clone();
+            async move {
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                service
+                    .send(reply)
+                    .map_err(|_| SinkError::permanent("service gone"))?;
+                answer.await.map_err(SinkError::permanent)
+            }
+        })
+        .unwrap()
+}
+
+/// Asserts that a close delivered every item sent, each of `receipts`.
+async fn drained_all(report: &conveyor::CloseReport, receipts: Vec<Receipt<()>>) {
+    let sent = receipts.len() as u64;
+    assert_eq!(
+        (report.drained, report.left, report.stats.delivered),
+        (true, 0, sent),
+        "{report:?}"
+    );
+    for r in receipts {
+        r.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn close_async_drains_a_sink_that_needs_the_current_thread_runtime_it_is_awaited_on() {
+    let c = asking(Conveyor::builder(), spawn_service(usize::MAX));
+    let receipts: Vec<_> = (0..20).map(|i| c.send(i).unwrap()).collect();
+    let started = std::time::Instant::now();
+    let report = c.close_async(GENEROUS).await;
+    assert!(started.elapsed() < GENEROUS, "it sat out its deadline");
+    drained_all(&report, receipts).await;
+    assert!(matches!(c.send(20), Err(SendError::Closed(20))));
+}
+
+/// What `close_async` is for: `close_timeout` blocks the runtime's only thread, so the task the
+/// sink needs never runs, and the drain gets nowhere before its deadline.
+#[tokio::test(flavor = "current_thread")]
+async fn close_timeout_cannot_drain_a_sink_that_needs_the_current_thread_runtime_it_blocks() {
+    let c = asking(Conveyor::builder(), spawn_service(usize::MAX));
+    let receipts: Vec<_> = (0..20).map(|i| c.send(i).unwrap()).collect();
+    let report = c.close_timeout(Duration::from_millis(100));
+    assert_eq!(
+        (report.drained, report.left, report.stats.delivered),
+        (false, 20, 0),
+        "{report:?}"
+    );
+    for r in receipts.into_iter().skip(1) {
+        assert!(matches!(r.await, Err(DeliveryError::Closed)));
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn close_async_with_a_stuck_sink_returns_at_its_deadline_and_reports_what_is_left() {
+    let c: Conveyor<u64> = Conveyor::builder()
+        .drain_timeout(Duration::from_secs(3600))
+        .build_async(|_d: Delivery<u64>| std::future::pending())
+        .unwrap();
+    let receipts: Vec<_> = (0..5).map(|i| c.send(i).unwrap()).collect();
+    while c.stats().in_flight == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let other_task = tokio::spawn(async {});
+    let timeout = Duration::from_millis(100);
+    let started = std::time::Instant::now();
+    let report = c.close_async(timeout).await;
+    let waited = started.elapsed();
+    assert!(waited >= timeout && waited < GENEROUS, "{waited:?}");
+    assert!(
+        other_task.is_finished(),
+        "another task of this runtime ran while it waited"
+    );
+    assert_eq!((report.drained, report.left), (false, 5), "{report:?}");
+    assert_eq!((report.stats.in_flight, report.stats.queued), (1, 4));
+    let mut receipts = receipts.into_iter();
+    let first = receipts.next().unwrap().await;
+    assert!(
+        matches!(first, Err(DeliveryError::Unconfirmed)),
+        "{first:?}"
+    );
+    for r in receipts {
+        assert!(matches!(r.await, Err(DeliveryError::Closed)));
+    }
+    // Every later close, and the drop, report at once (the drain timeout is an hour).
+    let again = c.close_async(GENEROUS).await;
+    assert_eq!((again.drained, again.left), (false, 5));
+    let c = in_time("close after close_async", move || {
+        assert_eq!(c.close().left, 5);
+        c
+    });
+    in_time("drop after close_async", move || drop(c));
+}
+
+/// A blocking sink whose calls need a task of the current-thread runtime the close is awaited
+/// on: its worker threads are awaited, not joined by blocking that runtime's thread, and they
+/// have ended (their sink dropped) once the close returns.
+#[tokio::test(flavor = "current_thread")]
+async fn close_async_drains_and_joins_a_blocking_sink_without_blocking_its_runtime() {
+    let service = spawn_service(usize::MAX);
+    let sink_alive = Arc::new(());
+    let held = sink_alive.clone();
+    let c: Conveyor<u64> = Conveyor::builder()
+        .ordering(Ordering::Keyed { concurrency: 3 })
+        .build(move |_d: Delivery<u64>| {
+            let _held = &held;
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            service
+                .send(reply)
+                .map_err(|_| SinkError::permanent("service gone"))?;
+            answer.blocking_recv().map_err(SinkError::permanent)
+        })
+        .unwrap();
+    for i in 0..30 {
+        c.send_keyed(format!("{}", i % 5), i).unwrap();
+    }
+    let report = c.close_async(GENEROUS).await;
+    assert_eq!(
+        (report.drained, report.left, report.stats.delivered),
+        (true, 0, 30),
+        "{report:?}"
+    );
+    assert_eq!(
+        Arc::strong_count(&sink_alive),
+        1,
+        "a worker thread had not ended: it still held the sink"
+    );
+}
+
+/// Dropped while it waits, a close leaves the conveyor closed and draining; a later close
+/// finishes the job.
+#[tokio::test(flavor = "current_thread")]
+async fn a_close_async_dropped_midway_leaves_the_conveyor_closed_for_a_later_close() {
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let permits = release.clone();
+    let c = Arc::new(
+        Conveyor::builder()
+            .build_async(move |_d: Delivery<u64>| {
+                let permits = permits.clone();
+                async move {
+                    permits.acquire().await.unwrap().forget();
+                    Ok(())
+                }
+            })
+            .unwrap(),
+    );
+    let receipts: Vec<_> = (0..5).map(|i| c.send(i).unwrap()).collect();
+    tokio::select! {
+        _ = c.close_async(GENEROUS) => panic!("closed while every call was held"),
+        () = tokio::time::sleep(Duration::from_millis(50)) => {}
+    }
+    assert!(matches!(c.send(5), Err(SendError::Closed(5))));
+    assert!(
+        receipts.iter().all(|r| !r.is_settled()),
+        "nothing was given up"
+    );
+    // Spawned: the future can move between threads.
+    let closing = tokio::spawn({
+        let c = c.clone();
+        async move { c.close_async(GENEROUS).await }
+    });
+    release.add_permits(5);
+    drained_all(&closing.await.unwrap(), receipts).await;
+}
+
+/// With a journal: what the report counts as left is what the journal holds as pending, and
+/// the journal is closed (free for another process) once the close returns.
+#[tokio::test(flavor = "current_thread")]
+async fn close_async_leaves_in_the_journal_what_it_reports_as_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.journal");
+    let c = asking(Conveyor::builder().journal(&path), spawn_service(3));
+    for i in 0..10 {
+        c.send_async(i).await.unwrap();
+    }
+    let answered = async {
+        while c.stats().delivered < 3 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    tokio::time::timeout(GENEROUS, answered).await.unwrap();
+    let report = c.close_async(Duration::from_millis(100)).await;
+    assert_eq!(
+        (report.stats.delivered, report.left),
+        (3, 7),
+        "the service answers three calls: {report:?}"
+    );
+    let journal = conveyor::Journal::open(&path).expect("the close released the journal");
+    assert_eq!(journal.status().unwrap().pending, report.left);
+    drop(journal);
+    drop(c);
+}
+
+/// Its deadline follows the real clock: a paused Tokio clock, which jumps ahead whenever the
+/// runtime is idle (as it is while the close awaits worker threads), does not cut it short.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn close_async_s_deadline_is_not_cut_short_by_a_paused_tokio_clock() {
+    let c: Conveyor<u64> = Conveyor::builder()
+        .build(|_d: Delivery<u64>| {
+            std::thread::sleep(Duration::from_millis(2));
+            Ok(())
+        })
+        .unwrap();
+    for i in 0..20 {
+        c.send(i).unwrap();
+    }
+    let report = c.close_async(GENEROUS).await;
+    assert_eq!(
+        (report.drained, report.left, report.stats.delivered),
+        (true, 0, 20),
+        "{report:?}"
+    );
+}
