@@ -475,8 +475,8 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Builder<T, R> {
     }
 
     /// Sets how long [`Conveyor::close`] and dropping the conveyor wait for pending items
-    /// before they report them as left (default 30 s); see [`Conveyor::close_timeout`], which
-    /// takes a deadline of its own.
+    /// before they report them as left (default 30 s); see [`Conveyor::close_timeout`] and, in
+    /// async code, [`Conveyor::close_async`], which take a deadline of their own.
     ///
     /// # Examples
     ///
@@ -621,10 +621,11 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Builder<T, R> {
     /// made on your current-thread runtime and used by the sink (a socket, a client whose
     /// connections were opened there, a channel fed by one of its tasks) still work, but they
     /// make progress only while your runtime runs: awaiting ([`Conveyor::flush_async`],
-    /// [`Conveyor::send_async`], a receipt) lets it run, blocking its thread in `flush` does not
-    /// (the flush then waits for as long as that thread is blocked), and once that runtime is
-    /// dropped Tokio fails their calls with an error. Resources the sink makes itself belong to
-    /// the conveyor's runtime and have none of these limits.
+    /// [`Conveyor::send_async`], [`Conveyor::close_async`], a receipt) lets it run, blocking its
+    /// thread in `flush` or `close` does not (a flush then waits for as long as that thread is
+    /// blocked, a close until its deadline), and once that runtime is dropped Tokio fails their
+    /// calls with an error. Resources the sink makes itself belong to the conveyor's runtime and
+    /// have none of these limits.
     ///
     /// # Errors
     ///

@@ -1555,6 +1555,8 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// for what the other workers can deliver, then reports the rest, the calling sink's own
     /// item included.
     ///
+    /// It blocks the calling thread; in async code, await [`Conveyor::close_async`] instead.
+    ///
     /// # Examples
     ///
     /// ```

@@ -14,6 +14,12 @@
 //! visible state: delivered, failed, dropped by an explicit [`Backpressure`] policy,
 //! or reported as left at shutdown ([`CloseReport`]). Nothing is lost silently.
 //!
+//! In async code, await the same steps instead of blocking the runtime's thread:
+//! [`Conveyor::send_async`], [`Conveyor::flush_async`], the receipts (they are futures), and
+//! [`Conveyor::close_async`] rather than [`Conveyor::close_timeout`]: on a current-thread
+//! runtime, a blocking close stops every task there, those the sink needs included, until its
+//! deadline.
+//!
 //! # Example
 //!
 //! ```
