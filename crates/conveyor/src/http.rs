@@ -14,7 +14,9 @@ use std::io::Read;
 use std::time::{Duration, SystemTime};
 
 use reqwest::blocking::{Client, Response};
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, LOCATION, RETRY_AFTER};
+use reqwest::header::{
+    HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, LOCATION, RETRY_AFTER, USER_AGENT,
+};
 use reqwest::{Method, StatusCode, Url};
 
 use crate::{Delivery, SinkError};
@@ -38,6 +40,10 @@ const PER_DELIVERY_HEADERS: [&str; 4] = [
     KEY_HEADER,
 ];
 
+/// Sent unless the user gives a `User-Agent`: some APIs (GitHub's, say) refuse a request
+/// without one, which would fail every item for good, and a receiver's logs can then tell
+/// conveyor's requests apart.
+const DEFAULT_USER_AGENT: &str = concat!("conveyor/", env!("CARGO_PKG_VERSION"));
 /// How much of an error response's body goes into the error message.
 const ERROR_BODY_CHARS: usize = 200;
 /// How much of an error response's body is read: plenty to quote [`ERROR_BODY_CHARS`] of it
@@ -239,6 +245,7 @@ pub struct HttpReply {
 /// |---|---|
 /// | method | `POST` |
 /// | `Content-Type` | `application/json` (override with [`header`](Self::header)) |
+/// | `User-Agent` | `conveyor/` and the crate's version, e.g. `conveyor/0.1.0` (override with [`header`](Self::header)) |
 /// | timeout per request | 30 s |
 /// | redirects | not followed (a 3xx is a permanent failure) |
 /// | trusted certificate authorities (`https`) | Mozilla's roots, compiled in; add a private CA with [`root_certificates`](Self::root_certificates) |
@@ -287,9 +294,10 @@ impl fmt::Debug for HttpSinkBuilder {
 
 impl HttpSinkBuilder {
     /// Adds a header sent with every request (repeatable). Its value is treated as a secret.
-    /// A `Content-Type` replaces the default `application/json`; the headers the conveyor
-    /// sets per item (`Idempotency-Key`, `Conveyor-Seq`, `Conveyor-Attempt`, `Conveyor-Key`)
-    /// are refused by [`build`](HttpSinkBuilder::build).
+    /// A `Content-Type` replaces the default `application/json`, a `User-Agent` the default
+    /// `conveyor/VERSION`; the headers the conveyor sets per item (`Idempotency-Key`,
+    /// `Conveyor-Seq`, `Conveyor-Attempt`, `Conveyor-Key`) are refused by
+    /// [`build`](HttpSinkBuilder::build).
     ///
     /// # Examples
     ///
@@ -409,6 +417,7 @@ impl HttpSinkBuilder {
 
         let mut headers = HeaderMap::new();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(USER_AGENT, HeaderValue::from_static(DEFAULT_USER_AGENT));
         let mut secrets = Vec::with_capacity(self.headers.len());
         let mut user_set = Vec::new();
         for (name, value) in &self.headers {

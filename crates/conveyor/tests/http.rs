@@ -32,6 +32,38 @@ fn failure(sink: HttpSinkBuilder) -> conveyor::SinkError {
     }
 }
 
+/// Sends one item through a conveyor using `sink` and returns the sink's reply.
+fn delivered(sink: HttpSinkBuilder) -> HttpReply {
+    let c: Conveyor<String, HttpReply> = Conveyor::builder()
+        .build(sink.build().unwrap().into_sink())
+        .unwrap();
+    let reply = c.send("{}".to_owned()).unwrap().wait();
+    reply.expect("delivered")
+}
+
+/// Some APIs (GitHub's, say) refuse a request without a `User-Agent`, and every item would
+/// then fail for good; a `User-Agent` given as a header is sent instead, alone.
+#[test]
+fn requests_carry_a_user_agent_that_a_header_replaces() {
+    let (url, heads) = serve(reply("200 OK", "", b""));
+    delivered(HttpSink::builder(url.as_str()));
+    delivered(HttpSink::builder(url.as_str()).header("user-agent", "mine/1.0"));
+    let heads = heads.lock().unwrap();
+    let agents: Vec<Vec<&str>> = heads
+        .iter()
+        .map(|r| {
+            r.head
+                .lines()
+                .filter_map(|line| line.split_once(':'))
+                .filter(|(name, _)| name.eq_ignore_ascii_case("user-agent"))
+                .map(|(_, value)| value.trim())
+                .collect()
+        })
+        .collect();
+    let ours = format!("conveyor/{}", env!("CARGO_PKG_VERSION"));
+    assert_eq!(agents, [vec![ours.as_str()], vec!["mine/1.0"]]);
+}
+
 #[test]
 fn a_token_echoed_without_its_scheme_is_scrubbed() {
     let error = failure(
