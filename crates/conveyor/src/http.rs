@@ -2,8 +2,8 @@
 //!
 //! One [`HttpSink`] owns one `reqwest` blocking client, so every delivery reuses the same pool of
 //! keep-alive connections whatever thread the conveyor runs it on. The sink classifies each outcome
-//! for the engine's retry policy: 2xx succeeds; connection errors, timeouts, 408, 429 and 5xx are
-//! retryable (honouring `Retry-After`); every other status is permanent.
+//! for the engine's retry policy: 2xx succeeds; connection errors, timeouts, 408, 425, 429 and
+//! 5xx are retryable (honouring `Retry-After`); every other status is permanent.
 //!
 //! Header values are treated as secrets (they usually carry tokens): they are marked sensitive for
 //! `reqwest`, never appear in `Debug` output, and are scrubbed from error messages that quote
@@ -80,7 +80,7 @@ const REDACTED: &str = "<redacted>";
 /// |---|---|
 /// | 2xx | `Ok(HttpReply)` |
 /// | connect error, timeout, broken connection | retryable [`SinkError`]; a connect error's message names the host and port and says why (`cannot connect to 127.0.0.1:9: connection refused; ...`) |
-/// | 408, 429, 5xx | retryable, with `Retry-After` as [`SinkError::with_retry_after`] |
+/// | 408, 425, 429, 5xx | retryable, with `Retry-After` as [`SinkError::with_retry_after`] |
 /// | any other status (3xx: redirects are not followed) | permanent; a 3xx says its `Location` |
 ///
 /// # Secrets
@@ -606,7 +606,7 @@ impl HttpSink {
     ///
     /// # Errors
     ///
-    /// A retryable [`SinkError`] for connection errors, timeouts, 408, 429 and 5xx (with the
+    /// A retryable [`SinkError`] for connection errors, timeouts, 408, 425, 429 and 5xx (with the
     /// `Retry-After` hint when the server gave one), a permanent one for any other non-2xx status.
     ///
     /// # Examples
@@ -859,8 +859,11 @@ fn is_break(c: char) -> bool {
         )
 }
 
+/// 425 Too Early is a server declining a request it might see twice (sent as TLS early data);
+/// RFC 8470 §5.2 has the client retry it.
 fn is_retryable_status(status: StatusCode) -> bool {
     status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_EARLY
         || status == StatusCode::TOO_MANY_REQUESTS
         || status.is_server_error()
 }
@@ -999,7 +1002,7 @@ mod tests {
 
     #[test]
     fn statuses_are_classified() {
-        for code in [408, 429, 500, 502, 503, 599] {
+        for code in [408, 425, 429, 500, 502, 503, 599] {
             assert!(
                 is_retryable_status(StatusCode::from_u16(code).unwrap()),
                 "{code}"
