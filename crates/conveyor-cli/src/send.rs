@@ -29,6 +29,10 @@ const PAUSED_STALL: Duration = Duration::from_secs(2);
 /// How long the end of the run waits for the reader thread to see the close and stop: it is
 /// then either woken from a send at once, or blocked reading stdin, where waiting is useless.
 const READER_GRACE: Duration = Duration::from_millis(500);
+/// How much of a 2xx reply's body is read, only to be dropped: a usual reply ends within it, which
+/// frees its connection for the next line, while a huge or endless one is left unread (and its
+/// connection closed) rather than held in memory whole.
+const REPLY_BODY_READ: usize = 64 * 1024;
 /// How often the main thread refreshes progress and looks at signals.
 const TICK: Duration = Duration::from_millis(100);
 /// How often the end of a close is checked; short, since the run ends right after it.
@@ -185,7 +189,9 @@ impl SendPlan {
             return Err(CliError::usage("--capacity must be at least 1"));
         }
         let target = if let Some(url) = &args.to {
-            let mut builder = conveyor::HttpSink::builder(url.as_str()).timeout(args.timeout);
+            let mut builder = conveyor::HttpSink::builder(url.as_str())
+                .timeout(args.timeout)
+                .max_reply_body(REPLY_BODY_READ);
             if let Some(method) = &args.method {
                 builder = builder.method(method.as_str());
             }

@@ -120,6 +120,8 @@ pub struct HttpSink {
     /// What to scrub out of server text quoted in errors: header values and their words (see
     /// [`secrets_of`]), longest first, so the longest one matching at a place is replaced.
     secrets: Vec<String>,
+    /// How much of a 2xx body [`HttpReply::body`] keeps ([`HttpSinkBuilder::max_reply_body`]).
+    max_reply_body: u64,
 }
 
 impl fmt::Debug for HttpSink {
@@ -235,8 +237,13 @@ impl std::error::Error for HttpError {}
 pub struct HttpReply {
     /// The HTTP status code (2xx).
     pub status: u16,
-    /// The response body. It is read in full so the connection can be reused.
+    /// The response body, read in full (so the connection can be reused) unless it is longer
+    /// than [`HttpSinkBuilder::max_reply_body`]: then its start, up to that limit.
     pub body: Vec<u8>,
+    /// Whether the server sent more than [`HttpSinkBuilder::max_reply_body`]: `body` then holds
+    /// only the start, the rest was never read, and the connection was closed rather than
+    /// reused. The item counts as delivered all the same: its status said so.
+    pub truncated: bool,
 }
 
 /// Builds an [`HttpSink`]; see [`HttpSink::builder`].
@@ -248,6 +255,7 @@ pub struct HttpReply {
 /// | `User-Agent` | `conveyor/` and the crate's version, e.g. `conveyor/0.1.0` (override with [`header`](Self::header)) |
 /// | timeout per request | 30 s |
 /// | redirects | not followed (a 3xx is a permanent failure) |
+/// | reply body kept ([`HttpReply::body`]) | all of it; bound it with [`max_reply_body`](Self::max_reply_body) |
 /// | trusted certificate authorities (`https`) | Mozilla's roots, compiled in; add a private CA with [`root_certificates`](Self::root_certificates) |
 ///
 /// # Examples
@@ -270,6 +278,8 @@ pub struct HttpSinkBuilder {
     method: String,
     headers: Vec<(String, String)>,
     timeout: Duration,
+    /// See [`HttpSinkBuilder::max_reply_body`].
+    max_reply_body: u64,
     /// PEM texts given to `root_certificates`, parsed by `build`.
     roots: Vec<Vec<u8>>,
 }
@@ -287,6 +297,7 @@ impl fmt::Debug for HttpSinkBuilder {
                     .collect::<Vec<_>>(),
             )
             .field("timeout", &self.timeout)
+            .field("max_reply_body", &self.max_reply_body)
             .field("root_certificates", &self.roots.len())
             .finish_non_exhaustive()
     }
@@ -354,6 +365,27 @@ impl HttpSinkBuilder {
     /// ```
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// Keeps at most `bytes` of a successful (2xx) response's body in [`HttpReply::body`]
+    /// (default: all of it). The rest is not read at all, so a server that answers with a huge
+    /// or endless body costs no more memory than this (the timeout bounds how long it may
+    /// talk); the reply says it was cut ([`HttpReply::truncated`]), and its connection is
+    /// closed rather than reused. The item is delivered all the same. Zero keeps nothing, for a
+    /// caller that only needs the status.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// // Only the status matters here; a chatty answer is not kept.
+    /// let sink = conveyor::HttpSink::builder("https://example.com/hooks")
+    ///     .max_reply_body(64 * 1024)
+    ///     .build()?;
+    /// # Ok::<(), conveyor::HttpBuildError>(())
+    /// ```
+    pub fn max_reply_body(mut self, bytes: usize) -> Self {
+        self.max_reply_body = u64::try_from(bytes).unwrap_or(u64::MAX);
         self
     }
 
@@ -482,6 +514,7 @@ impl HttpSinkBuilder {
             method,
             headers,
             secrets,
+            max_reply_body: self.max_reply_body,
         })
     }
 }
@@ -585,6 +618,7 @@ impl HttpSink {
             method: "POST".into(),
             headers: Vec::new(),
             timeout: Duration::from_secs(30),
+            max_reply_body: u64::MAX,
             roots: Vec::new(),
         }
     }
@@ -685,17 +719,31 @@ impl HttpSink {
             .filter(|_| status.is_redirection())
             .map(|v| shown_location(&String::from_utf8_lossy(v.as_bytes())));
         if status.is_success() {
-            return match response.bytes() {
-                // `Vec::from` takes the buffer over when it is not shared: no copy of the body.
-                Ok(body) => Ok(HttpReply {
-                    status: status.as_u16(),
-                    body: Vec::from(body),
-                }),
+            let limit = self.max_reply_body;
+            // Room for what the server says it sends, but never more than may be kept.
+            let expected = response.content_length().unwrap_or(0).min(limit);
+            let mut body = Vec::with_capacity(usize::try_from(expected).unwrap_or(0));
+            // One byte past the limit tells a body cut at it from one that ends there.
+            return match response
+                .take(limit.saturating_add(1))
+                .read_to_end(&mut body)
+            {
+                Ok(_) => {
+                    let truncated = u64::try_from(body.len()).map_or(true, |read| read > limit);
+                    if truncated {
+                        body.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+                    }
+                    Ok(HttpReply {
+                        status: status.as_u16(),
+                        body,
+                        truncated,
+                    })
+                }
                 Err(e) => Err(SinkError::retryable(HttpError {
                     status: Some(status.as_u16()),
                     message: format!(
                         "HTTP {status}, but reading the response failed: {}",
-                        self.scrub(&error_chain(&e.without_url()))
+                        self.scrub(&error_chain(&e))
                     ),
                 })),
             };

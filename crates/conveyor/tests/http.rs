@@ -2,9 +2,7 @@
 //! server would: tokens echoed back, terminal escapes, bodies of any size.
 #![cfg(feature = "http")]
 
-use std::io::Write;
 use std::net::TcpListener;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use conveyor::{
@@ -14,7 +12,7 @@ use conveyor::{
 #[path = "fixtures/server.rs"]
 mod server;
 
-use server::{header, reply, serve, serve_tls, CA_PEM};
+use server::{header, huge_body, reply, serve, serve_tls, CA_PEM};
 
 /// A sink builder for a new server that answers every request with this response.
 fn answering(status: &str, headers: &str, body: &[u8]) -> HttpSinkBuilder {
@@ -108,19 +106,7 @@ fn control_characters_in_a_body_become_spaces_on_one_line() {
 
 #[test]
 fn only_the_start_of_a_huge_error_body_is_read() {
-    // 64 MiB: far more than socket buffers hold, so the server's write fails once the sink
-    // has stopped reading and closed the connection.
-    const BODY: usize = 64 << 20;
-    let (done, outcome) = std::sync::mpsc::channel();
-    let done = Mutex::new(done);
-    let (url, _) = serve(move |stream| {
-        let head = format!("HTTP/1.1 503 Busy\r\ncontent-length: {BODY}\r\n\r\n");
-        let chunk = vec![b'x'; 1 << 20];
-        let written = stream
-            .write_all(head.as_bytes())
-            .and_then(|()| (0..BODY / chunk.len()).try_for_each(|_| stream.write_all(&chunk)));
-        let _ = done.lock().unwrap().send(written.is_ok());
-    });
+    let (url, read_whole) = huge_body("503 Busy");
     let error = failure(HttpSink::builder(url));
     assert!(
         error.to_string().starts_with(&format!(
@@ -129,11 +115,39 @@ fn only_the_start_of_a_huge_error_body_is_read() {
         )),
         "{error}"
     );
+    assert!(!read_whole(), "the whole body was read");
+}
+
+#[test]
+fn a_reply_body_is_kept_up_to_max_reply_body() {
+    let url = serve(reply("200 OK", "", b"0123456789")).0;
+    let whole = delivered(HttpSink::builder(url.as_str()));
     assert_eq!(
-        outcome.recv_timeout(Duration::from_secs(60)),
-        Ok(false),
-        "the whole body was read"
+        (whole.body, whole.truncated),
+        (b"0123456789".to_vec(), false)
     );
+    let exact = delivered(HttpSink::builder(url.as_str()).max_reply_body(10));
+    assert_eq!(
+        (exact.body, exact.truncated),
+        (b"0123456789".to_vec(), false)
+    );
+    let cut = delivered(HttpSink::builder(url.as_str()).max_reply_body(4));
+    assert_eq!(
+        (cut.status, cut.body, cut.truncated),
+        (200, b"0123".to_vec(), true)
+    );
+    let none = delivered(HttpSink::builder(url.as_str()).max_reply_body(0));
+    assert_eq!((none.body, none.truncated), (Vec::new(), true));
+}
+
+/// A 2xx body past the limit is never read: a server streaming one without end costs no
+/// memory, and the request ends as soon as the limit is reached.
+#[test]
+fn a_huge_reply_body_is_not_read_past_max_reply_body() {
+    let (url, read_whole) = huge_body("200 OK");
+    let reply = delivered(HttpSink::builder(url).max_reply_body(1000));
+    assert_eq!((reply.body.len(), reply.truncated), (1000, true));
+    assert!(!read_whole(), "the whole body was read");
 }
 
 #[test]
