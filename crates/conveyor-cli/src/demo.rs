@@ -75,7 +75,7 @@ pub(crate) fn run(args: DemoArgs) -> Result<u8, CliError> {
     inner_output.json = false;
     inner_output.quiet |= args.output.json;
     let plan = SendPlan {
-        target: Target::Http(sink),
+        target: Target::Http(Box::new(sink)),
         ordering: args.ordering,
         key: matches!(args.ordering, OrderingArg::Keyed(_)).then(|| KeySpec::parse("user")),
         retries: 5,

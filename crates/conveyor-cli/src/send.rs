@@ -204,12 +204,14 @@ impl SendPlan {
                 })?;
                 builder = builder.root_certificates(pem);
             }
-            Target::Http(builder.build().map_err(|e| match (e, &args.cacert) {
-                (e @ conveyor::HttpBuildError::InvalidRootCertificates(_), Some(path)) => {
-                    CliError::usage(format!("--cacert {}: {e}", path.display()))
+            Target::Http(Box::new(builder.build().map_err(|e| {
+                match (e, &args.cacert) {
+                    (e @ conveyor::HttpBuildError::InvalidRootCertificates(_), Some(path)) => {
+                        CliError::usage(format!("--cacert {}: {e}", path.display()))
+                    }
+                    (e, _) => CliError::usage(e.to_string()),
                 }
-                (e, _) => CliError::usage(e.to_string()),
-            })?)
+            })?))
         } else {
             // The HTTP options, refused rather than silently unused; the first given is named.
             let http_only = [

@@ -34,7 +34,8 @@ const KILL_GRACE: Duration = Duration::from_secs(2);
 /// The target of `conveyor send`.
 #[derive(Debug)]
 pub(crate) enum Target {
-    Http(HttpSink),
+    /// Boxed: the sink is several times the size of an `ExecSink`, and there is one target.
+    Http(Box<HttpSink>),
     Exec(ExecSink),
 }
 

@@ -10,8 +10,8 @@
 //! what a server sent back (the rule is on [`HttpSink`]).
 
 use std::fmt;
-use std::io::Read;
-use std::time::{Duration, SystemTime};
+use std::io::{self, ErrorKind, Read};
+use std::time::{Duration, Instant, SystemTime};
 
 use reqwest::blocking::{Client, Response};
 use reqwest::header::{
@@ -122,6 +122,8 @@ pub struct HttpSink {
     secrets: Vec<String>,
     /// How much of a 2xx body [`HttpReply::body`] keeps ([`HttpSinkBuilder::max_reply_body`]).
     max_reply_body: u64,
+    /// The request timeout, for the message of a request that ran out of it.
+    timeout: Duration,
 }
 
 impl fmt::Debug for HttpSink {
@@ -348,7 +350,9 @@ impl HttpSinkBuilder {
     }
 
     /// Sets the timeout of one request, from connecting to reading the whole response (default 30 s).
-    /// A timeout is a retryable failure. Zero is refused by [`build`](HttpSinkBuilder::build):
+    /// A timeout is a retryable failure, whose message says the limit. (The body's last read
+    /// may start just before the limit and wait up to the timeout again: a request never holds
+    /// its lane for more than twice the timeout, however slowly a server sends.) Zero is refused by [`build`](HttpSinkBuilder::build):
     /// every request would time out.
     ///
     /// # Examples
@@ -515,6 +519,7 @@ impl HttpSinkBuilder {
             headers,
             secrets,
             max_reply_body: self.max_reply_body,
+            timeout,
         })
     }
 }
@@ -657,6 +662,7 @@ impl HttpSink {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn send<T: AsRef<[u8]>>(&self, d: &Delivery<T>) -> Result<HttpReply, SinkError> {
+        let deadline = Instant::now() + self.timeout;
         let mut request = self
             .client
             .request(self.method.clone(), self.url.clone())
@@ -678,7 +684,7 @@ impl HttpSink {
                     message: self.no_response_message(e),
                 })
             })?;
-        self.classify(response)
+        self.classify(response, deadline)
     }
 
     /// Turns the sink into the closure [`Builder::build`](crate::Builder::build) takes.
@@ -705,7 +711,7 @@ impl HttpSink {
         move |d| self.send(&d)
     }
 
-    fn classify(&self, response: Response) -> Result<HttpReply, SinkError> {
+    fn classify(&self, response: Response, deadline: Instant) -> Result<HttpReply, SinkError> {
         let status = response.status();
         let retry_after = response
             .headers()
@@ -724,7 +730,7 @@ impl HttpSink {
             let expected = response.content_length().unwrap_or(0).min(limit);
             let mut body = Vec::with_capacity(usize::try_from(expected).unwrap_or(0));
             // One byte past the limit tells a body cut at it from one that ends there.
-            return match response
+            return match Deadline::new(response, deadline)
                 .take(limit.saturating_add(1))
                 .read_to_end(&mut body)
             {
@@ -739,13 +745,24 @@ impl HttpSink {
                         truncated,
                     })
                 }
-                Err(e) => Err(SinkError::retryable(HttpError {
-                    status: Some(status.as_u16()),
-                    message: format!(
+                Err(e) => {
+                    // The blocking body reader wraps reqwest's error in an io::Error.
+                    let timed_out = e.kind() == ErrorKind::TimedOut
+                        || e.get_ref()
+                            .and_then(|inner| inner.downcast_ref::<reqwest::Error>())
+                            .is_some_and(reqwest::Error::is_timeout);
+                    let mut message = format!(
                         "HTTP {status}, but reading the response failed: {}",
                         self.scrub(&error_chain(&e))
-                    ),
-                })),
+                    );
+                    if timed_out {
+                        message.push_str(&self.timeout_hint());
+                    }
+                    Err(SinkError::retryable(HttpError {
+                        status: Some(status.as_u16()),
+                        message,
+                    }))
+                }
             };
         }
         // An error body only explains the error: read the start of it. A body that ends within
@@ -753,7 +770,9 @@ impl HttpSink {
         // left unread, and dropping the response then closes its connection instead.
         let mut body = Vec::new();
         // A body that breaks off is quoted as far as it came.
-        let _ = response.take(ERROR_BODY_BYTES).read_to_end(&mut body);
+        let _ = Deadline::new(response, deadline)
+            .take(ERROR_BODY_BYTES)
+            .read_to_end(&mut body);
         let message = HttpError {
             status: Some(status.as_u16()),
             message: self.status_message(status, location.as_deref(), &body),
@@ -777,6 +796,7 @@ impl HttpSink {
     /// client's text follows in parentheses, for the detail.
     fn no_response_message(&self, error: reqwest::Error) -> String {
         let connect = error.is_connect();
+        let timed_out = error.is_timeout();
         let reason = connect_failure_reason(&error);
         let chain = self.scrub(&error_chain(&error.without_url()));
         let mut message = if connect {
@@ -796,7 +816,21 @@ impl HttpSink {
         if message.contains("UnknownIssuer") {
             message.push_str(UNKNOWN_ISSUER);
         }
+        if timed_out {
+            message.push_str(&self.timeout_hint());
+        }
         message
+    }
+
+    /// Added to a failure because the request ran out of time: reqwest says only "operation
+    /// timed out", which names neither the limit nor the setting, each front having its own.
+    fn timeout_hint(&self) -> String {
+        format!(
+            " (no complete answer within {:?}, the request timeout: if the server is slow \
+             rather than stuck, raise it with --timeout in the CLI, timeout= in Python, or \
+             HttpSinkBuilder::timeout in Rust)",
+            self.timeout
+        )
     }
 
     /// A failure message: the status line, where a redirect points, then the start of the
@@ -846,6 +880,32 @@ impl HttpSink {
             }
         }
         scrubbed
+    }
+}
+
+/// A response body that ends with a timeout error once the request's deadline has passed.
+///
+/// The blocking client's reader applies its timeout to each read, not to the body: a server
+/// sending a byte now and then would hold the lane for as long as it kept talking. The
+/// deadline is checked before each read, which itself waits at most the timeout, so a body
+/// ends within twice the timeout of the request's start, as it did when read whole.
+struct Deadline<R> {
+    inner: R,
+    at: Instant,
+}
+
+impl<R> Deadline<R> {
+    fn new(inner: R, at: Instant) -> Self {
+        Self { inner, at }
+    }
+}
+
+impl<R: Read> Read for Deadline<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if Instant::now() >= self.at {
+            return Err(io::Error::new(ErrorKind::TimedOut, "operation timed out"));
+        }
+        self.inner.read(buf)
     }
 }
 

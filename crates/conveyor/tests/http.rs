@@ -2,6 +2,7 @@
 //! server would: tokens echoed back, terminal escapes, bodies of any size.
 #![cfg(feature = "http")]
 
+use std::io::Write;
 use std::net::TcpListener;
 use std::time::Duration;
 
@@ -213,6 +214,66 @@ fn a_retry_after_too_large_to_count_asks_for_the_longest_wait() {
         b"",
     ));
     assert_eq!(error.retry_after(), Some(Duration::MAX));
+}
+
+/// A server that never answers, or stops halfway through a body: the error names the limit
+/// and how to raise it.
+#[test]
+fn a_timeout_says_how_long_and_how_to_raise_it() {
+    let silent = serve(|_| std::thread::sleep(Duration::from_secs(30))).0;
+    let halfway = serve(|stream| {
+        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n01234");
+        std::thread::sleep(Duration::from_secs(30));
+    })
+    .0;
+    for url in [silent, halfway] {
+        let error = failure(HttpSink::builder(url).timeout(Duration::from_millis(300)));
+        assert!(error.is_retryable(), "{error}");
+        let message = error.to_string();
+        assert!(
+            message.contains("timed out")
+                && message.contains("within 300ms")
+                && message.contains("--timeout"),
+            "{message}"
+        );
+    }
+}
+
+/// A body that trickles in, a byte at a time well within the timeout each, still has to end
+/// within the request's timeout: a server cannot hold a lane for as long as it keeps talking.
+#[test]
+fn a_trickling_body_runs_out_of_time() {
+    for status in ["200 OK", "503 Service Unavailable"] {
+        let url = serve(move |stream| {
+            let head = format!("HTTP/1.1 {status}\r\ncontent-length: 200\r\n\r\n");
+            let _ = stream.write_all(head.as_bytes());
+            // 10 s in all, far past the timeout below.
+            for _ in 0..200 {
+                if stream
+                    .write_all(b"x")
+                    .and_then(|()| stream.flush())
+                    .is_err()
+                {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+        .0;
+        let error = failure(HttpSink::builder(url).timeout(Duration::from_millis(300)));
+        let message = error.to_string();
+        assert!(error.is_retryable(), "{status}: {message}");
+        assert!(!message.contains(&"x".repeat(200)), "read whole: {message}");
+        if status == "200 OK" {
+            assert!(message.contains("within 300ms"), "{message}");
+        } else {
+            // The status is the failure; its body is quoted as far as it came in time.
+            assert!(
+                message.starts_with("HTTP 503 Service Unavailable"),
+                "{message}"
+            );
+        }
+    }
 }
 
 #[test]
