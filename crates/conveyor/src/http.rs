@@ -59,6 +59,14 @@ const MIN_SECRET_CHARS: usize = 6;
 const UNKNOWN_ISSUER: &str = " (no trusted certificate authority signed the server's \
     certificate: if a private CA did, trust it with --cacert FILE in the CLI, cafile= in Python, \
     or HttpSinkBuilder::root_certificates in Rust)";
+/// Added to a failure because the server's certificate is a CA's (`CA:TRUE`), which rustls
+/// refuses as a server's own even when it is trusted: `openssl req -x509` makes such a
+/// certificate unless told otherwise, the usual way to a self-signed one, and rustls names the
+/// problem in words no one searches for.
+const CA_USED_AS_END_ENTITY: &str = " (the server's certificate is a certificate authority's \
+    (basicConstraints CA:TRUE), which is refused as a server's own certificate even when \
+    trusted: make it again with `-addext basicConstraints=critical,CA:FALSE` added to `openssl \
+    req -x509`, or sign a server certificate with that CA and trust the CA)";
 /// What a scrubbed secret becomes.
 const REDACTED: &str = "<redacted>";
 
@@ -813,8 +821,8 @@ impl HttpSink {
         } else {
             chain
         };
-        if message.contains("UnknownIssuer") {
-            message.push_str(UNKNOWN_ISSUER);
+        if let Some(hint) = certificate_hint(&message) {
+            message.push_str(hint);
         }
         if timed_out {
             message.push_str(&self.timeout_hint());
@@ -880,6 +888,17 @@ impl HttpSink {
             }
         }
         scrubbed
+    }
+}
+
+/// What to add to a connection failure that a certificate caused, to say what to do.
+fn certificate_hint(message: &str) -> Option<&'static str> {
+    if message.contains("UnknownIssuer") {
+        Some(UNKNOWN_ISSUER)
+    } else if message.contains("CaUsedAsEndEntity") {
+        Some(CA_USED_AS_END_ENTITY)
+    } else {
+        None
     }
 }
 
@@ -1105,6 +1124,20 @@ mod tests {
         assert_eq!(
             parse_retry_after("99999999999999999999"),
             Some(Duration::MAX)
+        );
+    }
+
+    #[test]
+    fn certificate_failures_say_what_to_do() {
+        let unknown = "client error (Connect): invalid peer certificate: UnknownIssuer";
+        assert!(certificate_hint(unknown).is_some_and(|hint| hint.contains("--cacert")));
+        // As rustls words a self-signed certificate that `openssl req -x509` made.
+        let ca = "client error (Connect): invalid peer certificate: \
+                  Other(OtherError(CaUsedAsEndEntity))";
+        assert!(certificate_hint(ca).is_some_and(|hint| hint.contains("CA:FALSE")));
+        assert_eq!(
+            certificate_hint("tcp connect error: Connection refused"),
+            None
         );
     }
 
