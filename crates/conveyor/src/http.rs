@@ -266,7 +266,8 @@ pub struct HttpReply {
 /// | timeout per request | 30 s |
 /// | redirects | not followed (a 3xx is a permanent failure) |
 /// | reply body kept ([`HttpReply::body`]) | all of it; bound it with [`max_reply_body`](Self::max_reply_body) |
-/// | trusted certificate authorities (`https`) | Mozilla's roots, compiled in; add a private CA with [`root_certificates`](Self::root_certificates) |
+/// | trusted certificate authorities (`https`) | Mozilla's roots, compiled in (not the system's store, nor `SSL_CERT_FILE`); add a private CA with [`root_certificates`](Self::root_certificates) |
+/// | proxies | from the environment: `HTTP_PROXY` (http URLs), `HTTPS_PROXY` (https), `ALL_PROXY` (both), lowercase too; `NO_PROXY` hosts are reached directly |
 ///
 /// # Examples
 ///
