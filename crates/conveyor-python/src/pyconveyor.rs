@@ -206,11 +206,17 @@ impl Shared {
         }
     }
 
-    /// The exit hook's drain: [`Shared::close_and_report`], saying on stderr what it waits for
-    /// once it has lasted [`QUIET_EXIT`]. After a traceback (Ctrl-C in `flush()` or a `with`
-    /// block) the program would otherwise seem to hang for up to `drain_timeout`, with nothing
-    /// to say that one more Ctrl-C ends the wait.
+    /// The exit hook's drain: [`Shared::close_announced`].
     fn close_at_exit(&self, py: Python<'_>) -> PyResult<PyCloseReport> {
+        self.close_announced(py, "left at interpreter exit", "at interpreter exit")
+    }
+
+    /// [`Shared::close_and_report`], saying on stderr what it waits for once it has lasted
+    /// [`QUIET_EXIT`] (the items `left`, and `when` in the warning about what remains). After
+    /// a traceback (Ctrl-C in `flush()` or in a `with` block) the program would otherwise seem
+    /// to hang for up to `drain_timeout`, with nothing to say that one more Ctrl-C ends the
+    /// wait.
+    fn close_announced(&self, py: Python<'_>, left: &str, when: &str) -> PyResult<PyCloseReport> {
         // Refused from now on, as `close` would: what the notice counts stays the whole lot.
         self.closing.store(true, AtomicOrdering::Release);
         let deadline = Deadline::after(Some(self.drain_timeout));
@@ -221,7 +227,7 @@ impl Shared {
             let stats = self.engine.stats();
             let waiting = deadline.remaining().unwrap_or_default();
             let notice = format!(
-                "{} is delivering {} item(s) left at interpreter exit: waiting up to {} s more \
+                "{} is delivering {} item(s) {left}: waiting up to {} s more \
                  (drain_timeout={} s); press Ctrl-C to stop waiting\n",
                 self.label(),
                 stats.queued + stats.in_flight,
@@ -235,7 +241,7 @@ impl Shared {
             }
         }
         let rest = deadline.remaining().unwrap_or_default();
-        self.close_and_report(py, "at interpreter exit", rest)
+        self.close_and_report(py, when, rest)
     }
 
     /// After Ctrl-C cut the exit hook's drain short: the workers start nothing more, and the
@@ -1369,13 +1375,30 @@ impl PyConveyor {
         slf
     }
 
-    #[pyo3(signature = (*_exc_info))]
+    #[pyo3(signature = (*exc_info))]
     fn __exit__(
         &self,
         py: Python<'_>,
-        _exc_info: &Bound<'_, pyo3::types::PyTuple>,
+        exc_info: &Bound<'_, pyo3::types::PyTuple>,
     ) -> PyResult<bool> {
-        self._close_on_exit(py)?;
+        let interrupted = exc_info.get_item(0).is_ok_and(|kind| {
+            kind.downcast::<pyo3::types::PyType>().is_ok_and(|kind| {
+                kind.is_subclass_of::<PyKeyboardInterrupt>()
+                    .unwrap_or(false)
+            })
+        });
+        if interrupted {
+            // Ctrl-C ended the block: the drain that follows must not look like a hang.
+            let shared = self.live(py)?;
+            self.not_from_own_sink(shared, "close")?;
+            shared.close_announced(
+                py,
+                "left when Ctrl-C ended its `with` block",
+                "closing at the end of its `with` block",
+            )?;
+        } else {
+            self._close_on_exit(py)?;
+        }
         Ok(false)
     }
 

@@ -98,6 +98,48 @@ def test_an_exit_drain_that_lasts_says_what_it_waits_for_after_ctrl_c_in_flush()
     assert "Warning" not in proc.stderr, "everything was delivered: " + proc.stderr
 
 
+@pytest.mark.parametrize("interrupted", [True, False], ids=["ctrl-c", "normal"])
+def test_a_with_block_ended_by_ctrl_c_says_what_its_drain_waits_for(interrupted):
+    # Ctrl-C inside a `with` block: its exit drains what is left (up to drain_timeout), which
+    # looked like a hang; after a second it now says so. A block that ends normally drains
+    # in silence, as asked for.
+    raise_it = "raise KeyboardInterrupt" if interrupted else "pass"
+    proc = run_python(
+        textwrap.dedent(
+            f"""
+            import time, conveyor
+            sent = []
+            def send_to_space(item):
+                time.sleep(0.25)
+                sent.append(item)
+            try:
+                with conveyor.Conveyor(send_to_space, name="events") as c:
+                    for n in range(8):
+                        c.send(n)
+                    {raise_it}
+            except KeyboardInterrupt:
+                print("interrupted", flush=True)
+            print("sent", len(sent), flush=True)
+            """
+        )
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[-2:] == ["sent", "8"], proc.stdout
+    notice = re.search(
+        r'^conveyor "events" is delivering (\d+) item\(s\) left when Ctrl-C ended its `with` '
+        r"block: waiting up to (\d+) s more \(drain_timeout=30 s\); press Ctrl-C to stop waiting$",
+        proc.stderr,
+        re.M,
+    )
+    if interrupted:
+        assert proc.stdout.split()[0] == "interrupted"
+        assert notice, proc.stderr
+        assert 0 < int(notice.group(1)) < 8, notice.group(0)
+        assert proc.stderr.count("press Ctrl-C") == 1, "one line, once"
+    else:
+        assert proc.stderr == ""
+
+
 def test_exit_with_a_stuck_sink_is_bounded_and_reports_the_count():
     start = time.monotonic()
     proc = run_python(
