@@ -132,7 +132,7 @@ impl Shared {
         let first = !self.closed.swap(true, AtomicOrdering::AcqRel);
         if !report.drained {
             // What is left is reported; the sink must not start on it afterwards.
-            self.sink.abandoned.store(true, AtomicOrdering::Release);
+            self.sink.abandon(py);
         }
         self.stop_runner(py);
         Ok((report, first))
@@ -189,7 +189,7 @@ impl Shared {
     /// `functools.partial` without its function crashes when called), so no delivery may
     /// call it from here on.
     fn give_up_interrupted(&self, py: Python<'_>) {
-        self.sink.abandoned.store(true, AtomicOrdering::Release);
+        self.sink.abandon(py);
         let stats = self.engine.stats();
         let warned = errors::warn(
             py,
@@ -251,7 +251,7 @@ impl Shared {
     fn give_up_at_exit(&self, py: Python<'_>) -> PyResult<()> {
         self.closing.store(true, AtomicOrdering::Release);
         let report = py.allow_threads(|| self.engine.stop_timeout(Duration::ZERO));
-        self.sink.abandoned.store(true, AtomicOrdering::Release);
+        self.sink.abandon(py);
         self.closed.store(true, AtomicOrdering::Release);
         if report.left == 0 {
             return Ok(());
@@ -1264,6 +1264,14 @@ impl PyConveyor {
             "closing at the end of its `with` block",
             shared.drain_timeout,
         )
+    }
+
+    /// Internal: calls `hook()` once, with the GIL, when this conveyor gives up on accepted
+    /// items that will then never reach the sink: a close whose deadline passed (`close(timeout)`,
+    /// a drain at garbage collection or interpreter exit), or one that Ctrl-C cut short.
+    /// `SerialExecutor` cancels the futures of those calls, which would hang their waiters.
+    fn _on_abandon(&self, hook: Py<PyAny>) {
+        self.shared.sink.set_on_abandon(hook);
     }
 
     /// Current counters (a `Stats` snapshot).

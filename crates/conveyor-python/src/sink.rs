@@ -241,6 +241,11 @@ pub(crate) struct SinkState {
     /// holds the GIL) never finds it locked by a thread waiting for the GIL, and `os.fork()` never
     /// copies it locked.
     callable: Mutex<Option<Held>>,
+    /// Called once when the conveyor gives up on items that then never reach the sink (see
+    /// [`SinkState::abandon`]), so that whoever wraps the sink can settle what it promised for
+    /// them (`SerialExecutor` cancels their futures). Locked like `callable`, and shown to the
+    /// collector with it.
+    on_abandon: Mutex<Option<Held>>,
     /// Logs the items that fail for good, which nothing else may ever report.
     failures: FailureLog,
 }
@@ -261,6 +266,7 @@ impl SinkState {
             id,
             abandoned: AtomicBool::new(false),
             callable: Mutex::new(callable.map(Held::new)),
+            on_abandon: Mutex::new(None),
             failures,
         }
     }
@@ -297,39 +303,64 @@ impl SinkState {
             .ok_or_else(released_error)
     }
 
-    /// Shows the sink to the garbage collector (`__traverse__`): no Python, no blocking lock.
-    ///
-    /// Shows nothing on a thread the conveyor delivers on. Collecting the conveyor there would
-    /// mean draining it there, waiting for this very thread until `drain_timeout`; hidden, the
-    /// sink counts as reachable, so the cycle is left for a collection on any other thread.
+    /// Shows the sink and its abandon hook to the garbage collector (`__traverse__`): no
+    /// Python, no blocking lock.
     pub(crate) fn traverse(&self, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
         if thread_works_for(self.id) {
             return Ok(());
         }
-        let callable = match self.callable.try_lock() {
-            Ok(callable) => callable,
-            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-            // Only a thread holding the GIL can hold it, and the collector holds the GIL.
-            Err(TryLockError::WouldBlock) => return Ok(()),
-        };
-        match &*callable {
-            Some(sink) => visit.call(&**sink),
-            None => Ok(()),
+        for slot in [&self.callable, &self.on_abandon] {
+            let held = match slot.try_lock() {
+                Ok(held) => held,
+                Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+                // Only a thread holding the GIL can hold it, and the collector holds the GIL.
+                Err(TryLockError::WouldBlock) => continue,
+            };
+            if let Some(object) = &*held {
+                visit.call(&**object)?;
+            }
         }
+        Ok(())
     }
 
-    /// Drops the conveyor's reference to the sink (`__clear__`), once nothing will call it.
+    /// Drops the conveyor's references to the sink and its hook (`__clear__`), once nothing
+    /// will call them.
     pub(crate) fn release(&self, py: Python<'_>) {
-        let released = self
-            .callable
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
+        let released = (take(&self.callable), take(&self.on_abandon));
         // Outside the lock, and at once rather than at the next `release_pending`: freeing the
         // sink may free the object that owns the conveyor, which is the point of clearing it.
         drop(released);
         crate::fork::release_pending(py);
     }
+
+    /// Sets `on_abandon` (`Conveyor._on_abandon`).
+    pub(crate) fn set_on_abandon(&self, hook: Py<PyAny>) {
+        let previous = self
+            .on_abandon
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .replace(Held::new(hook));
+        // Dropped outside the lock: `Held` defers the decref, so no Python runs under it.
+        drop(previous);
+    }
+
+    /// Gives up on the items not started yet: from now on they fail without reaching the sink
+    /// (see [`SinkState::callable`]). Then calls the `on_abandon` hook, once; what it raises is
+    /// reported as unraisable, since the give-up goes on regardless.
+    pub(crate) fn abandon(&self, py: Python<'_>) {
+        self.abandoned.store(true, AtomicOrdering::Release);
+        let Some(hook) = take(&self.on_abandon) else {
+            return;
+        };
+        if let Err(err) = crate::finalizing::call(hook.bind(py), ()) {
+            err.write_unraisable(py, Some(hook.bind(py)));
+        }
+    }
+}
+
+/// Empties `slot`, without holding its lock past this line.
+fn take(slot: &Mutex<Option<Held>>) -> Option<Held> {
+    slot.lock().unwrap_or_else(PoisonError::into_inner).take()
 }
 
 fn abandoned_error() -> SinkError {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import re
 import textwrap
 import threading
@@ -275,3 +276,54 @@ def test_serial_executor_submit_to_its_full_self_from_a_task_speaks_of_tasks():
     message = ex.submit(task).result(timeout=10)
     assert "own tasks" in message and "sink" not in message and "capacity" in message, message
     ex.shutdown()
+
+
+@pytest.mark.parametrize("in_a_cycle", [False, True], ids=["dropped", "collected"])
+def test_serial_executor_let_go_of_with_calls_it_gave_up_on_cancels_their_futures(in_a_cycle):
+    # Its drain is bounded (drain_timeout); ThreadPoolExecutor's is not. A call the drain gave up
+    # on never runs, and a future left pending would hang whoever waits for its result: cancel
+    # it, as shutdown(cancel_futures=True) does.
+    gate, started = threading.Event(), threading.Event()
+    ex = conveyor.SerialExecutor(drain_timeout=0.2)
+    if in_a_cycle:
+        ex.me = ex  # type: ignore[attr-defined]
+
+    def first():
+        started.set()
+        return gate.wait(10)
+
+    running = ex.submit(first)
+    assert started.wait(10)
+    left = [ex.submit(lambda: None) for _ in range(3)]
+    with pytest.warns(RuntimeWarning, match=re.escape("left 4 item(s) undelivered")):  # 3 and the running one
+        del ex
+        gc.collect()
+    gate.set()
+    assert running.result(timeout=10) is True
+    done, not_done = concurrent.futures.wait(left, timeout=10)
+    assert not not_done, "futures of calls that will never run were left pending"
+    assert all(f.cancelled() for f in left)
+
+
+def test_serial_executor_calls_the_exit_drain_gave_up_on_have_cancelled_futures():
+    # An atexit handler registered before `import conveyor` runs after conveyor's exit hook:
+    # a future of a call that hook gave up on must not keep it waiting.
+    code = textwrap.dedent(
+        """
+        import atexit, time, concurrent.futures as cf
+        def late():
+            try:
+                left.result(timeout=10)
+                print("ran")
+            except BaseException as exc:
+                print(type(exc).__name__)
+        atexit.register(late)
+        import conveyor
+        ex = conveyor.SerialExecutor(drain_timeout=0.2)
+        ex.submit(time.sleep, 1)
+        left = ex.submit(int, "5")
+        """
+    )
+    proc = run_python(code, timeout=60)
+    assert "CancelledError" in proc.stdout, proc.stdout + proc.stderr
+    assert "left 2 item(s) undelivered" in proc.stderr, proc.stderr

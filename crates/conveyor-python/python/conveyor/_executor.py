@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import functools
 import numbers
 import threading
 from typing import Any, Callable, Dict, Optional, Tuple, TypeVar
@@ -16,19 +15,47 @@ T = TypeVar("T")
 _Call = Tuple["concurrent.futures.Future[Any]", Callable[..., Any], Tuple[Any, ...], Dict[str, Any]]
 
 
-def _run_call(pending: Dict[int, "concurrent.futures.Future[Any]"], call: _Call) -> None:
-    future, fn, args, kwargs = call
-    pending.pop(id(future), None)
-    # Same protocol as ThreadPoolExecutor's worker: a future cancelled while queued is skipped,
-    # and whatever fn raises goes to its future, never to the conveyor (so it is never retried).
-    if not future.set_running_or_notify_cancel():
-        return
-    try:
-        result = fn(*args, **kwargs)
-    except BaseException as exc:
-        future.set_exception(exc)
-    else:
-        future.set_result(result)
+class _Runner:
+    """The executor's sink: runs each call and settles its future.
+
+    It keeps the futures of the calls not started yet, so that ``shutdown(cancel_futures=True)``
+    can cancel them at once, as ``ThreadPoolExecutor`` does, and so that those the conveyor gives
+    up on are cancelled rather than left pending. Dict operations are atomic under the GIL.
+    """
+
+    __slots__ = ("pending",)
+
+    def __init__(self) -> None:
+        self.pending: Dict[int, "concurrent.futures.Future[Any]"] = {}
+
+    def __call__(self, call: _Call) -> None:
+        future, fn, args, kwargs = call
+        self.pending.pop(id(future), None)
+        # Same protocol as ThreadPoolExecutor's worker: a future cancelled while queued is
+        # skipped, and whatever fn raises goes to its future, never to the conveyor (so it is
+        # never retried).
+        try:
+            if not future.set_running_or_notify_cancel():
+                return
+        except RuntimeError:
+            return  # cancelled and notified by abandoned() meanwhile
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+
+    def abandoned(self) -> None:
+        """The conveyor gave up on the calls not started (its drain at garbage collection or
+        interpreter exit reached drain_timeout, or Ctrl-C cut it short): they will never run,
+        and a future left pending would hang whoever waits for its result. The conveyor's
+        warning says how many; their futures are cancelled, as shutdown(cancel_futures=True)
+        would."""
+        for future in list(self.pending.values()):
+            # Notified too: concurrent.futures.wait() and as_completed() miss a bare cancel().
+            if future.cancel():
+                future.set_running_or_notify_cancel()
 
 
 class SerialExecutor(concurrent.futures.Executor):
@@ -39,8 +66,10 @@ class SerialExecutor(concurrent.futures.Executor):
 
     * bounded memory: at most ``capacity`` calls wait; ``submit`` then waits for room (and stays
       interruptible with Ctrl-C) instead of growing an unbounded queue;
-    * a bounded exit: at interpreter exit, queued calls get ``drain_timeout`` seconds to run and
-      whatever is left is reported in a ``RuntimeWarning`` instead of hanging the exit.
+    * a bounded exit: at interpreter exit (or when it is garbage-collected without
+      ``shutdown()``), queued calls get ``drain_timeout`` seconds to run; whatever is left is
+      reported in a ``RuntimeWarning`` instead of hanging the exit, never runs, and has its
+      future cancelled.
 
     Args:
         max_workers: ``None`` or ``1``, so that ``SerialExecutor(1)`` means what
@@ -61,16 +90,11 @@ class SerialExecutor(concurrent.futures.Executor):
                 f"max_workers={max_workers!r}: a SerialExecutor runs one call at a time; "
                 "use ThreadPoolExecutor for parallel calls"
             )
-        # Futures not started yet, so shutdown(cancel_futures=True) can cancel them at once, as
-        # ThreadPoolExecutor does. Dict operations are atomic under the GIL.
-        self._pending: Dict[int, "concurrent.futures.Future[Any]"] = {}
+        runner = _Runner()
+        self._pending = runner.pending  # futures of the calls not started yet
         self._capacity = capacity
-        self._conveyor = Conveyor(
-            functools.partial(_run_call, self._pending),
-            capacity=capacity,
-            drain_timeout=drain_timeout,
-            name="SerialExecutor",
-        )
+        self._conveyor = Conveyor(runner, capacity=capacity, drain_timeout=drain_timeout, name="SerialExecutor")
+        self._conveyor._on_abandon(runner.abandoned)
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
 
