@@ -19,7 +19,9 @@
 //! The child's handler runs where only async-signal-safe calls are allowed and where a lock held
 //! by another thread of the parent stays held for good: it takes no lock and allocates nothing.
 //! It reads a list of slots, one descriptor each, with atomic loads (slots are never freed; a
-//! closed file's slot is reused), and calls `open`, `dup2`, `fcntl` and `close`.
+//! closed file's slot is reused), and calls `open`, `dup2`, `fcntl` and `close`. It then marks
+//! those slots inherited: in the child the numbers are the child's own, which it may close and
+//! give to files of its own, and a fork of the child must not point those at `/dev/null`.
 //!
 //! A descriptor opened while another thread forks could be missed (open, not yet in its slot),
 //! and one being closed could be mistaken for a stranger that got its number. So opening and
@@ -113,10 +115,14 @@ mod unix {
     const FREE: i32 = -1;
     /// A slot taken by a file not open yet.
     const CLAIMED: i32 = -2;
+    /// In a forked child, the slot of a file it inherited: the descriptor number is the
+    /// child's own now, which it may close and reuse for a file of its own, so the child's own
+    /// forks must leave it alone. Claimed by nothing until that file's drop frees it.
+    const INHERITED: i32 = -3;
 
     /// One descriptor for the child's handler to point at `/dev/null`.
     pub(super) struct Slot {
-        /// The descriptor, or `FREE`, or `CLAIMED`.
+        /// The descriptor, or `FREE`, `CLAIMED` or `INHERITED`.
         fd: AtomicI32,
         /// The slot made before this one. Set before this slot is published, never after.
         next: AtomicPtr<Slot>,
@@ -251,18 +257,23 @@ mod unix {
         FORKING.store(0, SeqCst);
         CHANGING.store(0, SeqCst);
         let mut null = -1;
+        let mut tried_null = false;
         for slot in slots() {
             let fd = slot.fd.load(SeqCst);
             if fd < 0 {
                 continue;
             }
-            if null < 0 {
+            // From here on `fd` is the child's to close and reuse: should it open a file of
+            // its own on that number, a child it forks must keep that file.
+            slot.fd.store(INHERITED, SeqCst);
+            if !tried_null {
+                tried_null = true;
                 // SAFETY: a NUL-terminated path; open is async-signal-safe.
                 null = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-                if null < 0 {
-                    // No /dev/null (a bare chroot): the child keeps the locks, as before.
-                    return;
-                }
+            }
+            if null < 0 {
+                // No /dev/null (a bare chroot): the child keeps the locks, as before.
+                continue;
             }
             // SAFETY: dup2 and fcntl are async-signal-safe; `fd` is open, and `null` is not a
             // recorded descriptor (open gives the lowest free number).
@@ -345,6 +356,66 @@ mod tests {
             children
         });
         assert_eq!(with_others, 0, "children with a descriptor on the file");
+        drop(held);
+    }
+
+    /// A forked child that closes what it inherited (a daemon closing every descriptor) and
+    /// opens a file of its own on one of those numbers: a child it forks in turn (a subprocess,
+    /// a worker) keeps that file. The parent's slots named the number; in a child they name
+    /// nothing of the child's, and pointing the number at `/dev/null` swapped the file out.
+    #[test]
+    fn a_grandchild_keeps_a_file_its_parent_opened_on_an_inherited_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let (lock, other) = (dir.path().join("lock"), dir.path().join("other"));
+        File::create(&lock).unwrap();
+        File::create(&other).unwrap();
+        let c_other = CString::new(other.as_os_str().as_bytes()).unwrap();
+        let held = ParentOnlyFile::open(OpenOptions::new().read(true), &lock).unwrap();
+        let fd = held.as_raw_fd();
+        // SAFETY: the child and the grandchild make only async-signal-safe calls (other threads
+        // may hold locks at the fork), then `_exit`; `st`, `other_st` and the statuses are valid
+        // places to write.
+        let status = unsafe {
+            let pid = libc::fork();
+            assert!(pid >= 0, "fork failed");
+            if pid == 0 {
+                libc::close(fd);
+                let opened = libc::open(c_other.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+                if opened < 0 || (opened != fd && libc::dup2(opened, fd) != fd) {
+                    libc::_exit(2);
+                }
+                let mut other_st: libc::stat = std::mem::zeroed();
+                if libc::fstat(fd, &mut other_st) != 0 {
+                    libc::_exit(2);
+                }
+                let grandchild = libc::fork();
+                if grandchild == 0 {
+                    let mut st: libc::stat = std::mem::zeroed();
+                    let same = libc::fstat(fd, &mut st) == 0
+                        && (st.st_dev, st.st_ino) == (other_st.st_dev, other_st.st_ino);
+                    libc::_exit(if same { 0 } else { 1 });
+                }
+                let mut status = 0;
+                if grandchild < 0 || libc::waitpid(grandchild, &mut status, 0) != grandchild {
+                    libc::_exit(2);
+                }
+                libc::_exit(if libc::WIFEXITED(status) {
+                    libc::WEXITSTATUS(status)
+                } else {
+                    2
+                });
+            }
+            let mut status = 0;
+            assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
+            status
+        };
+        assert!(libc::WIFEXITED(status), "the child did not exit: {status}");
+        assert_eq!(
+            libc::WEXITSTATUS(status),
+            0,
+            "1: the grandchild's descriptor no longer points at the child's file; 2: the child \
+             could not set the test up"
+        );
         drop(held);
     }
 }
