@@ -67,6 +67,9 @@ const CA_USED_AS_END_ENTITY: &str = " (the server's certificate is a certificate
     (basicConstraints CA:TRUE), which is refused as a server's own certificate even when \
     trusted: make it again with `-addext basicConstraints=critical,CA:FALSE` added to `openssl \
     req -x509`, or sign a server certificate with that CA and trust the CA)";
+/// The most room set aside for a 2xx body before it arrives, whatever its `Content-Length`
+/// says; a longer body grows the buffer as it comes.
+const PREALLOCATED_REPLY_BODY: u64 = 64 * 1024;
 /// What a scrubbed secret becomes.
 const REDACTED: &str = "<redacted>";
 
@@ -735,8 +738,14 @@ impl HttpSink {
             .map(|v| shown_location(&String::from_utf8_lossy(v.as_bytes())));
         if status.is_success() {
             let limit = self.max_reply_body;
-            // Room for what the server says it sends, but never more than may be kept.
-            let expected = response.content_length().unwrap_or(0).min(limit);
+            // Room for what the server says it sends, but never more than may be kept, nor
+            // more than `PREALLOCATED_REPLY_BODY`: the length is the server's word, and a false
+            // one must not make the process set aside memory it cannot have (an abort).
+            let expected = response
+                .content_length()
+                .unwrap_or(0)
+                .min(limit)
+                .min(PREALLOCATED_REPLY_BODY);
             let mut body = Vec::with_capacity(usize::try_from(expected).unwrap_or(0));
             // One byte past the limit tells a body cut at it from one that ends there.
             return match Deadline::new(response, deadline)

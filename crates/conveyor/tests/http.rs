@@ -151,6 +151,30 @@ fn a_huge_reply_body_is_not_read_past_max_reply_body() {
     assert!(!read_whole(), "the whole body was read");
 }
 
+/// A 2xx whose `Content-Length` claims far more than it sends (here 8 EiB, then two bytes
+/// and the end of the connection) is a body cut short, a retryable failure: the claim is the
+/// server's word, not memory to set aside before a byte has come (that panicked, or aborted
+/// the process for a claim the machine could not hold), with or without a limit.
+#[test]
+fn a_reply_claiming_a_huge_length_sets_no_memory_aside_for_it() {
+    let (url, _) = serve(|stream| {
+        let _ =
+            stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 9223372036854775808\r\n\r\nok");
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+    });
+    for sink in [
+        HttpSink::builder(url.as_str()),
+        HttpSink::builder(url.as_str()).max_reply_body(usize::MAX),
+    ] {
+        let error = failure(sink.timeout(Duration::from_secs(30)));
+        assert!(error.is_retryable(), "{error}");
+        assert!(
+            error.to_string().contains("reading the response failed"),
+            "{error}"
+        );
+    }
+}
+
 #[test]
 fn every_key_arrives_percent_encoded() {
     let (url, heads) = serve(reply("200 OK", "", b""));
