@@ -285,6 +285,10 @@ pub(crate) struct SendArgs {
     pub(crate) input: String,
 
     /// Send each line as the body of an HTTP request to this URL.
+    ///
+    /// 2xx is success. Connection errors, timeouts, 408, 425, 429 and 5xx but 501 and 505 are
+    /// retried (up to --retries, honouring Retry-After); any other status (4xx, 501, 505, and
+    /// 3xx: redirects are not followed) fails the line at once.
     #[arg(long, value_name = "URL")]
     pub(crate) to: Option<String>,
 

@@ -1050,8 +1050,10 @@ impl PyConveyor {
     ///
     /// Each item becomes a request body when it is sent: `bytes`-like objects as they are, `str`
     /// as UTF-8, anything else as JSON (`json.dumps`). 2xx is delivered (the receipt's result is
-    /// a `conveyor.HttpReply`); connection errors, timeouts, 408, 425, 429 and 5xx are retried
-    /// when `retries` is set, honouring `Retry-After`; any other status fails the item at once.
+    /// a `conveyor.HttpReply`); connection errors, timeouts, 408, 425, 429 and 5xx but 501 and
+    /// 505 are retried when `retries` is set, honouring `Retry-After`; any other status (501 Not
+    /// Implemented and 505 HTTP Version Not Supported too: no retry changes them) fails the item
+    /// at once.
     /// `headers` values are treated as secrets: never shown by conveyor, and replaced with
     /// `<redacted>` in server text quoted in errors (each value, and each word of one, of at
     /// least 6 characters; shorter ones are no secrets). `cafile` names a PEM file of

@@ -3,7 +3,7 @@
 //! One [`HttpSink`] owns one `reqwest` blocking client, so every delivery reuses the same pool of
 //! keep-alive connections whatever thread the conveyor runs it on. The sink classifies each outcome
 //! for the engine's retry policy: 2xx succeeds; connection errors, timeouts, 408, 425, 429 and
-//! 5xx are retryable (honouring `Retry-After`); every other status is permanent.
+//! 5xx but 501 and 505 are retryable (honouring `Retry-After`); every other status is permanent.
 //!
 //! Header values are treated as secrets (they usually carry tokens): they are marked sensitive for
 //! `reqwest`, never appear in `Debug` output, and are scrubbed from error messages that quote
@@ -91,8 +91,8 @@ const REDACTED: &str = "<redacted>";
 /// |---|---|
 /// | 2xx | `Ok(HttpReply)` |
 /// | connect error, timeout, broken connection | retryable [`SinkError`]; a connect error's message names the host and port and says why (`cannot connect to 127.0.0.1:9: connection refused; ...`) |
-/// | 408, 425, 429, 5xx | retryable, with `Retry-After` as [`SinkError::with_retry_after`] |
-/// | any other status (3xx: redirects are not followed) | permanent; a 3xx says its `Location` |
+/// | 408, 425, 429, 5xx but 501 and 505 | retryable, with `Retry-After` as [`SinkError::with_retry_after`] |
+/// | any other status (3xx: redirects are not followed; 501 Not Implemented and 505 HTTP Version Not Supported, which no retry changes) | permanent; a 3xx says its `Location` |
 ///
 /// # Secrets
 ///
@@ -657,8 +657,9 @@ impl HttpSink {
     ///
     /// # Errors
     ///
-    /// A retryable [`SinkError`] for connection errors, timeouts, 408, 425, 429 and 5xx (with the
-    /// `Retry-After` hint when the server gave one), a permanent one for any other non-2xx status.
+    /// A retryable [`SinkError`] for connection errors, timeouts, 408, 425, 429 and 5xx but 501
+    /// and 505 (with the `Retry-After` hint when the server gave one), a permanent one for any
+    /// other non-2xx status.
     ///
     /// # Examples
     ///
@@ -997,12 +998,16 @@ fn is_break(c: char) -> bool {
 }
 
 /// 425 Too Early is a server declining a request it might see twice (sent as TLS early data);
-/// RFC 8470 §5.2 has the client retry it.
+/// RFC 8470 §5.2 has the client retry it. 501 Not Implemented (the method) and 505 HTTP
+/// Version Not Supported say what the server is, not how it is doing: a retry gets the same
+/// answer, and would only hold the lane through every attempt before the item fails anyway.
 fn is_retryable_status(status: StatusCode) -> bool {
     status == StatusCode::REQUEST_TIMEOUT
         || status == StatusCode::TOO_EARLY
         || status == StatusCode::TOO_MANY_REQUESTS
-        || status.is_server_error()
+        || (status.is_server_error()
+            && status != StatusCode::NOT_IMPLEMENTED
+            && status != StatusCode::HTTP_VERSION_NOT_SUPPORTED)
 }
 
 /// `Retry-After` is either delay-seconds or an HTTP date (RFC 9110 §10.2.3).
@@ -1153,13 +1158,13 @@ mod tests {
 
     #[test]
     fn statuses_are_classified() {
-        for code in [408, 425, 429, 500, 502, 503, 599] {
+        for code in [408, 425, 429, 500, 502, 503, 504, 599] {
             assert!(
                 is_retryable_status(StatusCode::from_u16(code).unwrap()),
                 "{code}"
             );
         }
-        for code in [301, 400, 401, 403, 404, 409, 422] {
+        for code in [301, 400, 401, 403, 404, 409, 422, 501, 505] {
             assert!(
                 !is_retryable_status(StatusCode::from_u16(code).unwrap()),
                 "{code}"
