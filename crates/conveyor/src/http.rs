@@ -251,7 +251,9 @@ pub struct HttpReply {
     /// The HTTP status code (2xx).
     pub status: u16,
     /// The response body, read in full (so the connection can be reused) unless it is longer
-    /// than [`HttpSinkBuilder::max_reply_body`]: then its start, up to that limit.
+    /// than [`HttpSinkBuilder::max_reply_body`] (by default
+    /// [`DEFAULT_MAX_REPLY_BODY`](HttpSinkBuilder::DEFAULT_MAX_REPLY_BODY), 16 MiB): then its
+    /// start, up to that limit.
     pub body: Vec<u8>,
     /// Whether the server sent more than [`HttpSinkBuilder::max_reply_body`]: `body` then holds
     /// only the start, the rest was never read, and the connection was closed rather than
@@ -268,7 +270,7 @@ pub struct HttpReply {
 /// | `User-Agent` | `conveyor/` and the crate's version, e.g. `conveyor/0.1.0` (override with [`header`](Self::header)) |
 /// | timeout per request | 30 s |
 /// | redirects | not followed (a 3xx is a permanent failure) |
-/// | reply body kept ([`HttpReply::body`]) | all of it; bound it with [`max_reply_body`](Self::max_reply_body) |
+/// | reply body kept ([`HttpReply::body`]) | its first 16 MiB ([`DEFAULT_MAX_REPLY_BODY`](Self::DEFAULT_MAX_REPLY_BODY)); change it with [`max_reply_body`](Self::max_reply_body) |
 /// | trusted certificate authorities (`https`) | Mozilla's roots, compiled in (not the system's store, nor `SSL_CERT_FILE`); add a private CA with [`root_certificates`](Self::root_certificates) |
 /// | proxies | from the environment: `HTTP_PROXY` (http URLs), `HTTPS_PROXY` (https), `ALL_PROXY` (both), lowercase too; `NO_PROXY` hosts are reached directly |
 ///
@@ -318,6 +320,20 @@ impl fmt::Debug for HttpSinkBuilder {
 }
 
 impl HttpSinkBuilder {
+    /// How many bytes of a 2xx body a sink keeps unless
+    /// [`max_reply_body`](Self::max_reply_body) says otherwise: 16 MiB, far more than an API's
+    /// answer to one item usually holds, while a server answering with a huge or endless body
+    /// costs no more memory than this per request in flight.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::HttpSinkBuilder;
+    ///
+    /// assert_eq!(HttpSinkBuilder::DEFAULT_MAX_REPLY_BODY, 16 * 1024 * 1024);
+    /// ```
+    pub const DEFAULT_MAX_REPLY_BODY: usize = 16 << 20;
+
     /// Adds a header sent with every request (repeatable). Its value is treated as a secret.
     /// A `Content-Type` replaces the default `application/json`, a `User-Agent` the default
     /// `conveyor/VERSION`; the headers the conveyor sets per item (`Idempotency-Key`,
@@ -385,18 +401,27 @@ impl HttpSinkBuilder {
     }
 
     /// Keeps at most `bytes` of a successful (2xx) response's body in [`HttpReply::body`]
-    /// (default: all of it). The rest is not read at all, so a server that answers with a huge
-    /// or endless body costs no more memory than this (the timeout bounds how long it may
-    /// talk); the reply says it was cut ([`HttpReply::truncated`]), and its connection is
-    /// closed rather than reused. The item is delivered all the same. Zero keeps nothing, for a
-    /// caller that only needs the status.
+    /// (default [`DEFAULT_MAX_REPLY_BODY`](Self::DEFAULT_MAX_REPLY_BODY), 16 MiB). The rest is
+    /// not read at all, so a server that answers with a huge or endless body costs no more
+    /// memory than this (the timeout bounds how long it may talk); the reply says it was cut
+    /// ([`HttpReply::truncated`]), and its connection is closed rather than reused. The item is
+    /// delivered all the same. Zero keeps nothing, for a caller that only needs the status.
+    ///
+    /// Raise it for replies known to be larger; `usize::MAX` keeps every body whole, however
+    /// large, which trusts the server not to send more than the process can hold.
     ///
     /// # Examples
     ///
     /// ```
+    /// use conveyor::HttpSink;
+    ///
     /// // Only the status matters here; a chatty answer is not kept.
-    /// let sink = conveyor::HttpSink::builder("https://example.com/hooks")
+    /// let sink = HttpSink::builder("https://example.com/hooks")
     ///     .max_reply_body(64 * 1024)
+    ///     .build()?;
+    /// // A trusted server's large exports, kept whole.
+    /// let sink = HttpSink::builder("https://example.com/export")
+    ///     .max_reply_body(usize::MAX)
     ///     .build()?;
     /// # Ok::<(), conveyor::HttpBuildError>(())
     /// ```
@@ -635,7 +660,8 @@ impl HttpSink {
             method: "POST".into(),
             headers: Vec::new(),
             timeout: Duration::from_secs(30),
-            max_reply_body: u64::MAX,
+            max_reply_body: u64::try_from(HttpSinkBuilder::DEFAULT_MAX_REPLY_BODY)
+                .unwrap_or(u64::MAX),
             roots: Vec::new(),
         }
     }

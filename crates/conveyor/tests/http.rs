@@ -175,6 +175,19 @@ fn a_reply_claiming_a_huge_length_sets_no_memory_aside_for_it() {
     }
 }
 
+/// Left at its default, a sink still bounds what it keeps of a reply: a server answering with
+/// a huge or endless body cannot make the process grow until the request times out.
+#[test]
+fn a_huge_reply_body_is_cut_at_the_default_limit() {
+    let (url, read_whole) = huge_body("200 OK");
+    let reply = delivered(HttpSink::builder(url));
+    assert_eq!(
+        (reply.body.len(), reply.truncated),
+        (HttpSinkBuilder::DEFAULT_MAX_REPLY_BODY, true)
+    );
+    assert!(!read_whole(), "the whole body was read");
+}
+
 #[test]
 fn every_key_arrives_percent_encoded() {
     let (url, heads) = serve(reply("200 OK", "", b""));
