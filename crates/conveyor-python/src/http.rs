@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use conveyor::{Delivery, HttpBuildError, HttpSink, SinkError};
+use conveyor::{Delivery, HttpBuildError, HttpReply, HttpSink, SinkError};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::GILOnceCell;
@@ -30,8 +30,12 @@ impl PyHttpSink {
         method: &str,
         timeout: Duration,
         cafile: Option<&Path>,
+        max_reply_body: Option<usize>,
     ) -> PyResult<Self> {
-        let mut builder = HttpSink::builder(url).method(method).timeout(timeout);
+        let mut builder = HttpSink::builder(url)
+            .method(method)
+            .timeout(timeout)
+            .max_reply_body(max_reply_body.unwrap_or(usize::MAX));
         for (name, value) in headers {
             builder = builder.header(name, value);
         }
@@ -71,10 +75,7 @@ pub(crate) fn sink(
 ) -> impl Fn(Delivery<Item>) -> Result<Reply, SinkError> + Send + Sync + 'static {
     move |delivery| {
         http.send(&delivery)
-            .map(|reply| Reply::Http {
-                status: reply.status,
-                body: reply.body,
-            })
+            .map(Reply::Http)
             .inspect_err(|error| state.report_http_failure(&delivery, error))
     }
 }
@@ -125,18 +126,22 @@ pub(crate) fn json_body(object: &Bound<'_, PyAny>) -> PyResult<Box<RawValue>> {
     Ok(json)
 }
 
-/// The response to an item sent by `Conveyor.http`: `status` (2xx) and `body` (bytes).
+/// The response to an item sent by `Conveyor.http`: `status` (2xx), `body` (bytes) and
+/// `truncated` (whether the server sent more than `max_reply_body`, so that `body` holds only
+/// the start).
 #[pyclass(frozen, get_all, module = "conveyor", name = "HttpReply")]
 pub(crate) struct PyHttpReply {
     status: u16,
     body: Py<PyBytes>,
+    truncated: bool,
 }
 
 impl PyHttpReply {
-    pub(crate) fn new(py: Python<'_>, status: u16, body: &[u8]) -> Self {
+    pub(crate) fn new(py: Python<'_>, reply: &HttpReply) -> Self {
         PyHttpReply {
-            status,
-            body: PyBytes::new(py, body).unbind(),
+            status: reply.status,
+            body: PyBytes::new(py, &reply.body).unbind(),
+            truncated: reply.truncated,
         }
     }
 }
@@ -158,8 +163,9 @@ impl PyHttpReply {
     }
 
     fn __repr__(&self, py: Python<'_>) -> String {
+        let truncated = if self.truncated { ", truncated" } else { "" };
         format!(
-            "HttpReply(status={}, body=<{} bytes>)",
+            "HttpReply(status={}, body=<{} bytes{truncated}>)",
             self.status,
             self.body.as_bytes(py).len()
         )

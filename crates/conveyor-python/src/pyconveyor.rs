@@ -456,6 +456,10 @@ fn rate_limit_arg(value: &Bound<'_, PyAny>) -> PyResult<Option<u32>> {
     optional_count_arg(value, "rate_limit", 1)
 }
 
+fn max_reply_body_arg(value: &Bound<'_, PyAny>) -> PyResult<Option<usize>> {
+    optional_count_arg(value, "max_reply_body", 0)
+}
+
 /// Values of the string options, in the order error messages list them.
 const ORDERINGS: &[&str] = &["strict", "pipelined", "keyed"];
 const BACKPRESSURES: &[&str] = &["block", "reject", "drop_newest", "drop_oldest"];
@@ -1058,14 +1062,28 @@ impl PyConveyor {
     /// `<redacted>` in server text quoted in errors (each value, and each word of one, of at
     /// least 6 characters; shorter ones are no secrets). `cafile` names a PEM file of
     /// certificate authorities to trust as well as the built-in ones, for an `https` server
-    /// whose certificate a private (company) CA signed. Every other keyword is a `Conveyor`
-    /// option.
+    /// whose certificate a private (company) CA signed. `max_reply_body` is how many bytes of
+    /// a 2xx body the `HttpReply` keeps (16 MiB by default): the rest is never read, so a server
+    /// answering with a huge or endless body costs no more memory than that, and the reply's
+    /// `truncated` says it was cut (the item is delivered all the same); `0` keeps none, `None`
+    /// keeps every body whole, however large. Every other keyword is a `Conveyor` option.
     #[staticmethod]
-    // `method` is read by hand, for a clear `TypeError`: its default is written out for `help()`.
+    // `method` is read by hand, for a clear `TypeError`: its default is written out for `help()`,
+    // as is `max_reply_body`'s (the engine's default).
     #[pyo3(
-        signature = (url, *, headers = None, method = None, timeout = 30.0, cafile = None, **options),
-        text_signature = "(url, *, headers=None, method=\"POST\", timeout=30.0, cafile=None, **options)"
+        signature = (
+            url,
+            *,
+            headers = None,
+            method = None,
+            timeout = 30.0,
+            cafile = None,
+            max_reply_body = Some(conveyor::HttpSinkBuilder::DEFAULT_MAX_REPLY_BODY),
+            **options
+        ),
+        text_signature = "(url, *, headers=None, method=\"POST\", timeout=30.0, cafile=None, max_reply_body=16777216, **options)"
     )]
+    #[allow(clippy::too_many_arguments)]
     fn http(
         py: Python<'_>,
         url: &Bound<'_, PyAny>,
@@ -1073,6 +1091,7 @@ impl PyConveyor {
         method: Option<&Bound<'_, PyAny>>,
         timeout: f64,
         cafile: Option<std::path::PathBuf>,
+        #[pyo3(from_py_with = "max_reply_body_arg")] max_reply_body: Option<usize>,
         options: Option<&Bound<'_, pyo3::types::PyDict>>,
     ) -> PyResult<Py<PyAny>> {
         let url = str_arg("url", url, "a str such as \"https://example.com/events\"")?;
@@ -1086,6 +1105,7 @@ impl PyConveyor {
             method.as_deref().unwrap_or("POST"),
             timeout,
             cafile.as_deref(),
+            max_reply_body,
         )?;
         Ok(py
             .get_type::<PyConveyor>()

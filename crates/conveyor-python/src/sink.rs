@@ -6,7 +6,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, PoisonError, TryLockError};
 
-use conveyor::{Delivery, SinkError};
+use conveyor::{Delivery, HttpReply, SinkError};
 use pyo3::prelude::*;
 use pyo3::{PyTraverseError, PyVisit};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -23,25 +23,22 @@ pub(crate) enum Reply {
     /// A Python sink's return value.
     Object(Held),
     /// An HTTP sink's response, turned into a `conveyor.HttpReply` when Python reads it.
-    Http { status: u16, body: Vec<u8> },
+    Http(HttpReply),
 }
 
 impl Reply {
     pub(crate) fn clone_ref(&self, py: Python<'_>) -> Reply {
         match self {
             Reply::Object(object) => Reply::Object(object.clone_ref(py)),
-            Reply::Http { status, body } => Reply::Http {
-                status: *status,
-                body: body.clone(),
-            },
+            Reply::Http(reply) => Reply::Http(reply.clone()),
         }
     }
 
     pub(crate) fn to_py(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         match self {
             Reply::Object(object) => Ok((**object).clone_ref(py)),
-            Reply::Http { status, body } => {
-                Ok(Py::new(py, crate::http::PyHttpReply::new(py, *status, body))?.into_any())
+            Reply::Http(reply) => {
+                Ok(Py::new(py, crate::http::PyHttpReply::new(py, reply))?.into_any())
             }
         }
     }

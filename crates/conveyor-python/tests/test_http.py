@@ -7,7 +7,7 @@ import pathlib
 import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Iterator, List, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -23,6 +23,8 @@ class Server:
         self.bodies: List[bytes] = []
         self.authorization: List[object] = []
         self.script: List[Tuple[int, dict]] = []
+        # The body of every 2xx reply, instead of the default {"got": <request body length>}.
+        self.reply: Optional[bytes] = None
         self.lock = threading.Lock()
         server = self
 
@@ -34,7 +36,7 @@ class Server:
                     if status == 200:
                         server.bodies.append(body)
                     server.authorization.append(self.headers.get("Authorization"))
-                reply = json.dumps({"got": len(body)}).encode()
+                reply = server.reply or json.dumps({"got": len(body)}).encode()
                 self.send_response(status)
                 for name, value in extra.items():
                     self.send_header(name, value)
@@ -103,6 +105,79 @@ def test_client_errors_fail_at_once(server):
     assert info.value.status == 400
     assert "400" in str(info.value)
     assert server.bodies == [b"good"]
+
+
+def test_a_reply_body_is_kept_up_to_max_reply_body(server):
+    server.reply = b"0123456789"
+    kept = {}
+    for limit in (16 * 1024 * 1024, None, 10, 4, 0):
+        with conveyor.Conveyor.http(server.url, max_reply_body=limit) as c:
+            reply = c.send("x").result(timeout=10)
+        kept[limit] = (reply.body, reply.truncated)
+    with conveyor.Conveyor.http(server.url) as c:
+        assert c.send("x").result(timeout=10).truncated is False
+    assert kept == {
+        16 * 1024 * 1024: (b"0123456789", False),
+        None: (b"0123456789", False),
+        10: (b"0123456789", False),
+        4: (b"0123", True),
+        0: (b"", True),
+    }
+    assert repr(reply) == "HttpReply(status=200, body=<0 bytes, truncated>)"
+
+
+DEFAULT_MAX_REPLY_BODY = 16 * 1024 * 1024
+
+
+@pytest.fixture
+def huge_reply_url() -> Iterator[str]:
+    """A server whose 200 carries 1 MiB more than the default limit keeps."""
+    size = DEFAULT_MAX_REPLY_BODY + (1 << 20)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(200)
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            chunk = b"x" * (1 << 20)
+            try:
+                for _ in range(size // len(chunk)):
+                    self.wfile.write(chunk)
+            except OSError:
+                pass  # the sink stopped reading at its limit and closed the connection
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/events"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_a_huge_reply_body_is_cut_at_16_mib_by_default(huge_reply_url):
+    # The memory a reply may take is bounded unless the caller asks for everything.
+    with conveyor.Conveyor.http(huge_reply_url) as c:
+        reply = c.send("x").result(timeout=30)
+    assert (len(reply.body), reply.truncated) == (DEFAULT_MAX_REPLY_BODY, True)
+
+
+@pytest.mark.parametrize(
+    "limit, error, message",
+    [
+        (-1, ValueError, r"max_reply_body=-1: expected a whole number >= 0"),
+        (2**80, ValueError, r"max_reply_body=\d+: too large"),
+        ("1MB", TypeError, r"max_reply_body.*expected a whole number, got '1MB'"),
+        (1.5, TypeError, r"max_reply_body.*expected a whole number, got 1\.5"),
+        (True, TypeError, r"max_reply_body.*expected a whole number, got True"),
+    ],
+)
+def test_a_bad_max_reply_body_is_refused(server, limit, error, message):
+    with pytest.raises(error, match=message):
+        conveyor.Conveyor.http(server.url, max_reply_body=limit)
 
 
 def test_a_failure_without_a_response_has_no_status():

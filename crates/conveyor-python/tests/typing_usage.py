@@ -57,9 +57,12 @@ def delivery_usage(item: str) -> str:
 
 
 def http_usage() -> int:
-    with conveyor.Conveyor.http("http://127.0.0.1:9/x", headers={"X-Token": "t"}, retries=3) as c:
+    with conveyor.Conveyor.http(
+        "http://127.0.0.1:9/x", headers={"X-Token": "t"}, retries=3, max_reply_body=None
+    ) as c:
         reply: conveyor.HttpReply = c.send({"n": 1}).result()
-        return reply.status + len(reply.body)
+        truncated: bool = reply.truncated
+        return reply.status + len(reply.body) + int(truncated)
 
 
 async def asend_as_task() -> int:

@@ -197,6 +197,8 @@ class HttpReply:
     def status(self) -> int: ...
     @property
     def body(self) -> bytes: ...
+    @property
+    def truncated(self) -> bool: ...
     def text(self) -> str: ...
     def json(self) -> Any: ...
 
@@ -268,6 +270,7 @@ class Conveyor(Generic[_T, _R]):
         method: str = "POST",
         timeout: float = 30.0,
         cafile: str | os.PathLike[str] | None = None,
+        max_reply_body: int | None = 16_777_216,
         ordering: Literal["strict", "pipelined", "keyed"] = "strict",
         in_flight: int | None = None,
         concurrency: int | None = None,
