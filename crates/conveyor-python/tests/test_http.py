@@ -180,6 +180,17 @@ def test_a_bad_max_reply_body_is_refused(server, limit, error, message):
         conveyor.Conveyor.http(server.url, max_reply_body=limit)
 
 
+@pytest.mark.parametrize("status", [501, 505])
+def test_statuses_no_retry_changes_fail_at_once(server, status):
+    # Not Implemented and HTTP Version Not Supported describe the server: a retry gets the same.
+    server.script = [(status, {})]
+    with conveyor.Conveyor.http(server.url, retries=5, backoff=0.01) as c:
+        with pytest.raises(conveyor.DeliveryFailed) as info:
+            c.send("x").result(timeout=10)
+    assert (info.value.attempts, info.value.status) == (1, status)
+    assert c.stats.retried == 0
+
+
 def test_a_failure_without_a_response_has_no_status():
     import socket
 
