@@ -10,12 +10,19 @@
 //! said that everything went as planned.
 //!
 //! So the calls where a delivery thread waits for the GIL or runs Python code for long (taking
-//! the GIL, the sink call, a receipt's completion, a failure's log record) go through `extern "C-unwind"` declarations
+//! the GIL, the sink call, a receipt's completion, a failure's log record, the release of the
+//! references it dropped, whose `__del__` may run) go through `extern "C-unwind"` declarations
 //! here, and the first Rust frame the unwind reaches parks the thread for good
 //! ([`ParkOnUnwind`]): the process is exiting, and ends it with its other threads. CPython 3.14
 //! hangs such threads itself, and PyO3 0.25 does the same for its own GIL acquisition. A Rust
-//! panic still unwinds as before, to the engine's `catch_unwind`. Shorter calls (an item's
-//! `__del__` run by a reference dropped here) still go through PyO3, and could still meet it.
+//! panic still unwinds as before, to the engine's `catch_unwind`.
+//!
+//! Python code also runs inside shorter calls made through PyO3 (an exception's `__str__`, a
+//! garbage collection that an allocation starts): an unwind from there crosses PyO3's frames
+//! and would reach PyO3's GIL guard, which releases a GIL the thread no longer holds. So
+//! [`with_gil`] parks the thread there too, before that guard, and code that Python calls on
+//! a thread of its own (an `async def` sink's completion, on the event-loop thread) runs inside
+//! [`park_on_exit`].
 
 use std::ptr;
 
@@ -30,6 +37,8 @@ use pyo3::BoundObject;
 extern "C-unwind" {
     #[link_name = "PyGILState_Ensure"]
     fn gil_state_ensure() -> ffi::PyGILState_STATE;
+    #[link_name = "Py_DecRef"]
+    fn dec_ref(object: *mut ffi::PyObject);
     #[link_name = "PyObject_Call"]
     fn object_call(
         callable: *mut ffi::PyObject,
@@ -54,9 +63,11 @@ impl Drop for ParkOnUnwind {
     }
 }
 
-/// Runs `f`, an `extern "C-unwind"` call into Python, parking the thread should the finalizing
-/// interpreter end it there.
-fn guarded<R>(f: impl FnOnce() -> R) -> R {
+/// Runs `f`, which calls into Python, parking the thread should the finalizing interpreter end
+/// it there. Only calls through `extern "C-unwind"` declarations (this module's) are sure to let
+/// the unwind reach this frame; others (PyO3's) have so far, as nothing in the C frames between
+/// stops it.
+pub(crate) fn park_on_exit<R>(f: impl FnOnce() -> R) -> R {
     let armed = ParkOnUnwind;
     let result = f();
     std::mem::forget(armed);
@@ -67,23 +78,35 @@ fn guarded<R>(f: impl FnOnce() -> R) -> R {
 /// interpreter's finalization; pair it with `ffi::PyGILState_Release`.
 pub(crate) fn gil_ensure() -> ffi::PyGILState_STATE {
     // SAFETY: PyGILState_Ensure may be called on any thread, with or without a thread state.
-    guarded(|| unsafe { gil_state_ensure() })
+    park_on_exit(|| unsafe { gil_state_ensure() })
 }
 
 /// `Python::with_gil` for the engine's threads (delivery workers, the threads that settle
 /// receipts), which may wait for the GIL while the interpreter finalizes.
 ///
 /// The GIL is taken here first, where the thread can be parked; PyO3's own `PyGILState_Ensure`
-/// inside then finds it held and never waits.
+/// inside then finds it held and never waits. `f` runs parked on exit, inside PyO3's guard:
+/// an unwind from Python code it runs through PyO3 stops before that guard's release.
 pub(crate) fn with_gil<F, R>(f: F) -> R
 where
     F: for<'py> FnOnce(Python<'py>) -> R,
 {
     let state = gil_ensure();
-    let result = Python::with_gil(f);
+    let result = Python::with_gil(|py| park_on_exit(|| f(py)));
     // SAFETY: pairs with the Ensure above, on the same thread, after PyO3's nested pair.
     unsafe { ffi::PyGILState_Release(state) };
     result
+}
+
+/// Releases one reference (`Py_DECREF`), whose object's `__del__` may run Python code for
+/// long: a delivery thread releases the items and replies it dropped before each sink call.
+///
+/// # Safety
+///
+/// The GIL must be held, and `object` must own a reference, which this gives up.
+pub(crate) unsafe fn decref(object: *mut ffi::PyObject) {
+    // SAFETY: as the caller promised.
+    park_on_exit(|| unsafe { dec_ref(object) });
 }
 
 /// `callable(*args)`, with nothing between the call and the thread's parking should the
@@ -109,7 +132,7 @@ where
     let kwargs = kwargs.map_or(ptr::null_mut(), |kwargs| kwargs.as_ptr());
     // SAFETY: the pointers are valid (or null for no keywords), owned by `callable`, `args`
     // and `kwargs` for the whole call, and holding a `Bound` means holding the GIL.
-    let raw = guarded(|| unsafe { object_call(callable.as_ptr(), args.as_ptr(), kwargs) });
+    let raw = park_on_exit(|| unsafe { object_call(callable.as_ptr(), args.as_ptr(), kwargs) });
     // SAFETY: PyObject_Call returns a new reference, or null with an exception set.
     unsafe { Bound::from_owned_ptr_or_err(py, raw) }
 }

@@ -107,7 +107,7 @@ pub(crate) fn release_pending(_py: Python<'_>) {
         .unwrap_or_default();
     for object in local {
         // SAFETY: we hold the GIL (`_py`), and each pointer owns one reference.
-        unsafe { pyo3::ffi::Py_DECREF(object.as_ptr()) };
+        unsafe { crate::finalizing::decref(object.as_ptr()) };
     }
     if PENDING.is_empty() {
         return;
@@ -115,7 +115,7 @@ pub(crate) fn release_pending(_py: Python<'_>) {
     for batch in PENDING.take_all() {
         for object in batch.0 {
             // SAFETY: as above.
-            unsafe { pyo3::ffi::Py_DECREF(object.as_ptr()) };
+            unsafe { crate::finalizing::decref(object.as_ptr()) };
         }
     }
 }

@@ -522,16 +522,20 @@ struct CoroutineDone {
 #[pymethods]
 impl CoroutineDone {
     fn __call__(&self, py: Python<'_>, future: &Bound<'_, PyAny>) {
-        let outcome = future
-            .call_method0("result")
-            .map(|value| Reply::Object(Held::new(value.unbind())))
-            .map_err(|err| errors::sink_error(py, err));
-        if let Err(error) = &outcome {
-            self.state.report_failure(py, &self.attempt, error);
-        }
-        if let Some(tx) = self.tx.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            // The receiver is gone only if the engine gave up on this delivery: nothing to do.
-            let _ = tx.send(outcome);
-        }
+        // On the loop thread, a daemon the finalizing interpreter ends when the exception's
+        // `__str__` or a log handler takes the GIL back: parked there, before PyO3's frames.
+        finalizing::park_on_exit(|| {
+            let outcome = future
+                .call_method0("result")
+                .map(|value| Reply::Object(Held::new(value.unbind())))
+                .map_err(|err| errors::sink_error(py, err));
+            if let Err(error) = &outcome {
+                self.state.report_failure(py, &self.attempt, error);
+            }
+            if let Some(tx) = self.tx.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                // The receiver is gone only if the engine gave up on this delivery: nothing to do.
+                let _ = tx.send(outcome);
+            }
+        });
     }
 }

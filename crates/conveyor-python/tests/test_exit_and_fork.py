@@ -199,6 +199,76 @@ print("exiting", flush=True)
         assert "item(s) undelivered after waiting drain_timeout=0.2 s" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    "setup",
+    [
+        # An item's `__del__`, run when the delivery thread releases the items it dropped
+        # (before its next sink call).
+        """
+class Item:
+    def __del__(self):
+        time.sleep(0.3)
+c = conveyor.Conveyor(lambda item: None, drain_timeout=0.1)
+for n in range(3):
+    c.send(Item())
+""",
+        # The `__str__` of the exception a blocking sink raised, read to describe the failure.
+        """
+class Refused(Exception):
+    def __str__(self):
+        time.sleep(0.3)
+        return "refused"
+def send_to_space(item):
+    raise Refused()
+c = conveyor.Conveyor(send_to_space, drain_timeout=0.1)
+c.send(1)
+""",
+        # The same, on the event-loop thread of an `async def` sink, once the close stopped
+        # waiting (1 s) for that thread.
+        """
+class Refused(Exception):
+    def __str__(self):
+        time.sleep(1.5)
+        return "refused"
+async def send_to_space(item):
+    raise Refused()
+c = conveyor.Conveyor(send_to_space, drain_timeout=0.1)
+c.send(1)
+""",
+    ],
+    ids=["item-del", "exception-str", "async-exception-str"],
+)
+def test_python_code_run_around_the_sink_call_does_not_crash_the_exit(setup):
+    # User code that a delivery thread runs outside the sink call itself takes the GIL back
+    # in the middle of the interpreter's finalization too, which ends the thread with
+    # pthread_exit: the unwind reached PyO3's GIL guard ("Fatal Python error:
+    # PyGILState_Release") or a PyO3 method ("FATAL: exception not rethrown"). Every run
+    # crashed.
+    code = textwrap.dedent(
+        f"""
+        import time
+
+        class Linger:
+            # Deleted as the interpreter finalizes: sleeps there, GIL released, while the
+            # delivery thread wakes up and takes the GIL.
+            def __del__(self, sleep=time.sleep):
+                sleep(1.5)
+
+        linger = Linger()
+        import conveyor
+        # In a namespace of its own: the conveyor left behind at exit keeps its sink and items,
+        # which must not keep this module's globals, and `linger`, from being cleared.
+        exec({setup!r}, {{"conveyor": conveyor, "time": time}})
+        print("exiting", flush=True)
+        """
+    )
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "exiting"
+    assert "Fatal" not in proc.stderr and "FATAL" not in proc.stderr, proc.stderr
+    assert "item(s) undelivered after waiting drain_timeout=0.1 s" in proc.stderr
+
+
 def test_ctrl_c_during_the_exit_drain_stops_it_without_crashing_the_interpreter():
     # Ctrl-C while the exit hook drains a slow sink: the drain ends there, with a warning that
     # counts what is left, and the sink is never called again. A worker still calling it would
