@@ -249,6 +249,17 @@ impl Shared {
     /// interpreter finalizes, which kills the process (`PyGILState_Release` fatal error, or a
     /// segfault). What was not delivered stays in the journal, if there is one.
     fn give_up_at_exit(&self, py: Python<'_>) -> PyResult<()> {
+        self.give_up(
+            py,
+            "at interpreter exit",
+            "call flush()/close() before exiting to wait for them",
+        )
+    }
+
+    /// After Ctrl-C cut a drain short that nobody would otherwise stop (the exit hook's, a
+    /// `with` block's): give up on what is left at once, as [`Shared::give_up_at_exit`] says,
+    /// and warn with the count, `when` and what to do (`advice`).
+    fn give_up(&self, py: Python<'_>, when: &str, advice: &str) -> PyResult<()> {
         self.closing.store(true, AtomicOrdering::Release);
         let report = py.allow_threads(|| self.engine.stop_timeout(Duration::ZERO));
         self.sink.abandon(py);
@@ -259,8 +270,7 @@ impl Shared {
         errors::warn(
             py,
             &format!(
-                "{} at interpreter exit: Ctrl-C stopped its drain with {} item(s) undelivered; \
-                 call flush()/close() before exiting to wait for them",
+                "{} {when}: Ctrl-C stopped its drain with {} item(s) undelivered; {advice}",
                 self.label(),
                 report.left
             ),
@@ -1417,7 +1427,7 @@ impl PyConveyor {
                     .unwrap_or(false)
             })
         });
-        if interrupted {
+        let closed = if interrupted {
             // Ctrl-C ended the block: the drain that follows must not look like a hang.
             let shared = self.live(py)?;
             self.not_from_own_sink(shared, "close")?;
@@ -1425,11 +1435,24 @@ impl PyConveyor {
                 py,
                 "left when Ctrl-C ended its `with` block",
                 "closing at the end of its `with` block",
-            )?;
+            )
         } else {
-            self._close_on_exit(py)?;
+            self._close_on_exit(py)
+        };
+        match closed {
+            Ok(_) => Ok(false),
+            // Ctrl-C during the drain means stop waiting: what is left is given up now, or the
+            // exit hook would drain it again for a whole drain_timeout.
+            Err(err) if err.is_instance_of::<PyKeyboardInterrupt>(py) => {
+                self.live(py)?.give_up(
+                    py,
+                    "at the end of its `with` block",
+                    "let its drain finish to deliver them, or raise drain_timeout",
+                )?;
+                Err(err)
+            }
+            Err(err) => Err(err),
         }
-        Ok(false)
     }
 
     fn __aenter__(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {

@@ -140,6 +140,44 @@ def test_a_with_block_ended_by_ctrl_c_says_what_its_drain_waits_for(interrupted)
         assert proc.stderr == ""
 
 
+def test_ctrl_c_during_a_with_blocks_drain_gives_up_for_good():
+    # Ctrl-C in the block, then Ctrl-C again while its drain waits: that means stop waiting.
+    # What is left is given up there, with a warning, instead of being drained again by the
+    # exit hook for a whole drain_timeout.
+    proc = run_python(
+        textwrap.dedent(
+            """
+            import os, signal, threading, time, conveyor
+            sent = []
+            def send_to_space(item):
+                time.sleep(0.25)
+                sent.append(item)
+            try:
+                with conveyor.Conveyor(send_to_space, name="events") as c:
+                    for n in range(40):
+                        c.send(n)
+                    timer = threading.Timer(1.5, lambda: os.kill(os.getpid(), signal.SIGINT))
+                    timer.daemon = True
+                    timer.start()
+                    raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                print("interrupted", len(sent), flush=True)
+            """
+        )
+    )
+    assert proc.returncode == 0, proc.stderr
+    word, count = proc.stdout.split()
+    assert word == "interrupted" and 0 < int(count) < 40, proc.stdout
+    given_up = re.search(
+        r'conveyor "events" at the end of its `with` block: Ctrl-C stopped its drain with '
+        r"(\d+) item\(s\) undelivered",
+        proc.stderr,
+    )
+    assert given_up, proc.stderr
+    assert 0 < int(given_up.group(1)) < 40
+    assert "interpreter exit" not in proc.stderr, "drained again at exit: " + proc.stderr
+
+
 def test_exit_with_a_stuck_sink_is_bounded_and_reports_the_count():
     start = time.monotonic()
     proc = run_python(
