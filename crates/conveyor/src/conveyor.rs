@@ -357,18 +357,16 @@ impl<T, R> Shared<T, R> {
     /// than waiting for good. With a journal, those items stay there for the next start.
     pub(crate) fn orphaned(&self, mut st: MutexGuard<'_, State<T, R>>) {
         self.stop_accepting(&mut st);
-        st.abandoned = true;
-        self.wake_all();
-        let left = st.unsettled_nodes();
+        let (_, left) = self.abandon(&mut st);
         drop(st);
         tracing::warn!(
-            left = left.len(),
+            left = left.0.len(),
             "the Tokio runtime this conveyor's async sink ran on shut down while the conveyor \
              was open: it delivers nothing more, refuses sends, and reports what was left as \
              closed; build the conveyor outside that runtime (it then owns one), or close it \
              before the runtime ends"
         );
-        settle_left(left);
+        drop(left);
     }
 
     fn wake_all(&self) {
@@ -1828,13 +1826,8 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// ending (settling its last receipts, dropping the sink) is joined on a thread of its
     /// own, and awaited until the alarm rings.
     async fn join_threads_async(&self, alarm: &mut Alarm) {
-        let handles =
-            std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
-        let me = std::thread::current().id();
-        // A close awaited on a worker thread (`block_on` in a blocking sink) cannot join it.
-        let (ended, ending): (Vec<_>, Vec<_>) = handles
-            .into_iter()
-            .filter(|handle| handle.thread().id() != me)
+        let (ended, ending): (Vec<_>, Vec<_>) = self
+            .joinable_threads()
             .partition(std::thread::JoinHandle::is_finished);
         for handle in ended {
             let _ = handle.join();
@@ -1870,16 +1863,21 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     }
 
     fn join_threads(&self) {
+        for handle in self.joinable_threads() {
+            let _ = handle.join();
+        }
+    }
+
+    /// Takes the worker threads' handles, but for the calling thread's own: a receipt callback
+    /// that closes its own conveyor, or a close awaited on a worker thread (`block_on` in a
+    /// blocking sink), runs on a worker thread, which cannot join itself.
+    fn joinable_threads(&self) -> impl Iterator<Item = std::thread::JoinHandle<()>> {
         let handles =
             std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
         let me = std::thread::current().id();
-        for handle in handles {
-            // A receipt callback that closes its own conveyor runs on a worker thread,
-            // which cannot join itself.
-            if handle.thread().id() != me {
-                let _ = handle.join();
-            }
-        }
+        handles
+            .into_iter()
+            .filter(move |handle| handle.thread().id() != me)
     }
 
     /// Restarts a lane paused by [`OnFailure::Pause`](crate::OnFailure::Pause): its
