@@ -432,6 +432,19 @@ impl<'a, T, R> AsyncWaiter<'a, T, R> {
             registered: false,
         }
     }
+
+    /// Undoes the registration of the previous round, if any: the task is looking again.
+    fn unregister(&mut self, st: &mut State<T, R>) {
+        if std::mem::take(&mut self.registered) {
+            *(self.count)(&mut st.waiters) -= 1;
+        }
+    }
+
+    /// Registers the task for the wait it is about to start.
+    fn register(&mut self, st: &mut State<T, R>) {
+        *(self.count)(&mut st.waiters) += 1;
+        self.registered = true;
+    }
 }
 
 impl<T, R> Drop for AsyncWaiter<'_, T, R> {
@@ -1474,9 +1487,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             }
             let settled = {
                 let mut st = shared.lock();
-                if std::mem::take(&mut waiter.registered) {
-                    st.waiters.flushers -= 1;
-                }
+                waiter.unregister(&mut st);
                 inside.start(&mut st);
                 let settled = shared.all_settled(&mut st)
                     || st.stalled()
@@ -1485,8 +1496,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
                 if settled {
                     inside.stop(&mut st);
                 } else {
-                    st.waiters.flushers += 1;
-                    waiter.registered = true;
+                    waiter.register(&mut st);
                 }
                 settled
             };
@@ -1799,9 +1809,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             notified.as_mut().enable();
             {
                 let mut st = shared.lock();
-                if std::mem::take(&mut waiter.registered) {
-                    st.waiters.flushers -= 1;
-                }
+                waiter.unregister(&mut st);
                 // Looked at on every poll: from an async sink, only a poll runs as its worker.
                 let own = shared.settling_here();
                 let me = usize::from(shared.worker_here().is_some());
@@ -1812,8 +1820,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
                 if alarm.passed() {
                     return true;
                 }
-                st.waiters.flushers += 1;
-                waiter.registered = true;
+                waiter.register(&mut st);
             }
             tokio::select! {
                 () = notified => {}
