@@ -968,7 +968,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         let Some(durable) = &self.shared.durable else {
             return Ok((item, None));
         };
-        match durable.encode(&item) {
+        match (durable.codec.encode)(&item) {
             Ok(payload) => {
                 // The key is stored twice: as the key, and as the lane in keyed mode.
                 let size = payload.len() + 2 * key.map_or(0, str::len);

@@ -302,11 +302,6 @@ impl<T> Durable<T> {
         let _ = self.on_room.set(wake);
     }
 
-    /// The item's payload, or the encoder's error.
-    pub(crate) fn encode(&self, item: &T) -> Result<Vec<u8>, String> {
-        (self.codec.encode)(item)
-    }
-
     /// The error that makes `send` refuse items: while commits fail, or while the replay
     /// cannot read the items it has not loaded yet.
     pub(crate) fn failure(&self) -> Option<Arc<JournalError>> {
