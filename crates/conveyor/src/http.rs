@@ -295,7 +295,7 @@ pub struct HttpSinkBuilder {
     headers: Vec<(String, String)>,
     timeout: Duration,
     /// See [`HttpSinkBuilder::max_reply_body`].
-    max_reply_body: u64,
+    max_reply_body: usize,
     /// PEM texts given to `root_certificates`, parsed by `build`.
     roots: Vec<Vec<u8>>,
 }
@@ -426,7 +426,7 @@ impl HttpSinkBuilder {
     /// # Ok::<(), conveyor::HttpBuildError>(())
     /// ```
     pub fn max_reply_body(mut self, bytes: usize) -> Self {
-        self.max_reply_body = u64::try_from(bytes).unwrap_or(u64::MAX);
+        self.max_reply_body = bytes;
         self
     }
 
@@ -555,7 +555,7 @@ impl HttpSinkBuilder {
             method,
             headers,
             secrets,
-            max_reply_body: self.max_reply_body,
+            max_reply_body: u64::try_from(self.max_reply_body).unwrap_or(u64::MAX),
             timeout,
         })
     }
@@ -660,8 +660,7 @@ impl HttpSink {
             method: "POST".into(),
             headers: Vec::new(),
             timeout: Duration::from_secs(30),
-            max_reply_body: u64::try_from(HttpSinkBuilder::DEFAULT_MAX_REPLY_BODY)
-                .unwrap_or(u64::MAX),
+            max_reply_body: HttpSinkBuilder::DEFAULT_MAX_REPLY_BODY,
             roots: Vec::new(),
         }
     }
@@ -750,8 +749,65 @@ impl HttpSink {
         move |d| self.send(&d)
     }
 
+    /// A 2xx's reply: its body, up to `max_reply_body` and within the request's `deadline`.
+    fn reply(
+        &self,
+        status: StatusCode,
+        response: Response,
+        deadline: Instant,
+    ) -> Result<HttpReply, SinkError> {
+        let limit = self.max_reply_body;
+        // Room for what the server says it sends, but never more than may be kept, nor
+        // more than `PREALLOCATED_REPLY_BODY`: the length is the server's word, and a false
+        // one must not make the process set aside memory it cannot have (an abort).
+        let expected = response
+            .content_length()
+            .unwrap_or(0)
+            .min(limit)
+            .min(PREALLOCATED_REPLY_BODY);
+        let mut body = Vec::with_capacity(usize::try_from(expected).unwrap_or(0));
+        // One byte past the limit tells a body cut at it from one that ends there.
+        match Deadline::new(response, deadline)
+            .take(limit.saturating_add(1))
+            .read_to_end(&mut body)
+        {
+            Ok(_) => {
+                let truncated = u64::try_from(body.len()).map_or(true, |read| read > limit);
+                if truncated {
+                    body.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+                }
+                Ok(HttpReply {
+                    status: status.as_u16(),
+                    body,
+                    truncated,
+                })
+            }
+            Err(e) => {
+                // The blocking body reader wraps reqwest's error in an io::Error.
+                let timed_out = e.kind() == ErrorKind::TimedOut
+                    || e.get_ref()
+                        .and_then(|inner| inner.downcast_ref::<reqwest::Error>())
+                        .is_some_and(reqwest::Error::is_timeout);
+                let mut message = format!(
+                    "HTTP {status}, but reading the response failed: {}",
+                    self.scrub(&error_chain(&e))
+                );
+                if timed_out {
+                    message.push_str(&self.timeout_hint());
+                }
+                Err(SinkError::retryable(HttpError {
+                    status: Some(status.as_u16()),
+                    message,
+                }))
+            }
+        }
+    }
+
     fn classify(&self, response: Response, deadline: Instant) -> Result<HttpReply, SinkError> {
         let status = response.status();
+        if status.is_success() {
+            return self.reply(status, response, deadline);
+        }
         let retry_after = response
             .headers()
             .get(RETRY_AFTER)
@@ -763,53 +819,6 @@ impl HttpSink {
             .get(LOCATION)
             .filter(|_| status.is_redirection())
             .map(|v| shown_location(&String::from_utf8_lossy(v.as_bytes())));
-        if status.is_success() {
-            let limit = self.max_reply_body;
-            // Room for what the server says it sends, but never more than may be kept, nor
-            // more than `PREALLOCATED_REPLY_BODY`: the length is the server's word, and a false
-            // one must not make the process set aside memory it cannot have (an abort).
-            let expected = response
-                .content_length()
-                .unwrap_or(0)
-                .min(limit)
-                .min(PREALLOCATED_REPLY_BODY);
-            let mut body = Vec::with_capacity(usize::try_from(expected).unwrap_or(0));
-            // One byte past the limit tells a body cut at it from one that ends there.
-            return match Deadline::new(response, deadline)
-                .take(limit.saturating_add(1))
-                .read_to_end(&mut body)
-            {
-                Ok(_) => {
-                    let truncated = u64::try_from(body.len()).map_or(true, |read| read > limit);
-                    if truncated {
-                        body.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
-                    }
-                    Ok(HttpReply {
-                        status: status.as_u16(),
-                        body,
-                        truncated,
-                    })
-                }
-                Err(e) => {
-                    // The blocking body reader wraps reqwest's error in an io::Error.
-                    let timed_out = e.kind() == ErrorKind::TimedOut
-                        || e.get_ref()
-                            .and_then(|inner| inner.downcast_ref::<reqwest::Error>())
-                            .is_some_and(reqwest::Error::is_timeout);
-                    let mut message = format!(
-                        "HTTP {status}, but reading the response failed: {}",
-                        self.scrub(&error_chain(&e))
-                    );
-                    if timed_out {
-                        message.push_str(&self.timeout_hint());
-                    }
-                    Err(SinkError::retryable(HttpError {
-                        status: Some(status.as_u16()),
-                        message,
-                    }))
-                }
-            };
-        }
         // An error body only explains the error: read the start of it. A body that ends within
         // the limit is read to its end, which frees the connection for reuse; a longer one is
         // left unread, and dropping the response then closes its connection instead.
