@@ -13,31 +13,32 @@ use conveyor::{
 #[path = "fixtures/server.rs"]
 mod server;
 
-use server::{header, huge_body, reply, serve, serve_tls, CA_PEM};
+use server::{header, headers, huge_body, reply, serve, serve_tls, CA_PEM};
 
 /// A sink builder for a new server that answers every request with this response.
 fn answering(status: &str, headers: &str, body: &[u8]) -> HttpSinkBuilder {
     HttpSink::builder(serve(reply(status, headers, body)).0)
 }
 
-/// Sends one item through a conveyor using `sink` (one attempt) and returns the sink's error.
-fn failure(sink: HttpSinkBuilder) -> conveyor::SinkError {
+/// Sends one item through a conveyor using `sink` (one attempt) and returns its outcome.
+fn outcome(sink: HttpSinkBuilder) -> Result<HttpReply, DeliveryError> {
     let c: Conveyor<String, HttpReply> = Conveyor::builder()
         .build(sink.build().unwrap().into_sink())
         .unwrap();
-    match c.send("{}".to_owned()).unwrap().wait() {
+    c.send("{}".to_owned()).unwrap().wait()
+}
+
+/// [`outcome`], which must be a failure: the sink's error.
+fn failure(sink: HttpSinkBuilder) -> conveyor::SinkError {
+    match outcome(sink) {
         Err(DeliveryError::Failed { error, .. }) => error,
         other => panic!("expected a failure, got {other:?}"),
     }
 }
 
-/// Sends one item through a conveyor using `sink` and returns the sink's reply.
+/// [`outcome`], which must be a delivery: the sink's reply.
 fn delivered(sink: HttpSinkBuilder) -> HttpReply {
-    let c: Conveyor<String, HttpReply> = Conveyor::builder()
-        .build(sink.build().unwrap().into_sink())
-        .unwrap();
-    let reply = c.send("{}".to_owned()).unwrap().wait();
-    reply.expect("delivered")
+    outcome(sink).expect("delivered")
 }
 
 /// Some APIs (GitHub's, say) refuse a request without a `User-Agent`, and every item would
@@ -50,14 +51,7 @@ fn requests_carry_a_user_agent_that_a_header_replaces() {
     let heads = heads.lock().unwrap();
     let agents: Vec<Vec<&str>> = heads
         .iter()
-        .map(|r| {
-            r.head
-                .lines()
-                .filter_map(|line| line.split_once(':'))
-                .filter(|(name, _)| name.eq_ignore_ascii_case("user-agent"))
-                .map(|(_, value)| value.trim())
-                .collect()
-        })
+        .map(|r| headers(&r.head, "user-agent").collect())
         .collect();
     let ours = format!("conveyor/{}", env!("CARGO_PKG_VERSION"));
     assert_eq!(agents, [vec![ours.as_str()], vec!["mine/1.0"]]);
