@@ -2775,14 +2775,21 @@ fn async_runtime() -> Result<(tokio::runtime::Handle, Option<tokio::runtime::Run
     Ok((rt.handle().clone(), Some(rt)))
 }
 
-/// The items a shutdown left, settled (see `settle_left`) when dropped: at the end of the
+/// The items a shutdown left, each with whether a sink call was running for it, settled when
+/// dropped: closed, or unconfirmed for a call that was running. Dropped at the end of the
 /// shutdown, or when a `close_async` future is dropped before that end, so that no receipt
 /// waits for a close that will not finish.
 struct Left<T, R>(Vec<(NodeRef<T, R>, bool)>);
 
 impl<T, R> Drop for Left<T, R> {
     fn drop(&mut self) {
-        settle_left(std::mem::take(&mut self.0));
+        for (node, called) in self.0.drain(..) {
+            node.settle(Err(if called {
+                DeliveryError::Unconfirmed
+            } else {
+                DeliveryError::Closed
+            }));
+        }
     }
 }
 
@@ -2790,18 +2797,6 @@ impl<T, R> Drop for Left<T, R> {
 /// `JOURNAL_CLOSE_GRACE` from now if that is later.
 fn journal_close_deadline(deadline: Option<Instant>) -> Option<Instant> {
     deadline.map(|d| d.max(Instant::now() + JOURNAL_CLOSE_GRACE))
-}
-
-/// Settles the receipts of items a shutdown left: closed, or unconfirmed for a sink call that
-/// was running (`called`).
-fn settle_left<T, R>(left: Vec<(NodeRef<T, R>, bool)>) {
-    for (node, called) in left {
-        node.settle(Err(if called {
-            DeliveryError::Unconfirmed
-        } else {
-            DeliveryError::Closed
-        }));
-    }
 }
 
 /// Runs a blocking wait; on a worker thread of a multi-threaded Tokio runtime it tells the
