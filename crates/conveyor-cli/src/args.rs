@@ -76,17 +76,19 @@ const JSON_DEAD_LIST_HELP: &str =
 const JSON_RETRY_HELP: &str =
     "Print {\"retried\": [SEQ, …], \"new_seqs\": [SEQ, …]} instead of text; new_seqs gives each its \
      new SEQ, in the same order.";
-const JSON_RETRY_LONG_HELP: &str =
-    "Print {\"retried\": [SEQ, …], \"new_seqs\": [SEQ, …]} instead of text; new_seqs gives each its \
-     new SEQ, in the same order.\n\nOn an error part way (a full disk), those retried until then \
-     stay retried: the object lists them, adds \"not_retried\": [SEQ, …] and \"error\", and the \
-     exit code is 2.";
 const JSON_DISCARD_HELP: &str = "Print {\"discarded\": [SEQ, …]} instead of text.";
-const JSON_DISCARD_LONG_HELP: &str = "Print {\"discarded\": [SEQ, …]} instead of text.\n\nOn an \
-     error part way (a full disk), those discarded until then stay discarded: the object lists \
-     them, adds \"not_discarded\": [SEQ, …] and \"error\", and the exit code is 2.";
 const JSON_RESUME_HELP: &str =
     "Print {\"resumed\": \"KEY\"} instead of text (KEY is \"\" for strict and pipelined).";
+
+/// The `--json` long help of `dead retry` and `dead discard`: their short `help`, then what the
+/// object holds when an error stops them part way (`done`: `retried` or `discarded`, the word
+/// its keys use).
+fn json_stopped_part_way_help(help: &str, done: &str) -> String {
+    format!(
+        "{help}\n\nOn an error part way (a full disk), those {done} until then stay {done}: the \
+         object lists them, adds \"not_{done}\": [SEQ, …] and \"error\", and the exit code is 2."
+    )
+}
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum DeadCommand {
@@ -98,14 +100,20 @@ pub(crate) enum DeadCommand {
     /// Each is retried in a commit of its own, in seq order. On an error part way (a full disk),
     /// those done stay done and are listed with the ones left; exit code 2, and running it again
     /// with --all retries the rest.
-    #[command(mut_arg("json", |a| a.help(JSON_RETRY_HELP).long_help(JSON_RETRY_LONG_HELP)))]
+    #[command(mut_arg("json", |a| {
+        a.help(JSON_RETRY_HELP)
+            .long_help(json_stopped_part_way_help(JSON_RETRY_HELP, "retried"))
+    }))]
     Retry(DeadTarget),
     /// Delete dead letters for good.
     ///
     /// Each is discarded in a commit of its own, in seq order. On an error part way (a full
     /// disk), those done stay done and are listed with the ones left; exit code 2, and running it
     /// again with --all discards the rest.
-    #[command(mut_arg("json", |a| a.help(JSON_DISCARD_HELP).long_help(JSON_DISCARD_LONG_HELP)))]
+    #[command(mut_arg("json", |a| {
+        a.help(JSON_DISCARD_HELP)
+            .long_help(json_stopped_part_way_help(JSON_DISCARD_HELP, "discarded"))
+    }))]
     Discard(DeadTarget),
 }
 
