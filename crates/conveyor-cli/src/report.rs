@@ -129,7 +129,6 @@ impl FailureNotes {
         if let Some(note) = repeats.held_note() {
             progress.note(&note);
         }
-        repeats.shown = None;
         repeats.finished = true;
     }
 
@@ -149,7 +148,7 @@ struct Repeats {
     held: Vec<u64>,
     /// When the first of them failed (`None` while none is held).
     held_since: Option<Instant>,
-    /// Set by [`FailureNotes::finish`]: nothing is held any more.
+    /// Set by [`FailureNotes::finish`]: nothing is held any more, every failure is shown in full.
     finished: bool,
 }
 
@@ -157,8 +156,12 @@ impl Repeats {
     /// The notes for a failure: none for a repeat, which is held; else what was held, then
     /// the failure in full.
     fn failed(&mut self, line: u64, attempts: u32, error: &str, now: Instant) -> Vec<String> {
+        let full = || format!("line {line}: failed after {attempts} attempt(s): {error}");
+        if self.finished {
+            return vec![full()];
+        }
         let repeat = matches!(&self.shown, Some((_, a, e)) if *a == attempts && e == error);
-        if repeat && !self.finished {
+        if repeat {
             if self.held.is_empty() {
                 self.held_since = Some(now);
             }
@@ -166,12 +169,8 @@ impl Repeats {
             return Vec::new();
         }
         let mut notes: Vec<String> = self.held_note().into_iter().collect();
-        notes.push(format!(
-            "line {line}: failed after {attempts} attempt(s): {error}"
-        ));
-        if !self.finished {
-            self.shown = Some((line, attempts, error.to_owned()));
-        }
+        notes.push(full());
+        self.shown = Some((line, attempts, error.to_owned()));
         notes
     }
 
