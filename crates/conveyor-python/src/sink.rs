@@ -302,6 +302,10 @@ impl SinkState {
 
     /// Shows the sink and its abandon hook to the garbage collector (`__traverse__`): no
     /// Python, no blocking lock.
+    ///
+    /// Shows nothing on a thread the conveyor delivers on. Collecting the conveyor there would
+    /// mean draining it there, waiting for this very thread until `drain_timeout`; hidden, they
+    /// count as reachable, so the cycle is left for a collection on any other thread.
     pub(crate) fn traverse(&self, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
         if thread_works_for(self.id) {
             return Ok(());
