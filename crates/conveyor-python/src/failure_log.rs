@@ -60,20 +60,27 @@ impl<T> From<&Delivery<T>> for Attempt {
     }
 }
 
+impl Attempt {
+    /// Whether `error` ends the item's attempts, as the engine will decide with the same facts:
+    /// a permanent error, or any error on the last attempt.
+    fn is_final(&self, error: &SinkError) -> bool {
+        !error.is_retryable() || self.last
+    }
+}
+
 impl FailureLog {
     pub(crate) fn new(label: String, then: Then) -> Self {
         FailureLog { label, then }
     }
 
-    /// Logs `error` if it ends the item's attempts, as the engine will decide with the same
-    /// facts: a permanent error, or any error on the last attempt. Only failures the sink's
-    /// Python code raised are logged; the others (the interpreter exiting, the sink released)
-    /// are what the exit and collection warnings report.
+    /// Logs `error` if it ends the item's attempts ([`Attempt::is_final`]). Only failures the
+    /// sink's Python code raised are logged; the others (the interpreter exiting, the sink
+    /// released) are what the exit and collection warnings report.
     ///
     /// Call it with the GIL already held, and no engine lock: a handler is user code, and may
     /// be slow or ask the conveyor for its stats.
     pub(crate) fn report(&self, py: Python<'_>, attempt: &Attempt, error: &SinkError) {
-        if error.is_retryable() && !attempt.last {
+        if !attempt.is_final(error) {
             return;
         }
         let Some(exception) = errors::python_exception(error) else {
@@ -86,7 +93,7 @@ impl FailureLog {
     /// own errors (a status, a refused connection): it takes the GIL for the record, on the
     /// failure path only, so the send path still runs without it.
     pub(crate) fn report_http(&self, attempt: &Attempt, error: &SinkError) {
-        if error.is_retryable() && !attempt.last {
+        if !attempt.is_final(error) {
             return;
         }
         finalizing::with_gil(|py| self.log_or_say_why_not(py, attempt, error, None));
