@@ -229,19 +229,19 @@ impl SendPlan {
                     .map_err(CliError::usage)?,
             )
         };
-        let journal = if args.journal.no_journal {
-            None
-        } else {
-            Some(match &args.journal.journal {
-                Some(path) => path.clone(),
-                None => default_journal_path(
+        let (journal, default_journal) = match (args.journal.no_journal, args.journal.journal) {
+            (true, _) => (None, false),
+            (false, Some(path)) => (Some(path), false),
+            (false, None) => {
+                let path = default_journal_path(
                     Path::new(journal::JOURNAL_DIR),
                     input,
                     &args.to,
                     &args.exec,
                     matches!(args.ordering, OrderingArg::Keyed(_)),
-                ),
-            })
+                );
+                (Some(path), true)
+            }
         };
         if args.on_failure == FailurePolicy::Pause && journal.is_none() {
             return Err(CliError::usage(
@@ -258,8 +258,8 @@ impl SendPlan {
             on_failure: args.on_failure,
             capacity: args.capacity,
             rejects: args.rejects,
-            default_journal: args.journal.journal.is_none() && !args.journal.no_journal,
             journal,
+            default_journal,
             sync: args.journal.sync,
             output: args.output,
         })
