@@ -107,26 +107,26 @@ def test_client_errors_fail_at_once(server):
     assert server.bodies == [b"good"]
 
 
+DEFAULT_MAX_REPLY_BODY = 16 * 1024 * 1024
+
+
 def test_a_reply_body_is_kept_up_to_max_reply_body(server):
     server.reply = b"0123456789"
     kept = {}
-    for limit in (16 * 1024 * 1024, None, 10, 4, 0):
+    for limit in (DEFAULT_MAX_REPLY_BODY, None, 10, 4, 0):
         with conveyor.Conveyor.http(server.url, max_reply_body=limit) as c:
             reply = c.send("x").result(timeout=10)
         kept[limit] = (reply.body, reply.truncated)
     with conveyor.Conveyor.http(server.url) as c:
         assert c.send("x").result(timeout=10).truncated is False
     assert kept == {
-        16 * 1024 * 1024: (b"0123456789", False),
+        DEFAULT_MAX_REPLY_BODY: (b"0123456789", False),
         None: (b"0123456789", False),
         10: (b"0123456789", False),
         4: (b"0123", True),
         0: (b"", True),
     }
     assert repr(reply) == "HttpReply(status=200, body=<0 bytes, truncated>)"
-
-
-DEFAULT_MAX_REPLY_BODY = 16 * 1024 * 1024
 
 
 @pytest.fixture
