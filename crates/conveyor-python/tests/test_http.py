@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import pathlib
 import ssl
@@ -163,6 +164,9 @@ def test_a_huge_reply_body_is_cut_at_16_mib_by_default(huge_reply_url):
     with conveyor.Conveyor.http(huge_reply_url) as c:
         reply = c.send("x").result(timeout=30)
     assert (len(reply.body), reply.truncated) == (DEFAULT_MAX_REPLY_BODY, True)
+    # help() and the stub show the default as a literal: it must be the one in force.
+    shown = inspect.signature(conveyor.Conveyor.http).parameters["max_reply_body"].default
+    assert shown == DEFAULT_MAX_REPLY_BODY
 
 
 @pytest.mark.parametrize(
