@@ -3671,12 +3671,22 @@ mod tests {
         );
     }
 
+    /// Lets a [`hung_disk`] answer: at [`Release::now`] or when dropped. Shared by reference,
+    /// so a test and the watchdog of [`bounded`] can both let it go, whichever comes first.
+    struct Release(Mutex<Option<mpsc::Sender<()>>>);
+
+    impl Release {
+        fn now(&self) {
+            drop(self.0.lock().unwrap().take());
+        }
+    }
+
     /// A disk that hangs (an `fsync` that does not return): the journal's writer cannot commit
-    /// while a thread holds the journal, until the returned sender is dropped. Join the handle
+    /// while a thread holds the journal, until the returned [`Release`] lets go. Join the handle
     /// after that.
     fn hung_disk<T: Send + Sync + 'static, R: Send + 'static>(
         c: &Conveyor<T, R>,
-    ) -> (mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+    ) -> (Release, std::thread::JoinHandle<()>) {
         let (holding, held) = mpsc::channel::<()>();
         let (release, wait) = mpsc::channel::<()>();
         let shared = c.shared.clone();
@@ -3691,7 +3701,7 @@ mod tests {
                 .unwrap();
         });
         held.recv().unwrap();
-        (release, disk)
+        (Release(Mutex::new(Some(release))), disk)
     }
 
     /// The journal at `path`, opened once the writer of the conveyor on it has let it go (it
@@ -3709,11 +3719,7 @@ mod tests {
     /// set and waiting for it.
     fn cursor_for_a_hung_disk(
         path: &std::path::Path,
-    ) -> (
-        Conveyor<String>,
-        mpsc::Sender<()>,
-        std::thread::JoinHandle<()>,
-    ) {
+    ) -> (Conveyor<String>, Release, std::thread::JoinHandle<()>) {
         let c: Conveyor<String> = Conveyor::builder()
             .journal(path)
             .build(|_d| Ok(()))
@@ -3783,12 +3789,11 @@ mod tests {
         });
         // Long enough for the cursors to be queued, or for the queue to be full.
         let setter_returned = all_set.recv_timeout(Duration::from_secs(2)).is_ok();
-        let release = Mutex::new(Some(release));
         let checked = c.clone();
         let (flushed, stats) = bounded(
             "flush_timeout(200 ms) or stats() with the disk hung",
             Duration::from_secs(20),
-            || drop(release.lock().unwrap().take()),
+            || release.now(),
             move || {
                 let flushed = checked.flush_timeout(Duration::from_millis(200));
                 (flushed, checked.stats())
@@ -3797,7 +3802,7 @@ mod tests {
         assert!(!flushed, "nothing could be committed");
         assert_eq!(stats.delivered, 0);
         assert!(setter_returned, "set_cursor waited for the hung disk");
-        drop(release.lock().unwrap().take());
+        release.now();
         disk.join().unwrap();
         assert!(c.flush_timeout(Duration::from_secs(30)));
         assert_eq!(c.cursor().unwrap(), Some(CURSORS));
@@ -3827,14 +3832,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j");
         let (c, release, disk) = cursor_for_a_hung_disk(&path);
-        let release = Mutex::new(Some(release));
         let closed = bounded(
             what,
             Duration::from_secs(20),
-            || drop(release.lock().unwrap().take()),
+            || release.now(),
             move || close(c),
         );
-        drop(release.lock().unwrap().take());
+        release.now();
         disk.join().unwrap();
         assert_eq!(once_let_go(&path).cursor().unwrap(), Some(7));
         closed
@@ -3873,11 +3877,10 @@ mod tests {
         until("both sends wait for their commit", || {
             c.stats().accepted == 2
         });
-        let release = Mutex::new(Some(release));
         let (blocking, awaiting) = bounded(
             "close_timeout(100 ms), then the Sync sends, with the disk hung",
             Duration::from_secs(20),
-            || drop(release.lock().unwrap().take()),
+            || release.now(),
             move || {
                 let report = c.close_timeout(Duration::from_millis(100));
                 assert_eq!(report.left, 2, "both items are reported as left");
@@ -3885,7 +3888,7 @@ mod tests {
             },
         );
         assert!(blocking.is_ok() && awaiting.is_ok(), "accepted, and left");
-        drop(release.lock().unwrap().take());
+        release.now();
         disk.join().unwrap();
     }
 
@@ -3895,11 +3898,10 @@ mod tests {
     fn flush_after_close_gave_up_on_a_hung_disk_returns() {
         let dir = tempfile::tempdir().unwrap();
         let (c, release, disk) = cursor_for_a_hung_disk(&dir.path().join("j"));
-        let release = Mutex::new(Some(release));
         bounded(
             "flush and flush_async after close_timeout gave up on the hung disk",
             Duration::from_secs(20),
-            || drop(release.lock().unwrap().take()),
+            || release.now(),
             move || {
                 c.close_timeout(Duration::from_millis(100));
                 c.flush();
@@ -3909,7 +3911,7 @@ mod tests {
                     .block_on(c.flush_async());
             },
         );
-        drop(release.lock().unwrap().take());
+        release.now();
         disk.join().unwrap();
     }
 
@@ -3922,11 +3924,10 @@ mod tests {
         let path = dir.path().join("j");
         let (c, release, disk) = cursor_for_a_hung_disk(&path);
         let c = Arc::new(c);
-        let release = Mutex::new(Some(release));
         let first = bounded(
             "a current-thread runtime running flush_async with the disk hung",
             Duration::from_secs(20),
-            || drop(release.lock().unwrap().take()),
+            || release.now(),
             {
                 let c = c.clone();
                 move || {
@@ -3947,7 +3948,7 @@ mod tests {
             first, "ticked",
             "the cursor cannot be committed while the disk hangs"
         );
-        drop(release.lock().unwrap().take());
+        release.now();
         disk.join().unwrap();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
@@ -3986,9 +3987,8 @@ mod tests {
         let (c, release, disk) = cursor_for_a_hung_disk(&path);
         let receipts: Vec<_> = (0..3).map(|i| c.send(i.to_string()).unwrap()).collect();
         let c = Arc::new(c);
-        let release = Mutex::new(Some(release));
         // Lets the disk answer, should a close hang, so that the test can end.
-        let unstick = || drop(release.lock().unwrap().take());
+        let unstick = || release.now();
         let closing = c.clone();
         let (receipts, refused) = bounded(
             "close_async dropped past its deadline",
@@ -4072,12 +4072,11 @@ mod tests {
                     .count()
             });
             until("the writer never fell behind", || durable.behind());
-            let release = Mutex::new(Some(release));
             let checked = c.clone();
             let refused = bounded(
                 "try_send, flush_timeout or stats with the writer behind",
                 Duration::from_secs(20),
-                || drop(release.lock().unwrap().take()),
+                || release.now(),
                 move || {
                     let refused = checked.try_send(u64::MAX);
                     assert!(!checked.flush_timeout(Duration::from_millis(100)));
@@ -4089,7 +4088,7 @@ mod tests {
                 Backpressure::Block => {
                     assert!(matches!(refused, Err(SendError::Full(_))), "{refused:?}");
                     assert!(!sending.is_finished(), "the sender waits for the writer");
-                    drop(release.lock().unwrap().take());
+                    release.now();
                     sending.join().unwrap()
                 }
                 _ => {
@@ -4098,7 +4097,7 @@ mod tests {
                     assert!(dropped > 0, "new items dropped while the writer is behind");
                     let waiting = durable.ops_waiting();
                     assert!(waiting <= 1 << 16, "{waiting} ops wait for the disk");
-                    drop(release.lock().unwrap().take());
+                    release.now();
                     dropped
                 }
             };
