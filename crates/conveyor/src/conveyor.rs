@@ -3730,14 +3730,14 @@ mod tests {
     }
 
     /// Runs `f` on a thread of its own and returns what it returned, unless it has not returned
-    /// within `limit`: then `unstick` runs (so that the test can end) and the test fails,
+    /// within 20 s: then the hung `disk` answers (so that the test can end) and the test fails,
     /// saying `what` hung.
     fn bounded<O: Send + 'static>(
         what: &str,
-        limit: Duration,
-        unstick: impl FnOnce(),
+        disk: &Release,
         f: impl FnOnce() -> O + Send + 'static,
     ) -> O {
+        let limit = Duration::from_secs(20);
         let (done, result) = mpsc::channel();
         let call = std::thread::spawn(move || {
             let _ = done.send(f());
@@ -3748,7 +3748,7 @@ mod tests {
                 out
             }
             Err(_) => {
-                unstick();
+                disk.now();
                 call.join().unwrap();
                 panic!("{what} did not return within {limit:?}");
             }
@@ -3792,8 +3792,7 @@ mod tests {
         let checked = c.clone();
         let (flushed, stats) = bounded(
             "flush_timeout(200 ms) or stats() with the disk hung",
-            Duration::from_secs(20),
-            || release.now(),
+            &release,
             move || {
                 let flushed = checked.flush_timeout(Duration::from_millis(200));
                 (flushed, checked.stats())
@@ -3832,12 +3831,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j");
         let (c, release, disk) = cursor_for_a_hung_disk(&path);
-        let closed = bounded(
-            what,
-            Duration::from_secs(20),
-            || release.now(),
-            move || close(c),
-        );
+        let closed = bounded(what, &release, move || close(c));
         release.now();
         disk.join().unwrap();
         assert_eq!(once_let_go(&path).cursor().unwrap(), Some(7));
@@ -3879,8 +3873,7 @@ mod tests {
         });
         let (blocking, awaiting) = bounded(
             "close_timeout(100 ms), then the Sync sends, with the disk hung",
-            Duration::from_secs(20),
-            || release.now(),
+            &release,
             move || {
                 let report = c.close_timeout(Duration::from_millis(100));
                 assert_eq!(report.left, 2, "both items are reported as left");
@@ -3900,8 +3893,7 @@ mod tests {
         let (c, release, disk) = cursor_for_a_hung_disk(&dir.path().join("j"));
         bounded(
             "flush and flush_async after close_timeout gave up on the hung disk",
-            Duration::from_secs(20),
-            || release.now(),
+            &release,
             move || {
                 c.close_timeout(Duration::from_millis(100));
                 c.flush();
@@ -3926,8 +3918,7 @@ mod tests {
         let c = Arc::new(c);
         let first = bounded(
             "a current-thread runtime running flush_async with the disk hung",
-            Duration::from_secs(20),
-            || release.now(),
+            &release,
             {
                 let c = c.clone();
                 move || {
@@ -3988,12 +3979,10 @@ mod tests {
         let receipts: Vec<_> = (0..3).map(|i| c.send(i.to_string()).unwrap()).collect();
         let c = Arc::new(c);
         // Lets the disk answer, should a close hang, so that the test can end.
-        let unstick = || release.now();
         let closing = c.clone();
         let (receipts, refused) = bounded(
             "close_async dropped past its deadline",
-            Duration::from_secs(20),
-            unstick,
+            &release,
             move || {
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_time()
@@ -4029,12 +4018,11 @@ mod tests {
         let later = c.clone();
         let report = bounded(
             "a close after a dropped close_async, with the disk hung",
-            Duration::from_secs(20),
-            unstick,
+            &release,
             move || later.close_timeout(Duration::from_millis(20)),
         );
         assert_eq!((report.drained, report.left), (false, 3));
-        unstick();
+        release.now();
         disk.join().unwrap();
         assert_eq!(once_let_go(&path).status().unwrap().pending, 3);
     }
@@ -4075,8 +4063,7 @@ mod tests {
             let checked = c.clone();
             let refused = bounded(
                 "try_send, flush_timeout or stats with the writer behind",
-                Duration::from_secs(20),
-                || release.now(),
+                &release,
                 move || {
                     let refused = checked.try_send(u64::MAX);
                     assert!(!checked.flush_timeout(Duration::from_millis(100)));
