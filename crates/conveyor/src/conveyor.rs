@@ -3978,7 +3978,6 @@ mod tests {
         let (c, release, disk) = cursor_for_a_hung_disk(&path);
         let receipts: Vec<_> = (0..3).map(|i| c.send(i.to_string()).unwrap()).collect();
         let c = Arc::new(c);
-        // Lets the disk answer, should a close hang, so that the test can end.
         let closing = c.clone();
         let (receipts, refused) = bounded(
             "close_async dropped past its deadline",
