@@ -132,6 +132,21 @@ impl FailureNotes {
         repeats.finished = true;
     }
 
+    /// Reports what is held back, for a second Ctrl-C that exits at once: like
+    /// [`FailureNotes::finish`], but it gives up rather than wait for a thread that holds the
+    /// notes (one stuck writing to a full pipe must not keep the process from exiting).
+    pub(crate) fn finish_now(&self, progress: &Progress) {
+        let mut repeats = match self.repeats.try_lock() {
+            Ok(repeats) => repeats,
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        };
+        if let Some(note) = repeats.held_note() {
+            progress.note(&note);
+        }
+        repeats.finished = true;
+    }
+
     /// A thread that panicked holding the lock left at worst a count off by one: used as it is.
     fn lock(&self) -> std::sync::MutexGuard<'_, Repeats> {
         self.repeats.lock().unwrap_or_else(PoisonError::into_inner)

@@ -7,7 +7,7 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -560,6 +560,11 @@ pub(crate) fn run(
 
     let stop = Arc::new(AtomicBool::new(false));
     let counters = Arc::new(ReadCounters::default());
+    let _last_words = {
+        let counters = Arc::clone(&counters);
+        let progress = progress.clone();
+        LastWords::set(move || counters.failures.finish_now(&progress))
+    };
     {
         let conveyor = Arc::clone(&conveyor);
         let journaled = plan.journal.is_some();
@@ -1000,14 +1005,42 @@ fn copy_rejected(
     }
 }
 
+/// What a second signal reports before it exits at once: the failures of the running `send`
+/// held back as repeats of the one before them. Without a journal their note is the only record
+/// of which lines failed. Set for the length of a run by [`LastWords`].
+static LAST_WORDS: Mutex<Option<Box<dyn Fn() + Send>>> = Mutex::new(None);
+
+/// Keeps a [`LAST_WORDS`] report in place while it lives.
+struct LastWords;
+
+impl LastWords {
+    fn set(report: impl Fn() + Send + 'static) -> Self {
+        *LAST_WORDS.lock().unwrap_or_else(PoisonError::into_inner) = Some(Box::new(report));
+        LastWords
+    }
+}
+
+impl Drop for LastWords {
+    fn drop(&mut self) {
+        *LAST_WORDS.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+}
+
 /// Installs the Ctrl-C / SIGTERM handler: the first signal becomes an [`Event::Interrupt`], the
-/// second exits at once (the journal is crash-safe, so nothing accepted is lost).
+/// second exits at once (the journal is crash-safe, so nothing accepted is lost), after saying
+/// which failed lines were not reported yet.
 pub(crate) fn install_signals(events: Sender<Event>) -> Result<(), CliError> {
     let count = AtomicU64::new(0);
     ctrlc::set_handler(move || {
         if count.fetch_add(1, AtomicOrdering::SeqCst) == 0 {
             let _ = events.send(Event::Interrupt);
         } else {
+            // Not waited for: whoever holds it reports the failures itself.
+            if let Ok(words) = LAST_WORDS.try_lock() {
+                if let Some(report) = words.as_ref() {
+                    report();
+                }
+            }
             let _ = writeln!(io::stderr(), "interrupted again: exiting now");
             crate::sink::stop_running_programs();
             std::process::exit(i32::from(exit::ABORTED));

@@ -83,3 +83,40 @@ fn a_second_ctrl_c_exits_at_once_with_130() {
     expect_exit(&output, 130);
     assert!(server.count() < 20);
 }
+
+#[test]
+fn a_second_ctrl_c_still_names_the_failed_lines_held_back_as_repeats() {
+    let dir = tempfile::tempdir().unwrap();
+    // Lines 1 to 3 fail alike at once; line 4 hangs, so the first Ctrl-C's drain waits.
+    let server = Server::start(|a| match a.json().unwrap()["id"].as_u64().unwrap() {
+        0..=2 => Reply::status(500),
+        _ => Reply::ok().delay(Duration::from_secs(60)),
+    })
+    .unwrap();
+    let input = write_lines(dir.path(), "in.jsonl", &items(6, 1));
+    let url = server.url();
+    let args = [
+        "send",
+        input.to_str().unwrap(),
+        "--to",
+        &url,
+        "--no-journal",
+        "--retries",
+        "0",
+        "--drain-timeout",
+        "60s",
+    ];
+    let child = spawn(dir.path(), &args);
+    wait_for("the hanging line to arrive", || server.count() >= 4);
+    let output = interrupt_twice(child);
+    let (_, stderr) = expect_exit(&output, 130);
+    assert!(
+        stderr.contains("line 1: failed after 1 attempt(s)"),
+        "{stderr}"
+    );
+    // Held back until the end of the run, which a second Ctrl-C cuts short.
+    let held = stderr
+        .find("lines 2 to 3 failed after 1 attempt(s) with the same error as line 1")
+        .unwrap_or_else(|| panic!("the held-back failures are not named: {stderr}"));
+    assert!(held < stderr.find("interrupted again").unwrap(), "{stderr}");
+}
