@@ -85,7 +85,7 @@ fn dispatch() {
         if exiting() {
             continue;
         }
-        crate::finalizing::with_gil(|py| {
+        crate::finalizing::attach(|py| {
             for signal in woken {
                 // Sends inherited from before a fork belong to the parent's loops.
                 if same_process(signal.fork_gen) {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use conveyor::{DeliveryError, SinkError};
 use pyo3::exceptions::{PyRuntimeWarning, PyTimeoutError};
 use pyo3::prelude::*;
-use pyo3::sync::GILOnceCell;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyType};
 
 /// Looks a class up in `conveyor._errors` once per interpreter. The classes are Python code so
@@ -16,7 +16,7 @@ use pyo3::types::{PyDict, PyType};
 macro_rules! error_class {
     ($fn_name:ident, $class:literal) => {
         pub(crate) fn $fn_name(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
-            static CLASS: GILOnceCell<Py<PyType>> = GILOnceCell::new();
+            static CLASS: PyOnceLock<Py<PyType>> = PyOnceLock::new();
             CLASS.import(py, "conveyor._errors", $class)
         }
     };
@@ -49,7 +49,7 @@ pub(crate) fn closed(py: Python<'_>, message: String) -> PyErr {
 pub(crate) fn timeout(py: Python<'_>, message: String) -> PyErr {
     // `concurrent.futures.TimeoutError` is the built-in `TimeoutError` since Python 3.11; on 3.9
     // and 3.10 it is a separate class, and a Future-like object must raise that one.
-    static CLASS: GILOnceCell<Py<PyType>> = GILOnceCell::new();
+    static CLASS: PyOnceLock<Py<PyType>> = PyOnceLock::new();
     match CLASS.import(py, "concurrent.futures", "TimeoutError") {
         Ok(class) => PyErr::from_type(class.clone(), message),
         Err(_) => PyTimeoutError::new_err(message),

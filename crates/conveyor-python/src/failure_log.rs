@@ -11,7 +11,7 @@
 
 use conveyor::{Delivery, SinkError};
 use pyo3::prelude::*;
-use pyo3::sync::GILOnceCell;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::PyDict;
 
 use crate::errors;
@@ -96,7 +96,7 @@ impl FailureLog {
         if !attempt.is_final(error) {
             return;
         }
-        finalizing::with_gil(|py| self.log_or_say_why_not(py, attempt, error, None));
+        finalizing::attach(|py| self.log_or_say_why_not(py, attempt, error, None));
     }
 
     fn log_or_say_why_not(
@@ -120,7 +120,7 @@ impl FailureLog {
         error: &SinkError,
         exception: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
-        static LOG: GILOnceCell<Py<PyAny>> = GILOnceCell::new();
+        static LOG: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
         let logger = LOG.get_or_try_init(py, || -> PyResult<_> {
             Ok(py
                 .import("logging")?

@@ -20,7 +20,7 @@
 //! Python code also runs inside shorter calls made through PyO3 (an exception's `__str__`, a
 //! garbage collection that an allocation starts): an unwind from there crosses PyO3's frames
 //! and would reach PyO3's GIL guard, which releases a GIL the thread no longer holds. So
-//! [`with_gil`] parks the thread there too, before that guard, and code that Python calls on
+//! [`attach`] parks the thread there too, before that guard, and code that Python calls on
 //! a thread of its own (an `async def` sink's completion, on the event-loop thread) runs inside
 //! [`park_on_exit`].
 
@@ -81,18 +81,18 @@ pub(crate) fn gil_ensure() -> ffi::PyGILState_STATE {
     park_on_exit(|| unsafe { gil_state_ensure() })
 }
 
-/// `Python::with_gil` for the engine's threads (delivery workers, the threads that settle
+/// `Python::attach` for the engine's threads (delivery workers, the threads that settle
 /// receipts), which may wait for the GIL while the interpreter finalizes.
 ///
 /// The GIL is taken here first, where the thread can be parked; PyO3's own `PyGILState_Ensure`
 /// inside then finds it held and never waits. `f` runs parked on exit, inside PyO3's guard:
 /// an unwind from Python code it runs through PyO3 stops before that guard's release.
-pub(crate) fn with_gil<F, R>(f: F) -> R
+pub(crate) fn attach<F, R>(f: F) -> R
 where
     F: for<'py> FnOnce(Python<'py>) -> R,
 {
     let state = gil_ensure();
-    let result = Python::with_gil(|py| park_on_exit(|| f(py)));
+    let result = Python::attach(|py| park_on_exit(|| f(py)));
     // SAFETY: pairs with the Ensure above, on the same thread, after PyO3's nested pair.
     unsafe { ffi::PyGILState_Release(state) };
     result

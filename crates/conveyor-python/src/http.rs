@@ -9,7 +9,7 @@ use std::time::Duration;
 use conveyor::{Delivery, HttpBuildError, HttpReply, HttpSink, SinkError};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::sync::GILOnceCell;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyByteArray, PyBytes, PyString};
 
 use serde_json::value::RawValue;
@@ -82,16 +82,16 @@ pub(crate) fn sink(
 
 /// The request body for a sent object: bytes-like as is, `str` as UTF-8, else JSON.
 pub(crate) fn body(object: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
-    if let Ok(bytes) = object.downcast::<PyBytes>() {
+    if let Ok(bytes) = object.cast::<PyBytes>() {
         return Ok(bytes.as_bytes().to_vec());
     }
-    if let Ok(text) = object.downcast::<PyString>() {
+    if let Ok(text) = object.cast::<PyString>() {
         return Ok(text.to_string().into_bytes());
     }
-    if let Ok(array) = object.downcast::<PyByteArray>() {
+    if let Ok(array) = object.cast::<PyByteArray>() {
         return Ok(array.to_vec());
     }
-    static DUMPS: GILOnceCell<Py<PyAny>> = GILOnceCell::new();
+    static DUMPS: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
     let dumps = DUMPS.import(object.py(), "json", "dumps")?;
     let text = dumps.call1((object,)).map_err(|err| {
         let message = format!(
@@ -100,7 +100,7 @@ pub(crate) fn body(object: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
         );
         PyValueError::new_err(message)
     })?;
-    Ok(text.downcast_into::<PyString>()?.to_string().into_bytes())
+    Ok(text.cast_into::<PyString>()?.to_string().into_bytes())
 }
 
 /// The body of an item for a journaled `Conveyor.http`: the same bytes [`body`] makes, kept as
@@ -155,7 +155,7 @@ impl PyHttpReply {
 
     /// The body parsed as JSON.
     fn json(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        static LOADS: GILOnceCell<Py<PyAny>> = GILOnceCell::new();
+        static LOADS: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
         Ok(LOADS
             .import(py, "json", "loads")?
             .call1((self.body.bind(py),))?

@@ -5,7 +5,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use conveyor::{BuildError, DeadLetter, Durability, JournalError};
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::sync::GILOnceCell;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyInt, PyString, PyType};
 use pyo3::IntoPyObjectExt;
 use serde_json::value::RawValue;
@@ -13,7 +13,7 @@ use serde_json::value::RawValue;
 use crate::sink::{Item, Reply};
 
 fn journal_error_class(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
-    static CLASS: GILOnceCell<Py<PyType>> = GILOnceCell::new();
+    static CLASS: PyOnceLock<Py<PyType>> = PyOnceLock::new();
     CLASS.import(py, "conveyor._errors", "JournalError")
 }
 
@@ -159,7 +159,7 @@ pub(crate) fn parse_durability(value: &Bound<'_, PyAny>) -> PyResult<(Durability
 /// # Errors
 /// `ValueError` naming the type when the object is not JSON-serialisable.
 pub(crate) fn dumps(object: &Bound<'_, PyAny>) -> PyResult<Box<RawValue>> {
-    static DUMPS: GILOnceCell<Py<PyAny>> = GILOnceCell::new();
+    static DUMPS: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
     let py = object.py();
     let not_json = |why: String| {
         PyValueError::new_err(format!(
@@ -175,14 +175,14 @@ pub(crate) fn dumps(object: &Bound<'_, PyAny>) -> PyResult<Box<RawValue>> {
         .import(py, "json", "dumps")?
         .call1((object,))
         .map_err(|err| not_json(err.to_string()))?;
-    let text = text.downcast_into::<PyString>()?.to_string();
+    let text = text.cast_into::<PyString>()?.to_string();
     // json.dumps writes NaN and Infinity, which JSON (and so the journal) does not allow.
     RawValue::from_string(text).map_err(|err| not_json(err.to_string()))
 }
 
 /// `json.loads(text)`: a journaled item as the sink receives it.
 pub(crate) fn loads(py: Python<'_>, text: &str) -> PyResult<Py<PyAny>> {
-    static LOADS: GILOnceCell<Py<PyAny>> = GILOnceCell::new();
+    static LOADS: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
     Ok(LOADS.import(py, "json", "loads")?.call1((text,))?.unbind())
 }
 

@@ -62,7 +62,7 @@ fn generic_alias(
     item: &Bound<'_, PyAny>,
 ) -> PyResult<Py<PyAny>> {
     let py = cls.py();
-    static ALIAS: pyo3::sync::GILOnceCell<Py<pyo3::types::PyType>> = pyo3::sync::GILOnceCell::new();
+    static ALIAS: pyo3::sync::PyOnceLock<Py<pyo3::types::PyType>> = pyo3::sync::PyOnceLock::new();
     Ok(ALIAS
         .import(py, "types", "GenericAlias")?
         .call1((cls, item))?
@@ -71,7 +71,11 @@ fn generic_alias(
 
 /// The extension module. Exceptions, the executor and asyncio helpers are Python code in the
 /// `conveyor` package; everything here is re-exported there.
-#[pymodule]
+///
+/// `gil_used = true`, PyO3's default before 0.28: the bindings were written and tested for an
+/// interpreter with a GIL, so a free-threaded one should turn its GIL on when it imports them
+/// rather than run them without (the abi3 wheel loads on no free-threaded build today).
+#[pymodule(gil_used = true)]
 fn _conveyor(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<pyconveyor::PyConveyor>()?;
     m.add_class::<receipt::PyReceipt>()?;

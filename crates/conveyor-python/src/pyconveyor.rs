@@ -128,7 +128,7 @@ impl Shared {
         // quick now. Items in paused lanes, or still pending at the deadline, are what is left.
         // After an earlier close, the engine reports at once.
         let rest = deadline.remaining().unwrap_or(self.drain_timeout);
-        let report = py.allow_threads(|| engine.close_timeout(rest));
+        let report = py.detach(|| engine.close_timeout(rest));
         let first = !self.closed.swap(true, AtomicOrdering::AcqRel);
         if !report.drained {
             // What is left is reported; the sink must not start on it afterwards.
@@ -261,7 +261,7 @@ impl Shared {
     /// and warn with the count, `when` and what to do (`advice`).
     fn give_up(&self, py: Python<'_>, when: &str, advice: &str) -> PyResult<()> {
         self.closing.store(true, AtomicOrdering::Release);
-        let report = py.allow_threads(|| self.engine.stop_timeout(Duration::ZERO));
+        let report = py.detach(|| self.engine.stop_timeout(Duration::ZERO));
         self.sink.abandon(py);
         self.closed.store(true, AtomicOrdering::Release);
         if report.left == 0 {
@@ -402,17 +402,16 @@ async fn send_to<K: Into<String>>(
     }
 }
 
-/// Reads a count option (`capacity`, `retries`, ...; for `from_py_with`, whose `TypeError`
-/// PyO3 prefixes with the argument's name). Any Python int is read, however large, so that a
-/// value out of range gets a `ValueError` naming the option instead of an `OverflowError` that
-/// names nothing.
+/// Reads a count option (`capacity`, `retries`, ...; for `from_py_with`). Any Python int is
+/// read, however large, so that a value out of range gets a `ValueError` naming the option
+/// instead of an `OverflowError` that names nothing.
 ///
 /// # Errors
 /// `TypeError` for a bool (an int subclass, but `retries=True` is a mistake) or a non-integer;
 /// `ValueError` for a value below `min` or too large for `T`.
 fn count_arg<T: TryFrom<i64>>(value: &Bound<'_, PyAny>, name: &str, min: i64) -> PyResult<T> {
     if value.is_instance_of::<PyBool>() {
-        return Err(PyTypeError::new_err(wrong_type(value, "a whole number")));
+        return Err(wrong_type(name, value, "a whole number"));
     }
     let too_large = || PyValueError::new_err(format!("{name}={value}: too large"));
     let too_small =
@@ -426,7 +425,7 @@ fn count_arg<T: TryFrom<i64>>(value: &Bound<'_, PyAny>, name: &str, min: i64) ->
                 too_small()
             });
         }
-        Err(_) => return Err(PyTypeError::new_err(wrong_type(value, "a whole number"))),
+        Err(_) => return Err(wrong_type(name, value, "a whole number")),
     };
     if n < min {
         return Err(too_small());
@@ -485,34 +484,32 @@ fn one_of(choices: &[&str]) -> String {
     }
 }
 
-/// The end of a `TypeError` message for an option given a value of the wrong type: PyO3's own
-/// names a Rust type ("'int' object cannot be converted to 'PyString'"), not what the option
-/// takes.
-fn wrong_type(value: &Bound<'_, PyAny>, expected: &str) -> String {
+/// The `TypeError` for option `name` given a value of the wrong type. PyO3's own names a Rust
+/// type ("'int' object cannot be converted to 'PyString'"), not what the option takes, and
+/// names the option only in a note that `str(error)` leaves out.
+fn wrong_type(name: &str, value: &Bound<'_, PyAny>, expected: &str) -> PyErr {
     let shown = value
         .repr()
         .map(|r| r.to_string())
         .unwrap_or_else(|_| "a value".to_owned());
-    format!("expected {expected}, got {shown}")
+    PyTypeError::new_err(format!(
+        "argument '{name}': expected {expected}, got {shown}"
+    ))
 }
 
 /// Reads a `str` argument, with a `TypeError` that names it and says what it takes.
 fn str_arg(name: &str, value: &Bound<'_, PyAny>, expected: &str) -> PyResult<String> {
-    value.extract().map_err(|_| {
-        PyTypeError::new_err(format!(
-            "argument '{name}': {}",
-            wrong_type(value, expected)
-        ))
-    })
+    value
+        .extract()
+        .map_err(|_| wrong_type(name, value, expected))
 }
 
 fn unknown_choice(name: &str, value: &str, choices: &[&str]) -> PyErr {
     PyValueError::new_err(format!("{name}={value:?}: expected {}", one_of(choices)))
 }
 
-/// Reads a string option that takes one of `choices` (for `from_py_with`, whose `TypeError`
-/// PyO3 prefixes with the argument's name). Returns the matching choice itself, so the option's
-/// default stays a literal that `help()` shows.
+/// Reads a string option that takes one of `choices` (for `from_py_with`). Returns the matching
+/// choice itself, so the option's default stays a literal that `help()` shows.
 fn choice(
     value: &Bound<'_, PyAny>,
     name: &str,
@@ -520,7 +517,7 @@ fn choice(
 ) -> PyResult<&'static str> {
     let text: String = value
         .extract()
-        .map_err(|_| PyTypeError::new_err(wrong_type(value, &one_of(choices))))?;
+        .map_err(|_| wrong_type(name, value, &one_of(choices)))?;
     choices
         .iter()
         .copied()
@@ -837,9 +834,8 @@ impl PyConveyor {
             let attempt = item.clone_ref(py);
             let slice = deadline.slice();
             let engine = &shared.engine;
-            let sent = py.allow_threads(|| {
-                crate::block_on_timeout(slice, send_to(engine, attempt, key, cursor))
-            });
+            let sent =
+                py.detach(|| crate::block_on_timeout(slice, send_to(engine, attempt, key, cursor)));
             match sent {
                 Some(Ok(receipt)) => return Ok(Some(self.accepted(py, shared, receipt)?)),
                 Some(Err(SendError::Full(_))) | None => {}
@@ -878,22 +874,22 @@ impl PyConveyor {
     fn new(
         py: Python<'_>,
         sink: Py<PyAny>,
-        #[pyo3(from_py_with = "ordering_arg")] ordering: &str,
-        #[pyo3(from_py_with = "in_flight_arg")] in_flight: Option<usize>,
-        #[pyo3(from_py_with = "concurrency_arg")] concurrency: Option<usize>,
-        #[pyo3(from_py_with = "capacity_arg")] capacity: usize,
-        #[pyo3(from_py_with = "backpressure_arg")] backpressure: &str,
-        #[pyo3(from_py_with = "retries_arg")] retries: u32,
+        #[pyo3(from_py_with = ordering_arg)] ordering: &str,
+        #[pyo3(from_py_with = in_flight_arg)] in_flight: Option<usize>,
+        #[pyo3(from_py_with = concurrency_arg)] concurrency: Option<usize>,
+        #[pyo3(from_py_with = capacity_arg)] capacity: usize,
+        #[pyo3(from_py_with = backpressure_arg)] backpressure: &str,
+        #[pyo3(from_py_with = retries_arg)] retries: u32,
         backoff: f64,
         max_backoff: Option<f64>,
-        #[pyo3(from_py_with = "on_failure_arg")] on_failure: &str,
-        #[pyo3(from_py_with = "rate_limit_arg")] rate_limit: Option<u32>,
+        #[pyo3(from_py_with = on_failure_arg)] on_failure: &str,
+        #[pyo3(from_py_with = rate_limit_arg)] rate_limit: Option<u32>,
         drain_timeout: f64,
         name: Option<&Bound<'_, PyAny>>,
         journal: Option<std::path::PathBuf>,
         durability: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Py<Self>> {
-        let http_sink = match sink.bind(py).downcast::<crate::http::PyHttpSink>() {
+        let http_sink = match sink.bind(py).cast::<crate::http::PyHttpSink>() {
             Ok(handle) => Some(handle.get().take()?),
             Err(_) => None,
         };
@@ -956,7 +952,7 @@ impl PyConveyor {
         let http = http_sink.is_some();
         let (built, runner) = if let Some(http_sink) = http_sink {
             let sink = crate::http::sink(http_sink, state.clone());
-            (py.allow_threads(|| builder.build(sink)), None)
+            (py.detach(|| builder.build(sink)), None)
         } else if is_async {
             let thread_name = if name.is_empty() {
                 "conveyor-loop".to_owned()
@@ -968,11 +964,11 @@ impl PyConveyor {
                 .unbind();
             let sink = sink::asynchronous(state.clone(), runner.clone_ref(py));
             // Without the GIL: opening a journal reads the disk.
-            let built = py.allow_threads(|| builder.build_async(sink));
+            let built = py.detach(|| builder.build_async(sink));
             (built, Some(runner))
         } else {
             let sink = sink::blocking(state.clone());
-            (py.allow_threads(|| builder.build(sink)), None)
+            (py.detach(|| builder.build(sink)), None)
         };
         let runner = runner.map(Held::new);
         let engine = match built {
@@ -1056,7 +1052,7 @@ impl PyConveyor {
             || !same_process(shared.fork_gen)
         {
             // The collector calls this with the GIL held.
-            Python::with_gil(|py| shared.sink.release(py));
+            Python::attach(|py| shared.sink.release(py));
         }
     }
 
@@ -1101,7 +1097,7 @@ impl PyConveyor {
         method: Option<&Bound<'_, PyAny>>,
         timeout: f64,
         cafile: Option<std::path::PathBuf>,
-        #[pyo3(from_py_with = "max_reply_body_arg")] max_reply_body: Option<usize>,
+        #[pyo3(from_py_with = max_reply_body_arg)] max_reply_body: Option<usize>,
         options: Option<&Bound<'_, pyo3::types::PyDict>>,
     ) -> PyResult<Py<PyAny>> {
         let url = str_arg("url", url, "a str such as \"https://example.com/events\"")?;
@@ -1344,7 +1340,7 @@ impl PyConveyor {
     fn dead_letters(&self, py: Python<'_>) -> PyResult<Vec<crate::journal::PyDeadLetter>> {
         let engine = &self.live(py)?.engine;
         let dead = py
-            .allow_threads(|| engine.dead_letters())
+            .detach(|| engine.dead_letters())
             .map_err(|err| crate::journal::error(py, &err))?;
         dead.into_iter()
             .map(|letter| crate::journal::PyDeadLetter::new(py, letter))
@@ -1376,7 +1372,7 @@ impl PyConveyor {
     /// Deletes dead letter `seq` for good. Raises `JournalError` if there is none.
     fn discard_dead(&self, py: Python<'_>, seq: u64) -> PyResult<()> {
         let engine = &self.live(py)?.engine;
-        py.allow_threads(|| engine.discard_dead(seq))
+        py.detach(|| engine.discard_dead(seq))
             .map_err(|err| crate::journal::error(py, &err))
     }
 
@@ -1386,7 +1382,7 @@ impl PyConveyor {
     /// Raises `JournalError` without a journal or after `close()`.
     fn cursor(&self, py: Python<'_>) -> PyResult<Option<u64>> {
         let engine = &self.live(py)?.engine;
-        py.allow_threads(|| engine.cursor())
+        py.detach(|| engine.cursor())
             .map_err(|err| crate::journal::error(py, &err))
     }
 
@@ -1398,7 +1394,7 @@ impl PyConveyor {
     fn set_cursor(&self, py: Python<'_>, cursor: &Bound<'_, PyAny>) -> PyResult<()> {
         let cursor = crate::journal::cursor_arg(cursor)?;
         let engine = &self.live(py)?.engine;
-        py.allow_threads(|| engine.set_cursor(cursor))
+        py.detach(|| engine.set_cursor(cursor))
             .map_err(|err| crate::journal::error(py, &err))
     }
 
@@ -1422,7 +1418,7 @@ impl PyConveyor {
         exc_info: &Bound<'_, pyo3::types::PyTuple>,
     ) -> PyResult<bool> {
         let interrupted = exc_info.get_item(0).is_ok_and(|kind| {
-            kind.downcast::<pyo3::types::PyType>().is_ok_and(|kind| {
+            kind.cast::<pyo3::types::PyType>().is_ok_and(|kind| {
                 kind.is_subclass_of::<PyKeyboardInterrupt>()
                     .unwrap_or(false)
             })
@@ -1500,13 +1496,13 @@ impl Drop for PyConveyor {
             std::mem::forget(shared);
             return;
         }
-        Python::with_gil(|py| {
+        Python::attach(|py| {
             let interrupted = shared.close_unattended(py);
             shared.stop_runner(py);
             if shared.sink.abandoned.load(AtomicOrdering::Acquire) {
                 std::mem::forget(shared);
             } else {
-                py.allow_threads(move || drop(shared));
+                py.detach(move || drop(shared));
             }
             if interrupted {
                 interrupt_again();

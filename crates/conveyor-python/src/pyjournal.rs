@@ -1,6 +1,7 @@
 //! `conveyor.Journal`: a journal file opened without a Conveyor, to inspect and repair what it
 //! holds without delivering anything.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError, TryLockError};
 
@@ -53,7 +54,7 @@ impl PyJournal {
         op: impl FnOnce(&mut Journal) -> Result<T, JournalError> + Send,
     ) -> PyResult<T> {
         self.refuse_if_inherited(py)?;
-        let done = py.allow_threads(|| {
+        let done = py.detach(|| {
             let mut journal = self.journal.lock().unwrap_or_else(PoisonError::into_inner);
             journal.as_mut().map(op)
         });
@@ -105,7 +106,7 @@ impl PyJournal {
     #[pyo3(signature = (path, *, read_only = false))]
     fn new(py: Python<'_>, path: PathBuf, read_only: bool) -> PyResult<Self> {
         let journal = py
-            .allow_threads(|| open(&path, read_only))
+            .detach(|| open(&path, read_only))
             .map_err(|err| error(py, &err))?;
         Ok(PyJournal {
             id: journal.id().to_owned(),
@@ -118,8 +119,9 @@ impl PyJournal {
 
     /// The journal file's path, as given.
     #[getter]
-    fn path(&self) -> &Path {
-        &self.path
+    fn path(&self) -> &OsStr {
+        // A `str`, as the stubs say: PyO3 makes a `pathlib.Path` of a `Path`.
+        self.path.as_os_str()
     }
 
     /// The journal's id: the prefix of every item's `idempotency_key` (`"{id}-{seq}"`).
@@ -196,7 +198,7 @@ impl PyJournal {
         if !same_process(self.fork_gen) {
             return Ok(());
         }
-        let closed = py.allow_threads(|| {
+        let closed = py.detach(|| {
             let mut journal = self.journal.lock().unwrap_or_else(PoisonError::into_inner);
             journal.take().map(Journal::close)
         });

@@ -11,7 +11,7 @@ use std::time::Duration;
 use conveyor::DeliveryError;
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
-use pyo3::sync::GILOnceCell;
+use pyo3::sync::PyOnceLock;
 
 use crate::errors;
 use crate::fork::Held;
@@ -67,7 +67,7 @@ impl Slot {
         };
         self.settled.notify_all();
         if let Some(future) = future {
-            crate::finalizing::with_gil(|py| {
+            crate::finalizing::attach(|py| {
                 let outcome = lock(&self.inner)
                     .outcome
                     .as_ref()
@@ -148,7 +148,7 @@ impl PyReceipt {
         let target = slot.clone();
         // Without the GIL: if the item is already settled, `on_settled` runs the callback right
         // here, and the callback may take the GIL itself.
-        py.allow_threads(move || receipt.on_settled(move |outcome| target.settle(seq, outcome)));
+        py.detach(move || receipt.on_settled(move |outcome| target.settle(seq, outcome)));
         slot
     }
 
@@ -404,7 +404,7 @@ impl Ready {
 
 /// The `conveyor._support` module, imported once.
 pub(crate) fn support(py: Python<'_>) -> PyResult<&Bound<'_, PyModule>> {
-    static MODULE: GILOnceCell<Py<PyModule>> = GILOnceCell::new();
+    static MODULE: PyOnceLock<Py<PyModule>> = PyOnceLock::new();
     MODULE
         .get_or_try_init(py, || {
             Ok::<_, PyErr>(py.import("conveyor._support")?.unbind())

@@ -131,10 +131,10 @@ thread_local! {
 
 /// Gives the current (engine-owned) thread a Python thread state that outlives each call.
 ///
-/// `Python::with_gil` on a thread Python does not know creates a thread state and destroys it
+/// `Python::attach` on a thread Python does not know creates a thread state and destroys it
 /// again when the GIL is released: a few microseconds per item, more than everything else on the
 /// delivery path together. Taking one `PyGILState_Ensure` that is never released keeps the state
-/// alive, so each later `with_gil` only takes and drops the GIL.
+/// alive, so each later `attach` only takes and drops the GIL.
 fn keep_thread_state() {
     HAS_THREAD_STATE.with(|has| {
         if !has.get() {
@@ -385,7 +385,7 @@ pub(crate) fn blocking(
         // Before taking the GIL: the collector may run as soon as we hold it.
         mark_works_for(state.id);
         keep_thread_state();
-        finalizing::with_gil(|py| {
+        finalizing::attach(|py| {
             crate::fork::release_pending(py);
             let sink = state.callable(py)?;
             let previous = IN_SINK.with(|current| current.replace(state.id));
@@ -420,8 +420,8 @@ pub(crate) fn blocking(
 /// True if `value` is a coroutine object: what a plain function that calls an `async def` one
 /// (`lambda x: client.post(x)`) returns, with nothing to run it.
 fn is_coroutine(py: Python<'_>, value: &Bound<'_, PyAny>) -> bool {
-    static COROUTINE: pyo3::sync::GILOnceCell<Py<pyo3::types::PyType>> =
-        pyo3::sync::GILOnceCell::new();
+    static COROUTINE: pyo3::sync::PyOnceLock<Py<pyo3::types::PyType>> =
+        pyo3::sync::PyOnceLock::new();
     // A type comparison, not `inspect.isawaitable`: it runs on every delivery.
     COROUTINE
         .import(py, "types", "CoroutineType")
@@ -468,7 +468,7 @@ pub(crate) fn asynchronous(
         // Before taking the GIL: the collector may run as soon as we hold it.
         mark_works_for(state.id);
         keep_thread_state();
-        let started = finalizing::with_gil(|py| -> Result<(), SinkError> {
+        let started = finalizing::attach(|py| -> Result<(), SinkError> {
             crate::fork::release_pending(py);
             let sink = state.callable(py)?;
             let start = || -> PyResult<()> {

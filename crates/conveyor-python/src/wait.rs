@@ -96,7 +96,7 @@ where
     let deadline = Deadline::after(timeout);
     loop {
         let slice = deadline.slice();
-        if let Some(value) = py.allow_threads(|| step(slice)) {
+        if let Some(value) = py.detach(|| step(slice)) {
             return Ok(Some(value));
         }
         crate::fork::release_pending(py);

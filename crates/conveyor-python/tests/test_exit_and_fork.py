@@ -307,6 +307,47 @@ def test_python_code_run_around_the_sink_call_does_not_crash_the_exit(setup):
     assert "item(s) undelivered after waiting drain_timeout=0.1 s" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    "wait",
+    [
+        # Waits for room in `other`, full for good: still waiting when the interpreter finalizes.
+        "other.send(item)",
+        # These end when the drain gives up on `other`, right as the interpreter finalizes.
+        "other.send(item)\n    other.flush(timeout=30)",
+        "other.send(item).result(timeout=30)",
+    ],
+    ids=["send-into-full", "flush", "result"],
+)
+def test_conveyor_waits_inside_a_sink_when_the_exit_drain_gives_up_do_not_crash_it(wait):
+    # These release the GIL through PyO3 and take it back when a slice of the wait ends, or
+    # when the drain that gives up on `other` settles what it waited for: often once the
+    # interpreter finalizes, which ends the thread with pthread_exit inside PyO3's own
+    # re-attach. Before PyO3 0.29 that unwind aborted the process ("FATAL: exception not
+    # rethrown") right after the warnings: every send-into-full run, and most of the others.
+    code = f"""
+import threading, conveyor
+gate = threading.Event()
+def send_to_space(item):
+    {wait}
+c = conveyor.Conveyor(send_to_space, drain_timeout=0.1, name="events")
+# Drained after "events" at exit, its sink stuck for good: full with the first two items.
+other = conveyor.Conveyor(lambda item: gate.wait(), capacity=1, drain_timeout=0.1, name="other")
+for n in range(3):
+    c.send(n)
+print("exiting", flush=True)
+"""
+    for _ in range(5):
+        proc = run_python(code)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == "exiting"
+        assert "Fatal" not in proc.stderr and "FATAL" not in proc.stderr, proc.stderr
+        assert re.search(
+            r'"events" at interpreter exit left \d item\(s\) undelivered after waiting '
+            r"drain_timeout=0\.1 s",
+            proc.stderr,
+        ), proc.stderr
+
+
 def test_ctrl_c_during_the_exit_drain_stops_it_without_crashing_the_interpreter():
     # Ctrl-C while the exit hook drains a slow sink: the drain ends there, with a warning that
     # counts what is left, and the sink is never called again. A worker still calling it would
