@@ -9,17 +9,24 @@
 //! holds, "PyGILState_Release: thread state ... must be current"), right after the exit warning
 //! said that everything went as planned.
 //!
-//! So the calls where a delivery thread waits for the GIL or runs Python code for long (taking
-//! the GIL, the sink call, a receipt's completion, a failure's log record, the release of the
-//! references it dropped, whose `__del__` may run) go through `extern "C-unwind"` declarations
-//! here, and the first Rust frame the unwind reaches parks the thread for good
-//! ([`ParkOnUnwind`]): the process is exiting, and ends it with its other threads. CPython 3.14
-//! hangs such threads itself, and PyO3 0.25 does the same for its own GIL acquisition. A Rust
-//! panic still unwinds as before, to the engine's `catch_unwind`.
+//! PyO3 (0.24 for taking the GIL, 0.29 for taking it back after `Python::detach`) declares the
+//! functions that wait for the GIL `extern "C-unwind"` and hangs the thread there itself, as
+//! CPython 3.14 does: [`attach`], and every PyO3 wait that releases the GIL (a sink calling
+//! `other.send()` into a full conveyor, `flush()`, `Receipt.result()`), park instead of
+//! aborting.
+//!
+//! The unwind can still start inside a call that runs Python code, when that code releases the
+//! GIL and takes it back in CPython's own frames (a sink's `time.sleep`, an item's `__del__`),
+//! and pyo3-ffi declares those calls plain `"C"`. So the ones where a delivery thread runs
+//! Python code for long (the sink call, a receipt's completion, a failure's log record, the
+//! release of the references it dropped) go through `extern "C-unwind"` declarations here, and
+//! the first Rust frame the unwind reaches parks the thread for good ([`ParkOnUnwind`]): the
+//! process is exiting, and ends it with its other threads. A Rust panic still unwinds as
+//! before, to the engine's `catch_unwind`.
 //!
 //! Python code also runs inside shorter calls made through PyO3 (an exception's `__str__`, a
 //! garbage collection that an allocation starts): an unwind from there crosses PyO3's frames
-//! and would reach PyO3's GIL guard, which releases a GIL the thread no longer holds. So
+//! and would reach PyO3's attach guard, which releases a GIL the thread no longer holds. So
 //! [`attach`] parks the thread there too, before that guard, and code that Python calls on
 //! a thread of its own (an `async def` sink's completion, on the event-loop thread) runs inside
 //! [`park_on_exit`].
@@ -32,11 +39,10 @@ use pyo3::types::{PyDict, PyTuple};
 use pyo3::BoundObject;
 
 // The same functions as PyO3 declares, with the ABI that lets `pthread_exit`'s unwind reach our
-// frames (PyO3's `extern "C"` ones abort it).
+// frames (PyO3's `extern "C"` ones abort it). Not `PyGILState_Ensure` nor
+// `PyEval_RestoreThread`: PyO3 hangs the thread in those itself (see the module's docs).
 #[allow(clashing_extern_declarations)]
 extern "C-unwind" {
-    #[link_name = "PyGILState_Ensure"]
-    fn gil_state_ensure() -> ffi::PyGILState_STATE;
     #[link_name = "Py_DecRef"]
     fn dec_ref(object: *mut ffi::PyObject);
     #[link_name = "PyObject_Call"]
@@ -74,28 +80,17 @@ pub(crate) fn park_on_exit<R>(f: impl FnOnce() -> R) -> R {
     result
 }
 
-/// `PyGILState_Ensure`, which takes the GIL (waiting for it), for a thread that may meet the
-/// interpreter's finalization; pair it with `ffi::PyGILState_Release`.
-pub(crate) fn gil_ensure() -> ffi::PyGILState_STATE {
-    // SAFETY: PyGILState_Ensure may be called on any thread, with or without a thread state.
-    park_on_exit(|| unsafe { gil_state_ensure() })
-}
-
 /// `Python::attach` for the engine's threads (delivery workers, the threads that settle
 /// receipts), which may wait for the GIL while the interpreter finalizes.
 ///
-/// The GIL is taken here first, where the thread can be parked; PyO3's own `PyGILState_Ensure`
-/// inside then finds it held and never waits. `f` runs parked on exit, inside PyO3's guard:
-/// an unwind from Python code it runs through PyO3 stops before that guard's release.
+/// PyO3 parks the thread itself should it wait for the GIL as the interpreter finalizes. `f`
+/// runs parked on exit, inside PyO3's attach guard: an unwind from Python code it runs through
+/// PyO3 stops before that guard's release.
 pub(crate) fn attach<F, R>(f: F) -> R
 where
     F: for<'py> FnOnce(Python<'py>) -> R,
 {
-    let state = gil_ensure();
-    let result = Python::attach(|py| park_on_exit(|| f(py)));
-    // SAFETY: pairs with the Ensure above, on the same thread, after PyO3's nested pair.
-    unsafe { ffi::PyGILState_Release(state) };
-    result
+    Python::attach(|py| park_on_exit(|| f(py)))
 }
 
 /// Releases one reference (`Py_DECREF`), whose object's `__del__` may run Python code for

@@ -140,9 +140,13 @@ fn keep_thread_state() {
         if !has.get() {
             // Ensure takes the GIL and creates the thread state; SaveThread releases the GIL but
             // keeps the state, whose gilstate counter stays at 1 for the life of the thread.
-            finalizing::gil_ensure();
-            // SAFETY: this thread holds the GIL, taken just above.
-            unsafe { pyo3::ffi::PyEval_SaveThread() };
+            // PyO3's Ensure parks the thread should the interpreter be finalizing.
+            // SAFETY: PyGILState_Ensure may be called on any thread, with or without a thread
+            // state, and SaveThread right after it, holding the GIL it took.
+            unsafe {
+                pyo3::ffi::PyGILState_Ensure();
+                pyo3::ffi::PyEval_SaveThread();
+            }
             has.set(true);
         }
     });

@@ -244,6 +244,26 @@ print("exiting", flush=True)
     assert_exits_cleanly(code, r"item\(s\) undelivered after waiting drain_timeout=0\.2 s", runs=3)
 
 
+def test_delivery_threads_taking_the_gil_for_their_next_item_at_exit_do_not_crash_it():
+    # Short sink calls on four threads, thousands of items left when the exit drain gives up:
+    # some thread is always waiting to take the GIL for its next call as the interpreter
+    # finalizes, and CPython ends it with pthread_exit there. PyO3's own PyGILState_Ensure
+    # parks it instead; taken through a bare `extern "C"` declaration, most runs aborted
+    # ("FATAL: exception not rethrown").
+    code = """
+import conveyor
+def send_to_space(item):
+    sum(range(3000))
+c = conveyor.Conveyor(send_to_space, drain_timeout=0.05, ordering="keyed", concurrency=4)
+for n in range(30_000):
+    c.send(n, key=str(n % 4))
+print("exiting", flush=True)
+"""
+    assert_exits_cleanly(
+        code, r"item\(s\) undelivered after waiting drain_timeout=0\.05 s", runs=5
+    )
+
+
 @pytest.mark.parametrize(
     "setup",
     [
