@@ -267,13 +267,14 @@ print("exiting", flush=True)
 @pytest.mark.parametrize(
     "setup",
     [
-        # An item's `__del__`, run when the delivery thread releases the items it dropped
-        # (before its next sink call).
+        # An item's `__del__`, run when the delivery thread releases the items it delivered
+        # (after the run of items it took at once). The sink takes as long as the drain waits,
+        # so that items are left undelivered when the exit stops waiting.
         """
 class Item:
     def __del__(self):
         time.sleep(0.3)
-c = conveyor.Conveyor(lambda item: None, drain_timeout=0.1)
+c = conveyor.Conveyor(lambda item: time.sleep(0.1), drain_timeout=0.1)
 for n in range(3):
     c.send(Item())
 """,

@@ -1,7 +1,7 @@
 //! The conveyor handle: accepting items, waiting for them, shutting down.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,7 @@ use crossbeam_utils::{Backoff, CachePadded};
 
 use crate::intake::{Intake, Wake};
 use crate::journal::{DeadLetter, Journal, JournalError, Record, Settlement as Settled};
-use crate::queue::{Room, State, Waiters};
+use crate::queue::{Room, State, Waiters, LEASE_CLOSED};
 use crate::receipt::{Awaited, Inside, NodeContext, NodeRef, OwnWorkers, Receipt};
 use crate::retry::random_u64;
 use crate::stats::{CloseReport, Stats};
@@ -52,6 +52,12 @@ pub(crate) struct Shared<T, R> {
     pub(crate) config: Config,
     /// The journal and its writer, if one was configured. `None` costs the hot path one branch.
     pub(crate) durable: Option<Durable<T>>,
+    /// How many items of its lease (see `State::lease`) the strict worker has claimed, with
+    /// `queue::LEASE_CLOSED` set once a shutdown stops the worker between items: claiming
+    /// and closing are each one atomic operation, so that every item either starts before the
+    /// close, and is reported as possibly called, or never starts. On a line of its own:
+    /// the worker writes it for every item.
+    pub(crate) lease_claim: Arc<CachePadded<AtomicUsize>>,
 }
 
 /// The intake, and two flags that sends and the lookout worker share, on the same lines.
@@ -266,6 +272,18 @@ impl<T, R> Shared<T, R> {
         }
     }
 
+    /// Whether the strict worker runs several items per turn of the state lock (see
+    /// `State::lease`). Not with a journal (each item waits for its append's commit, and its
+    /// settlement is journaled in order under the lock), a rate limit (each item needs its
+    /// slot), nor `DropOldest` (which must not evict an item the worker holds, and would
+    /// otherwise drop a later one instead).
+    pub(crate) fn may_lease(&self) -> bool {
+        self.config.ordering == crate::builder::Ordering::Strict
+            && self.durable.is_none()
+            && self.config.rate_limit.is_none()
+            && self.config.backpressure != Backpressure::DropOldest
+    }
+
     /// Wakes the workers a fast-path send asked for, after it released the intake lock.
     fn wake_after_send(&self, wake: Wake) {
         if wake.thread {
@@ -332,6 +350,11 @@ impl<T, R> Shared<T, R> {
         self.stop_accepting(st);
         if !drain {
             st.stopping = true;
+            // The worker stops between the items of its lease too.
+            if st.leased() {
+                self.lease_claim
+                    .fetch_or(LEASE_CLOSED, AtomicOrdering::AcqRel);
+            }
         }
         self.wake_all();
     }
@@ -341,13 +364,29 @@ impl<T, R> Shared<T, R> {
     /// Returns the report, and what was left, to settle once the shutdown is over.
     fn abandon(&self, st: &mut State<T, R>) -> (CloseReport, Left<T, R>) {
         st.abandoned = true;
+        // Settled already: they only drop, with what is left, once the shutdown is over.
+        let mut delivered = Vec::new();
+        self.close_lease(st, &mut delivered);
         self.wake_all();
         let report = CloseReport {
             stats: st.stats(),
             left: st.unsettled(),
             drained: st.unsettled() == 0,
         };
-        (report, Left(st.unsettled_nodes()))
+        let mut left = st.unsettled_nodes();
+        left.extend(delivered.into_iter().map(|node| (node, false)));
+        (report, Left(left))
+    }
+
+    /// Closes the worker's lease, if it has one, for a shutdown that stops it between items
+    /// (see `State::close_lease`); the delivered items it takes off the lane go into `release`.
+    pub(crate) fn close_lease(&self, st: &mut State<T, R>, release: &mut Vec<NodeRef<T, R>>) {
+        if st.leased() {
+            let claimed = self
+                .lease_claim
+                .fetch_or(LEASE_CLOSED, AtomicOrdering::AcqRel);
+            st.close_lease(claimed & !LEASE_CLOSED, release);
+        }
     }
 
     /// The last worker left a conveyor that was not closed: the Tokio runtime its async sink
@@ -380,7 +419,7 @@ impl<T, R> Shared<T, R> {
     }
 
     /// Every sender waiting for room (blocking or async) looks again.
-    fn wake_all_senders(&self) {
+    pub(crate) fn wake_all_senders(&self) {
         self.space.notify_all();
         self.space_async.notify_waiters();
     }
@@ -699,6 +738,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             );
         }
         state.seq_limit = opened.as_ref().map(|d| d.seq_limit.clone());
+        let lease_claim = state.lease_claim.clone();
         // Prefix of every `Delivery::idempotency_key`: the journal's id with a journal (stable
         // across restarts), else random per conveyor.
         // The nodes' context keeps a weak reference to the conveyor (see `NodeContext`).
@@ -726,6 +766,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
                 shutdown_async: Notify::new(),
                 config,
                 durable: opened,
+                lease_claim,
             }
         });
         let mut conveyor = Conveyor {

@@ -5,7 +5,10 @@
 //! after releasing the lock (a receipt callback may take other locks, the GIL...).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering as AtomicOrdering};
+
+use crossbeam_utils::CachePadded;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -133,6 +136,41 @@ impl<T, R> Lane<T, R> {
     }
 }
 
+/// An item at the head of the strict lane lent to its worker (see `State::lease`). The lane
+/// keeps the item, and the reference that keeps its node alive, until the lease ends.
+pub(crate) struct Leased<T, R> {
+    pub(crate) node: NonNull<Node<T, R>>,
+    pub(crate) attempts: u32,
+    pub(crate) attempt_limit: u32,
+}
+
+/// Set in `Shared::lease_claim` once a shutdown closed the lease: no item after those claimed
+/// starts.
+pub(crate) const LEASE_CLOSED: usize = 1 << (usize::BITS - 1);
+
+/// The strict lane's head items lent to its (only) worker, which runs them one after another
+/// without taking the state lock between them: each item's sink call, then its receipt, then
+/// the next item's call. They stay at the head of the lane meanwhile, where shutdown finds
+/// them; the first counts as in flight, the others as queued, until the worker reports them
+/// done. What a user can observe: `stats()` may show an item whose receipt settled as still
+/// in flight or queued (not yet delivered) until the worker's next turn of the lock, at the
+/// end of the lease, at most `worker::LEASE` items later; the last item of a lease is
+/// counted before its receipt settles, as every item was before leases, so once every
+/// receipt sent so far has settled, `stats()` counts them all.
+///
+/// Before each sink call the worker claims the item (see `Shared::lease_claim`); a shutdown
+/// that closes the lease (`State::close_lease`) learns how many it claimed, and every item
+/// after those never starts.
+struct Lease {
+    /// Items of the lease still at the head of the lane.
+    len: usize,
+    /// Items of the lease `close_lease` took off the lane.
+    taken: usize,
+    /// Set by `close_lease`: whether the head item was claimed by then (its sink call may have
+    /// begun), all the claimed items before it having been delivered and taken off the lane.
+    closed: Option<bool>,
+}
+
 /// A worker's job as shutdown sees it.
 struct InFlight<T, R> {
     node: NodeRef<T, R>,
@@ -213,6 +251,11 @@ pub(crate) struct State<T, R> {
     pub(crate) seq_limit: Option<Arc<AtomicU64>>,
     /// The buffer `Shared::drain` moves the intake's items through, kept between drains.
     pub(crate) drained: Vec<NodeRef<T, R>>,
+    /// The strict lane's head items its worker runs without taking this lock between them.
+    lease: Option<Lease>,
+    /// How many items of its lease the worker has claimed (see `Shared::lease_claim`, the
+    /// same counter), for `stats` to count those it delivered since.
+    pub(crate) lease_claim: Arc<CachePadded<AtomicUsize>>,
 }
 
 impl<T, R> State<T, R> {
@@ -240,6 +283,8 @@ impl<T, R> State<T, R> {
             replaying: false,
             seq_limit: None,
             drained: Vec::new(),
+            lease: None,
+            lease_claim: Arc::default(),
         }
     }
 
@@ -312,7 +357,9 @@ impl<T, R> State<T, R> {
             .iter()
             .zip(&self.waiting_inside)
             .zip(&self.settling_by)
-            .any(|((job, &waiting), &settling)| (job.is_some() || settling > 0) && !waiting);
+            .any(|((job, &waiting), &settling)| {
+                (job.is_some() || settling > 0 || self.lease.is_some()) && !waiting
+            });
         free > 0 && (busy || self.startable_exactly())
     }
 
@@ -320,15 +367,16 @@ impl<T, R> State<T, R> {
     /// `worker` is done with the job it holds: it is that job, or it is behind it in a lane
     /// that runs one item at a time (the strict lane, a keyed lane).
     pub(crate) fn held_by(&self, worker: usize, seq: u64, key: Option<&Arc<str>>) -> bool {
-        let Some(held) = &self.in_flight_nodes[worker] else {
-            return false;
+        // A lease's items wait for the item its worker runs, the first of them left.
+        let held = match (&self.in_flight_nodes[worker], self.main.queue.front()) {
+            (Some(held), _) => &held.node,
+            (None, Some(head)) if self.lease.is_some() => &head.node,
+            _ => return false,
         };
-        let held_seq = held.node.seq();
+        let held_seq = held.seq();
         let one_at_a_time = self.keyed || self.in_flight_nodes.len() == 1;
         seq == held_seq
-            || (one_at_a_time
-                && seq > held_seq
-                && self.lane_id(key) == self.lane_id(held.node.key()))
+            || (one_at_a_time && seq > held_seq && self.lane_id(key) == self.lane_id(held.key()))
     }
 
     /// As `startable`, without trusting stale entries of `ready`.
@@ -399,7 +447,15 @@ impl<T, R> State<T, R> {
     }
 
     pub(crate) fn stats(&self) -> Stats {
-        let c = &self.counters;
+        let mut c = self.counters;
+        // The items of an open lease before the last one its worker claimed were delivered,
+        // and their receipts settled (see `Lease`): counted as such, though still in the lane.
+        if let Some(lease) = self.lease.as_ref().filter(|l| l.closed.is_none()) {
+            let claimed = self.lease_claim.load(AtomicOrdering::Acquire) & !LEASE_CLOSED;
+            let delivered = claimed.min(lease.len).saturating_sub(1) as u64;
+            c.delivered += delivered;
+            c.queued -= delivered;
+        }
         Stats {
             accepted: c.accepted,
             delivered: c.delivered,
@@ -503,7 +559,8 @@ impl<T, R> State<T, R> {
         // A head behind an undecodable item is not the oldest: that item is, and it has no
         // receipt to drop it through.
         let job = if !self.keyed {
-            if self.main.paused || !self.main.head_may_start() {
+            // Never an item lent to the worker (no lease is made under `DropOldest`).
+            if self.main.paused || self.lease.is_some() || !self.main.head_may_start() {
                 return None;
             }
             let job = self.main.queue.pop_front()?;
@@ -568,6 +625,90 @@ impl<T, R> State<T, R> {
             called: job.start_at.is_none() && self.seq_limit.is_none(),
         });
         Some(job)
+    }
+
+    /// Lends the strict lane's worker up to `max` items from the head of the lane (into
+    /// `into`), if its head may start (see `Lease`). Never with a rate limit: each item would
+    /// need its slot.
+    pub(crate) fn lease(&mut self, max: usize, into: &mut Vec<Leased<T, R>>) -> bool {
+        into.clear();
+        if self.keyed
+            || self.lease.is_some()
+            || self.limiter.is_some()
+            || !self.main_runnable()
+            || !self.main.undecodable.is_empty()
+        {
+            return false;
+        }
+        let len = self.main.queue.len().min(max);
+        if len == 0 {
+            return false;
+        }
+        into.extend(self.main.queue.iter().take(len).map(|job| Leased {
+            node: job.node.as_ptr(),
+            attempts: job.attempts,
+            attempt_limit: job.attempt_limit,
+        }));
+        self.counters.queued -= 1;
+        self.counters.in_flight += 1;
+        self.main.in_flight += 1;
+        self.lease = Some(Lease {
+            len,
+            taken: 0,
+            closed: None,
+        });
+        true
+    }
+
+    /// Whether the worker holds a lease (see `Lease`).
+    pub(crate) fn leased(&self) -> bool {
+        self.lease.is_some()
+    }
+
+    /// Takes the first `done` items of the lease off the lane, delivered, into `release` (their
+    /// nodes drop outside the lock: an item's drop is user code). The lease's first item left,
+    /// if any, now counts as in flight.
+    fn take_delivered(&mut self, done: usize, release: &mut Vec<NodeRef<T, R>>) {
+        let lease = self.lease.as_mut().expect("a lease");
+        assert!(done <= lease.len, "{done} of a lease of {}", lease.len);
+        lease.len -= done;
+        release.extend(self.main.queue.drain(..done).map(|job| job.node));
+        self.counters.delivered += done as u64;
+        if done > 0 && lease.len == 0 {
+            // The one counted as in flight, and the others.
+            self.counters.in_flight -= 1;
+            self.counters.queued -= done as u64 - 1;
+        } else {
+            self.counters.queued -= done as u64;
+        }
+    }
+
+    /// Ends the lease: its first `done` items were delivered, and go into `release` (but those
+    /// `close_lease` took already), in order; the others stay queued.
+    pub(crate) fn end_lease(&mut self, done: usize, release: &mut Vec<NodeRef<T, R>>) {
+        let taken = self.lease.as_ref().expect("a lease").taken;
+        self.take_delivered(done - taken, release);
+        let lease = self.lease.take().expect("a lease");
+        self.main.in_flight -= 1;
+        if lease.len > 0 {
+            self.counters.queued += 1;
+            self.counters.in_flight -= 1;
+        }
+    }
+
+    /// For a shutdown that stops the worker between items: the worker had claimed `claimed`
+    /// items of the lease when it was closed (see `Lease`). Those before the last claimed were
+    /// delivered, and their receipts settled: they leave the lane (into `release`), so that
+    /// the shutdown's report and `unsettled_nodes` count only what is left.
+    pub(crate) fn close_lease(&mut self, claimed: usize, release: &mut Vec<NodeRef<T, R>>) {
+        if !self.lease.as_ref().is_some_and(|l| l.closed.is_none()) {
+            return;
+        }
+        let delivered = claimed.saturating_sub(1);
+        self.take_delivered(delivered, release);
+        let lease = self.lease.as_mut().expect("checked above");
+        lease.taken = delivered;
+        lease.closed = Some(claimed > 0 && lease.len > 0);
     }
 
     /// Reserves the next rate-limit slot from now, if a limit is set, and returns when it
@@ -818,11 +959,19 @@ impl<T, R> State<T, R> {
     /// Every item not settled yet (queued, held, or in flight), with whether its sink call
     /// may have begun, for shutdown to report. The items stay where they are.
     pub(crate) fn unsettled_nodes(&self) -> Vec<(NodeRef<T, R>, bool)> {
+        // The item a closed lease's worker had claimed: its call may have begun.
+        let claimed = self.lease.as_ref().is_some_and(|l| l.closed == Some(true));
+        let main = self
+            .main
+            .queue
+            .iter()
+            .enumerate()
+            .map(|(i, j)| (j.node.clone(), claimed && i == 0));
         let queued = self
             .lanes
             .values()
-            .chain(std::iter::once(&self.main))
-            .flat_map(|l| l.queue.iter().map(|j| (j.node.clone(), false)));
+            .flat_map(|l| l.queue.iter().map(|j| (j.node.clone(), false)))
+            .chain(main);
         let in_flight = self
             .in_flight_nodes
             .iter()

@@ -323,6 +323,25 @@ unsafe impl<N: Headed + Send + Sync> Send for Counted<N> {}
 unsafe impl<N: Headed + Send + Sync> Sync for Counted<N> {}
 
 impl<N: Headed> Counted<N> {
+    /// Where the node lives, for [`Counted::borrow_raw`].
+    pub(crate) fn as_ptr(&self) -> NonNull<N> {
+        self.node
+    }
+
+    /// A reference to the node at `node` that does not own a count: it gives nothing back
+    /// when dropped.
+    ///
+    /// # Safety
+    ///
+    /// `node` came from [`Counted::as_ptr`], and another reference keeps the node alive for as
+    /// long as the one returned is used.
+    pub(crate) unsafe fn borrow_raw(node: NonNull<N>) -> ManuallyDrop<Self> {
+        ManuallyDrop::new(Self {
+            node,
+            _owns: PhantomData,
+        })
+    }
+
     fn head(&self) -> &Head {
         // SAFETY: `Headed` puts the head at the start of the node, which is alive while
         // this reference is.

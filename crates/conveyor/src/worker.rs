@@ -10,6 +10,7 @@ use std::cell::Cell;
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
+use std::sync::atomic::Ordering as AtomicOrdering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -20,8 +21,10 @@ use crate::durable::{Durable, Op};
 use crate::error::{panic_message, SinkError};
 use crate::intake::Wake;
 use crate::journal::Settlement as Settled;
-use crate::queue::{Job, Outcome, Settlement, State};
+use crate::queue::{Job, Leased, Outcome, Settlement, State};
 use crate::receipt::{settle_and_release, Delivery, Panic};
+use crate::receipt::{Node, NodeRef};
+use crate::slab::Counted;
 
 type BlockingFn<T, R> = dyn Fn(Delivery<T>) -> Result<R, SinkError> + Send + Sync;
 pub(crate) type BoxFuture<R> = Pin<Box<dyn Future<Output = Result<R, SinkError>> + Send>>;
@@ -40,6 +43,8 @@ const WRITTEN_CHECK: Duration = Duration::from_millis(50);
 pub(crate) enum Step<T, R> {
     /// Run this job, after waking the idle workers named (outside the state lock).
     Run(Job<T, R>, Wake),
+    /// Run the leased items, after waking the idle workers named.
+    Lease(Wake),
     Wait,
     Exit,
 }
@@ -67,6 +72,39 @@ struct Finished<T, R> {
     journal_error: Option<String>,
 }
 
+/// Most items a strict worker runs per turn of the state lock (see `State::lease`): enough
+/// to make the lock's share of an instant sink's item small, few enough that `stats()` lags
+/// little behind the receipts.
+const LEASE: usize = 32;
+
+/// A strict worker's side of its leases (see `State::lease`).
+struct Leasing<T, R> {
+    /// The items of the current lease, in order.
+    items: Vec<Leased<T, R>>,
+    /// How the last lease ended, for `step` to record.
+    ended: Option<LeaseEnd<R>>,
+    /// Nodes of delivered items taken off the lane, to drop outside the state lock (an item's
+    /// drop is user code).
+    release: Vec<NodeRef<T, R>>,
+}
+
+/// How many items of a lease were delivered, and the reply of the last if its receipt is not
+/// settled yet (it settles after `step` counts it, as a job's receipt does).
+struct LeaseEnd<R> {
+    done: usize,
+    last: Option<R>,
+}
+
+/// How a lease's run ended.
+enum LeaseRan<R> {
+    Ended(LeaseEnd<R>),
+    /// After `done` items, the next one's first attempt failed: it goes on as a job.
+    Failed {
+        done: usize,
+        error: SinkError,
+    },
+}
+
 /// After a failed attempt: try again at this instant, or stop with this outcome.
 enum Next<R> {
     RetryAt(Instant),
@@ -83,6 +121,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         finished: Option<Finished<T, R>>,
         settle: &mut Vec<Settlement<T, R>>,
         lookout: &mut Lookout,
+        mut leasing: Option<&mut Leasing<T, R>>,
     ) -> Step<T, R> {
         if let Some(Finished {
             job,
@@ -105,10 +144,45 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
             }
             self.wake_flushers(st);
         }
+        if let Some(LeaseEnd { done, last }) = leasing.as_mut().and_then(|l| l.ended.take()) {
+            let leasing = leasing.as_deref_mut().expect("it ended a lease");
+            let last_settles = last.is_some();
+            st.end_lease(done, &mut leasing.release);
+            // The lease's items leave the queue only now, all at once: every sender waiting
+            // for room looks again (taking the next job or lease wakes only one).
+            if done > 1 && (st.waiters.blocked_senders > 0 || st.waiters.async_senders > 0) {
+                self.wake_all_senders();
+            }
+            if let Some(reply) = last {
+                let node = leasing
+                    .release
+                    .pop()
+                    .expect("the lease's last item was delivered");
+                settle.push((node, Ok(reply)));
+            }
+            // As for a job: counted until settled and dropped outside the lock (`settle_all`),
+            // so that `flush` returns after the items' drops, as it did before leases.
+            let settling = u64::from(last_settles) + leasing.release.len() as u64;
+            st.settling_by[worker] += settling;
+            self.wake_flushers(st);
+        }
         // Whatever this step does changes what the others can do.
         self.wake_waiting_inside(st);
         if st.abandoned || st.stopping {
             return Step::Exit;
+        }
+        if let Some(leasing) = leasing {
+            let items = &mut leasing.items;
+            if st.lease(LEASE, items) || (self.drain(st) && st.lease(LEASE, items)) {
+                // Under the state lock, which a shutdown closing the lease holds too.
+                self.lease_claim.store(0, AtomicOrdering::Relaxed);
+                if std::mem::take(&mut lookout.held) {
+                    self.release_lookout(st);
+                }
+                lookout.retake = std::mem::take(&mut lookout.looked) && st.idle_workers > 0;
+                self.wake_one_sender(st);
+                return Step::Lease(self.pass_work_on(st));
+            }
         }
         let next = match st.next_job(worker) {
             Some(job) => Some(job),
@@ -363,22 +437,97 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         }
     }
 
+    /// Runs a lease's items one after another (see `State::lease`), settling each receipt
+    /// before the next call, but the last one's.
+    fn run_lease(
+        &self,
+        sink: &BlockingFn<T, R>,
+        worker: usize,
+        items: &[Leased<T, R>],
+    ) -> LeaseRan<R> {
+        for (i, item) in items.iter().enumerate() {
+            // Claimed before its call: a shutdown that closed the lease first (see
+            // `Shared::close_lease`) reports it, unstarted, as closed; one that closes it later
+            // sees the claim, and reports it as possibly called.
+            let claim = self.lease_claim.compare_exchange(
+                i,
+                i + 1,
+                AtomicOrdering::AcqRel,
+                AtomicOrdering::Acquire,
+            );
+            if claim.is_err() {
+                return LeaseRan::Ended(LeaseEnd {
+                    done: i,
+                    last: None,
+                });
+            }
+            // SAFETY: the lane keeps a claimed item, and its node, until the worker ends the
+            // lease (`State::end_lease`); only the items before it may leave the lane earlier
+            // (`State::close_lease`).
+            let node = unsafe { Counted::borrow_raw(item.node) };
+            let delivery = Delivery::new(&node, item.attempts + 1, item.attempt_limit);
+            // The thread runs as this worker's sink call throughout (see `thread_worker`).
+            let result = catch_unwind(AssertUnwindSafe(|| sink(delivery)))
+                .unwrap_or_else(|panic| Err(SinkError::from_panic(&*panic)));
+            match result {
+                Ok(reply) if i + 1 == items.len() => {
+                    return LeaseRan::Ended(LeaseEnd {
+                        done: i + 1,
+                        last: Some(reply),
+                    })
+                }
+                Ok(reply) => settle_leased(self, worker, &node, reply),
+                Err(error) => return LeaseRan::Failed { done: i, error },
+            }
+        }
+        unreachable!("a lease is never empty, and its last item returns")
+    }
+
+    /// After a lease's item failed its first attempt: ends the lease after the `done` items
+    /// delivered before it, and takes the failed item as the worker's job, so that it is
+    /// retried, fails or pauses its lane as any job does.
+    fn job_after_lease(
+        &self,
+        worker: usize,
+        done: usize,
+        release: &mut Vec<NodeRef<T, R>>,
+    ) -> Job<T, R> {
+        let mut st = self.lock();
+        st.end_lease(done, release);
+        // Dropped by `settle_all`, which counts them as settled.
+        st.settling_by[worker] += release.len() as u64;
+        self.wake_flushers(&st);
+        let mut job = st
+            .next_job(worker)
+            .expect("nothing but its worker takes the strict lane's head");
+        // The attempt that failed.
+        job.attempts += 1;
+        job
+    }
+
     fn delivery(&self, job: &mut Job<T, R>) -> Delivery<T> {
         job.attempts += 1;
         Delivery::new(&job.node, job.attempts, job.attempt_limit)
     }
 
+    /// Runs `job` until it ends; `made`: the result of an attempt made already.
     fn run_blocking(
         &self,
         sink: &BlockingFn<T, R>,
         worker: usize,
         job: &mut Job<T, R>,
+        mut made: Option<Result<R, SinkError>>,
     ) -> Outcome<R> {
         // A retry is scheduled (see `State::schedule_retry`), not a rate-limit slot.
         let mut retry = false;
         // With a journal, the first attempt waits for the item to be on disk.
-        let mut unwritten = self.durable.is_some();
+        let mut unwritten = self.durable.is_some() && made.is_none();
         loop {
+            if let Some(result) = made.take() {
+                if let Some(outcome) = self.attempt_ended(worker, job, result, &mut retry) {
+                    return outcome;
+                }
+            }
             let check_written = std::mem::take(&mut unwritten);
             if job.start_at.is_some() || check_written {
                 if let Some(at) = job.start_at.take() {
@@ -464,12 +613,25 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
     let mut settle = Vec::new();
     let mut done = 0;
     let mut lookout = Lookout::default();
+    // A strict worker runs its lane's head items several per turn of the state lock.
+    let mut leasing = shared.may_lease().then(|| Leasing {
+        items: Vec::with_capacity(LEASE),
+        ended: None,
+        release: Vec::with_capacity(LEASE),
+    });
     loop {
         // With the idle workers to wake once the state lock is released.
         let (step, wake) = {
             let mut st = shared.lock();
             shared.settled_outside(&mut st, worker, std::mem::take(&mut done));
-            let mut step = shared.step(&mut st, worker, finished.take(), &mut settle, &mut lookout);
+            let mut step = shared.step(
+                &mut st,
+                worker,
+                finished.take(),
+                &mut settle,
+                &mut lookout,
+                leasing.as_mut(),
+            );
             let mut spun = false;
             // Settle what just finished before sleeping: its receipt must not wait
             // for the next item to arrive.
@@ -480,20 +642,24 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
                     drop(st);
                     shared.spin_for_items();
                     st = shared.lock();
-                    step = shared.step(&mut st, worker, None, &mut settle, &mut lookout);
-                    continue;
-                }
-                // Registered under the state lock, which this thread holds until `wait`
-                // releases it: a send that sees the registration cannot notify too early.
-                if shared.register_idle(&mut st, true, &mut lookout.held) {
+                } else if shared.register_idle(&mut st, true, &mut lookout.held) {
+                    // Registered under the state lock, which this thread holds until `wait`
+                    // releases it: a send that sees the registration cannot notify too early.
                     st = shared.wait(&shared.work, st);
                     shared.unregister_idle(&mut st, true);
                 }
-                step = shared.step(&mut st, worker, None, &mut settle, &mut lookout);
+                step = shared.step(
+                    &mut st,
+                    worker,
+                    None,
+                    &mut settle,
+                    &mut lookout,
+                    leasing.as_mut(),
+                );
             }
             // A job was taken with the lookout already given up (see `step`).
             let wake = match &step {
-                Step::Run(_, wake) => *wake,
+                Step::Run(_, wake) | Step::Lease(wake) => *wake,
                 Step::Exit => {
                     if std::mem::take(&mut lookout.held) {
                         shared.release_lookout(&mut st);
@@ -516,11 +682,40 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
         // meanwhile the wake-up counts as pending, and sends wake nobody.
         shared.notify_workers(wake);
         // An exiting worker stopped counting as live before it settles what it has left.
-        done = settle_all(&shared, worker, &mut settle, !matches!(step, Step::Exit));
+        let release = leasing.as_mut().map(|l| &mut l.release);
+        done = settle_all(
+            &shared,
+            worker,
+            &mut settle,
+            release,
+            !matches!(step, Step::Exit),
+        );
         match step {
             Step::Run(mut job, _) => {
-                let outcome = shared.run_blocking(&*sink, worker, &mut job);
+                let outcome = shared.run_blocking(&*sink, worker, &mut job, None);
                 finished = Some(shared.finished(job, outcome));
+                if std::mem::take(&mut lookout.retake) {
+                    lookout.held = shared.retake_lookout();
+                    lookout.looked = lookout.held;
+                }
+            }
+            Step::Lease(_) => {
+                let leasing = leasing.as_mut().expect("only a leasing worker leases");
+                match shared.run_lease(&*sink, worker, &leasing.items) {
+                    LeaseRan::Ended(end) => leasing.ended = Some(end),
+                    LeaseRan::Failed {
+                        done: delivered,
+                        error,
+                    } => {
+                        let release = &mut leasing.release;
+                        let mut job = shared.job_after_lease(worker, delivered, release);
+                        let release = Some(&mut leasing.release);
+                        done += settle_all(&shared, worker, &mut settle, release, true);
+                        let made = Some(Err(error));
+                        let outcome = shared.run_blocking(&*sink, worker, &mut job, made);
+                        finished = Some(shared.finished(job, outcome));
+                    }
+                }
                 if std::mem::take(&mut lookout.retake) {
                     lookout.held = shared.retake_lookout();
                     lookout.looked = lookout.held;
@@ -569,13 +764,14 @@ async fn async_worker_loop<T: Send + Sync + 'static, R: Send + 'static>(
             task.report(&mut st);
             // Tasks never hold the lookout: they do not spin.
             let lookout = &mut Lookout::default();
-            let mut step = shared.step(&mut st, worker, finished.take(), &mut settle, lookout);
+            let mut step =
+                shared.step(&mut st, worker, finished.take(), &mut settle, lookout, None);
             while matches!(step, Step::Wait) && !task.idle {
                 notified.as_mut().enable();
                 task.idle = shared.register_idle(&mut st, false, &mut lookout.held);
                 if !task.idle {
                     // Items arrived since the step looked: take them.
-                    step = shared.step(&mut st, worker, None, &mut settle, lookout);
+                    step = shared.step(&mut st, worker, None, &mut settle, lookout, None);
                 }
             }
             if let Step::Exit = step {
@@ -592,13 +788,20 @@ async fn async_worker_loop<T: Send + Sync + 'static, R: Send + 'static>(
         if let Step::Run(_, wake) = &step {
             shared.notify_workers(*wake);
         }
-        task.done = settle_all(&shared, worker, &mut settle, !matches!(step, Step::Exit));
+        task.done = settle_all(
+            &shared,
+            worker,
+            &mut settle,
+            None,
+            !matches!(step, Step::Exit),
+        );
         match step {
             Step::Run(mut job, _) => {
                 let outcome = shared.run_async(&*sink, worker, &mut job).await;
                 finished = Some(shared.finished(job, outcome));
             }
             // Report fresh settlements before sleeping: a flush may be waiting for them.
+            Step::Lease(_) => unreachable!("tasks lease nothing"),
             Step::Wait if task.done > 0 => {}
             Step::Wait => notified.await,
             Step::Exit => return task.report(&mut shared.lock()),
@@ -730,15 +933,18 @@ impl Drop for RestoreHere {
     }
 }
 
-/// Settles receipts outside the state lock (their callbacks are user code); returns how
-/// many, for `Shared::settled_outside`. `live_worker`: the worker still counts as live.
+/// Settles receipts outside the state lock (their callbacks are user code), then drops the
+/// nodes of lease items in `release`; returns how many of both, for `Shared::settled_outside`.
+/// `live_worker`: the worker still counts as live.
 fn settle_all<T, R>(
     shared: &Shared<T, R>,
     worker: usize,
     settle: &mut Vec<Settlement<T, R>>,
+    release: Option<&mut Vec<NodeRef<T, R>>>,
     live_worker: bool,
 ) -> u64 {
-    let n = settle.len() as u64;
+    let release = release.filter(|r| !r.is_empty());
+    let n = (settle.len() + release.as_ref().map_or(0, |r| r.len())) as u64;
     if n == 0 {
         return 0;
     }
@@ -758,7 +964,25 @@ fn settle_all<T, R>(
         settled.unwrap_or_else(log_settling_panic);
         dropped.unwrap_or_else(log_settling_panic);
     }
+    // The last reference drops the item: user code, as above.
+    for node in release.into_iter().flat_map(|r| r.drain(..)) {
+        catch_unwind(AssertUnwindSafe(move || drop(node))).unwrap_or_else(log_settling_panic);
+    }
     n
+}
+
+/// Settles the receipt of a lease's item right after its sink call, outside the state lock,
+/// as `settle_all` does (the lane keeps the node: see `State::lease`).
+fn settle_leased<T, R>(shared: &Shared<T, R>, worker: usize, node: &Node<T, R>, reply: R) {
+    let here = WorkerHere {
+        conveyor: std::ptr::from_ref(shared) as usize,
+        worker,
+        receipts: 1,
+        in_sink: false,
+        live_worker: true,
+    };
+    let _restore = RestoreHere(WORKER_HERE.with(|h| h.replace(here)));
+    catch_unwind(AssertUnwindSafe(|| node.settle(Ok(reply)))).unwrap_or_else(log_settling_panic);
 }
 
 #[cold]

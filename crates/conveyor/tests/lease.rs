@@ -1,0 +1,270 @@
+//! A strict worker runs the head items of its lane several per turn of the state lock (a
+//! lease): each receipt still settles before the next item's sink call, failures go back to
+//! the one-item path in order, and a shutdown stops the worker between the items it holds.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{sleep_ms, Gate, Recorder, GENEROUS};
+use conveyor::{Conveyor, Delivery, DeliveryError, OnFailure, Retry, SinkError, Stats};
+
+const ITEMS: u64 = 200;
+
+fn balanced(s: &Stats) -> bool {
+    s.accepted == s.delivered + s.failed + s.dropped + s.queued + s.in_flight
+}
+
+/// Sends `ITEMS` items while the sink holds item 0 in `gate`, so that the worker then takes
+/// the whole backlog at its next turn of the lock.
+fn backlog<R>(c: &Conveyor<u64, R>, gate: &Gate) -> Vec<conveyor::Receipt<R>>
+where
+    R: Send + 'static,
+{
+    let receipts: Vec<_> = (0..ITEMS).map(|i| c.send(i).unwrap()).collect();
+    gate.wait_for_callers(1);
+    receipts
+}
+
+/// A conveyor whose sink records every call in `rec` and holds item 0 in `first` and item
+/// `at` in `then`.
+fn held_at_0_and(
+    at: u64,
+    first: &Arc<Gate>,
+    then: &Arc<Gate>,
+    rec: &Arc<Recorder>,
+) -> Conveyor<u64> {
+    let (g1, g2, r) = (first.clone(), then.clone(), rec.clone());
+    Conveyor::builder()
+        .build(move |d: Delivery<u64>| {
+            let call = r.enter(&d);
+            r.leave(call);
+            match *d.item() {
+                0 => g1.pass(),
+                n if n == at => g2.pass(),
+                _ => {}
+            }
+            Ok(())
+        })
+        .unwrap()
+}
+
+/// Every receipt of a backlog settles (its callback done) before the next item reaches the
+/// sink, and `stats()` stays balanced while the worker runs the backlog.
+#[test]
+fn each_receipt_settles_before_the_next_call() {
+    let gate = Gate::new();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (g, l) = (gate.clone(), log.clone());
+    let c: Arc<Conveyor<u64>> = Arc::new(
+        Conveyor::builder()
+            .build(move |d: Delivery<u64>| {
+                if *d.item() == 0 {
+                    g.pass();
+                }
+                l.lock().unwrap().push(format!("call {}", d.item()));
+                Ok(())
+            })
+            .unwrap(),
+    );
+    let receipts = backlog(&c, &gate);
+    for (i, r) in receipts.into_iter().enumerate() {
+        let l = log.clone();
+        r.on_settled(move |outcome| {
+            assert!(outcome.is_ok());
+            l.lock().unwrap().push(format!("settled {i}"));
+        });
+    }
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = std::thread::spawn({
+        let (c, done) = (c.clone(), done.clone());
+        move || {
+            let mut looks = 0u64;
+            while !done.load(AtomicOrdering::SeqCst) {
+                let s = c.stats();
+                assert!(balanced(&s), "{s:?}");
+                assert!(s.in_flight <= 1, "{s:?}");
+                looks += 1;
+            }
+            looks
+        }
+    });
+    gate.open();
+    c.flush();
+    done.store(true, AtomicOrdering::SeqCst);
+    assert!(watcher.join().unwrap() > 0);
+    let expected: Vec<String> = (0..ITEMS)
+        .flat_map(|i| [format!("call {i}"), format!("settled {i}")])
+        .collect();
+    assert_eq!(*log.lock().unwrap(), expected);
+    let s = c.stats();
+    assert_eq!((s.delivered, s.queued, s.in_flight), (ITEMS, 0, 0), "{s:?}");
+}
+
+/// Once the last receipt sent has settled, `stats()` counts every item as delivered: the
+/// counters of a run of items move no later than the last one's receipt settles.
+#[test]
+fn stats_count_every_item_once_the_last_receipt_settled() {
+    let gate = Gate::new();
+    let g = gate.clone();
+    let c: Conveyor<u64> = Conveyor::builder()
+        .build(move |d: Delivery<u64>| {
+            if *d.item() == 0 {
+                g.pass();
+            }
+            Ok(())
+        })
+        .unwrap();
+    let receipts = backlog(&c, &gate);
+    gate.open();
+    let last = receipts.into_iter().last().unwrap();
+    last.wait().unwrap();
+    let s = c.stats();
+    assert_eq!((s.delivered, s.queued, s.in_flight), (ITEMS, 0, 0), "{s:?}");
+}
+
+/// While the worker runs a backlog, `stats()` counts the items it delivered so far, not only
+/// those of its earlier turns of the lock: with a slow sink a run of items takes long (the exit
+/// notices of the Python package report what is left from them).
+#[test]
+fn stats_count_what_the_worker_delivered_in_the_middle_of_a_backlog() {
+    let (first, later) = (Gate::new(), Gate::new());
+    let c = held_at_0_and(10, &first, &later, &Recorder::new());
+    let receipts = backlog(&c, &first);
+    first.open();
+    later.wait_for_callers(1);
+    let s = c.stats();
+    assert_eq!(
+        (s.delivered, s.in_flight, s.queued),
+        (10, 1, ITEMS - 11),
+        "{s:?}"
+    );
+    later.open();
+    receipts.into_iter().last().unwrap().wait().unwrap();
+    assert_eq!(c.stats().delivered, ITEMS);
+}
+
+/// In the middle of a backlog: a retryable failure is retried in place, a permanent one fails
+/// its item alone, and the items behind them keep their order.
+#[test]
+fn failures_in_a_backlog_are_retried_or_failed_in_order() {
+    let gate = Gate::new();
+    let rec = Recorder::new();
+    let (g, r) = (gate.clone(), rec.clone());
+    let c: Conveyor<u64> = Conveyor::builder()
+        .retry(Retry::fixed(Duration::from_millis(1)).max_attempts(3))
+        .build(move |d: Delivery<u64>| {
+            let call = r.enter(&d);
+            r.leave(call);
+            match (*d.item(), d.attempt()) {
+                (0, _) => g.pass(),
+                (10 | 11, 1) | (40, 1 | 2) => return Err(SinkError::retryable("again")),
+                (25, _) => return Err(SinkError::permanent("never")),
+                _ => {}
+            }
+            Ok(())
+        })
+        .unwrap();
+    let receipts = backlog(&c, &gate);
+    gate.open();
+    assert!(c.flush_timeout(GENEROUS));
+    let mut expected = Vec::new();
+    for i in 0..ITEMS {
+        let attempts = match i {
+            10 | 11 => 2,
+            25 => 1,
+            40 => 3,
+            _ => 1,
+        };
+        expected.extend(std::iter::repeat(i).take(attempts));
+    }
+    assert_eq!(rec.items_started(), expected);
+    for (i, r) in receipts.into_iter().enumerate() {
+        match r.wait() {
+            Err(DeliveryError::Failed { attempts: 1, .. }) if i == 25 => {}
+            Ok(()) if i != 25 => {}
+            other => panic!("item {i}: {other:?}"),
+        }
+    }
+    let s = c.stats();
+    assert_eq!((s.delivered, s.failed, s.retried), (ITEMS - 1, 1, 4));
+    assert!(balanced(&s), "{s:?}");
+}
+
+/// Under `OnFailure::Pause`, an item that fails in the middle of a backlog pauses the lane
+/// with everything behind it still queued, and `resume` goes on from it, in order.
+#[test]
+fn a_pause_in_a_backlog_holds_the_rest_in_order() {
+    let gate = Gate::new();
+    let rec = Recorder::new();
+    let fail = Arc::new(AtomicBool::new(true));
+    let (g, r, f) = (gate.clone(), rec.clone(), fail.clone());
+    let c: Conveyor<u64> = Conveyor::builder()
+        .on_failure(OnFailure::Pause)
+        .build(move |d: Delivery<u64>| {
+            let call = r.enter(&d);
+            r.leave(call);
+            if *d.item() == 0 {
+                g.pass();
+            }
+            if *d.item() == 30 && f.load(AtomicOrdering::SeqCst) {
+                return Err(SinkError::permanent("not yet"));
+            }
+            Ok(())
+        })
+        .unwrap();
+    let receipts = backlog(&c, &gate);
+    gate.open();
+    assert!(c.flush_timeout(GENEROUS));
+    assert_eq!(c.paused(), vec![String::new()]);
+    let s = c.stats();
+    assert_eq!(
+        (s.delivered, s.queued, s.in_flight),
+        (30, ITEMS - 30, 0),
+        "{s:?}"
+    );
+    assert_eq!(rec.items_started(), (0..=30).collect::<Vec<_>>());
+    fail.store(false, AtomicOrdering::SeqCst);
+    assert!(c.resume(""));
+    assert!(c.flush_timeout(GENEROUS));
+    let mut expected: Vec<u64> = (0..=30).collect();
+    expected.extend(30..ITEMS);
+    assert_eq!(rec.items_started(), expected);
+    for r in receipts {
+        r.wait().unwrap();
+    }
+}
+
+/// A close whose deadline passes while the sink is stuck in the middle of a backlog the
+/// worker holds: the items after the stuck one are reported and settled as closed, at once,
+/// and never reach the sink; the stuck one is unconfirmed; those before it were delivered.
+#[test]
+fn a_close_past_its_deadline_reports_the_items_the_worker_holds() {
+    let (first, stuck) = (Gate::new(), Gate::new());
+    let rec = Recorder::new();
+    let c = held_at_0_and(50, &first, &stuck, &rec);
+    let receipts = backlog(&c, &first);
+    first.open();
+    stuck.wait_for_callers(1);
+    let report = c.close_timeout(Duration::from_millis(50));
+    assert_eq!(report.left, ITEMS - 50, "{report:?}");
+    assert_eq!(report.stats.delivered, 50, "{report:?}");
+    assert!(balanced(&report.stats), "{report:?}");
+    // Settled by the close, while item 50's call is still stuck.
+    let outcomes: Vec<_> = receipts
+        .into_iter()
+        .map(|mut r| r.wait_timeout(GENEROUS).expect("settled"))
+        .collect();
+    assert!(outcomes[..50].iter().all(Result::is_ok));
+    assert!(matches!(outcomes[50], Err(DeliveryError::Unconfirmed)));
+    assert!(outcomes[51..]
+        .iter()
+        .all(|o| matches!(o, Err(DeliveryError::Closed))));
+    stuck.open();
+    // Nothing to wait for but the absence of a call: the worker leaves after item 50, where it
+    // would start item 51 within microseconds.
+    sleep_ms(200);
+    assert_eq!(rec.items_started(), (0..=50).collect::<Vec<_>>());
+}
