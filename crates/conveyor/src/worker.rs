@@ -77,6 +77,13 @@ struct Finished<T, R> {
 /// little behind the receipts.
 const LEASE: usize = 32;
 
+/// About how long a lease may last (see `Leasing::size`). Leased items count as queued until
+/// their lease ends: meanwhile a full queue refuses or drops new items for room that delivered
+/// items no longer need, and a blocked sender waits for the lease's end. Only a sink whose
+/// calls take well under this gains from leases (the lock costs a fraction of a microsecond);
+/// a slower one runs one item per turn of the lock, as before leases.
+const LEASE_TIME: Duration = Duration::from_micros(20);
+
 /// A strict worker's side of its leases (see `State::lease`).
 struct Leasing<T, R> {
     /// The items of the current lease, in order.
@@ -86,6 +93,30 @@ struct Leasing<T, R> {
     /// Nodes of delivered items taken off the lane, to drop outside the state lock (an item's
     /// drop is user code).
     release: Vec<NodeRef<T, R>>,
+    /// Most items the next lease may take: as many as the sink's last calls say fit in
+    /// [`LEASE_TIME`], at most [`LEASE`]. At 1 the worker takes one job per turn instead; it
+    /// starts there, so a slow sink never holds a lease.
+    size: usize,
+}
+
+impl<T, R> Leasing<T, R> {
+    fn new() -> Self {
+        Self {
+            items: Vec::with_capacity(LEASE),
+            ended: None,
+            release: Vec::with_capacity(LEASE),
+            size: 1,
+        }
+    }
+
+    /// Sizes the next lease from `calls` sink calls (with their receipts) that took `took`.
+    fn measured(&mut self, calls: usize, took: Duration) {
+        let Some(per_call) = u32::try_from(calls).ok().and_then(|n| took.checked_div(n)) else {
+            return;
+        };
+        let fit = LEASE_TIME.as_nanos() / per_call.as_nanos().max(1);
+        self.size = usize::try_from(fit).unwrap_or(LEASE).clamp(1, LEASE);
+    }
 }
 
 /// How many items of a lease were delivered, and the reply of the last if its receipt is not
@@ -171,9 +202,9 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         if st.abandoned || st.stopping {
             return Step::Exit;
         }
-        if let Some(leasing) = leasing {
-            let items = &mut leasing.items;
-            if st.lease(LEASE, items) || (self.drain(st) && st.lease(LEASE, items)) {
+        if let Some(leasing) = leasing.filter(|l| l.size > 1) {
+            let (size, items) = (leasing.size, &mut leasing.items);
+            if st.lease(size, items) || (self.drain(st) && st.lease(size, items)) {
                 // Under the state lock, which a shutdown closing the lease holds too.
                 self.lease_claim.store(0, AtomicOrdering::Relaxed);
                 if std::mem::take(&mut lookout.held) {
@@ -614,11 +645,7 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
     let mut done = 0;
     let mut lookout = Lookout::default();
     // A strict worker runs its lane's head items several per turn of the state lock.
-    let mut leasing = shared.may_lease().then(|| Leasing {
-        items: Vec::with_capacity(LEASE),
-        ended: None,
-        release: Vec::with_capacity(LEASE),
-    });
+    let mut leasing = shared.may_lease().then(Leasing::new);
     loop {
         // With the idle workers to wake once the state lock is released.
         let (step, wake) = {
@@ -692,7 +719,11 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
         );
         match step {
             Step::Run(mut job, _) => {
+                let started = leasing.is_some().then(Instant::now);
                 let outcome = shared.run_blocking(&*sink, worker, &mut job, None);
+                if let (Some(leasing), Some(started)) = (leasing.as_mut(), started) {
+                    leasing.measured(1, started.elapsed());
+                }
                 finished = Some(shared.finished(job, outcome));
                 if std::mem::take(&mut lookout.retake) {
                     lookout.held = shared.retake_lookout();
@@ -701,12 +732,17 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
             }
             Step::Lease(_) => {
                 let leasing = leasing.as_mut().expect("only a leasing worker leases");
+                let started = Instant::now();
                 match shared.run_lease(&*sink, worker, &leasing.items) {
-                    LeaseRan::Ended(end) => leasing.ended = Some(end),
+                    LeaseRan::Ended(end) => {
+                        leasing.measured(end.done, started.elapsed());
+                        leasing.ended = Some(end);
+                    }
                     LeaseRan::Failed {
                         done: delivered,
                         error,
                     } => {
+                        leasing.measured(delivered + 1, started.elapsed());
                         let release = &mut leasing.release;
                         let mut job = shared.job_after_lease(worker, delivered, release);
                         let release = Some(&mut leasing.release);

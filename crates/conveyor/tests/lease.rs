@@ -268,3 +268,41 @@ fn a_close_past_its_deadline_reports_the_items_the_worker_holds() {
     sleep_ms(200);
     assert_eq!(rec.items_started(), (0..=50).collect::<Vec<_>>());
 }
+
+/// Leased items count as queued until their lease ends, so a slow sink gets no leases: each
+/// item it finishes makes room for a new one at once, as before leases, rather than at the end
+/// of a run of items (where `Reject` and `DropNewest` would have refused items meanwhile).
+#[test]
+fn a_slow_sink_frees_room_item_by_item() {
+    let gates: Vec<Arc<Gate>> = (0..5).map(|_| Gate::new()).collect();
+    let g = gates.clone();
+    let c: Conveyor<u64> = Conveyor::builder()
+        .capacity(2)
+        .backpressure(conveyor::Backpressure::Reject)
+        .build(move |d: Delivery<u64>| {
+            g[*d.item() as usize].pass();
+            Ok(())
+        })
+        .unwrap();
+    let mut receipts = vec![c.send(0).unwrap()];
+    gates[0].wait_for_callers(1);
+    receipts.extend([1, 2].map(|i| c.send(i).unwrap()));
+    gates[0].open();
+    gates[1].wait_for_callers(1);
+    gates[1].open();
+    gates[2].wait_for_callers(1);
+    // Item 2 is in the sink, and nothing is queued: room for two.
+    for i in [3, 4] {
+        match c.try_send(i) {
+            Ok(r) => receipts.push(r),
+            Err(e) => panic!("item {i} refused with room for it: {e} ({:?})", c.stats()),
+        }
+    }
+    for gate in &gates[2..] {
+        gate.open();
+    }
+    for r in receipts {
+        r.wait().unwrap();
+    }
+    assert_eq!(c.stats().delivered, 5);
+}
