@@ -51,6 +51,10 @@ extern "C-unwind" {
         args: *mut ffi::PyObject,
         kwargs: *mut ffi::PyObject,
     ) -> *mut ffi::PyObject;
+    // In the stable ABI since 3.2; from 3.9 on CPython passes the arguments on the C stack
+    // (vectorcall), where `PyObject_Call` needs a tuple made and freed around every call.
+    #[link_name = "PyObject_CallFunctionObjArgs"]
+    fn object_call_obj_args(callable: *mut ffi::PyObject, ...) -> *mut ffi::PyObject;
 }
 
 /// Parks the thread for good if it is dropped by an unwind that is not a Rust panic: the forced
@@ -111,6 +115,26 @@ where
     A: IntoPyObject<'py, Target = PyTuple>,
 {
     call_kw(callable, args, None)
+}
+
+/// `callable(arg)`, as [`call`], for the sink call made once per item: `arg` is borrowed, and no
+/// argument tuple is made (nor its reference to `arg` taken and released).
+pub(crate) fn call1<'py>(
+    callable: &Bound<'py, PyAny>,
+    arg: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyAny>> {
+    // SAFETY: both pointers are valid for the whole call (borrowed from `Bound`s, which also
+    // prove the GIL is held), and the null pointer ends the argument list, as the function
+    // requires.
+    let raw = park_on_exit(|| unsafe {
+        object_call_obj_args(
+            callable.as_ptr(),
+            arg.as_ptr(),
+            ptr::null_mut::<ffi::PyObject>(),
+        )
+    });
+    // SAFETY: it returns a new reference, or null with an exception set.
+    unsafe { Bound::from_owned_ptr_or_err(callable.py(), raw) }
 }
 
 /// `callable(*args, **kwargs)`, as [`call`].

@@ -20,7 +20,10 @@ use crate::fork::Held;
 
 /// What the sink returned for one item.
 pub(crate) enum Reply {
-    /// A Python sink's return value.
+    /// A Python sink that returned `None`, as most do: no reference to hold, and none to hand
+    /// back to the GIL when the reply is dropped on a delivery thread.
+    None,
+    /// A Python sink's return value (not `None`).
     Object(Held),
     /// An HTTP sink's response, turned into a `conveyor.HttpReply` when Python reads it.
     Http(HttpReply),
@@ -29,13 +32,24 @@ pub(crate) enum Reply {
 impl Reply {
     pub(crate) fn clone_ref(&self, py: Python<'_>) -> Reply {
         match self {
+            Reply::None => Reply::None,
             Reply::Object(object) => Reply::Object(object.clone_ref(py)),
             Reply::Http(reply) => Reply::Http(reply.clone()),
         }
     }
 
+    /// What a Python sink returned.
+    fn from_object(value: Bound<'_, PyAny>) -> Reply {
+        if value.is_none() {
+            Reply::None
+        } else {
+            Reply::Object(Held::new(value.unbind()))
+        }
+    }
+
     pub(crate) fn to_py(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         match self {
+            Reply::None => Ok(py.None()),
             Reply::Object(object) => Ok((**object).clone_ref(py)),
             Reply::Http(reply) => {
                 Ok(Py::new(py, crate::http::PyHttpReply::new(py, reply))?.into_any())
@@ -76,6 +90,15 @@ impl Item {
             Item::Object(object) => Item::Object(object.clone_ref(py)),
             Item::Json(json) => Item::Json(json.clone()),
             Item::Body(body) => Item::Body(body.clone()),
+        }
+    }
+
+    /// Calls `sink` with the item: the object itself, borrowed (no reference taken), or the
+    /// object made of the JSON text or body.
+    fn deliver_to<'py>(&self, sink: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        match self {
+            Item::Object(object) => finalizing::call1(sink, object.bind(sink.py())),
+            other => finalizing::call1(sink, other.to_py(sink.py())?.bind(sink.py())),
         }
     }
 
@@ -395,16 +418,11 @@ pub(crate) fn blocking(
             let previous = IN_SINK.with(|current| current.replace(state.id));
             // Saved and restored, not cleared: a sink may itself run another conveyor's sink.
             let outer = CURRENT.with(|current| current.replace(&delivery));
-            let result = delivery
-                .item()
-                .to_py(py)
-                .and_then(|item| finalizing::call(sink.bind(py), (item,)))
-                .map(Bound::unbind);
-            let outcome = match result {
-                Ok(value) if is_coroutine(py, value.bind(py)) => {
-                    Err(coroutine_returned(py, value.bind(py), sink.bind(py)))
+            let outcome = match delivery.item().deliver_to(sink.bind(py)) {
+                Ok(value) if is_coroutine(py, &value) => {
+                    Err(coroutine_returned(py, &value, sink.bind(py)))
                 }
-                Ok(value) => Ok(Reply::Object(Held::new(value))),
+                Ok(value) => Ok(Reply::from_object(value)),
                 Err(err) => Err(errors::sink_error(py, err)),
             };
             // Here, while the GIL is held anyway: a failure costs no second acquisition. And
@@ -426,10 +444,11 @@ pub(crate) fn blocking(
 fn is_coroutine(py: Python<'_>, value: &Bound<'_, PyAny>) -> bool {
     static COROUTINE: pyo3::sync::PyOnceLock<Py<pyo3::types::PyType>> =
         pyo3::sync::PyOnceLock::new();
-    // A type comparison, not `inspect.isawaitable`: it runs on every delivery.
+    // A type comparison, not `inspect.isawaitable`: it runs on every delivery. Of pointers, so
+    // that it takes no reference to the type (a function call each way in the stable ABI).
     COROUTINE
         .import(py, "types", "CoroutineType")
-        .is_ok_and(|class| value.get_type().is(class))
+        .is_ok_and(|class| std::ptr::eq(value.get_type_ptr(), class.as_type_ptr()))
 }
 
 /// The permanent failure for a blocking sink that returned a coroutine. Counting it as
@@ -535,7 +554,7 @@ impl CoroutineDone {
         finalizing::park_on_exit(|| {
             let outcome = future
                 .call_method0("result")
-                .map(|value| Reply::Object(Held::new(value.unbind())))
+                .map(Reply::from_object)
                 .map_err(|err| errors::sink_error(py, err));
             if let Err(error) = &outcome {
                 self.state.report_failure(py, &self.attempt, error);

@@ -21,6 +21,21 @@ def test_result_returns_what_the_sink_returned(make):
     assert "delivered" in repr(receipts[3]) or "settled" in repr(receipts[3])
 
 
+def test_the_sink_gets_the_sent_object_and_its_reply_is_the_result(make):
+    # The sink is called with the object itself (borrowed, no argument tuple), and a `None`
+    # reply is kept without a reference: both must stay invisible to Python code.
+    seen = []
+    replies = {0: None, 1: "text", 2: seen}
+    c = make(lambda x: (seen.append(x), replies[x["n"]])[1])
+    items = [{"n": n} for n in range(3)]
+    receipts = [c.send(item) for item in items]
+    assert receipts[0].result(timeout=10) is None
+    assert receipts[1].result(timeout=10) == "text"
+    assert receipts[2].result(timeout=10) is seen
+    assert all(a is b for a, b in zip(seen, items))
+    assert "delivered" in repr(receipts[0]) or "settled" in repr(receipts[0])
+
+
 def test_result_timeout_raises_timeout_error(make):
     gate = threading.Event()
     c = make(lambda x: gate.wait(10))
