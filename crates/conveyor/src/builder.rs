@@ -341,7 +341,8 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Builder<T, R> {
     /// counted). Memory stays bounded by this number when the sink stalls. Items in flight
     /// that go back to the queue unsettled (their lane paused by [`OnFailure::Pause`], or a
     /// shutdown interrupted them between attempts) may take it past the limit by at most one
-    /// per worker.
+    /// per worker. The memory the queued items took at the queue's fullest (up to 16 MiB) is
+    /// kept for the items sent after them, so that a burst does not allocate again.
     ///
     /// # Examples
     ///

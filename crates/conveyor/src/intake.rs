@@ -53,7 +53,9 @@ impl<T, R> Intake<T, R> {
     pub(crate) fn new(first_seq: u64, capacity: usize, open: bool, context: NodeContext) -> Self {
         Self {
             items: Vec::new(),
-            slab: Slab::new(context),
+            // A burst as large as the queue takes its chunks back from the spares (see
+            // `slab.rs`).
+            slab: Slab::with_backlog(context, capacity),
             next_seq: first_seq,
             open,
             lanes_queued: 0,
@@ -175,6 +177,22 @@ mod tests {
         ik.set_lanes_queued(2);
         assert_eq!(push(&mut ik, 3).map(|_| ()).ok(), Some(()));
         assert_eq!(ik.next_seq(), 11);
+    }
+
+    #[test]
+    fn a_burst_as_large_as_the_capacity_keeps_its_chunks_for_the_next() {
+        const CAPACITY: usize = 5_000;
+        let mut ik = Intake::<u32, ()>::new(1, CAPACITY, true, NodeContext::for_tests());
+        for i in 0..CAPACITY as u32 {
+            assert!(push(&mut ik, i).is_ok());
+        }
+        let mut taken = Vec::new();
+        ik.take(&mut taken, 0);
+        drop(taken);
+        // Every chunk but the one the slab still hands nodes out from is empty now. Freed
+        // instead, the next burst would fault their memory in again (see `slab.rs`).
+        let (spares, per_chunk) = ik.slab.spares();
+        assert_eq!(spares, CAPACITY.div_ceil(per_chunk) - 1);
     }
 
     #[test]

@@ -16,9 +16,16 @@
 //! Every node can also reach its slab's *context*, a value shared by all its nodes (the
 //! conveyor's settings a receipt or a delivery needs), without a copy or a count per node.
 //!
+//! A slab keeps as many spare chunks as its owner's backlog may fill (the conveyor's
+//! capacity), within [`SPARE_BYTES`] and [`MAX_SPARE_BYTES`]. With fewer, a producer that
+//! ran a few thousand items ahead of its worker allocated fresh chunks for every burst while
+//! the worker freed the last one's: glibc gave the freed memory back to the kernel, and the
+//! producer paid a page fault every few hundred sends (a quarter of a send in `send_cost`).
+//!
 //! The price: one long-lived node (a receipt kept for hours, an item held in a paused
-//! lane) keeps its whole chunk allocated. A chunk is at most [`CHUNK_BYTES`] plus one node,
-//! and a slab keeps spare chunks of at most [`SPARE_BYTES`] in all (one at least).
+//! lane) keeps its whole chunk allocated, and the memory of the largest backlog since the
+//! slab was made stays with it, up to [`MAX_SPARE_BYTES`]. A chunk is at most
+//! [`CHUNK_BYTES`] plus one node.
 
 use std::alloc::{alloc, dealloc, handle_alloc_error, Layout};
 use std::marker::PhantomData;
@@ -32,8 +39,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 const CHUNK_BYTES: usize = 8 * 1024;
 /// Beyond this a bigger chunk saves nothing measurable, and pins more memory.
 const MAX_NODES: usize = 64;
-/// Enough for a producer running a few chunks ahead of its workers.
+/// Spare chunks every slab may keep (one at least): enough for a producer running a few
+/// chunks ahead of its workers.
 const SPARE_BYTES: usize = 64 * 1024;
+/// Spare chunks no slab keeps more of, whatever its backlog: a burst bigger than this
+/// allocates (and its end frees) the rest, as every burst did before spares followed the
+/// backlog.
+const MAX_SPARE_BYTES: usize = 16 * 1024 * 1024;
 
 /// At the start of every chunk; `C` is its slab's context type.
 #[repr(C)]
@@ -76,6 +88,15 @@ impl<C> Spares<C> {
             drop(chunks);
             dealloc(chunk.as_ptr().cast(), self.layout);
         }
+    }
+
+    /// How many empty chunks are kept.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.chunks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     fn take(&self) -> Option<NonNull<ChunkHead<C>>> {
@@ -205,14 +226,27 @@ pub(crate) struct Slab<N: Headed> {
 unsafe impl<N: Headed + Send> Send for Slab<N> {}
 
 impl<N: Headed> Slab<N> {
+    /// A slab that keeps [`SPARE_BYTES`] of spare chunks.
+    #[cfg(test)]
     pub(crate) fn new(context: N::Context) -> Self {
-        let layout = Self::layout().0;
+        Self::with_backlog(context, 0)
+    }
+
+    /// A slab that keeps enough spare chunks for `backlog` nodes, within [`SPARE_BYTES`] and
+    /// [`MAX_SPARE_BYTES`] (see the module doc).
+    pub(crate) fn with_backlog(context: N::Context, backlog: usize) -> Self {
+        let (layout, _, len) = Self::layout();
+        let size = layout.size();
+        let max = backlog
+            .div_ceil(len)
+            .clamp(SPARE_BYTES / size, MAX_SPARE_BYTES / size)
+            .max(1);
         Self {
             chunk: None,
             spares: Arc::new(Spares {
                 chunks: Mutex::new(Vec::new()),
                 layout,
-                max: (SPARE_BYTES / layout.size()).max(1),
+                max,
                 context,
             }),
             nodes: NonNull::dangling(),
@@ -220,6 +254,12 @@ impl<N: Headed> Slab<N> {
             len: 0,
             _owns: PhantomData,
         }
+    }
+
+    /// How many empty chunks the slab keeps for reuse now, and how many nodes a chunk holds.
+    #[cfg(test)]
+    pub(crate) fn spares(&self) -> (usize, usize) {
+        (self.spares.len(), Self::layout().2)
     }
 
     /// The layout of a chunk of `len` nodes, and where its first node starts.
