@@ -610,8 +610,17 @@ impl<T: fmt::Debug> fmt::Debug for Delivery<T> {
 /// ```
 pub struct Receipt<R> {
     node: Erased,
-    /// The result slot inside `node`, which `node` keeps alive.
-    slot: NonNull<Slot<R>>,
+    /// The reply type of the node's slot, found at [`slot_offset`] from the node's start.
+    /// One word in all: a receipt of two words came back from `send` in two stores that the
+    /// caller read back in one load, which then waited for every store before it (the
+    /// node's) to reach the cache.
+    _slot: PhantomData<NonNull<Slot<R>>>,
+}
+
+/// Where the slot starts in a node of any item type with replies of type `R`: `Node` is
+/// `#[repr(C)]` with the item last, so the fields before it sit where they would without it.
+const fn slot_offset<R>() -> usize {
+    std::mem::offset_of!(Node<(), R>, slot)
 }
 
 // SAFETY: a receipt takes the reply out on its own thread and may drop the node there. Its
@@ -623,10 +632,10 @@ unsafe impl<R> Sync for Receipt<R> {}
 
 impl<R: Send + 'static> Receipt<R> {
     pub(crate) fn new<T: Send + Sync + 'static>(node: NodeRef<T, R>) -> Self {
+        const { assert!(std::mem::offset_of!(Node<T, R>, slot) == slot_offset::<R>()) };
         Self {
-            // Stays put while the node lives, which `node` keeps it doing.
-            slot: NonNull::from(&node.slot),
             node: node.erase(),
+            _slot: PhantomData,
         }
     }
 }
@@ -638,8 +647,16 @@ impl<R> Receipt<R> {
     }
 
     fn slot(&self) -> &Slot<R> {
-        // SAFETY: the slot lives as long as the node, which this receipt keeps alive.
-        unsafe { self.slot.as_ref() }
+        // SAFETY: the node is a `Node<_, R>` (see `new`), kept alive by this receipt, and its
+        // slot is at `slot_offset::<R>()` whatever its item type.
+        unsafe {
+            self.node
+                .as_ptr()
+                .cast::<u8>()
+                .add(slot_offset::<R>())
+                .cast::<Slot<R>>()
+                .as_ref()
+        }
     }
 
     /// The item's sequence number (see [`Delivery::seq`]).
@@ -1028,6 +1045,30 @@ mod tests {
                 None => assert_eq!(panic_text(dropped), Some("item drop")),
             }
         }
+    }
+
+    /// `send` hands it back in one store, which the caller reads back in one load (see the
+    /// `Receipt` fields).
+    #[test]
+    fn a_receipt_is_one_word() {
+        assert_eq!(
+            std::mem::size_of::<Receipt<()>>(),
+            std::mem::size_of::<usize>()
+        );
+        assert_eq!(
+            std::mem::size_of::<Receipt<String>>(),
+            std::mem::size_of::<usize>()
+        );
+    }
+
+    #[test]
+    fn a_receipt_finds_its_slot_whatever_the_item_type() {
+        let mut slab = Slab::<Node<[u8; 3], u32>>::new(NodeContext::for_tests());
+        let node = slab.alloc(|head| Node::new(head, None, [1, 2, 3]));
+        let receipt = Receipt::new(node.clone());
+        node.settle(Ok(9));
+        assert_eq!(node.item, [1, 2, 3]);
+        assert_eq!(receipt.wait().unwrap(), 9);
     }
 
     fn panic_text(caught: Result<(), Panic>) -> Option<&'static str> {

@@ -304,6 +304,7 @@ impl<N: Headed> Slab<N> {
 
     /// A new node with two references, both returned: one atomic operation fewer than
     /// cloning the first.
+    #[inline]
     pub(crate) fn alloc_pair(&mut self, make: impl FnOnce(Head) -> N) -> (Counted<N>, Counted<N>) {
         let node = self.alloc_counted(2, make);
         let twin = Counted {
@@ -313,6 +314,11 @@ impl<N: Headed> Slab<N> {
         (node, twin)
     }
 
+    // Inlined (with `alloc_pair`), so that `make` writes the key and item from the caller's
+    // registers into the node. Called, it read them back from the stack in loads wider
+    // than the stores that put them there, which then waited for every store before them
+    // (the last node's, to lines the worker had) to reach the cache.
+    #[inline]
     fn alloc_counted(&mut self, refs: usize, make: impl FnOnce(Head) -> N) -> Counted<N> {
         if self.next == self.len {
             self.refill();
