@@ -1124,11 +1124,29 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         wait: Wait,
         cursor: Option<u64>,
     ) -> Result<Receipt<R>, SendError<T>> {
-        let (item, mut entry) = self.journal_entry(key.as_deref(), item, cursor)?;
-        let node = match self.shared.try_accept(key, item) {
-            Ok(receipt) => return Ok(receipt),
-            Err(node) => node,
-        };
+        // Without a journal, the fast path first, with nothing but the key and the item made
+        // before it: an empty journal entry made first was copied through the stack on the
+        // way in, in loads wider than the stores that made it, which waited for the last
+        // send's stores to reach the cache.
+        if self.shared.durable.is_none() {
+            return match self.shared.try_accept(key, item) {
+                Ok(receipt) => Ok(receipt),
+                Err(node) => self.submit_sync(node, None, wait),
+            };
+        }
+        let (item, entry) = self.journal_entry(key.as_deref(), item, cursor)?;
+        // With a journal every send takes the state lock (see `Intake::open`).
+        let node = self.shared.node(key, item);
+        self.submit_sync(node, entry, wait)
+    }
+
+    /// The rest of a synchronous send that the fast path did not accept.
+    fn submit_sync(
+        &self,
+        node: NodeRef<T, R>,
+        mut entry: Option<Entry>,
+        wait: Wait,
+    ) -> Result<Receipt<R>, SendError<T>> {
         match self.submit(
             node,
             &mut entry,
