@@ -52,11 +52,12 @@ pub(crate) struct Shared<T, R> {
     pub(crate) config: Config,
     /// The journal and its writer, if one was configured. `None` costs the hot path one branch.
     pub(crate) durable: Option<Durable<T>>,
-    /// How many items of its lease (see `State::lease`) the strict worker has claimed, with
-    /// `queue::LEASE_CLOSED` set once a shutdown stops the worker between items: claiming
-    /// and closing are each one atomic operation, so that every item either starts before the
-    /// close, and is reported as possibly called, or never starts. On a line of its own:
-    /// the worker writes it for every item.
+    /// How far the strict worker got through its lease (see `State::lease`): the items it
+    /// claimed and delivered (see `queue::lease_progress`), with `queue::LEASE_CLOSED` set once a
+    /// shutdown stops the worker between items. Claiming and closing are each one atomic
+    /// operation, so that every item either starts before the close, and is reported as
+    /// possibly called, or never starts. On a line of its own: the worker writes it for every
+    /// item.
     pub(crate) lease_claim: Arc<CachePadded<AtomicUsize>>,
 }
 

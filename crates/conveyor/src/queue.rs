@@ -148,20 +148,28 @@ pub(crate) struct Leased<T, R> {
 /// starts.
 pub(crate) const LEASE_CLOSED: usize = 1 << (usize::BITS - 1);
 
+/// What a lease's claim counter (`Shared::lease_claim`, without `LEASE_CLOSED`) says: the
+/// worker moves it to `2 i + 1` as it claims item `i` (its sink call may begin), then to
+/// `2 i + 2` once that call returned `Ok`, before it settles the item's receipt. Returns how
+/// many items were delivered (the last of them possibly still settling its receipt), and
+/// whether the item after those was claimed.
+fn lease_progress(claim: usize) -> (usize, bool) {
+    (claim / 2, claim % 2 == 1)
+}
+
 /// The strict lane's head items lent to its (only) worker, which runs them one after another
 /// without taking the state lock between them: each item's sink call, then its receipt, then
 /// the next item's call. They stay at the head of the lane meanwhile, where shutdown finds
 /// them; the first counts as in flight, the others as queued, until the worker reports them
-/// done. What a user can observe: `stats()` may show an item whose receipt settled as still
-/// in flight or queued (not yet delivered) until the worker's next turn of the lock, at the
-/// end of the lease, at most `worker::LEASE` items later; the last item of a lease is
-/// counted before its receipt settles, as every item was before leases, so once every
+/// done at its next turn of the lock, at the end of the lease, at most `worker::LEASE` items
+/// later. `stats()` counts an item delivered as soon as its call returned (see
+/// `lease_progress`), before its receipt settles, as every item was before leases: once every
 /// receipt sent so far has settled, `stats()` counts them all.
 ///
-/// Before each sink call the worker claims the item (see `Shared::lease_claim`); a shutdown
-/// that closes the lease (`State::close_lease`) learns how many it claimed, and every item
-/// after those never starts.
-struct Lease {
+/// Before each sink call the worker claims the item, and it marks it delivered once the call
+/// returned (see `lease_progress`); a shutdown that closes the lease (`State::close_lease`)
+/// learns how far it got, and every item after those never starts.
+struct Lease<T, R> {
     /// Items of the lease still at the head of the lane.
     len: usize,
     /// Items of the lease `close_lease` took off the lane.
@@ -169,6 +177,10 @@ struct Lease {
     /// Set by `close_lease`: whether the head item was claimed by then (its sink call may have
     /// begun), all the claimed items before it having been delivered and taken off the lane.
     closed: Option<bool>,
+    /// Set by `close_lease` when the worker may be settling the receipt of the last item it
+    /// delivered: counted delivered and off the lane, its node stays here, alive for the
+    /// worker's settling, until the lease ends.
+    settling: Option<NodeRef<T, R>>,
 }
 
 /// A worker's job as shutdown sees it.
@@ -252,9 +264,9 @@ pub(crate) struct State<T, R> {
     /// The buffer `Shared::drain` moves the intake's items through, kept between drains.
     pub(crate) drained: Vec<NodeRef<T, R>>,
     /// The strict lane's head items its worker runs without taking this lock between them.
-    lease: Option<Lease>,
-    /// How many items of its lease the worker has claimed (see `Shared::lease_claim`, the
-    /// same counter), for `stats` to count those it delivered since.
+    lease: Option<Lease<T, R>>,
+    /// How far the worker got through its lease (see `Shared::lease_claim`, the same counter),
+    /// for `stats` to count the items it delivered since.
     pub(crate) lease_claim: Arc<CachePadded<AtomicUsize>>,
 }
 
@@ -446,16 +458,23 @@ impl<T, R> State<T, R> {
         self.counters.queued + self.counters.in_flight + u64::from(self.replaying)
     }
 
+    /// The items of an open lease its worker delivered so far (see `Lease`): counted as such
+    /// by `stats`, though still in the lane.
+    fn lease_delivered(&self) -> u64 {
+        self.lease
+            .as_ref()
+            .filter(|l| l.closed.is_none())
+            .map_or(0, |lease| {
+                let claim = self.lease_claim.load(AtomicOrdering::Acquire) & !LEASE_CLOSED;
+                lease_progress(claim).0.min(lease.len) as u64
+            })
+    }
+
     pub(crate) fn stats(&self) -> Stats {
         let mut c = self.counters;
-        // The items of an open lease before the last one its worker claimed were delivered,
-        // and their receipts settled (see `Lease`): counted as such, though still in the lane.
-        if let Some(lease) = self.lease.as_ref().filter(|l| l.closed.is_none()) {
-            let claimed = self.lease_claim.load(AtomicOrdering::Acquire) & !LEASE_CLOSED;
-            let delivered = claimed.min(lease.len).saturating_sub(1) as u64;
-            c.delivered += delivered;
-            c.queued -= delivered;
-        }
+        let delivered = self.lease_delivered();
+        c.delivered += delivered;
+        c.queued -= delivered;
         Stats {
             accepted: c.accepted,
             delivered: c.delivered,
@@ -656,6 +675,7 @@ impl<T, R> State<T, R> {
             len,
             taken: 0,
             closed: None,
+            settling: None,
         });
         true
     }
@@ -686,7 +706,9 @@ impl<T, R> State<T, R> {
     /// Ends the lease: its first `done` items were delivered, and go into `release` (but those
     /// `close_lease` took already), in order; the others stay queued.
     pub(crate) fn end_lease(&mut self, done: usize, release: &mut Vec<NodeRef<T, R>>) {
-        let taken = self.lease.as_ref().expect("a lease").taken;
+        let lease = self.lease.as_mut().expect("a lease");
+        let taken = lease.taken;
+        release.extend(lease.settling.take());
         self.take_delivered(done - taken, release);
         let lease = self.lease.take().expect("a lease");
         self.main.in_flight -= 1;
@@ -696,19 +718,28 @@ impl<T, R> State<T, R> {
         }
     }
 
-    /// For a shutdown that stops the worker between items: the worker had claimed `claimed`
-    /// items of the lease when it was closed (see `Lease`). Those before the last claimed were
-    /// delivered, and their receipts settled: they leave the lane (into `release`), so that
-    /// the shutdown's report and `unsettled_nodes` count only what is left.
-    pub(crate) fn close_lease(&mut self, claimed: usize, release: &mut Vec<NodeRef<T, R>>) {
+    /// For a shutdown that stops the worker between items: `claim` is how far the worker got
+    /// when the lease was closed (see `lease_progress`). The items it delivered leave the lane,
+    /// so that the shutdown's report and `unsettled_nodes` count only what is left: into
+    /// `release` those whose receipts settled; the last one, if the worker may still be settling
+    /// its receipt (with the reply: a close from that receipt's callback must not count it
+    /// left), stays with the lease, its node alive for the worker.
+    pub(crate) fn close_lease(&mut self, claim: usize, release: &mut Vec<NodeRef<T, R>>) {
         if !self.lease.as_ref().is_some_and(|l| l.closed.is_none()) {
             return;
         }
-        let delivered = claimed.saturating_sub(1);
+        let (delivered, claimed) = lease_progress(claim);
+        let before = release.len();
         self.take_delivered(delivered, release);
+        let settling = if claimed || release.len() == before {
+            None
+        } else {
+            release.pop()
+        };
         let lease = self.lease.as_mut().expect("checked above");
         lease.taken = delivered;
-        lease.closed = Some(claimed > 0 && lease.len > 0);
+        lease.closed = Some(claimed && lease.len > 0);
+        lease.settling = settling;
     }
 
     /// Reserves the next rate-limit slot from now, if a limit is set, and returns when it

@@ -477,12 +477,12 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         items: &[Leased<T, R>],
     ) -> LeaseRan<R> {
         for (i, item) in items.iter().enumerate() {
-            // Claimed before its call: a shutdown that closed the lease first (see
-            // `Shared::close_lease`) reports it, unstarted, as closed; one that closes it later
-            // sees the claim, and reports it as possibly called.
+            // Claimed before its call (see `queue::lease_progress`): a shutdown that closed the
+            // lease first (see `Shared::close_lease`) reports it, unstarted, as closed; one that
+            // closes it later sees the claim, and reports it as possibly called.
             let claim = self.lease_claim.compare_exchange(
-                i,
-                i + 1,
+                2 * i,
+                2 * i + 1,
                 AtomicOrdering::AcqRel,
                 AtomicOrdering::Acquire,
             );
@@ -507,7 +507,14 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
                         last: Some(reply),
                     })
                 }
-                Ok(reply) => settle_leased(self, worker, &node, reply),
+                Ok(reply) => {
+                    // Delivered, before its receipt settles (see `queue::lease_progress`): a
+                    // close from the receipt's callback, or from another thread meanwhile,
+                    // counts it so and leaves its receipt to this worker. The closed flag
+                    // stays, as the counter never reaches it.
+                    self.lease_claim.fetch_add(1, AtomicOrdering::AcqRel);
+                    settle_leased(self, worker, &node, reply);
+                }
                 Err(error) => return LeaseRan::Failed { done: i, error },
             }
         }

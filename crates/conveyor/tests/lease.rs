@@ -306,3 +306,49 @@ fn a_slow_sink_frees_room_item_by_item() {
     }
     assert_eq!(c.stats().delivered, 5);
 }
+
+/// A close made from the receipt callback of an item in the middle of a lease counts that
+/// item as delivered (its receipt settled, with its reply, before the close began), as a close
+/// from a callback did before leases: it was reported left, and `delivered` one short.
+#[test]
+fn a_close_from_a_receipt_callback_in_a_lease_counts_that_item_delivered() {
+    let gate = Gate::new();
+    let g = gate.clone();
+    let c: Arc<Conveyor<u64>> = Arc::new(
+        Conveyor::builder()
+            .build(move |d: Delivery<u64>| {
+                if *d.item() == 0 {
+                    g.pass();
+                }
+                Ok(())
+            })
+            .unwrap(),
+    );
+    // Item 0 alone in the first lease; 1 to 32 in the next, where item 5 is neither first
+    // nor last.
+    let first = c.send(0).unwrap();
+    gate.wait_for_callers(1);
+    let mut receipts: Vec<_> = (1..ITEMS).map(|i| c.send(i).unwrap()).collect();
+    let fifth = receipts.remove(4);
+    let (report_tx, report) = std::sync::mpsc::channel();
+    let closing = c.clone();
+    fifth.on_settled(move |outcome| {
+        let report = closing.close();
+        report_tx.send((outcome, report)).unwrap();
+    });
+    gate.open();
+    let (outcome, report) = report.recv_timeout(GENEROUS).unwrap();
+    assert!(outcome.is_ok(), "{outcome:?}");
+    assert!(first.wait().is_ok());
+    assert_eq!(report.stats.delivered, 6, "{report:?}");
+    assert_eq!(report.left, ITEMS - 6, "{report:?}");
+    assert!(balanced(&report.stats), "{report:?}");
+    for (i, r) in receipts.into_iter().enumerate() {
+        let item = i as u64 + if i < 4 { 1 } else { 2 };
+        match r.wait() {
+            Ok(()) if item < 6 => {}
+            Err(DeliveryError::Closed) if item >= 6 => {}
+            other => panic!("item {item}: {other:?}"),
+        }
+    }
+}
