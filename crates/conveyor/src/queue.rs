@@ -162,9 +162,10 @@ fn lease_progress(claim: usize) -> (usize, bool) {
 /// the next item's call. They stay at the head of the lane meanwhile, where shutdown finds
 /// them; the first counts as in flight, the others as queued, until the worker reports them
 /// done at its next turn of the lock, at the end of the lease, at most `worker::LEASE` items
-/// later. `stats()` counts an item delivered as soon as its call returned (see
+/// later. `stats()` and `room` count an item delivered as soon as its call returned (see
 /// `lease_progress`), before its receipt settles, as every item was before leases: once every
-/// receipt sent so far has settled, `stats()` counts them all.
+/// receipt sent so far has settled, `stats()` counts them all, and a sink's own sends find the
+/// room its earlier items left.
 ///
 /// Before each sink call the worker claims the item, and it marks it delivered once the call
 /// returned (see `lease_progress`); a shutdown that closes the lease (`State::close_lease`)
@@ -266,7 +267,7 @@ pub(crate) struct State<T, R> {
     /// The strict lane's head items its worker runs without taking this lock between them.
     lease: Option<Lease<T, R>>,
     /// How far the worker got through its lease (see `Shared::lease_claim`, the same counter),
-    /// for `stats` to count the items it delivered since.
+    /// for `stats` and `room` to count the items it delivered since.
     pub(crate) lease_claim: Arc<CachePadded<AtomicUsize>>,
 }
 
@@ -307,9 +308,11 @@ impl<T, R> State<T, R> {
             .seq_limit
             .as_ref()
             .is_some_and(|limit| next_seq > limit.load(AtomicOrdering::Acquire));
+        // Not the items of a lease delivered so far (see `Lease`).
+        let queued = self.counters.queued - self.lease_delivered();
         if self.replaying || reservation_used_up {
             Room::Later
-        } else if self.counters.queued >= self.capacity {
+        } else if queued >= self.capacity {
             Room::Full
         } else {
             Room::Free
@@ -459,7 +462,7 @@ impl<T, R> State<T, R> {
     }
 
     /// The items of an open lease its worker delivered so far (see `Lease`): counted as such
-    /// by `stats`, though still in the lane.
+    /// by `stats` and `room`, though still in the lane.
     fn lease_delivered(&self) -> u64 {
         self.lease
             .as_ref()

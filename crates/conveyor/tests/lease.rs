@@ -352,3 +352,47 @@ fn a_close_from_a_receipt_callback_in_a_lease_counts_that_item_delivered() {
         }
     }
 }
+
+/// A sink that sends one item into its own conveyor per item it is given never finds the
+/// queue fuller than when its item was taken: an item the worker delivered in its lease
+/// leaves room, as it did when every item left the queue as its call began.
+#[test]
+fn a_sink_sending_into_its_own_conveyor_finds_the_room_its_lease_delivered() {
+    use conveyor::Backpressure;
+    use std::sync::OnceLock;
+    let gate = Gate::new();
+    let own: Arc<OnceLock<std::sync::Weak<Conveyor<u64>>>> = Arc::new(OnceLock::new());
+    let refused = Arc::new(Mutex::new(Vec::new()));
+    let (g, o, r) = (gate.clone(), own.clone(), refused.clone());
+    let c: Arc<Conveyor<u64>> = Arc::new(
+        Conveyor::builder()
+            .capacity(8)
+            .backpressure(Backpressure::Block)
+            .build(move |d: Delivery<u64>| {
+                let item = *d.item();
+                if item == 0 {
+                    g.pass();
+                }
+                // Items 1 to 8 each send one follow-up, 101 to 108.
+                if (1..=8).contains(&item) {
+                    let c = o.get().unwrap().upgrade().unwrap();
+                    if let Err(e) = c.send(item + 100) {
+                        r.lock().unwrap().push((item, e.to_string()));
+                    }
+                }
+                Ok(())
+            })
+            .unwrap(),
+    );
+    own.set(Arc::downgrade(&c)).unwrap();
+    c.send(0).unwrap();
+    gate.wait_for_callers(1);
+    // A full queue behind item 0: the next lease holds all eight.
+    for i in 1..=8 {
+        c.send(i).unwrap();
+    }
+    gate.open();
+    assert!(c.flush_timeout(GENEROUS));
+    assert_eq!(*refused.lock().unwrap(), Vec::new());
+    assert_eq!(c.stats().delivered, 17);
+}
