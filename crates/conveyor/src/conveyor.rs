@@ -3446,6 +3446,71 @@ mod tests {
         );
     }
 
+    /// A failure in the middle of a strict worker's lease ends the lease and makes the failed
+    /// item a job: a sender waiting for the room this leaves is woken. It was not, and waited
+    /// out the failed item's backoff (or, had it paused its lane, a resume).
+    #[test]
+    fn a_failure_that_ends_a_lease_wakes_the_senders_waiting_for_room() {
+        use crate::{Retry, SinkError};
+        let (entered, calls) = mpsc::channel::<u64>();
+        let (release, gate) = mpsc::channel::<()>();
+        let (entered, gate) = (Mutex::new(entered), Mutex::new(gate));
+        let c: Arc<Conveyor<u64>> = Arc::new(
+            Conveyor::builder()
+                .capacity(4)
+                .backpressure(Backpressure::Block)
+                // Longer than the test: only the end of the lease can make room meanwhile.
+                .retry(
+                    Retry::fixed(Duration::from_secs(3600))
+                        .max_delay(Duration::from_secs(3600))
+                        .max_attempts(2),
+                )
+                .build(move |d| {
+                    let item = *d.item();
+                    let _ = entered.lock().unwrap().send(item);
+                    match item {
+                        0 | 2 => gate.lock().unwrap().recv().unwrap(),
+                        3 => return Err(SinkError::retryable("retried in an hour")),
+                        _ => {}
+                    }
+                    Ok(())
+                })
+                .unwrap(),
+        );
+        let next_call = || calls.recv_timeout(Duration::from_secs(30)).unwrap();
+        c.send(0).unwrap();
+        assert_eq!(next_call(), 0);
+        // Queued behind item 0: the worker's next lease holds all four.
+        for i in 1..=4 {
+            c.send(i).unwrap();
+        }
+        release.send(()).unwrap();
+        assert_eq!((next_call(), next_call()), (1, 2));
+        // Item 2 in its call: items 3 to 6 fill the queue, and item 7 waits for room.
+        let sender = std::thread::spawn({
+            let c = c.clone();
+            move || {
+                for i in 5..=7 {
+                    c.send(i).unwrap();
+                }
+            }
+        });
+        until("the sender never waited for room", || {
+            c.shared.lock().waiters.blocked_senders >= 1
+        });
+        release.send(()).unwrap();
+        assert_eq!(next_call(), 3);
+        until("the sender waited on with room in the queue", || {
+            sender.is_finished()
+        });
+        sender.join().unwrap();
+        let s = c.stats();
+        let counts = (s.accepted, s.delivered, s.queued, s.in_flight);
+        assert_eq!(counts, (8, 3, 4, 1), "{s:?}");
+        let report = c.close_timeout(Duration::from_millis(1));
+        assert_eq!(report.left, 5, "{report:?}");
+    }
+
     /// A journal that stays unreadable holds the replay for good. That used to show nowhere but
     /// the log: `journal_error()` said nothing, a `send` waited (or was refused as `Full`), and
     /// `flush()` never returned. It now shows as while the journal cannot be written.

@@ -178,12 +178,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         if let Some(LeaseEnd { done, last }) = leasing.as_mut().and_then(|l| l.ended.take()) {
             let leasing = leasing.as_deref_mut().expect("it ended a lease");
             let last_settles = last.is_some();
-            st.end_lease(done, &mut leasing.release);
-            // The lease's items leave the queue only now, all at once: every sender waiting
-            // for room looks again (taking the next job or lease wakes only one).
-            if done > 1 && (st.waiters.blocked_senders > 0 || st.waiters.async_senders > 0) {
-                self.wake_all_senders();
-            }
+            self.end_lease(st, done, &mut leasing.release);
             if let Some(reply) = last {
                 let node = leasing
                     .release
@@ -468,6 +463,18 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         }
     }
 
+    /// Ends the lease after its first `done` items (see `State::end_lease`), their nodes into
+    /// `release`.
+    fn end_lease(&self, st: &mut State<T, R>, done: usize, release: &mut Vec<NodeRef<T, R>>) {
+        st.end_lease(done, release);
+        // The lease's items leave the queue only now, all at once: every sender waiting for
+        // room looks again. Not only the next job or lease wakes one: after a failure the
+        // worker may take none for long (a backoff, a paused lane).
+        if done > 0 && (st.waiters.blocked_senders > 0 || st.waiters.async_senders > 0) {
+            self.wake_all_senders();
+        }
+    }
+
     /// Runs a lease's items one after another (see `State::lease`), settling each receipt
     /// before the next call, but the last one's.
     fn run_lease(
@@ -531,7 +538,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         release: &mut Vec<NodeRef<T, R>>,
     ) -> Job<T, R> {
         let mut st = self.lock();
-        st.end_lease(done, release);
+        self.end_lease(&mut st, done, release);
         // Dropped by `settle_all`, which counts them as settled.
         st.settling_by[worker] += release.len() as u64;
         self.wake_flushers(&st);
