@@ -18,13 +18,11 @@ Run by run.sh; prints the best of --repeat runs in ns per item.
 from __future__ import annotations
 
 import argparse
-import queue
-import threading
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict
 
 import _floor  # built by run.sh
-import conveyor
+from bench_send import bench_conveyor, bench_simple_queue  # the same runs as bench_send.py
 
 
 def loop(fn: Callable[[int], object], n: int) -> float:
@@ -32,46 +30,6 @@ def loop(fn: Callable[[int], object], n: int) -> float:
     for i in range(n):
         fn(i)
     return (time.perf_counter() - start) / n
-
-
-def simple_queue_e2e(n: int) -> float:
-    q: "queue.SimpleQueue[object]" = queue.SimpleQueue()
-    out: List[object] = []
-    stop = object()
-
-    def consumer() -> None:
-        get, sink = q.get, out.append
-        while True:
-            item = get()
-            if item is stop:
-                return
-            sink(item)
-
-    t = threading.Thread(target=consumer)
-    t.start()
-    put = q.put
-    start = time.perf_counter()
-    for i in range(n):
-        put(i)
-    put(stop)
-    t.join()
-    assert len(out) == n
-    return (time.perf_counter() - start) / n
-
-
-def conveyor_send_and_e2e(n: int) -> "tuple[float, float]":
-    out: List[int] = []
-    c = conveyor.Conveyor(out.append, capacity=n)
-    send = c.send
-    start = time.perf_counter()
-    for i in range(n):
-        send(i)
-    produced = time.perf_counter()
-    c.flush()
-    done = time.perf_counter()
-    assert len(out) == n
-    c.close()
-    return (produced - start) / n, (done - start) / n
 
 
 def main() -> None:
@@ -92,10 +50,10 @@ def main() -> None:
         start = time.perf_counter()
         assert _floor.Floor.deliver([].append, items) == 0
         keep("sink calls from Rust, GIL held (list.append)", (time.perf_counter() - start) / n)
-        keep("SimpleQueue + thread, end to end", simple_queue_e2e(n))
-        send, e2e = conveyor_send_and_e2e(n)
+        keep("SimpleQueue + thread, end to end", 1 / bench_simple_queue(n)[1])
+        send, rate = bench_conveyor(n)
         keep("conveyor send", send)
-        keep("conveyor, end to end", e2e)
+        keep("conveyor, end to end", 1 / rate)
 
     for name, seconds in best.items():
         print(f"| {name} | {seconds * 1e9:.0f} ns |")

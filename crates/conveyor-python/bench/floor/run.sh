@@ -13,4 +13,4 @@ cargo build --release --quiet --manifest-path "$here/Cargo.toml" --target-dir "$
 module="$(mktemp -d)"
 trap 'rm -rf "$module"' EXIT
 cp "$target/release/lib_floor.so" "$module/_floor.abi3.so"
-PYTHONPATH="$module" "$python" "$here/floor.py" "$@"
+PYTHONPATH="$module:$here/.." "$python" "$here/floor.py" "$@"
