@@ -77,11 +77,11 @@ struct Finished<T, R> {
 /// little behind the receipts.
 const LEASE: usize = 32;
 
-/// About how long a lease may last (see `Leasing::size`). Leased items count as queued until
-/// their lease ends: meanwhile a full queue refuses or drops new items for room that delivered
-/// items no longer need, and a blocked sender waits for the lease's end. Only a sink whose
-/// calls take well under this gains from leases (the lock costs a fraction of a microsecond);
-/// a slower one runs one item per turn of the lock, as before leases.
+/// About how long a lease may last (see `Leasing::size`). A sender blocked on a full queue is
+/// woken when a lease ends, not as each of its items is delivered, and the delivered items stay
+/// in the lane until then: a lease must stay short. Only a sink whose calls take well under
+/// this gains from leases (a turn of the lock costs a fraction of a microsecond); a slower one
+/// runs one item per turn of the lock, as before leases.
 const LEASE_TIME: Duration = Duration::from_micros(20);
 
 /// A strict worker's side of its leases (see `State::lease`).

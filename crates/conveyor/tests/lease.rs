@@ -269,38 +269,54 @@ fn a_close_past_its_deadline_reports_the_items_the_worker_holds() {
     assert_eq!(rec.items_started(), (0..=50).collect::<Vec<_>>());
 }
 
-/// Leased items count as queued until their lease ends, so a slow sink gets no leases: each
-/// item it finishes makes room for a new one at once, as before leases, rather than at the end
-/// of a run of items (where `Reject` and `DropNewest` would have refused items meanwhile).
+/// A sender blocked on a full queue is woken when a lease ends, not as each of its items is
+/// delivered, so a slow sink gets no leases: each item it finishes lets a blocked sender in at
+/// once, as before leases, rather than at the end of a run of slow calls.
 #[test]
-fn a_slow_sink_frees_room_item_by_item() {
+fn a_slow_sink_lets_a_blocked_sender_in_item_by_item() {
     let gates: Vec<Arc<Gate>> = (0..5).map(|_| Gate::new()).collect();
     let g = gates.clone();
-    let c: Conveyor<u64> = Conveyor::builder()
-        .capacity(2)
-        .backpressure(conveyor::Backpressure::Reject)
-        .build(move |d: Delivery<u64>| {
-            g[*d.item() as usize].pass();
-            Ok(())
-        })
-        .unwrap();
+    let c: Arc<Conveyor<u64>> = Arc::new(
+        Conveyor::builder()
+            .capacity(2)
+            .build(move |d: Delivery<u64>| {
+                g[*d.item() as usize].pass();
+                Ok(())
+            })
+            .unwrap(),
+    );
     let mut receipts = vec![c.send(0).unwrap()];
     gates[0].wait_for_callers(1);
     receipts.extend([1, 2].map(|i| c.send(i).unwrap()));
+    // Sends 3 and then 4, each waiting for room; says when each got in.
+    let (accepted, sent) = std::sync::mpsc::channel();
+    let sender = {
+        let c = c.clone();
+        std::thread::spawn(move || {
+            [3, 4].map(|i| {
+                let receipt = c.send(i).unwrap();
+                accepted.send(i).unwrap();
+                receipt
+            })
+        })
+    };
+    let got_in = |what: &str| {
+        sent.recv_timeout(GENEROUS)
+            .unwrap_or_else(|_| panic!("{what} was not let in ({:?})", c.stats()))
+    };
     gates[0].open();
+    assert_eq!(got_in("item 3, once item 1 started"), 3);
     gates[1].wait_for_callers(1);
     gates[1].open();
     gates[2].wait_for_callers(1);
-    // Item 2 is in the sink, and nothing is queued: room for two.
-    for i in [3, 4] {
-        match c.try_send(i) {
-            Ok(r) => receipts.push(r),
-            Err(e) => panic!("item {i} refused with room for it: {e} ({:?})", c.stats()),
-        }
-    }
+    // Item 2 is in the sink, item 3 alone is queued: item 4 gets in now, while item 2's call
+    // still waits.
+    assert_eq!(got_in("item 4, once item 2 started"), 4);
+    assert_eq!(gates[2].waiting.load(AtomicOrdering::SeqCst), 1);
     for gate in &gates[2..] {
         gate.open();
     }
+    receipts.extend(sender.join().unwrap());
     for r in receipts {
         r.wait().unwrap();
     }
