@@ -668,7 +668,8 @@ impl Journal {
     /// # Errors
     /// - [`JournalError::Locked`] if another process has it open (naming that process), after
     ///   trying for 100 ms: a reader asking for its [`holder`](Journal::holder) holds the lock
-    ///   for an instant;
+    ///   for an instant (for up to 5 s when the lock names this process but no `Journal` of it
+    ///   holds it: a child process forked or being spawned meanwhile keeps it until it execs);
     /// - [`JournalError::Corrupt`] / [`JournalError::Foreign`] / [`JournalError::NotAJournal`] /
     ///   [`JournalError::UnsupportedVersion`] if the file is damaged, not a journal, or from a
     ///   newer version: the file is left untouched;
@@ -1770,6 +1771,33 @@ fn sidecar(path: &Path, suffix: &str) -> PathBuf {
 /// workspace's MSRV. A [`ParentOnlyFile`] because a forked child must not keep the lock.
 struct LockFile {
     _file: ParentOnlyFile,
+    /// The lock file's device and inode, listed in [`HELD_HERE`] while this lives.
+    id: (u64, u64),
+}
+
+/// The lock files (device, inode) that a [`LockFile`] of this process holds. A lock whose file
+/// names this process's PID but which none of them holds is held by a child this process
+/// forked or is spawning, whose copy of the file description keeps the `flock` until the child
+/// drops it (at once, see `fork.rs`) or execs: soon, but later than [`LOCK_PATIENCE`] on a busy
+/// machine (a spawned test binary was seen to take longer).
+static HELD_HERE: std::sync::Mutex<Vec<(u64, u64)>> = std::sync::Mutex::new(Vec::new());
+
+/// How long opening a journal waits for a lock held as [`HELD_HERE`] describes.
+const CHILD_PATIENCE: Duration = Duration::from_secs(5);
+
+fn held_here() -> std::sync::MutexGuard<'static, Vec<(u64, u64)>> {
+    HELD_HERE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Drop for LockFile {
+    fn drop(&mut self) {
+        let mut held = held_here();
+        if let Some(at) = held.iter().position(|id| *id == self.id) {
+            held.swap_remove(at);
+        }
+    }
 }
 
 impl LockFile {
@@ -1783,12 +1811,26 @@ impl LockFile {
         };
         let mut file = ParentOnlyFile::open(&owner_only(), &lock_path)
             .map_err(|e| io_err(create_or_open(&lock_path), e))?;
+        let id = {
+            use std::os::unix::fs::MetadataExt;
+            let meta = file.metadata().map_err(|e| io_err("open", e))?;
+            (meta.dev(), meta.ino())
+        };
         // A reader looking for the holder (`holder`) takes the lock for an instant: an owner
         // starting then must not fail for it.
-        let patience = Instant::now() + LOCK_PATIENCE;
+        let started = Instant::now();
+        let mut patience = started + LOCK_PATIENCE;
         loop {
             match fs4::FileExt::try_lock(&*file) {
                 Ok(()) => break,
+                Err(fs4::TryLockError::WouldBlock)
+                    if Instant::now() >= patience
+                        && patience < started + CHILD_PATIENCE
+                        && holder_pid(&mut file) == Some(std::process::id())
+                        && !held_here().contains(&id) =>
+                {
+                    patience = started + CHILD_PATIENCE;
+                }
                 Err(fs4::TryLockError::WouldBlock) if Instant::now() < patience => {
                     #[cfg(test)]
                     if let Some(hook) = LOCK_RETRY_HOOK.with(std::cell::Cell::take) {
@@ -1808,7 +1850,8 @@ impl LockFile {
         file.set_len(0).map_err(|e| io_err("write", e))?;
         file.rewind().map_err(|e| io_err("write", e))?;
         writeln!(file, "{}", std::process::id()).map_err(|e| io_err("write", e))?;
-        Ok(LockFile { _file: file })
+        held_here().push(id);
+        Ok(LockFile { _file: file, id })
     }
 
     /// Who holds the lock of `journal`, if anyone does, without keeping it: if nobody does, it
@@ -1832,6 +1875,7 @@ impl LockFile {
 /// The PID a held lock file names. The holder may be between taking the lock and writing its
 /// PID: then none.
 fn holder_pid(file: &mut File) -> Option<u32> {
+    file.rewind().ok()?;
     let mut text = String::new();
     let _ = file.read_to_string(&mut text);
     text.trim().parse().ok()
@@ -2344,6 +2388,28 @@ mod tests {
             msg.contains("this process") && msg.contains("close that one first"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn a_lock_a_child_of_this_process_still_holds_is_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        drop(Journal::open(&path).unwrap());
+        // What a child forked or being spawned holds until it drops its copy or execs: the
+        // lock, on a file description of its own, naming this process.
+        let child = File::options()
+            .read(true)
+            .write(true)
+            .open(sidecar(&path, LOCK_SUFFIX))
+            .unwrap();
+        fs4::FileExt::try_lock(&child).unwrap();
+        let let_go = std::thread::spawn(move || {
+            std::thread::sleep(LOCK_PATIENCE * 3);
+            drop(child);
+        });
+        let opened = Journal::open(&path);
+        let_go.join().unwrap();
+        opened.unwrap();
     }
 
     /// Runs this test binary again as a child executing only `test`, with `env` set; see
