@@ -13,6 +13,7 @@
 //!   is left; after `os.fork()` an inherited conveyor raises `Closed` instead of hanging.
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
+mod args;
 mod asend;
 mod errors;
 mod failure_log;

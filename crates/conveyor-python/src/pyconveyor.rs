@@ -15,6 +15,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyWeakrefReference};
 use pyo3::{PyTraverseError, PyVisit};
 
+use crate::args::{self, wrong_type};
 use crate::asend::{PendingSend, SendFuture};
 use crate::errors;
 use crate::failure_log::{FailureLog, Then};
@@ -484,19 +485,6 @@ fn one_of(choices: &[&str]) -> String {
     }
 }
 
-/// The `TypeError` for option `name` given a value of the wrong type. PyO3's own names a Rust
-/// type ("'int' object cannot be converted to 'PyString'"), not what the option takes, and
-/// names the option only in a note that `str(error)` leaves out.
-fn wrong_type(name: &str, value: &Bound<'_, PyAny>, expected: &str) -> PyErr {
-    let shown = value
-        .repr()
-        .map(|r| r.to_string())
-        .unwrap_or_else(|_| "a value".to_owned());
-    PyTypeError::new_err(format!(
-        "argument '{name}': expected {expected}, got {shown}"
-    ))
-}
-
 /// Reads a `str` argument, with a `TypeError` that names it and says what it takes.
 fn str_arg(name: &str, value: &Bound<'_, PyAny>, expected: &str) -> PyResult<String> {
     value
@@ -880,11 +868,11 @@ impl PyConveyor {
         #[pyo3(from_py_with = capacity_arg)] capacity: usize,
         #[pyo3(from_py_with = backpressure_arg)] backpressure: &str,
         #[pyo3(from_py_with = retries_arg)] retries: u32,
-        backoff: f64,
-        max_backoff: Option<f64>,
+        #[pyo3(from_py_with = args::backoff)] backoff: f64,
+        #[pyo3(from_py_with = args::max_backoff)] max_backoff: Option<f64>,
         #[pyo3(from_py_with = on_failure_arg)] on_failure: &str,
         #[pyo3(from_py_with = rate_limit_arg)] rate_limit: Option<u32>,
-        drain_timeout: f64,
+        #[pyo3(from_py_with = args::drain_timeout)] drain_timeout: f64,
         name: Option<&Bound<'_, PyAny>>,
         journal: Option<std::path::PathBuf>,
         durability: Option<&Bound<'_, PyAny>>,
@@ -1095,7 +1083,7 @@ impl PyConveyor {
         url: &Bound<'_, PyAny>,
         headers: Option<std::collections::BTreeMap<String, String>>,
         method: Option<&Bound<'_, PyAny>>,
-        timeout: f64,
+        #[pyo3(from_py_with = args::bounded_timeout)] timeout: f64,
         cafile: Option<std::path::PathBuf>,
         #[pyo3(from_py_with = max_reply_body_arg)] max_reply_body: Option<usize>,
         options: Option<&Bound<'_, pyo3::types::PyDict>>,
@@ -1135,7 +1123,7 @@ impl PyConveyor {
         &self,
         py: Python<'_>,
         item: Py<PyAny>,
-        key: Option<String>,
+        #[pyo3(from_py_with = args::key)] key: Option<String>,
         cursor: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<PyReceipt> {
         let shared = self.live(py)?;
@@ -1155,7 +1143,7 @@ impl PyConveyor {
         &self,
         py: Python<'_>,
         item: Py<PyAny>,
-        key: Option<String>,
+        #[pyo3(from_py_with = args::key)] key: Option<String>,
         cursor: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<PyReceipt> {
         let shared = self.live(py)?;
@@ -1189,7 +1177,7 @@ impl PyConveyor {
     fn asend(
         slf: &Bound<'_, Self>,
         item: Py<PyAny>,
-        key: Option<String>,
+        #[pyo3(from_py_with = args::key)] key: Option<String>,
         cursor: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Py<PyAny>> {
         let py = slf.py();
@@ -1219,9 +1207,9 @@ impl PyConveyor {
         &self,
         py: Python<'_>,
         item: Py<PyAny>,
-        key: Option<String>,
+        #[pyo3(from_py_with = args::key)] key: Option<String>,
         cursor: Option<&Bound<'_, PyAny>>,
-        timeout: f64,
+        #[pyo3(from_py_with = args::bounded_timeout)] timeout: f64,
     ) -> PyResult<Option<PyReceipt>> {
         let shared = self.live(py)?;
         let cursor = self.check_send_options(py, &key, cursor)?;
@@ -1241,7 +1229,11 @@ impl PyConveyor {
     /// written (a send then raises `JournalError` saying why). Releases the GIL while waiting;
     /// Ctrl-C raises `KeyboardInterrupt`.
     #[pyo3(signature = (timeout = None))]
-    fn flush(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+    fn flush(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = args::timeout)] timeout: Option<f64>,
+    ) -> PyResult<bool> {
         let timeout = timeout_arg("timeout", timeout)?;
         let shared = self.live(py)?;
         self.not_from_own_sink(shared, "flush")?;
@@ -1251,7 +1243,10 @@ impl PyConveyor {
     /// `flush` for asyncio code: waits on another thread, never blocking the event loop.
     /// Like `flush`, raises `RuntimeError` from this conveyor's own sink.
     #[pyo3(signature = (timeout = None))]
-    fn aflush(slf: &Bound<'_, Self>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
+    fn aflush(
+        slf: &Bound<'_, Self>,
+        #[pyo3(from_py_with = args::timeout)] timeout: Option<f64>,
+    ) -> PyResult<Py<PyAny>> {
         timeout_arg("timeout", timeout)?;
         slf.get().waitable_from_here(slf.py(), "aflush")?;
         Ok(support(slf.py())?
@@ -1265,7 +1260,11 @@ impl PyConveyor {
     /// Calling it again is harmless: once closed, it returns a report at once (and what an
     /// earlier close left stays undelivered). Ctrl-C interrupts the wait.
     #[pyo3(signature = (timeout = None))]
-    fn close(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<PyCloseReport> {
+    fn close(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = args::timeout)] timeout: Option<f64>,
+    ) -> PyResult<PyCloseReport> {
         let timeout = timeout_arg("timeout", timeout)?;
         let shared = self.live(py)?;
         self.not_from_own_sink(shared, "close")?;
@@ -1275,7 +1274,10 @@ impl PyConveyor {
     /// `close` for asyncio code: waits on another thread, never blocking the event loop.
     /// Like `close`, raises `RuntimeError` from this conveyor's own sink.
     #[pyo3(signature = (timeout = None))]
-    fn aclose(slf: &Bound<'_, Self>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
+    fn aclose(
+        slf: &Bound<'_, Self>,
+        #[pyo3(from_py_with = args::timeout)] timeout: Option<f64>,
+    ) -> PyResult<Py<PyAny>> {
         timeout_arg("timeout", timeout)?;
         slf.get().waitable_from_here(slf.py(), "aclose")?;
         Ok(support(slf.py())?

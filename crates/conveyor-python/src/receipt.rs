@@ -228,7 +228,11 @@ impl PyReceipt {
     /// conveyor's own sink on an item not settled yet, it raises `RuntimeError`: the item may
     /// only start once that sink call returns.
     #[pyo3(signature = (timeout = None))]
-    fn result(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
+    fn result(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = crate::args::timeout)] timeout: Option<f64>,
+    ) -> PyResult<Py<PyAny>> {
         match self.wait(py, timeout)? {
             Ok(reply) => reply.to_py(py),
             Err(err) => Err(errors::delivery_error(py, self.seq, &err)),
@@ -238,7 +242,11 @@ impl PyReceipt {
     /// Waits like `result` and returns the exception that `result` would raise, or `None` when
     /// the item was delivered.
     #[pyo3(signature = (timeout = None))]
-    fn exception(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<Py<PyAny>>> {
+    fn exception(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = crate::args::timeout)] timeout: Option<f64>,
+    ) -> PyResult<Option<Py<PyAny>>> {
         match self.wait(py, timeout)? {
             Ok(_) => Ok(None),
             Err(err) => Ok(Some(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import decimal
+import fractions
 import pickle
 
 import pytest
@@ -156,3 +158,98 @@ def test_wrong_type_http_options_are_type_errors_saying_what_they_take(options, 
     with pytest.raises(TypeError, match=f"'{name}': expected a str") as info:
         conveyor.Conveyor.http(**options)
     assert "PyString" not in str(info.value)
+
+
+def discard(item):
+    return None
+
+
+# Arguments PyO3 converted itself: since PyO3 0.29 it names the argument only in an exception
+# note ("while processing 'timeout'"), which str(error) leaves out and Python 3.9/3.10 lose.
+# Each case calls with a wrong type on a keyed conveyor `c` or one of its receipts `r`:
+# (call, argument, what it takes, the value as shown).
+SECONDS = "a number of seconds"
+SECONDS_OR_NONE = "a number of seconds or None"
+WRONG_TYPE_CALLS = {
+    "flush": (lambda c, r: c.flush("x"), "timeout", SECONDS_OR_NONE, "'x'"),
+    "aflush": (lambda c, r: c.aflush(timeout="x"), "timeout", SECONDS_OR_NONE, "'x'"),
+    "close": (lambda c, r: c.close("x"), "timeout", SECONDS_OR_NONE, "'x'"),
+    "aclose": (lambda c, r: c.aclose(timeout="x"), "timeout", SECONDS_OR_NONE, "'x'"),
+    "Receipt.result": (lambda c, r: r.result("x"), "timeout", SECONDS_OR_NONE, "'x'"),
+    "Receipt.exception": (lambda c, r: r.exception(timeout=[]), "timeout", SECONDS_OR_NONE, "[]"),
+    "_send_wait timeout": (lambda c, r: c._send_wait(1, "k", None, None), "timeout", SECONDS, "None"),
+    "send": (lambda c, r: c.send(1, key=1), "key", "a str or None", "1"),
+    "try_send": (lambda c, r: c.try_send(1, key=b"k"), "key", "a str or None", "b'k'"),
+    "asend": (lambda c, r: c.asend(1, key=1), "key", "a str or None", "1"),
+    "_send_wait key": (lambda c, r: c._send_wait(1, 1, None, 0.0), "key", "a str or None", "1"),
+    "backoff": (lambda c, r: conveyor.Conveyor(discard, backoff=None), "backoff", SECONDS, "None"),
+    "max_backoff": (
+        lambda c, r: conveyor.Conveyor(discard, max_backoff="1"), "max_backoff", SECONDS_OR_NONE, "'1'"
+    ),
+    "drain_timeout": (
+        lambda c, r: conveyor.Conveyor(discard, drain_timeout="x"), "drain_timeout", SECONDS, "'x'"
+    ),
+    "http timeout": (lambda c, r: conveyor.Conveyor.http("http://x", timeout="x"), "timeout", SECONDS, "'x'"),
+    "SerialExecutor": (lambda c, r: conveyor.SerialExecutor(drain_timeout="x"), "drain_timeout", SECONDS, "'x'"),
+}
+
+
+@pytest.mark.parametrize("call, name, expected, shown", WRONG_TYPE_CALLS.values(), ids=WRONG_TYPE_CALLS.keys())
+def test_wrong_type_arguments_are_type_errors_naming_the_argument(make, call, name, expected, shown):
+    c = make(discard, ordering="keyed")
+    r = c.send(1, key="k")
+    with pytest.raises(TypeError) as info:
+        call(c, r)
+    assert str(info.value) == f"argument '{name}': expected {expected}, got {shown}"
+
+
+class Seconds:
+    """Not a float, but says how to be one, as numpy scalars do."""
+
+    def __float__(self) -> float:
+        return 0.5
+
+    def __repr__(self) -> str:
+        return "Seconds()"
+
+
+class Index:
+    """Not an int, but says how to be one."""
+
+    def __index__(self) -> int:
+        return 1
+
+    def __repr__(self) -> str:
+        return "Index()"
+
+
+@pytest.mark.parametrize(
+    "seconds",
+    [None, 0, 1, 0.5, True, fractions.Fraction(1, 2), decimal.Decimal("0.5"), Seconds(), Index()],
+    ids=repr,
+)
+def test_seconds_take_what_float_takes(make, seconds):
+    # What PyO3's own float conversion took, bools included, still works.
+    options = {} if seconds is None else {"drain_timeout": seconds, "backoff": seconds}
+    c = make(discard, ordering="keyed", max_backoff=seconds, **options)
+    r = c.send(1, key="k")
+    wait = 10 if seconds is None else seconds
+    assert c._send_wait(2, "k", None, wait) is not None
+    assert c.flush(10) is True
+    # Everything is settled now, so a zero timeout cannot time out.
+    assert c.flush(seconds) is True
+    assert r.result(seconds) is None and r.exception(timeout=seconds) is None
+    assert c.close(seconds).left == 0
+
+
+def test_an_int_too_large_for_a_float_is_a_value_error_naming_the_argument(make):
+    # Was "OverflowError: int too large to convert to float", naming nothing.
+    c = make(discard)
+    with pytest.raises(ValueError, match=r"^timeout=inf: expected a finite number of seconds >= 0"):
+        c.flush(2**2000)
+    with pytest.raises(ValueError, match=r"^drain_timeout=inf: "):
+        conveyor.Conveyor(discard, drain_timeout=2**2000)
+    # A negative timeout means no time left, however large.
+    r = c.send(1)
+    assert c.flush(10) is True
+    assert r.result(timeout=-(2**2000)) is None

@@ -1,0 +1,93 @@
+//! Readers for arguments whose type PyO3 would check itself (for `#[pyo3(from_py_with = ...)]`).
+//!
+//! Since PyO3 0.29 a failed conversion names the argument only in an exception note
+//! (`while processing 'timeout'`): `str(error)` leaves it out, and Python 3.9 and 3.10 (which
+//! have no notes) lose it entirely. These readers accept exactly what PyO3 accepted and raise a
+//! `TypeError` that names the argument and says what it takes. `from_py_with` takes a bare
+//! function path, so each argument name gets a one-line function over a shared reader.
+
+use pyo3::exceptions::{PyOverflowError, PyTypeError};
+use pyo3::prelude::*;
+
+/// The `TypeError` for argument `name` given a value of the wrong type. PyO3's own names a Rust
+/// type ("'int' object cannot be converted to 'PyString'"), not what the argument takes, and
+/// names the argument only in a note that `str(error)` leaves out.
+pub(crate) fn wrong_type(name: &str, value: &Bound<'_, PyAny>, expected: &str) -> PyErr {
+    let shown = value
+        .repr()
+        .map(|r| r.to_string())
+        .unwrap_or_else(|_| "a value".to_owned());
+    PyTypeError::new_err(format!(
+        "argument '{name}': expected {expected}, got {shown}"
+    ))
+}
+
+/// Reads a number of seconds as PyO3's `f64` did: a float, an int, a bool, or anything with
+/// `__float__` or `__index__` (a `Fraction`, a `Decimal`, a numpy scalar). Range checks are the
+/// caller's, whose `ValueError` names the argument and says what else it takes.
+///
+/// # Errors
+/// `TypeError` naming the argument for anything that is not a number; whatever the value's own
+/// `__float__` raises.
+fn seconds(value: &Bound<'_, PyAny>, name: &str, expected: &str) -> PyResult<f64> {
+    match value.extract::<f64>() {
+        Ok(seconds) => Ok(seconds),
+        // An int too large for a float: as good as infinite, which the caller's range check
+        // refuses with the argument's name (or, for a receipt, a negative one means no time
+        // left), where Python's `OverflowError` named nothing.
+        Err(err) if err.is_instance_of::<PyOverflowError>(value.py()) => Ok(if value.gt(0)? {
+            f64::INFINITY
+        } else {
+            f64::NEG_INFINITY
+        }),
+        Err(err) if err.is_instance_of::<PyTypeError>(value.py()) => {
+            Err(wrong_type(name, value, expected))
+        }
+        Err(err) => Err(err),
+    }
+}
+
+/// [`seconds`] for an argument that also takes `None`.
+fn optional_seconds(value: &Bound<'_, PyAny>, name: &str) -> PyResult<Option<f64>> {
+    if value.is_none() {
+        return Ok(None);
+    }
+    seconds(value, name, "a number of seconds or None").map(Some)
+}
+
+fn required_seconds(value: &Bound<'_, PyAny>, name: &str) -> PyResult<f64> {
+    seconds(value, name, "a number of seconds")
+}
+
+/// `timeout` of the waits (`flush`, `close`, `Receipt.result`, ...): `None` waits forever.
+pub(crate) fn timeout(value: &Bound<'_, PyAny>) -> PyResult<Option<f64>> {
+    optional_seconds(value, "timeout")
+}
+
+/// `timeout` where `None` is not an option (a send's wait for room, an HTTP request).
+pub(crate) fn bounded_timeout(value: &Bound<'_, PyAny>) -> PyResult<f64> {
+    required_seconds(value, "timeout")
+}
+
+pub(crate) fn backoff(value: &Bound<'_, PyAny>) -> PyResult<f64> {
+    required_seconds(value, "backoff")
+}
+
+pub(crate) fn max_backoff(value: &Bound<'_, PyAny>) -> PyResult<Option<f64>> {
+    optional_seconds(value, "max_backoff")
+}
+
+pub(crate) fn drain_timeout(value: &Bound<'_, PyAny>) -> PyResult<f64> {
+    required_seconds(value, "drain_timeout")
+}
+
+/// `key` of the sends: a `str` (exactly what PyO3's `String` took), or `None` for no key.
+pub(crate) fn key(value: &Bound<'_, PyAny>) -> PyResult<Option<String>> {
+    if value.is_none() {
+        return Ok(None);
+    }
+    value
+        .extract()
+        .map(Some)
+        .map_err(|_| wrong_type("key", value, "a str or None"))
+}
