@@ -86,8 +86,12 @@ pub(crate) fn key(value: &Bound<'_, PyAny>) -> PyResult<Option<String>> {
     if value.is_none() {
         return Ok(None);
     }
+    str_arg("key", value, "a str or None").map(Some)
+}
+
+/// Reads a `str` argument, with a `TypeError` that names it and says what it takes.
+pub(crate) fn str_arg(name: &str, value: &Bound<'_, PyAny>, expected: &str) -> PyResult<String> {
     value
         .extract()
-        .map(Some)
-        .map_err(|_| wrong_type("key", value, "a str or None"))
+        .map_err(|_| wrong_type(name, value, expected))
 }

@@ -15,7 +15,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyWeakrefReference};
 use pyo3::{PyTraverseError, PyVisit};
 
-use crate::args::{self, wrong_type};
+use crate::args::{self, str_arg, wrong_type};
 use crate::asend::{PendingSend, SendFuture};
 use crate::errors;
 use crate::failure_log::{FailureLog, Then};
@@ -483,13 +483,6 @@ fn one_of(choices: &[&str]) -> String {
         Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
         None => String::new(),
     }
-}
-
-/// Reads a `str` argument, with a `TypeError` that names it and says what it takes.
-fn str_arg(name: &str, value: &Bound<'_, PyAny>, expected: &str) -> PyResult<String> {
-    value
-        .extract()
-        .map_err(|_| wrong_type(name, value, expected))
 }
 
 fn unknown_choice(name: &str, value: &str, choices: &[&str]) -> PyErr {

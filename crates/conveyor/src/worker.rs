@@ -202,12 +202,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
             if st.lease(size, items) || (self.drain(st) && st.lease(size, items)) {
                 // Under the state lock, which a shutdown closing the lease holds too.
                 self.lease_claim.store(0, AtomicOrdering::Relaxed);
-                if std::mem::take(&mut lookout.held) {
-                    self.release_lookout(st);
-                }
-                lookout.retake = std::mem::take(&mut lookout.looked) && st.idle_workers > 0;
-                self.wake_one_sender(st);
-                return Step::Lease(self.pass_work_on(st));
+                return Step::Lease(self.took_work(st, lookout));
             }
         }
         let next = match st.next_job(worker) {
@@ -216,14 +211,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
             None => None,
         };
         if let Some(job) = next {
-            if std::mem::take(&mut lookout.held) {
-                self.release_lookout(st);
-            }
-            // A worker that was looking out goes on looking out after this job, while other
-            // workers sleep: sends during its sink call then need not wake one of them.
-            lookout.retake = std::mem::take(&mut lookout.looked) && st.idle_workers > 0;
-            self.wake_one_sender(st);
-            return Step::Run(job, self.pass_work_on(st));
+            return Step::Run(job, self.took_work(st, lookout));
         }
         // A journal replay still loading items keeps the workers for them, even after close,
         // as do items held behind a retry.
@@ -231,6 +219,19 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
             return Step::Exit;
         }
         Step::Wait
+    }
+
+    /// Bookkeeping for a worker that took a job or a lease: it gives up the lookout and wakes
+    /// a sender for the room it made; returns the idle workers to wake for what is left.
+    fn took_work(&self, st: &mut State<T, R>, lookout: &mut Lookout) -> Wake {
+        if std::mem::take(&mut lookout.held) {
+            self.release_lookout(st);
+        }
+        // A worker that was looking out goes on looking out after this work, while other
+        // workers sleep: sends during its sink calls then need not wake one of them.
+        lookout.retake = std::mem::take(&mut lookout.looked) && st.idle_workers > 0;
+        self.wake_one_sender(st);
+        self.pass_work_on(st)
     }
 
     /// Tells the journal how a job ended, under the state lock so it follows the job's append.
@@ -739,10 +740,6 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
                     leasing.measured(1, started.elapsed());
                 }
                 finished = Some(shared.finished(job, outcome));
-                if std::mem::take(&mut lookout.retake) {
-                    lookout.held = shared.retake_lookout();
-                    lookout.looked = lookout.held;
-                }
             }
             Step::Lease(_) => {
                 let leasing = leasing.as_mut().expect("only a leasing worker leases");
@@ -766,13 +763,14 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
                         finished = Some(shared.finished(job, outcome));
                     }
                 }
-                if std::mem::take(&mut lookout.retake) {
-                    lookout.held = shared.retake_lookout();
-                    lookout.looked = lookout.held;
-                }
             }
             Step::Wait => {}
             Step::Exit => return shared.settled_outside(&mut shared.lock(), worker, done),
+        }
+        // Set only by a step that took work (see `Shared::took_work`), now done.
+        if std::mem::take(&mut lookout.retake) {
+            lookout.held = shared.retake_lookout();
+            lookout.looked = lookout.held;
         }
     }
 }
