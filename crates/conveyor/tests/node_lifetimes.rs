@@ -227,6 +227,114 @@ fn receipts_outlive_their_conveyor_on_other_threads() {
     assert_eq!(items.load(AtomicOrdering::SeqCst), 0);
 }
 
+/// A strict worker lends each item's delivery to its sink call without a count of its own,
+/// and skips settling receipts nobody holds: deliveries kept past the call, or dropped on
+/// another thread during or after it, keep their items alive exactly as long as they live;
+/// a callback given before the receipt dropped still runs; every other item is dropped by the
+/// time `flush` returns.
+#[test]
+fn lent_deliveries_and_unheld_receipts_of_a_strict_worker() {
+    let items = Arc::new(AtomicUsize::new(0));
+    let called_back = Arc::new(AtomicUsize::new(0));
+    let kept: Arc<Mutex<Vec<Delivery<Tracked>>>> = Arc::default();
+    let (to_dropper, dropper) = std::sync::mpsc::channel::<(Delivery<Tracked>, bool)>();
+    let (dropped_tx, dropped_rx) = std::sync::mpsc::channel::<()>();
+    // Drops what it is sent on its own thread, telling the sink first if asked to.
+    let dropper = std::thread::spawn(move || {
+        for (delivery, during_call) in dropper {
+            drop(delivery);
+            if during_call {
+                dropped_tx.send(()).unwrap();
+            }
+        }
+    });
+    let n = scale(20_000) as u64;
+    let mut callbacks = 0;
+    {
+        let (k, to_dropper) = (kept.clone(), Mutex::new(to_dropper));
+        let dropped_rx = Mutex::new(dropped_rx);
+        let c: Conveyor<Tracked> = Conveyor::builder()
+            .build(move |d: Delivery<Tracked>| {
+                assert!(d.item().text.ends_with(&format!("#{}", d.seq())));
+                match d.seq() % 7 {
+                    // Kept past the call (and past the conveyor).
+                    0 => k.lock().unwrap().push(d),
+                    // Dropped on another thread during the call.
+                    1 => {
+                        to_dropper.lock().unwrap().send((d, true)).unwrap();
+                        dropped_rx.lock().unwrap().recv().unwrap();
+                    }
+                    // Dropped on another thread, whenever it gets there.
+                    2 => to_dropper.lock().unwrap().send((d, false)).unwrap(),
+                    _ => {}
+                }
+                Ok(())
+            })
+            .unwrap();
+        for i in 1..=n {
+            let mut receipt = c.send(Tracked::new(format!("{i}#{i}"), &items)).unwrap();
+            match i % 5 {
+                0 => {
+                    let count = called_back.clone();
+                    receipt.on_settled(move |outcome| {
+                        outcome.unwrap();
+                        count.fetch_add(1, AtomicOrdering::SeqCst);
+                    });
+                    callbacks += 1;
+                }
+                1 if i % 1000 == 1 => receipt.wait_timeout(GENEROUS).unwrap().unwrap(),
+                _ => drop(receipt),
+            }
+        }
+        assert!(c.flush_timeout(GENEROUS), "flush returns");
+        assert_eq!(called_back.load(AtomicOrdering::SeqCst), callbacks);
+        assert_eq!(c.stats().delivered, n);
+        // Every item is gone but those a kept delivery holds, or one on its way to the dropper.
+        let kept_now = kept.lock().unwrap().len();
+        assert_eq!(kept_now as u64, n / 7);
+        let live = items.load(AtomicOrdering::SeqCst);
+        assert!(
+            (kept_now..=kept_now + (n as usize).div_ceil(7)).contains(&live),
+            "{live} items alive, {kept_now} kept"
+        );
+    }
+    let kept = std::mem::take(&mut *kept.lock().unwrap());
+    let reader = std::thread::spawn(move || {
+        for d in &kept {
+            assert!(d.item().text.ends_with(&format!("#{}", d.seq())));
+            assert_eq!(d.seq() % 7, 0);
+        }
+        drop(kept);
+    });
+    reader.join().unwrap();
+    dropper.join().unwrap();
+    assert_eq!(
+        items.load(AtomicOrdering::SeqCst),
+        0,
+        "every item dropped once"
+    );
+}
+
+/// With every receipt dropped, a strict worker has nothing to settle but the items' drops:
+/// `flush` still returns, and only once they all ran.
+#[test]
+fn flush_returns_once_fire_and_forget_items_dropped() {
+    for n in [1, 2, 3, 40, 1000] {
+        let items = Arc::new(AtomicUsize::new(0));
+        let c: Conveyor<Tracked> = Conveyor::builder()
+            .build(|d: Delivery<Tracked>| {
+                assert!(!d.item().text.is_empty());
+                Ok(())
+            })
+            .unwrap();
+        for i in 0..n {
+            drop(c.send(Tracked::new(i.to_string(), &items)).unwrap());
+        }
+        assert!(c.flush_timeout(GENEROUS), "flush after {n} items");
+        assert_eq!(items.load(AtomicOrdering::SeqCst), 0, "{n} items dropped");
+    }
+}
+
 #[repr(align(256))]
 #[derive(Debug)]
 struct Big([u8; 300]);
