@@ -227,13 +227,12 @@ fn receipts_outlive_their_conveyor_on_other_threads() {
     assert_eq!(items.load(AtomicOrdering::SeqCst), 0);
 }
 
-/// A strict worker lends each item's delivery to its sink call without a count of its own,
-/// and skips settling receipts nobody holds: deliveries kept past the call, or dropped on
-/// another thread during or after it, keep their items alive exactly as long as they live;
+/// A strict worker running leases of an instant sink: deliveries kept past the call, or dropped
+/// on another thread during or after it, keep their items alive exactly as long as they live;
 /// a callback given before the receipt dropped still runs; every other item is dropped by the
 /// time `flush` returns.
 #[test]
-fn lent_deliveries_and_unheld_receipts_of_a_strict_worker() {
+fn deliveries_kept_or_dropped_elsewhere_with_unheld_receipts_of_a_strict_worker() {
     let items = Arc::new(AtomicUsize::new(0));
     let called_back = Arc::new(AtomicUsize::new(0));
     let kept: Arc<Mutex<Vec<Delivery<Tracked>>>> = Arc::default();
