@@ -150,9 +150,10 @@ pub(crate) const LEASE_CLOSED: usize = 1 << (usize::BITS - 1);
 
 /// What a lease's claim counter (`Shared::lease_claim`, without `LEASE_CLOSED`) says: the
 /// worker moves it to `2 i + 1` as it claims item `i` (its sink call may begin), then to
-/// `2 i + 2` once that call returned `Ok`, before it settles the item's receipt. Returns how
-/// many items were delivered (the last of them possibly still settling its receipt), and
-/// whether the item after those was claimed.
+/// `2 i + 2` once that call returned `Ok`, before it settles the item's receipt (straight to
+/// `2 i + 3` as it claims the next item when there is nothing to settle: see
+/// `Node::unheeded`). Returns how many items were delivered (the last of them possibly still
+/// settling its receipt), and whether the item after those was claimed.
 fn lease_progress(claim: usize) -> (usize, bool) {
     (claim / 2, claim % 2 == 1)
 }

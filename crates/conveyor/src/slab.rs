@@ -401,6 +401,12 @@ impl<N: Headed> Counted<N> {
         unsafe { self.node.cast::<Head>().as_ref() }
     }
 
+    /// Whether this is the node's only reference (as `Arc::strong_count(..) == 1`), with the
+    /// uses through the references dropped before happening before whatever follows.
+    pub(crate) fn only_reference(&self) -> bool {
+        self.head().refs.load(Ordering::Acquire) == 1
+    }
+
     /// The node itself, if this is its only reference (as `Arc::try_unwrap`).
     pub(crate) fn try_unwrap(self) -> Result<N, Self> {
         self.into_unique().map(Unique::into_inner)
@@ -410,8 +416,7 @@ impl<N: Headed> Counted<N> {
     /// mutably and dropped in place without an atomic operation on its count.
     pub(crate) fn into_unique(self) -> Result<Unique<N>, Self> {
         // A load is enough: with the only reference held here, nobody can make another.
-        // Acquire, so that every use through the references dropped before happens first.
-        if self.head().refs.load(Ordering::Acquire) != 1 {
+        if !self.only_reference() {
             return Err(self);
         }
         let this = ManuallyDrop::new(self);
@@ -427,6 +432,68 @@ impl<N: Headed> Counted<N> {
         Erased {
             head: this.node.cast(),
         }
+    }
+}
+
+impl<N: Headed> Counted<N> {
+    /// Drops this reference as `drop` does, but the chunk count of a node that dies here goes
+    /// to `returns`, to be given back with its neighbours'. The only reference takes no atomic
+    /// operation on the node's count.
+    pub(crate) fn drop_into(self, returns: &mut Returns<N::Context>) {
+        let this = ManuallyDrop::new(self);
+        // As `Arc`'s drop when shared (see `release`).
+        let last = this.only_reference() || {
+            let last = this.head().refs.fetch_sub(1, Ordering::Release) == 1;
+            if last {
+                fence(Ordering::Acquire);
+            }
+            last
+        };
+        if last {
+            // Counted before the node drops, which may panic (see `destroy`).
+            returns.add(this.head().chunk.cast());
+            // SAFETY: the last reference, given up once.
+            unsafe { std::ptr::drop_in_place(this.node.as_ptr()) };
+        }
+    }
+}
+
+/// Chunk counts of dropped nodes, given back together: nodes dropped one after another mostly
+/// come from one chunk, and one atomic operation then gives back all of theirs (see
+/// [`Counted::drop_into`]). The counts go back when the next node is of another chunk, and
+/// when this drops.
+pub(crate) struct Returns<C> {
+    chunk: Option<NonNull<ChunkHead<C>>>,
+    count: usize,
+}
+
+impl<C> Returns<C> {
+    pub(crate) fn new() -> Self {
+        Self {
+            chunk: None,
+            count: 0,
+        }
+    }
+
+    fn add(&mut self, chunk: NonNull<ChunkHead<C>>) {
+        if self.chunk != Some(chunk) {
+            self.give_back();
+            self.chunk = Some(chunk);
+        }
+        self.count += 1;
+    }
+
+    fn give_back(&mut self) {
+        if let Some(chunk) = self.chunk.take() {
+            // SAFETY: each count added was a dead node's, owned here since.
+            unsafe { release_chunk(chunk, std::mem::take(&mut self.count)) };
+        }
+    }
+}
+
+impl<C> Drop for Returns<C> {
+    fn drop(&mut self) {
+        self.give_back();
     }
 }
 
@@ -523,6 +590,16 @@ impl Erased {
     /// The start of the node, to be cast back by one who knows a prefix of its layout.
     pub(crate) fn as_ptr(&self) -> NonNull<Head> {
         self.head
+    }
+
+    /// A reference to the node at `head` as if it owned a count; whoever makes one decides
+    /// whether it does (dropping one that does not would give back a count it never had).
+    ///
+    /// # Safety
+    ///
+    /// `head` starts a live node, and the reference is not dropped unless it owns a count.
+    pub(crate) unsafe fn from_raw(head: NonNull<Head>) -> Self {
+        Self { head }
     }
 }
 

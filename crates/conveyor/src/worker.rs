@@ -24,7 +24,7 @@ use crate::journal::Settlement as Settled;
 use crate::queue::{Job, Leased, Outcome, Settlement, State};
 use crate::receipt::{settle_and_release, Delivery, Panic};
 use crate::receipt::{Node, NodeRef};
-use crate::slab::Counted;
+use crate::slab::{Counted, Returns};
 
 type BlockingFn<T, R> = dyn Fn(Delivery<T>) -> Result<R, SinkError> + Send + Sync;
 pub(crate) type BoxFuture<R> = Pin<Box<dyn Future<Output = Result<R, SinkError>> + Send>>;
@@ -484,12 +484,14 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         worker: usize,
         items: &[Leased<T, R>],
     ) -> LeaseRan<R> {
+        // The item before was not marked delivered: its claim of this one marks it so.
+        let mut unmarked = false;
         for (i, item) in items.iter().enumerate() {
             // Claimed before its call (see `queue::lease_progress`): a shutdown that closed the
             // lease first (see `Shared::close_lease`) reports it, unstarted, as closed; one that
             // closes it later sees the claim, and reports it as possibly called.
             let claim = self.lease_claim.compare_exchange(
-                2 * i,
+                2 * i - usize::from(std::mem::take(&mut unmarked)),
                 2 * i + 1,
                 AtomicOrdering::AcqRel,
                 AtomicOrdering::Acquire,
@@ -504,17 +506,23 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
             // lease (`State::end_lease`); only the items before it may leave the lane earlier
             // (`State::close_lease`).
             let node = unsafe { Counted::borrow_raw(item.node) };
-            let delivery = Delivery::new(&node, item.attempts + 1, item.attempt_limit);
+            // SAFETY: the lane keeps the node past the call, as above; taken back below.
+            let delivery = unsafe { Delivery::lend(&node, item.attempts + 1, item.attempt_limit) };
             // The thread runs as this worker's sink call throughout (see `thread_worker`).
             let result = catch_unwind(AssertUnwindSafe(|| sink(delivery)))
                 .unwrap_or_else(|panic| Err(SinkError::from_panic(&*panic)));
+            Delivery::take_back(&node);
             match result {
                 Ok(reply) if i + 1 == items.len() => {
                     return LeaseRan::Ended(LeaseEnd {
                         done: i + 1,
-                        last: Some(reply),
+                        last: (!Node::unheeded(&node)).then_some(reply),
                     })
                 }
+                // Nobody would learn of the settlement, and no user code runs before the next
+                // claim: that claim marks this item delivered too, one atomic operation for
+                // two (until then it counts as in flight, as the last item of a lease does).
+                Ok(_) if Node::unheeded(&node) => unmarked = true,
                 Ok(reply) => {
                     // Delivered, before its receipt settles (see `queue::lease_progress`): a
                     // close from the receipt's callback, or from another thread meanwhile,
@@ -676,8 +684,11 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
             );
             let mut spun = false;
             // Settle what just finished before sleeping: its receipt must not wait
-            // for the next item to arrive.
-            while matches!(step, Step::Wait) && settle.is_empty() {
+            // for the next item to arrive, nor its item's drop.
+            let nothing_to_settle = |settle: &Vec<_>, leasing: &Option<Leasing<T, R>>| {
+                settle.is_empty() && !leasing.as_ref().is_some_and(|l| !l.release.is_empty())
+            };
+            while matches!(step, Step::Wait) && nothing_to_settle(&settle, &leasing) {
                 if !std::mem::replace(&mut spun, true) && (lookout.held || shared.claim_lookout()) {
                     lookout.held = true;
                     lookout.looked = true;
@@ -712,7 +723,10 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
                 // Settling runs user code (callbacks, wakers, the item's and the reply's
                 // drops), which may take long or panic: give the lookout up first, and wake a
                 // worker for what it had.
-                Step::Wait if !settle.is_empty() && std::mem::take(&mut lookout.held) => {
+                Step::Wait
+                    if !nothing_to_settle(&settle, &leasing)
+                        && std::mem::take(&mut lookout.held) =>
+                {
                     shared.release_lookout(&mut st);
                     shared.pass_work_on(&st)
                 }
@@ -1013,8 +1027,10 @@ fn settle_all<T, R>(
         dropped.unwrap_or_else(log_settling_panic);
     }
     // The last reference drops the item: user code, as above.
+    let mut returns = Returns::new();
     for node in release.into_iter().flat_map(|r| r.drain(..)) {
-        catch_unwind(AssertUnwindSafe(move || drop(node))).unwrap_or_else(log_settling_panic);
+        catch_unwind(AssertUnwindSafe(|| node.drop_into(&mut returns)))
+            .unwrap_or_else(log_settling_panic);
     }
     n
 }
