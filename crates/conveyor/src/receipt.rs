@@ -427,8 +427,8 @@ pub struct Delivery<T> {
     _item: PhantomData<fn(T) -> T>,
 }
 
-// SAFETY: a delivery shares its item and may drop the node on another thread. Its only
-// constructor (`new`) requires an item that is `Send + Sync` and a reply that is `Send`, so
+// SAFETY: a delivery shares its item and may drop the node on another thread. Its
+// constructors (`new`, `lend`) require an item that is `Send + Sync` and a reply that is `Send`, so
 // every delivery that exists may go anywhere, as with the `Arc<dyn .. + Send + Sync>` it
 // replaced (which kept these impls unconditional).
 unsafe impl<T> Send for Delivery<T> {}

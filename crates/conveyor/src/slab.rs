@@ -11,7 +11,9 @@
 //!
 //! A chunk whose nodes all died goes back to its slab's spares rather than to the
 //! allocator: freeing it on the worker while the producer allocates the next one made the
-//! two threads fight over glibc's arena lock, a syscall every few dozen items.
+//! two threads fight over glibc's arena lock, a syscall every few dozen items. Spares are
+//! reused oldest first: the newest is still in the cache of the worker that emptied it (see
+//! `Spares::take`).
 //!
 //! Every node can also reach its slab's *context*, a value shared by all its nodes (the
 //! conveyor's settings a receipt or a delivery needs), without a copy or a count per node.
