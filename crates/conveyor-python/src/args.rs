@@ -47,12 +47,20 @@ fn seconds(value: &Bound<'_, PyAny>, name: &str, expected: &str) -> PyResult<f64
     }
 }
 
-/// [`seconds`] for an argument that also takes `None`.
-fn optional_seconds(value: &Bound<'_, PyAny>, name: &str) -> PyResult<Option<f64>> {
+/// `None` for `None`, else what `read` makes of the value: for arguments that also take `None`.
+pub(crate) fn optional<'py, T>(
+    value: &Bound<'py, PyAny>,
+    read: impl FnOnce(&Bound<'py, PyAny>) -> PyResult<T>,
+) -> PyResult<Option<T>> {
     if value.is_none() {
         return Ok(None);
     }
-    seconds(value, name, "a number of seconds or None").map(Some)
+    read(value).map(Some)
+}
+
+/// [`seconds`] for an argument that also takes `None`.
+fn optional_seconds(value: &Bound<'_, PyAny>, name: &str) -> PyResult<Option<f64>> {
+    optional(value, |v| seconds(v, name, "a number of seconds or None"))
 }
 
 fn required_seconds(value: &Bound<'_, PyAny>, name: &str) -> PyResult<f64> {
@@ -83,10 +91,7 @@ pub(crate) fn drain_timeout(value: &Bound<'_, PyAny>) -> PyResult<f64> {
 
 /// `key` of the sends: a `str` (exactly what PyO3's `String` took), or `None` for no key.
 pub(crate) fn key(value: &Bound<'_, PyAny>) -> PyResult<Option<String>> {
-    if value.is_none() {
-        return Ok(None);
-    }
-    str_arg("key", value, "a str or None").map(Some)
+    optional(value, |v| str_arg("key", v, "a str or None"))
 }
 
 /// Reads a `str` argument, with a `TypeError` that names it and says what it takes.

@@ -440,10 +440,7 @@ fn optional_count_arg<T: TryFrom<i64>>(
     name: &str,
     min: i64,
 ) -> PyResult<Option<T>> {
-    if value.is_none() {
-        return Ok(None);
-    }
-    count_arg(value, name, min).map(Some)
+    args::optional(value, |v| count_arg(v, name, min))
 }
 
 fn in_flight_arg(value: &Bound<'_, PyAny>) -> PyResult<Option<usize>> {

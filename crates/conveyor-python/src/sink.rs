@@ -419,6 +419,8 @@ pub(crate) fn blocking(
             // Saved and restored, not cleared: a sink may itself run another conveyor's sink.
             let outer = CURRENT.with(|current| current.replace(&delivery));
             let outcome = match delivery.item().deliver_to(sink.bind(py)) {
+                // Most sinks return `None`, which is no coroutine: no look at its type.
+                Ok(value) if value.is_none() => Ok(Reply::None),
                 Ok(value) if is_coroutine(py, &value) => {
                     Err(coroutine_returned(py, &value, sink.bind(py)))
                 }

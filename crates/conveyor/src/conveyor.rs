@@ -352,10 +352,7 @@ impl<T, R> Shared<T, R> {
         if !drain {
             st.stopping = true;
             // The worker stops between the items of its lease too.
-            if st.leased() {
-                self.lease_claim
-                    .fetch_or(LEASE_CLOSED, AtomicOrdering::AcqRel);
-            }
+            self.close_claims(st);
         }
         self.wake_all();
     }
@@ -382,12 +379,19 @@ impl<T, R> Shared<T, R> {
     /// Closes the worker's lease, if it has one, for a shutdown that stops it between items
     /// (see `State::close_lease`); the delivered items it takes off the lane go into `release`.
     pub(crate) fn close_lease(&self, st: &mut State<T, R>, release: &mut Vec<NodeRef<T, R>>) {
-        if st.leased() {
-            let claimed = self
-                .lease_claim
-                .fetch_or(LEASE_CLOSED, AtomicOrdering::AcqRel);
-            st.close_lease(claimed & !LEASE_CLOSED, release);
+        if let Some(claim) = self.close_claims(st) {
+            st.close_lease(claim, release);
         }
+    }
+
+    /// If the worker holds a lease, lets it start no item it has not claimed yet; returns how
+    /// far it got (see `queue::lease_progress`).
+    fn close_claims(&self, st: &State<T, R>) -> Option<usize> {
+        st.leased().then(|| {
+            self.lease_claim
+                .fetch_or(LEASE_CLOSED, AtomicOrdering::AcqRel)
+                & !LEASE_CLOSED
+        })
     }
 
     /// The last worker left a conveyor that was not closed: the Tokio runtime its async sink

@@ -440,13 +440,25 @@ impl<T: Send + Sync + 'static> Delivery<T> {
         attempt: u32,
         attempt_limit: u32,
     ) -> Self {
+        Self::of(node, node.clone().erase(), false, attempt, attempt_limit)
+    }
+
+    /// A delivery of `node`'s item through `counted`, a reference to the same node that owns a
+    /// count unless `lent`.
+    fn of<R>(
+        node: &NodeRef<T, R>,
+        counted: Erased,
+        lent: bool,
+        attempt: u32,
+        attempt_limit: u32,
+    ) -> Self {
         Self {
-            // Stays put while the node lives, which `node` (a clone) keeps it doing.
+            // Stays put while the node lives, which `counted` (or the lender) keeps it doing.
             item: NonNull::from(&node.item),
-            node: ManuallyDrop::new(node.clone().erase()),
+            node: ManuallyDrop::new(counted),
             attempt,
             attempt_limit,
-            lent: false,
+            lent,
             _item: PhantomData,
         }
     }
@@ -469,15 +481,9 @@ impl<T: Send + Sync + 'static> Delivery<T> {
         node.about.lent.store(LENT_OUT, AtomicOrdering::Relaxed);
         let head = node.as_ptr().cast::<Head>();
         LENT.with(|lent| lent.set(head.as_ptr()));
-        Self {
-            item: NonNull::from(&node.item),
-            // SAFETY: counted by nobody; see `Drop` and `take_back`.
-            node: ManuallyDrop::new(unsafe { Erased::from_raw(head) }),
-            attempt,
-            attempt_limit,
-            lent: true,
-            _item: PhantomData,
-        }
+        // SAFETY: counted by nobody; see `Drop` and `take_back`.
+        let counted = unsafe { Erased::from_raw(head) };
+        Self::of(node, counted, true, attempt, attempt_limit)
     }
 
     /// Ends the loan of [`Delivery::lend`] as its sink call returned: gives a delivery still

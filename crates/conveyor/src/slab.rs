@@ -199,15 +199,29 @@ unsafe fn destroy<N: Headed>(head: NonNull<Head>) {
     std::ptr::drop_in_place(head.cast::<N>().as_ptr());
 }
 
+/// Gives up one reference to the node of `head`; returns whether it was the last, whose
+/// owner must then drop the node.
+///
+/// # Safety
+///
+/// The caller owns one of the node's references.
+unsafe fn let_go(head: &Head) -> bool {
+    // As `Arc`: Release so that every use through this reference happens before the drop,
+    // which the last one's Acquire fence orders after them.
+    let last = head.refs.fetch_sub(1, Ordering::Release) == 1;
+    if last {
+        fence(Ordering::Acquire);
+    }
+    last
+}
+
 /// Drops one reference to the node at `head`, destroying it with the last one.
 ///
 /// # Safety
 ///
 /// The caller owns one of the node's references.
 unsafe fn release(head: NonNull<Head>) {
-    // As `Arc`: Release so that every use through this reference happens before the drop.
-    if head.as_ref().refs.fetch_sub(1, Ordering::Release) == 1 {
-        fence(Ordering::Acquire);
+    if let_go(head.as_ref()) {
         // `ChunkHead::destroy` comes first in every chunk.
         let destroy = head
             .as_ref()
@@ -443,15 +457,8 @@ impl<N: Headed> Counted<N> {
     /// operation on the node's count.
     pub(crate) fn drop_into(self, returns: &mut Returns<N::Context>) {
         let this = ManuallyDrop::new(self);
-        // As `Arc`'s drop when shared (see `release`).
-        let last = this.only_reference() || {
-            let last = this.head().refs.fetch_sub(1, Ordering::Release) == 1;
-            if last {
-                fence(Ordering::Acquire);
-            }
-            last
-        };
-        if last {
+        // SAFETY: this reference is owned and given up once.
+        if this.only_reference() || unsafe { let_go(this.head()) } {
             // Counted before the node drops, which may panic (see `destroy`).
             returns.add(this.head().chunk.cast());
             // SAFETY: the last reference, given up once.

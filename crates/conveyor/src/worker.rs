@@ -177,8 +177,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         }
         if let Some(LeaseEnd { done, last }) = leasing.as_mut().and_then(|l| l.ended.take()) {
             let leasing = leasing.as_deref_mut().expect("it ended a lease");
-            let last_settles = last.is_some();
-            self.end_lease(st, done, &mut leasing.release);
+            self.end_lease(st, worker, done, &mut leasing.release);
             if let Some(reply) = last {
                 let node = leasing
                     .release
@@ -186,11 +185,6 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
                     .expect("the lease's last item was delivered");
                 settle.push((node, Ok(reply)));
             }
-            // As for a job: counted until settled and dropped outside the lock (`settle_all`),
-            // so that `flush` returns after the items' drops, as it did before leases.
-            let settling = u64::from(last_settles) + leasing.release.len() as u64;
-            st.settling_by[worker] += settling;
-            self.wake_flushers(st);
         }
         // Whatever this step does changes what the others can do.
         self.wake_waiting_inside(st);
@@ -464,9 +458,15 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         }
     }
 
-    /// Ends the lease after its first `done` items (see `State::end_lease`), their nodes into
-    /// `release`.
-    fn end_lease(&self, st: &mut State<T, R>, done: usize, release: &mut Vec<NodeRef<T, R>>) {
+    /// Ends `worker`'s lease after its first `done` items (see `State::end_lease`), their nodes
+    /// into `release`.
+    fn end_lease(
+        &self,
+        st: &mut State<T, R>,
+        worker: usize,
+        done: usize,
+        release: &mut Vec<NodeRef<T, R>>,
+    ) {
         st.end_lease(done, release);
         // The lease's items leave the queue only now, all at once: every sender waiting for
         // room looks again. Not only the next job or lease wakes one: after a failure the
@@ -474,6 +474,11 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         if done > 0 && (st.waiters.blocked_senders > 0 || st.waiters.async_senders > 0) {
             self.wake_all_senders();
         }
+        // As for a job: counted until settled (the last one's receipt, maybe) and dropped
+        // outside the lock (`settle_all`), so that `flush` returns after the items' drops, as
+        // it did before leases.
+        st.settling_by[worker] += release.len() as u64;
+        self.wake_flushers(st);
     }
 
     /// Runs a lease's items one after another (see `State::lease`), settling each receipt
@@ -547,10 +552,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         release: &mut Vec<NodeRef<T, R>>,
     ) -> Job<T, R> {
         let mut st = self.lock();
-        self.end_lease(&mut st, done, release);
-        // Dropped by `settle_all`, which counts them as settled.
-        st.settling_by[worker] += release.len() as u64;
-        self.wake_flushers(&st);
+        self.end_lease(&mut st, worker, done, release);
         let mut job = st
             .next_job(worker)
             .expect("nothing but its worker takes the strict lane's head");
