@@ -1,7 +1,7 @@
 //! The conveyor handle: accepting items, waiting for them, shutting down.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering as AtomicOrdering};
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,7 @@ use crossbeam_utils::{Backoff, CachePadded};
 
 use crate::intake::{Intake, Wake};
 use crate::journal::{DeadLetter, Journal, JournalError, Record, Settlement as Settled};
-use crate::queue::{Room, State, Waiters, LEASE_CLOSED};
+use crate::queue::{LeaseClaims, Room, State, Waiters, LEASE_CLOSED};
 use crate::receipt::{Awaited, Inside, NodeContext, NodeRef, OwnWorkers, Receipt};
 use crate::retry::random_u64;
 use crate::stats::{CloseReport, Stats};
@@ -52,13 +52,13 @@ pub(crate) struct Shared<T, R> {
     pub(crate) config: Config,
     /// The journal and its writer, if one was configured. `None` costs the hot path one branch.
     pub(crate) durable: Option<Durable<T>>,
-    /// How far the strict worker got through its lease (see `State::lease`): the items it
-    /// claimed and delivered (see `queue::lease_progress`), with `queue::LEASE_CLOSED` set once a
+    /// How far each worker got through its lease (see `State::lease`): the items it claimed
+    /// and delivered (see `queue::lease_progress`), with `queue::LEASE_CLOSED` set once a
     /// shutdown stops the worker between items. Claiming and closing are each one atomic
     /// operation, so that every item either starts before the close, and is reported as
-    /// possibly called, or never starts. On a line of its own: the worker writes it for every
-    /// item.
-    pub(crate) lease_claim: Arc<CachePadded<AtomicUsize>>,
+    /// possibly called, or never starts. Each on a line of its own: its worker writes it for
+    /// every item.
+    pub(crate) lease_claims: LeaseClaims,
 }
 
 /// The intake, and two flags that sends and the lookout worker share, on the same lines.
@@ -146,9 +146,7 @@ impl<T, R> Shared<T, R> {
     fn enqueue_drained(&self, st: &mut State<T, R>, mut batch: Vec<NodeRef<T, R>>) -> bool {
         let moved = !batch.is_empty();
         let attempt_limit = self.config.retry.attempts();
-        for node in batch.drain(..) {
-            st.accept(node, attempt_limit);
-        }
+        st.accept_all(batch.drain(..), attempt_limit);
         // Kept for the next drain: the intake and this buffer trade allocations.
         st.drained = batch;
         moved
@@ -273,14 +271,13 @@ impl<T, R> Shared<T, R> {
         }
     }
 
-    /// Whether the strict worker runs several items per turn of the state lock (see
+    /// Whether worker threads run several items of a lane per turn of the state lock (see
     /// `State::lease`). Not with a journal (each item waits for its append's commit, and its
     /// settlement is journaled in order under the lock), a rate limit (each item needs its
-    /// slot), nor `DropOldest` (which must not evict an item the worker holds, and would
+    /// slot), nor `DropOldest` (which must not evict an item a worker holds, and would
     /// otherwise drop a later one instead).
     pub(crate) fn may_lease(&self) -> bool {
-        self.config.ordering == crate::builder::Ordering::Strict
-            && self.durable.is_none()
+        self.durable.is_none()
             && self.config.rate_limit.is_none()
             && self.config.backpressure != Backpressure::DropOldest
     }
@@ -351,8 +348,10 @@ impl<T, R> Shared<T, R> {
         self.stop_accepting(st);
         if !drain {
             st.stopping = true;
-            // The worker stops between the items of its lease too.
-            self.close_claims(st);
+            // Workers stop between the items of their leases too.
+            for worker in 0..self.lease_claims.len() {
+                self.close_claims(st, worker);
+            }
         }
         self.wake_all();
     }
@@ -364,7 +363,7 @@ impl<T, R> Shared<T, R> {
         st.abandoned = true;
         // Settled already: they only drop, with what is left, once the shutdown is over.
         let mut delivered = Vec::new();
-        self.close_lease(st, &mut delivered);
+        self.close_leases(st, &mut delivered);
         self.wake_all();
         let report = CloseReport {
             stats: st.stats(),
@@ -376,21 +375,21 @@ impl<T, R> Shared<T, R> {
         (report, Left(left))
     }
 
-    /// Closes the worker's lease, if it has one, for a shutdown that stops it between items
-    /// (see `State::close_lease`); the delivered items it takes off the lane go into `release`.
-    pub(crate) fn close_lease(&self, st: &mut State<T, R>, release: &mut Vec<NodeRef<T, R>>) {
-        if let Some(claim) = self.close_claims(st) {
-            st.close_lease(claim, release);
+    /// Closes every worker's lease, for a shutdown that stops them between items (see
+    /// `State::close_lease`); the delivered items it takes off the lanes go into `release`.
+    pub(crate) fn close_leases(&self, st: &mut State<T, R>, release: &mut Vec<NodeRef<T, R>>) {
+        for worker in 0..self.lease_claims.len() {
+            if let Some(claim) = self.close_claims(st, worker) {
+                st.close_lease(worker, claim, release);
+            }
         }
     }
 
-    /// If the worker holds a lease, lets it start no item it has not claimed yet; returns how
-    /// far it got (see `queue::lease_progress`).
-    fn close_claims(&self, st: &State<T, R>) -> Option<usize> {
-        st.leased().then(|| {
-            self.lease_claim
-                .fetch_or(LEASE_CLOSED, AtomicOrdering::AcqRel)
-                & !LEASE_CLOSED
+    /// If `worker` holds a lease, lets it start no item it has not claimed yet; returns how far
+    /// it got (see `queue::lease_progress`).
+    fn close_claims(&self, st: &State<T, R>, worker: usize) -> Option<usize> {
+        st.leased(worker).then(|| {
+            self.lease_claims[worker].fetch_or(LEASE_CLOSED, AtomicOrdering::AcqRel) & !LEASE_CLOSED
         })
     }
 
@@ -743,7 +742,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             );
         }
         state.seq_limit = opened.as_ref().map(|d| d.seq_limit.clone());
-        let lease_claim = state.lease_claim.clone();
+        let lease_claims = state.lease_claims.clone();
         // Prefix of every `Delivery::idempotency_key`: the journal's id with a journal (stable
         // across restarts), else random per conveyor.
         // The nodes' context keeps a weak reference to the conveyor (see `NodeContext`).
@@ -771,7 +770,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
                 shutdown_async: Notify::new(),
                 config,
                 durable: opened,
-                lease_claim,
+                lease_claims,
             }
         });
         let mut conveyor = Conveyor {

@@ -80,6 +80,17 @@ struct Lane<T, R> {
     paused: bool,
     /// Whether this lane has an entry in `State::ready` (keyed mode only).
     in_ready: bool,
+    /// A worker holds a lease of its head items (see `Lease`): nobody else starts any of it.
+    leased: bool,
+}
+
+/// What a keyed lane needs once an item left it or settled (see `Lane::keyed_next`).
+enum KeyedNext {
+    /// It may run: an entry in `State::ready`.
+    Ready,
+    /// Nothing is left in it.
+    Remove,
+    Stay,
 }
 
 impl<T, R> Lane<T, R> {
@@ -91,6 +102,20 @@ impl<T, R> Lane<T, R> {
             retrying: 0,
             paused: false,
             in_ready: false,
+            leased: false,
+        }
+    }
+
+    /// Keyed mode: what this lane needs after an item left it or settled, so that every lane
+    /// that may run is in `ready` and no empty lane is kept.
+    fn keyed_next(&mut self) -> KeyedNext {
+        if self.runnable_keyed() && !self.in_ready {
+            self.in_ready = true;
+            KeyedNext::Ready
+        } else if self.is_done() {
+            KeyedNext::Remove
+        } else {
+            KeyedNext::Stay
         }
     }
 
@@ -136,19 +161,19 @@ impl<T, R> Lane<T, R> {
     }
 }
 
-/// An item at the head of the strict lane lent to its worker (see `State::lease`). The lane
-/// keeps the item, and the reference that keeps its node alive, until the lease ends.
+/// An item at the head of a lane lent to a worker (see `State::lease`). The lane keeps the
+/// item, and the reference that keeps its node alive, until the lease ends.
 pub(crate) struct Leased<T, R> {
     pub(crate) node: NonNull<Node<T, R>>,
     pub(crate) attempts: u32,
     pub(crate) attempt_limit: u32,
 }
 
-/// Set in `Shared::lease_claim` once a shutdown closed the lease: no item after those claimed
-/// starts.
+/// Set in a worker's claim counter (`Shared::lease_claims`) once a shutdown closed its lease:
+/// no item after those claimed starts.
 pub(crate) const LEASE_CLOSED: usize = 1 << (usize::BITS - 1);
 
-/// What a lease's claim counter (`Shared::lease_claim`, without `LEASE_CLOSED`) says: the
+/// What a lease's claim counter (`Shared::lease_claims`, without `LEASE_CLOSED`) says: the
 /// worker moves it to `2 i + 1` as it claims item `i` (its sink call may begin), then to
 /// `2 i + 2` once that call returned `Ok`, before it settles the item's receipt (straight to
 /// `2 i + 3` as it claims the next item when there is nothing to settle: see
@@ -158,9 +183,11 @@ fn lease_progress(claim: usize) -> (usize, bool) {
     (claim / 2, claim % 2 == 1)
 }
 
-/// The strict lane's head items lent to its (only) worker, which runs them one after another
-/// without taking the state lock between them: each item's sink call, then its receipt, then
-/// the next item's call. They stay at the head of the lane meanwhile, where shutdown finds
+/// A lane's head items lent to one worker, which runs them one after another without taking
+/// the state lock between them: each item's sink call, then its receipt, then the next item's
+/// call. Nobody else starts an item of that lane meanwhile, which a strict or keyed lane
+/// does not allow anyway (see `State::lease`). The items stay at the head of the lane
+/// meanwhile, where shutdown finds
 /// them; the first counts as in flight, the others as queued, until the worker reports them
 /// done at its next turn of the lock, at the end of the lease, at most `worker::LEASE` items
 /// later. `stats()` and `room` count an item delivered as soon as its call returned (see
@@ -172,6 +199,8 @@ fn lease_progress(claim: usize) -> (usize, bool) {
 /// returned (see `lease_progress`); a shutdown that closes the lease (`State::close_lease`)
 /// learns how far it got, and every item after those never starts.
 struct Lease<T, R> {
+    /// The leased lane: a key's in keyed mode, else the main lane.
+    lane: Option<Arc<str>>,
     /// Items of the lease still at the head of the lane.
     len: usize,
     /// Items of the lease `close_lease` took off the lane.
@@ -191,6 +220,18 @@ struct InFlight<T, R> {
     /// Its sink call may have begun: it is past any wait for a rate-limit slot or a backoff,
     /// after which a worker checks for shutdown before calling.
     called: bool,
+}
+
+/// The lane `id` names in `main` or `lanes` (see `Lease::lane`), there while leased.
+fn lane_mut<'a, T, R>(
+    main: &'a mut Lane<T, R>,
+    lanes: &'a mut HashMap<Arc<str>, Lane<T, R>>,
+    id: &Option<Arc<str>>,
+) -> &'a mut Lane<T, R> {
+    match id {
+        None => main,
+        Some(id) => lanes.get_mut(id).expect("a leased lane is kept"),
+    }
 }
 
 /// A lane found by `State::lane_of`, with its id in keyed mode.
@@ -265,12 +306,16 @@ pub(crate) struct State<T, R> {
     pub(crate) seq_limit: Option<Arc<AtomicU64>>,
     /// The buffer `Shared::drain` moves the intake's items through, kept between drains.
     pub(crate) drained: Vec<NodeRef<T, R>>,
-    /// The strict lane's head items its worker runs without taking this lock between them.
-    lease: Option<Lease<T, R>>,
-    /// How far the worker got through its lease (see `Shared::lease_claim`, the same counter),
-    /// for `stats` and `room` to count the items it delivered since.
-    pub(crate) lease_claim: Arc<CachePadded<AtomicUsize>>,
+    /// Per worker, the lane's head items it runs without taking this lock between them.
+    leases: Vec<Option<Lease<T, R>>>,
+    /// How far each worker got through its lease (see `Shared::lease_claims`, the same
+    /// counters), for `stats` and `room` to count the items it delivered since.
+    pub(crate) lease_claims: LeaseClaims,
 }
+
+/// Each worker's claim counter for its lease (see `lease_progress`), apart from the state
+/// lock: the worker moves it between the items of a lease, without the lock.
+pub(crate) type LeaseClaims = Arc<[CachePadded<AtomicUsize>]>;
 
 impl<T, R> State<T, R> {
     pub(crate) fn new(ordering: Ordering, capacity: usize, rate_limit: Option<u32>) -> Self {
@@ -297,8 +342,8 @@ impl<T, R> State<T, R> {
             replaying: false,
             seq_limit: None,
             drained: Vec::new(),
-            lease: None,
-            lease_claim: Arc::default(),
+            leases: (0..workers).map(|_| None).collect(),
+            lease_claims: (0..workers).map(|_| CachePadded::default()).collect(),
         }
     }
 
@@ -371,10 +416,11 @@ impl<T, R> State<T, R> {
         let busy = self
             .in_flight_nodes
             .iter()
+            .zip(&self.leases)
             .zip(&self.waiting_inside)
             .zip(&self.settling_by)
-            .any(|((job, &waiting), &settling)| {
-                (job.is_some() || settling > 0 || self.lease.is_some()) && !waiting
+            .any(|(((job, lease), &waiting), &settling)| {
+                (job.is_some() || lease.is_some() || settling > 0) && !waiting
             });
         free > 0 && (busy || self.startable_exactly())
     }
@@ -383,14 +429,19 @@ impl<T, R> State<T, R> {
     /// `worker` is done with the job it holds: it is that job, or it is behind it in a lane
     /// that runs one item at a time (the strict lane, a keyed lane).
     pub(crate) fn held_by(&self, worker: usize, seq: u64, key: Option<&Arc<str>>) -> bool {
-        // A lease's items wait for the item its worker runs, the first of them left.
-        let held = match (&self.in_flight_nodes[worker], self.main.queue.front()) {
+        // A lease's items wait for the item its worker runs, the first of them left, and so
+        // does the rest of its lane.
+        let lease = self.leases[worker].as_ref();
+        let held = match (&self.in_flight_nodes[worker], lease) {
             (Some(held), _) => &held.node,
-            (None, Some(head)) if self.lease.is_some() => &head.node,
+            (None, Some(lease)) => match self.lane_ref(&lease.lane).queue.front() {
+                Some(head) => &head.node,
+                None => return false,
+            },
             _ => return false,
         };
         let held_seq = held.seq();
-        let one_at_a_time = self.keyed || self.in_flight_nodes.len() == 1;
+        let one_at_a_time = self.keyed || self.in_flight_nodes.len() == 1 || lease.is_some();
         seq == held_seq
             || (one_at_a_time && seq > held_seq && self.lane_id(key) == self.lane_id(held.key()))
     }
@@ -406,9 +457,10 @@ impl<T, R> State<T, R> {
         }
     }
 
-    /// Whether the main lane may hand out its head item: not paused, no retry pending.
+    /// Whether the main lane may hand out its head item: not paused, no retry pending, not
+    /// leased.
     fn main_runnable(&self) -> bool {
-        !self.main.paused && self.main.retrying == 0
+        !self.main.paused && self.main.retrying == 0 && !self.main.leased
     }
 
     /// A retry's backoff holds items behind it that a worker could otherwise start.
@@ -465,13 +517,15 @@ impl<T, R> State<T, R> {
     /// The items of an open lease its worker delivered so far (see `Lease`): counted as such
     /// by `stats` and `room`, though still in the lane.
     fn lease_delivered(&self) -> u64 {
-        self.lease
-            .as_ref()
-            .filter(|l| l.closed.is_none())
-            .map_or(0, |lease| {
-                let claim = self.lease_claim.load(AtomicOrdering::Acquire) & !LEASE_CLOSED;
-                lease_progress(claim).0.min(lease.len) as u64
+        self.leases
+            .iter()
+            .zip(self.lease_claims.iter())
+            .filter_map(|(lease, claim)| {
+                let lease = lease.as_ref().filter(|l| l.closed.is_none())?;
+                let claim = claim.load(AtomicOrdering::Acquire) & !LEASE_CLOSED;
+                Some(lease_progress(claim).0.min(lease.len) as u64)
             })
+            .sum()
     }
 
     pub(crate) fn stats(&self) -> Stats {
@@ -499,8 +553,22 @@ impl<T, R> State<T, R> {
     /// Accepts an item, numbered already (by the intake, or by the journal for a replayed
     /// one), into its lane. Returns whether a worker may now have work.
     pub(crate) fn accept(&mut self, node: NodeRef<T, R>, attempt_limit: u32) -> bool {
-        self.counters.accepted += 1;
-        self.enqueue(node, attempt_limit)
+        self.accept_all(std::iter::once(node), attempt_limit)
+    }
+
+    /// Accepts numbered items, in seq order, as `accept` does each: a run of items of one lane
+    /// finds its lane once. Returns whether a worker may now have work.
+    pub(crate) fn accept_all(
+        &mut self,
+        nodes: impl IntoIterator<Item = NodeRef<T, R>>,
+        attempt_limit: u32,
+    ) -> bool {
+        let mut nodes = nodes.into_iter().peekable();
+        let mut runnable = false;
+        while let Some(first) = nodes.next() {
+            runnable |= self.enqueue_run(first, &mut nodes, attempt_limit);
+        }
+        runnable
     }
 
     /// The lane an item goes to: its key in keyed mode, `""` otherwise.
@@ -529,31 +597,49 @@ impl<T, R> State<T, R> {
         }
     }
 
-    fn enqueue(&mut self, node: NodeRef<T, R>, attempt_limit: u32) -> bool {
-        self.counters.queued += 1;
-        let job = Job {
+    /// Queues `first`, and the items after it in `more` that go to the same lane, finding
+    /// that lane once. Returns whether a worker may now have work.
+    fn enqueue_run<I: Iterator<Item = NodeRef<T, R>>>(
+        &mut self,
+        first: NodeRef<T, R>,
+        more: &mut std::iter::Peekable<I>,
+        attempt_limit: u32,
+    ) -> bool {
+        let job = |node| Job {
             node,
             attempts: 0,
             attempt_limit,
             start_at: None,
         };
-        if !self.keyed {
-            if self.main.paused {
-                self.counters.paused_items += 1;
-            }
-            self.main.queue.push_back(job);
-            return self.main_runnable();
+        let (lane, id) = if !self.keyed {
+            (&mut self.main, None)
+        } else {
+            let id = first
+                .key()
+                .cloned()
+                .unwrap_or_else(|| self.empty_key.clone());
+            let lane = self.lanes.entry(id.clone()).or_insert_with(Lane::new);
+            (lane, Some(id))
+        };
+        let before = lane.queue.len();
+        lane.queue.push_back(job(first));
+        let same_lane = |node: &NodeRef<T, R>| match (&id, node.key()) {
+            (None, _) => true,
+            (Some(id), Some(key)) => Arc::ptr_eq(id, key) || id == key,
+            (Some(id), None) => id.is_empty(),
+        };
+        while let Some(node) = more.next_if(same_lane) {
+            lane.queue.push_back(job(node));
         }
-        let id = job
-            .node
-            .key()
-            .cloned()
-            .unwrap_or_else(|| self.empty_key.clone());
-        let lane = self.lanes.entry(id.clone()).or_insert_with(Lane::new);
-        lane.queue.push_back(job);
+        let added = (lane.queue.len() - before) as u64;
+        self.counters.accepted += added;
+        self.counters.queued += added;
         if lane.paused {
-            self.counters.paused_items += 1;
+            self.counters.paused_items += added;
         }
+        let Some(id) = id else {
+            return self.main_runnable();
+        };
         if lane.runnable_keyed() && !lane.in_ready {
             lane.in_ready = true;
             self.ready.push_back(id);
@@ -583,7 +669,7 @@ impl<T, R> State<T, R> {
         // receipt to drop it through.
         let job = if !self.keyed {
             // Never an item lent to the worker (no lease is made under `DropOldest`).
-            if self.main.paused || self.lease.is_some() || !self.main.head_may_start() {
+            if self.main.paused || self.main.leased || !self.main.head_may_start() {
                 return None;
             }
             let job = self.main.queue.pop_front()?;
@@ -595,7 +681,7 @@ impl<T, R> State<T, R> {
             let oldest = self
                 .lanes
                 .iter()
-                .filter(|(_, l)| !l.paused && l.head_may_start())
+                .filter(|(_, l)| !l.paused && !l.leased && l.head_may_start())
                 .filter_map(|(id, l)| l.queue.front().map(|j| (j.node.seq(), id.clone())))
                 .min_by_key(|(seq, _)| *seq)?
                 .1;
@@ -615,7 +701,7 @@ impl<T, R> State<T, R> {
 
     /// Takes the next item that may start, for `worker`, and marks it in flight.
     pub(crate) fn next_job(&mut self, worker: usize) -> Option<Job<T, R>> {
-        let mut job = if !self.keyed {
+        let job = if !self.keyed {
             if !self.main_runnable() || !self.main.head_may_start() {
                 return None;
             }
@@ -623,21 +709,47 @@ impl<T, R> State<T, R> {
             self.main.in_flight += 1;
             job
         } else {
-            loop {
-                let id = self.ready.pop_front()?;
-                let Some(lane) = self.lanes.get_mut(&id) else {
-                    continue;
-                };
-                lane.in_ready = false;
-                if lane.runnable_keyed() {
+            self.take_from_next_keyed_lane(
+                |_| true,
+                |_, lane| {
                     lane.in_flight += 1;
-                    break lane
-                        .queue
+                    lane.queue
                         .pop_front()
-                        .expect("runnable lanes are not empty");
-                }
-            }
+                        .expect("runnable lanes are not empty")
+                },
+            )?
         };
+        Some(self.start(worker, job))
+    }
+
+    /// Keyed mode: `take`s from the oldest lane of `ready` that may run, dropping stale
+    /// entries on the way, unless `may` does not let the caller take that lane: it then stays
+    /// in `ready`, first.
+    fn take_from_next_keyed_lane<X>(
+        &mut self,
+        may: impl Fn(&Lane<T, R>) -> bool,
+        take: impl FnOnce(Arc<str>, &mut Lane<T, R>) -> X,
+    ) -> Option<X> {
+        loop {
+            let id = self.ready.pop_front()?;
+            let Some(lane) = self.lanes.get_mut(&id) else {
+                continue;
+            };
+            lane.in_ready = false;
+            if !lane.runnable_keyed() {
+                continue;
+            }
+            if !may(lane) {
+                lane.in_ready = true;
+                self.ready.push_front(id);
+                return None;
+            }
+            return Some(take(id, lane));
+        }
+    }
+
+    /// Marks `job`, just taken off its lane, as `worker`'s job in flight.
+    fn start(&mut self, worker: usize, mut job: Job<T, R>) -> Job<T, R> {
         self.counters.queued -= 1;
         self.counters.in_flight += 1;
         job.start_at = self.reserve_start();
@@ -647,35 +759,57 @@ impl<T, R> State<T, R> {
             // be committed (`seq_limit` is set with a journal), and checks for shutdown after.
             called: job.start_at.is_none() && self.seq_limit.is_none(),
         });
-        Some(job)
+        job
     }
 
-    /// Lends the strict lane's worker up to `max` items from the head of the lane (into
-    /// `into`), if its head may start (see `Lease`). Never with a rate limit: each item would
-    /// need its slot.
-    pub(crate) fn lease(&mut self, max: usize, into: &mut Vec<Leased<T, R>>) -> bool {
+    /// Lends `worker` up to `max` items from the head of the lane it would take its next job
+    /// from (into `into`), if that lane may be leased (see `Lease`): not with a rate limit
+    /// (each item would need its slot), nor past an undecodable item, nor a pipelined lane
+    /// that several workers share.
+    pub(crate) fn lease(
+        &mut self,
+        worker: usize,
+        max: usize,
+        into: &mut Vec<Leased<T, R>>,
+    ) -> bool {
         into.clear();
-        if self.keyed
-            || self.lease.is_some()
-            || self.limiter.is_some()
-            || !self.main_runnable()
-            || !self.main.undecodable.is_empty()
-        {
+        if self.limiter.is_some() || self.leases[worker].is_some() {
             return false;
         }
-        let len = self.main.queue.len().min(max);
-        if len == 0 {
-            return false;
-        }
-        into.extend(self.main.queue.iter().take(len).map(|job| Leased {
-            node: job.node.as_ptr(),
-            attempts: job.attempts,
-            attempt_limit: job.attempt_limit,
-        }));
+        let leasable = |lane: &Lane<T, R>| lane.undecodable.is_empty() && !lane.queue.is_empty();
+        let mut lend = |lane: &mut Lane<T, R>| {
+            let len = lane.queue.len().min(max);
+            into.extend(lane.queue.iter().take(len).map(|job| Leased {
+                node: job.node.as_ptr(),
+                attempts: job.attempts,
+                attempt_limit: job.attempt_limit,
+            }));
+            lane.in_flight += 1;
+            lane.leased = true;
+            len
+        };
+        let (id, len) = if !self.keyed {
+            // A call stuck in a lease would hold up every item behind it, which the other
+            // workers would otherwise start.
+            let pipelined = self.in_flight_nodes.len() > 1;
+            if pipelined
+                || self.main.in_flight > 0
+                || !leasable(&self.main)
+                || !self.main_runnable()
+            {
+                return false;
+            }
+            (None, lend(&mut self.main))
+        } else {
+            match self.take_from_next_keyed_lane(leasable, |id, lane| (Some(id), lend(lane))) {
+                Some(lent) => lent,
+                None => return false,
+            }
+        };
         self.counters.queued -= 1;
         self.counters.in_flight += 1;
-        self.main.in_flight += 1;
-        self.lease = Some(Lease {
+        self.leases[worker] = Some(Lease {
+            lane: id,
             len,
             taken: 0,
             closed: None,
@@ -684,19 +818,28 @@ impl<T, R> State<T, R> {
         true
     }
 
-    /// Whether the worker holds a lease (see `Lease`).
-    pub(crate) fn leased(&self) -> bool {
-        self.lease.is_some()
+    /// Whether `worker` holds a lease (see `Lease`).
+    pub(crate) fn leased(&self, worker: usize) -> bool {
+        self.leases[worker].is_some()
     }
 
-    /// Takes the first `done` items of the lease off the lane, delivered, into `release` (their
-    /// nodes drop outside the lock: an item's drop is user code). The lease's first item left,
-    /// if any, now counts as in flight.
-    fn take_delivered(&mut self, done: usize, release: &mut Vec<NodeRef<T, R>>) {
-        let lease = self.lease.as_mut().expect("a lease");
+    /// The lane `id` names (see `Lease::lane`).
+    fn lane_ref(&self, id: &Option<Arc<str>>) -> &Lane<T, R> {
+        match id {
+            None => &self.main,
+            Some(id) => self.lanes.get(id).expect("a leased lane is kept"),
+        }
+    }
+
+    /// Takes the first `done` items of `worker`'s lease off its lane, delivered, into
+    /// `release` (their nodes drop outside the lock: an item's drop is user code). The lease's
+    /// first item left, if any, now counts as in flight.
+    fn take_delivered(&mut self, worker: usize, done: usize, release: &mut Vec<NodeRef<T, R>>) {
+        let lease = self.leases[worker].as_mut().expect("a lease");
         assert!(done <= lease.len, "{done} of a lease of {}", lease.len);
         lease.len -= done;
-        release.extend(self.main.queue.drain(..done).map(|job| job.node));
+        let lane = lane_mut(&mut self.main, &mut self.lanes, &lease.lane);
+        release.extend(lane.queue.drain(..done).map(|job| job.node));
         self.counters.delivered += done as u64;
         if done > 0 && lease.len == 0 {
             // The one counted as in flight, and the others.
@@ -707,40 +850,88 @@ impl<T, R> State<T, R> {
         }
     }
 
-    /// Ends the lease: its first `done` items were delivered, and go into `release` (but those
-    /// `close_lease` took already), in order; the others stay queued.
-    pub(crate) fn end_lease(&mut self, done: usize, release: &mut Vec<NodeRef<T, R>>) {
-        let lease = self.lease.as_mut().expect("a lease");
+    /// Ends `worker`'s lease: its first `done` items were delivered, and go into `release`
+    /// (but those `close_lease` took already), in order; the others stay queued. Returns the
+    /// lane's id in keyed mode.
+    pub(crate) fn end_lease(
+        &mut self,
+        worker: usize,
+        done: usize,
+        release: &mut Vec<NodeRef<T, R>>,
+    ) -> Option<Arc<str>> {
+        let lease = self.leases[worker].as_mut().expect("a lease");
         let taken = lease.taken;
         release.extend(lease.settling.take());
-        self.take_delivered(done - taken, release);
-        let lease = self.lease.take().expect("a lease");
-        self.main.in_flight -= 1;
+        self.take_delivered(worker, done - taken, release);
+        let lease = self.leases[worker].take().expect("a lease");
+        let lane = lane_mut(&mut self.main, &mut self.lanes, &lease.lane);
+        lane.in_flight -= 1;
+        lane.leased = false;
+        // As after a job (see `finish`), though leases are not made with a journal, which
+        // alone brings undecodable items.
+        let reached = lane.reach_undecodable();
+        let next = lane.keyed_next();
         if lease.len > 0 {
             self.counters.queued += 1;
             self.counters.in_flight -= 1;
         }
+        self.count_reached(reached);
+        if let Some(id) = &lease.lane {
+            self.apply_keyed(id.clone(), next);
+        }
+        lease.lane
     }
 
-    /// For a shutdown that stops the worker between items: `claim` is how far the worker got
-    /// when the lease was closed (see `lease_progress`). The items it delivered leave the lane,
-    /// so that the shutdown's report and `unsettled_nodes` count only what is left: into
-    /// `release` those whose receipts settled; the last one, if the worker may still be settling
-    /// its receipt (with the reply: a close from that receipt's callback must not count it
-    /// left), stays with the lease, its node alive for the worker.
-    pub(crate) fn close_lease(&mut self, claim: usize, release: &mut Vec<NodeRef<T, R>>) {
-        if !self.lease.as_ref().is_some_and(|l| l.closed.is_none()) {
+    /// After `worker`'s lease, ended by the failed first attempt of the item after its `done`
+    /// delivered ones (see `end_lease`): takes that item as the worker's job, so that it is
+    /// retried, fails or pauses its lane as any job does.
+    pub(crate) fn job_after_lease(
+        &mut self,
+        worker: usize,
+        done: usize,
+        release: &mut Vec<NodeRef<T, R>>,
+    ) -> Job<T, R> {
+        let id = self.end_lease(worker, done, release);
+        // Nothing else took the lane's head meanwhile: this holds the lock since the lease.
+        let lane = lane_mut(&mut self.main, &mut self.lanes, &id);
+        lane.in_flight += 1;
+        let mut job = lane
+            .queue
+            .pop_front()
+            .expect("the failed item heads its lane");
+        // The attempt that failed.
+        job.attempts += 1;
+        // Its lane's entry in `ready`, if `end_lease` made one, is stale now.
+        self.start(worker, job)
+    }
+
+    /// For a shutdown that stops `worker` between the items of its lease: `claim` is how far
+    /// it got when the lease was closed (see `lease_progress`). The items it delivered leave
+    /// the lane, so that the shutdown's report and `unsettled_nodes` count only what is left:
+    /// into `release` those whose receipts settled; the last one, if the worker may still be
+    /// settling its receipt (with the reply: a close from that receipt's callback must not
+    /// count it left), stays with the lease, its node alive for the worker.
+    pub(crate) fn close_lease(
+        &mut self,
+        worker: usize,
+        claim: usize,
+        release: &mut Vec<NodeRef<T, R>>,
+    ) {
+        if !self.leases[worker]
+            .as_ref()
+            .is_some_and(|l| l.closed.is_none())
+        {
             return;
         }
         let (delivered, claimed) = lease_progress(claim);
         let before = release.len();
-        self.take_delivered(delivered, release);
+        self.take_delivered(worker, delivered, release);
         let settling = if claimed || release.len() == before {
             None
         } else {
             release.pop()
         };
-        let lease = self.lease.as_mut().expect("checked above");
+        let lease = self.leases[worker].as_mut().expect("checked above");
         lease.taken = delivered;
         lease.closed = Some(claimed && lease.len > 0);
         lease.settling = settling;
@@ -796,6 +987,17 @@ impl<T, R> State<T, R> {
         self.abandoned || (!retry && self.stopping)
     }
 
+    /// Keyed mode: gives the lane `id` what `Lane::keyed_next` says it needs.
+    fn apply_keyed(&mut self, id: Arc<str>, next: KeyedNext) {
+        match next {
+            KeyedNext::Ready => self.ready.push_back(id),
+            KeyedNext::Remove => {
+                self.lanes.remove(&id);
+            }
+            KeyedNext::Stay => {}
+        }
+    }
+
     /// The lane of `node`, with its id in keyed mode (the only lane needs none).
     fn lane_of(&mut self, node: &Node<T, R>) -> Option<LaneOf<'_, T, R>> {
         if !self.keyed {
@@ -837,7 +1039,6 @@ impl<T, R> State<T, R> {
             }
             Outcome::Paused | Outcome::Interrupted => None,
         };
-        let keyed = self.keyed;
         let Some((lane, id)) = self.lane_of(&node) else {
             unreachable!("a lane with an item in flight is never removed");
         };
@@ -856,21 +1057,9 @@ impl<T, R> State<T, R> {
             }
         }
         let reached = lane.reach_undecodable();
-        let (mut make_ready, mut remove) = (false, false);
-        if keyed && lane.in_flight == 0 {
-            if lane.runnable_keyed() && !lane.in_ready {
-                lane.in_ready = true;
-                make_ready = true;
-            } else if lane.is_done() {
-                remove = true;
-            }
-        }
+        let next = lane.keyed_next();
         if let Some(id) = id {
-            if make_ready {
-                self.ready.push_back(id);
-            } else if remove {
-                self.lanes.remove(&id);
-            }
+            self.apply_keyed(id, next);
         }
         if requeued {
             self.counters.queued += 1;
@@ -957,11 +1146,9 @@ impl<T, R> State<T, R> {
             job.attempt_limit = job.attempts.saturating_add(attempts);
         }
         let reached = target.reach_undecodable();
-        if self.keyed && target.runnable_keyed() && !target.in_ready {
-            target.in_ready = true;
-            self.ready.push_back(id);
-        } else if self.keyed && target.is_done() {
-            self.lanes.remove(&id);
+        let next = target.keyed_next();
+        if self.keyed {
+            self.apply_keyed(id, next);
         }
         if given_up.is_some() {
             self.counters.queued -= 1;
@@ -994,19 +1181,22 @@ impl<T, R> State<T, R> {
     /// Every item not settled yet (queued, held, or in flight), with whether its sink call
     /// may have begun, for shutdown to report. The items stay where they are.
     pub(crate) fn unsettled_nodes(&self) -> Vec<(NodeRef<T, R>, bool)> {
-        // The item a closed lease's worker had claimed: its call may have begun.
-        let claimed = self.lease.as_ref().is_some_and(|l| l.closed == Some(true));
-        let main = self
-            .main
-            .queue
-            .iter()
-            .enumerate()
-            .map(|(i, j)| (j.node.clone(), claimed && i == 0));
-        let queued = self
-            .lanes
-            .values()
-            .flat_map(|l| l.queue.iter().map(|j| (j.node.clone(), false)))
-            .chain(main);
+        // The item a closed lease's worker had claimed, at the head of its lane: its call may
+        // have begun.
+        let claimed = |lane: Option<&Arc<str>>| {
+            self.leases
+                .iter()
+                .flatten()
+                .any(|l| l.closed == Some(true) && l.lane.as_ref() == lane)
+        };
+        let lanes = self.lanes.iter().map(|(id, lane)| (lane, Some(id)));
+        let queued = lanes.chain([(&self.main, None)]).flat_map(|(lane, id)| {
+            let claimed = claimed(id);
+            lane.queue
+                .iter()
+                .enumerate()
+                .map(move |(i, j)| (j.node.clone(), claimed && i == 0))
+        });
         let in_flight = self
             .in_flight_nodes
             .iter()
@@ -1114,14 +1304,48 @@ mod tests {
     /// `worker` (modulo the workers there are).
     #[derive(Debug, Clone)]
     enum Step {
-        Accept { lane: usize },
-        HoldUndecodable { lane: usize },
-        Start { worker: usize },
-        Finish { worker: usize, outcome: u8 },
-        ScheduleRetry { worker: usize },
-        RetryBegins { worker: usize },
-        Resume { lane: usize },
+        Accept {
+            lane: usize,
+        },
+        HoldUndecodable {
+            lane: usize,
+        },
+        Start {
+            worker: usize,
+        },
+        Finish {
+            worker: usize,
+            outcome: u8,
+        },
+        ScheduleRetry {
+            worker: usize,
+        },
+        RetryBegins {
+            worker: usize,
+        },
+        Resume {
+            lane: usize,
+        },
         DropOldest,
+        Lease {
+            worker: usize,
+            max: usize,
+        },
+        /// The worker delivers `done` more items of its lease (see `lease_progress`).
+        Progress {
+            worker: usize,
+            done: usize,
+        },
+        /// A shutdown closes the lease, the worker having claimed its next item or not.
+        CloseLease {
+            worker: usize,
+            claimed: bool,
+        },
+        /// The lease ends, after the items delivered, or with a failure of the next one.
+        EndLease {
+            worker: usize,
+            fail: bool,
+        },
     }
 
     const LANES: [Option<&str>; 3] = [None, Some("a"), Some("b")];
@@ -1146,6 +1370,12 @@ mod tests {
             1 => (0..4usize).prop_map(|worker| Step::RetryBegins { worker }),
             2 => (0..LANES.len()).prop_map(|lane| Step::Resume { lane }),
             1 => Just(Step::DropOldest),
+            3 => (0..4usize, 1..5usize).prop_map(|(worker, max)| Step::Lease { worker, max }),
+            2 => (0..4usize, 0..3usize).prop_map(|(worker, done)| Step::Progress { worker, done }),
+            1 => (0..4usize, proptest::bool::ANY)
+                .prop_map(|(worker, claimed)| Step::CloseLease { worker, claimed }),
+            2 => (0..4usize, proptest::bool::ANY)
+                .prop_map(|(worker, fail)| Step::EndLease { worker, fail }),
         ]
     }
 
@@ -1163,6 +1393,8 @@ mod tests {
                     || lane.head_may_start(),
                 "lane {id:?} stands unpaused at an undecodable item"
             );
+            let leases = s.leases.iter().flatten().filter(|l| l.lane.as_ref() == id);
+            assert_eq!(usize::from(lane.leased), leases.count(), "lane {id:?}");
             if let Some(id) = id {
                 assert!(!lane.is_done(), "empty lane {id:?} kept");
                 if lane.runnable_keyed() {
@@ -1175,8 +1407,22 @@ mod tests {
         }
     }
 
+    /// A lease as `undecodable_items_hold_their_place` sees it.
+    #[derive(Default)]
+    struct LeaseModel {
+        lane: String,
+        seqs: Vec<u64>,
+        /// Items delivered so far.
+        delivered: usize,
+        /// Set once a shutdown closed the lease: whether the item after those delivered was
+        /// claimed.
+        closed: Option<bool>,
+        /// Items taken off the lane by the close.
+        released: Vec<u64>,
+    }
+
     /// The name of the lane of `node`.
-    fn lane_name_of(keyed: bool, node: &NodeRef<u32, ()>) -> &str {
+    fn lane_name_of(keyed: bool, node: &Node<u32, ()>) -> &str {
         match node.key() {
             Some(key) if keyed => key,
             _ => "",
@@ -1208,6 +1454,11 @@ mod tests {
             let mut held: HashMap<&str, Vec<u64>> = HashMap::new();
             // Per worker: its job, and whether it waits out a retry's backoff.
             let mut jobs: Vec<Option<(Job<u32, ()>, bool)>> = (0..workers).map(|_| None).collect();
+            // Per worker: its lease.
+            let mut leases: Vec<Option<LeaseModel>> = (0..workers).map(|_| None).collect();
+            let leased_lane = |leases: &[Option<LeaseModel>], lane: &str| {
+                leases.iter().flatten().any(|l| l.lane == lane)
+            };
             let before_held = |held: &HashMap<&str, Vec<u64>>, lane: &str, seq: u64| {
                 held.get(lane).and_then(|seqs| seqs.first()).is_some_and(|&first| first < seq)
             };
@@ -1225,9 +1476,10 @@ mod tests {
                     }
                     Step::Start { worker } => {
                         let worker = worker % workers;
-                        if jobs[worker].is_none() {
+                        if jobs[worker].is_none() && leases[worker].is_none() {
                             if let Some(job) = s.next_job(worker) {
                                 let name = lane_name_of(keyed, &job.node);
+                                proptest::prop_assert!(!leased_lane(&leases, name), "{name:?} is leased");
                                 proptest::prop_assert!(
                                     !before_held(&held, name, job.node.seq()),
                                     "seq {} of lane {name:?} started past an undecodable item", job.node.seq()
@@ -1278,10 +1530,76 @@ mod tests {
                     Step::DropOldest => {
                         if let Some(node) = s.drop_oldest() {
                             proptest::prop_assert!(!before_held(&held, lane_name_of(keyed, &node), node.seq()));
+                            let lent = leases.iter().flatten().any(|l| l.seqs.contains(&node.seq()));
+                            proptest::prop_assert!(!lent, "dropped {}, which is leased", node.seq());
+                        }
+                    }
+                    Step::Lease { worker, max } => {
+                        let worker = worker % workers;
+                        let mut lent = Vec::new();
+                        if jobs[worker].is_none() && leases[worker].is_none() && s.lease(worker, max, &mut lent) {
+                            s.lease_claims[worker].store(0, AtomicOrdering::Relaxed);
+                            // SAFETY: the lane keeps the leased items until the lease ends.
+                            let nodes: Vec<&Node<u32, ()>> = lent.iter().map(|l| unsafe { l.node.as_ref() }).collect();
+                            let name = lane_name_of(keyed, nodes[0]);
+                            proptest::prop_assert!(nodes.len() <= max);
+                            let in_flight = jobs.iter().flatten().any(|(job, _)| lane_name_of(keyed, &job.node) == name);
+                            proptest::prop_assert!(!in_flight, "{name:?} leased with an item in flight");
+                            let mut seqs = Vec::new();
+                            for node in nodes {
+                                proptest::prop_assert_eq!(lane_name_of(keyed, node), name);
+                                proptest::prop_assert!(!before_held(&held, name, node.seq()));
+                                proptest::prop_assert!(seqs.last().map_or(true, |&last| last < node.seq()));
+                                seqs.push(node.seq());
+                            }
+                            leases[worker] = Some(LeaseModel { lane: name.to_owned(), seqs, ..LeaseModel::default() });
+                        }
+                    }
+                    Step::Progress { worker, done } => {
+                        if let Some(lease) = leases[worker % workers].as_mut().filter(|l| l.closed.is_none()) {
+                            lease.delivered = (lease.delivered + done).min(lease.seqs.len());
+                            s.lease_claims[worker % workers].store(2 * lease.delivered, AtomicOrdering::Relaxed);
+                        }
+                    }
+                    Step::CloseLease { worker, claimed } => {
+                        let worker = worker % workers;
+                        if let Some(lease) = leases[worker].as_mut().filter(|l| l.closed.is_none()) {
+                            let claimed = claimed && lease.delivered < lease.seqs.len();
+                            lease.closed = Some(claimed);
+                            let mut release = Vec::new();
+                            s.close_lease(worker, 2 * lease.delivered + usize::from(claimed), &mut release);
+                            lease.released.extend(release.iter().map(|n| n.seq()));
+                        }
+                    }
+                    Step::EndLease { worker, fail } => {
+                        let worker = worker % workers;
+                        if let Some(lease) = leases[worker].take() {
+                            // Only a claimed item can fail; a close lets the worker claim no more.
+                            let next = lease.closed.unwrap_or(lease.delivered < lease.seqs.len());
+                            let mut release = Vec::new();
+                            let done = if fail && next {
+                                let job = s.job_after_lease(worker, lease.delivered, &mut release);
+                                proptest::prop_assert_eq!(job.node.seq(), lease.seqs[lease.delivered]);
+                                jobs[worker] = Some((job, false));
+                                lease.delivered
+                            } else {
+                                let done = lease.delivered + usize::from(lease.closed == Some(true));
+                                s.end_lease(worker, done, &mut release);
+                                done
+                            };
+                            let mut released = lease.released;
+                            released.extend(release.iter().map(|n| n.seq()));
+                            proptest::prop_assert_eq!(&released[..], &lease.seqs[..done]);
                         }
                     }
                 }
                 check_lanes(&s);
+            }
+            // Every lease ends with what its worker delivered.
+            for (worker, lease) in leases.iter_mut().enumerate() {
+                if let Some(lease) = lease.take() {
+                    s.end_lease(worker, lease.delivered, &mut Vec::new());
+                }
             }
             // Everything settles once every job ends and every pause is resumed.
             for (worker, job) in jobs.iter_mut().enumerate() {

@@ -72,7 +72,7 @@ struct Finished<T, R> {
     journal_error: Option<String>,
 }
 
-/// Most items a strict worker runs per turn of the state lock (see `State::lease`): enough
+/// Most items a worker runs per turn of the state lock (see `State::lease`): enough
 /// to make the lock's share of an instant sink's item small, few enough that `stats()` lags
 /// little behind the receipts.
 const LEASE: usize = 32;
@@ -84,7 +84,7 @@ const LEASE: usize = 32;
 /// runs one item per turn of the lock, as before leases.
 const LEASE_TIME: Duration = Duration::from_micros(20);
 
-/// A strict worker's side of its leases (see `State::lease`).
+/// A worker thread's side of its leases (see `State::lease`).
 struct Leasing<T, R> {
     /// The items of the current lease, in order.
     items: Vec<Leased<T, R>>,
@@ -193,9 +193,9 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         }
         if let Some(leasing) = leasing.filter(|l| l.size > 1) {
             let (size, items) = (leasing.size, &mut leasing.items);
-            if st.lease(size, items) || (self.drain(st) && st.lease(size, items)) {
+            if st.lease(worker, size, items) || (self.drain(st) && st.lease(worker, size, items)) {
                 // Under the state lock, which a shutdown closing the lease holds too.
-                self.lease_claim.store(0, AtomicOrdering::Relaxed);
+                self.lease_claims[worker].store(0, AtomicOrdering::Relaxed);
                 return Step::Lease(self.took_work(st, lookout));
             }
         }
@@ -467,7 +467,19 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         done: usize,
         release: &mut Vec<NodeRef<T, R>>,
     ) {
-        st.end_lease(done, release);
+        st.end_lease(worker, done, release);
+        self.after_lease(st, worker, done, release);
+    }
+
+    /// What ending `worker`'s lease after `done` items (whose nodes are in `release`) asks of
+    /// the others.
+    fn after_lease(
+        &self,
+        st: &mut State<T, R>,
+        worker: usize,
+        done: usize,
+        release: &[NodeRef<T, R>],
+    ) {
         // The lease's items leave the queue only now, all at once: every sender waiting for
         // room looks again. Not only the next job or lease wakes one: after a failure the
         // worker may take none for long (a backoff, a paused lane).
@@ -495,7 +507,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
             // Claimed before its call (see `queue::lease_progress`): a shutdown that closed the
             // lease first (see `Shared::close_lease`) reports it, unstarted, as closed; one that
             // closes it later sees the claim, and reports it as possibly called.
-            let claim = self.lease_claim.compare_exchange(
+            let claim = self.lease_claims[worker].compare_exchange(
                 2 * i - usize::from(std::mem::take(&mut unmarked)),
                 2 * i + 1,
                 AtomicOrdering::AcqRel,
@@ -533,7 +545,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
                     // close from the receipt's callback, or from another thread meanwhile,
                     // counts it so and leaves its receipt to this worker. The closed flag
                     // stays, as the counter never reaches it.
-                    self.lease_claim.fetch_add(1, AtomicOrdering::AcqRel);
+                    self.lease_claims[worker].fetch_add(1, AtomicOrdering::AcqRel);
                     settle_leased(self, worker, &node, reply);
                 }
                 Err(error) => return LeaseRan::Failed { done: i, error },
@@ -552,12 +564,12 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         release: &mut Vec<NodeRef<T, R>>,
     ) -> Job<T, R> {
         let mut st = self.lock();
-        self.end_lease(&mut st, worker, done, release);
-        let mut job = st
-            .next_job(worker)
-            .expect("nothing but its worker takes the strict lane's head");
-        // The attempt that failed.
-        job.attempts += 1;
+        let job = st.job_after_lease(worker, done, release);
+        self.after_lease(&mut st, worker, done, release);
+        // In pipelined mode, the items after it may start elsewhere now.
+        let wake = self.pass_work_on(&st);
+        drop(st);
+        self.notify_workers(wake);
         job
     }
 
@@ -669,7 +681,7 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
     let mut settle = Vec::new();
     let mut done = 0;
     let mut lookout = Lookout::default();
-    // A strict worker runs its lane's head items several per turn of the state lock.
+    // A worker thread runs a lane's head items several per turn of the state lock.
     let mut leasing = shared.may_lease().then(Leasing::new);
     loop {
         // With the idle workers to wake once the state lock is released.

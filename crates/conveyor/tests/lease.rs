@@ -1,6 +1,8 @@
-//! A strict worker runs the head items of its lane several per turn of the state lock (a
-//! lease): each receipt still settles before the next item's sink call, failures go back to
-//! the one-item path in order, and a shutdown stops the worker between the items it holds.
+//! A worker runs the head items of a strict or keyed lane several per turn of the state lock
+//! (a lease): each receipt still settles before the next item's sink call, failures go back to
+//! the one-item path in order, a shutdown stops the worker between the items it holds, and
+//! other keys go on while a lease's call is stuck. Each test runs in strict mode and in keyed
+//! mode with every item in one lane (sent without a key).
 
 mod common;
 
@@ -9,9 +11,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{sleep_ms, Gate, Recorder, GENEROUS};
-use conveyor::{Conveyor, Delivery, DeliveryError, OnFailure, Retry, SinkError, Stats};
+use conveyor::{Conveyor, Delivery, DeliveryError, OnFailure, Ordering, Retry, SinkError, Stats};
 
 const ITEMS: u64 = 200;
+
+/// The orderings whose lanes are leased, each with other workers around in keyed mode.
+const LEASING: [Ordering; 2] = [Ordering::Strict, Ordering::Keyed { concurrency: 4 }];
 
 fn balanced(s: &Stats) -> bool {
     s.accepted == s.delivered + s.failed + s.dropped + s.queued + s.in_flight
@@ -28,9 +33,27 @@ where
     receipts
 }
 
+/// What a close past its deadline reports and settles while item 50 of `receipts` (the
+/// items `0..ITEMS`) is stuck in its call: the items before it delivered, it unconfirmed, the
+/// others closed.
+fn assert_closed_at_50(report: &conveyor::CloseReport, receipts: Vec<conveyor::Receipt<()>>) {
+    assert_eq!(report.left, ITEMS - 50, "{report:?}");
+    assert!(balanced(&report.stats), "{report:?}");
+    let outcomes: Vec<_> = receipts
+        .into_iter()
+        .map(|mut r| r.wait_timeout(GENEROUS).expect("settled"))
+        .collect();
+    assert!(outcomes[..50].iter().all(Result::is_ok));
+    assert!(matches!(outcomes[50], Err(DeliveryError::Unconfirmed)));
+    assert!(outcomes[51..]
+        .iter()
+        .all(|o| matches!(o, Err(DeliveryError::Closed))));
+}
+
 /// A conveyor whose sink records every call in `rec` and holds item 0 in `first` and item
 /// `at` in `then`.
 fn held_at_0_and(
+    ordering: Ordering,
     at: u64,
     first: &Arc<Gate>,
     then: &Arc<Gate>,
@@ -38,6 +61,8 @@ fn held_at_0_and(
 ) -> Conveyor<u64> {
     let (g1, g2, r) = (first.clone(), then.clone(), rec.clone());
     Conveyor::builder()
+        .ordering(ordering)
+        .ordering(ordering)
         .build(move |d: Delivery<u64>| {
             let call = r.enter(&d);
             r.leave(call);
@@ -55,11 +80,19 @@ fn held_at_0_and(
 /// sink, and `stats()` stays balanced while the worker runs the backlog.
 #[test]
 fn each_receipt_settles_before_the_next_call() {
+    for ordering in LEASING {
+        eprintln!("{ordering:?}");
+        each_receipt_settles_before_the_next_call_in(ordering);
+    }
+}
+
+fn each_receipt_settles_before_the_next_call_in(ordering: Ordering) {
     let gate = Gate::new();
     let log = Arc::new(Mutex::new(Vec::new()));
     let (g, l) = (gate.clone(), log.clone());
     let c: Arc<Conveyor<u64>> = Arc::new(
         Conveyor::builder()
+            .ordering(ordering)
             .build(move |d: Delivery<u64>| {
                 if *d.item() == 0 {
                     g.pass();
@@ -107,9 +140,17 @@ fn each_receipt_settles_before_the_next_call() {
 /// counters of a run of items move no later than the last one's receipt settles.
 #[test]
 fn stats_count_every_item_once_the_last_receipt_settled() {
+    for ordering in LEASING {
+        eprintln!("{ordering:?}");
+        stats_count_every_item_once_the_last_receipt_settled_in(ordering);
+    }
+}
+
+fn stats_count_every_item_once_the_last_receipt_settled_in(ordering: Ordering) {
     let gate = Gate::new();
     let g = gate.clone();
     let c: Conveyor<u64> = Conveyor::builder()
+        .ordering(ordering)
         .build(move |d: Delivery<u64>| {
             if *d.item() == 0 {
                 g.pass();
@@ -130,8 +171,15 @@ fn stats_count_every_item_once_the_last_receipt_settled() {
 /// notices of the Python package report what is left from them).
 #[test]
 fn stats_count_what_the_worker_delivered_in_the_middle_of_a_backlog() {
+    for ordering in LEASING {
+        eprintln!("{ordering:?}");
+        stats_count_what_the_worker_delivered_in_the_middle_of_a_backlog_in(ordering);
+    }
+}
+
+fn stats_count_what_the_worker_delivered_in_the_middle_of_a_backlog_in(ordering: Ordering) {
     let (first, later) = (Gate::new(), Gate::new());
-    let c = held_at_0_and(10, &first, &later, &Recorder::new());
+    let c = held_at_0_and(ordering, 10, &first, &later, &Recorder::new());
     let receipts = backlog(&c, &first);
     first.open();
     later.wait_for_callers(1);
@@ -150,10 +198,18 @@ fn stats_count_what_the_worker_delivered_in_the_middle_of_a_backlog() {
 /// its item alone, and the items behind them keep their order.
 #[test]
 fn failures_in_a_backlog_are_retried_or_failed_in_order() {
+    for ordering in LEASING {
+        eprintln!("{ordering:?}");
+        failures_in_a_backlog_are_retried_or_failed_in_order_in(ordering);
+    }
+}
+
+fn failures_in_a_backlog_are_retried_or_failed_in_order_in(ordering: Ordering) {
     let gate = Gate::new();
     let rec = Recorder::new();
     let (g, r) = (gate.clone(), rec.clone());
     let c: Conveyor<u64> = Conveyor::builder()
+        .ordering(ordering)
         .retry(Retry::fixed(Duration::from_millis(1)).max_attempts(3))
         .build(move |d: Delivery<u64>| {
             let call = r.enter(&d);
@@ -197,11 +253,19 @@ fn failures_in_a_backlog_are_retried_or_failed_in_order() {
 /// with everything behind it still queued, and `resume` goes on from it, in order.
 #[test]
 fn a_pause_in_a_backlog_holds_the_rest_in_order() {
+    for ordering in LEASING {
+        eprintln!("{ordering:?}");
+        a_pause_in_a_backlog_holds_the_rest_in_order_in(ordering);
+    }
+}
+
+fn a_pause_in_a_backlog_holds_the_rest_in_order_in(ordering: Ordering) {
     let gate = Gate::new();
     let rec = Recorder::new();
     let fail = Arc::new(AtomicBool::new(true));
     let (g, r, f) = (gate.clone(), rec.clone(), fail.clone());
     let c: Conveyor<u64> = Conveyor::builder()
+        .ordering(ordering)
         .on_failure(OnFailure::Pause)
         .build(move |d: Delivery<u64>| {
             let call = r.enter(&d);
@@ -242,26 +306,23 @@ fn a_pause_in_a_backlog_holds_the_rest_in_order() {
 /// and never reach the sink; the stuck one is unconfirmed; those before it were delivered.
 #[test]
 fn a_close_past_its_deadline_reports_the_items_the_worker_holds() {
+    for ordering in LEASING {
+        eprintln!("{ordering:?}");
+        a_close_past_its_deadline_reports_the_items_the_worker_holds_in(ordering);
+    }
+}
+
+fn a_close_past_its_deadline_reports_the_items_the_worker_holds_in(ordering: Ordering) {
     let (first, stuck) = (Gate::new(), Gate::new());
     let rec = Recorder::new();
-    let c = held_at_0_and(50, &first, &stuck, &rec);
+    let c = held_at_0_and(ordering, 50, &first, &stuck, &rec);
     let receipts = backlog(&c, &first);
     first.open();
     stuck.wait_for_callers(1);
     let report = c.close_timeout(Duration::from_millis(50));
-    assert_eq!(report.left, ITEMS - 50, "{report:?}");
     assert_eq!(report.stats.delivered, 50, "{report:?}");
-    assert!(balanced(&report.stats), "{report:?}");
     // Settled by the close, while item 50's call is still stuck.
-    let outcomes: Vec<_> = receipts
-        .into_iter()
-        .map(|mut r| r.wait_timeout(GENEROUS).expect("settled"))
-        .collect();
-    assert!(outcomes[..50].iter().all(Result::is_ok));
-    assert!(matches!(outcomes[50], Err(DeliveryError::Unconfirmed)));
-    assert!(outcomes[51..]
-        .iter()
-        .all(|o| matches!(o, Err(DeliveryError::Closed))));
+    assert_closed_at_50(&report, receipts);
     stuck.open();
     // Nothing to wait for but the absence of a call: the worker leaves after item 50, where it
     // would start item 51 within microseconds.
@@ -274,10 +335,18 @@ fn a_close_past_its_deadline_reports_the_items_the_worker_holds() {
 /// once, as before leases, rather than at the end of a run of slow calls.
 #[test]
 fn a_slow_sink_lets_a_blocked_sender_in_item_by_item() {
+    for ordering in LEASING {
+        eprintln!("{ordering:?}");
+        a_slow_sink_lets_a_blocked_sender_in_item_by_item_in(ordering);
+    }
+}
+
+fn a_slow_sink_lets_a_blocked_sender_in_item_by_item_in(ordering: Ordering) {
     let gates: Vec<Arc<Gate>> = (0..5).map(|_| Gate::new()).collect();
     let g = gates.clone();
     let c: Arc<Conveyor<u64>> = Arc::new(
         Conveyor::builder()
+            .ordering(ordering)
             .capacity(2)
             .build(move |d: Delivery<u64>| {
                 g[*d.item() as usize].pass();
@@ -328,10 +397,18 @@ fn a_slow_sink_lets_a_blocked_sender_in_item_by_item() {
 /// from a callback did before leases: it was reported left, and `delivered` one short.
 #[test]
 fn a_close_from_a_receipt_callback_in_a_lease_counts_that_item_delivered() {
+    for ordering in LEASING {
+        eprintln!("{ordering:?}");
+        a_close_from_a_receipt_callback_in_a_lease_counts_that_item_delivered_in(ordering);
+    }
+}
+
+fn a_close_from_a_receipt_callback_in_a_lease_counts_that_item_delivered_in(ordering: Ordering) {
     let gate = Gate::new();
     let g = gate.clone();
     let c: Arc<Conveyor<u64>> = Arc::new(
         Conveyor::builder()
+            .ordering(ordering)
             .build(move |d: Delivery<u64>| {
                 if *d.item() == 0 {
                     g.pass();
@@ -374,6 +451,13 @@ fn a_close_from_a_receipt_callback_in_a_lease_counts_that_item_delivered() {
 /// leaves room, as it did when every item left the queue as its call began.
 #[test]
 fn a_sink_sending_into_its_own_conveyor_finds_the_room_its_lease_delivered() {
+    for ordering in LEASING {
+        eprintln!("{ordering:?}");
+        a_sink_sending_into_its_own_conveyor_finds_the_room_its_lease_delivered_in(ordering);
+    }
+}
+
+fn a_sink_sending_into_its_own_conveyor_finds_the_room_its_lease_delivered_in(ordering: Ordering) {
     use conveyor::Backpressure;
     use std::sync::OnceLock;
     let gate = Gate::new();
@@ -382,6 +466,7 @@ fn a_sink_sending_into_its_own_conveyor_finds_the_room_its_lease_delivered() {
     let (g, o, r) = (gate.clone(), own.clone(), refused.clone());
     let c: Arc<Conveyor<u64>> = Arc::new(
         Conveyor::builder()
+            .ordering(ordering)
             .capacity(8)
             .backpressure(Backpressure::Block)
             .build(move |d: Delivery<u64>| {
@@ -411,4 +496,33 @@ fn a_sink_sending_into_its_own_conveyor_finds_the_room_its_lease_delivered() {
     assert!(c.flush_timeout(GENEROUS));
     assert_eq!(*refused.lock().unwrap(), Vec::new());
     assert_eq!(c.stats().delivered, 17);
+}
+
+/// Keyed: while a call in the middle of one key's lease is stuck, the other keys' items are
+/// delivered, in order, by the other workers; a close past its deadline then reports the
+/// stuck lease's items, and only those.
+#[test]
+fn other_keys_go_on_while_a_call_in_a_lease_is_stuck() {
+    let (first, stuck) = (Gate::new(), Gate::new());
+    let rec = Recorder::new();
+    let c = held_at_0_and(Ordering::Keyed { concurrency: 4 }, 50, &first, &stuck, &rec);
+    let held: Vec<_> = (0..ITEMS).map(|i| c.send_keyed("a", i).unwrap()).collect();
+    first.wait_for_callers(1);
+    first.open();
+    stuck.wait_for_callers(1);
+    let others: Vec<_> = (1000..1000 + ITEMS)
+        .map(|i| c.send_keyed("b", i).unwrap())
+        .collect();
+    for (i, mut r) in others.into_iter().enumerate() {
+        let outcome = r.wait_timeout(GENEROUS);
+        assert!(matches!(outcome, Some(Ok(()))), "b's item {i}: {outcome:?}");
+    }
+    let by_key = rec.ended_by_key();
+    assert_eq!(by_key["b"], (1000..1000 + ITEMS).collect::<Vec<_>>());
+    // The recorder counts a call ended before the sink waits at the gate.
+    assert_eq!(by_key["a"], (0..=50).collect::<Vec<_>>());
+    let report = c.close_timeout(Duration::from_millis(50));
+    assert_eq!(report.stats.delivered, ITEMS + 50, "{report:?}");
+    assert_closed_at_50(&report, held);
+    stuck.open();
 }
