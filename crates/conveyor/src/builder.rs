@@ -40,6 +40,11 @@ pub enum Ordering {
     /// moment apart may begin in either order (item n+`in_flight` never begins before
     /// item n was handed out); later calls may finish before earlier ones, and a retried
     /// or paused item can be passed by items that were already in flight.
+    ///
+    /// `in_flight` is a bound, not a target: while a blocking sink's calls return within
+    /// microseconds, one worker runs a few of them in a row, since more workers would only
+    /// contend for the queue. Should one of those calls then stall, another worker takes
+    /// over the items after it within about a millisecond.
     Pipelined {
         /// The most calls in progress at once (from 1 to [`Ordering::MAX_PARALLEL`]).
         in_flight: usize,

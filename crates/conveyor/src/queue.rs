@@ -82,6 +82,9 @@ struct Lane<T, R> {
     in_ready: bool,
     /// A worker holds a lease of its head items (see `Lease`): nobody else starts any of it.
     leased: bool,
+    /// The head item is the one a cut lease's worker claimed (see `State::cut_lease`): in
+    /// flight, it stays at the head until that lease ends, and items start after it.
+    cut_head: bool,
 }
 
 /// What a keyed lane needs once an item left it or settled (see `Lane::keyed_next`).
@@ -103,7 +106,13 @@ impl<T, R> Lane<T, R> {
             paused: false,
             in_ready: false,
             leased: false,
+            cut_head: false,
         }
+    }
+
+    /// Where the next item to start stands in `queue` (see `cut_head`).
+    fn next_index(&self) -> usize {
+        usize::from(self.cut_head)
     }
 
     /// Keyed mode: what this lane needs after an item left it or settled, so that every lane
@@ -126,7 +135,7 @@ impl<T, R> Lane<T, R> {
 
     /// The head item exists and comes before any undecodable item of the lane.
     fn head_may_start(&self) -> bool {
-        self.queue.front().is_some_and(|job| {
+        self.queue.get(self.next_index()).is_some_and(|job| {
             self.undecodable
                 .front()
                 .map_or(true, |held| job.node.seq() < held.seq)
@@ -146,7 +155,7 @@ impl<T, R> Lane<T, R> {
 
     /// What the lane holds while it is paused: its queued items, undecodable ones too.
     fn held(&self) -> u64 {
-        (self.queue.len() + self.undecodable.len()) as u64
+        (self.queue.len() - self.next_index() + self.undecodable.len()) as u64
     }
 
     /// Nothing left in it: a keyed lane is then removed, so memory follows the queue.
@@ -212,6 +221,8 @@ struct Lease<T, R> {
     /// delivered: counted delivered and off the lane, its node stays here, alive for the
     /// worker's settling, until the lease ends.
     settling: Option<NodeRef<T, R>>,
+    /// Set by `cut_lease`: the lane's items after the claimed one are no longer the lease's.
+    cut: bool,
 }
 
 /// A worker's job as shutdown sees it.
@@ -308,9 +319,27 @@ pub(crate) struct State<T, R> {
     pub(crate) drained: Vec<NodeRef<T, R>>,
     /// Per worker, the lane's head items it runs without taking this lock between them.
     leases: Vec<Option<Lease<T, R>>>,
+    /// Per worker, how many leases it took: with its claim counter, tells a worker standing
+    /// by whether the lease it watches moved on (see `watched_lease`).
+    lease_serials: Vec<u64>,
+    /// A worker thread stands by, watching the pipelined lane's lease (see
+    /// `Shared::stand_by`).
+    pub(crate) standby: bool,
+    /// Where the watched lease stood when a worker standing by last saw it move.
+    pub(crate) watch: Option<Watch>,
     /// How far each worker got through its lease (see `Shared::lease_claims`, the same
     /// counters), for `stats` and `room` to count the items it delivered since.
     pub(crate) lease_claims: LeaseClaims,
+}
+
+/// Where the pipelined lane's lease stood (see `State::watched_lease`), and since when.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Watch {
+    /// The lease's worker, and how many leases it took.
+    pub(crate) lease: (usize, u64),
+    /// Its claim counter (see `lease_progress`).
+    pub(crate) claim: usize,
+    pub(crate) since: Instant,
 }
 
 /// Each worker's claim counter for its lease (see `lease_progress`), apart from the state
@@ -343,6 +372,9 @@ impl<T, R> State<T, R> {
             seq_limit: None,
             drained: Vec::new(),
             leases: (0..workers).map(|_| None).collect(),
+            lease_serials: vec![0; workers],
+            standby: false,
+            watch: None,
             lease_claims: (0..workers).map(|_| CachePadded::default()).collect(),
         }
     }
@@ -441,7 +473,8 @@ impl<T, R> State<T, R> {
             _ => return false,
         };
         let held_seq = held.seq();
-        let one_at_a_time = self.keyed || self.in_flight_nodes.len() == 1 || lease.is_some();
+        let one_at_a_time =
+            self.keyed || self.in_flight_nodes.len() == 1 || lease.is_some_and(|l| !l.cut);
         seq == held_seq
             || (one_at_a_time && seq > held_seq && self.lane_id(key) == self.lane_id(held.key()))
     }
@@ -672,7 +705,7 @@ impl<T, R> State<T, R> {
             if self.main.paused || self.main.leased || !self.main.head_may_start() {
                 return None;
             }
-            let job = self.main.queue.pop_front()?;
+            let job = self.main.queue.remove(self.main.next_index())?;
             let reached = self.main.reach_undecodable();
             self.count_reached(reached);
             job
@@ -705,7 +738,7 @@ impl<T, R> State<T, R> {
             if !self.main_runnable() || !self.main.head_may_start() {
                 return None;
             }
-            let job = self.main.queue.pop_front()?;
+            let job = self.main.queue.remove(self.main.next_index())?;
             self.main.in_flight += 1;
             job
         } else {
@@ -765,7 +798,8 @@ impl<T, R> State<T, R> {
     /// Lends `worker` up to `max` items from the head of the lane it would take its next job
     /// from (into `into`), if that lane may be leased (see `Lease`): not with a rate limit
     /// (each item would need its slot), nor past an undecodable item, nor a pipelined lane
-    /// that several workers share.
+    /// with an item in flight: that item could fail and be retried, and the lease overtake
+    /// it.
     pub(crate) fn lease(
         &mut self,
         worker: usize,
@@ -789,14 +823,7 @@ impl<T, R> State<T, R> {
             len
         };
         let (id, len) = if !self.keyed {
-            // A call stuck in a lease would hold up every item behind it, which the other
-            // workers would otherwise start.
-            let pipelined = self.in_flight_nodes.len() > 1;
-            if pipelined
-                || self.main.in_flight > 0
-                || !leasable(&self.main)
-                || !self.main_runnable()
-            {
+            if self.main.in_flight > 0 || !leasable(&self.main) || !self.main_runnable() {
                 return false;
             }
             (None, lend(&mut self.main))
@@ -814,7 +841,9 @@ impl<T, R> State<T, R> {
             taken: 0,
             closed: None,
             settling: None,
+            cut: false,
         });
+        self.lease_serials[worker] += 1;
         true
     }
 
@@ -865,8 +894,18 @@ impl<T, R> State<T, R> {
         self.take_delivered(worker, done - taken, release);
         let lease = self.leases[worker].take().expect("a lease");
         let lane = lane_mut(&mut self.main, &mut self.lanes, &lease.lane);
-        lane.in_flight -= 1;
-        lane.leased = false;
+        if !lease.cut {
+            lane.in_flight -= 1;
+            lane.leased = false;
+        } else if lease.closed == Some(true) {
+            // The claimed item, which `take_delivered` took off the lane if it was delivered.
+            lane.in_flight -= 1;
+            lane.cut_head = false;
+            if lease.len > 0 && lane.paused {
+                // Not delivered: held with the rest.
+                self.counters.paused_items += 1;
+            }
+        }
         // As after a job (see `finish`), though leases are not made with a journal, which
         // alone brings undecodable items.
         let reached = lane.reach_undecodable();
@@ -899,6 +938,10 @@ impl<T, R> State<T, R> {
             .queue
             .pop_front()
             .expect("the failed item heads its lane");
+        if lane.paused {
+            // Paused while its cut lease ran (see `end_lease`): no longer held.
+            self.counters.paused_items -= 1;
+        }
         // The attempt that failed.
         job.attempts += 1;
         // Its lane's entry in `ready`, if `end_lease` made one, is stale now.
@@ -935,6 +978,58 @@ impl<T, R> State<T, R> {
         lease.taken = delivered;
         lease.closed = Some(claimed && lease.len > 0);
         lease.settling = settling;
+    }
+
+    /// The pipelined lane's lease that a call stuck in it would let hold up every item behind
+    /// it (see `cut_lease`): its worker, and how many leases that worker took.
+    pub(crate) fn watched_lease(&self) -> Option<(usize, u64)> {
+        if self.keyed || self.leases.len() < 2 || !self.main.leased {
+            return None;
+        }
+        let worker = self
+            .leases
+            .iter()
+            .position(|l| l.as_ref().is_some_and(|l| l.lane.is_none()))?;
+        // A shutdown that closed it reports its items itself.
+        self.leases[worker]
+            .as_ref()?
+            .closed
+            .is_none()
+            .then_some(())?;
+        Some((worker, self.lease_serials[worker]))
+    }
+
+    /// Cuts `worker`'s lease, whose worker has not moved on for long (a call or a receipt
+    /// callback stuck, see `Shared::stand_by`): it is closed, as by a shutdown (`claim` is how
+    /// far the worker got, see `close_lease`), so the worker starts nothing after the item it
+    /// claimed, and the lane's items after that one are no longer the lease's: other workers
+    /// start them. The claimed item stays at the head of the lane, in flight, until the lease
+    /// ends.
+    pub(crate) fn cut_lease(
+        &mut self,
+        worker: usize,
+        claim: usize,
+        release: &mut Vec<NodeRef<T, R>>,
+    ) {
+        self.close_lease(worker, claim, release);
+        let lease = self.leases[worker].as_mut().expect("a lease");
+        let lane = lane_mut(&mut self.main, &mut self.lanes, &lease.lane);
+        lease.cut = true;
+        lane.leased = false;
+        if lease.closed == Some(true) {
+            // The others were counted as queued already.
+            lease.len = 1;
+            lane.cut_head = true;
+        } else {
+            lane.in_flight -= 1;
+            let reached = lane.reach_undecodable();
+            if lease.len > 0 {
+                self.counters.in_flight -= 1;
+                self.counters.queued += 1;
+            }
+            lease.len = 0;
+            self.count_reached(reached);
+        }
     }
 
     /// Reserves the next rate-limit slot from now, if a limit is set, and returns when it
@@ -1247,7 +1342,8 @@ mod tests {
         let paused = lanes.iter().map(|(l, _)| l).filter(|l| l.paused);
         let held: usize = paused
             .clone()
-            .map(|l| l.queue.len() + l.undecodable.len())
+            // Not a cut lease's claimed item, in flight at the head.
+            .map(|l| l.queue.len() - usize::from(l.cut_head) + l.undecodable.len())
             .sum();
         assert_eq!(
             (s.counters.paused_items, s.counters.paused_lanes),
@@ -1346,6 +1442,11 @@ mod tests {
             worker: usize,
             fail: bool,
         },
+        /// A worker standing by cuts the pipelined lane's lease, whose worker claimed its next
+        /// item or not.
+        Cut {
+            claimed: bool,
+        },
     }
 
     const LANES: [Option<&str>; 3] = [None, Some("a"), Some("b")];
@@ -1376,6 +1477,7 @@ mod tests {
                 .prop_map(|(worker, claimed)| Step::CloseLease { worker, claimed }),
             2 => (0..4usize, proptest::bool::ANY)
                 .prop_map(|(worker, fail)| Step::EndLease { worker, fail }),
+            1 => proptest::bool::ANY.prop_map(|claimed| Step::Cut { claimed }),
         ]
     }
 
@@ -1394,7 +1496,11 @@ mod tests {
                 "lane {id:?} stands unpaused at an undecodable item"
             );
             let leases = s.leases.iter().flatten().filter(|l| l.lane.as_ref() == id);
-            assert_eq!(usize::from(lane.leased), leases.count(), "lane {id:?}");
+            assert_eq!(
+                usize::from(lane.leased),
+                leases.filter(|l| !l.cut).count(),
+                "lane {id:?}"
+            );
             if let Some(id) = id {
                 assert!(!lane.is_done(), "empty lane {id:?} kept");
                 if lane.runnable_keyed() {
@@ -1419,6 +1525,8 @@ mod tests {
         closed: Option<bool>,
         /// Items taken off the lane by the close.
         released: Vec<u64>,
+        /// Cut by a worker standing by.
+        cut: bool,
     }
 
     /// The name of the lane of `node`.
@@ -1457,8 +1565,10 @@ mod tests {
             // Per worker: its lease.
             let mut leases: Vec<Option<LeaseModel>> = (0..workers).map(|_| None).collect();
             let leased_lane = |leases: &[Option<LeaseModel>], lane: &str| {
-                leases.iter().flatten().any(|l| l.lane == lane)
+                leases.iter().flatten().any(|l| l.lane == lane && !l.cut)
             };
+            // The seq a job or lease of the main lane last started with: they start in order.
+            let mut last_start = 0;
             let before_held = |held: &HashMap<&str, Vec<u64>>, lane: &str, seq: u64| {
                 held.get(lane).and_then(|seqs| seqs.first()).is_some_and(|&first| first < seq)
             };
@@ -1480,6 +1590,12 @@ mod tests {
                             if let Some(job) = s.next_job(worker) {
                                 let name = lane_name_of(keyed, &job.node);
                                 proptest::prop_assert!(!leased_lane(&leases, name), "{name:?} is leased");
+                                let claimed = leases.iter().flatten().any(|l| l.seqs.get(l.delivered) == Some(&job.node.seq()));
+                                proptest::prop_assert!(!claimed, "{} is a lease's", job.node.seq());
+                                if !keyed && job.attempts == 0 {
+                                    proptest::prop_assert!(job.node.seq() > last_start, "{} after {last_start}", job.node.seq());
+                                    last_start = job.node.seq();
+                                }
                                 proptest::prop_assert!(
                                     !before_held(&held, name, job.node.seq()),
                                     "seq {} of lane {name:?} started past an undecodable item", job.node.seq()
@@ -1546,6 +1662,9 @@ mod tests {
                             let in_flight = jobs.iter().flatten().any(|(job, _)| lane_name_of(keyed, &job.node) == name);
                             proptest::prop_assert!(!in_flight, "{name:?} leased with an item in flight");
                             let mut seqs = Vec::new();
+                            if !keyed && lent[0].attempts == 0 {
+                                proptest::prop_assert!(nodes[0].seq() > last_start);
+                            }
                             for node in nodes {
                                 proptest::prop_assert_eq!(lane_name_of(keyed, node), name);
                                 proptest::prop_assert!(!before_held(&held, name, node.seq()));
@@ -1558,6 +1677,9 @@ mod tests {
                     Step::Progress { worker, done } => {
                         if let Some(lease) = leases[worker % workers].as_mut().filter(|l| l.closed.is_none()) {
                             lease.delivered = (lease.delivered + done).min(lease.seqs.len());
+                            if let Some(&seq) = lease.seqs[..lease.delivered].last().filter(|_| !keyed) {
+                                last_start = last_start.max(seq);
+                            }
                             s.lease_claims[worker % workers].store(2 * lease.delivered, AtomicOrdering::Relaxed);
                         }
                     }
@@ -1565,10 +1687,30 @@ mod tests {
                         let worker = worker % workers;
                         if let Some(lease) = leases[worker].as_mut().filter(|l| l.closed.is_none()) {
                             let claimed = claimed && lease.delivered < lease.seqs.len();
+                            if claimed && !keyed {
+                                last_start = last_start.max(lease.seqs[lease.delivered]);
+                            }
                             lease.closed = Some(claimed);
                             let mut release = Vec::new();
                             s.close_lease(worker, 2 * lease.delivered + usize::from(claimed), &mut release);
                             lease.released.extend(release.iter().map(|n| n.seq()));
+                        }
+                    }
+                    Step::Cut { claimed } => {
+                        if let Some((worker, _)) = s.watched_lease() {
+                            let lease = leases[worker].as_mut().expect("the watched lease is modelled");
+                            proptest::prop_assert!(!keyed && workers > 1 && lease.closed.is_none() && !lease.cut);
+                            let claimed = claimed && lease.delivered < lease.seqs.len();
+                            if claimed {
+                                last_start = last_start.max(lease.seqs[lease.delivered]);
+                            }
+                            lease.closed = Some(claimed);
+                            lease.cut = true;
+                            let mut release = Vec::new();
+                            s.cut_lease(worker, 2 * lease.delivered + usize::from(claimed), &mut release);
+                            lease.released.extend(release.iter().map(|n| n.seq()));
+                            // Only the claimed item stays the lease's: the others may start.
+                            lease.seqs.truncate(lease.delivered + usize::from(claimed));
                         }
                     }
                     Step::EndLease { worker, fail } => {
@@ -1580,11 +1722,17 @@ mod tests {
                             let done = if fail && next {
                                 let job = s.job_after_lease(worker, lease.delivered, &mut release);
                                 proptest::prop_assert_eq!(job.node.seq(), lease.seqs[lease.delivered]);
+                                if !keyed {
+                                    last_start = last_start.max(job.node.seq());
+                                }
                                 jobs[worker] = Some((job, false));
                                 lease.delivered
                             } else {
                                 let done = lease.delivered + usize::from(lease.closed == Some(true));
                                 s.end_lease(worker, done, &mut release);
+                                if let Some(&seq) = lease.seqs[..done].last().filter(|_| !keyed) {
+                                    last_start = last_start.max(seq);
+                                }
                                 done
                             };
                             let mut released = lease.released;

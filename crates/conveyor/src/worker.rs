@@ -196,7 +196,13 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
             if st.lease(worker, size, items) || (self.drain(st) && st.lease(worker, size, items)) {
                 // Under the state lock, which a shutdown closing the lease holds too.
                 self.lease_claims[worker].store(0, AtomicOrdering::Relaxed);
-                return Step::Lease(self.took_work(st, lookout));
+                let mut wake = self.took_work(st, lookout);
+                // A lease of the pipelined lane wants a worker standing by (see
+                // `Shared::stand_by`): one of the idle ones, if none does yet.
+                if !wake.thread && !st.standby && st.watched_lease().is_some() {
+                    wake.thread = self.intake().wake_another().thread;
+                }
+                return Step::Lease(wake);
             }
         }
         let next = match st.next_job(worker) {
@@ -566,10 +572,8 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         let mut st = self.lock();
         let job = st.job_after_lease(worker, done, release);
         self.after_lease(&mut st, worker, done, release);
-        // In pipelined mode, the items after it may start elsewhere now.
-        let wake = self.pass_work_on(&st);
-        drop(st);
-        self.notify_workers(wake);
+        // Nobody else is woken for the items after it: in pipelined mode they would start
+        // before its retry, if it gets one, holds them back.
         job
     }
 
@@ -712,7 +716,10 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
                 } else if shared.register_idle(&mut st, true, &mut lookout.held) {
                     // Registered under the state lock, which this thread holds until `wait`
                     // releases it: a send that sees the registration cannot notify too early.
-                    st = shared.wait(&shared.work, st);
+                    st = match leasing.as_mut() {
+                        Some(leasing) => shared.stand_by(st, worker, &mut leasing.release),
+                        None => shared.wait(&shared.work, st),
+                    };
                     shared.unregister_idle(&mut st, true);
                 }
                 step = shared.step(

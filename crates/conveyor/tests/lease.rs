@@ -526,3 +526,117 @@ fn other_keys_go_on_while_a_call_in_a_lease_is_stuck() {
     assert_closed_at_50(&report, held);
     stuck.open();
 }
+
+/// A pipelined conveyor whose workers have seen its sink return at once (so that they lease),
+/// with item `at` of the items sent next held in `gate` and the sink's calls in `rec`.
+fn pipelined_after_warm_up(at: u64, gate: &Arc<Gate>, rec: &Arc<Recorder>) -> Conveyor<u64> {
+    let first = Gate::new();
+    first.open();
+    let c = held_at_0_and(Ordering::Pipelined { in_flight: 4 }, at, &first, gate, rec);
+    for i in 0..ITEMS {
+        c.send(i).unwrap();
+    }
+    assert!(c.flush_timeout(GENEROUS));
+    c
+}
+
+/// Pipelined: a call stuck in the middle of a lease holds up only its own item, as outside a
+/// lease: the lease is cut, and the other workers deliver the items after it meanwhile.
+#[test]
+fn a_stuck_call_in_a_pipelined_lease_holds_up_only_its_own_item() {
+    let (stuck, rec) = (Gate::new(), Recorder::new());
+    let c = pipelined_after_warm_up(ITEMS + 50, &stuck, &rec);
+    let receipts: Vec<_> = (ITEMS..2 * ITEMS).map(|i| c.send(i).unwrap()).collect();
+    stuck.wait_for_callers(1);
+    for (i, mut r) in (ITEMS..).zip(receipts) {
+        if i != ITEMS + 50 {
+            let outcome = r.wait_timeout(GENEROUS);
+            assert!(matches!(outcome, Some(Ok(()))), "item {i}: {outcome:?}");
+        }
+    }
+    let s = c.stats();
+    assert_eq!(
+        (s.delivered, s.in_flight, s.queued),
+        (2 * ITEMS - 1, 1, 0),
+        "{s:?}"
+    );
+    stuck.open();
+    assert!(c.flush_timeout(GENEROUS));
+    assert_eq!(c.stats().delivered, 2 * ITEMS);
+    let mut started = rec.items_started();
+    started.sort_unstable();
+    assert_eq!(started, (0..2 * ITEMS).collect::<Vec<_>>());
+}
+
+/// Pipelined: a retryable failure in the middle of a lease is retried in place, and nothing
+/// after it starts before its first attempt failed; a permanent one fails its item alone.
+#[test]
+fn failures_in_a_pipelined_lease_are_retried_or_failed() {
+    let (retried, failed) = (ITEMS + 50, ITEMS + 100);
+    let rec = Recorder::new();
+    let r = rec.clone();
+    let c: Conveyor<u64> = Conveyor::builder()
+        .ordering(Ordering::Pipelined { in_flight: 4 })
+        .retry(Retry::fixed(Duration::from_millis(1)).max_attempts(3))
+        .build(move |d: Delivery<u64>| {
+            let call = r.enter(&d);
+            r.leave(call);
+            match (*d.item(), d.attempt()) {
+                (i, 1) if i == retried => Err(SinkError::retryable("again")),
+                (i, _) if i == failed => Err(SinkError::permanent("never")),
+                _ => Ok(()),
+            }
+        })
+        .unwrap();
+    for i in 0..ITEMS {
+        c.send(i).unwrap();
+    }
+    assert!(c.flush_timeout(GENEROUS));
+    let receipts: Vec<_> = (ITEMS..2 * ITEMS).map(|i| c.send(i).unwrap()).collect();
+    assert!(c.flush_timeout(GENEROUS));
+    for (i, r) in (ITEMS..).zip(receipts) {
+        match r.wait() {
+            Err(DeliveryError::Failed { attempts: 1, .. }) if i == failed => {}
+            Ok(()) if i != failed => {}
+            other => panic!("item {i}: {other:?}"),
+        }
+    }
+    let s = c.stats();
+    assert_eq!((s.delivered, s.failed, s.retried), (2 * ITEMS - 1, 1, 1));
+    assert!(balanced(&s), "{s:?}");
+    let started = rec.items_started();
+    let first = |item: u64| started.iter().position(|&i| i == item).unwrap();
+    assert!(first(retried + 1) > first(retried), "{started:?}");
+    let mut expected: Vec<u64> = (0..2 * ITEMS).chain([retried]).collect();
+    expected.sort_unstable();
+    let mut started = started.clone();
+    started.sort_unstable();
+    assert_eq!(started, expected);
+}
+
+/// Pipelined: sends that keep waking the worker standing by while a call in a lease is stuck
+/// do not keep it from cutting the lease: the items after the stuck one are delivered while the
+/// sends go on, not once they stop.
+#[test]
+fn a_stuck_pipelined_lease_is_cut_while_sends_keep_coming() {
+    const PACED: u64 = 300;
+    let (stuck, rec) = (Gate::new(), Recorder::new());
+    let c = pipelined_after_warm_up(ITEMS + 50, &stuck, &rec);
+    let mut receipts: Vec<_> = (ITEMS..2 * ITEMS).map(|i| c.send(i).unwrap()).collect();
+    stuck.wait_for_callers(1);
+    // A send every 200 us or so: each may wake the worker standing by, well within the
+    // millisecond it waits for the lease to move.
+    for i in 2 * ITEMS..2 * ITEMS + PACED {
+        receipts.push(c.send(i).unwrap());
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let delivered = c.stats().delivered;
+    assert!(
+        delivered >= 2 * ITEMS + PACED / 2,
+        "{delivered} delivered while the sends went on ({:?})",
+        c.stats()
+    );
+    stuck.open();
+    assert!(c.flush_timeout(GENEROUS));
+    assert_eq!(c.stats().delivered, 2 * ITEMS + PACED);
+}
