@@ -1,7 +1,7 @@
 //! The conveyor handle: accepting items, waiting for them, shutting down.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -78,11 +78,18 @@ struct IntakeLine<T, R> {
     /// a worker that runs out of work (it spins for items, see `spin_for_items`), and again
     /// after the job it found while holding it, if other workers slept when it took that job
     /// and no items wait (see `worker::Lookout`). Given up under the intake lock (see
-    /// `release_lookout`), so
-    /// that a send sees either the flag or the worker's release; never held while user code
-    /// runs (a sink call, or a receipt's settling: callbacks, wakers, drops).
-    lookout: AtomicBool,
+    /// `release_lookout`), so that a send sees either the flag or the worker's release.
+    /// Never held while user code runs (a sink call, or a receipt's settling: callbacks,
+    /// wakers, drops), but through a lease of the pipelined lane: its calls are measured to
+    /// take microseconds, nobody else could start the items sent meanwhile, and sends would
+    /// otherwise wake an idle worker for nothing; the worker standing by takes the lookout
+    /// away if the lease stalls (see `Shared::stand_by`). Holds the worker that holds it, or
+    /// `NO_LOOKOUT`.
+    lookout: AtomicUsize,
 }
+
+/// The lookout flag's value while no worker holds it.
+const NO_LOOKOUT: usize = usize::MAX;
 
 impl<T, R> Shared<T, R> {
     pub(crate) fn lock(&self) -> MutexGuard<'_, State<T, R>> {
@@ -105,7 +112,7 @@ impl<T, R> Shared<T, R> {
     {
         let mut ik = self.intake();
         // The lookout will see the item (see `IntakeLine::lookout`): no wake-up syscall.
-        let lookout = self.intake.lookout.load(AtomicOrdering::Relaxed);
+        let lookout = self.intake.lookout.load(AtomicOrdering::Relaxed) != NO_LOOKOUT;
         let accepted = ik.try_accept(key, item, !lookout);
         if accepted.is_ok() && !self.intake.filled.load(AtomicOrdering::Relaxed) {
             self.intake.filled.store(true, AtomicOrdering::Relaxed);
@@ -170,6 +177,7 @@ impl<T, R> Shared<T, R> {
     pub(crate) fn register_idle(
         &self,
         st: &mut State<T, R>,
+        worker: usize,
         thread: bool,
         lookout: &mut bool,
     ) -> bool {
@@ -178,7 +186,7 @@ impl<T, R> Shared<T, R> {
             return false;
         }
         if std::mem::take(lookout) {
-            self.intake.lookout.store(false, AtomicOrdering::Relaxed);
+            self.let_go_of_lookout(worker);
         }
         if thread {
             ik.idle_threads += 1;
@@ -189,21 +197,44 @@ impl<T, R> Shared<T, R> {
         true
     }
 
-    /// Takes the lookout for the calling worker thread if nobody holds it. Not with a
-    /// journal: every send then takes the state lock and nobody reads the flag.
-    pub(crate) fn claim_lookout(&self) -> bool {
+    /// Takes the lookout for worker thread `worker` if nobody holds it. Not with a journal:
+    /// every send then takes the state lock and nobody reads the flag.
+    pub(crate) fn claim_lookout(&self, worker: usize) -> bool {
         let flag = &self.intake.lookout;
         // Read first: an atomic write would pull the producers' cache line over for nothing.
         self.durable.is_none()
-            && !flag.load(AtomicOrdering::Relaxed)
-            && !flag.swap(true, AtomicOrdering::Relaxed)
+            && flag.load(AtomicOrdering::Relaxed) == NO_LOOKOUT
+            && flag
+                .compare_exchange(
+                    NO_LOOKOUT,
+                    worker,
+                    AtomicOrdering::Relaxed,
+                    AtomicOrdering::Relaxed,
+                )
+                .is_ok()
+    }
+
+    /// Whether `worker` holds the lookout: a worker standing by may have taken it from a
+    /// worker stuck in a lease (see `stand_by`).
+    pub(crate) fn holds_lookout(&self, worker: usize) -> bool {
+        self.intake.lookout.load(AtomicOrdering::Relaxed) == worker
+    }
+
+    /// Clears the lookout flag if `worker` holds it.
+    fn let_go_of_lookout(&self, worker: usize) {
+        let _ = self.intake.lookout.compare_exchange(
+            worker,
+            NO_LOOKOUT,
+            AtomicOrdering::Relaxed,
+            AtomicOrdering::Relaxed,
+        );
     }
 
     /// Takes the lookout back after a job found while holding it (see `worker::Lookout`),
     /// unless items wait in the intake: the producers then outpace this worker, which would
     /// pay an intake lock per item to give the lookout up again before each job.
-    pub(crate) fn retake_lookout(&self) -> bool {
-        !self.intake.filled.load(AtomicOrdering::Relaxed) && self.claim_lookout()
+    pub(crate) fn retake_lookout(&self, worker: usize) -> bool {
+        !self.intake.filled.load(AtomicOrdering::Relaxed) && self.claim_lookout(worker)
     }
 
     /// For the lookout, before it sleeps: waits a few microseconds for a send, spinning,
@@ -218,17 +249,17 @@ impl<T, R> Shared<T, R> {
         }
     }
 
-    /// Gives up the lookout, which the caller holds, under the intake lock, after moving what
-    /// the intake holds into the lanes: a send that saw the flag, and so woke nobody, pushed
-    /// its item before this, and the caller's `pass_work_on` (next, under the same state
-    /// lock) wakes a worker for it if it can run in parallel. A send after this wakes one
-    /// itself.
-    pub(crate) fn release_lookout(&self, st: &mut State<T, R>) {
+    /// Makes `worker` give up the lookout, if it holds it, under the intake lock, after moving
+    /// what the intake holds into the lanes: a send that saw the flag, and so woke nobody,
+    /// pushed its item before this, and the caller's `pass_work_on` (next, under the same
+    /// state lock) wakes a worker for it if it can run in parallel. A send after this wakes
+    /// one itself.
+    pub(crate) fn release_lookout(&self, st: &mut State<T, R>, worker: usize) {
         let mut ik = self.intake();
         if !ik.is_empty() {
             self.drain_locked(st, &mut ik);
         }
-        self.intake.lookout.store(false, AtomicOrdering::Relaxed);
+        self.let_go_of_lookout(worker);
     }
 
     /// Undoes [`Shared::register_idle`] once the worker runs again.
@@ -393,9 +424,10 @@ impl<T, R> Shared<T, R> {
     /// Waits for work as an idle worker thread (registered as such, see `register_idle`), or,
     /// while the pipelined lane is leased (see `State::watched_lease`) and nobody else does,
     /// stands by: waits until the lease's worker has not moved on for [`STANDBY`], however
-    /// often sends wake it meanwhile, and then cuts its lease (see `State::cut_lease`), the
-    /// items it took off the lane going into `release`, counted as `worker`'s to settle. A call
-    /// stuck in a lease then holds up only its own item, as it would outside a lease.
+    /// often sends wake it meanwhile, and then takes the lookout from that worker if it kept it
+    /// (see `IntakeLine::lookout`) and cuts its lease (see `State::cut_lease`), the items it
+    /// took off the lane going into `release`, counted as `worker`'s to settle. A call stuck in
+    /// a lease then holds up only its own item, as it would outside a lease.
     pub(crate) fn stand_by<'a>(
         &self,
         mut st: MutexGuard<'a, State<T, R>>,
@@ -428,6 +460,11 @@ impl<T, R> Shared<T, R> {
         let (mut st, stalled) = self.wait_until(&self.work, st, Some(since + STANDBY));
         st.standby = false;
         if stalled && matches!(still(&st), Some(Ok(_))) {
+            if st.lookout_leaser.take() == Some(lease.0) {
+                // Items sent since woke nobody: this worker moves them into the lanes, where
+                // its next step finds them.
+                self.release_lookout(&mut st, lease.0);
+            }
             let before = release.len();
             if let Some(claim) = self.close_claims(&st, lease.0) {
                 st.cut_lease(lease.0, claim, release);
@@ -810,7 +847,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
                 intake: CachePadded::new(IntakeLine {
                     items: Mutex::new(intake),
                     filled: AtomicBool::new(false),
-                    lookout: AtomicBool::new(false),
+                    lookout: AtomicUsize::new(NO_LOOKOUT),
                 }),
                 work: Condvar::new(),
                 work_async: Notify::new(),

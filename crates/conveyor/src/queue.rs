@@ -327,6 +327,9 @@ pub(crate) struct State<T, R> {
     pub(crate) standby: bool,
     /// Where the watched lease stood when a worker standing by last saw it move.
     pub(crate) watch: Option<Watch>,
+    /// The worker that keeps the lookout through its lease (see `IntakeLine::lookout` in
+    /// `conveyor.rs`).
+    pub(crate) lookout_leaser: Option<usize>,
     /// How far each worker got through its lease (see `Shared::lease_claims`, the same
     /// counters), for `stats` and `room` to count the items it delivered since.
     pub(crate) lease_claims: LeaseClaims,
@@ -375,6 +378,7 @@ impl<T, R> State<T, R> {
             lease_serials: vec![0; workers],
             standby: false,
             watch: None,
+            lookout_leaser: None,
             lease_claims: (0..workers).map(|_| CachePadded::default()).collect(),
         }
     }
@@ -823,7 +827,11 @@ impl<T, R> State<T, R> {
             len
         };
         let (id, len) = if !self.keyed {
-            if self.main.in_flight > 0 || !leasable(&self.main) || !self.main_runnable() {
+            // A pipelined lease wants a worker standing by (see `watched_lease`), which may
+            // have to be woken: not worth it for one item.
+            let too_few = self.pipelined() && self.main.queue.len() < 2;
+            if too_few || self.main.in_flight > 0 || !leasable(&self.main) || !self.main_runnable()
+            {
                 return false;
             }
             (None, lend(&mut self.main))
@@ -983,7 +991,7 @@ impl<T, R> State<T, R> {
     /// The pipelined lane's lease that a call stuck in it would let hold up every item behind
     /// it (see `cut_lease`): its worker, and how many leases that worker took.
     pub(crate) fn watched_lease(&self) -> Option<(usize, u64)> {
-        if self.keyed || self.leases.len() < 2 || !self.main.leased {
+        if !self.pipelined() || !self.main.leased {
             return None;
         }
         let worker = self
@@ -997,6 +1005,11 @@ impl<T, R> State<T, R> {
             .is_none()
             .then_some(())?;
         Some((worker, self.lease_serials[worker]))
+    }
+
+    /// Several workers share the main lane.
+    fn pipelined(&self) -> bool {
+        !self.keyed && self.leases.len() > 1
     }
 
     /// Cuts `worker`'s lease, whose worker has not moved on for long (a call or a receipt

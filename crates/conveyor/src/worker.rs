@@ -191,12 +191,24 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         if st.abandoned || st.stopping {
             return Step::Exit;
         }
+        // Its lease, if it kept the lookout through one, is over.
+        if st.lookout_leaser == Some(worker) {
+            st.lookout_leaser = None;
+        }
         if let Some(leasing) = leasing.filter(|l| l.size > 1) {
             let (size, items) = (leasing.size, &mut leasing.items);
             if st.lease(worker, size, items) || (self.drain(st) && st.lease(worker, size, items)) {
                 // Under the state lock, which a shutdown closing the lease holds too.
                 self.lease_claims[worker].store(0, AtomicOrdering::Relaxed);
-                let mut wake = self.took_work(st, lookout);
+                // See `IntakeLine::lookout`. (The lookout a worker standing by took away is
+                // not this worker's any more.)
+                let keep = st.watched_lease().is_some()
+                    && ((lookout.held && self.holds_lookout(worker)) || self.claim_lookout(worker));
+                lookout.held = lookout.held || keep;
+                if keep {
+                    st.lookout_leaser = Some(worker);
+                }
+                let mut wake = self.took_work(st, worker, lookout, keep);
                 // A lease of the pipelined lane wants a worker standing by (see
                 // `Shared::stand_by`): one of the idle ones, if none does yet.
                 if !wake.thread && !st.standby && st.watched_lease().is_some() {
@@ -211,7 +223,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
             None => None,
         };
         if let Some(job) = next {
-            return Step::Run(job, self.took_work(st, lookout));
+            return Step::Run(job, self.took_work(st, worker, lookout, false));
         }
         // A journal replay still loading items keeps the workers for them, even after close,
         // as do items held behind a retry.
@@ -221,15 +233,23 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         Step::Wait
     }
 
-    /// Bookkeeping for a worker that took a job or a lease: it gives up the lookout and wakes
+    /// Bookkeeping for a worker that took a job or a lease: it gives up the lookout (unless it
+    /// `keep`s it through a lease, see `IntakeLine::lookout`) and wakes
     /// a sender for the room it made; returns the idle workers to wake for what is left.
-    fn took_work(&self, st: &mut State<T, R>, lookout: &mut Lookout) -> Wake {
-        if std::mem::take(&mut lookout.held) {
-            self.release_lookout(st);
+    fn took_work(
+        &self,
+        st: &mut State<T, R>,
+        worker: usize,
+        lookout: &mut Lookout,
+        keep: bool,
+    ) -> Wake {
+        if !keep && std::mem::take(&mut lookout.held) {
+            self.release_lookout(st, worker);
         }
         // A worker that was looking out goes on looking out after this work, while other
         // workers sleep: sends during its sink calls then need not wake one of them.
-        lookout.retake = std::mem::take(&mut lookout.looked) && st.idle_workers > 0;
+        // (One that keeps it through a lease holds it still.)
+        lookout.retake = std::mem::take(&mut lookout.looked) && st.idle_workers > 0 && !keep;
         self.wake_one_sender(st);
         self.pass_work_on(st)
     }
@@ -707,13 +727,15 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
                 settle.is_empty() && !leasing.as_ref().is_some_and(|l| !l.release.is_empty())
             };
             while matches!(step, Step::Wait) && nothing_to_settle(&settle, &leasing) {
-                if !std::mem::replace(&mut spun, true) && (lookout.held || shared.claim_lookout()) {
+                if !std::mem::replace(&mut spun, true)
+                    && (lookout.held || shared.claim_lookout(worker))
+                {
                     lookout.held = true;
                     lookout.looked = true;
                     drop(st);
                     shared.spin_for_items();
                     st = shared.lock();
-                } else if shared.register_idle(&mut st, true, &mut lookout.held) {
+                } else if shared.register_idle(&mut st, worker, true, &mut lookout.held) {
                     // Registered under the state lock, which this thread holds until `wait`
                     // releases it: a send that sees the registration cannot notify too early.
                     st = match leasing.as_mut() {
@@ -736,7 +758,7 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
                 Step::Run(_, wake) | Step::Lease(wake) => *wake,
                 Step::Exit => {
                     if std::mem::take(&mut lookout.held) {
-                        shared.release_lookout(&mut st);
+                        shared.release_lookout(&mut st, worker);
                     }
                     shared.exit(&mut st);
                     Wake::default()
@@ -748,7 +770,7 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
                     if !nothing_to_settle(&settle, &leasing)
                         && std::mem::take(&mut lookout.held) =>
                 {
-                    shared.release_lookout(&mut st);
+                    shared.release_lookout(&mut st, worker);
                     shared.pass_work_on(&st)
                 }
                 Step::Wait => Wake::default(),
@@ -804,7 +826,7 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
         }
         // Set only by a step that took work (see `Shared::took_work`), now done.
         if std::mem::take(&mut lookout.retake) {
-            lookout.held = shared.retake_lookout();
+            lookout.held = shared.retake_lookout(worker);
             lookout.looked = lookout.held;
         }
     }
@@ -851,7 +873,7 @@ async fn async_worker_loop<T: Send + Sync + 'static, R: Send + 'static>(
                 shared.step(&mut st, worker, finished.take(), &mut settle, lookout, None);
             while matches!(step, Step::Wait) && !task.idle {
                 notified.as_mut().enable();
-                task.idle = shared.register_idle(&mut st, false, &mut lookout.held);
+                task.idle = shared.register_idle(&mut st, worker, false, &mut lookout.held);
                 if !task.idle {
                     // Items arrived since the step looked: take them.
                     step = shared.step(&mut st, worker, None, &mut settle, lookout, None);
