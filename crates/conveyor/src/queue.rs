@@ -560,7 +560,9 @@ impl<T, R> State<T, R> {
             .filter_map(|(lease, claim)| {
                 let lease = lease.as_ref().filter(|l| l.closed.is_none())?;
                 let claim = claim.load(AtomicOrdering::Acquire) & !LEASE_CLOSED;
-                Some(lease_progress(claim).0.min(lease.len) as u64)
+                // Never the item counted as in flight: the worker ends the lease when its last
+                // item's call returns, without marking it delivered.
+                Some(lease_progress(claim).0.min(lease.len.saturating_sub(1)) as u64)
             })
             .sum()
     }
@@ -1689,7 +1691,8 @@ mod tests {
                     }
                     Step::Progress { worker, done } => {
                         if let Some(lease) = leases[worker % workers].as_mut().filter(|l| l.closed.is_none()) {
-                            lease.delivered = (lease.delivered + done).min(lease.seqs.len());
+                            // The last item's call ends the lease instead (see `run_lease`).
+                            lease.delivered = (lease.delivered + done).min(lease.seqs.len() - 1);
                             if let Some(&seq) = lease.seqs[..lease.delivered].last().filter(|_| !keyed) {
                                 last_start = last_start.max(seq);
                             }
@@ -1741,7 +1744,11 @@ mod tests {
                                 jobs[worker] = Some((job, false));
                                 lease.delivered
                             } else {
-                                let done = lease.delivered + usize::from(lease.closed == Some(true));
+                                // Unclosed, the worker runs the lease to its end.
+                                let done = match lease.closed {
+                                    Some(claimed) => lease.delivered + usize::from(claimed),
+                                    None => lease.seqs.len(),
+                                };
                                 s.end_lease(worker, done, &mut release);
                                 if let Some(&seq) = lease.seqs[..done].last().filter(|_| !keyed) {
                                     last_start = last_start.max(seq);
