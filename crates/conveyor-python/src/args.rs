@@ -4,15 +4,17 @@
 //! (`while processing 'timeout'`): `str(error)` leaves it out, and Python 3.9 and 3.10 (which
 //! have no notes) lose it entirely. These readers accept exactly what PyO3 accepted and raise a
 //! `TypeError` that names the argument and says what it takes. `from_py_with` takes a bare
-//! function path, so each argument name gets a one-line function over a shared reader.
+//! function path, so each argument name gets a one-line function over a shared reader. Every
+//! reader takes the value first, then the argument's name.
 
-use pyo3::exceptions::{PyOverflowError, PyTypeError};
+use pyo3::exceptions::{PyOverflowError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::PyBool;
 
 /// The `TypeError` for argument `name` given a value of the wrong type. PyO3's own names a Rust
 /// type ("'int' object cannot be converted to 'PyString'"), not what the argument takes, and
 /// names the argument only in a note that `str(error)` leaves out.
-pub(crate) fn wrong_type(name: &str, value: &Bound<'_, PyAny>, expected: &str) -> PyErr {
+pub(crate) fn wrong_type(value: &Bound<'_, PyAny>, name: &str, expected: &str) -> PyErr {
     let shown = value
         .repr()
         .map(|r| r.to_string())
@@ -35,16 +37,103 @@ fn seconds(value: &Bound<'_, PyAny>, name: &str, expected: &str) -> PyResult<f64
         // An int too large for a float: as good as infinite, which the caller's range check
         // refuses with the argument's name (or, for a receipt, a negative one means no time
         // left), where Python's `OverflowError` named nothing.
-        Err(err) if err.is_instance_of::<PyOverflowError>(value.py()) => Ok(if value.gt(0)? {
-            f64::INFINITY
-        } else {
-            f64::NEG_INFINITY
-        }),
-        Err(err) if err.is_instance_of::<PyTypeError>(value.py()) => {
-            Err(wrong_type(name, value, expected))
-        }
-        Err(err) => Err(err),
+        Err(err) => match overflow_sign(value, &err)? {
+            Some(positive) => Ok(if positive {
+                f64::INFINITY
+            } else {
+                f64::NEG_INFINITY
+            }),
+            None if err.is_instance_of::<PyTypeError>(value.py()) => {
+                Err(wrong_type(value, name, expected))
+            }
+            None => Err(err),
+        },
     }
+}
+
+/// If `err` is the `OverflowError` of extracting `value`, an int too large for the Rust type
+/// asked for: whether that int is positive. The callers turn it into an error that names the
+/// argument, where Python's `OverflowError` named nothing.
+fn overflow_sign(value: &Bound<'_, PyAny>, err: &PyErr) -> PyResult<Option<bool>> {
+    if err.is_instance_of::<PyOverflowError>(value.py()) {
+        value.gt(0).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+/// Reads a count option (`capacity`, `retries`, ...). Any Python int is read, however large,
+/// so that a value out of range gets a `ValueError` naming the option.
+///
+/// # Errors
+/// `TypeError` for a bool (an int subclass, but `retries=True` is a mistake) or a non-integer;
+/// `ValueError` for a value below `min` or too large for `T`.
+pub(crate) fn count<T: TryFrom<i64>>(
+    value: &Bound<'_, PyAny>,
+    name: &str,
+    min: i64,
+) -> PyResult<T> {
+    if value.is_instance_of::<PyBool>() {
+        return Err(wrong_type(value, name, "a whole number"));
+    }
+    let too_large = || PyValueError::new_err(format!("{name}={value}: too large"));
+    let too_small =
+        || PyValueError::new_err(format!("{name}={value}: expected a whole number >= {min}"));
+    let n: i64 = match value.extract() {
+        Ok(n) => n,
+        Err(err) => {
+            return Err(match overflow_sign(value, &err)? {
+                Some(true) => too_large(),
+                Some(false) => too_small(),
+                None => wrong_type(value, name, "a whole number"),
+            })
+        }
+    };
+    if n < min {
+        return Err(too_small());
+    }
+    T::try_from(n).map_err(|_| too_large())
+}
+
+/// [`count`] for an option that also takes `None`.
+pub(crate) fn optional_count<T: TryFrom<i64>>(
+    value: &Bound<'_, PyAny>,
+    name: &str,
+    min: i64,
+) -> PyResult<Option<T>> {
+    optional(value, |v| count(v, name, min))
+}
+
+/// `"a", "b" or "c"`.
+fn one_of(choices: &[&str]) -> String {
+    let quoted: Vec<String> = choices.iter().map(|c| format!("{c:?}")).collect();
+    match quoted.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    }
+}
+
+/// The `ValueError` for option `name` given a string that is none of `choices`.
+pub(crate) fn unknown_choice(name: &str, value: &str, choices: &[&str]) -> PyErr {
+    PyValueError::new_err(format!("{name}={value:?}: expected {}", one_of(choices)))
+}
+
+/// Reads a string option that takes one of `choices`. Returns the matching choice itself, so
+/// the option's default stays a literal that `help()` shows.
+pub(crate) fn choice(
+    value: &Bound<'_, PyAny>,
+    name: &str,
+    choices: &[&'static str],
+) -> PyResult<&'static str> {
+    let text: String = value
+        .extract()
+        .map_err(|_| wrong_type(value, name, &one_of(choices)))?;
+    choices
+        .iter()
+        .copied()
+        .find(|choice| *choice == text)
+        .ok_or_else(|| unknown_choice(name, &text, choices))
 }
 
 /// `None` for `None`, else what `read` makes of the value: for arguments that also take `None`.
@@ -91,12 +180,12 @@ pub(crate) fn drain_timeout(value: &Bound<'_, PyAny>) -> PyResult<f64> {
 
 /// `key` of the sends: a `str` (exactly what PyO3's `String` took), or `None` for no key.
 pub(crate) fn key(value: &Bound<'_, PyAny>) -> PyResult<Option<String>> {
-    optional(value, |v| str_arg("key", v, "a str or None"))
+    optional(value, |v| str_arg(v, "key", "a str or None"))
 }
 
 /// Reads a `str` argument, with a `TypeError` that names it and says what it takes.
-pub(crate) fn str_arg(name: &str, value: &Bound<'_, PyAny>, expected: &str) -> PyResult<String> {
+pub(crate) fn str_arg(value: &Bound<'_, PyAny>, name: &str, expected: &str) -> PyResult<String> {
     value
         .extract()
-        .map_err(|_| wrong_type(name, value, expected))
+        .map_err(|_| wrong_type(value, name, expected))
 }

@@ -8,14 +8,12 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use conveyor::{Backpressure, Builder, JournalError, OnFailure, Ordering, Retry, SendError};
-use pyo3::exceptions::{
-    PyKeyboardInterrupt, PyOverflowError, PyRuntimeError, PyTypeError, PyValueError,
-};
+use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyWeakrefReference};
+use pyo3::types::PyWeakrefReference;
 use pyo3::{PyTraverseError, PyVisit};
 
-use crate::args::{self, str_arg, wrong_type};
+use crate::args::{self, str_arg};
 use crate::asend::{PendingSend, SendFuture};
 use crate::errors;
 use crate::failure_log::{FailureLog, Then};
@@ -403,68 +401,28 @@ async fn send_to<K: Into<String>>(
     }
 }
 
-/// Reads a count option (`capacity`, `retries`, ...; for `from_py_with`). Any Python int is
-/// read, however large, so that a value out of range gets a `ValueError` naming the option
-/// instead of an `OverflowError` that names nothing.
-///
-/// # Errors
-/// `TypeError` for a bool (an int subclass, but `retries=True` is a mistake) or a non-integer;
-/// `ValueError` for a value below `min` or too large for `T`.
-fn count_arg<T: TryFrom<i64>>(value: &Bound<'_, PyAny>, name: &str, min: i64) -> PyResult<T> {
-    if value.is_instance_of::<PyBool>() {
-        return Err(wrong_type(name, value, "a whole number"));
-    }
-    let too_large = || PyValueError::new_err(format!("{name}={value}: too large"));
-    let too_small =
-        || PyValueError::new_err(format!("{name}={value}: expected a whole number >= {min}"));
-    let n: i64 = match value.extract() {
-        Ok(n) => n,
-        Err(err) if err.is_instance_of::<PyOverflowError>(value.py()) => {
-            return Err(if value.gt(0)? {
-                too_large()
-            } else {
-                too_small()
-            });
-        }
-        Err(_) => return Err(wrong_type(name, value, "a whole number")),
-    };
-    if n < min {
-        return Err(too_small());
-    }
-    T::try_from(n).map_err(|_| too_large())
-}
-
-/// A count option that also takes `None`.
-fn optional_count_arg<T: TryFrom<i64>>(
-    value: &Bound<'_, PyAny>,
-    name: &str,
-    min: i64,
-) -> PyResult<Option<T>> {
-    args::optional(value, |v| count_arg(v, name, min))
-}
-
 fn in_flight_arg(value: &Bound<'_, PyAny>) -> PyResult<Option<usize>> {
-    optional_count_arg(value, "in_flight", 1)
+    args::optional_count(value, "in_flight", 1)
 }
 
 fn concurrency_arg(value: &Bound<'_, PyAny>) -> PyResult<Option<usize>> {
-    optional_count_arg(value, "concurrency", 1)
+    args::optional_count(value, "concurrency", 1)
 }
 
 fn capacity_arg(value: &Bound<'_, PyAny>) -> PyResult<usize> {
-    count_arg(value, "capacity", 1)
+    args::count(value, "capacity", 1)
 }
 
 fn retries_arg(value: &Bound<'_, PyAny>) -> PyResult<u32> {
-    count_arg(value, "retries", 0)
+    args::count(value, "retries", 0)
 }
 
 fn rate_limit_arg(value: &Bound<'_, PyAny>) -> PyResult<Option<u32>> {
-    optional_count_arg(value, "rate_limit", 1)
+    args::optional_count(value, "rate_limit", 1)
 }
 
 fn max_reply_body_arg(value: &Bound<'_, PyAny>) -> PyResult<Option<usize>> {
-    optional_count_arg(value, "max_reply_body", 0)
+    args::optional_count(value, "max_reply_body", 0)
 }
 
 /// Values of the string options, in the order error messages list them.
@@ -472,47 +430,16 @@ const ORDERINGS: &[&str] = &["strict", "pipelined", "keyed"];
 const BACKPRESSURES: &[&str] = &["block", "reject", "drop_newest", "drop_oldest"];
 const ON_FAILURES: &[&str] = &["skip", "pause"];
 
-/// `"a", "b" or "c"`.
-fn one_of(choices: &[&str]) -> String {
-    let quoted: Vec<String> = choices.iter().map(|c| format!("{c:?}")).collect();
-    match quoted.split_last() {
-        Some((last, [])) => last.clone(),
-        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
-        None => String::new(),
-    }
-}
-
-fn unknown_choice(name: &str, value: &str, choices: &[&str]) -> PyErr {
-    PyValueError::new_err(format!("{name}={value:?}: expected {}", one_of(choices)))
-}
-
-/// Reads a string option that takes one of `choices` (for `from_py_with`). Returns the matching
-/// choice itself, so the option's default stays a literal that `help()` shows.
-fn choice(
-    value: &Bound<'_, PyAny>,
-    name: &str,
-    choices: &[&'static str],
-) -> PyResult<&'static str> {
-    let text: String = value
-        .extract()
-        .map_err(|_| wrong_type(name, value, &one_of(choices)))?;
-    choices
-        .iter()
-        .copied()
-        .find(|choice| *choice == text)
-        .ok_or_else(|| unknown_choice(name, &text, choices))
-}
-
 fn ordering_arg(value: &Bound<'_, PyAny>) -> PyResult<&'static str> {
-    choice(value, "ordering", ORDERINGS)
+    args::choice(value, "ordering", ORDERINGS)
 }
 
 fn backpressure_arg(value: &Bound<'_, PyAny>) -> PyResult<&'static str> {
-    choice(value, "backpressure", BACKPRESSURES)
+    args::choice(value, "backpressure", BACKPRESSURES)
 }
 
 fn on_failure_arg(value: &Bound<'_, PyAny>) -> PyResult<&'static str> {
-    choice(value, "on_failure", ON_FAILURES)
+    args::choice(value, "on_failure", ON_FAILURES)
 }
 
 fn parse_ordering(
@@ -551,7 +478,7 @@ fn parse_ordering(
                 concurrency: concurrency.unwrap_or(64),
             })
         }
-        other => Err(unknown_choice("ordering", other, ORDERINGS)),
+        other => Err(args::unknown_choice("ordering", other, ORDERINGS)),
     }
 }
 
@@ -561,7 +488,7 @@ fn parse_backpressure(backpressure: &str) -> PyResult<Backpressure> {
         "reject" => Ok(Backpressure::Reject),
         "drop_newest" => Ok(Backpressure::DropNewest),
         "drop_oldest" => Ok(Backpressure::DropOldest),
-        other => Err(unknown_choice("backpressure", other, BACKPRESSURES)),
+        other => Err(args::unknown_choice("backpressure", other, BACKPRESSURES)),
     }
 }
 
@@ -569,7 +496,7 @@ fn parse_on_failure(on_failure: &str) -> PyResult<OnFailure> {
     match on_failure {
         "skip" => Ok(OnFailure::Skip),
         "pause" => Ok(OnFailure::Pause),
-        other => Err(unknown_choice("on_failure", other, ON_FAILURES)),
+        other => Err(args::unknown_choice("on_failure", other, ON_FAILURES)),
     }
 }
 
@@ -909,7 +836,7 @@ impl PyConveyor {
         }
 
         let name = name
-            .map(|name| str_arg("name", name, "a str or None"))
+            .map(|name| str_arg(name, "name", "a str or None"))
             .transpose()?
             .unwrap_or_default();
         let then = match (on_failure, journaled) {
@@ -1078,9 +1005,9 @@ impl PyConveyor {
         #[pyo3(from_py_with = max_reply_body_arg)] max_reply_body: Option<usize>,
         options: Option<&Bound<'_, pyo3::types::PyDict>>,
     ) -> PyResult<Py<PyAny>> {
-        let url = str_arg("url", url, "a str such as \"https://example.com/events\"")?;
+        let url = str_arg(url, "url", "a str such as \"https://example.com/events\"")?;
         let method = method
-            .map(|method| str_arg("method", method, "a str such as \"POST\""))
+            .map(|method| str_arg(method, "method", "a str such as \"POST\""))
             .transpose()?;
         let timeout = seconds_arg("timeout", timeout)?;
         let handle = crate::http::PyHttpSink::new(
