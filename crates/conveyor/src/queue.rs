@@ -1251,8 +1251,16 @@ impl<T, R> State<T, R> {
             None
         };
         // The items that failed: the head, and in pipelined mode the others that were in
-        // flight with it (items never tried still have their whole budget).
-        for job in target.queue.iter_mut().take_while(|job| job.attempts > 0) {
+        // flight with it (items never tried still have their whole budget). Not a cut
+        // lease's claimed item, in flight at the head (see `Lane::cut_head`), whose
+        // attempts, here as the lease found them, would end the search before them.
+        let next = target.next_index();
+        for job in target
+            .queue
+            .iter_mut()
+            .skip(next)
+            .take_while(|job| job.attempts > 0)
+        {
             job.attempt_limit = job.attempts.saturating_add(attempts);
         }
         let reached = target.reach_undecodable();
@@ -1793,6 +1801,28 @@ mod tests {
             proptest::prop_assert_eq!(s.unsettled(), 0);
             proptest::prop_assert_eq!(s.stats().paused, 0);
         }
+    }
+
+    /// A resume while a cut lease's claimed item is still in flight at the head of the lane
+    /// gives the item that failed behind it a fresh retry budget.
+    #[test]
+    fn a_resume_behind_a_cut_leases_claimed_item_renews_the_failed_items_budget() {
+        let mut s = S::new(Ordering::Pipelined { in_flight: 2 }, 10, None);
+        for i in 1..=3 {
+            s.accept(node(None, i), 2);
+        }
+        assert!(s.lease(0, 3, &mut Vec::new()));
+        // Stuck in the call of item 1, which it claimed.
+        s.cut_lease(0, 1, &mut Vec::new());
+        let mut job = s.next_job(1).expect("item 2 starts after the cut");
+        assert_eq!(job.node.seq(), 2);
+        job.attempts = 2;
+        assert!(s.finish(1, job, Outcome::Paused).is_none());
+        check_pauses(&s);
+        assert!(s.resume("", 2).is_some());
+        let job = s.next_job(1).expect("item 2 again");
+        assert_eq!((job.node.seq(), job.attempts, job.attempt_limit), (2, 2, 4));
+        check_invariant(&s);
     }
 
     #[test]

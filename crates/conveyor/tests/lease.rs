@@ -640,3 +640,82 @@ fn a_stuck_pipelined_lease_is_cut_while_sends_keep_coming() {
     assert!(c.flush_timeout(GENEROUS));
     assert_eq!(c.stats().delivered, 2 * ITEMS + PACED);
 }
+
+/// The item a [`pipelined_paused`] conveyor's lane is paused at: resumed, it heads the lease the
+/// first worker to look takes, with the items sent after it.
+const PAUSED_AT: u64 = ITEMS;
+
+/// A pipelined conveyor whose workers have seen its sink return at once (so that they lease),
+/// paused at item [`PAUSED_AT`] (its first attempt fails under `OnFailure::Pause`), so that the
+/// items sent next wait for `resume` and go into a lease together: their receipts can be given
+/// callbacks first. The sink records its calls in `rec`, then returns what `then` says of the
+/// item and attempt; a retryable failure is retried after 20 ms, up to 3 attempts in all.
+fn pipelined_paused(
+    rec: &Arc<Recorder>,
+    then: impl Fn(u64, u32) -> Result<(), SinkError> + Send + Sync + 'static,
+) -> Arc<Conveyor<u64>> {
+    let r = rec.clone();
+    let c = Conveyor::builder()
+        .ordering(Ordering::Pipelined { in_flight: 4 })
+        .on_failure(OnFailure::Pause)
+        .retry(Retry::fixed(Duration::from_millis(20)).max_attempts(3))
+        .build(move |d: Delivery<u64>| {
+            let call = r.enter(&d);
+            r.leave(call);
+            match (*d.item(), d.attempt()) {
+                (PAUSED_AT, 1) => Err(SinkError::permanent("not yet")),
+                (item, attempt) => then(item, attempt),
+            }
+        })
+        .unwrap();
+    for i in 0..=PAUSED_AT {
+        c.send(i).unwrap();
+    }
+    assert!(c.flush_timeout(GENEROUS));
+    assert_eq!(c.paused(), [""]);
+    Arc::new(c)
+}
+
+/// Pipelined: `resume` gives a fresh retry budget to the item that paused the lane while the
+/// call that got its lease cut is still stuck at the head of the lane.
+#[test]
+fn resume_behind_a_stuck_call_of_a_cut_lease_gives_a_fresh_retry_budget() {
+    let (stuck, rec) = (Gate::new(), Recorder::new());
+    let (at, failing) = (PAUSED_AT + 40, PAUSED_AT + 60);
+    // Three failed attempts pause the lane; after the resume, one more fails, the next passes.
+    let failures = Arc::new(std::sync::atomic::AtomicU32::new(4));
+    let (s, f) = (stuck.clone(), failures.clone());
+    let c = pipelined_paused(&rec, move |item, _| {
+        if item == at {
+            s.pass();
+        }
+        let fail = item == failing
+            && f.fetch_update(AtomicOrdering::SeqCst, AtomicOrdering::SeqCst, |n| {
+                n.checked_sub(1)
+            })
+            .is_ok();
+        if fail {
+            Err(SinkError::retryable("not yet"))
+        } else {
+            Ok(())
+        }
+    });
+    let receipts: Vec<_> = (PAUSED_AT + 1..PAUSED_AT + 80)
+        .map(|i| c.send(i).unwrap())
+        .collect();
+    assert!(c.resume(""));
+    stuck.wait_for_callers(1);
+    let deadline = std::time::Instant::now() + GENEROUS;
+    while c.paused().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "{:?}", c.stats());
+        sleep_ms(1);
+    }
+    assert_eq!(failures.load(AtomicOrdering::SeqCst), 1);
+    assert!(c.resume(""));
+    stuck.open();
+    assert!(c.flush_timeout(GENEROUS));
+    assert_eq!(c.paused(), Vec::<String>::new(), "{:?}", c.stats());
+    for r in receipts {
+        r.wait().unwrap();
+    }
+}
