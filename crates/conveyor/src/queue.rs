@@ -391,7 +391,7 @@ impl<T, R> State<T, R> {
             .as_ref()
             .is_some_and(|limit| next_seq > limit.load(AtomicOrdering::Acquire));
         // Not the items of a lease delivered so far (see `Lease`).
-        let queued = self.counters.queued - self.lease_delivered();
+        let queued = self.counters.queued - self.lease_delivered().0;
         if self.replaying || reservation_used_up {
             Room::Later
         } else if queued >= self.capacity {
@@ -470,10 +470,13 @@ impl<T, R> State<T, R> {
         let lease = self.leases[worker].as_ref();
         let held = match (&self.in_flight_nodes[worker], lease) {
             (Some(held), _) => &held.node,
-            (None, Some(lease)) => match self.lane_ref(&lease.lane).queue.front() {
-                Some(head) => &head.node,
-                None => return false,
-            },
+            // (Not a lease closed past all its items: the lane's head is another's.)
+            (None, Some(lease)) if lease.len > 0 => {
+                match self.lane_ref(&lease.lane).queue.front() {
+                    Some(head) => &head.node,
+                    None => return false,
+                }
+            }
             _ => return false,
         };
         let held_seq = held.seq();
@@ -551,27 +554,34 @@ impl<T, R> State<T, R> {
         self.counters.queued + self.counters.in_flight + u64::from(self.replaying)
     }
 
-    /// The items of an open lease its worker delivered so far (see `Lease`): counted as such
-    /// by `stats` and `room`, though still in the lane.
-    fn lease_delivered(&self) -> u64 {
-        self.leases
-            .iter()
-            .zip(self.lease_claims.iter())
-            .filter_map(|(lease, claim)| {
-                let lease = lease.as_ref().filter(|l| l.closed.is_none())?;
-                let claim = claim.load(AtomicOrdering::Acquire) & !LEASE_CLOSED;
-                // Never the item counted as in flight: the worker ends the lease when its last
-                // item's call returns, without marking it delivered.
-                Some(lease_progress(claim).0.min(lease.len.saturating_sub(1)) as u64)
-            })
-            .sum()
+    /// The items of leases their workers delivered so far (see `Lease`), though still in the
+    /// lanes: counted as such by `stats` and `room`. Returns how many of them count as queued
+    /// (an open lease's), and how many as in flight (the item a cut lease's worker claimed,
+    /// once its call returned `Ok`: see `cut_lease`).
+    fn lease_delivered(&self) -> (u64, u64) {
+        let (mut queued, mut in_flight) = (0, 0);
+        for (lease, claim) in self.leases.iter().zip(self.lease_claims.iter()) {
+            let Some(lease) = lease else { continue };
+            let claim = claim.load(AtomicOrdering::Acquire) & !LEASE_CLOSED;
+            let delivered = lease_progress(claim).0;
+            match lease.closed {
+                // Never the item counted as in flight: the worker ends the lease when its
+                // last item's call returns, without marking it delivered.
+                None => queued += delivered.min(lease.len.saturating_sub(1)) as u64,
+                Some(true) if lease.cut => in_flight += u64::from(delivered > lease.taken),
+                // A shutdown reported what was left when it closed the lease.
+                Some(_) => {}
+            }
+        }
+        (queued, in_flight)
     }
 
     pub(crate) fn stats(&self) -> Stats {
         let mut c = self.counters;
-        let delivered = self.lease_delivered();
-        c.delivered += delivered;
-        c.queued -= delivered;
+        let (queued, in_flight) = self.lease_delivered();
+        c.delivered += queued + in_flight;
+        c.queued -= queued;
+        c.in_flight -= in_flight;
         Stats {
             accepted: c.accepted,
             delivered: c.delivered,
@@ -900,7 +910,11 @@ impl<T, R> State<T, R> {
     ) -> Option<Arc<str>> {
         let lease = self.leases[worker].as_mut().expect("a lease");
         let taken = lease.taken;
-        release.extend(lease.settling.take());
+        if let Some(node) = lease.settling.take() {
+            release.push(node);
+            // Counted below with the others (see `Shared::after_lease`).
+            self.settling_by[worker] -= 1;
+        }
         self.take_delivered(worker, done - taken, release);
         let lease = self.leases[worker].take().expect("a lease");
         let lane = lane_mut(&mut self.main, &mut self.lanes, &lease.lane);
@@ -963,30 +977,43 @@ impl<T, R> State<T, R> {
     /// the lane, so that the shutdown's report and `unsettled_nodes` count only what is left:
     /// into `release` those whose receipts settled; the last one, if the worker may still be
     /// settling its receipt (with the reply: a close from that receipt's callback must not
-    /// count it left), stays with the lease, its node alive for the worker.
+    /// count it left), stays with the lease, its node alive for the worker, and counts as a
+    /// receipt the worker settles (`settling_by`), which `flush` waits for.
+    ///
+    /// A lease cut while its worker was in the call of the item it claimed (see `cut_lease`)
+    /// is closed again: that item too leaves the lane if its call has returned `Ok` since.
     pub(crate) fn close_lease(
         &mut self,
         worker: usize,
         claim: usize,
         release: &mut Vec<NodeRef<T, R>>,
     ) {
-        if !self.leases[worker]
-            .as_ref()
-            .is_some_and(|l| l.closed.is_none())
-        {
+        let Some(lease) = &self.leases[worker] else {
+            return;
+        };
+        let (delivered, claimed) = lease_progress(claim);
+        let cut_head_delivered = lease.cut && lease.closed == Some(true) && delivered > lease.taken;
+        if lease.closed.is_some() && !cut_head_delivered {
             return;
         }
-        let (delivered, claimed) = lease_progress(claim);
         let before = release.len();
-        self.take_delivered(worker, delivered, release);
+        let taken = lease.taken;
+        self.take_delivered(worker, delivered - taken, release);
         let settling = if claimed || release.len() == before {
             None
         } else {
             release.pop()
         };
         let lease = self.leases[worker].as_mut().expect("checked above");
+        if cut_head_delivered {
+            // See `cut_lease`: the claimed item no longer heads the lane.
+            let lane = lane_mut(&mut self.main, &mut self.lanes, &lease.lane);
+            lane.in_flight -= 1;
+            lane.cut_head = false;
+        }
         lease.taken = delivered;
         lease.closed = Some(claimed && lease.len > 0);
+        self.settling_by[worker] += u64::from(settling.is_some());
         lease.settling = settling;
     }
 
@@ -1801,6 +1828,70 @@ mod tests {
             proptest::prop_assert_eq!(s.unsettled(), 0);
             proptest::prop_assert_eq!(s.stats().paused, 0);
         }
+    }
+
+    /// A pipelined state with items 1 to 3 leased to worker 0.
+    fn leased_pipelined() -> S {
+        let mut s = S::new(Ordering::Pipelined { in_flight: 2 }, 10, None);
+        for i in 1..=3 {
+            s.accept(node(None, i), 1);
+        }
+        assert!(s.lease(0, 3, &mut Vec::new()));
+        s
+    }
+
+    /// A lease cut while its worker settles the receipt of the item it delivered last (its
+    /// callback stalled): `flush` waits for that receipt, as for any other, until the lease
+    /// ends and hands the item's node to the worker to let go of.
+    #[test]
+    fn flush_waits_for_the_receipt_a_cut_leases_worker_settles() {
+        let mut s = leased_pipelined();
+        let mut release = Vec::new();
+        // Item 1 delivered, its receipt settling (see `lease_progress`).
+        s.cut_lease(0, 2, &mut release);
+        assert!(release.is_empty(), "its node stays for the worker");
+        while let Some(job) = s.next_job(1) {
+            assert!(s.finish(1, job, Outcome::Delivered(())).is_some());
+        }
+        check_invariant(&s);
+        assert_eq!(s.unsettled(), 0);
+        assert!(!s.quiescent(0), "item 1's receipt has not settled");
+        s.end_lease(0, 1, &mut release);
+        assert_eq!(release.len(), 1);
+        check_invariant(&s);
+        assert!(s.quiescent(0));
+    }
+
+    /// A lease cut while its worker was in the call of the item it claimed: once that call
+    /// returned `Ok`, `stats` counts the item delivered, and a shutdown that closes the lease
+    /// (from that item's receipt callback, say) takes it off the lane as delivered, not left.
+    #[test]
+    fn a_cut_leases_claimed_item_counts_delivered_once_its_call_returned() {
+        let mut s = leased_pipelined();
+        let mut release = Vec::new();
+        s.lease_claims[0].store(1 | LEASE_CLOSED, AtomicOrdering::Relaxed);
+        s.cut_lease(0, 1, &mut release);
+        let st = s.stats();
+        assert_eq!((st.delivered, st.in_flight, st.queued), (0, 1, 2), "{st:?}");
+        // Its call returned `Ok`: marked delivered before its receipt settles.
+        s.lease_claims[0].store(2 | LEASE_CLOSED, AtomicOrdering::Relaxed);
+        let st = s.stats();
+        assert_eq!((st.delivered, st.in_flight, st.queued), (1, 0, 2), "{st:?}");
+        s.close_lease(0, 2, &mut release);
+        assert!(release.is_empty(), "its node stays for the worker");
+        check_invariant(&s);
+        check_lanes(&s);
+        let left: Vec<_> = s
+            .unsettled_nodes()
+            .iter()
+            .map(|(n, c)| (n.seq(), *c))
+            .collect();
+        assert_eq!(left, [(2, false), (3, false)]);
+        assert_eq!(s.stats().delivered, 1);
+        s.end_lease(0, 1, &mut release);
+        assert_eq!(release.len(), 1);
+        check_lanes(&s);
+        assert_eq!(s.next_job(1).map(|job| job.node.seq()), Some(2));
     }
 
     /// A resume while a cut lease's claimed item is still in flight at the head of the lane

@@ -676,6 +676,92 @@ fn pipelined_paused(
     Arc::new(c)
 }
 
+/// A sink's `then` for [`pipelined_paused`] that holds item `at` in `gate`.
+fn hold(at: u64, gate: &Arc<Gate>) -> impl Fn(u64, u32) -> Result<(), SinkError> + Send + Sync {
+    let gate = gate.clone();
+    move |item, _| {
+        if item == at {
+            gate.pass();
+        }
+        Ok(())
+    }
+}
+
+/// Sends the items after [`PAUSED_AT`], up to `2 * ITEMS`, to a [`pipelined_paused`]
+/// conveyor, item `at` with `callback` on its receipt, and resumes the lane; returns the last
+/// item's receipt.
+fn resume_with_a_callback_at(
+    c: &Conveyor<u64>,
+    at: u64,
+    callback: impl FnOnce(Result<(), DeliveryError>) + Send + 'static,
+) -> conveyor::Receipt<()> {
+    let mut callback = Some(callback);
+    let mut last = None;
+    for i in PAUSED_AT + 1..2 * ITEMS {
+        let r = c.send(i).unwrap();
+        match callback.take_if(|_| i == at) {
+            Some(callback) => r.on_settled(callback),
+            None => last = Some(r),
+        }
+    }
+    assert!(c.resume(""));
+    last.expect("items after the one with the callback")
+}
+
+/// Pipelined: a receipt callback that stalls in the middle of a lease gets the lease cut, so the
+/// other workers deliver the items after it, and `flush` still waits for that callback: it
+/// returns only once every receipt has settled.
+#[test]
+fn flush_waits_for_a_receipt_callback_stalled_in_a_cut_pipelined_lease() {
+    let rec = Recorder::new();
+    let c = pipelined_paused(&rec, |_, _| Ok(()));
+    let stall = Gate::new();
+    let s = stall.clone();
+    let mut last = resume_with_a_callback_at(&c, PAUSED_AT + 40, move |outcome| {
+        assert!(outcome.is_ok());
+        s.pass();
+    });
+    stall.wait_for_callers(1);
+    let outcome = last.wait_timeout(GENEROUS);
+    assert!(matches!(outcome, Some(Ok(()))), "{outcome:?}");
+    let (returned, stats) = (c.flush_timeout(Duration::from_millis(100)), c.stats());
+    stall.open();
+    assert!(
+        !returned,
+        "flush returned while a receipt callback was still running ({stats:?})"
+    );
+    assert!(c.flush_timeout(GENEROUS));
+    assert_eq!(c.stats().delivered, 2 * ITEMS);
+}
+
+/// Pipelined: a close made from the receipt callback of an item whose call got its lease cut
+/// (it was stuck), once the call returned, counts that item as delivered, as a close from any
+/// other receipt callback in a lease does.
+#[test]
+fn a_close_from_the_receipt_callback_of_a_cut_leases_item_counts_it_delivered() {
+    let (stuck, rec, at) = (Gate::new(), Recorder::new(), PAUSED_AT + 40);
+    let c = pipelined_paused(&rec, hold(at, &stuck));
+    let (report_tx, report) = std::sync::mpsc::channel();
+    let closing = c.clone();
+    let mut last = resume_with_a_callback_at(&c, at, move |outcome| {
+        let report = closing.close();
+        report_tx.send((outcome, report)).unwrap();
+    });
+    stuck.wait_for_callers(1);
+    // Delivered past the stuck call: its lease was cut.
+    let outcome = last.wait_timeout(GENEROUS);
+    assert!(matches!(outcome, Some(Ok(()))), "{outcome:?}");
+    stuck.open();
+    let (outcome, report) = report.recv_timeout(GENEROUS).unwrap();
+    assert!(outcome.is_ok(), "{outcome:?}");
+    assert_eq!(
+        (report.left, report.stats.delivered),
+        (0, 2 * ITEMS),
+        "{report:?}"
+    );
+    assert!(balanced(&report.stats), "{report:?}");
+}
+
 /// Pipelined: `resume` gives a fresh retry budget to the item that paused the lane while the
 /// call that got its lease cut is still stuck at the head of the lane.
 #[test]
