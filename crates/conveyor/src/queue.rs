@@ -74,8 +74,10 @@ struct Lane<T, R> {
     /// the lane pauses once nothing before it is left (see `reach_undecodable`).
     undecodable: VecDeque<Undecodable>,
     in_flight: usize,
-    /// Items of this lane waiting out a retry's backoff. Nothing behind them may start
-    /// meanwhile; only the main lane counts them (a keyed lane has its one item in flight).
+    /// Items of this lane waiting out a retry's backoff, or whose failed first attempt in a
+    /// pipelined lease is not recorded yet (see `InFlight::holding`). Nothing behind them
+    /// may start meanwhile; only the main lane counts them (a keyed lane has its one item in
+    /// flight).
     retrying: usize,
     paused: bool,
     /// Whether this lane has an entry in `State::ready` (keyed mode only).
@@ -231,6 +233,11 @@ struct InFlight<T, R> {
     /// Its sink call may have begun: it is past any wait for a rate-limit slot or a backoff,
     /// after which a worker checks for shutdown before calling.
     called: bool,
+    /// Its first attempt failed in a pipelined lease (see `State::job_after_lease`), and its
+    /// worker has not recorded yet whether it is retried: it counts in the main lane's
+    /// `retrying` meanwhile, so that no other worker starts an item after it, which its
+    /// retry would not have been in flight with.
+    holding: bool,
 }
 
 /// The lane `id` names in `main` or `lanes` (see `Lease::lane`), there while leased.
@@ -807,6 +814,7 @@ impl<T, R> State<T, R> {
             // A worker first waits for a rate-limit slot, or for the item's journal append to
             // be committed (`seq_limit` is set with a journal), and checks for shutdown after.
             called: job.start_at.is_none() && self.seq_limit.is_none(),
+            holding: false,
         });
         job
     }
@@ -969,7 +977,15 @@ impl<T, R> State<T, R> {
         // The attempt that failed.
         job.attempts += 1;
         // Its lane's entry in `ready`, if `end_lease` made one, is stale now.
-        self.start(worker, job)
+        let job = self.start(worker, job);
+        if id.is_none() && self.pipelined() {
+            // Until `schedule_retry` or `finish`: the lease held the items after it so far.
+            self.main.retrying += 1;
+            if let Some(job) = &mut self.in_flight_nodes[worker] {
+                job.holding = true;
+            }
+        }
+        job
     }
 
     /// For a shutdown that stops `worker` between the items of its lease: `claim` is how far
@@ -1089,10 +1105,13 @@ impl<T, R> State<T, R> {
     /// slot reserved now for an hour away would push every later slot past it, and hold up
     /// the other keys for as long.
     pub(crate) fn schedule_retry(&mut self, worker: usize) {
+        let mut counted = false;
         if let Some(job) = &mut self.in_flight_nodes[worker] {
             job.called = false;
+            // Held since its lease ended (see `InFlight::holding`).
+            counted = std::mem::take(&mut job.holding);
         }
-        if !self.keyed {
+        if !self.keyed && !counted {
             self.main.retrying += 1;
         }
     }
@@ -1156,10 +1175,13 @@ impl<T, R> State<T, R> {
     ) -> Option<Settlement<T, R>> {
         // The job's own node, put here by `next_job`: taking it back (rather than cloning
         // `job.node`) saves atomic operations on a cache line the producer may still use.
-        let node = self.in_flight_nodes[worker]
+        let InFlight { node, holding, .. } = self.in_flight_nodes[worker]
             .take()
-            .expect("a finished job is in flight")
-            .node;
+            .expect("a finished job is in flight");
+        if holding {
+            // Not retried: the items after it may start (see `InFlight::holding`).
+            self.main.retrying -= 1;
+        }
         self.counters.in_flight -= 1;
         let pause = matches!(outcome, Outcome::Paused);
         let result = match outcome {
@@ -1892,6 +1914,31 @@ mod tests {
         assert_eq!(release.len(), 1);
         check_lanes(&s);
         assert_eq!(s.next_job(1).map(|job| job.node.seq()), Some(2));
+    }
+
+    /// The item that a pipelined lease's failed first attempt leaves to its worker as a job
+    /// holds the items after it until its worker recorded the failure: no other worker starts
+    /// one before its retry begins, or before it finished.
+    #[test]
+    fn a_failed_item_out_of_a_pipelined_lease_holds_the_items_after_it() {
+        for retried in [true, false] {
+            let mut s = leased_pipelined();
+            let job = s.job_after_lease(0, 1, &mut Vec::new());
+            assert_eq!(job.node.seq(), 2);
+            assert!(
+                s.next_job(1).is_none(),
+                "item 3 before item 2's failure is recorded"
+            );
+            if retried {
+                s.schedule_retry(0);
+                assert!(s.next_job(1).is_none(), "item 3 before item 2's retry");
+                assert!(s.attempt_begins(0, true));
+            } else {
+                s.finish(0, job, Outcome::Failed(SinkError::permanent("no")));
+            }
+            assert_eq!(s.next_job(1).map(|job| job.node.seq()), Some(3));
+            check_invariant(&s);
+        }
     }
 
     /// A resume while a cut lease's claimed item is still in flight at the head of the lane

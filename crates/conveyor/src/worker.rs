@@ -592,8 +592,9 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         let mut st = self.lock();
         let job = st.job_after_lease(worker, done, release);
         self.after_lease(&mut st, worker, done, release);
-        // Nobody else is woken for the items after it: in pipelined mode they would start
-        // before its retry, if it gets one, holds them back.
+        // Nobody else is woken for the items after it: they wait until its failure is
+        // recorded (see `queue::InFlight::holding`), and whoever lets them start then wakes
+        // a worker for them.
         job
     }
 

@@ -805,3 +805,107 @@ fn resume_behind_a_stuck_call_of_a_cut_lease_gives_a_fresh_retry_budget() {
         r.wait().unwrap();
     }
 }
+
+/// The calls a sink saw, as (item, attempt), for items that wait for them as they drop.
+#[derive(Default)]
+struct Starts {
+    calls: Mutex<Vec<(u64, u32)>>,
+    started: std::sync::Condvar,
+    /// A slow drop (see `SlowToDrop`) saw an item start that overtook a retry.
+    overtaken: AtomicBool,
+}
+
+/// Whether, in `calls`, an item after `failing` started after the first attempt of `failing`
+/// failed (noted as its attempt 0) and before its second attempt started.
+fn overtaken(calls: &[(u64, u32)], failing: u64) -> bool {
+    calls
+        .iter()
+        .skip_while(|&&call| call != (failing, 0))
+        .take_while(|&&call| call != (failing, 2))
+        .any(|&(n, _)| n > failing)
+}
+
+/// An item that, if `slow` and dropped once the first attempt of item `after` failed, waits as
+/// it drops (half a second at most) for an item after that one to start, and notes such a
+/// start, if anything allows it meanwhile.
+struct SlowToDrop {
+    n: u64,
+    slow: bool,
+    after: u64,
+    starts: Arc<Starts>,
+}
+
+impl Drop for SlowToDrop {
+    fn drop(&mut self) {
+        let calls = self.starts.calls.lock().unwrap();
+        if self.slow && calls.contains(&(self.after, 0)) {
+            let (calls, _) = self
+                .starts
+                .started
+                .wait_timeout_while(calls, Duration::from_millis(500), |calls| {
+                    !overtaken(calls, self.after)
+                })
+                .unwrap();
+            if overtaken(&calls, self.after) {
+                self.starts.overtaken.store(true, AtomicOrdering::SeqCst);
+            }
+        }
+    }
+}
+
+/// Pipelined: an item whose first attempt fails in the middle of a lease is retried before any
+/// item after it starts, however long the worker takes to get to its retry: here, the drop of
+/// the item before it, which the worker lets go of as the lease ends (if it was in that
+/// lease), sees no item after it start. (The order the sink records calls in is not quite the
+/// order they start in: a retry that has begun may be recorded after the items it let start.)
+#[test]
+fn a_retry_out_of_a_pipelined_lease_is_not_overtaken() {
+    let starts = Arc::new(Starts::default());
+    let (paused, failing) = (ITEMS, ITEMS + 40);
+    let s = starts.clone();
+    let c: Conveyor<SlowToDrop> = Conveyor::builder()
+        .ordering(Ordering::Pipelined { in_flight: 4 })
+        .on_failure(OnFailure::Pause)
+        .retry(Retry::fixed(Duration::from_millis(1)).max_attempts(3))
+        .build(move |d: Delivery<SlowToDrop>| {
+            let (n, attempt) = (d.item().n, d.attempt());
+            s.calls.lock().unwrap().push((n, attempt));
+            s.started.notify_all();
+            match attempt {
+                1 if n == paused => Err(SinkError::permanent("not yet")),
+                1 if n == failing => {
+                    // Its failure, as the call returns.
+                    s.calls.lock().unwrap().push((n, 0));
+                    Err(SinkError::retryable("again"))
+                }
+                _ => Ok(()),
+            }
+        })
+        .unwrap();
+    let item = |n| SlowToDrop {
+        n,
+        slow: n == failing - 1,
+        after: failing,
+        starts: starts.clone(),
+    };
+    // Warmed up (so that the workers lease), then paused, so that the items sent next go into
+    // one lease as the lane is resumed.
+    for n in 0..=paused {
+        c.send(item(n)).unwrap();
+    }
+    assert!(c.flush_timeout(GENEROUS));
+    assert_eq!(c.paused(), [""]);
+    for n in paused + 1..paused + 60 {
+        c.send(item(n)).unwrap();
+    }
+    assert!(c.resume(""));
+    assert!(c.flush_timeout(GENEROUS));
+    let calls = starts.calls.lock().unwrap().clone();
+    assert!(calls.contains(&(failing, 2)), "{calls:?}");
+    assert!(
+        !starts.overtaken.load(AtomicOrdering::SeqCst),
+        "{:?}",
+        &calls[paused as usize..]
+    );
+    assert_eq!(c.stats().delivered, paused + 60);
+}
