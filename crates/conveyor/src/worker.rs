@@ -582,16 +582,25 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
 
     /// After a lease's item failed its first attempt: ends the lease after the `done` items
     /// delivered before it, and takes the failed item as the worker's job, so that it is
-    /// retried, fails or pauses its lane as any job does.
+    /// retried, fails or pauses its lane as any job does. The lookout, if the worker kept it
+    /// through the lease, is given up: a job may take long (a backoff, a stuck retry), and
+    /// no worker stands by a job to take the lookout away.
     fn job_after_lease(
         &self,
         worker: usize,
         done: usize,
         release: &mut Vec<NodeRef<T, R>>,
+        lookout: &mut Lookout,
     ) -> Job<T, R> {
         let mut st = self.lock();
         let job = st.job_after_lease(worker, done, release);
         self.after_lease(&mut st, worker, done, release);
+        if st.lookout_leaser == Some(worker) {
+            st.lookout_leaser = None;
+        }
+        if std::mem::take(&mut lookout.held) {
+            self.release_lookout(&mut st, worker);
+        }
         // Nobody else is woken for the items after it: they wait until its failure is
         // recorded (see `queue::InFlight::holding`), and whoever lets them start then wakes
         // a worker for them.
@@ -813,7 +822,8 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
                     } => {
                         leasing.measured(delivered + 1, started.elapsed());
                         let release = &mut leasing.release;
-                        let mut job = shared.job_after_lease(worker, delivered, release);
+                        let mut job =
+                            shared.job_after_lease(worker, delivered, release, &mut lookout);
                         let release = Some(&mut leasing.release);
                         done += settle_all(&shared, worker, &mut settle, release, true);
                         let made = Some(Err(error));

@@ -909,3 +909,39 @@ fn a_retry_out_of_a_pipelined_lease_is_not_overtaken() {
     );
     assert_eq!(c.stats().delivered, paused + 60);
 }
+
+/// Pipelined: an item whose first attempt fails in a lease goes on as a job and is retried;
+/// while its retry's call is stuck, the items sent meanwhile are delivered by the other
+/// workers, as when the item failed outside a lease (the worker that kept the lookout through
+/// its lease must not keep it through the job).
+#[test]
+fn items_sent_while_a_retry_out_of_a_pipelined_lease_is_stuck_are_delivered() {
+    let (stuck, rec, failing) = (Gate::new(), Recorder::new(), PAUSED_AT + 40);
+    let s = stuck.clone();
+    let c = pipelined_paused(&rec, move |item, attempt| match attempt {
+        1 if item == failing => Err(SinkError::retryable("again")),
+        2 if item == failing => {
+            s.pass();
+            Ok(())
+        }
+        _ => Ok(()),
+    });
+    let mut receipts: Vec<_> = (PAUSED_AT + 1..=failing)
+        .map(|i| c.send(i).unwrap())
+        .collect();
+    assert!(c.resume(""));
+    stuck.wait_for_callers(1);
+    let later: Vec<_> = (failing + 1..failing + 1 + ITEMS)
+        .map(|i| c.send(i).unwrap())
+        .collect();
+    for (i, mut r) in (failing + 1..).zip(later) {
+        let outcome = r.wait_timeout(GENEROUS);
+        assert!(matches!(outcome, Some(Ok(()))), "item {i}: {outcome:?}");
+    }
+    stuck.open();
+    assert!(c.flush_timeout(GENEROUS));
+    for r in receipts.drain(..) {
+        r.wait().unwrap();
+    }
+    assert_eq!(c.stats().delivered, failing + 1 + ITEMS);
+}
