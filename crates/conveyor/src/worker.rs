@@ -226,8 +226,10 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
             return Step::Run(job, self.took_work(st, worker, lookout, false));
         }
         // A journal replay still loading items keeps the workers for them, even after close,
-        // as do items held behind a retry.
-        if st.closed && !st.replaying && !st.retry_pending() {
+        // as do items held behind a retry, and a lease of the pipelined lane: if a call in it
+        // gets stuck, a worker standing by cuts it, and the others deliver the items after it
+        // (see `Shared::stand_by`).
+        if st.closed && !st.replaying && !st.retry_pending() && st.watched_lease().is_none() {
             return Step::Exit;
         }
         Step::Wait

@@ -945,3 +945,38 @@ fn items_sent_while_a_retry_out_of_a_pipelined_lease_is_stuck_are_delivered() {
     }
     assert_eq!(c.stats().delivered, failing + 1 + ITEMS);
 }
+
+/// Pipelined: a close that drains the queue while a worker holds a lease keeps the other
+/// workers until the lease ends: a call stuck in it then holds up only its own item, as
+/// before the close.
+#[test]
+fn a_call_stuck_in_a_pipelined_lease_during_a_close_holds_up_only_its_own_item() {
+    let (stuck, rec, at) = (Gate::new(), Recorder::new(), PAUSED_AT + 150);
+    let c = pipelined_paused(&rec, hold(at, &stuck));
+    let mut last = None;
+    for i in PAUSED_AT + 1..2 * ITEMS {
+        last = Some(c.send(i).unwrap());
+    }
+    let last = last.unwrap();
+    let watcher = std::thread::spawn({
+        let stuck = stuck.clone();
+        move || {
+            let mut last = last;
+            let outcome = last.wait_timeout(GENEROUS);
+            stuck.open();
+            outcome
+        }
+    });
+    assert!(c.resume(""));
+    let report = c.close_timeout(GENEROUS);
+    let outcome = watcher.join().unwrap();
+    assert!(
+        matches!(outcome, Some(Ok(()))),
+        "the last item, while item {at} was stuck: {outcome:?}"
+    );
+    assert_eq!(
+        (report.left, report.stats.delivered),
+        (0, 2 * ITEMS),
+        "{report:?}"
+    );
+}
