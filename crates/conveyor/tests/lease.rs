@@ -111,6 +111,7 @@ fn each_receipt_settles_before_the_next_call_in(ordering: Ordering) {
         });
     }
     let done = Arc::new(AtomicBool::new(false));
+    let (looking, looked) = std::sync::mpsc::channel();
     let watcher = std::thread::spawn({
         let (c, done) = (c.clone(), done.clone());
         move || {
@@ -120,10 +121,16 @@ fn each_receipt_settles_before_the_next_call_in(ordering: Ordering) {
                 assert!(balanced(&s), "{s:?}");
                 assert!(s.in_flight <= 1, "{s:?}");
                 looks += 1;
+                if looks == 1 {
+                    looking.send(()).unwrap();
+                }
             }
             looks
         }
     });
+    // The watcher is looking before the backlog runs (it may not be scheduled until it is
+    // over, on a loaded machine).
+    looked.recv_timeout(GENEROUS).unwrap();
     gate.open();
     c.flush();
     done.store(true, AtomicOrdering::SeqCst);
