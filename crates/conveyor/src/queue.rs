@@ -197,9 +197,10 @@ fn lease_progress(claim: usize) -> (usize, bool) {
 /// A lane's head items lent to one worker, which runs them one after another without taking
 /// the state lock between them: each item's sink call, then its receipt, then the next item's
 /// call. Nobody else starts an item of that lane meanwhile, which a strict or keyed lane
-/// does not allow anyway (see `State::lease`). The items stay at the head of the lane
-/// meanwhile, where shutdown finds
-/// them; the first counts as in flight, the others as queued, until the worker reports them
+/// does not allow anyway; a pipelined lane is leased only with nothing else of it in flight,
+/// and a worker standing by cuts a lease that stalls (see `State::lease`, `cut_lease`). The
+/// items stay at the head of the lane meanwhile, where shutdown finds them; the first counts
+/// as in flight, the others as queued, until the worker reports them
 /// done at its next turn of the lock, at the end of the lease, at most `worker::LEASE` items
 /// later. `stats()` and `room` count an item delivered as soon as its call returned (see
 /// `lease_progress`), before its receipt settles, as every item was before leases: once every
