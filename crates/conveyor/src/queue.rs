@@ -112,6 +112,12 @@ impl<T, R> Lane<T, R> {
         }
     }
 
+    /// The claimed item of a cut lease (see `cut_head`) is no longer in flight at the head.
+    fn cut_head_ended(&mut self) {
+        self.in_flight -= 1;
+        self.cut_head = false;
+    }
+
     /// Where the next item to start stands in `queue` (see `cut_head`).
     fn next_index(&self) -> usize {
         usize::from(self.cut_head)
@@ -932,8 +938,7 @@ impl<T, R> State<T, R> {
             lane.leased = false;
         } else if lease.closed == Some(true) {
             // The claimed item, which `take_delivered` took off the lane if it was delivered.
-            lane.in_flight -= 1;
-            lane.cut_head = false;
+            lane.cut_head_ended();
             if lease.len > 0 && lane.paused {
                 // Not delivered: held with the rest.
                 self.counters.paused_items += 1;
@@ -1024,9 +1029,7 @@ impl<T, R> State<T, R> {
         let lease = self.leases[worker].as_mut().expect("checked above");
         if cut_head_delivered {
             // See `cut_lease`: the claimed item no longer heads the lane.
-            let lane = lane_mut(&mut self.main, &mut self.lanes, &lease.lane);
-            lane.in_flight -= 1;
-            lane.cut_head = false;
+            lane_mut(&mut self.main, &mut self.lanes, &lease.lane).cut_head_ended();
         }
         lease.taken = delivered;
         lease.closed = Some(claimed && lease.len > 0);
