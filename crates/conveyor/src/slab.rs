@@ -12,22 +12,23 @@
 //! A chunk whose nodes all died goes back to its slab's spares rather than to the
 //! allocator: freeing it on the worker while the producer allocates the next one made the
 //! two threads fight over glibc's arena lock, a syscall every few dozen items. Spares are
-//! reused oldest first: the newest is still in the cache of the worker that emptied it (see
-//! `Spares::take`).
+//! reused oldest first, and only once [`COOL_BYTES`] of other chunks emptied after them: the
+//! lines of a chunk the worker just emptied are still in its cache (see `Spares::take`).
 //!
 //! Every node can also reach its slab's *context*, a value shared by all its nodes (the
 //! conveyor's settings a receipt or a delivery needs), without a copy or a count per node.
 //!
 //! A slab keeps as many spare chunks as its owner's backlog may fill (the conveyor's
-//! capacity), within [`SPARE_BYTES`] and [`MAX_SPARE_BYTES`]. With fewer, a producer that
-//! ran a few thousand items ahead of its worker allocated fresh chunks for every burst while
-//! the worker freed the last one's: glibc gave the freed memory back to the kernel, and the
-//! producer paid a page fault every few hundred sends (a quarter of a send in `send_cost`).
+//! capacity), within [`SPARE_BYTES`] and [`MAX_SPARE_BYTES`], plus the [`COOL_BYTES`] that
+//! wait to be reused. With fewer, a producer that ran a few thousand items ahead of its
+//! worker allocated fresh chunks for every burst while the worker freed the last one's: glibc
+//! gave the freed memory back to the kernel, and the producer paid a page fault every few
+//! hundred sends (a quarter of a send in `send_cost`).
 //!
 //! The price: one long-lived node (a receipt kept for hours, an item held in a paused
 //! lane) keeps its whole chunk allocated, and the memory of the largest backlog since the
-//! slab was made stays with it, up to [`MAX_SPARE_BYTES`]. A chunk is at most
-//! [`CHUNK_BYTES`] plus one node.
+//! slab was made stays with it, up to [`MAX_SPARE_BYTES`] plus [`COOL_BYTES`]. A chunk is at
+//! most [`CHUNK_BYTES`] plus one node.
 
 use std::alloc::{alloc, dealloc, handle_alloc_error, Layout};
 use std::collections::VecDeque;
@@ -49,6 +50,10 @@ const SPARE_BYTES: usize = 64 * 1024;
 /// allocates (and its end frees) the rest, as every burst did before spares followed the
 /// backlog.
 const MAX_SPARE_BYTES: usize = 16 * 1024 * 1024;
+/// Chunks that must empty after a spare before it is reused (see `Spares::take`): more than
+/// a core's L2 cache (512 KiB on the machines we measure, up to 2 MiB on others), so that
+/// the lines the worker wrote have gone back to memory by then.
+const COOL_BYTES: usize = 1024 * 1024;
 
 /// At the start of every chunk; `C` is its slab's context type.
 #[repr(C)]
@@ -69,8 +74,12 @@ struct Spares<C> {
     /// Oldest first (see `take`).
     chunks: Mutex<VecDeque<NonNull<ChunkHead<C>>>>,
     layout: Layout,
-    /// How many chunks fit in [`SPARE_BYTES`] (one at least, for huge nodes).
+    /// How many chunks the backlog may fill (see [`Slab::with_backlog`]; one at least, for
+    /// huge nodes).
     max: usize,
+    /// How many chunks must empty after a spare before it is reused: [`COOL_BYTES`] of them.
+    /// Kept on top of `max`.
+    cool: usize,
     context: C,
 }
 
@@ -86,7 +95,7 @@ impl<C> Spares<C> {
     /// `chunk` has this layout, holds no live node, and nobody else uses it.
     unsafe fn put(&self, chunk: NonNull<ChunkHead<C>>) {
         let mut chunks = self.chunks.lock().unwrap_or_else(PoisonError::into_inner);
-        if chunks.len() < self.max {
+        if chunks.len() < self.max + self.cool {
             chunks.push_back(chunk);
         } else {
             drop(chunks);
@@ -103,16 +112,23 @@ impl<C> Spares<C> {
             .len()
     }
 
-    /// The empty chunk that emptied first. Not the last: a worker that keeps pace with its
-    /// producer empties a chunk moments before the producer needs one, and that chunk's lines
-    /// are still in the worker's cache. Writing nodes into them, the producer waited for a line
-    /// from the other core at every locked operation of a send (its intake lock, its receipt's
-    /// count): a send cost twice what it did with the worker further behind.
+    /// The empty chunk that emptied first, once `cool` others emptied after it. Not the last:
+    /// a worker that keeps pace with its producer empties a chunk moments before the producer
+    /// needs one, and that chunk's lines are still in the worker's cache. Writing nodes into
+    /// them, the producer waited for a line from the other core at every locked operation of
+    /// a send (its intake lock, its receipt's count): a send cost twice what it did with the
+    /// worker further behind. Nor the first alone: with the worker that close behind, a few
+    /// chunks went round between the two threads, and the oldest had emptied microseconds
+    /// before. The producer, slowed down, then never got ahead of the worker again: end to end
+    /// took 5-7 ms per 100k items instead of 2.7 in a quarter of the conveyors (see
+    /// BENCHMARKS.md, bench `steady`).
     fn take(&self) -> Option<NonNull<ChunkHead<C>>> {
-        self.chunks
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop_front()
+        let mut chunks = self.chunks.lock().unwrap_or_else(PoisonError::into_inner);
+        if chunks.len() > self.cool {
+            chunks.pop_front()
+        } else {
+            None
+        }
     }
 }
 
@@ -249,14 +265,23 @@ pub(crate) struct Slab<N: Headed> {
 unsafe impl<N: Headed + Send> Send for Slab<N> {}
 
 impl<N: Headed> Slab<N> {
-    /// A slab that keeps [`SPARE_BYTES`] of spare chunks.
+    /// A slab that keeps [`SPARE_BYTES`] of spare chunks, and reuses one as soon as it
+    /// empties (cooling is tested apart, see [`Slab::cooling`]).
     #[cfg(test)]
     pub(crate) fn new(context: N::Context) -> Self {
-        Self::with_backlog(context, 0)
+        Self::cooling(context, 0)
+    }
+
+    /// A slab that keeps [`SPARE_BYTES`] of spare chunks, and reuses one once `cool` others
+    /// emptied after it.
+    #[cfg(test)]
+    fn cooling(context: N::Context, cool: usize) -> Self {
+        let size = Self::layout().0.size();
+        Self::with_spares(context, (SPARE_BYTES / size).max(1), cool)
     }
 
     /// A slab that keeps enough spare chunks for `backlog` nodes, within [`SPARE_BYTES`] and
-    /// [`MAX_SPARE_BYTES`] (see the module doc).
+    /// [`MAX_SPARE_BYTES`], and [`COOL_BYTES`] more (see the module doc).
     pub(crate) fn with_backlog(context: N::Context, backlog: usize) -> Self {
         let (layout, _, len) = Self::layout();
         let size = layout.size();
@@ -264,12 +289,18 @@ impl<N: Headed> Slab<N> {
             .div_ceil(len)
             .clamp(SPARE_BYTES / size, MAX_SPARE_BYTES / size)
             .max(1);
+        Self::with_spares(context, max, COOL_BYTES / size)
+    }
+
+    fn with_spares(context: N::Context, max: usize, cool: usize) -> Self {
+        let layout = Self::layout().0;
         Self {
             chunk: None,
             spares: Arc::new(Spares {
                 chunks: Mutex::new(VecDeque::new()),
                 layout,
                 max,
+                cool,
                 context,
             }),
             nodes: NonNull::dangling(),
@@ -727,6 +758,31 @@ mod tests {
         assert_eq!(reused, vec![starts[1], starts[0], starts[2]]);
         drop(again);
         assert_eq!(drops.load(Ordering::SeqCst), 6 * len);
+    }
+
+    /// Nor is the oldest spare reused before `cool` other chunks emptied after it: a worker
+    /// close behind its producer emptied it moments ago (see `Spares::take`).
+    #[test]
+    fn a_spare_waits_for_others_to_empty_before_it_is_reused() {
+        let drops = Arc::new(Count::new(0));
+        let mut slab = Slab::cooling("probes", 3);
+        let len = Slab::<Probe>::layout().2;
+        let address = |r: &Counted<Probe>| &**r as *const Probe as usize;
+        let fill = |slab: &mut Slab<Probe>| -> Vec<_> {
+            (0..len as u64).map(|i| probe(slab, i, &drops)).collect()
+        };
+        let first: Vec<Vec<_>> = (0..3).map(|_| fill(&mut slab)).collect();
+        let starts: Vec<usize> = first.iter().map(|c| address(&c[0])).collect();
+        drop(first);
+        // Three spares (the third retired by this allocation): none has three behind it.
+        let fourth = fill(&mut slab);
+        assert!(!starts.contains(&address(&fourth[0])), "a fresh chunk");
+        drop(fourth);
+        // The fourth emptied as well: the first has three behind it now.
+        let again = probe(&mut slab, 99, &drops);
+        assert_eq!(address(&again), starts[0]);
+        drop(again);
+        assert_eq!(drops.load(Ordering::SeqCst), 4 * len + 1);
     }
 
     #[test]
