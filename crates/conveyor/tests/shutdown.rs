@@ -515,3 +515,71 @@ fn close_cuts_a_long_backoff_short() {
 fn close_cuts_a_long_backoff_short_for_an_async_sink() {
     backoff_cut_short_by(|c| c.close_timeout(Duration::from_millis(200)), false);
 }
+
+/// Sends racing a close from another thread: the close moves every item sent before it into
+/// the lanes and delivers it, so every accepted item is delivered and counted, and every later
+/// send is refused as closed. (An item left behind in the intake would be neither.)
+#[test]
+fn a_close_racing_sends_delivers_and_counts_every_item_it_accepted() {
+    for round in 0..20 {
+        let delivered = Arc::new(AtomicU64::new(0));
+        let c: Arc<Conveyor<u64>> = Arc::new(
+            Conveyor::builder()
+                .ordering(Ordering::Keyed { concurrency: 2 })
+                .build({
+                    let delivered = delivered.clone();
+                    move |_d: Delivery<u64>| {
+                        delivered.fetch_add(1, AtomicOrdering::SeqCst);
+                        Ok(())
+                    }
+                })
+                .unwrap(),
+        );
+        let sent = Arc::new(AtomicU64::new(0));
+        let producers: Vec<_> = (0..2u64)
+            .map(|p| {
+                let (c, sent) = (c.clone(), sent.clone());
+                std::thread::spawn(move || {
+                    let mut receipts = Vec::new();
+                    for i in 0u64.. {
+                        match c.send_keyed(format!("{}", i % 3), (p << 32) | i) {
+                            Ok(receipt) => {
+                                receipts.push(receipt);
+                                sent.fetch_add(1, AtomicOrdering::Relaxed);
+                            }
+                            Err(SendError::Closed(_)) => break,
+                            Err(e) => panic!("{e:?}"),
+                        }
+                    }
+                    receipts
+                })
+            })
+            .collect();
+        // Both producers are sending by now.
+        while sent.load(AtomicOrdering::Relaxed) < 200 {
+            std::thread::yield_now();
+        }
+        let report = c.close_timeout(GENEROUS);
+        let mut receipts: Vec<_> = producers
+            .into_iter()
+            .flat_map(|p| p.join().unwrap())
+            .collect();
+        assert!(report.drained, "round {round}");
+        assert_eq!(
+            report.stats.accepted,
+            receipts.len() as u64,
+            "round {round}: the close counts every item accepted"
+        );
+        for receipt in &mut receipts {
+            assert!(
+                matches!(receipt.wait_timeout(GENEROUS), Some(Ok(()))),
+                "round {round}: item {} not delivered",
+                receipt.seq()
+            );
+        }
+        assert_eq!(
+            delivered.load(AtomicOrdering::SeqCst),
+            receipts.len() as u64
+        );
+    }
+}
