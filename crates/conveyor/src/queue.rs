@@ -686,13 +686,18 @@ impl<T, R> State<T, R> {
         };
         let before = lane.queue.len();
         lane.queue.push_back(job(first));
-        let same_lane = |node: &NodeRef<T, R>| match (&id, node.key()) {
-            (None, _) => true,
-            (Some(id), Some(key)) => Arc::ptr_eq(id, key) || id == key,
-            (Some(id), None) => id.is_empty(),
-        };
-        while let Some(node) = more.next_if(same_lane) {
-            lane.queue.push_back(job(node));
+        match &id {
+            // One lane takes the whole batch, in one reservation.
+            None => lane.queue.extend(more.map(job)),
+            Some(id) => {
+                let same_lane = |node: &NodeRef<T, R>| match node.key() {
+                    Some(key) => Arc::ptr_eq(id, key) || id == key,
+                    None => id.is_empty(),
+                };
+                while let Some(node) = more.next_if(same_lane) {
+                    lane.queue.push_back(job(node));
+                }
+            }
         }
         let added = (lane.queue.len() - before) as u64;
         self.counters.accepted += added;
