@@ -460,7 +460,7 @@ impl<T, R> Shared<T, R> {
         let (mut st, stalled) = self.wait_until(&self.work, st, Some(since + STANDBY));
         st.standby = false;
         if stalled && matches!(still(&st), Some(Ok(_))) {
-            if st.lookout_leaser.take() == Some(lease.0) {
+            if st.lookout_lease_over(lease.0) {
                 // Items sent since woke nobody: this worker moves them into the lanes, where
                 // its next step finds them.
                 self.release_lookout(&mut st, lease.0);

@@ -1061,6 +1061,16 @@ impl<T, R> State<T, R> {
         Some((worker, self.lease_serials[worker]))
     }
 
+    /// Ends `worker`'s keeping of the lookout through its lease (see `lookout_leaser`), if
+    /// it kept it; returns whether it did.
+    pub(crate) fn lookout_lease_over(&mut self, worker: usize) -> bool {
+        let kept = self.lookout_leaser == Some(worker);
+        if kept {
+            self.lookout_leaser = None;
+        }
+        kept
+    }
+
     /// Several workers share the main lane.
     fn pipelined(&self) -> bool {
         !self.keyed && self.leases.len() > 1

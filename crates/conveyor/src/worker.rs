@@ -192,26 +192,25 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
             return Step::Exit;
         }
         // Its lease, if it kept the lookout through one, is over.
-        if st.lookout_leaser == Some(worker) {
-            st.lookout_leaser = None;
-        }
+        st.lookout_lease_over(worker);
         if let Some(leasing) = leasing.filter(|l| l.size > 1) {
             let (size, items) = (leasing.size, &mut leasing.items);
             if st.lease(worker, size, items) || (self.drain(st) && st.lease(worker, size, items)) {
                 // Under the state lock, which a shutdown closing the lease holds too.
                 self.lease_claims[worker].store(0, AtomicOrdering::Relaxed);
+                let watched = st.watched_lease().is_some();
                 // See `IntakeLine::lookout`. (The lookout a worker standing by took away is
                 // not this worker's any more.)
-                let keep = st.watched_lease().is_some()
+                let keep = watched
                     && ((lookout.held && self.holds_lookout(worker)) || self.claim_lookout(worker));
-                lookout.held = lookout.held || keep;
+                lookout.held |= keep;
                 if keep {
                     st.lookout_leaser = Some(worker);
                 }
                 let mut wake = self.took_work(st, worker, lookout, keep);
                 // A lease of the pipelined lane wants a worker standing by (see
                 // `Shared::stand_by`): one of the idle ones, if none does yet.
-                if !wake.thread && !st.standby && st.watched_lease().is_some() {
+                if !wake.thread && !st.standby && watched {
                     wake.thread = self.intake().wake_another().thread;
                 }
                 return Step::Lease(wake);
@@ -597,9 +596,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         let mut st = self.lock();
         let job = st.job_after_lease(worker, done, release);
         self.after_lease(&mut st, worker, done, release);
-        if st.lookout_leaser == Some(worker) {
-            st.lookout_leaser = None;
-        }
+        st.lookout_lease_over(worker);
         if std::mem::take(&mut lookout.held) {
             self.release_lookout(&mut st, worker);
         }
