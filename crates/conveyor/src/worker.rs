@@ -72,10 +72,14 @@ struct Finished<T, R> {
     journal_error: Option<String>,
 }
 
-/// Most items a worker runs per turn of the state lock (see `State::lease`): enough
-/// to make the lock's share of an instant sink's item small, few enough that `stats()` lags
-/// little behind the receipts.
-const LEASE: usize = 32;
+/// Most items a worker runs per turn of the state lock (see `State::lease`), for a sink fast
+/// enough that [`LEASE_TIME`] allows more. Each turn costs a lease some fixed work (the
+/// state lock, a drain of the intake, two clock reads, the lane's bookkeeping), shared by its
+/// items: at 32 items that was about 15% of an instant sink's strict end-to-end time (see
+/// BENCHMARKS.md). `stats()` does not lag behind a lease (it reads the worker's claims), and
+/// the delivered items a lease keeps in its lane until it ends are what its sink ran in about
+/// [`LEASE_TIME`].
+const LEASE: usize = 256;
 
 /// About how long a lease may last (see `Leasing::size`). A sender blocked on a full queue is
 /// woken when a lease ends, not as each of its items is delivered, and the delivered items stay

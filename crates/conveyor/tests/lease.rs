@@ -424,7 +424,7 @@ fn a_close_from_a_receipt_callback_in_a_lease_counts_that_item_delivered_in(orde
             })
             .unwrap(),
     );
-    // Item 0 alone in the first lease; 1 to 32 in the next, where item 5 is neither first
+    // Item 0 alone in the first lease; the others in the next, where item 5 is neither first
     // nor last.
     let first = c.send(0).unwrap();
     gate.wait_for_callers(1);
