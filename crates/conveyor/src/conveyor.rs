@@ -13,7 +13,7 @@ use crate::durable::{Durable, JournalSettings, Op};
 use crate::error::{BuildError, DeliveryError, SendError};
 use crossbeam_utils::{Backoff, CachePadded};
 
-use crate::intake::{Intake, Wake};
+use crate::intake::{Batch, Intake, Wake};
 use crate::journal::{DeadLetter, Journal, JournalError, Record, Settlement as Settled};
 use crate::queue::{LeaseClaims, Room, State, Waiters, Watch, LEASE_CLOSED};
 use crate::receipt::{Awaited, Inside, NodeContext, NodeRef, OwnWorkers, Receipt};
@@ -150,15 +150,21 @@ impl<T, R> Shared<T, R> {
         self.enqueue_drained(st, batch)
     }
 
-    fn take_intake(&self, st: &State<T, R>, ik: &mut Intake<T, R>, batch: &mut Vec<NodeRef<T, R>>) {
+    fn take_intake(&self, st: &State<T, R>, ik: &mut Intake<T, R>, batch: &mut Batch<T, R>) {
         ik.take(batch, st.queued());
         self.intake.filled.store(false, AtomicOrdering::Relaxed);
     }
 
-    fn enqueue_drained(&self, st: &mut State<T, R>, mut batch: Vec<NodeRef<T, R>>) -> bool {
-        let moved = !batch.is_empty();
+    fn enqueue_drained(&self, st: &mut State<T, R>, mut batch: Batch<T, R>) -> bool {
+        let moved = !batch.items.is_empty();
         let attempt_limit = self.config.retry.attempts();
-        st.accept_all(batch.drain(..), attempt_limit);
+        // Without runs (not keyed), the whole batch goes to the one lane.
+        let one_lane = [batch.items.len()];
+        let runs = match (&batch.runs[..], moved) {
+            ([], true) => &one_lane[..],
+            (runs, _) => runs,
+        };
+        st.accept_all(batch.items.drain(..), runs, attempt_limit);
         // Kept for the next drain: the intake and this buffer trade allocations.
         st.drained = batch;
         moved
@@ -841,7 +847,13 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
                 conveyor: conveyor.clone(),
             };
             // A journal's appends are queued under the state lock in seq order: no fast path.
-            let intake = Intake::new(first_seq, config.capacity, opened.is_none(), context);
+            let intake = Intake::new(
+                first_seq,
+                config.capacity,
+                opened.is_none(),
+                config.ordering.is_keyed(),
+                context,
+            );
             Shared {
                 state: CachePadded::new(Mutex::new(state)),
                 intake: CachePadded::new(IntakeLine {

@@ -10,10 +10,15 @@
 //! Every other send (full queue, closed, journaled) takes the state lock, drains this buffer
 //! first and proceeds as before, so the lanes always hold the older items.
 //!
+//! In keyed mode the intake also counts runs of consecutive items of one lane, as sends
+//! append them: the sender has its key at hand, while the worker would have to read each
+//! item's node (written on the sender's core) to sort the batch into lanes.
+//!
 //! Lock order: the state lock, then this one; never the other way round.
 
 use std::sync::Arc;
 
+use crate::queue::same_lane;
 use crate::receipt::{Node, NodeContext, NodeRef};
 use crate::slab::Slab;
 
@@ -24,10 +29,30 @@ pub(crate) struct Wake {
     pub(crate) task: bool,
 }
 
+/// Items taken from the intake (see `Intake::take`), with their runs of one lane in keyed
+/// mode. Its buffers go back and forth with the intake's, so neither allocates again.
+pub(crate) struct Batch<T, R> {
+    pub(crate) items: Vec<NodeRef<T, R>>,
+    pub(crate) runs: Vec<usize>,
+}
+
+impl<T, R> Default for Batch<T, R> {
+    fn default() -> Self {
+        Self {
+            items: Vec::new(),
+            runs: Vec::new(),
+        }
+    }
+}
+
 /// What the intake lock guards (see the module doc).
 pub(crate) struct Intake<T, R> {
     /// Accepted items in seq order, not yet in their lanes.
     items: Vec<NodeRef<T, R>>,
+    /// Keyed mode: `items` as runs of one lane, in order (their lengths add up to
+    /// `items.len()`). Empty otherwise: all items go to the one lane.
+    runs: Vec<usize>,
+    keyed: bool,
     /// Where every node is made, under this lock (see `slab.rs`).
     slab: Slab<Node<T, R>>,
     /// The seq the next accepted item gets.
@@ -50,9 +75,17 @@ pub(crate) struct Intake<T, R> {
 }
 
 impl<T, R> Intake<T, R> {
-    pub(crate) fn new(first_seq: u64, capacity: usize, open: bool, context: NodeContext) -> Self {
+    pub(crate) fn new(
+        first_seq: u64,
+        capacity: usize,
+        open: bool,
+        keyed: bool,
+        context: NodeContext,
+    ) -> Self {
         Self {
             items: Vec::new(),
+            runs: Vec::new(),
+            keyed,
             // A burst as large as the queue takes its chunks back from the spares (see
             // `slab.rs`).
             slab: Slab::with_backlog(context, capacity),
@@ -84,6 +117,14 @@ impl<T, R> Intake<T, R> {
         if !self.open || self.lanes_queued + self.items.len() as u64 >= self.capacity {
             return Err(self.alloc(key, item));
         }
+        if self.keyed {
+            match self.runs.last_mut() {
+                Some(run) if same_lane(self.items.last().and_then(|n| n.key()), key.as_ref()) => {
+                    *run += 1;
+                }
+                _ => self.runs.push(1),
+            }
+        }
         let (node, receipt) = self.slab.alloc_pair(|head| Node::new(head, key, item));
         self.number(&node);
         self.items.push(node);
@@ -112,13 +153,16 @@ impl<T, R> Intake<T, R> {
         self.items.is_empty()
     }
 
-    /// Moves the buffered items into `into` (emptied first). `lanes_queued` is what the
-    /// lanes hold now; the count kept for the fast path adds the items taken, which the
-    /// caller enqueues before it releases the state lock.
-    pub(crate) fn take(&mut self, into: &mut Vec<NodeRef<T, R>>, lanes_queued: u64) {
-        into.clear();
-        std::mem::swap(&mut self.items, into);
-        self.lanes_queued = lanes_queued + into.len() as u64;
+    /// Moves the buffered items into `into`, and in keyed mode their runs of one lane into
+    /// `runs` (both emptied first). `lanes_queued` is what the lanes hold now; the count kept
+    /// for the fast path adds the items taken, which the caller enqueues before it releases
+    /// the state lock.
+    pub(crate) fn take(&mut self, into: &mut Batch<T, R>, lanes_queued: u64) {
+        into.items.clear();
+        into.runs.clear();
+        std::mem::swap(&mut self.items, &mut into.items);
+        std::mem::swap(&mut self.runs, &mut into.runs);
+        self.lanes_queued = lanes_queued + into.items.len() as u64;
     }
 
     /// Refreshes the lanes' count (by a holder of the state lock; the intake's own items are
@@ -163,14 +207,14 @@ mod tests {
 
     #[test]
     fn numbers_in_order_and_refuses_past_capacity() {
-        let mut ik = Intake::<u32, ()>::new(7, 3, true, NodeContext::for_tests());
+        let mut ik = Intake::<u32, ()>::new(7, 3, true, false, NodeContext::for_tests());
         for i in 0..3 {
             assert!(push(&mut ik, i).is_ok());
         }
         assert!(push(&mut ik, 3).is_err(), "capacity 3 reached");
-        let mut taken = Vec::new();
+        let mut taken = Batch::default();
         ik.take(&mut taken, 0);
-        let seqs: Vec<u64> = taken.iter().map(|n| n.seq()).collect();
+        let seqs: Vec<u64> = taken.items.iter().map(|n| n.seq()).collect();
         assert_eq!(seqs, vec![7, 8, 9]);
         // The three now sit in the lanes: still no room until the lanes shrink.
         assert!(push(&mut ik, 3).is_err());
@@ -182,11 +226,11 @@ mod tests {
     #[test]
     fn a_burst_as_large_as_the_capacity_keeps_its_chunks_for_the_next() {
         const CAPACITY: usize = 5_000;
-        let mut ik = Intake::<u32, ()>::new(1, CAPACITY, true, NodeContext::for_tests());
+        let mut ik = Intake::<u32, ()>::new(1, CAPACITY, true, false, NodeContext::for_tests());
         for i in 0..CAPACITY as u32 {
             assert!(push(&mut ik, i).is_ok());
         }
-        let mut taken = Vec::new();
+        let mut taken = Batch::default();
         ik.take(&mut taken, 0);
         drop(taken);
         // Every chunk but the one the slab still hands nodes out from is empty now. Freed
@@ -196,8 +240,42 @@ mod tests {
     }
 
     #[test]
+    fn keyed_sends_are_taken_as_runs_of_one_lane() {
+        let mut ik = Intake::<u32, ()>::new(1, 100, true, true, NodeContext::for_tests());
+        let a: Arc<str> = Arc::from("a");
+        // No key and the key "" share a lane; an equal key in another allocation is the same
+        // key.
+        let keys = [
+            None,
+            Some(""),
+            Some("a"),
+            Some("a"),
+            None,
+            Some("b"),
+            Some("a"),
+        ];
+        for (i, key) in keys.into_iter().enumerate() {
+            let key = key.map(|k| {
+                if k == "a" && i == 2 {
+                    a.clone()
+                } else {
+                    Arc::from(k)
+                }
+            });
+            assert!(ik.try_accept(key, i as u32, true).is_ok());
+        }
+        let mut taken = Batch::default();
+        ik.take(&mut taken, 0);
+        assert_eq!(taken.runs, vec![2, 2, 1, 1, 1]);
+        assert_eq!(taken.items.len(), keys.len());
+        assert!(ik.try_accept(Some(a), 7, true).is_ok());
+        ik.take(&mut taken, 0);
+        assert_eq!(taken.runs, vec![1], "a new batch starts a new run");
+    }
+
+    #[test]
     fn closed_intake_sends_everything_to_the_slow_path() {
-        let mut ik = Intake::<u32, ()>::new(1, 10, true, NodeContext::for_tests());
+        let mut ik = Intake::<u32, ()>::new(1, 10, true, false, NodeContext::for_tests());
         ik.shut();
         assert!(push(&mut ik, 0).is_err());
         assert!(ik.is_empty());
@@ -205,7 +283,7 @@ mod tests {
 
     #[test]
     fn a_burst_wakes_one_worker_and_workers_wake_the_rest() {
-        let mut ik = Intake::<u32, ()>::new(1, 100, true, NodeContext::for_tests());
+        let mut ik = Intake::<u32, ()>::new(1, 100, true, false, NodeContext::for_tests());
         ik.idle_threads = 2;
         let wakes: Vec<bool> = (0..3)
             .map(|i| push(&mut ik, i).ok().unwrap().thread)
@@ -217,7 +295,7 @@ mod tests {
 
     #[test]
     fn a_send_the_lookout_will_see_wakes_nobody() {
-        let mut ik = Intake::<u32, ()>::new(1, 100, true, NodeContext::for_tests());
+        let mut ik = Intake::<u32, ()>::new(1, 100, true, false, NodeContext::for_tests());
         ik.idle_threads = 3;
         let (_, wake) = ik.try_accept(None, 0, false).ok().unwrap();
         assert_eq!(wake, Wake::default());

@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use crate::builder::Ordering;
 use crate::error::{DeliveryError, SinkError};
+use crate::intake::Batch;
 use crate::receipt::{Node, NodeRef};
 use crate::retry::RateLimiter;
 use crate::stats::Stats;
@@ -87,6 +88,15 @@ struct Lane<T, R> {
     /// The head item is the one a cut lease's worker claimed (see `State::cut_lease`): in
     /// flight, it stays at the head until that lease ends, and items start after it.
     cut_head: bool,
+}
+
+/// Whether items with these keys go to the same lane in keyed mode: no key is the key `""`.
+pub(crate) fn same_lane(a: Option<&Arc<str>>, b: Option<&Arc<str>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+        (Some(key), None) | (None, Some(key)) => key.is_empty(),
+        (None, None) => true,
+    }
 }
 
 /// What a keyed lane needs once an item left it or settled (see `Lane::keyed_next`).
@@ -329,8 +339,8 @@ pub(crate) struct State<T, R> {
     /// With a journal: the highest seq reserved in it (see `Durable::seq_limit`); accepting
     /// beyond it waits as if the queue were full.
     pub(crate) seq_limit: Option<Arc<AtomicU64>>,
-    /// The buffer `Shared::drain` moves the intake's items through, kept between drains.
-    pub(crate) drained: Vec<NodeRef<T, R>>,
+    /// The buffers `Shared::drain` moves the intake's items through, kept between drains.
+    pub(crate) drained: Batch<T, R>,
     /// Per worker, the lane's head items it runs without taking this lock between them.
     leases: Vec<Option<Lease<T, R>>>,
     /// Per worker, how many leases it took: with its claim counter, tells a worker standing
@@ -387,7 +397,7 @@ impl<T, R> State<T, R> {
             idle_workers: 0,
             replaying: false,
             seq_limit: None,
-            drained: Vec::new(),
+            drained: Batch::default(),
             leases: (0..workers).map(|_| None).collect(),
             lease_serials: vec![0; workers],
             standby: false,
@@ -616,21 +626,25 @@ impl<T, R> State<T, R> {
     /// Accepts an item, numbered already (by the intake, or by the journal for a replayed
     /// one), into its lane. Returns whether a worker may now have work.
     pub(crate) fn accept(&mut self, node: NodeRef<T, R>, attempt_limit: u32) -> bool {
-        self.accept_all(std::iter::once(node), attempt_limit)
+        self.accept_all(std::iter::once(node), &[1], attempt_limit)
     }
 
-    /// Accepts numbered items, in seq order, as `accept` does each: a run of items of one lane
-    /// finds its lane once. Returns whether a worker may now have work.
+    /// Accepts numbered items, in seq order, as `accept` does each, given as `runs` of items
+    /// of one lane (their lengths, adding up to the items'; see `intake::Batch`): each run
+    /// finds its lane once, from its first item. Returns whether a worker may now have work.
     pub(crate) fn accept_all(
         &mut self,
         nodes: impl IntoIterator<Item = NodeRef<T, R>>,
+        runs: &[usize],
         attempt_limit: u32,
     ) -> bool {
-        let mut nodes = nodes.into_iter().peekable();
+        let mut nodes = nodes.into_iter();
         let mut runnable = false;
-        while let Some(first) = nodes.next() {
-            runnable |= self.enqueue_run(first, &mut nodes, attempt_limit);
+        for &len in runs {
+            let first = nodes.next().expect("runs add up to the items");
+            runnable |= self.enqueue_run(first, nodes.by_ref().take(len - 1), attempt_limit);
         }
+        debug_assert!(nodes.next().is_none(), "runs add up to the items");
         runnable
     }
 
@@ -660,12 +674,12 @@ impl<T, R> State<T, R> {
         }
     }
 
-    /// Queues `first`, and the items after it in `more` that go to the same lane, finding
-    /// that lane once. Returns whether a worker may now have work.
-    fn enqueue_run<I: Iterator<Item = NodeRef<T, R>>>(
+    /// Queues `first` and `more`, which go to the same lane, finding that lane once. Returns
+    /// whether a worker may now have work.
+    fn enqueue_run(
         &mut self,
         first: NodeRef<T, R>,
-        more: &mut std::iter::Peekable<I>,
+        more: impl Iterator<Item = NodeRef<T, R>>,
         attempt_limit: u32,
     ) -> bool {
         let job = |node| Job {
@@ -686,19 +700,12 @@ impl<T, R> State<T, R> {
         };
         let before = lane.queue.len();
         lane.queue.push_back(job(first));
-        match &id {
-            // One lane takes the whole batch, in one reservation.
-            None => lane.queue.extend(more.map(job)),
-            Some(id) => {
-                let same_lane = |node: &NodeRef<T, R>| match node.key() {
-                    Some(key) => Arc::ptr_eq(id, key) || id == key,
-                    None => id.is_empty(),
-                };
-                while let Some(node) = more.next_if(same_lane) {
-                    lane.queue.push_back(job(node));
-                }
-            }
-        }
+        // One reservation for the run, whose items are not read (see `intake.rs`) but in
+        // tests.
+        lane.queue.extend(more.map(|node| {
+            debug_assert!(id.is_none() || same_lane(node.key(), id.as_ref()));
+            job(node)
+        }));
         let added = (lane.queue.len() - before) as u64;
         self.counters.accepted += added;
         self.counters.queued += added;
