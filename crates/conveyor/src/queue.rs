@@ -110,8 +110,13 @@ enum KeyedNext {
 
 impl<T, R> Lane<T, R> {
     fn new() -> Self {
+        Self::with_queue(VecDeque::new())
+    }
+
+    /// A lane whose queue starts from `queue`'s allocation (see `State::spare_queue`).
+    fn with_queue(queue: VecDeque<Job<T, R>>) -> Self {
         Self {
-            queue: VecDeque::new(),
+            queue,
             undecodable: VecDeque::new(),
             in_flight: 0,
             retrying: 0,
@@ -305,6 +310,11 @@ pub(crate) struct State<T, R> {
     main: Lane<T, R>,
     /// Keyed mode: one lane per key, removed when empty so memory follows the queue.
     lanes: HashMap<Arc<str>, Lane<T, R>>,
+    /// Keyed mode: the largest queue allocation of a lane removed so far, empty, for the next
+    /// lane made. A burst into one key grows its lane's queue to the burst's size, and the
+    /// lane is removed once it drained: without this, every burst would allocate (and fault
+    /// in) that memory again, which the only lane of strict and pipelined mode keeps.
+    spare_queue: VecDeque<Job<T, R>>,
     /// Keyed mode: lanes that may have a runnable item, oldest first (entries may be
     /// stale; `next_job` re-checks each one).
     ready: VecDeque<Arc<str>>,
@@ -381,6 +391,7 @@ impl<T, R> State<T, R> {
             capacity: capacity as u64,
             main: Lane::new(),
             lanes: HashMap::new(),
+            spare_queue: VecDeque::new(),
             ready: VecDeque::new(),
             empty_key: Arc::from(""),
             in_flight_nodes: (0..workers).map(|_| None).collect(),
@@ -695,7 +706,9 @@ impl<T, R> State<T, R> {
                 .key()
                 .cloned()
                 .unwrap_or_else(|| self.empty_key.clone());
-            let lane = self.lanes.entry(id.clone()).or_insert_with(Lane::new);
+            let spare = &mut self.spare_queue;
+            let lane = (self.lanes.entry(id.clone()))
+                .or_insert_with(|| Lane::with_queue(std::mem::take(spare)));
             (lane, Some(id))
         };
         let before = lane.queue.len();
@@ -764,7 +777,7 @@ impl<T, R> State<T, R> {
             let job = lane.queue.pop_front()?;
             let reached = lane.reach_undecodable();
             if lane.is_done() {
-                self.lanes.remove(&oldest);
+                self.remove_lane(&oldest);
             }
             self.count_reached(reached);
             job
@@ -1173,10 +1186,19 @@ impl<T, R> State<T, R> {
     fn apply_keyed(&mut self, id: Arc<str>, next: KeyedNext) {
         match next {
             KeyedNext::Ready => self.ready.push_back(id),
-            KeyedNext::Remove => {
-                self.lanes.remove(&id);
-            }
+            KeyedNext::Remove => self.remove_lane(&id),
             KeyedNext::Stay => {}
+        }
+    }
+
+    /// Removes a keyed lane that is done (see `Lane::is_done`), keeping its queue's
+    /// allocation if it is the largest yet (see `spare_queue`).
+    fn remove_lane(&mut self, id: &Arc<str>) {
+        if let Some(lane) = self.lanes.remove(id) {
+            if lane.queue.capacity() > self.spare_queue.capacity() {
+                debug_assert!(lane.queue.is_empty());
+                self.spare_queue = lane.queue;
+            }
         }
     }
 
@@ -2092,6 +2114,34 @@ mod tests {
         s.finish(1, b1, Outcome::Delivered(()));
         assert!(s.lanes.is_empty(), "empty lanes are removed");
         check_invariant(&s);
+    }
+
+    #[test]
+    fn a_removed_keyed_lane_leaves_its_queue_memory_to_the_next_lane() {
+        const BURST: u32 = 100;
+        let mut s = S::new(Ordering::Keyed { concurrency: 4 }, 1_000, None);
+        let nodes = (1..=BURST).map(|seq| node(Some("a"), seq));
+        s.accept_all(nodes, &[BURST as usize], 1);
+        let grown = s.lanes[&Arc::from("a")].queue.capacity();
+        assert!(grown >= BURST as usize);
+        while let Some(job) = s.next_job(0) {
+            s.finish(0, job, Outcome::Delivered(()));
+        }
+        assert!(s.lanes.is_empty(), "empty lanes are removed");
+        s.accept(node(Some("b"), BURST + 1), 1);
+        assert_eq!(
+            s.lanes[&Arc::from("b")].queue.capacity(),
+            grown,
+            "the next burst does not allocate again"
+        );
+        check_invariant(&s);
+        // A smaller queue does not replace the larger one kept.
+        s.accept(node(Some("c"), BURST + 2), 1);
+        for worker in [0, 1] {
+            let job = s.next_job(worker).unwrap();
+            s.finish(worker, job, Outcome::Delivered(()));
+        }
+        assert_eq!(s.spare_queue.capacity(), grown);
     }
 
     #[test]
