@@ -11,7 +11,7 @@ use crate::alarm::Alarm;
 use crate::builder::{Backpressure, Builder, Config, OnFailure};
 use crate::durable::{Durable, JournalSettings, Op};
 use crate::error::{BuildError, DeliveryError, SendError};
-use crossbeam_utils::{Backoff, CachePadded};
+use crossbeam_utils::CachePadded;
 
 use crate::intake::{Batch, Intake, Wake};
 use crate::journal::{DeadLetter, Journal, JournalError, Record, Settlement as Settled};
@@ -65,6 +65,10 @@ pub(crate) struct Shared<T, R> {
 /// cuts it (see `Shared::stand_by`). Leases are made only of calls measured to take well under
 /// `worker::LEASE_TIME`: one that takes this long is stuck, or the sink has slowed down.
 const STANDBY: Duration = Duration::from_millis(1);
+
+/// How long the lookout spins for a send before it sleeps (see `Shared::spin_for_items`):
+/// about what a few hundred `pause` instructions take.
+const LOOKOUT_SPIN: Duration = Duration::from_micros(5);
 
 /// The intake, and two flags that sends and the lookout worker share, on the same lines.
 struct IntakeLine<T, R> {
@@ -243,15 +247,24 @@ impl<T, R> Shared<T, R> {
         !self.intake.filled.load(AtomicOrdering::Relaxed) && self.claim_lookout(worker)
     }
 
-    /// For the lookout, before it sleeps: waits a few microseconds for a send, spinning,
-    /// then yielding. A worker about as fast as its producer would otherwise fall asleep
-    /// between items and make every send pay for a wake-up (a syscall).
+    /// For the lookout, before it sleeps: waits [`LOOKOUT_SPIN`] for a send, spinning. A
+    /// worker about as fast as its producer would otherwise fall asleep between items and
+    /// make every send pay for a wake-up (a syscall).
+    ///
+    /// It never yields its CPU. A lookout that yields to a producer on the same CPU stays
+    /// runnable there, and the scheduler rarely moves a thread that keeps running a little
+    /// (it counts as cache-hot): the lookout then ran only between the producer's time
+    /// slices while the other CPU idled, and every send, seeing the lookout, woke nobody, so
+    /// nothing was delivered while the producer kept sending (a keyed conveyor's worker
+    /// threads, woken onto the producer's CPU by a flush, fell into this in up to 13 of 72
+    /// bursts; see BENCHMARKS.md). Spinning, then sleeping, it leaves that CPU to the
+    /// producer, and the next send's wake-up lets the scheduler place it on an idle one.
     pub(crate) fn spin_for_items(&self) {
         // Relaxed: what a send pushed is seen through the intake lock, which the
         // lookout's next step takes.
-        let backoff = Backoff::new();
-        while !self.intake.filled.load(AtomicOrdering::Relaxed) && !backoff.is_completed() {
-            backoff.snooze();
+        let until = Instant::now() + LOOKOUT_SPIN;
+        while !self.intake.filled.load(AtomicOrdering::Relaxed) && Instant::now() < until {
+            std::hint::spin_loop();
         }
     }
 
