@@ -61,8 +61,8 @@ pub(crate) struct Shared<T, R> {
     pub(crate) lease_claims: LeaseClaims,
 }
 
-/// How long a worker standing by lets the pipelined lane's lease go without a move before it
-/// cuts it (see `Shared::stand_by`). Leases are made only of calls measured to take well under
+/// How long a worker standing by lets a watched lease go without a move before it takes the
+/// lookout away and cuts a pipelined lease (see `Shared::stand_by`). Leases are made only of calls measured to take well under
 /// `worker::LEASE_TIME`: one that takes this long is stuck, or the sink has slowed down.
 const STANDBY: Duration = Duration::from_millis(1);
 
@@ -84,11 +84,14 @@ struct IntakeLine<T, R> {
     /// and no items wait (see `worker::Lookout`). Given up under the intake lock (see
     /// `release_lookout`), so that a send sees either the flag or the worker's release.
     /// Never held while user code runs (a sink call, or a receipt's settling: callbacks,
-    /// wakers, drops), but through a lease of the pipelined lane: its calls are measured to
-    /// take microseconds, nobody else could start the items sent meanwhile, and sends would
-    /// otherwise wake an idle worker for nothing; the worker standing by takes the lookout
-    /// away if the lease stalls (see `Shared::stand_by`). Holds the worker that holds it, or
-    /// `NO_LOOKOUT`.
+    /// wakers, drops), but through a lease of the pipelined lane or of a key's lane: its
+    /// calls are measured to take microseconds, and sends would otherwise wake an idle worker
+    /// for items nobody else could start (the pipelined lane's, or, in keyed mode, most often
+    /// the leased key's). Woken for nothing, such workers also took CPU from the producer,
+    /// and the scheduler put some on the producer's CPU, where a keyed lease they took next
+    /// ran only between its time slices. The worker standing by takes the lookout away if the
+    /// lease stalls (see `Shared::stand_by`), and the items sent meanwhile, other keys' too,
+    /// go on. Holds the worker that holds it, or `NO_LOOKOUT`.
     lookout: AtomicUsize,
 }
 
@@ -441,12 +444,14 @@ impl<T, R> Shared<T, R> {
     }
 
     /// Waits for work as an idle worker thread (registered as such, see `register_idle`), or,
-    /// while the pipelined lane is leased (see `State::watched_lease`) and nobody else does,
-    /// stands by: waits until the lease's worker has not moved on for [`STANDBY`], however
-    /// often sends wake it meanwhile, and then takes the lookout from that worker if it kept it
-    /// (see `IntakeLine::lookout`) and cuts its lease (see `State::cut_lease`), the items it
-    /// took off the lane going into `release`, counted as `worker`'s to settle. A call stuck in
-    /// a lease then holds up only its own item, as it would outside a lease.
+    /// while a lease is watched (see `State::watched_lease`) and nobody else does, stands by:
+    /// waits until the lease's worker has not moved on for [`STANDBY`], however often sends
+    /// wake it meanwhile, and then takes the lookout from that worker if it kept it (see
+    /// `IntakeLine::lookout`), moving the items sent since into the lanes, and cuts a pipelined
+    /// lease (see `State::cut_lease`), the items it took off the lane going into `release`,
+    /// counted as `worker`'s to settle. A call stuck in a lease then holds up only its own
+    /// item, as it would outside a lease (in keyed mode, its key's items, which wait for it
+    /// anyway).
     pub(crate) fn stand_by<'a>(
         &self,
         mut st: MutexGuard<'a, State<T, R>>,
@@ -484,9 +489,13 @@ impl<T, R> Shared<T, R> {
                 // its next step finds them.
                 self.release_lookout(&mut st, lease.0);
             }
+            // A keyed lease holds up only its own key, which waits for the stuck call anyway:
+            // it is not cut (nor its claims closed).
             let before = release.len();
-            if let Some(claim) = self.close_claims(&st, lease.0) {
-                st.cut_lease(lease.0, claim, release);
+            if !self.config.ordering.is_keyed() {
+                if let Some(claim) = self.close_claims(&st, lease.0) {
+                    st.cut_lease(lease.0, claim, release);
+                }
             }
             st.settling_by[worker] += (release.len() - before) as u64;
         }

@@ -369,7 +369,7 @@ pub(crate) struct State<T, R> {
     pub(crate) lease_claims: LeaseClaims,
 }
 
-/// Where the pipelined lane's lease stood (see `State::watched_lease`), and since when.
+/// Where the watched lease stood (see `State::watched_lease`), and since when.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Watch {
     /// The lease's worker, and how many leases it took.
@@ -1062,16 +1062,21 @@ impl<T, R> State<T, R> {
         lease.settling = settling;
     }
 
-    /// The pipelined lane's lease that a call stuck in it would let hold up every item behind
-    /// it (see `cut_lease`): its worker, and how many leases that worker took.
+    /// The lease a worker stands by (see `Shared::stand_by`), as a call stuck in it would hold
+    /// up more than its own item: its worker, and how many leases that worker took. In
+    /// pipelined mode the lane's lease, which holds up every item behind it (see `cut_lease`);
+    /// in keyed mode the lease that keeps the lookout (see `lease_may_keep_lookout`), which
+    /// leaves the items sent meanwhile, other keys' too, in the intake, unseen.
     pub(crate) fn watched_lease(&self) -> Option<(usize, u64)> {
-        if !self.pipelined() || !self.main.leased {
+        let worker = if self.keyed {
+            self.lookout_leaser?
+        } else if self.pipelined() && self.main.leased {
+            self.leases
+                .iter()
+                .position(|l| l.as_ref().is_some_and(|l| l.lane.is_none()))?
+        } else {
             return None;
-        }
-        let worker = self
-            .leases
-            .iter()
-            .position(|l| l.as_ref().is_some_and(|l| l.lane.is_none()))?;
+        };
         // A shutdown that closed it reports its items itself.
         self.leases[worker]
             .as_ref()?
@@ -1089,6 +1094,17 @@ impl<T, R> State<T, R> {
             self.lookout_leaser = None;
         }
         kept
+    }
+
+    /// Whether a lease just made may keep the lookout through its run (see
+    /// `IntakeLine::lookout` in `conveyor.rs`): with other workers, one of which stands by it
+    /// (see `watched_lease`), in pipelined and keyed mode.
+    pub(crate) fn lease_may_keep_lookout(&self) -> bool {
+        if self.keyed {
+            self.leases.len() > 1
+        } else {
+            self.watched_lease().is_some()
+        }
     }
 
     /// Several workers share the main lane.

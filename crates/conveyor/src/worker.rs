@@ -202,19 +202,18 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
             if st.lease(worker, size, items) || (self.drain(st) && st.lease(worker, size, items)) {
                 // Under the state lock, which a shutdown closing the lease holds too.
                 self.lease_claims[worker].store(0, AtomicOrdering::Relaxed);
-                let watched = st.watched_lease().is_some();
                 // See `IntakeLine::lookout`. (The lookout a worker standing by took away is
                 // not this worker's any more.)
-                let keep = watched
+                let keep = st.lease_may_keep_lookout()
                     && ((lookout.held && self.holds_lookout(worker)) || self.claim_lookout(worker));
                 lookout.held |= keep;
                 if keep {
                     st.lookout_leaser = Some(worker);
                 }
                 let mut wake = self.took_work(st, worker, lookout, keep);
-                // A lease of the pipelined lane wants a worker standing by (see
-                // `Shared::stand_by`): one of the idle ones, if none does yet.
-                if !wake.thread && !st.standby && watched {
+                // A watched lease wants a worker standing by (see `Shared::stand_by`): one of
+                // the idle ones, if none does yet.
+                if !wake.thread && !st.standby && st.watched_lease().is_some() {
                     wake.thread = self.intake().wake_another().thread;
                 }
                 return Step::Lease(wake);

@@ -62,7 +62,6 @@ fn held_at_0_and(
     let (g1, g2, r) = (first.clone(), then.clone(), rec.clone());
     Conveyor::builder()
         .ordering(ordering)
-        .ordering(ordering)
         .build(move |d: Delivery<u64>| {
             let call = r.enter(&d);
             r.leave(call);
@@ -532,6 +531,48 @@ fn other_keys_go_on_while_a_call_in_a_lease_is_stuck() {
     assert_eq!(report.stats.delivered, ITEMS + 50, "{report:?}");
     assert_closed_at_50(&report, held);
     stuck.open();
+}
+
+/// Keyed: a lease keeps the lookout, so sends wake nobody while it runs. Once a call in it is
+/// stuck, the worker standing by takes the lookout away: the other keys' items, sent one by
+/// one meanwhile, are delivered while the sends go on, not once the stuck call returns.
+#[test]
+fn other_keys_sent_one_by_one_go_on_while_a_call_in_a_keyed_lease_is_stuck() {
+    const PACED: u64 = 300;
+    let (first, stuck) = (Gate::new(), Gate::new());
+    let rec = Recorder::new();
+    let c = held_at_0_and(Ordering::Keyed { concurrency: 4 }, 50, &first, &stuck, &rec);
+    for i in 0..ITEMS {
+        c.send_keyed("a", i).unwrap();
+    }
+    first.wait_for_callers(1);
+    first.open();
+    stuck.wait_for_callers(1);
+    // A send every 200 us or so, well within the millisecond the worker standing by waits for
+    // the lease to move.
+    let receipts: Vec<_> = (1000..1000 + PACED)
+        .map(|i| {
+            let receipt = c.send_keyed("b", i).unwrap();
+            std::thread::sleep(Duration::from_micros(200));
+            receipt
+        })
+        .collect();
+    let during = c.stats();
+    // Opened before any assertion, so that a failure does not wait for the drop's deadline.
+    stuck.open();
+    assert!(
+        during.delivered >= 50 + PACED / 2,
+        "{} delivered while the sends went on ({during:?})",
+        during.delivered
+    );
+    for (i, r) in receipts.into_iter().enumerate() {
+        assert!(r.wait().is_ok(), "b's item {i}");
+    }
+    assert!(c.flush_timeout(GENEROUS));
+    assert_eq!(c.stats().delivered, ITEMS + PACED);
+    let by_key = rec.ended_by_key();
+    assert_eq!(by_key["a"], (0..ITEMS).collect::<Vec<_>>());
+    assert_eq!(by_key["b"], (1000..1000 + PACED).collect::<Vec<_>>());
 }
 
 /// A pipelined conveyor whose workers have seen its sink return at once (so that they lease),
