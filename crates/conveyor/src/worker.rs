@@ -210,13 +210,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
                 if keep {
                     st.lookout_leaser = Some(worker);
                 }
-                let mut wake = self.took_work(st, worker, lookout, keep);
-                // A watched lease wants a worker standing by (see `Shared::stand_by`): one of
-                // the idle ones, if none does yet.
-                if !wake.thread && !st.standby && st.watched_lease().is_some() {
-                    wake.thread = self.intake().wake_another().thread;
-                }
-                return Step::Lease(wake);
+                return Step::Lease(self.took_work(st, worker, lookout, keep));
             }
         }
         let next = match st.next_job(worker) {
@@ -239,7 +233,8 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
 
     /// Bookkeeping for a worker that took a job or a lease: it gives up the lookout (unless it
     /// `keep`s it through a lease, see `IntakeLine::lookout`) and wakes
-    /// a sender for the room it made; returns the idle workers to wake for what is left.
+    /// a sender for the room it made; returns the idle workers to wake for what is left, and
+    /// for a watched lease nobody stands by (see `Shared::stand_by`).
     fn took_work(
         &self,
         st: &mut State<T, R>,
@@ -255,7 +250,15 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         // (One that keeps it through a lease holds it still.)
         lookout.retake = std::mem::take(&mut lookout.looked) && st.idle_workers > 0 && !keep;
         self.wake_one_sender(st);
-        self.pass_work_on(st)
+        let mut wake = self.pass_work_on(st);
+        // A watched lease wants a worker standing by (see `Shared::stand_by`): one of the idle
+        // ones, if none does yet. Checked for every job too: in keyed mode the worker standing
+        // by, or the one woken to, may take another key's item instead, and the lease keeps
+        // the lookout, so sends wake nobody who could stand by in its place.
+        if !wake.thread && !st.standby && st.watched_lease().is_some() {
+            wake.thread = self.intake().wake_another().thread;
+        }
+        wake
     }
 
     /// Tells the journal how a job ended, under the state lock so it follows the job's append.

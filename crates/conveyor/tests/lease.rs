@@ -575,6 +575,69 @@ fn other_keys_sent_one_by_one_go_on_while_a_call_in_a_keyed_lease_is_stuck() {
     assert_eq!(by_key["b"], (1000..1000 + PACED).collect::<Vec<_>>());
 }
 
+/// Keyed: the worker woken to stand by a lease that keeps the lookout may find another key's
+/// item sent meanwhile (which woke nobody) and run it instead. If that call is stuck, and then
+/// one in the lease too, an idle worker must stand by in its place: sends, seeing the lookout,
+/// wake nobody, so a third key's items would wait for one of the stuck calls.
+#[test]
+fn an_idle_worker_stands_by_when_the_one_woken_for_it_runs_a_stuck_call() {
+    use std::sync::{OnceLock, Weak};
+    let (first, b_gate, stuck) = (Gate::new(), Gate::new(), Gate::new());
+    let own: Arc<OnceLock<Weak<Conveyor<u64>>>> = Arc::new(OnceLock::new());
+    let rec = Recorder::new();
+    let (g1, gb, gs, o, r) = (
+        first.clone(),
+        b_gate.clone(),
+        stuck.clone(),
+        own.clone(),
+        rec.clone(),
+    );
+    let c = Arc::new(
+        Conveyor::builder()
+            .ordering(Ordering::Keyed { concurrency: 3 })
+            .build(move |d: Delivery<u64>| {
+                let call = r.enter(&d);
+                r.leave(call);
+                match (d.key(), *d.item()) {
+                    (Some("a"), 0) => g1.pass(),
+                    // In the lease of a's backlog (item 1 ran at once): b's item, sent from
+                    // here, wakes nobody, and the worker woken to stand by finds it.
+                    (Some("a"), 2) => {
+                        let c = o.get().unwrap().upgrade().unwrap();
+                        drop(c.send_keyed("b", 1000).unwrap());
+                        gb.wait_for_callers(1);
+                    }
+                    (Some("a"), 3) => gs.pass(),
+                    (Some("b"), _) => gb.pass(),
+                    _ => {}
+                }
+                Ok(())
+            })
+            .unwrap(),
+    );
+    own.set(Arc::downgrade(&c)).unwrap();
+    for i in 0..ITEMS {
+        c.send_keyed("a", i).unwrap();
+    }
+    first.wait_for_callers(1);
+    first.open();
+    stuck.wait_for_callers(1);
+    let mut receipt = c.send_keyed("c", 2000).unwrap();
+    // Far more than the millisecond a worker standing by lets a lease stall.
+    let outcome = receipt.wait_timeout(Duration::from_secs(5));
+    let during = c.stats();
+    // Opened before any assertion, so that a failure does not wait for the drop's deadline.
+    b_gate.open();
+    stuck.open();
+    assert!(
+        matches!(outcome, Some(Ok(()))),
+        "c's item while a's lease and b's call were stuck: {outcome:?} ({during:?})"
+    );
+    assert!(c.flush_timeout(GENEROUS));
+    assert_eq!(c.stats().delivered, ITEMS + 2);
+    assert_eq!(rec.ended_by_key()["a"], (0..ITEMS).collect::<Vec<_>>());
+}
+
 /// A pipelined conveyor whose workers have seen its sink return at once (so that they lease),
 /// with item `at` of the items sent next held in `gate` and the sink's calls in `rec`.
 fn pipelined_after_warm_up(at: u64, gate: &Arc<Gate>, rec: &Arc<Recorder>) -> Conveyor<u64> {
