@@ -150,6 +150,14 @@ impl<T, R> Shared<T, R> {
         self.enqueue_drained(st, batch)
     }
 
+    /// [`Shared::drain`] if the intake holds items (a look at `filled` first, without its
+    /// lock).
+    pub(crate) fn drain_if_filled(&self, st: &mut State<T, R>) {
+        if self.intake.filled.load(AtomicOrdering::Relaxed) {
+            self.drain(st);
+        }
+    }
+
     /// [`Shared::drain`] for a caller that holds the intake lock already (and keeps it).
     fn drain_locked(&self, st: &mut State<T, R>, ik: &mut Intake<T, R>) -> bool {
         let mut batch = std::mem::take(&mut st.drained);

@@ -195,8 +195,13 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         if st.abandoned || st.stopping {
             return Step::Exit;
         }
-        // Its lease, if it kept the lookout through one, is over.
-        st.lookout_lease_over(worker);
+        // Its lease, if it kept the lookout through one, is over. The items sent meanwhile
+        // woke nobody: they join the lanes before the next lease, so that `took_work` wakes a
+        // worker for another key's. Left in the intake, they would wait until this worker ran
+        // out of leases, which a busy key's backlog may take long.
+        if st.lookout_lease_over(worker) {
+            self.drain_if_filled(st);
+        }
         if let Some(leasing) = leasing.filter(|l| l.size > 1) {
             let (size, items) = (leasing.size, &mut leasing.items);
             if st.lease(worker, size, items) || (self.drain(st) && st.lease(worker, size, items)) {
