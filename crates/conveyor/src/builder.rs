@@ -346,10 +346,11 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Builder<T, R> {
     /// counted). Memory stays bounded by this number when the sink stalls. Items in flight
     /// that go back to the queue unsettled (their lane paused by [`OnFailure::Pause`], or a
     /// shutdown interrupted them between attempts) may take it past the limit by at most one
-    /// per worker, and a strict worker with a fast sink lets go of the items it delivered a
-    /// few hundred at a time (at most 255 after their delivery). The memory the queued items took
-    /// at the queue's fullest (up to 16 MiB, plus 1 MiB the producer lets cool before reusing
-    /// it) is kept for the items sent after them, so that a burst does not allocate again.
+    /// per worker, and a worker with a fast sink lets go of the items it delivered up to a
+    /// few hundred at a time (at most 255 after their delivery, per worker). The memory the
+    /// queued items took at the queue's fullest (up to 16 MiB, plus 1 MiB the producer lets
+    /// cool before reusing it) is kept for the items sent after them, so that a burst does not
+    /// allocate again.
     ///
     /// # Examples
     ///

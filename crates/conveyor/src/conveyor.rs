@@ -62,8 +62,9 @@ pub(crate) struct Shared<T, R> {
 }
 
 /// How long a worker standing by lets a watched lease go without a move before it takes the
-/// lookout away and cuts a pipelined lease (see `Shared::stand_by`). Leases are made only of calls measured to take well under
-/// `worker::LEASE_TIME`: one that takes this long is stuck, or the sink has slowed down.
+/// lookout away and cuts a pipelined lease (see `Shared::stand_by`). Leases are made only of
+/// calls measured to take well under `worker::LEASE_TIME`: one that takes this long is stuck,
+/// or the sink has slowed down.
 const STANDBY: Duration = Duration::from_millis(1);
 
 /// How long the lookout spins for a send before it sleeps (see `Shared::spin_for_items`):
