@@ -175,11 +175,14 @@ fn a_pausing_error_is_logged_and_dropped_outside_the_engine_locks() {
             .unwrap()
     });
     c.send_keyed("acct-7", 1).unwrap();
-    let paused = in_time("the pausing worker", || {
-        while PAUSE_DROPPED.load(AtomicOrdering::Relaxed) == 0 {
-            std::thread::sleep(Duration::from_millis(1));
+    // The error is shown and dropped before its worker takes the state lock to pause the
+    // lane: wait for both.
+    let paused = in_time("the pausing worker", || loop {
+        let paused = c.paused();
+        if PAUSE_DROPPED.load(AtomicOrdering::Relaxed) > 0 && !paused.is_empty() {
+            break paused;
         }
-        c.paused()
+        std::thread::sleep(Duration::from_millis(1));
     });
     assert_eq!(paused, ["acct-7"]);
     // The held item's receipt stays pending: the log is where its error shows.
