@@ -81,6 +81,10 @@ struct Finished<T, R> {
 /// [`LEASE_TIME`].
 const LEASE: usize = 256;
 
+/// How long items sent during leases that keep the lookout may wait in the intake (see
+/// `Leasing::drain_now`), at most, while their worker leases lease after lease.
+const LEASE_DRAIN: Duration = Duration::from_micros(50);
+
 /// About how long a lease may last (see `Leasing::size`). A sender blocked on a full queue is
 /// woken when a lease ends, not as each of its items is delivered, and the delivered items stay
 /// in the lane until then: a lease must stay short. Only a sink whose calls take well under
@@ -101,6 +105,9 @@ struct Leasing<T, R> {
     /// [`LEASE_TIME`], at most [`LEASE`]. At 1 the worker takes one job per turn instead; it
     /// starts there, so a slow sink never holds a lease.
     size: usize,
+    /// When this worker last moved the intake's items into the lanes after a lease that kept
+    /// the lookout (see `drain_now`).
+    drained_at: Option<Instant>,
 }
 
 impl<T, R> Leasing<T, R> {
@@ -110,6 +117,19 @@ impl<T, R> Leasing<T, R> {
             ended: None,
             release: Vec::with_capacity(LEASE),
             size: 1,
+            drained_at: None,
+        }
+    }
+
+    /// After a lease that kept the lookout: runs `drain` (which moves the items sent
+    /// meanwhile, which woke nobody, into the lanes, so that another key's get a worker) unless
+    /// it ran less than [`LEASE_DRAIN`] ago. Draining after every lease slowed a busy key's
+    /// producer (its sends met the drains on the intake lock) by ~10%.
+    fn drain_now(&mut self, drain: impl FnOnce()) {
+        let now = Instant::now();
+        if self.drained_at.map_or(true, |at| now - at >= LEASE_DRAIN) {
+            self.drained_at = Some(now);
+            drain();
         }
     }
 
@@ -200,7 +220,9 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         // worker for another key's. Left in the intake, they would wait until this worker ran
         // out of leases, which a busy key's backlog may take long.
         if st.lookout_lease_over(worker) {
-            self.drain_if_filled(st);
+            if let Some(leasing) = leasing.as_deref_mut() {
+                leasing.drain_now(|| self.drain_if_filled(st));
+            }
         }
         if let Some(leasing) = leasing.filter(|l| l.size > 1) {
             let (size, items) = (leasing.size, &mut leasing.items);
