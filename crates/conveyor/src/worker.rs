@@ -122,8 +122,8 @@ impl<T, R> Leasing<T, R> {
     }
 
     /// After a lease that kept the lookout: runs `drain` (which moves the items sent
-    /// meanwhile, which woke nobody, into the lanes, so that another key's get a worker) unless
-    /// it ran less than [`LEASE_DRAIN`] ago. Draining after every lease slowed a busy key's
+    /// meanwhile, which woke nobody, into the lanes, so that another key's items get a
+    /// worker) unless it ran less than [`LEASE_DRAIN`] ago. Draining after every lease slowed a busy key's
     /// producer (its sends met the drains on the intake lock) by ~10%.
     fn drain_now(&mut self, drain: impl FnOnce()) {
         let now = Instant::now();
@@ -216,9 +216,10 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
             return Step::Exit;
         }
         // Its lease, if it kept the lookout through one, is over. The items sent meanwhile
-        // woke nobody: they join the lanes before the next lease, so that `took_work` wakes a
-        // worker for another key's. Left in the intake, they would wait until this worker ran
-        // out of leases, which a busy key's backlog may take long.
+        // woke nobody: they join the lanes before the next lease (at most every
+        // `LEASE_DRAIN`), so that `took_work` wakes a worker for another key's. Left in the
+        // intake, they would wait until this worker ran out of leases, which a busy key's
+        // backlog may take long, or until the worker standing by next looked.
         if st.lookout_lease_over(worker) {
             if let Some(leasing) = leasing.as_deref_mut() {
                 leasing.drain_now(|| self.drain_if_filled(st));
