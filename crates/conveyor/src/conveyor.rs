@@ -151,12 +151,9 @@ impl<T, R> Shared<T, R> {
         self.enqueue_drained(st, batch)
     }
 
-    /// [`Shared::drain`] if the intake holds items (a look at `filled` first, without its
-    /// lock).
-    pub(crate) fn drain_if_filled(&self, st: &mut State<T, R>) {
-        if self.intake.filled.load(AtomicOrdering::Relaxed) {
-            self.drain(st);
-        }
+    /// Whether the intake holds items, as `filled` says without its lock.
+    pub(crate) fn intake_filled(&self) -> bool {
+        self.intake.filled.load(AtomicOrdering::Relaxed)
     }
 
     /// [`Shared::drain`] for a caller that holds the intake lock already (and keeps it).
@@ -256,7 +253,7 @@ impl<T, R> Shared<T, R> {
     /// unless items wait in the intake: the producers then outpace this worker, which would
     /// pay an intake lock per item to give the lookout up again before each job.
     pub(crate) fn retake_lookout(&self, worker: usize) -> bool {
-        !self.intake.filled.load(AtomicOrdering::Relaxed) && self.claim_lookout(worker)
+        !self.intake_filled() && self.claim_lookout(worker)
     }
 
     /// For the lookout, before it sleeps: waits [`LOOKOUT_SPIN`] for a send, spinning. A

@@ -274,6 +274,19 @@ fn lane_mut<'a, T, R>(
     }
 }
 
+/// Keyed mode: the lane `id` in `lanes`, made if there is none, from the `spare` queue
+/// allocation (see `State::spare_queue`). Apart from `State`, so that its other fields stay
+/// free while the lane is borrowed.
+fn keyed_lane<'a, T, R>(
+    lanes: &'a mut HashMap<Arc<str>, Lane<T, R>>,
+    spare: &mut VecDeque<Job<T, R>>,
+    id: Arc<str>,
+) -> &'a mut Lane<T, R> {
+    lanes
+        .entry(id)
+        .or_insert_with(|| Lane::with_queue(std::mem::take(spare)))
+}
+
 /// A lane found by `State::lane_of`, with its id in keyed mode.
 type LaneOf<'a, T, R> = (&'a mut Lane<T, R>, Option<Arc<str>>);
 
@@ -677,7 +690,7 @@ impl<T, R> State<T, R> {
         let target = if !self.keyed {
             &mut self.main
         } else {
-            self.lanes.entry(Arc::from(lane)).or_insert_with(Lane::new)
+            keyed_lane(&mut self.lanes, &mut self.spare_queue, Arc::from(lane))
         };
         if !target.paused {
             target.paused = true;
@@ -702,13 +715,8 @@ impl<T, R> State<T, R> {
         let (lane, id) = if !self.keyed {
             (&mut self.main, None)
         } else {
-            let id = first
-                .key()
-                .cloned()
-                .unwrap_or_else(|| self.empty_key.clone());
-            let spare = &mut self.spare_queue;
-            let lane = (self.lanes.entry(id.clone()))
-                .or_insert_with(|| Lane::with_queue(std::mem::take(spare)));
+            let id = self.lane_id(first.key());
+            let lane = keyed_lane(&mut self.lanes, &mut self.spare_queue, id.clone());
             (lane, Some(id))
         };
         let before = lane.queue.len();
@@ -1313,8 +1321,8 @@ impl<T, R> State<T, R> {
         let lane = if !self.keyed {
             &mut self.main
         } else {
-            let id = key.cloned().unwrap_or_else(|| self.empty_key.clone());
-            self.lanes.entry(id).or_insert_with(Lane::new)
+            let id = self.lane_id(key);
+            keyed_lane(&mut self.lanes, &mut self.spare_queue, id)
         };
         lane.undecodable.push_back(Undecodable { seq, error });
         let held_already = lane.paused;

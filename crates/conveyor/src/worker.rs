@@ -82,7 +82,7 @@ struct Finished<T, R> {
 const LEASE: usize = 256;
 
 /// How long items sent during leases that keep the lookout may wait in the intake (see
-/// `Leasing::drain_now`), at most, while their worker leases lease after lease.
+/// `Leasing::drain_due`), at most, while their worker leases lease after lease.
 const LEASE_DRAIN: Duration = Duration::from_micros(50);
 
 /// About how long a lease may last (see `Leasing::size`). A sender blocked on a full queue is
@@ -106,7 +106,7 @@ struct Leasing<T, R> {
     /// starts there, so a slow sink never holds a lease.
     size: usize,
     /// When this worker last moved the intake's items into the lanes after a lease that kept
-    /// the lookout (see `drain_now`).
+    /// the lookout (see `drain_due`).
     drained_at: Option<Instant>,
 }
 
@@ -121,16 +121,18 @@ impl<T, R> Leasing<T, R> {
         }
     }
 
-    /// After a lease that kept the lookout: runs `drain` (which moves the items sent
-    /// meanwhile, which woke nobody, into the lanes, so that another key's items get a
-    /// worker) unless it ran less than [`LEASE_DRAIN`] ago. Draining after every lease slowed a busy key's
-    /// producer (its sends met the drains on the intake lock) by ~10%.
-    fn drain_now(&mut self, drain: impl FnOnce()) {
+    /// After a lease that kept the lookout, with items in the intake: whether to move them
+    /// (they woke nobody) into the lanes now, so that another key's items get a worker, which
+    /// is then counted as done. Not if that was done less than [`LEASE_DRAIN`] ago: draining
+    /// after every lease slowed a busy key's producer (its sends met the drains on the intake
+    /// lock) by ~10%.
+    fn drain_due(&mut self) -> bool {
         let now = Instant::now();
-        if self.drained_at.map_or(true, |at| now - at >= LEASE_DRAIN) {
+        let due = self.drained_at.map_or(true, |at| now - at >= LEASE_DRAIN);
+        if due {
             self.drained_at = Some(now);
-            drain();
         }
+        due
     }
 
     /// Sizes the next lease from `calls` sink calls (with their receipts) that took `took`.
@@ -220,10 +222,11 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         // `LEASE_DRAIN`), so that `took_work` wakes a worker for another key's. Left in the
         // intake, they would wait until this worker ran out of leases, which a busy key's
         // backlog may take long, or until the worker standing by next looked.
-        if st.lookout_lease_over(worker) {
-            if let Some(leasing) = leasing.as_deref_mut() {
-                leasing.drain_now(|| self.drain_if_filled(st));
-            }
+        if st.lookout_lease_over(worker)
+            && self.intake_filled()
+            && leasing.as_deref_mut().is_some_and(Leasing::drain_due)
+        {
+            self.drain(st);
         }
         if let Some(leasing) = leasing.filter(|l| l.size > 1) {
             let (size, items) = (leasing.size, &mut leasing.items);
