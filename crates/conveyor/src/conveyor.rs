@@ -268,12 +268,20 @@ impl<T, R> Shared<T, R> {
     /// threads, woken onto the producer's CPU by a flush, fell into this in up to 13 of 72
     /// bursts; see BENCHMARKS.md). Spinning, then sleeping, it leaves that CPU to the
     /// producer, and the next send's wake-up lets the scheduler place it on an idle one.
-    pub(crate) fn spin_for_items(&self) {
+    ///
+    /// A lone worker that holds back its drain until `held_back` (see
+    /// `Shared::drain_out_of_work`) spins until then once items are there.
+    pub(crate) fn spin_for_items(&self, held_back: Option<Instant>) {
         // Relaxed: what a send pushed is seen through the intake lock, which the
         // lookout's next step takes.
         let until = Instant::now() + LOOKOUT_SPIN;
         while !self.intake.filled.load(AtomicOrdering::Relaxed) && Instant::now() < until {
             std::hint::spin_loop();
+        }
+        if let Some(held_back) = held_back.filter(|_| self.intake_filled()) {
+            while Instant::now() < held_back {
+                std::hint::spin_loop();
+            }
         }
     }
 
@@ -281,10 +289,13 @@ impl<T, R> Shared<T, R> {
     /// what the intake holds into the lanes: a send that saw the flag, and so woke nobody,
     /// pushed its item before this, and the caller's `pass_work_on` (next, under the same
     /// state lock) wakes a worker for it if it can run in parallel. A send after this wakes
-    /// one itself.
+    /// one itself. With no worker idle, nobody could be woken: the items stay in the intake
+    /// until a worker runs out of work and drains it (it never sleeps with items there, see
+    /// `register_idle`), which a lone worker does at its own pace (see
+    /// `worker::LEASE_DRAIN`).
     pub(crate) fn release_lookout(&self, st: &mut State<T, R>, worker: usize) {
         let mut ik = self.intake();
-        if !ik.is_empty() {
+        if !ik.is_empty() && st.idle_workers > 0 {
             self.drain_locked(st, &mut ik);
         }
         self.let_go_of_lookout(worker);

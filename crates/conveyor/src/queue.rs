@@ -1115,6 +1115,11 @@ impl<T, R> State<T, R> {
         }
     }
 
+    /// One worker runs every lane (strict ordering, or a concurrency or `in_flight` of 1).
+    pub(crate) fn lone_worker(&self) -> bool {
+        self.leases.len() == 1
+    }
+
     /// Several workers share the main lane.
     fn pipelined(&self) -> bool {
         !self.keyed && self.leases.len() > 1

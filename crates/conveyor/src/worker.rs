@@ -81,8 +81,10 @@ struct Finished<T, R> {
 /// [`LEASE_TIME`].
 const LEASE: usize = 256;
 
-/// How long items sent during leases that keep the lookout may wait in the intake (see
-/// `Leasing::drain_due`), at most, while their worker leases lease after lease.
+/// How often a leasing worker moves the intake's items into the lanes, at most, where it
+/// could do so after every lease (see `Leasing::drain_due`): after leases that keep the
+/// lookout, and, for a lone worker, whenever it runs out of work. It is also how long an item
+/// may wait in the intake for that, at most, while its worker keeps busy.
 const LEASE_DRAIN: Duration = Duration::from_micros(50);
 
 /// About how long a lease may last (see `Leasing::size`). A sender blocked on a full queue is
@@ -105,8 +107,8 @@ struct Leasing<T, R> {
     /// [`LEASE_TIME`], at most [`LEASE`]. At 1 the worker takes one job per turn instead; it
     /// starts there, so a slow sink never holds a lease.
     size: usize,
-    /// When this worker last moved the intake's items into the lanes after a lease that kept
-    /// the lookout (see `drain_due`).
+    /// When this worker last moved the intake's items into the lanes, where that is rate
+    /// limited (see `drain_due`).
     drained_at: Option<Instant>,
 }
 
@@ -121,18 +123,25 @@ impl<T, R> Leasing<T, R> {
         }
     }
 
-    /// After a lease that kept the lookout, with items in the intake: whether to move them
-    /// (they woke nobody) into the lanes now, so that another key's items get a worker, which
-    /// is then counted as done. Not if that was done less than [`LEASE_DRAIN`] ago: draining
-    /// after every lease slowed a busy key's producer (its sends met the drains on the intake
-    /// lock) by ~10%.
-    fn drain_due(&mut self) -> bool {
-        let now = Instant::now();
-        let due = self.drained_at.map_or(true, |at| now - at >= LEASE_DRAIN);
-        if due {
-            self.drained_at = Some(now);
-        }
-        due
+    /// Until when this worker holds back its next drain of the intake: [`LEASE_DRAIN`] after
+    /// its last one (see `drained`), if that has not passed. Every drain meets the producers on
+    /// the intake lock and on the lines of the items they just wrote: draining after every
+    /// lease slowed a busy key's producer by ~10%, and a lone worker that kept pace with its
+    /// producer drained every few dozen items, which cost several times a send's own work on
+    /// a machine whose cores were far apart (see `Shared::drain_out_of_work`).
+    fn held_back_until(&self) -> Option<Instant> {
+        let until = self.drained_at? + LEASE_DRAIN;
+        (Instant::now() < until).then_some(until)
+    }
+
+    /// Whether the worker may drain the intake now (see `held_back_until`).
+    fn drain_due(&self) -> bool {
+        self.held_back_until().is_none()
+    }
+
+    /// Records a rate-limited drain that moved items.
+    fn drained(&mut self) {
+        self.drained_at = Some(Instant::now());
     }
 
     /// Sizes the next lease from `calls` sink calls (with their receipts) that took `took`.
@@ -222,15 +231,18 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         // `LEASE_DRAIN`), so that `took_work` wakes a worker for another key's. Left in the
         // intake, they would wait until this worker ran out of leases, which a busy key's
         // backlog may take long, or until the worker standing by next looked.
-        if st.lookout_lease_over(worker)
-            && self.intake_filled()
-            && leasing.as_deref_mut().is_some_and(Leasing::drain_due)
-        {
-            self.drain(st);
+        if st.lookout_lease_over(worker) && self.intake_filled() {
+            if let Some(leasing) = leasing.as_deref_mut().filter(|l| l.drain_due()) {
+                self.drain(st);
+                leasing.drained();
+            }
         }
-        if let Some(leasing) = leasing.filter(|l| l.size > 1) {
-            let (size, items) = (leasing.size, &mut leasing.items);
-            if st.lease(worker, size, items) || (self.drain(st) && st.lease(worker, size, items)) {
+        if let Some(leasing) = leasing.as_deref_mut().filter(|l| l.size > 1) {
+            let size = leasing.size;
+            if st.lease(worker, size, &mut leasing.items)
+                || (self.drain_out_of_work(st, Some(&mut *leasing))
+                    && st.lease(worker, size, &mut leasing.items))
+            {
                 // Under the state lock, which a shutdown closing the lease holds too.
                 self.lease_claims[worker].store(0, AtomicOrdering::Relaxed);
                 // See `IntakeLine::lookout`. (The lookout a worker standing by took away is
@@ -246,7 +258,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         }
         let next = match st.next_job(worker) {
             Some(job) => Some(job),
-            None if self.drain(st) => st.next_job(worker),
+            None if self.drain_out_of_work(st, leasing) => st.next_job(worker),
             None => None,
         };
         if let Some(job) = next {
@@ -260,6 +272,34 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
             return Step::Exit;
         }
         Step::Wait
+    }
+
+    /// Moves the intake's items into the lanes for a worker out of work; returns whether it
+    /// moved any. A lone leasing worker (see `State::lone_worker`) holds this back until
+    /// [`LEASE_DRAIN`] after its last drain (see `Leasing::held_back_until`), spinning
+    /// meanwhile as the lookout (see `thread_worker`), so that its producer fills a batch
+    /// undisturbed. Otherwise, once such a worker kept pace with its producer, the two met at
+    /// every few dozen items, on the intake lock and on the lines of the items just sent, and
+    /// stayed that way: on stretches of time where every handoff between the machine's cores
+    /// was slow, strict end to end took 10-20 ms per 100k items instead of 2. Drains every
+    /// 50 us made such stretches 30-40% faster and the best ones ~3% slower (see
+    /// BENCHMARKS.md). For several workers, the same pacing made pipelined:16 20-45% slower.
+    /// The price is latency: an item sent less than [`LEASE_DRAIN`] after the last drain waits
+    /// for the rest of it.
+    fn drain_out_of_work(&self, st: &mut State<T, R>, leasing: Option<&mut Leasing<T, R>>) -> bool {
+        let Some(leasing) = leasing.filter(|_| st.lone_worker()) else {
+            return self.drain(st);
+        };
+        // `filled` may be stale: the worker then looks out for the items it missed, or finds
+        // them under the intake lock before it sleeps (`register_idle`).
+        if !self.intake_filled() || !leasing.drain_due() {
+            return false;
+        }
+        let moved = self.drain(st);
+        if moved {
+            leasing.drained();
+        }
+        moved
     }
 
     /// Bookkeeping for a worker that took a job or a lease: it gives up the lookout (unless it
@@ -773,13 +813,19 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
                 settle.is_empty() && !leasing.as_ref().is_some_and(|l| !l.release.is_empty())
             };
             while matches!(step, Step::Wait) && nothing_to_settle(&settle, &leasing) {
-                if !std::mem::replace(&mut spun, true)
+                // Items a lone worker holds back (see `drain_out_of_work`) are waited for
+                // spinning, however often it comes here meanwhile.
+                let held_back = leasing
+                    .as_ref()
+                    .filter(|_| st.lone_worker() && shared.intake_filled())
+                    .and_then(Leasing::held_back_until);
+                if (!std::mem::replace(&mut spun, true) || held_back.is_some())
                     && (lookout.held || shared.claim_lookout(worker))
                 {
                     lookout.held = true;
                     lookout.looked = true;
                     drop(st);
-                    shared.spin_for_items();
+                    shared.spin_for_items(held_back);
                     st = shared.lock();
                 } else if shared.register_idle(&mut st, worker, true, &mut lookout.held) {
                     // Registered under the state lock, which this thread holds until `wait`
@@ -1186,5 +1232,27 @@ mod tests {
         assert!(far > Instant::now() + Duration::from_secs(365 * 86_400));
         let soon = later(Duration::from_millis(5));
         assert!(soon <= Instant::now() + Duration::from_millis(5));
+    }
+
+    #[test]
+    fn a_drain_holds_the_next_back_for_lease_drain() {
+        let mut leasing = Leasing::<u64, ()>::new();
+        assert_eq!(
+            leasing.held_back_until(),
+            None,
+            "never drained: due at once"
+        );
+        assert!(leasing.drain_due());
+        let before = Instant::now();
+        leasing.drained();
+        let until = leasing
+            .held_back_until()
+            .expect("held back right after a drain");
+        assert!(!leasing.drain_due());
+        assert!(until >= before + LEASE_DRAIN);
+        assert!(until <= Instant::now() + LEASE_DRAIN);
+        // Once the time is up, due again.
+        leasing.drained_at = Some(Instant::now() - LEASE_DRAIN);
+        assert!(leasing.drain_due());
     }
 }
