@@ -4,7 +4,9 @@
 //! A worker settles the job it just finished and takes the next one under a single
 //! acquisition of the state lock, so in steady state a strict conveyor costs one lock
 //! round trip per item and no context switch between items. When the lanes have nothing
-//! for it, it moves every item the producers left in the intake into the lanes at once.
+//! for it, it moves every item the producers left in the intake into the lanes at once (a
+//! lone worker at most every [`LEASE_DRAIN`], spinning until then: see
+//! `Shared::drain_out_of_work`).
 
 use std::cell::Cell;
 use std::future::Future;
