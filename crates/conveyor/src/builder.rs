@@ -33,6 +33,10 @@ use crate::worker::Sink;
 pub enum Ordering {
     /// Item n+1 is handed to the sink only after item n is settled: one call at a
     /// time. The default.
+    ///
+    /// While a blocking sink's calls return within microseconds, its worker takes what was
+    /// sent in batches, at most every 50 µs, so that it does not meet the sending thread at
+    /// every item: an item may then wait up to that long before its call starts.
     #[default]
     Strict,
     /// Items are handed to the sink in submission order, with at most `in_flight`
