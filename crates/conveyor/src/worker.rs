@@ -285,9 +285,9 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
     /// stayed that way: on stretches of time where every handoff between the machine's cores
     /// was slow, strict end to end took 10-20 ms per 100k items instead of 2. Drains every
     /// 50 us made such stretches 30-40% faster and the best ones ~3% slower (see
-    /// BENCHMARKS.md). For several workers, the same pacing made pipelined:16 20-45% slower.
-    /// The price is latency: an item sent less than [`LEASE_DRAIN`] after the last drain waits
-    /// for the rest of it.
+    /// BENCHMARKS.md). Paced the same way, pipelined:16 and keyed:16 ran 4-46% slower. The
+    /// price is latency: an item sent less than [`LEASE_DRAIN`] after the last drain waits for
+    /// the rest of it.
     fn drain_out_of_work(&self, st: &mut State<T, R>, leasing: Option<&mut Leasing<T, R>>) -> bool {
         let Some(leasing) = leasing.filter(|_| st.lone_worker()) else {
             return self.drain(st);
