@@ -14,6 +14,9 @@ use criterion::{
 
 use conveyor::{Conveyor, Delivery, Ordering};
 
+mod baselines;
+use baselines::{crossbeam, thread_baseline, Baseline, CAPACITY};
+
 /// The ordering modes compared against the channel baselines.
 const MODES: [(&str, Ordering); 3] = [
     ("conveyor_strict", Ordering::Strict),
@@ -23,9 +26,6 @@ const MODES: [(&str, Ordering); 3] = [
     ),
     ("conveyor_keyed_16", Ordering::Keyed { concurrency: 16 }),
 ];
-
-/// Large enough that the producer never waits for room within one measured batch.
-const CAPACITY: usize = 1 << 20;
 
 fn conveyor_with(ordering: Ordering, sink_sleep: Option<Duration>) -> Conveyor<u64> {
     Conveyor::builder()
@@ -41,45 +41,8 @@ fn conveyor_with(ordering: Ordering, sink_sleep: Option<Duration>) -> Conveyor<u
         .expect("valid configuration")
 }
 
-/// The instant-sink baselines: a bounded channel with one consumer thread.
-struct Baseline {
-    send: Box<dyn FnMut(u64)>,
-    /// Blocks until the consumer has seen every item sent so far.
-    drain: Box<dyn FnMut()>,
-}
-
-/// A consumer thread over `items`; `u64::MAX` is the drain marker.
-fn thread_baseline(
-    send: impl Fn(u64) + Clone + 'static,
-    items: impl Iterator<Item = u64> + Send + 'static,
-) -> Baseline {
-    let (done_tx, done_rx) = mpsc::channel::<()>();
-    std::thread::spawn(move || {
-        for item in items {
-            if item == u64::MAX {
-                let _ = done_tx.send(());
-            } else {
-                black_box(item);
-            }
-        }
-    });
-    let marker = send.clone();
-    Baseline {
-        send: Box::new(send),
-        drain: Box::new(move || {
-            marker(u64::MAX);
-            done_rx.recv().unwrap();
-        }),
-    }
-}
-
 fn std_mpsc() -> Baseline {
     let (tx, rx) = mpsc::sync_channel::<u64>(CAPACITY);
-    thread_baseline(move |i| tx.send(i).unwrap(), rx.into_iter())
-}
-
-fn crossbeam() -> Baseline {
-    let (tx, rx) = crossbeam_channel::bounded::<u64>(CAPACITY);
     thread_baseline(move |i| tx.send(i).unwrap(), rx.into_iter())
 }
 
@@ -117,16 +80,16 @@ fn tokio_mpsc() -> Baseline {
         }
     });
     let marker = tx.clone();
-    Baseline {
-        send: Box::new(move |i| {
+    Baseline::new(
+        move |i| {
             let _keep_runtime = &rt;
             tx.blocking_send(i).unwrap()
-        }),
-        drain: Box::new(move || {
+        },
+        move || {
             marker.blocking_send(u64::MAX).unwrap();
             done_rx.recv().unwrap();
-        }),
-    }
+        },
+    )
 }
 
 /// Builds a fresh baseline (its consumer thread included).

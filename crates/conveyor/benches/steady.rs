@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use conveyor::{Conveyor, Delivery, Ordering};
 
+mod baselines;
+
 /// Items per round, as in `end_to_end_100k`.
 const ITEMS: u64 = 100_000;
 /// Rounds per trial; the first few warm the trial up and are not counted.
@@ -33,7 +35,7 @@ fn median(mut rounds: Vec<Duration>) -> Duration {
 fn conveyor_trial(ordering: Ordering) -> Duration {
     let conveyor: Conveyor<u64> = Conveyor::builder()
         .ordering(ordering)
-        .capacity(1 << 20)
+        .capacity(baselines::CAPACITY)
         .build(|d: Delivery<u64>| {
             black_box(d.item());
             Ok(())
@@ -52,33 +54,19 @@ fn conveyor_trial(ordering: Ordering) -> Duration {
     median(rounds)
 }
 
-/// Crossbeam bounded + a consumer thread, drained as in `engine.rs`: `u64::MAX` asks the
-/// consumer to say it has seen everything before it.
+/// Crossbeam bounded + a consumer thread, as in `engine.rs`.
 fn crossbeam_trial() -> Duration {
-    let (items, consumer_items) = crossbeam_channel::bounded::<u64>(1 << 20);
-    let (seen, all_seen) = crossbeam_channel::bounded::<()>(1);
-    let consumer = std::thread::spawn(move || {
-        for item in consumer_items {
-            if item == u64::MAX {
-                seen.send(()).expect("the producer waits");
-            } else {
-                black_box(item);
-            }
-        }
-    });
+    let mut baseline = baselines::crossbeam();
     let rounds = (0..ROUNDS)
         .map(|_| {
             let started = Instant::now();
             for i in 0..ITEMS {
-                items.send(i).expect("the consumer runs");
+                (baseline.send)(i);
             }
-            items.send(u64::MAX).expect("the consumer runs");
-            all_seen.recv().expect("the consumer answers");
+            (baseline.drain)();
             started.elapsed()
         })
         .collect();
-    drop(items);
-    consumer.join().expect("the consumer ends");
     median(rounds)
 }
 
