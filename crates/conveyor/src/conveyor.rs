@@ -122,7 +122,7 @@ impl<T, R> Shared<T, R> {
         // The lookout will see the item (see `IntakeLine::lookout`): no wake-up syscall.
         let lookout = self.intake.lookout.load(AtomicOrdering::Relaxed) != NO_LOOKOUT;
         let accepted = ik.try_accept(key, item, !lookout);
-        if accepted.is_ok() && !self.intake.filled.load(AtomicOrdering::Relaxed) {
+        if accepted.is_ok() && !self.intake_filled() {
             self.intake.filled.store(true, AtomicOrdering::Relaxed);
         }
         // The intake guard must be gone before `wake_after_send` locks the state.
@@ -275,7 +275,7 @@ impl<T, R> Shared<T, R> {
         // Relaxed: what a send pushed is seen through the intake lock, which the
         // lookout's next step takes.
         let until = Instant::now() + LOOKOUT_SPIN;
-        while !self.intake.filled.load(AtomicOrdering::Relaxed) && Instant::now() < until {
+        while !self.intake_filled() && Instant::now() < until {
             std::hint::spin_loop();
         }
         if let Some(held_back) = held_back.filter(|_| self.intake_filled()) {
@@ -509,7 +509,7 @@ impl<T, R> Shared<T, R> {
             // A keyed lease holds up only its own key, which waits for the stuck call anyway:
             // it is not cut (nor its claims closed).
             let before = release.len();
-            if !self.config.ordering.is_keyed() {
+            if st.pipelined() {
                 if let Some(claim) = self.close_claims(&st, lease.0) {
                     st.cut_lease(lease.0, claim, release);
                 }

@@ -1121,7 +1121,7 @@ impl<T, R> State<T, R> {
     }
 
     /// Several workers share the main lane.
-    fn pipelined(&self) -> bool {
+    pub(crate) fn pipelined(&self) -> bool {
         !self.keyed && self.leases.len() > 1
     }
 
