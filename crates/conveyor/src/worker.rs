@@ -679,9 +679,14 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         if std::mem::take(&mut lookout.held) {
             self.release_lookout(&mut st, worker);
         }
-        // Nobody else is woken for the items after it: they wait until its failure is
-        // recorded (see `queue::InFlight::holding`), and whoever lets them start then wakes
-        // a worker for them.
+        // In keyed mode, other keys' items (those sent during the lease, which woke nobody,
+        // among them) go to idle workers now rather than when the worker standing by next
+        // looks. A pipelined lane's items after the failed one wait until its failure is
+        // recorded (see `queue::InFlight::holding`), and whoever lets them start then wakes a
+        // worker for them: `pass_work_on` finds none startable.
+        let wake = self.pass_work_on(&st);
+        drop(st);
+        self.notify_workers(wake);
         job
     }
 
