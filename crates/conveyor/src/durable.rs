@@ -598,7 +598,7 @@ impl Writer {
             }
             // Gather the rest: until the window closes (Batched), or what is already queued
             // (Sync, or a flush/close waiting). A failed group waits for its retry time.
-            let deadline = retry_at.or_else(|| self.window.map(|w| Instant::now() + w));
+            let deadline = retry_at.or_else(|| self.window.map(crate::worker::later));
             while !stop && batch.appends.len() < MAX_GROUP {
                 let urgent = !barriers.is_empty() && retry_at.is_none();
                 let next = match deadline {

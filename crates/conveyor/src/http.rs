@@ -532,7 +532,10 @@ impl HttpSinkBuilder {
 
         // On a thread of its own: reqwest's blocking client waits for its runtime thread as it
         // starts, which panics on a thread that runs async code (a Tokio worker).
+        // None (no limit) for a timeout too long for the clock: reqwest adds it to the time
+        // of every request, which would overflow and panic.
         let timeout = self.timeout;
+        let limit = Instant::now().checked_add(timeout).map(|_| timeout);
         let client = std::thread::scope(|scope| {
             scope
                 .spawn(|| {
@@ -541,7 +544,7 @@ impl HttpSinkBuilder {
                         .fold(Client::builder(), |client, root| {
                             client.add_root_certificate(root)
                         })
-                        .timeout(timeout)
+                        .timeout(limit)
                         .redirect(reqwest::redirect::Policy::none())
                         .build()
                 })
@@ -700,7 +703,7 @@ impl HttpSink {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn send<T: AsRef<[u8]>>(&self, d: &Delivery<T>) -> Result<HttpReply, SinkError> {
-        let deadline = Instant::now() + self.timeout;
+        let deadline = crate::worker::later(self.timeout);
         let mut request = self
             .client
             .request(self.method.clone(), self.url.clone())

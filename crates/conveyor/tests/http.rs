@@ -307,6 +307,16 @@ fn a_trickling_body_runs_out_of_time() {
     }
 }
 
+/// A timeout too long for the clock (`Duration::MAX`, or a front's "forever") waits without a
+/// deadline instead of failing every request with a panic.
+#[test]
+fn a_timeout_too_long_for_the_clock_means_no_deadline() {
+    for timeout in [Duration::MAX, Duration::from_secs(u64::MAX / 2)] {
+        let reply = delivered(answering("200 OK", "", b"fine").timeout(timeout));
+        assert_eq!((reply.status, &reply.body[..]), (200, &b"fine"[..]));
+    }
+}
+
 #[test]
 fn a_zero_timeout_is_refused() {
     let error = HttpSink::builder("http://127.0.0.1:9/")

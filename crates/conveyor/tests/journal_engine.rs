@@ -1574,3 +1574,31 @@ fn tokio_block_on<F: std::future::Future>(future: F) -> F::Output {
         .unwrap()
         .block_on(future)
 }
+
+/// A commit window too long for the clock (`Duration::MAX`, a front's "forever") commits only
+/// when asked to (a flush, the close), instead of panicking the journal's writer, after which
+/// nothing would ever be delivered.
+#[test]
+fn a_commit_window_too_long_for_the_clock_commits_when_flushed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    let (seen, sink) = recorder();
+    let c: Conveyor<u64> = Conveyor::builder()
+        .journal(&path)
+        .durability(Durability::Batched(Duration::MAX))
+        .build(sink)
+        .unwrap();
+    for i in 0..3 {
+        c.send(i).unwrap();
+    }
+    assert!(
+        c.flush_timeout(Duration::from_secs(60)),
+        "{:?}",
+        c.journal_error()
+    );
+    let items: Vec<u64> = seen.lock().unwrap().iter().map(|s| s.2).collect();
+    assert_eq!(items, [0, 1, 2]);
+    assert_eq!(c.close_timeout(Duration::from_secs(60)).left, 0);
+    let status = Journal::open_read_only(&path).unwrap().status().unwrap();
+    assert_eq!(status.pending, 0, "{status:?}");
+}
