@@ -56,8 +56,10 @@ fn parse_seconds(name: &str, seconds: f64, alternative: &str) -> PyResult<Durati
 pub(crate) struct Deadline(Option<Instant>);
 
 impl Deadline {
+    /// A timeout too long for the clock to add (`timeout=sys.maxsize`, a common "forever") is
+    /// as good as none: adding it would panic.
     pub(crate) fn after(timeout: Option<Duration>) -> Self {
-        Deadline(timeout.map(|t| Instant::now() + t))
+        Deadline(timeout.and_then(|t| Instant::now().checked_add(t)))
     }
 
     /// The next slice to wait: [`SLICE`], or less when the deadline is closer.

@@ -6,10 +6,13 @@ import copy
 import decimal
 import fractions
 import pickle
+import sys
 
 import pytest
 
 import conveyor
+
+from conftest import run_python
 
 # One instance of every exception class conveyor exports, with every attribute it carries.
 EXAMPLES = [
@@ -253,3 +256,37 @@ def test_an_int_too_large_for_a_float_is_a_value_error_naming_the_argument(make)
     r = c.send(1)
     assert c.flush(10) is True
     assert r.result(timeout=-(2**2000)) is None
+
+
+# `sys.maxsize` is a common spelling of "forever"; it and anything up to ~1.8e19 s were a
+# `PanicException` ("overflow when adding duration to instant") instead of a wait.
+FOREVERS = [sys.maxsize, 1e19]
+
+
+@pytest.mark.parametrize("forever", FOREVERS, ids=repr)
+def test_a_timeout_too_long_for_the_clock_waits_like_none(make, forever):
+    c = make(discard, ordering="keyed")
+    r = c.send(1, key="k")
+    assert c._send_wait(2, "k", None, forever) is not None
+    assert c.flush(forever) is True
+    assert r.result(forever) is None and r.exception(timeout=forever) is None
+    assert c.close(forever).left == 0
+
+
+@pytest.mark.parametrize("forever", FOREVERS, ids=repr)
+def test_a_drain_timeout_too_long_for_the_clock_still_drains(forever):
+    proc = run_python(
+        f"""
+import conveyor
+delivered = []
+dropped = conveyor.Conveyor(delivered.append, drain_timeout={forever!r})
+dropped.send("collected")
+del dropped
+print(delivered)
+left = conveyor.Conveyor(print, drain_timeout={forever!r})
+left.send("at exit")
+"""
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["['collected']", "at exit"]
+    assert proc.stderr == ""
