@@ -183,6 +183,20 @@ pub(crate) fn key(value: &Bound<'_, PyAny>) -> PyResult<Option<String>> {
     optional(value, |v| str_arg(v, "key", "a str or None"))
 }
 
+/// `key` of `resume`: a lane's key, `""` for the single lane of a strict or pipelined conveyor.
+pub(crate) fn lane_key(value: &Bound<'_, PyAny>) -> PyResult<String> {
+    str_arg(
+        value,
+        "key",
+        "a str (\"\" for the single lane of a strict or pipelined conveyor)",
+    )
+}
+
+/// `seq` of a dead letter (`retry_dead`, `discard_dead`): seqs start at 1.
+pub(crate) fn seq(value: &Bound<'_, PyAny>) -> PyResult<u64> {
+    count(value, "seq", 1)
+}
+
 /// Reads a `str` argument, with a `TypeError` that names it and says what it takes.
 pub(crate) fn str_arg(value: &Bound<'_, PyAny>, name: &str, expected: &str) -> PyResult<String> {
     value

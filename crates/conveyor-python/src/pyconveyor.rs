@@ -1247,9 +1247,13 @@ impl PyConveyor {
     }
 
     /// Resumes a paused lane; returns `False` if it was not paused.
-    #[pyo3(signature = (key = ""))]
-    fn resume(&self, py: Python<'_>, key: &str) -> PyResult<bool> {
-        Ok(self.live(py)?.engine.resume(key))
+    #[pyo3(signature = (key = String::new()), text_signature = "($self, /, key=\"\")")]
+    fn resume(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = args::lane_key)] key: String,
+    ) -> PyResult<bool> {
+        Ok(self.live(py)?.engine.resume(&key))
     }
 
     /// Items that failed for good and were kept by the journal (`journal=` with
@@ -1272,7 +1276,11 @@ impl PyConveyor {
     /// that failed, so retry only what the receiver did not take. On a full queue it waits for
     /// room whatever the backpressure (a dead letter is never dropped on its way back), and
     /// Ctrl-C interrupts that wait, leaving the dead letter where it was.
-    fn retry_dead(&self, py: Python<'_>, seq: u64) -> PyResult<PyReceipt> {
+    fn retry_dead(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = args::seq)] seq: u64,
+    ) -> PyResult<PyReceipt> {
         let shared = self.live(py)?;
         let engine = &shared.engine;
         // In slices, for Ctrl-C: a slice that finds the queue still full leaves the dead letter
@@ -1289,7 +1297,11 @@ impl PyConveyor {
     }
 
     /// Deletes dead letter `seq` for good. Raises `JournalError` if there is none.
-    fn discard_dead(&self, py: Python<'_>, seq: u64) -> PyResult<()> {
+    fn discard_dead(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = args::seq)] seq: u64,
+    ) -> PyResult<()> {
         let engine = &self.live(py)?.engine;
         py.detach(|| engine.discard_dead(seq))
             .map_err(|err| crate::journal::error(py, &err))

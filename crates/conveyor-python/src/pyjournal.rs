@@ -8,6 +8,7 @@ use std::sync::{Mutex, PoisonError, TryLockError};
 use conveyor::{Journal, JournalError, JournalStatus, LaneStatus};
 use pyo3::prelude::*;
 
+use crate::args;
 use crate::journal::{cursor_arg, new_error, repr, PyDeadLetter};
 use crate::pyconveyor::{fork_gen, same_process};
 
@@ -162,12 +163,20 @@ impl PyJournal {
     /// seq: the next Conveyor on this journal delivers it after what is already pending. The new
     /// seq gives it a new `idempotency_key`, so retry only what the receiver did not take.
     /// Raises `JournalError` if there is no such dead letter.
-    fn retry_dead(&self, py: Python<'_>, seq: u64) -> PyResult<u64> {
+    fn retry_dead(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = args::seq)] seq: u64,
+    ) -> PyResult<u64> {
         self.with(py, |journal| journal.retry_dead(seq))
     }
 
     /// Deletes dead letter `seq` for good. Raises `JournalError` if there is none.
-    fn discard_dead(&self, py: Python<'_>, seq: u64) -> PyResult<()> {
+    fn discard_dead(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = args::seq)] seq: u64,
+    ) -> PyResult<()> {
         self.with(py, |journal| journal.discard_dead(seq))
     }
 
@@ -175,9 +184,13 @@ impl PyJournal {
     /// pipelined conveyor), as `Conveyor.resume(key)` does; returns `False` if it was not
     /// paused. The next Conveyor on this journal delivers the lane again, starting with the item
     /// that paused it.
-    #[pyo3(signature = (key = ""))]
-    fn resume(&self, py: Python<'_>, key: &str) -> PyResult<bool> {
-        self.with(py, |journal| journal.resume(key))
+    #[pyo3(signature = (key = String::new()), text_signature = "($self, /, key=\"\")")]
+    fn resume(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = args::lane_key)] key: String,
+    ) -> PyResult<bool> {
+        self.with(py, |journal| journal.resume(&key))
     }
 
     /// The input position last stored (`send(..., cursor=N)`, `set_cursor(N)`), or `None`.

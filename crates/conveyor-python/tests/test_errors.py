@@ -173,6 +173,7 @@ def discard(item):
 # (call, argument, what it takes, the value as shown).
 SECONDS = "a number of seconds"
 SECONDS_OR_NONE = "a number of seconds or None"
+LANE_KEY = 'a str ("" for the single lane of a strict or pipelined conveyor)'
 WRONG_TYPE_CALLS = {
     "flush": (lambda c, r: c.flush("x"), "timeout", SECONDS_OR_NONE, "'x'"),
     "aflush": (lambda c, r: c.aflush(timeout="x"), "timeout", SECONDS_OR_NONE, "'x'"),
@@ -185,6 +186,9 @@ WRONG_TYPE_CALLS = {
     "try_send": (lambda c, r: c.try_send(1, key=b"k"), "key", "a str or None", "b'k'"),
     "asend": (lambda c, r: c.asend(1, key=1), "key", "a str or None", "1"),
     "_send_wait key": (lambda c, r: c._send_wait(1, 1, None, 0.0), "key", "a str or None", "1"),
+    "resume": (lambda c, r: c.resume(1), "key", LANE_KEY, "1"),
+    "retry_dead": (lambda c, r: c.retry_dead("1"), "seq", "a whole number", "'1'"),
+    "discard_dead": (lambda c, r: c.discard_dead(1.0), "seq", "a whole number", "1.0"),
     "backoff": (lambda c, r: conveyor.Conveyor(discard, backoff=None), "backoff", SECONDS, "None"),
     "max_backoff": (
         lambda c, r: conveyor.Conveyor(discard, max_backoff="1"), "max_backoff", SECONDS_OR_NONE, "'1'"
@@ -290,3 +294,38 @@ left.send("at exit")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["['collected']", "at exit"]
     assert proc.stderr == ""
+
+
+def journal_with_a_dead_letter(path):
+    def reject(item):
+        raise conveyor.PermanentError("rejected")
+
+    with conveyor.Conveyor(reject, journal=path) as c:
+        c.send("dead")
+
+
+# Dead letters and lanes: these said "'str' object cannot be interpreted as an integer",
+# "can't convert negative int to unsigned" (an OverflowError) or "'int' object is not an
+# instance of 'str'", naming no argument.
+LANE_AND_SEQ_CALLS = {
+    "resume": (lambda j: j.resume(None), TypeError, f"argument 'key': expected {LANE_KEY}, got None"),
+    "retry_dead": (lambda j: j.retry_dead("1"), TypeError, "argument 'seq': expected a whole number, got '1'"),
+    "discard_dead": (lambda j: j.discard_dead(True), TypeError, "argument 'seq': expected a whole number, got True"),
+    "retry_dead -1": (lambda j: j.retry_dead(-1), ValueError, "seq=-1: expected a whole number >= 1"),
+    "discard_dead 2**64": (lambda j: j.discard_dead(2**64), ValueError, f"seq={2**64}: too large"),
+}
+
+
+@pytest.mark.parametrize("owner", ["Conveyor", "Journal"])
+@pytest.mark.parametrize("call, error, message", LANE_AND_SEQ_CALLS.values(), ids=LANE_AND_SEQ_CALLS.keys())
+def test_dead_letter_and_lane_arguments_are_named_in_errors(tmp_path, owner, call, error, message):
+    path = tmp_path / "events.journal"
+    journal_with_a_dead_letter(path)
+    opened = conveyor.Conveyor(discard, journal=path) if owner == "Conveyor" else conveyor.Journal(path)
+    try:
+        with pytest.raises(error) as info:
+            call(opened)
+        assert str(info.value) == message
+        assert [dead.item for dead in opened.dead_letters()] == ["dead"]
+    finally:
+        opened.close()
