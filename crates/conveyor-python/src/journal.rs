@@ -176,8 +176,14 @@ pub(crate) fn dumps(object: &Bound<'_, PyAny>) -> PyResult<Box<RawValue>> {
         .call1((object,))
         .map_err(|err| not_json(err.to_string()))?;
     let text = text.cast_into::<PyString>()?.to_string();
-    // json.dumps writes NaN and Infinity, which JSON (and so the journal) does not allow.
-    RawValue::from_string(text).map_err(|err| not_json(err.to_string()))
+    // json.dumps writes NaN and Infinity, which JSON (and so the journal) does not allow. The
+    // parser's own words ("expected value at line 1 column 9") say neither what nor why.
+    RawValue::from_string(text).map_err(|err| {
+        not_json(format!(
+            "json.dumps wrote something JSON does not allow ({err}), such as NaN or Infinity \
+             for a float: send None or a string in its place"
+        ))
+    })
 }
 
 /// `json.loads(text)`: a journaled item as the sink receives it.

@@ -43,6 +43,19 @@ def test_items_that_are_not_json_are_refused_at_send(make, tmp_path):
     assert c.stats.accepted == 0
 
 
+@pytest.mark.parametrize("number", [float("nan"), float("inf"), -float("inf")], ids=repr)
+def test_a_float_json_cannot_hold_is_named_with_what_to_send_instead(make, tmp_path, number):
+    # Said only "expected value at line 1 column 13", the JSON parser's position in the output
+    # of json.dumps, leaving the user to find the NaN in their item.
+    c = make(Recorder(), journal=tmp_path / "events.journal")
+    with pytest.raises(ValueError) as info:
+        c.send({"temperature": [20.5, number]})
+    message = str(info.value)
+    assert message.startswith("a journaled conveyor stores items as JSON, and this dict cannot be: ")
+    assert "NaN or Infinity for a float: send None or a string in its place" in message
+    assert c.stats.accepted == 0
+
+
 def test_accepted_items_survive_a_crash_and_are_delivered_in_order(tmp_path):
     path = tmp_path / "events.journal"
     crashed = run_python(
