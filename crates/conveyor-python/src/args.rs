@@ -7,7 +7,10 @@
 //! function path, so each argument name gets a one-line function over a shared reader. Every
 //! reader takes the value first, then the argument's name.
 
+use std::collections::BTreeMap;
+
 use pyo3::exceptions::{PyOverflowError, PyTypeError, PyValueError};
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::PyBool;
 
@@ -195,6 +198,48 @@ pub(crate) fn lane_key(value: &Bound<'_, PyAny>) -> PyResult<String> {
 /// `seq` of a dead letter (`retry_dead`, `discard_dead`): seqs start at 1.
 pub(crate) fn seq(value: &Bound<'_, PyAny>) -> PyResult<u64> {
     count(value, "seq", 1)
+}
+
+/// `headers` of `Conveyor.http`: any mapping of `str` names to `str` values, as the stub's
+/// `Mapping[str, str]` promises (a `dict`, but also requests' `CaseInsensitiveDict` or a
+/// `MappingProxyType`), or `None`. Header values are secrets (an `Authorization` token): an
+/// error names the header and the type, never a value.
+///
+/// # Errors
+/// `TypeError` naming the argument for anything else; whatever the mapping's `items()` raises.
+pub(crate) fn headers(value: &Bound<'_, PyAny>) -> PyResult<Option<BTreeMap<String, String>>> {
+    const EXPECTED: &str = "a mapping of str header names to str values (a dict), or None";
+    let type_name = |value: &Bound<'_, PyAny>| {
+        value
+            .get_type()
+            .name()
+            .map(|name| name.to_string())
+            .unwrap_or_default()
+    };
+    optional(value, |mapping| {
+        let Ok(items) = mapping.getattr(intern!(mapping.py(), "items")) else {
+            return Err(PyTypeError::new_err(format!(
+                "argument 'headers': expected {EXPECTED}, got a {}",
+                type_name(mapping)
+            )));
+        };
+        let mut headers = BTreeMap::new();
+        for pair in items.call0()?.try_iter()? {
+            let (name, header) = pair?.extract::<(Bound<'_, PyAny>, Bound<'_, PyAny>)>()?;
+            let name: String = name
+                .extract()
+                .map_err(|_| wrong_type(&name, "headers", "str header names"))?;
+            let header: String = header.extract().map_err(|_| {
+                PyTypeError::new_err(format!(
+                    "argument 'headers': expected str header values, got a {} for {name:?} \
+                     (values are never shown: they may be secrets)",
+                    type_name(&header)
+                ))
+            })?;
+            headers.insert(name, header);
+        }
+        Ok(headers)
+    })
 }
 
 /// Reads a `str` argument, with a `TypeError` that names it and says what it takes.

@@ -998,7 +998,9 @@ impl PyConveyor {
     fn http(
         py: Python<'_>,
         url: &Bound<'_, PyAny>,
-        headers: Option<std::collections::BTreeMap<String, String>>,
+        #[pyo3(from_py_with = args::headers)] headers: Option<
+            std::collections::BTreeMap<String, String>,
+        >,
         method: Option<&Bound<'_, PyAny>>,
         #[pyo3(from_py_with = args::bounded_timeout)] timeout: f64,
         cafile: Option<std::path::PathBuf>,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import collections.abc
 import inspect
 import json
 import pathlib
 import ssl
 import threading
+import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterator, List, Optional, Tuple
 
@@ -81,6 +83,56 @@ def test_items_are_posted_in_order_as_bodies(server):
     assert replies[0].json() == {"got": 3}
     assert replies[0].text() == '{"got": 3}'
     assert server.authorization == ["Bearer s3cret"] * 4
+
+
+class CaseInsensitiveHeaders(collections.abc.Mapping):
+    """A mapping that is no dict, as requests' `CaseInsensitiveDict` is."""
+
+    def __init__(self, **headers: str) -> None:
+        self.headers = headers
+
+    def __getitem__(self, name: str) -> str:
+        return self.headers[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.headers)
+
+    def __len__(self) -> int:
+        return len(self.headers)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        CaseInsensitiveHeaders(Authorization="Bearer s3cret"),
+        types.MappingProxyType({"Authorization": "Bearer s3cret"}),
+    ],
+    ids=lambda headers: type(headers).__name__,
+)
+def test_headers_may_be_any_mapping(server, headers):
+    # The stub says Mapping[str, str]; anything but a dict was "TypeError: 'mappingproxy'
+    # object is not an instance of 'dict'".
+    with conveyor.Conveyor.http(server.url, headers=headers) as c:
+        assert c.send("x").result(timeout=10).status == 200
+    assert server.authorization == ["Bearer s3cret"]
+
+
+@pytest.mark.parametrize(
+    "headers, message",
+    [
+        ([("Authorization", "Bearer s3cret")], "a mapping of str header names to str values (a dict), or None, got a list"),
+        ({1: "Bearer s3cret"}, "str header names, got 1"),
+        ({"Authorization": b"Bearer s3cret"}, 'str header values, got a bytes for "Authorization"'),
+    ],
+    ids=["list", "name", "value"],
+)
+def test_wrong_headers_are_named_without_showing_a_value(headers, message):
+    # Was "'bytes' object is not an instance of 'str'", naming neither the argument nor the
+    # header.
+    with pytest.raises(TypeError) as info:
+        conveyor.Conveyor.http("http://127.0.0.1:9/", headers=headers)
+    assert str(info.value).startswith(f"argument 'headers': expected {message}")
+    assert "s3cret" not in str(info.value)
 
 
 def test_server_errors_are_retried_in_order(server):
