@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use pyo3::exceptions::{PyOverflowError, PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::PyBool;
+use pyo3::types::{PyBool, PyString};
 
 /// The `TypeError` for argument `name` given a value of the wrong type. PyO3's own names a Rust
 /// type ("'int' object cannot be converted to 'PyString'"), not what the argument takes, and
@@ -243,8 +243,23 @@ pub(crate) fn headers(value: &Bound<'_, PyAny>) -> PyResult<Option<BTreeMap<Stri
 }
 
 /// Reads a `str` argument, with a `TypeError` that names it and says what it takes.
+///
+/// # Errors
+/// `TypeError` for anything but a `str`; `ValueError` for a `str` with no UTF-8 form (a lone
+/// surrogate, as `surrogateescape` decoding leaves), which "expected a str" would misname.
 pub(crate) fn str_arg(value: &Bound<'_, PyAny>, name: &str, expected: &str) -> PyResult<String> {
-    value
-        .extract()
-        .map_err(|_| wrong_type(value, name, expected))
+    value.extract::<String>().map_err(|err| {
+        if value.is_instance_of::<PyString>() {
+            PyValueError::new_err(format!(
+                "argument '{name}': {} has no UTF-8 form ({}): pass text without lone surrogates",
+                value
+                    .repr()
+                    .map(|r| r.to_string())
+                    .unwrap_or_else(|_| "the str".to_owned()),
+                err.value(value.py())
+            ))
+        } else {
+            wrong_type(value, name, expected)
+        }
+    })
 }

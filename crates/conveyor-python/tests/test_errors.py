@@ -329,3 +329,15 @@ def test_dead_letter_and_lane_arguments_are_named_in_errors(tmp_path, owner, cal
         assert [dead.item for dead in opened.dead_letters()] == ["dead"]
     finally:
         opened.close()
+
+
+@pytest.mark.parametrize("send", ["send", "try_send", "asend"])
+def test_a_key_with_no_utf8_form_is_named_as_such(make, send):
+    # Said "expected a str or None, got '\\udcff'" of what is a str: one holding a lone
+    # surrogate, as os.fsdecode() leaves for a byte that is not UTF-8.
+    c = make(discard, ordering="keyed")
+    with pytest.raises(ValueError) as info:
+        getattr(c, send)(1, key="user-\udcff")
+    assert str(info.value).startswith("argument 'key': 'user-\\udcff' has no UTF-8 form (")
+    assert str(info.value).endswith("): pass text without lone surrogates")
+    assert c.stats.accepted == 0
