@@ -45,9 +45,15 @@ pub(crate) fn timeout_arg(name: &str, seconds: Option<f64>) -> PyResult<Option<D
 /// `alternative` completes the error message with what else the argument accepts.
 fn parse_seconds(name: &str, seconds: f64, alternative: &str) -> PyResult<Duration> {
     Duration::try_from_secs_f64(seconds).map_err(|_| {
-        PyValueError::new_err(format!(
-            "{name}={seconds}: expected a finite number of seconds >= 0{alternative}"
-        ))
+        PyValueError::new_err(if seconds.is_finite() && seconds > 0.0 {
+            // Finite, so "expected a finite number" would be wrong; in full, 1e300 is 301 digits.
+            format!(
+                "{name}={seconds:e}: too long, expected at most {:e} seconds{alternative}",
+                Duration::MAX.as_secs_f64()
+            )
+        } else {
+            format!("{name}={seconds}: expected a finite number of seconds >= 0{alternative}")
+        })
     })
 }
 

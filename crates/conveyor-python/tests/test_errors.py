@@ -341,3 +341,15 @@ def test_a_key_with_no_utf8_form_is_named_as_such(make, send):
     assert str(info.value).startswith("argument 'key': 'user-\\udcff' has no UTF-8 form (")
     assert str(info.value).endswith("): pass text without lone surrogates")
     assert c.stats.accepted == 0
+
+
+def test_a_finite_number_of_seconds_too_long_to_hold_says_so(make):
+    # Said "timeout=1000…(301 digits): expected a finite number of seconds >= 0" of a finite one.
+    c = make(discard)
+    with pytest.raises(ValueError) as info:
+        c.flush(1e300)
+    assert str(info.value) == (
+        "timeout=1e300: too long, expected at most 1.8446744073709552e19 seconds, or None to wait forever"
+    )
+    with pytest.raises(ValueError, match=r"^drain_timeout=1e20: too long, expected at most [0-9.e]+ seconds$"):
+        conveyor.Conveyor(discard, drain_timeout=1e20)
