@@ -27,8 +27,9 @@ START = time.perf_counter()
 def main() -> None:
     items = [{"sub_item": f"sub-item-{n}"} for n in range(3)]
 
-    # Retry a failing send up to 3 more times (0.1 s, 0.2 s, 0.4 s apart), and give the
-    # conveyor 10 s at interpreter exit to deliver what is still queued.
+    # Retry a failing send up to 3 more times (waiting 0.05-0.1 s, 0.1-0.2 s, then 0.2-0.4 s:
+    # random within each range), and give the conveyor 10 s at interpreter exit to deliver what
+    # is still queued.
     with conveyor.Conveyor(send_to_space, retries=3, backoff=0.1, drain_timeout=10) as c:
         global START
         START = time.perf_counter()

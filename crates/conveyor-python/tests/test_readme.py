@@ -1,4 +1,5 @@
-"""Every Python snippet in the READMEs runs as written; one marked ``# fragment`` still compiles."""
+"""Every Python snippet in the READMEs and every example runs as written; a snippet marked
+``# fragment`` still compiles."""
 
 from __future__ import annotations
 
@@ -42,4 +43,24 @@ def test_readme_python_snippet_runs_as_written(name, code, tmp_path):
         timeout=60,
     )
     assert proc.returncode == 0, f"{name}:\n{proc.stderr}"
+    assert proc.stderr == ""
+
+
+EXAMPLES = sorted((ROOT / "crates" / "conveyor-python" / "examples").glob("*.py"))
+
+
+def test_there_are_examples():
+    assert EXAMPLES
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda path: path.name)
+def test_example_runs(example, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-W", "error", str(example)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, f"{example.name}:\n{proc.stderr}"
     assert proc.stderr == ""
