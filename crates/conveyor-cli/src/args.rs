@@ -377,7 +377,8 @@ pub(crate) struct SendArgs {
     /// Copy lines rejected as bad input (not JSON, no key field, longer than 128 MiB) here.
     ///
     /// A run that reads a file from its first line empties it first; a resumed run (which skips the lines read
-    /// before) and a run on stdin or a pipe append, so the rejects of earlier runs are kept.
+    /// before) and a run on stdin or a pipe append, so the rejects of earlier runs are kept. A
+    /// file the run reads (the input, the journal) is refused: it would be emptied first.
     ///
     /// Its lines are never glued together: a line whose copy cannot be finished (the input
     /// fails within an overlong line, the disk fills) is cut off; a half line left by a killed

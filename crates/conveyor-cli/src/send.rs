@@ -243,6 +243,19 @@ impl SendPlan {
                 (Some(path), true)
             }
         };
+        if let Some(rejects) = &args.rejects {
+            let input_path = match input {
+                Input::File(path) | Input::Stream(path) => Some(path.as_path()),
+                Input::Stdin | Input::Memory(_) => None,
+            };
+            let read = [
+                ("the input", input_path),
+                ("the journal", journal.as_deref()),
+                ("the --cacert file", args.cacert.as_deref()),
+                ("the --exec program", target.program()),
+            ];
+            check_rejects_path(rejects, &read)?;
+        }
         if args.on_failure == FailurePolicy::Pause && journal.is_none() {
             return Err(CliError::usage(
                 "--on-failure pause needs the journal (a paused lane is resumed from it): drop --no-journal",
@@ -281,6 +294,30 @@ impl SendPlan {
             OrderingArg::Pipelined(n) => Ordering::Pipelined { in_flight: n },
             OrderingArg::Keyed(n) => Ordering::Keyed { concurrency: n },
         }
+    }
+}
+
+/// Refuses a `--rejects FILE` that is one of the files the run reads (`read`: what each is, and
+/// its path): it is emptied or appended to before they are read, so the run would destroy the
+/// input it was asked to send (and report that it sent nothing as a success), or the journal.
+fn check_rejects_path(rejects: &Path, read: &[(&str, Option<&Path>)]) -> Result<(), CliError> {
+    use std::os::unix::fs::MetadataExt;
+    // Only a regular file is emptied or changed: a device (`/dev/stderr`) is written as it is.
+    let meta = match std::fs::metadata(rejects) {
+        Ok(meta) if meta.is_file() => meta,
+        _ => return Ok(()),
+    };
+    let clash = read.iter().find(|(_, path)| {
+        path.and_then(|path| std::fs::metadata(path).ok())
+            .is_some_and(|other| (other.dev(), other.ino()) == (meta.dev(), meta.ino()))
+    });
+    match clash {
+        Some((what, _)) => Err(CliError::usage(format!(
+            "--rejects {} is {what} of this run: copying bad lines there would overwrite it; \
+             name another file for them, e.g. --rejects rejects.jsonl",
+            rejects.display()
+        ))),
+        None => Ok(()),
     }
 }
 

@@ -40,6 +40,14 @@ pub(crate) enum Target {
 }
 
 impl Target {
+    /// The program that `--exec` runs, as found on the PATH.
+    pub(crate) fn program(&self) -> Option<&Path> {
+        match self {
+            Self::Http(_) => None,
+            Self::Exec(exec) => Some(&exec.program),
+        }
+    }
+
     /// What to show as the destination (no secrets).
     pub(crate) fn describe(&self) -> String {
         match self {

@@ -161,6 +161,50 @@ fn an_input_that_cannot_be_read_creates_no_journal() {
     assert_eq!(server.count(), 0);
 }
 
+/// `--rejects` naming a file the run reads (the README's `--rejects bad.jsonl`, run on a
+/// bad.jsonl) would be emptied or appended to before it is read: the run is refused, exit 2,
+/// and the file is left as it was, rather than a run that sent nothing reporting success.
+#[test]
+fn a_rejects_file_that_the_run_reads_is_refused_and_left_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(|_| Reply::ok()).unwrap();
+    let input = write_lines(dir.path(), "in.jsonl", &items(3, 1));
+    let journal = dir.path().join("in.journal");
+    let send = |rejects: &std::path::Path| {
+        conveyor(dir.path())
+            .args(["send", input.to_str().unwrap(), "--to", &server.url()])
+            .args(["--journal", journal.to_str().unwrap()])
+            .args(["--rejects", rejects.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let link = dir.path().join("link.jsonl");
+    std::os::unix::fs::symlink(&input, &link).unwrap();
+    let lines = std::fs::read(&input).unwrap();
+    for (rejects, what) in [(&input, "the input"), (&link, "the input")] {
+        let (_, stderr) = expect_exit(&send(rejects), 2);
+        assert!(stderr.contains(&format!("is {what}")), "{stderr}");
+        assert!(stderr.contains("name another file"), "{stderr}");
+        assert_eq!(
+            std::fs::read(&input).unwrap(),
+            lines,
+            "the input was changed"
+        );
+    }
+    assert_eq!(server.count(), 0);
+    // A journal, once it exists, is never appended to either.
+    expect_exit(&send(&dir.path().join("rejects.jsonl")), 0);
+    let kept = std::fs::read(&journal).unwrap();
+    let (_, stderr) = expect_exit(&send(&journal), 2);
+    assert!(stderr.contains("is the journal"), "{stderr}");
+    assert_eq!(
+        std::fs::read(&journal).unwrap(),
+        kept,
+        "the journal was changed"
+    );
+    assert_eq!(ids(&server.arrivals()), [0, 1, 2]);
+}
+
 #[test]
 fn a_rerun_keeps_the_rejects_of_the_earlier_run() {
     let dir = tempfile::tempdir().unwrap();
