@@ -168,12 +168,13 @@ pub(crate) fn build_error(e: BuildError) -> CliError {
             "journal {} was written by a run with `--ordering {}` and still holds {pending} \
              pending line(s) and {paused} paused lane(s), which `--ordering {}` would put in the \
              wrong lanes; it was left untouched: rerun with `--ordering {}` to deliver them \
-             (after `conveyor resume KEY` for a paused lane), or give this run another \
+             (after `conveyor resume{} KEY` for a paused lane), or give this run another \
              --journal PATH",
             path.display(),
             ordering_arg(&written),
             ordering_arg(&opened),
             ordering_arg(&written),
+            crate::ops::journal_option(&path),
         ),
         BuildError::Journal(JournalError::OtherKind { path, written, .. }) => format!(
             "{} is a journal of another program (its items are of kind {written:?}), not of \

@@ -5,7 +5,7 @@
 //! committed) and never keep a `send` from starting; the commands that change it need its lock,
 //! and fail naming the process holding it while a `send` runs on it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use conveyor::{DeadLetter, Holder, Journal, JournalError};
 use serde::Serialize;
@@ -54,6 +54,21 @@ fn find_journal(given: &Option<PathBuf>) -> Result<PathBuf, CliError> {
     }
 }
 
+/// What a command named in a hint needs after it to work on `journal` where the user runs it:
+/// nothing when it is the only journal under ./.conveyor/ (the one found by default), else
+/// ` --journal PATH`. Every hint that names a journal command ends with it, or the command
+/// it names fails, or reads another journal, once a second input or target has one too.
+pub(crate) fn journal_option(journal: &Path) -> String {
+    let found = find_journal(&None)
+        .ok()
+        .and_then(|p| std::fs::canonicalize(p).ok());
+    if found.is_some() && found == std::fs::canonicalize(journal).ok() {
+        String::new()
+    } else {
+        format!(" --journal {}", shell_word(&journal.display().to_string()))
+    }
+}
+
 /// Opens the journal to change it: only while no `send` runs on it.
 fn open(opts: &JournalOpts) -> Result<Journal, CliError> {
     let path = find_journal(&opts.journal)?;
@@ -72,13 +87,16 @@ fn open_error(e: JournalError) -> CliError {
     CliError::usage(match e {
         // The engine's advice suits a program that wants the journal for itself; these
         // commands wait their turn instead.
-        JournalError::Locked { path, pid } => format!(
-            "journal {} is in use by {} (a `conveyor send` running on it, most likely): let \
-             it finish, or stop it (Ctrl-C), then run this again (`conveyor status` and \
-             `conveyor dead list` work meanwhile)",
-            path.display(),
-            process(pid)
-        ),
+        JournalError::Locked { path, pid } => {
+            let journal = journal_option(&path);
+            format!(
+                "journal {} is in use by {} (a `conveyor send` running on it, most likely): \
+                 let it finish, or stop it (Ctrl-C), then run this again (`conveyor \
+                 status{journal}` and `conveyor dead list{journal}` work meanwhile)",
+                path.display(),
+                process(pid)
+            )
+        }
         JournalError::NotAJournal { path } => format!(
             "{} is not a journal (it does not start like a SQLite database, which a journal \
              is): pass the --journal PATH that `conveyor send` used",
@@ -112,17 +130,14 @@ fn in_use_note(holder: Holder) -> String {
 }
 
 fn journal_error(e: conveyor::JournalError) -> CliError {
-    let hint = match e {
-        conveyor::JournalError::NoSuchDeadLetter { .. } => ": `conveyor dead list` shows them",
-        _ => "",
-    };
-    CliError::usage(format!("{e}{hint}"))
+    CliError::usage(e.to_string())
 }
 
 pub(crate) fn status(opts: &JournalOpts) -> Result<u8, CliError> {
     let journal = open_to_read(opts)?;
     let in_use_by = journal.holder();
     let status = journal.status().map_err(journal_error)?;
+    let journal_option = journal_option(journal.path());
     let path = journal.path().display().to_string();
     if opts.json {
         let lanes: Vec<_> = status
@@ -162,28 +177,31 @@ pub(crate) fn status(opts: &JournalOpts) -> Result<u8, CliError> {
         if let Some(error) = &lane.paused {
             text.push_str(&format!(
                 ", PAUSED by: {error} (fix it, then `{}`)",
-                resume_command(&lane.lane)
+                resume_command(&lane.lane, &journal_option)
             ));
         }
     }
     text.push_str(&format!("\ndead letters: {}", status.dead_letters));
     if status.dead_letters > 0 {
-        text.push_str(" (`conveyor dead list`)");
+        text.push_str(&format!(" (`conveyor dead list{journal_option}`)"));
     }
     print_out(&text).map_err(CliError::io)?;
     Ok(exit::OK)
 }
 
-/// The command that resumes `lane`: the single lane of strict and pipelined runs takes no key.
-pub(crate) fn resume_command(lane: &str) -> String {
-    if lane.is_empty() {
-        "conveyor resume".to_owned()
-    } else {
-        format!("conveyor resume {}", shell_word(lane))
-    }
+/// The command that resumes `lane`: the single lane of strict and pipelined runs takes no key,
+/// and a key that looks like an option follows `--`. `journal_option` is what
+/// [`journal_option`] gives for its journal.
+pub(crate) fn resume_command(lane: &str, journal_option: &str) -> String {
+    let key = match lane {
+        "" => String::new(),
+        option if option.starts_with('-') => format!(" -- {}", shell_word(lane)),
+        _ => format!(" {}", shell_word(lane)),
+    };
+    format!("conveyor resume{journal_option}{key}")
 }
 
-/// A lane name as the user would type it.
+/// A lane name or a path as the user would type it.
 fn shell_word(lane: &str) -> String {
     if lane.is_empty() {
         String::new()
@@ -317,7 +335,14 @@ fn dead_each(
                 }
             }
             Err(e) => {
-                failed = Some(journal_error(e));
+                let hint = match e {
+                    JournalError::NoSuchDeadLetter { .. } => format!(
+                        ": `conveyor dead list{}` shows them",
+                        journal_option(journal.path())
+                    ),
+                    _ => String::new(),
+                };
+                failed = Some(CliError::usage(format!("{e}{hint}")));
                 break;
             }
         }
@@ -370,7 +395,12 @@ pub(crate) fn resume(args: &ResumeArgs) -> Result<u8, CliError> {
             .lanes
             .iter()
             .filter(|l| l.paused.is_some())
-            .map(|l| format!("`{}`", resume_command(&l.lane)))
+            .map(|l| {
+                format!(
+                    "`{}`",
+                    resume_command(&l.lane, &journal_option(journal.path()))
+                )
+            })
             .collect();
         let hint = if paused.is_empty() {
             "no lane is paused there".to_owned()
@@ -410,7 +440,12 @@ mod tests {
 
     #[test]
     fn the_single_lane_is_resumed_without_a_key() {
-        assert_eq!(resume_command(""), "conveyor resume");
-        assert_eq!(resume_command("a b"), "conveyor resume 'a b'");
+        assert_eq!(resume_command("", ""), "conveyor resume");
+        assert_eq!(resume_command("a b", ""), "conveyor resume 'a b'");
+        assert_eq!(
+            resume_command("u1", " --journal j.journal"),
+            "conveyor resume --journal j.journal u1"
+        );
+        assert_eq!(resume_command("-1", ""), "conveyor resume -- -1");
     }
 }

@@ -261,6 +261,10 @@ pub(crate) struct Summary {
     pub(crate) interrupted: bool,
     pub(crate) paused_lanes: Vec<String>,
     pub(crate) journal: Option<String>,
+    /// What the journal commands named in the text need to find the journal (` --journal
+    /// PATH`, or nothing for the only one under ./.conveyor/: see `ops::journal_option`).
+    #[serde(skip)]
+    pub(crate) journal_option: String,
     /// The input was stdin or a pipe, which a rerun reads anew from its first line: rerunning
     /// the same command does not pick up where this run stopped reading.
     #[serde(skip)]
@@ -312,12 +316,15 @@ impl Summary {
         if self.interrupted {
             text.push_str("\ninterrupted");
         }
+        let journal = &self.journal_option;
         if self.paused_lanes == [""] {
             // The one lane of a strict or pipelined run: resumed without a key.
-            text.push_str("\nthe lane is paused (fix the cause, then `conveyor resume`)");
+            text.push_str(&format!(
+                "\nthe lane is paused (fix the cause, then `conveyor resume{journal}`)"
+            ));
         } else if !self.paused_lanes.is_empty() {
             text.push_str(&format!(
-                "\npaused lanes: {} (fix the cause, then `conveyor resume KEY`)",
+                "\npaused lanes: {} (fix the cause, then `conveyor resume{journal} KEY`)",
                 self.paused_lanes
                     .iter()
                     .map(|k| format!("{k:?}"))
@@ -334,8 +341,8 @@ impl Summary {
                 Some(path) if self.stream => text.push_str(&format!(
                     "\n{items} left in the journal {path}: rerun the same command to deliver \
                      them. The rerun reads its input stream anew from the first line: feed it \
-                     only the lines this run did not read (`conveyor status` shows how far it \
-                     read), or those read are sent again as new lines"
+                     only the lines this run did not read (`conveyor status{journal}` shows how \
+                     far it read), or those read are sent again as new lines"
                 )),
                 Some(path) => text.push_str(&format!(
                     "\n{items} left in the journal {path}: rerun the same command to resume"
@@ -350,7 +357,9 @@ impl Summary {
             ));
         }
         if self.failed > 0 && self.journal.is_some() {
-            text.push_str("\nfailed lines are kept as dead letters: `conveyor dead list`");
+            text.push_str(&format!(
+                "\nfailed lines are kept as dead letters: `conveyor dead list{journal}`"
+            ));
         }
         text
     }
@@ -390,6 +399,7 @@ mod tests {
             interrupted: true,
             paused_lanes: vec![],
             journal: None,
+            journal_option: String::new(),
             stream: false,
             journal_error: None,
             exit_code: 3,

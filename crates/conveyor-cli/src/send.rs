@@ -18,7 +18,7 @@ use crate::input::{overlong_reason, KeySpec, Line, LineReader, Parsed, MAX_LINE}
 use crate::rejects::Rejects;
 use crate::report::{millis, print_out, FailureNotes, Progress, Summary};
 use crate::sink::{sink_fn, ExecSink, Latencies, Target};
-use crate::{exit, journal, CliError};
+use crate::{exit, journal, ops, CliError};
 
 /// The longest wait between two retries, whatever `--backoff` doubles up to.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -701,7 +701,8 @@ pub(crate) fn run(
                 progress.note(&if input.is_replayable() {
                     format!(
                         "a paused lane fills the queue: stopped reading at line {submitting}; \
-                         after `conveyor resume`, a rerun reads on from there"
+                         after `conveyor resume{}`, a rerun reads on from there",
+                        journal_option(&plan.journal)
                     )
                 } else {
                     format!(
@@ -759,8 +760,9 @@ pub(crate) fn run(
         .saturating_sub(counters.failed_noted.load(AtomicOrdering::Relaxed));
     if earlier > 0 {
         progress.note(&format!(
-            "{earlier} line(s) left in the journal by an earlier run failed: `conveyor dead list` \
-             shows them and why"
+            "{earlier} line(s) left in the journal by an earlier run failed: `conveyor dead \
+             list{}` shows them and why",
+            journal_option(&plan.journal)
         ));
     }
     let rejected = counters.rejected.load(AtomicOrdering::Relaxed);
@@ -798,6 +800,7 @@ pub(crate) fn run(
         interrupted,
         paused_lanes,
         journal: plan.journal.as_ref().map(|p| p.display().to_string()),
+        journal_option: journal_option(&plan.journal),
         stream: !input.is_replayable(),
         journal_error,
         exit_code,
@@ -808,6 +811,15 @@ pub(crate) fn run(
         print_out(&summary.human()).map_err(CliError::io)?;
     }
     Ok(summary)
+}
+
+/// What the journal commands named in hints need to find the run's journal (see
+/// [`ops::journal_option`]); nothing without one.
+fn journal_option(journal: &Option<PathBuf>) -> String {
+    journal
+        .as_deref()
+        .map(ops::journal_option)
+        .unwrap_or_default()
 }
 
 /// Tells when a run can make no more progress because of a paused lane. Such a lane never

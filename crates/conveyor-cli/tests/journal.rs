@@ -170,8 +170,10 @@ fn failed_lines_become_dead_letters_and_dead_retry_delivers_them() {
         .output()
         .unwrap();
     let (_, err) = expect_exit(&again, 2);
+    // The journal is not under ./.conveyor/, where a bare `conveyor dead list` looks.
+    let list = format!("`conveyor dead list --journal {}`", journal.display());
     assert!(
-        err.contains("no dead letter with seq") && err.contains("`conveyor dead list`"),
+        err.contains("no dead letter with seq") && err.contains(&list),
         "{err}"
     );
 
@@ -429,6 +431,86 @@ fn a_paused_key_stops_the_run_only_once_the_other_keys_are_done() {
             "key u{key}: {lane:?}"
         );
     }
+}
+
+/// The journal commands (`status`, `dead ...`, `resume ...`) quoted in backticks in `text`, as
+/// argument lists without the leading `conveyor`.
+fn hinted_journal_commands(text: &str) -> Vec<Vec<String>> {
+    text.split('`')
+        .skip(1)
+        .step_by(2)
+        .filter_map(|quoted| quoted.strip_prefix("conveyor "))
+        .filter(|command| !command.starts_with("send"))
+        .map(|command| command.split_whitespace().map(String::from).collect())
+        .collect()
+}
+
+/// Every input and target gets a journal of its own under ./.conveyor/, so there are soon
+/// several, and a bare `conveyor dead list` there asks which one: the journal commands that
+/// hints name (the summary's, `status`'s) must run as written, on the run's own journal.
+#[test]
+fn the_journal_commands_that_hints_name_run_as_written_beside_other_journals() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, broken) = server_failing_id(2, || Reply::status(404));
+    let other = write_lines(dir.path(), "other.jsonl", &items(1, 1));
+    expect_exit(
+        &send_json(dir.path(), &other, &server.url())
+            .output()
+            .unwrap(),
+        0,
+    );
+    let input = write_lines(dir.path(), "in.jsonl", &items(4, 2));
+    let send = |extra: &[&str]| {
+        conveyor(dir.path())
+            .args(["send", input.to_str().unwrap(), "--to", &server.url()])
+            .args(["--retries", "0"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let run = |command: &[String]| {
+        let output = conveyor(dir.path()).args(command).output().unwrap();
+        let (stdout, stderr) = texts(&output);
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "`conveyor {}`: {stderr}",
+            command.join(" ")
+        );
+        stdout
+    };
+    // A line that fails for good: the summary points at its dead letter.
+    let (failed, _) = expect_exit(&send(&[]), 1);
+    let hinted = hinted_journal_commands(&failed);
+    assert_eq!(hinted.len(), 1, "{failed}");
+    assert!(run(&hinted[0]).contains(r#"{"id":2,"#), "{hinted:?}");
+
+    // A paused lane (another journal: keyed): `status` says how to resume it.
+    let keyed = [
+        "--ordering",
+        "keyed:2",
+        "--key",
+        "user",
+        "--on-failure",
+        "pause",
+    ];
+    let paused = send(&[&keyed[..], &["--json"]].concat());
+    expect_exit(&paused, 3);
+    let journal = summary(&paused)["journal"].as_str().unwrap().to_owned();
+    let status = run(&["status".into(), "--journal".into(), journal]);
+    let hinted = hinted_journal_commands(&status);
+    assert_eq!(hinted.len(), 1, "{status}");
+    assert_eq!(hinted[0][0], "resume", "{status}");
+    broken.store(false, Ordering::SeqCst);
+    run(&hinted[0]);
+    expect_exit(&send(&keyed), 0);
+    // The resumed rerun sent the paused line, and only it, again.
+    let arrivals = ids(&server.arrivals());
+    assert_eq!(
+        (arrivals.len(), arrivals.last()),
+        (10, Some(&2)),
+        "{arrivals:?}"
+    );
 }
 
 #[test]
@@ -883,7 +965,11 @@ fn a_journal_in_use_can_be_read_but_changes_wait_for_the_send() {
         assert!(
             stderr.contains(&format!("in use by process {}", child.id()))
                 && stderr.contains("let it finish, or stop it")
-                && stderr.contains("`conveyor status` and `conveyor dead list` work meanwhile"),
+                && stderr.contains(&format!(
+                    "`conveyor status --journal {0}` and `conveyor dead list --journal {0}` \
+                     work meanwhile",
+                    journal.display()
+                )),
             "{command:?}: {stderr}"
         );
         assert!(!stderr.contains("another journal file"), "{stderr}");
