@@ -1,12 +1,15 @@
 //! What the user sees: the progress bar (stderr, terminals only), notes, and the final summary
 //! (stdout, human or `--json`).
 
+use std::collections::BTreeMap;
 use std::io::{self, IsTerminal, Write};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
+
+use crate::ops::resume_command;
 
 /// Writes to stdout; a closed pipe (`conveyor send … | head`) is not an error.
 pub(crate) fn print_out(text: &str) -> io::Result<()> {
@@ -236,6 +239,9 @@ fn line_ranges(lines: &mut [u64]) -> String {
     ranges.join(", ")
 }
 
+/// How many paused lanes the summary names one by one; `conveyor status` lists them all.
+const PAUSED_NAMED: usize = 10;
+
 /// The end-of-run summary; `--json` prints it as is.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Summary {
@@ -260,6 +266,9 @@ pub(crate) struct Summary {
     pub(crate) latency_p99_ms: Option<f64>,
     pub(crate) interrupted: bool,
     pub(crate) paused_lanes: Vec<String>,
+    /// The error that paused each paused lane, as the journal recorded it.
+    #[serde(skip)]
+    pub(crate) paused_by: BTreeMap<String, String>,
     pub(crate) journal: Option<String>,
     /// What the journal commands named in the text need to find the journal (` --journal
     /// PATH`, or nothing for the only one under ./.conveyor/: see `ops::journal_option`).
@@ -317,20 +326,33 @@ impl Summary {
             text.push_str("\ninterrupted");
         }
         let journal = &self.journal_option;
+        // Each paused lane with why it paused and the command that resumes it: "fix the cause"
+        // alone left the cause to find out with `conveyor status`.
+        let why = |lane: &str, before: &str| match self.paused_by.get(lane) {
+            Some(error) if !error.is_empty() => format!("{before}by: {error}"),
+            _ => String::new(),
+        };
         if self.paused_lanes == [""] {
             // The one lane of a strict or pipelined run: resumed without a key.
             text.push_str(&format!(
-                "\nthe lane is paused (fix the cause, then `conveyor resume{journal}`)"
+                "\nthe lane is paused{} (fix the cause, then `{}`)",
+                why("", " "),
+                resume_command("", journal)
             ));
         } else if !self.paused_lanes.is_empty() {
-            text.push_str(&format!(
-                "\npaused lanes: {} (fix the cause, then `conveyor resume{journal} KEY`)",
-                self.paused_lanes
-                    .iter()
-                    .map(|k| format!("{k:?}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
+            text.push_str("\npaused lanes (fix the cause, then resume each):");
+            for lane in self.paused_lanes.iter().take(PAUSED_NAMED) {
+                text.push_str(&format!(
+                    "\n  {lane:?}: `{}`{}",
+                    resume_command(lane, journal),
+                    why(lane, ", paused ")
+                ));
+            }
+            if let more @ 1.. = self.paused_lanes.len().saturating_sub(PAUSED_NAMED) {
+                text.push_str(&format!(
+                    "\n  and {more} more: `conveyor status{journal}` lists them"
+                ));
+            }
         }
         if self.left > 0 {
             let (items, were) = match self.left {
@@ -398,6 +420,7 @@ mod tests {
             latency_p99_ms: Some(99.0),
             interrupted: true,
             paused_lanes: vec![],
+            paused_by: BTreeMap::new(),
             journal: None,
             journal_option: String::new(),
             stream: false,
@@ -429,6 +452,17 @@ mod tests {
             "{kept}"
         );
         assert!(kept.contains("then `conveyor resume`)"), "{kept}");
+        let why = Summary {
+            journal: Some("j.journal".into()),
+            paused_lanes: vec![String::new()],
+            paused_by: BTreeMap::from([(String::new(), "HTTP 404 Not Found".to_owned())]),
+            ..summary()
+        }
+        .human();
+        assert!(
+            why.contains("the lane is paused by: HTTP 404 Not Found (fix the cause, then"),
+            "{why}"
+        );
         let many = Summary {
             left: 2,
             paused_lanes: vec!["u1".into()],
@@ -440,8 +474,32 @@ mod tests {
             "{many}"
         );
         assert!(
-            many.contains("\"u1\" (fix the cause, then `conveyor resume KEY`)"),
+            many.contains(
+                "paused lanes (fix the cause, then resume each):\n  \"u1\": `conveyor resume u1`\n"
+            ),
             "{many}"
+        );
+        // Each lane with its cause, up to PAUSED_NAMED; `status` lists the rest.
+        let lanes: Vec<String> = (0..PAUSED_NAMED + 2).map(|n| format!("u{n}")).collect();
+        let paused_by = lanes.iter().map(|l| (l.clone(), format!("{l} broke")));
+        let crowd = Summary {
+            paused_lanes: lanes.clone(),
+            paused_by: paused_by.collect(),
+            journal_option: " --journal j".into(),
+            ..summary()
+        }
+        .human();
+        let named = "\"u0\": `conveyor resume --journal j u0`, paused by: u0 broke\n";
+        assert!(crowd.contains(named), "{crowd}");
+        let last = PAUSED_NAMED - 1;
+        assert!(crowd.contains(&format!("u{last} broke")), "{crowd}");
+        assert!(
+            !crowd.contains(&format!("u{PAUSED_NAMED} broke")),
+            "{crowd}"
+        );
+        assert!(
+            crowd.contains("\n  and 2 more: `conveyor status --journal j` lists them"),
+            "{crowd}"
         );
     }
 

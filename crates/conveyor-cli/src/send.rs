@@ -1,6 +1,7 @@
 //! `conveyor send`: read lines on one thread, deliver through the engine, watch signals and
 //! progress on the main thread, and summarise.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::fd::AsFd;
@@ -798,6 +799,7 @@ pub(crate) fn run(
         latency_p50_ms: percentiles.map(|(p50, _)| millis(p50)),
         latency_p99_ms: percentiles.map(|(_, p99)| millis(p99)),
         interrupted,
+        paused_by: paused_by(plan.journal.as_deref(), &paused_lanes),
         paused_lanes,
         journal: plan.journal.as_ref().map(|p| p.display().to_string()),
         journal_option: journal_option(&plan.journal),
@@ -811,6 +813,22 @@ pub(crate) fn run(
         print_out(&summary.human()).map_err(CliError::io)?;
     }
     Ok(summary)
+}
+
+/// The error that paused each lane, as `journal` recorded it, when `paused_lanes` are any
+/// (none if it cannot be read: the summary then names the lanes without it).
+fn paused_by(journal: Option<&Path>, paused_lanes: &[String]) -> BTreeMap<String, String> {
+    let status = match (journal, paused_lanes) {
+        (Some(path), [_, ..]) => conveyor::Journal::open_read_only(path).and_then(|j| j.status()),
+        _ => return BTreeMap::new(),
+    };
+    status.map_or_else(
+        |_| BTreeMap::new(),
+        |status| {
+            let lanes = status.lanes.into_iter();
+            lanes.filter_map(|l| Some((l.lane, l.paused?))).collect()
+        },
+    )
 }
 
 /// What the journal commands named in hints need to find the run's journal (see

@@ -513,6 +513,40 @@ fn the_journal_commands_that_hints_name_run_as_written_beside_other_journals() {
     );
 }
 
+/// A run that stops on a paused lane says, for each one, why it paused and the command that
+/// resumes it, rather than "fix the cause" with the cause left to `conveyor status`.
+#[test]
+fn a_paused_run_names_each_lane_with_its_cause_and_resume_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, broken) = server_failing_id(2, || Reply::status(404).body("no such user"));
+    let input = write_lines(dir.path(), "in.jsonl", &items(6, 2));
+    let send = || {
+        conveyor(dir.path())
+            .args(["send", input.to_str().unwrap(), "--to", &server.url()])
+            .args(["--ordering", "keyed:2", "--key", "user"])
+            .args(["--on-failure", "pause", "--retries", "0"])
+            .output()
+            .unwrap()
+    };
+    for _run in 0..2 {
+        // The rerun, which finds the lane paused by the first run, says it alike.
+        let (summary, _) = expect_exit(&send(), 3);
+        let paused =
+            "\n  \"u0\": `conveyor resume u0`, paused by: HTTP 404 Not Found: no such user";
+        assert!(summary.contains(paused), "{summary}");
+    }
+    broken.store(false, Ordering::SeqCst);
+    expect_exit(
+        &conveyor(dir.path())
+            .args(["resume", "u0"])
+            .output()
+            .unwrap(),
+        0,
+    );
+    expect_exit(&send(), 0);
+    assert_eq!(ids(&server.arrivals()).len(), 7);
+}
+
 #[test]
 fn resuming_a_lane_that_is_not_paused_names_the_commands_for_those_that_are() {
     let dir = tempfile::tempdir().unwrap();
