@@ -5,8 +5,10 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-/// Exit codes, shown at the end of `conveyor --help`.
-pub(crate) const EXIT_CODES_HELP: &str = "\
+/// The exit codes' help, a literal for `concat!`.
+macro_rules! exit_codes_help {
+    () => {
+        "\
 Exit codes:
   0    every line was delivered
   1    some lines failed (see `conveyor dead list` with a journal) or were rejected as bad input
@@ -14,7 +16,28 @@ Exit codes:
   3    stopped with work left: interrupted (Ctrl-C, SIGTERM), a lane paused, or the journal could
        not be written (a full disk); rerun the same command to resume from the journal, after
        `conveyor resume KEY` for a paused lane or freeing space
-  130  a second Ctrl-C: exited at once, the journal intact";
+  130  a second Ctrl-C: exited at once, the journal intact"
+    };
+}
+
+/// Exit codes, shown at the end of `conveyor --help`.
+pub(crate) const EXIT_CODES_HELP: &str = exit_codes_help!();
+
+/// `send --help`'s examples, then the exit codes. A test parses each example, so that none
+/// goes stale when an option changes.
+const SEND_LONG_AFTER_HELP: &str = concat!(
+    "\
+Examples:
+  conveyor send events.jsonl --to https://api.example.com/events -H 'Authorization: Bearer TOKEN'
+  producer | conveyor send - --to http://127.0.0.1:8080/ingest --ordering keyed:16 --key user
+  conveyor send events.jsonl --to http://127.0.0.1:8080/ --rate 20/s --rejects rejected.jsonl
+  conveyor send jobs.jsonl --retries 2 --exec ./handle-one.sh --verbose    # --exec comes last
+  conveyor status                      # then `conveyor dead list`, `conveyor resume KEY`
+
+",
+    // `concat!` takes literals only: the exit codes are spelled out once, in this macro.
+    exit_codes_help!()
+);
 
 /// Deliver JSON lines in order to an HTTP endpoint or a program, resumably, with progress.
 ///
@@ -32,6 +55,7 @@ pub(crate) enum Command {
     /// Send JSON lines from a file or stdin, one HTTP request (or program run) per line.
     #[command(
         after_help = EXIT_CODES_HELP,
+        after_long_help = SEND_LONG_AFTER_HELP,
         override_usage = SEND_USAGE,
         mut_arg("json", |a| a.long_help(JSON_SEND_HELP))
     )]
@@ -474,6 +498,43 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    /// `send --help` shows examples, and each one parses as it is written there.
+    #[test]
+    fn send_help_examples_parse() {
+        let mut cli = Cli::command();
+        let help = cli.find_subcommand_mut("send").unwrap().render_long_help();
+        let help = help.to_string();
+        let examples = &help[help.find("Examples:").expect("examples in send --help")..];
+        let examples: Vec<&str> = examples
+            .lines()
+            .skip(1)
+            .take_while(|line| !line.is_empty())
+            .collect();
+        assert!(examples.len() >= 4, "{help}");
+        assert!(help.contains("Exit codes:"), "{help}");
+        for example in examples {
+            let command = &example[example.find("conveyor ").unwrap()..];
+            let command = command.split(" #").next().unwrap();
+            // Quoted words hold one space at most here: rejoin them.
+            let mut words: Vec<String> = Vec::new();
+            let mut quoted = false;
+            for word in command.split_whitespace() {
+                if quoted {
+                    let last = words.last_mut().unwrap();
+                    last.push(' ');
+                    last.push_str(word.trim_end_matches('\''));
+                } else {
+                    words.push(word.trim_start_matches('\'').to_owned());
+                }
+                quoted ^= word.matches('\'').count() % 2 == 1;
+            }
+            assert!(!quoted, "{example}");
+            if let Err(e) = Cli::try_parse_from(&words) {
+                panic!("`{example}` does not parse: {e}");
+            }
+        }
     }
 
     #[test]
