@@ -222,10 +222,18 @@ pub(crate) fn parse_rate(text: &str) -> Result<u32, String> {
 }
 
 /// Parses `100ms`, `2s`, `1m 30s`.
+///
+/// A duration longer than a century (`--timeout 1000000000000y`, a way of saying "no limit")
+/// counts as a century: the clock cannot hold some of them, and a deadline that far would
+/// overflow.
 pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text)
+        .map(|duration| duration.min(CENTURY))
         .map_err(|e| format!("`{text}` is not a duration ({e}): expected e.g. `250ms`, `2s`, `1m`"))
 }
+
+/// The longest duration the CLI passes on (see [`parse_duration`]).
+const CENTURY: Duration = Duration::from_secs(100 * 365 * 86_400);
 
 /// Parses `--timeout`: a duration, but not zero, which would fail every request (or program
 /// run) at once.
@@ -632,6 +640,7 @@ mod tests {
         assert!(parse_rate("0/s").is_err());
         assert!(parse_rate("fast").is_err());
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("500000000000years"), Ok(CENTURY));
         assert!(parse_duration("soon").is_err());
         assert_eq!(parse_timeout("1ms"), Ok(Duration::from_millis(1)));
         assert!(parse_timeout("0s").unwrap_err().contains("no time"));

@@ -508,3 +508,18 @@ fn a_program_exiting_without_reading_a_big_line_leaves_nothing_behind() {
         "{summary}"
     );
 }
+
+/// A `--timeout` too long for the clock (a way of saying "no limit") runs the program without
+/// a deadline, as it does for HTTP, instead of failing every line with a panic.
+#[test]
+fn a_timeout_too_long_for_the_clock_means_no_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_lines(dir.path(), "in.jsonl", &[r#"{"id":0}"#.to_owned()]);
+    let output = conveyor(dir.path())
+        .args(["send", input.to_str().unwrap(), "--no-journal", "--json"])
+        .args(["--timeout", "500000000000years", "--exec", "cat"])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = expect_exit(&output, 0);
+    assert!(stdout.contains("\"delivered\":1"), "{stdout}\n{stderr}");
+}
