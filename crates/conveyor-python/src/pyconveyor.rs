@@ -1030,7 +1030,9 @@ impl PyConveyor {
     ///
     /// On a full queue it waits for room with `backpressure="block"` (the default; without the
     /// GIL, interruptible with Ctrl-C), raises `QueueFull` with `"reject"`, and drops an item
-    /// with `"drop_newest"` / `"drop_oldest"`. `key` picks the lane of a keyed conveyor.
+    /// with `"drop_newest"` / `"drop_oldest"`. `key` picks the lane of a keyed conveyor;
+    /// items sent without one share the lane `""` (a strict or pipelined conveyor has only
+    /// that lane, whatever the key).
     /// With a journal, `cursor=N` stores N (your input position after this item, such as a
     /// line number or an offset) in the same commit as the item: after a crash, `cursor()`
     /// says where to resume reading, and nothing before it is lost or sent twice (an item a drop
