@@ -2725,7 +2725,8 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
 
     /// Why sends fail with [`SendError::Journal`] right now: the journal's last write error,
     /// until a write succeeds again, or the error that holds the replay of its items at start
-    /// (the items not loaded yet cannot be read), until a read succeeds again. `None` without
+    /// (the items not loaded yet cannot be read), until a read succeeds again; for good,
+    /// [`JournalError::WriterStopped`] if a bug stopped the journal's writer. `None` without
     /// a journal or when it is healthy. Meanwhile [`Conveyor::flush`] does not wait on.
     ///
     /// # Examples
@@ -3544,6 +3545,57 @@ mod tests {
             assert!(Instant::now() < deadline, "{what}");
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    /// A bug that panics the journal's writer (here, a commit that panics) fails the journal
+    /// for good, where it left everything waiting for commits that never came, with nothing
+    /// to say why: sends are refused, `journal_error` says what happened and what to do,
+    /// flush returns at once, close counts the item that was never committed as left, and the
+    /// journal file is released for the next conveyor.
+    #[test]
+    fn a_journal_writer_that_panics_fails_the_journal_for_good_instead_of_stalling() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let c: Conveyor<String> = Conveyor::builder()
+            .journal(&path)
+            .build(|_d| Ok(()))
+            .unwrap();
+        c.send("first".to_owned()).unwrap().wait().unwrap();
+        assert!(c.flush_timeout(Duration::from_secs(30)));
+        let durable = c.shared.durable.as_ref().unwrap();
+        durable
+            .with_journal(|j| {
+                j.panicking_write = true;
+                Ok(())
+            })
+            .unwrap();
+        let lost = c.send("second".to_owned()).unwrap();
+        until("the writer's panic was never reported", || {
+            c.journal_error().is_some()
+        });
+        let error = c.journal_error().unwrap();
+        assert!(
+            matches!(&*error, JournalError::WriterStopped { path: p, reason }
+                if *p == path && reason.contains("a bug in the journal's commit")),
+            "{error:?}"
+        );
+        assert!(error.to_string().contains("report this bug"), "{error}");
+        assert!(matches!(
+            c.send("third".to_owned()),
+            Err(SendError::Journal(_))
+        ));
+        assert!(!c.flush_timeout(Duration::from_secs(30)));
+        // The item that can never be committed keeps the close until its deadline.
+        let report = c.close_timeout(Duration::from_millis(500));
+        assert_eq!(report.left, 1, "{report:?}");
+        assert!(matches!(lost.wait(), Err(DeliveryError::Closed)));
+        drop(c);
+        let journal = Journal::open(&path).expect("released");
+        assert_eq!(
+            journal.status().unwrap().pending,
+            0,
+            "'second' was never committed"
+        );
     }
 
     /// A replay whose journal read fails part way (an I/O error) reads again rather than

@@ -20,6 +20,7 @@
 //! `Append` push to where the intake assigns seqs, keeping both orders above.
 
 use std::collections::{HashSet, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -31,7 +32,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::alarm::Alarm;
-use crate::error::BuildError;
+use crate::error::{panic_message, BuildError};
 use crate::journal::{Journal, JournalError, WriteBatch};
 pub(crate) use crate::ops::Op;
 use crate::ops::{Answer, OpQueue, Until};
@@ -400,8 +401,11 @@ impl<T> Durable<T> {
     /// whether it is committed: `false` if the commit failed or time ran out first, `true` if
     /// the writer is gone (what it did not commit is then reported as left by `close`).
     pub(crate) fn sync(&self, deadline: Option<Instant>) -> bool {
+        // A writer that stopped committed what it could: all of it unless it failed (a disk
+        // error, or a bug: `JournalError::WriterStopped`).
+        let committed_all = || self.failure().is_none();
         if self.stopped() {
-            return true;
+            return committed_all();
         }
         let (tx, rx) = mpsc::sync_channel(1);
         // Held while this thread waits: once it gave up, a barrier queued behind this one
@@ -412,7 +416,7 @@ impl<T> Durable<T> {
             waits: Arc::downgrade(&waiting),
         };
         if !self.ops.push(Op::Barrier(vec![answer])) {
-            return true;
+            return committed_all();
         }
         loop {
             // In slices: `shut_down` may give up on a writer stuck in a commit meanwhile.
@@ -423,8 +427,8 @@ impl<T> Durable<T> {
             match rx.recv_timeout(slice) {
                 Ok(result) => return result.is_ok(),
                 // The writer exited before it read the barrier.
-                Err(RecvTimeoutError::Disconnected) => return true,
-                Err(RecvTimeoutError::Timeout) if self.stopped() => return true,
+                Err(RecvTimeoutError::Disconnected) => return committed_all(),
+                Err(RecvTimeoutError::Timeout) if self.stopped() => return committed_all(),
                 Err(RecvTimeoutError::Timeout) => {
                     if deadline.is_some_and(|d| Instant::now() >= d) {
                         return false;
@@ -584,6 +588,31 @@ struct Writer {
 
 impl Writer {
     fn run(mut self) {
+        // A bug that panics the writer must not leave the conveyor waiting for commits that
+        // never come, with nothing to say why: it fails as a disk that cannot be written
+        // does, for good (see `stopped_by`).
+        if let Err(panic) = catch_unwind(AssertUnwindSafe(|| self.commit_until_stopped())) {
+            self.stopped_by(&*panic);
+        }
+        self.exit();
+    }
+
+    /// Records that the writer stopped on a panic: sends are refused with
+    /// [`JournalError::WriterStopped`], which `journal_error()` shows, and nobody waits for a
+    /// commit any more (`exit` follows).
+    fn stopped_by(&self, panic: &(dyn std::any::Any + Send)) {
+        let reason = panic_message(panic);
+        let path = lock(&self.journal)
+            .as_ref()
+            .map(|journal| journal.path().to_owned())
+            .unwrap_or_default();
+        tracing::error!(journal = %path.display(), panic = %reason, "the journal writer stopped on a panic");
+        lock(&self.progress.0).error = Some(Arc::new(JournalError::WriterStopped { path, reason }));
+        self.failed.store(true, AtomicOrdering::Release);
+    }
+
+    /// Gathers ops into groups and commits them until the engine is gone or closes.
+    fn commit_until_stopped(&mut self) {
         let mut batch = WriteBatch::default();
         let mut barriers = Vec::new();
         let mut stop = false;
@@ -671,6 +700,11 @@ impl Writer {
                 wake();
             }
         }
+    }
+
+    /// The writer's last steps: later ops are dropped, the journal is closed, and whoever
+    /// waits for a commit stops waiting.
+    fn exit(self) {
         self.ops.writer_gone();
         // Here rather than in `Durable::shut_down`, which does not wait for a commit that
         // hangs; before `stopped`, so that the file is free once `close` saw the writer stop.

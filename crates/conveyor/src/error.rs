@@ -256,7 +256,8 @@ pub enum SendError<T> {
     /// The conveyor's journal could not store the item (disk full, file unwritable), or the
     /// items it holds from before this start cannot be read (the item would go ahead of them),
     /// so it was not accepted. Items accepted before stay intact; the journal is tried again,
-    /// and sends succeed again once it can be written and read.
+    /// and sends succeed again once it can be written and read (never after a bug stopped
+    /// its writer: [`JournalError::WriterStopped`](crate::JournalError::WriterStopped)).
     /// [`Conveyor::journal_error`](crate::Conveyor::journal_error) tells why.
     Journal(T),
     /// The item's `Serialize` implementation failed, so the journal could never store it (as

@@ -299,6 +299,23 @@ pub enum JournalError {
         /// The decoder's error.
         reason: String,
     },
+    /// The conveyor's journal writer stopped on a bug (a panic) and commits nothing more. The
+    /// conveyor refuses new items; those it accepted but had not committed are not delivered
+    /// (nothing reaches the sink before it is on disk), and its close reports them as left.
+    #[error(
+        "journal {}: its writer stopped on an internal error ({reason}) and commits nothing \
+         more: new items are refused, and items accepted since the last commit are not \
+         delivered (closing the conveyor counts them as left); close it and build a new \
+         conveyor on this journal to deliver what the journal holds, and please report this \
+         bug",
+        path.display()
+    )]
+    WriterStopped {
+        /// The journal file.
+        path: PathBuf,
+        /// The panic's message.
+        reason: String,
+    },
     /// The conveyor was built without a journal.
     #[error("this conveyor has no journal: build it with Builder::journal(path) to keep dead letters and a cursor")]
     NoJournal,
@@ -651,6 +668,9 @@ pub struct Journal {
     /// The next compaction fails, as on a full disk (see `compact_if_sparse`).
     #[cfg(test)]
     failing_compaction: std::sync::atomic::AtomicBool,
+    /// The next `write` panics, as a bug in the commit path would (see `durable::Writer`).
+    #[cfg(test)]
+    pub(crate) panicking_write: bool,
 }
 
 impl fmt::Debug for Journal {
@@ -864,6 +884,8 @@ impl Journal {
             failing_reads: std::sync::atomic::AtomicU32::new(0),
             #[cfg(test)]
             failing_compaction: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(test)]
+            panicking_write: false,
         })
     }
 
@@ -1290,6 +1312,11 @@ impl Journal {
         if batch.is_empty() {
             return Ok(());
         }
+        #[cfg(test)]
+        assert!(
+            !self.panicking_write,
+            "a bug in the journal's commit (test)"
+        );
         let path = &self.path;
         let sql = |e| JournalError::sqlite(path, e);
         let tx = immediate(&mut self.conn, path)?;

@@ -495,6 +495,13 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         };
         loop {
             if let Some(written) = self.written(durable, seq) {
+                if !written {
+                    // A writer that stopped on a bug, while the conveyor goes on, never
+                    // commits the item: it waits for the shutdown (which reports it as left)
+                    // here, rather than back in its lane, where a worker would take it again
+                    // at once, and again. (After a shutdown this returns at once.)
+                    self.wait_to_start(later(Duration::MAX), false);
+                }
                 return written;
             }
             // In slices, to notice a shutdown while commits fail (a full disk).
@@ -513,6 +520,10 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
             tokio::pin!(commit);
             commit.as_mut().enable();
             if let Some(written) = self.written(durable, seq) {
+                if !written {
+                    // As in `wait_written`.
+                    self.wait_to_start_async(later(Duration::MAX), false).await;
+                }
                 return written;
             }
             // A shutdown wakes nobody here: look again now and then.
