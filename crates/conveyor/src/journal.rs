@@ -170,6 +170,12 @@ pub enum JournalError {
         /// The path given.
         path: PathBuf,
     },
+    /// The path given is empty (an unset setting or environment variable, say).
+    #[error(
+        "the journal path is empty: give the path of a file (created if it does not exist), such \
+         as events.journal"
+    )]
+    EmptyPath,
     /// The file is not a Conveyor journal: it does not even start like a SQLite database.
     #[error(
         "{} is not a Conveyor journal (it does not start like a SQLite database, which a journal \
@@ -1649,11 +1655,15 @@ impl Journal {
 /// The first bytes of every SQLite database file.
 const SQLITE_HEADER: &[u8; 16] = b"SQLite format 3\0";
 
-/// Refuses a directory, and a file that does not start like a SQLite database (a JSON-lines
-/// input given by mistake). An empty file, or one that starts with zeros, is left to SQLite: a
-/// journal whose creation was cut short looks like that. A file that cannot be read is left to
-/// the open, which says why.
+/// Refuses an empty path, a directory, and a file that does not start like a SQLite database
+/// (a JSON-lines input given by mistake). An empty file, or one that starts with zeros, is left
+/// to SQLite: a journal whose creation was cut short looks like that. A file that cannot be read
+/// is left to the open, which says why.
 fn refuse_what_is_no_journal(path: &Path) -> Result<(), JournalError> {
+    // Otherwise the lock file's creation fails first, and its message names no path at all.
+    if path.as_os_str().is_empty() {
+        return Err(JournalError::EmptyPath);
+    }
     match std::fs::metadata(path) {
         Ok(meta) if meta.is_dir() => {
             return Err(JournalError::IsADirectory {
@@ -2560,6 +2570,19 @@ mod tests {
             "{err}"
         );
         assert!(!sidecar(dir.path(), LOCK_SUFFIX).exists());
+    }
+
+    #[test]
+    fn an_empty_path_is_refused_as_one_by_every_open() {
+        let opened = [
+            Journal::open(""),
+            Journal::open_existing(""),
+            Journal::open_read_only(""),
+        ];
+        for err in opened.into_iter().map(Result::unwrap_err) {
+            assert!(matches!(err, JournalError::EmptyPath), "{err:?}");
+            assert!(err.to_string().contains("path is empty"), "{err}");
+        }
     }
 
     #[test]
