@@ -219,11 +219,16 @@ impl Config {
             _ => {}
         }
         if self.ordering.workers() > Ordering::MAX_PARALLEL {
+            let field = if self.ordering.is_keyed() {
+                "concurrency"
+            } else {
+                "in_flight"
+            };
             return Err(BuildError::InvalidConfig(format!(
-                "{:?} runs more calls at once than the {} a conveyor allows: each needs a worker \
-                 of its own (a thread for a blocking sink)",
+                "{:?} runs more calls at once than the {max} a conveyor allows: each needs a \
+                 worker of its own (a thread for a blocking sink); set {field} to at most {max}",
                 self.ordering,
-                Ordering::MAX_PARALLEL
+                max = Ordering::MAX_PARALLEL
             )));
         }
         if self.capacity == 0 {
@@ -813,6 +818,12 @@ mod tests {
         for (config, name) in cases {
             let err = config.validate().unwrap_err().to_string();
             assert!(err.contains(name), "{err}");
+            if config.ordering.workers() > Ordering::MAX_PARALLEL {
+                assert!(
+                    err.contains(&format!("set {name} to at most 10000")),
+                    "{err}"
+                );
+            }
         }
     }
 }

@@ -510,11 +510,32 @@ pub enum BuildError {
     /// A setting is out of range; the message names it and the accepted values.
     #[error("invalid conveyor configuration: {0}")]
     InvalidConfig(String),
-    /// A worker thread or async runtime could not be started.
-    #[error("could not start the conveyor's workers: {0}")]
+    /// A worker thread or async runtime could not be started: the system refused a thread
+    /// (a limit on threads or memory). The message says which settings to lower.
+    #[error(
+        "could not start the conveyor's workers: {0}; a blocking sink has a thread per call in \
+         progress: lower Ordering::Pipelined's in_flight or Ordering::Keyed's concurrency, or \
+         raise the process's limits on threads and memory"
+    )]
     Spawn(#[from] std::io::Error),
     /// The journal could not be opened: in use by another process, damaged, not a journal,
     /// or not writable. The message names the file and what to do.
     #[error(transparent)]
     Journal(#[from] crate::journal::JournalError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_thread_says_which_settings_to_lower() {
+        // What `std::thread::Builder::spawn` returns once the system's thread limit is reached.
+        let refused = std::io::Error::from(std::io::ErrorKind::WouldBlock);
+        let err = BuildError::Spawn(refused).to_string();
+        assert!(
+            err.contains("in_flight") && err.contains("concurrency") && err.contains("limits"),
+            "{err}"
+        );
+    }
 }
