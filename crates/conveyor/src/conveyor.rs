@@ -4374,10 +4374,12 @@ mod tests {
             // The writer takes every op queued before it commits: with ops coming in faster than
             // it takes them, it took all of them until the queue was full, and was never behind
             // (3 runs in 12 on a 2-core machine). One item first, whose commit hangs the writer
-            // on the disk before the others come.
+            // on the disk before the others come. The worker that takes it asks for its commit
+            // (a barrier) once the writer may have taken it already: that barrier then waits
+            // behind the hung commit, so the queue need not be empty at any moment.
             let first = c.send(u64::MAX - 1).unwrap();
             until("the writer never took the first item", || {
-                durable.ops_waiting() == 0
+                durable.appends_waiting() == 0
             });
             std::thread::sleep(Duration::from_millis(20));
             // Two ops an item: the ops reach their bound (the capacity) before the queue is

@@ -297,6 +297,12 @@ impl<T> Durable<T> {
         self.ops.len()
     }
 
+    /// How many items wait for the writer to take them (barriers and other ops aside).
+    #[cfg(test)]
+    pub(crate) fn appends_waiting(&self) -> usize {
+        self.ops.appends()
+    }
+
     /// Sets what the writer calls after raising the seq limit, and once it is no longer
     /// `behind` (once, at start).
     pub(crate) fn on_room(&self, wake: Box<dyn Fn() + Send + Sync>) {

@@ -208,6 +208,15 @@ impl OpQueue {
     pub(crate) fn len(&self) -> usize {
         self.lock().ops.len()
     }
+
+    #[cfg(test)]
+    pub(crate) fn appends(&self) -> usize {
+        let q = self.lock();
+        q.ops
+            .iter()
+            .filter(|op| matches!(op, Op::Append(_)))
+            .count()
+    }
 }
 
 /// Merges `op` into the ops at the back of `ops` if it can (returning `None`), else gives it
