@@ -404,8 +404,9 @@ impl<T> Durable<T> {
     }
 
     /// Commits everything pushed so far and waits for it, at most until `deadline`. Returns
-    /// whether it is committed: `false` if the commit failed or time ran out first, `true` if
-    /// the writer is gone (what it did not commit is then reported as left by `close`).
+    /// whether it is committed: `false` if the commit failed or time ran out first; if the
+    /// writer is gone, whether it was without a failure (what it did not commit is then
+    /// reported as left by `close`).
     pub(crate) fn sync(&self, deadline: Option<Instant>) -> bool {
         // A writer that stopped committed what it could: all of it unless it failed (a disk
         // error, or a bug: `JournalError::WriterStopped`).
