@@ -650,7 +650,7 @@ pub(crate) fn run(
                 if !output.quiet {
                     progress.note(&format!(
                         "interrupted: stopped reading; letting the sends in flight finish (at most {}); \
-                         the rest {}; Ctrl-C again to exit now",
+                         the rest {}; a second Ctrl-C or SIGTERM exits now",
                         humantime::format_duration(output.drain_timeout),
                         if plan.journal.is_some() {
                             "stays in the journal for the rerun"
