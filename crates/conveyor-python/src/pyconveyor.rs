@@ -328,6 +328,8 @@ struct Options {
     http: bool,
     /// `durability="sync"`: a send returns once its item is committed.
     sync: bool,
+    /// For `QueueFull`'s message.
+    capacity: usize,
     describe: String,
 }
 
@@ -624,9 +626,10 @@ impl PyConveyor {
             Err(SendError::Full(_)) => Err(errors::queue_full(
                 py,
                 format!(
-                    "{} is full (capacity reached) and backpressure is \"reject\"; retry later, \
-                     raise capacity, or use backpressure=\"block\"",
-                    shared.label()
+                    "{} is full (capacity {}) and backpressure is \"reject\"; \
+                     retry later, raise capacity, or use backpressure=\"block\"",
+                    shared.label(),
+                    self.options.capacity
                 ),
             )),
             Err(other) => Err(self.refused(py, shared, other)),
@@ -927,6 +930,7 @@ impl PyConveyor {
                     journaled,
                     http,
                     sync,
+                    capacity,
                     describe,
                 },
                 on_collect: OnceLock::new(),
@@ -1075,8 +1079,10 @@ impl PyConveyor {
             Err(_) => Err(errors::queue_full(
                 py,
                 format!(
-                    "{} is full (capacity reached); try again later or use send() to wait for room",
-                    shared.label()
+                    "{} is full (capacity {}); try again later or use send() \
+                     to wait for room",
+                    shared.label(),
+                    self.options.capacity
                 ),
             )),
         }

@@ -39,7 +39,7 @@ def test_reject_raises_queue_full_when_full(make):
     wait_until(lambda: c.stats.in_flight == 1)
     for n in range(1, 4):
         c.send(n)
-    with pytest.raises(conveyor.QueueFull, match="full"):
+    with pytest.raises(conveyor.QueueFull, match=r"full \(capacity 3\)"):
         c.send(4)
     assert c.stats.queued == 3
     gate.set()
@@ -54,7 +54,7 @@ def test_try_send_never_waits(make):
     c.try_send(1)
     c.try_send(2)
     start = time.perf_counter()
-    with pytest.raises(conveyor.QueueFull):
+    with pytest.raises(conveyor.QueueFull, match=r"full \(capacity 2\)"):
         c.try_send(3)
     assert time.perf_counter() - start < 1.0
     gate.set()
