@@ -21,7 +21,9 @@ use crate::fork::Held;
 use crate::receipt::{support, PyReceipt, Ready};
 use crate::sink::{self, Item, Reply, SinkState};
 use crate::stats::{PyCloseReport, PyStats};
-use crate::wait::{optional_seconds_arg, seconds_arg, timeout_arg, wait_interruptibly, Deadline};
+use crate::wait::{
+    optional_seconds_arg, seconds_arg, timeout_arg, wait_interruptibly, wait_unless, Deadline,
+};
 
 type Engine = conveyor::Conveyor<Item, Reply>;
 
@@ -90,10 +92,16 @@ impl Shared {
     }
 
     /// Waits (at most `timeout`, forever for `None`) until every accepted item is settled;
-    /// returns whether they are. Interruptible: Ctrl-C raises `KeyboardInterrupt`.
-    fn settle(&self, py: Python<'_>, timeout: Option<Duration>) -> PyResult<bool> {
+    /// returns whether they are. Interruptible: Ctrl-C raises `KeyboardInterrupt`, and setting
+    /// `stop` (a `threading.Event`) ends the wait within a slice, returning false.
+    fn settle(
+        &self,
+        py: Python<'_>,
+        timeout: Option<Duration>,
+        stop: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<bool> {
         let engine = &self.engine;
-        let settled = wait_interruptibly(py, timeout, |slice| {
+        let settled = wait_unless(py, timeout, stop, |slice| {
             let started = Instant::now();
             if engine.flush_timeout(slice) {
                 Some(true)
@@ -122,7 +130,7 @@ impl Shared {
         let deadline = Deadline::after(timeout);
         // The long wait, in interruptible slices: Ctrl-C here leaves the conveyor refusing new
         // items but still delivering, and close() can be called again.
-        self.settle(py, timeout)?;
+        self.settle(py, timeout, None)?;
         // Everything deliverable is settled (or the deadline passed): stopping the workers is
         // quick now. Items in paused lanes, or still pending at the deadline, are what is left.
         // After an earlier close, the engine reports at once.
@@ -222,7 +230,8 @@ impl Shared {
         let quiet = QUIET_EXIT.min(self.drain_timeout);
         let started = Instant::now();
         // Too early an end means waiting cannot help (see `settle`): the close says why.
-        if !self.settle(py, Some(quiet))? && started.elapsed() >= quiet && !deadline.passed() {
+        if !self.settle(py, Some(quiet), None)? && started.elapsed() >= quiet && !deadline.passed()
+        {
             let stats = self.engine.stats();
             let waiting = deadline.remaining().unwrap_or_default();
             let notice = format!(
@@ -1164,11 +1173,27 @@ impl PyConveyor {
         let timeout = timeout_arg("timeout", timeout)?;
         let shared = self.live(py)?;
         self.not_from_own_sink(shared, "flush")?;
-        shared.settle(py, timeout)
+        shared.settle(py, timeout, None)
+    }
+
+    /// Internal: `flush` for `aflush`'s thread, which gives up (returning `False`) once `stop`
+    /// (a `threading.Event`) is set: the awaiting task was cancelled, and nobody is left to tell.
+    #[pyo3(signature = (timeout, stop))]
+    fn _flush_unless(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = args::timeout)] timeout: Option<f64>,
+        stop: &Bound<'_, PyAny>,
+    ) -> PyResult<bool> {
+        let timeout = timeout_arg("timeout", timeout)?;
+        let shared = self.live(py)?;
+        self.not_from_own_sink(shared, "flush")?;
+        shared.settle(py, timeout, Some(stop))
     }
 
     /// `flush` for asyncio code: waits on another thread, never blocking the event loop.
-    /// Like `flush`, raises `RuntimeError` from this conveyor's own sink.
+    /// Cancelling the await (a `wait_for` timeout) ends that thread's wait too. Like `flush`,
+    /// raises `RuntimeError` from this conveyor's own sink.
     #[pyo3(signature = (timeout = None))]
     fn aflush(
         slf: &Bound<'_, Self>,

@@ -95,6 +95,25 @@ impl Deadline {
 pub(crate) fn wait_interruptibly<T, F>(
     py: Python<'_>,
     timeout: Option<Duration>,
+    step: F,
+) -> PyResult<Option<T>>
+where
+    T: Send,
+    F: FnMut(Duration) -> Option<T> + Send,
+{
+    wait_unless(py, timeout, None, step)
+}
+
+/// [`wait_interruptibly`] that also gives up (`Ok(None)`) once `stop` (a `threading.Event`) is
+/// set, looked at between slices: the thread behind a cancelled `aflush` leaves within a slice
+/// instead of waiting on for nobody.
+///
+/// # Errors
+/// Whatever a signal handler or `stop.is_set()` raises.
+pub(crate) fn wait_unless<T, F>(
+    py: Python<'_>,
+    timeout: Option<Duration>,
+    stop: Option<&Bound<'_, PyAny>>,
     mut step: F,
 ) -> PyResult<Option<T>>
 where
@@ -112,5 +131,10 @@ where
             return Ok(None);
         }
         py.check_signals()?;
+        if let Some(stop) = stop {
+            if stop.call_method0("is_set")?.is_truthy()? {
+                return Ok(None);
+            }
+        }
     }
 }

@@ -196,6 +196,35 @@ def test_many_blocked_asends_share_one_thread(make):
     assert delivered == ["hold", "fill"] + accepted
 
 
+def test_cancelled_aflushes_leave_no_thread_waiting(make):
+    # Each aflush waits on a thread of its own. A `wait_for(c.aflush(), t)` that timed out used
+    # to leave that thread waiting for good while the sink was stuck: a health check polling
+    # every second grew the process by a thread a second. A cancelled aflush's thread now ends.
+    gate = threading.Event()
+    delivered = []
+    c = make(holding_sink(gate, delivered))
+
+    async def main():
+        c.send("hold")
+        threads = threading.active_count()
+        for _ in range(20):
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(c.aflush(), timeout=0.01)
+        deadline = time.monotonic() + 10
+        while threading.active_count() > threads and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        left = threading.active_count() - threads
+        waiting = asyncio.ensure_future(c.aflush(timeout=30))  # not cancelled: still waits
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        gate.set()
+        return left, await waiting
+
+    left, flushed = asyncio.run(main())
+    assert left == 0, f"{left} thread(s) of cancelled aflushes still waiting"
+    assert flushed and delivered == ["hold"]
+
+
 def test_a_task_cancelled_before_it_starts_returns_the_receipt_of_an_accepted_item(make):
     # With room, asend accepts its item when called, before the task awaiting it first runs:
     # cancelling that task cannot take the item back, so it returns the receipt rather than

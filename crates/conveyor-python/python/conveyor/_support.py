@@ -111,15 +111,21 @@ def _settle(loop: asyncio.AbstractEventLoop, fut: "asyncio.Future[Any]", ok: boo
         pass
 
 
-def run_in_thread(fn: Callable[..., T], *args: Any) -> "asyncio.Future[T]":
+def run_in_thread(
+    fn: Callable[..., T], *args: Any, on_cancel: Optional[Callable[[], None]] = None
+) -> "asyncio.Future[T]":
     """Run a blocking call on a fresh daemon thread and await its outcome from asyncio.
 
     A dedicated thread rather than the loop's default executor: these waits can last long
     (``flush`` on a slow sink) and must not starve the executor's few threads or make
-    ``asyncio.run`` wait for them on exit.
+    ``asyncio.run`` wait for them on exit. ``on_cancel`` runs (on the loop) if the awaiting task
+    is cancelled, to tell the call that nobody waits for it any more.
     """
     loop = asyncio.get_running_loop()
     fut: "asyncio.Future[T]" = loop.create_future()
+    if on_cancel is not None:
+        stop = on_cancel
+        fut.add_done_callback(lambda f: stop() if f.cancelled() else None)
 
     def run() -> None:
         try:
@@ -175,7 +181,10 @@ def _resolve(woken: "asyncio.Future[None]") -> None:
 
 
 async def aflush(conveyor: Any, timeout: Optional[float]) -> bool:
-    return await run_in_thread(conveyor.flush, timeout)
+    # A cancelled aflush (a `wait_for` timeout) stops its thread's wait: repeated ones on a
+    # stuck sink would otherwise each leave a thread waiting for good.
+    stop = threading.Event()
+    return await run_in_thread(conveyor._flush_unless, timeout, stop, on_cancel=stop.set)
 
 
 async def aclose(conveyor: Any, timeout: Optional[float]) -> Any:
