@@ -359,7 +359,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Builder<T, R> {
     /// few hundred at a time (at most 255 after their delivery, per worker). The memory the
     /// queued items took at the queue's fullest (up to 16 MiB, plus 1 MiB the producer lets
     /// cool before reusing it) is kept for the items sent after them, so that a burst does not
-    /// allocate again, and so is the room of the lane that held them (a few dozen bytes per
+    /// allocate again, and so is the room of the lane that held them (16 bytes per
     /// item; in keyed mode, the largest lane's).
     ///
     /// # Examples
