@@ -281,7 +281,21 @@ pub(crate) struct Summary {
     /// Why the journal could not be written at the end of the run, if it could not: it then
     /// still holds lines that were delivered.
     pub(crate) journal_error: Option<String>,
+    /// What the journal holds, read back from it after a run it could not record in full
+    /// (a full disk): the lines read after its last commit are in no journal, so `left` is not
+    /// what it holds, and a rerun resumes after its input position, not where this run stopped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) recorded: Option<Recorded>,
     pub(crate) exit_code: u8,
+}
+
+/// What a journal holds at the end of a run (see [`Summary::recorded`]).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct Recorded {
+    /// Lines pending in it (some may have been delivered since: their delivery is not in it).
+    pub(crate) pending: u64,
+    /// The input line it has read up to: a rerun goes on after it.
+    pub(crate) input_position: u64,
 }
 
 impl Summary {
@@ -359,17 +373,39 @@ impl Summary {
                 1 => ("1 item".to_owned(), "was not delivered and is"),
                 n => (format!("{n} items"), "were not delivered and are"),
             };
-            match &self.journal {
-                Some(path) if self.stream => text.push_str(&format!(
+            match (&self.journal, self.recorded) {
+                (Some(path), Some(held)) => {
+                    let read = held.input_position;
+                    let resume = if self.stream {
+                        format!(
+                            "rerun the same command to deliver them, feeding it the stream from \
+                             line {} on: the lines this run read after line {read} are in no \
+                             journal",
+                            read + 1
+                        )
+                    } else {
+                        format!("rerun the same command: it reads the input on after line {read}")
+                    };
+                    let were = if self.left == 1 { "was" } else { "were" };
+                    text.push_str(&format!(
+                        "\n{items} {were} not delivered, and the journal {path} could not \
+                         record them all: it holds {} pending line(s) and the input read up to \
+                         line {read}; {resume}",
+                        held.pending
+                    ));
+                }
+                (Some(path), None) if self.stream => text.push_str(&format!(
                     "\n{items} left in the journal {path}: rerun the same command to deliver \
                      them. The rerun reads its input stream anew from the first line: feed it \
                      only the lines this run did not read (`conveyor status{journal}` shows how \
                      far it read), or those read are sent again as new lines"
                 )),
-                Some(path) => text.push_str(&format!(
+                (Some(path), None) => text.push_str(&format!(
                     "\n{items} left in the journal {path}: rerun the same command to resume"
                 )),
-                None => text.push_str(&format!("\n{items} {were} lost (run without a journal)")),
+                (None, _) => {
+                    text.push_str(&format!("\n{items} {were} lost (run without a journal)"))
+                }
             }
         }
         if let Some(error) = &self.journal_error {
@@ -425,6 +461,7 @@ mod tests {
             journal_option: String::new(),
             stream: false,
             journal_error: None,
+            recorded: None,
             exit_code: 3,
         }
     }

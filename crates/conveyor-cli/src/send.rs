@@ -17,7 +17,7 @@ use conveyor::{Conveyor, DeliveryError, OnFailure, Ordering, Retry, SendError, S
 use crate::args::{FailurePolicy, OrderingArg, OutputArgs, SendArgs};
 use crate::input::{overlong_reason, KeySpec, Line, LineReader, Parsed, MAX_LINE};
 use crate::rejects::Rejects;
-use crate::report::{millis, print_out, FailureNotes, Progress, Summary};
+use crate::report::{millis, print_out, FailureNotes, Progress, Recorded, Summary};
 use crate::sink::{sink_fn, ExecSink, Latencies, Target};
 use crate::{exit, journal, ops, CliError};
 
@@ -753,6 +753,18 @@ pub(crate) fn run(
     // After the close: whether the journal's last commit failed too. Then what it says was left
     // is not what is left: lines delivered meanwhile are still pending in it.
     let journal_error = conveyor.journal_error().map(|e| e.to_string());
+    // Then the journal holds less than what was left: the lines read after its last commit are
+    // in none. Said as `conveyor status` would say it (nothing is said if it cannot be read).
+    let recorded = plan
+        .journal
+        .as_deref()
+        .filter(|_| journal_error.is_some() || read_outcome.journal_failed)
+        .and_then(|path| conveyor::Journal::open_read_only(path).ok())
+        .and_then(|journal| journal.status().ok())
+        .map(|status| Recorded {
+            pending: status.pending,
+            input_position: status.cursor.unwrap_or(0),
+        });
     let stats = report.stats;
     // Lines an earlier run left in the journal have no receipt here to report their failure as
     // it happens (nor has one that cannot even be read back as a line): say so once.
@@ -805,6 +817,7 @@ pub(crate) fn run(
         journal_option: journal_option(&plan.journal),
         stream: !input.is_replayable(),
         journal_error,
+        recorded,
         exit_code,
     };
     if output.json {
@@ -1005,7 +1018,9 @@ fn read_and_submit(
                         skipped = true;
                     }
                     // Anything else (the journal cannot store the line: a full disk): stop before
-                    // the input position moves past it, so a rerun starts with this very line.
+                    // the input position moves past it. A rerun starts after the position the
+                    // journal last committed: this very line under --sync, maybe an earlier one
+                    // otherwise (lines accepted since that commit are in no journal).
                     Err(_) => {
                         let cause = conveyor.journal_error().map_or_else(
                             || "the journal could not be written".to_owned(),
@@ -1013,7 +1028,8 @@ fn read_and_submit(
                         );
                         error = Some(format!(
                             "line {number} was not accepted: {cause}; stopped reading: rerun \
-                             the same command to go on from this line"
+                             the same command to go on after the last line the journal \
+                             recorded (`conveyor status` shows which)"
                         ));
                         journal_failed = true;
                         break;

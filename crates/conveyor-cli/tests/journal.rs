@@ -1193,3 +1193,36 @@ fn a_rerun_with_other_exec_arguments_names_the_journal_it_leaves_pending() {
     let (_, stderr) = expect_exit(&send(&input, 0), 0);
     assert!(!stderr.contains("pending line(s)"), "{stderr}");
 }
+
+/// A full disk stops a run that read its stream faster than the journal committed it: the
+/// lines read after the journal's last commit are in no journal. The summary said all the
+/// lines not delivered were "left in the journal" (716 where it held 590): it says what the
+/// journal holds, and where to feed the stream from, as `conveyor status` does.
+#[test]
+fn a_full_disk_summary_says_what_the_journal_holds_and_where_to_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = TinyDisk::new("256k");
+    let server = Server::start(|_| Reply::ok().delay(Duration::from_millis(5))).unwrap();
+    let lines: String = (0..3000)
+        .map(|i| format!("{{\"id\":{i},\"pad\":\"{}\"}}\n", "x".repeat(300)))
+        .collect();
+    let journal = disk.dir.path().join("j.journal");
+    let journal = journal.to_str().unwrap();
+    let first = conveyor(dir.path())
+        .args(["send", "-", "--to", &server.url(), "--journal", journal])
+        .write_stdin(lines)
+        .output()
+        .unwrap();
+    let (stdout, _) = expect_exit(&first, 3);
+    let status = conveyor(dir.path())
+        .args(["status", "--json", "--journal", journal])
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let (pending, read) = (&status["pending"], &status["input_position"]);
+    assert!(
+        stdout.contains(&format!("it holds {pending} pending line(s)"))
+            && stdout.contains(&format!("from line {}", read.as_u64().unwrap() + 1)),
+        "the journal holds {pending} pending, read up to line {read}: {stdout}"
+    );
+}
