@@ -5,45 +5,20 @@
 //!
 //! The child is this test binary, run again on the same test with `CHILD_DIR` set.
 
+#[path = "common/crash.rs"]
+mod crash;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fs::OpenOptions;
-use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use conveyor::{Conveyor, Durability, Journal, Ordering};
-
-const CHILD_DIR: &str = "CONVEYOR_CRASH_DIR";
-const CHILD_START: &str = "CONVEYOR_CRASH_START";
-const CHILD_DRAIN: &str = "CONVEYOR_CRASH_DRAIN";
+use conveyor::{Conveyor, Durability, Ordering};
+use crash::*;
 const LANES: u64 = 3;
-
-/// Appends one line with one `write` call on an O_APPEND file: lines from the producer and the
-/// sink threads never interleave, and a SIGKILL loses nothing already written.
-///
-/// A write that crosses a page boundary of the file is copied a page at a time, and a SIGKILL
-/// between the two stops it halfway. The line is therefore written after a line break, so that
-/// a torn last line never runs into the next child's first one, and ends with `;`, so that
-/// `read_log` can tell a torn line from a whole one and drop it.
-fn log_line(log: &std::fs::File, line: String) {
-    let mut out = log;
-    out.write_all(format!("\n{};", line.trim_end()).as_bytes())
-        .unwrap();
-}
 
 /// The child: sends items `start..` (forever, until killed), or only drains the journal.
 fn child(dir: &Path, durability: Durability) {
-    let start: u64 = std::env::var(CHILD_START).unwrap().parse().unwrap();
-    let drain = std::env::var_os(CHILD_DRAIN).is_some();
-    let log = Arc::new(
-        OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(dir.join("log"))
-            .unwrap(),
-    );
+    let (start, drain, log) = child_args(dir);
     let sink_log = log.clone();
     let c: Conveyor<u64> = Conveyor::builder()
         .journal(dir.join("journal"))
@@ -80,70 +55,6 @@ fn child(dir: &Path, durability: Durability) {
     }
 }
 
-/// A small xorshift generator: kill times vary from run to run, and the seed is printed so a
-/// failing run can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self, below: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % below
-    }
-}
-
-/// Held while the parent has a journal open, and while it spawns a child. The two tests run on
-/// parallel threads of one process: a child forked by one test while the other holds its
-/// journal's lock inherits the lock's file until it execs (the fd is close-on-exec, but `flock`
-/// lasts while any copy is open). Descheduled in between on a busy machine, that child kept the
-/// lock held past the parent's close, and the other test's next child found its journal
-/// `Locked` by the parent. `Command::spawn` returns only once the child has exec'd.
-static FORK_GUARD: Mutex<()> = Mutex::new(());
-
-/// Runs `read` on the journal in `dir`, opened and closed with no child being spawned meanwhile
-/// (see `FORK_GUARD`).
-fn with_journal<X>(dir: &Path, read: impl FnOnce(&Journal) -> X) -> X {
-    let _no_spawn = FORK_GUARD.lock().unwrap_or_else(PoisonError::into_inner);
-    // A local, not a temporary of the tail expression: locals drop in reverse order, so the
-    // journal closes before the guard is released (a tail expression's temporaries would
-    // outlive it, and a child spawned meanwhile would inherit the journal's lock).
-    let journal = Journal::open(dir.join("journal")).unwrap();
-    read(&journal)
-}
-
-fn spawn_child(test: &str, dir: &Path, start: u64, drain: bool) -> std::process::Child {
-    let _no_journal_open = FORK_GUARD.lock().unwrap_or_else(PoisonError::into_inner);
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args([test, "--exact", "--nocapture", "--test-threads=1"])
-        .env(CHILD_DIR, dir)
-        .env(CHILD_START, start.to_string())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    if drain {
-        cmd.env(CHILD_DRAIN, "1");
-    }
-    cmd.spawn().unwrap()
-}
-
-/// Reads the child's stdout up to `word`; panics with its stderr if it exits first.
-fn await_line(child: &mut std::process::Child, word: &str) {
-    let mut out = BufReader::new(child.stdout.as_mut().unwrap());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if out.read_line(&mut line).unwrap() == 0 {
-            let mut err = String::new();
-            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
-            panic!("the child exited before saying {word:?}:\n{err}");
-        }
-        // libtest prints "test NAME ... " without a newline just before.
-        if line.trim().ends_with(word) {
-            return;
-        }
-    }
-}
-
 /// What the log says, trial by trial.
 #[derive(Default)]
 struct Trial {
@@ -158,21 +69,10 @@ struct Delivered {
 }
 
 fn read_log(dir: &Path) -> (Vec<Trial>, Vec<Delivered>) {
-    let text = std::fs::read_to_string(dir.join("log")).unwrap();
     let (mut trials, mut delivered) = (Vec::<Trial>::new(), Vec::new());
-    let lines: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
-    for (n, line) in lines.iter().enumerate() {
-        let Some(line) = line.strip_suffix(';') else {
-            // Torn by a kill (see `log_line`): only ever a child's last line. A torn "d" line
-            // was written inside the sink call the kill cut short, so its item is still
-            // pending and comes again.
-            let next = lines.get(n + 1);
-            assert!(
-                next.map_or(true, |next| *next == "r;"),
-                "a damaged log line {line:?} before {next:?}"
-            );
-            continue;
-        };
+    // A torn "d" line (see `whole_lines`) was written inside the sink call the kill cut short,
+    // so its item is still pending and comes again.
+    for line in whole_lines(dir) {
         let parts: Vec<&str> = line.split(' ').collect();
         match parts[0] {
             "r" => trials.push(Trial::default()),
@@ -247,20 +147,9 @@ fn crash_and_check(
         child(Path::new(&dir), durability);
         return;
     }
-    let seed = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-        | 1;
-    let mut rng = Rng(seed);
     let dir = tempfile::tempdir().unwrap();
     let mut next = 0u64;
-    for _ in 0..trials {
-        let mut c = spawn_child(test, dir.path(), next, false);
-        await_line(&mut c, "ready");
-        std::thread::sleep(Duration::from_millis(5 + rng.next(60)));
-        c.kill().unwrap(); // SIGKILL
-        c.wait().unwrap();
+    let seed = crash_children(test, dir.path(), trials, 60, |seed| {
         let (logged, delivered) = read_log(dir.path());
         check_cursor(
             dir.path(),
@@ -274,10 +163,8 @@ fn crash_and_check(
             .flat_map(|t| t.tried.iter())
             .max()
             .map_or(next, |m| m + 1);
-    }
-    let mut c = spawn_child(test, dir.path(), next, true);
-    await_line(&mut c, "done");
-    assert!(c.wait().unwrap().success());
+        next
+    });
 
     let ctx = format!("seed {seed}, {trials} kills");
     let (logged, delivered) = read_log(dir.path());
