@@ -1197,19 +1197,8 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         let Some(durable) = self.shared.durable.as_ref().filter(|d| d.sync) else {
             return;
         };
-        if receipt.is_settled() {
-            return;
-        }
-        loop {
-            // Enabled before the check: a commit (or the writer's exit) right after it still
-            // wakes this task.
-            let commit = durable.commits.notified();
-            tokio::pin!(commit);
-            commit.as_mut().enable();
-            if durable.is_committed(receipt.seq()) || durable.stopped() {
-                return;
-            }
-            commit.await;
+        if !receipt.is_settled() {
+            durable.committed(receipt.seq()).await;
         }
     }
 
@@ -1257,6 +1246,54 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     #[must_use = "false means the item may not be on disk yet"]
     pub fn wait_committed(&self, receipt: &Receipt<R>, timeout: Duration) -> bool {
         self.committed_by(receipt, Some(later(timeout)))
+    }
+
+    /// [`Conveyor::wait_committed`] for async code: awaits until the journal holds `receipt`'s
+    /// item on disk, without blocking the thread that polls it.
+    ///
+    /// It ends as `wait_committed` does, without a timeout: at once without a journal, for an
+    /// item already settled, and after [`close`](Conveyor::close) (what was not committed then
+    /// is counted as left in its report); while the journal cannot be written (see
+    /// [`Conveyor::journal_error`]) the writer keeps retrying and this keeps waiting, so bound
+    /// it with a timeout of your runtime's if the disk may fill. Under
+    /// [`Durability::Batched`](crate::Durability::Batched) it has the writer commit now rather
+    /// than when its window ends.
+    ///
+    /// The future borrows neither the conveyor nor the receipt: it can be spawned, or awaited
+    /// after the receipt was handed on. It needs no runtime, only a waker, and dropping it
+    /// changes nothing.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use conveyor::Conveyor;
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let c: Conveyor<String> = Conveyor::builder()
+    ///     .journal(dir.path().join("events.journal"))
+    ///     .build_async(|_d| async { Ok(()) })?;
+    /// let receipt = c.send_async("must survive a crash".to_owned()).await?;
+    /// c.wait_committed_async(&receipt).await; // other tasks run meanwhile
+    /// assert!(c.wait_committed(&receipt, std::time::Duration::ZERO));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn wait_committed_async(
+        &self,
+        receipt: &Receipt<R>,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let shared = (!receipt.is_settled()).then(|| Arc::clone(&self.shared));
+        let seq = receipt.seq();
+        async move {
+            if let Some(durable) = shared.as_ref().and_then(|s| s.durable.as_ref()) {
+                if !durable.sync {
+                    durable.commit_soon();
+                }
+                durable.committed(seq).await;
+            }
+        }
     }
 
     /// The synchronous send variants (`wait` says whether they may block); `cursor` is
@@ -3418,48 +3455,90 @@ mod tests {
     /// while the disk was full (the writer retrying) the whole runtime stood still.
     #[test]
     fn a_sync_send_async_awaits_its_commit_without_stopping_its_runtime() {
-        use std::sync::atomic::AtomicBool;
         let dir = tempfile::tempdir().unwrap();
-        let c: Conveyor<String> = Conveyor::builder()
-            .journal(dir.path().join("j"))
-            .durability(crate::Durability::Sync)
-            .build(|_d| Ok(()))
-            .unwrap();
-        let limit = |pages| limit_pages(&c, pages);
-        // From now on the file may not grow: the item's commit fails as on a full disk.
-        limit(1);
+        let c = on_a_full_disk(&dir.path().join("j"), crate::Durability::Sync);
+        let free = || limit_pages(&c, 1 << 30);
+        let stood_still = freed_by_watchdog(&free, async {
+            let send = c.send_async("x".repeat(100_000));
+            let operator = async {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                free();
+            };
+            let (sent, ()) = tokio::join!(send, operator);
+            let receipt = sent.unwrap();
+            assert!(c.wait_committed(&receipt, Duration::ZERO), "committed");
+        });
+        assert!(
+            !stood_still,
+            "the other task on the runtime ran only once the send returned"
+        );
+    }
+
+    /// `wait_committed_async` awaits a held-back commit while the runtime's other tasks run: the
+    /// one that frees the disk here runs only while the wait is pending. Its future borrows
+    /// neither the conveyor nor the receipt, so it can be spawned.
+    #[test]
+    fn wait_committed_async_awaits_a_held_back_commit_without_stopping_its_runtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = on_a_full_disk(&dir.path().join("j"), crate::Durability::default());
+        let free = || limit_pages(&c, 1 << 30);
+        let stood_still = freed_by_watchdog(&free, async {
+            let receipt = c.send("x".repeat(100_000)).unwrap();
+            let committed = tokio::spawn(c.wait_committed_async(&receipt));
+            // The item's commit failed: only freeing the disk lets the wait end.
+            while c.journal_error().is_none() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            assert!(!committed.is_finished(), "the wait ended before its commit");
+            free();
+            committed.await.unwrap();
+            assert!(c.wait_committed(&receipt, Duration::ZERO), "committed");
+        });
+        assert!(
+            !stood_still,
+            "the other task on the runtime ran only once the wait ended"
+        );
+    }
+
+    /// Runs `task` on a current-thread runtime while a watchdog waits for it: if it has not
+    /// ended within 20 s (the runtime stands still, waiting for a full disk that only a task on
+    /// it would free), the watchdog calls `free`, so that the test fails instead of hanging.
+    /// Returns whether it had to.
+    fn freed_by_watchdog(
+        free: &(dyn Fn() + Sync),
+        task: impl std::future::Future<Output = ()>,
+    ) -> bool {
+        use std::sync::atomic::AtomicBool;
         let by_watchdog = &AtomicBool::new(false);
-        let limit = &limit;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         std::thread::scope(|scope| {
             let (done, finished) = mpsc::channel::<()>();
-            // Frees the space if the task below never gets to, so a failure does not hang.
             scope.spawn(move || {
                 let waited = finished.recv_timeout(Duration::from_secs(20));
                 if waited == Err(mpsc::RecvTimeoutError::Timeout) {
                     by_watchdog.store(true, AtomicOrdering::SeqCst);
-                    limit(1 << 30);
+                    free();
                 }
             });
-            runtime.block_on(async {
-                let send = c.send_async("x".repeat(100_000));
-                let operator = async {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    limit(1 << 30);
-                };
-                let (sent, ()) = tokio::join!(send, operator);
-                let receipt = sent.unwrap();
-                assert!(c.wait_committed(&receipt, Duration::ZERO), "committed");
-            });
+            runtime.block_on(task);
             drop(done);
         });
-        assert!(
-            !by_watchdog.load(AtomicOrdering::SeqCst),
-            "the other task on the runtime ran only once the send returned"
-        );
+        by_watchdog.load(AtomicOrdering::SeqCst)
+    }
+
+    /// A conveyor on a new journal at `path` whose file may not grow: its commits fail as on a
+    /// full disk until `limit_pages(&c, 1 << 30)` makes room.
+    fn on_a_full_disk(path: &std::path::Path, durability: crate::Durability) -> Conveyor<String> {
+        let c = Conveyor::builder()
+            .journal(path)
+            .durability(durability)
+            .build(|_d| Ok(()))
+            .unwrap();
+        limit_pages(&c, 1);
+        c
     }
 
     /// Caps the journal file's size in pages, so that writes fail as on a full disk.
@@ -3853,13 +3932,8 @@ mod tests {
     #[test]
     fn flush_async_returns_while_the_journal_cannot_be_written() {
         let dir = tempfile::tempdir().unwrap();
-        let c: Conveyor<String> = Conveyor::builder()
-            .journal(dir.path().join("j"))
-            .build(|_d| Ok(()))
-            .unwrap();
+        let c = on_a_full_disk(&dir.path().join("j"), crate::Durability::default());
         let limit = |pages| limit_pages(&c, pages);
-        // The file may not grow: the item's commit fails as on a full disk.
-        limit(1);
         c.send("x".repeat(100_000)).unwrap();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()

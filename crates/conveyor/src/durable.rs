@@ -385,6 +385,23 @@ impl<T> Durable<T> {
         true
     }
 
+    /// `wait_committed` without a deadline, for a task: awaits the commit without blocking
+    /// its thread, and ends as that does (never while commits fail; at once once the writer
+    /// stopped). No timer, so the future may be polled outside Tokio.
+    pub(crate) async fn committed(&self, seq: u64) {
+        loop {
+            // Enabled before the check: a commit (or the writer's exit) right after it still
+            // wakes this task.
+            let commit = self.commits.notified();
+            tokio::pin!(commit);
+            commit.as_mut().enable();
+            if self.is_committed(seq) || self.stopped() {
+                return;
+            }
+            commit.await;
+        }
+    }
+
     /// Whether the append of `seq` is committed.
     pub(crate) fn is_committed(&self, seq: u64) -> bool {
         self.committed.load(AtomicOrdering::Acquire) >= seq
