@@ -1,10 +1,20 @@
-//! `await conveyor.asend(item)` on a full queue, made cancel-safe.
+//! `await conveyor.asend(item)` on a full queue, or under `durability="sync"`, made
+//! cancel-safe and never blocking the event loop.
 //!
-//! The engine's `send_async` future is polled on the event loop's own thread, by the coroutine
-//! that awaits it (`conveyor._support.asend_slow`): only a poll can accept the item, and the
-//! poll that accepts it hands the receipt straight to that coroutine, so there is no moment at
-//! which the item is accepted while the awaiting task can still be cancelled. A cancellation
-//! arrives between polls and drops the future, which the engine guarantees accepts nothing.
+//! The engine's futures are polled on the event loop's own thread, by the awaitable that awaits
+//! them (`conveyor._support.Sending`). On a full queue that is the engine's `send_async`: only a
+//! poll can accept the item, and the poll that accepts it hands the receipt straight to that
+//! awaitable, so there is no moment at which the item is accepted while the awaiting task can
+//! still be cancelled. A cancellation arrives between polls and drops the future, which the
+//! engine guarantees accepts nothing.
+//!
+//! Under `durability="sync"` the accepted item's commit is then awaited the same way
+//! (`Conveyor::wait_committed_async`), rather than waited for on the loop's thread, which
+//! stalled every task on the loop for each commit, and for good while the disk was full. The
+//! item is accepted by then, so a cancellation cannot take it back: the awaitable returns the
+//! receipt at once instead of raising, as `asend` does for an item its call accepted. Awaiting
+//! the commit on the loop rather than on a helper thread (as `aflush` does) costs no thread per
+//! send and no polling delay, and reuses the one dispatcher below.
 //!
 //! The future waits on `tokio::sync::Notify`, which needs no runtime, only a `Waker`. Ours cannot
 //! resume the coroutine itself: the engine wakes it while holding its state lock, which the event
@@ -36,6 +46,19 @@ use crate::stack::Stack;
 pub(crate) type SendFuture = Pin<
     Box<dyn Future<Output = Result<conveyor::Receipt<Reply>, SendError<Item>>> + Send + 'static>,
 >;
+
+/// The engine's wait for an accepted item's commit (`Conveyor::wait_committed_async`).
+pub(crate) type CommitFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// What an `asend` waits for.
+pub(crate) enum Stage {
+    /// Room in the queue: the engine's send future, which accepts the item in the poll that
+    /// returns its receipt. Dropping it accepts nothing.
+    Room(SendFuture),
+    /// The journal's commit of the accepted item (`durability="sync"`): the receipt is the
+    /// outcome whatever happens now, cancellation included.
+    Commit(CommitFuture, Py<PyReceipt>),
+}
 
 /// Woken sends whose coroutines the dispatcher has yet to resume. A lock-free stack because the
 /// waker runs under the engine's lock and must neither block nor leave a lock for `os.fork()`
@@ -109,7 +132,7 @@ struct Signal {
     woken: AtomicBool,
     /// Set while the coroutine waits to be resumed; whoever clears it resumes it.
     armed: AtomicBool,
-    /// Resumes the waiting coroutine (`_support.asend_slow` makes it); taken by the dispatcher,
+    /// Resumes the waiting awaitable (`_support.Sending` makes it); taken by the dispatcher,
     /// or dropped by `cancel`. Locked only with the GIL held and never across Python code.
     resume: Mutex<Option<Held>>,
     /// The dispatcher to unpark after queueing this send.
@@ -157,12 +180,12 @@ impl Wake for Signal {
     }
 }
 
-/// An `asend` waiting for room: the engine's send future and its waker.
+/// An `asend` waiting for room or for its commit: the engine's future and its waker.
 #[pyclass(frozen, module = "conveyor._conveyor")]
 pub(crate) struct PendingSend {
-    /// `None` once the send finished or was cancelled. A mutex only to make the class `Sync`:
-    /// it is used by the event loop's thread alone.
-    future: Mutex<Option<SendFuture>>,
+    /// `None` before `start` and once the send finished or was cancelled. A mutex only to make
+    /// the class `Sync`: it is used by the event loop's thread alone.
+    stage: Mutex<Option<Stage>>,
     signal: Arc<Signal>,
     /// Keeps the conveyor alive while the future holds its engine: the future's reference is
     /// never the last, so the conveyor's own `Drop` still decides how the engine ends.
@@ -176,13 +199,10 @@ impl std::fmt::Debug for PendingSend {
 }
 
 impl PendingSend {
-    /// Starts this process's dispatcher thread if it has none yet, which can fail.
-    pub(crate) fn new(
-        py: Python<'_>,
-        conveyor: Py<PyConveyor>,
-        future: SendFuture,
-        fork_gen: u64,
-    ) -> PyResult<Self> {
+    /// Starts this process's dispatcher thread if it has none yet, which can fail: before the
+    /// item is accepted, so that no error follows an accepted item. `start` sets what it waits
+    /// for.
+    pub(crate) fn new(py: Python<'_>, conveyor: Py<PyConveyor>, fork_gen: u64) -> PyResult<Self> {
         let signal = Signal {
             woken: AtomicBool::new(false),
             armed: AtomicBool::new(false),
@@ -191,24 +211,28 @@ impl PendingSend {
             fork_gen,
         };
         Ok(PendingSend {
-            future: Mutex::new(Some(future)),
+            stage: Mutex::new(None),
             signal: Arc::new(signal),
             conveyor,
         })
     }
 
-    fn slot(&self) -> MutexGuard<'_, Option<SendFuture>> {
-        self.future.lock().unwrap_or_else(PoisonError::into_inner)
+    pub(crate) fn start(&self, stage: Stage) {
+        *self.slot() = Some(stage);
+    }
+
+    fn slot(&self) -> MutexGuard<'_, Option<Stage>> {
+        self.stage.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Drops the future, which un-registers its wait under the engine's lock; in a forked child
     /// that lock may have been copied locked, so the future is leaked there instead.
     fn discard(&self) {
-        if let Some(future) = self.slot().take() {
+        if let Some(stage) = self.slot().take() {
             if same_process(self.signal.fork_gen) {
-                drop(future);
+                drop(stage);
             } else {
-                std::mem::forget(future);
+                std::mem::forget(stage);
             }
         }
         // Nobody waits any more; a wake already queued finds nothing to resume.
@@ -220,24 +244,51 @@ impl PendingSend {
 #[pymethods]
 impl PendingSend {
     /// Polls the send on the calling thread (the event loop's): the receipt once the item is
-    /// accepted, `None` while it waits for room (`wake_later` then says when to poll again).
+    /// accepted (and under `durability="sync"` committed), `None` while it waits for room or
+    /// for the commit (`wake_later` then says when to poll again).
     ///
-    /// Raises what `send` raises (`Closed`, `JournalError`, ...).
-    fn poll(&self, py: Python<'_>) -> PyResult<Option<PyReceipt>> {
+    /// Raises what `send` raises (`Closed`, `JournalError`, ...), only before the item is
+    /// accepted.
+    fn poll(&self, py: Python<'_>) -> PyResult<Option<Py<PyReceipt>>> {
         let mut slot = self.slot();
-        let Some(future) = slot.as_mut() else {
-            return Err(PyRuntimeError::new_err(
-                "this asend() already finished or was cancelled; call asend() again to send",
-            ));
-        };
         self.signal.woken.store(false, Ordering::SeqCst);
         let waker = Waker::from(Arc::clone(&self.signal));
-        let polled = self.conveyor.get().poll_send(py, future, &waker);
-        if !matches!(polled, Ok(None)) {
-            // Finished: the item is accepted or refused for good.
-            slot.take();
+        let conveyor = self.conveyor.get();
+        loop {
+            let polled = match slot.as_mut() {
+                None => return Err(PyRuntimeError::new_err(
+                    "this asend() already finished or was cancelled; call asend() again to send",
+                )),
+                Some(Stage::Room(future)) => conveyor.poll_send(py, future, &waker),
+                Some(Stage::Commit(commit, receipt)) => {
+                    let receipt = receipt.clone_ref(py);
+                    conveyor
+                        .poll_commit(py, commit, &waker)
+                        .map(|done| done.then(|| (receipt, None)))
+                }
+            };
+            match polled {
+                Ok(None) => return Ok(None),
+                // Accepted, with a commit to wait for: polled at once, as it may be done.
+                Ok(Some((receipt, Some(commit)))) => {
+                    *slot = Some(Stage::Commit(commit, receipt));
+                }
+                // Finished: the item is accepted, or refused for good.
+                done => {
+                    slot.take();
+                    return done.map(|finished| finished.map(|(receipt, _)| receipt));
+                }
+            }
         }
-        polled
+    }
+
+    /// The receipt of an item accepted while its commit is awaited, else `None`: what a
+    /// cancelled `asend` returns instead of raising.
+    fn accepted(&self, py: Python<'_>) -> Option<Py<PyReceipt>> {
+        match self.slot().as_ref() {
+            Some(Stage::Commit(_, receipt)) => Some(receipt.clone_ref(py)),
+            _ => None,
+        }
     }
 
     /// After a poll that returned `None`: arranges for `resume()` to be called, on the

@@ -14,7 +14,7 @@ use pyo3::types::PyWeakrefReference;
 use pyo3::{PyTraverseError, PyVisit};
 
 use crate::args::{self, str_arg};
-use crate::asend::{PendingSend, SendFuture};
+use crate::asend::{CommitFuture, PendingSend, SendFuture, Stage};
 use crate::errors;
 use crate::failure_log::{FailureLog, Then};
 use crate::fork::Held;
@@ -393,6 +393,13 @@ fn interrupt_again() {
     unsafe { pyo3::ffi::PyErr_SetInterrupt() };
 }
 
+/// The awaitable `asend` returns when the item must wait, for room or for its commit:
+/// `conveyor._support.Sending`, which polls `pending` on the event loop (see `asend.rs`).
+fn sending(py: Python<'_>, pending: PendingSend, stage: Stage) -> PyResult<Py<PyAny>> {
+    pending.start(stage);
+    Ok(support(py)?.call_method1("Sending", (pending,))?.unbind())
+}
+
 /// The engine's `send_async` for an item with or without a key and an input position.
 async fn send_to<K: Into<String>>(
     engine: &conveyor::Conveyor<Item, Reply>,
@@ -611,8 +618,9 @@ impl PyConveyor {
         Ok(())
     }
 
-    /// One non-waiting attempt. `Ok(Err(item))` hands the item back when the queue is full and
-    /// the policy is to block, so the caller can decide how to wait.
+    /// One non-waiting attempt: the engine's receipt of the accepted item, which the caller
+    /// hands over through `accepted` or `accepted_async`. `Ok(Err(item))` hands the item back
+    /// when the queue is full and the policy is to block, so the caller can decide how to wait.
     fn try_once(
         &self,
         py: Python<'_>,
@@ -620,7 +628,7 @@ impl PyConveyor {
         item: Item,
         key: Option<&str>,
         cursor: Option<u64>,
-    ) -> PyResult<Result<PyReceipt, Item>> {
+    ) -> PyResult<Result<conveyor::Receipt<Reply>, Item>> {
         self.admit(py, shared)?;
         let engine = &shared.engine;
         let attempt = match (key, cursor) {
@@ -630,7 +638,7 @@ impl PyConveyor {
             (Some(key), Some(cursor)) => engine.try_send_keyed_and_set_cursor(key, item, cursor),
         };
         match attempt {
-            Ok(receipt) => Ok(Ok(self.accepted(py, shared, receipt)?)),
+            Ok(receipt) => Ok(Ok(receipt)),
             Err(SendError::Full(item)) if self.options.block => Ok(Err(item)),
             Err(SendError::Full(_)) => Err(errors::queue_full(
                 py,
@@ -667,19 +675,20 @@ impl PyConveyor {
         Box::pin(async move { send_to(&shared.engine, item, key, cursor).await })
     }
 
-    /// One poll of an `asend`'s send future, on the event loop's thread: the receipt once the
-    /// item is accepted, `None` while it waits for room (`waker` then says when to poll again).
+    /// One poll of an `asend`'s send future, on the event loop's thread: once the item is
+    /// accepted, what `accepted_async` makes of it; `None` while it waits for room (`waker` then
+    /// says when to poll again).
     pub(crate) fn poll_send(
         &self,
         py: Python<'_>,
         future: &mut SendFuture,
         waker: &Waker,
-    ) -> PyResult<Option<PyReceipt>> {
+    ) -> PyResult<Option<(Py<PyReceipt>, Option<CommitFuture>)>> {
         let shared = self.live(py)?;
         self.admit(py, shared)?;
         match future.as_mut().poll(&mut Context::from_waker(waker)) {
             Poll::Pending => Ok(None),
-            Poll::Ready(Ok(receipt)) => Ok(Some(self.accepted(py, shared, receipt)?)),
+            Poll::Ready(Ok(receipt)) => Ok(Some(self.accepted_async(py, shared, receipt)?)),
             Poll::Ready(Err(SendError::Full(_))) => Err(errors::queue_full(
                 py,
                 format!(
@@ -708,6 +717,39 @@ impl PyConveyor {
             })?;
         }
         Ok(PyReceipt::new(receipt, shared.fork_gen, shared.sink.id))
+    }
+
+    /// `accepted` for `asend`, which must not block its event loop: the receipt at once, and
+    /// under `durability="sync"` the commit for the loop to await before handing it over.
+    fn accepted_async(
+        &self,
+        py: Python<'_>,
+        shared: &Shared,
+        receipt: conveyor::Receipt<Reply>,
+    ) -> PyResult<(Py<PyReceipt>, Option<CommitFuture>)> {
+        let commit = self
+            .options
+            .sync
+            .then(|| -> CommitFuture { Box::pin(shared.engine.wait_committed_async(&receipt)) });
+        let receipt = Py::new(py, PyReceipt::new(receipt, shared.fork_gen, shared.sink.id))?;
+        Ok((receipt, commit))
+    }
+
+    /// One poll of an accepted `asend`'s commit, on the event loop's thread: whether the
+    /// journal holds the item now (or never will: the conveyor closed). `waker` says when to
+    /// poll again.
+    pub(crate) fn poll_commit(
+        &self,
+        py: Python<'_>,
+        commit: &mut CommitFuture,
+        waker: &Waker,
+    ) -> PyResult<bool> {
+        // Not `admit`: a conveyor closing meanwhile still commits what it accepted.
+        self.live(py)?;
+        Ok(commit
+            .as_mut()
+            .poll(&mut Context::from_waker(waker))
+            .is_ready())
     }
 
     fn closed_error(&self, py: Python<'_>, shared: &Shared) -> PyErr {
@@ -1064,7 +1106,7 @@ impl PyConveyor {
         let cursor = self.check_send_options(py, &key, cursor)?;
         let item = self.item(py, item)?;
         match self.try_once(py, shared, item, key.as_deref(), cursor)? {
-            Ok(receipt) => Ok(receipt),
+            Ok(receipt) => self.accepted(py, shared, receipt),
             Err(item) => Ok(self
                 .send_waiting(py, shared, item, key.as_deref(), cursor, None)?
                 .expect("waiting without a deadline only ends with a receipt or an error")),
@@ -1084,7 +1126,7 @@ impl PyConveyor {
         let cursor = self.check_send_options(py, &key, cursor)?;
         let item = self.item(py, item)?;
         match self.try_once(py, shared, item, key.as_deref(), cursor)? {
-            Ok(receipt) => Ok(receipt),
+            Ok(receipt) => self.accepted(py, shared, receipt),
             Err(_) => Err(errors::queue_full(
                 py,
                 format!(
@@ -1108,6 +1150,12 @@ impl PyConveyor {
     /// `CancelledError`, the item was not accepted and is never sent later, so sending it again
     /// cannot deliver it twice; if it returns, the item was accepted once.
     ///
+    /// With `durability="sync"`, the await then lasts until the journal holds the item, and the
+    /// loop runs other tasks meanwhile. While the disk is full (or hangs) that wait goes on as
+    /// the journal retries, as for `send`; cancelling it (a `wait_for` timeout) returns the
+    /// receipt at once, since the item is accepted: it is committed once the journal can write
+    /// it, and delivered after that (awaiting the receipt waits for that delivery).
+    ///
     /// From this conveyor's own `async def` sink, a full queue raises `QueueFull`, as `send` does.
     #[pyo3(signature = (item, *, key = None, cursor = None))]
     fn asend(
@@ -1121,18 +1169,24 @@ impl PyConveyor {
         let shared = this.live(py)?;
         let cursor = this.check_send_options(py, &key, cursor)?;
         let item = this.item(py, item)?;
+        let pending = || PendingSend::new(py, slf.clone().unbind(), shared.fork_gen);
+        // Made before the item is accepted: failing to make it then would raise for an
+        // accepted item.
+        let committing = this.options.sync.then(pending).transpose()?;
         match this.try_once(py, shared, item, key.as_deref(), cursor)? {
             Ok(receipt) => {
-                Ok(Py::new(py, Ready::new(Py::new(py, receipt)?.into_any()))?.into_any())
+                let (receipt, commit) = this.accepted_async(py, shared, receipt)?;
+                match commit.zip(committing) {
+                    Some((commit, pending)) => sending(py, pending, Stage::Commit(commit, receipt)),
+                    None => Ok(Py::new(py, Ready::new(receipt.into_any()))?.into_any()),
+                }
             }
             // Waiting for room would wait for this very sink when called from it.
             Err(item) => {
                 this.not_waiting_on_own_sink(py, shared, "asend")?;
                 let future = this.send_future(item, key, cursor);
-                let pending = PendingSend::new(py, slf.clone().unbind(), future, shared.fork_gen)?;
-                Ok(support(py)?
-                    .call_method1("asend_slow", (pending,))?
-                    .unbind())
+                let pending = committing.map_or_else(pending, Ok)?;
+                sending(py, pending, Stage::Room(future))
             }
         }
     }
@@ -1152,7 +1206,7 @@ impl PyConveyor {
         let timeout = seconds_arg("timeout", timeout)?;
         let item = self.item(py, item)?;
         match self.try_once(py, shared, item, key.as_deref(), cursor)? {
-            Ok(receipt) => Ok(Some(receipt)),
+            Ok(receipt) => Ok(Some(self.accepted(py, shared, receipt)?)),
             Err(_) if timeout.is_zero() => Ok(None),
             Err(item) => self.send_waiting(py, shared, item, key.as_deref(), cursor, Some(timeout)),
         }

@@ -6,6 +6,8 @@ import asyncio
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 import textwrap
 import threading
 
@@ -13,7 +15,7 @@ import pytest
 
 import conveyor
 
-from conftest import Recorder, run_python
+from conftest import Recorder, fill_up, holding_sink, run_python
 
 
 def test_items_round_trip_through_json(make, tmp_path):
@@ -145,6 +147,202 @@ def test_a_sync_send_on_a_full_disk_releases_the_gil_and_yields_to_ctrl_c(tmp_pa
     assert (
         "OUTCOME KeyboardInterrupt ticks True" in proc.stdout or "OUTCOME JournalError" in proc.stdout
     ), proc.stdout + proc.stderr
+
+# Holds SQLite's write lock on a journal until its stdin closes.
+HOLD_WRITE_LOCK = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN IMMEDIATE")
+print("held", flush=True)
+sys.stdin.read()
+db.execute("ROLLBACK")
+"""
+
+
+class HeldCommits:
+    """Holds back a journal's commits, as a hung disk would, until `release(by)`.
+
+    Another process holds SQLite's write lock on the journal (as a backup tool or a stray
+    `sqlite3` shell might): each commit waits out SQLite's busy timeout, fails and is retried.
+    Not this process: two copies of SQLite in one process do not see each other's locks. A
+    watchdog releases it after `patience` s, so a test whose event loop stands still fails
+    (`released_by == "watchdog"`) instead of hanging.
+    """
+
+    def __init__(self, path: os.PathLike, patience: float = 4.0) -> None:
+        self._holder = subprocess.Popen(
+            [sys.executable, "-c", HOLD_WRITE_LOCK, str(path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self._holder.stdout is not None
+        assert self._holder.stdout.readline() == "held\n"
+        self._lock = threading.Lock()
+        self.released_by = None
+        self._watchdog = threading.Timer(patience, self.release, ("watchdog",))
+        self._watchdog.start()
+
+    def release(self, by: str) -> None:
+        with self._lock:
+            if self.released_by is None:
+                self.released_by = by
+                self._holder.communicate(timeout=30)
+
+    def __enter__(self) -> "HeldCommits":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._watchdog.cancel()
+        self.release("exit")
+
+
+def sync_conveyor(make, path):
+    """A durability="sync" conveyor on `path` that delivered 0 and left its journal's writer
+    nothing to commit, so that holding commits back holds back only what follows; and the
+    list of what it delivered."""
+    delivered = []
+    c = make(delivered.append, journal=path, durability="sync")
+    c.send(0)
+    assert c.flush(timeout=10)
+    return c, delivered
+
+
+def assert_in_order(receipts):
+    seqs = [r.seq for r in receipts]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs), seqs
+
+
+def test_a_sync_asend_awaits_its_commit_without_blocking_the_loop(make, tmp_path):
+    # Under durability="sync", asend waited for its item's commit on the event loop's thread:
+    # every other task stood still for each commit, and for good while the disk hung or was
+    # full. Here the loop must go on running while three asends wait for their commit, and
+    # release it itself.
+    path = tmp_path / "j"
+    c, delivered = sync_conveyor(make, path)
+
+    async def main():
+        with HeldCommits(path) as held:
+            sends = [asyncio.ensure_future(c.asend(n)) for n in (1, 2, 3)]
+            for _ in range(20):
+                await asyncio.sleep(0.005)
+            waiting = [not send.done() for send in sends]
+            held.release("loop")
+            receipts = await asyncio.wait_for(asyncio.gather(*sends), timeout=30)
+        return held.released_by, waiting, receipts
+
+    released_by, waiting, receipts = asyncio.run(main())
+    assert released_by == "loop", "the event loop stood still while an asend awaited its commit"
+    assert waiting == [True, True, True]
+    assert_in_order(receipts)
+    assert c.flush(timeout=10)
+    assert delivered == [0, 1, 2, 3]
+
+
+def test_a_sync_asend_that_waited_for_room_awaits_its_commit_without_blocking_the_loop(
+    make, tmp_path
+):
+    # The same once asend has waited for room: the poll that accepts the item must not then
+    # wait for its commit on the loop's thread.
+    path = tmp_path / "j"
+    gate = threading.Event()
+    delivered = []
+    c = make(holding_sink(gate, delivered), journal=path, durability="sync", capacity=1)
+
+    async def main():
+        await fill_up(c)
+        with HeldCommits(path) as held:
+            late = asyncio.ensure_future(c.asend("late"))  # the queue is full: waits for room
+            gate.set()
+            while c.stats.accepted < 3:
+                await asyncio.sleep(0.001)
+            for _ in range(20):
+                await asyncio.sleep(0.005)
+            waiting = not late.done()
+            held.release("loop")
+            receipt = await asyncio.wait_for(late, timeout=30)
+        return held.released_by, waiting, receipt
+
+    released_by, waiting, receipt = asyncio.run(main())
+    assert released_by == "loop", "the event loop stood still while an asend awaited its commit"
+    assert waiting
+    assert receipt.result(timeout=10) is None
+    assert delivered == ["hold", "fill", "late"]
+
+
+def test_a_sync_asend_cancelled_during_its_commit_returns_the_receipt(make, tmp_path):
+    # Once asend accepted its item, cancelling the task cannot take it back: whether it was
+    # cancelled before it first ran, while it awaited the commit, or by a wait_for timeout,
+    # the task returns the receipt at once (the commit still held back), never CancelledError
+    # or TimeoutError for an item that will be delivered.
+    path = tmp_path / "j"
+    c, delivered = sync_conveyor(make, path)
+
+    async def main():
+        with HeldCommits(path) as held:
+            unstarted = asyncio.ensure_future(c.asend(1))
+            unstarted.cancel()
+            started = asyncio.ensure_future(c.asend(2))
+            await asyncio.sleep(0)  # `started` runs, and awaits its commit
+            waiting = not started.done()
+            started.cancel()
+            timed_out = await asyncio.wait_for(c.asend(3), timeout=0.05)
+            receipts = [await unstarted, await started, timed_out]
+            delivered_meanwhile = [r.done() for r in receipts]
+            held.release("loop")
+        return held.released_by, waiting, receipts, delivered_meanwhile
+
+    released_by, waiting, receipts, delivered_meanwhile = asyncio.run(main())
+    assert released_by == "loop", "the event loop stood still while an asend awaited its commit"
+    assert waiting
+    assert delivered_meanwhile == [False, False, False], "delivered before its commit"
+    assert_in_order(receipts)
+    assert [r.result(timeout=10) for r in receipts] == [None, None, None]
+    assert delivered == [0, 1, 2, 3]
+
+
+def test_a_sync_asend_on_a_full_disk_waits_with_the_loop_running_until_cancelled(tmp_path):
+    # While the disk is full, a sync asend waits as the journal retries, as `send` does, but
+    # with the event loop running; a wait_for timeout ends that wait with the receipt (the item
+    # stays accepted), later sends are refused with JournalError, and once there is room the
+    # item is committed and delivered, in order.
+    code = textwrap.dedent(
+        f"""
+        import asyncio, os, resource, threading, conveyor
+        delivered = []
+        c = conveyor.Conveyor(delivered.append, journal={str(tmp_path / "j")!r}, durability="sync")
+        c.send(0)
+        assert c.flush(timeout=10)
+        # Every write to a file fails with EFBIG, as on a full disk (Python ignores SIGXFSZ).
+        fill_disk = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
+        free_disk = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+        watchdog = threading.Timer(20.0, lambda: (os.write(1, b"HUNG\\n"), os._exit(3)))
+        watchdog.daemon = True
+        watchdog.start()
+        async def main():
+            fill_disk()
+            # Only a loop that runs meanwhile can fire the timeout.
+            receipt = await asyncio.wait_for(c.asend(1), timeout=0.5)
+            print("DELIVERED", receipt.done())
+            try:
+                await c.asend(2)
+            except conveyor.JournalError:
+                print("REFUSED")
+            free_disk()
+            result = await asyncio.wait_for(receipt, timeout=10)  # once the writer retried
+            print("FLUSHED", await c.aflush(timeout=10), delivered, result)
+        asyncio.run(main())
+        c.close()
+        os._exit(0)
+        """
+    )
+    proc = run_python(code, timeout=60)
+    assert proc.stdout.splitlines() == [
+        "DELIVERED False",
+        "REFUSED",
+        "FLUSHED True [0, 1] None",
+    ], proc.stdout + proc.stderr
+
 
 def test_dead_letters_can_be_listed_retried_and_discarded(make, tmp_path):
     broken = {"bad-1", "bad-2"}

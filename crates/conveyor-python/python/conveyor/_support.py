@@ -139,30 +139,70 @@ def run_in_thread(
     return fut
 
 
-async def asend_slow(pending: Any) -> Any:
-    """``asend`` once the queue was found full: wait for room without blocking the loop.
+class Sending:
+    """What ``asend`` returns when its item must wait: for room in a full queue, or under
+    ``durability="sync"`` for its commit. Awaiting it never blocks the event loop.
 
-    ``pending`` (``asend.rs``) is the engine's send, polled here on the loop's thread: only a
-    poll can accept the item, and the poll that does returns straight from this coroutine, so a
-    cancellation (which arrives between polls) always finds the item not accepted, and dropping
-    the send makes sure it never will be. Between polls the coroutine waits on a plain future,
-    which the package's one dispatcher thread resolves once the send may progress.
+    ``pending`` (``asend.rs``) is the engine's send, polled here on the loop's thread. Between
+    polls this waits on a plain future, which the package's one dispatcher thread resolves once
+    the send may progress.
+
+    While it waits for room, only a poll can accept the item, and the poll that does returns
+    straight from here, so a cancellation (which arrives between polls) always finds the item
+    not accepted, and dropping the send makes sure it never will be: ``CancelledError`` means
+    not sent. Once the item is accepted, a cancellation cannot take it back, so the task returns
+    the receipt instead, at once and without waiting for the commit, as for an item the call
+    itself accepted (``Ready``). Hence the coroutine protocol by hand: an ``async def`` cancelled
+    before it first runs raises without running any of its code.
     """
-    loop = asyncio.get_running_loop()
-    try:
-        while True:
-            receipt = pending.poll()
-            if receipt is not None:
-                return receipt
-            woken: "asyncio.Future[None]" = loop.create_future()
-            if pending.wake_later(_resumer(loop, woken)):
-                await woken
-    finally:
-        pending.cancel()
+
+    __slots__ = ("_pending",)
+
+    def __init__(self, pending: Any) -> None:
+        self._pending = pending
+
+    def __await__(self) -> "Sending":
+        return self
+
+    def __iter__(self) -> "Sending":
+        return self
+
+    def __next__(self) -> Any:
+        return self.send(None)
+
+    def send(self, _value: Any) -> Any:
+        pending = self._pending
+        try:
+            loop = asyncio.get_running_loop()
+            while True:
+                receipt = pending.poll()
+                if receipt is not None:
+                    raise StopIteration(receipt)
+                woken: "asyncio.Future[None]" = loop.create_future()
+                if pending.wake_later(_resumer(loop, woken)):
+                    # What `await woken` yields: the task resumes us once it is done.
+                    woken._asyncio_future_blocking = True
+                    return woken
+        except BaseException:
+            pending.cancel()
+            raise
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        error = typ if val is None else val
+        if isinstance(error, type):
+            error = error()
+        accepted = self._pending.accepted()
+        self._pending.cancel()
+        if accepted is not None and isinstance(error, asyncio.CancelledError):
+            raise StopIteration(accepted)
+        raise error
+
+    def close(self) -> None:
+        self._pending.cancel()
 
 
 def _resumer(loop: asyncio.AbstractEventLoop, woken: "asyncio.Future[None]") -> Callable[[], None]:
-    """What the dispatcher thread calls to resume an ``asend_slow`` waiting on ``woken``."""
+    """What the dispatcher thread calls to resume a ``Sending`` waiting on ``woken``."""
 
     def resume() -> None:
         try:
