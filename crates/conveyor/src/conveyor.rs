@@ -1205,14 +1205,30 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// Waits until `receipt`'s item is committed to the journal, at most until `deadline`;
     /// returns whether the wait is over.
     fn committed_by(&self, receipt: &Receipt<R>, deadline: Option<Instant>) -> bool {
+        receipt.is_settled() || self.seq_committed_by(receipt.seq(), deadline)
+    }
+
+    /// `committed_by` for an item known by its sequence number only.
+    fn seq_committed_by(&self, seq: u64, deadline: Option<Instant>) -> bool {
         match &self.shared.durable {
-            Some(durable) if !receipt.is_settled() => {
+            Some(durable) => {
                 if !durable.sync {
                     durable.commit_soon();
                 }
-                blocking_section(|| durable.wait_committed(receipt.seq(), deadline))
+                blocking_section(|| durable.wait_committed(seq, deadline))
             }
-            _ => true,
+            None => true,
+        }
+    }
+
+    /// The future behind `wait_committed_async` and `wait_committed_seq_async`: awaits the
+    /// commit of `seq` in `shared`'s journal, or nothing for `None`.
+    async fn commit_of(shared: Option<Arc<Shared<T, R>>>, seq: u64) {
+        if let Some(durable) = shared.as_ref().and_then(|s| s.durable.as_ref()) {
+            if !durable.sync {
+                durable.commit_soon();
+            }
+            durable.committed(seq).await;
         }
     }
 
@@ -1285,15 +1301,66 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         receipt: &Receipt<R>,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let shared = (!receipt.is_settled()).then(|| Arc::clone(&self.shared));
-        let seq = receipt.seq();
-        async move {
-            if let Some(durable) = shared.as_ref().and_then(|s| s.durable.as_ref()) {
-                if !durable.sync {
-                    durable.commit_soon();
-                }
-                durable.committed(seq).await;
-            }
-        }
+        Self::commit_of(shared, receipt.seq())
+    }
+
+    /// [`Conveyor::wait_committed`] for an item known by its sequence number
+    /// ([`Receipt::seq`]), for code that no longer holds its receipt (it passed it to
+    /// [`Receipt::on_settled`], say, or to a binding that did).
+    ///
+    /// It ends as `wait_committed` does, except that a number cannot say whether its item has
+    /// settled: for an item dropped before it was written (by
+    /// [`Backpressure::DropNewest`](crate::Backpressure::DropNewest)), or a number this
+    /// conveyor has not handed out yet, it waits until a later item is committed, or the
+    /// conveyor closes. Prefer `wait_committed` where you have the receipt. A number from
+    /// another conveyor means nothing here.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use conveyor::Conveyor;
+    /// use std::time::Duration;
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let c: Conveyor<String> = Conveyor::builder()
+    ///     .journal(dir.path().join("events.journal"))
+    ///     .build(|_d| Ok(()))?;
+    /// let receipt = c.send("must survive a crash".to_owned()).unwrap();
+    /// let seq = receipt.seq();
+    /// receipt.on_settled(|_outcome| {}); // the receipt is gone, its number stays
+    /// assert!(c.wait_committed_seq(seq, Duration::from_secs(10)));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[must_use = "false means the item may not be on disk yet"]
+    pub fn wait_committed_seq(&self, seq: u64, timeout: Duration) -> bool {
+        self.seq_committed_by(seq, Some(later(timeout)))
+    }
+
+    /// [`Conveyor::wait_committed_seq`] for async code, without a timeout: awaits as
+    /// [`Conveyor::wait_committed_async`] does, for an item known by its sequence number.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use conveyor::Conveyor;
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let c: Conveyor<String> = Conveyor::builder()
+    ///     .journal(dir.path().join("events.journal"))
+    ///     .build_async(|_d| async { Ok(()) })?;
+    /// let seq = c.send_async("must survive a crash".to_owned()).await?.seq();
+    /// c.wait_committed_seq_async(seq).await; // other tasks run meanwhile
+    /// assert!(c.wait_committed_seq(seq, std::time::Duration::ZERO));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn wait_committed_seq_async(
+        &self,
+        seq: u64,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        Self::commit_of(Some(Arc::clone(&self.shared)), seq)
     }
 
     /// The synchronous send variants (`wait` says whether they may block); `cursor` is
@@ -3498,6 +3565,33 @@ mod tests {
             !stood_still,
             "the other task on the runtime ran only once the wait ended"
         );
+    }
+
+    /// `wait_committed_seq` and its async form wait for a held-back commit as the receipt
+    /// forms do, for code that handed its receipt on (to `on_settled` here); without a journal
+    /// there is nothing to wait for.
+    #[test]
+    fn wait_committed_seq_waits_for_a_held_back_commit_without_the_receipt() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = on_a_full_disk(&dir.path().join("j"), crate::Durability::default());
+        let free = || limit_pages(&c, 1 << 30);
+        let receipt = c.send("x".repeat(100_000)).unwrap();
+        let seq = receipt.seq();
+        receipt.on_settled(|_outcome| {});
+        let stood_still = freed_by_watchdog(&free, async {
+            let committed = tokio::spawn(c.wait_committed_seq_async(seq));
+            while c.journal_error().is_none() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            assert!(!c.wait_committed_seq(seq, Duration::from_millis(20)));
+            assert!(!committed.is_finished(), "the wait ended before its commit");
+            free();
+            committed.await.unwrap();
+            assert!(c.wait_committed_seq(seq, Duration::ZERO), "committed");
+        });
+        assert!(!stood_still, "the other task ran only once the wait ended");
+        let unjournaled: Conveyor<u32> = Conveyor::builder().build(|_d| Ok(())).unwrap();
+        assert!(unjournaled.wait_committed_seq(1, Duration::ZERO));
     }
 
     /// Runs `task` on a current-thread runtime while a watchdog waits for it: if it has not
