@@ -16,6 +16,10 @@
 //! the commit on the loop rather than on a helper thread (as `aflush` does) costs no thread per
 //! send and no polling delay, and reuses the one dispatcher below.
 //!
+//! `await conveyor.await_committed(receipt)` awaits the same commit future for an item sent
+//! earlier (`Stage::Committed`). It accepted nothing, so a cancellation raises there, and drops
+//! the future: no wait is left behind.
+//!
 //! The future waits on `tokio::sync::Notify`, which needs no runtime, only a `Waker`. Ours cannot
 //! resume the coroutine itself: the engine wakes it while holding its state lock, which the event
 //! loop's thread takes (with the GIL held) whenever it sends, so taking the GIL there could
@@ -35,6 +39,7 @@ use std::thread::Thread;
 use conveyor::SendError;
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
+use pyo3::types::PyBool;
 
 use crate::fork::Held;
 use crate::pyconveyor::{exiting, same_process, PyConveyor};
@@ -50,6 +55,11 @@ pub(crate) type SendFuture = Pin<
 /// The engine's wait for an accepted item's commit (`Conveyor::wait_committed_async`).
 pub(crate) type CommitFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
+/// What `await_committed` returns once its wait is over.
+pub(crate) fn committed(py: Python<'_>) -> Py<PyAny> {
+    PyBool::new(py, true).to_owned().into_any().unbind()
+}
+
 /// What an `asend` waits for.
 pub(crate) enum Stage {
     /// Room in the queue: the engine's send future, which accepts the item in the poll that
@@ -58,6 +68,9 @@ pub(crate) enum Stage {
     /// The journal's commit of the accepted item (`durability="sync"`): the receipt is the
     /// outcome whatever happens now, cancellation included.
     Commit(CommitFuture, Py<PyReceipt>),
+    /// `await_committed`'s wait for an item's commit: `True` once it is over. Nothing was
+    /// accepted by this call, so a cancellation raises as for any other await.
+    Committed(CommitFuture),
 }
 
 /// Woken sends whose coroutines the dispatcher has yet to resume. A lock-free stack because the
@@ -82,8 +95,9 @@ fn dispatcher(_py: Python<'_>, fork_gen: u64) -> PyResult<Thread> {
                 .spawn(dispatch)
                 .map_err(|err| {
                     PyRuntimeError::new_err(format!(
-                        "asend() could not start the thread that resumes waiting sends: {err}; \
-                         raise the process's thread limit, or use send() from a thread"
+                        "asend() or await_committed() could not start the thread that resumes \
+                         their waits: {err}; raise the process's thread limit, or use send() \
+                         and wait_committed() from a thread"
                     ))
                 })?;
             let thread = started.thread().clone();
@@ -180,7 +194,8 @@ impl Wake for Signal {
     }
 }
 
-/// An `asend` waiting for room or for its commit: the engine's future and its waker.
+/// An `asend` waiting for room or for its commit, or an `await_committed`: the engine's
+/// future and its waker.
 #[pyclass(frozen, module = "conveyor._conveyor")]
 pub(crate) struct PendingSend {
     /// `None` before `start` and once the send finished or was cancelled. A mutex only to make
@@ -245,11 +260,12 @@ impl PendingSend {
 impl PendingSend {
     /// Polls the send on the calling thread (the event loop's): the receipt once the item is
     /// accepted (and under `durability="sync"` committed), `None` while it waits for room or
-    /// for the commit (`wake_later` then says when to poll again).
+    /// for the commit (`wake_later` then says when to poll again). For `await_committed`,
+    /// `True` once the commit is over.
     ///
     /// Raises what `send` raises (`Closed`, `JournalError`, ...), only before the item is
     /// accepted.
-    fn poll(&self, py: Python<'_>) -> PyResult<Option<Py<PyReceipt>>> {
+    fn poll(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
         let mut slot = self.slot();
         self.signal.woken.store(false, Ordering::SeqCst);
         let waker = Waker::from(Arc::clone(&self.signal));
@@ -259,6 +275,13 @@ impl PendingSend {
                 None => return Err(PyRuntimeError::new_err(
                     "this asend() already finished or was cancelled; call asend() again to send",
                 )),
+                Some(Stage::Committed(commit)) => {
+                    let done = conveyor.poll_commit(py, commit, &waker);
+                    if !matches!(done, Ok(false)) {
+                        slot.take();
+                    }
+                    return done.map(|done| done.then(|| committed(py)));
+                }
                 Some(Stage::Room(future)) => conveyor.poll_send(py, future, &waker),
                 Some(Stage::Commit(commit, receipt)) => {
                     let receipt = receipt.clone_ref(py);
@@ -276,7 +299,7 @@ impl PendingSend {
                 // Finished: the item is accepted, or refused for good.
                 done => {
                     slot.take();
-                    return done.map(|finished| finished.map(|(receipt, _)| receipt));
+                    return done.map(|finished| finished.map(|(receipt, _)| receipt.into_any()));
                 }
             }
         }

@@ -752,6 +752,24 @@ impl PyConveyor {
             .is_ready())
     }
 
+    /// For `wait_committed` and `await_committed`: the sequence number of `receipt`'s item if
+    /// there may be a commit to wait for; `None` without a journal or for a settled item, which
+    /// has nothing left to lose (as the engine's `wait_committed` decides).
+    ///
+    /// # Errors
+    /// `ValueError` for a receipt of another conveyor: its number means another item here.
+    fn uncommitted_seq(&self, shared: &Shared, receipt: &PyReceipt) -> PyResult<Option<u64>> {
+        if receipt.sink_id() != shared.sink.id {
+            return Err(PyValueError::new_err(format!(
+                "receipt= (item {}) was returned by another conveyor's send, not by {}'s; \
+                 wait on the conveyor that accepted the item",
+                receipt.seq(),
+                shared.label()
+            )));
+        }
+        Ok((self.options.journaled && !receipt.is_settled()).then(|| receipt.seq()))
+    }
+
     fn closed_error(&self, py: Python<'_>, shared: &Shared) -> PyErr {
         errors::closed(
             py,
@@ -1258,6 +1276,71 @@ impl PyConveyor {
         Ok(support(slf.py())?
             .call_method1("aflush", (slf, timeout))?
             .unbind())
+    }
+
+    /// Waits until the journal holds `receipt`'s item on disk, for at most `timeout` seconds
+    /// (`None` = as long as it takes). Returns `True` once it does, `False` if the time ran out.
+    ///
+    /// With the default batched durability, lets one sender wait for one item (before it
+    /// acknowledges upstream, say) while other sends return at once: it has the journal commit
+    /// now rather than when its window ends. While the journal cannot be written (a send then
+    /// raises `JournalError` saying why) it keeps retrying and this keeps waiting. Returns
+    /// `True` at once without a journal, for an item already settled (nothing is left to
+    /// lose), and after `close()` (what was not committed then is counted as left in its
+    /// report). Releases the GIL while waiting; Ctrl-C raises `KeyboardInterrupt`.
+    ///
+    /// Raises `ValueError` for a receipt another conveyor returned.
+    ///
+    /// ```python
+    /// receipt = c.send(order)
+    /// if c.wait_committed(receipt, timeout=5):
+    ///     acknowledge(order)  # it survives a crash from here on
+    /// ```
+    #[pyo3(signature = (receipt, timeout = None))]
+    fn wait_committed(
+        &self,
+        py: Python<'_>,
+        receipt: PyRef<'_, PyReceipt>,
+        #[pyo3(from_py_with = args::timeout)] timeout: Option<f64>,
+    ) -> PyResult<bool> {
+        let timeout = timeout_arg("timeout", timeout)?;
+        let shared = self.live(py)?;
+        let Some(seq) = self.uncommitted_seq(shared, &receipt)? else {
+            return Ok(true);
+        };
+        let engine = &shared.engine;
+        let committed = wait_interruptibly(py, timeout, |slice| {
+            engine.wait_committed_seq(seq, slice).then_some(())
+        })?;
+        Ok(committed.is_some())
+    }
+
+    /// `wait_committed` for asyncio code: `await c.await_committed(receipt)` returns `True`
+    /// once the journal holds the item, and the event loop runs other tasks meanwhile.
+    ///
+    /// It has no timeout of its own, as the journal keeps retrying while it cannot write: bound
+    /// it with `asyncio.wait_for` (a timeout raises `TimeoutError`; the item stays accepted and
+    /// is committed once the journal can write it). Cancelling the await leaves nothing
+    /// waiting. Raises `ValueError` for a receipt another conveyor returned.
+    ///
+    /// ```python
+    /// receipt = await c.asend(order)
+    /// await asyncio.wait_for(c.await_committed(receipt), timeout=5)
+    /// await acknowledge(order)  # it survives a crash from here on
+    /// ```
+    fn await_committed(
+        slf: &Bound<'_, Self>,
+        receipt: PyRef<'_, PyReceipt>,
+    ) -> PyResult<Py<PyAny>> {
+        let py = slf.py();
+        let this = slf.get();
+        let shared = this.live(py)?;
+        let Some(seq) = this.uncommitted_seq(shared, &receipt)? else {
+            return Ok(Py::new(py, Ready::new(crate::asend::committed(py)))?.into_any());
+        };
+        let pending = PendingSend::new(py, slf.clone().unbind(), shared.fork_gen)?;
+        let commit: CommitFuture = Box::pin(shared.engine.wait_committed_seq_async(seq));
+        sending(py, pending, Stage::Committed(commit))
     }
 
     /// Stops accepting items and waits (at most `timeout` s; `None` = until done) for the

@@ -131,6 +131,19 @@ impl PyReceipt {
         }
     }
 
+    /// The sink id of the conveyor that accepted the item (see `sink::inside_sink_of`).
+    pub(crate) fn sink_id(&self) -> u64 {
+        self.sink_id
+    }
+
+    /// Whether the item has settled: delivered, failed, dropped or abandoned at shutdown.
+    pub(crate) fn is_settled(&self) -> bool {
+        match &*lock(&self.state) {
+            State::Pending(receipt) => receipt.is_settled(),
+            State::Watched(slot) => slot.is_settled(),
+        }
+    }
+
     /// Switches to the watched state (once) and returns the slot.
     fn watch(&self, py: Python<'_>) -> Arc<Slot> {
         let (receipt, slot) = {
@@ -216,7 +229,7 @@ impl PyReceipt {
     /// The item's sequence number: 1 for the first item sent to the conveyor, then increasing
     /// in submission order.
     #[getter]
-    fn seq(&self) -> u64 {
+    pub(crate) fn seq(&self) -> u64 {
         self.seq
     }
 
@@ -259,10 +272,7 @@ impl PyReceipt {
 
     /// True once the item is settled: delivered, failed, dropped or abandoned at shutdown.
     fn done(&self) -> bool {
-        match &*lock(&self.state) {
-            State::Pending(receipt) => receipt.is_settled(),
-            State::Watched(slot) => lock(&slot.inner).outcome.is_some(),
-        }
+        self.is_settled()
     }
 
     /// Always `False`: delivery cannot be cancelled once an item is accepted (present for

@@ -10,12 +10,13 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 
 import conveyor
 
-from conftest import Recorder, fill_up, holding_sink, run_python
+from conftest import Recorder, fill_up, holding_sink, interrupt_main_after, run_python
 
 
 def test_items_round_trip_through_json(make, tmp_path):
@@ -197,15 +198,20 @@ class HeldCommits:
         self.release("exit")
 
 
-def sync_conveyor(make, path):
-    """A durability="sync" conveyor on `path` that delivered 0 and left its journal's writer
-    nothing to commit, so that holding commits back holds back only what follows; and the
-    list of what it delivered."""
+def sync_conveyor(make, path, durability="sync"):
+    """A durability="sync" (or `durability`) conveyor on `path` that delivered 0 and left its
+    journal's writer nothing to commit, so that holding commits back holds back only what
+    follows; and the list of what it delivered."""
     delivered = []
-    c = make(delivered.append, journal=path, durability="sync")
+    c = make(delivered.append, journal=path, durability=durability)
     c.send(0)
     assert c.flush(timeout=10)
     return c, delivered
+
+
+def batched_conveyor(make, path):
+    """`sync_conveyor` under the default batched durability."""
+    return sync_conveyor(make, path, durability=0.005)
 
 
 def assert_in_order(receipts):
@@ -342,6 +348,141 @@ def test_a_sync_asend_on_a_full_disk_waits_with_the_loop_running_until_cancelled
         "REFUSED",
         "FLUSHED True [0, 1] None",
     ], proc.stdout + proc.stderr
+
+
+def test_wait_committed_has_the_journal_commit_now_rather_than_when_its_window_ends(make, tmp_path):
+    # One sender must know that one item is on disk (to acknowledge it upstream) while other
+    # sends stay fire-and-forget. A 60 s commit window, and the only worker busy with "hold"
+    # (a worker taking an item would ask for a commit itself): only the wait asks for this one.
+    path = tmp_path / "j"
+    gate = threading.Event()
+    delivered = []
+    c = make(holding_sink(gate, delivered), journal=path, durability=60.0)
+    try:
+        c.send("hold")
+        while c.stats.in_flight == 0:
+            time.sleep(0.001)
+        receipt = c.send("x")
+        assert c.wait_committed(receipt, timeout=10) is True
+        with conveyor.Journal(path, read_only=True) as journal:
+            assert journal.status().pending == 2, "both on disk, neither settled"
+        assert not receipt.done()
+    finally:
+        gate.set()
+    assert c.flush(timeout=10) and delivered == ["hold", "x"]
+
+
+def test_wait_committed_is_false_at_its_timeout_while_commits_are_held_back(make, tmp_path):
+    path = tmp_path / "j"
+    c, delivered = batched_conveyor(make, path)
+    with HeldCommits(path) as held:
+        receipt = c.send(1)
+        # A receipt whose outcome is watched (a callback, an await, a future) is waited for
+        # by its item's number alone.
+        watched = c.send(2)
+        watched.add_done_callback(lambda _receipt: None)
+        assert c.wait_committed(receipt, timeout=0.2) is False
+        assert c.wait_committed(watched, timeout=0) is False
+        held.release("test")
+        assert c.wait_committed(receipt, timeout=30) is True
+        assert c.wait_committed(watched, timeout=30) is True
+    assert held.released_by == "test", "the wait returned only once the watchdog released it"
+    assert c.flush(timeout=10) and delivered == [0, 1, 2]
+
+
+def test_ctrl_c_interrupts_wait_committed(make, tmp_path):
+    path = tmp_path / "j"
+    c, _delivered = batched_conveyor(make, path)
+    with HeldCommits(path) as held:
+        receipt = c.send(1)
+        with pytest.raises(KeyboardInterrupt):
+            interrupt_main_after(0.2)
+            c.wait_committed(receipt)
+        held.release("test")
+    assert held.released_by == "test", "the wait returned only once the watchdog released it"
+    assert c.wait_committed(receipt, timeout=30) is True
+
+
+def test_await_committed_lets_the_loop_run_while_commits_are_held_back(make, tmp_path):
+    path = tmp_path / "j"
+    c, delivered = batched_conveyor(make, path)
+
+    async def main():
+        with HeldCommits(path) as held:
+            receipt = c.send(1)
+            committed = asyncio.ensure_future(c.await_committed(receipt))
+            for _ in range(20):
+                await asyncio.sleep(0.005)
+            waiting = not committed.done()
+            held.release("loop")
+            return held.released_by, waiting, await asyncio.wait_for(committed, timeout=30)
+
+    released_by, waiting, committed = asyncio.run(main())
+    assert released_by == "loop", "the event loop stood still while await_committed waited"
+    assert waiting and committed is True
+    assert c.flush(timeout=10) and delivered == [0, 1]
+
+
+def test_cancelled_await_committed_leave_nothing_waiting(make, tmp_path):
+    # The wait is the engine's future polled on the loop: a cancellation drops it, with no
+    # thread of its own to leave behind (a thread per wait grew the process by one per
+    # `wait_for` timeout while the disk hung).
+    path = tmp_path / "j"
+    c, _delivered = batched_conveyor(make, path)
+
+    def threads():
+        return len(os.listdir("/proc/self/task"))
+
+    async def main():
+        with HeldCommits(path) as held:
+            receipt = c.send(1)
+            before = threads()
+            for _ in range(20):
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(c.await_committed(receipt), timeout=0.01)
+            # The one dispatcher thread that resumes waits may have started on the first.
+            grew = threads() - before
+            waiting = asyncio.ensure_future(c.await_committed(receipt))  # not cancelled
+            await asyncio.sleep(0.05)
+            was_waiting = not waiting.done()
+            held.release("loop")
+            return grew, was_waiting, await asyncio.wait_for(waiting, timeout=30)
+
+    grew, was_waiting, committed = asyncio.run(main())
+    assert grew <= 1, f"{grew} threads left by cancelled await_committed() calls"
+    assert was_waiting and committed is True
+
+
+def test_wait_committed_is_true_at_once_with_nothing_to_wait_for(make, tmp_path):
+    # A settled item has nothing left to lose; without a journal nothing is ever on disk; after
+    # close() what was not committed is reported as left: none of them is an error.
+    c = make(Recorder(), journal=tmp_path / "j")
+    receipt = c.send(1)
+    assert receipt.result(timeout=10) == ("ok", 1)
+    assert c.wait_committed(receipt, timeout=0) is True
+    assert asyncio.run(c.await_committed(receipt)) is True
+    assert c.close(timeout=10).left == 0
+    assert c.wait_committed(receipt, timeout=0) is True
+    assert asyncio.run(c.await_committed(receipt)) is True
+
+    gate = threading.Event()
+    plain = make(holding_sink(gate, []))
+    pending = plain.send("hold")
+    assert plain.wait_committed(pending, timeout=0) is True
+    assert asyncio.run(plain.await_committed(pending)) is True
+    assert not pending.done()
+    gate.set()
+
+
+def test_wait_committed_refuses_a_receipt_of_another_conveyor(make, tmp_path):
+    c = make(Recorder(), journal=tmp_path / "j")
+    other = make(Recorder(), journal=tmp_path / "other")
+    foreign = other.send(1)
+    for wait in (c.wait_committed, c.await_committed):
+        with pytest.raises(ValueError, match=r"^receipt= \(item 1\) was returned by another conveyor"):
+            wait(foreign)
+        with pytest.raises(TypeError, match="receipt"):
+            wait(1)
 
 
 def test_dead_letters_can_be_listed_retried_and_discarded(make, tmp_path):

@@ -36,6 +36,8 @@ async def async_usage() -> None:
         await receipt
         ok: bool = await c.aflush()
         assert ok
+        on_disk: bool = await asyncio.wait_for(c.await_committed(receipt), timeout=5)
+        assert on_disk and c.wait_committed(receipt, timeout=1.0)
 
 
 def executor_usage() -> str:

@@ -300,6 +300,29 @@ class Conveyor(Generic[_T, _R]):
     def flush(self, timeout: float | None = None) -> bool: ...
     def aflush(self, timeout: float | None = None) -> Awaitable[bool]: ...
     def _flush_unless(self, timeout: float | None, stop: threading.Event) -> bool: ...
+    def wait_committed(self, receipt: Receipt[_R], timeout: float | None = None) -> bool:
+        """Waits until the journal holds ``receipt``'s item on disk, for at most ``timeout``
+        seconds (``None``: as long as it takes); ``True`` once it does, ``False`` at the timeout.
+
+        With the default batched durability one sender can wait for one item while other sends
+        stay fire-and-forget; it has the journal commit now rather than when its window ends.
+        ``True`` at once without a journal, for a settled item, and after ``close()``. While the
+        journal cannot be written it keeps waiting; Ctrl-C interrupts it. ``ValueError`` for a
+        receipt another conveyor returned.
+
+        >>> receipt = c.send(order)
+        >>> if c.wait_committed(receipt, timeout=5):
+        ...     acknowledge(order)  # it survives a crash from here on
+        """
+    def await_committed(self, receipt: Receipt[_R]) -> Coroutine[Any, Any, bool]:
+        """``wait_committed`` for asyncio code, without blocking the event loop and without a
+        timeout of its own: bound it with ``asyncio.wait_for``. Cancelling it leaves nothing
+        waiting.
+
+        >>> receipt = await c.asend(order)
+        >>> await asyncio.wait_for(c.await_committed(receipt), timeout=5)
+        True
+        """
     def close(self, timeout: float | None = None) -> CloseReport: ...
     def aclose(self, timeout: float | None = None) -> Awaitable[CloseReport]: ...
     def _close_on_exit(self) -> CloseReport: ...

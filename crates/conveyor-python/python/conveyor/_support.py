@@ -141,7 +141,8 @@ def run_in_thread(
 
 class Sending:
     """What ``asend`` returns when its item must wait: for room in a full queue, or under
-    ``durability="sync"`` for its commit. Awaiting it never blocks the event loop.
+    ``durability="sync"`` for its commit; and what ``await_committed`` returns for an item not
+    committed yet. Awaiting it never blocks the event loop.
 
     ``pending`` (``asend.rs``) is the engine's send, polled here on the loop's thread. Between
     polls this waits on a plain future, which the package's one dispatcher thread resolves once
@@ -153,7 +154,8 @@ class Sending:
     not sent. Once the item is accepted, a cancellation cannot take it back, so the task returns
     the receipt instead, at once and without waiting for the commit, as for an item the call
     itself accepted (``Ready``). Hence the coroutine protocol by hand: an ``async def`` cancelled
-    before it first runs raises without running any of its code.
+    before it first runs raises without running any of its code. ``await_committed`` accepted
+    nothing, so its cancellation raises, and drops the wait.
     """
 
     __slots__ = ("_pending",)
