@@ -389,18 +389,14 @@ pub(crate) fn resume(args: &ResumeArgs) -> Result<u8, CliError> {
     if !resumed {
         // A mistyped key, or no key for a keyed run's lane: name the lanes that are paused, as
         // the commands that resume them.
+        let option = journal_option(journal.path());
         let paused: Vec<String> = journal
             .status()
             .map_err(journal_error)?
             .lanes
             .iter()
             .filter(|l| l.paused.is_some())
-            .map(|l| {
-                format!(
-                    "`{}`",
-                    resume_command(&l.lane, &journal_option(journal.path()))
-                )
-            })
+            .map(|l| format!("`{}`", resume_command(&l.lane, &option)))
             .collect();
         let hint = if paused.is_empty() {
             "no lane is paused there".to_owned()

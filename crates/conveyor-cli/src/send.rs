@@ -755,12 +755,17 @@ pub(crate) fn run(
     let journal_error = conveyor.journal_error().map(|e| e.to_string());
     // Then the journal holds less than what was left: the lines read after its last commit are
     // in none. Said as `conveyor status` would say it (nothing is said if it cannot be read).
-    let recorded = plan
+    // Read once, for that and for the causes of the paused lanes (see `paused_by`).
+    let journal_failed = journal_error.is_some() || read_outcome.journal_failed;
+    let status = plan
         .journal
         .as_deref()
-        .filter(|_| journal_error.is_some() || read_outcome.journal_failed)
+        .filter(|_| journal_failed || !paused_lanes.is_empty())
         .and_then(|path| conveyor::Journal::open_read_only(path).ok())
-        .and_then(|journal| journal.status().ok())
+        .and_then(|journal| journal.status().ok());
+    let recorded = status
+        .as_ref()
+        .filter(|_| journal_failed)
         .map(|status| Recorded {
             pending: status.pending,
             input_position: status.cursor.unwrap_or(0),
@@ -811,7 +816,7 @@ pub(crate) fn run(
         latency_p50_ms: percentiles.map(|(p50, _)| millis(p50)),
         latency_p99_ms: percentiles.map(|(_, p99)| millis(p99)),
         interrupted,
-        paused_by: paused_by(plan.journal.as_deref(), &paused_lanes),
+        paused_by: paused_by(status.filter(|_| !paused_lanes.is_empty())),
         paused_lanes,
         journal: plan.journal.as_ref().map(|p| p.display().to_string()),
         journal_option: journal_option(&plan.journal),
@@ -828,20 +833,13 @@ pub(crate) fn run(
     Ok(summary)
 }
 
-/// The error that paused each lane, as `journal` recorded it, when `paused_lanes` are any
-/// (none if it cannot be read: the summary then names the lanes without it).
-fn paused_by(journal: Option<&Path>, paused_lanes: &[String]) -> BTreeMap<String, String> {
-    let status = match (journal, paused_lanes) {
-        (Some(path), [_, ..]) => conveyor::Journal::open_read_only(path).and_then(|j| j.status()),
-        _ => return BTreeMap::new(),
-    };
-    status.map_or_else(
-        |_| BTreeMap::new(),
-        |status| {
-            let lanes = status.lanes.into_iter();
-            lanes.filter_map(|l| Some((l.lane, l.paused?))).collect()
-        },
-    )
+/// The error that paused each lane, as the journal's `status` recorded it (none if it could
+/// not be read: the summary then names the lanes without it).
+fn paused_by(status: Option<conveyor::JournalStatus>) -> BTreeMap<String, String> {
+    status.map_or_else(BTreeMap::new, |status| {
+        let lanes = status.lanes.into_iter();
+        lanes.filter_map(|l| Some((l.lane, l.paused?))).collect()
+    })
 }
 
 /// What the journal commands named in hints need to find the run's journal (see
