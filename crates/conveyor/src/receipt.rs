@@ -4,15 +4,15 @@
 //! (`slab.rs`).
 
 use std::any::Any;
-use std::cell::Cell;
+use std::cell::{Cell, UnsafeCell};
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
-use std::mem::ManuallyDrop;
+use std::mem::{ManuallyDrop, MaybeUninit};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering as AtomicOrdering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicU8, Ordering as AtomicOrdering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -32,7 +32,7 @@ type Callback<R> = Box<dyn FnOnce(Result<R, DeliveryError>) + Send + 'static>;
 #[repr(C)]
 pub(crate) struct Node<T, R> {
     about: About,
-    slot: Slot<R>,
+    slot: LazySlot<R>,
     item: T,
 }
 
@@ -172,7 +172,7 @@ impl<T, R> Node<T, R> {
                 key,
                 lent: AtomicU8::new(LENT_BACK),
             },
-            slot: Slot::new(),
+            slot: LazySlot::new(),
             item,
         }
     }
@@ -207,9 +207,7 @@ impl<T, R> Node<T, R> {
     pub(crate) fn unheeded(node: &NodeRef<T, R>) -> bool {
         // The flag was set before the receipt's reference dropped, which the count's
         // Acquire load synchronizes with.
-        !std::mem::needs_drop::<R>()
-            && node.only_reference()
-            && !node.slot.has_callback.load(AtomicOrdering::Relaxed)
+        !std::mem::needs_drop::<R>() && node.only_reference() && !node.slot.has_callback()
     }
 }
 
@@ -264,6 +262,246 @@ impl<R> SlotState<R> {
                 SlotState::Ready(result) => Some(result),
                 _ => unreachable!("matched Ready"),
             },
+        }
+    }
+}
+
+/// A node's [`Slot`], made only once somebody needs it: a receipt that waits, polls or leaves
+/// a callback before its item settles, or an item that fails while its receipt is held. A
+/// delivered item whose receipt nobody asked yet keeps its reply here, inline, and a receipt
+/// dropped unasked never needs a slot at all: a node is then one word and its reply instead of
+/// a whole slot (a mutex, a condvar, room for a result, a waker and a callback: 64 bytes),
+/// which makes the node of a `u64` item with `()` replies one cache line that the worker reads
+/// after the producer wrote it.
+///
+/// `state` moves only forward: [`EMPTY`](Self::EMPTY) → [`WRITING`](Self::WRITING) →
+/// [`SETTLED`](Self::SETTLED) → [`TAKEN`](Self::TAKEN), or → [`MOVING`](Self::MOVING) → a
+/// slot; or from any of them but the two passing ones straight to a slot. The passing states
+/// last a copy of the reply (and an allocation, for `MOVING`): whoever meets one waits it out.
+struct LazySlot<R> {
+    state: AtomicPtr<Slot<R>>,
+    /// Written by the settler in `WRITING`, read by the receipt's thread that leaves
+    /// `SETTLED`.
+    reply: UnsafeCell<MaybeUninit<R>>,
+}
+
+// SAFETY: the reply is written once, by the one thread that moved `state` to `WRITING`, and
+// read once, by the one that moved it from `SETTLED`, which the Release store of `SETTLED` and
+// the Acquire exchange that leaves it order; it crosses threads as any `R: Send` does.
+unsafe impl<R: Send> Sync for LazySlot<R> {}
+
+/// What [`LazySlot::settle`] found: whether the result went in.
+enum Settled<R> {
+    Done,
+    /// A slot is made: it takes the result (or ignores it, if it settled already).
+    Slot(Result<R, DeliveryError>),
+}
+
+impl<R> LazySlot<R> {
+    /// No slot and no reply yet.
+    const EMPTY: *mut Slot<R> = std::ptr::null_mut();
+    /// A settler is writing the reply.
+    const WRITING: *mut Slot<R> = Self::sentinel(1);
+    /// Delivered, with the reply in `reply`.
+    const SETTLED: *mut Slot<R> = Self::sentinel(2);
+    /// A receipt's thread is moving the reply into a slot it makes.
+    const MOVING: *mut Slot<R> = Self::sentinel(3);
+    /// Delivered, and the receipt took the reply.
+    const TAKEN: *mut Slot<R> = Self::sentinel(4);
+
+    /// Never the address of a slot: the allocator hands out nothing in the first page.
+    const fn sentinel(n: usize) -> *mut Slot<R> {
+        (n * std::mem::align_of::<Slot<R>>()) as *mut Slot<R>
+    }
+
+    fn new() -> Self {
+        Self {
+            state: AtomicPtr::new(Self::EMPTY),
+            reply: UnsafeCell::new(MaybeUninit::uninit()),
+        }
+    }
+
+    fn is_slot(state: *mut Slot<R>) -> bool {
+        state > Self::TAKEN
+    }
+
+    /// Waits out a passing state, and returns the next.
+    #[cold]
+    fn pass(&self, mut state: *mut Slot<R>) -> *mut Slot<R> {
+        let mut spins = 0_u32;
+        while state == Self::WRITING || state == Self::MOVING {
+            if spins < 64 {
+                std::hint::spin_loop();
+                spins += 1;
+            } else {
+                std::thread::yield_now();
+            }
+            state = self.state.load(AtomicOrdering::Acquire);
+        }
+        state
+    }
+
+    /// The slot, if made. Acquire: whatever its maker wrote into it is seen.
+    fn made(&self) -> Option<&Slot<R>> {
+        let state = self.state.load(AtomicOrdering::Acquire);
+        // SAFETY: a slot made by `get`, which lives as long as this.
+        Self::is_slot(state).then(|| unsafe { &*state })
+    }
+
+    /// The slot, made now if it was not: empty, holding the reply that was kept inline, or
+    /// marked as taken.
+    fn get(&self) -> &Slot<R> {
+        let mut state = self.pass(self.state.load(AtomicOrdering::Acquire));
+        loop {
+            if Self::is_slot(state) {
+                // SAFETY: made here, and lives as long as this.
+                return unsafe { &*state };
+            }
+            let fresh = Slot::new();
+            let to = Box::into_raw(Box::new(fresh));
+            if state == Self::SETTLED {
+                // The reply moves into the slot: one thread only, the one that leaves
+                // `SETTLED`.
+                match self.state.compare_exchange(
+                    Self::SETTLED,
+                    Self::MOVING,
+                    AtomicOrdering::Acquire,
+                    AtomicOrdering::Acquire,
+                ) {
+                    Ok(_) => {
+                        // SAFETY: written before `SETTLED` was stored (Release), seen through
+                        // the Acquire above, and read only here, once.
+                        let reply = unsafe { (*self.reply.get()).assume_init_read() };
+                        // SAFETY: `to` is not shared yet.
+                        *unsafe { &*to }.lock() = SlotState::Ready(Ok(reply));
+                        self.state.store(to, AtomicOrdering::Release);
+                        // SAFETY: published, and lives as long as this.
+                        return unsafe { &*to };
+                    }
+                    Err(now) => {
+                        // SAFETY: from `Box::into_raw` above, never published.
+                        drop(unsafe { Box::from_raw(to) });
+                        state = self.pass(now);
+                        continue;
+                    }
+                }
+            }
+            if state == Self::TAKEN {
+                // SAFETY: `to` is not shared yet.
+                *unsafe { &*to }.lock() = SlotState::Taken;
+            }
+            // Release: the slot's contents are seen by whoever loads it (see `made`).
+            match self.state.compare_exchange(
+                state,
+                to,
+                AtomicOrdering::AcqRel,
+                AtomicOrdering::Acquire,
+            ) {
+                // SAFETY: published, and lives as long as this.
+                Ok(_) => return unsafe { &*to },
+                Err(now) => {
+                    // SAFETY: from `Box::into_raw` above, never published.
+                    drop(unsafe { Box::from_raw(to) });
+                    state = self.pass(now);
+                }
+            }
+        }
+    }
+
+    /// Whether the item has settled; `None` if that takes the slot's lock.
+    fn settled_without_lock(&self) -> Option<bool> {
+        match self.state.load(AtomicOrdering::Acquire) {
+            state if Self::is_slot(state) => None,
+            state => Some(state != Self::EMPTY && state != Self::WRITING),
+        }
+    }
+
+    /// The result, taken, if the item was delivered and its reply is still kept inline; panics
+    /// with `taken` if it was taken so. `None` otherwise: not settled, or settled into a slot.
+    fn take_inline(&self, taken: &str) -> Option<Result<R, DeliveryError>> {
+        match self.state.load(AtomicOrdering::Acquire) {
+            state if state == Self::TAKEN => panic!("{taken}"),
+            state if state != Self::SETTLED => None,
+            _ => {
+                self.state
+                    .compare_exchange(
+                        Self::SETTLED,
+                        Self::TAKEN,
+                        AtomicOrdering::Acquire,
+                        AtomicOrdering::Relaxed,
+                    )
+                    .ok()?;
+                // SAFETY: written before `SETTLED` was stored, seen through the Acquire
+                // exchange that left it, and read only here, once.
+                Some(Ok(unsafe { (*self.reply.get()).assume_init_read() }))
+            }
+        }
+    }
+
+    fn has_callback(&self) -> bool {
+        self.made()
+            .is_some_and(|slot| slot.has_callback.load(AtomicOrdering::Relaxed))
+    }
+
+    /// Settles with `result` unless the item settled already (a later result, after a shutdown
+    /// reported the item as closed, is ignored, as in `Slot::settle`). A reply is kept inline
+    /// unless a slot was made: then nobody waits for it yet.
+    fn settle(&self, result: Result<R, DeliveryError>) {
+        if let Settled::Slot(result) = self.settle_inline(result) {
+            self.get().settle(result);
+        }
+    }
+
+    fn settle_inline(&self, result: Result<R, DeliveryError>) -> Settled<R> {
+        let state = self.state.load(AtomicOrdering::Acquire);
+        if Self::is_slot(state) {
+            return Settled::Slot(result);
+        }
+        if state != Self::EMPTY {
+            return Settled::Done; // settled already
+        }
+        // A failure takes a slot: rare, and it keeps the inline room a reply's size.
+        let Ok(reply) = result else {
+            return Settled::Slot(result);
+        };
+        match self.state.compare_exchange(
+            Self::EMPTY,
+            Self::WRITING,
+            AtomicOrdering::Acquire,
+            AtomicOrdering::Acquire,
+        ) {
+            Ok(_) => {
+                // SAFETY: this thread moved the state to `WRITING`: nobody else writes or
+                // reads the reply until `SETTLED` is stored.
+                unsafe { (*self.reply.get()).write(reply) };
+                self.state.store(Self::SETTLED, AtomicOrdering::Release);
+                Settled::Done
+            }
+            Err(now) if Self::is_slot(now) => Settled::Slot(Ok(reply)),
+            Err(_) => Settled::Done, // settled meanwhile
+        }
+    }
+
+    /// As `settle`, for a node nobody else can reach.
+    fn settle_unshared(&mut self, result: Result<R, DeliveryError>) {
+        let state = *self.state.get_mut();
+        if Self::is_slot(state) {
+            // SAFETY: made by `get`, owned by this, which nobody else reaches.
+            unsafe { &mut *state }.settle_unshared(result);
+        }
+        // Without a slot nobody can learn of it; settled already, it is ignored.
+    }
+}
+
+impl<R> Drop for LazySlot<R> {
+    fn drop(&mut self) {
+        let state = *self.state.get_mut();
+        if state == Self::SETTLED {
+            // SAFETY: written before `SETTLED`, never read out.
+            unsafe { self.reply.get_mut().assume_init_drop() };
+        } else if Self::is_slot(state) {
+            // SAFETY: made by `get` with `Box::into_raw`, owned by this.
+            drop(unsafe { Box::from_raw(state) });
         }
     }
 }
@@ -760,7 +998,7 @@ impl<R> Receipt<R> {
         unsafe { about(self.node.as_ptr()) }
     }
 
-    fn slot(&self) -> &Slot<R> {
+    fn lazy_slot(&self) -> &LazySlot<R> {
         // SAFETY: the node is a `Node<_, R>` (see `new`), kept alive by this receipt, and its
         // slot is at `slot_offset::<R>()` whatever its item type.
         unsafe {
@@ -768,9 +1006,14 @@ impl<R> Receipt<R> {
                 .as_ptr()
                 .cast::<u8>()
                 .add(slot_offset::<R>())
-                .cast::<Slot<R>>()
+                .cast::<LazySlot<R>>()
                 .as_ref()
         }
+    }
+
+    /// The slot, made now if nobody needed it yet.
+    fn slot(&self) -> &Slot<R> {
+        self.lazy_slot().get()
     }
 
     /// The item's sequence number (see [`Delivery::seq`]).
@@ -812,7 +1055,9 @@ impl<R> Receipt<R> {
     /// # Ok::<(), conveyor::BuildError>(())
     /// ```
     pub fn is_settled(&self) -> bool {
-        !matches!(*self.slot().lock(), SlotState::Pending { .. })
+        self.lazy_slot()
+            .settled_without_lock()
+            .unwrap_or_else(|| !matches!(*self.slot().lock(), SlotState::Pending { .. }))
     }
 
     /// Blocks until the item settles and returns its outcome.
@@ -996,6 +1241,13 @@ impl<R> Receipt<R> {
 
     /// The outcome, taken, if the item has settled.
     fn take_settled(&mut self) -> Option<Result<R, DeliveryError>> {
+        let lazy = self.lazy_slot();
+        if let Some(result) = lazy.take_inline(ALREADY_TAKEN) {
+            return Some(result);
+        }
+        if lazy.settled_without_lock() == Some(false) {
+            return None; // no need for a slot to say so
+        }
         self.slot().lock().take_ready(ALREADY_TAKEN)
     }
 
@@ -1078,8 +1330,12 @@ impl<R> Future for Receipt<R> {
     type Output = Result<R, DeliveryError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        const POLLED_AFTER: &str = "the receipt was polled after it completed";
+        if let Some(result) = self.lazy_slot().take_inline(POLLED_AFTER) {
+            return Poll::Ready(result);
+        }
         let mut state = self.slot().lock();
-        if let Some(result) = state.take_ready("the receipt was polled after it completed") {
+        if let Some(result) = state.take_ready(POLLED_AFTER) {
             return Poll::Ready(result);
         }
         if let SlotState::Pending { waker, .. } = &mut *state {
@@ -1185,6 +1441,170 @@ mod tests {
         node.settle(Ok(9));
         assert_eq!(node.item, [1, 2, 3]);
         assert_eq!(receipt.wait().unwrap(), 9);
+    }
+
+    /// The worker reads every node the producer wrote moments earlier: one line each, for
+    /// the commonest node, when the slot is made only on demand (see `LazySlot`).
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn a_node_of_a_u64_with_unit_replies_is_one_cache_line() {
+        assert_eq!(std::mem::size_of::<Node<u64, ()>>(), 64);
+    }
+
+    fn slot_made<T, R>(node: &Node<T, R>) -> bool {
+        node.slot.made().is_some()
+    }
+
+    fn node_of<R>(slab: &mut Slab<Node<u8, R>>) -> NodeRef<u8, R> {
+        slab.alloc(|head| Node::new(head, None, 1))
+    }
+
+    #[test]
+    fn a_reply_settles_inline_and_is_taken_without_a_slot() {
+        let mut slab = Slab::new(NodeContext::for_tests());
+        let node = node_of::<()>(&mut slab);
+        let receipt = Receipt::new(node.clone());
+        node.settle(Ok(()));
+        assert!(receipt.is_settled());
+        assert!(matches!(receipt.wait(), Ok(())));
+        assert!(!slot_made(&node));
+        let mut slab = Slab::new(NodeContext::for_tests());
+        let node = node_of::<u32>(&mut slab);
+        let mut receipt = Receipt::new(node.clone());
+        node.settle(Ok(5));
+        assert!(receipt.is_settled());
+        assert!(matches!(receipt.wait_timeout(Duration::ZERO), Some(Ok(5))));
+        assert!(
+            !slot_made(&node),
+            "the reply was taken from where it was kept"
+        );
+        assert!(receipt.is_settled());
+        let again =
+            std::panic::catch_unwind(AssertUnwindSafe(|| receipt.wait_timeout(Duration::ZERO)));
+        assert_eq!(
+            again.err().map(|p| *p.downcast::<String>().unwrap()),
+            Some(ALREADY_TAKEN.to_string())
+        );
+    }
+
+    /// A reply kept inline is dropped once: with the node if nobody took it, by its taker
+    /// otherwise, and once when moved into a slot for a callback.
+    #[test]
+    fn a_reply_kept_inline_is_dropped_once() {
+        let reply = Arc::new(());
+        let mut slab = Slab::new(NodeContext::for_tests());
+        for how in ["untaken", "taken", "callback"] {
+            let node = node_of::<Arc<()>>(&mut slab);
+            let receipt = Receipt::new(node.clone());
+            node.settle(Ok(reply.clone()));
+            assert_eq!(Arc::strong_count(&reply), 2, "{how}");
+            match how {
+                "untaken" => drop(receipt),
+                "taken" => drop(receipt.wait().unwrap()),
+                _ => receipt.on_settled(drop),
+            }
+            assert_eq!(Arc::strong_count(&reply), 1 + usize::from(how == "untaken"));
+            drop(node);
+            assert_eq!(Arc::strong_count(&reply), 1, "{how}");
+        }
+    }
+
+    #[test]
+    fn a_receipt_that_looks_first_gets_the_result_through_its_slot() {
+        let mut slab = Slab::new(NodeContext::for_tests());
+        let node = node_of::<u32>(&mut slab);
+        let mut receipt = Receipt::new(node.clone());
+        assert!(!receipt.is_settled());
+        assert!(receipt.wait_timeout(Duration::ZERO).is_none());
+        assert!(!slot_made(&node), "asking whether it settled needs no slot");
+        let waiter = std::thread::spawn(move || receipt.wait());
+        while !slot_made(&node) {
+            std::thread::yield_now();
+        }
+        node.settle(Ok(11));
+        assert!(matches!(waiter.join().unwrap(), Ok(11)));
+    }
+
+    #[test]
+    fn the_first_settlement_wins_with_or_without_a_slot() {
+        let mut slab = Slab::new(NodeContext::for_tests());
+        // A reply first: a late failure is ignored.
+        let node = node_of::<u32>(&mut slab);
+        let receipt = Receipt::new(node.clone());
+        node.settle(Ok(1));
+        node.settle(Err(DeliveryError::Closed));
+        node.settle(Ok(2));
+        assert!(matches!(receipt.wait(), Ok(1)));
+        // A failure first (it makes the slot): a late reply is ignored.
+        let node = node_of::<u32>(&mut slab);
+        let receipt = Receipt::new(node.clone());
+        node.settle(Err(DeliveryError::Closed));
+        assert!(slot_made(&node));
+        node.settle(Ok(2));
+        assert!(matches!(receipt.wait(), Err(DeliveryError::Closed)));
+    }
+
+    #[test]
+    fn a_reply_kept_inline_completes_a_future_once() {
+        let mut slab = Slab::new(NodeContext::for_tests());
+        let node = node_of::<u32>(&mut slab);
+        let mut receipt = Receipt::new(node.clone());
+        node.settle(Ok(3));
+        struct Nobody;
+        impl std::task::Wake for Nobody {
+            fn wake(self: Arc<Self>) {}
+        }
+        let waker = Waker::from(Arc::new(Nobody));
+        let mut cx = Context::from_waker(&waker);
+        assert!(matches!(
+            Pin::new(&mut receipt).poll(&mut cx),
+            Poll::Ready(Ok(3))
+        ));
+        let again = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let _ = Pin::new(&mut receipt).poll(&mut cx);
+        }));
+        assert!(again.is_err(), "polled after it completed");
+    }
+
+    /// Threads asking one receipt at once while its item settles: each may make a slot, or
+    /// move the reply into one; one slot is kept, and the reply is neither lost nor doubled.
+    #[test]
+    fn threads_asking_at_once_share_one_slot_and_one_reply() {
+        let reply = Arc::new(());
+        for round in 0..200 {
+            let mut slab = Slab::new(NodeContext::for_tests());
+            let node = node_of::<Arc<()>>(&mut slab);
+            let receipt = Arc::new(Receipt::new(node.clone()));
+            let start = Arc::new(std::sync::Barrier::new(4));
+            let askers: Vec<_> = (0..3)
+                .map(|_| {
+                    let receipt = receipt.clone();
+                    let start = start.clone();
+                    std::thread::spawn(move || {
+                        start.wait();
+                        while !receipt.is_settled() {
+                            std::hint::spin_loop();
+                        }
+                        let _ = receipt.slot();
+                    })
+                })
+                .collect();
+            if round % 2 == 0 {
+                node.settle(Ok(reply.clone()));
+                start.wait();
+            } else {
+                start.wait();
+                node.settle(Ok(reply.clone()));
+            }
+            for asker in askers {
+                asker.join().unwrap();
+            }
+            assert!(slot_made(&node));
+            let receipt = Arc::into_inner(receipt).unwrap();
+            drop(receipt.wait().unwrap());
+            drop(node);
+            assert_eq!(Arc::strong_count(&reply), 1, "round {round}");
+        }
     }
 
     fn panic_text(caught: Result<(), Panic>) -> Option<&'static str> {

@@ -56,7 +56,11 @@ const MAX_SPARE_BYTES: usize = 16 * 1024 * 1024;
 const COOL_BYTES: usize = 1024 * 1024;
 
 /// At the start of every chunk; `C` is its slab's context type.
-#[repr(C)]
+///
+/// Aligned to a cache line, as the nodes after it then are: a node of 64 bytes (an engine
+/// node of a `u64` item with `()` replies) takes one line, not parts of two, and the worker
+/// fetches one line per item from the producer's core.
+#[repr(C, align(64))]
 struct ChunkHead<C> {
     /// Drops a node of this chunk and gives its count back. First, so that a reference that
     /// does not know the node's type can find it.
