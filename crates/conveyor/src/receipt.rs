@@ -45,8 +45,9 @@ struct About {
     /// (or the state lock's, for replayed items) makes the store visible to every reader.
     seq: AtomicU64,
     key: Option<Arc<str>>,
-    /// Where a lent delivery of this node stands (see [`Delivery::lend`]): [`LENT_OUT`] while
+    /// Where the lent delivery of this node stands (see [`Delivery::lend`]): [`LENT_OUT`] while
     /// it owns no count, [`LENT_OWNED`] once its worker gave it one, [`LENT_BACK`] otherwise.
+    /// A node is made `LENT_OUT`, so that its loan (one at most) writes nothing into it.
     lent: AtomicU8,
 }
 
@@ -170,7 +171,7 @@ impl<T, R> Node<T, R> {
                 head,
                 seq: AtomicU64::new(0),
                 key,
-                lent: AtomicU8::new(LENT_BACK),
+                lent: AtomicU8::new(LENT_OUT),
             },
             slot: LazySlot::new(),
             item,
@@ -710,13 +711,16 @@ impl<T: Send + Sync + 'static> Delivery<T> {
     ///
     /// # Safety
     ///
-    /// `node` stays alive until `take_back` returns, and no other delivery of it is lent.
+    /// `node` stays alive until `take_back` returns, and was never lent before: its state is
+    /// as it was made (see `About::lent`). A store there would be the worker's first write to a
+    /// line the producer wrote last, which every locked instruction after it (the next item's
+    /// claim) would wait for; and a second loan while a delivery kept from the first still
+    /// lived would leave the two sharing one state.
     pub(crate) unsafe fn lend<R: Send + 'static>(
         node: &NodeRef<T, R>,
         attempt: u32,
         attempt_limit: u32,
     ) -> Self {
-        node.about.lent.store(LENT_OUT, AtomicOrdering::Relaxed);
         let head = node.as_ptr().cast::<Head>();
         LENT.with(|lent| lent.set(head.as_ptr()));
         // SAFETY: counted by nobody; see `Drop` and `take_back`.

@@ -640,12 +640,23 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
             // lease (`State::end_lease`); only the items before it may leave the lane earlier
             // (`State::close_lease`).
             let node = unsafe { Counted::borrow_raw(item.node) };
-            // SAFETY: the lane keeps the node past the call, as above; taken back below.
-            let delivery = unsafe { Delivery::lend(&node, item.attempts + 1, item.attempt_limit) };
+            let attempt = item.attempts + 1;
+            // Lent on its first attempt only: an item resumed after a pause was lent before,
+            // and a delivery kept from that call may still live (see `Delivery::lend`).
+            let lent = attempt == 1;
+            let delivery = if lent {
+                // SAFETY: the lane keeps the node past the call, as above; never lent before,
+                // as this is its first attempt; taken back below.
+                unsafe { Delivery::lend(&node, attempt, item.attempt_limit) }
+            } else {
+                Delivery::new(&node, attempt, item.attempt_limit)
+            };
             // The thread runs as this worker's sink call throughout (see `thread_worker`).
             let result = catch_unwind(AssertUnwindSafe(|| sink(delivery)))
                 .unwrap_or_else(|panic| Err(SinkError::from_panic(&*panic)));
-            Delivery::take_back(&node);
+            if lent {
+                Delivery::take_back(&node);
+            }
             match result {
                 Ok(reply) if i + 1 == items.len() => {
                     return LeaseRan::Ended(LeaseEnd {

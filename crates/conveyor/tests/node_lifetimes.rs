@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{Rng, GENEROUS};
-use conveyor::{Conveyor, Delivery, Ordering, Receipt, SendError};
+use conveyor::{Conveyor, Delivery, OnFailure, Ordering, Receipt, SendError, SinkError};
 
 /// Counts live values of a type, to check that every item and reply drops exactly once.
 #[derive(Debug)]
@@ -312,6 +312,84 @@ fn deliveries_kept_or_dropped_elsewhere_with_unheld_receipts_of_a_strict_worker(
         0,
         "every item dropped once"
     );
+}
+
+/// Items whose first call failed and paused their lane are called again after `resume`, most
+/// of them both times in a lease of an instant sink's backlog: the deliveries kept from both
+/// calls (each lent, see `Delivery::lend`) each keep the item alive, in whichever order they
+/// drop.
+#[test]
+fn deliveries_kept_from_calls_before_and_after_a_pause_each_keep_the_item() {
+    const FAILING: u64 = 40;
+    for drop_first_calls_first in [true, false] {
+        let items = Arc::new(AtomicUsize::new(0));
+        let kept: Arc<Mutex<Vec<Delivery<Tracked>>>> = Arc::default();
+        let k = kept.clone();
+        let c: Arc<Conveyor<Tracked>> = Arc::new(
+            Conveyor::builder()
+                .on_failure(OnFailure::Pause)
+                .build(move |d: Delivery<Tracked>| {
+                    if d.seq() % FAILING != 0 {
+                        return Ok(());
+                    }
+                    let first = d.attempt() == 1;
+                    k.lock().unwrap().push(d);
+                    if first {
+                        Err(SinkError::permanent("the first call fails"))
+                    } else {
+                        Ok(())
+                    }
+                })
+                .unwrap(),
+        );
+        let n = scale(4_000) as u64;
+        let receipts: Vec<_> = (1..=n)
+            .map(|i| c.send(Tracked::new(format!("{i}"), &items)).unwrap())
+            .collect();
+        // Resumes each pause until every item is delivered.
+        let resumer = {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                while c.stats().delivered < n {
+                    if !c.paused().is_empty() {
+                        c.resume("");
+                    }
+                    std::thread::yield_now();
+                }
+            })
+        };
+        for mut receipt in receipts {
+            receipt.wait_timeout(GENEROUS).unwrap().unwrap();
+        }
+        resumer.join().unwrap();
+        drop(Arc::into_inner(c).expect("the resumer is done"));
+        let kept = std::mem::take(&mut *kept.lock().unwrap());
+        let failing = (n / FAILING) as usize;
+        assert_eq!(
+            kept.len(),
+            2 * failing,
+            "both calls of each kept their delivery"
+        );
+        assert_eq!(items.load(AtomicOrdering::SeqCst), failing);
+        let (mut first, mut second): (Vec<_>, Vec<_>) =
+            kept.into_iter().partition(|d| d.attempt() == 1);
+        assert_eq!(first.len(), failing);
+        if !drop_first_calls_first {
+            std::mem::swap(&mut first, &mut second);
+        }
+        drop(first);
+        assert_eq!(
+            items.load(AtomicOrdering::SeqCst),
+            failing,
+            "the other delivery of each still holds it"
+        );
+        drop(second);
+        assert_eq!(
+            items.load(AtomicOrdering::SeqCst),
+            0,
+            "each dropped with its last delivery (first calls' first: {drop_first_calls_first})"
+        );
+    }
 }
 
 /// With every receipt dropped, a strict worker has nothing to settle but the items' drops:
