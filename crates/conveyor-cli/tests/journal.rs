@@ -1219,10 +1219,13 @@ fn a_full_disk_summary_says_what_the_journal_holds_and_where_to_resume() {
         .output()
         .unwrap();
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
-    let (pending, read) = (&status["pending"], &status["input_position"]);
+    // No position at all when the disk filled before the first one was committed: the stream
+    // is then fed again from its first line.
+    let pending = &status["pending"];
+    let read = status["input_position"].as_u64().unwrap_or(0);
     assert!(
         stdout.contains(&format!("it holds {pending} pending line(s)"))
-            && stdout.contains(&format!("from line {}", read.as_u64().unwrap() + 1)),
+            && stdout.contains(&format!("from line {}", read + 1)),
         "the journal holds {pending} pending, read up to line {read}: {stdout}"
     );
 }
