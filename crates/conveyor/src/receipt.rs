@@ -310,9 +310,12 @@ impl<R> LazySlot<R> {
     /// Delivered, and the receipt took the reply.
     const TAKEN: *mut Slot<R> = Self::sentinel(4);
 
-    /// Never the address of a slot: the allocator hands out nothing in the first page.
+    /// Never the address of a slot: a slot's address is a non-zero multiple of its alignment,
+    /// at least 8 (see `Slot`), and `n` is below that. Not `n` times the alignment: a reply
+    /// aligned to a page made that several pages, where nothing but the allocator's habits
+    /// kept a slot from being placed. Without provenance: never dereferenced.
     const fn sentinel(n: usize) -> *mut Slot<R> {
-        (n * std::mem::align_of::<Slot<R>>()) as *mut Slot<R>
+        std::ptr::null_mut::<Slot<R>>().wrapping_byte_add(n)
     }
 
     fn new() -> Self {
@@ -512,6 +515,10 @@ const ALREADY_TAKEN: &str = "the receipt's result was already taken";
 
 /// Settles exactly once; later settlements (a late sink result after a shutdown
 /// deadline already reported the item as closed) are ignored.
+///
+/// Aligned to 8 at least, so that no address of one is a [`LazySlot`] sentinel (already so on
+/// 64-bit targets, through the waker's pointers).
+#[repr(align(8))]
 struct Slot<R> {
     state: Mutex<SlotState<R>>,
     ready: Condvar,
@@ -1609,6 +1616,42 @@ mod tests {
             drop(node);
             assert_eq!(Arc::strong_count(&reply), 1, "round {round}");
         }
+    }
+
+    /// A state that is not a slot is never taken for one, nor a slot for such a state, whatever
+    /// the reply's alignment (a reply padded to a cache line, say): a slot's address is a
+    /// non-zero multiple of its alignment, and every sentinel is below it.
+    #[test]
+    fn no_sentinel_is_the_address_of_a_slot() {
+        fn check<R>(what: &str) {
+            let align = std::mem::align_of::<Slot<R>>();
+            let sentinels = [
+                LazySlot::<R>::WRITING,
+                LazySlot::<R>::SETTLED,
+                LazySlot::<R>::MOVING,
+                LazySlot::<R>::TAKEN,
+            ];
+            for state in sentinels {
+                assert!(!LazySlot::<R>::is_slot(state), "{what}");
+                assert!(
+                    (state as usize) < align,
+                    "{what}: sentinel {state:p} could be the address of a slot aligned to {align}"
+                );
+            }
+            let slot = Box::into_raw(Box::new(Slot::<R>::new()));
+            assert!(LazySlot::<R>::is_slot(slot), "{what}");
+            // SAFETY: from `Box::into_raw` above.
+            drop(unsafe { Box::from_raw(slot) });
+        }
+        #[repr(align(64))]
+        struct Line(#[allow(dead_code)] u8);
+        #[repr(align(4096))]
+        struct Page(#[allow(dead_code)] u8);
+        check::<()>("()");
+        check::<u64>("u64");
+        check::<String>("String");
+        check::<Line>("64-byte aligned");
+        check::<Page>("4096-byte aligned");
     }
 
     fn panic_text(caught: Result<(), Panic>) -> Option<&'static str> {
