@@ -225,10 +225,12 @@ unsafe fn destroy<N: Headed>(head: NonNull<Head>) {
 /// # Safety
 ///
 /// The caller owns one of the node's references.
-unsafe fn let_go(head: &Head) -> bool {
+unsafe fn let_go(head: NonNull<Head>) -> bool {
     // As `Arc`: Release so that every use through this reference happens before the drop,
-    // which the last one's Acquire fence orders after them.
-    let last = head.refs.fetch_sub(1, Ordering::Release) == 1;
+    // which the last one's Acquire fence orders after them. Through a pointer, not a `&Head`
+    // argument: the node must not stay borrowed until this returns, as once the count went
+    // down another thread may drop it (the `Arc` bug rust-lang/rust#55005; Miri reports it).
+    let last = head.as_ref().refs.fetch_sub(1, Ordering::Release) == 1;
     if last {
         fence(Ordering::Acquire);
     }
@@ -241,7 +243,7 @@ unsafe fn let_go(head: &Head) -> bool {
 ///
 /// The caller owns one of the node's references.
 unsafe fn release(head: NonNull<Head>) {
-    if let_go(head.as_ref()) {
+    if let_go(head) {
         // `ChunkHead::destroy` comes first in every chunk.
         let destroy = head
             .as_ref()
@@ -493,7 +495,7 @@ impl<N: Headed> Counted<N> {
     pub(crate) fn drop_into(self, returns: &mut Returns<N::Context>) {
         let this = ManuallyDrop::new(self);
         // SAFETY: this reference is owned and given up once.
-        if this.only_reference() || unsafe { let_go(this.head()) } {
+        if this.only_reference() || unsafe { let_go(this.node.cast()) } {
             // Counted before the node drops, which may panic (see `destroy`).
             returns.add(this.head().chunk.cast());
             // SAFETY: the last reference, given up once.
@@ -973,5 +975,38 @@ mod tests {
             1,
             "the panicking node leaked its chunk"
         );
+    }
+
+    /// The two references of each node dropped on two threads at once, each way a reference
+    /// drops (`Counted`, `Erased`, `drop_into`): whichever is last drops the node while the
+    /// other may still be inside its own release. Meant for Miri (`cargo +nightly miri test
+    /// -p conveyor --lib slab::`), which caught a release that kept the node borrowed past its
+    /// count's decrement; natively it checks that every node drops once.
+    #[test]
+    fn references_released_on_two_threads_at_once_drop_the_node_once() {
+        const ROUNDS: u64 = if cfg!(miri) { 30 } else { 300 };
+        let drops = Arc::new(Count::new(0));
+        let mut slab = Slab::new("probes");
+        for round in 0..ROUNDS {
+            let (node, twin) = slab.alloc_pair(|head| Probe {
+                head,
+                value: round,
+                drops: drops.clone(),
+            });
+            let start = std::sync::Barrier::new(2);
+            std::thread::scope(|scope| {
+                scope.spawn(|| {
+                    start.wait();
+                    match round % 3 {
+                        0 => drop(twin),
+                        1 => drop(twin.erase()),
+                        _ => twin.drop_into(&mut Returns::new()),
+                    }
+                });
+                start.wait();
+                drop(node);
+            });
+            assert_eq!(drops.load(Ordering::SeqCst), round as usize + 1);
+        }
     }
 }
