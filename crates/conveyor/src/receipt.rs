@@ -268,21 +268,23 @@ impl<R> SlotState<R> {
 }
 
 /// A node's [`Slot`], made only once somebody needs it: a receipt that waits, polls or leaves
-/// a callback before its item settles, or an item that fails while its receipt is held. A
-/// delivered item whose receipt nobody asked yet keeps its reply here, inline, and a receipt
-/// dropped unasked never needs a slot at all: a node is then one word and its reply instead of
-/// a whole slot (a mutex, a condvar, room for a result, a waker and a callback: 64 bytes),
-/// which makes the node of a `u64` item with `()` replies one cache line that the worker reads
-/// after the producer wrote it.
+/// a callback before its item settles, or a failure settled while the node is shared (its
+/// receipt held, a shutdown's `Closed`, a drop policy's `Dropped`). A delivered item whose
+/// receipt nobody asked yet keeps its reply here, inline, and a receipt dropped unasked never
+/// needs a slot at all: a node is then one word and its reply instead of a whole slot (a mutex,
+/// a condvar, room for a result, a waker and a callback: 64 bytes), which makes the node of a
+/// `u64` item with `()` replies one cache line that the worker reads after the producer wrote
+/// it.
 ///
 /// `state` moves only forward: [`EMPTY`](Self::EMPTY) → [`WRITING`](Self::WRITING) →
 /// [`SETTLED`](Self::SETTLED) → [`TAKEN`](Self::TAKEN), or → [`MOVING`](Self::MOVING) → a
-/// slot; or from any of them but the two passing ones straight to a slot. The passing states
-/// last a copy of the reply (and an allocation, for `MOVING`): whoever meets one waits it out.
+/// slot; or from `EMPTY` or `TAKEN` straight to a slot. The passing states, `WRITING` and
+/// `MOVING`, last a copy of the reply (and its store into a slot allocated before, not yet
+/// shared): they run no user code and wait for nothing, so whoever meets one waits it out.
 struct LazySlot<R> {
     state: AtomicPtr<Slot<R>>,
-    /// Written by the settler in `WRITING`, read by the receipt's thread that leaves
-    /// `SETTLED`.
+    /// Written by the settler in `WRITING`, read by the thread that leaves `SETTLED` (the
+    /// receipt's, or one settling a failure: see `MOVING`).
     reply: UnsafeCell<MaybeUninit<R>>,
 }
 
@@ -305,7 +307,8 @@ impl<R> LazySlot<R> {
     const WRITING: *mut Slot<R> = Self::sentinel(1);
     /// Delivered, with the reply in `reply`.
     const SETTLED: *mut Slot<R> = Self::sentinel(2);
-    /// A receipt's thread is moving the reply into a slot it makes.
+    /// A thread that needs the slot (the receipt's, or one settling a failure) is moving the
+    /// reply into a slot it made.
     const MOVING: *mut Slot<R> = Self::sentinel(3);
     /// Delivered, and the receipt took the reply.
     const TAKEN: *mut Slot<R> = Self::sentinel(4);
