@@ -1621,6 +1621,196 @@ mod tests {
         }
     }
 
+    /// A reply whose drop panics, kept inline or moved into a slot, panics once where the
+    /// node drops, and the item drops all the same.
+    #[test]
+    fn a_reply_whose_drop_panics_panics_once_and_lets_the_item_drop() {
+        let item = Arc::new(());
+        let mut slab = Slab::new(NodeContext::for_tests());
+        for moved in [false, true] {
+            let node = slab.alloc(|head| Node::new(head, None, item.clone()));
+            let receipt = Receipt::new(node.clone());
+            node.settle(Ok(Explosive));
+            if moved {
+                // The reply moves into the slot a waiter makes, and is left there.
+                let _ = receipt.lazy_slot().get();
+                assert!(slot_made(&node));
+            }
+            drop(receipt);
+            let dropped = std::panic::catch_unwind(AssertUnwindSafe(move || drop(node)));
+            assert_eq!(panic_text(dropped), Some("item drop"), "moved: {moved}");
+            assert_eq!(Arc::strong_count(&item), 1, "moved: {moved}");
+        }
+    }
+
+    /// How a receipt's holder asks for the outcome in
+    /// `every_way_of_asking_sees_one_outcome_and_drops_the_reply_once`.
+    #[derive(Clone, Copy, Debug)]
+    enum Asking {
+        /// `wait`, on a thread of its own.
+        Wait,
+        /// `wait_timeout`, at once and then for long.
+        WaitTimeout,
+        /// Polled as a future, again only once woken.
+        Poll,
+        /// `on_settled`.
+        Callback,
+        /// Dropped unasked.
+        Drop,
+        /// `is_settled` from two other threads, then taken at once.
+        Shared,
+    }
+
+    /// Far longer than any of these waits takes: reached only when a wake-up is lost.
+    const LOST: Duration = Duration::from_secs(30);
+
+    /// The outcome, asked for as `asking` says while the item settles on other threads.
+    fn ask(
+        receipt: Receipt<Arc<()>>,
+        asking: Asking,
+        start: &Arc<std::sync::Barrier>,
+    ) -> Option<Result<Arc<()>, DeliveryError>> {
+        let deadline = Instant::now() + LOST;
+        match asking {
+            Asking::Wait => {
+                let (tx, rx) = mpsc::channel();
+                let start = start.clone();
+                // Not scoped: a wait never woken fails the test, instead of hanging it.
+                std::thread::spawn(move || {
+                    start.wait();
+                    tx.send(receipt.wait()).unwrap();
+                });
+                Some(
+                    rx.recv_timeout(LOST)
+                        .expect("a blocked wait was never woken"),
+                )
+            }
+            Asking::WaitTimeout => {
+                let mut receipt = receipt;
+                start.wait();
+                let now = receipt.wait_timeout(Duration::ZERO);
+                Some(
+                    now.or_else(|| receipt.wait_timeout(LOST))
+                        .expect("a timed wait was never woken"),
+                )
+            }
+            Asking::Poll => {
+                struct Flag(AtomicBool, std::thread::Thread);
+                impl std::task::Wake for Flag {
+                    fn wake(self: Arc<Self>) {
+                        self.0.store(true, AtomicOrdering::Release);
+                        self.1.unpark();
+                    }
+                }
+                let flag = Arc::new(Flag(AtomicBool::new(false), std::thread::current()));
+                let waker = Waker::from(flag.clone());
+                let mut cx = Context::from_waker(&waker);
+                let mut receipt = receipt;
+                start.wait();
+                loop {
+                    if let Poll::Ready(outcome) = Pin::new(&mut receipt).poll(&mut cx) {
+                        return Some(outcome);
+                    }
+                    while !flag.0.swap(false, AtomicOrdering::Acquire) {
+                        let left = deadline.checked_duration_since(Instant::now());
+                        std::thread::park_timeout(left.expect("a pending future was never woken"));
+                    }
+                }
+            }
+            Asking::Callback => {
+                let (tx, rx) = mpsc::channel();
+                start.wait();
+                receipt.on_settled(move |outcome| tx.send(outcome).unwrap());
+                Some(rx.recv_timeout(LOST).expect("a callback never ran"))
+            }
+            Asking::Drop => {
+                start.wait();
+                drop(receipt);
+                None
+            }
+            Asking::Shared => {
+                let receipt = Arc::new(receipt);
+                std::thread::scope(|scope| {
+                    for _ in 0..2 {
+                        scope.spawn(|| {
+                            while !receipt.is_settled() {
+                                assert!(Instant::now() < deadline, "never seen settled");
+                                // Not a spin: on two cores it would hold up the settlers.
+                                std::thread::yield_now();
+                            }
+                        });
+                    }
+                    start.wait();
+                });
+                let mut receipt = Arc::into_inner(receipt).unwrap();
+                assert!(receipt.is_settled());
+                Some(
+                    receipt
+                        .wait_timeout(Duration::ZERO)
+                        .expect("settled, so there to take"),
+                )
+            }
+        }
+    }
+
+    /// Every way of asking a receipt, racing its item's settlement by a worker (through
+    /// `settle_and_release`, as workers do), and in half the rounds a shutdown's `Closed` as
+    /// well: one outcome, the first settlement's, is seen once; nobody waits for good; and the
+    /// reply, counted through its `Arc`, is dropped once, wherever it was kept.
+    #[test]
+    fn every_way_of_asking_sees_one_outcome_and_drops_the_reply_once() {
+        const ROUNDS: usize = if cfg!(miri) { 1 } else { 40 };
+        let reply = Arc::new(());
+        let mut slab = Slab::new(NodeContext::for_tests());
+        let ways = [
+            Asking::Wait,
+            Asking::WaitTimeout,
+            Asking::Poll,
+            Asking::Callback,
+            Asking::Drop,
+            Asking::Shared,
+        ];
+        for round in 0..ROUNDS {
+            for asking in ways {
+                for closing in [false, true] {
+                    let what = format!("round {round}, {asking:?}, closing: {closing}");
+                    let node = node_of::<Arc<()>>(&mut slab);
+                    let receipt = Receipt::new(node.clone());
+                    let start = Arc::new(std::sync::Barrier::new(2 + usize::from(closing)));
+                    let outcome = std::thread::scope(|scope| {
+                        let closer = closing.then(|| node.clone());
+                        let ok = reply.clone();
+                        let start = &start;
+                        let worker = scope.spawn(move || {
+                            start.wait();
+                            let [settled, dropped] = settle_and_release(node, Ok(ok));
+                            assert!(settled.is_ok() && dropped.is_ok());
+                        });
+                        if let Some(closer) = closer {
+                            scope.spawn(move || {
+                                start.wait();
+                                closer.settle(Err(DeliveryError::Closed));
+                            });
+                        }
+                        let outcome = ask(receipt, asking, start);
+                        worker.join().unwrap();
+                        outcome
+                    });
+                    match &outcome {
+                        Some(Ok(got)) => assert!(Arc::ptr_eq(got, &reply), "{what}"),
+                        Some(Err(DeliveryError::Closed)) if closing => {}
+                        Some(Err(other)) => panic!("{what}: {other:?}"),
+                        None => {}
+                    }
+                    let held = matches!(outcome, Some(Ok(_)));
+                    assert_eq!(Arc::strong_count(&reply), 1 + usize::from(held), "{what}");
+                    drop(outcome);
+                    assert_eq!(Arc::strong_count(&reply), 1, "{what}");
+                }
+            }
+        }
+    }
+
     /// A state that is not a slot is never taken for one, nor a slot for such a state, whatever
     /// the reply's alignment (a reply padded to a cache line, say): a slot's address is a
     /// non-zero multiple of its alignment, and every sentinel is below it.
