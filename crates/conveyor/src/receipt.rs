@@ -1313,6 +1313,10 @@ impl<R> Receipt<R> {
     /// # Ok::<(), conveyor::BuildError>(())
     /// ```
     pub fn on_settled(self, callback: impl FnOnce(Result<R, DeliveryError>) + Send + 'static) {
+        // Delivered already, with the reply kept inline: no slot to make only to empty it.
+        if let Some(result) = self.lazy_slot().take_inline(ALREADY_TAKEN) {
+            return callback(result);
+        }
         let slot = self.slot();
         let mut state = slot.lock();
         match std::mem::replace(&mut *state, SlotState::Taken) {
@@ -1502,7 +1506,7 @@ mod tests {
     }
 
     /// A reply kept inline is dropped once: with the node if nobody took it, by its taker
-    /// otherwise, and once when moved into a slot for a callback.
+    /// otherwise (a receipt's waiter or its callback).
     #[test]
     fn a_reply_kept_inline_is_dropped_once() {
         let reply = Arc::new(());
@@ -1521,6 +1525,21 @@ mod tests {
             drop(node);
             assert_eq!(Arc::strong_count(&reply), 1, "{how}");
         }
+    }
+
+    /// A callback left once the item was delivered gets the reply from where it was kept: a
+    /// slot made for it, only to be emptied at once, doubled the call's cost (Python's
+    /// `Receipt.result()` on a settled item comes this way).
+    #[test]
+    fn a_late_callback_takes_a_reply_kept_inline_without_a_slot() {
+        let mut slab = Slab::new(NodeContext::for_tests());
+        let node = node_of::<u32>(&mut slab);
+        let (tx, rx) = mpsc::channel();
+        let receipt = Receipt::new(node.clone());
+        node.settle(Ok(4));
+        receipt.on_settled(move |outcome| tx.send(outcome).unwrap());
+        assert!(matches!(rx.try_recv(), Ok(Ok(4))));
+        assert!(!slot_made(&node));
     }
 
     #[test]
