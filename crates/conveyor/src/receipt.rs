@@ -278,7 +278,9 @@ impl<R> SlotState<R> {
 ///
 /// `state` moves only forward: [`EMPTY`](Self::EMPTY) → [`WRITING`](Self::WRITING) →
 /// [`SETTLED`](Self::SETTLED) → [`TAKEN`](Self::TAKEN), or → [`MOVING`](Self::MOVING) → a
-/// slot; or from `EMPTY` or `TAKEN` straight to a slot. The passing states, `WRITING` and
+/// slot; or from `EMPTY` to one of the failures that carry nothing ([`DROPPED`](Self::DROPPED),
+/// [`CLOSED`](Self::CLOSED), [`UNCONFIRMED`](Self::UNCONFIRMED)), and on to `TAKEN`; or from
+/// `EMPTY`, `TAKEN` or such a failure straight to a slot. The passing states, `WRITING` and
 /// `MOVING`, last a copy of the reply (and its store into a slot allocated before, not yet
 /// shared): they run no user code and wait for nothing, so whoever meets one waits it out.
 struct LazySlot<R> {
@@ -310,8 +312,37 @@ impl<R> LazySlot<R> {
     /// A thread that needs the slot (the receipt's, or one settling a failure) is moving the
     /// reply into a slot it made.
     const MOVING: *mut Slot<R> = Self::sentinel(3);
-    /// Delivered, and the receipt took the reply.
+    /// Settled, and the receipt took the result.
     const TAKEN: *mut Slot<R> = Self::sentinel(4);
+    /// Settled as [`DeliveryError::Dropped`], [`Closed`](DeliveryError::Closed) or
+    /// [`Unconfirmed`](DeliveryError::Unconfirmed), which carry nothing: a drop policy under
+    /// overload and a shutdown settle many at once, receipts held, and a slot for each doubled
+    /// their cost.
+    const DROPPED: *mut Slot<R> = Self::sentinel(5);
+    const CLOSED: *mut Slot<R> = Self::sentinel(6);
+    const UNCONFIRMED: *mut Slot<R> = Self::sentinel(7);
+    /// The highest sentinel: anything above is a slot.
+    const LAST_SENTINEL: *mut Slot<R> = Self::UNCONFIRMED;
+
+    /// The state that records `error`, if it carries nothing.
+    fn bare_failure(error: &DeliveryError) -> Option<*mut Slot<R>> {
+        match error {
+            DeliveryError::Dropped => Some(Self::DROPPED),
+            DeliveryError::Closed => Some(Self::CLOSED),
+            DeliveryError::Unconfirmed => Some(Self::UNCONFIRMED),
+            DeliveryError::Failed { .. } => None,
+        }
+    }
+
+    /// The failure `state` records, if it is one of those that carry nothing.
+    fn failure_in(state: *mut Slot<R>) -> Option<DeliveryError> {
+        match state {
+            state if state == Self::DROPPED => Some(DeliveryError::Dropped),
+            state if state == Self::CLOSED => Some(DeliveryError::Closed),
+            state if state == Self::UNCONFIRMED => Some(DeliveryError::Unconfirmed),
+            _ => None,
+        }
+    }
 
     /// Never the address of a slot: a slot's address is a non-zero multiple of its alignment,
     /// at least 8 (see `Slot`), and `n` is below that. Not `n` times the alignment: a reply
@@ -329,7 +360,7 @@ impl<R> LazySlot<R> {
     }
 
     fn is_slot(state: *mut Slot<R>) -> bool {
-        state > Self::TAKEN
+        state > Self::LAST_SENTINEL
     }
 
     /// Waits out a passing state, and returns the next.
@@ -396,6 +427,9 @@ impl<R> LazySlot<R> {
             if state == Self::TAKEN {
                 // SAFETY: `to` is not shared yet.
                 *unsafe { &*to }.lock() = SlotState::Taken;
+            } else if let Some(error) = Self::failure_in(state) {
+                // SAFETY: `to` is not shared yet.
+                *unsafe { &*to }.lock() = SlotState::Ready(Err(error));
             }
             // Release: the slot's contents are seen by whoever loads it (see `made`).
             match self.state.compare_exchange(
@@ -423,11 +457,23 @@ impl<R> LazySlot<R> {
         }
     }
 
-    /// The result, taken, if the item was delivered and its reply is still kept inline; panics
-    /// with `taken` if it was taken so. `None` otherwise: not settled, or settled into a slot.
+    /// The result, taken, if the item settled without a slot (delivered, its reply kept inline,
+    /// or failed with nothing to keep); panics with `taken` if it was taken so. `None`
+    /// otherwise: not settled, or settled into a slot.
     fn take_inline(&self, taken: &str) -> Option<Result<R, DeliveryError>> {
         match self.state.load(AtomicOrdering::Acquire) {
             state if state == Self::TAKEN => panic!("{taken}"),
+            state if Self::failure_in(state).is_some() => {
+                self.state
+                    .compare_exchange(
+                        state,
+                        Self::TAKEN,
+                        AtomicOrdering::Acquire,
+                        AtomicOrdering::Relaxed,
+                    )
+                    .ok()?;
+                Self::failure_in(state).map(Err)
+            }
             state if state != Self::SETTLED => None,
             _ => {
                 self.state
@@ -467,9 +513,27 @@ impl<R> LazySlot<R> {
         if state != Self::EMPTY {
             return Settled::Done; // settled already
         }
-        // A failure takes a slot: rare, and it keeps the inline room a reply's size.
-        let Ok(reply) = result else {
-            return Settled::Slot(result);
+        let reply = match result {
+            Ok(reply) => reply,
+            Err(error) => {
+                // A failure that carries something takes a slot: rare, and it keeps the inline
+                // room a reply's size.
+                let Some(mark) = Self::bare_failure(&error) else {
+                    return Settled::Slot(Err(error));
+                };
+                // Release, as a slot's lock would: what happened before the settlement is
+                // seen by whoever sees it.
+                return match self.state.compare_exchange(
+                    Self::EMPTY,
+                    mark,
+                    AtomicOrdering::Release,
+                    AtomicOrdering::Acquire,
+                ) {
+                    Ok(_) => Settled::Done,
+                    Err(now) if Self::is_slot(now) => Settled::Slot(Err(error)),
+                    Err(_) => Settled::Done, // settled meanwhile
+                };
+            }
         };
         match self.state.compare_exchange(
             Self::EMPTY,
@@ -1568,13 +1632,79 @@ mod tests {
         node.settle(Err(DeliveryError::Closed));
         node.settle(Ok(2));
         assert!(matches!(receipt.wait(), Ok(1)));
-        // A failure first (it makes the slot): a late reply is ignored.
+        // A failure first, with or without a slot: a late reply is ignored.
         let node = node_of::<u32>(&mut slab);
         let receipt = Receipt::new(node.clone());
         node.settle(Err(DeliveryError::Closed));
-        assert!(slot_made(&node));
+        assert!(
+            !slot_made(&node),
+            "a failure that carries nothing is a mark"
+        );
         node.settle(Ok(2));
+        node.settle(Err(DeliveryError::Dropped));
         assert!(matches!(receipt.wait(), Err(DeliveryError::Closed)));
+        let node = node_of::<u32>(&mut slab);
+        let receipt = Receipt::new(node.clone());
+        node.settle(Err(DeliveryError::Failed {
+            attempts: 1,
+            error: crate::SinkError::permanent("no"),
+        }));
+        assert!(slot_made(&node), "a sink's error is kept in a slot");
+        node.settle(Ok(2));
+        assert!(matches!(
+            receipt.wait(),
+            Err(DeliveryError::Failed { attempts: 1, .. })
+        ));
+    }
+
+    /// Drop policies and shutdowns settle many items at once with failures that carry nothing:
+    /// each is a mark, read by every way of asking, and taken once.
+    #[test]
+    fn failures_that_carry_nothing_settle_without_a_slot() {
+        let mut slab = Slab::new(NodeContext::for_tests());
+        for (i, error) in [
+            DeliveryError::Dropped,
+            DeliveryError::Closed,
+            DeliveryError::Unconfirmed,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let what = error.to_string();
+            let same = |outcome: Result<u32, DeliveryError>| {
+                outcome.err().map(|e| e.to_string()) == Some(what.clone())
+            };
+            let node = node_of::<u32>(&mut slab);
+            let mut receipt = Receipt::new(node.clone());
+            node.settle(Err(error));
+            assert!(!slot_made(&node) && receipt.is_settled(), "{what}");
+            match i {
+                0 => assert!(same(receipt.wait_timeout(Duration::ZERO).unwrap())),
+                1 => {
+                    let (tx, rx) = mpsc::channel();
+                    receipt.on_settled(move |outcome| tx.send(outcome).unwrap());
+                    assert!(same(rx.try_recv().unwrap()), "{what}");
+                    continue;
+                }
+                _ => {
+                    struct Nobody;
+                    impl std::task::Wake for Nobody {
+                        fn wake(self: Arc<Self>) {}
+                    }
+                    let waker = Waker::from(Arc::new(Nobody));
+                    let mut cx = Context::from_waker(&waker);
+                    let Poll::Ready(outcome) = Pin::new(&mut receipt).poll(&mut cx) else {
+                        panic!("{what}: settled");
+                    };
+                    assert!(same(outcome));
+                }
+            }
+            assert!(!slot_made(&node), "{what}: taken without a slot");
+            assert!(receipt.is_settled());
+            let again =
+                std::panic::catch_unwind(AssertUnwindSafe(|| receipt.wait_timeout(Duration::ZERO)));
+            assert!(again.is_err(), "{what}: taken once");
+        }
     }
 
     #[test]
@@ -1842,6 +1972,9 @@ mod tests {
                 LazySlot::<R>::SETTLED,
                 LazySlot::<R>::MOVING,
                 LazySlot::<R>::TAKEN,
+                LazySlot::<R>::DROPPED,
+                LazySlot::<R>::CLOSED,
+                LazySlot::<R>::UNCONFIRMED,
             ];
             for state in sentinels {
                 assert!(!LazySlot::<R>::is_slot(state), "{what}");
