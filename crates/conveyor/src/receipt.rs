@@ -461,34 +461,28 @@ impl<R> LazySlot<R> {
     /// or failed with nothing to keep); panics with `taken` if it was taken so. `None`
     /// otherwise: not settled, or settled into a slot.
     fn take_inline(&self, taken: &str) -> Option<Result<R, DeliveryError>> {
-        match self.state.load(AtomicOrdering::Acquire) {
-            state if state == Self::TAKEN => panic!("{taken}"),
-            state if Self::failure_in(state).is_some() => {
-                self.state
-                    .compare_exchange(
-                        state,
-                        Self::TAKEN,
-                        AtomicOrdering::Acquire,
-                        AtomicOrdering::Relaxed,
-                    )
-                    .ok()?;
-                Self::failure_in(state).map(Err)
-            }
-            state if state != Self::SETTLED => None,
-            _ => {
-                self.state
-                    .compare_exchange(
-                        Self::SETTLED,
-                        Self::TAKEN,
-                        AtomicOrdering::Acquire,
-                        AtomicOrdering::Relaxed,
-                    )
-                    .ok()?;
-                // SAFETY: written before `SETTLED` was stored, seen through the Acquire
-                // exchange that left it, and read only here, once.
-                Some(Ok(unsafe { (*self.reply.get()).assume_init_read() }))
-            }
+        let state = self.state.load(AtomicOrdering::Acquire);
+        if state == Self::TAKEN {
+            panic!("{taken}");
         }
+        let failure = Self::failure_in(state);
+        if state != Self::SETTLED && failure.is_none() {
+            return None;
+        }
+        self.state
+            .compare_exchange(
+                state,
+                Self::TAKEN,
+                AtomicOrdering::Acquire,
+                AtomicOrdering::Relaxed,
+            )
+            .ok()?;
+        Some(match failure {
+            Some(error) => Err(error),
+            // SAFETY: written before `SETTLED` was stored, seen through the Acquire exchange
+            // that left it, and read only here, once.
+            None => Ok(unsafe { (*self.reply.get()).assume_init_read() }),
+        })
     }
 
     fn has_callback(&self) -> bool {
@@ -513,42 +507,33 @@ impl<R> LazySlot<R> {
         if state != Self::EMPTY {
             return Settled::Done; // settled already
         }
-        let reply = match result {
-            Ok(reply) => reply,
-            Err(error) => {
-                // A failure that carries something takes a slot: rare, and it keeps the inline
-                // room a reply's size.
-                let Some(mark) = Self::bare_failure(&error) else {
-                    return Settled::Slot(Err(error));
-                };
-                // Release, as a slot's lock would: what happened before the settlement is
-                // seen by whoever sees it.
-                return match self.state.compare_exchange(
-                    Self::EMPTY,
-                    mark,
-                    AtomicOrdering::Release,
-                    AtomicOrdering::Acquire,
-                ) {
-                    Ok(_) => Settled::Done,
-                    Err(now) if Self::is_slot(now) => Settled::Slot(Err(error)),
-                    Err(_) => Settled::Done, // settled meanwhile
-                };
-            }
+        // A reply is written in `WRITING`; a failure that carries nothing is its own mark; one
+        // that carries something takes a slot: rare, and it keeps the inline room a reply's size.
+        let mark = match &result {
+            Ok(_) => Self::WRITING,
+            Err(error) => match Self::bare_failure(error) {
+                Some(mark) => mark,
+                None => return Settled::Slot(result),
+            },
         };
+        // Release for a failure's mark, as a slot's lock would: what happened before the
+        // settlement is seen by whoever sees it (a reply's is `SETTLED`, stored below).
         match self.state.compare_exchange(
             Self::EMPTY,
-            Self::WRITING,
-            AtomicOrdering::Acquire,
+            mark,
+            AtomicOrdering::AcqRel,
             AtomicOrdering::Acquire,
         ) {
             Ok(_) => {
-                // SAFETY: this thread moved the state to `WRITING`: nobody else writes or
-                // reads the reply until `SETTLED` is stored.
-                unsafe { (*self.reply.get()).write(reply) };
-                self.state.store(Self::SETTLED, AtomicOrdering::Release);
+                if let Ok(reply) = result {
+                    // SAFETY: this thread moved the state to `WRITING`: nobody else writes or
+                    // reads the reply until `SETTLED` is stored.
+                    unsafe { (*self.reply.get()).write(reply) };
+                    self.state.store(Self::SETTLED, AtomicOrdering::Release);
+                }
                 Settled::Done
             }
-            Err(now) if Self::is_slot(now) => Settled::Slot(Ok(reply)),
+            Err(now) if Self::is_slot(now) => Settled::Slot(result),
             Err(_) => Settled::Done, // settled meanwhile
         }
     }
@@ -1377,7 +1362,8 @@ impl<R> Receipt<R> {
     /// # Ok::<(), conveyor::BuildError>(())
     /// ```
     pub fn on_settled(self, callback: impl FnOnce(Result<R, DeliveryError>) + Send + 'static) {
-        // Delivered already, with the reply kept inline: no slot to make only to empty it.
+        // Settled already without a slot (a reply kept inline, or a failure's mark): no slot to
+        // make only to empty it.
         if let Some(result) = self.lazy_slot().take_inline(ALREADY_TAKEN) {
             return callback(result);
         }
