@@ -277,7 +277,7 @@ impl<T, R> Shared<T, R> {
     /// bursts; see BENCHMARKS.md). Spinning, then sleeping, it leaves that CPU to the
     /// producer, and the next send's wake-up lets the scheduler place it on an idle one.
     ///
-    /// A lone worker that holds back its drain until `held_back` (see
+    /// A paced worker that holds back its drain until `held_back` (see
     /// `Shared::drain_out_of_work`) spins until then once items are there.
     pub(crate) fn spin_for_items(&self, held_back: Option<Instant>) {
         // Relaxed: what a send pushed is seen through the intake lock, which the
@@ -299,7 +299,7 @@ impl<T, R> Shared<T, R> {
     /// state lock) wakes a worker for it if it can run in parallel. A send after this wakes
     /// one itself. With no worker idle, nobody could be woken: the items stay in the intake
     /// until a worker runs out of work and drains it (it never sleeps with items there, see
-    /// `register_idle`), which a lone worker does at its own pace (see
+    /// `register_idle`), which a paced worker does at its own pace (see
     /// `worker::LEASE_DRAIN`).
     pub(crate) fn release_lookout(&self, st: &mut State<T, R>, worker: usize) {
         let mut ik = self.intake();

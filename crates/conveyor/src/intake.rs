@@ -5,7 +5,7 @@
 //! full) only takes this small lock: it takes the item's node from the slab every node
 //! comes from (`slab.rs`), numbers it and appends it. The workers
 //! take the whole batch under the state lock when they run out of work ("block for the
-//! first, drain the rest"; a lone worker at most every `worker::LEASE_DRAIN`), when they
+//! first, drain the rest"; a paced worker at most every `worker::LEASE_DRAIN`), when they
 //! wake, and when they give up the lookout while another worker is idle (see
 //! `conveyor.rs`), so producers and workers meet once per batch instead of once per item.
 //! No worker sleeps while the intake holds items (see `Shared::register_idle`).

@@ -5,7 +5,7 @@
 //! acquisition of the state lock, so in steady state a strict conveyor costs one lock
 //! round trip per item and no context switch between items. When the lanes have nothing
 //! for it, it moves every item the producers left in the intake into the lanes at once (a
-//! lone worker at most every [`LEASE_DRAIN`], spinning until then: see
+//! paced worker at most every [`LEASE_DRAIN`], spinning until then: see
 //! `Shared::drain_out_of_work`).
 
 use std::cell::Cell;
@@ -85,7 +85,7 @@ const LEASE: usize = 256;
 
 /// How often a leasing worker moves the intake's items into the lanes, at most, where it
 /// could do so after every lease (see `Leasing::drain_due`): after leases that keep the
-/// lookout, and, for a lone worker, whenever it runs out of work. It is also how long an item
+/// lookout, and, for a paced worker, whenever it runs out of work. It is also how long an item
 /// may wait in the intake for that, at most, while its worker keeps busy.
 const LEASE_DRAIN: Duration = Duration::from_micros(50);
 
@@ -134,6 +134,15 @@ impl<T, R> Leasing<T, R> {
     fn held_back_until(&self) -> Option<Instant> {
         let until = self.drained_at? + LEASE_DRAIN;
         (Instant::now() < until).then_some(until)
+    }
+
+    /// Whether this worker paces its drains of the intake when it runs out of work (see
+    /// `Shared::drain_out_of_work`): when it runs every lane (see `State::lone_worker`), or
+    /// its sink is quick enough for leases of several items (see `size`), so that the worker
+    /// may keep pace with its producer. A slower sink's workers drain at once: their items
+    /// wait for the calls, not the other way round.
+    fn paced(&self, st: &State<T, R>) -> bool {
+        st.lone_worker() || self.size > 1
     }
 
     /// Whether the worker may drain the intake now (see `held_back_until`).
@@ -277,19 +286,20 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
     }
 
     /// Moves the intake's items into the lanes for a worker out of work; returns whether it
-    /// moved any. A lone leasing worker (see `State::lone_worker`) holds this back until
-    /// [`LEASE_DRAIN`] after its last drain (see `Leasing::held_back_until`), spinning
-    /// meanwhile as the lookout (see `thread_worker`), so that its producer fills a batch
-    /// undisturbed. Otherwise, once such a worker kept pace with its producer, the two met at
-    /// every few dozen items, on the intake lock and on the lines of the items just sent, and
-    /// stayed that way: on stretches of time where every handoff between the machine's cores
-    /// was slow, strict end to end took 10-20 ms per 100k items instead of 2. Drains every
-    /// 50 us made such stretches 30-40% faster and the best ones ~3% slower (see
-    /// BENCHMARKS.md). Paced the same way, pipelined:16 and keyed:16 ran 4-46% slower. The
-    /// price is latency: an item sent less than [`LEASE_DRAIN`] after the last drain waits for
-    /// the rest of it.
+    /// moved any. A paced worker (see `Leasing::paced`) holds this back until [`LEASE_DRAIN`]
+    /// after its last drain (see `Leasing::held_back_until`), spinning meanwhile as the
+    /// lookout (see `thread_worker`), so that its producer fills a batch undisturbed.
+    /// Otherwise, once such a worker kept pace with its producer, the two met at every few
+    /// dozen items, on the intake lock and on the lines of the items just sent, and stayed
+    /// that way: on stretches of time where every handoff between the machine's cores was
+    /// slow, strict end to end took 10-20 ms per 100k items instead of 2. Drains every 50 us
+    /// made such stretches 30-40% faster and the best ones ~3% slower (see BENCHMARKS.md).
+    /// Pipelined and keyed workers fell into the same once a one-word `SinkError` made them
+    /// as fast as their producer (thousands of leases of a few dozen items a round instead of
+    /// ~400 of 256). The price is latency: an item sent less than [`LEASE_DRAIN`] after the
+    /// last drain waits for the rest of it.
     fn drain_out_of_work(&self, st: &mut State<T, R>, leasing: Option<&mut Leasing<T, R>>) -> bool {
-        let Some(leasing) = leasing.filter(|_| st.lone_worker()) else {
+        let Some(leasing) = leasing.filter(|l| l.paced(st)) else {
             return self.drain(st);
         };
         // `filled` may be stale: the worker then looks out for the items it missed, or finds
@@ -842,11 +852,11 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
                 settle.is_empty() && !leasing.as_ref().is_some_and(|l| !l.release.is_empty())
             };
             while matches!(step, Step::Wait) && nothing_to_settle(&settle, &leasing) {
-                // Items a lone worker holds back (see `drain_out_of_work`) are waited for
+                // Items a paced worker holds back (see `drain_out_of_work`) are waited for
                 // spinning, however often it comes here meanwhile.
                 let held_back = leasing
                     .as_ref()
-                    .filter(|_| st.lone_worker() && shared.intake_filled())
+                    .filter(|l| l.paced(&st) && shared.intake_filled())
                     .and_then(Leasing::held_back_until);
                 if (!std::mem::replace(&mut spun, true) || held_back.is_some())
                     && (lookout.held || shared.claim_lookout(worker))
@@ -884,12 +894,19 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
                     shared.exit(&mut st);
                     Wake::default()
                 }
-                // Settling runs user code (callbacks, wakers, the item's and the reply's
+                // Settling may run user code (callbacks, wakers, the item's and the reply's
                 // drops), which may take long or panic: give the lookout up first, and wake a
-                // worker for what it had.
+                // worker for what it had. Not for the nodes of a lease's unheeded items with
+                // no drop of their own: a worker keeping pace with its producer ends every
+                // lease that way, and, without the lookout for that moment, its producer's
+                // next send woke an idle worker, which took the next lease on another thread
+                // (pipelined:16, with the faster worker of a one-word `SinkError`, went from
+                // 1.7 to 3 ms for 100k items, see BENCHMARKS.md).
                 Step::Wait
-                    if !nothing_to_settle(&settle, &leasing)
-                        && std::mem::take(&mut lookout.held) =>
+                    if runs_user_code::<T, R>(
+                        !settle.is_empty(),
+                        leasing.as_ref().is_some_and(|l| !l.release.is_empty()),
+                    ) && std::mem::take(&mut lookout.held) =>
                 {
                     shared.release_lookout(&mut st, worker);
                     shared.pass_work_on(&st)
@@ -1160,6 +1177,14 @@ impl Drop for RestoreHere {
     }
 }
 
+/// Whether a worker's settling (see `settle_all`) may run user code: settling receipts
+/// (their callbacks and wakers), or dropping the nodes of delivered lease items (`releasing`)
+/// whose item or reply type has a drop of its own. A released node's receipt is settled or
+/// unheeded, so nothing else of it runs.
+fn runs_user_code<T, R>(settling: bool, releasing: bool) -> bool {
+    settling || (releasing && (std::mem::needs_drop::<T>() || std::mem::needs_drop::<R>()))
+}
+
 /// Settles receipts outside the state lock (their callbacks are user code), then drops the
 /// nodes of lease items in `release`; returns how many of both, for `Shared::settled_outside`.
 /// `live_worker`: the worker still counts as live.
@@ -1256,11 +1281,55 @@ mod tests {
     use super::*;
 
     #[test]
+    fn only_settling_that_may_run_user_code_gives_the_lookout_up() {
+        assert!(!runs_user_code::<u64, ()>(false, true), "plain nodes");
+        assert!(!runs_user_code::<u64, ()>(false, false));
+        assert!(
+            runs_user_code::<u64, ()>(true, false),
+            "a receipt to settle"
+        );
+        assert!(runs_user_code::<String, ()>(false, true), "an item's drop");
+        assert!(
+            runs_user_code::<u64, Vec<u8>>(false, true),
+            "a reply's drop"
+        );
+        assert!(
+            !runs_user_code::<String, ()>(false, false),
+            "nothing to drop"
+        );
+    }
+
+    #[test]
     fn later_saturates_instead_of_overflowing() {
         let far = later(Duration::MAX);
         assert!(far > Instant::now() + Duration::from_secs(365 * 86_400));
         let soon = later(Duration::from_millis(5));
         assert!(soon <= Instant::now() + Duration::from_millis(5));
+    }
+
+    #[test]
+    fn a_worker_paces_its_drains_when_alone_or_its_sink_is_quick() {
+        use crate::Ordering;
+        let lone = State::<u64, ()>::new(Ordering::Strict, 10, None);
+        let pipelined = State::<u64, ()>::new(Ordering::Pipelined { in_flight: 4 }, 10, None);
+        let keyed = State::<u64, ()>::new(Ordering::Keyed { concurrency: 4 }, 10, None);
+        let mut leasing = Leasing::<u64, ()>::new();
+        assert!(leasing.paced(&lone), "a lone worker, whatever its sink");
+        assert!(
+            !leasing.paced(&pipelined),
+            "a slow sink's items wait for its calls"
+        );
+        assert!(!leasing.paced(&keyed));
+        // Calls of 1 us: leases of 20.
+        leasing.measured(10, Duration::from_micros(10));
+        assert_eq!(leasing.size, 20);
+        assert!(
+            leasing.paced(&pipelined),
+            "a quick sink may keep pace with its producer"
+        );
+        assert!(leasing.paced(&keyed));
+        leasing.measured(1, Duration::from_millis(1));
+        assert!(!leasing.paced(&keyed), "slow again");
     }
 
     #[test]
