@@ -34,6 +34,15 @@ type Source = Arc<dyn StdError + Send + Sync + 'static>;
 /// ```
 #[derive(Clone)]
 pub struct SinkError {
+    /// Boxed: a sink's `Result<(), SinkError>` is then one word, which comes back from the
+    /// call in a register; inline, the worker read it back from memory the sink had just
+    /// written in parts, at the cost of waiting for every store before it, for every item.
+    failure: Box<Failure>,
+}
+
+/// What a [`SinkError`] says.
+#[derive(Clone)]
+struct Failure {
     source: Source,
     retryable: bool,
     retry_after: Option<Duration>,
@@ -59,9 +68,11 @@ impl SinkError {
     /// ```
     pub fn retryable(error: impl Into<Box<dyn StdError + Send + Sync + 'static>>) -> Self {
         Self {
-            source: Arc::from(error.into()),
-            retryable: true,
-            retry_after: None,
+            failure: Box::new(Failure {
+                source: Arc::from(error.into()),
+                retryable: true,
+                retry_after: None,
+            }),
         }
     }
 
@@ -89,9 +100,11 @@ impl SinkError {
     /// ```
     pub fn permanent(error: impl Into<Box<dyn StdError + Send + Sync + 'static>>) -> Self {
         Self {
-            source: Arc::from(error.into()),
-            retryable: false,
-            retry_after: None,
+            failure: Box::new(Failure {
+                source: Arc::from(error.into()),
+                retryable: false,
+                retry_after: None,
+            }),
         }
     }
 
@@ -114,7 +127,7 @@ impl SinkError {
     /// ```
     #[must_use]
     pub fn with_retry_after(mut self, delay: Duration) -> Self {
-        self.retry_after = Some(delay);
+        self.failure.retry_after = Some(delay);
         self
     }
 
@@ -136,7 +149,7 @@ impl SinkError {
     /// # Ok::<(), conveyor::BuildError>(())
     /// ```
     pub fn is_retryable(&self) -> bool {
-        self.retryable
+        self.failure.retryable
     }
 
     /// The delay the sink asked for before the next attempt, if any.
@@ -152,7 +165,7 @@ impl SinkError {
     /// assert_eq!(hinted.retry_after(), Some(Duration::from_secs(30)));
     /// ```
     pub fn retry_after(&self) -> Option<Duration> {
-        self.retry_after
+        self.failure.retry_after
     }
 
     /// The error the sink gave, to inspect or downcast: `Display` and
@@ -177,7 +190,7 @@ impl SinkError {
     /// assert_eq!(e.get_ref().downcast_ref::<Status>().map(|s| s.0), Some(410));
     /// ```
     pub fn get_ref(&self) -> &(dyn StdError + Send + Sync + 'static) {
-        &*self.source
+        &*self.failure.source
     }
 
     /// Turns a panic payload into a permanent error: a panicking sink fails its item,
@@ -201,22 +214,22 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 impl fmt::Debug for SinkError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SinkError")
-            .field("error", &self.source.to_string())
-            .field("retryable", &self.retryable)
-            .field("retry_after", &self.retry_after)
+            .field("error", &self.failure.source.to_string())
+            .field("retryable", &self.failure.retryable)
+            .field("retry_after", &self.failure.retry_after)
             .finish()
     }
 }
 
 impl fmt::Display for SinkError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&self.source, f)
+        fmt::Display::fmt(&self.failure.source, f)
     }
 }
 
 impl StdError for SinkError {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        self.source.source()
+        self.failure.source.source()
     }
 }
 
@@ -527,6 +540,25 @@ pub enum BuildError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A sink's result comes back from every call in a register (see `SinkError::failure`).
+    #[test]
+    fn a_sink_result_is_one_word() {
+        assert_eq!(
+            std::mem::size_of::<Result<(), SinkError>>(),
+            std::mem::size_of::<usize>()
+        );
+    }
+
+    #[test]
+    fn a_sink_error_keeps_what_it_was_told() {
+        let error = SinkError::retryable("503").with_retry_after(Duration::from_secs(3));
+        let copy = error.clone();
+        assert!(copy.is_retryable());
+        assert_eq!(copy.retry_after(), Some(Duration::from_secs(3)));
+        assert_eq!(copy.to_string(), "503");
+        assert!(!SinkError::permanent("400").is_retryable());
+    }
 
     #[test]
     fn a_refused_thread_says_which_settings_to_lower() {
