@@ -408,6 +408,14 @@ pub(crate) struct State<T, R> {
     /// The worker that keeps the lookout through its lease (see `IntakeLine::lookout` in
     /// `conveyor.rs`).
     pub(crate) lookout_leaser: Option<usize>,
+    /// Most items a worker thread's lease may take (see `lease`): as many as the sink's last
+    /// calls, on whichever worker, say fit in `worker::LEASE_TIME`. At 1 a worker takes one
+    /// job per turn instead; it starts there, so a slow sink never holds a lease. One for all
+    /// workers: each measuring its own, a worker woken for a quick sink's items started at 1
+    /// and took them as jobs beside the others' in flight, which no lease may start beside
+    /// (see `lease`), and the workers could go on that way for a whole burst, one job at a
+    /// time each (one round of 100k items in ten on pipelined:16, 5-10x slower).
+    pub(crate) lease_size: usize,
     /// How far each worker got through its lease (see `Shared::lease_claims`, the same
     /// counters), for `stats` and `room` to count the items it delivered since.
     pub(crate) lease_claims: LeaseClaims,
@@ -458,6 +466,7 @@ impl<T, R> State<T, R> {
             standby: false,
             watch: None,
             lookout_leaser: None,
+            lease_size: 1,
             lease_claims: (0..workers).map(|_| CachePadded::default()).collect(),
         }
     }
@@ -918,11 +927,12 @@ impl<T, R> State<T, R> {
             len
         };
         let (id, len) = if !self.keyed {
-            // A pipelined lease wants a worker standing by (see `watched_lease`), which may
-            // have to be woken: not worth it for one item.
-            let too_few = self.pipelined() && self.main.queue.len() < 2;
-            if too_few || self.main.in_flight > 0 || !leasable(&self.main) || !self.main_runnable()
-            {
+            // Even one item: a pipelined lease wants a worker standing by (see
+            // `watched_lease`), which may have to be woken, but one item taken as a job lets
+            // other workers take the next ones as jobs beside it, and no lease may start
+            // beside a job. A quick sink's workers then went on one job at a time each for
+            // whole bursts (see `lease_size`).
+            if self.main.in_flight > 0 || !leasable(&self.main) || !self.main_runnable() {
                 return false;
             }
             (None, lend(&mut self.main))
@@ -1959,6 +1969,25 @@ mod tests {
             proptest::prop_assert_eq!(s.unsettled(), 0);
             proptest::prop_assert_eq!(s.stats().paused, 0);
         }
+    }
+
+    /// One item in the pipelined lane is leased rather than taken as a job: other workers
+    /// would take the items sent next as jobs beside it, and no lease may start beside a job.
+    #[test]
+    fn a_pipelined_lane_leases_even_one_item_but_not_beside_a_job() {
+        let mut s = S::new(Ordering::Pipelined { in_flight: 2 }, 10, None);
+        s.accept(node(None, 1), 1);
+        let mut items = Vec::new();
+        assert!(s.lease(0, 8, &mut items));
+        assert_eq!(items.len(), 1);
+        s.end_lease(0, 1, &mut Vec::new());
+        s.accept(node(None, 2), 1);
+        s.accept(node(None, 3), 1);
+        let job = s.next_job(1).expect("a job");
+        assert!(!s.lease(0, 8, &mut items), "beside a job in flight");
+        s.finish(1, job, Outcome::Delivered(()));
+        assert!(s.lease(0, 8, &mut items));
+        assert_eq!(items.len(), 1);
     }
 
     /// A pipelined state with items 1 to 3 leased to worker 0.

@@ -89,7 +89,7 @@ const LEASE: usize = 256;
 /// may wait in the intake for that, at most, while its worker keeps busy.
 const LEASE_DRAIN: Duration = Duration::from_micros(50);
 
-/// About how long a lease may last (see `Leasing::size`). A sender blocked on a full queue is
+/// About how long a lease may last (see `State::lease_size`). A sender blocked on a full queue is
 /// woken when a lease ends, not as each of its items is delivered, and the delivered items stay
 /// in the lane until then: a lease must stay short. Only a sink whose calls take well under
 /// this gains from leases (a turn of the lock costs a fraction of a microsecond); a slower one
@@ -105,10 +105,9 @@ struct Leasing<T, R> {
     /// Nodes of delivered items taken off the lane, to drop outside the state lock (an item's
     /// drop is user code).
     release: Vec<NodeRef<T, R>>,
-    /// Most items the next lease may take: as many as the sink's last calls say fit in
-    /// [`LEASE_TIME`], at most [`LEASE`]. At 1 the worker takes one job per turn instead; it
-    /// starts there, so a slow sink never holds a lease.
-    size: usize,
+    /// The lease size this worker's last sink calls measured (see `measured`), for `step` to
+    /// make the conveyor's (see `State::lease_size`).
+    measured: Option<usize>,
     /// When this worker last moved the intake's items into the lanes, where that is rate
     /// limited (see `drain_due`).
     drained_at: Option<Instant>,
@@ -120,7 +119,7 @@ impl<T, R> Leasing<T, R> {
             items: Vec::with_capacity(LEASE),
             ended: None,
             release: Vec::with_capacity(LEASE),
-            size: 1,
+            measured: None,
             drained_at: None,
         }
     }
@@ -136,15 +135,6 @@ impl<T, R> Leasing<T, R> {
         (Instant::now() < until).then_some(until)
     }
 
-    /// Whether this worker paces its drains of the intake when it runs out of work (see
-    /// `Shared::drain_out_of_work`): when it runs every lane (see `State::lone_worker`), or
-    /// its sink is quick enough for leases of several items (see `size`), so that the worker
-    /// may keep pace with its producer. A slower sink's workers drain at once: their items
-    /// wait for the calls, not the other way round.
-    fn paced(&self, st: &State<T, R>) -> bool {
-        st.lone_worker() || self.size > 1
-    }
-
     /// Whether the worker may drain the intake now (see `held_back_until`).
     fn drain_due(&self) -> bool {
         self.held_back_until().is_none()
@@ -155,14 +145,24 @@ impl<T, R> Leasing<T, R> {
         self.drained_at = Some(Instant::now());
     }
 
-    /// Sizes the next lease from `calls` sink calls (with their receipts) that took `took`.
+    /// Sizes the next lease from `calls` sink calls (with their receipts) that took `took`: as
+    /// many items as they say fit in [`LEASE_TIME`], at most [`LEASE`].
     fn measured(&mut self, calls: usize, took: Duration) {
         let Some(per_call) = u32::try_from(calls).ok().and_then(|n| took.checked_div(n)) else {
             return;
         };
         let fit = LEASE_TIME.as_nanos() / per_call.as_nanos().max(1);
-        self.size = usize::try_from(fit).unwrap_or(LEASE).clamp(1, LEASE);
+        self.measured = Some(usize::try_from(fit).unwrap_or(LEASE).clamp(1, LEASE));
     }
+}
+
+/// Whether a worker paces its drains of the intake when it runs out of work (see
+/// `Shared::drain_out_of_work`): when it runs every lane (see `State::lone_worker`), or the
+/// sink is quick enough for leases of several items (see `State::lease_size`), so that a
+/// worker may keep pace with its producer. A slower sink's workers drain at once: their items
+/// wait for the calls, not the other way round.
+fn paced<T, R>(st: &State<T, R>) -> bool {
+    st.lone_worker() || st.lease_size > 1
 }
 
 /// How many items of a lease were delivered, and the reply of the last if its receipt is not
@@ -248,8 +248,11 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
                 leasing.drained();
             }
         }
-        if let Some(leasing) = leasing.as_deref_mut().filter(|l| l.size > 1) {
-            let size = leasing.size;
+        if let Some(size) = leasing.as_deref_mut().and_then(|l| l.measured.take()) {
+            st.lease_size = size;
+        }
+        if let Some(leasing) = leasing.as_deref_mut().filter(|_| st.lease_size > 1) {
+            let size = st.lease_size;
             if st.lease(worker, size, &mut leasing.items)
                 || (self.drain_out_of_work(st, Some(&mut *leasing))
                     && st.lease(worker, size, &mut leasing.items))
@@ -299,7 +302,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
     /// ~400 of 256). The price is latency: an item sent less than [`LEASE_DRAIN`] after the
     /// last drain waits for the rest of it.
     fn drain_out_of_work(&self, st: &mut State<T, R>, leasing: Option<&mut Leasing<T, R>>) -> bool {
-        let Some(leasing) = leasing.filter(|l| l.paced(st)) else {
+        let Some(leasing) = leasing.filter(|_| paced(st)) else {
             return self.drain(st);
         };
         // `filled` may be stale: the worker then looks out for the items it missed, or finds
@@ -856,7 +859,7 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
                 // spinning, however often it comes here meanwhile.
                 let held_back = leasing
                     .as_ref()
-                    .filter(|l| l.paced(&st) && shared.intake_filled())
+                    .filter(|_| paced(&st) && shared.intake_filled())
                     .and_then(Leasing::held_back_until);
                 if (!std::mem::replace(&mut spun, true) || held_back.is_some())
                     && (lookout.held || shared.claim_lookout(worker))
@@ -1311,25 +1314,30 @@ mod tests {
     fn a_worker_paces_its_drains_when_alone_or_its_sink_is_quick() {
         use crate::Ordering;
         let lone = State::<u64, ()>::new(Ordering::Strict, 10, None);
-        let pipelined = State::<u64, ()>::new(Ordering::Pipelined { in_flight: 4 }, 10, None);
-        let keyed = State::<u64, ()>::new(Ordering::Keyed { concurrency: 4 }, 10, None);
-        let mut leasing = Leasing::<u64, ()>::new();
-        assert!(leasing.paced(&lone), "a lone worker, whatever its sink");
+        let mut pipelined = State::<u64, ()>::new(Ordering::Pipelined { in_flight: 4 }, 10, None);
+        let mut keyed = State::<u64, ()>::new(Ordering::Keyed { concurrency: 4 }, 10, None);
+        assert!(paced(&lone), "a lone worker, whatever its sink");
+        assert!(!paced(&pipelined), "a slow sink's items wait for its calls");
+        assert!(!paced(&keyed));
+        pipelined.lease_size = 20;
+        keyed.lease_size = 20;
         assert!(
-            !leasing.paced(&pipelined),
-            "a slow sink's items wait for its calls"
-        );
-        assert!(!leasing.paced(&keyed));
-        // Calls of 1 us: leases of 20.
-        leasing.measured(10, Duration::from_micros(10));
-        assert_eq!(leasing.size, 20);
-        assert!(
-            leasing.paced(&pipelined),
+            paced(&pipelined),
             "a quick sink may keep pace with its producer"
         );
-        assert!(leasing.paced(&keyed));
+        assert!(paced(&keyed));
+    }
+
+    #[test]
+    fn a_lease_fits_lease_time_of_the_last_calls() {
+        let mut leasing = Leasing::<u64, ()>::new();
+        assert_eq!(leasing.measured, None, "nothing measured yet");
+        leasing.measured(10, Duration::from_micros(10));
+        assert_eq!(leasing.measured, Some(20), "calls of 1 us");
         leasing.measured(1, Duration::from_millis(1));
-        assert!(!leasing.paced(&keyed), "slow again");
+        assert_eq!(leasing.measured, Some(1), "a slow call: jobs");
+        leasing.measured(1000, Duration::from_micros(1));
+        assert_eq!(leasing.measured, Some(LEASE), "at most LEASE");
     }
 
     #[test]
