@@ -172,3 +172,35 @@ pub fn child_args(dir: &Path) -> (u64, bool, std::sync::Arc<std::fs::File>) {
         .unwrap();
     (start, drain, std::sync::Arc::new(log))
 }
+
+/// The input position the journal kept (`Journal::cursor`) after each kill, with the last item
+/// tried before that kill. A kill may lose what the journal had not committed, and nothing else:
+/// a child sends with `send_*_and_set_cursor`, which commits an item's input position with it,
+/// so the items before the position kept were committed and those after it may be lost (under
+/// `Sync` that is none whose send returned). Checking that rather than a count of items lost at
+/// a trial's end holds however long the journal's writer was kept from committing.
+#[derive(Default)]
+pub struct Kept(Vec<(u64, u64)>);
+
+impl Kept {
+    /// Records the position `cursor` kept after a kill, the last item tried before it `tried`.
+    pub fn record(&mut self, tried: Option<u64>, cursor: u64) {
+        if let Some(tried) = tried {
+            self.0.push((tried, cursor));
+        }
+    }
+
+    /// Panics unless the journal may have lost `item`: it was sent before a kill after which
+    /// the journal kept an input position at or before it.
+    pub fn assert_may_lose(&self, item: u64, ctx: &str) {
+        // Trials send increasing items: the first kill after the item was tried ended its trial.
+        let Some(&(_, kept)) = self.0.iter().find(|(tried, _)| *tried >= item) else {
+            panic!("item {item} lost, though no kill came after it; {ctx}");
+        };
+        assert!(
+            item >= kept,
+            "item {item} lost, though the journal kept the input position {kept} past it \
+             (committed) at the kill after it; {ctx}"
+        );
+    }
+}
