@@ -47,14 +47,20 @@ pub enum Ordering {
     ///
     /// `in_flight` is a bound, not a target: while a blocking sink's calls return within
     /// microseconds, one worker runs a few of them in a row, since more workers would only
-    /// contend for the queue. Should one of those calls then stall, another worker takes
-    /// over the items after it within about a millisecond.
+    /// contend for the queue, and takes what was sent in batches, at most every 50 µs (an
+    /// item may wait up to that long before its call starts), as [`Ordering::Strict`] does.
+    /// Should one of those calls then stall, another worker takes over the items after it
+    /// within about a millisecond.
     Pipelined {
         /// The most calls in progress at once (from 1 to [`Ordering::MAX_PARALLEL`]).
         in_flight: usize,
     },
     /// Strict within a key (see [`Conveyor::send_keyed`]), with up to `concurrency`
     /// keys in flight at once. Items sent without a key share the lane `""`.
+    ///
+    /// While a blocking sink's calls return within microseconds, a key's worker runs a few
+    /// of its items in a row and takes what was sent in batches, at most every 50 µs, as
+    /// [`Ordering::Strict`] does: an item may wait up to that long before its call starts.
     Keyed {
         /// The most keys in flight at once (from 1 to [`Ordering::MAX_PARALLEL`]).
         concurrency: usize,
