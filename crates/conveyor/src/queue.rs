@@ -551,8 +551,15 @@ impl<T, R> State<T, R> {
 
     /// Whether the item `seq` (of `key`), not settled yet, can neither start nor end before
     /// `worker` is done with the job it holds: it is that job, or it is behind it in a lane
-    /// that runs one item at a time (the strict lane, a keyed lane).
+    /// that runs one item at a time (the strict lane, a keyed lane). A lease of the pipelined
+    /// lane holds only the items its worker reached (see `cut_when_waiting`).
     pub(crate) fn held_by(&self, worker: usize, seq: u64, key: Option<&Arc<str>>) -> bool {
+        if let Some(reached) = self.cut_when_waiting(worker) {
+            return reached
+                .checked_sub(1)
+                .and_then(|last| self.main.queue.get(last))
+                .is_some_and(|last| seq <= last.node.seq());
+        }
         // A lease's items wait for the item its worker runs, the first of them left, and so
         // does the rest of its lane.
         let lease = self.leases[worker].as_ref();
@@ -574,7 +581,8 @@ impl<T, R> State<T, R> {
             || (one_at_a_time && seq > held_seq && self.lane_id(key) == self.lane_id(held.key()))
     }
 
-    /// As `startable`, without trusting stale entries of `ready`.
+    /// As `startable`, without trusting stale entries of `ready`; and, in the pipelined lane,
+    /// items that start once the lease ahead of them is cut (see `cut_when_waiting`).
     fn startable_exactly(&self) -> bool {
         if self.keyed {
             self.ready
@@ -582,7 +590,31 @@ impl<T, R> State<T, R> {
                 .any(|id| self.lanes.get(id).is_some_and(Lane::runnable_keyed))
         } else {
             self.startable()
+                || self
+                    .watched_lease()
+                    .and_then(|(worker, _)| self.cut_when_waiting(worker))
+                    .is_some_and(|reached| self.main.queue.len() > reached)
         }
+    }
+
+    /// For `worker`'s lease of the pipelined lane while the worker waits inside (in its sink
+    /// call, or a receipt callback: see `others_can_progress`): how many of the lane's head
+    /// items wait for it, those it claimed (the call or the receipt of the last may be
+    /// running). It makes no move meanwhile, so the worker standing by cuts the lease after
+    /// `conveyor::STANDBY` (see `Shared::stand_by`), and the other workers start the items
+    /// after those. Counted as held, they made a quick sink that waited for an item it had
+    /// just sent give up at once (or panic), where the same wait from a job got the outcome:
+    /// since the lane leases even one item, that was any item of a quick sink sent alone.
+    fn cut_when_waiting(&self, worker: usize) -> Option<usize> {
+        let lease = self.leases[worker].as_ref()?;
+        // Not cut or closed yet: the lease's items still head the lane, none taken off.
+        if !self.pipelined() || lease.cut || lease.closed.is_some() || !self.waiting_inside[worker]
+        {
+            return None;
+        }
+        let claim = self.lease_claims[worker].load(AtomicOrdering::Acquire) & !LEASE_CLOSED;
+        let (delivered, claimed) = lease_progress(claim);
+        Some(delivered + usize::from(claimed))
     }
 
     /// Whether the main lane may hand out its head item: not paused, no retry pending, not

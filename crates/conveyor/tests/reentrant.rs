@@ -686,3 +686,46 @@ fn pipelined_a_sink_waiting_for_its_own_item_gives_up_while_the_others_are_busy(
     gave_up_at_once(waited, took);
     assert!(c.flush_timeout(GENEROUS));
 }
+
+/// Pipelined, two workers, a quick sink: once its calls are measured quick enough for leases,
+/// the item the sink runs when it waits may be leased alone. Its wait for a later item is a
+/// wait for what the other worker can deliver, as it is for a job (see
+/// `pipelined_two_sinks_waiting_on_later_items_are_not_a_deadlock`): it returns the outcome,
+/// where it gave up at once while the lease held the lane.
+#[test]
+fn pipelined_a_quick_sink_waiting_on_a_later_item_gets_its_outcome() {
+    const TRIGGER: u64 = 1_000_000;
+    let (tx, rx) = channel();
+    let tx = Mutex::new(tx);
+    let c = calling_itself_after(
+        Ordering::Pipelined { in_flight: 2 },
+        4096,
+        TRIGGER,
+        |_| {},
+        move |c, _| {
+            let mut later = c.send(TRIGGER + 1).unwrap();
+            let started = Instant::now();
+            let waited = later.wait_timeout(LONG).map(|r| r.is_ok());
+            tx.lock()
+                .unwrap()
+                .send((waited, started.elapsed()))
+                .unwrap();
+        },
+    );
+    // Quick calls: the workers lease from now on.
+    for i in 0..2_000 {
+        c.send(i).unwrap();
+    }
+    assert!(c.flush_timeout(GENEROUS));
+    sleep_ms(20); // both workers asleep: the next item is alone in the lane
+    c.send(TRIGGER).unwrap();
+    let (waited, took) = rx.recv_timeout(GENEROUS).expect("the sink came back");
+    assert_eq!(
+        waited,
+        Some(true),
+        "the other worker delivered it (after {took:?})"
+    );
+    assert!(took < Duration::from_secs(5), "the wait took {took:?}");
+    assert!(c.flush_timeout(GENEROUS));
+    assert_eq!(c.stats().delivered, 2_002);
+}
