@@ -477,3 +477,161 @@ fn a_waiting_receipt_callback_does_not_hold_up_other_keys() {
     }
     assert_eq!(slow_rounds, 0, "{slow_rounds} of {} rounds", 5 * rounds());
 }
+
+/// What a quick sink saw of its calls, for [`quick_sinks_lease_pace_and_retry_in_order`].
+#[derive(Default)]
+struct Seen {
+    running: AtomicU64,
+    max_running: AtomicU64,
+    /// Per lane, the seq and attempt of every call as it began (the lane's call running
+    /// meanwhile, if any, flagged in `busy`).
+    calls: Mutex<std::collections::HashMap<String, Vec<(u64, u32)>>>,
+    busy: Mutex<std::collections::HashSet<String>>,
+    overlapped: AtomicBool,
+}
+
+/// A sink quick enough for leases of many items, that now and then fails an item's first
+/// attempt (retried at once) or takes long enough to make the next lease a job: leases of
+/// one item and of many, jobs beside them, failures in leases, paced drains and the lookout
+/// kept through leases, while producers send in bursts and gaps.
+fn quick_sink(
+    seen: Arc<Seen>,
+    keyed: bool,
+) -> impl Fn(Delivery<u64>) -> Result<(), SinkError> + Send + Sync + 'static {
+    move |d: Delivery<u64>| {
+        let lane = if keyed {
+            d.key().unwrap_or_default().to_owned()
+        } else {
+            String::new()
+        };
+        let now = seen.running.fetch_add(1, AtomicOrdering::SeqCst) + 1;
+        seen.max_running.fetch_max(now, AtomicOrdering::SeqCst);
+        if keyed && !seen.busy.lock().unwrap().insert(lane.clone()) {
+            seen.overlapped.store(true, AtomicOrdering::SeqCst);
+        }
+        let call = (d.seq(), d.attempt());
+        seen.calls
+            .lock()
+            .unwrap()
+            .entry(lane.clone())
+            .or_default()
+            .push(call);
+        let mut rng = Rng(d.item().wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        let result = match rng.below(400) {
+            0..=9 if d.attempt() == 1 => Err(SinkError::retryable("once")),
+            10 => {
+                spin(100);
+                Ok(())
+            }
+            _ => Ok(()),
+        };
+        if keyed {
+            seen.busy.lock().unwrap().remove(&lane);
+        }
+        seen.running.fetch_sub(1, AtomicOrdering::SeqCst);
+        result
+    }
+}
+
+/// Leases (of one item or many), paced drains, the lookout kept through leases and a failed
+/// first attempt in a lease, under producers that send in bursts with gaps: every item is
+/// delivered once, no more calls run at once than allowed, each key's calls run one at a time
+/// in order with retries in place, and `flush` returns.
+#[test]
+fn quick_sinks_lease_pace_and_retry_in_order() {
+    let modes = [
+        ("pipelined:2", Ordering::Pipelined { in_flight: 2 }, 2),
+        ("pipelined:4", Ordering::Pipelined { in_flight: 4 }, 4),
+        ("keyed:3", Ordering::Keyed { concurrency: 3 }, 3),
+        ("keyed:8", Ordering::Keyed { concurrency: 8 }, 8),
+    ];
+    for round in 0..rounds() {
+        for (name, ordering, workers) in modes {
+            let keyed = matches!(ordering, Ordering::Keyed { .. });
+            let seen = Arc::new(Seen::default());
+            let c = Arc::new(
+                Conveyor::builder()
+                    .ordering(ordering)
+                    .capacity(512)
+                    .retry(conveyor::Retry::fixed(Duration::ZERO).max_attempts(2))
+                    .build(quick_sink(seen.clone(), keyed))
+                    .unwrap(),
+            );
+            let heeded = round % 2 == 0;
+            let producers: Vec<_> = (0..2u64)
+                .map(|p| {
+                    let c = c.clone();
+                    std::thread::spawn(move || {
+                        let mut rng = Rng(((p + 3) * 0x2545_F491_4F6C_DD1D) ^ (round + 1));
+                        let mut receipts = Vec::new();
+                        for i in 0..1_500 {
+                            let item = p * 1_000_000 + i;
+                            let receipt = if keyed {
+                                c.send_keyed(format!("k{}", rng.below(40)), item).unwrap()
+                            } else {
+                                c.send(item).unwrap()
+                            };
+                            if rng.below(64) == 0 {
+                                pause(&mut rng);
+                            }
+                            if rng.below(300) == 0 {
+                                // A trickle: the next item is sent once this one settled.
+                                must_settle(name, round, receipt);
+                            } else if heeded {
+                                receipts.push(receipt);
+                            }
+                            // Otherwise dropped: a lease's worker settles nothing for it, and
+                            // keeps the lookout while it lets go of its node.
+                        }
+                        receipts
+                    })
+                })
+                .collect();
+            let receipts: Vec<_> = producers
+                .into_iter()
+                .flat_map(|p| p.join().unwrap())
+                .collect();
+            assert!(
+                c.flush_timeout(SETTLE),
+                "{name} round {round}: flush timed out: {:?}",
+                c.stats()
+            );
+            for r in receipts {
+                must_settle(name, round, r);
+            }
+            let stats = c.stats();
+            assert_eq!(
+                (stats.delivered, stats.failed, stats.queued, stats.in_flight),
+                (3_000, 0, 0, 0),
+                "{name} round {round}: {stats:?}"
+            );
+            assert!(
+                seen.max_running.load(AtomicOrdering::SeqCst) <= workers,
+                "{name}: {} calls at once",
+                seen.max_running.load(AtomicOrdering::SeqCst)
+            );
+            assert!(
+                !seen.overlapped.load(AtomicOrdering::SeqCst),
+                "{name}: a key ran twice at once"
+            );
+            for (lane, calls) in seen.calls.lock().unwrap().iter() {
+                // Each item's calls, in seq order; a retry right after its failed attempt
+                // where a lane runs one at a time.
+                let firsts: Vec<u64> = calls.iter().filter(|c| c.1 == 1).map(|c| c.0).collect();
+                let mut unique = firsts.clone();
+                unique.sort_unstable();
+                unique.dedup();
+                assert_eq!(unique.len(), firsts.len(), "{name}: an item started twice");
+                if keyed {
+                    assert!(
+                        calls
+                            .windows(2)
+                            .all(|w| w[0].0 < w[1].0 || (w[0].0 == w[1].0 && w[1].1 == w[0].1 + 1)),
+                        "{name} lane {lane}: calls out of order: {calls:?}"
+                    );
+                }
+            }
+            assert!(c.close().drained, "{name} round {round}");
+        }
+    }
+}
