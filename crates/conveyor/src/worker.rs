@@ -107,7 +107,7 @@ struct Leasing<T, R> {
     release: Vec<NodeRef<T, R>>,
     /// The lease size this worker's last sink calls measured (see `measured`), for `step` to
     /// make the conveyor's (see `State::lease_size`).
-    measured: Option<usize>,
+    fit: Option<usize>,
     /// When this worker last moved the intake's items into the lanes, where that is rate
     /// limited (see `drain_due`).
     drained_at: Option<Instant>,
@@ -119,7 +119,7 @@ impl<T, R> Leasing<T, R> {
             items: Vec::with_capacity(LEASE),
             ended: None,
             release: Vec::with_capacity(LEASE),
-            measured: None,
+            fit: None,
             drained_at: None,
         }
     }
@@ -152,7 +152,7 @@ impl<T, R> Leasing<T, R> {
             return;
         };
         let fit = LEASE_TIME.as_nanos() / per_call.as_nanos().max(1);
-        self.measured = Some(usize::try_from(fit).unwrap_or(LEASE).clamp(1, LEASE));
+        self.fit = Some(usize::try_from(fit).unwrap_or(LEASE).clamp(1, LEASE));
     }
 }
 
@@ -248,7 +248,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
                 leasing.drained();
             }
         }
-        if let Some(size) = leasing.as_deref_mut().and_then(|l| l.measured.take()) {
+        if let Some(size) = leasing.as_deref_mut().and_then(|l| l.fit.take()) {
             st.lease_size = size;
         }
         if let Some(leasing) = leasing.as_deref_mut().filter(|_| st.lease_size > 1) {
@@ -289,7 +289,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
     }
 
     /// Moves the intake's items into the lanes for a worker out of work; returns whether it
-    /// moved any. A paced worker (see `Leasing::paced`) holds this back until [`LEASE_DRAIN`]
+    /// moved any. A paced worker (see `paced`) holds this back until [`LEASE_DRAIN`]
     /// after its last drain (see `Leasing::held_back_until`), spinning meanwhile as the
     /// lookout (see `thread_worker`), so that its producer fills a batch undisturbed.
     /// Otherwise, once such a worker kept pace with its producer, the two met at every few
@@ -1331,13 +1331,13 @@ mod tests {
     #[test]
     fn a_lease_fits_lease_time_of_the_last_calls() {
         let mut leasing = Leasing::<u64, ()>::new();
-        assert_eq!(leasing.measured, None, "nothing measured yet");
+        assert_eq!(leasing.fit, None, "nothing measured yet");
         leasing.measured(10, Duration::from_micros(10));
-        assert_eq!(leasing.measured, Some(20), "calls of 1 us");
+        assert_eq!(leasing.fit, Some(20), "calls of 1 us");
         leasing.measured(1, Duration::from_millis(1));
-        assert_eq!(leasing.measured, Some(1), "a slow call: jobs");
+        assert_eq!(leasing.fit, Some(1), "a slow call: jobs");
         leasing.measured(1000, Duration::from_micros(1));
-        assert_eq!(leasing.measured, Some(LEASE), "at most LEASE");
+        assert_eq!(leasing.fit, Some(LEASE), "at most LEASE");
     }
 
     #[test]
