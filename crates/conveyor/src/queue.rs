@@ -1178,15 +1178,29 @@ impl<T, R> State<T, R> {
         kept
     }
 
-    /// Whether a lease just made may keep the lookout through its run (see
+    /// Whether `worker`'s lease, just made, may keep the lookout through its run (see
     /// `IntakeLine::lookout` in `conveyor.rs`): with other workers, one of which stands by it
-    /// (see `watched_lease`), in pipelined and keyed mode.
-    pub(crate) fn lease_may_keep_lookout(&self) -> bool {
-        if self.keyed {
-            self.leases.len() > 1
-        } else {
-            self.watched_lease().is_some()
-        }
+    /// (see `watched_lease`), in pipelined and keyed mode; and not a lease of one item (see
+    /// `wants_standby`).
+    pub(crate) fn lease_may_keep_lookout(&self, worker: usize) -> bool {
+        let several = self.leases[worker].as_ref().is_some_and(|l| l.len > 1);
+        several
+            && if self.keyed {
+                self.leases.len() > 1
+            } else {
+                self.watched_lease().is_some()
+            }
+    }
+
+    /// Whether a worker should be woken to stand by the watched lease (see `watched_lease`)
+    /// if none does: not for a lease of one item, which keeps no lookout either. A call stuck
+    /// in it holds up no item of its own lease, and the items sent meanwhile wake a worker
+    /// (nobody holds the lookout for them), which then stands by it. A quick sink's items
+    /// sent one at a time run as such leases (see `lease`): a worker woken to stand by each
+    /// made a trickle of them cost a third more context switches.
+    pub(crate) fn wants_standby(&self) -> bool {
+        self.watched_lease()
+            .is_some_and(|(worker, _)| self.leases[worker].as_ref().is_some_and(|l| l.len > 1))
     }
 
     /// One worker runs every lane (strict ordering, or a concurrency or `in_flight` of 1).
@@ -2003,23 +2017,60 @@ mod tests {
         }
     }
 
+    /// A state of `ordering` with one item (of `key`) leased to worker 0.
+    fn one_leased(ordering: Ordering, key: Option<&str>) -> S {
+        let mut s = S::new(ordering, 10, None);
+        s.accept(node(key, 1), 1);
+        let mut items = Vec::new();
+        assert!(s.lease(0, 8, &mut items));
+        assert_eq!(items.len(), 1);
+        s
+    }
+
+    /// Ends worker 0's lease of one item (see `one_leased`), delivered, and accepts two more.
+    fn then_two_more(s: &mut S, key: Option<&str>) {
+        s.end_lease(0, 1, &mut Vec::new());
+        s.accept(node(key, 2), 1);
+        s.accept(node(key, 3), 1);
+    }
+
     /// One item in the pipelined lane is leased rather than taken as a job: other workers
     /// would take the items sent next as jobs beside it, and no lease may start beside a job.
     #[test]
     fn a_pipelined_lane_leases_even_one_item_but_not_beside_a_job() {
-        let mut s = S::new(Ordering::Pipelined { in_flight: 2 }, 10, None);
-        s.accept(node(None, 1), 1);
-        let mut items = Vec::new();
-        assert!(s.lease(0, 8, &mut items));
-        assert_eq!(items.len(), 1);
-        s.end_lease(0, 1, &mut Vec::new());
-        s.accept(node(None, 2), 1);
-        s.accept(node(None, 3), 1);
+        let mut s = one_leased(Ordering::Pipelined { in_flight: 2 }, None);
+        then_two_more(&mut s, None);
         let job = s.next_job(1).expect("a job");
+        let mut items = Vec::new();
         assert!(!s.lease(0, 8, &mut items), "beside a job in flight");
         s.finish(1, job, Outcome::Delivered(()));
         assert!(s.lease(0, 8, &mut items));
         assert_eq!(items.len(), 1);
+    }
+
+    /// A lease of one item keeps no lookout and wants nobody woken to stand by it (the items
+    /// sent meanwhile wake a worker, which stands by it: it is still watched); a lease of
+    /// several does both.
+    #[test]
+    fn a_lease_of_one_item_keeps_no_lookout_and_wakes_nobody_to_stand_by() {
+        let mut items = Vec::new();
+        let mut s = one_leased(Ordering::Pipelined { in_flight: 2 }, None);
+        assert!(
+            s.watched_lease().is_some(),
+            "watched: a worker that wakes stands by it"
+        );
+        assert!(!s.lease_may_keep_lookout(0));
+        assert!(!s.wants_standby());
+        then_two_more(&mut s, None);
+        assert!(s.lease(0, 8, &mut items));
+        assert!(s.lease_may_keep_lookout(0));
+        assert!(s.wants_standby());
+
+        let mut k = one_leased(Ordering::Keyed { concurrency: 2 }, Some("a"));
+        assert!(!k.lease_may_keep_lookout(0));
+        then_two_more(&mut k, Some("a"));
+        assert!(k.lease(0, 8, &mut items));
+        assert!(k.lease_may_keep_lookout(0));
     }
 
     /// A pipelined state with items 1 to 3 leased to worker 0.

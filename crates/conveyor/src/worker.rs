@@ -261,7 +261,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
                 self.lease_claims[worker].store(0, AtomicOrdering::Relaxed);
                 // See `IntakeLine::lookout`. (The lookout a worker standing by took away is
                 // not this worker's any more.)
-                let keep = st.lease_may_keep_lookout()
+                let keep = st.lease_may_keep_lookout(worker)
                     && ((lookout.held && self.holds_lookout(worker)) || self.claim_lookout(worker));
                 lookout.held |= keep;
                 if keep {
@@ -341,7 +341,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         // ones, if none does yet. Checked for every job too: in keyed mode the worker standing
         // by, or the one woken to, may take another key's item instead, and the lease keeps
         // the lookout, so sends wake nobody who could stand by in its place.
-        if !wake.thread && !st.standby && st.watched_lease().is_some() {
+        if !wake.thread && !st.standby && st.wants_standby() {
             wake.thread = self.intake().wake_another().thread;
         }
         wake
