@@ -85,7 +85,8 @@ struct IntakeLine<T, R> {
     /// and no items wait (see `worker::Lookout`). Given up under the intake lock (see
     /// `release_lookout`), so that a send sees either the flag or the worker's release.
     /// Never held while user code runs (a sink call, or a receipt's settling: callbacks,
-    /// wakers, drops), but through a lease of the pipelined lane or of a key's lane: its
+    /// wakers, drops), but through a lease of several items of the pipelined lane or of a
+    /// key's lane (not of one: see `State::wants_standby`): its
     /// calls are measured to take microseconds, and sends would otherwise wake an idle worker
     /// for items nobody else could start (the pipelined lane's, or, in keyed mode, most often
     /// the leased key's). Woken for nothing, such workers also took CPU from the producer,
