@@ -209,8 +209,7 @@ impl<T, R> Shared<T, R> {
         lookout: &mut bool,
     ) -> bool {
         let mut ik = self.intake();
-        let holder = self.intake.lookout.load(AtomicOrdering::Relaxed);
-        if !ik.is_empty() && (holder == NO_LOOKOUT || holder == worker) {
+        if !ik.is_empty() && !self.lookout_elsewhere(worker) {
             return false;
         }
         if std::mem::take(lookout) {
@@ -246,6 +245,12 @@ impl<T, R> Shared<T, R> {
     /// worker stuck in a lease (see `stand_by`).
     pub(crate) fn holds_lookout(&self, worker: usize) -> bool {
         self.intake.lookout.load(AtomicOrdering::Relaxed) == worker
+    }
+
+    /// Whether a worker other than `worker` holds the lookout.
+    fn lookout_elsewhere(&self, worker: usize) -> bool {
+        let holder = self.intake.lookout.load(AtomicOrdering::Relaxed);
+        holder != NO_LOOKOUT && holder != worker
     }
 
     /// Clears the lookout flag if `worker` holds it.

@@ -49,6 +49,16 @@ struct Failure {
 }
 
 impl SinkError {
+    fn new(source: Box<dyn StdError + Send + Sync + 'static>, retryable: bool) -> Self {
+        Self {
+            failure: Box::new(Failure {
+                source: Arc::from(source),
+                retryable,
+                retry_after: None,
+            }),
+        }
+    }
+
     /// A failure that may succeed if tried again (a timeout, a 503, a dropped connection).
     ///
     /// # Examples
@@ -67,13 +77,7 @@ impl SinkError {
     /// # Ok::<(), conveyor::BuildError>(())
     /// ```
     pub fn retryable(error: impl Into<Box<dyn StdError + Send + Sync + 'static>>) -> Self {
-        Self {
-            failure: Box::new(Failure {
-                source: Arc::from(error.into()),
-                retryable: true,
-                retry_after: None,
-            }),
-        }
+        Self::new(error.into(), true)
     }
 
     /// A failure that will not go away by retrying (a 400, a rejected payload).
@@ -99,13 +103,7 @@ impl SinkError {
     /// # Ok::<(), conveyor::BuildError>(())
     /// ```
     pub fn permanent(error: impl Into<Box<dyn StdError + Send + Sync + 'static>>) -> Self {
-        Self {
-            failure: Box::new(Failure {
-                source: Arc::from(error.into()),
-                retryable: false,
-                retry_after: None,
-            }),
-        }
+        Self::new(error.into(), false)
     }
 
     /// Asks the conveyor to wait at least `delay` before the next attempt, for example

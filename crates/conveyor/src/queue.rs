@@ -1183,8 +1183,7 @@ impl<T, R> State<T, R> {
     /// (see `watched_lease`), in pipelined and keyed mode; and not a lease of one item (see
     /// `wants_standby`).
     pub(crate) fn lease_may_keep_lookout(&self, worker: usize) -> bool {
-        let several = self.leases[worker].as_ref().is_some_and(|l| l.len > 1);
-        several
+        self.leases_several(worker)
             && if self.keyed {
                 self.leases.len() > 1
             } else {
@@ -1200,7 +1199,12 @@ impl<T, R> State<T, R> {
     /// made a trickle of them cost a third more context switches.
     pub(crate) fn wants_standby(&self) -> bool {
         self.watched_lease()
-            .is_some_and(|(worker, _)| self.leases[worker].as_ref().is_some_and(|l| l.len > 1))
+            .is_some_and(|(worker, _)| self.leases_several(worker))
+    }
+
+    /// Whether `worker` holds a lease of more than one item.
+    fn leases_several(&self, worker: usize) -> bool {
+        self.leases[worker].as_ref().is_some_and(|l| l.len > 1)
     }
 
     /// One worker runs every lane (strict ordering, or a concurrency or `in_flight` of 1).

@@ -851,10 +851,14 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
             let mut spun = false;
             // Settle what just finished before sleeping: its receipt must not wait
             // for the next item to arrive, nor its item's drop.
-            let nothing_to_settle = |settle: &Vec<_>, leasing: &Option<Leasing<T, R>>| {
-                settle.is_empty() && !leasing.as_ref().is_some_and(|l| !l.release.is_empty())
+            // Receipts to settle, and nodes of delivered lease items to release.
+            let to_settle = |settle: &Vec<_>, leasing: &Option<Leasing<T, R>>| {
+                (
+                    !settle.is_empty(),
+                    leasing.as_ref().is_some_and(|l| !l.release.is_empty()),
+                )
             };
-            while matches!(step, Step::Wait) && nothing_to_settle(&settle, &leasing) {
+            while matches!(step, Step::Wait) && to_settle(&settle, &leasing) == (false, false) {
                 // Items a paced worker holds back (see `drain_out_of_work`) are waited for
                 // spinning, however often it comes here meanwhile.
                 let held_back = leasing
@@ -888,6 +892,7 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
                 );
             }
             // A job was taken with the lookout already given up (see `step`).
+            let (settling, releasing) = to_settle(&settle, &leasing);
             let wake = match &step {
                 Step::Run(_, wake) | Step::Lease(wake) => *wake,
                 Step::Exit => {
@@ -906,10 +911,8 @@ pub(crate) fn thread_worker<T: Send + Sync + 'static, R: Send + 'static>(
                 // (pipelined:16, with the faster worker of a one-word `SinkError`, went from
                 // 1.7 to 3 ms for 100k items, see BENCHMARKS.md).
                 Step::Wait
-                    if runs_user_code::<T, R>(
-                        !settle.is_empty(),
-                        leasing.as_ref().is_some_and(|l| !l.release.is_empty()),
-                    ) && std::mem::take(&mut lookout.held) =>
+                    if runs_user_code::<T, R>(settling, releasing)
+                        && std::mem::take(&mut lookout.held) =>
                 {
                     shared.release_lookout(&mut st, worker);
                     shared.pass_work_on(&st)
