@@ -16,13 +16,21 @@
 //! append them: the sender has its key at hand, while the worker would have to read each
 //! item's node (written on the sender's core) to sort the batch into lanes.
 //!
+//! The buffers a batch was taken in come back to the intake once the worker has moved their
+//! items into the lanes, and sends fill them again only after [`COOL_BYTES`] of other
+//! buffers came back, as the slab reuses its chunks (see `slab.rs`): a buffer the worker
+//! has just read is still in its cache, and a send writing into it waited for those lines
+//! at every locked operation. Swapping two buffers back and forth, that was a third of a
+//! send (see BENCHMARKS.md).
+//!
 //! Lock order: the state lock, then this one; never the other way round.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::queue::same_lane;
 use crate::receipt::{Node, NodeContext, NodeRef};
-use crate::slab::Slab;
+use crate::slab::{Slab, COOL_BYTES};
 
 /// Which idle workers a send should wake once it has released the intake lock.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -32,7 +40,8 @@ pub(crate) struct Wake {
 }
 
 /// Items taken from the intake (see `Intake::take`), with their runs of one lane in keyed
-/// mode. Its buffers go back and forth with the intake's, so neither allocates again.
+/// mode. Its buffers go back to the intake at the next take, to be filled again once cool
+/// (see the module doc), so that they are not allocated again.
 pub(crate) struct Batch<T, R> {
     pub(crate) items: Vec<NodeRef<T, R>>,
     pub(crate) runs: Vec<usize>,
@@ -47,6 +56,44 @@ impl<T, R> Default for Batch<T, R> {
     }
 }
 
+impl<T, R> Batch<T, R> {
+    /// The memory its buffers hold.
+    fn bytes(&self) -> usize {
+        self.items.capacity() * std::mem::size_of::<NodeRef<T, R>>()
+            + self.runs.capacity() * std::mem::size_of::<usize>()
+    }
+}
+
+/// Buffers of batches already taken and emptied, oldest first, for sends to fill again
+/// once [`COOL_BYTES`] of others came back after them (see the module doc). They hold at
+/// most twice that: a buffer larger than it is not kept.
+struct Cooling<T, R> {
+    buffers: VecDeque<Batch<T, R>>,
+    /// What `buffers` hold, in all.
+    bytes: usize,
+}
+
+impl<T, R> Cooling<T, R> {
+    /// Keeps the emptied `batch`, unless it is larger than the cooling distance itself (a
+    /// burst's: allocated again, if ever needed, rather than held), and returns the oldest
+    /// buffers once enough came back after them, or new ones.
+    fn swap(&mut self, batch: Batch<T, R>) -> Batch<T, R> {
+        debug_assert!(batch.items.is_empty() && batch.runs.is_empty());
+        let bytes = batch.bytes();
+        if bytes > 0 && bytes <= COOL_BYTES {
+            self.bytes += bytes;
+            self.buffers.push_back(batch);
+        }
+        match self.buffers.front() {
+            Some(oldest) if self.bytes - oldest.bytes() >= COOL_BYTES => {
+                self.bytes -= oldest.bytes();
+                self.buffers.pop_front().expect("just seen")
+            }
+            _ => Batch::default(),
+        }
+    }
+}
+
 /// What the intake lock guards (see the module doc).
 pub(crate) struct Intake<T, R> {
     /// Accepted items in seq order, not yet in their lanes.
@@ -54,6 +101,8 @@ pub(crate) struct Intake<T, R> {
     /// Keyed mode: `items` as runs of one lane, in order (their lengths add up to
     /// `items.len()`). Empty otherwise: all items go to the one lane.
     runs: Vec<usize>,
+    /// Buffers for `items` and `runs` after the next take.
+    cooling: Cooling<T, R>,
     keyed: bool,
     /// Where every node is made, under this lock (see `slab.rs`).
     slab: Slab<Node<T, R>>,
@@ -87,6 +136,10 @@ impl<T, R> Intake<T, R> {
         Self {
             items: Vec::new(),
             runs: Vec::new(),
+            cooling: Cooling {
+                buffers: VecDeque::new(),
+                bytes: 0,
+            },
             keyed,
             // A burst as large as the queue takes its chunks back from the spares (see
             // `slab.rs`).
@@ -158,14 +211,16 @@ impl<T, R> Intake<T, R> {
     }
 
     /// Moves the buffered items into `into`, and in keyed mode their runs of one lane into
-    /// `runs` (both emptied first). `lanes_queued` is what the lanes hold now; the count kept
-    /// for the fast path adds the items taken, which the caller enqueues before it releases
-    /// the state lock.
+    /// `runs`; `into`'s own buffers, emptied, cool off until sends fill them again.
+    /// `lanes_queued` is what the lanes hold now; the count kept for the fast path adds the
+    /// items taken, which the caller enqueues before it releases the state lock.
     pub(crate) fn take(&mut self, into: &mut Batch<T, R>, lanes_queued: u64) {
-        into.items.clear();
-        into.runs.clear();
-        std::mem::swap(&mut self.items, &mut into.items);
-        std::mem::swap(&mut self.runs, &mut into.runs);
+        let mut emptied = std::mem::take(into);
+        emptied.items.clear();
+        emptied.runs.clear();
+        let next = self.cooling.swap(emptied);
+        into.items = std::mem::replace(&mut self.items, next.items);
+        into.runs = std::mem::replace(&mut self.runs, next.runs);
         self.lanes_queued = lanes_queued + into.items.len() as u64;
     }
 
@@ -241,6 +296,54 @@ mod tests {
         // instead, the next burst would fault their memory in again (see `slab.rs`).
         let (spares, per_chunk) = ik.slab.spares();
         assert_eq!(spares, CAPACITY.div_ceil(per_chunk) - 1);
+    }
+
+    /// Sends fill a buffer the worker emptied only once [`COOL_BYTES`] of others came back
+    /// after it, and it does come back.
+    #[test]
+    fn a_taken_buffer_is_filled_again_only_once_cool() {
+        let mut ik = Intake::<u32, ()>::new(1, 1 << 20, true, false, NodeContext::for_tests());
+        let mut taken = Batch::default();
+        let take = |ik: &mut Intake<u32, ()>, taken: &mut Batch<u32, ()>| {
+            for i in 0..1_000 {
+                assert!(push(ik, i).is_ok());
+            }
+            ik.take(taken, 0);
+            (taken.items.as_ptr(), taken.bytes())
+        };
+        let (first, _) = take(&mut ik, &mut taken);
+        let mut cooled_by = 0;
+        for _ in 0..1_000 {
+            let (buffer, bytes) = take(&mut ik, &mut taken);
+            if buffer == first {
+                assert!(
+                    cooled_by >= COOL_BYTES,
+                    "filled again after only {cooled_by} bytes of other buffers"
+                );
+                return;
+            }
+            cooled_by += bytes;
+        }
+        panic!("the first buffer never came back");
+    }
+
+    #[test]
+    fn a_buffer_larger_than_the_cooling_distance_is_not_kept() {
+        let mut cooling = Cooling::<u32, ()> {
+            buffers: VecDeque::new(),
+            bytes: 0,
+        };
+        let huge = Batch {
+            items: Vec::with_capacity(COOL_BYTES),
+            runs: Vec::new(),
+        };
+        assert_eq!(
+            cooling.swap(huge).bytes(),
+            0,
+            "nothing cool yet: new buffers"
+        );
+        assert_eq!(cooling.bytes, 0);
+        assert!(cooling.buffers.is_empty());
     }
 
     #[test]

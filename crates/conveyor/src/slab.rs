@@ -53,7 +53,7 @@ const MAX_SPARE_BYTES: usize = 16 * 1024 * 1024;
 /// Chunks that must empty after a spare before it is reused (see `Spares::take`): more than
 /// a core's L2 cache (512 KiB on the machines we measure, up to 2 MiB on others), so that
 /// the lines the worker wrote have gone back to memory by then.
-const COOL_BYTES: usize = 1024 * 1024;
+pub(crate) const COOL_BYTES: usize = 1024 * 1024;
 
 /// At the start of every chunk; `C` is its slab's context type.
 ///
