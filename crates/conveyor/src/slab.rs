@@ -50,9 +50,10 @@ const SPARE_BYTES: usize = 64 * 1024;
 /// allocates (and its end frees) the rest, as every burst did before spares followed the
 /// backlog.
 const MAX_SPARE_BYTES: usize = 16 * 1024 * 1024;
-/// Chunks that must empty after a spare before it is reused (see `Spares::take`): more than
-/// a core's L2 cache (512 KiB on the machines we measure, up to 2 MiB on others), so that
-/// the lines the worker wrote have gone back to memory by then.
+/// Chunks that must empty after a spare before it is reused (see `Spares::take`), and the
+/// intake's buffers likewise (see `intake.rs`): about a core's L2 cache, so that the lines
+/// the worker read have mostly left it by then. Chosen where cores had 512 KiB of it; with
+/// 1 MiB (the machine of BENCHMARKS.md since), 4 MiB measured no better.
 pub(crate) const COOL_BYTES: usize = 1024 * 1024;
 
 /// At the start of every chunk; `C` is its slab's context type.
