@@ -66,7 +66,8 @@ impl<T, R> Batch<T, R> {
 
 /// Buffers of batches already taken and emptied, oldest first, for sends to fill again
 /// once [`COOL_BYTES`] of others came back after them (see the module doc). They hold at
-/// most twice that: a buffer larger than it is not kept.
+/// most twice that: a buffer larger than it is not kept, and each take lets every buffer
+/// that has cooled go.
 struct Cooling<T, R> {
     buffers: VecDeque<Batch<T, R>>,
     /// What `buffers` hold, in all.
@@ -77,6 +78,10 @@ impl<T, R> Cooling<T, R> {
     /// Keeps the emptied `batch`, unless it is larger than the cooling distance itself (a
     /// burst's: allocated again, if ever needed, rather than held), and returns the oldest
     /// buffers once enough came back after them, or new ones.
+    ///
+    /// Every other buffer that has cooled too is freed: giving back one a take, a queue of
+    /// a trickle's small buffers kept its length as a burst's large ones took their place,
+    /// and grew by each of those.
     fn swap(&mut self, batch: Batch<T, R>) -> Batch<T, R> {
         debug_assert!(batch.items.is_empty() && batch.runs.is_empty());
         let bytes = batch.bytes();
@@ -84,13 +89,19 @@ impl<T, R> Cooling<T, R> {
             self.bytes += bytes;
             self.buffers.push_back(batch);
         }
-        match self.buffers.front() {
-            Some(oldest) if self.bytes - oldest.bytes() >= COOL_BYTES => {
-                self.bytes -= oldest.bytes();
-                self.buffers.pop_front().expect("just seen")
+        let mut cool = None;
+        while let Some(oldest) = self.buffers.front() {
+            if self.bytes - oldest.bytes() < COOL_BYTES {
+                break;
             }
-            _ => Batch::default(),
+            self.bytes -= oldest.bytes();
+            let oldest = self.buffers.pop_front().expect("just seen");
+            // The oldest is filled again; the others go, freed here.
+            if cool.is_none() {
+                cool = Some(oldest);
+            }
         }
+        cool.unwrap_or_default()
     }
 }
 
@@ -264,6 +275,14 @@ mod tests {
         ik.try_accept(None, item, true).map(|(_, wake)| wake)
     }
 
+    /// Sends `len` items and takes them into `taken`, as a worker's drain does.
+    fn send_and_take(ik: &mut Intake<u32, ()>, taken: &mut Batch<u32, ()>, len: u32) {
+        for i in 0..len {
+            assert!(push(ik, i).is_ok());
+        }
+        ik.take(taken, 0);
+    }
+
     #[test]
     fn numbers_in_order_and_refuses_past_capacity() {
         let mut ik = Intake::<u32, ()>::new(7, 3, true, false, NodeContext::for_tests());
@@ -305,10 +324,7 @@ mod tests {
         let mut ik = Intake::<u32, ()>::new(1, 1 << 20, true, false, NodeContext::for_tests());
         let mut taken = Batch::default();
         let take = |ik: &mut Intake<u32, ()>, taken: &mut Batch<u32, ()>| {
-            for i in 0..1_000 {
-                assert!(push(ik, i).is_ok());
-            }
-            ik.take(taken, 0);
+            send_and_take(ik, taken, 1_000);
             (taken.items.as_ptr(), taken.bytes())
         };
         let (first, _) = take(&mut ik, &mut taken);
@@ -325,6 +341,31 @@ mod tests {
             cooled_by += bytes;
         }
         panic!("the first buffer never came back");
+    }
+
+    /// What the cooling buffers are counted as holding is what they hold, and it stays
+    /// within twice the cooling distance when a trickle's small buffers give way to a
+    /// burst's large ones. Each take once gave back the oldest buffer alone, so every large
+    /// one stayed on top of the small one it took the place of: nearly 4 MiB after 24 takes
+    /// of 16k items, and growing by 128 KiB a take until the trickle's 32768 buffers ran
+    /// out.
+    #[test]
+    fn cooling_buffers_stay_bounded_when_batches_grow() {
+        let mut ik = Intake::<u32, ()>::new(1, 1 << 20, true, false, NodeContext::for_tests());
+        let mut taken = Batch::default();
+        // A trickle: one item a take, as when every send wakes an idle worker.
+        for _ in 0..40_000 {
+            send_and_take(&mut ik, &mut taken, 1);
+        }
+        for len in std::iter::once(1).chain(std::iter::repeat(16_384).take(24)) {
+            send_and_take(&mut ik, &mut taken, len);
+            let held: usize = ik.cooling.buffers.iter().map(Batch::bytes).sum();
+            assert_eq!(ik.cooling.bytes, held, "counted as held");
+            assert!(
+                held <= 2 * COOL_BYTES,
+                "{held} bytes cooling after a batch of {len}"
+            );
+        }
     }
 
     #[test]
