@@ -57,9 +57,11 @@ impl<T, R> Default for Batch<T, R> {
 }
 
 impl<T, R> Batch<T, R> {
-    /// The memory its buffers hold.
+    /// The memory it holds while it cools: its buffers, and its slot in the queue, larger
+    /// than a trickle's buffers (uncounted, a trickle filled 3 MiB of slots).
     fn bytes(&self) -> usize {
-        self.items.capacity() * std::mem::size_of::<NodeRef<T, R>>()
+        std::mem::size_of::<Self>()
+            + self.items.capacity() * std::mem::size_of::<NodeRef<T, R>>()
             + self.runs.capacity() * std::mem::size_of::<usize>()
     }
 }
@@ -85,7 +87,8 @@ impl<T, R> Cooling<T, R> {
     fn swap(&mut self, batch: Batch<T, R>) -> Batch<T, R> {
         debug_assert!(batch.items.is_empty() && batch.runs.is_empty());
         let bytes = batch.bytes();
-        if bytes > 0 && bytes <= COOL_BYTES {
+        // Without an allocation there is nothing to keep (`runs` has none without `items`).
+        if batch.items.capacity() > 0 && bytes <= COOL_BYTES {
             self.bytes += bytes;
             self.buffers.push_back(batch);
         }
@@ -283,6 +286,17 @@ mod tests {
         ik.take(taken, 0);
     }
 
+    /// An intake after a trickle: one item a take, as when every send wakes an idle worker,
+    /// for longer than its small buffers take to cool. Returns it with the batch taken last.
+    fn trickled() -> (Intake<u32, ()>, Batch<u32, ()>) {
+        let mut ik = Intake::<u32, ()>::new(1, 1 << 20, true, false, NodeContext::for_tests());
+        let mut taken = Batch::default();
+        for _ in 0..40_000 {
+            send_and_take(&mut ik, &mut taken, 1);
+        }
+        (ik, taken)
+    }
+
     #[test]
     fn numbers_in_order_and_refuses_past_capacity() {
         let mut ik = Intake::<u32, ()>::new(7, 3, true, false, NodeContext::for_tests());
@@ -351,12 +365,7 @@ mod tests {
     /// out.
     #[test]
     fn cooling_buffers_stay_bounded_when_batches_grow() {
-        let mut ik = Intake::<u32, ()>::new(1, 1 << 20, true, false, NodeContext::for_tests());
-        let mut taken = Batch::default();
-        // A trickle: one item a take, as when every send wakes an idle worker.
-        for _ in 0..40_000 {
-            send_and_take(&mut ik, &mut taken, 1);
-        }
+        let (mut ik, mut taken) = trickled();
         for len in std::iter::once(1).chain(std::iter::repeat(16_384).take(24)) {
             send_and_take(&mut ik, &mut taken, len);
             let held: usize = ik.cooling.buffers.iter().map(Batch::bytes).sum();
@@ -366,6 +375,25 @@ mod tests {
                 "{held} bytes cooling after a batch of {len}"
             );
         }
+    }
+
+    /// A trickle's buffers (an item or a few each) are smaller than their slots in the
+    /// cooling queue. Counted without their slots, 32768 of them were kept before the first
+    /// came back, in a queue of 3 MiB: 4 MiB a conveyor, for buffers counted as 1 MiB.
+    #[test]
+    fn a_trickle_keeps_its_cooling_buffers_and_their_slots_within_the_bound() {
+        let (ik, _) = trickled();
+        let buffers = &ik.cooling.buffers;
+        let slots = buffers.capacity() * std::mem::size_of::<Batch<u32, ()>>();
+        let held: usize = buffers
+            .iter()
+            .map(|b| b.items.capacity() * std::mem::size_of::<NodeRef<u32, ()>>())
+            .sum();
+        assert!(
+            slots + held <= 2 * COOL_BYTES,
+            "{} buffers of {held} bytes in {slots} bytes of slots",
+            buffers.len()
+        );
     }
 
     #[test]
@@ -379,7 +407,7 @@ mod tests {
             runs: Vec::new(),
         };
         assert_eq!(
-            cooling.swap(huge).bytes(),
+            cooling.swap(huge).items.capacity(),
             0,
             "nothing cool yet: new buffers"
         );
