@@ -180,7 +180,8 @@ impl<T, R> Shared<T, R> {
             (runs, _) => runs,
         };
         st.accept_all(batch.items.drain(..), runs, attempt_limit);
-        // Kept for the next drain: the intake and this buffer trade allocations.
+        // Kept for the next drain, which hands these buffers to the intake to cool off
+        // before sends fill them again (see `intake.rs`).
         st.drained = batch;
         moved
     }
