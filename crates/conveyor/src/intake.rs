@@ -56,13 +56,20 @@ impl<T, R> Default for Batch<T, R> {
     }
 }
 
+/// What a cooling buffer counts as at least (see `Batch::bytes`): a page.
+const MIN_COOLING_BYTES: usize = 4096;
+
 impl<T, R> Batch<T, R> {
     /// The memory it holds while it cools: its buffers, and its slot in the queue, larger
-    /// than a trickle's buffers (uncounted, a trickle filled 3 MiB of slots).
+    /// than a trickle's buffers (uncounted, a trickle filled 3 MiB of slots). A page at
+    /// least: a trickle's buffers, an item or a few each, then number a few hundred rather
+    /// than thousands, which bursts after the trickle would free all in one take, under the
+    /// intake and state locks.
     fn bytes(&self) -> usize {
-        std::mem::size_of::<Self>()
+        let held = std::mem::size_of::<Self>()
             + self.items.capacity() * std::mem::size_of::<NodeRef<T, R>>()
-            + self.runs.capacity() * std::mem::size_of::<usize>()
+            + self.runs.capacity() * std::mem::size_of::<usize>();
+        held.max(MIN_COOLING_BYTES)
     }
 }
 
@@ -393,6 +400,17 @@ mod tests {
             slots + held <= 2 * COOL_BYTES,
             "{} buffers of {held} bytes in {slots} bytes of slots",
             buffers.len()
+        );
+    }
+
+    #[test]
+    fn a_trickle_keeps_a_few_hundred_cooling_buffers_not_thousands() {
+        let (ik, _) = trickled();
+        let most = COOL_BYTES / MIN_COOLING_BYTES + 1;
+        let kept = ik.cooling.buffers.len();
+        assert!(
+            kept <= most,
+            "{kept} buffers cooling, at most {most} expected"
         );
     }
 
