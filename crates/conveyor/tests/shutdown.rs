@@ -418,7 +418,21 @@ fn a_close_from_the_callback_of_a_leaving_worker_waits_for_the_others_and_its_de
 /// worker could deliver. The flush says so at once (`flush()` used to hang for good).
 #[test]
 fn a_flush_from_a_callback_does_not_wait_for_items_only_its_worker_could_deliver() {
-    let c: Arc<Conveyor<u32>> = Arc::new(Conveyor::builder().build(|_d| Ok(())).unwrap());
+    // Item 0 stays in its call until its callback is attached: settled first, the callback
+    // ran on this thread, at `on_settled`, and waited there for this thread (a quick enough
+    // send made that happen).
+    let gate = Gate::new();
+    let g = gate.clone();
+    let c: Arc<Conveyor<u32>> = Arc::new(
+        Conveyor::builder()
+            .build(move |d: Delivery<u32>| {
+                if *d.item() == 0 {
+                    g.pass();
+                }
+                Ok(())
+            })
+            .unwrap(),
+    );
     let (tx, rx) = std::sync::mpsc::channel();
     let me = c.clone();
     let queued = Arc::new(std::sync::Barrier::new(2));
@@ -430,6 +444,7 @@ fn a_flush_from_a_callback_does_not_wait_for_items_only_its_worker_could_deliver
         tx.send((started.elapsed(), flushed)).unwrap();
     });
     c.send(1).unwrap();
+    gate.open();
     queued.wait();
     let (took, flushed) = rx.recv_timeout(GENEROUS).unwrap();
     assert!(!flushed);
