@@ -84,6 +84,13 @@ struct Cooling<T, R> {
 }
 
 impl<T, R> Cooling<T, R> {
+    fn new() -> Self {
+        Self {
+            buffers: VecDeque::new(),
+            bytes: 0,
+        }
+    }
+
     /// Keeps the emptied `batch`, unless it is larger than the cooling distance itself (a
     /// burst's: allocated again, if ever needed, rather than held), and returns the oldest
     /// buffers once enough came back after them, or new ones.
@@ -157,10 +164,7 @@ impl<T, R> Intake<T, R> {
         Self {
             items: Vec::new(),
             runs: Vec::new(),
-            cooling: Cooling {
-                buffers: VecDeque::new(),
-                bytes: 0,
-            },
+            cooling: Cooling::new(),
             keyed,
             // A burst as large as the queue takes its chunks back from the spares (see
             // `slab.rs`).
@@ -416,10 +420,7 @@ mod tests {
 
     #[test]
     fn a_buffer_larger_than_the_cooling_distance_is_not_kept() {
-        let mut cooling = Cooling::<u32, ()> {
-            buffers: VecDeque::new(),
-            bytes: 0,
-        };
+        let mut cooling = Cooling::<u32, ()>::new();
         let huge = Batch {
             items: Vec::with_capacity(COOL_BYTES),
             runs: Vec::new(),
