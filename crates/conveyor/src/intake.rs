@@ -43,7 +43,10 @@ pub(crate) struct Wake {
 /// mode. Its buffers go back to the intake at the next take, to be filled again once cool
 /// (see the module doc), so that they are not allocated again.
 pub(crate) struct Batch<T, R> {
+    /// Accepted items in seq order.
     pub(crate) items: Vec<NodeRef<T, R>>,
+    /// Keyed mode: `items` as runs of one lane, in order (their lengths add up to
+    /// `items.len()`). Empty otherwise: all items go to the one lane.
     pub(crate) runs: Vec<usize>,
 }
 
@@ -124,12 +127,9 @@ impl<T, R> Cooling<T, R> {
 
 /// What the intake lock guards (see the module doc).
 pub(crate) struct Intake<T, R> {
-    /// Accepted items in seq order, not yet in their lanes.
-    items: Vec<NodeRef<T, R>>,
-    /// Keyed mode: `items` as runs of one lane, in order (their lengths add up to
-    /// `items.len()`). Empty otherwise: all items go to the one lane.
-    runs: Vec<usize>,
-    /// Buffers for `items` and `runs` after the next take.
+    /// Accepted items, not yet in their lanes: the batch the next take hands over.
+    filling: Batch<T, R>,
+    /// Buffers for `filling` after the next take.
     cooling: Cooling<T, R>,
     keyed: bool,
     /// Where every node is made, under this lock (see `slab.rs`).
@@ -162,8 +162,7 @@ impl<T, R> Intake<T, R> {
         context: NodeContext,
     ) -> Self {
         Self {
-            items: Vec::new(),
-            runs: Vec::new(),
+            filling: Batch::default(),
             cooling: Cooling::new(),
             keyed,
             // A burst as large as the queue takes its chunks back from the spares (see
@@ -196,20 +195,23 @@ impl<T, R> Intake<T, R> {
         item: T,
         wake: bool,
     ) -> Result<(NodeRef<T, R>, Wake), NodeRef<T, R>> {
-        if !self.open || self.lanes_queued + self.items.len() as u64 >= self.capacity {
+        if !self.open || self.lanes_queued + self.filling.items.len() as u64 >= self.capacity {
             return Err(self.alloc(key, item));
         }
         if self.keyed {
-            match self.runs.last_mut() {
-                Some(run) if same_lane(self.items.last().and_then(|n| n.key()), key.as_ref()) => {
+            let filling = &mut self.filling;
+            match filling.runs.last_mut() {
+                Some(run)
+                    if same_lane(filling.items.last().and_then(|n| n.key()), key.as_ref()) =>
+                {
                     *run += 1;
                 }
-                _ => self.runs.push(1),
+                _ => filling.runs.push(1),
             }
         }
         let (node, receipt) = self.slab.alloc_pair(|head| Node::new(head, key, item));
         self.number(&node);
-        self.items.push(node);
+        self.filling.items.push(node);
         // One wake-up, unless one is pending already: a woken worker drains every item and
         // wakes others if it cannot run them all (`Shared::pass_work_on`). So a burst of
         // sends costs one wake-up, and items for a single busy lane wake nobody else.
@@ -232,7 +234,7 @@ impl<T, R> Intake<T, R> {
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.items.is_empty()
+        self.filling.items.is_empty()
     }
 
     /// Moves the buffered items into `into`, and in keyed mode their runs of one lane into
@@ -243,9 +245,7 @@ impl<T, R> Intake<T, R> {
         let mut emptied = std::mem::take(into);
         emptied.items.clear();
         emptied.runs.clear();
-        let next = self.cooling.swap(emptied);
-        into.items = std::mem::replace(&mut self.items, next.items);
-        into.runs = std::mem::replace(&mut self.runs, next.runs);
+        *into = std::mem::replace(&mut self.filling, self.cooling.swap(emptied));
         self.lanes_queued = lanes_queued + into.items.len() as u64;
     }
 
