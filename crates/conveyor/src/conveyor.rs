@@ -395,6 +395,10 @@ impl<T, R> Shared<T, R> {
             // permit: no lock needed.
             self.work_async.notify_one();
         }
+        if wake.give_way {
+            // After the notifies: what they woke may run meanwhile. See `Intake::try_accept`.
+            std::thread::yield_now();
+        }
     }
 
     pub(crate) fn wait<'a>(

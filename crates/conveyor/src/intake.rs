@@ -32,12 +32,22 @@ use crate::queue::same_lane;
 use crate::receipt::{Node, NodeContext, NodeRef};
 use crate::slab::{Slab, COOL_BYTES};
 
-/// Which idle workers a send should wake once it has released the intake lock.
+/// Which idle workers a send should wake once it has released the intake lock, and whether
+/// its producer should then give its CPU up for a moment.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Wake {
     pub(crate) thread: bool,
     pub(crate) task: bool,
+    /// A worker was woken for the intake's items, or holds the lookout for them, yet
+    /// [`GIVE_WAY_EVERY`] items came in since the last take (see `Intake::try_accept`).
+    pub(crate) give_way: bool,
 }
+
+/// How many items may pile up in the intake, while a worker is expected to take them, before
+/// a send gives its CPU up (see `Intake::try_accept`); again after as many more. A few
+/// hundred microseconds of back-to-back sends: a worker that runs takes its batch long
+/// before, and a yield with nothing else to run costs a send about a tenth of a nanosecond.
+pub(crate) const GIVE_WAY_EVERY: usize = 8192;
 
 /// Items taken from the intake (see `Intake::take`), with their runs of one lane in keyed
 /// mode. Its buffers go back to the intake at the next take, to be filled again once cool
@@ -215,12 +225,24 @@ impl<T, R> Intake<T, R> {
         // One wake-up, unless one is pending already: a woken worker drains every item and
         // wakes others if it cannot run them all (`Shared::pass_work_on`). So a burst of
         // sends costs one wake-up, and items for a single busy lane wake nobody else.
-        let wake = if wake {
+        let mut wake_up = if wake {
             self.wake_for(1)
         } else {
             Wake::default()
         };
-        Ok((receipt, wake))
+        // The worker woken for these items (or the lookout, when `wake` is false) has not
+        // taken any for thousands of sends: most likely the scheduler put it on this
+        // producer's CPU, and it waits there for the producer's time slice to end (a few
+        // milliseconds) while the other CPU idles. Seen in up to one burst in eight on the
+        // 2-CPU virtual machines of BENCHMARKS.md (scheduler traces): everything was
+        // delivered only after the burst. Yielding lets it run, and the scheduler then
+        // spreads the two.
+        if self.filling.items.len() % GIVE_WAY_EVERY == 0
+            && (!wake || self.woken_threads > 0 || self.woken_tasks > 0)
+        {
+            wake_up.give_way = true;
+        }
+        Ok((receipt, wake_up))
     }
 
     /// Gives `node` the next seq.
@@ -486,6 +508,38 @@ mod tests {
         assert_eq!(wakes, vec![true, false, false], "one wake-up until it runs");
         assert!(ik.wake_another().thread, "a running worker passes work on");
         assert!(!ik.wake_another().thread, "both idle workers are woken");
+    }
+
+    /// Sends whose woken worker does not come for the items give way every
+    /// [`GIVE_WAY_EVERY`] of them, as do sends the lookout was to see; while every worker is
+    /// busy (none woken, nobody looking out), none does.
+    #[test]
+    fn a_burst_its_worker_does_not_take_gives_way_now_and_then() {
+        let give_ways = |idle: usize, lookout: bool| {
+            let mut ik = Intake::<u32, ()>::new(1, 1 << 20, true, false, NodeContext::for_tests());
+            ik.idle_threads = idle;
+            (1..=3 * GIVE_WAY_EVERY)
+                .filter(|&i| {
+                    let (_, wake) = ik.try_accept(None, i as u32, !lookout).ok().unwrap();
+                    wake.give_way
+                })
+                .collect::<Vec<_>>()
+        };
+        let every = vec![GIVE_WAY_EVERY, 2 * GIVE_WAY_EVERY, 3 * GIVE_WAY_EVERY];
+        assert_eq!(give_ways(1, false), every, "woken, never came");
+        assert_eq!(give_ways(0, true), every, "the lookout never looked");
+        assert_eq!(
+            give_ways(0, false),
+            Vec::<usize>::new(),
+            "every worker busy"
+        );
+
+        // A take starts the count again.
+        let mut ik = Intake::<u32, ()>::new(1, 1 << 20, true, false, NodeContext::for_tests());
+        ik.idle_threads = 1;
+        let mut taken = Batch::default();
+        send_and_take(&mut ik, &mut taken, GIVE_WAY_EVERY as u32 - 1);
+        assert!(!push(&mut ik, 0).ok().unwrap().give_way);
     }
 
     #[test]
