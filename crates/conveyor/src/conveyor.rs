@@ -18,6 +18,7 @@ use crate::journal::{DeadLetter, Journal, JournalError, Record, Settlement as Se
 use crate::queue::{LeaseClaims, Room, State, Waiters, Watch, LEASE_CLOSED};
 use crate::receipt::{Awaited, Inside, NodeContext, NodeRef, OwnWorkers, Receipt};
 use crate::retry::random_u64;
+use crate::spin_lock::{SpinGuard, SpinLock};
 use crate::stats::{CloseReport, Stats};
 use crate::worker::{async_worker, later, thread_worker, Sink};
 
@@ -73,7 +74,7 @@ const LOOKOUT_SPIN: Duration = Duration::from_micros(5);
 
 /// The intake, and two flags that sends and the lookout worker share, on the same lines.
 struct IntakeLine<T, R> {
-    items: Mutex<Intake<T, R>>,
+    items: SpinLock<Intake<T, R>>,
     /// Whether the intake holds items: exact under the intake lock (set by every fast-path
     /// accept, cleared by every take). Read without the lock by the spinning lookout.
     filled: AtomicBool,
@@ -135,11 +136,8 @@ impl<T, R> Shared<T, R> {
     }
 
     /// The intake; take it after the state lock, never before (see `intake.rs`).
-    pub(crate) fn intake(&self) -> MutexGuard<'_, Intake<T, R>> {
-        self.intake
-            .items
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+    pub(crate) fn intake(&self) -> SpinGuard<'_, Intake<T, R>> {
+        self.intake.items.lock()
     }
 
     /// Moves what sends left in the intake into the lanes, in seq order, so that `st` is
@@ -925,7 +923,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
             Shared {
                 state: CachePadded::new(Mutex::new(state)),
                 intake: CachePadded::new(IntakeLine {
-                    items: Mutex::new(intake),
+                    items: SpinLock::new(intake),
                     filled: AtomicBool::new(false),
                     lookout: AtomicUsize::new(NO_LOOKOUT),
                 }),
@@ -1147,7 +1145,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     fn accept_dropped(
         &self,
         mut st: MutexGuard<'_, State<T, R>>,
-        mut ik: MutexGuard<'_, Intake<T, R>>,
+        mut ik: SpinGuard<'_, Intake<T, R>>,
         node: NodeRef<T, R>,
         entry: &Option<Entry>,
     ) -> Receipt<R> {

@@ -67,6 +67,7 @@ mod queue;
 mod receipt;
 mod retry;
 mod slab;
+mod spin_lock;
 mod stats;
 mod worker;
 
