@@ -15,6 +15,7 @@ use crossbeam_utils::CachePadded;
 
 use crate::intake::{Batch, Intake, Wake};
 use crate::journal::{DeadLetter, Journal, JournalError, Record, Settlement as Settled};
+use crate::keys;
 use crate::queue::{LeaseClaims, Room, State, Waiters, Watch, LEASE_CLOSED};
 use crate::receipt::{Awaited, Inside, NodeContext, NodeRef, OwnWorkers, Receipt};
 use crate::retry::random_u64;
@@ -1529,7 +1530,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
     /// # Ok::<(), conveyor::BuildError>(())
     /// ```
     pub fn send_keyed(&self, key: impl Into<String>, item: T) -> Result<Receipt<R>, SendError<T>> {
-        self.send_with(Some(Arc::from(key.into())), item, Wait::Thread, None)
+        self.send_with(Some(keys::shared(&key.into())), item, Wait::Thread, None)
     }
 
     /// Accepts an item only if that needs no waiting, whatever the policy.
@@ -1588,7 +1589,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         key: impl Into<String>,
         item: T,
     ) -> Result<Receipt<R>, SendError<T>> {
-        self.send_with(Some(Arc::from(key.into())), item, Wait::Never, None)
+        self.send_with(Some(keys::shared(&key.into())), item, Wait::Never, None)
     }
 
     async fn submit_async(
@@ -1694,7 +1695,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         key: impl Into<String>,
         item: T,
     ) -> Result<Receipt<R>, SendError<T>> {
-        self.submit_async(Some(Arc::from(key.into())), item, None)
+        self.submit_async(Some(keys::shared(&key.into())), item, None)
             .await
     }
 
@@ -2710,7 +2711,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         cursor: u64,
     ) -> Result<Receipt<R>, SendError<T>> {
         self.send_with(
-            Some(Arc::from(key.into())),
+            Some(keys::shared(&key.into())),
             item,
             Wait::Thread,
             Some(cursor),
@@ -2774,7 +2775,12 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         item: T,
         cursor: u64,
     ) -> Result<Receipt<R>, SendError<T>> {
-        self.send_with(Some(Arc::from(key.into())), item, Wait::Never, Some(cursor))
+        self.send_with(
+            Some(keys::shared(&key.into())),
+            item,
+            Wait::Never,
+            Some(cursor),
+        )
     }
 
     /// [`Conveyor::send_async`], with the cursor stored as by
@@ -2839,7 +2845,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Conveyor<T, R> {
         item: T,
         cursor: u64,
     ) -> Result<Receipt<R>, SendError<T>> {
-        self.submit_async(Some(Arc::from(key.into())), item, Some(cursor))
+        self.submit_async(Some(keys::shared(&key.into())), item, Some(cursor))
             .await
     }
 

@@ -62,6 +62,7 @@ mod fork;
 mod http;
 mod intake;
 mod journal;
+mod keys;
 mod ops;
 mod queue;
 mod receipt;

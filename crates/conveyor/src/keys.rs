@@ -1,0 +1,97 @@
+//! The keys of keyed sends, shared by the items sent with an equal key rather than allocated
+//! for every send.
+//!
+//! Every item's node holds its key (its lane's name, and what `Delivery::key` returns). Made
+//! fresh for every send, the key cost an allocation and a copy on the producer's thread and a
+//! free on the worker's, where glibc is slow to free what another thread allocated: a keyed
+//! send took 140–220 ns against 16 for one without a key, 70–100 since (see BENCHMARKS.md).
+//! Each thread that sends keeps the keys it sent last, a few dozen, and hands out another
+//! reference to an equal one: a comparison and a count, and the memory goes back on the
+//! thread that took it once the key has not been sent for a while. (What is left is mostly
+//! the `String` a `&str` key is made into, and the count's cache line going back and forth
+//! between the producer and the worker.)
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+/// Keys a thread keeps, in slots picked by a hash of the key: a key shares the slot of others
+/// now and then, and the one sent last takes it.
+const SLOTS: usize = 64;
+
+thread_local! {
+    static RECENT: RefCell<[Option<Arc<str>>; SLOTS]> =
+        const { RefCell::new([const { None }; SLOTS]) };
+}
+
+/// `key` as the items of its lane hold it: the reference this thread made for an equal key,
+/// if it still keeps it, else a new one, which it keeps.
+pub(crate) fn shared(key: &str) -> Arc<str> {
+    let slot = slot_of(key);
+    RECENT
+        .try_with(|recent| {
+            // No user code runs while this is borrowed: dropping a key only frees a string.
+            let mut recent = recent.borrow_mut();
+            match &recent[slot] {
+                Some(kept) if **kept == *key => Arc::clone(kept),
+                _ => {
+                    let made: Arc<str> = Arc::from(key);
+                    recent[slot] = Some(Arc::clone(&made));
+                    made
+                }
+            }
+        })
+        // The thread is going away (a send from a thread-local's destructor).
+        .unwrap_or_else(|_| Arc::from(key))
+}
+
+/// FNV-1a: a few cycles a byte, and keys are short. Spread is all a slot needs.
+fn slot_of(key: &str) -> usize {
+    let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    (hash as usize) % SLOTS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_equal_key_is_the_same_allocation() {
+        let first = shared("user-1");
+        let again = shared(&String::from("user-1"));
+        assert!(Arc::ptr_eq(&first, &again));
+        let other = shared("user-2");
+        assert_eq!(&*other, "user-2");
+        assert!(!Arc::ptr_eq(&first, &other));
+    }
+
+    /// A key that another took the slot of is no longer kept (its memory goes once its items
+    /// are gone), and is made anew, equal, when it is sent again.
+    #[test]
+    fn a_key_that_lost_its_slot_is_let_go() {
+        let first = shared("key-0");
+        assert_eq!(Arc::strong_count(&first), 2, "kept by its slot");
+        let rival = (1..)
+            .map(|i| format!("key-{i}"))
+            .find(|k| slot_of(k) == slot_of("key-0"))
+            .expect("some key shares the slot");
+        let _rival = shared(&rival);
+        assert_eq!(
+            Arc::strong_count(&first),
+            1,
+            "only the item's reference is left"
+        );
+        let again = shared("key-0");
+        assert_eq!(again, first);
+        assert!(!Arc::ptr_eq(&again, &first), "made anew");
+    }
+
+    #[test]
+    fn threads_keep_their_own_keys() {
+        let here = shared("shared-name");
+        let there = std::thread::spawn(|| shared("shared-name")).join().unwrap();
+        assert_eq!(here, there);
+        assert!(!Arc::ptr_eq(&here, &there), "made on each thread");
+    }
+}
