@@ -17,15 +17,48 @@ use conveyor::{Conveyor, Delivery, Ordering};
 mod baselines;
 use baselines::{crossbeam, thread_baseline, Baseline, CAPACITY};
 
-/// The ordering modes compared against the channel baselines.
-const MODES: [(&str, Ordering); 3] = [
-    ("conveyor_strict", Ordering::Strict),
+/// The ordering modes compared against the channel baselines, and whether items are sent
+/// with keys (in turn from [`KEYS`]); without one, a keyed conveyor's items share the lane
+/// `""`.
+const MODES: [(&str, Ordering, bool); 4] = [
+    ("conveyor_strict", Ordering::Strict, false),
     (
         "conveyor_pipelined_16",
         Ordering::Pipelined { in_flight: 16 },
+        false,
     ),
-    ("conveyor_keyed_16", Ordering::Keyed { concurrency: 16 }),
+    (
+        "conveyor_keyed_16",
+        Ordering::Keyed { concurrency: 16 },
+        false,
+    ),
+    (
+        "conveyor_keyed_16_with_16_keys",
+        Ordering::Keyed { concurrency: 16 },
+        true,
+    ),
 ];
+
+/// The keys of keyed sends, one after the other: what a user's ids look like.
+const KEYS: [&str; 16] = [
+    "user-00", "user-01", "user-02", "user-03", "user-04", "user-05", "user-06", "user-07",
+    "user-08", "user-09", "user-10", "user-11", "user-12", "user-13", "user-14", "user-15",
+];
+
+/// Item `i`'s key.
+fn key_of(i: u64) -> &'static str {
+    KEYS[(i % KEYS.len() as u64) as usize]
+}
+
+/// Sends item `i`, with its key if `keyed`.
+fn send_to(conveyor: &Conveyor<u64>, keyed: bool, i: u64) -> conveyor::Receipt<()> {
+    let sent = if keyed {
+        conveyor.send_keyed(key_of(i), i)
+    } else {
+        conveyor.send(i)
+    };
+    sent.unwrap()
+}
 
 fn conveyor_with(ordering: Ordering, sink_sleep: Option<Duration>) -> Conveyor<u64> {
     Conveyor::builder()
@@ -63,6 +96,17 @@ fn crossbeam_with_replies() -> Baseline {
     thread_baseline(send, items)
 }
 
+/// What a user who needs each item's key at the consumer sends through a channel: the key
+/// as a `String` with the item, as `send_keyed` takes it.
+fn crossbeam_with_keys() -> Baseline {
+    let (tx, rx) = crossbeam_channel::bounded::<(String, u64)>(CAPACITY);
+    let items = rx.into_iter().map(|(key, item)| {
+        black_box(key);
+        item
+    });
+    thread_baseline(move |i| tx.send((key_of(i).to_owned(), i)).unwrap(), items)
+}
+
 fn tokio_mpsc() -> Baseline {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -96,9 +140,10 @@ fn tokio_mpsc() -> Baseline {
 type MakeBaseline = fn() -> Baseline;
 
 /// The channel-and-thread baselines every instant-sink group compares against.
-const BASELINES: [(&str, MakeBaseline); 3] = [
+const BASELINES: [(&str, MakeBaseline); 4] = [
     ("std_mpsc_sync_channel", std_mpsc),
     ("crossbeam_bounded", crossbeam),
+    ("crossbeam_bounded_with_16_keys", crossbeam_with_keys),
     ("tokio_mpsc_blocking_send", tokio_mpsc),
 ];
 
@@ -110,13 +155,13 @@ trait TimeSends {
 
 /// One row per conveyor mode, then one per channel baseline, each timed by `timing`.
 fn send_rows(g: &mut BenchmarkGroup<'_, WallTime>, timing: &impl TimeSends) {
-    for (name, ordering) in MODES {
+    for (name, ordering, keyed) in MODES {
         let conveyor = conveyor_with(ordering, None);
         g.bench_function(name, |b| {
             b.iter_custom(|iters| {
                 timing.time(
                     iters,
-                    |i| drop(black_box(conveyor.send(i).unwrap())),
+                    |i| drop(black_box(send_to(&conveyor, keyed, i))),
                     || conveyor.flush(),
                 )
             })
@@ -244,12 +289,12 @@ fn end_to_end(c: &mut Criterion) {
     let mut g = c.benchmark_group("end_to_end_100k");
     g.throughput(Throughput::Elements(N));
     g.sample_size(10);
-    for (name, ordering) in MODES {
+    for (name, ordering, keyed) in MODES {
         let conveyor = conveyor_with(ordering, None);
         g.bench_function(name, |b| {
             b.iter(|| {
                 for i in 0..N {
-                    conveyor.send(i).unwrap();
+                    send_to(&conveyor, keyed, i);
                 }
                 conveyor.flush();
             })
