@@ -6,10 +6,13 @@
 //! free on the worker's, where glibc is slow to free what another thread allocated: a keyed
 //! send took 140–220 ns against 16 for one without a key, 70–100 since (see BENCHMARKS.md).
 //! Each thread that sends keeps the keys it sent last, a few dozen, and hands out another
-//! reference to an equal one: a comparison and a count, and the memory goes back on the
-//! thread that took it once the key has not been sent for a while. (What is left is mostly
-//! the `String` a `&str` key is made into, and the count's cache line going back and forth
-//! between the producer and the worker.)
+//! reference to an equal one: a comparison and a count. A kept key's memory goes back on the
+//! thread that took it once another key takes its slot, or the thread ends: not after a
+//! while without sends, nor when the conveyor goes. So a thread keeps only short keys, at most
+//! [`MAX_KEPT_LEN`] bytes, and at most [`SLOTS`] of them: a few KiB, however long the keys
+//! sent and however many threads send. (What is left is mostly the `String` a `&str` key is
+//! made into, and the count's cache line going back and forth between the producer and the
+//! worker.)
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -17,6 +20,13 @@ use std::sync::Arc;
 /// Keys a thread keeps, in slots picked by a hash of the key: a key shares the slot of others
 /// now and then, and the one sent last takes it.
 const SLOTS: usize = 64;
+
+/// The longest key a thread keeps. Kept keys stay until another key takes their slot, for as
+/// long as the thread lives (a pool's threads, for the process's life): unbounded, a thread
+/// that once sent 64 keys of a megabyte kept 64 MiB, and every thread of a pool as much. A
+/// longer key is made anew for each send, as before keys were kept; its copy costs more
+/// than the allocation kept keys save.
+const MAX_KEPT_LEN: usize = 256;
 
 thread_local! {
     static RECENT: RefCell<[Option<Arc<str>>; SLOTS]> =
@@ -26,6 +36,9 @@ thread_local! {
 /// `key` as the items of its lane hold it: the reference this thread made for an equal key,
 /// if it still keeps it, else a new one, which it keeps.
 pub(crate) fn shared(key: &str) -> Arc<str> {
+    if key.len() > MAX_KEPT_LEN {
+        return Arc::from(key);
+    }
     let slot = slot_of(key);
     RECENT
         .try_with(|recent| {
@@ -85,6 +98,19 @@ mod tests {
         let again = shared("key-0");
         assert_eq!(again, first);
         assert!(!Arc::ptr_eq(&again, &first), "made anew");
+    }
+
+    /// A key longer than [`MAX_KEPT_LEN`] is not kept: the thread would hold it until another
+    /// key took its slot, which may be never.
+    #[test]
+    fn a_long_key_is_not_kept() {
+        let longest = "k".repeat(MAX_KEPT_LEN);
+        let kept = shared(&longest);
+        assert_eq!(Arc::strong_count(&kept), 2, "kept by its slot");
+        let long = "k".repeat(MAX_KEPT_LEN + 1);
+        let made = shared(&long);
+        assert_eq!(&*made, long);
+        assert_eq!(Arc::strong_count(&made), 1, "held by the item alone");
     }
 
     #[test]
