@@ -89,7 +89,11 @@ mod tests {
             .map(|i| format!("key-{i}"))
             .find(|k| slot_of(k) == slot_of("key-0"))
             .expect("some key shares the slot");
-        let _rival = shared(&rival);
+        let rival_key = shared(&rival);
+        assert_eq!(
+            &*rival_key, rival,
+            "the slot's key is not handed out for another"
+        );
         assert_eq!(
             Arc::strong_count(&first),
             1,
@@ -111,6 +115,31 @@ mod tests {
         let made = shared(&long);
         assert_eq!(&*made, long);
         assert_eq!(Arc::strong_count(&made), 1, "held by the item alone");
+    }
+
+    /// A send from a thread-local's destructor that runs after this thread's kept keys are
+    /// gone (destructors run in the reverse order of the thread-locals' first use) still gets
+    /// its key, made anew, rather than a panic, which aborts the process there.
+    #[test]
+    fn a_key_is_made_after_the_kept_ones_are_gone() {
+        struct SendsOnDrop(std::sync::mpsc::Sender<Arc<str>>);
+        impl Drop for SendsOnDrop {
+            fn drop(&mut self) {
+                let _ = self.0.send(shared("late"));
+            }
+        }
+        thread_local! {
+            static LATE: RefCell<Option<SendsOnDrop>> = const { RefCell::new(None) };
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // Used first, so destroyed after `RECENT`.
+            LATE.with(|late| *late.borrow_mut() = Some(SendsOnDrop(tx)));
+            shared("early");
+        })
+        .join()
+        .expect("the thread ends");
+        assert_eq!(&*rx.recv().expect("sent from the destructor"), "late");
     }
 
     #[test]
