@@ -511,8 +511,9 @@ mod tests {
     }
 
     /// Sends whose woken worker does not come for the items give way every
-    /// [`GIVE_WAY_EVERY`] of them, as do sends the lookout was to see; while every worker is
-    /// busy (none woken, nobody looking out), none does.
+    /// [`GIVE_WAY_EVERY`] of them, as do sends the lookout was to see (also a lookout kept
+    /// through a lease, whose worker is in its sink calls: a yield then costs little); while
+    /// every worker is busy and nobody looks out, none does.
     #[test]
     fn a_burst_its_worker_does_not_take_gives_way_now_and_then() {
         let give_ways = |idle: usize, lookout: bool| {

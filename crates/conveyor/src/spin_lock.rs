@@ -8,17 +8,23 @@
 //!
 //! The price: nobody sleeps on it. A thread that finds it taken spins a little, then yields
 //! its CPU until it is free (crossbeam's `Backoff`, as crossbeam-channel waits for a slot).
-//! Whoever holds it only moves a few pointers and counters (a send appends one node, a worker
-//! swaps the batch), never waits for anything nor runs user code, so a waiter waits about
-//! as long as those take, unless the holder was preempted: then until it runs again, as a
-//! sleeper on a mutex would, but yielding meanwhile. A worker that its producer's sends
+//! Whoever holds it never waits for another thread nor runs user code: a send appends one
+//! node; a worker swaps the batch, or, when it wakes or gives the lookout up, sorts the batch
+//! into the lanes under it (`Shared::drain_locked`: up to the capacity's items, with
+//! allocations); a send that takes the slow path notifies a condition variable under it. A
+//! waiter waits as long as those take, or, if the holder was preempted, until it runs again,
+//! as a sleeper on a mutex would, but yielding meanwhile. A worker that its producer's sends
 //! starved of the lock on a shared CPU (the producer holds it most of its time) is what
 //! `Intake::try_accept`'s giving way also covers: without it, such rounds came back.
+//!
+//! Its guard is not `Send`, as std's is not: a future holding it across an `.await` is not
+//! `Send` either, which the compiler points out where it is spawned. (Held there, a task
+//! waiting for the lock on the same thread would spin for good.)
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crossbeam_utils::Backoff;
-use lock_api::{GuardSend, RawMutex};
+use lock_api::{GuardNoSend, RawMutex};
 
 /// A lock around a `T` that spins, then yields, while another thread holds it (see the
 /// module doc).
@@ -41,7 +47,7 @@ unsafe impl RawMutex for RawSpinLock {
         locked: AtomicBool::new(false),
     };
 
-    type GuardMarker = GuardSend;
+    type GuardMarker = GuardNoSend;
 
     #[inline]
     fn lock(&self) {
