@@ -7,9 +7,9 @@
 //! send took 140–220 ns against 16 for one without a key, 70–100 since (see BENCHMARKS.md).
 //! Each thread that sends keeps the keys it sent last, a few dozen, and hands out another
 //! reference to an equal one: a comparison and a count. A kept key's memory goes back on the
-//! thread that took it once another key takes its slot, or the thread ends: not after a
+//! thread that took it once other keys take its place, or the thread ends: not after a
 //! while without sends, nor when the conveyor goes. So a thread keeps only short keys, at most
-//! [`MAX_KEPT_LEN`] bytes, and at most [`SLOTS`] of them: a few KiB, however long the keys
+//! [`MAX_KEPT_LEN`] bytes, and at most 64 of them: a few KiB, however long the keys
 //! sent and however many threads send. (What is left is mostly the `String` a `&str` key is
 //! made into, and the count's cache line going back and forth between the producer and the
 //! worker.)
@@ -17,11 +17,13 @@
 use std::cell::RefCell;
 use std::sync::Arc;
 
-/// Keys a thread keeps, in slots picked by a hash of the key: a key shares the slot of others
-/// now and then, and the one sent last takes it.
-const SLOTS: usize = 64;
+/// Keys a thread keeps: two in each of [`SETS`] sets, the set picked by a hash of the key,
+/// the key sent last first in its set. With one key a set, two keys of a user's sixteen that
+/// met in one took it from each other at every send (a quarter of them made anew, 97 -> 124
+/// ns a send in turn); a third key must meet them for that now.
+const SETS: usize = 32;
 
-/// The longest key a thread keeps. Kept keys stay until another key takes their slot, for as
+/// The longest key a thread keeps. Kept keys stay until other keys take their place, for as
 /// long as the thread lives (a pool's threads, for the process's life): unbounded, a thread
 /// that once sent 64 keys of a megabyte kept 64 MiB, and every thread of a pool as much. A
 /// longer key is made anew for each send, as before keys were kept; its copy costs more
@@ -29,8 +31,8 @@ const SLOTS: usize = 64;
 const MAX_KEPT_LEN: usize = 256;
 
 thread_local! {
-    static RECENT: RefCell<[Option<Arc<str>>; SLOTS]> =
-        const { RefCell::new([const { None }; SLOTS]) };
+    static RECENT: RefCell<[[Option<Arc<str>>; 2]; SETS]> =
+        const { RefCell::new([const { [const { None }; 2] }; SETS]) };
 }
 
 /// `key` as the items of its lane hold it: the reference this thread made for an equal key,
@@ -39,32 +41,33 @@ pub(crate) fn shared(key: &str) -> Arc<str> {
     if key.len() > MAX_KEPT_LEN {
         return Arc::from(key);
     }
-    let slot = slot_of(key);
+    let set = set_of(key);
     RECENT
         .try_with(|recent| {
             // No user code runs while this is borrowed: dropping a key only frees a string.
-            let mut recent = recent.borrow_mut();
-            match &recent[slot] {
-                Some(kept) if **kept == *key => Arc::clone(kept),
-                _ => {
-                    let made: Arc<str> = Arc::from(key);
-                    recent[slot] = Some(Arc::clone(&made));
-                    made
+            let [last, before] = &mut recent.borrow_mut()[set];
+            if last.as_deref() != Some(key) {
+                // The key sent last goes first: this one, kept second or made in place of
+                // the one sent longest ago.
+                if before.as_deref() != Some(key) {
+                    *before = Some(Arc::from(key));
                 }
+                std::mem::swap(last, before);
             }
+            Arc::clone(last.as_ref().expect("just put first"))
         })
         // The thread is going away (a send from a thread-local's destructor).
         .unwrap_or_else(|_| Arc::from(key))
 }
 
-/// FNV-1a, a few cycles a byte (keys are short), then the slot from the top bits of a
+/// FNV-1a, a few cycles a byte (keys are short), then the set from the top bits of a
 /// multiplication by 2^64 / φ (Fibonacci hashing): FNV's own low bits depend only on the low
-/// bits of each byte, so that `"id-1"` and `"id-q"` always met in one slot.
-fn slot_of(key: &str) -> usize {
+/// bits of each byte, so that `"id-1"` and `"id-q"` always met in one set.
+fn set_of(key: &str) -> usize {
     let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
         (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
     });
-    (hash.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (u64::BITS - SLOTS.ilog2())) as usize
+    (hash.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (u64::BITS - SETS.ilog2())) as usize
 }
 
 #[cfg(test)]
@@ -74,14 +77,14 @@ mod tests {
     /// Keys that differ only in the high bits of a byte (a digit and a letter) are spread
     /// like any others.
     #[test]
-    fn keys_differing_in_a_bytes_high_bits_get_their_own_slots() {
+    fn keys_differing_in_a_bytes_high_bits_get_their_own_sets() {
         let sharing = ('0'..='9')
             .filter(|&digit| {
                 let letter = char::from(digit as u8 + 0x40);
-                slot_of(&format!("id-{digit}")) == slot_of(&format!("id-{letter}"))
+                set_of(&format!("id-{digit}")) == set_of(&format!("id-{letter}"))
             })
             .count();
-        assert!(sharing <= 2, "{sharing} of 10 pairs share a slot");
+        assert!(sharing <= 2, "{sharing} of 10 pairs share a set");
     }
 
     #[test]
@@ -94,38 +97,46 @@ mod tests {
         assert!(!Arc::ptr_eq(&first, &other));
     }
 
-    /// A key that another took the slot of is no longer kept (its memory goes once its items
-    /// are gone), and is made anew, equal, when it is sent again.
+    /// Keys of one set that two others were sent after are no longer kept (their memory
+    /// goes once their items are gone), and are made anew, equal, when sent again; a key
+    /// sent again in between stays.
     #[test]
-    fn a_key_that_lost_its_slot_is_let_go() {
-        let first = shared("key-0");
-        assert_eq!(Arc::strong_count(&first), 2, "kept by its slot");
-        let rival = (1..)
+    fn a_key_that_others_pushed_out_is_let_go() {
+        let rivals: Vec<String> = (1..)
             .map(|i| format!("key-{i}"))
-            .find(|k| slot_of(k) == slot_of("key-0"))
-            .expect("some key shares the slot");
-        let rival_key = shared(&rival);
-        assert_eq!(
-            &*rival_key, rival,
-            "the slot's key is not handed out for another"
-        );
+            .filter(|k| set_of(k) == set_of("key-0"))
+            .take(2)
+            .collect();
+        let first = shared("key-0");
+        assert_eq!(Arc::strong_count(&first), 2, "kept by its set");
+        let kept_rival = shared(&rivals[0]);
+        assert!(Arc::ptr_eq(&shared("key-0"), &first), "sent again, kept");
+        for rival in &rivals[1..] {
+            let made = shared(rival);
+            assert_eq!(&*made, rival, "a kept key is not handed out for another");
+        }
         assert_eq!(
             Arc::strong_count(&first),
-            1,
-            "only the item's reference is left"
+            2,
+            "sent after the first rival: kept"
         );
-        let again = shared("key-0");
-        assert_eq!(again, first);
-        assert!(!Arc::ptr_eq(&again, &first), "made anew");
+        assert_eq!(
+            Arc::strong_count(&kept_rival),
+            1,
+            "sent longest ago: only the item's reference is left"
+        );
+        let again = shared(&rivals[0]);
+        assert_eq!(again, kept_rival);
+        assert!(!Arc::ptr_eq(&again, &kept_rival), "made anew");
     }
 
-    /// A key longer than [`MAX_KEPT_LEN`] is not kept: the thread would hold it until another
-    /// key took its slot, which may be never.
+    /// A key longer than [`MAX_KEPT_LEN`] is not kept: the thread would hold it until other
+    /// keys took its place, which may be never.
     #[test]
     fn a_long_key_is_not_kept() {
         let longest = "k".repeat(MAX_KEPT_LEN);
         let kept = shared(&longest);
-        assert_eq!(Arc::strong_count(&kept), 2, "kept by its slot");
+        assert_eq!(Arc::strong_count(&kept), 2, "kept by its set");
         let long = "k".repeat(MAX_KEPT_LEN + 1);
         let made = shared(&long);
         assert_eq!(&*made, long);
