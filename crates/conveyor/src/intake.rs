@@ -47,7 +47,7 @@ pub(crate) struct Wake {
 /// a send gives its CPU up (see `Intake::try_accept`); again after as many more. A few
 /// hundred microseconds of back-to-back sends: a worker that runs takes its batch long
 /// before, and a yield with nothing else to run costs a send about a tenth of a nanosecond.
-pub(crate) const GIVE_WAY_EVERY: usize = 8192;
+const GIVE_WAY_EVERY: usize = 8192;
 
 /// Items taken from the intake (see `Intake::take`), with their runs of one lane in keyed
 /// mode. Its buffers go back to the intake at the next take, to be filled again once cool

@@ -5,7 +5,7 @@
 //! fresh for every send, the key cost an allocation and a copy on the producer's thread and a
 //! free on the worker's, where glibc is slow to free what another thread allocated: a keyed
 //! send took 140–220 ns against 16 for one without a key, 70–100 since (see BENCHMARKS.md).
-//! Each thread that sends keeps the keys it sent last, a few dozen, and hands out another
+//! Each thread that sends keeps the keys it made last, a few dozen, and hands out another
 //! reference to an equal one: a comparison and a count. A kept key's memory goes back on the
 //! thread that took it once other keys take its place, or the thread ends: not after a
 //! while without sends, nor when the conveyor goes. So a thread keeps only short keys, at most
