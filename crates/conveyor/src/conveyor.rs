@@ -147,8 +147,7 @@ impl<T, R> Shared<T, R> {
         // The intake counts the batch as queued before it is released, and the state lock
         // keeps every other accept out until the batch is in its lanes: sends need not wait
         // while the batch is sorted into lanes.
-        let mut batch = std::mem::take(&mut st.drained);
-        self.take_intake(st, &mut self.intake(), &mut batch);
+        let batch = self.take_batch(st, &mut self.intake());
         self.enqueue_drained(st, batch)
     }
 
@@ -159,14 +158,21 @@ impl<T, R> Shared<T, R> {
 
     /// [`Shared::drain`] for a caller that holds the intake lock already (and keeps it).
     fn drain_locked(&self, st: &mut State<T, R>, ik: &mut Intake<T, R>) -> bool {
-        let mut batch = std::mem::take(&mut st.drained);
-        self.take_intake(st, ik, &mut batch);
+        let batch = self.take_batch(st, ik);
         self.enqueue_drained(st, batch)
     }
 
     fn take_intake(&self, st: &State<T, R>, ik: &mut Intake<T, R>, batch: &mut Batch<T, R>) {
         ik.take(batch, st.queued());
         self.intake.filled.store(false, AtomicOrdering::Relaxed);
+    }
+
+    /// What the intake holds, for [`Shared::enqueue_drained`] under the same state lock; the
+    /// intake counts it as queued from now on (see [`Shared::drain`]).
+    fn take_batch(&self, st: &mut State<T, R>, ik: &mut Intake<T, R>) -> Batch<T, R> {
+        let mut batch = std::mem::take(&mut st.drained);
+        self.take_intake(st, ik, &mut batch);
+        batch
     }
 
     fn enqueue_drained(&self, st: &mut State<T, R>, mut batch: Batch<T, R>) -> bool {
@@ -310,10 +316,14 @@ impl<T, R> Shared<T, R> {
     /// `worker::LEASE_DRAIN`).
     pub(crate) fn release_lookout(&self, st: &mut State<T, R>, worker: usize) {
         let mut ik = self.intake();
-        if !ik.is_empty() && st.idle_workers > 0 {
-            self.drain_locked(st, &mut ik);
-        }
+        let batch = (!ik.is_empty() && st.idle_workers > 0).then(|| self.take_batch(st, &mut ik));
         self.let_go_of_lookout(worker);
+        // Sorted into the lanes after the intake lock is released, as `drain` does: sends
+        // spin meanwhile, and a batch may be thousands of items.
+        drop(ik);
+        if let Some(batch) = batch {
+            self.enqueue_drained(st, batch);
+        }
     }
 
     /// Undoes [`Shared::register_idle`] once the worker runs again.
@@ -323,9 +333,7 @@ impl<T, R> Shared<T, R> {
         // Sends that found this worker's wake-up pending woke nobody for their items: move
         // them into the lanes, where this worker's `pass_work_on` sees them. (The worker may
         // take a job from the lanes without ever looking at the intake.)
-        if !ik.is_empty() {
-            self.drain_locked(st, &mut ik);
-        }
+        let batch = (!ik.is_empty()).then(|| self.take_batch(st, &mut ik));
         // Spurious wake-ups make `woken` an estimate; an extra notify is harmless.
         if thread {
             ik.idle_threads -= 1;
@@ -333,6 +341,11 @@ impl<T, R> Shared<T, R> {
         } else {
             ik.idle_tasks -= 1;
             ik.woken_tasks = ik.woken_tasks.saturating_sub(1);
+        }
+        // Sorted into the lanes without the intake lock (see `release_lookout`).
+        drop(ik);
+        if let Some(batch) = batch {
+            self.enqueue_drained(st, batch);
         }
     }
 

@@ -9,9 +9,9 @@
 //! The price: nobody sleeps on it. A thread that finds it taken spins a little, then yields
 //! its CPU until it is free (crossbeam's `Backoff`, as crossbeam-channel waits for a slot).
 //! Whoever holds it never waits for another thread nor runs user code: a send appends one
-//! node; a worker swaps the batch, or, when it wakes or gives the lookout up, sorts the batch
-//! into the lanes under it (`Shared::drain_locked`: up to the capacity's items, with
-//! allocations); a send that takes the slow path notifies a condition variable under it. A
+//! node; a worker swaps the batch, and sorts it into the lanes after giving the lock up.
+//! Only a close and a send on the slow path, which numbers its own item right after, sort a
+//! batch under it (`Shared::drain_locked`), and that send notifies a condition variable. A
 //! waiter waits as long as those take, or, if the holder was preempted, until it runs again,
 //! as a sleeper on a mutex would, but yielding meanwhile. A worker that its producer's sends
 //! starved of the lock on a shared CPU (the producer holds it most of its time) is what
