@@ -318,8 +318,17 @@ impl<T, R> Shared<T, R> {
         let mut ik = self.intake();
         let batch = (!ik.is_empty() && st.idle_workers > 0).then(|| self.take_batch(st, &mut ik));
         self.let_go_of_lookout(worker);
-        // Sorted into the lanes after the intake lock is released, as `drain` does: sends
-        // spin meanwhile, and a batch may be thousands of items.
+        self.enqueue_unlocked(st, ik, batch);
+    }
+
+    /// Gives the intake lock up, then sorts a batch taken under it into the lanes, as `drain`
+    /// does: sends spin on that lock, and a batch may be thousands of items.
+    fn enqueue_unlocked(
+        &self,
+        st: &mut State<T, R>,
+        ik: SpinGuard<'_, Intake<T, R>>,
+        batch: Option<Batch<T, R>>,
+    ) {
         drop(ik);
         if let Some(batch) = batch {
             self.enqueue_drained(st, batch);
@@ -342,11 +351,7 @@ impl<T, R> Shared<T, R> {
             ik.idle_tasks -= 1;
             ik.woken_tasks = ik.woken_tasks.saturating_sub(1);
         }
-        // Sorted into the lanes without the intake lock (see `release_lookout`).
-        drop(ik);
-        if let Some(batch) = batch {
-            self.enqueue_drained(st, batch);
-        }
+        self.enqueue_unlocked(st, ik, batch);
     }
 
     /// A worker that just took a job wakes one more idle worker while work is left that

@@ -53,7 +53,8 @@ const MAX_SPARE_BYTES: usize = 16 * 1024 * 1024;
 /// Chunks that must empty after a spare before it is reused (see `Spares::take`), and the
 /// intake's buffers likewise (see `intake.rs`): about a core's L2 cache, so that the lines
 /// the worker read have mostly left it by then. Chosen where cores had 512 KiB of it; with
-/// 1 MiB (the machine of BENCHMARKS.md since), 4 MiB measured no better.
+/// 1 MiB, 4 MiB measured no better, and with 2 MiB (the machine of BENCHMARKS.md's latest
+/// section) it made sends about 10% slower.
 pub(crate) const COOL_BYTES: usize = 1024 * 1024;
 
 /// At the start of every chunk; `C` is its slab's context type.
