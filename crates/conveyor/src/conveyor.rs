@@ -88,7 +88,7 @@ struct IntakeLine<T, R> {
     /// `release_lookout`), so that a send sees either the flag or the worker's release.
     /// Never held while user code runs (a sink call, or a receipt's settling: callbacks,
     /// wakers, drops), but through a lease of several items of the pipelined lane or of a
-    /// key's lane (not of one: see `State::wants_standby`): its
+    /// key's lane (of one only as `State::lease_may_keep_lookout` says): its
     /// calls are measured to take microseconds, and sends would otherwise wake an idle worker
     /// for items nobody else could start (the pipelined lane's, or, in keyed mode, most often
     /// the leased key's). Woken for nothing, such workers also took CPU from the producer,
@@ -255,7 +255,7 @@ impl<T, R> Shared<T, R> {
     }
 
     /// Whether a worker other than `worker` holds the lookout.
-    fn lookout_elsewhere(&self, worker: usize) -> bool {
+    pub(crate) fn lookout_elsewhere(&self, worker: usize) -> bool {
         let holder = self.intake.lookout.load(AtomicOrdering::Relaxed);
         holder != NO_LOOKOUT && holder != worker
     }
@@ -3348,6 +3348,75 @@ mod tests {
         shared.notify_workers(wake);
         second.wait().unwrap();
         assert_eq!(delivered.load(AtomicOrdering::SeqCst), 8);
+    }
+
+    /// Keyed, with a quick sink: the worker woken for a burst leases its first key's item and
+    /// leaves the other keys' items to itself (see `State::runs_ready_lanes_alone`), waking
+    /// nobody for them but a worker to stand by. When that item's call is stuck, the other
+    /// keys' items are delivered while it is, though no send comes after them.
+    #[test]
+    fn other_keys_left_to_a_worker_whose_call_is_stuck_are_delivered_while_it_is() {
+        const KEYS: u64 = 8;
+        let (entered, stuck_entered) = mpsc::channel();
+        let (release, released) = mpsc::channel::<()>();
+        let released = std::sync::Mutex::new(released);
+        let c: Conveyor<u64> = Conveyor::builder()
+            .ordering(crate::Ordering::Keyed { concurrency: 3 })
+            .build(move |d: crate::Delivery<u64>| {
+                if d.key() == Some("stuck") {
+                    entered.send(()).unwrap();
+                    let _ = released.lock().unwrap().recv();
+                }
+                Ok(())
+            })
+            .unwrap();
+        let key = |k: u64| format!("k{k}");
+        // Quick calls measured, so that the workers lease.
+        for i in 0..200 {
+            c.send_keyed(key(i % KEYS), i).unwrap();
+        }
+        assert!(c.flush_timeout(Duration::from_secs(30)));
+        let shared = &*c.shared;
+        // Every worker asleep, none standing by (it would take the other keys' items when it
+        // next looked, whatever the stuck call's worker did).
+        loop {
+            let st = shared.lock();
+            if st.idle_workers == 3 && !st.standby {
+                assert!(st.lease_size > 1, "the sink measured quick");
+                break;
+            }
+            drop(st);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Worker 0 is made the lookout, so the burst wakes nobody and is then moved into the
+        // lanes at once: `stuck` first, then `k0` to `k7`.
+        assert!(shared.claim_lookout(0));
+        let stuck = c.send_keyed("stuck", 1000).unwrap();
+        let others: Vec<_> = (0..KEYS)
+            .map(|k| c.send_keyed(key(k), 2000 + k).unwrap())
+            .collect();
+        let mut st = shared.lock();
+        shared.release_lookout(&mut st, 0);
+        assert_eq!(st.queued(), KEYS + 1, "moved into the lanes");
+        let wake = shared.pass_work_on(&st);
+        drop(st);
+        shared.notify_workers(wake);
+        stuck_entered
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the stuck call began");
+        // Far more than the millisecond a worker standing by lets a lease stall.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let outcomes: Vec<_> = others
+            .into_iter()
+            .map(|mut r| r.wait_timeout(deadline.saturating_duration_since(Instant::now())))
+            .collect();
+        let during = c.stats();
+        release.send(()).unwrap();
+        assert!(
+            outcomes.iter().all(|o| matches!(o, Some(Ok(())))),
+            "{outcomes:?} ({during:?})"
+        );
+        assert!(stuck.wait().is_ok());
     }
 
     #[test]

@@ -1181,9 +1181,15 @@ impl<T, R> State<T, R> {
     /// Whether `worker`'s lease, just made, may keep the lookout through its run (see
     /// `IntakeLine::lookout` in `conveyor.rs`): with other workers, one of which stands by it
     /// (see `watched_lease`), in pipelined and keyed mode; and not a lease of one item (see
-    /// `wants_standby`).
+    /// `wants_standby`), except in keyed mode while its worker runs the other ready lanes
+    /// next (see `runs_ready_lanes_alone`) or a worker stands by already: either way, one
+    /// watches it without being woken for each such lease. A producer pacing its sends to 16
+    /// keys (~2 us apart) made its worker take mostly leases of one item, each with no other
+    /// lane ready once the worker had caught up: giving the lookout up for them, its next send
+    /// woke an idle worker, whose wake-up cost it ~0.45 us a send (see BENCHMARKS.md).
     pub(crate) fn lease_may_keep_lookout(&self, worker: usize) -> bool {
-        self.leases_several(worker)
+        (self.leases_several(worker)
+            || (self.keyed && (self.standby || self.runs_ready_lanes_alone())))
             && if self.keyed {
                 self.leases.len() > 1
             } else {
@@ -1196,10 +1202,34 @@ impl<T, R> State<T, R> {
     /// in it holds up no item of its own lease, and the items sent meanwhile wake a worker
     /// (nobody holds the lookout for them), which then stands by it. A quick sink's items
     /// sent one at a time run as such leases (see `lease`): a worker woken to stand by each
-    /// made a trickle of them cost a third more context switches.
+    /// made a trickle of them cost a third more context switches. In keyed mode every lease
+    /// that keeps the lookout is watched, and wants one: of one item, it keeps the lookout
+    /// only while one stands by already, or while its worker leaves the other ready lanes to
+    /// itself (see `runs_ready_lanes_alone`), which nobody else would start if a call in it
+    /// got stuck.
     pub(crate) fn wants_standby(&self) -> bool {
         self.watched_lease()
-            .is_some_and(|(worker, _)| self.leases_several(worker))
+            .is_some_and(|(worker, _)| self.keyed || self.leases_several(worker))
+    }
+
+    /// Whether the worker that just took a keyed lease runs the other ready lanes' items
+    /// itself, one lease after another, rather than waking idle workers for them (see
+    /// `Shared::pass_work_on`): the sink is quick enough for leases of several items (see
+    /// `lease_size`), and every item queued, the lease's own among them, fits in one lease,
+    /// so the worker gets to them all within about twice `worker::LEASE_TIME`. A producer
+    /// sending to 16 keys in turn, ~2 us apart, made its worker wake another for ~30% of the
+    /// items that way: each woken worker ran an item or two, and its wake-up and sleep cost
+    /// more than the items and took CPU from the producer (a send cost ~1.1 us, ~0.13 with
+    /// this and the lookout kept through single-item leases, see `lease_may_keep_lookout`
+    /// and BENCHMARKS.md). The price is the bound when a call in the lease gets stuck: the
+    /// other lanes wait for the worker standing by (see `wants_standby`) to notice,
+    /// `conveyor::STANDBY` or so, rather than for an idle worker to wake.
+    pub(crate) fn runs_ready_lanes_alone(&self) -> bool {
+        self.keyed
+            && self.lease_size > 1
+            && self.idle_workers > 0
+            && self.startable()
+            && self.counters.queued - self.counters.paused_items <= self.lease_size as u64
     }
 
     /// Whether `worker` holds a lease of more than one item.
@@ -2075,6 +2105,60 @@ mod tests {
         then_two_more(&mut k, Some("a"));
         assert!(k.lease(0, 8, &mut items));
         assert!(k.lease_may_keep_lookout(0));
+    }
+
+    /// A keyed state, with a quick sink's lease size of 4 and a worker idle, in which worker 0
+    /// leased key `a`'s item 1 while keys `b` to `e` have one item each, and `extra` more
+    /// items are queued for `b`.
+    fn keyed_lease_beside(extra: u32) -> S {
+        let mut s = S::new(Ordering::Keyed { concurrency: 3 }, 100, None);
+        s.lease_size = 4;
+        s.idle_workers = 1;
+        for (seq, key) in (1..).zip(["a", "b", "c", "d", "e"]) {
+            s.accept(node(Some(key), seq), 1);
+        }
+        for seq in 0..extra {
+            s.accept(node(Some("b"), 10 + seq), 1);
+        }
+        let mut items = Vec::new();
+        assert!(s.lease(0, 4, &mut items));
+        assert_eq!(items.len(), 1);
+        s
+    }
+
+    /// A worker that leased one key's item runs the other ready lanes itself when they hold
+    /// no more than a lease's worth of a quick sink's items, keeping the lookout through the
+    /// lease (of one item) and wanting a worker to stand by it; not when more are queued, the
+    /// sink is slow, or nobody idle could be woken anyway. A keyed lease of one item also
+    /// keeps the lookout while a worker stands by already.
+    #[test]
+    fn a_keyed_lease_runs_the_ready_lanes_alone_while_they_fit_in_a_lease() {
+        let mut s = keyed_lease_beside(0);
+        assert!(s.runs_ready_lanes_alone());
+        assert!(s.lease_may_keep_lookout(0));
+        s.lookout_leaser = Some(0);
+        assert!(s.wants_standby(), "watched, though of one item");
+
+        assert!(!keyed_lease_beside(1).runs_ready_lanes_alone(), "5 queued");
+        let mut slow = keyed_lease_beside(0);
+        slow.lease_size = 1;
+        assert!(!slow.runs_ready_lanes_alone());
+        assert!(!slow.lease_may_keep_lookout(0));
+        let mut busy = keyed_lease_beside(0);
+        busy.idle_workers = 0;
+        assert!(!busy.runs_ready_lanes_alone());
+        // With no other lane ready, a lease of one item keeps no lookout, as before, unless a
+        // worker stands by already.
+        let mut only = one_leased(Ordering::Keyed { concurrency: 3 }, Some("a"));
+        only.lease_size = 4;
+        only.idle_workers = 1;
+        assert!(!only.runs_ready_lanes_alone());
+        assert!(!only.lease_may_keep_lookout(0));
+        only.standby = true;
+        assert!(only.lease_may_keep_lookout(0));
+        let mut pipelined = one_leased(Ordering::Pipelined { in_flight: 2 }, None);
+        pipelined.standby = true;
+        assert!(!pipelined.lease_may_keep_lookout(0), "keyed only");
     }
 
     /// A pipelined state with items 1 to 3 leased to worker 0.

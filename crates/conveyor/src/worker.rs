@@ -267,7 +267,11 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
                 if keep {
                     st.lookout_leaser = Some(worker);
                 }
-                return Step::Lease(self.took_work(st, worker, lookout, keep));
+                // Other lanes' items left to this worker are watched: through the lookout it
+                // keeps, by the worker standing by; or by the worker holding the lookout,
+                // which is awake and takes them at its next step if this one has not yet.
+                let alone = st.runs_ready_lanes_alone() && (keep || self.lookout_elsewhere(worker));
+                return Step::Lease(self.took_work(st, worker, lookout, keep, alone));
             }
         }
         let next = match st.next_job(worker) {
@@ -276,7 +280,7 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
             None => None,
         };
         if let Some(job) = next {
-            return Step::Run(job, self.took_work(st, worker, lookout, false));
+            return Step::Run(job, self.took_work(st, worker, lookout, false, false));
         }
         // A journal replay still loading items keeps the workers for them, even after close,
         // as do items held behind a retry, and a lease of the pipelined lane: if a call in it
@@ -319,14 +323,16 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
 
     /// Bookkeeping for a worker that took a job or a lease: it gives up the lookout (unless it
     /// `keep`s it through a lease, see `IntakeLine::lookout`) and wakes
-    /// a sender for the room it made; returns the idle workers to wake for what is left, and
-    /// for a watched lease nobody stands by (see `Shared::stand_by`).
+    /// a sender for the room it made; returns the idle workers to wake for what is left
+    /// (none if it runs the other ready lanes `alone`, see `State::runs_ready_lanes_alone`),
+    /// and for a watched lease nobody stands by (see `Shared::stand_by`).
     fn took_work(
         &self,
         st: &mut State<T, R>,
         worker: usize,
         lookout: &mut Lookout,
         keep: bool,
+        alone: bool,
     ) -> Wake {
         if !keep && std::mem::take(&mut lookout.held) {
             self.release_lookout(st, worker);
@@ -336,7 +342,11 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
         // (One that keeps it through a lease holds it still.)
         lookout.retake = std::mem::take(&mut lookout.looked) && st.idle_workers > 0 && !keep;
         self.wake_one_sender(st);
-        let mut wake = self.pass_work_on(st);
+        let mut wake = if alone {
+            Wake::default()
+        } else {
+            self.pass_work_on(st)
+        };
         // A watched lease wants a worker standing by (see `Shared::stand_by`): one of the idle
         // ones, if none does yet. Checked for every job too: in keyed mode the worker standing
         // by, or the one woken to, may take another key's item instead, and the lease keeps
