@@ -765,6 +765,8 @@ mod tests {
         assert_eq!(c.backpressure, Backpressure::Block);
         assert_eq!(c.on_failure, OnFailure::Skip);
         assert_eq!(c.drain_timeout, Duration::from_secs(30));
+        assert_eq!(c.retry, Retry::none());
+        assert_eq!(c.rate_limit, None);
         assert!(c.validate().is_ok());
     }
 

@@ -10,16 +10,26 @@ use conveyor::{
     Backpressure, Conveyor, Delivery, DeliveryError, Ordering, Receipt, SendError, SinkError,
 };
 
+/// The name of the thread this runs on, for tests of where sinks run.
+fn thread_name() -> String {
+    std::thread::current()
+        .name()
+        .unwrap_or("unnamed")
+        .to_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn async_sink_on_the_ambient_runtime_keeps_order() {
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let s = seen.clone();
+    let threads = Arc::new(Mutex::new(Vec::new()));
+    let (s, t) = (seen.clone(), threads.clone());
     let c: Conveyor<u64, u64> = Conveyor::builder()
         .build_async(move |d: Delivery<u64>| {
-            let s = s.clone();
+            let (s, t) = (s.clone(), t.clone());
             async move {
                 tokio::time::sleep(Duration::from_millis(1)).await;
                 s.lock().unwrap().push(*d.item());
+                t.lock().unwrap().push(thread_name());
                 Ok(*d.item() * 2)
             }
         })
@@ -33,6 +43,14 @@ async fn async_sink_on_the_ambient_runtime_keeps_order() {
     }
     c.flush_async().await;
     assert_eq!(*seen.lock().unwrap(), (0..50).collect::<Vec<_>>());
+    // On this test's runtime's workers, not on one the conveyor made (`conveyor-async`).
+    let ours = tokio::spawn(async { thread_name() }).await.unwrap();
+    let threads = threads.lock().unwrap();
+    assert_eq!(threads.len(), 50);
+    assert!(
+        threads.iter().all(|name| *name == ours),
+        "{ours}: {threads:?}"
+    );
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -59,13 +77,19 @@ async fn send_async_awaits_room_without_blocking_the_runtime() {
 
 #[test]
 fn async_sink_outside_a_runtime_uses_its_own_and_handles_failures() {
+    let threads = Arc::new(Mutex::new(Vec::new()));
+    let t = threads.clone();
     let c: Conveyor<u64> = Conveyor::builder()
         .ordering(Ordering::Pipelined { in_flight: 4 })
-        .build_async(|d: Delivery<u64>| async move {
-            match *d.item() {
-                3 => Err(SinkError::permanent("three is rejected")),
-                5 => panic!("five panics"),
-                _ => Ok(()),
+        .build_async(move |d: Delivery<u64>| {
+            let t = t.clone();
+            async move {
+                t.lock().unwrap().push(thread_name());
+                match *d.item() {
+                    3 => Err(SinkError::permanent("three is rejected")),
+                    5 => panic!("five panics"),
+                    _ => Ok(()),
+                }
             }
         })
         .unwrap();
@@ -83,6 +107,73 @@ fn async_sink_outside_a_runtime_uses_its_own_and_handles_failures() {
     let report = c.close_timeout(GENEROUS);
     assert!(report.drained);
     assert_eq!((report.stats.delivered, report.stats.failed), (6, 2));
+    let threads = threads.lock().unwrap();
+    assert_eq!(threads.len(), 8);
+    assert!(
+        threads.iter().all(|name| name == "conveyor-async"),
+        "on the runtime the conveyor made: {threads:?}"
+    );
+}
+
+/// A blocking sink runs on the worker threads the conveyor owns: never on a thread that
+/// sends, whether a plain thread or a Tokio runtime's worker, even when the conveyor was built
+/// inside that runtime.
+#[test]
+fn a_blocking_sink_runs_on_the_conveyors_threads_not_the_senders_nor_tokio_workers() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("app-runtime")
+        .enable_all()
+        .build()
+        .unwrap();
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let t = calls.clone();
+    let c = Arc::new(rt.block_on(async move {
+        Conveyor::<u64>::builder()
+            .ordering(Ordering::Keyed { concurrency: 2 })
+            .build(move |_d: Delivery<u64>| {
+                t.lock()
+                    .unwrap()
+                    .push((std::thread::current().id(), thread_name()));
+                Ok(())
+            })
+            .unwrap()
+    }));
+    let senders: Vec<_> = (0..4u64)
+        .map(|task| {
+            let c = c.clone();
+            rt.spawn(async move {
+                for i in 0..50 {
+                    c.send_keyed_async(format!("{}", i % 3), task * 100 + i)
+                        .await
+                        .unwrap();
+                    tokio::task::yield_now().await;
+                }
+                (std::thread::current().id(), thread_name())
+            })
+        })
+        .collect();
+    for i in 0..50 {
+        c.send(1000 + i).unwrap();
+    }
+    let mut sending = rt.block_on(async {
+        let mut threads = Vec::new();
+        for sender in senders {
+            threads.push(sender.await.unwrap());
+        }
+        threads
+    });
+    assert!(sending.iter().all(|(_, name)| name == "app-runtime"));
+    sending.push((std::thread::current().id(), thread_name()));
+    assert!(c.flush_timeout(GENEROUS));
+    let calls = calls.lock().unwrap();
+    assert_eq!(calls.len(), 250);
+    for (id, name) in calls.iter() {
+        assert!(
+            name.starts_with("conveyor-") && sending.iter().all(|(sender, _)| sender != id),
+            "a call on {name} ({id:?}); the senders: {sending:?}"
+        );
+    }
 }
 
 #[test]
