@@ -2,10 +2,12 @@
 //! accounting invariant hold.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use conveyor::{Conveyor, Delivery, OnFailure, Ordering, Retry, SinkError};
+use conveyor::{
+    Backpressure, Conveyor, Delivery, DeliveryError, OnFailure, Ordering, Retry, SinkError,
+};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone, Copy)]
@@ -187,6 +189,110 @@ proptest! {
                 }
                 if let Some(prev) = last_index.insert((lane.clone(), *producer), *index) {
                     prop_assert!(prev < *index, "producer {} out of order in lane {:?}", producer, lane);
+                }
+            }
+        }
+    }
+}
+
+/// The policies that never wait for room.
+fn overflow() -> impl Strategy<Value = Backpressure> {
+    prop_oneof![
+        Just(Backpressure::Reject),
+        Just(Backpressure::DropNewest),
+        Just(Backpressure::DropOldest),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// A small queue overflows while the sink holds every call until the sends are done:
+    /// each item is refused (its send hands it back), dropped (its receipt says so) or
+    /// delivered, in its lane's order; the counts agree with the receipts, and the queue never
+    /// holds more than its capacity. Items sent without a key go to the lane `""`.
+    #[test]
+    fn an_overflowing_queue_refuses_or_drops_items_visibly_and_keeps_order(
+        ordering in ordering(),
+        policy in overflow(),
+        capacity in 1usize..6,
+        keys in proptest::collection::vec(proptest::option::of(0u8..3), 0..40),
+    ) {
+        let open = Arc::new((Mutex::new(false), Condvar::new()));
+        // (key, item) of every delivered item, in delivery order.
+        let delivered = Arc::new(Mutex::new(Vec::<(String, u64)>::new()));
+        let (o, dl) = (open.clone(), delivered.clone());
+        let c: Conveyor<u64> = Conveyor::builder()
+            .ordering(ordering)
+            .capacity(capacity)
+            .backpressure(policy)
+            .build(move |d: Delivery<u64>| {
+                let (lock, opened) = &*o;
+                drop(opened.wait_while(lock.lock().unwrap(), |open| !*open).unwrap());
+                dl.lock().unwrap().push((d.key().unwrap_or("").to_owned(), *d.item()));
+                Ok(())
+            })
+            .unwrap();
+        let mut receipts = Vec::new();
+        let mut refused = 0u64;
+        for (i, key) in (0u64..).zip(&keys) {
+            let sent = match key {
+                Some(k) => c.send_keyed(format!("k{k}"), i),
+                None => c.send(i),
+            };
+            match sent {
+                Ok(receipt) => receipts.push((i, receipt)),
+                Err(e) => {
+                    prop_assert!(e.is_full() && policy == Backpressure::Reject, "{}", e);
+                    prop_assert_eq!(e.into_inner(), i);
+                    refused += 1;
+                }
+            }
+            let s = c.stats();
+            prop_assert_eq!(s.accepted, s.delivered + s.failed + s.dropped + s.queued + s.in_flight);
+            prop_assert!(s.queued <= capacity as u64, "{:?}", s);
+        }
+        {
+            let (lock, opened) = &*open;
+            *lock.lock().unwrap() = true;
+            opened.notify_all();
+        }
+        prop_assert!(c.flush_timeout(Duration::from_secs(30)));
+        let mut dropped = 0u64;
+        for (i, mut receipt) in receipts {
+            match receipt.wait_timeout(Duration::from_secs(30)) {
+                Some(Ok(())) => {}
+                Some(Err(DeliveryError::Dropped)) => dropped += 1,
+                other => prop_assert!(false, "item {}: {:?}", i, other),
+            }
+        }
+        let s = c.stats();
+        prop_assert_eq!(s.accepted + refused, keys.len() as u64);
+        prop_assert_eq!(s.dropped, dropped);
+        prop_assert_eq!(s.delivered + s.dropped, s.accepted);
+        prop_assert_eq!((s.queued, s.in_flight, s.failed), (0, 0, 0));
+        // Nothing is delivered before the sends end: all but the queue's and the calls' fill
+        // was refused or dropped.
+        let calls = match ordering {
+            Ordering::Keyed { concurrency: n } | Ordering::Pipelined { in_flight: n } => n,
+            _ => 1,
+        };
+        let overflow = keys.len().saturating_sub(capacity + calls) as u64;
+        prop_assert!(refused + dropped >= overflow, "{} + {} < {}", refused, dropped, overflow);
+        if policy == Backpressure::Reject {
+            prop_assert_eq!(dropped, 0);
+        } else {
+            prop_assert_eq!(refused, 0);
+        }
+        let delivered = delivered.lock().unwrap().clone();
+        prop_assert_eq!(delivered.len() as u64, s.delivered);
+        if !matches!(ordering, Ordering::Pipelined { .. }) {
+            let keyed = matches!(ordering, Ordering::Keyed { .. });
+            let mut last = BTreeMap::<String, u64>::new();
+            for (key, item) in delivered {
+                let lane = if keyed { key } else { String::new() };
+                if let Some(prev) = last.insert(lane.clone(), item) {
+                    prop_assert!(prev < item, "lane {:?}: {} after {}", lane, item, prev);
                 }
             }
         }
