@@ -3419,6 +3419,116 @@ mod tests {
         assert!(stuck.wait().is_ok());
     }
 
+    /// Keyed, with a quick sink: a lease of one item, with no other lane ready, keeps the
+    /// lookout because a worker stands by already (see `State::lease_may_keep_lookout`), so
+    /// the sends made during its call wake nobody. When that call is stuck, the worker
+    /// standing by (which watched an earlier lease) watches this one too and takes the lookout
+    /// away: other keys' items sent during the call are delivered while it is, those sent once
+    /// the standby's first wait is over too.
+    #[test]
+    fn a_single_item_lease_kept_for_a_standby_does_not_hold_other_keys_up_when_stuck() {
+        const GATE: u64 = u64::MAX - 1;
+        const STUCK: u64 = u64::MAX;
+        const KEYS: u64 = 8;
+        let (entered, entered_rx) = mpsc::channel();
+        let (release, released) = mpsc::channel::<()>();
+        let released = std::sync::Mutex::new(released);
+        let c: Conveyor<u64> = Conveyor::builder()
+            .ordering(crate::Ordering::Keyed { concurrency: 2 })
+            .build(move |d: crate::Delivery<u64>| {
+                if matches!(*d.item(), GATE | STUCK) {
+                    entered.send(*d.item()).unwrap();
+                    let _ = released.lock().unwrap().recv();
+                }
+                Ok(())
+            })
+            .unwrap();
+        let shared = &*c.shared;
+        let key = |k: u64| format!("k{k}");
+        // Both workers asleep, none standing by, the sink measured quick; the lease size.
+        let settled = || loop {
+            assert!(c.flush_timeout(Duration::from_secs(30)));
+            let st = shared.lock();
+            if st.idle_workers == 2 && !st.standby && st.lease_size > 1 {
+                break st.lease_size as u64;
+            }
+            let warm = st.lease_size == 1;
+            drop(st);
+            if warm {
+                for i in 0..200 {
+                    c.send_keyed(key(i % KEYS), i).unwrap();
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        // Which of the attempts made the stuck call's lease keep the lookout for the
+        // standby: the workers' timing decides it (the worker standing by must not have left
+        // its first wait before the lease is made).
+        let mut kept = false;
+        for _ in 0..20 {
+            let size = settled();
+            // With the lookout held here, the burst wakes nobody. A lease of `size` items of
+            // `gate` (the first one's call waits), then `stuck` alone in that lane.
+            assert!(shared.claim_lookout(0));
+            let gate: Vec<_> = (0..size)
+                .map(|i| c.send_keyed("gate", if i == 0 { GATE } else { i }).unwrap())
+                .collect();
+            let stuck = c.send_keyed("gate", STUCK).unwrap();
+            let mut st = shared.lock();
+            shared.release_lookout(&mut st, 0);
+            let wake = shared.pass_work_on(&st);
+            drop(st);
+            shared.notify_workers(wake);
+            let first = entered_rx.recv_timeout(Duration::from_secs(30));
+            assert_eq!(first, Ok(GATE));
+            // The other worker, woken to stand by that lease, stands by it: the gate opens
+            // under the state lock, so that the standby cannot leave its wait before that.
+            let st = loop {
+                let st = shared.lock();
+                if st.standby {
+                    break st;
+                }
+                drop(st);
+                std::thread::yield_now();
+            };
+            release.send(()).unwrap();
+            drop(st);
+            let next = entered_rx.recv_timeout(Duration::from_secs(30));
+            assert_eq!(next, Ok(STUCK));
+            let st = shared.lock();
+            let leaser = st.lookout_leaser;
+            drop(st);
+            kept = leaser.is_some_and(|w| shared.holds_lookout(w));
+            // Other keys' items, sent during the stuck call, and after the standby's first
+            // wait is over (whatever lease it watched).
+            let mut others: Vec<_> = (0..KEYS / 2)
+                .map(|k| c.send_keyed(key(k), 2000 + k).unwrap())
+                .collect();
+            std::thread::sleep(Duration::from_millis(5));
+            others.extend((KEYS / 2..KEYS).map(|k| c.send_keyed(key(k), 2000 + k).unwrap()));
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let outcomes: Vec<_> = others
+                .into_iter()
+                .map(|mut r| r.wait_timeout(deadline.saturating_duration_since(Instant::now())))
+                .collect();
+            let during = c.stats();
+            release.send(()).unwrap();
+            assert!(
+                outcomes.iter().all(|o| matches!(o, Some(Ok(())))),
+                "kept: {kept}, {outcomes:?} ({during:?})"
+            );
+            assert!(stuck.wait().is_ok());
+            assert!(gate.into_iter().all(|r| r.wait().is_ok()));
+            if kept {
+                break;
+            }
+        }
+        assert!(
+            kept,
+            "no attempt's single-item lease kept the lookout for the standby"
+        );
+    }
+
     #[test]
     fn a_dead_letter_is_retried_once_while_its_removal_cannot_be_committed() {
         use crate::SinkError;
