@@ -3350,6 +3350,18 @@ mod tests {
         assert_eq!(delivered.load(AtomicOrdering::SeqCst), 8);
     }
 
+    /// What each of `receipts` says within `within` in all (`None`: still pending then).
+    fn outcomes_within(
+        receipts: Vec<Receipt<()>>,
+        within: Duration,
+    ) -> Vec<Option<Result<(), DeliveryError>>> {
+        let deadline = Instant::now() + within;
+        receipts
+            .into_iter()
+            .map(|mut r| r.wait_timeout(deadline.saturating_duration_since(Instant::now())))
+            .collect()
+    }
+
     /// Keyed, with a quick sink: the worker woken for a burst leases its first key's item and
     /// leaves the other keys' items to itself (see `State::runs_ready_lanes_alone`), waking
     /// nobody for them but a worker to stand by. When that item's call is stuck, the other
@@ -3405,11 +3417,7 @@ mod tests {
             .recv_timeout(Duration::from_secs(30))
             .expect("the stuck call began");
         // Far more than the millisecond a worker standing by lets a lease stall.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let outcomes: Vec<_> = others
-            .into_iter()
-            .map(|mut r| r.wait_timeout(deadline.saturating_duration_since(Instant::now())))
-            .collect();
+        let outcomes = outcomes_within(others, Duration::from_secs(5));
         let during = c.stats();
         release.send(()).unwrap();
         assert!(
@@ -3506,11 +3514,7 @@ mod tests {
                 .collect();
             std::thread::sleep(Duration::from_millis(5));
             others.extend((KEYS / 2..KEYS).map(|k| c.send_keyed(key(k), 2000 + k).unwrap()));
-            let deadline = Instant::now() + Duration::from_secs(5);
-            let outcomes: Vec<_> = others
-                .into_iter()
-                .map(|mut r| r.wait_timeout(deadline.saturating_duration_since(Instant::now())))
-                .collect();
+            let outcomes = outcomes_within(others, Duration::from_secs(5));
             let during = c.stats();
             release.send(()).unwrap();
             assert!(

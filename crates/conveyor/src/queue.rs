@@ -400,8 +400,8 @@ pub(crate) struct State<T, R> {
     /// Per worker, how many leases it took: with its claim counter, tells a worker standing
     /// by whether the lease it watches moved on (see `watched_lease`).
     lease_serials: Vec<u64>,
-    /// A worker thread stands by, watching the pipelined lane's lease (see
-    /// `Shared::stand_by`).
+    /// A worker thread stands by, watching the watched lease (see `watched_lease`: the
+    /// pipelined lane's, or a keyed one that keeps the lookout; `Shared::stand_by`).
     pub(crate) standby: bool,
     /// Where the watched lease stood when a worker standing by last saw it move.
     pub(crate) watch: Option<Watch>,
@@ -1182,8 +1182,8 @@ impl<T, R> State<T, R> {
     /// `IntakeLine::lookout` in `conveyor.rs`): with other workers, one of which stands by it
     /// (see `watched_lease`), in pipelined and keyed mode; and not a lease of one item (see
     /// `wants_standby`), except in keyed mode while its worker runs the other ready lanes
-    /// next (see `runs_ready_lanes_alone`) or a worker stands by already: either way, one
-    /// watches it without being woken for each such lease. A producer pacing its sends to 16
+    /// next (see `runs_ready_lanes_alone`), a worker is then woken to stand by it unless one
+    /// does, or while a worker stands by already, which watches it without a wake-up. A producer pacing its sends to 16
     /// keys (~2 us apart) made its worker take mostly leases of one item, each with no other
     /// lane ready once the worker had caught up: giving the lookout up for them, its next send
     /// woke an idle worker, whose wake-up cost it ~0.45 us a send (see BENCHMARKS.md).
@@ -1198,7 +1198,8 @@ impl<T, R> State<T, R> {
     }
 
     /// Whether a worker should be woken to stand by the watched lease (see `watched_lease`)
-    /// if none does: not for a lease of one item, which keeps no lookout either. A call stuck
+    /// if none does: outside keyed mode, not for a lease of one item, which keeps no lookout
+    /// there. A call stuck
     /// in it holds up no item of its own lease, and the items sent meanwhile wake a worker
     /// (nobody holds the lookout for them), which then stands by it. A quick sink's items
     /// sent one at a time run as such leases (see `lease`): a worker woken to stand by each
@@ -1215,15 +1216,17 @@ impl<T, R> State<T, R> {
     /// Whether the worker that just took a keyed lease runs the other ready lanes' items
     /// itself, one lease after another, rather than waking idle workers for them (see
     /// `Shared::pass_work_on`): the sink is quick enough for leases of several items (see
-    /// `lease_size`), and every item queued, the lease's own among them, fits in one lease,
-    /// so the worker gets to them all within about twice `worker::LEASE_TIME`. A producer
-    /// sending to 16 keys in turn, ~2 us apart, made its worker wake another for ~30% of the
-    /// items that way: each woken worker ran an item or two, and its wake-up and sleep cost
+    /// `lease_size`), and every item queued (those of the lease but its first among them)
+    /// fits in one lease, so the worker gets to them all within about twice
+    /// `worker::LEASE_TIME`, plus a turn of the state lock for each lane. A producer sending
+    /// to 16 keys in turn, ~2 us apart, made its worker wake another for 30-40% of the items
+    /// that way: each woken worker ran an item or two, and its wake-up and sleep cost
     /// more than the items and took CPU from the producer (a send cost ~1.1 us, ~0.13 with
     /// this and the lookout kept through single-item leases, see `lease_may_keep_lookout`
     /// and BENCHMARKS.md). The price is the bound when a call in the lease gets stuck: the
-    /// other lanes wait for the worker standing by (see `wants_standby`) to notice,
-    /// `conveyor::STANDBY` or so, rather than for an idle worker to wake.
+    /// other lanes wait for the worker standing by (see `wants_standby`) to notice, one
+    /// `conveyor::STANDBY` or two (if it watched an earlier lease when this one began),
+    /// rather than for an idle worker to wake.
     pub(crate) fn runs_ready_lanes_alone(&self) -> bool {
         self.keyed
             && self.lease_size > 1

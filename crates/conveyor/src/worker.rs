@@ -268,8 +268,9 @@ impl<T: Send + Sync + 'static, R: Send + 'static> Shared<T, R> {
                     st.lookout_leaser = Some(worker);
                 }
                 // Other lanes' items left to this worker are watched: through the lookout it
-                // keeps, by the worker standing by; or by the worker holding the lookout,
-                // which is awake and takes them at its next step if this one has not yet.
+                // keeps, by the worker standing by; or by the worker holding the lookout, which
+                // takes them at its next step if this one has not yet (it is awake, or runs a
+                // lease it keeps the lookout through, which a worker stands by in turn).
                 let alone = st.runs_ready_lanes_alone() && (keep || self.lookout_elsewhere(worker));
                 return Step::Lease(self.took_work(st, worker, lookout, keep, alone));
             }
