@@ -1181,12 +1181,13 @@ impl<T, R> State<T, R> {
     /// Whether `worker`'s lease, just made, may keep the lookout through its run (see
     /// `IntakeLine::lookout` in `conveyor.rs`): with other workers, one of which stands by it
     /// (see `watched_lease`), in pipelined and keyed mode; and not a lease of one item (see
-    /// `wants_standby`), except in keyed mode while its worker runs the other ready lanes
-    /// next (see `runs_ready_lanes_alone`), a worker is then woken to stand by it unless one
-    /// does, or while a worker stands by already, which watches it without a wake-up. A producer pacing its sends to 16
-    /// keys (~2 us apart) made its worker take mostly leases of one item, each with no other
-    /// lane ready once the worker had caught up: giving the lookout up for them, its next send
-    /// woke an idle worker, whose wake-up cost it ~0.45 us a send (see BENCHMARKS.md).
+    /// `wants_standby`), except in keyed mode in two cases: its worker runs the other ready
+    /// lanes next (see `runs_ready_lanes_alone`; a worker is woken to stand by it unless one
+    /// does), or a worker stands by already (which watches it with no wake-up). A producer
+    /// pacing its sends to 16 keys (~2 us apart) made its worker take mostly leases of one
+    /// item, each with no other lane ready once the worker had caught up: giving the lookout
+    /// up for them, its next send woke an idle worker, whose wake-up cost it ~0.45 us a send
+    /// (see BENCHMARKS.md).
     pub(crate) fn lease_may_keep_lookout(&self, worker: usize) -> bool {
         (self.leases_several(worker)
             || (self.keyed && (self.standby || self.runs_ready_lanes_alone())))
