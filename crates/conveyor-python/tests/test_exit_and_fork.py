@@ -585,12 +585,18 @@ def test_collection_in_an_async_sinks_receipt_callback_does_not_cut_its_drain_sh
             import asyncio, gc, threading, time, weakref, conveyor
             gc.disable()  # collections happen only where this test makes them
             log = []
+            attached = threading.Event()
 
             class Client:
                 def __init__(self, n):
                     self.n = n
                     self.c = conveyor.Conveyor(self.apost, drain_timeout=30)
                 async def apost(self, item):
+                    # Item 0 settles only once its callback is attached: a callback attached
+                    # to a settled receipt runs at once on this thread, which would wait for
+                    # itself.
+                    while item == 0 and not attached.is_set():
+                        await asyncio.sleep(0.001)
                     log.append((self.n, item))
 
             for n in range(20):
@@ -599,9 +605,11 @@ def test_collection_in_an_async_sinks_receipt_callback_does_not_cut_its_drain_sh
                     assert unreachable.wait(10)
                     gc.collect()
                     collected_there.set()
+                attached.clear()
                 client = Client(n)
                 first = client.c.send(0)
                 first.add_done_callback(collect)
+                attached.set()
                 for item in range(1, 4):
                     client.c.send(item)
                 ref = weakref.ref(client.c)
