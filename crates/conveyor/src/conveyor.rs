@@ -3350,16 +3350,49 @@ mod tests {
         assert_eq!(delivered.load(AtomicOrdering::SeqCst), 8);
     }
 
-    /// What each of `receipts` says within `within` in all (`None`: still pending then).
-    fn outcomes_within(
-        receipts: Vec<Receipt<()>>,
-        within: Duration,
-    ) -> Vec<Option<Result<(), DeliveryError>>> {
-        let deadline = Instant::now() + within;
-        receipts
+    /// A keyed conveyor of `concurrency` workers whose sink, for the items `held` picks, says
+    /// which item it entered on the receiver returned, then waits for a message on the
+    /// sender returned; it returns the others at once.
+    fn keyed_holding(
+        concurrency: usize,
+        held: fn(&crate::Delivery<u64>) -> bool,
+    ) -> (Conveyor<u64>, mpsc::Receiver<u64>, mpsc::Sender<()>) {
+        let (entered, entered_rx) = mpsc::channel();
+        let (release, released) = mpsc::channel::<()>();
+        let released = std::sync::Mutex::new(released);
+        let c = Conveyor::builder()
+            .ordering(crate::Ordering::Keyed { concurrency })
+            .build(move |d: crate::Delivery<u64>| {
+                if held(&d) {
+                    entered.send(*d.item()).unwrap();
+                    let _ = released.lock().unwrap().recv();
+                }
+                Ok(())
+            })
+            .unwrap();
+        (c, entered_rx, release)
+    }
+
+    /// Asserts that `others` are all delivered while a held call waits (within a generous
+    /// 5 s in all, far more than the millisecond a worker standing by lets a lease stall),
+    /// releasing the held call first, so that a failure does not wait for the drop's deadline.
+    fn assert_delivered_while_held(
+        c: &Conveyor<u64>,
+        others: Vec<Receipt<()>>,
+        release: &mpsc::Sender<()>,
+        context: &str,
+    ) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let outcomes: Vec<_> = others
             .into_iter()
             .map(|mut r| r.wait_timeout(deadline.saturating_duration_since(Instant::now())))
-            .collect()
+            .collect();
+        let during = c.stats();
+        release.send(()).unwrap();
+        assert!(
+            outcomes.iter().all(|o| matches!(o, Some(Ok(())))),
+            "{context}{outcomes:?} ({during:?})"
+        );
     }
 
     /// Keyed, with a quick sink: the worker woken for a burst leases its first key's item and
@@ -3369,19 +3402,7 @@ mod tests {
     #[test]
     fn other_keys_left_to_a_worker_whose_call_is_stuck_are_delivered_while_it_is() {
         const KEYS: u64 = 8;
-        let (entered, stuck_entered) = mpsc::channel();
-        let (release, released) = mpsc::channel::<()>();
-        let released = std::sync::Mutex::new(released);
-        let c: Conveyor<u64> = Conveyor::builder()
-            .ordering(crate::Ordering::Keyed { concurrency: 3 })
-            .build(move |d: crate::Delivery<u64>| {
-                if d.key() == Some("stuck") {
-                    entered.send(()).unwrap();
-                    let _ = released.lock().unwrap().recv();
-                }
-                Ok(())
-            })
-            .unwrap();
+        let (c, stuck_entered, release) = keyed_holding(3, |d| d.key() == Some("stuck"));
         let key = |k: u64| format!("k{k}");
         // Quick calls measured, so that the workers lease.
         for i in 0..200 {
@@ -3416,14 +3437,7 @@ mod tests {
         stuck_entered
             .recv_timeout(Duration::from_secs(30))
             .expect("the stuck call began");
-        // Far more than the millisecond a worker standing by lets a lease stall.
-        let outcomes = outcomes_within(others, Duration::from_secs(5));
-        let during = c.stats();
-        release.send(()).unwrap();
-        assert!(
-            outcomes.iter().all(|o| matches!(o, Some(Ok(())))),
-            "{outcomes:?} ({during:?})"
-        );
+        assert_delivered_while_held(&c, others, &release, "");
         assert!(stuck.wait().is_ok());
     }
 
@@ -3438,19 +3452,7 @@ mod tests {
         const GATE: u64 = u64::MAX - 1;
         const STUCK: u64 = u64::MAX;
         const KEYS: u64 = 8;
-        let (entered, entered_rx) = mpsc::channel();
-        let (release, released) = mpsc::channel::<()>();
-        let released = std::sync::Mutex::new(released);
-        let c: Conveyor<u64> = Conveyor::builder()
-            .ordering(crate::Ordering::Keyed { concurrency: 2 })
-            .build(move |d: crate::Delivery<u64>| {
-                if matches!(*d.item(), GATE | STUCK) {
-                    entered.send(*d.item()).unwrap();
-                    let _ = released.lock().unwrap().recv();
-                }
-                Ok(())
-            })
-            .unwrap();
+        let (c, entered_rx, release) = keyed_holding(2, |d| matches!(*d.item(), GATE | STUCK));
         let shared = &*c.shared;
         let key = |k: u64| format!("k{k}");
         // Both workers asleep, none standing by, the sink measured quick; the lease size.
@@ -3514,13 +3516,7 @@ mod tests {
                 .collect();
             std::thread::sleep(Duration::from_millis(5));
             others.extend((KEYS / 2..KEYS).map(|k| c.send_keyed(key(k), 2000 + k).unwrap()));
-            let outcomes = outcomes_within(others, Duration::from_secs(5));
-            let during = c.stats();
-            release.send(()).unwrap();
-            assert!(
-                outcomes.iter().all(|o| matches!(o, Some(Ok(())))),
-                "kept: {kept}, {outcomes:?} ({during:?})"
-            );
+            assert_delivered_while_held(&c, others, &release, &format!("kept: {kept}, "));
             assert!(stuck.wait().is_ok());
             assert!(gate.into_iter().all(|r| r.wait().is_ok()));
             if kept {
